@@ -1,0 +1,38 @@
+# The two commands a newcomer types: `make run` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TOOLS := .tools
+CONFIG ?= tap.cfg
+
+.PHONY: run test check clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+# An editable install in "compat" mode keeps twisted/plugins/ visible to twistd.
+$(VENV)/.installed-run: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e . --config-settings editable_mode=compat
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[test]' --config-settings editable_mode=compat
+	touch $@
+
+# wscat is the client the README's tour uses; the end-to-end tests use it too.
+$(TOOLS)/node_modules/.bin/wscat:
+	mkdir -p $(TOOLS)
+	npm install --silent --no-audit --no-fund --prefix $(TOOLS) wscat@6
+
+run: $(VENV)/.installed-run
+	$(BIN)/twistd -n --pidfile= wsgateway --config $(CONFIG)
+
+test: $(VENV)/.installed-test $(TOOLS)/node_modules/.bin/wscat
+	PATH="$(CURDIR)/$(TOOLS)/node_modules/.bin:$$PATH" $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+check: $(VENV)/.installed-run
+	$(BIN)/twistd wsgateway --config $(CONFIG) --check
+
+clean:
+	rm -rf $(VENV) $(TOOLS) build *.egg-info twisted/plugins/dropin.cache

@@ -1,0 +1,315 @@
+"""
+Reading ``tap.cfg`` into immutable settings.
+
+Every key is declared once in a table (``_GATEWAY_KEYS``, ``_ROUTE_KEYS``, ...):
+adding a key is one line. A bad file fails at start-up with one line naming
+the file, the section, the key and the reason (:class:`ConfigError`).
+"""
+
+from __future__ import annotations
+
+import configparser
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+from urllib.parse import urlsplit
+
+from twisted.python import usage
+
+from twisted_gateway.routing import validate_prefix
+
+
+class ConfigError(usage.UsageError):
+    """A config file problem: ``file: [section] key: reason``."""
+
+    def __init__(self, source: str, section: str | None, key: str | None, reason: str):
+        where = source
+        if section is not None:
+            where += f": [{section}]"
+        if key is not None:
+            where += f" {key}"
+        super().__init__(f"{where}: {reason}")
+        self.source, self.section, self.key, self.reason = source, section, key, reason
+
+
+# -- value parsers: text in, value out, ValueError with a short reason ------
+
+
+def parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "yes", "true", "on"):
+        return True
+    if lowered in ("0", "no", "false", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
+def parse_positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"expected a number of seconds, got {text!r}") from None
+    if not value > 0 or value != value or value == float("inf"):
+        raise ValueError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def parse_non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"expected a number of seconds, got {text!r}") from None
+    if value < 0 or value != value or value == float("inf"):
+        raise ValueError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def parse_positive_int(text: str) -> int:
+    try:
+        value = int(text.strip().replace("_", ""))
+    except ValueError:
+        raise ValueError(f"expected a whole number, got {text!r}") from None
+    if value <= 0:
+        raise ValueError(f"expected a number > 0, got {text!r}")
+    return value
+
+
+def parse_non_negative_int(text: str) -> int:
+    try:
+        value = int(text.strip().replace("_", ""))
+    except ValueError:
+        raise ValueError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise ValueError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def parse_words(text: str) -> tuple[str, ...]:
+    words = tuple(text.split())
+    if not words:
+        raise ValueError("expected at least one value")
+    return words
+
+
+def parse_endpoints(text: str) -> tuple[str, ...]:
+    """Whitespace-separated Twisted server endpoint strings, checked for form."""
+    endpoints = parse_words(text)
+    for description in endpoints:
+        check_server_endpoint(description)
+    return endpoints
+
+
+def check_server_endpoint(description: str) -> str:
+    kind = description.split(":", 1)[0]
+    if kind not in ("tcp", "tcp6", "ssl", "unix", "systemd", "le", "lets"):
+        raise ValueError(f"unknown endpoint type in {description!r}")
+    return description
+
+
+def parse_upstreams(text: str) -> tuple[str, ...]:
+    """One or more ``http://`` or ``https://`` base URLs, without query or fragment."""
+    urls = []
+    for url in parse_words(text):
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https"):
+            raise ValueError(f"{url!r} must start with http:// or https://")
+        if not parts.hostname:
+            raise ValueError(f"{url!r} has no host")
+        try:
+            parts.port
+        except ValueError:
+            raise ValueError(f"{url!r} has a bad port") from None
+        if parts.query or parts.fragment:
+            raise ValueError(f"{url!r} must not carry a query or fragment")
+        urls.append(url.rstrip("/"))
+    return tuple(urls)
+
+
+def parse_cidrs(text: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    nets = []
+    for word in text.split():
+        try:
+            nets.append(ipaddress.ip_network(word, strict=False))
+        except ValueError:
+            raise ValueError(f"{word!r} is not an address or CIDR") from None
+    return tuple(nets)
+
+
+def parse_prefix(text: str) -> str:
+    return validate_prefix(text.strip())
+
+
+def one_of(*choices: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = text.strip().lower()
+        if value not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}, got {text!r}")
+        return value
+
+    return parse
+
+
+@dataclass(frozen=True)
+class Key:
+    """One config key: its parser, and its default (``REQUIRED`` if none)."""
+
+    parse: Callable[[str], Any]
+    default: Any
+
+
+REQUIRED = object()
+
+
+# -- the settings -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    listen: tuple[str, ...] = ("tcp:8080",)
+    connect_timeout: float = 5.0
+    ws_open_timeout: float = 10.0
+    ws_max_message_size: int = 16 * 1024 * 1024
+    ws_compression: bool = True
+    request_timeout: float = 30.0
+    max_body_size: int = 10 * 1024 * 1024
+    upstream_keepalive: int = 32
+    trusted_proxies: tuple[Any, ...] = ()
+
+
+@dataclass(frozen=True)
+class RouteSettings:
+    name: str
+    prefix: str
+    upstream: tuple[str, ...]
+    websocket: bool = True
+    ws_compression: bool | None = None
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    chat_service: str | None = None
+
+
+@dataclass(frozen=True)
+class Settings:
+    gateway: GatewaySettings = field(default_factory=GatewaySettings)
+    routes: tuple[RouteSettings, ...] = ()
+    demo: DemoSettings = field(default_factory=DemoSettings)
+    source: str = "<settings>"
+
+
+_GATEWAY_KEYS: Mapping[str, Key] = {
+    "listen": Key(parse_endpoints, ("tcp:8080",)),
+    "connect_timeout": Key(parse_positive_float, 5.0),
+    "ws_open_timeout": Key(parse_positive_float, 10.0),
+    "ws_max_message_size": Key(parse_positive_int, 16 * 1024 * 1024),
+    "ws_compression": Key(parse_bool, True),
+    "request_timeout": Key(parse_positive_float, 30.0),
+    "max_body_size": Key(parse_positive_int, 10 * 1024 * 1024),
+    "upstream_keepalive": Key(parse_positive_int, 32),
+    "trusted_proxies": Key(parse_cidrs, ()),
+}
+
+_ROUTE_KEYS: Mapping[str, Key] = {
+    "prefix": Key(parse_prefix, REQUIRED),
+    "upstream": Key(parse_upstreams, REQUIRED),
+    "websocket": Key(parse_bool, True),
+    "ws_compression": Key(parse_bool, None),
+}
+
+_DEMO_KEYS: Mapping[str, Key] = {
+    "chat_service": Key(check_server_endpoint, None),
+}
+
+
+def _read_section(
+    source: str, section: str, values: Mapping[str, str], keys: Mapping[str, Key]
+) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key in values:
+        if key not in keys:
+            raise ConfigError(source, section, key, "unknown key")
+    for key, spec in keys.items():
+        if key in values and values[key].strip() != "":
+            try:
+                result[key] = spec.parse(values[key])
+            except ValueError as e:
+                raise ConfigError(source, section, key, str(e)) from None
+        elif spec.default is REQUIRED:
+            raise ConfigError(source, section, key, "missing required key")
+        else:
+            result[key] = spec.default
+    return result
+
+
+def parse_config(text: str, source: str = "<string>") -> Settings:
+    """Parse the INI text of a config file into :class:`Settings`."""
+    parser = configparser.ConfigParser(
+        interpolation=None,
+        inline_comment_prefixes=(";", "#"),
+        default_section="\x00no-defaults",
+    )
+    try:
+        parser.read_string(text, source=source)
+    except configparser.DuplicateSectionError as e:
+        raise ConfigError(source, e.section, None, "section appears twice") from None
+    except configparser.DuplicateOptionError as e:
+        raise ConfigError(source, e.section, e.option, "key appears twice") from None
+    except configparser.Error as e:
+        reason = str(e).splitlines()[0]
+        raise ConfigError(source, None, None, f"not a valid INI file: {reason}") from None
+
+    gateway = GatewaySettings()
+    demo = DemoSettings()
+    routes: list[RouteSettings] = []
+    for section in parser.sections():
+        values = dict(parser.items(section))
+        if section == "gateway":
+            gateway = GatewaySettings(**_read_section(source, section, values, _GATEWAY_KEYS))
+        elif section == "demo":
+            demo = DemoSettings(**_read_section(source, section, values, _DEMO_KEYS))
+        elif section.startswith("route:") and section[len("route:") :].strip():
+            name = section[len("route:") :].strip()
+            routes.append(
+                RouteSettings(name=name, **_read_section(source, section, values, _ROUTE_KEYS))
+            )
+        else:
+            raise ConfigError(source, section, None, "unknown section")
+
+    seen: dict[str, str] = {}
+    for route in routes:
+        if route.prefix in seen:
+            raise ConfigError(
+                source,
+                f"route:{route.name}",
+                "prefix",
+                f"{route.prefix!r} is already the prefix of [route:{seen[route.prefix]}]",
+            )
+        seen[route.prefix] = route.name
+    if not routes:
+        raise ConfigError(source, None, None, "no [route:NAME] section")
+    return Settings(gateway=gateway, routes=tuple(routes), demo=demo, source=source)
+
+
+def load_config(path: str) -> Settings:
+    """Read and parse a config file; a missing or unreadable file is a ConfigError."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError(path, None, None, f"cannot read: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(path, None, None, "not UTF-8 text") from None
+    return parse_config(text, source=path)
+
+
+def with_listen(settings: Settings, listen: list[str]) -> Settings:
+    """The settings with ``[gateway] listen`` replaced (the ``--listen`` option)."""
+    from dataclasses import replace
+
+    for description in listen:
+        try:
+            check_server_endpoint(description)
+        except ValueError as e:
+            raise ConfigError("--listen", None, None, str(e)) from None
+    return replace(settings, gateway=replace(settings.gateway, listen=tuple(listen)))

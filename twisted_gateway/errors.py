@@ -1,0 +1,82 @@
+"""
+Errors the gateway answers itself: an HTTP status, a JSON body, extra headers.
+
+Every refusal, whether it ends an HTTP request or a WebSocket handshake, is one
+of these, so clients always get ``{"error": ..., "detail": ...}``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Sequence
+
+from twisted.web.http import RESPONSES
+
+
+class GatewayError(Exception):
+    """An error with the HTTP status and JSON body the client should receive."""
+
+    status: int = 500
+    error: str = "internal_error"
+
+    def __init__(
+        self,
+        detail: str,
+        *,
+        status: int | None = None,
+        error: str | None = None,
+        headers: Sequence[tuple[bytes, bytes]] = (),
+    ) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        if status is not None:
+            self.status = status
+        if error is not None:
+            self.error = error
+        self.headers = tuple(headers)
+
+    @property
+    def phrase(self) -> bytes:
+        return RESPONSES.get(self.status, b"Error")
+
+    def body(self) -> bytes:
+        return json_body(self.error, self.detail)
+
+
+def json_body(error: str, detail: str) -> bytes:
+    return json.dumps({"error": error, "detail": detail}).encode("utf-8") + b"\n"
+
+
+class NotFound(GatewayError):
+    status = 404
+    error = "not_found"
+
+
+class BadRequest(GatewayError):
+    status = 400
+    error = "bad_request"
+
+
+class BadGateway(GatewayError):
+    status = 502
+    error = "bad_gateway"
+
+
+class GatewayTimeout(GatewayError):
+    status = 504
+    error = "gateway_timeout"
+
+
+class UpstreamRefused(GatewayError):
+    """The upstream answered a WebSocket handshake with an error status."""
+
+    error = "upstream_refused"
+
+
+def render_error(request, error: GatewayError) -> bytes:
+    """Set status and headers on a twisted.web request; return the JSON body."""
+    request.setResponseCode(error.status, error.phrase)
+    request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
+    for name, value in error.headers:
+        request.responseHeaders.addRawHeader(name, value)
+    return error.body()

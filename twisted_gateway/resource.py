@@ -1,0 +1,114 @@
+"""
+The resource tree: one leaf that normalises the path, routes it by prefix and
+hands the request to the WebSocket relay or to the HTTP forwarder.
+
+Usable without twistd: :func:`build_gateway_resource` takes settings and a
+reactor, and the result can be mounted under any path of an existing ``Site``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.logger import Logger
+from twisted.web.resource import Resource
+
+from twisted_gateway.config import RouteSettings, Settings
+from twisted_gateway.errors import BadRequest, GatewayError, NotFound, render_error
+from twisted_gateway.headers import is_websocket_upgrade
+from twisted_gateway.routing import RouteTable, normalize_path, split_uri
+from twisted_gateway.ws_proxy import (
+    HandshakeContext,
+    RelayRegistry,
+    RelayServerFactory,
+    endpoint_connector,
+    hand_over,
+)
+
+log = Logger()
+
+
+class GatewayResource(Resource):
+    """Routes every request below it; see the module docstring."""
+
+    isLeaf = True
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        reactor: Any,
+        registry: RelayRegistry | None = None,
+        http_forwarder: Any = None,
+        ws_connect: Any = None,
+    ) -> None:
+        super().__init__()
+        self.settings = settings
+        self.registry = registry if registry is not None else RelayRegistry()
+        self.http_forwarder = http_forwarder
+        connect = ws_connect or endpoint_connector(reactor, settings.gateway.connect_timeout)
+        self._table: RouteTable[RouteSettings] = RouteTable((r.prefix, r) for r in settings.routes)
+        self._ws_factories = {
+            route.name: RelayServerFactory(
+                route, settings.gateway, clock=reactor, registry=self.registry, connect=connect
+            )
+            for route in settings.routes
+            if route.websocket
+        }
+
+    def render(self, request) -> bytes | int:
+        try:
+            return self._route(request)
+        except GatewayError as e:
+            return render_error(request, e)
+
+    def _route(self, request) -> bytes | int:
+        raw_path, query = split_uri(request.uri)
+        path = normalize_path(_below_mount_point(raw_path, len(request.prepath)))
+        if path == b"/healthz" and request.method in (b"GET", b"HEAD"):
+            request.setHeader(b"content-type", b"application/json")
+            return json.dumps({"status": "ok"}).encode() + b"\n"
+        route = self._table.match(path)
+        if route is None:
+            raise NotFound(f"no route for {path.decode('ascii', 'replace')}")
+        headers = list(request.requestHeaders.getAllRawHeaders())
+        flat = [(name, value) for name, values in headers for value in values]
+        upstream = route.upstream[0]
+        if is_websocket_upgrade(request.method, flat):
+            if not route.websocket:
+                raise BadRequest(f"route {route.name!r} does not accept WebSocket upgrades")
+            context = HandshakeContext(
+                route=route,
+                upstream_base=upstream,
+                path=path,
+                query=query,
+                peer=_peer_host(request),
+                scheme="https" if request.isSecure() else "http",
+                host=request.getHeader(b"host"),
+                headers=flat,
+            )
+            return hand_over(request, self._ws_factories[route.name], context)
+        if self.http_forwarder is None:
+            raise GatewayError("this gateway has no HTTP forwarder", status=501, error="not_implemented")
+        return self.http_forwarder.forward(
+            request, upstream, path, query, route_name=route.name
+        )
+
+
+def _below_mount_point(path: bytes, depth: int) -> bytes:
+    """The part of a raw path below the resource's mount point (``depth`` segments)."""
+    if depth == 0:
+        return path
+    segments = path.split(b"/")
+    return b"/" + b"/".join(segments[depth + 1 :])
+
+
+def _peer_host(request) -> str:
+    peer = request.getClientAddress()
+    return getattr(peer, "host", None) or "unix"
+
+
+def build_gateway_resource(settings: Settings, reactor: Any, **kwargs: Any) -> GatewayResource:
+    """The gateway's resource tree, ready to be a ``Site`` root or a child of one."""
+    return GatewayResource(settings, reactor=reactor, **kwargs)

@@ -1,0 +1,137 @@
+"""
+Path normalisation and prefix routing: pure functions on bytes.
+
+A path is normalised once, before routing, and that normalised path (with the
+original query) is what the upstream receives: the route that was checked is
+the route that is served. Percent-encoded bytes other than dot segments stay
+encoded, so ``/a%2Fb`` reaches the upstream as ``/a%2Fb``.
+"""
+
+from __future__ import annotations
+
+from typing import Generic, Iterable, Sequence, TypeVar
+
+from twisted_gateway.errors import GatewayError
+
+T = TypeVar("T")
+
+
+class BadPath(GatewayError):
+    status = 400
+    error = "bad_request"
+
+
+def split_uri(uri: bytes) -> tuple[bytes, bytes]:
+    """Split a request-target into its path and its query (without ``?``)."""
+    path, sep, query = uri.partition(b"?")
+    path = path.partition(b"#")[0]
+    if not path.startswith(b"/"):
+        # absolute-form (RFC 9112 3.2.2): keep only the path of the URL.
+        scheme, sep2, rest = path.partition(b"://")
+        if sep2 and scheme.lower() in (b"http", b"https", b"ws", b"wss"):
+            slash = rest.find(b"/")
+            path = rest[slash:] if slash >= 0 else b"/"
+        else:
+            raise BadPath("the request path must start with '/'")
+    return path, query
+
+
+def _dot_kind(segment: bytes) -> int:
+    """0 for a normal segment, 1 for ``.``, 2 for ``..`` (also percent-encoded)."""
+    if len(segment) > 6 or b"." not in segment and b"%" not in segment:
+        return 0
+    decoded = segment.lower().replace(b"%2e", b".")
+    if decoded == b".":
+        return 1
+    if decoded == b"..":
+        return 2
+    return 0
+
+
+def normalize_path(path: bytes) -> bytes:
+    """
+    Remove dot segments (RFC 3986 5.2.4, including ``%2e`` forms) and collapse
+    empty segments. A path that would climb above ``/`` raises :class:`BadPath`.
+    """
+    if not path.startswith(b"/"):
+        raise BadPath("the request path must start with '/'")
+    if b"\x00" in path:
+        raise BadPath("the request path contains a NUL byte")
+    segments = path.split(b"/")[1:]
+    out: list[bytes] = []
+    trailing = False
+    for segment in segments:
+        kind = _dot_kind(segment)
+        trailing = kind != 0 or segment == b""
+        if kind == 1 or segment == b"":
+            continue
+        if kind == 2:
+            if not out:
+                raise BadPath("the request path climbs above '/'")
+            out.pop()
+            continue
+        out.append(segment)
+    normalized = b"/" + b"/".join(out)
+    if trailing and out:
+        normalized += b"/"
+    return normalized
+
+
+def validate_prefix(prefix: str) -> str:
+    """A route prefix: starts with '/', already normalised, no trailing '/' (but '/')."""
+    if not prefix.startswith("/"):
+        raise ValueError(f"must start with '/', got {prefix!r}")
+    if "?" in prefix or "#" in prefix:
+        raise ValueError(f"must be a path without query or fragment, got {prefix!r}")
+    stripped = prefix.rstrip("/") or "/"
+    try:
+        normalized = normalize_path(stripped.encode("utf-8")).decode("utf-8")
+    except BadPath as e:
+        raise ValueError(f"{e.detail}: {prefix!r}") from None
+    if normalized.rstrip("/") != stripped.rstrip("/"):
+        raise ValueError(f"must be a normalised path, got {prefix!r}")
+    return stripped
+
+
+def prefix_matches(prefix: bytes, path: bytes) -> bool:
+    """Segment-boundary match: ``/v1/chat`` matches ``/v1/chat/x``, not ``/v1/chatx``."""
+    if prefix == b"/":
+        return True
+    return path == prefix or (path.startswith(prefix) and path[len(prefix) : len(prefix) + 1] == b"/")
+
+
+class RouteTable(Generic[T]):
+    """Routes keyed by prefix; :meth:`match` returns the longest matching one."""
+
+    def __init__(self, routes: Iterable[tuple[str, T]]) -> None:
+        ordered = sorted(routes, key=lambda pair: len(pair[0]), reverse=True)
+        self._routes: Sequence[tuple[bytes, T]] = [
+            (prefix.encode("utf-8"), value) for prefix, value in ordered
+        ]
+
+    def match(self, path: bytes) -> T | None:
+        for prefix, value in self._routes:
+            if prefix_matches(prefix, path):
+                return value
+        return None
+
+
+def upstream_url(base: str, path: bytes, query: bytes, *, websocket: bool = False) -> str:
+    """
+    ``base`` + normalised ``path`` + original ``query``; for a WebSocket the
+    scheme becomes ``ws``/``wss``. The path keeps its percent-encoding.
+    """
+    scheme, sep, rest = base.partition("://")
+    if websocket:
+        scheme = {"http": "ws", "https": "wss"}[scheme]
+    url = scheme + sep + rest.rstrip("/") + _printable(path)
+    if query:
+        url += "?" + _printable(query)
+    return url
+
+
+def _printable(raw: bytes) -> str:
+    """Percent-encode bytes outside printable ASCII (raw UTF-8 sent by some clients)."""
+    if all(0x21 <= b <= 0x7E for b in raw):
+        return raw.decode("ascii")
+    return "".join(chr(b) if 0x21 <= b <= 0x7E else f"%{b:02X}" for b in raw)

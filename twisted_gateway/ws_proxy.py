@@ -1,0 +1,525 @@
+"""
+The WebSocket relay: a pair of Autobahn protocols joined back to back.
+
+The client-facing :class:`RelayServerProtocol` answers a handshake only after
+its upstream :class:`RelayClientProtocol` has finished its own, so the client
+sees the upstream's subprotocol, compression and refusals. Once open, each leg
+forwards what it receives to the other frame by frame (a large message is never
+held whole), each transport is the other's push producer (a slow reader pauses
+the sender), and a close on one leg reaches the other with its code and reason.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+from autobahn.twisted.websocket import (
+    WebSocketClientFactory,
+    WebSocketClientProtocol,
+    WebSocketServerFactory,
+    WebSocketServerProtocol,
+)
+from autobahn.websocket.compress import (
+    PerMessageDeflateOffer,
+    PerMessageDeflateOfferAccept,
+    PerMessageDeflateResponse,
+    PerMessageDeflateResponseAccept,
+)
+from autobahn.websocket.protocol import WebSocketProtocol
+from autobahn.websocket.types import ConnectionDeny
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.internet.error import ConnectError, DNSLookupError
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper
+from twisted.web.server import NOT_DONE_YET
+
+from twisted_gateway.config import GatewaySettings, RouteSettings
+from twisted_gateway.errors import BadGateway, GatewayError, GatewayTimeout, UpstreamRefused
+from twisted_gateway.headers import (
+    FORWARDED_HEADERS,
+    IDENTITY_HEADERS,
+    WEBSOCKET_HANDSHAKE,
+    upstream_request_headers,
+)
+from twisted_gateway.routing import upstream_url
+
+log = Logger()
+
+OPEN = WebSocketProtocol.STATE_OPEN
+CLOSED = WebSocketProtocol.STATE_CLOSED
+
+#: Messages up to this size are relayed whole (one frame); larger ones stream.
+STREAM_THRESHOLD = 64 * 1024
+
+#: Close sent to the client when the upstream vanished without a close frame.
+UPSTREAM_LOST = (1014, b"upstream connection lost")
+#: Close sent to the upstream when the client vanished without a close frame.
+CLIENT_LOST = (1001, b"client went away")
+#: Close sent to one leg when the gateway failed the other (bad frame, too big).
+PEER_FAILED = (1001, b"going away")
+
+
+@dataclass(frozen=True)
+class HandshakeContext:
+    """What the resource tree learnt about an upgrade request before handing it over."""
+
+    route: RouteSettings
+    upstream_base: str
+    path: bytes
+    query: bytes
+    peer: str
+    scheme: str
+    host: bytes | None
+    headers: Sequence[tuple[bytes, bytes]]
+    extra_headers: Sequence[tuple[bytes, bytes]] = ()
+
+
+class UpstreamHandshakeFailed(Exception):
+    """The upstream did not complete its opening handshake."""
+
+    def __init__(self, reason: str, status: int | None = None, phrase: str = "") -> None:
+        super().__init__(reason)
+        self.status, self.phrase = status, phrase
+
+
+class RelayRegistry:
+    """
+    The live relays of one gateway: handshakes in progress and open pairs.
+
+    Metrics read the counts; the drain closes what is left; tests assert that
+    both return to zero.
+    """
+
+    def __init__(self) -> None:
+        self.handshakes: set[RelayServerProtocol] = set()
+        self.pairs: set[RelayServerProtocol] = set()
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+
+# -- the relay legs -----------------------------------------------------------
+
+
+class _RelayLeg:
+    """Forwarding shared by both legs; ``peer`` is the other leg once both are open."""
+
+    peer: Any = None
+    #: set when this leg's close was caused by the other leg (already relayed)
+    close_relayed: bool = False
+
+    def onMessageBegin(self, isBinary: bool) -> None:
+        WebSocketProtocol.onMessageBegin(self, isBinary)
+        self._chunks: list[bytes] = []
+        self._buffered = 0
+        self._streaming = False
+
+    # onMessageFrameBegin is Autobahn's own: it enforces maxMessagePayloadSize.
+
+    def onMessageFrameData(self, payload: bytes) -> None:
+        if self.failedByMe:
+            return
+        peer = self.peer
+        if self._streaming:
+            peer.sendMessageFrame(payload)
+            return
+        self._chunks.append(payload)
+        self._buffered += len(payload)
+        if self._buffered >= STREAM_THRESHOLD and peer.state == OPEN:
+            self._streaming = True
+            peer.beginMessage(isBinary=self.message_is_binary)
+            peer.sendMessageFrame(b"".join(self._chunks))
+            self._chunks = []
+
+    def onMessageFrameEnd(self) -> None:
+        self.frame_data = None
+
+    def onMessageEnd(self) -> None:
+        self.message_data = None
+        if self.failedByMe:
+            return
+        peer = self.peer
+        if self._streaming:
+            peer.endMessage()
+        elif peer.state == OPEN:
+            peer.sendMessage(b"".join(self._chunks), isBinary=self.message_is_binary)
+        self._chunks = []
+
+    def onCloseFrame(self, code: int | None, reasonRaw: bytes | None) -> bool | None:
+        # A reply to a close the gateway sent (because the other leg closed)
+        # is not relayed again.
+        relay = not self.closedByMe
+        failed = WebSocketProtocol.onCloseFrame(self, code, reasonRaw)
+        peer = self.peer
+        if relay and not failed and peer is not None and peer.state == OPEN:
+            peer.close_relayed = True
+            peer.sendCloseFrame(code, reasonRaw)
+        return failed
+
+    def close_with(self, close: tuple[int, bytes]) -> None:
+        """Close this leg with any legal code (``sendClose`` allows only a few)."""
+        if self.state == OPEN:
+            self.close_relayed = True
+            self.sendCloseFrame(close[0], close[1])
+
+
+class RelayClientProtocol(_RelayLeg, WebSocketClientProtocol):
+    """The upstream-facing leg."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.opened: Deferred[RelayClientProtocol] = Deferred(self._cancel_open)
+
+    def _cancel_open(self, d: Deferred) -> None:
+        if self.transport is not None:
+            self.transport.abortConnection()
+
+    def onOpen(self) -> None:
+        if not self.opened.called:
+            self.opened.callback(self)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        if not self.opened.called:
+            status = None
+            phrase = ""
+            line = getattr(self, "http_status_line", None)
+            if line:
+                parts = line.split(None, 2)
+                if len(parts) >= 2 and parts[1].isdigit():
+                    status = int(parts[1])
+                    phrase = parts[2] if len(parts) > 2 else ""
+            reason_text = getattr(self, "wasNotCleanReason", None) or "connection closed"
+            self.opened.errback(UpstreamHandshakeFailed(reason_text, status, phrase))
+            return
+        server = self.peer
+        if server is not None:
+            server.leg_closed(self)
+
+
+class RelayServerProtocol(_RelayLeg, WebSocketServerProtocol):
+    """The client-facing leg; its ``onConnect`` opens the upstream leg first."""
+
+    context: HandshakeContext
+    factory: RelayServerFactory
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._handshake: Deferred | None = None
+        self._deny: GatewayError | None = None
+        self._accept_pmce: Any = None
+        self.done: Deferred[None] = Deferred()
+
+    # -- opening handshake ------------------------------------------------
+
+    def onConnect(self, request):
+        registry = self.factory.registry
+        registry.handshakes.add(self)
+        d = Deferred.fromCoroutine(self._open_upstream(request))
+        d.addTimeout(self.factory.gateway.ws_open_timeout, self.factory.clock)
+        self._handshake = d
+
+        def finished(result):
+            self._handshake = None
+            registry.handshakes.discard(self)
+            return result
+
+        d.addBoth(finished)
+        d.addErrback(self._refuse)
+        return d
+
+    async def _open_upstream(self, request) -> tuple[str | None, dict]:
+        ctx = self.context
+        factory = self.factory
+        client_factory = factory.client_factory_for(ctx, request)
+        try:
+            upstream = await factory.connect(client_factory)
+        except (CancelledError, TimeoutError):
+            raise
+        except (ConnectError, DNSLookupError, OSError) as e:
+            raise BadGateway(f"cannot connect to the upstream: {_describe(e)}") from None
+        try:
+            await upstream.opened
+        except UpstreamHandshakeFailed as e:
+            if e.status is not None and e.status >= 400:
+                raise UpstreamRefused(
+                    f"the upstream refused the WebSocket handshake: {e.status} {e.phrase}".strip(),
+                    status=e.status,
+                ) from None
+            raise BadGateway(f"the upstream's WebSocket handshake failed: {e}") from None
+        except BaseException:
+            if upstream.transport is not None:
+                upstream.transport.abortConnection()
+            raise
+        if self.state == CLOSED:
+            # The client left in the very turn the upstream answered.
+            upstream.close_with(CLIENT_LOST)
+            raise CancelledError()
+        self._pair_with(upstream)
+        return upstream.websocket_protocol_in_use, {}
+
+    def _refuse(self, failure):
+        if failure.check(TimeoutError):
+            self._deny = GatewayTimeout(
+                "the upstream did not complete the WebSocket handshake in time"
+            )
+        elif failure.check(GatewayError):
+            self._deny = failure.value
+        elif failure.check(CancelledError):
+            self._deny = GatewayError("the client went away", status=499, error="client_closed")
+        else:
+            log.failure("unexpected error opening the upstream", failure)
+            self._deny = GatewayError("unexpected error opening the upstream")
+        raise ConnectionDeny(self._deny.status, self._deny.detail)
+
+    def _pair_with(self, upstream: RelayClientProtocol) -> None:
+        self.peer = upstream
+        upstream.peer = self
+        # The client is granted exactly the compression the upstream granted us.
+        self.perMessageCompressionAccept = self._mirror_compression(upstream)
+        # Each transport pauses the other when its write buffer is full.
+        self.transport.registerProducer(upstream.transport, True)
+        upstream.transport.registerProducer(self.transport, True)
+        self.factory.registry.pairs.add(self)
+
+    def _mirror_compression(self, upstream: RelayClientProtocol) -> Callable:
+        granted = [
+            e for e in upstream.websocket_extensions_in_use if e.EXTENSION_NAME == "permessage-deflate"
+        ]
+
+        def accept(offers):
+            if not granted:
+                return None
+            g = granted[0]
+            for offer in offers:
+                if not isinstance(offer, PerMessageDeflateOffer):
+                    continue
+                try:
+                    return PerMessageDeflateOfferAccept(
+                        offer,
+                        request_no_context_takeover=bool(
+                            g.client_no_context_takeover and offer.accept_no_context_takeover
+                        ),
+                        request_max_window_bits=g.client_max_window_bits
+                        if offer.accept_max_window_bits and 8 < g.client_max_window_bits < 15
+                        else 0,
+                    )
+                except Exception:
+                    return PerMessageDeflateOfferAccept(offer)
+            return None
+
+        return accept
+
+    def failHandshake(self, reason: str, code: int = 400, responseHeaders=None) -> None:
+        """Answer a refused handshake with a JSON body (Autobahn's sends none)."""
+        if self.state == CLOSED or self.transport is None:
+            return
+        error = self._deny or GatewayError(reason, status=code, error="bad_handshake")
+        self._deny = None
+        self.wasNotCleanReason = error.detail
+        body = error.body()
+        lines = [f"HTTP/1.1 {error.status} {error.phrase.decode('latin-1')}"]
+        lines += [
+            "Content-Type: application/json",
+            f"Content-Length: {len(body)}",
+            "Connection: close",
+        ]
+        lines += [f"{k.decode('latin-1')}: {v.decode('latin-1')}" for k, v in error.headers]
+        for name, value in responseHeaders or ():
+            lines.append(f"{name}: {value}")
+        self.sendData(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
+        self.dropConnection(abort=False)
+
+    # -- closing ------------------------------------------------------------
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        if self._handshake is not None:
+            self._handshake.cancel()
+        self.leg_closed(self)
+
+    def leg_closed(self, leg: _RelayLeg) -> None:
+        """One leg is gone: close the other as the rules say; finish when both are."""
+        upstream = self.peer
+        if upstream is None:
+            self._finish()
+            return
+        other = upstream if leg is self else self
+        if other.state == OPEN and not leg.close_relayed:
+            if leg.failedByMe:
+                other.close_with(PEER_FAILED)
+            elif leg.remoteCloseCode is None and not leg.wasClean:
+                other.close_with(UPSTREAM_LOST if leg is upstream else CLIENT_LOST)
+        if self.state == CLOSED and upstream.state == CLOSED:
+            self._finish()
+
+    def _finish(self) -> None:
+        if self.done.called:
+            return
+        self.factory.registry.pairs.discard(self)
+        upstream = self.peer
+        if upstream is not None:
+            for transport in (self.transport, upstream.transport):
+                if transport is not None and getattr(transport, "producer", None) is not None:
+                    transport.unregisterProducer()
+            upstream.peer = None
+        self.peer = None
+        self.done.callback(None)
+
+
+def _describe(e: BaseException) -> str:
+    text = str(e).strip()
+    return text or type(e).__name__
+
+
+# -- factories ---------------------------------------------------------------
+
+
+class RelayServerFactory(WebSocketServerFactory):
+    """The client-facing factory of one route."""
+
+    protocol = RelayServerProtocol
+    noisy = False
+
+    def __init__(
+        self,
+        route: RouteSettings,
+        gateway: GatewaySettings,
+        *,
+        clock: IReactorTime,
+        registry: RelayRegistry,
+        connect: Callable[[WebSocketClientFactory], Deferred],
+    ) -> None:
+        super().__init__()
+        self.route, self.gateway, self.clock = route, gateway, clock
+        self.registry = registry
+        self._connect = connect
+        self.compression = route.ws_compression if route.ws_compression is not None else gateway.ws_compression
+        options = dict(
+            maxMessagePayloadSize=gateway.ws_max_message_size,
+            openHandshakeTimeout=0,
+            closeHandshakeTimeout=5,
+            failByDrop=False,
+            echoCloseCodeReason=True,
+            webStatus=False,
+        )
+        self.setProtocolOptions(**options)
+        self._client_template = WebSocketClientFactory(url="ws://upstream/", useragent=None)
+        self._client_template.protocol = RelayClientProtocol
+        self._client_template.noisy = False
+        self._client_template.setProtocolOptions(
+            maxMessagePayloadSize=gateway.ws_max_message_size,
+            openHandshakeTimeout=0,
+            closeHandshakeTimeout=5,
+            serverConnectionDropTimeout=5,
+            failByDrop=False,
+            echoCloseCodeReason=True,
+            perMessageCompressionAccept=lambda response: PerMessageDeflateResponseAccept(response)
+            if isinstance(response, PerMessageDeflateResponse)
+            else None,
+        )
+
+    def connect(self, client_factory: WebSocketClientFactory) -> Deferred:
+        return self._connect(client_factory)
+
+    def client_factory_for(self, ctx: HandshakeContext, request) -> WebSocketClientFactory:
+        """A per-connection copy of the upstream factory carrying this handshake's details."""
+        factory = copy.copy(self._client_template)
+        url = upstream_url(ctx.upstream_base, ctx.path, ctx.query, websocket=True)
+        headers: dict[str, str] = {}
+        for name, value in upstream_request_headers(
+            ctx.headers,
+            peer=ctx.peer,
+            scheme=ctx.scheme,
+            host=ctx.host,
+            trusted_proxies=self.gateway.trusted_proxies,
+            drop=WEBSOCKET_HANDSHAKE | {b"origin", b"pragma", b"cache-control"},
+        ):
+            key = name.decode("latin-1")
+            text = value.decode("latin-1")
+            if key in headers:
+                sep = "; " if key.lower() == "cookie" else ", "
+                headers[key] = headers[key] + sep + text
+            else:
+                headers[key] = text
+        for name, value in ctx.extra_headers:
+            headers[name.decode("latin-1")] = value.decode("latin-1")
+        origin = request.origin if request.origin not in (None, "") else None
+        factory.setSessionParameters(
+            url=url,
+            origin=origin,
+            protocols=list(request.protocols),
+            useragent=None,
+            headers=headers,
+        )
+        offers = []
+        if self.compression:
+            offers = [
+                PerMessageDeflateOffer(
+                    accept_no_context_takeover=o.accept_no_context_takeover,
+                    accept_max_window_bits=o.accept_max_window_bits,
+                    request_no_context_takeover=o.request_no_context_takeover,
+                    request_max_window_bits=o.request_max_window_bits,
+                )
+                for o in _client_offers(request)
+            ]
+        factory.perMessageCompressionOffers = offers
+        return factory
+
+
+def _client_offers(request) -> list[PerMessageDeflateOffer]:
+    offers = []
+    for extension, params in request.extensions:
+        if extension == "permessage-deflate":
+            try:
+                offers.append(PerMessageDeflateOffer.parse(params))
+            except Exception:
+                continue
+    return offers
+
+
+# -- handing a twisted.web request over to the relay ------------------------
+
+
+def hand_over(request, factory: RelayServerFactory, context: HandshakeContext):
+    """
+    Move the HTTP channel's transport to a new :class:`RelayServerProtocol`
+    and replay the upgrade request to it (as Autobahn's ``WebSocketResource``
+    does, plus the context and the producer bookkeeping a relay needs).
+    """
+    channel = request.channel
+    transport = channel.transport
+    protocol = factory.buildProtocol(transport.getPeer())
+    protocol.context = context
+    channel.setTimeout(None)
+    channel.transport = None
+    if getattr(transport, "producer", None) is not None:
+        transport.unregisterProducer()
+    if isinstance(transport, ProtocolWrapper):
+        transport.wrappedProtocol = protocol
+    elif isinstance(getattr(transport, "protocol", None), ProtocolWrapper):
+        transport.protocol.wrappedProtocol = protocol
+    else:
+        transport.protocol = protocol
+    protocol.makeConnection(transport)
+    transport.resumeProducing()
+    data = [request.method + b" " + request.uri + b" HTTP/1.1"]
+    for name, values in request.requestHeaders.getAllRawHeaders():
+        data.append(name + b": " + b", ".join(values))
+    protocol.dataReceived(b"\r\n".join(data) + b"\r\n\r\n" + request.content.read())
+    return NOT_DONE_YET
+
+
+def endpoint_connector(reactor, timeout: float) -> Callable[[WebSocketClientFactory], Deferred]:
+    """Connect an upstream factory over TCP, or TLS for ``wss://`` (certificate verified)."""
+    from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+    from twisted.internet.ssl import optionsForClientTLS
+
+    def connect(factory: WebSocketClientFactory) -> Deferred:
+        endpoint = HostnameEndpoint(reactor, factory.host, factory.port, timeout=timeout)
+        if factory.isSecure:
+            endpoint = wrapClientTLS(optionsForClientTLS(factory.host), endpoint)
+        return endpoint.connect(factory)
+
+    return connect
