@@ -152,7 +152,7 @@ class _RelayLeg:
         # A reply to a close the gateway sent (because the other leg closed)
         # is not relayed again.
         relay = not self.closedByMe
-        failed = WebSocketProtocol.onCloseFrame(self, code, reasonRaw)
+        failed = _accept_close_frame(self, code, reasonRaw)
         peer = self.peer
         if relay and not failed and peer is not None and peer.state == OPEN:
             peer.close_relayed = True
@@ -164,6 +164,19 @@ class _RelayLeg:
         if self.state == OPEN:
             self.close_relayed = True
             self.sendCloseFrame(close[0], close[1])
+
+
+def _accept_close_frame(proto: WebSocketProtocol, code: int | None, reasonRaw: bytes | None):
+    """
+    Autobahn's close-frame handling, also accepting 1014 (Bad Gateway, in the
+    IANA registry of RFC 6455 close codes, unknown to Autobahn's list).
+    """
+    if code != 1014:
+        return WebSocketProtocol.onCloseFrame(proto, code, reasonRaw)
+    failed = WebSocketProtocol.onCloseFrame(proto, 1000, reasonRaw)
+    if not failed:
+        proto.remoteCloseCode = 1014
+    return failed
 
 
 class RelayClientProtocol(_RelayLeg, WebSocketClientProtocol):
