@@ -68,7 +68,12 @@ class GatewayResource(Resource):
         path = normalize_path(_below_mount_point(raw_path, len(request.prepath)))
         if path == b"/healthz" and request.method in (b"GET", b"HEAD"):
             request.setHeader(b"content-type", b"application/json")
-            return json.dumps({"status": "ok"}).encode() + b"\n"
+            status = {
+                "status": "ok",
+                "websockets": len(self.registry.pairs),
+                "handshakes": len(self.registry.handshakes),
+            }
+            return json.dumps(status).encode() + b"\n"
         route = self._table.match(path)
         if route is None:
             raise NotFound(f"no route for {path.decode('ascii', 'replace')}")
