@@ -183,6 +183,7 @@ class RouteSettings:
     upstream: tuple[str, ...]
     websocket: bool = True
     ws_compression: bool | None = None
+    auth: str = "none"
 
 
 @dataclass(frozen=True)
@@ -195,6 +196,7 @@ class Settings:
     gateway: GatewaySettings = field(default_factory=GatewaySettings)
     routes: tuple[RouteSettings, ...] = ()
     demo: DemoSettings = field(default_factory=DemoSettings)
+    auth: Any = None  # auth.AuthSettings when there is an [auth] section
     source: str = "<settings>"
 
 
@@ -215,6 +217,8 @@ _ROUTE_KEYS: Mapping[str, Key] = {
     "upstream": Key(parse_upstreams, REQUIRED),
     "websocket": Key(parse_bool, True),
     "ws_compression": Key(parse_bool, None),
+    # default: "required" when there is an [auth] section, "none" otherwise
+    "auth": Key(one_of("required", "optional", "none"), None),
 }
 
 _DEMO_KEYS: Mapping[str, Key] = {
@@ -259,22 +263,33 @@ def parse_config(text: str, source: str = "<string>") -> Settings:
         reason = str(e).splitlines()[0]
         raise ConfigError(source, None, None, f"not a valid INI file: {reason}") from None
 
+    from twisted_gateway.auth import parse_auth_section
+
     gateway = GatewaySettings()
     demo = DemoSettings()
-    routes: list[RouteSettings] = []
+    auth = None
+    route_values: list[tuple[str, dict[str, Any]]] = []
     for section in parser.sections():
         values = dict(parser.items(section))
-        if section == "gateway":
+        if section == "auth":
+            auth = parse_auth_section(source, values)
+        elif section == "gateway":
             gateway = GatewaySettings(**_read_section(source, section, values, _GATEWAY_KEYS))
         elif section == "demo":
             demo = DemoSettings(**_read_section(source, section, values, _DEMO_KEYS))
         elif section.startswith("route:") and section[len("route:") :].strip():
             name = section[len("route:") :].strip()
-            routes.append(
-                RouteSettings(name=name, **_read_section(source, section, values, _ROUTE_KEYS))
-            )
+            route_values.append((name, _read_section(source, section, values, _ROUTE_KEYS)))
         else:
             raise ConfigError(source, section, None, "unknown section")
+
+    routes: list[RouteSettings] = []
+    for name, route in route_values:
+        if route["auth"] is None:
+            route["auth"] = "required" if auth is not None else "none"
+        elif route["auth"] != "none" and auth is None:
+            raise ConfigError(source, f"route:{name}", "auth", "needs an [auth] section")
+        routes.append(RouteSettings(name=name, **route))
 
     seen: dict[str, str] = {}
     for route in routes:
@@ -288,7 +303,7 @@ def parse_config(text: str, source: str = "<string>") -> Settings:
         seen[route.prefix] = route.name
     if not routes:
         raise ConfigError(source, None, None, "no [route:NAME] section")
-    return Settings(gateway=gateway, routes=tuple(routes), demo=demo, source=source)
+    return Settings(gateway=gateway, routes=tuple(routes), demo=demo, auth=auth, source=source)
 
 
 def load_config(path: str) -> Settings:

@@ -42,16 +42,23 @@ class GatewayResource(Resource):
         registry: RelayRegistry | None = None,
         http_forwarder: Any = None,
         ws_connect: Any = None,
+        authenticator: Any = None,
     ) -> None:
         super().__init__()
         self.settings = settings
         self.registry = registry if registry is not None else RelayRegistry()
         self.http_forwarder = http_forwarder
+        self.authenticator = authenticator
         connect = ws_connect or endpoint_connector(reactor, settings.gateway.connect_timeout)
         self._table: RouteTable[RouteSettings] = RouteTable((r.prefix, r) for r in settings.routes)
         self._ws_factories = {
             route.name: RelayServerFactory(
-                route, settings.gateway, clock=reactor, registry=self.registry, connect=connect
+                route,
+                settings.gateway,
+                clock=reactor,
+                registry=self.registry,
+                connect=connect,
+                authenticator=authenticator,
             )
             for route in settings.routes
             if route.websocket

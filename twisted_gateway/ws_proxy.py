@@ -12,7 +12,7 @@ the sender), and a close on one leg reaches the other with its code and reason.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
 
 from autobahn.twisted.websocket import (
@@ -36,6 +36,7 @@ from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.web.server import NOT_DONE_YET
 
+from twisted_gateway.auth import strip_query_param
 from twisted_gateway.config import GatewaySettings, RouteSettings
 from twisted_gateway.errors import BadGateway, GatewayError, GatewayTimeout, UpstreamRefused
 from twisted_gateway.headers import (
@@ -60,6 +61,8 @@ UPSTREAM_LOST = (1014, b"upstream connection lost")
 CLIENT_LOST = (1001, b"client went away")
 #: Close sent to one leg when the gateway failed the other (bad frame, too big).
 PEER_FAILED = (1001, b"going away")
+#: Close sent to both legs when the client's token expires.
+TOKEN_EXPIRED = (1008, b"token expired")
 
 
 @dataclass(frozen=True)
@@ -222,7 +225,7 @@ class RelayServerProtocol(_RelayLeg, WebSocketServerProtocol):
         super().__init__()
         self._handshake: Deferred | None = None
         self._deny: GatewayError | None = None
-        self._accept_pmce: Any = None
+        self._expiry: Any = None
         self.done: Deferred[None] = Deferred()
 
     # -- opening handshake ------------------------------------------------
@@ -246,6 +249,16 @@ class RelayServerProtocol(_RelayLeg, WebSocketServerProtocol):
     async def _open_upstream(self, request) -> tuple[str | None, dict]:
         ctx = self.context
         factory = self.factory
+        authenticator = factory.authenticator
+        identity = None
+        if authenticator is not None and ctx.route.auth != "none":
+            identity = await authenticator.authenticate(ctx.route.auth, ctx.headers, ctx.query)
+            if identity is not None:
+                ctx = replace(ctx, extra_headers=[*ctx.extra_headers, *identity.upstream_headers()])
+            if authenticator.settings.strip_token:
+                ctx = replace(
+                    ctx, query=strip_query_param(ctx.query, authenticator.settings.query_param)
+                )
         client_factory = factory.client_factory_for(ctx, request)
         try:
             upstream = await factory.connect(client_factory)
@@ -271,7 +284,18 @@ class RelayServerProtocol(_RelayLeg, WebSocketServerProtocol):
             upstream.close_with(CLIENT_LOST)
             raise CancelledError()
         self._pair_with(upstream)
+        if identity is not None and identity.expires_at is not None:
+            delay = max(0.0, identity.expires_at - factory.clock.seconds())
+            self._expiry = factory.clock.callLater(delay, self._token_expired)
         return upstream.websocket_protocol_in_use, {}
+
+    def _token_expired(self) -> None:
+        """No WebSocket outlives its token: close both legs with 1008."""
+        self._expiry = None
+        upstream = self.peer
+        self.close_with(TOKEN_EXPIRED)
+        if upstream is not None:
+            upstream.close_with(TOKEN_EXPIRED)
 
     def _refuse(self, failure):
         if failure.check(TimeoutError):
@@ -371,6 +395,9 @@ class RelayServerProtocol(_RelayLeg, WebSocketServerProtocol):
         if self.done.called:
             return
         self.factory.registry.pairs.discard(self)
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
         upstream = self.peer
         if upstream is not None:
             for transport in (self.transport, upstream.transport):
@@ -403,10 +430,12 @@ class RelayServerFactory(WebSocketServerFactory):
         clock: IReactorTime,
         registry: RelayRegistry,
         connect: Callable[[WebSocketClientFactory], Deferred],
+        authenticator: Any = None,
     ) -> None:
         super().__init__()
         self.route, self.gateway, self.clock = route, gateway, clock
         self.registry = registry
+        self.authenticator = authenticator
         self._connect = connect
         self.compression = route.ws_compression if route.ws_compression is not None else gateway.ws_compression
         options = dict(

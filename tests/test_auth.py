@@ -1,0 +1,763 @@
+"""
+Tests for ``twisted_gateway.auth`` and the ``twisted_gateway.token`` helper.
+
+Pure rules are tables; the Authenticator runs on a ``Clock``; the JWKS URL is
+served by a real loopback twisted.web server and fetched with treq.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import subprocess
+import sys
+import time
+from typing import Any
+
+import jwt
+import pytest
+import pytest_twisted
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from jwt.algorithms import RSAAlgorithm
+from treq.client import HTTPClient
+from twisted.internet import endpoints
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock, deferLater
+from twisted.protocols.policies import WrappingFactory
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Site
+
+from twisted_gateway.auth import (
+    AuthError,
+    Authenticator,
+    AuthSettings,
+    Identity,
+    check_claim_times,
+    extract_token,
+    parse_auth_section,
+    parse_jwks,
+    redact_query,
+    strip_query_param,
+)
+from twisted_gateway.config import ConfigError
+
+NOW = 1_700_000_000
+SECRET = b"0123456789abcdef" * 4  # 64 bytes: long enough for every HS* algorithm
+CLAIMS = {"sub": "alice", "iat": NOW, "exp": NOW + 3600}
+
+
+# -- helpers and fixtures ---------------------------------------------------
+
+
+def _reactor():
+    from twisted.internet import reactor
+
+    return reactor
+
+
+def _selectables() -> set:
+    reactor = _reactor()
+    return set(reactor.getReaders()) | set(reactor.getWriters())
+
+
+@pytest.fixture(autouse=True)
+def leaves_nothing_behind():
+    """
+    Every test cleans up its delayed calls, listeners and connections, at once.
+
+    Stricter than the shared ``no_leaks``: any reactor timer counts, Twisted's own
+    (HTTP channel timeouts, the access log's date) too, and there is no grace period.
+    """
+    calls, selectables = set(_reactor().getDelayedCalls()), _selectables()
+    yield
+    left_calls = [c for c in _reactor().getDelayedCalls() if c not in calls and c.active()]
+    assert left_calls == [], "delayed calls left behind"
+    assert _selectables() - selectables == set(), "listeners or connections left behind"
+
+
+@pytest.fixture(scope="module")
+def rsa_keys() -> list[rsa.RSAPrivateKey]:
+    return [rsa.generate_private_key(public_exponent=65537, key_size=2048) for _ in range(3)]
+
+
+def public_pem(private_key: rsa.RSAPrivateKey) -> bytes:
+    return private_key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def jwks_document(**keys: rsa.RSAPrivateKey) -> bytes:
+    """A JWKS publishing the public half of each key under its kid."""
+    jwks = [dict(RSAAlgorithm.to_jwk(k.public_key(), as_dict=True), kid=kid, use="sig")
+            for kid, k in keys.items()]
+    return json.dumps({"keys": jwks}).encode("utf-8")
+
+
+def hs_token(claims: dict[str, Any] = CLAIMS, key: bytes = SECRET, alg: str = "HS256") -> str:
+    return jwt.encode(claims, key, algorithm=alg)
+
+
+def rs_token(key: rsa.RSAPrivateKey, kid: str | None = None, claims=CLAIMS) -> str:
+    return jwt.encode(claims, key, algorithm="RS256", headers={"kid": kid} if kid else None)
+
+
+def _b64(data: bytes) -> bytes:
+    return base64.urlsafe_b64encode(data).rstrip(b"=")
+
+
+def handmade_token(header: dict[str, Any], claims: dict[str, Any], hmac_key: bytes | None) -> str:
+    """A token PyJWT would refuse to sign: unsigned, or HMAC-signed with any bytes."""
+    signing_input = _b64(json.dumps(header).encode()) + b"." + _b64(json.dumps(claims).encode())
+    signature = b""
+    if hmac_key is not None:
+        signature = _b64(hmac.new(hmac_key, signing_input, hashlib.sha256).digest())
+    return (signing_input + b"." + signature).decode("ascii")
+
+
+def result_of(coroutine) -> Any:
+    """The outcome of a coroutine that does no I/O: its value, or its exception raised."""
+    outcome: list[Any] = []
+    Deferred.fromCoroutine(coroutine).addBoth(outcome.append)
+    assert outcome, "the coroutine is still waiting"
+    if isinstance(outcome[0], Failure):
+        outcome[0].raiseException()
+    return outcome[0]
+
+
+def refused(authenticator: Authenticator, token: str) -> AuthError:
+    with pytest.raises(AuthError) as caught:
+        result_of(authenticator.verify(token))
+    return caught.value
+
+
+@pytest.fixture
+def clock() -> Clock:
+    clock = Clock()
+    clock.advance(NOW)
+    yield clock
+    assert clock.getDelayedCalls() == []
+
+
+def hs_authenticator(clock: Clock, **settings: Any) -> Authenticator:
+    return Authenticator(AuthSettings(algorithms=("HS256",), secret=SECRET, **settings), clock)
+
+
+# -- extract_token ----------------------------------------------------------
+
+BEARER = [(b"Authorization", b"Bearer from-header")]
+
+EXTRACT = [
+    pytest.param(BEARER, b"token=from-query", None, "from-header", id="bearer header wins"),
+    pytest.param([(b"authorization", b"bearer  lower")], b"", None, "lower", id="scheme any case"),
+    pytest.param([(b"Authorization", b"Basic dTpw")], b"token=q", None, "q", id="basic ignored"),
+    pytest.param([(b"Authorization", b"Bearer ")], b"token=q", None, "q", id="empty bearer"),
+    pytest.param([], b"a=1&token=from-query&b=2", None, "from-query", id="query parameter"),
+    pytest.param([], b"token=a%2Eb%2ec", None, "a.b.c", id="query value percent-decoded"),
+    pytest.param([], b"%74oken=q", None, "q", id="query name percent-decoded"),
+    pytest.param([], b"tokens=q&my_token=q&token", None, None, id="other names ignored"),
+    pytest.param([], b"token=", None, None, id="empty query value is no token"),
+    pytest.param([(b"Cookie", b"a=1; jwt=c")], b"token=q", "jwt", "q", id="query wins on cookie"),
+    pytest.param([(b"Cookie", b"a=1; jwt=c")], b"", "jwt", "c", id="cookie when configured"),
+    pytest.param([(b"Cookie", b'jwt="c"')], b"", "jwt", "c", id="quoted cookie"),
+    pytest.param([(b"Cookie", b"a=1"), (b"cookie", b"jwt=c")], b"", "jwt", "c", id="second cookie"),
+    pytest.param([(b"Cookie", b"jwt=c")], b"", None, None, id="cookie ignored unless configured"),
+    pytest.param([(b"X-Token", b"x")], b"", "jwt", None, id="nothing found"),
+]
+
+
+@pytest.mark.parametrize("headers, query, cookie, expected", EXTRACT)
+def test_extract_token(headers, query, cookie, expected):
+    """The token comes from the bearer header, the query parameter or the cookie, in that order."""
+    assert extract_token(headers, query, query_param="token", cookie=cookie) == expected
+
+
+def test_extract_token_custom_query_param():
+    """The query parameter's name is configurable."""
+    query = b"token=no&access_token=yes"
+    assert extract_token([], query, query_param="access_token", cookie=None) == "yes"
+
+
+# -- redact_query and strip_query_param -------------------------------------
+
+REDACT = [
+    pytest.param(b"token=abc", b"token=REDACTED", id="alone"),
+    pytest.param(b"a=%20x&token=a.b.c&b", b"a=%20x&token=REDACTED&b", id="others byte-identical"),
+    pytest.param(b"token=1&x=2&token=3", b"token=REDACTED&x=2&token=REDACTED", id="every copy"),
+    pytest.param(b"%74oken=abc", b"%74oken=REDACTED", id="percent-encoded name"),
+    pytest.param(b"x=1;token=abc", b"x=1;token=REDACTED", id="behind a semicolon"),
+    pytest.param(b"mytoken=a&token_type=b&token", b"mytoken=a&token_type=b&token", id="others"),
+    pytest.param(b"token=", b"token=", id="nothing to hide"),
+    pytest.param(b"", b"", id="empty query"),
+]
+
+
+@pytest.mark.parametrize("query, expected", REDACT)
+def test_redact_query(query, expected):
+    """Log lines show REDACTED instead of the token, and the rest of the query unchanged."""
+    assert redact_query(query) == expected
+
+
+def test_redact_query_custom_param():
+    """The configured query parameter is the one redacted."""
+    assert redact_query(b"token=a&jwt=b", "jwt") == b"token=a&jwt=REDACTED"
+
+
+STRIP = [
+    pytest.param(b"token=abc", b"", id="alone"),
+    pytest.param(b"a=1&token=abc&b=%41", b"a=1&b=%41", id="others byte-identical"),
+    pytest.param(b"token=1&%74oken=2&x", b"x", id="every copy"),
+    pytest.param(b"tokens=1&token", b"tokens=1", id="bare name stripped too"),
+    pytest.param(b"", b"", id="empty query"),
+]
+
+
+@pytest.mark.parametrize("query, expected", STRIP)
+def test_strip_query_param(query, expected):
+    """With strip_token the upstream gets the URL without the token parameter."""
+    assert strip_query_param(query, "token") == expected
+
+
+# -- parse_auth_section -----------------------------------------------------
+
+LONG = "a-demo-secret-that-is-32-bytes-or-longer"
+
+
+@pytest.fixture
+def config_dir(tmp_path, rsa_keys, monkeypatch):
+    """Key files next to a config file, as ``file:`` paths name them."""
+    (tmp_path / "rsa.pem").write_bytes(public_pem(rsa_keys[0]))
+    (tmp_path / "garbage.pem").write_bytes(b"-----BEGIN PUBLIC KEY-----\nnot base64\n")
+    (tmp_path / "jwks.json").write_bytes(jwks_document(one=rsa_keys[0], two=rsa_keys[1]))
+    (tmp_path / "no-keys.json").write_bytes(b'{"keys": [{"kty": "oct", "k": "c2VjcmV0"}]}')
+    (tmp_path / "secret.txt").write_bytes(LONG.encode() + b"\n")
+    monkeypatch.setenv("GATEWAY_TEST_SECRET", LONG)
+    monkeypatch.setenv("GATEWAY_TEST_EMPTY", "")
+    monkeypatch.delenv("GATEWAY_TEST_UNSET", raising=False)
+    return tmp_path
+
+
+BAD_CONFIGS = [
+    pytest.param({"secret": LONG}, "algorithms", "missing required key", id="no algorithms"),
+    pytest.param({"algorithms": "none", "secret": LONG}, "algorithms", '"none" is refused',
+                 id="alg none refused"),
+    pytest.param({"algorithms": "HS256 NONE"}, "algorithms", '"none" is refused',
+                 id="alg none refused in any case"),
+    pytest.param({"algorithms": "RS257"}, "algorithms", "unknown algorithm", id="unknown alg"),
+    pytest.param({"algorithms": "HS256 RS256", "secret": LONG}, "algorithms", "mixes HMAC",
+                 id="HMAC mixed with public-key algorithm"),
+    pytest.param({"algorithms": "HS256", "public_key": "file:rsa.pem"}, "public_key",
+                 "verifies with secret", id="HMAC algorithm with a public key"),
+    pytest.param({"algorithms": "HS256", "jwks_url": "https://a.example/jwks"}, "jwks_url",
+                 "verifies with secret", id="HMAC algorithm with a JWKS"),
+    pytest.param({"algorithms": "RS256", "secret": LONG}, "secret", "not a secret",
+                 id="public-key algorithm with a secret"),
+    pytest.param({"algorithms": "HS256", "secret": " "}, "secret", "is empty", id="empty secret"),
+    pytest.param({"algorithms": "HS256", "secret": "env:GATEWAY_TEST_EMPTY"}, "secret",
+                 "is empty", id="empty secret from env"),
+    pytest.param({"algorithms": "HS256", "secret": "env:GATEWAY_TEST_UNSET"}, "secret",
+                 "GATEWAY_TEST_UNSET is not set", id="unset env"),
+    pytest.param({"algorithms": "HS256", "secret": "file:missing.txt"}, "secret",
+                 "cannot read", id="missing secret file"),
+    pytest.param({"algorithms": "HS256", "secret": "tiny"}, "secret", "shorter than the 32",
+                 id="secret too short for HS256"),
+    pytest.param({"algorithms": "HS512 HS256", "secret": LONG}, "secret", "64 bytes HS512",
+                 id="secret too short for HS512"),
+    pytest.param({"algorithms": "HS256", "secret": "file:rsa.pem"}, "secret", "PEM key",
+                 id="PEM as HMAC secret"),
+    pytest.param({"algorithms": "RS256", "public_key": "file:garbage.pem"}, "public_key",
+                 "not a PEM public key", id="key file does not parse"),
+    pytest.param({"algorithms": "ES256", "public_key": "file:rsa.pem"}, "public_key",
+                 "cannot verify ES256", id="key of the wrong type"),
+    pytest.param({"algorithms": "RS256", "jwks_file": "file:garbage.pem"}, "jwks_file",
+                 "not a JSON document", id="JWKS file does not parse"),
+    pytest.param({"algorithms": "RS256", "jwks_file": "file:no-keys.json"}, "jwks_file",
+                 "no usable signing key", id="JWKS without public signing keys"),
+    pytest.param({"algorithms": "RS256"}, None, "needs secret, public_key", id="no key"),
+    pytest.param({"algorithms": "RS256", "public_key": "file:rsa.pem",
+                  "jwks_url": "https://a.example/jwks"}, "jwks_url", "set only one",
+                 id="two key sources"),
+    pytest.param({"algorithms": "RS256", "jwks_url": "ftp://a.example/jwks"}, "jwks_url",
+                 "http:// or https://", id="JWKS URL not HTTP"),
+    pytest.param({"algorithms": "HS256", "secret": LONG, "leeway": "-1"}, "leeway", ">= 0",
+                 id="negative leeway"),
+    pytest.param({"algorithms": "HS256", "secret": LONG, "colour": "blue"}, "colour",
+                 "unknown key", id="unknown key"),
+]
+
+
+@pytest.mark.parametrize("values, key, reason", BAD_CONFIGS)
+def test_bad_auth_section_fails_start_up(config_dir, values, key, reason):
+    """A bad [auth] section stops start-up with one line naming file, section, key, reason."""
+    source = str(config_dir / "tap.cfg")
+    with pytest.raises(ConfigError) as caught:
+        parse_auth_section(source, values)
+    error = caught.value
+    assert (error.section, error.key) == ("auth", key)
+    assert reason in error.reason
+    assert str(error).startswith(f"{source}: [auth]") and "\n" not in str(error)
+    assert LONG not in str(error)
+
+
+def test_secret_never_appears_in_errors(config_dir):
+    """Even a rejected secret is not printed."""
+    with pytest.raises(ConfigError) as caught:
+        parse_auth_section("tap.cfg", {"algorithms": "HS256", "secret": "hunter2-hunter2"})
+    assert "hunter2" not in str(caught.value)
+
+
+def test_defaults_are_secure(config_dir):
+    """Without more keys: exp is required, 30 s leeway, ?token=, no cookie, no stripping."""
+    settings = parse_auth_section("tap.cfg", {"algorithms": "HS256", "secret": LONG})
+    assert settings.require == ("exp",)
+    assert (settings.leeway, settings.query_param, settings.cookie) == (30.0, "token", None)
+    assert (settings.strip_token, settings.jwks_refresh) == (False, 600.0)
+    assert (settings.audience, settings.issuer) == ((), None)
+    assert LONG not in repr(settings)
+
+
+@pytest.mark.parametrize("reference", ["env:GATEWAY_TEST_SECRET", "file:secret.txt", LONG])
+def test_secret_sources(config_dir, reference):
+    """The secret is a literal, an environment variable or a file next to the config."""
+    source = str(config_dir / "tap.cfg")
+    settings = parse_auth_section(source, {"algorithms": "HS256", "secret": reference})
+    assert settings.secret == LONG.encode()
+
+
+def test_key_files_are_loaded_at_start_up(config_dir, rsa_keys):
+    """A PEM public key and a JWKS file are parsed once, when the config is read."""
+    source = str(config_dir / "tap.cfg")
+    pem = parse_auth_section(source, {"algorithms": "RS256", "public_key": "file:rsa.pem"})
+    assert pem.public_key.public_numbers() == rsa_keys[0].public_key().public_numbers()
+    jwks = parse_auth_section(source, {"algorithms": "RS256", "jwks_file": "file:jwks.json"})
+    assert sorted(jwks.jwks) == ["one", "two"]
+
+
+def test_parse_jwks_skips_keys_it_cannot_use(rsa_keys):
+    """Encryption keys, symmetric keys and unknown types in a JWKS are skipped."""
+    usable = json.loads(jwks_document(sig=rsa_keys[0]))["keys"][0]
+    document = {"keys": [{"kty": "oct", "k": "c2VjcmV0", "kid": "hmac"}, {"kty": "XYZ"},
+                         dict(usable, kid="enc", use="enc"), usable]}
+    assert sorted(parse_jwks(json.dumps(document).encode())) == ["sig"]
+
+
+# -- claim times ------------------------------------------------------------
+
+TIMES = [
+    pytest.param({"exp": NOW - 31}, "token expired", id="expired beyond leeway"),
+    pytest.param({"exp": NOW - 30}, "token expired", id="expired at exp plus leeway"),
+    pytest.param({"nbf": NOW + 31}, "not yet valid", id="nbf beyond leeway"),
+    pytest.param({"iat": NOW + 31}, "issued in the future", id="iat beyond leeway"),
+    pytest.param({"exp": "tomorrow"}, "not a timestamp", id="exp not a number"),
+    pytest.param({"exp": True}, "not a timestamp", id="exp a boolean"),
+    pytest.param({"exp": float("nan")}, "not a timestamp", id="exp NaN"),
+    pytest.param({"exp": float("inf")}, "not a timestamp", id="exp infinite"),
+]
+
+
+@pytest.mark.parametrize("claims, detail", TIMES)
+def test_claim_times_refused(claims, detail):
+    """exp, nbf and iat are checked against the gateway's clock, with leeway."""
+    with pytest.raises(AuthError, match=detail):
+        check_claim_times(claims, NOW, 30)
+
+
+def test_claim_times_within_leeway():
+    """Clock skew up to the leeway is tolerated; the identity expires at exp + leeway."""
+    claims = {"exp": NOW - 29, "nbf": NOW + 29, "iat": NOW + 29}
+    assert check_claim_times(claims, NOW, 30) == NOW + 1
+    assert check_claim_times({}, NOW, 30) is None
+
+
+# -- Authenticator: verification ---------------------------------------------
+
+
+def test_valid_token_gives_identity_for_upstream(clock):
+    """A valid token yields the subject, the claims and exp + leeway, sent upstream as headers."""
+    identity = result_of(hs_authenticator(clock).verify(hs_token()))
+    assert identity == Identity("alice", dict(CLAIMS), expires_at=NOW + 3600 + 30)
+    headers = dict(identity.upstream_headers())
+    assert headers[b"X-Auth-Subject"] == b"alice"
+    encoded = headers[b"X-Auth-Claims"]
+    assert b"=" not in encoded
+    assert json.loads(base64.urlsafe_b64decode(encoded + b"=" * (-len(encoded) % 4))) == CLAIMS
+
+
+def test_identity_without_sub_sends_only_claims():
+    """No sub claim: no X-Auth-Subject header at all."""
+    assert [name for name, _ in Identity(None, {}).upstream_headers()] == [b"X-Auth-Claims"]
+
+
+def test_expiry_follows_the_injected_clock(clock):
+    """A token valid now is refused once the clock passes exp + leeway."""
+    authenticator = hs_authenticator(clock)
+    token = hs_token(dict(CLAIMS, exp=NOW + 10))
+    assert result_of(authenticator.verify(token)).expires_at == NOW + 40
+    clock.advance(39)
+    assert result_of(authenticator.verify(token)).subject == "alice"
+    clock.advance(1)
+    assert refused(authenticator, token).detail == "token expired"
+
+
+REFUSED = [
+    pytest.param(dict(CLAIMS, exp=NOW - 31), {}, "token expired", id="expired"),
+    pytest.param(dict(CLAIMS, nbf=NOW + 60), {}, "token not yet valid (nbf)", id="nbf in future"),
+    pytest.param(dict(CLAIMS, iat=NOW + 60), {}, "token issued in the future (iat)",
+                 id="iat in future"),
+    pytest.param(dict(CLAIMS, aud="other"), {"audience": ("chat",)}, "wrong audience",
+                 id="wrong audience"),
+    pytest.param(CLAIMS, {"audience": ("chat",)}, "missing required claim aud", id="no aud"),
+    pytest.param(dict(CLAIMS, iss="evil"), {"issuer": "good"}, "wrong issuer", id="wrong issuer"),
+    pytest.param({"sub": "alice"}, {}, "missing required claim exp", id="missing exp"),
+    pytest.param(CLAIMS, {"require": ("exp", "jti")}, "missing required claim jti",
+                 id="missing configured claim"),
+    pytest.param(dict(CLAIMS, sub="a\r\nX-Admin: 1"), {},
+                 "the sub claim contains control characters", id="sub with control characters"),
+    pytest.param(dict(CLAIMS, sub=42), {}, "invalid token", id="sub not a string"),
+]
+
+
+@pytest.mark.parametrize("claims, settings, detail", REFUSED)
+def test_refused_claims(clock, claims, settings, detail):
+    """Each failed claim check is a 401 invalid_token saying which check failed."""
+    error = refused(hs_authenticator(clock, **settings), hs_token(claims))
+    assert (error.status, error.error, error.detail) == (401, "invalid_token", detail)
+
+
+def test_audience_and_issuer_accepted_when_they_match(clock):
+    """Matching aud and iss pass; without an audience setting, aud is not checked."""
+    claims = dict(CLAIMS, aud=["chat", "other"], iss="good")
+    strict = hs_authenticator(clock, audience=("chat",), issuer="good")
+    assert result_of(strict.verify(hs_token(claims))).subject == "alice"
+    assert result_of(hs_authenticator(clock).verify(hs_token(claims))).subject == "alice"
+
+
+def test_bad_signature(clock):
+    """A token signed with another secret is refused."""
+    token = hs_token(key=b"another-secret-" * 5)
+    assert refused(hs_authenticator(clock), token).detail == "bad signature"
+
+
+@pytest.mark.parametrize("header", [{"alg": "none"}, {"alg": "None"}, {"typ": "JWT"}])
+def test_alg_none_is_refused(clock, header):
+    """An unsigned token (alg none, or no alg at all) is refused."""
+    token = handmade_token(header, CLAIMS, None)
+    assert refused(hs_authenticator(clock), token).detail == "algorithm not allowed"
+
+
+def test_algorithm_outside_the_configured_list_is_refused(clock):
+    """HS512 with the right secret is still refused when only HS256 is configured."""
+    token = hs_token(alg="HS512")
+    assert refused(hs_authenticator(clock), token).detail == "algorithm not allowed"
+
+
+def test_key_confusion_hs256_signed_with_the_rsa_public_key(clock, rsa_keys):
+    """HS256 HMAC-signed with the RS256 public key PEM (which anyone has) is refused."""
+    pem = public_pem(rsa_keys[0])
+    token = handmade_token({"alg": "HS256", "typ": "JWT"}, CLAIMS, pem)
+    rs256 = Authenticator(AuthSettings(algorithms=("RS256",), public_key=rsa_keys[0].public_key()),
+                          clock)
+    assert refused(rs256, token).detail == "algorithm not allowed"
+    # Even a PEM given as the HMAC secret in code (parse_auth_section refuses it) does
+    # not verify: PyJWT will not use a PEM as an HMAC key.
+    confused = Authenticator(AuthSettings(algorithms=("HS256",), secret=pem), clock)
+    assert refused(confused, token).detail == "the key does not fit the token's algorithm"
+    with pytest.raises(jwt.InvalidKeyError):
+        jwt.decode(token, pem, algorithms=["HS256"])
+
+
+def test_oversized_token_rejected_without_parsing(clock, monkeypatch):
+    """A token over 8 KiB is malformed, and is not even parsed."""
+    monkeypatch.setattr(jwt, "get_unverified_header", pytest.fail)
+    error = refused(hs_authenticator(clock), "A" * (8 * 1024 + 1))
+    assert error.detail == "malformed token (longer than 8 KiB)"
+
+
+@pytest.mark.parametrize("token", ["garbage", "a.b.c", "e30", "e30.e30", "é" * 10])
+def test_malformed_token(clock, token):
+    """Text that is not a JWT is a 401 malformed token."""
+    assert refused(hs_authenticator(clock), token).detail == "malformed token"
+
+
+def test_rs256_with_public_key(clock, rsa_keys):
+    """With a PEM public key, tokens signed by its private key pass and others do not."""
+    settings = AuthSettings(algorithms=("RS256",), public_key=rsa_keys[0].public_key())
+    authenticator = Authenticator(settings, clock)
+    assert result_of(authenticator.verify(rs_token(rsa_keys[0]))).subject == "alice"
+    assert refused(authenticator, rs_token(rsa_keys[1])).detail == "bad signature"
+
+
+def test_jwks_file_chooses_the_key_by_kid(clock, rsa_keys):
+    """A JWKS file with two keys: each kid verifies with its own key; unknown kids fail."""
+    settings = AuthSettings(algorithms=("RS256",),
+                            jwks=parse_jwks(jwks_document(one=rsa_keys[0], two=rsa_keys[1])))
+    authenticator = Authenticator(settings, clock)
+    assert result_of(authenticator.verify(rs_token(rsa_keys[0], "one"))).subject == "alice"
+    assert result_of(authenticator.verify(rs_token(rsa_keys[1], "two"))).subject == "alice"
+    assert refused(authenticator, rs_token(rsa_keys[1], "one")).detail == "bad signature"
+    assert refused(authenticator, rs_token(rsa_keys[2], "three")).detail == "unknown key id (kid)"
+    assert refused(authenticator, rs_token(rsa_keys[0])).detail == "token has no key id (kid)"
+
+
+# -- Authenticator: modes and the 401 it raises -----------------------------
+
+
+def test_required_mode_without_token(clock):
+    """auth = required and no token: 401 missing_token with a bare Bearer challenge."""
+    with pytest.raises(AuthError) as caught:
+        result_of(hs_authenticator(clock).authenticate("required", [], b""))
+    error = caught.value
+    assert (error.status, error.error) == (401, "missing_token")
+    assert json.loads(error.body())["error"] == "missing_token"
+    assert error.headers == ((b"WWW-Authenticate", b'Bearer realm="wsgateway"'),)
+
+
+def test_invalid_token_challenge_names_the_failed_check(clock):
+    """An invalid token's 401 carries error="invalid_token" and the detail in the challenge."""
+    query = b"token=" + hs_token(dict(CLAIMS, exp=NOW - 60)).encode()
+    with pytest.raises(AuthError) as caught:
+        result_of(hs_authenticator(clock).authenticate("required", [], query))
+    assert json.loads(caught.value.body()) == {"error": "invalid_token", "detail": "token expired"}
+    challenge = b'Bearer realm="wsgateway", error="invalid_token", ' \
+        b'error_description="token expired"'
+    assert caught.value.headers == ((b"WWW-Authenticate", challenge),)
+
+
+def test_optional_mode(clock):
+    """auth = optional: no token passes anonymously, a valid one identifies, a bad one is 401."""
+    authenticator = hs_authenticator(clock, cookie="jwt")
+    assert result_of(authenticator.authenticate("optional", [], b"")) is None
+    cookie = [(b"Cookie", b"jwt=" + hs_token().encode())]
+    assert result_of(authenticator.authenticate("optional", cookie, b"")).subject == "alice"
+    with pytest.raises(AuthError):
+        result_of(authenticator.authenticate("optional", [], b"token=garbage"))
+
+
+def test_none_mode_checks_nothing(clock):
+    """auth = none: not even an invalid token is looked at."""
+    authenticator = hs_authenticator(clock)
+    assert result_of(authenticator.authenticate("none", BEARER, b"token=garbage")) is None
+
+
+# -- JWKS URL over loopback -------------------------------------------------
+
+
+class JwksServer(Resource):
+    """A loopback JWKS endpoint whose document the test changes, and that can hang."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.document = b'{"keys": []}'
+        self.requests = 0
+        self.hang = False
+        self.url = ""
+
+    def render_GET(self, request):
+        self.requests += 1
+        if self.hang:
+            return NOT_DONE_YET
+        request.setHeader(b"content-type", b"application/json")
+        return self.document
+
+    async def start(self) -> None:
+        reactor = _reactor()
+        self._baseline = _selectables()
+        self._factory = WrappingFactory(Site(self))
+        endpoint = endpoints.serverFromString(reactor, "tcp:0:interface=127.0.0.1")
+        self._port = await endpoint.listen(self._factory)
+        self.url = f"http://127.0.0.1:{self._port.getHost().port}/jwks.json"
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._factory.protocols)
+
+    async def stop(self) -> None:
+        """Stop listening, drop the connections, and wait until every socket is closed."""
+        if self._port is not None:
+            await self._port.stopListening()
+            self._port = None
+        for protocol in list(self._factory.protocols):
+            protocol.transport.abortConnection()
+        for _ in range(1000):
+            if not self._factory.protocols and _selectables() <= self._baseline:
+                return
+            await deferLater(_reactor(), 0, lambda: None)
+        raise AssertionError("connections still open")
+
+
+@pytest_twisted.async_yield_fixture
+async def jwks_server():
+    server = JwksServer()
+    await server.start()
+    yield server
+    await server.stop()
+
+
+@pytest.fixture
+def http_client() -> HTTPClient:
+    """A treq client that keeps no connection open between requests."""
+    reactor = _reactor()
+    return HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
+
+
+def jwks_authenticator(clock: Clock, url: str, http_client: HTTPClient) -> Authenticator:
+    return Authenticator(AuthSettings(algorithms=("RS256",), jwks_url=url), clock, http_client)
+
+
+@pytest_twisted.ensureDeferred
+async def test_jwks_url_new_key_accepted_after_refetch(jwks_server, http_client, rsa_keys):
+    """A key published after start-up works once the JWKS is refetched (at most once a minute)."""
+    clock = Clock()
+    clock.advance(NOW)
+    jwks_server.document = jwks_document(one=rsa_keys[0])
+    authenticator = jwks_authenticator(clock, jwks_server.url, http_client)
+    authenticator.start()
+    try:
+        assert (await authenticator.verify(rs_token(rsa_keys[0], "one"))).subject == "alice"
+        jwks_server.document = jwks_document(one=rsa_keys[0], two=rsa_keys[1])
+        new = rs_token(rsa_keys[1], "two")
+        clock.advance(59)
+        with pytest.raises(AuthError, match="unknown key id"):
+            await authenticator.verify(new)
+        assert jwks_server.requests == 1, "refetched sooner than a minute after the last fetch"
+        clock.advance(1)
+        assert (await authenticator.verify(new)).subject == "alice"
+        assert jwks_server.requests == 2
+    finally:
+        await authenticator.stop()
+    assert clock.getDelayedCalls() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_jwks_url_refreshed_in_the_background(jwks_server, http_client, rsa_keys):
+    """Every jwks_refresh seconds the JWKS is fetched again, and removed keys stop working."""
+    clock = Clock()
+    clock.advance(NOW)
+    jwks_server.document = jwks_document(one=rsa_keys[0])
+    authenticator = jwks_authenticator(clock, jwks_server.url, http_client)
+    authenticator.start()
+    try:
+        await authenticator.verify(rs_token(rsa_keys[0], "one"))
+        jwks_server.document = jwks_document(two=rsa_keys[1])
+        clock.advance(600)
+        # Both tokens join the refresh now in flight; neither starts a fetch of its own.
+        verifications = [Deferred.fromCoroutine(authenticator.verify(rs_token(k, kid)))
+                         for k, kid in ((rsa_keys[1], "two"), (rsa_keys[1], "two"))]
+        identities = [await d for d in verifications]
+        assert [i.subject for i in identities] == ["alice", "alice"]
+        assert jwks_server.requests == 2
+        with pytest.raises(AuthError, match="unknown key id"):
+            await authenticator.verify(rs_token(rsa_keys[0], "one"))
+    finally:
+        await authenticator.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_jwks_url_known_keys_work_while_server_is_down(jwks_server, http_client, rsa_keys):
+    """While the JWKS URL cannot be fetched, the keys already known keep working."""
+    clock = Clock()
+    clock.advance(NOW)
+    jwks_server.document = jwks_document(one=rsa_keys[0])
+    authenticator = jwks_authenticator(clock, jwks_server.url, http_client)
+    authenticator.start()
+    try:
+        known = rs_token(rsa_keys[0], "one")
+        await authenticator.verify(known)
+        await jwks_server.stop()
+        clock.advance(600)  # the background refresh fails
+        with pytest.raises(AuthError, match="unknown key id"):
+            await authenticator.verify(rs_token(rsa_keys[1], "two"))  # waits for that failure
+        assert (await authenticator.verify(known)).subject == "alice"
+        clock.advance(60)  # an unknown kid refetches, and fails again
+        with pytest.raises(AuthError, match="unknown key id"):
+            await authenticator.verify(rs_token(rsa_keys[1], "two"))
+        assert (await authenticator.verify(known)).subject == "alice"
+    finally:
+        await authenticator.stop()
+    assert clock.getDelayedCalls() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_cancels_a_hanging_fetch(jwks_server, http_client, rsa_keys):
+    """stop() ends a JWKS fetch the server never answers, and the refresh timer."""
+    clock = Clock()
+    jwks_server.hang = True
+    authenticator = jwks_authenticator(clock, jwks_server.url, http_client)
+    authenticator.start()
+    waiting = Deferred.fromCoroutine(authenticator.verify(rs_token(rsa_keys[0], "one")))
+    for _ in range(1000):  # let the request reach the server
+        if jwks_server.requests:
+            break
+        await deferLater(_reactor(), 0, lambda: None)
+    waiting.cancel()  # a client that goes away does not cancel the shared fetch
+    with pytest.raises(Exception):
+        await waiting
+    assert jwks_server.open_connections == 1, "the fetch ended with the client"
+    await authenticator.stop()
+    for _ in range(1000):  # the cancelled fetch closes its connection
+        if not jwks_server.open_connections:
+            break
+        await deferLater(_reactor(), 0, lambda: None)
+    assert jwks_server.open_connections == 0
+    assert clock.getDelayedCalls() == []
+
+
+# -- the token helper -------------------------------------------------------
+
+
+def run_token_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "twisted_gateway.token", *args],
+        capture_output=True, text=True, timeout=60,
+    )
+
+
+def test_token_cli_mints_a_token_the_gateway_accepts(tmp_path):
+    """`python -m twisted_gateway.token` prints only a token that passes the config's checks."""
+    config = tmp_path / "tap.cfg"
+    config.write_text(
+        "[auth]\nalgorithms = HS256\nsecret = file:secret.txt ; next to the config\n"
+        "audience = chat\nissuer = https://gw.example\n"
+        "[route:chat]\nprefix = /chat\nupstream = http://127.0.0.1:9000\n"
+    )
+    (tmp_path / "secret.txt").write_text(LONG + "\n")
+    done = run_token_cli("--config", str(config), "--sub", "alice", "--ttl", "3600")
+    assert done.returncode == 0, done.stderr
+    token = done.stdout.strip()
+    assert done.stdout == token + "\n"
+    settings = parse_auth_section(str(config), {"algorithms": "HS256", "secret": LONG,
+                                                "audience": "chat", "issuer": "https://gw.example"})
+    claims = jwt.decode(token, options={"verify_signature": False})
+    assert claims["exp"] - claims["iat"] == 3600
+    clock = Clock()
+    clock.advance(claims["iat"])
+    identity = result_of(Authenticator(settings, clock).verify(token))
+    assert (identity.subject, identity.claims["aud"]) == ("alice", "chat")
+    assert abs(claims["iat"] - time.time()) < 3600  # minted now, not at some fixed time
+
+
+@pytest.mark.parametrize(
+    "config_text, message",
+    [
+        pytest.param("[auth]\nalgorithms = RS256\npublic_key = file:rsa.pem\n",
+                     "cannot mint tokens", id="public-key config"),
+        pytest.param("[route:chat]\nprefix = /chat\n", "[auth]", id="no auth section"),
+        pytest.param("[auth]\nalgorithms = HS256\nsecret = tiny\n", "secret", id="bad secret"),
+    ],
+)
+def test_token_cli_refuses_with_one_line(tmp_path, rsa_keys, config_text, message):
+    """Without an HMAC secret to sign with, the helper prints one line and exits 2."""
+    (tmp_path / "rsa.pem").write_bytes(public_pem(rsa_keys[0]))
+    route = "[route:chat]\nprefix = /chat\nupstream = http://127.0.0.1:9000\nauth = none\n"
+    if "[route:chat]" in config_text:
+        config_text = route
+    (tmp_path / "tap.cfg").write_text(config_text + route if "[auth]" in config_text else config_text)
+    done = run_token_cli("--config", str(tmp_path / "tap.cfg"), "--sub", "alice")
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr.count("\n") == 1 and message in done.stderr
