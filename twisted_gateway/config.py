@@ -100,9 +100,18 @@ def parse_endpoints(text: str) -> tuple[str, ...]:
 
 
 def check_server_endpoint(description: str) -> str:
-    kind = description.split(":", 1)[0]
-    if kind not in ("tcp", "tcp6", "ssl", "unix", "systemd", "le", "lets"):
-        raise ValueError(f"unknown endpoint type in {description!r}")
+    """Parse the endpoint as twistd will (certificate files are read here), without listening."""
+    from twisted.internet.endpoints import serverFromString
+    from twisted.internet.testing import MemoryReactor
+
+    try:
+        serverFromString(MemoryReactor(), description)
+    except (ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"not a valid endpoint {description!r}: {e}") from None
+    except OSError as e:
+        raise ValueError(f"endpoint {description!r}: {e.strerror or e}: {e.filename or ''}".rstrip(": ")) from None
+    except Exception as e:  # e.g. OpenSSL errors for an unreadable key
+        raise ValueError(f"endpoint {description!r}: {e}") from None
     return description
 
 
@@ -121,7 +130,7 @@ def parse_upstreams(text: str) -> tuple[str, ...]:
             raise ValueError(f"{url!r} has a bad port") from None
         if parts.query or parts.fragment:
             raise ValueError(f"{url!r} must not carry a query or fragment")
-        urls.append(url.rstrip("/"))
+        urls.append(parts.scheme + url[len(parts.scheme) :].rstrip("/"))
     return tuple(urls)
 
 
@@ -174,6 +183,8 @@ class GatewaySettings:
     max_body_size: int = 10 * 1024 * 1024
     upstream_keepalive: int = 32
     trusted_proxies: tuple[Any, ...] = ()
+    drain_timeout: float = 10.0
+    drain_spread: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -210,6 +221,8 @@ _GATEWAY_KEYS: Mapping[str, Key] = {
     "max_body_size": Key(parse_positive_int, 10 * 1024 * 1024),
     "upstream_keepalive": Key(parse_positive_int, 32),
     "trusted_proxies": Key(parse_cidrs, ()),
+    "drain_timeout": Key(parse_positive_float, 10.0),
+    "drain_spread": Key(parse_non_negative_float, 0.0),
 }
 
 _ROUTE_KEYS: Mapping[str, Key] = {
@@ -283,6 +296,10 @@ def parse_config(text: str, source: str = "<string>") -> Settings:
         else:
             raise ConfigError(source, section, None, "unknown section")
 
+    names = [name for name, _ in route_values]
+    for name in names:
+        if names.count(name) > 1:
+            raise ConfigError(source, f"route:{name}", None, "a route of this name appears twice")
     routes: list[RouteSettings] = []
     for name, route in route_values:
         if route["auth"] is None:

@@ -116,7 +116,8 @@ def upstream_request_headers(
 ) -> list[tuple[bytes, bytes]]:
     """
     The end-to-end headers of a client request as the upstream should see them:
-    hop-by-hop, identity, forwarded and ``drop`` headers removed, then
+    hop-by-hop, identity, every client-sent ``X-Forwarded-*``/``Forwarded`` and
+    ``drop`` headers removed, then
     ``X-Forwarded-For``/``-Proto``/``-Host`` added. ``Host`` is left to the caller.
     """
     incoming_xff = get_all(headers, b"x-forwarded-for")
@@ -124,7 +125,8 @@ def upstream_request_headers(
         (k, v)
         for k, v in strip_hop_by_hop(headers)
         if (lk := k.lower()) not in IDENTITY_HEADERS
-        and lk not in FORWARDED_HEADERS
+        and not lk.startswith(b"x-forwarded-")
+        and lk != b"forwarded"
         and lk not in drop
         and lk != b"host"
     ]

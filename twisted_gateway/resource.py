@@ -49,6 +49,8 @@ class GatewayResource(Resource):
         self.registry = registry if registry is not None else RelayRegistry()
         self.http_forwarder = http_forwarder
         self.authenticator = authenticator
+        #: set when the gateway stops: new work is refused with 503, /readyz says so
+        self.draining = False
         connect = ws_connect or endpoint_connector(reactor, settings.gateway.connect_timeout)
         self._table: RouteTable[RouteSettings] = RouteTable((r.prefix, r) for r in settings.routes)
         self._ws_factories = {
@@ -81,6 +83,16 @@ class GatewayResource(Resource):
                 "handshakes": len(self.registry.handshakes),
             }
             return json.dumps(status).encode() + b"\n"
+        if path == b"/readyz" and request.method in (b"GET", b"HEAD"):
+            request.setHeader(b"content-type", b"application/json")
+            if self.draining:
+                request.setResponseCode(503)
+                return b'{"status": "draining"}\n'
+            return b'{"status": "ready"}\n'
+        if self.draining:
+            raise GatewayError(
+                "the gateway is shutting down", status=503, error="service_unavailable"
+            )
         route = self._table.match(path)
         if route is None:
             raise NotFound(f"no route for {path.decode('ascii', 'replace')}")

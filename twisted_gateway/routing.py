@@ -36,6 +36,37 @@ def split_uri(uri: bytes) -> tuple[bytes, bytes]:
     return path, query
 
 
+_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+
+
+def _decode_unreserved(segment: bytes) -> bytes:
+    """
+    Decode percent-encoded unreserved characters (RFC 3986 6.2.2.2), so that
+    ``/%61dmin`` routes as ``/admin``; reserved ones such as ``%2F`` stay encoded.
+    """
+    if b"%" not in segment:
+        return segment
+    out = bytearray()
+    i = 0
+    while i < len(segment):
+        byte = segment[i]
+        if byte == 0x25 and _is_hex(segment[i + 1 : i + 3]):
+            value = int(segment[i + 1 : i + 3], 16)
+            if value in _UNRESERVED:
+                out.append(value)
+            else:
+                out += segment[i : i + 3]
+            i += 3
+        else:
+            out.append(byte)
+            i += 1
+    return bytes(out)
+
+
+def _is_hex(pair: bytes) -> bool:
+    return len(pair) == 2 and all(c in b"0123456789abcdefABCDEF" for c in pair)
+
+
 def _dot_kind(segment: bytes) -> int:
     """0 for a normal segment, 1 for ``.``, 2 for ``..`` (also percent-encoded)."""
     if len(segment) > 6 or b"." not in segment and b"%" not in segment:
@@ -50,8 +81,9 @@ def _dot_kind(segment: bytes) -> int:
 
 def normalize_path(path: bytes) -> bytes:
     """
-    Remove dot segments (RFC 3986 5.2.4, including ``%2e`` forms) and collapse
-    empty segments. A path that would climb above ``/`` raises :class:`BadPath`.
+    Decode unreserved percent-escapes, remove dot segments (RFC 3986 5.2.4,
+    including ``%2e`` forms) and collapse empty segments. A path that would
+    climb above ``/`` raises :class:`BadPath`.
     """
     if not path.startswith(b"/"):
         raise BadPath("the request path must start with '/'")
@@ -61,6 +93,7 @@ def normalize_path(path: bytes) -> bytes:
     out: list[bytes] = []
     trailing = False
     for segment in segments:
+        segment = _decode_unreserved(segment)
         kind = _dot_kind(segment)
         trailing = kind != 0 or segment == b""
         if kind == 1 or segment == b"":

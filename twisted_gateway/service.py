@@ -17,6 +17,7 @@ from twisted.logger import Logger
 from twisted.web.server import Site
 
 from twisted_gateway.config import Settings
+from twisted_gateway.logs import access_log_formatter
 from twisted_gateway.resource import GatewayResource
 from twisted_gateway.ws_proxy import RelayRegistry
 
@@ -60,7 +61,8 @@ class GatewayService(MultiService):
         self.resource = GatewayResource(
             settings, reactor=reactor, registry=self.registry, http_forwarder=self.http_forwarder
         )
-        self.site = Site(self.resource)
+        token_params = [settings.auth.query_param] if settings.auth is not None else []
+        self.site = Site(self.resource, logFormatter=access_log_formatter(token_params))
         self.site.noisy = False
         if settings.demo.chat_service:
             from twisted_gateway.demo.chat import build_chat_site
@@ -72,14 +74,43 @@ class GatewayService(MultiService):
             ListeningService(reactor, description, self.site, "wsgateway").setServiceParent(self)
 
     def stopService(self) -> Deferred:
-        d = super().stopService()
-        waits = [d]
-        for pair in list(self.registry.pairs):
-            pair.close_with((1001, b"gateway shutting down"))
-            waits.append(pair.done)
+        return Deferred.fromCoroutine(self._drain_and_stop())
+
+    async def _drain_and_stop(self) -> None:
+        """
+        Drain: refuse new work (503, ``/readyz`` too) while the listeners stay
+        open, close every WebSocket with 1001 on both legs (spread over
+        ``drain_spread``), wait for the pairs to go or ``drain_timeout``, then stop.
+        """
+        gateway = self.settings.gateway
+        self.resource.draining = True
+        pairs = list(self.registry.pairs)
+        log.info("draining {count} WebSockets", count=len(pairs), event="drain")
+        timers = []
+        for i, pair in enumerate(pairs):
+            delay = gateway.drain_spread * i / len(pairs) if gateway.drain_spread else 0
+            timers.append(self.reactor.callLater(delay, _going_away, pair))
+        waiting = DeferredList([p.done for p in pairs], consumeErrors=True)
+        waiting.addTimeout(gateway.drain_timeout, self.reactor)
+        try:
+            await waiting
+        except Exception:
+            log.warn("drain timeout: {count} WebSockets left", count=len(self.registry.pairs))
+        for timer in timers:
+            if timer.active():
+                timer.cancel()
+        await super().stopService()
         if self.http_forwarder is not None:
-            waits.append(self.http_forwarder.close())
-        return DeferredList(waits, consumeErrors=True)
+            await self.http_forwarder.close()
+
+
+def _going_away(pair) -> None:
+    pair.close_with(GOING_AWAY)
+    if pair.partner is not None:
+        pair.partner.close_with(GOING_AWAY)
+
+
+GOING_AWAY = (1001, b"going away")
 
 
 def _build_http_forwarder(settings: Settings, reactor: Any) -> Any:

@@ -46,4 +46,25 @@ def makeService(options: Options):
     from twisted_gateway.service import GatewayService
 
     settings: Settings = options["settings"]
-    return GatewayService(settings, reactor)
+    service = GatewayService(settings, reactor)
+    reactor.callWhenRunning(_handle_sigterm, reactor)
+    return service
+
+
+def _handle_sigterm(reactor) -> None:
+    """
+    SIGTERM drains and exits 0 (twistd's own handler re-raises the signal, so
+    the exit status would be -15); a second SIGTERM exits at once.
+    """
+    import os
+    import signal
+
+    received = []
+
+    def on_sigterm(signum, frame) -> None:
+        if received:
+            os._exit(0)
+        received.append(signum)
+        reactor.callFromThread(reactor.stop)
+
+    signal.signal(signal.SIGTERM, on_sigterm)

@@ -108,9 +108,10 @@ class RelayRegistry:
 
 
 class _RelayLeg:
-    """Forwarding shared by both legs; ``peer`` is the other leg once both are open."""
+    """Forwarding shared by both legs; ``partner`` is the other leg once both are open
+    (Autobahn already uses ``peer`` for the remote address)."""
 
-    peer: Any = None
+    partner: Any = None
     #: set when this leg's close was caused by the other leg (already relayed)
     close_relayed: bool = False
 
@@ -125,7 +126,7 @@ class _RelayLeg:
     def onMessageFrameData(self, payload: bytes) -> None:
         if self.failedByMe:
             return
-        peer = self.peer
+        peer = self.partner
         if self._streaming:
             peer.sendMessageFrame(payload)
             return
@@ -144,7 +145,7 @@ class _RelayLeg:
         self.message_data = None
         if self.failedByMe:
             return
-        peer = self.peer
+        peer = self.partner
         if self._streaming:
             peer.endMessage()
         elif peer.state == OPEN:
@@ -156,7 +157,7 @@ class _RelayLeg:
         # is not relayed again.
         relay = not self.closedByMe
         failed = _accept_close_frame(self, code, reasonRaw)
-        peer = self.peer
+        peer = self.partner
         if relay and not failed and peer is not None and peer.state == OPEN:
             peer.close_relayed = True
             peer.sendCloseFrame(code, reasonRaw)
@@ -210,7 +211,7 @@ class RelayClientProtocol(_RelayLeg, WebSocketClientProtocol):
             reason_text = getattr(self, "wasNotCleanReason", None) or "connection closed"
             self.opened.errback(UpstreamHandshakeFailed(reason_text, status, phrase))
             return
-        server = self.peer
+        server = self.partner
         if server is not None:
             server.leg_closed(self)
 
@@ -292,7 +293,7 @@ class RelayServerProtocol(_RelayLeg, WebSocketServerProtocol):
     def _token_expired(self) -> None:
         """No WebSocket outlives its token: close both legs with 1008."""
         self._expiry = None
-        upstream = self.peer
+        upstream = self.partner
         self.close_with(TOKEN_EXPIRED)
         if upstream is not None:
             upstream.close_with(TOKEN_EXPIRED)
@@ -312,8 +313,8 @@ class RelayServerProtocol(_RelayLeg, WebSocketServerProtocol):
         raise ConnectionDeny(self._deny.status, self._deny.detail)
 
     def _pair_with(self, upstream: RelayClientProtocol) -> None:
-        self.peer = upstream
-        upstream.peer = self
+        self.partner = upstream
+        upstream.partner = self
         # The client is granted exactly the compression the upstream granted us.
         self.perMessageCompressionAccept = self._mirror_compression(upstream)
         # Each transport pauses the other when its write buffer is full.
@@ -378,7 +379,7 @@ class RelayServerProtocol(_RelayLeg, WebSocketServerProtocol):
 
     def leg_closed(self, leg: _RelayLeg) -> None:
         """One leg is gone: close the other as the rules say; finish when both are."""
-        upstream = self.peer
+        upstream = self.partner
         if upstream is None:
             self._finish()
             return
@@ -398,13 +399,13 @@ class RelayServerProtocol(_RelayLeg, WebSocketServerProtocol):
         if self._expiry is not None:
             self._expiry.cancel()
             self._expiry = None
-        upstream = self.peer
+        upstream = self.partner
         if upstream is not None:
             for transport in (self.transport, upstream.transport):
                 if transport is not None and getattr(transport, "producer", None) is not None:
                     transport.unregisterProducer()
-            upstream.peer = None
-        self.peer = None
+            upstream.partner = None
+        self.partner = None
         self.done.callback(None)
 
 

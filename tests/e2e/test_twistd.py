@@ -1,0 +1,374 @@
+"""
+``twistd wsgateway`` as an operator runs it: a real process, a real config
+file, the demo chat-service behind it and ``wscat`` as the client.
+
+These are plain pytest functions driving subprocesses; every process is killed
+in a ``finally``. Timeouts here only stop a hung process from hanging the run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.no_reactor_check
+
+REPO = Path(__file__).resolve().parents[2]
+TWISTD = Path(sys.executable).with_name("twistd")
+#: Only against a hung process; none of these is a speed expectation.
+GUARD = 30
+LISTENING = re.compile(r"\bwsgateway listening on (\S+) \(port (\d+)\)")
+DEMO_LISTENING = re.compile(r"\bdemo chat-service listening on \S+ \(port (\d+)\)")
+
+#: Loopback requests never go through an HTTP proxy from the environment.
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+ROUTE = """
+[route:chat]
+prefix = /v1/chat
+upstream = http://127.0.0.1:9001
+"""
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("PYTHONPATH", None)
+    return env
+
+
+def _wscat_path() -> str:
+    found = shutil.which("wscat") or str(REPO / ".tools" / "node_modules" / ".bin" / "wscat")
+    if not os.access(found, os.X_OK):
+        pytest.fail("wscat is missing: run `make .tools/node_modules/.bin/wscat` (make test does)")
+    return found
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Lines:
+    """The output lines of a process, read in a thread so a test can wait with a guard."""
+
+    def __init__(self, stream) -> None:
+        self.seen: list[str] = []
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _read(self, stream) -> None:
+        for line in stream:
+            self._queue.put(line)
+        self._queue.put(None)
+
+    def wait_for(self, pattern: re.Pattern[str]) -> re.Match[str]:
+        while True:
+            try:
+                line = self._queue.get(timeout=GUARD)
+            except queue.Empty:
+                raise AssertionError(f"no line matching {pattern.pattern!r} in:\n{self.text()}") from None
+            if line is None:
+                raise AssertionError(f"output ended before {pattern.pattern!r}:\n{self.text()}")
+            self.seen.append(line)
+            match = pattern.search(line)
+            if match:
+                return match
+
+    def rest(self) -> str:
+        """Everything, once the process has exited."""
+        self._thread.join(GUARD)
+        while True:
+            try:
+                line = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if line is not None:
+                self.seen.append(line)
+        return self.text()
+
+    def text(self) -> str:
+        return "".join(self.seen)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.kill()
+    process.wait(GUARD)
+    for stream in (process.stdin, process.stdout, process.stderr):
+        if stream is not None:
+            stream.close()
+
+
+# -- packaging -----------------------------------------------------------------------
+
+
+def test_twistd_help_lists_wsgateway():
+    """After ``make``'s install step (editable_mode=compat) ``twistd --help`` offers wsgateway."""
+    assert TWISTD.exists(), f"{TWISTD} is missing: install the project into this venv"
+    # From / and without PYTHONPATH, only the installed package can provide the plugin.
+    result = subprocess.run(
+        [str(TWISTD), "--help"], capture_output=True, text=True, timeout=GUARD, env=_env(), cwd="/"
+    )
+    assert result.returncode == 0, result.stderr
+    commands = [line.split()[0] for line in result.stdout.splitlines() if line.startswith("    ")]
+    assert "wsgateway" in commands, result.stdout
+
+
+def test_wsgateway_help_describes_its_options():
+    """``twistd wsgateway --help`` names --config and --listen."""
+    result = subprocess.run(
+        [str(TWISTD), "wsgateway", "--help"], capture_output=True, text=True, timeout=GUARD, env=_env(), cwd="/"
+    )
+    assert result.returncode == 0, result.stderr
+    assert "--config" in result.stdout and "--listen" in result.stdout
+
+
+# -- a bad config --------------------------------------------------------------------
+
+#: (case, config text, section, key, a fragment of the reason)
+BAD_CONFIGS = [
+    ("unknown section", "[gatway]\nlisten = tcp:8080\n" + ROUTE, "gatway", None, "unknown section"),
+    ("unknown key", "[gateway]\nlistn = tcp:8080\n" + ROUTE, "gateway", "listn", "unknown key"),
+    ("bad number", "[gateway]\nconnect_timeout = soon\n" + ROUTE, "gateway", "connect_timeout", "'soon'"),
+    ("bad bool", ROUTE + "websocket = maybe\n", "route:chat", "websocket", "true or false"),
+    ("bad URL scheme", "[route:chat]\nprefix = /v1/chat\nupstream = ftp://h\n", "route:chat", "upstream",
+     "http:// or https://"),
+    ("missing upstream", "[route:chat]\nprefix = /v1/chat\n", "route:chat", "upstream", "missing required key"),
+    ("duplicate prefix", ROUTE + "[route:again]\nprefix = /v1/chat/\nupstream = http://h\n",
+     "route:again", "prefix", "[route:chat]"),
+    ("bad endpoint type", "[gateway]\nlisten = tpc:8080\n" + ROUTE, "gateway", "listen", "'tpc:8080'"),
+    ("endpoint port that is not a number", "[gateway]\nlisten = tcp:notaport\n" + ROUTE,
+     "gateway", "listen", "'tcp:notaport'"),
+    ("TLS endpoint whose key file is missing", "[gateway]\nlisten = ssl:0:privateKey=missing.pem\n" + ROUTE,
+     "gateway", "listen", "missing.pem"),
+]
+
+
+def _start_up_fails(args: list[str], cwd: Path) -> str:
+    """Run twistd expecting it to refuse to start; return its stderr."""
+    result = subprocess.run(
+        [str(TWISTD), "-n", "--pidfile=", "wsgateway", *args],
+        capture_output=True,
+        text=True,
+        timeout=GUARD,
+        env=_env(),
+        cwd=cwd,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert "Traceback" not in output, output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, output
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "text, section, key, reason",
+    [case[1:] for case in BAD_CONFIGS],
+    ids=[case[0] for case in BAD_CONFIGS],
+)
+def test_a_bad_config_stops_start_up_with_one_line(tmp_path, text, section, key, reason):
+    """Non-zero exit, one stderr line naming file, [section], key and reason, no traceback."""
+    config = tmp_path / "gateway.cfg"
+    config.write_text(text)
+    line = _start_up_fails(["--config", str(config)], tmp_path)
+    where = f"{config}: [{section}]" + (f" {key}:" if key else ":")
+    assert where in line, line
+    assert reason in line.split(where, 1)[1], line
+
+
+def test_a_missing_config_file_stops_start_up_with_one_line(tmp_path):
+    """``--config`` naming no file is one line with the path and the reason."""
+    missing = tmp_path / "nowhere.cfg"
+    line = _start_up_fails(["--config", str(missing)], tmp_path)
+    assert f"{missing}: cannot read: No such file or directory" in line
+
+
+def test_the_default_config_is_tap_cfg_in_the_current_directory(tmp_path):
+    """Without --config, ./tap.cfg is read (here absent: one line naming tap.cfg)."""
+    line = _start_up_fails([], tmp_path)
+    assert "tap.cfg: cannot read" in line
+
+
+def test_a_bad_listen_option_stops_start_up_with_one_line(tmp_path):
+    """``--listen tpc:0`` is one line naming the option and the endpoint."""
+    config = tmp_path / "gateway.cfg"
+    config.write_text(ROUTE)
+    line = _start_up_fails(["--config", str(config), "--listen", "tpc:0"], tmp_path)
+    assert "--listen" in line and "'tpc:0'" in line
+
+
+# -- the gateway running -------------------------------------------------------------
+
+
+class _Running:
+    """A twistd wsgateway process serving the demo chat-service on loopback."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.chat_port = _free_port()
+        self.never = tmp_path / "never.sock"
+        config = tmp_path / "gateway.cfg"
+        config.write_text(
+            f"""
+[gateway]
+; replaced by --listen: this socket must never be created
+listen = unix:{self.never}
+
+[route:chat]
+prefix = /v1/chat
+upstream = http://127.0.0.1:{self.chat_port}
+
+[demo]
+chat_service = tcp:{self.chat_port}:interface=127.0.0.1
+"""
+        )
+        self.process = subprocess.Popen(
+            [
+                str(TWISTD), "-n", "--pidfile=", "wsgateway",
+                "--config", str(config), "--listen", "tcp:0:interface=127.0.0.1",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=_env(),
+            cwd=tmp_path,
+        )
+        self.log = _Lines(self.process.stdout)
+        self.port = 0
+
+    def wait_until_listening(self) -> None:
+        # The demo chat-service is started first, the gateway's listener second.
+        assert int(self.log.wait_for(DEMO_LISTENING).group(1)) == self.chat_port
+        endpoint, port = self.log.wait_for(LISTENING).groups()
+        assert endpoint == "tcp:0:interface=127.0.0.1"
+        self.port = int(port)
+        assert self.port != 0
+        # Listeners start before the reactor runs (and installs its SIGTERM
+        # handler): an answer proves the reactor is running.
+        assert self.get_json("/healthz")["status"] == "ok"
+
+    def url(self, path: str, scheme: str = "http") -> str:
+        return f"{scheme}://127.0.0.1:{self.port}{path}"
+
+    def get_json(self, path: str) -> dict:
+        with _NO_PROXY.open(self.url(path), timeout=GUARD) as response:
+            assert response.headers["content-type"].startswith("application/json")
+            return json.loads(response.read())
+
+    def terminate(self) -> tuple[int, str]:
+        """SIGTERM; then the exit status and the whole log once the process is gone."""
+        self.process.send_signal(signal.SIGTERM)
+        status = self.process.wait(GUARD)
+        return status, self.log.rest()
+
+
+def _wscat(url: str, *args: str) -> tuple[subprocess.Popen, _Lines]:
+    """A wscat client that stays connected (-w -1) and prints what it receives."""
+    process = subprocess.Popen(
+        [_wscat_path(), "--no-color", "-c", url, *args, "-w", "-1"],
+        stdin=subprocess.PIPE,  # kept open: wscat exits at end of input
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=_env(),
+    )
+    return process, _Lines(process.stdout)
+
+
+def _members(gateway: _Running, room: str) -> int:
+    rooms = gateway.get_json("/v1/chat/rooms")["rooms"]
+    return next((r["members"] for r in rooms if r["room"] == room), 0)
+
+
+def _wait_for_members(gateway: _Running, room: str, count: int) -> None:
+    """Poll the chat-service's room list through the gateway (a guard, not a deadline)."""
+    for _ in range(GUARD * 20):
+        if _members(gateway, room) == count:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"room {room!r} never had {count} members")
+
+
+def test_wscat_chats_through_the_gateway_and_sigterm_shuts_it_down_in_order(tmp_path):
+    """
+    The README's tour: the gateway logs its bound port, two wscat clients in one
+    room both receive the broadcast JSON through it, and SIGTERM shuts it down
+    without a traceback (the exit status has a test of its own below).
+    """
+    gateway = _Running(tmp_path)
+    clients: list[subprocess.Popen] = []
+    try:
+        gateway.wait_until_listening()
+        assert not gateway.never.exists(), "--listen must replace [gateway] listen"
+
+        listener, listener_out = _wscat(gateway.url("/v1/chat/ws?room=e2e", "ws"))
+        clients.append(listener)
+        _wait_for_members(gateway, "e2e", 1)
+
+        sender, sender_out = _wscat(gateway.url("/v1/chat/ws?room=e2e", "ws"), "-x", "hello through the gateway")
+        clients.append(sender)
+        json_line = re.compile(r"\{.*\}")
+        for out in (sender_out, listener_out):
+            message = json.loads(out.wait_for(json_line).group(0))
+            assert message["room"] == "e2e"
+            assert message["from"] == "anonymous"
+            assert message["text"] == "hello through the gateway"
+            assert isinstance(message["ts"], float)
+
+        for client in clients:
+            client.terminate()
+            client.wait(GUARD)
+        _wait_for_members(gateway, "e2e", 0)
+
+        _, log = gateway.terminate()
+        assert "Traceback" not in log and "Unhandled" not in log, log
+        assert "Server Shut Down." in log
+    finally:
+        for client in clients:
+            _stop(client)
+        _stop(gateway.process)
+
+
+def test_a_token_in_the_query_never_reaches_the_gateways_log(tmp_path):
+    """``?token=`` is a credential: neither the access log nor any other line shows it."""
+    secret = "e2e-secret-token-4711"
+    gateway = _Running(tmp_path)
+    try:
+        gateway.wait_until_listening()
+        assert gateway.get_json(f"/v1/chat/rooms?token={secret}") == {"rooms": []}
+        _, log = gateway.terminate()
+        assert "/v1/chat/rooms" in log  # the request was logged...
+        assert secret not in log, log  # ...without its token
+    finally:
+        _stop(gateway.process)
+
+
+def test_sigterm_stops_the_gateway_with_exit_status_0(tmp_path):
+    """
+    A service manager's SIGTERM is a normal stop: an orderly shutdown and exit
+    status 0, so supervisors and ``make run`` do not report a failure.
+    """
+    gateway = _Running(tmp_path)
+    try:
+        gateway.wait_until_listening()
+        status, log = gateway.terminate()
+        assert "Server Shut Down." in log
+        assert status == 0, f"exit status {status}"
+    finally:
+        _stop(gateway.process)

@@ -1,0 +1,363 @@
+"""
+Reading ``tap.cfg``: every mistake an operator can make is one line naming the
+file, the ``[section]``, the key and the reason; a good file gives immutable
+settings with the documented defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+from pathlib import Path
+
+import pytest
+
+from twisted_gateway.config import (
+    ConfigError,
+    DemoSettings,
+    GatewaySettings,
+    RouteSettings,
+    Settings,
+    load_config,
+    parse_config,
+    with_listen,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+
+ROUTE = """
+[route:chat]
+prefix = /v1/chat
+upstream = http://127.0.0.1:9001
+"""
+
+
+def _write(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "gateway.cfg"
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def _assert_one_line(
+    error: ConfigError, path: str, section: str | None, key: str | None, reason: str
+) -> None:
+    """The message is one line: ``path: [section] key: reason``."""
+    message = str(error)
+    assert "\n" not in message and "\r" not in message
+    where = path
+    if section is not None:
+        where += f": [{section}]"
+    if key is not None:
+        where += f" {key}"
+    assert message.startswith(where + ": "), message
+    assert reason in message[len(where) + 2 :], message
+
+
+#: (case, config text, section, key, a fragment of the reason)
+BAD_CONFIGS = [
+    ("unknown section", "[gatway]\nlisten = tcp:8080\n" + ROUTE, "gatway", None, "unknown section"),
+    ("section named route: without a name", "[route:]\nprefix = /x\nupstream = http://h\n" + ROUTE,
+     "route:", None, "unknown section"),
+    ("DEFAULT is not special", "[DEFAULT]\nlisten = tcp:8080\n" + ROUTE, "DEFAULT", None, "unknown section"),
+    ("unknown gateway key", "[gateway]\nlistn = tcp:8080\n" + ROUTE, "gateway", "listn", "unknown key"),
+    ("unknown route key", ROUTE + "upstreams = http://h\n", "route:chat", "upstreams", "unknown key"),
+    ("unknown demo key", "[demo]\nchat = tcp:9001\n" + ROUTE, "demo", "chat", "unknown key"),
+    ("number that is not a number", "[gateway]\nconnect_timeout = soon\n" + ROUTE,
+     "gateway", "connect_timeout", "'soon'"),
+    ("negative timeout", "[gateway]\nws_open_timeout = -1\n" + ROUTE,
+     "gateway", "ws_open_timeout", "positive"),
+    ("zero timeout", "[gateway]\nrequest_timeout = 0\n" + ROUTE, "gateway", "request_timeout", "positive"),
+    ("infinite timeout", "[gateway]\nconnect_timeout = inf\n" + ROUTE, "gateway", "connect_timeout", "'inf'"),
+    ("NaN timeout", "[gateway]\nconnect_timeout = nan\n" + ROUTE, "gateway", "connect_timeout", "'nan'"),
+    ("fractional size", "[gateway]\nws_max_message_size = 1.5\n" + ROUTE,
+     "gateway", "ws_max_message_size", "whole number"),
+    ("zero size", "[gateway]\nmax_body_size = 0\n" + ROUTE, "gateway", "max_body_size", "> 0"),
+    ("zero keep-alive", "[gateway]\nupstream_keepalive = 0\n" + ROUTE, "gateway", "upstream_keepalive", "> 0"),
+    ("value spread over two lines", "[gateway]\nconnect_timeout = 5\n  seconds\n" + ROUTE,
+     "gateway", "connect_timeout", "number"),
+    ("bad bool in a route", ROUTE + "websocket = maybe\n", "route:chat", "websocket", "true or false"),
+    ("bad bool in gateway", "[gateway]\nws_compression = 2\n" + ROUTE, "gateway", "ws_compression", "'2'"),
+    ("bad URL scheme", "[route:chat]\nprefix = /v1/chat\nupstream = ftp://127.0.0.1:9001\n",
+     "route:chat", "upstream", "http:// or https://"),
+    ("ws:// is not an upstream base URL", "[route:chat]\nprefix = /v1/chat\nupstream = ws://h:9001\n",
+     "route:chat", "upstream", "http:// or https://"),
+    ("URL without a scheme", "[route:chat]\nprefix = /v1/chat\nupstream = 127.0.0.1:9001\n",
+     "route:chat", "upstream", "http:// or https://"),
+    ("URL without a host", "[route:chat]\nprefix = /v1/chat\nupstream = http:///chat\n",
+     "route:chat", "upstream", "no host"),
+    ("URL with a bad port", "[route:chat]\nprefix = /v1/chat\nupstream = http://h:99999\n",
+     "route:chat", "upstream", "bad port"),
+    ("URL with a query", "[route:chat]\nprefix = /v1/chat\nupstream = http://h/?a=1\n",
+     "route:chat", "upstream", "query"),
+    ("second URL bad", "[route:chat]\nprefix = /v1/chat\nupstream = http://a https:/b\n",
+     "route:chat", "upstream", "'https:/b'"),
+    ("missing prefix", "[route:chat]\nupstream = http://h\n", "route:chat", "prefix", "missing required key"),
+    ("empty prefix", "[route:chat]\nprefix =\nupstream = http://h\n", "route:chat", "prefix",
+     "missing required key"),
+    ("missing upstream", "[route:chat]\nprefix = /v1/chat\n", "route:chat", "upstream", "missing required key"),
+    ("prefix without a leading slash", "[route:chat]\nprefix = v1/chat\nupstream = http://h\n",
+     "route:chat", "prefix", "must start with '/'"),
+    ("prefix with dot segments", "[route:chat]\nprefix = /v1/../admin\nupstream = http://h\n",
+     "route:chat", "prefix", "normalised"),
+    ("prefix with a query", "[route:chat]\nprefix = /v1?x=1\nupstream = http://h\n",
+     "route:chat", "prefix", "query"),
+    ("duplicate prefix", ROUTE + "[route:chat2]\nprefix = /v1/chat\nupstream = http://h\n",
+     "route:chat2", "prefix", "[route:chat]"),
+    ("duplicate prefix spelt with a trailing slash",
+     ROUTE + "[route:chat2]\nprefix = /v1/chat/\nupstream = http://h\n",
+     "route:chat2", "prefix", "[route:chat]"),
+    ("bad endpoint type", "[gateway]\nlisten = tpc:8080\n" + ROUTE, "gateway", "listen", "'tpc:8080'"),
+    ("second endpoint of several bad", "[gateway]\nlisten = tcp:8080 htp:8081\n" + ROUTE,
+     "gateway", "listen", "'htp:8081'"),
+    ("bad demo endpoint type", "[demo]\nchat_service = localhost:9001\n" + ROUTE,
+     "demo", "chat_service", "'localhost:9001'"),
+    ("bad CIDR", "[gateway]\ntrusted_proxies = 10.0.0.0/33\n" + ROUTE,
+     "gateway", "trusted_proxies", "'10.0.0.0/33'"),
+    ("key given twice", "[gateway]\nlisten = tcp:1\nlisten = tcp:2\n" + ROUTE, "gateway", "listen", "twice"),
+    ("section given twice", "[gateway]\n[gateway]\n" + ROUTE, "gateway", None, "twice"),
+]
+
+#: Endpoint strings of a known type whose arguments Twisted cannot use: start-up
+#: must fail with the same one line, not a traceback from ``serverFromString``.
+BAD_ENDPOINT_ARGUMENTS = [
+    ("port that is not a number", "tcp:notaport"),
+    ("unknown endpoint argument", "tcp:8080:interfce=127.0.0.1"),
+]
+
+
+@pytest.mark.parametrize(
+    "text, section, key, reason",
+    [case[1:] for case in BAD_CONFIGS],
+    ids=[case[0] for case in BAD_CONFIGS],
+)
+def test_a_bad_config_file_is_one_line_naming_file_section_key_and_reason(
+    tmp_path, text, section, key, reason
+):
+    """Each kind of mistake stops start-up with ``file: [section] key: reason``."""
+    path = _write(tmp_path, text)
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    _assert_one_line(error.value, path, section, key, reason)
+
+
+@pytest.mark.parametrize(
+    "endpoint", [case[1] for case in BAD_ENDPOINT_ARGUMENTS], ids=[case[0] for case in BAD_ENDPOINT_ARGUMENTS]
+)
+def test_an_endpoint_twisted_cannot_parse_is_a_config_error(tmp_path, endpoint):
+    """``listen = tcp:notaport`` is reported like any bad value, naming [gateway] listen."""
+    path = _write(tmp_path, f"[gateway]\nlisten = {endpoint}\n" + ROUTE)
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    _assert_one_line(error.value, path, "gateway", "listen", repr(endpoint))
+
+
+@pytest.mark.parametrize(
+    "make_path, reason",
+    [
+        (lambda tmp: tmp / "missing.cfg", "No such file or directory"),
+        (lambda tmp: tmp, "Is a directory"),
+    ],
+    ids=["missing file", "directory"],
+)
+def test_an_unreadable_file_is_one_line_naming_it(tmp_path, make_path, reason):
+    """A config path that cannot be read is one line with the path and why."""
+    path = str(make_path(tmp_path))
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    _assert_one_line(error.value, path, None, None, reason)
+
+
+def test_a_file_that_is_not_utf8_is_one_line_naming_it(tmp_path):
+    """Latin-1 bytes in the file are reported, not a UnicodeDecodeError traceback."""
+    path = tmp_path / "latin1.cfg"
+    path.write_bytes(b"; caf\xe9\n" + ROUTE.encode())
+    with pytest.raises(ConfigError) as error:
+        load_config(str(path))
+    _assert_one_line(error.value, str(path), None, None, "UTF-8")
+
+
+@pytest.mark.parametrize(
+    "text, reason",
+    [
+        ("listen = tcp:8080\n" + ROUTE, "no section headers"),
+        ("[gateway]\nlisten = tcp:8080\n", "no [route:NAME] section"),
+        ("", "no [route:NAME] section"),
+    ],
+    ids=["key before any section", "no route", "empty file"],
+)
+def test_a_file_without_routes_or_sections_is_one_line(tmp_path, text, reason):
+    """A file that is not a gateway config at all still gets one line with the path."""
+    path = _write(tmp_path, text)
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    message = str(error.value)
+    assert "\n" not in message
+    assert message.startswith(path + ": ")
+    assert reason in message
+
+
+def test_config_error_is_a_usage_error():
+    """twistd reports a ConfigError as an option problem, not a crash."""
+    from twisted.python import usage
+
+    assert issubclass(ConfigError, usage.UsageError)
+
+
+# -- a good file ---------------------------------------------------------------
+
+
+def test_only_a_route_gives_every_documented_default():
+    """A file with one route runs with the defaults the README lists."""
+    settings = parse_config(ROUTE, source="minimal.cfg")
+    assert settings.source == "minimal.cfg"
+    assert settings.gateway == GatewaySettings(
+        listen=("tcp:8080",),
+        connect_timeout=5.0,
+        ws_open_timeout=10.0,
+        ws_max_message_size=16 * 1024 * 1024,
+        ws_compression=True,
+        request_timeout=30.0,
+        max_body_size=10 * 1024 * 1024,
+        upstream_keepalive=32,
+        trusted_proxies=(),
+    )
+    assert settings.routes == (
+        RouteSettings(
+            name="chat",
+            prefix="/v1/chat",
+            upstream=("http://127.0.0.1:9001",),
+            websocket=True,
+            ws_compression=None,
+        ),
+    )
+    assert settings.demo == DemoSettings(chat_service=None)
+
+
+def test_an_empty_value_means_the_default():
+    """``connect_timeout =`` with nothing after it keeps the default."""
+    settings = parse_config("[gateway]\nconnect_timeout =\n" + ROUTE)
+    assert settings.gateway.connect_timeout == 5.0
+
+
+def test_every_key_is_read():
+    """Every documented key reaches the settings, comments and underscores allowed."""
+    settings = parse_config(
+        """
+        [gateway]
+        listen = tcp:8080:interface=127.0.0.1
+            unix:/run/gateway.sock
+        connect_timeout = 2.5 ; seconds
+        ws_open_timeout = 7
+        ws_max_message_size = 1_048_576
+        ws_compression = off
+        request_timeout = 12
+        max_body_size = 2048
+        upstream_keepalive = 4
+        trusted_proxies = 10.0.0.0/8 ::1 192.168.1.7
+
+        [route:chat]
+        prefix = /v1/chat/
+        upstream = http://a:9001/ https://b.example/base
+        websocket = no
+        ws_compression = yes
+
+        [route:root]
+        prefix = /
+        upstream = http://c
+
+        [demo]
+        chat_service = tcp:9001:interface=127.0.0.1
+        """.replace("\n        ", "\n")
+    )
+    gateway = settings.gateway
+    assert gateway.listen == ("tcp:8080:interface=127.0.0.1", "unix:/run/gateway.sock")
+    assert gateway.connect_timeout == 2.5
+    assert gateway.ws_open_timeout == 7.0
+    assert gateway.ws_max_message_size == 1_048_576
+    assert gateway.ws_compression is False
+    assert gateway.request_timeout == 12.0
+    assert gateway.max_body_size == 2048
+    assert gateway.upstream_keepalive == 4
+    assert gateway.trusted_proxies == (
+        ipaddress.ip_network("10.0.0.0/8"),
+        ipaddress.ip_network("::1/128"),
+        ipaddress.ip_network("192.168.1.7/32"),
+    )
+    chat, root = settings.routes
+    assert chat == RouteSettings(
+        name="chat",
+        prefix="/v1/chat",
+        upstream=("http://a:9001", "https://b.example/base"),
+        websocket=False,
+        ws_compression=True,
+    )
+    assert (root.name, root.prefix, root.upstream) == ("root", "/", ("http://c",))
+    assert settings.demo.chat_service == "tcp:9001:interface=127.0.0.1"
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [(t, True) for t in ("true", "True", "YES", "on", "1", " yes ")]
+    + [(t, False) for t in ("false", "FALSE", "no", "Off", "0")],
+)
+def test_booleans_accept_the_usual_spellings(text, expected):
+    """true/yes/on/1 and false/no/off/0, in any case."""
+    settings = parse_config(ROUTE + f"websocket = {text}\n")
+    assert settings.routes[0].websocket is expected
+
+
+def test_the_bundled_tap_cfg_is_valid():
+    """``make run``'s config loads: the demo route and the demo chat-service."""
+    settings = load_config(str(REPO / "tap.cfg"))
+    assert settings.gateway.listen == ("tcp:8080",)
+    assert [(r.name, r.prefix) for r in settings.routes] == [("chat", "/v1/chat")]
+    assert settings.demo.chat_service == "tcp:9001:interface=127.0.0.1"
+
+
+def test_settings_are_immutable():
+    """Nothing can change the settings after start-up."""
+    settings = parse_config(ROUTE)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.gateway.connect_timeout = 1.0  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.routes[0].prefix = "/"  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.routes = ()  # type: ignore[misc]
+
+
+def test_settings_can_be_made_in_code():
+    """A library user builds settings without a file; the defaults match the file's."""
+    route = RouteSettings(name="chat", prefix="/v1/chat", upstream=("http://h",))
+    assert Settings(routes=(route,)).gateway == parse_config(ROUTE).gateway
+
+
+# -- --listen ----------------------------------------------------------------------
+
+
+def test_with_listen_replaces_the_configured_endpoints():
+    """``--listen`` endpoints replace ``[gateway] listen``; everything else is kept."""
+    settings = parse_config("[gateway]\nlisten = tcp:8080\nconnect_timeout = 3\n" + ROUTE)
+    replaced = with_listen(settings, ["tcp:0:interface=127.0.0.1", "tcp6:9090"])
+    assert replaced.gateway.listen == ("tcp:0:interface=127.0.0.1", "tcp6:9090")
+    assert replaced.gateway.connect_timeout == 3.0
+    assert replaced.routes == settings.routes
+    assert settings.gateway.listen == ("tcp:8080",)
+
+
+@pytest.mark.parametrize("listen", [["foo:8080"], ["tcp:0", "htp:1"]], ids=["only", "second"])
+def test_with_listen_refuses_an_unknown_endpoint_type_in_one_line(listen):
+    """A bad ``--listen`` names the option and the endpoint."""
+    with pytest.raises(ConfigError) as error:
+        with_listen(parse_config(ROUTE), listen)
+    message = str(error.value)
+    assert "\n" not in message
+    assert message.startswith("--listen: ")
+    assert repr(listen[-1]) in message
+
+
+def test_with_listen_refuses_an_endpoint_twisted_cannot_parse():
+    """``--listen tcp:notaport`` is one line naming the option, not a traceback later."""
+    with pytest.raises(ConfigError) as error:
+        with_listen(parse_config(ROUTE), ["tcp:notaport"])
+    assert str(error.value).startswith("--listen: ")
+    assert "'tcp:notaport'" in str(error.value)

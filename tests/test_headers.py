@@ -1,0 +1,276 @@
+"""
+Header rules as tables: which requests are WebSocket upgrades, which headers
+never cross the gateway, and whose ``X-Forwarded-For`` is believed.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from twisted_gateway.headers import (
+    forwarded_for,
+    is_websocket_upgrade,
+    strip_hop_by_hop,
+    upstream_request_headers,
+)
+
+WS = [(b"Upgrade", b"websocket"), (b"Connection", b"Upgrade")]
+
+# -- is_websocket_upgrade ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "method, headers, upgrade",
+    [
+        (b"GET", WS, True),
+        (b"GET", [(b"Upgrade", b"websocket"), (b"Connection", b"keep-alive, Upgrade")], True),
+        (b"GET", [(b"Upgrade", b"WebSocket"), (b"Connection", b"upgrade")], True),
+        (b"GET", [(b"UPGRADE", b"WEBSOCKET"), (b"CONNECTION", b"UPGRADE")], True),
+        (b"GET", [(b"upgrade", b"websocket"), (b"connection", b"Upgrade,keep-alive")], True),
+        (b"GET", [(b"Upgrade", b" websocket "), (b"Connection", b"  Upgrade  ")], True),
+        (b"GET", [(b"Upgrade", b"h2c, websocket"), (b"Connection", b"Upgrade")], True),
+        (
+            b"GET",
+            [(b"Connection", b"keep-alive"), (b"Upgrade", b"websocket"), (b"Connection", b"Upgrade")],
+            True,
+        ),
+        (b"GET", [(b"Upgrade", b"h2c"), (b"Upgrade", b"websocket"), (b"Connection", b"upgrade")], True),
+        (b"POST", WS, False),
+        (b"HEAD", WS, False),
+        (b"get", WS, False),
+        (b"GET", [(b"Upgrade", b"websocket")], False),
+        (b"GET", [(b"Connection", b"Upgrade")], False),
+        (b"GET", [], False),
+        (b"GET", [(b"Upgrade", b"websocket"), (b"Connection", b"keep-alive")], False),
+        (b"GET", [(b"Upgrade", b"h2c"), (b"Connection", b"Upgrade")], False),
+        (b"GET", [(b"Upgrade", b"websockets"), (b"Connection", b"Upgrade")], False),
+        (b"GET", [(b"Upgrade", b"websocket"), (b"Connection", b"upgrade-insecure")], False),
+        (b"GET", [(b"Upgrade", b"websocket"), (b"Connection", b"")], False),
+        (b"GET", [(b"X-Upgrade", b"websocket"), (b"Connection", b"Upgrade")], False),
+    ],
+    ids=[
+        "canonical",
+        "Firefox: keep-alive, Upgrade",
+        "mixed-case values",
+        "upper-case names and values",
+        "lower-case names, no space after comma",
+        "padded values",
+        "websocket among several protocols",
+        "Connection over two lines",
+        "Upgrade over two lines",
+        "POST is not an upgrade",
+        "HEAD is not an upgrade",
+        "methods are case-sensitive",
+        "no Connection",
+        "no Upgrade",
+        "no headers",
+        "Connection without upgrade token",
+        "other protocol",
+        "websockets is not websocket",
+        "upgrade-insecure is not upgrade",
+        "empty Connection",
+        "other header name",
+    ],
+)
+def test_is_websocket_upgrade(method, headers, upgrade):
+    """GET + Upgrade token websocket + Connection token upgrade, as any-case comma lists."""
+    assert is_websocket_upgrade(method, headers) is upgrade
+
+
+# -- strip_hop_by_hop ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "headers, kept",
+    [
+        (
+            [(b"Accept", b"*/*"), (b"Connection", b"close, X-Foo"), (b"X-Foo", b"1"), (b"X-Bar", b"2")],
+            [(b"Accept", b"*/*"), (b"X-Bar", b"2")],
+        ),
+        (
+            [(b"Connection", b"x-foo"), (b"X-FOO", b"1"), (b"x-foo", b"2")],
+            [],
+        ),
+        (
+            [(b"Connection", b"X-A"), (b"Connection", b"X-B"), (b"X-A", b"1"), (b"X-B", b"2"), (b"X-C", b"3")],
+            [(b"X-C", b"3")],
+        ),
+        (
+            [
+                (b"Keep-Alive", b"timeout=5"),
+                (b"Proxy-Connection", b"keep-alive"),
+                (b"Proxy-Authorization", b"Basic eA=="),
+                (b"Proxy-Authenticate", b"Basic"),
+                (b"TE", b"trailers"),
+                (b"Trailer", b"X-Sum"),
+                (b"Transfer-Encoding", b"chunked"),
+                (b"Upgrade", b"websocket"),
+                (b"Connection", b"Upgrade"),
+                (b"Authorization", b"Bearer t"),
+            ],
+            [(b"Authorization", b"Bearer t")],
+        ),
+        (
+            [(b"Cookie", b"a=1"), (b"Accept", b"text/html"), (b"Cookie", b"b=2"), (b"X-Z", b"z")],
+            [(b"Cookie", b"a=1"), (b"Accept", b"text/html"), (b"Cookie", b"b=2"), (b"X-Z", b"z")],
+        ),
+        ([], []),
+    ],
+    ids=[
+        "Connection: close, X-Foo drops X-Foo",
+        "named header dropped in any case, every line",
+        "names from several Connection lines",
+        "every RFC 9110 hop-by-hop header",
+        "order and repeats kept",
+        "empty",
+    ],
+)
+def test_strip_hop_by_hop(headers, kept):
+    """Hop-by-hop headers and those Connection names are dropped; the rest keep order."""
+    assert strip_hop_by_hop(headers) == kept
+
+
+# -- forwarded_for -----------------------------------------------------------------
+
+PROXIES = (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("fd00::/8"))
+
+
+@pytest.mark.parametrize(
+    "incoming, peer, trusted, expected",
+    [
+        ([], "203.0.113.7", (), b"203.0.113.7"),
+        ([b"6.6.6.6"], "203.0.113.7", (), b"203.0.113.7"),
+        ([b"6.6.6.6"], "203.0.113.7", PROXIES, b"203.0.113.7"),
+        ([b"198.51.100.1"], "10.1.2.3", PROXIES, b"198.51.100.1, 10.1.2.3"),
+        ([b"198.51.100.1, 10.9.9.9"], "10.1.2.3", PROXIES, b"198.51.100.1, 10.9.9.9, 10.1.2.3"),
+        ([b"198.51.100.1", b"10.9.9.9"], "10.1.2.3", PROXIES, b"198.51.100.1, 10.9.9.9, 10.1.2.3"),
+        ([], "10.1.2.3", PROXIES, b"10.1.2.3"),
+        ([b"  ", b""], "10.1.2.3", PROXIES, b"10.1.2.3"),
+        ([b"2001:db8::1"], "fd00::5", PROXIES, b"2001:db8::1, fd00::5"),
+        ([b"6.6.6.6"], "11.0.0.1", PROXIES, b"11.0.0.1"),
+        ([b"6.6.6.6"], "unix", PROXIES, b"unix"),
+        ([b"198.51.100.1"], "127.0.0.1", (ipaddress.ip_network("127.0.0.1/32"),), b"198.51.100.1, 127.0.0.1"),
+    ],
+    ids=[
+        "direct client",
+        "client-sent header ignored without trusted proxies",
+        "client-sent header ignored from an untrusted peer",
+        "trusted proxy in CIDR: chain kept and extended",
+        "trusted proxy: comma list kept",
+        "trusted proxy: several header lines joined",
+        "trusted proxy without a header",
+        "blank header values skipped",
+        "IPv6 CIDR",
+        "peer just outside the CIDR",
+        "unix socket peer is never trusted",
+        "single-address CIDR",
+    ],
+)
+def test_forwarded_for(incoming, peer, trusted, expected):
+    """Only a trusted proxy's X-Forwarded-For is believed; the peer is always appended."""
+    assert forwarded_for(incoming, peer, trusted) == expected
+
+
+# -- upstream_request_headers -------------------------------------------------------
+
+
+def _names(headers):
+    return [name.lower() for name, _ in headers]
+
+
+@pytest.mark.parametrize(
+    "spoofed",
+    [
+        (b"X-Auth-Subject", b"admin"),
+        (b"x-auth-subject", b"admin"),
+        (b"X-Auth-Claims", b'{"role": "admin"}'),
+        (b"X-AUTH-CLAIMS", b"{}"),
+        (b"X-Forwarded-For", b"6.6.6.6"),
+        (b"X-Forwarded-Proto", b"https"),
+        (b"X-Forwarded-Host", b"admin.internal"),
+        (b"x-forwarded-host", b"admin.internal"),
+    ],
+    ids=lambda pair: pair[0].decode() if isinstance(pair, tuple) else str(pair),
+)
+def test_client_sent_identity_and_forwarded_headers_never_reach_the_upstream(spoofed):
+    """A client cannot claim an identity or a forwarding chain the gateway did not set."""
+    headers = [(b"Accept", b"*/*"), spoofed, (b"User-Agent", b"ua")]
+    out = upstream_request_headers(headers, peer="203.0.113.7", scheme="http", host=b"gw.example")
+    assert spoofed not in out
+    assert spoofed[1] not in [value for _, value in out]
+    assert (b"Accept", b"*/*") in out and (b"User-Agent", b"ua") in out
+
+
+@pytest.mark.parametrize(
+    "spoofed",
+    [
+        (b"X-Forwarded-Port", b"443"),
+        (b"X-Forwarded-Prefix", b"/admin"),
+        (b"X-Forwarded-Server", b"internal"),
+    ],
+    ids=lambda pair: pair[0].decode() if isinstance(pair, tuple) else str(pair),
+)
+def test_no_client_sent_x_forwarded_header_reaches_the_upstream(spoofed):
+    """
+    Every ``X-Forwarded-*`` header is the gateway's to write: frameworks trust
+    ``-Port`` and ``-Prefix`` (redirects, URL building) as they trust ``-Host``.
+    """
+    out = upstream_request_headers(
+        [(b"Accept", b"*/*"), spoofed], peer="203.0.113.7", scheme="http", host=b"gw.example"
+    )
+    assert spoofed[0].lower() not in _names(out)
+
+
+def test_upstream_request_headers_adds_forwarded_headers():
+    """The upstream learns the client address, the scheme and the Host it asked for."""
+    headers = [
+        (b"Host", b"gw.example:8080"),
+        (b"Accept", b"*/*"),
+        (b"Cookie", b"a=1"),
+        (b"Connection", b"keep-alive, X-Debug"),
+        (b"X-Debug", b"1"),
+        (b"Cookie", b"b=2"),
+        (b"X-Forwarded-For", b"6.6.6.6"),
+        (b"X-Auth-Subject", b"mallory"),
+    ]
+    out = upstream_request_headers(
+        headers, peer="203.0.113.7", scheme="https", host=b"gw.example:8080"
+    )
+    assert out == [
+        (b"Accept", b"*/*"),
+        (b"Cookie", b"a=1"),
+        (b"Cookie", b"b=2"),
+        (b"X-Forwarded-For", b"203.0.113.7"),
+        (b"X-Forwarded-Proto", b"https"),
+        (b"X-Forwarded-Host", b"gw.example:8080"),
+    ]
+
+
+def test_upstream_request_headers_extends_a_trusted_proxys_chain():
+    """Behind a trusted load balancer the original client stays first in X-Forwarded-For."""
+    out = upstream_request_headers(
+        [(b"X-Forwarded-For", b"198.51.100.1"), (b"X-Forwarded-Proto", b"https")],
+        peer="10.0.0.2",
+        scheme="http",
+        host=None,
+        trusted_proxies=PROXIES,
+    )
+    assert out == [
+        (b"X-Forwarded-For", b"198.51.100.1, 10.0.0.2"),
+        (b"X-Forwarded-Proto", b"http"),
+    ]
+    assert b"x-forwarded-host" not in _names(out)
+
+
+def test_upstream_request_headers_drops_what_the_caller_names():
+    """The WebSocket leg drops its own handshake headers, in any case."""
+    out = upstream_request_headers(
+        [(b"Sec-WebSocket-Key", b"k"), (b"origin", b"https://o"), (b"X-Keep", b"1")],
+        peer="127.0.0.1",
+        scheme="http",
+        host=b"h",
+        drop=frozenset({b"sec-websocket-key"}),
+    )
+    assert _names(out) == [b"origin", b"x-keep", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"]

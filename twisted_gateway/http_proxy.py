@@ -1,0 +1,570 @@
+"""
+The plain-HTTP half of the gateway: forward one twisted.web request to an
+upstream and stream the answer back, the way a reverse proxy users trust does.
+
+Transparent: methods, paths, queries, encodings, cookies, redirects and status
+lines pass through untouched; only hop-by-hop headers are dropped and the
+``X-Forwarded-*`` headers added. Streaming: a response body is written to the
+client as it arrives, and the upstream is not read while the client is slow.
+Bounded: request bodies over ``max_body_size`` are refused with 413 before the
+upstream is contacted (and, with :class:`GatewayRequest`, before they are read).
+
+The upstream is reached through a plain :class:`twisted.web.client.Agent` over
+this module's own persistent pool, not through ``treq.HTTPClient.request``:
+that method always wraps ``ContentDecoderAgent`` (adds ``gzip`` to
+``Accept-Encoding`` and decompresses), always wraps ``CookieAgent`` and
+upper-cases the method, and none of that can be switched off.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Iterable, Sequence
+from urllib.parse import unquote_plus
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.error import ConnectError, ConnectionRefusedError
+from twisted.internet.error import TimeoutError as ConnectTimeout
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import (
+    IPushProducer,
+    IReactorTime,
+    IStreamClientEndpoint,
+    ITCPTransport,
+)
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import Cooperator
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import server
+from twisted.web.client import (
+    URI,
+    Agent,
+    BrowserLikePolicyForHTTPS,
+    FileBodyProducer,
+    HTTPConnectionPool,
+    ResponseDone,
+)
+from twisted.web.error import SchemeNotSupported
+from twisted.web.http import NO_BODY_CODES, RESPONSES, HTTPChannel, PotentialDataLoss
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IAgentEndpointFactory, IResponse
+from twisted.web.server import NOT_DONE_YET
+from zope.interface import implementer
+
+from twisted_gateway.config import GatewaySettings
+from twisted_gateway.errors import (
+    BadGateway,
+    BadRequest,
+    GatewayError,
+    GatewayTimeout,
+    render_error,
+)
+from twisted_gateway.headers import strip_hop_by_hop, tokens, upstream_request_headers
+
+#: Access-log events: one per request, structured fields, no raw URI.
+access_log = Logger(namespace="twisted_gateway.access")
+_log = Logger()
+
+#: Query parameters whose values never reach a log.
+SECRET_PARAMETERS = frozenset({"token"})
+
+#: Request headers the gateway re-creates itself rather than forwarding: the
+#: body is re-framed from what was received, and ``Expect`` was answered here.
+_REFRAMED = frozenset({b"content-length", b"expect"})
+
+#: nginx's code for "the client closed the connection before the response".
+CLIENT_CLOSED = 499
+
+#: Seconds a refused upload may keep sending (and being discarded) after its
+#: 413, so that closing with unread data does not reset away the answer.
+LINGER_SECONDS = 5.0
+
+
+class BodyTooLarge(GatewayError):
+    status = 413
+    error = "body_too_large"
+
+
+# -- protocol rules: plain data in, values out --------------------------------
+
+
+def upstream_url(base: str, path: bytes, query: bytes) -> bytes:
+    """
+    ``base`` + normalised ``path`` + ``?query``, bytes kept as the client sent
+    them (``/a%2Fb`` stays ``/a%2Fb``); only bytes that cannot appear on a
+    request line (controls, DEL, non-ASCII) are percent-encoded.
+    """
+    url = base.rstrip("/").encode("ascii") + path
+    if query:
+        url += b"?" + query
+    return _quote_unsafe(url)
+
+
+def _quote_unsafe(url: bytes) -> bytes:
+    if all(0x21 <= byte <= 0x7E for byte in url):
+        return url
+    return b"".join(
+        bytes([byte]) if 0x21 <= byte <= 0x7E else b"%%%02X" % byte for byte in url
+    )
+
+
+def redact_query(query: bytes, secrets: frozenset[str] = SECRET_PARAMETERS) -> str:
+    """
+    The query string for a log line, with the value of every parameter named
+    in ``secrets`` (compared decoded and case-insensitively) replaced by
+    ``REDACTED``.
+    """
+    if not query:
+        return ""
+    parts = []
+    for part in query.decode("latin-1").split("&"):
+        name, sep, _ = part.partition("=")
+        if unquote_plus(name).strip().lower() in secrets:
+            part = name + "=REDACTED"
+        parts.append(part)
+    return "&".join(parts)
+
+
+def log_target(path: bytes, query: bytes) -> str:
+    """The request target as an access log shows it: normalised, redacted."""
+    redacted = redact_query(query)
+    text = path.decode("latin-1")
+    return text + "?" + redacted if redacted else text
+
+
+def response_header_pairs(headers: Headers) -> list[tuple[bytes, bytes]]:
+    """The upstream's response headers minus hop-by-hop ones, repeats kept."""
+    pairs = [(name, value) for name, values in headers.getAllRawHeaders() for value in values]
+    return strip_hop_by_hop(pairs)
+
+
+def upstream_failure(reason: BaseException, settings: GatewaySettings) -> GatewayError:
+    """The error a client gets when the upstream could not produce a response head."""
+    if isinstance(reason, GatewayError):
+        return reason
+    if isinstance(reason, ConnectTimeout):
+        return GatewayTimeout(
+            f"could not connect to the upstream within {settings.connect_timeout:g} s"
+        )
+    if isinstance(reason, ConnectionRefusedError):
+        return BadGateway("the upstream refused the connection")
+    if isinstance(reason, ConnectError):
+        return BadGateway("could not connect to the upstream")
+    return BadGateway("the upstream closed the connection without a valid response")
+
+
+def _body_too_large(limit: int) -> BodyTooLarge:
+    return BodyTooLarge(f"the request body is larger than {limit} bytes")
+
+
+def _peer_host(request: server.Request) -> str:
+    return getattr(request.getClientAddress(), "host", None) or "unknown"
+
+
+def _has_body(request: server.Request) -> bool:
+    headers = request.requestHeaders
+    return headers.hasHeader(b"content-length") or headers.hasHeader(b"transfer-encoding")
+
+
+def _body_size(request: server.Request) -> int:
+    content = request.content
+    if content is None:
+        return 0
+    content.seek(0, 2)
+    size = content.tell()
+    content.seek(0, 0)
+    return size
+
+
+# -- the request class: refuse large bodies before reading them ---------------
+
+
+class GatewayRequest(server.Request):
+    """
+    A :class:`twisted.web.server.Request` for a proxy: a body over
+    :attr:`max_body_size` is answered with 413 as soon as its ``Content-Length``
+    is read (or, when chunked, as soon as it grows past the limit), without
+    buffering it and without routing the request; form bodies are never parsed
+    (a proxy forwards them as they are, even malformed).
+
+    Install with ``site.requestFactory = GatewayRequest.for_settings(settings)``.
+    """
+
+    max_body_size: int = GatewaySettings.max_body_size
+    _refused = False
+    _received = 0
+
+    @classmethod
+    def for_settings(cls, settings: GatewaySettings) -> type[GatewayRequest]:
+        """A request class enforcing ``settings.max_body_size``."""
+        return type(cls.__name__, (cls,), {"max_body_size": settings.max_body_size})
+
+    def __init__(self, channel, *args, **kwargs) -> None:
+        kwargs["parsePOSTFormSubmission"] = False
+        super().__init__(channel, *args, **kwargs)
+
+    def gotLength(self, length: int | None) -> None:
+        channel = self.channel
+        if not isinstance(channel, HTTPChannel):
+            # HTTP/2 streams: HTTPForwarder.forward still refuses with 413.
+            self.max_body_size = sys.maxsize
+        elif channel.persistent and b"close" in tokens(
+            self.requestHeaders.getRawHeaders(b"connection", [])
+        ):
+            # HTTPChannel.checkPersistence splits on spaces only and misses
+            # "close" in "Connection: close, X-Foo".
+            channel.persistent = False
+            self.responseHeaders.setRawHeaders(b"connection", [b"close"])
+        if length is not None and length > self.max_body_size:
+            self._refuse_body()
+            return
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self._refused:
+            return
+        self._received += len(data)
+        if self._received > self.max_body_size:
+            self._refuse_body()
+            return
+        super().handleContentChunk(data)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        if not self._refused:
+            super().requestReceived(command, path, version)
+
+    def _refuse_body(self) -> None:
+        """
+        Answer 413 now, then read and discard what the client still sends for
+        up to :data:`LINGER_SECONDS` (closing a socket with unread input would
+        reset the connection and could destroy the answer in flight).
+        """
+        self._refused = True
+        # allHeadersReceived sends "100 Continue" after gotLength unless told otherwise.
+        self.requestHeaders.removeHeader(b"expect")
+        error = _body_too_large(self.max_body_size)
+        body = error.body()
+        channel = self.channel
+        transport = channel.transport
+        transport.write(
+            b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
+            % (error.status, error.phrase, len(body), body)
+        )
+        channel.persistent = False
+        channel.dataReceived = _discard
+        channel.setTimeout(LINGER_SECONDS)
+        if ITCPTransport.providedBy(transport):
+            transport.loseWriteConnection()
+        else:
+            channel.loseConnection()
+        access_log.info(
+            "refused a request body over {limit} bytes from {peer}: {status}",
+            status=error.status,
+            limit=self.max_body_size,
+            peer=getattr(self.getClientAddress(), "host", None) or "unknown",
+            outcome="refused",
+        )
+
+
+def _discard(data: bytes) -> None:
+    """Drop bytes a refused client keeps sending."""
+
+
+# -- streaming the response body ----------------------------------------------
+
+
+@implementer(IPushProducer)
+class _BodyRelay(Protocol):
+    """
+    Receives an upstream response body (``IResponse.deliverBody``) and writes
+    it to the client's request; registered as the request's push producer, so
+    a slow client pauses the upstream connection. :attr:`done` fires when the
+    body is complete; cancelling it closes the upstream connection.
+    """
+
+    def __init__(self, request: server.Request) -> None:
+        self._request = request
+        self._paused = False
+        self._stopped = False
+        self.sent = 0
+        self.done: Deferred[None] = Deferred(lambda _: self.stopProducing())
+
+    def dataReceived(self, data: bytes) -> None:
+        self.sent += len(data)
+        self._request.write(data)
+
+    def connectionLost(self, reason: Failure) -> None:
+        if self.done.called:
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self.done.callback(None)
+        else:
+            self.done.errback(reason)
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+        if self.transport is not None:
+            self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        if self.transport is not None:
+            self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        if not self._stopped and self.transport is not None:
+            self._stopped = True
+            self.transport.stopProducing()
+
+    def reassert_pause(self) -> None:
+        """``deliverBody`` resumes the upstream after connecting us: undo that if paused."""
+        if self._paused and self.transport is not None:
+            self.transport.pauseProducing()
+
+
+# -- the forwarder -------------------------------------------------------------
+
+
+@implementer(IAgentEndpointFactory)
+class UpstreamEndpoints:
+    """
+    The client endpoint for each upstream ``(scheme, host, port)``, built once
+    (``Agent`` builds a new ``HostnameEndpoint``, IDNA-encoding the host, for
+    every request). https upstreams get TLS with certificate verification.
+    """
+
+    def __init__(self, reactor, connect_timeout: float) -> None:
+        self._reactor = reactor
+        self._connect_timeout = connect_timeout
+        self._tls_policy = BrowserLikePolicyForHTTPS()
+        self._endpoints: dict[tuple[bytes, bytes, int], IStreamClientEndpoint] = {}
+
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        key = (uri.scheme, uri.host, uri.port)
+        endpoint = self._endpoints.get(key)
+        if endpoint is None:
+            if uri.scheme not in (b"http", b"https"):
+                raise SchemeNotSupported(f"unsupported scheme: {uri.scheme!r}")
+            endpoint = HostnameEndpoint(
+                self._reactor, uri.host, uri.port, timeout=self._connect_timeout
+            )
+            if uri.scheme == b"https":
+                creator = self._tls_policy.creatorForNetloc(uri.host, uri.port)
+                endpoint = wrapClientTLS(creator, endpoint)
+            self._endpoints[key] = endpoint
+        return endpoint
+
+
+
+class HTTPForwarder:
+    """
+    Forwards twisted.web requests to upstream base URLs over one persistent
+    connection pool (``upstream_keepalive`` idle connections per host).
+
+    ``agent`` is the :class:`IAgent` that carries requests upstream; by default
+    a plain ``Agent`` over this forwarder's pool and :class:`UpstreamEndpoints`
+    (``connect_timeout``). It must not decode content, follow redirects or keep
+    cookies.
+    """
+
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        reactor: IReactorTime,
+        agent: IAgent | None = None,
+    ) -> None:
+        self._settings = settings
+        self._reactor = reactor
+        self.pool = HTTPConnectionPool(reactor, persistent=True)
+        self.pool.maxPersistentPerHost = settings.upstream_keepalive
+        if agent is None:
+            agent = Agent.usingEndpointFactory(
+                reactor, UpstreamEndpoints(reactor, settings.connect_timeout), pool=self.pool
+            )
+        self._agent = agent
+        self._cooperator = Cooperator(scheduler=lambda work: reactor.callLater(0, work))
+
+    def close(self) -> Deferred[None]:
+        """Close idle upstream connections and stop uploading; for shutdown and tests."""
+        self._cooperator.stop()
+        return self.pool.closeCachedConnections()
+
+    def forward(
+        self,
+        request: server.Request,
+        upstream_base: str,
+        path: bytes,
+        query: bytes,
+        *,
+        extra_headers: Iterable[tuple[bytes, bytes]] = (),
+        drop_headers: frozenset[bytes] = frozenset(),
+        route_name: str = "",
+    ) -> int:
+        """
+        Send ``request`` to ``upstream_base + path (+ ?query)`` and stream the
+        answer back; finishes the request itself and returns ``NOT_DONE_YET``.
+
+        ``path`` is the normalised raw path and ``query`` the raw query, never
+        ``request.postpath`` (percent-decoded). ``extra_headers`` are added for
+        the upstream (identity headers); ``drop_headers`` are never forwarded.
+        """
+        client_finished = request.notifyFinish()
+        d = Deferred.fromCoroutine(
+            self._forward(
+                request,
+                upstream_base,
+                path,
+                query,
+                tuple(extra_headers),
+                frozenset(name.lower() for name in drop_headers),
+                route_name,
+                client_finished,
+            )
+        )
+        d.addErrback(lambda f: _log.failure("forwarding failed", f))
+        client_finished.addErrback(lambda _: d.cancel())
+        return NOT_DONE_YET
+
+    async def _forward(
+        self,
+        request: server.Request,
+        upstream_base: str,
+        path: bytes,
+        query: bytes,
+        extra_headers: Sequence[tuple[bytes, bytes]],
+        drop_headers: frozenset[bytes],
+        route_name: str,
+        client_finished: Deferred[None],
+    ) -> None:
+        started = self._reactor.seconds()
+        fields = dict(
+            method=request.method.decode("latin-1"),
+            path=path.decode("latin-1"),
+            query=redact_query(query),
+            target=log_target(path, query),
+            route=route_name,
+            upstream=upstream_base,
+            peer=_peer_host(request),
+        )
+
+        def log(status: int, sent: int, outcome: str) -> None:
+            access_log.info(
+                "{method} {target} {status} {bytes} {duration:.3f}s {upstream}",
+                status=status,
+                bytes=sent,
+                duration=self._reactor.seconds() - started,
+                outcome=outcome,
+                **fields,
+            )
+
+        try:
+            response = await self._request_upstream(
+                request, upstream_base, path, query, extra_headers, drop_headers
+            )
+        except CancelledError:
+            log(CLIENT_CLOSED, 0, "client_gone")
+            return
+        except GatewayError as error:
+            if client_finished.called:
+                log(CLIENT_CLOSED, 0, "client_gone")
+                return
+            body = render_error(request, error)
+            request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
+            request.write(body)
+            request.finish()
+            log(error.status, len(body), "error")
+            return
+
+        self._copy_head(request, response)
+        relay = _BodyRelay(request)
+        request.registerProducer(relay, True)
+        response.deliverBody(relay)
+        relay.reassert_pause()
+        try:
+            await relay.done
+        except CancelledError:
+            log(response.code, relay.sent, "client_gone")
+            return
+        except Exception:
+            # The head is already sent: end the connection so the client sees
+            # a truncated body rather than a complete one.
+            request.unregisterProducer()
+            request.loseConnection()
+            log(response.code, relay.sent, "upstream_body_failed")
+            return
+        request.unregisterProducer()
+        request.finish()
+        log(response.code, relay.sent, "ok")
+
+    async def _request_upstream(
+        self,
+        request: server.Request,
+        upstream_base: str,
+        path: bytes,
+        query: bytes,
+        extra_headers: Sequence[tuple[bytes, bytes]],
+        drop_headers: frozenset[bytes],
+    ) -> IResponse:
+        """The upstream's response head, or a :class:`GatewayError` to answer with."""
+        settings = self._settings
+        if _body_size(request) > settings.max_body_size:
+            raise _body_too_large(settings.max_body_size)
+        incoming = [
+            (name, value)
+            for name, values in request.requestHeaders.getAllRawHeaders()
+            for value in values
+        ]
+        pairs = upstream_request_headers(
+            incoming,
+            peer=_peer_host(request),
+            scheme="https" if request.isSecure() else "http",
+            host=request.requestHeaders.getRawHeaders(b"host", [None])[0],
+            trusted_proxies=settings.trusted_proxies,
+            drop=drop_headers | _REFRAMED,
+        )
+        headers = Headers()
+        for name, value in [*pairs, *extra_headers]:
+            headers.addRawHeader(name, value)
+        body = (
+            FileBodyProducer(request.content, cooperator=self._cooperator)
+            if _has_body(request)
+            else None
+        )
+        try:
+            pending = self._agent.request(
+                request.method, upstream_url(upstream_base, path, query), headers, body
+            )
+        except ValueError as e:
+            raise BadRequest(f"the request cannot be forwarded: {e}") from None
+        pending.addTimeout(settings.request_timeout, self._reactor, self._head_timed_out)
+        try:
+            return await pending
+        except CancelledError:
+            raise
+        except Exception as e:
+            raise upstream_failure(e, settings) from None
+
+    def _head_timed_out(self, result: object, timeout: float) -> None:
+        raise GatewayTimeout(f"no response from the upstream within {timeout:g} s")
+
+    def _copy_head(self, request: server.Request, response: IResponse) -> None:
+        """Status line and end-to-end headers as the upstream sent them."""
+        request.setResponseCode(response.code, response.phrase or RESPONSES.get(response.code))
+        request.defaultContentType = None
+        for name, values in _grouped(response_header_pairs(response.headers)):
+            request.responseHeaders.setRawHeaders(name, values)
+        if (
+            response.length is not UNKNOWN_LENGTH
+            and request.method != b"HEAD"
+            and response.code not in NO_BODY_CODES
+        ):
+            request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % response.length])
+
+
+def _grouped(pairs: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, list[bytes]]]:
+    groups: dict[bytes, tuple[bytes, list[bytes]]] = {}
+    for name, value in pairs:
+        groups.setdefault(name.lower(), (name, []))[1].append(value)
+    return list(groups.values())

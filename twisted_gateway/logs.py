@@ -1,0 +1,303 @@
+"""
+Logs as JSON lines, and an access log, with tokens kept out of both.
+
+Log collectors want one JSON object per line; Twisted's ``jsonFileLogObserver``
+writes RFC 7464 records (each prefixed by ``\\x1e``) and keeps formatting for
+later, so :func:`json_observer` writes its own: the event's fields as keys,
+plus ``time``, ``level``, ``namespace``, the formatted ``message`` and, for a
+failure, a ``traceback``. Run ``twistd --logger twisted_gateway.logs.json_observer``.
+
+Tokens travel in query strings, headers and cookies, so everything written is
+redacted first (:func:`redact`, :func:`redact_text`); the access log of a
+``Site`` goes through :func:`redacting_log_formatter` for the same reason.
+This is a safety net: code should still never log a ``Request`` or a raw URI.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import sys
+import threading
+import time
+from datetime import datetime, timezone
+from typing import IO, Any, Callable, Iterable, Mapping, TypeVar
+from urllib.parse import unquote, unquote_to_bytes
+
+from twisted.logger import ILogObserver, LogEvent, LoggingFile, formatEvent
+from twisted.web.http import combinedLogFormatter
+from twisted.web.iweb import IAccessLogFormatter
+from zope.interface import implementer, provider
+
+REDACTED = "REDACTED"
+#: Field and header names whose values are never written (compared lower-case, ``-`` as ``_``).
+SENSITIVE_NAMES = frozenset(
+    {"authorization", "proxy_authorization", "cookie", "set_cookie", "token"}
+)
+#: Containers deeper than this are written as their (redacted) repr.
+MAX_DEPTH = 8
+
+_Text = TypeVar("_Text", str, bytes)
+
+
+# -- redaction (pure) -----------------------------------------------------------
+
+
+def is_sensitive_name(name: str | bytes) -> bool:
+    """Whether a field or header of this name holds a credential (``*_token`` too)."""
+    if isinstance(name, bytes):
+        name = name.decode("latin-1")
+    key = name.lower().replace("-", "_")
+    return key in SENSITIVE_NAMES or key.endswith("_token")
+
+
+# The start of a ``name=`` field (query string, cookie, ``key=value`` text);
+# the lookbehind only lets a name start after a delimiter, which keeps the
+# scan linear. A sensitive field's value runs to ``&``, whitespace or a quote.
+_NAME = r"(?<![^\s&?=;,/\"'])(?P<name>[^\s&?=;,/\"']*)="
+_VALUE_END = r"[&\s\"']"
+# A JWT (or the first segments of a JWE) anywhere, e.g. in a cookie or a repr.
+_JWT = r"(?<![A-Za-z0-9_-])eyJ[A-Za-z0-9_-]*(?:\.[A-Za-z0-9_-]*){2,4}"
+# ``Bearer <credentials>`` (the length keeps prose such as "bearer token" intact).
+_BEARER = r"(?i)\b(bearer\s+)[A-Za-z0-9._~+/-]{8,}=*"
+
+
+class _Redactor:
+    """The patterns and the replacement for one text type (str or bytes)."""
+
+    def __init__(self, kind: type) -> None:
+        def compile_(pattern: str) -> re.Pattern:
+            return re.compile(pattern if kind is str else pattern.encode("ascii"))
+
+        self.name, self.value_end = compile_(_NAME), compile_(_VALUE_END)
+        self.jwt, self.bearer = compile_(_JWT), compile_(_BEARER)
+        self.redacted = REDACTED if kind is str else REDACTED.encode("ascii")
+        self.empty = kind()
+        self.encode: Callable[[str], Any] = (
+            (lambda t: t) if kind is str else (lambda t: t.encode("latin-1"))
+        )
+        self.eq, self.percent = self.encode("="), self.encode("%")
+        self.jwt_start, self.bearer_word = self.encode("eyJ"), self.encode("bearer")
+        self.decode: Callable[[Any], str] = (
+            (lambda name: unquote(name, errors="replace"))
+            if kind is str
+            else (lambda name: unquote_to_bytes(name).decode("latin-1"))
+        )
+
+    def __call__(self, text: Any, names: frozenset[str]) -> Any:
+        lower = text.lower()
+        if self.eq in text and (
+            self.percent in text or any(self.encode(n) in lower for n in (*names, "token"))
+        ):
+            text = self._fields(text, names)
+        if self.jwt_start in text:
+            text = self.jwt.sub(self.redacted, text)
+        if self.bearer_word in lower:
+            text = self.bearer.sub(lambda m: m[1] + self.redacted, text)
+        return text
+
+    def _fields(self, text: Any, names: frozenset[str]) -> Any:
+        parts, pos = [], 0
+        for m in self.name.finditer(text):
+            if m.start() < pos:
+                continue  # inside a value already redacted
+            name = self.decode(m["name"]).lower()
+            if name.endswith("token") or name in names:
+                end = self.value_end.search(text, m.end())
+                parts += [text[pos : m.end()], self.redacted]
+                pos = end.start() if end else len(text)
+        if not parts:
+            return text
+        return self.empty.join(parts) + text[pos:]
+
+
+_REDACTORS = {str: _Redactor(str), bytes: _Redactor(bytes)}
+
+
+def redact_text(text: _Text, names: Iterable[str] = ()) -> _Text:
+    """
+    ``text`` with credentials replaced by ``REDACTED``: the value of every
+    ``name=value`` field whose percent-decoded name ends with ``token`` (or is
+    one of ``names``; any case), JWTs, and ``Bearer`` credentials.
+    """
+    kind = bytes if isinstance(text, (bytes, bytearray)) else str
+    return _REDACTORS[kind](text, frozenset(n.lower() for n in names))
+
+
+def redact(event: Mapping[str, Any]) -> dict[str, Any]:
+    """
+    A copy of a log event that holds no credential: a field with a sensitive
+    name becomes ``REDACTED``, strings and bytes (also inside dicts, lists and
+    tuples) go through :func:`redact_text`, and a ``(name, value)`` header pair
+    with a sensitive name keeps its name only. Other objects are kept as they
+    are, for formatting; :func:`event_as_json` redacts their repr.
+    """
+    return {
+        key: REDACTED
+        if isinstance(key, (str, bytes)) and is_sensitive_name(key)
+        else _redact_value(value, 0)
+        for key, value in event.items()
+    }
+
+
+def _redact_value(value: Any, depth: int) -> Any:
+    if isinstance(value, (str, bytes)):
+        return redact_text(value)
+    if depth >= MAX_DEPTH:
+        return value
+    if isinstance(value, dict):
+        return {
+            k: _redacted_like(v)
+            if isinstance(k, (str, bytes)) and is_sensitive_name(k)
+            else _redact_value(v, depth + 1)
+            for k, v in value.items()
+        }
+    if isinstance(value, (list, tuple)):
+        if (
+            len(value) == 2
+            and isinstance(value[0], (str, bytes))
+            and is_sensitive_name(value[0])
+        ):
+            return type(value)((value[0], _redacted_like(value[1])))
+        items = [_redact_value(v, depth + 1) for v in value]
+        return items if isinstance(value, list) else tuple(items)
+    return value
+
+
+def _redacted_like(value: Any) -> Any:
+    """``REDACTED`` as bytes for a bytes value, as text otherwise."""
+    return REDACTED.encode("ascii") if isinstance(value, bytes) else REDACTED
+
+
+# -- JSON lines -------------------------------------------------------------------
+
+#: Event keys rendered as ``time``, ``level``, ``namespace``, ``traceback`` or not at all.
+_RENDERED = frozenset(
+    {"log_time", "log_level", "log_namespace", "log_failure", "log_logger", "log_flattened", "log_trace"}
+)
+
+
+def event_as_json(event: LogEvent) -> str:
+    """One log event as one line of JSON (no newline), redacted."""
+    clean = redact(event)
+    out: dict[str, Any] = {
+        "time": _iso_time(event.get("log_time")),
+        "level": getattr(event.get("log_level"), "name", "info"),
+        "namespace": str(event.get("log_namespace", "")),
+        "message": redact_text(formatEvent(clean)),
+    }
+    failure = event.get("log_failure")
+    if failure is not None:
+        out["traceback"] = redact_text(_traceback(failure))
+    for key, value in clean.items():
+        if key not in out and key not in _RENDERED:
+            out[str(key)] = _jsonable(value, 0)
+    return json.dumps(out, separators=(",", ":"))
+
+
+def _iso_time(stamp: Any) -> str:
+    if not isinstance(stamp, (int, float)):
+        stamp = time.time()
+    moment = datetime.fromtimestamp(stamp, tz=timezone.utc)
+    return moment.isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def _traceback(failure: Any) -> str:
+    try:
+        return failure.getTraceback()
+    except Exception:
+        return _repr(failure)
+
+
+def _jsonable(value: Any, depth: int) -> Any:
+    """The value itself if JSON can hold it, else its redacted repr."""
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return value if math.isfinite(value) else repr(value)
+    if depth < MAX_DEPTH:
+        if isinstance(value, dict):
+            return {
+                k if isinstance(k, str) else _repr(k): _jsonable(v, depth + 1)
+                for k, v in value.items()
+            }
+        if isinstance(value, (list, tuple)):
+            return [_jsonable(v, depth + 1) for v in value]
+    return _repr(value)
+
+
+def _repr(value: Any) -> str:
+    try:
+        text = repr(value)
+    except Exception:
+        text = f"<unrepresentable {type(value).__name__}>"
+    return redact_text(text)
+
+
+@implementer(ILogObserver)
+class JSONLinesObserver:
+    """Writes each event as one JSON object per line to ``stream``, flushed."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.stream = stream
+        self._lock = threading.Lock()  # events may come from threadpool threads
+
+    def __call__(self, event: LogEvent) -> None:
+        try:
+            line = event_as_json(event)
+        except Exception as e:
+            line = json.dumps(
+                {
+                    "time": _iso_time(None),
+                    "level": "error",
+                    "namespace": __name__,
+                    "message": "cannot write a log event as JSON",
+                    "error": _repr(e),
+                }
+            )
+        with self._lock:
+            try:
+                self.stream.write(line + "\n")
+                self.stream.flush()
+            except (OSError, ValueError):
+                pass  # stdout is gone: there is nowhere left to report it
+
+
+def json_observer() -> ILogObserver:
+    """
+    The observer factory for ``twistd --logger twisted_gateway.logs.json_observer``.
+
+    twistd imports this name and calls it with no arguments before it
+    redirects ``sys.stdout`` into the log, so the observer keeps the real
+    stdout. Meant for foreground runs (``-n``, containers, systemd).
+    """
+    stream = sys.stdout
+    if isinstance(stream, LoggingFile):  # called after the redirect: avoid a loop
+        stream = sys.__stdout__
+    return JSONLinesObserver(stream)
+
+
+# -- access log ------------------------------------------------------------------
+
+
+def access_log_formatter(query_params: Iterable[str] = ()) -> Callable[[str, Any], str]:
+    """
+    A ``Site(logFormatter=...)`` writing the combined log format with
+    credentials redacted: fields named ``*token`` and any of ``query_params``
+    (the routes' configured token parameters), JWTs and ``Bearer`` values,
+    in the URI and in the ``Referer`` and ``User-Agent`` fields alike.
+    """
+    names = frozenset(p.lower() for p in query_params)
+
+    @provider(IAccessLogFormatter)
+    def formatter(timestamp: str, request: Any) -> str:
+        return redact_text(combinedLogFormatter(timestamp, request), names)
+
+    return formatter
+
+
+#: The access-log formatter for the default token parameter, ``token``.
+redacting_log_formatter = access_log_formatter()
