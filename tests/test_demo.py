@@ -121,15 +121,6 @@ async def chat_server() -> AsyncIterator[ChatServer]:
         await tracker.all_closed()
 
 
-@pytest.fixture(autouse=True)
-def nothing_left_behind() -> Iterator[None]:
-    """Fail a test that leaves timers, listeners or connections in the reactor."""
-    yield
-    assert reactor.getDelayedCalls() == []
-    sockets = set(reactor.getReaders()) | set(reactor.getWriters())
-    assert [s for s in sockets if IListeningPort.providedBy(s) or ITCPTransport.providedBy(s)] == []
-
-
 @pytest_twisted.ensureDeferred
 async def test_everyone_in_the_room_hears_a_message_with_sender_and_time() -> None:
     """A message reaches every member of its room, the sender too, named by X-Auth-Subject."""

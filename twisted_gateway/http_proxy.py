@@ -162,11 +162,6 @@ def _peer_host(request: server.Request) -> str:
     return getattr(request.getClientAddress(), "host", None) or "unknown"
 
 
-def _has_body(request: server.Request) -> bool:
-    headers = request.requestHeaders
-    return headers.hasHeader(b"content-length") or headers.hasHeader(b"transfer-encoding")
-
-
 def _body_size(request: server.Request) -> int:
     content = request.content
     if content is None:
@@ -423,7 +418,7 @@ class HTTPForwarder:
                 client_finished,
             )
         )
-        d.addErrback(lambda f: _log.failure("forwarding failed", f))
+        d.addErrback(_abandon, request)
         client_finished.addErrback(lambda _: d.cancel())
         return NOT_DONE_YET
 
@@ -509,7 +504,8 @@ class HTTPForwarder:
     ) -> IResponse:
         """The upstream's response head, or a :class:`GatewayError` to answer with."""
         settings = self._settings
-        if _body_size(request) > settings.max_body_size:
+        size = _body_size(request)
+        if size > settings.max_body_size:
             raise _body_too_large(settings.max_body_size)
         incoming = [
             (name, value)
@@ -527,11 +523,9 @@ class HTTPForwarder:
         headers = Headers()
         for name, value in [*pairs, *extra_headers]:
             headers.addRawHeader(name, value)
-        body = (
-            FileBodyProducer(request.content, cooperator=self._cooperator)
-            if _has_body(request)
-            else None
-        )
+        # No producer for an empty body: Agent then retries idempotent requests
+        # that meet a pooled connection the upstream had just closed.
+        body = FileBodyProducer(request.content, cooperator=self._cooperator) if size else None
         try:
             pending = self._agent.request(
                 request.method, upstream_url(upstream_base, path, query), headers, body
@@ -561,6 +555,15 @@ class HTTPForwarder:
             and response.code not in NO_BODY_CODES
         ):
             request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % response.length])
+
+
+def _abandon(reason: Failure, request: server.Request) -> None:
+    """A bug, not an upstream failure: log it and do not leave the client hanging."""
+    _log.failure("forwarding {method} failed", reason, method=request.method)
+    if request.producer is not None and request.channel is not None:
+        request.unregisterProducer()
+    if not request.finished and request.channel is not None:
+        request.loseConnection()
 
 
 def _grouped(pairs: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, list[bytes]]]:

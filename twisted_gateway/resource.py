@@ -11,8 +11,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+
+from twisted_gateway.auth import strip_query_param
 
 from twisted_gateway.config import RouteSettings, Settings
 from twisted_gateway.errors import BadRequest, GatewayError, NotFound, render_error
@@ -48,6 +52,8 @@ class GatewayResource(Resource):
         self.settings = settings
         self.registry = registry if registry is not None else RelayRegistry()
         self.http_forwarder = http_forwarder
+        if authenticator is None and settings.auth is not None:
+            authenticator = _build_authenticator(settings.auth, reactor)
         self.authenticator = authenticator
         #: set when the gateway stops: new work is refused with 503, /readyz says so
         self.draining = False
@@ -115,8 +121,27 @@ class GatewayResource(Resource):
             return hand_over(request, self._ws_factories[route.name], context)
         if self.http_forwarder is None:
             raise GatewayError("this gateway has no HTTP forwarder", status=501, error="not_implemented")
-        return self.http_forwarder.forward(
-            request, upstream, path, query, route_name=route.name
+        if self.authenticator is None or route.auth == "none":
+            return self.http_forwarder.forward(request, upstream, path, query, route_name=route.name)
+        d = Deferred.fromCoroutine(self._authenticate_and_forward(request, route, path, query, flat))
+        request.notifyFinish().addErrback(lambda _: d.cancel())
+        d.addErrback(lambda f: None if f.check(CancelledError) else log.failure("auth failed", f))
+        return NOT_DONE_YET
+
+    async def _authenticate_and_forward(self, request, route, path, query, headers) -> None:
+        """Check the token once, then forward with the identity; a refusal never goes upstream."""
+        authenticator = self.authenticator
+        try:
+            identity = await authenticator.authenticate(route.auth, headers, query)
+        except GatewayError as e:
+            request.write(render_error(request, e))
+            request.finish()
+            return
+        extra = identity.upstream_headers() if identity is not None else ()
+        if authenticator.settings.strip_token:
+            query = strip_query_param(query, authenticator.settings.query_param)
+        self.http_forwarder.forward(
+            request, route.upstream[0], path, query, extra_headers=extra, route_name=route.name
         )
 
 
@@ -131,6 +156,16 @@ def _below_mount_point(path: bytes, depth: int) -> bytes:
 def _peer_host(request) -> str:
     peer = request.getClientAddress()
     return getattr(peer, "host", None) or "unix"
+
+
+def _build_authenticator(auth: Any, reactor: Any) -> Any:
+    from treq.client import HTTPClient
+    from twisted.web.client import Agent
+
+    from twisted_gateway.auth import Authenticator
+
+    client = HTTPClient(Agent(reactor)) if auth.jwks_url else None
+    return Authenticator(auth, reactor, client)
 
 
 def build_gateway_resource(settings: Settings, reactor: Any, **kwargs: Any) -> GatewayResource:

@@ -70,8 +70,47 @@ class GatewayService(MultiService):
             ListeningService(
                 reactor, settings.demo.chat_service, build_chat_site(reactor), "demo chat-service"
             ).setServiceParent(self)
-        for description in settings.gateway.listen:
-            ListeningService(reactor, description, self.site, "wsgateway").setServiceParent(self)
+        self.listeners = [
+            ListeningService(reactor, description, self.site, "wsgateway")
+            for description in settings.gateway.listen
+        ]
+        for listener in self.listeners:
+            listener.setServiceParent(self)
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        if self.settings.demo.chat_service and self.settings.auth is not None:
+            self.listeners[0]._waitingForPort.addCallback(self._announce_demo_token)
+
+    def _announce_demo_token(self, port: Any) -> Any:
+        """With the demo on, print a ready-to-paste wscat command and warn about the secret."""
+        from twisted_gateway.token import mint
+
+        auth = self.settings.auth
+        if auth.secret is None:
+            return port
+        token = mint(auth, "demo", DEMO_TOKEN_TTL, self.reactor.seconds(), self.settings.source)
+        number = getattr(port.getHost(), "port", 8080)
+        log.warn(
+            "DEMO MODE: the [auth] secret in {source} is the published demo secret; "
+            "never use it in production",
+            source=self.settings.source,
+        )
+        log.info(
+            "demo token for 'demo', valid {ttl} s: "
+            'wscat -c "ws://localhost:{port}/v1/chat/ws?room=lobby&{param}={token}"',
+            ttl=DEMO_TOKEN_TTL,
+            port=number,
+            param=auth.query_param,
+            token=token,
+            event="demo_token",
+        )
+        return port
+
+    def startService(self) -> None:
+        super().startService()
+        if self.resource.authenticator is not None:
+            self.resource.authenticator.start()
 
     def stopService(self) -> Deferred:
         return Deferred.fromCoroutine(self._drain_and_stop())
@@ -100,6 +139,10 @@ class GatewayService(MultiService):
             if timer.active():
                 timer.cancel()
         await super().stopService()
+        if self.resource.authenticator is not None:
+            stopping = self.resource.authenticator.stop()
+            if stopping is not None:
+                await stopping
         if self.http_forwarder is not None:
             await self.http_forwarder.close()
 
@@ -111,6 +154,8 @@ def _going_away(pair) -> None:
 
 
 GOING_AWAY = (1001, b"going away")
+#: Seconds the demo token printed at start-up stays valid.
+DEMO_TOKEN_TTL = 900
 
 
 def _build_http_forwarder(settings: Settings, reactor: Any) -> Any:

@@ -39,12 +39,7 @@ from twisted.web.server import NOT_DONE_YET
 from twisted_gateway.auth import strip_query_param
 from twisted_gateway.config import GatewaySettings, RouteSettings
 from twisted_gateway.errors import BadGateway, GatewayError, GatewayTimeout, UpstreamRefused
-from twisted_gateway.headers import (
-    FORWARDED_HEADERS,
-    IDENTITY_HEADERS,
-    WEBSOCKET_HANDSHAKE,
-    upstream_request_headers,
-)
+from twisted_gateway.headers import WEBSOCKET_HANDSHAKE, upstream_request_headers
 from twisted_gateway.routing import upstream_url
 
 log = Logger()
