@@ -9,7 +9,6 @@ import pytest
 import pytest_twisted
 from autobahn.websocket.protocol import WebSocketProtocol
 from twisted.internet import reactor, task
-from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
 
 from tests.support import (
