@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 from twisted.python import usage
 
 from twisted_gateway.routing import validate_prefix
+from twisted_gateway.upstreams import ROUTE_POOL_KEYS, PoolKeyError, check_pool_keys
 
 
 class ConfigError(usage.UsageError):
@@ -195,6 +196,12 @@ class RouteSettings:
     websocket: bool = True
     ws_compression: bool | None = None
     auth: str = "none"
+    balance: str | None = None
+    hash_key: str | None = None
+    max_fails: int = 1
+    fail_timeout: float = 10.0
+    health_check: str | None = None
+    health_interval: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -232,6 +239,7 @@ _ROUTE_KEYS: Mapping[str, Key] = {
     "ws_compression": Key(parse_bool, None),
     # default: "required" when there is an [auth] section, "none" otherwise
     "auth": Key(one_of("required", "optional", "none"), None),
+    **{name: Key(parse, default) for name, (parse, default) in ROUTE_POOL_KEYS.items()},
 }
 
 _DEMO_KEYS: Mapping[str, Key] = {
@@ -306,6 +314,10 @@ def parse_config(text: str, source: str = "<string>") -> Settings:
             route["auth"] = "required" if auth is not None else "none"
         elif route["auth"] != "none" and auth is None:
             raise ConfigError(source, f"route:{name}", "auth", "needs an [auth] section")
+        try:
+            check_pool_keys(route["balance"], route["hash_key"])
+        except PoolKeyError as e:
+            raise ConfigError(source, f"route:{name}", e.key, str(e)) from None
         routes.append(RouteSettings(name=name, **route))
 
     seen: dict[str, str] = {}

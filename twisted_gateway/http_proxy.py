@@ -23,7 +23,7 @@ from typing import Iterable, Sequence
 from urllib.parse import unquote_plus
 
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.error import ConnectError, ConnectionRefusedError
+from twisted.internet.error import ConnectError, ConnectionRefusedError, DNSLookupError
 from twisted.internet.error import TimeoutError as ConnectTimeout
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import (
@@ -61,6 +61,7 @@ from twisted_gateway.errors import (
     render_error,
 )
 from twisted_gateway.headers import strip_hop_by_hop, tokens, upstream_request_headers
+from twisted_gateway.upstreams import InstanceRegistry, UpstreamPool, may_retry
 
 #: Access-log events: one per request, structured fields, no raw URI.
 access_log = Logger(namespace="twisted_gateway.access")
@@ -139,18 +140,24 @@ def response_header_pairs(headers: Headers) -> list[tuple[bytes, bytes]]:
     return strip_hop_by_hop(pairs)
 
 
+class ConnectFailed(BadGateway):
+    """No connection to the upstream: safe to retry on another instance."""
+
+
 def upstream_failure(reason: BaseException, settings: GatewaySettings) -> GatewayError:
     """The error a client gets when the upstream could not produce a response head."""
     if isinstance(reason, GatewayError):
         return reason
     if isinstance(reason, ConnectTimeout):
-        return GatewayTimeout(
-            f"could not connect to the upstream within {settings.connect_timeout:g} s"
+        return ConnectFailed(
+            f"could not connect to the upstream within {settings.connect_timeout:g} s",
+            status=504,
+            error="gateway_timeout",
         )
     if isinstance(reason, ConnectionRefusedError):
-        return BadGateway("the upstream refused the connection")
-    if isinstance(reason, ConnectError):
-        return BadGateway("could not connect to the upstream")
+        return ConnectFailed("the upstream refused the connection")
+    if isinstance(reason, (ConnectError, DNSLookupError)):
+        return ConnectFailed("could not connect to the upstream")
     return BadGateway("the upstream closed the connection without a valid response")
 
 
@@ -319,6 +326,20 @@ class _BodyRelay(Protocol):
             self.transport.pauseProducing()
 
 
+class _Upload(FileBodyProducer):
+    """A request body streamed from ``Request.content``; knows whether it is still going."""
+
+    running = False
+
+    def startProducing(self, consumer) -> Deferred[None]:
+        self.running = True
+        return super().startProducing(consumer).addBoth(self._ended)
+
+    def _ended(self, result: object) -> object:
+        self.running = False
+        return result
+
+
 # -- the forwarder -------------------------------------------------------------
 
 
@@ -380,6 +401,7 @@ class HTTPForwarder:
             )
         self._agent = agent
         self._cooperator = Cooperator(scheduler=lambda work: reactor.callLater(0, work))
+        self._fixed_pools: dict[str, UpstreamPool] = {}
 
     def close(self) -> Deferred[None]:
         """Close idle upstream connections and stop uploading; for shutdown and tests."""
@@ -389,10 +411,11 @@ class HTTPForwarder:
     def forward(
         self,
         request: server.Request,
-        upstream_base: str,
+        upstream: UpstreamPool | str,
         path: bytes,
         query: bytes,
         *,
+        key: str | None = None,
         extra_headers: Iterable[tuple[bytes, bytes]] = (),
         drop_headers: frozenset[bytes] = frozenset(),
         route_name: str = "",
@@ -406,10 +429,13 @@ class HTTPForwarder:
         the upstream (identity headers); ``drop_headers`` are never forwarded.
         """
         client_finished = request.notifyFinish()
+        if isinstance(upstream, str):
+            upstream = self._single_pool(upstream)
         d = Deferred.fromCoroutine(
             self._forward(
                 request,
-                upstream_base,
+                upstream,
+                key,
                 path,
                 query,
                 tuple(extra_headers),
@@ -422,10 +448,19 @@ class HTTPForwarder:
         client_finished.addErrback(lambda _: d.cancel())
         return NOT_DONE_YET
 
+    def _single_pool(self, base: str) -> UpstreamPool:
+        """A pool of one fixed base URL, for callers that route by themselves."""
+        pool = self._fixed_pools.get(base)
+        if pool is None:
+            pool = UpstreamPool("", (base,), InstanceRegistry(self._reactor), max_fails=0)
+            self._fixed_pools[base] = pool
+        return pool
+
     async def _forward(
         self,
         request: server.Request,
-        upstream_base: str,
+        pool: UpstreamPool,
+        key: str | None,
         path: bytes,
         query: bytes,
         extra_headers: Sequence[tuple[bytes, bytes]],
@@ -440,7 +475,7 @@ class HTTPForwarder:
             query=redact_query(query),
             target=log_target(path, query),
             route=route_name,
-            upstream=upstream_base,
+            upstream="",
             peer=_peer_host(request),
         )
 
@@ -454,59 +489,96 @@ class HTTPForwarder:
                 **fields,
             )
 
+        upload = instance = None
         try:
-            response = await self._request_upstream(
-                request, upstream_base, path, query, extra_headers, drop_headers
-            )
-        except CancelledError:
-            log(CLIENT_CLOSED, 0, "client_gone")
-            return
-        except GatewayError as error:
-            if client_finished.called:
+            try:
+                size = _body_size(request)
+                if size > self._settings.max_body_size:
+                    raise _body_too_large(self._settings.max_body_size)
+                # A connect failure is retried on the next healthy instance (each at
+                # most once) for idempotent methods; POST and PATCH are never retried.
+                failure: GatewayError | None = None
+                for candidate in pool.candidates(key, retry=may_retry(request.method)):
+                    instance = candidate
+                    fields["upstream"] = instance.url
+                    # No producer for an empty body: Agent then retries idempotent
+                    # requests that meet a pooled connection the upstream just closed.
+                    if size:
+                        request.content.seek(0)
+                        upload = _Upload(request.content, cooperator=self._cooperator)
+                    instance.acquire()
+                    try:
+                        response = await self._request_upstream(
+                            request, upstream_url(instance.url, path, query), upload,
+                            extra_headers, drop_headers,
+                        )
+                    except ConnectFailed as e:
+                        instance.release()
+                        pool.report_failure(instance)
+                        instance, failure = None, e
+                        continue
+                    except GatewayTimeout:
+                        pool.report_failure(instance)
+                        raise
+                    pool.report_success(instance)
+                    break
+                else:
+                    raise failure
+            except CancelledError:
                 log(CLIENT_CLOSED, 0, "client_gone")
                 return
-            body = render_error(request, error)
-            request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
-            request.write(body)
-            request.finish()
-            log(error.status, len(body), "error")
-            return
+            except GatewayError as error:
+                if client_finished.called:
+                    log(CLIENT_CLOSED, 0, "client_gone")
+                    return
+                body = render_error(request, error)
+                request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
+                request.write(body)
+                request.finish()
+                log(error.status, len(body), "error")
+                return
 
-        self._copy_head(request, response)
-        relay = _BodyRelay(request)
-        request.registerProducer(relay, True)
-        response.deliverBody(relay)
-        relay.reassert_pause()
-        try:
-            await relay.done
-        except CancelledError:
-            log(response.code, relay.sent, "client_gone")
-            return
-        except Exception:
-            # The head is already sent: end the connection so the client sees
-            # a truncated body rather than a complete one.
-            request.unregisterProducer()
-            request.loseConnection()
-            log(response.code, relay.sent, "upstream_body_failed")
-            return
-        request.unregisterProducer()
-        request.finish()
-        log(response.code, relay.sent, "ok")
+            self._copy_head(request, response)
+            relay = _BodyRelay(request)
+            request.registerProducer(relay, True)
+            response.deliverBody(relay)
+            relay.reassert_pause()
+            try:
+                await relay.done
+            except CancelledError:
+                log(response.code, relay.sent, "client_gone")
+                return
+            except Exception:
+                # The head is already sent: end the connection so the client sees
+                # a truncated body rather than a complete one.
+                outcome = "upstream_body_failed"
+                request.unregisterProducer()
+                request.loseConnection()
+            else:
+                outcome = "ok"
+                request.unregisterProducer()
+                if upload is not None and upload.running:
+                    # The upstream answered before reading the whole body (an early
+                    # 413, say). Agent keeps sending it; twisted.web would close
+                    # Request.content under it when the request finishes, so hand
+                    # the file to the upload, which closes it when done.
+                    request.content = None
+                request.finish()
+            log(response.code, relay.sent, outcome)
+        finally:
+            if instance is not None:
+                instance.release()
 
     async def _request_upstream(
         self,
         request: server.Request,
-        upstream_base: str,
-        path: bytes,
-        query: bytes,
+        url: bytes,
+        upload: _Upload | None,
         extra_headers: Sequence[tuple[bytes, bytes]],
         drop_headers: frozenset[bytes],
     ) -> IResponse:
         """The upstream's response head, or a :class:`GatewayError` to answer with."""
         settings = self._settings
-        size = _body_size(request)
-        if size > settings.max_body_size:
-            raise _body_too_large(settings.max_body_size)
         incoming = [
             (name, value)
             for name, values in request.requestHeaders.getAllRawHeaders()
@@ -523,13 +595,8 @@ class HTTPForwarder:
         headers = Headers()
         for name, value in [*pairs, *extra_headers]:
             headers.addRawHeader(name, value)
-        # No producer for an empty body: Agent then retries idempotent requests
-        # that meet a pooled connection the upstream had just closed.
-        body = FileBodyProducer(request.content, cooperator=self._cooperator) if size else None
         try:
-            pending = self._agent.request(
-                request.method, upstream_url(upstream_base, path, query), headers, body
-            )
+            pending = self._agent.request(request.method, url, headers, upload)
         except ValueError as e:
             raise BadRequest(f"the request cannot be forwarded: {e}") from None
         pending.addTimeout(settings.request_timeout, self._reactor, self._head_timed_out)

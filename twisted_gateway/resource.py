@@ -22,6 +22,7 @@ from twisted_gateway.config import RouteSettings, Settings
 from twisted_gateway.errors import BadRequest, GatewayError, NotFound, render_error
 from twisted_gateway.headers import is_websocket_upgrade
 from twisted_gateway.routing import RouteTable, normalize_path, split_uri
+from twisted_gateway.upstreams import InstanceRegistry, UpstreamPool, hash_key_value
 from twisted_gateway.ws_proxy import (
     HandshakeContext,
     RelayRegistry,
@@ -47,6 +48,7 @@ class GatewayResource(Resource):
         http_forwarder: Any = None,
         ws_connect: Any = None,
         authenticator: Any = None,
+        upstreams: InstanceRegistry | None = None,
     ) -> None:
         super().__init__()
         self.settings = settings
@@ -59,6 +61,9 @@ class GatewayResource(Resource):
         self.draining = False
         connect = ws_connect or endpoint_connector(reactor, settings.gateway.connect_timeout)
         self._table: RouteTable[RouteSettings] = RouteTable((r.prefix, r) for r in settings.routes)
+        #: health and counters per upstream URL, shared by the routes naming it
+        self.upstreams = upstreams if upstreams is not None else InstanceRegistry(reactor)
+        self.pools = {r.name: UpstreamPool.for_route(r, self.upstreams) for r in settings.routes}
         self._ws_factories = {
             route.name: RelayServerFactory(
                 route,
@@ -104,13 +109,13 @@ class GatewayResource(Resource):
             raise NotFound(f"no route for {path.decode('ascii', 'replace')}")
         headers = list(request.requestHeaders.getAllRawHeaders())
         flat = [(name, value) for name, values in headers for value in values]
-        upstream = route.upstream[0]
+        pool = self.pools[route.name]
         if is_websocket_upgrade(request.method, flat):
             if not route.websocket:
                 raise BadRequest(f"route {route.name!r} does not accept WebSocket upgrades")
             context = HandshakeContext(
                 route=route,
-                upstream_base=upstream,
+                pool=pool,
                 path=path,
                 query=query,
                 peer=_peer_host(request),
@@ -122,7 +127,7 @@ class GatewayResource(Resource):
         if self.http_forwarder is None:
             raise GatewayError("this gateway has no HTTP forwarder", status=501, error="not_implemented")
         if self.authenticator is None or route.auth == "none":
-            return self.http_forwarder.forward(request, upstream, path, query, route_name=route.name)
+            return self._forward(request, route, path, query, flat, None)
         d = Deferred.fromCoroutine(self._authenticate_and_forward(request, route, path, query, flat))
         request.notifyFinish().addErrback(lambda _: d.cancel())
         d.addErrback(lambda f: None if f.check(CancelledError) else log.failure("auth failed", f))
@@ -137,11 +142,19 @@ class GatewayResource(Resource):
             request.write(render_error(request, e))
             request.finish()
             return
-        extra = identity.upstream_headers() if identity is not None else ()
         if authenticator.settings.strip_token:
             query = strip_query_param(query, authenticator.settings.query_param)
-        self.http_forwarder.forward(
-            request, route.upstream[0], path, query, extra_headers=extra, route_name=route.name
+        self._forward(request, route, path, query, headers, identity)
+
+    def _forward(self, request, route, path, query, headers, identity) -> bytes | int:
+        pool = self.pools[route.name]
+        key = None
+        if pool.hash_key is not None:
+            claims = identity.claims if identity is not None else None
+            key = hash_key_value(pool.hash_key, query=query, headers=headers, claims=claims)
+        extra = identity.upstream_headers() if identity is not None else ()
+        return self.http_forwarder.forward(
+            request, pool, path, query, key=key, extra_headers=extra, route_name=route.name
         )
 
 

@@ -17,6 +17,7 @@ from twisted.logger import Logger
 from twisted.web.server import Site
 
 from twisted_gateway.config import Settings
+from twisted_gateway.http_proxy import GatewayRequest, HTTPForwarder
 from twisted_gateway.logs import access_log_formatter
 from twisted_gateway.resource import GatewayResource
 from twisted_gateway.ws_proxy import RelayRegistry
@@ -63,6 +64,7 @@ class GatewayService(MultiService):
         )
         token_params = [settings.auth.query_param] if settings.auth is not None else []
         self.site = Site(self.resource, logFormatter=access_log_formatter(token_params))
+        self.site.requestFactory = GatewayRequest.for_settings(settings.gateway)
         self.site.noisy = False
         if settings.demo.chat_service:
             from twisted_gateway.demo.chat import build_chat_site
@@ -158,7 +160,5 @@ GOING_AWAY = (1001, b"going away")
 DEMO_TOKEN_TTL = 900
 
 
-def _build_http_forwarder(settings: Settings, reactor: Any) -> Any:
-    from twisted_gateway.http_proxy import HTTPForwarder
-
+def _build_http_forwarder(settings: Settings, reactor: Any) -> HTTPForwarder:
     return HTTPForwarder(settings.gateway, reactor)

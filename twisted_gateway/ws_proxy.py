@@ -41,6 +41,7 @@ from twisted_gateway.config import GatewaySettings, RouteSettings
 from twisted_gateway.errors import BadGateway, GatewayError, GatewayTimeout, UpstreamRefused
 from twisted_gateway.headers import WEBSOCKET_HANDSHAKE, upstream_request_headers
 from twisted_gateway.routing import upstream_url
+from twisted_gateway.upstreams import UpstreamPool, hash_key_value
 
 log = Logger()
 
@@ -65,7 +66,7 @@ class HandshakeContext:
     """What the resource tree learnt about an upgrade request before handing it over."""
 
     route: RouteSettings
-    upstream_base: str
+    pool: UpstreamPool
     path: bytes
     query: bytes
     peer: str
@@ -222,6 +223,7 @@ class RelayServerProtocol(_RelayLeg, WebSocketServerProtocol):
         self._handshake: Deferred | None = None
         self._deny: GatewayError | None = None
         self._expiry: Any = None
+        self._instance: Any = None
         self.done: Deferred[None] = Deferred()
 
     # -- opening handshake ------------------------------------------------
@@ -255,13 +257,55 @@ class RelayServerProtocol(_RelayLeg, WebSocketServerProtocol):
                 ctx = replace(
                     ctx, query=strip_query_param(ctx.query, authenticator.settings.query_param)
                 )
-        client_factory = factory.client_factory_for(ctx, request)
-        try:
-            upstream = await factory.connect(client_factory)
-        except (CancelledError, TimeoutError):
-            raise
-        except (ConnectError, DNSLookupError, OSError) as e:
-            raise BadGateway(f"cannot connect to the upstream: {_describe(e)}") from None
+        pool = ctx.pool
+        key = None
+        if pool.hash_key is not None:
+            claims = identity.claims if identity is not None else None
+            key = hash_key_value(pool.hash_key, query=ctx.query, headers=ctx.headers, claims=claims)
+        upstream = last_error = None
+        # A connect failure is retried on the next healthy instance, each at most once;
+        # ws_open_timeout (around the whole of onConnect) bounds the retries.
+        for instance in pool.candidates(key, retry=True):
+            instance.acquire(websocket=True)
+            try:
+                upstream = await self._open_one(ctx, request, instance)
+            except (ConnectError, DNSLookupError, OSError) as e:
+                instance.release(websocket=True)
+                pool.report_failure(instance)
+                last_error = e
+                continue
+            except UpstreamRefused:
+                instance.release(websocket=True)
+                pool.report_success(instance)
+                raise
+            except CancelledError:
+                instance.release(websocket=True)
+                raise
+            except BaseException:
+                instance.release(websocket=True)
+                pool.report_failure(instance)
+                raise
+            pool.report_success(instance)
+            self._instance = instance
+            break
+        if upstream is None:
+            raise BadGateway(f"cannot connect to the upstream: {_describe(last_error)}")
+        if self.state == CLOSED:
+            # The client left in the very turn the upstream answered.
+            self._instance.release(websocket=True)
+            self._instance = None
+            upstream.close_with(CLIENT_LOST)
+            raise CancelledError()
+        self._pair_with(upstream)
+        if identity is not None and identity.expires_at is not None:
+            delay = max(0.0, identity.expires_at - factory.clock.seconds())
+            self._expiry = factory.clock.callLater(delay, self._token_expired)
+        return upstream.websocket_protocol_in_use, {}
+
+    async def _open_one(self, ctx: HandshakeContext, request, instance) -> RelayClientProtocol:
+        """Connect one upstream instance and wait for its handshake."""
+        client_factory = self.factory.client_factory_for(ctx, request, instance.url)
+        upstream = await self.factory.connect(client_factory)
         try:
             await upstream.opened
         except UpstreamHandshakeFailed as e:
@@ -275,15 +319,7 @@ class RelayServerProtocol(_RelayLeg, WebSocketServerProtocol):
             if upstream.transport is not None:
                 upstream.transport.abortConnection()
             raise
-        if self.state == CLOSED:
-            # The client left in the very turn the upstream answered.
-            upstream.close_with(CLIENT_LOST)
-            raise CancelledError()
-        self._pair_with(upstream)
-        if identity is not None and identity.expires_at is not None:
-            delay = max(0.0, identity.expires_at - factory.clock.seconds())
-            self._expiry = factory.clock.callLater(delay, self._token_expired)
-        return upstream.websocket_protocol_in_use, {}
+        return upstream
 
     def _token_expired(self) -> None:
         """No WebSocket outlives its token: close both legs with 1008."""
@@ -394,6 +430,9 @@ class RelayServerProtocol(_RelayLeg, WebSocketServerProtocol):
         if self._expiry is not None:
             self._expiry.cancel()
             self._expiry = None
+        if self._instance is not None:
+            self._instance.release(websocket=True)
+            self._instance = None
         upstream = self.partner
         if upstream is not None:
             for transport in (self.transport, upstream.transport):
@@ -461,10 +500,12 @@ class RelayServerFactory(WebSocketServerFactory):
     def connect(self, client_factory: WebSocketClientFactory) -> Deferred:
         return self._connect(client_factory)
 
-    def client_factory_for(self, ctx: HandshakeContext, request) -> WebSocketClientFactory:
+    def client_factory_for(
+        self, ctx: HandshakeContext, request, base_url: str
+    ) -> WebSocketClientFactory:
         """A per-connection copy of the upstream factory carrying this handshake's details."""
         factory = copy.copy(self._client_template)
-        url = upstream_url(ctx.upstream_base, ctx.path, ctx.query, websocket=True)
+        url = upstream_url(base_url, ctx.path, ctx.query, websocket=True)
         headers: dict[str, str] = {}
         for name, value in upstream_request_headers(
             ctx.headers,

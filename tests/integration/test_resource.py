@@ -66,8 +66,8 @@ class RecordingForwarder:
     def __init__(self) -> None:
         self.calls: list[tuple[str, str, bytes, bytes]] = []
 
-    def forward(self, request, upstream_base: str, path: bytes, query: bytes, *, route_name: str = "", **_: Any):
-        self.calls.append((route_name, upstream_base, path, query))
+    def forward(self, request, pool, path: bytes, query: bytes, *, route_name: str = "", **_: Any):
+        self.calls.append((route_name, pool.choose().url, path, query))
         request.setHeader(b"content-type", b"application/json")
         return b'{"forwarded": true}\n'
 

@@ -1,0 +1,478 @@
+"""
+Upstream pools: which instance of a route serves the next request, and which
+instances are healthy enough to be asked at all.
+
+Each upstream base URL is one :class:`Instance`, kept by an
+:class:`InstanceRegistry` so that routes naming the same URL share its health
+and counters. A route's :class:`UpstreamPool` orders its instances for an
+attempt (round robin, least connections, or a consistent-hash ring on a
+request key) and learns from each outcome (passive health: ``max_fails``
+failures within ``fail_timeout`` eject an instance for ``fail_timeout``). The
+:class:`~twisted_gateway.health.HealthChecker` probes instances actively.
+
+Choosing is plain code over counters and an injected clock; only the health
+checker touches the network, through the HTTP client and WebSocket connector
+it is given. This module imports nothing from :mod:`twisted_gateway.config`,
+so that module can import :data:`ROUTE_POOL_KEYS` from this one.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from urllib.parse import unquote_to_bytes
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from twisted_gateway.errors import BadGateway
+
+log = Logger()
+
+BALANCE_POLICIES = ("round_robin", "least_connections", "hash")
+HASH_KEY_SOURCES = ("query", "header", "claim", "cookie")
+#: Methods whose request may be sent to a second instance after a connect failure.
+IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE"})
+#: Points per instance on a hash ring.
+VIRTUAL_NODES = 160
+#: Consecutive active-check results that eject, and that restore, an instance.
+CHECKS_TO_EJECT = 2
+CHECKS_TO_RESTORE = 2
+#: An active check gets min(health_interval, this) seconds.
+MAX_CHECK_TIMEOUT = 5.0
+
+UP, DOWN = "up", "down"
+
+
+class NoHealthyUpstream(BadGateway):
+    """Every instance of the route is ejected: answered at once, without trying any."""
+
+    error = "no_healthy_upstream"
+
+
+# -- config keys: text in, value out, ValueError with a short reason ---------
+
+
+def parse_balance(text: str) -> str:
+    value = text.strip().lower()
+    if value not in BALANCE_POLICIES:
+        raise ValueError(f"expected one of {', '.join(BALANCE_POLICIES)}, got {text.strip()!r}")
+    return value
+
+
+def parse_hash_key(text: str) -> str:
+    """``query:NAME | header:NAME | claim:NAME | cookie:NAME``; header names are lower-cased."""
+    source, sep, name = text.strip().partition(":")
+    source = source.strip().lower()
+    name = name.strip()
+    if not sep or source not in HASH_KEY_SOURCES or not name or any(c.isspace() for c in name):
+        raise ValueError(
+            f"expected query:NAME, header:NAME, claim:NAME or cookie:NAME, got {text.strip()!r}"
+        )
+    return f"{source}:{name.lower() if source == 'header' else name}"
+
+
+def parse_health_check(text: str) -> str:
+    """An HTTP path (``/health``) or a WebSocket path (``ws:/health``)."""
+    value = text.strip()
+    if not (value.startswith("/") or value.startswith("ws:/")) or any(c.isspace() for c in value):
+        raise ValueError(f"expected a path such as /health or ws:/health, got {value!r}")
+    return value
+
+
+def _parse_count(text: str) -> int:
+    try:
+        value = int(text.strip())
+    except ValueError:
+        raise ValueError(f"expected a whole number, got {text.strip()!r}") from None
+    if value < 0:
+        raise ValueError(f"expected a number >= 0, got {text.strip()!r}")
+    return value
+
+
+def _parse_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"expected a number of seconds, got {text.strip()!r}") from None
+    if not 0 < value < float("inf"):
+        raise ValueError(f"expected a positive number, got {text.strip()!r}")
+    return value
+
+
+#: ``[route:NAME]`` keys of a pool: name -> (parser, default). ``balance = None``
+#: means the default for the route (see :func:`default_balance`).
+ROUTE_POOL_KEYS: Mapping[str, tuple[Callable[[str], Any], Any]] = {
+    "balance": (parse_balance, None),
+    "hash_key": (parse_hash_key, None),
+    "max_fails": (_parse_count, 1),
+    "fail_timeout": (_parse_seconds, 10.0),
+    "health_check": (parse_health_check, None),
+    "health_interval": (_parse_seconds, 5.0),
+}
+
+
+class PoolKeyError(ValueError):
+    """Pool keys that contradict each other; ``key`` is the one to fix."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(reason)
+        self.key = key
+
+
+def check_pool_keys(balance: str | None, hash_key: str | None) -> None:
+    """Raise :class:`PoolKeyError` unless ``balance = hash`` and ``hash_key`` come together."""
+    if balance == "hash" and hash_key is None:
+        raise PoolKeyError("hash_key", "balance = hash needs a hash_key")
+    if hash_key is not None and balance != "hash":
+        raise PoolKeyError("hash_key", "hash_key applies only with balance = hash")
+
+
+def default_balance(websocket: bool) -> str:
+    """Long-lived WebSockets are balanced by load, short HTTP requests in turn."""
+    return "least_connections" if websocket else "round_robin"
+
+
+def may_retry(method: bytes) -> bool:
+    """Whether an HTTP request may go to another instance after a connect failure."""
+    return method.upper() in IDEMPOTENT_METHODS
+
+
+# -- the hash key of a request (pure) -----------------------------------------
+
+
+def _text(raw: bytes) -> str:
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def _form_decode(raw: bytes) -> bytes:
+    return unquote_to_bytes(raw.replace(b"+", b" "))
+
+
+def hash_key_value(
+    spec: str,
+    *,
+    query: bytes = b"",
+    headers: Sequence[tuple[bytes, bytes]] = (),
+    claims: Mapping[str, Any] | None = None,
+) -> str | None:
+    """
+    The value a request carries for a ``hash_key`` spec, or None when it has
+    none (or an empty one): the first ``query`` field of that name (form
+    decoded, as ``request.args`` does), the first header, the cookie (from the
+    ``Cookie`` headers) or the verified claim (non-strings as compact JSON).
+    """
+    source, _, name = spec.partition(":")
+    if source == "query":
+        wanted = name.encode("utf-8")
+        for field in query.split(b"&") if query else ():
+            key, _, value = field.partition(b"=")
+            if _form_decode(key) == wanted:
+                return _text(_form_decode(value)) or None
+        return None
+    if source == "header":
+        wanted = name.lower().encode("latin-1")
+        for key, value in headers:
+            if key.lower() == wanted:
+                return _text(value.strip()) or None
+        return None
+    if source == "cookie":
+        wanted = name.encode("utf-8")
+        for key, value in headers:
+            if key.lower() != b"cookie":
+                continue
+            for pair in value.split(b";"):
+                cookie, _, content = pair.strip().partition(b"=")
+                if cookie.strip() == wanted:
+                    return _text(content.strip().strip(b'"')) or None
+        return None
+    if source == "claim":
+        claim = (claims or {}).get(name)
+        if claim is None or claim == "":
+            return None
+        if isinstance(claim, str):
+            return claim
+        return json.dumps(claim, sort_keys=True, separators=(",", ":"))
+    raise ValueError(f"unknown hash key source in {spec!r}")
+
+
+# -- consistent hashing ---------------------------------------------------------
+
+
+def _point(text: str) -> int:
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogateescape"), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
+
+
+class HashRing:
+    """
+    Consistent hashing with virtual nodes: a key belongs to the first node
+    after its point on the ring, so adding one node to N takes about 1/(N+1)
+    of the keys and moves no key between the old nodes.
+    """
+
+    def __init__(self, nodes: Iterable[str], *, virtual_nodes: int = VIRTUAL_NODES) -> None:
+        self.nodes = tuple(dict.fromkeys(nodes))
+        if not self.nodes:
+            raise ValueError("a hash ring needs at least one node")
+        ring = sorted(
+            (_point(f"{node}#{i}"), node) for node in self.nodes for i in range(virtual_nodes)
+        )
+        self._points = [point for point, _ in ring]
+        self._owners = [node for _, node in ring]
+
+    def owner(self, key: str) -> str:
+        return next(self.walk(key))
+
+    def walk(self, key: str) -> Iterator[str]:
+        """Every node once, in ring order from ``key``'s point; the first owns the key."""
+        start = bisect.bisect(self._points, _point(key))
+        seen: set[str] = set()
+        for i in range(len(self._owners)):
+            node = self._owners[(start + i) % len(self._owners)]
+            if node not in seen:
+                seen.add(node)
+                yield node
+                if len(seen) == len(self.nodes):
+                    return
+
+
+# -- instances and their health ---------------------------------------------------
+
+
+class Instance:
+    """
+    One upstream base URL: its health and counters, shared by every route
+    that names it. Plain ints for metrics; ``state`` is ``"up"`` or ``"down"``.
+    """
+
+    def __init__(self, url: str, clock: IReactorTime) -> None:
+        self.url = url
+        self._clock = clock
+        #: attempts sent here: HTTP requests and WebSocket handshakes (the pool counts them)
+        self.requests = 0
+        #: HTTP requests in flight plus WebSockets opening or open: what least_connections weighs
+        self.active = 0
+        #: WebSockets opening or open
+        self.open_websockets = 0
+        #: failed attempts, ever
+        self.failures = 0
+        #: passive health: times of the current run of failures
+        self.recent_failures: list[float] = []
+        self.ejected_until = float("-inf")
+        #: active health: consecutive check results, and whether checks hold it down
+        self.check_successes = 0
+        self.check_failures = 0
+        self.check_failed = False
+        self._announced = UP
+
+    def __repr__(self) -> str:
+        return f"<Instance {self.url} {self.state} active={self.active}>"
+
+    @property
+    def state(self) -> str:
+        if self.check_failed or self._clock.seconds() < self.ejected_until:
+            return DOWN
+        return UP
+
+    def available(self) -> bool:
+        """Whether traffic may come here now (logs a return that time alone made)."""
+        self._announce("fail_timeout is over")
+        return self._announced == UP
+
+    def acquire(self, *, websocket: bool = False) -> None:
+        """An HTTP request starts here, or a WebSocket handshake (until its pair is done)."""
+        self.active += 1
+        if websocket:
+            self.open_websockets += 1
+
+    def release(self, *, websocket: bool = False) -> None:
+        """What :meth:`acquire` counted is over; call once per acquire, on every path."""
+        self.active = max(0, self.active - 1)
+        if websocket:
+            self.open_websockets = max(0, self.open_websockets - 1)
+
+    def record_success(self) -> None:
+        """An attempt got an answer: a later failure starts a new run."""
+        self.recent_failures.clear()
+
+    def record_failure(self, *, max_fails: int, fail_timeout: float) -> None:
+        """``max_fails`` failures in a row within ``fail_timeout`` eject for ``fail_timeout``."""
+        self.failures += 1
+        if max_fails == 0:
+            return
+        now = self._clock.seconds()
+        self.recent_failures = [t for t in self.recent_failures if t > now - fail_timeout]
+        self.recent_failures.append(now)
+        if len(self.recent_failures) >= max_fails:
+            self.ejected_until = max(self.ejected_until, now + fail_timeout)
+            self.recent_failures.clear()
+            self._announce(f"{max_fails} failed attempts, out for {fail_timeout:g} s")
+
+    def record_check(self, ok: bool, detail: str = "") -> None:
+        """An active check's result: two failures in a row eject, two successes restore."""
+        if ok:
+            self.check_successes, self.check_failures = self.check_successes + 1, 0
+            if self.check_successes >= CHECKS_TO_RESTORE:
+                self.check_failed = False
+            self._announce(f"{self.check_successes} health checks passed")
+        else:
+            self.check_successes, self.check_failures = 0, self.check_failures + 1
+            if self.check_failures >= CHECKS_TO_EJECT:
+                self.check_failed = True
+            self._announce(f"{self.check_failures} health checks failed, last: {detail}")
+
+    def _announce(self, reason: str) -> None:
+        state = self.state
+        if state == self._announced:
+            return
+        self._announced = state
+        fields = dict(url=self.url, reason=reason, upstream_state=state)
+        if state == DOWN:
+            log.warn("upstream {url} is down: {reason}", **fields)
+        else:
+            log.info("upstream {url} is up: {reason}", **fields)
+
+
+class InstanceRegistry:
+    """One :class:`Instance` per URL, for all routes; iterate it for metrics."""
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self.clock = clock
+        self._instances: dict[str, Instance] = {}
+
+    def instance(self, url: str) -> Instance:
+        if url not in self._instances:
+            self._instances[url] = Instance(url, self.clock)
+        return self._instances[url]
+
+    def __iter__(self) -> Iterator[Instance]:
+        return iter(list(self._instances.values()))
+
+    def __len__(self) -> int:
+        return len(self._instances)
+
+
+# -- a route's pool ------------------------------------------------------------------
+
+
+class UpstreamPool:
+    """The instances of one route, the order to try them in, and what their failures mean."""
+
+    def __init__(
+        self,
+        route_name: str,
+        urls: Sequence[str],
+        registry: InstanceRegistry,
+        *,
+        balance: str | None = None,
+        websocket: bool = False,
+        hash_key: str | None = None,
+        max_fails: int = 1,
+        fail_timeout: float = 10.0,
+        health_check: str | None = None,
+        health_interval: float = 5.0,
+    ) -> None:
+        unique = tuple(dict.fromkeys(urls))
+        if not unique:
+            raise ValueError(f"route {route_name!r} has no upstream")
+        self.route_name = route_name
+        self.fallback = default_balance(websocket)
+        self.balance = parse_balance(balance) if balance is not None else self.fallback
+        check_pool_keys(self.balance, hash_key)
+        self.hash_key = hash_key
+        self.max_fails, self.fail_timeout = max_fails, fail_timeout
+        self.health_check, self.health_interval = health_check, health_interval
+        self.instances = tuple(registry.instance(url) for url in unique)
+        self._ring = HashRing(unique) if self.balance == "hash" else None
+        self._by_url = {instance.url: instance for instance in self.instances}
+        self._cursor = 0
+
+    @classmethod
+    def for_route(cls, route: Any, registry: InstanceRegistry) -> UpstreamPool:
+        """The pool a ``RouteSettings`` (with the :data:`ROUTE_POOL_KEYS` fields) describes."""
+        return cls(
+            route.name,
+            route.upstream,
+            registry,
+            balance=route.balance,
+            websocket=route.websocket,
+            hash_key=route.hash_key,
+            max_fails=route.max_fails,
+            fail_timeout=route.fail_timeout,
+            health_check=route.health_check,
+            health_interval=route.health_interval,
+        )
+
+    def choose(self, key: str | None = None) -> Instance:
+        """The instance for one attempt; raises :class:`NoHealthyUpstream` when all are down."""
+        return next(self.candidates(key, retry=False))
+
+    def candidates(self, key: str | None = None, *, retry: bool) -> Iterator[Instance]:
+        """
+        Instances to try in order, each at most once: the chosen one first,
+        then (with ``retry``) the next healthy one by the same policy, picked
+        when asked for so that failures reported meanwhile count. The first
+        is picked now: :class:`NoHealthyUpstream` is raised by this call.
+        """
+        tried: set[str] = set()
+        first = self._pick(key, tried)
+        if first is None:
+            count = len(self.instances)
+            raise NoHealthyUpstream(
+                f"all {count} upstream instances of route {self.route_name!r} are down"
+            )
+        return self._hand_out(first, key, tried, retry)
+
+    def _hand_out(
+        self, instance: Instance | None, key: str | None, tried: set[str], retry: bool
+    ) -> Iterator[Instance]:
+        while instance is not None:
+            tried.add(instance.url)
+            instance.requests += 1
+            yield instance
+            if not retry:
+                return
+            instance = self._pick(key, tried)
+
+    def _pick(self, key: str | None, tried: set[str]) -> Instance | None:
+        if self._ring is not None and key is not None:
+            for url in self._ring.walk(key):
+                instance = self._by_url[url]
+                if url not in tried and instance.available():
+                    return instance
+            return None
+        count = len(self.instances)
+        rotated = [self.instances[(self._cursor + i) % count] for i in range(count)]
+        ready = [
+            (i, inst)
+            for i, inst in enumerate(rotated)
+            if inst.url not in tried and inst.available()
+        ]
+        if not ready:
+            return None
+        if (self.balance if self._ring is None else self.fallback) == "least_connections":
+            offset, chosen = min(ready, key=lambda pair: (pair[1].active, pair[0]))
+        else:
+            offset, chosen = ready[0]
+        self._cursor = (self._cursor + offset + 1) % count
+        return chosen
+
+    def report_success(self, instance: Instance) -> None:
+        """The attempt got an answer (any HTTP status, or a finished handshake)."""
+        instance.record_success()
+
+    def report_failure(self, instance: Instance) -> None:
+        """The attempt could not connect, or got no answer: passive health counts it."""
+        instance.record_failure(max_fails=self.max_fails, fail_timeout=self.fail_timeout)
+
+
+def upstream_states(pools: Iterable[UpstreamPool]) -> list[tuple[str, str, bool, int]]:
+    """``(route, url, up, active connections)`` per instance of each pool, for metrics."""
+    return [
+        (pool.route_name, instance.url, instance.state == UP, instance.active)
+        for pool in pools
+        for instance in pool.instances
+    ]
