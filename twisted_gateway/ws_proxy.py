@@ -34,16 +34,19 @@ from twisted.internet.error import ConnectError, DNSLookupError
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
+from twisted.python.failure import Failure
 from twisted.web.server import NOT_DONE_YET
 
 from twisted_gateway.auth import strip_query_param
 from twisted_gateway.config import GatewaySettings, RouteSettings
 from twisted_gateway.errors import BadGateway, GatewayError, GatewayTimeout, UpstreamRefused
 from twisted_gateway.headers import WEBSOCKET_HANDSHAKE, upstream_request_headers
+from twisted_gateway.metrics import Metrics
 from twisted_gateway.routing import upstream_url
 from twisted_gateway.upstreams import UpstreamPool, hash_key_value
 
 log = Logger()
+access_log = Logger(namespace="twisted_gateway.access")
 
 OPEN = WebSocketProtocol.STATE_OPEN
 CLOSED = WebSocketProtocol.STATE_CLOSED
@@ -59,6 +62,8 @@ CLIENT_LOST = (1001, b"client went away")
 PEER_FAILED = (1001, b"going away")
 #: Close sent to both legs when the client's token expires.
 TOKEN_EXPIRED = (1008, b"token expired")
+#: Close sent to one leg when the other did not answer a keepalive ping.
+UNRESPONSIVE = (1011, b"peer unresponsive")
 
 
 @dataclass(frozen=True)
@@ -95,9 +100,14 @@ class RelayRegistry:
     def __init__(self) -> None:
         self.handshakes: set[RelayServerProtocol] = set()
         self.pairs: set[RelayServerProtocol] = set()
+        #: client connections per route, from hand-over until both legs are gone
+        self.active: dict[str, int] = {}
 
     def __len__(self) -> int:
         return len(self.pairs)
+
+    def total_active(self) -> int:
+        return sum(self.active.values())
 
 
 # -- the relay legs -----------------------------------------------------------
@@ -108,8 +118,18 @@ class _RelayLeg:
     (Autobahn already uses ``peer`` for the remote address)."""
 
     partner: Any = None
+    #: the client-facing protocol, which keeps the pair's bookkeeping
+    pair: Any = None
+    #: "client" or "upstream": who is at the other end of this leg
+    side: str = ""
     #: set when this leg's close was caused by the other leg (already relayed)
     close_relayed: bool = False
+    #: metrics.MessageFlow counting what this leg receives
+    flow: Any = None
+    messages = 0
+    bytes = 0
+    #: False between a keepalive ping and its pong
+    pong_seen = True
 
     def onMessageBegin(self, isBinary: bool) -> None:
         WebSocketProtocol.onMessageBegin(self, isBinary)
@@ -123,11 +143,11 @@ class _RelayLeg:
         if self.failedByMe:
             return
         peer = self.partner
+        self._buffered += len(payload)
         if self._streaming:
             peer.sendMessageFrame(payload)
             return
         self._chunks.append(payload)
-        self._buffered += len(payload)
         if self._buffered >= STREAM_THRESHOLD and peer.state == OPEN:
             self._streaming = True
             peer.beginMessage(isBinary=self.message_is_binary)
@@ -147,6 +167,21 @@ class _RelayLeg:
         elif peer.state == OPEN:
             peer.sendMessage(b"".join(self._chunks), isBinary=self.message_is_binary)
         self._chunks = []
+        size = self._buffered
+        self.messages += 1
+        self.bytes += size
+        self.flow.count(size)
+
+    def onPong(self, payload: bytes) -> None:
+        self.pong_seen = True
+
+    def unresponsive(self) -> None:
+        """No pong to the gateway's keepalive ping: drop this leg, 1011 to the other."""
+        self.pair.record_end("gateway", 1011)
+        if self.partner is not None:
+            self.partner.close_with(UNRESPONSIVE)
+        self.wasNotCleanReason = "peer unresponsive"
+        self.dropConnection(abort=True)
 
     def onCloseFrame(self, code: int | None, reasonRaw: bytes | None) -> bool | None:
         # A reply to a close the gateway sent (because the other leg closed)
@@ -155,6 +190,7 @@ class _RelayLeg:
         failed = _accept_close_frame(self, code, reasonRaw)
         peer = self.partner
         if relay and not failed and peer is not None and peer.state == OPEN:
+            self.pair.record_end(self.side, self.remoteCloseCode)
             peer.close_relayed = True
             peer.sendCloseFrame(code, reasonRaw)
         return failed
@@ -162,6 +198,8 @@ class _RelayLeg:
     def close_with(self, close: tuple[int, bytes]) -> None:
         """Close this leg with any legal code (``sendClose`` allows only a few)."""
         if self.state == OPEN:
+            if self.pair is not None:
+                self.pair.record_end("gateway", close[0])
             self.close_relayed = True
             self.sendCloseFrame(close[0], close[1])
 
@@ -181,6 +219,8 @@ def _accept_close_frame(proto: WebSocketProtocol, code: int | None, reasonRaw: b
 
 class RelayClientProtocol(_RelayLeg, WebSocketClientProtocol):
     """The upstream-facing leg."""
+
+    side = "upstream"
 
     def __init__(self) -> None:
         super().__init__()
@@ -217,9 +257,14 @@ class RelayServerProtocol(_RelayLeg, WebSocketServerProtocol):
 
     context: HandshakeContext
     factory: RelayServerFactory
+    side = "client"
 
     def __init__(self) -> None:
         super().__init__()
+        self.pair = self
+        #: (side, code) of whatever ended the pair first
+        self.ending: tuple[str, int | None] | None = None
+        self._opened_at = 0.0
         self._handshake: Deferred | None = None
         self._deny: GatewayError | None = None
         self._expiry: Any = None
@@ -238,6 +283,8 @@ class RelayServerProtocol(_RelayLeg, WebSocketServerProtocol):
         def finished(result):
             self._handshake = None
             registry.handshakes.discard(self)
+            if not isinstance(result, Failure):
+                self.factory.metrics.ws_handshake(self.factory.route.name, "accepted")
             return result
 
         d.addBoth(finished)
@@ -341,11 +388,28 @@ class RelayServerProtocol(_RelayLeg, WebSocketServerProtocol):
         else:
             log.failure("unexpected error opening the upstream", failure)
             self._deny = GatewayError("unexpected error opening the upstream")
+        self._count_refusal(self._deny)
         raise ConnectionDeny(self._deny.status, self._deny.detail)
+
+    def _count_refusal(self, error: GatewayError) -> None:
+        metrics, route = self.factory.metrics, self.factory.route.name
+        outcome = _REFUSAL_OUTCOMES.get(error.status)
+        if isinstance(error, UpstreamRefused):
+            outcome = "refused_by_upstream"
+        if error.status == 401:
+            metrics.auth_failure(route, error.error)
+        if outcome is not None:
+            metrics.ws_handshake(route, outcome)
 
     def _pair_with(self, upstream: RelayClientProtocol) -> None:
         self.partner = upstream
         upstream.partner = self
+        upstream.pair = self
+        metrics, route = self.factory.metrics, self.factory.route.name
+        self.flow = metrics.flow(route, "client_to_upstream")
+        upstream.flow = metrics.flow(route, "upstream_to_client")
+        metrics.ws_opened(route)
+        self._opened_at = self.factory.clock.seconds()
         # The client is granted exactly the compression the upstream granted us.
         self.perMessageCompressionAccept = self._mirror_compression(upstream)
         # Each transport pauses the other when its write buffer is full.
@@ -417,16 +481,29 @@ class RelayServerProtocol(_RelayLeg, WebSocketServerProtocol):
         other = upstream if leg is self else self
         if other.state == OPEN and not leg.close_relayed:
             if leg.failedByMe:
+                self.record_end("gateway", leg.localCloseCode)
                 other.close_with(PEER_FAILED)
             elif leg.remoteCloseCode is None and not leg.wasClean:
+                self.record_end(leg.side, 1006)
                 other.close_with(UPSTREAM_LOST if leg is upstream else CLIENT_LOST)
         if self.state == CLOSED and upstream.state == CLOSED:
             self._finish()
 
+    def record_end(self, side: str, code: int | None) -> None:
+        """Remember what ended the pair first (for metrics and the session log)."""
+        if self.ending is None:
+            self.ending = (side, code)
+
     def _finish(self) -> None:
         if self.done.called:
             return
-        self.factory.registry.pairs.discard(self)
+        factory = self.factory
+        route = factory.route.name
+        registry = factory.registry
+        registry.active[route] -= 1
+        if self in registry.pairs:
+            registry.pairs.discard(self)
+            self._log_session()
         if self._expiry is not None:
             self._expiry.cancel()
             self._expiry = None
@@ -441,6 +518,37 @@ class RelayServerProtocol(_RelayLeg, WebSocketServerProtocol):
             upstream.partner = None
         self.partner = None
         self.done.callback(None)
+
+
+    def _log_session(self) -> None:
+        factory, upstream = self.factory, self.partner
+        side, code = self.ending or ("gateway", None)
+        factory.metrics.ws_closed(factory.route.name, side, code)
+        access_log.info(
+            "websocket {route} {path} {peer} closed by {side} ({code}) after {duration:.3f}s",
+            route=factory.route.name,
+            path=self.context.path.decode("latin-1"),
+            peer=self.context.peer,
+            upstream=self._instance.url if self._instance is not None else None,
+            duration=factory.clock.seconds() - self._opened_at,
+            side=side,
+            code=code,
+            messages_in=self.messages,
+            bytes_in=self.bytes,
+            messages_out=upstream.messages if upstream is not None else 0,
+            bytes_out=upstream.bytes if upstream is not None else 0,
+            event="ws_session",
+        )
+
+
+_REFUSAL_OUTCOMES = {
+    401: "unauthorized",
+    403: "forbidden",
+    429: "limited",
+    503: "limited",
+    502: "bad_gateway",
+    504: "gateway_timeout",
+}
 
 
 def _describe(e: BaseException) -> str:
@@ -466,11 +574,13 @@ class RelayServerFactory(WebSocketServerFactory):
         registry: RelayRegistry,
         connect: Callable[[WebSocketClientFactory], Deferred],
         authenticator: Any = None,
+        metrics: Metrics | None = None,
     ) -> None:
         super().__init__()
         self.route, self.gateway, self.clock = route, gateway, clock
         self.registry = registry
         self.authenticator = authenticator
+        self.metrics = metrics if metrics is not None else Metrics(routes=[route.name])
         self._connect = connect
         self.compression = route.ws_compression if route.ws_compression is not None else gateway.ws_compression
         options = dict(
@@ -571,6 +681,8 @@ def hand_over(request, factory: RelayServerFactory, context: HandshakeContext):
     transport = channel.transport
     protocol = factory.buildProtocol(transport.getPeer())
     protocol.context = context
+    registry = factory.registry
+    registry.active[context.route.name] = registry.active.get(context.route.name, 0) + 1
     channel.setTimeout(None)
     channel.transport = None
     if getattr(transport, "producer", None) is not None:
