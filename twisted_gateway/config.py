@@ -145,6 +145,18 @@ def parse_cidrs(text: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Networ
     return tuple(nets)
 
 
+def parse_origins(text: str) -> tuple[str, ...]:
+    """Exact origins (``https://chat.example.com``), ``https://*.example.com`` patterns, or ``*``."""
+    origins = parse_words(text)
+    for origin in origins:
+        if origin == "*":
+            continue
+        parts = urlsplit(origin)
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("",):
+            raise ValueError(f"{origin!r} is not an origin like https://chat.example.com")
+    return tuple(o.lower() for o in origins)
+
+
 def parse_prefix(text: str) -> str:
     return validate_prefix(text.strip())
 
@@ -186,6 +198,11 @@ class GatewaySettings:
     trusted_proxies: tuple[Any, ...] = ()
     drain_timeout: float = 10.0
     drain_spread: float = 0.0
+    max_connections: int = 0
+    max_header_size: int = 16384
+    ws_max_message_size_upstream: int | None = None
+    ws_ping_interval: float = 25.0
+    ws_ping_timeout: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -202,6 +219,9 @@ class RouteSettings:
     fail_timeout: float = 10.0
     health_check: str | None = None
     health_interval: float = 5.0
+    max_websockets: int = 0
+    allowed_origins: tuple[str, ...] = ("*",)
+    allow_null_origin: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -210,10 +230,16 @@ class DemoSettings:
 
 
 @dataclass(frozen=True)
+class AdminSettings:
+    listen: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Settings:
     gateway: GatewaySettings = field(default_factory=GatewaySettings)
     routes: tuple[RouteSettings, ...] = ()
     demo: DemoSettings = field(default_factory=DemoSettings)
+    admin: AdminSettings = field(default_factory=AdminSettings)
     auth: Any = None  # auth.AuthSettings when there is an [auth] section
     source: str = "<settings>"
 
@@ -230,6 +256,11 @@ _GATEWAY_KEYS: Mapping[str, Key] = {
     "trusted_proxies": Key(parse_cidrs, ()),
     "drain_timeout": Key(parse_positive_float, 10.0),
     "drain_spread": Key(parse_non_negative_float, 0.0),
+    "max_connections": Key(parse_non_negative_int, 0),
+    "max_header_size": Key(parse_positive_int, 16384),
+    "ws_max_message_size_upstream": Key(parse_positive_int, None),
+    "ws_ping_interval": Key(parse_non_negative_float, 25.0),
+    "ws_ping_timeout": Key(parse_positive_float, 10.0),
 }
 
 _ROUTE_KEYS: Mapping[str, Key] = {
@@ -240,6 +271,13 @@ _ROUTE_KEYS: Mapping[str, Key] = {
     # default: "required" when there is an [auth] section, "none" otherwise
     "auth": Key(one_of("required", "optional", "none"), None),
     **{name: Key(parse, default) for name, (parse, default) in ROUTE_POOL_KEYS.items()},
+    "max_websockets": Key(parse_non_negative_int, 0),
+    "allowed_origins": Key(parse_origins, ("*",)),
+    "allow_null_origin": Key(parse_bool, None),
+}
+
+_ADMIN_KEYS: Mapping[str, Key] = {
+    "listen": Key(parse_endpoints, ()),
 }
 
 _DEMO_KEYS: Mapping[str, Key] = {
@@ -288,6 +326,7 @@ def parse_config(text: str, source: str = "<string>") -> Settings:
 
     gateway = GatewaySettings()
     demo = DemoSettings()
+    admin = AdminSettings()
     auth = None
     route_values: list[tuple[str, dict[str, Any]]] = []
     for section in parser.sections():
@@ -296,6 +335,8 @@ def parse_config(text: str, source: str = "<string>") -> Settings:
             auth = parse_auth_section(source, values)
         elif section == "gateway":
             gateway = GatewaySettings(**_read_section(source, section, values, _GATEWAY_KEYS))
+        elif section == "admin":
+            admin = AdminSettings(**_read_section(source, section, values, _ADMIN_KEYS))
         elif section == "demo":
             demo = DemoSettings(**_read_section(source, section, values, _DEMO_KEYS))
         elif section.startswith("route:") and section[len("route:") :].strip():
@@ -332,7 +373,9 @@ def parse_config(text: str, source: str = "<string>") -> Settings:
         seen[route.prefix] = route.name
     if not routes:
         raise ConfigError(source, None, None, "no [route:NAME] section")
-    return Settings(gateway=gateway, routes=tuple(routes), demo=demo, auth=auth, source=source)
+    return Settings(
+        gateway=gateway, routes=tuple(routes), demo=demo, admin=admin, auth=auth, source=source
+    )
 
 
 def load_config(path: str) -> Settings:
@@ -357,3 +400,41 @@ def with_listen(settings: Settings, listen: list[str]) -> Settings:
         except ValueError as e:
             raise ConfigError("--listen", None, None, str(e)) from None
     return replace(settings, gateway=replace(settings.gateway, listen=tuple(listen)))
+
+
+#: Settings fields that hold key material: shown as "(set)", never printed.
+_SECRET_FIELDS = frozenset({"secret", "public_key", "jwks", "client_key"})
+
+
+def describe_settings(settings: Settings) -> str:
+    """The effective configuration as INI text, secrets masked (for ``--check``)."""
+    from dataclasses import fields
+
+    def section(title: str, values: Any, skip: tuple[str, ...] = ()) -> list[str]:
+        lines = [f"[{title}]"]
+        for f in fields(values):
+            if f.name in skip:
+                continue
+            value = getattr(values, f.name)
+            if f.name in _SECRET_FIELDS:
+                text = "(set)" if value else ""
+            elif isinstance(value, (tuple, list)):
+                text = " ".join(str(v) for v in value)
+            elif value is None:
+                text = ""
+            else:
+                text = str(value).lower() if isinstance(value, bool) else str(value)
+            lines.append(f"{f.name} = {text}".rstrip())
+        return lines + [""]
+
+    out = [f"; effective configuration of {settings.source}", ""]
+    out += section("gateway", settings.gateway)
+    if settings.admin.listen:
+        out += section("admin", settings.admin)
+    if settings.auth is not None:
+        out += section("auth", settings.auth)
+    for route in settings.routes:
+        out += section(f"route:{route.name}", route, skip=("name",))
+    if settings.demo.chat_service:
+        out += section("demo", settings.demo)
+    return "\n".join(out)

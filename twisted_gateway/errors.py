@@ -8,6 +8,7 @@ of these, so clients always get ``{"error": ..., "detail": ...}``.
 from __future__ import annotations
 
 import json
+from http import HTTPStatus
 from typing import Sequence
 
 from twisted.web.http import RESPONSES
@@ -37,7 +38,13 @@ class GatewayError(Exception):
 
     @property
     def phrase(self) -> bytes:
-        return RESPONSES.get(self.status, b"Error")
+        phrase = RESPONSES.get(self.status)
+        if phrase is None:
+            try:
+                phrase = HTTPStatus(self.status).phrase.encode("ascii")
+            except ValueError:
+                phrase = b"Error"
+        return phrase
 
     def body(self) -> bytes:
         return json_body(self.error, self.detail)

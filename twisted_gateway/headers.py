@@ -135,3 +135,28 @@ def upstream_request_headers(
     if host:
         kept.append((b"X-Forwarded-Host", host))
     return kept
+
+
+def origin_allowed(origin: bytes | None, allowed: Sequence[str], allow_null: bool | None) -> bool:
+    """
+    The Origin policy of a route: no ``Origin`` (a non-browser client) passes;
+    ``null`` passes only when allowed (by default only under ``*``); otherwise
+    the origin must equal an allowed one or match a ``scheme://*.domain`` pattern.
+    """
+    if origin is None:
+        return True
+    text = origin.decode("latin-1").strip().lower()
+    if text == "null":
+        return allow_null if allow_null is not None else "*" in allowed
+    if "*" in allowed:
+        return True
+    scheme, sep, host = text.partition("://")
+    for pattern in allowed:
+        if pattern == text:
+            return True
+        p_scheme, _, p_host = pattern.partition("://")
+        if sep and p_host.startswith("*.") and p_scheme == scheme:
+            suffix = p_host[1:]
+            if host.endswith(suffix) and len(host) > len(suffix):
+                return True
+    return False

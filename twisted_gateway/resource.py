@@ -20,11 +20,19 @@ from twisted_gateway.auth import strip_query_param
 
 from twisted_gateway.config import RouteSettings, Settings
 from twisted_gateway.errors import BadRequest, GatewayError, NotFound, render_error
-from twisted_gateway.headers import is_websocket_upgrade
+from twisted_gateway.headers import is_websocket_upgrade, origin_allowed
+from twisted_gateway.metrics import UNROUTED, Metrics, MetricsResource
 from twisted_gateway.routing import RouteTable, normalize_path, split_uri
-from twisted_gateway.upstreams import InstanceRegistry, UpstreamPool, hash_key_value
+from twisted_gateway.upstreams import (
+    UP,
+    InstanceRegistry,
+    UpstreamPool,
+    hash_key_value,
+    upstream_states,
+)
 from twisted_gateway.ws_proxy import (
     HandshakeContext,
+    KeepAlive,
     RelayRegistry,
     RelayServerFactory,
     endpoint_connector,
@@ -49,9 +57,11 @@ class GatewayResource(Resource):
         ws_connect: Any = None,
         authenticator: Any = None,
         upstreams: InstanceRegistry | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         super().__init__()
         self.settings = settings
+        self.clock = reactor
         self.registry = registry if registry is not None else RelayRegistry()
         self.http_forwarder = http_forwarder
         if authenticator is None and settings.auth is not None:
@@ -64,6 +74,17 @@ class GatewayResource(Resource):
         #: health and counters per upstream URL, shared by the routes naming it
         self.upstreams = upstreams if upstreams is not None else InstanceRegistry(reactor)
         self.pools = {r.name: UpstreamPool.for_route(r, self.upstreams) for r in settings.routes}
+        self.metrics = metrics or Metrics(
+            routes=[r.name for r in settings.routes],
+            upstreams=lambda: upstream_states(self.pools.values()),
+        )
+        #: False when an [admin] listener serves /metrics instead
+        self.serve_metrics = True
+        self._metrics_page = MetricsResource(self.metrics.registry)
+        self.keepalive = KeepAlive(
+            self.registry, reactor, settings.gateway.ws_ping_interval, settings.gateway.ws_ping_timeout
+        )
+        self.health_checker = _build_health_checker(self.pools.values(), reactor, settings, connect)
         self._ws_factories = {
             route.name: RelayServerFactory(
                 route,
@@ -72,38 +93,58 @@ class GatewayResource(Resource):
                 registry=self.registry,
                 connect=connect,
                 authenticator=authenticator,
+                metrics=self.metrics,
             )
             for route in settings.routes
             if route.websocket
         }
 
+    def start(self) -> None:
+        """Start the background work: keepalive pings, health checks, JWKS refresh."""
+        self.keepalive.start()
+        if self.health_checker is not None:
+            self.health_checker.start()
+        if self.authenticator is not None:
+            self.authenticator.start()
+
+    async def stop(self) -> None:
+        """Stop what :meth:`start` started; waits for checks and fetches in flight."""
+        self.keepalive.stop()
+        if self.health_checker is not None:
+            await self.health_checker.stop()
+        if self.authenticator is not None:
+            stopping = self.authenticator.stop()
+            if stopping is not None:
+                await stopping
+
     def render(self, request) -> bytes | int:
         try:
             return self._route(request)
         except GatewayError as e:
+            if not getattr(request, "_gateway_counted", False):
+                self._count_http(request, UNROUTED)
             return render_error(request, e)
+
+    def _count_http(self, request, route_name: str) -> None:
+        """Count the request in the metrics when it finishes (or the client leaves)."""
+        request._gateway_counted = True
+        started = self.clock.seconds()
+
+        def count(_):
+            duration = self.clock.seconds() - started
+            self.metrics.http_request(route_name, request.method, request.code, duration)
+
+        request.notifyFinish().addBoth(count)
 
     def _route(self, request) -> bytes | int:
         raw_path, query = split_uri(request.uri)
         path = normalize_path(_below_mount_point(raw_path, len(request.prepath)))
-        if path == b"/healthz" and request.method in (b"GET", b"HEAD"):
-            request.setHeader(b"content-type", b"application/json")
-            status = {
-                "status": "ok",
-                "websockets": len(self.registry.pairs),
-                "handshakes": len(self.registry.handshakes),
-            }
-            return json.dumps(status).encode() + b"\n"
-        if path == b"/readyz" and request.method in (b"GET", b"HEAD"):
-            request.setHeader(b"content-type", b"application/json")
-            if self.draining:
-                request.setResponseCode(503)
-                return b'{"status": "draining"}\n'
-            return b'{"status": "ready"}\n'
+        if request.method in (b"GET", b"HEAD"):
+            own = self._own_page(request, path)
+            if own is not None:
+                return own
         if self.draining:
-            raise GatewayError(
-                "the gateway is shutting down", status=503, error="service_unavailable"
-            )
+            raise GatewayError("the gateway is shutting down", status=503, error="service_unavailable")
         route = self._table.match(path)
         if route is None:
             raise NotFound(f"no route for {path.decode('ascii', 'replace')}")
@@ -111,19 +152,8 @@ class GatewayResource(Resource):
         flat = [(name, value) for name, values in headers for value in values]
         pool = self.pools[route.name]
         if is_websocket_upgrade(request.method, flat):
-            if not route.websocket:
-                raise BadRequest(f"route {route.name!r} does not accept WebSocket upgrades")
-            context = HandshakeContext(
-                route=route,
-                pool=pool,
-                path=path,
-                query=query,
-                peer=_peer_host(request),
-                scheme="https" if request.isSecure() else "http",
-                host=request.getHeader(b"host"),
-                headers=flat,
-            )
-            return hand_over(request, self._ws_factories[route.name], context)
+            return self._upgrade(request, route, pool, path, query, flat)
+        self._count_http(request, route.name)
         if self.http_forwarder is None:
             raise GatewayError("this gateway has no HTTP forwarder", status=501, error="not_implemented")
         if self.authenticator is None or route.auth == "none":
@@ -132,6 +162,61 @@ class GatewayResource(Resource):
         request.notifyFinish().addErrback(lambda _: d.cancel())
         d.addErrback(lambda f: None if f.check(CancelledError) else log.failure("auth failed", f))
         return NOT_DONE_YET
+
+    def _own_page(self, request, path: bytes) -> bytes | None:
+        """The gateway's own pages: /healthz, /readyz and (unless on [admin]) /metrics."""
+        if path == b"/healthz":
+            status = {
+                "status": "ok",
+                "websockets": len(self.registry.pairs),
+                "handshakes": len(self.registry.handshakes),
+            }
+            return _json(request, 200, status)
+        if path == b"/readyz":
+            if self.draining:
+                return _json(request, 503, {"status": "draining"})
+            for name, pool in self.pools.items():
+                if not any(instance.state == UP for instance in pool.instances):
+                    detail = f"route {name!r} has no healthy upstream instance"
+                    return _json(request, 503, {"status": "not_ready", "detail": detail})
+            return _json(request, 200, {"status": "ready"})
+        if path == b"/metrics" and self.serve_metrics:
+            return self._metrics_page.render(request)
+        return None
+
+    def _upgrade(self, request, route, pool, path, query, headers) -> bytes | int:
+        """Refuse what limits and the Origin policy forbid; hand the rest to the relay."""
+        name = route.name
+        if not route.websocket:
+            raise BadRequest(f"route {name!r} does not accept WebSocket upgrades")
+        gateway = self.settings.gateway
+        limit = None
+        if gateway.max_connections and self.registry.total_active() >= gateway.max_connections:
+            limit = f"the gateway holds its maximum of {gateway.max_connections} WebSockets"
+        elif route.max_websockets and self.registry.active.get(name, 0) >= route.max_websockets:
+            limit = f"route {name!r} holds its maximum of {route.max_websockets} WebSockets"
+        if limit is not None:
+            self.metrics.ws_handshake(name, "limited")
+            raise GatewayError(limit, status=503, error="limited")
+        origin = request.getHeader(b"origin")
+        if not origin_allowed(origin, route.allowed_origins, route.allow_null_origin):
+            self.metrics.ws_handshake(name, "forbidden")
+            raise GatewayError(
+                f"origin {origin.decode('latin-1')!r} is not allowed on route {name!r}",
+                status=403,
+                error="forbidden_origin",
+            )
+        context = HandshakeContext(
+            route=route,
+            pool=pool,
+            path=path,
+            query=query,
+            peer=_peer_host(request),
+            scheme="https" if request.isSecure() else "http",
+            host=request.getHeader(b"host"),
+            headers=headers,
+        )
+        return hand_over(request, self._ws_factories[name], context)
 
     async def _authenticate_and_forward(self, request, route, path, query, headers) -> None:
         """Check the token once, then forward with the identity; a refusal never goes upstream."""
@@ -169,6 +254,29 @@ def _below_mount_point(path: bytes, depth: int) -> bytes:
 def _peer_host(request) -> str:
     peer = request.getClientAddress()
     return getattr(peer, "host", None) or "unix"
+
+
+def _json(request, status: int, body: dict) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", b"application/json")
+    return json.dumps(body).encode() + b"\n"
+
+
+def _build_health_checker(pools, reactor: Any, settings: Settings, connect: Any) -> Any:
+    """Active checks for the routes that ask for them (``health_check``), else None."""
+    if not any(route.health_check for route in settings.routes):
+        return None
+    from treq.client import HTTPClient
+    from twisted.web.client import Agent, HTTPConnectionPool
+
+    from twisted_gateway.health import HealthChecker
+
+    agent = Agent(
+        reactor,
+        connectTimeout=settings.gateway.connect_timeout,
+        pool=HTTPConnectionPool(reactor, persistent=False),
+    )
+    return HealthChecker(list(pools), reactor, HTTPClient(agent), ws_connect=connect)
 
 
 def _build_authenticator(auth: Any, reactor: Any) -> Any:

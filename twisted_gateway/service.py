@@ -7,19 +7,23 @@ its own reactor can build one too.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
+from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from twisted_gateway.config import Settings
-from twisted_gateway.http_proxy import GatewayRequest, HTTPForwarder
-from twisted_gateway.logs import access_log_formatter
+from twisted_gateway.http_proxy import HTTPForwarder
+from twisted_gateway.metrics import MetricsResource
 from twisted_gateway.resource import GatewayResource
+from twisted_gateway.site import build_site
 from twisted_gateway.ws_proxy import RelayRegistry
 
 log = Logger()
@@ -34,7 +38,12 @@ class ListeningService(StreamServerEndpointService):
         self.description, self.role = description, role
 
     def privilegedStartService(self) -> None:
-        super().privilegedStartService()
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            # One line and a non-zero exit, as for a bad config; never a traceback.
+            sys.stderr.write(f"wsgateway: {self.role} cannot listen on {self.description}: {e.socketError}\n")
+            raise SystemExit(1)
         self._waitingForPort.addCallback(self._listening)
 
     def _listening(self, port: Any) -> Any:
@@ -62,10 +71,7 @@ class GatewayService(MultiService):
         self.resource = GatewayResource(
             settings, reactor=reactor, registry=self.registry, http_forwarder=self.http_forwarder
         )
-        token_params = [settings.auth.query_param] if settings.auth is not None else []
-        self.site = Site(self.resource, logFormatter=access_log_formatter(token_params))
-        self.site.requestFactory = GatewayRequest.for_settings(settings.gateway)
-        self.site.noisy = False
+        self.site = build_site(self.resource, settings)
         if settings.demo.chat_service:
             from twisted_gateway.demo.chat import build_chat_site
 
@@ -76,6 +82,15 @@ class GatewayService(MultiService):
             ListeningService(reactor, description, self.site, "wsgateway")
             for description in settings.gateway.listen
         ]
+        if settings.admin.listen:
+            # /metrics (and the health pages) move to the admin endpoints only.
+            self.resource.serve_metrics = False
+            admin = Resource()
+            admin.putChild(b"metrics", MetricsResource(self.resource.metrics.registry))
+            admin_site = Site(admin)
+            admin_site.noisy = False
+            for description in settings.admin.listen:
+                ListeningService(reactor, description, admin_site, "admin").setServiceParent(self)
         for listener in self.listeners:
             listener.setServiceParent(self)
 
@@ -111,8 +126,7 @@ class GatewayService(MultiService):
 
     def startService(self) -> None:
         super().startService()
-        if self.resource.authenticator is not None:
-            self.resource.authenticator.start()
+        self.resource.start()
 
     def stopService(self) -> Deferred:
         return Deferred.fromCoroutine(self._drain_and_stop())
@@ -141,10 +155,7 @@ class GatewayService(MultiService):
             if timer.active():
                 timer.cancel()
         await super().stopService()
-        if self.resource.authenticator is not None:
-            stopping = self.resource.authenticator.stop()
-            if stopping is not None:
-                await stopping
+        await self.resource.stop()
         if self.http_forwarder is not None:
             await self.http_forwarder.close()
 

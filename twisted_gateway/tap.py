@@ -18,6 +18,9 @@ class Options(usage.Options):
     synopsis = "[options]"
     longdesc = "Run the gateway configured by an INI file (default ./tap.cfg)."
     optParameters = [["config", "c", "tap.cfg", "Path to the config file."]]
+    optFlags = [
+        ["check", None, "Validate the config, print it (secrets masked) and exit, like nginx -t."]
+    ]
 
     def __init__(self) -> None:
         super().__init__()
@@ -37,6 +40,12 @@ class Options(usage.Options):
         except ConfigError as e:
             sys.stderr.write(f"wsgateway: {e}\n")
             raise SystemExit(1)
+        if self["check"]:
+            from twisted_gateway.config import describe_settings
+
+            sys.stdout.write(describe_settings(settings) + "\n")
+            sys.stdout.write(f"wsgateway: {self['config']}: configuration OK\n")
+            raise SystemExit(0)
         self["settings"] = settings
 
 

@@ -32,6 +32,7 @@ from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.error import ConnectError, DNSLookupError
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.python.failure import Failure
@@ -596,7 +597,8 @@ class RelayServerFactory(WebSocketServerFactory):
         self._client_template.protocol = RelayClientProtocol
         self._client_template.noisy = False
         self._client_template.setProtocolOptions(
-            maxMessagePayloadSize=gateway.ws_max_message_size,
+            maxMessagePayloadSize=gateway.ws_max_message_size_upstream
+            or gateway.ws_max_message_size,
             openHandshakeTimeout=0,
             closeHandshakeTimeout=5,
             serverConnectionDropTimeout=5,
@@ -700,6 +702,54 @@ def hand_over(request, factory: RelayServerFactory, context: HandshakeContext):
         data.append(name + b": " + b", ".join(values))
     protocol.dataReceived(b"\r\n".join(data) + b"\r\n\r\n" + request.content.read())
     return NOT_DONE_YET
+
+
+class KeepAlive:
+    """
+    Keepalive pings on both legs of every pair, driven by one timer for the
+    whole gateway (on the injected clock): every ``interval`` seconds each open
+    leg is pinged; a leg without a pong ``timeout`` seconds later is dropped
+    and the other leg closed with 1011 "peer unresponsive".
+    """
+
+    def __init__(self, registry: RelayRegistry, clock: IReactorTime, interval: float, timeout: float) -> None:
+        self.registry, self.clock = registry, clock
+        self.interval, self.timeout = interval, timeout
+        self._loop: LoopingCall | None = None
+        self._check: Any = None
+
+    def start(self) -> None:
+        if self.interval > 0 and self._loop is None:
+            self._loop = LoopingCall(self._ping_all)
+            self._loop.clock = self.clock
+            self._loop.start(self.interval, now=False)
+
+    def stop(self) -> None:
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._loop = None
+        if self._check is not None and self._check.active():
+            self._check.cancel()
+        self._check = None
+
+    def _ping_all(self) -> None:
+        if self._check is not None and self._check.active():
+            return  # the last round's pongs are still awaited
+        pinged = []
+        for pair in list(self.registry.pairs):
+            for leg in (pair, pair.partner):
+                if leg is not None and leg.state == OPEN:
+                    leg.pong_seen = False
+                    leg.sendPing(b"wsgateway")
+                    pinged.append(leg)
+        if pinged:
+            self._check = self.clock.callLater(self.timeout, self._check_pongs, pinged)
+
+    def _check_pongs(self, legs: list) -> None:
+        self._check = None
+        for leg in legs:
+            if not leg.pong_seen and leg.state == OPEN:
+                leg.unresponsive()
 
 
 def endpoint_connector(reactor, timeout: float) -> Callable[[WebSocketClientFactory], Deferred]:
