@@ -111,7 +111,8 @@ class Upstream(WebSocketServerFactory):
         self.connected: list = []
         self.open_protocols: set = set()
         self._connect_waiters: list[Deferred] = []
-        self.setProtocolOptions(**options)
+        # setProtocolOptions resets allowNullOrigin to False unless told otherwise
+        self.setProtocolOptions(**{"allowNullOrigin": True, **options})
 
     def choose_protocol(self, offered):
         return self.subprotocol if self.subprotocol in offered else None

@@ -44,6 +44,7 @@ from twisted_gateway.errors import BadGateway, GatewayError, GatewayTimeout, Ups
 from twisted_gateway.headers import WEBSOCKET_HANDSHAKE, upstream_request_headers
 from twisted_gateway.metrics import Metrics
 from twisted_gateway.routing import upstream_url
+from twisted_gateway.tls import describe_tls_failure
 from twisted_gateway.upstreams import UpstreamPool, hash_key_value
 
 log = Logger()
@@ -222,6 +223,8 @@ class RelayClientProtocol(_RelayLeg, WebSocketClientProtocol):
     """The upstream-facing leg."""
 
     side = "upstream"
+    #: why TLS with the upstream failed, when it did (named in the 502)
+    tls_failure: str | None = None
 
     def __init__(self) -> None:
         super().__init__()
@@ -230,6 +233,10 @@ class RelayClientProtocol(_RelayLeg, WebSocketClientProtocol):
     def _cancel_open(self, d: Deferred) -> None:
         if self.transport is not None:
             self.transport.abortConnection()
+
+    def connectionLost(self, reason) -> None:
+        self.tls_failure = describe_tls_failure(reason.value)
+        super().connectionLost(reason)
 
     def onOpen(self) -> None:
         if not self.opened.called:
@@ -246,6 +253,8 @@ class RelayClientProtocol(_RelayLeg, WebSocketClientProtocol):
                     status = int(parts[1])
                     phrase = parts[2] if len(parts) > 2 else ""
             reason_text = getattr(self, "wasNotCleanReason", None) or "connection closed"
+            if self.tls_failure is not None:
+                reason_text = f"TLS: {self.tls_failure}"
             self.opened.errback(UpstreamHandshakeFailed(reason_text, status, phrase))
             return
         server = self.partner
@@ -591,6 +600,8 @@ class RelayServerFactory(WebSocketServerFactory):
             failByDrop=False,
             echoCloseCodeReason=True,
             webStatus=False,
+            # the route's Origin policy (resource.py) is the only one applied
+            allowNullOrigin=True,
         )
         self.setProtocolOptions(**options)
         self._client_template = WebSocketClientFactory(url="ws://upstream/", useragent=None)
@@ -752,15 +763,25 @@ class KeepAlive:
                 leg.unresponsive()
 
 
-def endpoint_connector(reactor, timeout: float) -> Callable[[WebSocketClientFactory], Deferred]:
-    """Connect an upstream factory over TCP, or TLS for ``wss://`` (certificate verified)."""
+def endpoint_connector(
+    reactor, timeout: float, tls_policy: Any = None
+) -> Callable[[WebSocketClientFactory], Deferred]:
+    """
+    Connect an upstream factory over TCP, or TLS for ``wss://``: ``tls_policy``
+    (an ``IPolicyForHTTPS``, e.g. ``tls.UpstreamTLSPolicy``) gives the
+    connection creator for the host and port; by default the system trust
+    store verifies the certificate and host name.
+    """
     from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-    from twisted.internet.ssl import optionsForClientTLS
+    from twisted.web.client import BrowserLikePolicyForHTTPS
+
+    policy = tls_policy if tls_policy is not None else BrowserLikePolicyForHTTPS()
 
     def connect(factory: WebSocketClientFactory) -> Deferred:
         endpoint = HostnameEndpoint(reactor, factory.host, factory.port, timeout=timeout)
         if factory.isSecure:
-            endpoint = wrapClientTLS(optionsForClientTLS(factory.host), endpoint)
+            creator = policy.creatorForNetloc(factory.host.encode("idna"), factory.port)
+            endpoint = wrapClientTLS(creator, endpoint)
         return endpoint.connect(factory)
 
     return connect

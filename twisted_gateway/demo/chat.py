@@ -143,6 +143,7 @@ class ChatFactory(WebSocketServerFactory):
             perMessageCompressionAccept=_accept_deflate,
             maxMessagePayloadSize=MAX_MESSAGE_BYTES,
             webStatus=False,  # a plain GET gets 426, not a status page
+            allowNullOrigin=True,  # setProtocolOptions would reset it; the gateway decides
         )
 
 

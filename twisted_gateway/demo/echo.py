@@ -69,6 +69,7 @@ def build_echo_factory(
         # instead of dropping the TCP connection.
         failByDrop=False,
         perMessageCompressionAccept=accept_deflate,
+        allowNullOrigin=True,  # setProtocolOptions would reset it; the gateway decides
     )
     return factory
 

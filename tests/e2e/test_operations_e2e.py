@@ -1,0 +1,416 @@
+"""
+Operating ``twistd wsgateway`` as a real process: a SIGTERM drain with 50
+WebSockets open, JSON log lines from ``--logger``, and ``--check``.
+
+Peers are subprocesses too: a ``websockets`` upstream that prints the close
+code of every connection it had, and a ``websockets`` client script holding
+many connections. Every process is killed in a ``finally``; timeouts only stop
+a hung process from hanging the run.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import jwt
+import pytest
+from websockets.sync.client import connect as ws_connect
+
+pytestmark = pytest.mark.no_reactor_check
+
+TWISTD = Path(sys.executable).with_name("twistd")
+#: Only against a hung process; none of these is a speed expectation.
+GUARD = 30
+#: The drain's own bound, far above what 50 closes need.
+DRAIN_TIMEOUT = 20
+CONNECTIONS = 50
+SECRET = "e2e-operations-secret-0123456789abcdef"
+LISTENING = re.compile(r"\bwsgateway listening on \S+ \(port (\d+)\)")
+
+#: An echo upstream that prints its port, then one line per connection that ended.
+UPSTREAM_SCRIPT = """
+import asyncio, sys
+from websockets.asyncio.server import serve
+from websockets.exceptions import ConnectionClosed
+
+async def echo(ws):
+    try:
+        async for message in ws:
+            await ws.send(message)
+    except ConnectionClosed:
+        pass
+    await ws.wait_closed()
+    print("CLOSE", ws.close_code, ws.close_reason or "-", flush=True)
+
+async def main():
+    async with serve(echo, "127.0.0.1", 0, ping_interval=None) as server:
+        print("PORT", server.sockets[0].getsockname()[1], flush=True)
+        await asyncio.Future()
+
+asyncio.run(main())
+"""
+
+#: Opens N WebSockets (each proven end to end by one echo), then reports every close.
+CLIENTS_SCRIPT = """
+import asyncio, sys
+from websockets.asyncio.client import connect
+
+async def one(url, i):
+    ws = await connect(url, ping_interval=None, open_timeout=30)
+    await ws.send(f"hello {i}")
+    assert await ws.recv() == f"hello {i}"
+    return ws
+
+async def main(url, count):
+    connections = await asyncio.gather(*(one(url, i) for i in range(count)))
+    print("OPEN", count, flush=True)
+
+    async def closed(i, ws):
+        await ws.wait_closed()
+        print("CLOSE", i, ws.close_code, ws.close_reason or "-", flush=True)
+
+    await asyncio.gather(*(closed(i, ws) for i, ws in enumerate(connections)))
+    print("DONE", flush=True)
+
+asyncio.run(main(sys.argv[1], int(sys.argv[2])))
+"""
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("PYTHONPATH", None)
+    return env
+
+
+class _Lines:
+    """The output lines of a stream, read in a thread so a test can wait with a guard."""
+
+    def __init__(self, stream) -> None:
+        self.seen: list[str] = []
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._ended = False
+        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _read(self, stream) -> None:
+        for line in stream:
+            self._queue.put(line)
+        self._queue.put(None)
+
+    def next(self, timeout: float = GUARD) -> str | None:
+        """The next line, or None at the end of output."""
+        if self._ended:
+            return None
+        try:
+            line = self._queue.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"no new output in {timeout} s:\n{self.text()}") from None
+        if line is None:
+            self._ended = True
+            return None
+        self.seen.append(line)
+        return line
+
+    def wait_for(self, pattern: re.Pattern[str] | str) -> re.Match[str]:
+        pattern = re.compile(pattern)
+        while True:
+            line = self.next()
+            if line is None:
+                raise AssertionError(f"output ended before {pattern.pattern!r}:\n{self.text()}")
+            match = pattern.search(line)
+            if match:
+                return match
+
+    def wait_for_json(self, predicate) -> dict:
+        """The next JSON line for which ``predicate`` is true."""
+        while True:
+            line = self.next()
+            if line is None:
+                raise AssertionError(f"output ended before the awaited event:\n{self.text()}")
+            event = json.loads(line)
+            if predicate(event):
+                return event
+
+    def rest(self) -> str:
+        """Everything, once the stream has ended."""
+        while self.next() is not None:
+            pass
+        return self.text()
+
+    def text(self) -> str:
+        return "".join(self.seen)
+
+
+class _Process:
+    """A subprocess whose stdout is read line by line (stderr kept apart)."""
+
+    def __init__(self, args: list[str], cwd: Path) -> None:
+        self.process = subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_env(),
+            cwd=cwd,
+        )
+        self.out = _Lines(self.process.stdout)
+        self.err = _Lines(self.process.stderr)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(GUARD)
+        self.out.rest()
+        self.err.rest()
+        for stream in (self.process.stdout, self.process.stderr):
+            stream.close()
+
+
+def _script(tmp_path: Path, name: str, text: str, *args: str) -> _Process:
+    path = tmp_path / name
+    path.write_text(text)
+    return _Process([sys.executable, str(path), *args], tmp_path)
+
+
+def _gateway(tmp_path: Path, config: str, *twistd_args: str) -> _Process:
+    path = tmp_path / "gateway.cfg"
+    path.write_text(config)
+    return _Process(
+        [str(TWISTD), "-n", "--pidfile=", *twistd_args, "wsgateway", "--config", str(path)],
+        tmp_path,
+    )
+
+
+def _get(port: int, path: str) -> tuple[int, dict]:
+    """A GET on a connection of its own (http.client never uses an environment proxy)."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=GUARD)
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        connection.close()
+
+
+def _config(upstream_port: int, extra_gateway: str = "", auth: bool = False) -> str:
+    auth_section = f"[auth]\nalgorithms = HS256\nsecret = {SECRET}\n" if auth else ""
+    return f"""
+[gateway]
+listen = tcp:0:interface=127.0.0.1
+{extra_gateway}
+
+{auth_section}
+[route:chat]
+prefix = /v1/chat
+upstream = http://127.0.0.1:{upstream_port}
+"""
+
+
+# -- SIGTERM drains ---------------------------------------------------------------------
+
+
+def test_sigterm_with_50_open_websockets_closes_every_leg_with_1001_and_exits_0(tmp_path):
+    """
+    SIGTERM drains: ``/readyz`` answers 503 and new requests 503 while the
+    listener stays open, all 50 clients and all 50 upstream connections get a
+    1001 close, and the process exits with status 0 well before the drain
+    timeout would have cut the drain short.
+    """
+    processes: list[_Process] = []
+    try:
+        upstream = _script(tmp_path, "upstream.py", UPSTREAM_SCRIPT)
+        processes.append(upstream)
+        upstream_port = int(upstream.out.wait_for(r"^PORT (\d+)").group(1))
+
+        extra = f"drain_spread = 2\ndrain_timeout = {DRAIN_TIMEOUT}"
+        gateway = _gateway(tmp_path, _config(upstream_port, extra))
+        processes.append(gateway)
+        port = int(gateway.out.wait_for(LISTENING).group(1))
+        assert _get(port, "/readyz") == (200, {"status": "ready"})
+
+        url = f"ws://127.0.0.1:{port}/v1/chat/ws"
+        clients = _script(tmp_path, "clients.py", CLIENTS_SCRIPT, url, str(CONNECTIONS))
+        processes.append(clients)
+        clients.out.wait_for(rf"^OPEN {CONNECTIONS}$")
+        assert _get(port, "/healthz")[1]["websockets"] == CONNECTIONS
+
+        gateway.process.send_signal(signal.SIGTERM)
+        readyz = new_work = None
+        # Probe while the drain runs (closes are spread over 2 s); a guard, not a deadline.
+        for _ in range(GUARD * 100):
+            if readyz is not None and new_work is not None:
+                break
+            try:
+                if readyz is None:
+                    status, body = _get(port, "/readyz")
+                    if status != 200:
+                        readyz = (status, body)
+                else:
+                    new_work = _get(port, "/v1/chat/rooms")
+            except OSError:
+                break  # the listener is gone: the drain is over
+            time.sleep(0.01)
+        assert readyz == (503, {"status": "draining"})
+        assert new_work is not None, "the listener closed before a new request could be tried"
+        status, body = new_work
+        assert status == 503 and body["error"] == "service_unavailable", body
+
+        status = gateway.process.wait(DRAIN_TIMEOUT + GUARD)
+        log = gateway.out.rest() + gateway.err.rest()
+        assert status == 0, f"exit status {status}\n{log}"
+        assert "drain timeout" not in log, log
+        assert "Traceback" not in log, log
+
+        clients.out.wait_for(r"^DONE$")
+        client_closes = re.findall(r"^CLOSE \d+ (\d+) ", clients.out.text(), re.M)
+        assert len(client_closes) == CONNECTIONS, clients.out.text()
+        assert set(client_closes) == {"1001"}, clients.out.text()
+
+        for _ in range(CONNECTIONS):
+            upstream.out.wait_for(r"^CLOSE ")
+        upstream_closes = re.findall(r"^CLOSE (\d+) ", upstream.out.text(), re.M)
+        assert upstream_closes == ["1001"] * CONNECTIONS, upstream.out.text()
+    finally:
+        for process in reversed(processes):
+            process.stop()
+
+
+# -- JSON logs ----------------------------------------------------------------------------
+
+
+def test_json_logger_writes_one_object_per_line_with_port_and_session_fields_and_no_token(tmp_path):
+    """
+    ``--logger twisted_gateway.logs.json_observer``: every stdout line is one
+    JSON object; the listening event carries the bound port; a WebSocket
+    session ends in one access event with route, path, peer, upstream,
+    duration, side, code and message and byte counts; neither the token used
+    in a query nor the signing secret appears anywhere.
+    """
+    token = jwt.encode({"sub": "alice", "exp": int(time.time()) + 3600}, SECRET, algorithm="HS256")
+    processes: list[_Process] = []
+    try:
+        upstream = _script(tmp_path, "upstream.py", UPSTREAM_SCRIPT)
+        processes.append(upstream)
+        upstream_port = int(upstream.out.wait_for(r"^PORT (\d+)").group(1))
+
+        gateway = _gateway(
+            tmp_path,
+            _config(upstream_port, auth=True),
+            "--logger",
+            "twisted_gateway.logs.json_observer",
+        )
+        processes.append(gateway)
+        listening = gateway.out.wait_for_json(
+            lambda e: e.get("event") == "listening" and e.get("role") == "wsgateway"
+        )
+        port = listening["port"]
+        assert isinstance(port, int) and port > 0
+
+        sent = ["hello", "w\u00f6rld"]
+        with ws_connect(f"ws://127.0.0.1:{port}/v1/chat/ws?token={token}", open_timeout=GUARD) as ws:
+            for text in sent:
+                ws.send(text)
+                assert ws.recv(timeout=GUARD) == text
+        status, _ = _get(port, f"/healthz?token={token}")
+        assert status == 200
+
+        session = gateway.out.wait_for_json(lambda e: e.get("event") == "ws_session")
+        assert session["namespace"] == "twisted_gateway.access"
+        size = sum(len(text.encode()) for text in sent)
+        expected = {
+            "route": "chat",
+            "path": "/v1/chat/ws",
+            "peer": "127.0.0.1",
+            "upstream": f"http://127.0.0.1:{upstream_port}",
+            "side": "client",
+            "code": 1000,
+            "messages_in": 2,
+            "messages_out": 2,
+            "bytes_in": size,
+            "bytes_out": size,
+        }
+        assert {key: session.get(key) for key in expected} == expected, session
+        assert isinstance(session["duration"], (int, float)) and session["duration"] >= 0
+
+        gateway.process.send_signal(signal.SIGTERM)
+        assert gateway.process.wait(GUARD) == 0
+        out, err = gateway.out.rest(), gateway.err.rest()
+    finally:
+        for process in reversed(processes):
+            process.stop()
+
+    lines = out.splitlines()
+    for line in lines:
+        event = json.loads(line)  # every line, not only the ones awaited above
+        assert isinstance(event, dict), line
+        assert {"time", "level", "namespace", "message"} <= set(event), line
+    assert any("/healthz" in line for line in lines), out  # the access log line is there...
+    signature = token.rsplit(".", 1)[1]
+    for text in (out, err):
+        assert token not in text and signature not in text, text  # ...without the token
+        assert SECRET not in text, text
+
+
+# -- --check ------------------------------------------------------------------------------
+
+
+def _check(tmp_path: Path, config: str) -> subprocess.CompletedProcess:
+    path = tmp_path / "gateway.cfg"
+    path.write_text(config)
+    return subprocess.run(
+        [str(TWISTD), "-n", "--pidfile=", "wsgateway", "--config", str(path), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=GUARD,
+        env=_env(),
+        cwd=tmp_path,
+    )
+
+
+def test_check_prints_the_effective_config_with_the_secret_masked_and_exits_0(tmp_path):
+    """``--check`` on a good file: the effective settings, ``secret = (set)``, "OK", status 0, nothing started."""
+    result = _check(tmp_path, _config(9, "max_connections = 7", auth=True))
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "max_connections = 7" in result.stdout
+    assert "connect_timeout = 5.0" in result.stdout  # a default, shown as in effect
+    assert "[route:chat]" in result.stdout and "prefix = /v1/chat" in result.stdout
+    assert "secret = (set)" in result.stdout
+    assert "configuration OK" in result.stdout
+    assert SECRET not in output
+    assert "listening" not in output
+
+
+@pytest.mark.parametrize(
+    "config, where",
+    [
+        (_config(9, "connect_timeout = soon", auth=True), "[gateway] connect_timeout:"),
+        (
+            _config(9).replace("[route:chat]", "[auth]\nalgorithms = HS256\nsecret = too-short-secret\n[route:chat]"),
+            "[auth] secret:",
+        ),
+    ],
+    ids=["a bad key next to a good secret", "a secret too short"],
+)
+def test_check_reports_a_bad_config_in_one_line_and_exits_1(tmp_path, config, where):
+    """``--check`` on a bad file: one stderr line naming where, status 1, and no secret shown."""
+    result = _check(tmp_path, config)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, output
+    assert where in lines[0], output
+    assert "Traceback" not in output
+    assert "configuration OK" not in output
+    assert SECRET not in output and "too-short-secret" not in output
