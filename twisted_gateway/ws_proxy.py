@@ -31,12 +31,13 @@ from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.error import ConnectError, DNSLookupError
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.python.failure import Failure
 from twisted.web.server import NOT_DONE_YET
+from zope.interface import implementer
 
 from twisted_gateway.auth import strip_query_param
 from twisted_gateway.config import GatewaySettings, RouteSettings
@@ -206,6 +207,44 @@ class _RelayLeg:
             self.sendCloseFrame(close[0], close[1])
 
 
+@implementer(IPushProducer)
+class _Throttle:
+    """
+    The other leg's transport as a push producer that only pauses and resumes:
+    a lost leg must not stop the other directly (Twisted calls ``stopProducing``
+    then), since the relay closes it with a close frame (1001/1014).
+    """
+
+    __slots__ = ("transport",)
+
+    def __init__(self, transport: Any) -> None:
+        self.transport = transport
+
+    def pauseProducing(self) -> None:
+        self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        pass
+
+
+_LEG_TIMERS = ("closeHandshakeTimeoutCall", "serverConnectionDropTimeoutCall")
+
+
+def _cancel_timers(leg: WebSocketProtocol) -> None:
+    """Autobahn keeps its close timers after the connection is gone; a closed leg needs none."""
+    for name in _LEG_TIMERS:
+        call = getattr(leg, name, None)
+        if call is not None:
+            try:
+                call.cancel()
+            except Exception:
+                pass  # already fired or cancelled
+            setattr(leg, name, None)
+
+
 def _accept_close_frame(proto: WebSocketProtocol, code: int | None, reasonRaw: bytes | None):
     """
     Autobahn's close-frame handling, also accepting 1014 (Bad Gateway, in the
@@ -243,6 +282,7 @@ class RelayClientProtocol(_RelayLeg, WebSocketClientProtocol):
             self.opened.callback(self)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        _cancel_timers(self)
         if not self.opened.called:
             status = None
             phrase = ""
@@ -423,8 +463,8 @@ class RelayServerProtocol(_RelayLeg, WebSocketServerProtocol):
         # The client is granted exactly the compression the upstream granted us.
         self.perMessageCompressionAccept = self._mirror_compression(upstream)
         # Each transport pauses the other when its write buffer is full.
-        self.transport.registerProducer(upstream.transport, True)
-        upstream.transport.registerProducer(self.transport, True)
+        self.transport.registerProducer(_Throttle(upstream.transport), True)
+        upstream.transport.registerProducer(_Throttle(self.transport), True)
         self.factory.registry.pairs.add(self)
 
     def _mirror_compression(self, upstream: RelayClientProtocol) -> Callable:
@@ -478,6 +518,7 @@ class RelayServerProtocol(_RelayLeg, WebSocketServerProtocol):
     # -- closing ------------------------------------------------------------
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        _cancel_timers(self)
         if self._handshake is not None:
             self._handshake.cancel()
         self.leg_closed(self)
