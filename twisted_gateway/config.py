@@ -18,6 +18,14 @@ from twisted.python import usage
 
 from twisted_gateway.routing import validate_prefix
 from twisted_gateway.upstreams import ROUTE_POOL_KEYS, PoolKeyError, check_pool_keys
+from twisted_gateway.tls import (
+    ROUTE_TLS_KEYS,
+    TLSFileError,
+    TLSKeyError,
+    check_shared_upstreams,
+    check_tls_keys,
+    server_endpoint,
+)
 
 
 class ConfigError(usage.UsageError):
@@ -102,11 +110,12 @@ def parse_endpoints(text: str) -> tuple[str, ...]:
 
 def check_server_endpoint(description: str) -> str:
     """Parse the endpoint as twistd will (certificate files are read here), without listening."""
-    from twisted.internet.endpoints import serverFromString
     from twisted.internet.testing import MemoryReactor
 
     try:
-        serverFromString(MemoryReactor(), description)
+        server_endpoint(MemoryReactor(), description)
+    except TLSFileError as e:
+        raise ValueError(f"endpoint {description!r}: {e}") from None
     except (ValueError, TypeError, KeyError) as e:
         raise ValueError(f"not a valid endpoint {description!r}: {e}") from None
     except OSError as e:
@@ -222,6 +231,10 @@ class RouteSettings:
     max_websockets: int = 0
     allowed_origins: tuple[str, ...] = ("*",)
     allow_null_origin: bool | None = None
+    ca_file: str | None = None
+    client_cert: str | None = None
+    client_key: str | None = None
+    tls_verify: bool = True
 
 
 @dataclass(frozen=True)
@@ -271,6 +284,7 @@ _ROUTE_KEYS: Mapping[str, Key] = {
     # default: "required" when there is an [auth] section, "none" otherwise
     "auth": Key(one_of("required", "optional", "none"), None),
     **{name: Key(parse, default) for name, (parse, default) in ROUTE_POOL_KEYS.items()},
+    **{name: Key(parse, default) for name, (parse, default) in ROUTE_TLS_KEYS.items()},
     "max_websockets": Key(parse_non_negative_int, 0),
     "allowed_origins": Key(parse_origins, ("*",)),
     "allow_null_origin": Key(parse_bool, None),
@@ -359,7 +373,15 @@ def parse_config(text: str, source: str = "<string>") -> Settings:
             check_pool_keys(route["balance"], route["hash_key"])
         except PoolKeyError as e:
             raise ConfigError(source, f"route:{name}", e.key, str(e)) from None
+        try:
+            check_tls_keys(route["client_cert"], route["client_key"])
+        except TLSKeyError as e:
+            raise ConfigError(source, f"route:{name}", e.key, str(e)) from None
         routes.append(RouteSettings(name=name, **route))
+    try:
+        check_shared_upstreams(routes)
+    except TLSKeyError as e:
+        raise ConfigError(source, f"route:{e.route}", e.key, str(e)) from None
 
     seen: dict[str, str] = {}
     for route in routes:

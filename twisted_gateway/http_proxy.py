@@ -48,7 +48,13 @@ from twisted.web.client import (
 from twisted.web.error import SchemeNotSupported
 from twisted.web.http import NO_BODY_CODES, RESPONSES, HTTPChannel, PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IAgentEndpointFactory, IResponse
+from twisted.web.iweb import (
+    UNKNOWN_LENGTH,
+    IAgent,
+    IAgentEndpointFactory,
+    IPolicyForHTTPS,
+    IResponse,
+)
 from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
@@ -61,6 +67,7 @@ from twisted_gateway.errors import (
     render_error,
 )
 from twisted_gateway.headers import strip_hop_by_hop, tokens, upstream_request_headers
+from twisted_gateway.tls import describe_tls_failure
 from twisted_gateway.upstreams import InstanceRegistry, UpstreamPool, may_retry
 
 #: Access-log events: one per request, structured fields, no raw URI.
@@ -158,6 +165,10 @@ def upstream_failure(reason: BaseException, settings: GatewaySettings) -> Gatewa
         return ConnectFailed("the upstream refused the connection")
     if isinstance(reason, (ConnectError, DNSLookupError)):
         return ConnectFailed("could not connect to the upstream")
+    tls_failure = describe_tls_failure(reason)
+    if tls_failure is not None:
+        # No request reached the upstream: as safe to retry as a refused connection.
+        return ConnectFailed(f"TLS with the upstream failed: {tls_failure}")
     return BadGateway("the upstream closed the connection without a valid response")
 
 
@@ -348,13 +359,16 @@ class UpstreamEndpoints:
     """
     The client endpoint for each upstream ``(scheme, host, port)``, built once
     (``Agent`` builds a new ``HostnameEndpoint``, IDNA-encoding the host, for
-    every request). https upstreams get TLS with certificate verification.
+    every request). https upstreams get TLS from ``tls_policy`` (by default
+    the system trust store verifies certificate and host name).
     """
 
-    def __init__(self, reactor, connect_timeout: float) -> None:
+    def __init__(
+        self, reactor, connect_timeout: float, tls_policy: IPolicyForHTTPS | None = None
+    ) -> None:
         self._reactor = reactor
         self._connect_timeout = connect_timeout
-        self._tls_policy = BrowserLikePolicyForHTTPS()
+        self._tls_policy = tls_policy if tls_policy is not None else BrowserLikePolicyForHTTPS()
         self._endpoints: dict[tuple[bytes, bytes, int], IStreamClientEndpoint] = {}
 
     def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
@@ -381,8 +395,8 @@ class HTTPForwarder:
 
     ``agent`` is the :class:`IAgent` that carries requests upstream; by default
     a plain ``Agent`` over this forwarder's pool and :class:`UpstreamEndpoints`
-    (``connect_timeout``). It must not decode content, follow redirects or keep
-    cookies.
+    (``connect_timeout``, TLS from ``tls_policy``). It must not decode content,
+    follow redirects or keep cookies.
     """
 
     def __init__(
@@ -390,6 +404,7 @@ class HTTPForwarder:
         settings: GatewaySettings,
         reactor: IReactorTime,
         agent: IAgent | None = None,
+        tls_policy: IPolicyForHTTPS | None = None,
     ) -> None:
         self._settings = settings
         self._reactor = reactor
@@ -397,7 +412,9 @@ class HTTPForwarder:
         self.pool.maxPersistentPerHost = settings.upstream_keepalive
         if agent is None:
             agent = Agent.usingEndpointFactory(
-                reactor, UpstreamEndpoints(reactor, settings.connect_timeout), pool=self.pool
+                reactor,
+                UpstreamEndpoints(reactor, settings.connect_timeout, tls_policy),
+                pool=self.pool,
             )
         self._agent = agent
         self._cooperator = Cooperator(scheduler=lambda work: reactor.callLater(0, work))

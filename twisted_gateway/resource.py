@@ -23,6 +23,7 @@ from twisted_gateway.errors import BadRequest, GatewayError, NotFound, render_er
 from twisted_gateway.headers import is_websocket_upgrade, origin_allowed
 from twisted_gateway.metrics import UNROUTED, Metrics, MetricsResource
 from twisted_gateway.routing import RouteTable, normalize_path, split_uri
+from twisted_gateway.tls import UpstreamTLSPolicy, warn_unverified
 from twisted_gateway.upstreams import (
     UP,
     InstanceRegistry,
@@ -69,7 +70,9 @@ class GatewayResource(Resource):
         self.authenticator = authenticator
         #: set when the gateway stops: new work is refused with 503, /readyz says so
         self.draining = False
-        connect = ws_connect or endpoint_connector(reactor, settings.gateway.connect_timeout)
+        tls_policy = UpstreamTLSPolicy.for_routes(settings.routes)
+        warn_unverified(settings.routes)
+        connect = ws_connect or endpoint_connector(reactor, settings.gateway.connect_timeout, tls_policy)
         self._table: RouteTable[RouteSettings] = RouteTable((r.prefix, r) for r in settings.routes)
         #: health and counters per upstream URL, shared by the routes naming it
         self.upstreams = upstreams if upstreams is not None else InstanceRegistry(reactor)
@@ -84,7 +87,9 @@ class GatewayResource(Resource):
         self.keepalive = KeepAlive(
             self.registry, reactor, settings.gateway.ws_ping_interval, settings.gateway.ws_ping_timeout
         )
-        self.health_checker = _build_health_checker(self.pools.values(), reactor, settings, connect)
+        self.health_checker = _build_health_checker(
+            self.pools.values(), reactor, settings, connect, tls_policy
+        )
         self._ws_factories = {
             route.name: RelayServerFactory(
                 route,
@@ -262,7 +267,9 @@ def _json(request, status: int, body: dict) -> bytes:
     return json.dumps(body).encode() + b"\n"
 
 
-def _build_health_checker(pools, reactor: Any, settings: Settings, connect: Any) -> Any:
+def _build_health_checker(
+    pools, reactor: Any, settings: Settings, connect: Any, tls_policy: Any
+) -> Any:
     """Active checks for the routes that ask for them (``health_check``), else None."""
     if not any(route.health_check for route in settings.routes):
         return None
@@ -273,6 +280,7 @@ def _build_health_checker(pools, reactor: Any, settings: Settings, connect: Any)
 
     agent = Agent(
         reactor,
+        contextFactory=tls_policy,
         connectTimeout=settings.gateway.connect_timeout,
         pool=HTTPConnectionPool(reactor, persistent=False),
     )

@@ -13,7 +13,6 @@ from typing import Any
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList
-from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.web.resource import Resource
@@ -24,6 +23,7 @@ from twisted_gateway.http_proxy import HTTPForwarder
 from twisted_gateway.metrics import MetricsResource
 from twisted_gateway.resource import GatewayResource
 from twisted_gateway.site import build_site
+from twisted_gateway.tls import UpstreamTLSPolicy, server_endpoint
 from twisted_gateway.ws_proxy import RelayRegistry
 
 log = Logger()
@@ -33,7 +33,8 @@ class ListeningService(StreamServerEndpointService):
     """Listens on one endpoint; fails start-up synchronously; logs the bound address."""
 
     def __init__(self, reactor: Any, description: str, factory: Any, role: str) -> None:
-        super().__init__(serverFromString(reactor, description), factory)
+        # ssl: listeners are built by tls.server_endpoint: ALPN answers http/1.1 only.
+        super().__init__(server_endpoint(reactor, description), factory)
         self._raiseSynchronously = True
         self.description, self.role = description, role
 
@@ -172,4 +173,6 @@ DEMO_TOKEN_TTL = 900
 
 
 def _build_http_forwarder(settings: Settings, reactor: Any) -> HTTPForwarder:
-    return HTTPForwarder(settings.gateway, reactor)
+    return HTTPForwarder(
+        settings.gateway, reactor, tls_policy=UpstreamTLSPolicy.for_routes(settings.routes)
+    )
