@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 TOOLS := .tools
 CONFIG ?= tap.cfg
 
-.PHONY: run test check clean
+.PHONY: run test check clean bench bench-quick
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,13 @@ test: $(VENV)/.installed-test $(TOOLS)/node_modules/.bin/wscat
 
 check: $(VENV)/.installed-run
 	$(BIN)/twistd wsgateway --config $(CONFIG) --check
+
+# CPU per unit of work and memory: the gateway vs nginx vs direct (docs/performance.md).
+bench: $(VENV)/.installed-run
+	$(BIN)/python bench/run.py
+
+bench-quick: $(VENV)/.installed-run
+	$(BIN)/python bench/run.py --quick
 
 clean:
 	rm -rf $(VENV) $(TOOLS) build *.egg-info twisted/plugins/dropin.cache

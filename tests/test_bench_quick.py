@@ -1,0 +1,98 @@
+"""
+``make bench-quick``'s machinery, run with tiny amounts (``bench/run.py --smoke``):
+every target is started, loaded and stopped, and a missing nginx is a notice,
+not a failure. No timing is asserted here: speed lives in ``bench/``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.no_reactor_check
+
+REPO = Path(__file__).resolve().parents[1]
+RUN = REPO / "bench" / "run.py"
+#: Only against a hung run; not a speed expectation.
+GUARD = 300
+FIGURES = {"1", "2", "3", "3-auth", "4", "5", "6"}
+
+
+def _nginx_installed() -> bool:
+    """The same search as ``bench/targets.py``: PATH, then /usr/sbin."""
+    found = shutil.which("nginx")
+    return bool(found) or os.access("/usr/sbin/nginx", os.X_OK)
+
+
+def _smoke(out: Path, *extra: str) -> tuple[subprocess.CompletedProcess, dict]:
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    proc = subprocess.run(
+        [sys.executable, str(RUN), "--smoke", "--out", str(out), *extra],
+        cwd=REPO,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=GUARD,
+    )
+    report = out / "latest-smoke.json"
+    assert report.exists(), proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc, json.loads(report.read_text())
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def _assert_all_stopped(data: dict) -> None:
+    for record in data["lifecycle"]:
+        assert record["stopped"], record
+        if record["pid"] is not None:
+            assert record["returncode"] == 0, record
+            assert all(_gone(pid) for pid in record["pids"]), record
+
+
+def test_smoke_run_starts_loads_and_stops_every_target(tmp_path):
+    nginx = _nginx_installed()
+    proc, data = _smoke(tmp_path)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-4000:]
+    expected = {"direct", "gateway"} | ({"nginx"} if nginx else set())
+    assert {record["target"] for record in data["lifecycle"]} == expected
+    _assert_all_stopped(data)
+    # Figures 4 and 5 restart each proxy: one start per proxy, plus two per memory figure.
+    starts = [record["target"] for record in data["lifecycle"]]
+    assert starts.count("gateway") == 3
+    measured = {(s["figure"], s["target"]) for s in data["samples"]}
+    assert {f for f, _ in measured} == FIGURES
+    for target in expected:
+        assert ("1", target) in measured and ("6", target) in measured
+    assert ("4", "gateway") in measured and ("5", "gateway") in measured
+    assert data["errors"] == []
+    if nginx:
+        assert not any("nginx not found" in n for n in data["notices"])
+    else:
+        assert "NOTICE: nginx not found" in proc.stdout
+    table = (tmp_path / "latest-smoke.md").read_text()
+    assert "| figure |" in table and "gateway / nginx" in table
+
+
+def test_missing_nginx_is_a_notice_and_the_other_targets_still_run(tmp_path):
+    proc, data = _smoke(tmp_path, "--nginx", str(tmp_path / "no-nginx-here"), "--only", "1")
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert "NOTICE: nginx not found" in proc.stdout
+    assert any("nginx not found" in n for n in data["notices"])
+    assert {record["target"] for record in data["lifecycle"]} == {"direct", "gateway"}
+    _assert_all_stopped(data)
+    assert {(s["figure"], s["target"]) for s in data["samples"]} == {("1", "direct"), ("1", "gateway")}
