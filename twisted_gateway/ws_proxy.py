@@ -12,6 +12,7 @@ the sender), and a close on one leg reaches the other with its code and reason.
 from __future__ import annotations
 
 import copy
+import ipaddress
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
 
@@ -56,6 +57,8 @@ CLOSED = WebSocketProtocol.STATE_CLOSED
 
 #: Messages up to this size are relayed whole (one frame); larger ones stream.
 STREAM_THRESHOLD = 64 * 1024
+#: Write buffer of each leg before it pauses the other: one large message fits.
+LEG_BUFFER_SIZE = 256 * 1024
 
 #: Close sent to the client when the upstream vanished without a close frame.
 UPSTREAM_LOST = (1014, b"upstream connection lost")
@@ -134,6 +137,17 @@ class _RelayLeg:
     #: False between a keepalive ping and its pong
     pong_seen = True
 
+    # Autobahn's versions of these two build debug-log arguments on every call.
+
+    def dataReceived(self, data: bytes) -> None:
+        self._dataReceived(data)
+
+    def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
+        if sync or chopsize or self.send_queue:
+            WebSocketProtocol.sendData(self, data, sync, chopsize)
+        else:
+            self.transport.write(data)
+
     def onMessageBegin(self, isBinary: bool) -> None:
         WebSocketProtocol.onMessageBegin(self, isBinary)
         self._chunks: list[bytes] = []
@@ -151,7 +165,7 @@ class _RelayLeg:
             peer.sendMessageFrame(payload)
             return
         self._chunks.append(payload)
-        if self._buffered >= STREAM_THRESHOLD and peer.state == OPEN:
+        if self._buffered > STREAM_THRESHOLD and peer.state == OPEN:
             self._streaming = True
             peer.beginMessage(isBinary=self.message_is_binary)
             peer.sendMessageFrame(b"".join(self._chunks))
@@ -463,6 +477,7 @@ class RelayServerProtocol(_RelayLeg, WebSocketServerProtocol):
         # The client is granted exactly the compression the upstream granted us.
         self.perMessageCompressionAccept = self._mirror_compression(upstream)
         # Each transport pauses the other when its write buffer is full.
+        self.transport.bufferSize = upstream.transport.bufferSize = LEG_BUFFER_SIZE
         self.transport.registerProducer(_Throttle(upstream.transport), True)
         upstream.transport.registerProducer(_Throttle(self.transport), True)
         self.factory.registry.pairs.add(self)
@@ -813,16 +828,32 @@ def endpoint_connector(
     connection creator for the host and port; by default the system trust
     store verifies the certificate and host name.
     """
-    from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+    from twisted.internet.endpoints import wrapClientTLS
     from twisted.web.client import BrowserLikePolicyForHTTPS
 
     policy = tls_policy if tls_policy is not None else BrowserLikePolicyForHTTPS()
 
     def connect(factory: WebSocketClientFactory) -> Deferred:
-        endpoint = HostnameEndpoint(reactor, factory.host, factory.port, timeout=timeout)
+        endpoint = _tcp_endpoint(reactor, factory.host, factory.port, timeout)
         if factory.isSecure:
             creator = policy.creatorForNetloc(factory.host.encode("idna"), factory.port)
             endpoint = wrapClientTLS(creator, endpoint)
         return endpoint.connect(factory)
 
     return connect
+
+
+def _tcp_endpoint(reactor, host: str, port: int, timeout: float):
+    """
+    An IP literal connects directly: ``HostnameEndpoint`` would resolve it in a
+    thread on every handshake (a third of a handshake's CPU). Names resolve.
+    """
+    from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
+
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return HostnameEndpoint(reactor, host, port, timeout=timeout)
+    if address.version == 4:
+        return TCP4ClientEndpoint(reactor, str(address), port, timeout=timeout)
+    return TCP6ClientEndpoint(reactor, str(address), port, timeout=timeout)
