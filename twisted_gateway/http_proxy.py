@@ -496,6 +496,9 @@ class HTTPForwarder:
             peer=_peer_host(request),
         )
 
+        # This event is the request's access-log line (the Site skips its own).
+        request.gateway_logged = True
+
         def log(status: int, sent: int, outcome: str) -> None:
             access_log.info(
                 "{method} {target} {status} {bytes} {duration:.3f}s {upstream}",

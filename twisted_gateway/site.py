@@ -42,10 +42,18 @@ class GatewayChannel(HTTPChannel):
         self.loseConnection()
 
 
+class GatewaySite(Site):
+    """One access-log line per request: the forwarder's own event where it has one."""
+
+    def log(self, request: Any) -> None:
+        if not getattr(request, "gateway_logged", False):
+            super().log(request)
+
+
 def build_site(resource: Any, settings: Settings) -> Site:
     """A ``Site`` for the gateway's resource tree with the gateway's HTTP rules."""
     token_params = [settings.auth.query_param] if settings.auth is not None else []
-    site = Site(resource, logFormatter=access_log_formatter(token_params))
+    site = GatewaySite(resource, logFormatter=access_log_formatter(token_params))
     site.requestFactory = GatewayRequest.for_settings(settings.gateway)
     header_limit = settings.gateway.max_header_size
 
