@@ -21,7 +21,7 @@ from twisted.web.server import Site
 
 from twisted_gateway.config import parse_config
 from twisted_gateway.resource import GatewayResource
-from twisted_gateway.ws_proxy import _accept_close_frame
+from twisted_gateway.ws_relay import _accept_close_frame
 
 LOOPBACK = "tcp:0:interface=127.0.0.1"
 

@@ -33,12 +33,11 @@ from twisted_gateway.upstreams import (
 )
 from twisted_gateway.ws_proxy import (
     HandshakeContext,
-    KeepAlive,
-    RelayRegistry,
     RelayServerFactory,
     endpoint_connector,
     hand_over,
 )
+from twisted_gateway.ws_relay import KeepAlive, RelayRegistry
 
 log = Logger()
 

@@ -24,7 +24,7 @@ from twisted_gateway.metrics import MetricsResource
 from twisted_gateway.resource import GatewayResource
 from twisted_gateway.site import build_site
 from twisted_gateway.tls import UpstreamTLSPolicy, server_endpoint
-from twisted_gateway.ws_proxy import RelayRegistry
+from twisted_gateway.ws_relay import RelayRegistry
 
 log = Logger()
 

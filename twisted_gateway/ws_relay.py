@@ -1,0 +1,264 @@
+"""
+The relay's data path: what each leg of a pair does with frames, closes and
+pings once both legs are open, and the registry that owns the live pairs.
+
+Each leg forwards what it receives to its ``partner`` frame by frame (a large
+message is never held whole); each transport is the other's push producer (a
+slow reader pauses the sender); a close on one leg reaches the other with its
+code and reason, at the close-frame level (Autobahn's ``sendClose`` accepts
+only 1000 and 3000-4999).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from autobahn.websocket.protocol import WebSocketProtocol
+from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.internet.task import LoopingCall
+from zope.interface import implementer
+
+OPEN = WebSocketProtocol.STATE_OPEN
+CLOSED = WebSocketProtocol.STATE_CLOSED
+
+#: Messages up to this size are relayed whole (one frame); larger ones stream.
+STREAM_THRESHOLD = 64 * 1024
+#: Write buffer of each leg before it pauses the other: one large message fits.
+LEG_BUFFER_SIZE = 256 * 1024
+
+#: Close sent to the client when the upstream vanished without a close frame.
+UPSTREAM_LOST = (1014, b"upstream connection lost")
+#: Close sent to the upstream when the client vanished without a close frame.
+CLIENT_LOST = (1001, b"client went away")
+#: Close sent to one leg when the gateway failed the other (bad frame, too big).
+PEER_FAILED = (1001, b"going away")
+#: Close sent to both legs when the client's token expires.
+TOKEN_EXPIRED = (1008, b"token expired")
+#: Close sent to one leg when the other did not answer a keepalive ping.
+UNRESPONSIVE = (1011, b"peer unresponsive")
+
+
+class RelayRegistry:
+    """
+    The live relays of one gateway: handshakes in progress and open pairs.
+
+    Metrics read the counts; the drain closes what is left; tests assert that
+    both return to zero.
+    """
+
+    def __init__(self) -> None:
+        #: ws_proxy.RelayServerProtocol instances (the client leg keeps the pair)
+        self.handshakes: set[Any] = set()
+        self.pairs: set[Any] = set()
+        #: client connections per route, from hand-over until both legs are gone
+        self.active: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def total_active(self) -> int:
+        return sum(self.active.values())
+
+
+# -- the relay legs -----------------------------------------------------------
+
+
+class _RelayLeg:
+    """Forwarding shared by both legs; ``partner`` is the other leg once both are open
+    (Autobahn already uses ``peer`` for the remote address)."""
+
+    partner: Any = None
+    #: the client-facing protocol, which keeps the pair's bookkeeping
+    pair: Any = None
+    #: "client" or "upstream": who is at the other end of this leg
+    side: str = ""
+    #: set when this leg's close was caused by the other leg (already relayed)
+    close_relayed: bool = False
+    #: metrics.MessageFlow counting what this leg receives
+    flow: Any = None
+    messages = 0
+    bytes = 0
+    #: False between a keepalive ping and its pong
+    pong_seen = True
+
+    # Autobahn's versions of these two build debug-log arguments on every call.
+
+    def dataReceived(self, data: bytes) -> None:
+        self._dataReceived(data)
+
+    def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
+        if sync or chopsize or self.send_queue:
+            WebSocketProtocol.sendData(self, data, sync, chopsize)
+        else:
+            self.transport.write(data)
+
+    def onMessageBegin(self, isBinary: bool) -> None:
+        WebSocketProtocol.onMessageBegin(self, isBinary)
+        self._chunks: list[bytes] = []
+        self._buffered = 0
+        self._streaming = False
+
+    # onMessageFrameBegin is Autobahn's own: it enforces maxMessagePayloadSize.
+
+    def onMessageFrameData(self, payload: bytes) -> None:
+        if self.failedByMe:
+            return
+        peer = self.partner
+        self._buffered += len(payload)
+        if self._streaming:
+            peer.sendMessageFrame(payload)
+            return
+        self._chunks.append(payload)
+        if self._buffered > STREAM_THRESHOLD and peer.state == OPEN:
+            self._streaming = True
+            peer.beginMessage(isBinary=self.message_is_binary)
+            peer.sendMessageFrame(b"".join(self._chunks))
+            self._chunks = []
+
+    def onMessageFrameEnd(self) -> None:
+        self.frame_data = None
+
+    def onMessageEnd(self) -> None:
+        self.message_data = None
+        if self.failedByMe:
+            return
+        peer = self.partner
+        if self._streaming:
+            peer.endMessage()
+        elif peer.state == OPEN:
+            peer.sendMessage(b"".join(self._chunks), isBinary=self.message_is_binary)
+        self._chunks = []
+        size = self._buffered
+        self.messages += 1
+        self.bytes += size
+        self.flow.count(size)
+
+    def onPong(self, payload: bytes) -> None:
+        self.pong_seen = True
+
+    def unresponsive(self) -> None:
+        """No pong to the gateway's keepalive ping: drop this leg, 1011 to the other."""
+        self.pair.record_end("gateway", 1011)
+        if self.partner is not None:
+            self.partner.close_with(UNRESPONSIVE)
+        self.wasNotCleanReason = "peer unresponsive"
+        self.dropConnection(abort=True)
+
+    def onCloseFrame(self, code: int | None, reasonRaw: bytes | None) -> bool | None:
+        # A reply to a close the gateway sent (because the other leg closed)
+        # is not relayed again.
+        relay = not self.closedByMe
+        failed = _accept_close_frame(self, code, reasonRaw)
+        peer = self.partner
+        if relay and not failed and peer is not None and peer.state == OPEN:
+            self.pair.record_end(self.side, self.remoteCloseCode)
+            peer.close_relayed = True
+            peer.sendCloseFrame(code, reasonRaw)
+        return failed
+
+    def close_with(self, close: tuple[int, bytes]) -> None:
+        """Close this leg with any legal code (``sendClose`` allows only a few)."""
+        if self.state == OPEN:
+            if self.pair is not None:
+                self.pair.record_end("gateway", close[0])
+            self.close_relayed = True
+            self.sendCloseFrame(close[0], close[1])
+
+
+@implementer(IPushProducer)
+class _Throttle:
+    """
+    The other leg's transport as a push producer that only pauses and resumes:
+    a lost leg must not stop the other directly (Twisted calls ``stopProducing``
+    then), since the relay closes it with a close frame (1001/1014).
+    """
+
+    __slots__ = ("transport",)
+
+    def __init__(self, transport: Any) -> None:
+        self.transport = transport
+
+    def pauseProducing(self) -> None:
+        self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        pass
+
+
+_LEG_TIMERS = ("closeHandshakeTimeoutCall", "serverConnectionDropTimeoutCall")
+
+
+def _cancel_timers(leg: WebSocketProtocol) -> None:
+    """Autobahn keeps its close timers after the connection is gone; a closed leg needs none."""
+    for name in _LEG_TIMERS:
+        call = getattr(leg, name, None)
+        if call is not None:
+            try:
+                call.cancel()
+            except Exception:
+                pass  # already fired or cancelled
+            setattr(leg, name, None)
+
+
+def _accept_close_frame(proto: WebSocketProtocol, code: int | None, reasonRaw: bytes | None):
+    """
+    Autobahn's close-frame handling, also accepting 1014 (Bad Gateway, in the
+    IANA registry of RFC 6455 close codes, unknown to Autobahn's list).
+    """
+    if code != 1014:
+        return WebSocketProtocol.onCloseFrame(proto, code, reasonRaw)
+    failed = WebSocketProtocol.onCloseFrame(proto, 1000, reasonRaw)
+    if not failed:
+        proto.remoteCloseCode = 1014
+    return failed
+
+
+class KeepAlive:
+    """
+    Keepalive pings on both legs of every pair, driven by one timer for the
+    whole gateway (on the injected clock): every ``interval`` seconds each open
+    leg is pinged; a leg without a pong ``timeout`` seconds later is dropped
+    and the other leg closed with 1011 "peer unresponsive".
+    """
+
+    def __init__(self, registry: RelayRegistry, clock: IReactorTime, interval: float, timeout: float) -> None:
+        self.registry, self.clock = registry, clock
+        self.interval, self.timeout = interval, timeout
+        self._loop: LoopingCall | None = None
+        self._check: Any = None
+
+    def start(self) -> None:
+        if self.interval > 0 and self._loop is None:
+            self._loop = LoopingCall(self._ping_all)
+            self._loop.clock = self.clock
+            self._loop.start(self.interval, now=False)
+
+    def stop(self) -> None:
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._loop = None
+        if self._check is not None and self._check.active():
+            self._check.cancel()
+        self._check = None
+
+    def _ping_all(self) -> None:
+        if self._check is not None and self._check.active():
+            return  # the last round's pongs are still awaited
+        pinged = []
+        for pair in list(self.registry.pairs):
+            for leg in (pair, pair.partner):
+                if leg is not None and leg.state == OPEN:
+                    leg.pong_seen = False
+                    leg.sendPing(b"wsgateway")
+                    pinged.append(leg)
+        if pinged:
+            self._check = self.clock.callLater(self.timeout, self._check_pongs, pinged)
+
+    def _check_pongs(self, legs: list) -> None:
+        self._check = None
+        for leg in legs:
+            if not leg.pong_seen and leg.state == OPEN:
+                leg.unresponsive()
