@@ -27,7 +27,7 @@ from autobahn.websocket.compress import (
     PerMessageDeflateResponse,
     PerMessageDeflateResponseAccept,
 )
-from autobahn.websocket.types import ConnectionDeny
+from autobahn.websocket.types import ConnectingRequest, ConnectionDeny
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.error import ConnectError, DNSLookupError
 from twisted.internet.interfaces import IReactorTime
@@ -94,6 +94,21 @@ class RelayClientProtocol(_RelayLeg, WebSocketClientProtocol):
     def __init__(self) -> None:
         super().__init__()
         self.opened: Deferred[RelayClientProtocol] = Deferred(self._cancel_open)
+
+    def startHandshake(self) -> None:
+        """Send the upgrade request (Autobahn's own also pretty-prints a debug line)."""
+        f = self.factory
+        self._actuallyStartHandshake(
+            ConnectingRequest(
+                host=f.host,
+                port=f.port,
+                resource=f.resource,
+                headers=f.headers,
+                useragent=f.useragent,
+                origin=f.origin,
+                protocols=f.protocols,
+            )
+        )
 
     def _cancel_open(self, d: Deferred) -> None:
         if self.transport is not None:
