@@ -537,7 +537,8 @@ class HTTPForwarder:
                         pool.report_failure(instance)
                         instance, failure = None, e
                         continue
-                    except GatewayTimeout:
+                    except (GatewayTimeout, BadGateway):
+                        # no answer: passive health counts it; only connect failures retry
                         pool.report_failure(instance)
                         raise
                     pool.report_success(instance)
