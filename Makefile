@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 TOOLS := .tools
 CONFIG ?= tap.cfg
 
-.PHONY: run test check clean bench bench-quick
+.PHONY: run test check clean bench bench-quick conformance conformance-quick
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,13 @@ test: $(VENV)/.installed-test $(TOOLS)/node_modules/.bin/wscat
 
 check: $(VENV)/.installed-run
 	$(BIN)/twistd wsgateway --config $(CONFIG) --check
+
+# Autobahn|Testsuite through the gateway, both directions (docs/conformance.md).
+conformance: $(VENV)/.installed-run
+	$(BIN)/python .ci/conformance.py
+
+conformance-quick: $(VENV)/.installed-run
+	$(BIN)/python .ci/conformance.py --quick
 
 # CPU per unit of work and memory: the gateway vs nginx vs direct (docs/performance.md).
 bench: $(VENV)/.installed-run

@@ -150,7 +150,7 @@ class _RelayLeg:
         relay = not self.closedByMe
         failed = _accept_close_frame(self, code, reasonRaw)
         peer = self.partner
-        if relay and not failed and peer is not None and peer.state == OPEN:
+        if relay and not failed and not self.failedByMe and peer is not None and peer.state == OPEN:
             self.pair.record_end(self.side, self.remoteCloseCode)
             peer.close_relayed = True
             peer.sendCloseFrame(code, reasonRaw)

@@ -384,3 +384,15 @@ async def test_many_open_close_cycles_leave_nothing_behind():
     assert not gw.registry.handshakes
     await _teardown(gw, up_port)
     await _teardown(gw_refuse, refuse_port)
+
+
+@pytest.mark.parametrize("code", [999, 1005, 1016, 2999, 5000])
+@pytest_twisted.ensureDeferred
+async def test_invalid_close_code_is_not_relayed(code):
+    """A client's illegal close code fails its own leg; the upstream gets 1001, never the bad code."""
+    upstream, up_port, gw = await _pair()
+    client = await ws_connect(gw.url("/v1/chat/ws"))
+    server = upstream.connected[-1]
+    client.sendCloseFrame(code, b"bad")
+    assert await server.closed == (1001, "going away")
+    await _teardown(gw, up_port, client)

@@ -47,17 +47,16 @@ class EchoServerProtocol(WebSocketServerProtocol):
 
 
 def build_echo_factory(
-    reactor: IReactorTCP | None = None,
+    reactor: IReactorTCP,
     *,
     url: str | None = None,
     max_message_size: int = 0,
     server: str = "twisted_gateway-echo",
 ) -> WebSocketServerFactory:
     """
-    Build the echo service's factory.
+    Build the echo service's factory, to listen on any endpoint of ``reactor``.
 
-    ``max_message_size`` is in bytes; 0 means no limit. ``reactor`` defaults to
-    the global one only because Autobahn's factories do the same.
+    ``max_message_size`` is in bytes; 0 means no limit.
     """
     factory = WebSocketServerFactory(url, reactor=reactor, server=server)
     factory.protocol = EchoServerProtocol
