@@ -69,6 +69,8 @@ class GatewayResource(Resource):
         self.authenticator = authenticator
         #: set when the gateway stops: new work is refused with 503, /readyz says so
         self.draining = False
+        #: HTTP requests answered or being answered now (the drain waits for them)
+        self.http_in_flight = 0
         tls_policy = UpstreamTLSPolicy.for_routes(settings.routes)
         warn_unverified(settings.routes)
         connect = ws_connect or endpoint_connector(reactor, settings.gateway.connect_timeout, tls_policy)
@@ -133,8 +135,10 @@ class GatewayResource(Resource):
         """Count the request in the metrics when it finishes (or the client leaves)."""
         request._gateway_counted = True
         started = self.clock.seconds()
+        self.http_in_flight += 1
 
         def count(_):
+            self.http_in_flight -= 1
             duration = self.clock.seconds() - started
             self.metrics.http_request(route_name, request.method, request.code, duration)
 

@@ -14,6 +14,7 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.error import CannotListenError
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Site
@@ -136,7 +137,8 @@ class GatewayService(MultiService):
         """
         Drain: refuse new work (503, ``/readyz`` too) while the listeners stay
         open, close every WebSocket with 1001 on both legs (spread over
-        ``drain_spread``), wait for the pairs to go or ``drain_timeout``, then stop.
+        ``drain_spread``), wait for the pairs and the HTTP requests in flight
+        to finish or ``drain_timeout``, then stop.
         """
         gateway = self.settings.gateway
         self.resource.draining = True
@@ -146,12 +148,16 @@ class GatewayService(MultiService):
         for i, pair in enumerate(pairs):
             delay = gateway.drain_spread * i / len(pairs) if gateway.drain_spread else 0
             timers.append(self.reactor.callLater(delay, _going_away, pair))
-        waiting = DeferredList([p.done for p in pairs], consumeErrors=True)
+        waiting = Deferred.fromCoroutine(self._quiet(pairs))
         waiting.addTimeout(gateway.drain_timeout, self.reactor)
         try:
             await waiting
         except Exception:
-            log.warn("drain timeout: {count} WebSockets left", count=len(self.registry.pairs))
+            log.warn(
+                "drain timeout: {count} WebSockets and {requests} HTTP requests left",
+                count=len(self.registry.pairs),
+                requests=self.resource.http_in_flight,
+            )
         for timer in timers:
             if timer.active():
                 timer.cancel()
@@ -159,6 +165,13 @@ class GatewayService(MultiService):
         await self.resource.stop()
         if self.http_forwarder is not None:
             await self.http_forwarder.close()
+
+
+    async def _quiet(self, pairs: list) -> None:
+        """Until every drained pair is gone and no HTTP request is in flight."""
+        await DeferredList([p.done for p in pairs], consumeErrors=True)
+        while self.resource.http_in_flight:
+            await deferLater(self.reactor, 0.05, lambda: None)
 
 
 def _going_away(pair) -> None:
