@@ -16,6 +16,14 @@ from urllib.parse import urlsplit
 
 from twisted.python import usage
 
+from twisted_gateway.parsers import (
+    parse_bool,
+    parse_non_negative_float,
+    parse_non_negative_int,
+    parse_positive_float,
+    parse_positive_int,
+    parse_words,
+)
 from twisted_gateway.routing import validate_prefix
 from twisted_gateway.upstreams import ROUTE_POOL_KEYS, PoolKeyError, check_pool_keys
 from twisted_gateway.tls import (
@@ -39,65 +47,6 @@ class ConfigError(usage.UsageError):
             where += f" {key}"
         super().__init__(f"{where}: {reason}")
         self.source, self.section, self.key, self.reason = source, section, key, reason
-
-
-# -- value parsers: text in, value out, ValueError with a short reason ------
-
-
-def parse_bool(text: str) -> bool:
-    lowered = text.strip().lower()
-    if lowered in ("1", "yes", "true", "on"):
-        return True
-    if lowered in ("0", "no", "false", "off"):
-        return False
-    raise ValueError(f"expected true or false, got {text!r}")
-
-
-def parse_positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError(f"expected a number of seconds, got {text!r}") from None
-    if not value > 0 or value != value or value == float("inf"):
-        raise ValueError(f"expected a positive number, got {text!r}")
-    return value
-
-
-def parse_non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError(f"expected a number of seconds, got {text!r}") from None
-    if value < 0 or value != value or value == float("inf"):
-        raise ValueError(f"expected a number >= 0, got {text!r}")
-    return value
-
-
-def parse_positive_int(text: str) -> int:
-    try:
-        value = int(text.strip().replace("_", ""))
-    except ValueError:
-        raise ValueError(f"expected a whole number, got {text!r}") from None
-    if value <= 0:
-        raise ValueError(f"expected a number > 0, got {text!r}")
-    return value
-
-
-def parse_non_negative_int(text: str) -> int:
-    try:
-        value = int(text.strip().replace("_", ""))
-    except ValueError:
-        raise ValueError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise ValueError(f"expected a number >= 0, got {text!r}")
-    return value
-
-
-def parse_words(text: str) -> tuple[str, ...]:
-    words = tuple(text.split())
-    if not words:
-        raise ValueError("expected at least one value")
-    return words
 
 
 def parse_endpoints(text: str) -> tuple[str, ...]:

@@ -52,6 +52,8 @@ from twisted.python.filepath import FilePath
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
+from twisted_gateway.parsers import parse_bool
+
 log = Logger()
 
 #: The only application protocol a gateway listener agrees to through ALPN.
@@ -329,15 +331,6 @@ def parse_client_key(text: str) -> str:
     return path
 
 
-def parse_tls_verify(text: str) -> bool:
-    lowered = text.strip().lower()
-    if lowered in ("1", "yes", "true", "on"):
-        return True
-    if lowered in ("0", "no", "false", "off"):
-        return False
-    raise ValueError(f"expected true or false, got {text.strip()!r}")
-
-
 def _without_argument(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     """The parser, its errors without the key (the config error names it already)."""
 
@@ -356,7 +349,7 @@ ROUTE_TLS_KEYS: Mapping[str, tuple[Callable[[str], Any], Any]] = {
     "ca_file": (_without_argument(parse_ca_file), None),
     "client_cert": (_without_argument(parse_client_cert), None),
     "client_key": (_without_argument(parse_client_key), None),
-    "tls_verify": (parse_tls_verify, True),
+    "tls_verify": (parse_bool, True),
 }
 
 _TLS_KEY_NAMES = tuple(ROUTE_TLS_KEYS)

@@ -28,6 +28,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from twisted_gateway.errors import BadGateway
+from twisted_gateway.parsers import parse_non_negative_int, parse_positive_float
 
 log = Logger()
 
@@ -82,35 +83,15 @@ def parse_health_check(text: str) -> str:
     return value
 
 
-def _parse_count(text: str) -> int:
-    try:
-        value = int(text.strip())
-    except ValueError:
-        raise ValueError(f"expected a whole number, got {text.strip()!r}") from None
-    if value < 0:
-        raise ValueError(f"expected a number >= 0, got {text.strip()!r}")
-    return value
-
-
-def _parse_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError(f"expected a number of seconds, got {text.strip()!r}") from None
-    if not 0 < value < float("inf"):
-        raise ValueError(f"expected a positive number, got {text.strip()!r}")
-    return value
-
-
 #: ``[route:NAME]`` keys of a pool: name -> (parser, default). ``balance = None``
 #: means the default for the route (see :func:`default_balance`).
 ROUTE_POOL_KEYS: Mapping[str, tuple[Callable[[str], Any], Any]] = {
     "balance": (parse_balance, None),
     "hash_key": (parse_hash_key, None),
-    "max_fails": (_parse_count, 1),
-    "fail_timeout": (_parse_seconds, 10.0),
+    "max_fails": (parse_non_negative_int, 1),
+    "fail_timeout": (parse_positive_float, 10.0),
     "health_check": (parse_health_check, None),
-    "health_interval": (_parse_seconds, 5.0),
+    "health_interval": (parse_positive_float, 5.0),
 }
 
 
