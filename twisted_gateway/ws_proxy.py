@@ -207,21 +207,15 @@ class RelayServerProtocol(_RelayLeg, WebSocketServerProtocol):
             instance.acquire(websocket=True)
             try:
                 upstream = await self._open_one(ctx, request, instance)
-            except (ConnectError, DNSLookupError, OSError) as e:
+            except BaseException as e:
                 instance.release(websocket=True)
-                pool.report_failure(instance)
-                last_error = e
-                continue
-            except UpstreamRefused:
-                instance.release(websocket=True)
-                pool.report_success(instance)
-                raise
-            except CancelledError:
-                instance.release(websocket=True)
-                raise
-            except BaseException:
-                instance.release(websocket=True)
-                pool.report_failure(instance)
+                if isinstance(e, UpstreamRefused):
+                    pool.report_success(instance)  # it answered, with a refusal
+                elif not isinstance(e, CancelledError):
+                    pool.report_failure(instance)
+                if isinstance(e, (ConnectError, DNSLookupError, OSError)):
+                    last_error = e
+                    continue
                 raise
             pool.report_success(instance)
             self._instance = instance
@@ -403,15 +397,10 @@ class RelayServerProtocol(_RelayLeg, WebSocketServerProtocol):
         if self._instance is not None:
             self._instance.release(websocket=True)
             self._instance = None
-        upstream = self.partner
-        if upstream is not None:
-            for transport in (self.transport, upstream.transport):
-                if transport is not None and getattr(transport, "producer", None) is not None:
-                    transport.unregisterProducer()
-            upstream.partner = None
+        if self.partner is not None:
+            self.partner.partner = None
         self.partner = None
         self.done.callback(None)
-
 
     def _log_session(self) -> None:
         factory, upstream = self.factory, self.partner
@@ -451,6 +440,9 @@ def _describe(e: BaseException) -> str:
 
 # -- factories ---------------------------------------------------------------
 
+#: Client headers that belong to the client's handshake (Autobahn writes the upstream's own).
+_NOT_FORWARDED = WEBSOCKET_HANDSHAKE | {b"origin", b"pragma", b"cache-control"}
+
 
 class RelayServerFactory(WebSocketServerFactory):
     """The client-facing factory of one route."""
@@ -474,7 +466,8 @@ class RelayServerFactory(WebSocketServerFactory):
         self.registry = registry
         self.authenticator = authenticator
         self.metrics = metrics if metrics is not None else Metrics(routes=[route.name])
-        self._connect = connect
+        #: connects a per-handshake upstream factory; returns its protocol
+        self.connect = connect
         self.compression = route.ws_compression if route.ws_compression is not None else gateway.ws_compression
         options = dict(
             maxMessagePayloadSize=gateway.ws_max_message_size,
@@ -503,9 +496,6 @@ class RelayServerFactory(WebSocketServerFactory):
             else None,
         )
 
-    def connect(self, client_factory: WebSocketClientFactory) -> Deferred:
-        return self._connect(client_factory)
-
     def client_factory_for(
         self, ctx: HandshakeContext, request, base_url: str
     ) -> WebSocketClientFactory:
@@ -519,7 +509,7 @@ class RelayServerFactory(WebSocketServerFactory):
             scheme=ctx.scheme,
             host=ctx.host,
             trusted_proxies=self.gateway.trusted_proxies,
-            drop=WEBSOCKET_HANDSHAKE | {b"origin", b"pragma", b"cache-control"},
+            drop=_NOT_FORWARDED,
         ):
             key = name.decode("latin-1")
             text = value.decode("latin-1")
@@ -538,18 +528,8 @@ class RelayServerFactory(WebSocketServerFactory):
             useragent=None,
             headers=headers,
         )
-        offers = []
-        if self.compression:
-            offers = [
-                PerMessageDeflateOffer(
-                    accept_no_context_takeover=o.accept_no_context_takeover,
-                    accept_max_window_bits=o.accept_max_window_bits,
-                    request_no_context_takeover=o.request_no_context_takeover,
-                    request_max_window_bits=o.request_max_window_bits,
-                )
-                for o in _client_offers(request)
-            ]
-        factory.perMessageCompressionOffers = offers
+        # The client's own offers, as parsed, are what the upstream is offered.
+        factory.perMessageCompressionOffers = _client_offers(request) if self.compression else []
         return factory
 
 

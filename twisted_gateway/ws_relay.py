@@ -116,10 +116,9 @@ class _RelayLeg:
             self._chunks = []
 
     def onMessageFrameEnd(self) -> None:
-        self.frame_data = None
+        pass  # Autobahn's would append the frame to a whole message
 
     def onMessageEnd(self) -> None:
-        self.message_data = None
         if self.failedByMe:
             return
         peer = self.partner
