@@ -364,6 +364,12 @@ class Authenticator:
             loop.stop()
         return done.addCallback(lambda _: None)
 
+    def upstream_query(self, query: bytes) -> bytes:
+        """The query sent upstream: without the token when ``strip_token`` says so."""
+        if self.settings.strip_token:
+            return strip_query_param(query, self.settings.query_param)
+        return query
+
     async def authenticate(self, mode: str, headers: Headers, query: bytes) -> Identity | None:
         """The identity a request proves under a route's ``auth`` mode; raises AuthError."""
         if mode == "none":

@@ -16,7 +16,6 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from twisted_gateway.auth import strip_query_param
 
 from twisted_gateway.config import RouteSettings, Settings
 from twisted_gateway.errors import BadRequest, GatewayError, NotFound, render_error
@@ -28,7 +27,6 @@ from twisted_gateway.upstreams import (
     UP,
     InstanceRegistry,
     UpstreamPool,
-    hash_key_value,
     upstream_states,
 )
 from twisted_gateway.ws_proxy import (
@@ -235,16 +233,12 @@ class GatewayResource(Resource):
             request.write(render_error(request, e))
             request.finish()
             return
-        if authenticator.settings.strip_token:
-            query = strip_query_param(query, authenticator.settings.query_param)
-        self._forward(request, route, path, query, headers, identity)
+        self._forward(request, route, path, authenticator.upstream_query(query), headers, identity)
 
     def _forward(self, request, route, path, query, headers, identity) -> bytes | int:
         pool = self.pools[route.name]
-        key = None
-        if pool.hash_key is not None:
-            claims = identity.claims if identity is not None else None
-            key = hash_key_value(pool.hash_key, query=query, headers=headers, claims=claims)
+        claims = identity.claims if identity is not None else None
+        key = pool.request_key(query=query, headers=headers, claims=claims)
         extra = identity.upstream_headers() if identity is not None else ()
         return self.http_forwarder.forward(
             request, pool, path, query, key=key, extra_headers=extra, route_name=route.name

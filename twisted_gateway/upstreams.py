@@ -387,6 +387,18 @@ class UpstreamPool:
             health_interval=route.health_interval,
         )
 
+    def request_key(
+        self,
+        *,
+        query: bytes,
+        headers: Sequence[tuple[bytes, bytes]],
+        claims: Mapping[str, Any] | None,
+    ) -> str | None:
+        """The ``hash_key`` value a request carries (None without hashing, or without a value)."""
+        if self.hash_key is None:
+            return None
+        return hash_key_value(self.hash_key, query=query, headers=headers, claims=claims)
+
     def choose(self, key: str | None = None) -> Instance:
         """The instance for one attempt; raises :class:`NoHealthyUpstream` when all are down."""
         return next(self.candidates(key, retry=False))

@@ -36,14 +36,13 @@ from twisted.protocols.policies import ProtocolWrapper
 from twisted.python.failure import Failure
 from twisted.web.server import NOT_DONE_YET
 
-from twisted_gateway.auth import strip_query_param
 from twisted_gateway.config import GatewaySettings, RouteSettings
 from twisted_gateway.errors import BadGateway, GatewayError, GatewayTimeout, UpstreamRefused
 from twisted_gateway.headers import WEBSOCKET_HANDSHAKE, upstream_request_headers
 from twisted_gateway.metrics import Metrics
 from twisted_gateway.routing import upstream_url
 from twisted_gateway.tls import describe_tls_failure
-from twisted_gateway.upstreams import UpstreamPool, hash_key_value
+from twisted_gateway.upstreams import UpstreamPool
 from twisted_gateway.ws_relay import (
     CLIENT_LOST,
     CLOSED,
@@ -189,17 +188,18 @@ class RelayServerProtocol(_RelayLeg, WebSocketServerProtocol):
         identity = None
         if authenticator is not None and ctx.route.auth != "none":
             identity = await authenticator.authenticate(ctx.route.auth, ctx.headers, ctx.query)
-            if identity is not None:
-                ctx = replace(ctx, extra_headers=[*ctx.extra_headers, *identity.upstream_headers()])
-            if authenticator.settings.strip_token:
-                ctx = replace(
-                    ctx, query=strip_query_param(ctx.query, authenticator.settings.query_param)
-                )
+            extra = identity.upstream_headers() if identity is not None else []
+            ctx = replace(
+                ctx,
+                query=authenticator.upstream_query(ctx.query),
+                extra_headers=[*ctx.extra_headers, *extra],
+            )
         pool = ctx.pool
-        key = None
-        if pool.hash_key is not None:
-            claims = identity.claims if identity is not None else None
-            key = hash_key_value(pool.hash_key, query=ctx.query, headers=ctx.headers, claims=claims)
+        key = pool.request_key(
+            query=ctx.query,
+            headers=ctx.headers,
+            claims=identity.claims if identity is not None else None,
+        )
         upstream = last_error = None
         # A connect failure is retried on the next healthy instance, each at most once;
         # ws_open_timeout (around the whole of onConnect) bounds the retries.
