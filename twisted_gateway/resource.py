@@ -20,6 +20,7 @@ from twisted.web.server import NOT_DONE_YET
 from twisted_gateway.config import RouteSettings, Settings
 from twisted_gateway.errors import BadRequest, GatewayError, NotFound, render_error
 from twisted_gateway.headers import is_websocket_upgrade, origin_allowed
+from twisted_gateway.http_proxy import HTTPForwarder
 from twisted_gateway.metrics import UNROUTED, Metrics, MetricsResource
 from twisted_gateway.routing import RouteTable, normalize_path, split_uri
 from twisted_gateway.tls import UpstreamTLSPolicy, warn_unverified
@@ -61,7 +62,6 @@ class GatewayResource(Resource):
         self.settings = settings
         self.clock = reactor
         self.registry = registry if registry is not None else RelayRegistry()
-        self.http_forwarder = http_forwarder
         if authenticator is None and settings.auth is not None:
             authenticator = _build_authenticator(settings.auth, reactor)
         self.authenticator = authenticator
@@ -72,6 +72,11 @@ class GatewayResource(Resource):
         tls_policy = UpstreamTLSPolicy.for_routes(settings.routes)
         warn_unverified(settings.routes)
         connect = ws_connect or endpoint_connector(reactor, settings.gateway.connect_timeout, tls_policy)
+        #: a forwarder built here is closed by :meth:`stop`; one passed in is the caller's
+        self._owns_forwarder = http_forwarder is None
+        self.http_forwarder = http_forwarder or HTTPForwarder(
+            settings.gateway, reactor, tls_policy=tls_policy
+        )
         self._table: RouteTable[RouteSettings] = RouteTable((r.prefix, r) for r in settings.routes)
         #: health and counters per upstream URL, shared by the routes naming it
         self.upstreams = upstreams if upstreams is not None else InstanceRegistry(reactor)
@@ -112,7 +117,7 @@ class GatewayResource(Resource):
             self.authenticator.start()
 
     async def stop(self) -> None:
-        """Stop what :meth:`start` started; waits for checks and fetches in flight."""
+        """Stop what :meth:`start` started (and close an own HTTP forwarder's idle connections)."""
         self.keepalive.stop()
         if self.health_checker is not None:
             await self.health_checker.stop()
@@ -120,6 +125,8 @@ class GatewayResource(Resource):
             stopping = self.authenticator.stop()
             if stopping is not None:
                 await stopping
+        if self._owns_forwarder:
+            await self.http_forwarder.close()
 
     def render(self, request) -> bytes | int:
         try:
@@ -160,8 +167,6 @@ class GatewayResource(Resource):
         if is_websocket_upgrade(request.method, flat):
             return self._upgrade(request, route, pool, path, query, flat)
         self._count_http(request, route.name)
-        if self.http_forwarder is None:
-            raise GatewayError("this gateway has no HTTP forwarder", status=501, error="not_implemented")
         if self.authenticator is None or route.auth == "none":
             return self._forward(request, route, path, query, flat, None)
         d = Deferred.fromCoroutine(self._authenticate_and_forward(request, route, path, query, flat))

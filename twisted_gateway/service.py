@@ -20,12 +20,10 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from twisted_gateway.config import Settings
-from twisted_gateway.http_proxy import HTTPForwarder
 from twisted_gateway.metrics import MetricsResource
 from twisted_gateway.resource import GatewayResource
 from twisted_gateway.site import build_site
-from twisted_gateway.tls import UpstreamTLSPolicy, server_endpoint
-from twisted_gateway.ws_relay import RelayRegistry
+from twisted_gateway.tls import server_endpoint
 
 log = Logger()
 
@@ -68,11 +66,8 @@ class GatewayService(MultiService):
         super().__init__()
         self.settings = settings
         self.reactor = reactor
-        self.registry = RelayRegistry()
-        self.http_forwarder = _build_http_forwarder(settings, reactor)
-        self.resource = GatewayResource(
-            settings, reactor=reactor, registry=self.registry, http_forwarder=self.http_forwarder
-        )
+        self.resource = GatewayResource(settings, reactor=reactor)
+        self.registry = self.resource.registry
         self.site = build_site(self.resource, settings)
         if settings.demo.chat_service:
             from twisted_gateway.demo.chat import build_chat_site
@@ -147,7 +142,7 @@ class GatewayService(MultiService):
         timers = []
         for i, pair in enumerate(pairs):
             delay = gateway.drain_spread * i / len(pairs) if gateway.drain_spread else 0
-            timers.append(self.reactor.callLater(delay, _going_away, pair))
+            timers.append(self.reactor.callLater(delay, pair.close_both, GOING_AWAY))
         waiting = Deferred.fromCoroutine(self._quiet(pairs))
         waiting.addTimeout(gateway.drain_timeout, self.reactor)
         try:
@@ -163,9 +158,6 @@ class GatewayService(MultiService):
                 timer.cancel()
         await super().stopService()
         await self.resource.stop()
-        if self.http_forwarder is not None:
-            await self.http_forwarder.close()
-
 
     async def _quiet(self, pairs: list) -> None:
         """Until every drained pair is gone and no HTTP request is in flight."""
@@ -174,18 +166,6 @@ class GatewayService(MultiService):
             await deferLater(self.reactor, 0.05, lambda: None)
 
 
-def _going_away(pair) -> None:
-    pair.close_with(GOING_AWAY)
-    if pair.partner is not None:
-        pair.partner.close_with(GOING_AWAY)
-
-
 GOING_AWAY = (1001, b"going away")
 #: Seconds the demo token printed at start-up stays valid.
 DEMO_TOKEN_TTL = 900
-
-
-def _build_http_forwarder(settings: Settings, reactor: Any) -> HTTPForwarder:
-    return HTTPForwarder(
-        settings.gateway, reactor, tls_policy=UpstreamTLSPolicy.for_routes(settings.routes)
-    )

@@ -256,10 +256,13 @@ class RelayServerProtocol(_RelayLeg, WebSocketServerProtocol):
     def _token_expired(self) -> None:
         """No WebSocket outlives its token: close both legs with 1008."""
         self._expiry = None
-        upstream = self.partner
-        self.close_with(TOKEN_EXPIRED)
-        if upstream is not None:
-            upstream.close_with(TOKEN_EXPIRED)
+        self.close_both(TOKEN_EXPIRED)
+
+    def close_both(self, close: tuple[int, bytes]) -> None:
+        """The gateway ends the pair: the same close on both legs (expiry, drain)."""
+        self.close_with(close)
+        if self.partner is not None:
+            self.partner.close_with(close)
 
     def _refuse(self, failure):
         if failure.check(TimeoutError):
