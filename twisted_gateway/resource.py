@@ -16,7 +16,6 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-
 from twisted_gateway.config import RouteSettings, Settings
 from twisted_gateway.errors import BadRequest, GatewayError, NotFound, render_error
 from twisted_gateway.headers import is_websocket_upgrade, origin_allowed
@@ -24,12 +23,7 @@ from twisted_gateway.http_proxy import HTTPForwarder
 from twisted_gateway.metrics import UNROUTED, Metrics, MetricsResource
 from twisted_gateway.routing import RouteTable, normalize_path, split_uri
 from twisted_gateway.tls import UpstreamTLSPolicy, warn_unverified
-from twisted_gateway.upstreams import (
-    UP,
-    InstanceRegistry,
-    UpstreamPool,
-    upstream_states,
-)
+from twisted_gateway.upstreams import UP, InstanceRegistry, UpstreamPool, upstream_states
 from twisted_gateway.ws_proxy import (
     HandshakeContext,
     RelayServerFactory,
