@@ -518,6 +518,7 @@ class HTTPForwarder:
                 # A connect failure is retried on the next healthy instance (each at
                 # most once) for idempotent methods; POST and PATCH are never retried.
                 failure: GatewayError | None = None
+                headers = self._upstream_headers(request, extra_headers, drop_headers)
                 for candidate in pool.candidates(key, retry=may_retry(request.method)):
                     instance = candidate
                     fields["upstream"] = instance.url
@@ -529,8 +530,7 @@ class HTTPForwarder:
                     instance.acquire()
                     try:
                         response = await self._request_upstream(
-                            request, upstream_url(instance.url, path, query), upload,
-                            extra_headers, drop_headers,
+                            request, upstream_url(instance.url, path, query), upload, headers
                         )
                     except ConnectFailed as e:
                         instance.release()
@@ -590,16 +590,13 @@ class HTTPForwarder:
             if instance is not None:
                 instance.release()
 
-    async def _request_upstream(
+    def _upstream_headers(
         self,
         request: server.Request,
-        url: bytes,
-        upload: _Upload | None,
         extra_headers: Sequence[tuple[bytes, bytes]],
         drop_headers: frozenset[bytes],
-    ) -> IResponse:
-        """The upstream's response head, or a :class:`GatewayError` to answer with."""
-        settings = self._settings
+    ) -> Headers:
+        """The request's headers as every upstream attempt sends them (``Agent`` copies them)."""
         incoming = [
             (name, value)
             for name, values in request.requestHeaders.getAllRawHeaders()
@@ -610,12 +607,23 @@ class HTTPForwarder:
             peer=_peer_host(request),
             scheme="https" if request.isSecure() else "http",
             host=request.requestHeaders.getRawHeaders(b"host", [None])[0],
-            trusted_proxies=settings.trusted_proxies,
+            trusted_proxies=self._settings.trusted_proxies,
             drop=drop_headers | _REFRAMED,
         )
         headers = Headers()
         for name, value in [*pairs, *extra_headers]:
             headers.addRawHeader(name, value)
+        return headers
+
+    async def _request_upstream(
+        self,
+        request: server.Request,
+        url: bytes,
+        upload: _Upload | None,
+        headers: Headers,
+    ) -> IResponse:
+        """The upstream's response head, or a :class:`GatewayError` to answer with."""
+        settings = self._settings
         try:
             pending = self._agent.request(request.method, url, headers, upload)
         except ValueError as e:
