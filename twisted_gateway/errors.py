@@ -49,6 +49,21 @@ class GatewayError(Exception):
     def body(self) -> bytes:
         return json_body(self.error, self.detail)
 
+    def raw_response(self, extra: Sequence[tuple[bytes, bytes]] = ()) -> bytes:
+        """
+        The whole HTTP/1.1 answer, for the places that write to the transport
+        themselves (a refused WebSocket handshake, a refused head or body).
+        """
+        body = self.body()
+        lines = [
+            b"HTTP/1.1 %d %s" % (self.status, self.phrase),
+            b"Content-Type: application/json",
+            b"Content-Length: %d" % len(body),
+            b"Connection: close",
+        ]
+        lines += [name + b": " + value for name, value in (*self.headers, *extra)]
+        return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
 
 def json_body(error: str, detail: str) -> bytes:
     return json.dumps({"error": error, "detail": detail}).encode("utf-8") + b"\n"

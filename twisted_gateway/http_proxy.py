@@ -257,14 +257,9 @@ class GatewayRequest(server.Request):
         # allHeadersReceived sends "100 Continue" after gotLength unless told otherwise.
         self.requestHeaders.removeHeader(b"expect")
         error = _body_too_large(self.max_body_size)
-        body = error.body()
         channel = self.channel
         transport = channel.transport
-        transport.write(
-            b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\n"
-            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
-            % (error.status, error.phrase, len(body), body)
-        )
+        transport.write(error.raw_response())
         channel.persistent = False
         channel.dataReceived = _discard
         channel.setTimeout(LINGER_SECONDS)

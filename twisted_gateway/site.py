@@ -33,12 +33,7 @@ class GatewayChannel(HTTPChannel):
             )
         else:
             error = GatewayError("malformed HTTP request", status=400, error="bad_request")
-        body = error.body()
-        head = (
-            b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\n"
-            b"Content-Length: %d\r\nConnection: close\r\n\r\n"
-        ) % (error.status, error.phrase, len(body))
-        self.transport.write(head + body)
+        self.transport.write(error.raw_response())
         self.loseConnection()
 
 

@@ -341,17 +341,8 @@ class RelayServerProtocol(_RelayLeg, WebSocketServerProtocol):
         error = self._deny or GatewayError(reason, status=code, error="bad_handshake")
         self._deny = None
         self.wasNotCleanReason = error.detail
-        body = error.body()
-        lines = [f"HTTP/1.1 {error.status} {error.phrase.decode('latin-1')}"]
-        lines += [
-            "Content-Type: application/json",
-            f"Content-Length: {len(body)}",
-            "Connection: close",
-        ]
-        lines += [f"{k.decode('latin-1')}: {v.decode('latin-1')}" for k, v in error.headers]
-        for name, value in responseHeaders or ():
-            lines.append(f"{name}: {value}")
-        self.sendData(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
+        extra = [(str(k).encode("latin-1"), str(v).encode("latin-1")) for k, v in responseHeaders or ()]
+        self.sendData(error.raw_response(extra))
         self.dropConnection(abort=False)
 
     # -- closing ------------------------------------------------------------
