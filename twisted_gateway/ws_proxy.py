@@ -181,6 +181,12 @@ class RelayServerProtocol(_RelayLeg, WebSocketServerProtocol):
         d.addErrback(self._refuse)
         return d
 
+    def onOpen(self) -> None:
+        upstream = self.partner
+        if upstream is not None:
+            plain = not self.websocket_extensions_in_use and not upstream.websocket_extensions_in_use
+            self.passthrough = upstream.passthrough = plain
+
     async def _open_upstream(self, request) -> tuple[str | None, dict]:
         ctx = self.context
         factory = self.factory

@@ -14,12 +14,14 @@ from __future__ import annotations
 from typing import Any
 
 from autobahn.websocket.protocol import WebSocketProtocol
+from twisted.internet import tcp
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.task import LoopingCall
 from zope.interface import implementer
 
 OPEN = WebSocketProtocol.STATE_OPEN
 CLOSED = WebSocketProtocol.STATE_CLOSED
+SEND_GROUND = WebSocketProtocol.SEND_STATE_GROUND
 
 #: Messages up to this size are relayed whole (one frame); larger ones stream.
 STREAM_THRESHOLD = 64 * 1024
@@ -81,16 +83,75 @@ class _RelayLeg:
     #: False between a keepalive ping and its pong
     pong_seen = True
 
+    #: both legs open without extensions: whole data frames pass through as bytes
+    passthrough = False
+
     # Autobahn's versions of these two build debug-log arguments on every call.
 
     def dataReceived(self, data: bytes) -> None:
+        if self.passthrough and not self.data and self.current_frame is None and not self.inside_message:
+            data = self._pass_frames(data)
+            if not data:
+                return
         self._dataReceived(data)
 
     def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
         if sync or chopsize or self.send_queue:
             WebSocketProtocol.sendData(self, data, sync, chopsize)
         else:
-            self.transport.write(data)
+            write_now(self.transport, data)
+
+    def _pass_frames(self, data: bytes) -> bytes:
+        """
+        Forward the leading run of complete, unfragmented text and binary frames
+        unchanged (a client's frame keeps its mask: it is still a client's frame
+        to the upstream) and return the rest for Autobahn: control frames,
+        fragments, partial or oversized frames and anything it must refuse.
+        """
+        peer = self.partner
+        if self.state != OPEN or peer.state != OPEN or peer.send_state != SEND_GROUND or peer.send_queue:
+            return data
+        masked = self.side == "client"  # RFC 6455 5.1: clients mask, servers never do
+        mask_bit = 0x80 if masked else 0
+        limit = self.maxMessagePayloadSize or _NO_LIMIT
+        flow = self.flow
+        end = len(data)
+        i = count = total = 0
+        while i + 2 <= end:
+            b0 = data[i]
+            b1 = data[i + 1]
+            n = b1 & 0x7F
+            if (b0 != 0x81 and b0 != 0x82) or (b1 & 0x80) != mask_bit or n == 127:
+                break
+            start = i + 2
+            if n == 126:
+                n = int.from_bytes(data[start : start + 2], "big")
+                if n < 126:
+                    break  # not the minimal length encoding: Autobahn fails it
+                start += 2
+            if masked:
+                key = data[start : start + 4]
+                start += 4
+            stop = start + n
+            if stop > end or n > limit:
+                break
+            if b0 == 0x81:
+                payload = data[start:stop]
+                if masked:
+                    payload = unmask(payload, key)
+                try:
+                    payload.decode("utf-8")
+                except UnicodeDecodeError:
+                    break  # Autobahn fails it with 1007
+            flow.count(n)
+            count += 1
+            total += n
+            i = stop
+        if i:
+            write_now(peer.transport, data if i == end else data[:i])
+            self.messages += count
+            self.bytes += total
+        return data[i:]
 
     def onMessageBegin(self, isBinary: bool) -> None:
         WebSocketProtocol.onMessageBegin(self, isBinary)
@@ -162,6 +223,40 @@ class _RelayLeg:
                 self.pair.record_end("gateway", close[0])
             self.close_relayed = True
             self.sendCloseFrame(close[0], close[1])
+
+
+_NO_LIMIT = 1 << 63
+_TCP = (tcp.Server, tcp.Client)
+
+
+def unmask(payload: bytes, key: bytes) -> bytes:
+    """A masked frame payload in clear (RFC 6455 5.3), as one big-integer XOR."""
+    n = len(payload)
+    if not n:
+        return payload
+    keys = (key * ((n >> 2) + 1))[:n]
+    return (int.from_bytes(payload, "little") ^ int.from_bytes(keys, "little")).to_bytes(n, "little")
+
+
+def write_now(transport: Any, data: bytes) -> None:
+    """
+    Write ``data``, sending it at once when the transport has nothing queued.
+
+    Twisted's ``write`` only queues and sends on the next reactor turn (two
+    epoll_ctl calls and one more wake-up per message); asyncio sends at once
+    the same way. TLS and other transports, or a queue already waiting, keep
+    Twisted's path, which also reports any socket error.
+    """
+    if type(transport) in _TCP and transport.connected and not transport.disconnecting:
+        if not transport.dataBuffer and not transport._tempDataLen and not transport._writeDisconnecting:
+            try:
+                sent = transport.socket.send(data)
+            except OSError:
+                sent = 0  # EAGAIN, or an error Twisted's doWrite reports
+            if sent == len(data):
+                return
+            data = data[sent:]
+    transport.write(data)
 
 
 @implementer(IPushProducer)
