@@ -104,16 +104,19 @@ class _RelayLeg:
     def _pass_frames(self, data: bytes) -> bytes:
         """
         Forward the leading run of complete, unfragmented text and binary frames
-        unchanged (a client's frame keeps its mask: it is still a client's frame
-        to the upstream) and return the rest for Autobahn: control frames,
-        fragments, partial or oversized frames and anything it must refuse.
+        unchanged and return the rest for Autobahn: control frames, fragments,
+        partial or oversized frames and anything it must refuse.
+
+        A client's frame keeps its mask on the way to the upstream: the key was
+        drawn by the client (a browser's is unknown to the page's scripts, the
+        attacker of RFC 6455 10.3), and it is still a client's frame there.
         """
         peer = self.partner
         if self.state != OPEN or peer.state != OPEN or peer.send_state != SEND_GROUND or peer.send_queue:
             return data
         masked = self.side == "client"  # RFC 6455 5.1: clients mask, servers never do
         mask_bit = 0x80 if masked else 0
-        limit = self.maxMessagePayloadSize or _NO_LIMIT
+        limit = min(self.maxMessagePayloadSize or _NO_LIMIT, self.maxFramePayloadSize or _NO_LIMIT)
         flow = self.flow
         end = len(data)
         i = count = total = 0
