@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import ipaddress
 from dataclasses import dataclass, replace
+from types import FunctionType
 from typing import Any, Callable, Sequence
 
 from autobahn.twisted.websocket import (
@@ -480,8 +481,8 @@ class RelayServerFactory(WebSocketServerFactory):
             allowNullOrigin=True,
         )
         self.setProtocolOptions(**options)
+        self.protocol = with_options(RelayServerProtocol, self)
         self._client_template = WebSocketClientFactory(url="ws://upstream/", useragent=None)
-        self._client_template.protocol = RelayClientProtocol
         self._client_template.noisy = False
         self._client_template.setProtocolOptions(
             maxMessagePayloadSize=gateway.ws_max_message_size_upstream
@@ -494,6 +495,10 @@ class RelayServerFactory(WebSocketServerFactory):
             perMessageCompressionAccept=lambda response: PerMessageDeflateResponseAccept(response)
             if isinstance(response, PerMessageDeflateResponse)
             else None,
+        )
+        # Each upstream connection gets the client's own compression offers.
+        self._client_template.protocol = with_options(
+            RelayClientProtocol, self._client_template, per_connection=("perMessageCompressionOffers",)
         )
 
     def client_factory_for(
@@ -531,6 +536,24 @@ class RelayServerFactory(WebSocketServerFactory):
         # The client's own offers, as parsed, are what the upstream is offered.
         factory.perMessageCompressionOffers = _client_offers(request) if self.compression else []
         return factory
+
+
+def with_options(protocol: type, factory: Any, per_connection: Sequence[str] = ()) -> type:
+    """
+    ``protocol`` with ``factory``'s current Autobahn options as class attributes.
+
+    Autobahn copies some 30 options from the factory onto every new protocol
+    and pretty-prints them all for a debug line, whether or not debug logging
+    is on: about a tenth of a handshake's CPU, and a dict entry each per open
+    connection. Options in ``per_connection`` are still copied per connection.
+    """
+    options = {}
+    for name in protocol.CONFIG_ATTRS:
+        if name not in per_connection:
+            value = getattr(factory, name)
+            options[name] = staticmethod(value) if isinstance(value, FunctionType) else value
+    options["CONFIG_ATTRS"] = tuple(per_connection)
+    return type(protocol.__name__, (protocol,), options)
 
 
 def _client_offers(request) -> list[PerMessageDeflateOffer]:
