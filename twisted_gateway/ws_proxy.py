@@ -98,6 +98,7 @@ class RelayClientProtocol(_RelayLeg, WebSocketClientProtocol):
     def startHandshake(self) -> None:
         """Send the upgrade request (Autobahn's own also pretty-prints a debug line)."""
         f = self.factory
+        self.perMessageCompressionOffers = f.perMessageCompressionOffers
         self._actuallyStartHandshake(
             ConnectingRequest(
                 host=f.host,
@@ -187,6 +188,10 @@ class RelayServerProtocol(_RelayLeg, WebSocketServerProtocol):
         if upstream is not None:
             plain = not self.websocket_extensions_in_use and not upstream.websocket_extensions_in_use
             self.passthrough = upstream.passthrough = plain
+
+    def _connectionLost(self, reason) -> None:
+        super()._connectionLost(reason)
+        self.factory.countConnections -= 1  # as Autobahn's server does
 
     async def _open_upstream(self, request) -> tuple[str | None, dict]:
         ctx = self.context
@@ -496,10 +501,8 @@ class RelayServerFactory(WebSocketServerFactory):
             if isinstance(response, PerMessageDeflateResponse)
             else None,
         )
-        # Each upstream connection gets the client's own compression offers.
-        self._client_template.protocol = with_options(
-            RelayClientProtocol, self._client_template, per_connection=("perMessageCompressionOffers",)
-        )
+        # (each upstream connection's compression offers are the client's own: startHandshake)
+        self._client_template.protocol = with_options(RelayClientProtocol, self._client_template)
 
     def client_factory_for(
         self, ctx: HandshakeContext, request, base_url: str
@@ -538,21 +541,19 @@ class RelayServerFactory(WebSocketServerFactory):
         return factory
 
 
-def with_options(protocol: type, factory: Any, per_connection: Sequence[str] = ()) -> type:
+def with_options(protocol: type, factory: Any) -> type:
     """
     ``protocol`` with ``factory``'s current Autobahn options as class attributes.
 
     Autobahn copies some 30 options from the factory onto every new protocol
     and pretty-prints them all for a debug line, whether or not debug logging
     is on: about a tenth of a handshake's CPU, and a dict entry each per open
-    connection. Options in ``per_connection`` are still copied per connection.
+    connection.
     """
-    options = {}
+    options: dict[str, Any] = {"CONFIG_ATTRS": ()}
     for name in protocol.CONFIG_ATTRS:
-        if name not in per_connection:
-            value = getattr(factory, name)
-            options[name] = staticmethod(value) if isinstance(value, FunctionType) else value
-    options["CONFIG_ATTRS"] = tuple(per_connection)
+        value = getattr(factory, name)
+        options[name] = staticmethod(value) if isinstance(value, FunctionType) else value
     return type(protocol.__name__, (protocol,), options)
 
 

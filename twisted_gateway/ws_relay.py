@@ -101,6 +101,11 @@ class _RelayLeg:
         else:
             write_now(self.transport, data)
 
+    def _connectionLost(self, reason) -> None:
+        # Autobahn's client and server versions first render the reason, with
+        # its traceback, for a debug line.
+        WebSocketProtocol._connectionLost(self, reason)
+
     def _pass_frames(self, data: bytes) -> bytes:
         """
         Forward the leading run of complete, unfragmented text and binary frames
