@@ -117,7 +117,9 @@ class _RelayLeg:
         attacker of RFC 6455 10.3), and it is still a client's frame there.
         """
         peer = self.partner
-        if self.state != OPEN or peer.state != OPEN or peer.send_state != SEND_GROUND or peer.send_queue:
+        if self.state != OPEN or peer is None or peer.state != OPEN:
+            return data
+        if peer.send_state != SEND_GROUND or peer.send_queue:
             return data
         masked = self.side == "client"  # RFC 6455 5.1: clients mask, servers never do
         mask_bit = 0x80 if masked else 0
