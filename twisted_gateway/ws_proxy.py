@@ -547,7 +547,7 @@ def with_options(protocol: type, factory: Any) -> type:
 
     Autobahn copies some 30 options from the factory onto every new protocol
     and pretty-prints them all for a debug line, whether or not debug logging
-    is on: about a tenth of a handshake's CPU, and a dict entry each per open
+    is on: about a third of a handshake's CPU, and a dict entry each per open
     connection.
     """
     options: dict[str, Any] = {"CONFIG_ATTRS": ()}
