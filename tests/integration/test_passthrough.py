@@ -58,7 +58,7 @@ async def _raw_client(gw):
     return raw
 
 
-@pytest.mark.parametrize("size", [0, 1, 3, 4, 5, 125, 126, 4096, 65537])
+@pytest.mark.parametrize("size", [0, 1, 3, 4, 5, 125, 126, 1024, 1025, 4096, 65537])
 def test_unmask_matches_the_rfc_masking(size):
     """Masking is its own inverse and agrees with Autobahn's masker byte for byte."""
     key, payload = os.urandom(4), os.urandom(size)
