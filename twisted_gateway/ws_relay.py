@@ -227,6 +227,15 @@ class _RelayLeg:
             peer.sendCloseFrame(code, reasonRaw)
         return failed
 
+    def _fail_connection(self, code: int = 1001, reason: str = "going away") -> None:
+        """Failing this leg (a bad frame, a message too big) closes the other at once with 1001."""
+        was_open = self.state == OPEN
+        WebSocketProtocol._fail_connection(self, code, reason)
+        peer = self.partner
+        if was_open and peer is not None and peer.state == OPEN:
+            self.pair.record_end("gateway", code)
+            peer.close_with(PEER_FAILED)
+
     def close_with(self, close: tuple[int, bytes]) -> None:
         """Close this leg with any legal code (``sendClose`` allows only a few)."""
         if self.state == OPEN:

@@ -149,6 +149,20 @@ async def test_a_bad_frame_after_good_ones_closes_with_the_right_code(bad, code)
 
 
 @pytest_twisted.ensureDeferred
+async def test_failing_the_client_leg_closes_the_upstream_at_once():
+    """The upstream gets 1001 while the failed client has not even answered the close."""
+    upstream, up_port, gw = await _pair(Upstream(echo=False))
+    raw = await _raw_client(gw)
+    raw.transport.write(frame(0x3, b"reserved opcode"))
+    server = upstream.connected[-1]
+    assert (await server.closed)[0] == 1001
+    assert not raw.lost.called
+    assert [op for op, _ in server_frames(raw.received)] == [0x8]
+    raw.transport.abortConnection()
+    await _teardown(gw, up_port)
+
+
+@pytest_twisted.ensureDeferred
 async def test_many_messages_from_the_upstream_keep_their_order_and_count():
     """A burst of small and large messages from the upstream, counted once each."""
     upstream, up_port, gw = await _pair(Upstream(echo=False))
