@@ -49,7 +49,6 @@ from twisted_gateway.ws_relay import (
     CLOSED,
     LEG_BUFFER_SIZE,
     OPEN,
-    PEER_FAILED,
     TOKEN_EXPIRED,
     UPSTREAM_LOST,
     RelayRegistry,
@@ -372,13 +371,10 @@ class RelayServerProtocol(_RelayLeg, WebSocketServerProtocol):
             self._finish()
             return
         other = upstream if leg is self else self
-        if other.state == OPEN and not leg.close_relayed:
-            if leg.failedByMe:
-                self.record_end("gateway", leg.localCloseCode)
-                other.close_with(PEER_FAILED)
-            elif leg.remoteCloseCode is None and not leg.wasClean:
-                self.record_end(leg.side, 1006)
-                other.close_with(UPSTREAM_LOST if leg is upstream else CLIENT_LOST)
+        # (a leg the gateway failed has closed the other already: _RelayLeg._fail_connection)
+        if other.state == OPEN and not leg.close_relayed and leg.remoteCloseCode is None and not leg.wasClean:
+            self.record_end(leg.side, 1006)
+            other.close_with(UPSTREAM_LOST if leg is upstream else CLIENT_LOST)
         if self.state == CLOSED and upstream.state == CLOSED:
             self._finish()
 

@@ -229,10 +229,9 @@ class _RelayLeg:
 
     def _fail_connection(self, code: int = 1001, reason: str = "going away") -> None:
         """Failing this leg (a bad frame, a message too big) closes the other at once with 1001."""
-        was_open = self.state == OPEN
         WebSocketProtocol._fail_connection(self, code, reason)
         peer = self.partner
-        if was_open and peer is not None and peer.state == OPEN:
+        if self.failedByMe and peer is not None and peer.state == OPEN:
             self.pair.record_end("gateway", code)
             peer.close_with(PEER_FAILED)
 
