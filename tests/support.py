@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import struct
 from collections import deque
 from typing import Any
 
@@ -12,8 +13,10 @@ from autobahn.twisted.websocket import (
     WebSocketServerFactory,
     WebSocketServerProtocol,
 )
+from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny
-from twisted.internet import reactor
+from autobahn.websocket.xormasker import create_xor_masker
+from twisted.internet import reactor, task
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, serverFromString
 from twisted.internet.protocol import Factory, Protocol
@@ -24,6 +27,22 @@ from twisted_gateway.resource import GatewayResource
 from twisted_gateway.ws_relay import _accept_close_frame
 
 LOOPBACK = "tcp:0:interface=127.0.0.1"
+
+#: An opening handshake as Firefox sends it (``Connection: keep-alive, Upgrade``).
+UPGRADE = (
+    "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+    "Connection: keep-alive, Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    "Sec-WebSocket-Version: 13\r\n\r\n"
+)
+
+
+async def settle(condition, what: str = "condition", seconds: float = 10.0) -> None:
+    """Wait until ``condition()`` holds; ``seconds`` guards against a hang, it is no speed limit."""
+    for _ in range(int(seconds / 0.02)):
+        if condition():
+            return
+        await task.deferLater(reactor, 0.02, lambda: None)
+    raise AssertionError(f"{what} not reached")
 
 
 async def listen(factory: Any) -> Any:
@@ -228,3 +247,54 @@ def http_error(raw: bytes) -> tuple[int, dict]:
     head, _, body = raw.partition(b"\r\n\r\n")
     status = int(head.split(b" ", 2)[1])
     return status, json.loads(body)
+
+
+async def open_relay(upstream: Upstream | None = None, gateway_extra: str = ""):
+    """An upstream (an echoing one by default) behind a gateway's ``/v1/chat`` route."""
+    upstream = upstream or Upstream()
+    up_port = await listen(upstream)
+    gw = await start_gateway(route_config(up_port.getHost().port, gateway_extra))
+    return upstream, up_port, gw
+
+
+async def close_relay(gw: Gateway, up_port: Any, *clients) -> None:
+    """Drop the clients, wait until the gateway holds no pair, stop both listeners."""
+    for c in clients:
+        if c.state != WebSocketProtocol.STATE_CLOSED:
+            c.dropConnection(abort=True)
+    await settle(lambda: len(gw.registry) == 0 and not gw.registry.handshakes, "no pair left")
+    await gw.close()
+    await up_port.stopListening()
+
+
+def client_frame(
+    opcode: int, payload: bytes, *, fin: bool = True, rsv: int = 0, mask: bytes | None = b"\x0f\x1e\x2d\x3c"
+) -> bytes:
+    """One frame as a browser writes it (``mask=None``: unmasked, which no client may send)."""
+    n = len(payload)
+    head = bytes([(0x80 if fin else 0) | (rsv << 4) | opcode])
+    bit = 0x80 if mask is not None else 0
+    if n < 126:
+        head += bytes([bit | n])
+    elif n < 65536:
+        head += bytes([bit | 126]) + struct.pack("!H", n)
+    else:
+        head += bytes([bit | 127]) + struct.pack("!Q", n)
+    if mask is None:
+        return head + payload
+    return head + mask + (create_xor_masker(mask, n).process(payload) if n else b"")
+
+
+def server_frames(data: bytes) -> list[tuple[int, bytes]]:
+    """(opcode, payload) of the unmasked frames a server wrote after its 101."""
+    data = data.partition(b"\r\n\r\n")[2]
+    frames = []
+    while len(data) >= 2:
+        n, start = data[1] & 0x7F, 2
+        if n == 126:
+            n, start = struct.unpack("!H", data[2:4])[0], 4
+        elif n == 127:
+            n, start = struct.unpack("!Q", data[2:10])[0], 10
+        frames.append((data[0] & 0x0F, data[start : start + n]))
+        data = data[start + n :]
+    return frames

@@ -33,6 +33,7 @@ from tests.support import (
     http_error,
     listen,
     raw_connect,
+    settle,
     start_gateway,
     ws_connect,
 )
@@ -50,14 +51,6 @@ SECRET = "operations-test-secret-0123456789abcdef"
 
 
 # -- helpers ---------------------------------------------------------------------
-
-
-async def _settle(condition, what: str = "condition") -> None:
-    for _ in range(int(GUARD / 0.02)):
-        if condition():
-            return
-        await task.deferLater(reactor, 0.02, lambda: None)
-    raise AssertionError(f"{what} not reached")
 
 
 def _closed_port() -> int:
@@ -165,7 +158,7 @@ async def _drop_all(gw: Gateway, *clients) -> None:
     for client in clients:
         if client.state != CLOSED:
             client.dropConnection(abort=True)
-    await _settle(
+    await settle(
         lambda: not gw.registry.pairs and not gw.registry.handshakes and not gw.registry.total_active(),
         "every relay gone",
     )
@@ -242,7 +235,7 @@ async def test_metrics_count_relayed_messages_bytes_opens_and_closes_per_directi
 
         client.sendClose(1000, "done")
         assert await client.closed == (1000, "done")
-        await _settle(lambda: not gw.registry.pairs, "the pair gone")
+        await settle(lambda: not gw.registry.pairs, "the pair gone")
 
         after = await _scrape(gw.number)
         assert _value(after, "wsgateway_ws_open", **route) == 0
@@ -250,10 +243,10 @@ async def test_metrics_count_relayed_messages_bytes_opens_and_closes_per_directi
 
         # The upstream closing first is counted on its side, with its code.
         client = await ws_connect(gw.url("/v1/chat/ws?room=metrics"))
-        await _settle(lambda: upstream.open_protocols, "the upstream connection")
+        await settle(lambda: upstream.open_protocols, "the upstream connection")
         next(iter(upstream.open_protocols)).sendClose(4001, "upstream says bye")
         assert await client.closed == (4001, "upstream says bye")
-        await _settle(lambda: not gw.registry.pairs, "the pair gone")
+        await settle(lambda: not gw.registry.pairs, "the pair gone")
         last = await _scrape(gw.number)
         assert _value(last, "wsgateway_ws_open", **route) == 0
         assert _moved(after, last, "wsgateway_ws_closes_total", side="upstream", code="4001", **route) == 1
@@ -511,8 +504,8 @@ async def _ping_round(clock: task.Clock, client, upstream: PingUpstream, first: 
     """
     client_pings, upstream_pings = len(client.pings), len(upstream.pings)
     clock.advance(INTERVAL if first else INTERVAL - TIMEOUT)
-    await _settle(lambda: len(client.pings) > client_pings, "a ping at the client")
-    await _settle(lambda: len(upstream.pings) > upstream_pings, "a ping at the upstream")
+    await settle(lambda: len(client.pings) > client_pings, "a ping at the client")
+    await settle(lambda: len(upstream.pings) > upstream_pings, "a ping at the upstream")
     if client.state == OPEN:
         client.sendMessage(b"after the ping")
         assert await client.next_message() == (b"after the ping", False)
@@ -550,7 +543,7 @@ async def test_keepalive_drops_a_silent_upstream_and_closes_the_client_with_1011
     up_port = await listen(upstream)
     gw, clock = await _clocked_gateway(up_port.getHost().port)
     client = await _ping_client(gw.url("/v1/chat/ws"))
-    await _settle(lambda: upstream.connected, "the upstream connection")
+    await settle(lambda: upstream.connected, "the upstream connection")
     upstream_leg = upstream.connected[0]
     before = await _scrape(gw.number)
 
@@ -561,7 +554,7 @@ async def test_keepalive_drops_a_silent_upstream_and_closes_the_client_with_1011
     up_code, _ = await upstream_leg.closed
     assert up_code == 1006  # dropped: no close frame reached the silent upstream
     assert not upstream_leg.wasClean
-    await _settle(lambda: not gw.registry.pairs, "the pair gone")
+    await settle(lambda: not gw.registry.pairs, "the pair gone")
     after = await _scrape(gw.number)
     assert _moved(before, after, "wsgateway_ws_closes_total", route="chat", side="gateway", code="1011") == 1
     assert _value(after, "wsgateway_ws_open", route="chat") == 0
@@ -577,7 +570,7 @@ async def test_keepalive_drops_a_silent_client_and_closes_the_upstream_with_1011
     up_port = await listen(upstream)
     gw, clock = await _clocked_gateway(up_port.getHost().port)
     client = await _ping_client(gw.url("/v1/chat/ws"), SilentClientProtocol)
-    await _settle(lambda: upstream.connected, "the upstream connection")
+    await settle(lambda: upstream.connected, "the upstream connection")
     upstream_leg = upstream.connected[0]
 
     await _ping_round(clock, client, upstream, first=True)
@@ -635,7 +628,7 @@ async def test_max_connections_refuses_the_next_websocket_with_503_limited_on_an
 
     first.sendClose(1000)
     await first.closed
-    await _settle(lambda: gw.registry.total_active() == 1, "one WebSocket left")
+    await settle(lambda: gw.registry.total_active() == 1, "one WebSocket left")
     third = await ws_connect(gw.url("/v1/chat/ws"))
     assert third.state == OPEN
     await _drop_all(gw, second, third)
@@ -712,7 +705,7 @@ async def test_origin_policy_decides_before_any_upstream_contact(allowed_origins
         status, body = await _handshake(gw.number, "/v1/chat/ws", headers)
     finally:
         await _drop_all(gw)
-        await _settle(lambda: not upstream.open_protocols, "the upstream connection closed")
+        await settle(lambda: not upstream.open_protocols, "the upstream connection closed")
         await _close_all(gw, up_port)
 
     if allowed:

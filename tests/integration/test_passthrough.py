@@ -14,40 +14,18 @@ import pytest_twisted
 from autobahn.websocket.xormasker import create_xor_masker
 from twisted.internet.testing import StringTransport
 
-from tests.integration.test_ws_relay import UPGRADE, _pair, _settle, _teardown
-from tests.support import Upstream, raw_connect, ws_connect
+from tests.support import (
+    UPGRADE,
+    Upstream,
+    close_relay,
+    open_relay,
+    raw_connect,
+    server_frames,
+    settle,
+    ws_connect,
+)
+from tests.support import client_frame as frame
 from twisted_gateway.ws_relay import unmask, write_now
-
-
-def frame(opcode: int, payload: bytes, *, fin: bool = True, rsv: int = 0, mask: bytes | None = b"\x0f\x1e\x2d\x3c") -> bytes:
-    """One client frame as a browser would write it (``mask=None``: unmasked)."""
-    n = len(payload)
-    head = bytes([(0x80 if fin else 0) | (rsv << 4) | opcode])
-    bit = 0x80 if mask is not None else 0
-    if n < 126:
-        head += bytes([bit | n])
-    elif n < 65536:
-        head += bytes([bit | 126]) + struct.pack("!H", n)
-    else:
-        head += bytes([bit | 127]) + struct.pack("!Q", n)
-    if mask is None:
-        return head + payload
-    return head + mask + unmask(payload, mask)
-
-
-def server_frames(data: bytes) -> list[tuple[int, bytes]]:
-    """(opcode, payload) of the unmasked frames the gateway wrote after its 101."""
-    data = data.partition(b"\r\n\r\n")[2]
-    frames = []
-    while len(data) >= 2:
-        n, start = data[1] & 0x7F, 2
-        if n == 126:
-            n, start = struct.unpack("!H", data[2:4])[0], 4
-        elif n == 127:
-            n, start = struct.unpack("!Q", data[2:10])[0], 10
-        frames.append((data[0] & 0x0F, data[start : start + n]))
-        data = data[start + n :]
-    return frames
 
 
 async def _raw_client(gw):
@@ -79,7 +57,7 @@ def test_write_now_keeps_twisteds_path_for_other_transports():
 @pytest_twisted.ensureDeferred
 async def test_a_burst_mixing_whole_frames_fragments_and_pings_arrives_in_order():
     """Whole messages, a fragmented one with a ping inside, and binary ones, in one write."""
-    upstream, up_port, gw = await _pair(Upstream(echo=False))
+    upstream, up_port, gw = await open_relay(Upstream(echo=False))
     raw = await _raw_client(gw)
     big = os.urandom(70_000)
     raw.transport.write(
@@ -111,7 +89,7 @@ async def test_a_burst_mixing_whole_frames_fragments_and_pings_arrives_in_order(
     await raw.wait_for(b"back")
     assert server_frames(raw.received)[-1] == (0x1, b"back")
     raw.transport.abortConnection()
-    await _teardown(gw, up_port)
+    await close_relay(gw, up_port)
 
 
 @pytest.mark.parametrize(
@@ -129,7 +107,7 @@ async def test_a_burst_mixing_whole_frames_fragments_and_pings_arrives_in_order(
 @pytest_twisted.ensureDeferred
 async def test_a_bad_frame_after_good_ones_closes_with_the_right_code(bad, code):
     """The good messages before it are delivered; the client gets the close code, the upstream 1001."""
-    upstream, up_port, gw = await _pair(Upstream(echo=False))
+    upstream, up_port, gw = await open_relay(Upstream(echo=False))
     raw = await _raw_client(gw)
     raw.transport.write(frame(0x1, b"one") + frame(0x2, b"two") + bad + frame(0x1, b"never"))
     server = upstream.connected[-1]
@@ -139,19 +117,19 @@ async def test_a_bad_frame_after_good_ones_closes_with_the_right_code(bad, code)
     def closes():
         return [p for op, p in server_frames(raw.received) if op == 0x8 and len(p) >= 2]
 
-    await _settle(closes)
+    await settle(closes)
     assert struct.unpack("!H", closes()[0][:2])[0] == code
     raw.transport.write(frame(0x8, closes()[0][:2]))  # the client's answer to the close
     assert (await server.closed)[0] == 1001
     assert not server.messages
     raw.transport.abortConnection()
-    await _teardown(gw, up_port)
+    await close_relay(gw, up_port)
 
 
 @pytest_twisted.ensureDeferred
 async def test_failing_the_client_leg_closes_the_upstream_at_once():
     """The upstream gets 1001 while the failed client has not even answered the close."""
-    upstream, up_port, gw = await _pair(Upstream(echo=False))
+    upstream, up_port, gw = await open_relay(Upstream(echo=False))
     raw = await _raw_client(gw)
     raw.transport.write(frame(0x3, b"reserved opcode"))
     server = upstream.connected[-1]
@@ -159,13 +137,13 @@ async def test_failing_the_client_leg_closes_the_upstream_at_once():
     assert not raw.lost.called
     assert [op for op, _ in server_frames(raw.received)] == [0x8]
     raw.transport.abortConnection()
-    await _teardown(gw, up_port)
+    await close_relay(gw, up_port)
 
 
 @pytest_twisted.ensureDeferred
 async def test_many_messages_from_the_upstream_keep_their_order_and_count():
     """A burst of small and large messages from the upstream, counted once each."""
-    upstream, up_port, gw = await _pair(Upstream(echo=False))
+    upstream, up_port, gw = await open_relay(Upstream(echo=False))
     client = await ws_connect(gw.url("/v1/chat/ws"))
     server = upstream.connected[-1]
     sent = [(os.urandom(i * 37 % 3000), True) if i % 3 else (b"t" * (i * 37 % 3000), False) for i in range(500)]
@@ -175,6 +153,6 @@ async def test_many_messages_from_the_upstream_keep_their_order_and_count():
     for payload, binary in sent:
         assert await client.next_message() == (payload, binary)
     flow = gw.resource.metrics.flow("chat", "upstream_to_client")
-    await _settle(lambda: flow.messages == len(sent))
+    await settle(lambda: flow.messages == len(sent))
     assert flow.bytes == sum(len(p) for p, _ in sent)
-    await _teardown(gw, up_port, client)
+    await close_relay(gw, up_port, client)

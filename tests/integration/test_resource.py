@@ -16,18 +16,20 @@ import pytest
 import pytest_twisted
 import treq
 from autobahn.websocket.protocol import WebSocketProtocol
-from twisted.internet import reactor, task
+from twisted.internet import reactor
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.web.client import HTTPConnectionPool
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from tests.support import (
+    UPGRADE,
     Gateway,
     Upstream,
     http_error,
     listen,
     raw_connect,
+    settle,
     start_gateway,
     ws_connect,
 )
@@ -45,12 +47,6 @@ prefix = /v1/files
 upstream = http://127.0.0.1:{files_port}
 websocket = false
 """
-
-UPGRADE = (
-    "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-    "Connection: keep-alive, Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-    "Sec-WebSocket-Version: 13\r\n\r\n"
-)
 
 #: A guard against a hang, not a speed assertion.
 GUARD = 10
@@ -125,21 +121,13 @@ async def _start_mounted(config: str, **kwargs: Any) -> Gateway:
     return Gateway(await listen(site), resource)
 
 
-async def _settle(condition, seconds: float = 5.0) -> None:
-    for _ in range(int(seconds / 0.02)):
-        if condition():
-            return
-        await task.deferLater(reactor, 0.02, lambda: None)
-    raise AssertionError("condition not reached")
-
-
 async def _close_ws(gw: Gateway, client) -> None:
     if client.state != WebSocketProtocol.STATE_CLOSED:
         client.sendClose(1000)
         closed = client.closed
         closed.addTimeout(GUARD, reactor)
         await closed
-    await _settle(lambda: len(gw.registry) == 0 and not gw.registry.handshakes)
+    await settle(lambda: len(gw.registry) == 0 and not gw.registry.handshakes)
 
 
 # -- the gateway as a Site root ------------------------------------------------------
@@ -364,7 +352,7 @@ async def test_an_upstream_url_with_an_upper_case_scheme_relays_websockets():
         raw = await _raw_exchange(gw.number, UPGRADE.format(path="/v1/chat/ws").encode(), b"\r\n\r\n")
         assert raw.startswith(b"HTTP/1.1 101 "), raw
     finally:
-        await _settle(lambda: not gw.registry.handshakes and len(gw.registry) == 0)
+        await settle(lambda: not gw.registry.handshakes and len(gw.registry) == 0)
         await gw.close()
         await up_port.stopListening()
 
@@ -388,7 +376,7 @@ async def test_an_upgrade_the_upstream_refuses_logs_no_unhandled_error():
         lost = client.lost
         lost.addTimeout(GUARD, reactor)
         raw = await lost
-        await _settle(lambda: not gw.registry.handshakes)
+        await settle(lambda: not gw.registry.handshakes)
     finally:
         globalLogPublisher.removeObserver(observe)
         await gw.close()

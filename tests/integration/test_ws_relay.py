@@ -7,55 +7,28 @@ from __future__ import annotations
 
 import pytest
 import pytest_twisted
-from autobahn.websocket.protocol import WebSocketProtocol
 from twisted.internet import reactor, task
 from twisted.internet.protocol import Factory, Protocol
 
 from tests.support import (
+    UPGRADE,
     Upstream,
+    client_frame,
+    close_relay,
     http_error,
     listen,
+    open_relay,
     raw_connect,
     route_config,
+    settle,
     start_gateway,
     ws_connect,
 )
 
-UPGRADE = (
-    "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-    "Connection: keep-alive, Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-    "Sec-WebSocket-Version: 13\r\n\r\n"
-)
-
-
-async def _pair(upstream: Upstream | None = None, *, gateway_extra: str = "", **client_kw):
-    upstream = upstream or Upstream()
-    up_port = await listen(upstream)
-    gw = await start_gateway(route_config(up_port.getHost().port, gateway_extra))
-    return upstream, up_port, gw
-
-
-async def _settle(condition, seconds: float = 5.0) -> None:
-    for _ in range(int(seconds / 0.02)):
-        if condition():
-            return
-        await task.deferLater(reactor, 0.02, lambda: None)
-    raise AssertionError("condition not reached")
-
-
-async def _teardown(gw, up_port, *clients) -> None:
-    for c in clients:
-        if c.state != WebSocketProtocol.STATE_CLOSED:
-            c.dropConnection(abort=True)
-    await _settle(lambda: len(gw.registry) == 0 and not gw.registry.handshakes)
-    await gw.close()
-    await up_port.stopListening()
-
-
 @pytest_twisted.ensureDeferred
 async def test_messages_keep_type_boundaries_and_order_both_ways():
     """Text stays text, binary stays binary, empty and large messages pass, in order."""
-    upstream, up_port, gw = await _pair()
+    upstream, up_port, gw = await open_relay()
     client = await ws_connect(gw.url("/v1/chat/ws?room=a"))
     sent = [
         (b"hello", False),
@@ -70,13 +43,13 @@ async def test_messages_keep_type_boundaries_and_order_both_ways():
         client.sendMessage(payload, isBinary=binary)
     for expected in sent:
         assert await client.next_message() == expected
-    await _teardown(gw, up_port, client)
+    await close_relay(gw, up_port, client)
 
 
 @pytest_twisted.ensureDeferred
 async def test_upstream_receives_path_query_and_end_to_end_headers():
     """The upstream sees the normalised path, the query, the client's headers and X-Forwarded-*."""
-    upstream, up_port, gw = await _pair()
+    upstream, up_port, gw = await open_relay()
     client = await ws_connect(
         gw.url("/v1/chat/./x/../ws?room=a&token=t"),
         headers={
@@ -98,32 +71,32 @@ async def test_upstream_receives_path_query_and_end_to_end_headers():
     assert headers["x-forwarded-proto"] == "http"
     assert headers["x-forwarded-host"].startswith("127.0.0.1")
     assert "x-auth-subject" not in headers
-    await _teardown(gw, up_port, client)
+    await close_relay(gw, up_port, client)
 
 
 @pytest_twisted.ensureDeferred
 async def test_origin_reaches_the_upstream():
     """A browser's Origin header goes upstream unchanged."""
-    upstream, up_port, gw = await _pair()
+    upstream, up_port, gw = await open_relay()
     client = await ws_connect(gw.url("/v1/chat/ws"), headers={"Origin": "https://chat.example"})
     assert upstream.handshakes[-1].origin == "https://chat.example"
-    await _teardown(gw, up_port, client)
+    await close_relay(gw, up_port, client)
 
 
 @pytest_twisted.ensureDeferred
 async def test_subprotocol_chosen_by_upstream_reaches_the_client():
     """The client's offered subprotocols go upstream; the upstream's choice comes back."""
-    upstream, up_port, gw = await _pair(Upstream(subprotocol="chat.v2"))
+    upstream, up_port, gw = await open_relay(Upstream(subprotocol="chat.v2"))
     client = await ws_connect(gw.url("/v1/chat/ws"), protocols=["chat.v1", "chat.v2"])
     assert upstream.handshakes[-1].protocols == ["chat.v1", "chat.v2"]
     assert client.response.protocol == "chat.v2"
-    await _teardown(gw, up_port, client)
+    await close_relay(gw, up_port, client)
 
 
 @pytest_twisted.ensureDeferred
 async def test_no_subprotocol_header_when_upstream_chose_none():
     """When the upstream picks no subprotocol the client's handshake has none either."""
-    upstream, up_port, gw = await _pair(Upstream(subprotocol=None))
+    upstream, up_port, gw = await open_relay(Upstream(subprotocol=None))
     raw = await raw_connect(gw.number)
     raw.transport.write(
         UPGRADE.replace("\r\n\r\n", "\r\nSec-WebSocket-Protocol: chat.v1\r\n\r\n")
@@ -134,20 +107,20 @@ async def test_no_subprotocol_header_when_upstream_chose_none():
     assert head.startswith(b"HTTP/1.1 101")
     assert b"sec-websocket-protocol" not in head.lower()
     raw.transport.abortConnection()
-    await _teardown(gw, up_port)
+    await close_relay(gw, up_port)
 
 
 @pytest_twisted.ensureDeferred
 async def test_upstream_refusal_status_is_answered_with_json():
     """An upstream that refuses with 403 makes the gateway answer 403 with a JSON body."""
-    upstream, up_port, gw = await _pair(Upstream(refuse=(403, "Forbidden")))
+    upstream, up_port, gw = await open_relay(Upstream(refuse=(403, "Forbidden")))
     raw = await raw_connect(gw.number)
     raw.transport.write(UPGRADE.format(path="/v1/chat/ws").encode())
     status, body = http_error(await raw.lost)
     assert status == 403
     assert body["error"] == "upstream_refused"
     assert "403" in body["detail"]
-    await _teardown(gw, up_port)
+    await close_relay(gw, up_port)
 
 
 @pytest_twisted.ensureDeferred
@@ -194,8 +167,8 @@ async def test_silent_upstream_is_504_json_after_ws_open_timeout():
     status, body = http_error(await raw.lost)
     assert status == 504
     assert body["error"] == "gateway_timeout"
-    await _settle(lambda: len(silent.lost) == len(silent.connections) == 1)
-    await _teardown(gw, up_port)
+    await settle(lambda: len(silent.lost) == len(silent.connections) == 1)
+    await close_relay(gw, up_port)
 
 
 @pytest_twisted.ensureDeferred
@@ -206,11 +179,11 @@ async def test_client_leaving_mid_handshake_cancels_the_upstream_attempt():
     gw = await start_gateway(route_config(up_port.getHost().port))
     raw = await raw_connect(gw.number)
     raw.transport.write(UPGRADE.format(path="/v1/chat/ws").encode())
-    await _settle(lambda: len(silent.connections) == 1)
+    await settle(lambda: len(silent.connections) == 1)
     raw.transport.loseConnection()
-    await _settle(lambda: len(silent.lost) == 1)
+    await settle(lambda: len(silent.lost) == 1)
     assert not gw.registry.handshakes
-    await _teardown(gw, up_port)
+    await close_relay(gw, up_port)
 
 
 CLOSE_CODES = [1000, 1001, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014, 3000, 4000, 4999]
@@ -220,53 +193,53 @@ CLOSE_CODES = [1000, 1001, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014,
 @pytest_twisted.ensureDeferred
 async def test_client_close_code_and_reason_reach_the_upstream(code):
     """Every code a client may legally send reaches the upstream with its reason."""
-    upstream, up_port, gw = await _pair()
+    upstream, up_port, gw = await open_relay()
     client = await ws_connect(gw.url("/v1/chat/ws"))
     server = upstream.connected[-1]
     client.sendCloseFrame(code, f"bye {code}".encode())
     assert await server.closed == (code, f"bye {code}")
-    await _teardown(gw, up_port, client)
+    await close_relay(gw, up_port, client)
 
 
 @pytest.mark.parametrize("code", CLOSE_CODES)
 @pytest_twisted.ensureDeferred
 async def test_upstream_close_code_and_reason_reach_the_client(code):
     """Every code an upstream may legally send reaches the client with its reason."""
-    upstream, up_port, gw = await _pair()
+    upstream, up_port, gw = await open_relay()
     client = await ws_connect(gw.url("/v1/chat/ws"))
     upstream.connected[-1].sendCloseFrame(code, f"up {code}".encode())
     assert await client.closed == (code, f"up {code}")
-    await _teardown(gw, up_port, client)
+    await close_relay(gw, up_port, client)
 
 
 @pytest_twisted.ensureDeferred
 async def test_upstream_lost_without_close_gives_client_1014():
     """An upstream that drops TCP without a close frame: the client gets 1014."""
-    upstream, up_port, gw = await _pair()
+    upstream, up_port, gw = await open_relay()
     client = await ws_connect(gw.url("/v1/chat/ws"))
     upstream.connected[-1].transport.abortConnection()
     code, reason = await client.closed
     assert code == 1014
     assert reason
-    await _teardown(gw, up_port, client)
+    await close_relay(gw, up_port, client)
 
 
 @pytest_twisted.ensureDeferred
 async def test_client_lost_without_close_gives_upstream_1001():
     """A client that drops TCP without a close frame: the upstream gets 1001."""
-    upstream, up_port, gw = await _pair()
+    upstream, up_port, gw = await open_relay()
     client = await ws_connect(gw.url("/v1/chat/ws"))
     server = upstream.connected[-1]
     client.transport.abortConnection()
     code, _ = await server.closed
     assert code == 1001
-    await _teardown(gw, up_port, client)
+    await close_relay(gw, up_port, client)
 
 
 @pytest_twisted.ensureDeferred
 async def test_oversize_message_closes_sender_1009_and_other_side_1001():
     """A message over ws_max_message_size: its sender gets 1009, the upstream 1001."""
-    upstream, up_port, gw = await _pair(gateway_extra="ws_max_message_size = 1000")
+    upstream, up_port, gw = await open_relay(gateway_extra="ws_max_message_size = 1000")
     client = await ws_connect(gw.url("/v1/chat/ws"))
     server = upstream.connected[-1]
     client.sendMessage(b"x" * 1000, isBinary=True)  # exactly the limit passes
@@ -274,25 +247,25 @@ async def test_oversize_message_closes_sender_1009_and_other_side_1001():
     client.sendMessage(b"x" * 1001, isBinary=True)
     assert (await client.closed)[0] == 1009
     assert (await server.closed)[0] == 1001
-    await _teardown(gw, up_port, client)
+    await close_relay(gw, up_port, client)
 
 
 @pytest_twisted.ensureDeferred
 async def test_oversize_message_from_upstream_closes_it_1009_and_client_1001():
     """The limit holds the other way round too."""
-    upstream, up_port, gw = await _pair(gateway_extra="ws_max_message_size = 1000")
+    upstream, up_port, gw = await open_relay(gateway_extra="ws_max_message_size = 1000")
     client = await ws_connect(gw.url("/v1/chat/ws"))
     server = upstream.connected[-1]
     server.sendMessage(b"y" * 5000)
     assert (await server.closed)[0] == 1009
     assert (await client.closed)[0] == 1001
-    await _teardown(gw, up_port, client)
+    await close_relay(gw, up_port, client)
 
 
 @pytest_twisted.ensureDeferred
 async def test_pings_are_answered_while_relaying_continues():
     """A ping from either peer gets a pong from the gateway; messages keep flowing."""
-    upstream, up_port, gw = await _pair()
+    upstream, up_port, gw = await open_relay()
     client = await ws_connect(gw.url("/v1/chat/ws"))
     server = upstream.connected[-1]
     pongs: list[tuple[str, bytes]] = []
@@ -302,15 +275,15 @@ async def test_pings_are_answered_while_relaying_continues():
     server.sendPing(b"u1")
     client.sendMessage(b"still here")
     assert await client.next_message() == (b"still here", False)
-    await _settle(lambda: len(pongs) == 2)
+    await settle(lambda: len(pongs) == 2)
     assert sorted(pongs) == [("client", b"c1"), ("upstream", b"u1")]
-    await _teardown(gw, up_port, client)
+    await close_relay(gw, up_port, client)
 
 
 @pytest_twisted.ensureDeferred
 async def test_slow_client_pauses_the_upstream():
     """A client that stops reading makes the gateway stop reading the upstream."""
-    upstream, up_port, gw = await _pair(Upstream(echo=False))
+    upstream, up_port, gw = await open_relay(Upstream(echo=False))
     client = await ws_connect(gw.url("/v1/chat/ws"))
     server = upstream.connected[-1]
     client.transport.pauseProducing()
@@ -332,37 +305,33 @@ async def test_slow_client_pauses_the_upstream():
         payload, _ = await client.next_message()
         received += len(payload)
     assert received == sent
-    await _teardown(gw, up_port, client)
+    await close_relay(gw, up_port, client)
 
 
 @pytest_twisted.ensureDeferred
 async def test_firefox_handshake_and_fragmented_frames_from_a_raw_client():
     """Firefox's ``Connection: keep-alive, Upgrade`` upgrades; a fragmented text message is reassembled."""
-    upstream, up_port, gw = await _pair()
+    upstream, up_port, gw = await open_relay()
     raw = await raw_connect(gw.number)
     raw.transport.write(UPGRADE.format(path="/v1/chat/ws").encode())
     head = await raw.wait_for(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 101")
-    mask = b"\x01\x02\x03\x04"
-
-    def frame(opcode: int, fin: bool, payload: bytes) -> bytes:
-        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-        return bytes([(0x80 if fin else 0) | opcode, 0x80 | len(payload)]) + mask + masked
-
-    raw.transport.write(frame(0x1, False, b"Hel") + frame(0x0, False, b"lo, ") + frame(0x0, True, b"world"))
+    raw.transport.write(
+        client_frame(0x1, b"Hel", fin=False) + client_frame(0x0, b"lo, ", fin=False) + client_frame(0x0, b"world")
+    )
     server = upstream.connected[-1]
     data = await raw.wait_for(b"world")
     assert data.endswith(b"\x81\x0cHello, world")
-    raw.transport.write(frame(0x8, True, b"\x03\xe8"))
+    raw.transport.write(client_frame(0x8, b"\x03\xe8"))
     await server.closed
     raw.transport.loseConnection()
-    await _teardown(gw, up_port)
+    await close_relay(gw, up_port)
 
 
 @pytest_twisted.ensureDeferred
 async def test_many_open_close_cycles_leave_nothing_behind():
     """Clean closes, client drops, upstream drops and refusals: every pair is cleaned up."""
-    upstream, up_port, gw = await _pair()
+    upstream, up_port, gw = await open_relay()
     refusing = Upstream(refuse=(404, "Not Found"))
     refuse_port = await listen(refusing)
     gw_refuse = await start_gateway(route_config(refuse_port.getHost().port))
@@ -380,19 +349,19 @@ async def test_many_open_close_cycles_leave_nothing_behind():
             await ws_connect(gw_refuse.url("/v1/chat/ws"))
         except ConnectionError:
             pass
-    await _settle(lambda: len(gw.registry) == 0 and not upstream.open_protocols)
+    await settle(lambda: len(gw.registry) == 0 and not upstream.open_protocols)
     assert not gw.registry.handshakes
-    await _teardown(gw, up_port)
-    await _teardown(gw_refuse, refuse_port)
+    await close_relay(gw, up_port)
+    await close_relay(gw_refuse, refuse_port)
 
 
 @pytest.mark.parametrize("code", [999, 1005, 1016, 2999, 5000])
 @pytest_twisted.ensureDeferred
 async def test_invalid_close_code_is_not_relayed(code):
     """A client's illegal close code fails its own leg; the upstream gets 1001, never the bad code."""
-    upstream, up_port, gw = await _pair()
+    upstream, up_port, gw = await open_relay()
     client = await ws_connect(gw.url("/v1/chat/ws"))
     server = upstream.connected[-1]
     client.sendCloseFrame(code, b"bad")
     assert await server.closed == (1001, "going away")
-    await _teardown(gw, up_port, client)
+    await close_relay(gw, up_port, client)
