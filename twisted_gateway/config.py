@@ -24,7 +24,8 @@ from twisted_gateway.parsers import (
     parse_positive_int,
     parse_words,
 )
-from twisted_gateway.routing import validate_prefix
+from twisted_gateway.headers import DEFAULT_STRIPPED
+from twisted_gateway.routing import ESCAPED_SLASHES, validate_prefix
 from twisted_gateway.upstreams import ROUTE_POOL_KEYS, PoolKeyError, check_pool_keys
 from twisted_gateway.tls import (
     ROUTE_TLS_KEYS,
@@ -115,6 +116,20 @@ def parse_origins(text: str) -> tuple[str, ...]:
     return tuple(o.lower() for o in origins)
 
 
+_TOKEN = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz")
+
+
+def parse_header_names(text: str) -> tuple[str, ...]:
+    """Header names (RFC 9110 tokens), lower-cased; ``none`` for none."""
+    names = tuple(word.lower() for word in parse_words(text))
+    if names == ("none",):
+        return ()
+    for name in names:
+        if not set(name) <= _TOKEN:
+            raise ValueError(f"{name!r} is not a header name")
+    return names
+
+
 def parse_prefix(text: str) -> str:
     return validate_prefix(text.strip())
 
@@ -161,6 +176,7 @@ class GatewaySettings:
     ws_max_message_size_upstream: int | None = None
     ws_ping_interval: float = 25.0
     ws_ping_timeout: float = 10.0
+    strip_request_headers: tuple[str, ...] = DEFAULT_STRIPPED
 
 
 @dataclass(frozen=True)
@@ -184,6 +200,8 @@ class RouteSettings:
     client_cert: str | None = None
     client_key: str | None = None
     tls_verify: bool = True
+    underscores_in_headers: bool = False
+    escaped_slashes: str = "check"
 
 
 @dataclass(frozen=True)
@@ -223,6 +241,7 @@ _GATEWAY_KEYS: Mapping[str, Key] = {
     "ws_max_message_size_upstream": Key(parse_positive_int, None),
     "ws_ping_interval": Key(parse_non_negative_float, 25.0),
     "ws_ping_timeout": Key(parse_positive_float, 10.0),
+    "strip_request_headers": Key(parse_header_names, DEFAULT_STRIPPED),
 }
 
 _ROUTE_KEYS: Mapping[str, Key] = {
@@ -237,6 +256,8 @@ _ROUTE_KEYS: Mapping[str, Key] = {
     "max_websockets": Key(parse_non_negative_int, 0),
     "allowed_origins": Key(parse_origins, ("*",)),
     "allow_null_origin": Key(parse_bool, None),
+    "underscores_in_headers": Key(parse_bool, False),
+    "escaped_slashes": Key(one_of(*ESCAPED_SLASHES), "check"),
 }
 
 _ADMIN_KEYS: Mapping[str, Key] = {
@@ -326,6 +347,15 @@ def parse_config(text: str, source: str = "<string>") -> Settings:
             check_tls_keys(route["client_cert"], route["client_key"])
         except TLSKeyError as e:
             raise ConfigError(source, f"route:{name}", e.key, str(e)) from None
+        if auth is not None and auth.cookie and route["auth"] != "none" and route["websocket"]:
+            if "*" in route["allowed_origins"]:
+                raise ConfigError(
+                    source,
+                    f"route:{name}",
+                    "allowed_origins",
+                    f"must list the allowed origins: [auth] cookie = {auth.cookie} would let"
+                    " any site open this route's WebSockets with a visitor's cookie",
+                )
         routes.append(RouteSettings(name=name, **route))
     try:
         check_shared_upstreams(routes)

@@ -9,7 +9,10 @@ any I/O, and are tested as tables.
 from __future__ import annotations
 
 import ipaddress
+import re
 from typing import Iterable, Sequence
+
+from twisted_gateway.errors import BadRequest, GatewayError
 
 Headers = Sequence[tuple[bytes, bytes]]
 
@@ -30,6 +33,16 @@ HOP_BY_HOP = frozenset(
 
 #: Headers that carry the identity the gateway verified; never taken from a client.
 IDENTITY_HEADERS = frozenset({b"x-auth-subject", b"x-auth-claims"})
+
+#: Client headers that frameworks trust for the client's address or for routing,
+#: stripped by default (``[gateway] strip_request_headers``).
+DEFAULT_STRIPPED = (
+    "x-real-ip",
+    "true-client-ip",
+    "cf-connecting-ip",
+    "x-original-url",
+    "x-rewrite-url",
+)
 
 #: Headers the gateway writes itself for the upstream.
 FORWARDED_HEADERS = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"})
@@ -105,6 +118,14 @@ def forwarded_for(incoming: Sequence[bytes], peer: str, trusted: Sequence) -> by
     return b", ".join(chain)
 
 
+def normalized_name(name: bytes) -> bytes:
+    """
+    A header name as CGI-style upstreams (WSGI, PHP, Rack) see it: case and
+    ``_``/``-`` do not count, so ``X_Auth_Subject`` is ``x-auth-subject``.
+    """
+    return name.lower().replace(b"_", b"-")
+
+
 def upstream_request_headers(
     headers: Headers,
     *,
@@ -113,21 +134,25 @@ def upstream_request_headers(
     host: bytes | None,
     trusted_proxies: Sequence = (),
     drop: frozenset[bytes] = frozenset(),
+    underscores: bool = False,
 ) -> list[tuple[bytes, bytes]]:
     """
     The end-to-end headers of a client request as the upstream should see them:
     hop-by-hop, identity, every client-sent ``X-Forwarded-*``/``Forwarded`` and
-    ``drop`` headers removed, then
+    ``drop`` headers removed (names compared normalised: :func:`normalized_name`),
+    names containing ``_`` removed unless ``underscores``, then
     ``X-Forwarded-For``/``-Proto``/``-Host`` added. ``Host`` is left to the caller.
     """
     incoming_xff = get_all(headers, b"x-forwarded-for")
+    dropped = {normalized_name(name) for name in drop}
     kept = [
         (k, v)
         for k, v in strip_hop_by_hop(headers)
-        if (lk := k.lower()) not in IDENTITY_HEADERS
+        if (underscores or b"_" not in k)
+        and (lk := normalized_name(k)) not in IDENTITY_HEADERS
         and not lk.startswith(b"x-forwarded-")
         and lk != b"forwarded"
-        and lk not in drop
+        and lk not in dropped
         and lk != b"host"
     ]
     kept.append((b"X-Forwarded-For", forwarded_for(incoming_xff, peer, trusted_proxies)))
@@ -160,3 +185,81 @@ def origin_allowed(origin: bytes | None, allowed: Sequence[str], allow_null: boo
             if host.endswith(suffix) and len(host) > len(suffix):
                 return True
     return False
+
+
+# -- what RFC 9112 and RFC 6454 say to refuse ----------------------------------
+
+#: ``host [ ":" port ]`` (RFC 3986 3.2.2): a DNS name or IPv4 address, or an
+#: IPv6 literal in brackets; the port, when present, digits only. No userinfo,
+#: path, list (``,``) or space.
+_HOST = re.compile(rb"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~%-]+)(?::([0-9]{1,5}))?")
+
+
+def valid_host(value: bytes) -> bool:
+    """Whether ``value`` is one ``host[:port]`` a client may send in ``Host``."""
+    match = _HOST.fullmatch(value)
+    if match is None:
+        return False
+    host, port = match.groups()
+    if host.startswith(b"["):
+        try:
+            ipaddress.IPv6Address(host[1:-1].decode("ascii"))
+        except ValueError:
+            return False
+    return port is None or int(port) <= 65535
+
+
+def checked_host(values: Sequence[bytes], version: bytes) -> bytes | None:
+    """
+    The request's one valid ``Host`` (RFC 9112 3.2), or :class:`BadRequest`:
+    HTTP/1.1 must send exactly one, nobody may send two, and it must be a
+    ``host[:port]``. ``None`` for an older or HTTP/2 request without one.
+    """
+    if len(values) > 1:
+        raise BadRequest("the request has more than one Host header")
+    if not values:
+        if version == b"HTTP/1.1":
+            raise BadRequest("an HTTP/1.1 request needs a Host header")
+        return None
+    host = values[0].strip(b" \t")
+    if not valid_host(host):
+        raise BadRequest("the Host header is not a valid host[:port]")
+    return host
+
+
+def single_origin(values: Sequence[bytes]) -> bytes | None:
+    """
+    The request's ``Origin`` (RFC 6454 7.3: at most one), ``None`` without
+    one; two are refused with 403 rather than checking one and forwarding both.
+    ``Sec-WebSocket-Origin`` (hybi-08) is never an origin here.
+    """
+    if len(values) > 1:
+        raise GatewayError(
+            "the request has more than one Origin header", status=403, error="forbidden_origin"
+        )
+    return values[0] if values else None
+
+
+def check_utf8_values(headers: Headers) -> None:
+    """
+    Refuse (400) an upgrade whose header values are not UTF-8: the WebSocket
+    client sends its handshake as UTF-8 text, so only those reach the upstream
+    byte for byte as on HTTP; anything else would arrive altered.
+    """
+    for name, value in headers:
+        try:
+            value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadRequest(
+                f"the {name.decode('latin-1')} header is not UTF-8 and cannot be forwarded"
+                " on a WebSocket upgrade"
+            ) from None
+
+
+def clean_reason_phrase(phrase: bytes) -> bytes:
+    """
+    An upstream's reason phrase safe to put on our own status line: control
+    characters (a bare CR, LF, NUL...) become spaces (RFC 9112 4: HTAB, SP,
+    VCHAR and obs-text only).
+    """
+    return bytes(b if b >= 0x20 and b != 0x7F or b == 0x09 else 0x20 for b in phrase)

@@ -46,6 +46,8 @@ from twisted.web.client import (
     ResponseDone,
 )
 from twisted.web.error import SchemeNotSupported
+from twisted.web._newclient import HTTP11ClientProtocol
+from twisted.web.client import _HTTP11ClientFactory
 from twisted.web.http import NO_BODY_CODES, RESPONSES, HTTPChannel, PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import (
@@ -66,7 +68,13 @@ from twisted_gateway.errors import (
     GatewayTimeout,
     render_error,
 )
-from twisted_gateway.headers import strip_hop_by_hop, tokens, upstream_request_headers
+from twisted_gateway.headers import (
+    clean_reason_phrase,
+    strip_hop_by_hop,
+    tokens,
+    upstream_request_headers,
+    valid_host,
+)
 from twisted_gateway.tls import describe_tls_failure
 from twisted_gateway.upstreams import InstanceRegistry, UpstreamPool, may_retry
 
@@ -383,6 +391,62 @@ class UpstreamEndpoints:
 
 
 
+# -- the pool: a connection is reused only when the upstream kept to one response
+
+
+class _OneResponseProtocol(HTTP11ClientProtocol):
+    """
+    An upstream connection that goes back to the pool only if nothing came
+    after its response: bytes behind a complete response (a body on a HEAD, a
+    second response, a late chunk) would be read as the next client's answer.
+    Any stray byte, in the same read or while idle, closes the connection.
+    """
+
+    _stray_logged = False
+
+    def _finishResponse_WAITING(self, rest: bytes) -> None:
+        if rest and self._currentRequest is not None:
+            self._stray(rest)
+            # makes the base class give the connection up instead of pooling it
+            self._currentRequest.persistent = False
+        super()._finishResponse_WAITING(rest)
+
+    _finishResponse_TRANSMITTING = _finishResponse_WAITING
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._parser is None:
+            # idle (in the pool) or closing: no request is waiting for these bytes
+            if self.state == "QUIESCENT":
+                self._stray(data)
+                self.abort()
+            return
+        super().dataReceived(data)
+
+    def _stray(self, data: bytes) -> None:
+        if self._stray_logged:
+            return
+        self._stray_logged = True
+        peer = self.transport.getPeer() if self.transport is not None else None
+        _log.warn(
+            "upstream {upstream} sent {count} bytes after a complete response:"
+            " closing the connection instead of reusing it",
+            upstream=f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}",
+            count=len(data),
+            event="upstream_stray_bytes",
+        )
+
+
+class _OneResponseFactory(_HTTP11ClientFactory):
+    def buildProtocol(self, addr) -> HTTP11ClientProtocol:
+        return _OneResponseProtocol(self._quiescentCallback)
+
+
+class _UpstreamConnectionPool(HTTPConnectionPool):
+    """``HTTPConnectionPool`` whose connections are :class:`_OneResponseProtocol`."""
+
+    _factory = _OneResponseFactory
+
+
 class HTTPForwarder:
     """
     Forwards twisted.web requests to upstream base URLs over one persistent
@@ -403,7 +467,7 @@ class HTTPForwarder:
     ) -> None:
         self._settings = settings
         self._reactor = reactor
-        self.pool = HTTPConnectionPool(reactor, persistent=True)
+        self.pool = _UpstreamConnectionPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = settings.upstream_keepalive
         if agent is None:
             agent = Agent.usingEndpointFactory(
@@ -431,6 +495,7 @@ class HTTPForwarder:
         extra_headers: Iterable[tuple[bytes, bytes]] = (),
         drop_headers: frozenset[bytes] = frozenset(),
         route_name: str = "",
+        underscores: bool = False,
     ) -> int:
         """
         Send ``request`` to ``upstream_base + path (+ ?query)`` and stream the
@@ -438,7 +503,8 @@ class HTTPForwarder:
 
         ``path`` is the normalised raw path and ``query`` the raw query, never
         ``request.postpath`` (percent-decoded). ``extra_headers`` are added for
-        the upstream (identity headers); ``drop_headers`` are never forwarded.
+        the upstream (identity headers); ``drop_headers`` are never forwarded,
+        nor header names with ``_`` unless ``underscores``.
         """
         client_finished = request.notifyFinish()
         if isinstance(upstream, str):
@@ -454,6 +520,7 @@ class HTTPForwarder:
                 frozenset(name.lower() for name in drop_headers),
                 route_name,
                 client_finished,
+                underscores,
             )
         )
         d.addErrback(_abandon, request)
@@ -479,6 +546,7 @@ class HTTPForwarder:
         drop_headers: frozenset[bytes],
         route_name: str,
         client_finished: Deferred[None],
+        underscores: bool = False,
     ) -> None:
         started = self._reactor.seconds()
         fields = dict(
@@ -513,7 +581,7 @@ class HTTPForwarder:
                 # A connect failure is retried on the next healthy instance (each at
                 # most once) for idempotent methods; POST and PATCH are never retried.
                 failure: GatewayError | None = None
-                headers = self._upstream_headers(request, extra_headers, drop_headers)
+                headers = self._upstream_headers(request, extra_headers, drop_headers, underscores)
                 for candidate in pool.candidates(key, retry=may_retry(request.method)):
                     instance = candidate
                     fields["upstream"] = instance.url
@@ -590,6 +658,7 @@ class HTTPForwarder:
         request: server.Request,
         extra_headers: Sequence[tuple[bytes, bytes]],
         drop_headers: frozenset[bytes],
+        underscores: bool = False,
     ) -> Headers:
         """The request's headers as every upstream attempt sends them (``Agent`` copies them)."""
         incoming = [
@@ -597,13 +666,17 @@ class HTTPForwarder:
             for name, values in request.requestHeaders.getAllRawHeaders()
             for value in values
         ]
+        hosts = request.requestHeaders.getRawHeaders(b"host", [])
+        stripped = frozenset(name.encode("ascii") for name in self._settings.strip_request_headers)
         pairs = upstream_request_headers(
             incoming,
             peer=_peer_host(request),
             scheme="https" if request.isSecure() else "http",
-            host=request.requestHeaders.getRawHeaders(b"host", [None])[0],
+            # X-Forwarded-Host only ever from one valid Host
+            host=hosts[0] if len(hosts) == 1 and valid_host(hosts[0]) else None,
             trusted_proxies=self._settings.trusted_proxies,
-            drop=drop_headers | _REFRAMED,
+            drop=drop_headers | _REFRAMED | stripped,
+            underscores=underscores,
         )
         headers = Headers()
         for name, value in [*pairs, *extra_headers]:
@@ -636,7 +709,8 @@ class HTTPForwarder:
 
     def _copy_head(self, request: server.Request, response: IResponse) -> None:
         """Status line and end-to-end headers as the upstream sent them."""
-        request.setResponseCode(response.code, response.phrase or RESPONSES.get(response.code))
+        phrase = clean_reason_phrase(response.phrase) if response.phrase else None
+        request.setResponseCode(response.code, phrase or RESPONSES.get(response.code))
         request.defaultContentType = None
         for name, values in _grouped(response_header_pairs(response.headers)):
             request.responseHeaders.setRawHeaders(name, values)

@@ -18,10 +18,16 @@ from twisted.web.server import NOT_DONE_YET
 
 from twisted_gateway.config import RouteSettings, Settings
 from twisted_gateway.errors import BadRequest, GatewayError, NotFound, render_error
-from twisted_gateway.headers import is_websocket_upgrade, origin_allowed
+from twisted_gateway.headers import (
+    check_utf8_values,
+    checked_host,
+    is_websocket_upgrade,
+    origin_allowed,
+    single_origin,
+)
 from twisted_gateway.http_proxy import HTTPForwarder
 from twisted_gateway.metrics import UNROUTED, Metrics, MetricsResource
-from twisted_gateway.routing import RouteTable, normalize_path, split_uri
+from twisted_gateway.routing import RouteTable, check_escaped_path, normalize_path, split_uri
 from twisted_gateway.tls import UpstreamTLSPolicy, warn_unverified
 from twisted_gateway.upstreams import UP, InstanceRegistry, UpstreamPool, upstream_states
 from twisted_gateway.ws_proxy import (
@@ -145,6 +151,7 @@ class GatewayResource(Resource):
 
     def _route(self, request) -> bytes | int:
         raw_path, query = split_uri(request.uri)
+        host = checked_host(request.requestHeaders.getRawHeaders(b"host", []), request.clientproto)
         path = normalize_path(_below_mount_point(raw_path, len(request.prepath)))
         if request.method in (b"GET", b"HEAD"):
             own = self._own_page(request, path)
@@ -155,11 +162,12 @@ class GatewayResource(Resource):
         route = self._table.match(path)
         if route is None:
             raise NotFound(f"no route for {path.decode('ascii', 'replace')}")
+        check_escaped_path(path, route, self._table, route.escaped_slashes)
         headers = list(request.requestHeaders.getAllRawHeaders())
         flat = [(name, value) for name, values in headers for value in values]
         pool = self.pools[route.name]
         if is_websocket_upgrade(request.method, flat):
-            return self._upgrade(request, route, pool, path, query, flat)
+            return self._upgrade(request, route, pool, path, query, flat, host)
         self._count_http(request, route.name)
         if self.authenticator is None or route.auth == "none":
             return self._forward(request, route, path, query, flat, None)
@@ -189,7 +197,7 @@ class GatewayResource(Resource):
             return self._metrics_page.render(request)
         return None
 
-    def _upgrade(self, request, route, pool, path, query, headers) -> bytes | int:
+    def _upgrade(self, request, route, pool, path, query, headers, host) -> bytes | int:
         """Refuse what limits and the Origin policy forbid; hand the rest to the relay."""
         name = route.name
         if not route.websocket:
@@ -203,7 +211,11 @@ class GatewayResource(Resource):
         if limit is not None:
             self.metrics.ws_handshake(name, "limited")
             raise GatewayError(limit, status=503, error="limited")
-        origin = request.getHeader(b"origin")
+        try:
+            origin = single_origin(request.requestHeaders.getRawHeaders(b"origin", []))
+        except GatewayError:
+            self.metrics.ws_handshake(name, "forbidden")
+            raise
         if not origin_allowed(origin, route.allowed_origins, route.allow_null_origin):
             self.metrics.ws_handshake(name, "forbidden")
             raise GatewayError(
@@ -211,6 +223,7 @@ class GatewayResource(Resource):
                 status=403,
                 error="forbidden_origin",
             )
+        check_utf8_values(headers)
         context = HandshakeContext(
             route=route,
             pool=pool,
@@ -218,7 +231,7 @@ class GatewayResource(Resource):
             query=query,
             peer=_peer_host(request),
             scheme="https" if request.isSecure() else "http",
-            host=request.getHeader(b"host"),
+            host=host,
             headers=headers,
         )
         return hand_over(request, self._ws_factories[name], context)
@@ -240,7 +253,14 @@ class GatewayResource(Resource):
         key = pool.request_key(query=query, headers=headers, claims=claims)
         extra = identity.upstream_headers() if identity is not None else ()
         return self.http_forwarder.forward(
-            request, pool, path, query, key=key, extra_headers=extra, route_name=route.name
+            request,
+            pool,
+            path,
+            query,
+            key=key,
+            extra_headers=extra,
+            route_name=route.name,
+            underscores=route.underscores_in_headers,
         )
 
 

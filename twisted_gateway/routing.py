@@ -149,6 +149,67 @@ class RouteTable(Generic[T]):
         return None
 
 
+#: ``escaped_slashes`` values: forward as received; refuse any escaped slash;
+#: refuse only the paths whose decoded form leaves the route (the default).
+ESCAPED_SLASHES = ("check", "keep", "reject")
+
+_ESCAPED_SLASH = ((b"%2f", b"/"), (b"%5c", b"/"), (b"\\", b"/"))
+
+
+def has_escaped_slash(path: bytes) -> bool:
+    """``%2F``, ``%5C`` or a raw ``\\``: a separator to an upstream that decodes first."""
+    lowered = path.lower()
+    return b"%2f" in lowered or b"%5c" in lowered or b"\\" in path
+
+
+def decoded_path(path: bytes) -> bytes:
+    """
+    ``path`` as an upstream that decodes before normalising sees it (wsgiref,
+    Tomcat, many frameworks): ``%2F``, ``%5C`` and ``\\`` are separators, a
+    ``;`` starts a path parameter that is dropped from its segment, and dot
+    segments are then removed. Raises :class:`BadPath` above ``/``.
+    """
+    lowered = path
+    for escaped, slash in _ESCAPED_SLASH:
+        lowered = _replace_ci(lowered, escaped, slash)
+    segments = [segment.partition(b";")[0] for segment in lowered.split(b"/")]
+    return normalize_path(b"/".join(segments))
+
+
+def _replace_ci(data: bytes, old: bytes, new: bytes) -> bytes:
+    """``data`` with every case-insensitive ``old`` replaced (``old`` is lower case)."""
+    out, start, lowered = [], 0, data.lower()
+    while (found := lowered.find(old, start)) >= 0:
+        out += [data[start:found], new]
+        start = found + len(old)
+    out.append(data[start:])
+    return b"".join(out)
+
+
+def check_escaped_path(path: bytes, route: T, table: RouteTable[T], mode: str) -> None:
+    """
+    Refuse (:class:`BadPath`, 400) a normalised ``path`` routed to ``route``
+    whose decoded form (:func:`decoded_path`) an upstream would serve from
+    outside that route: ``/v1/public/..%2Fapi/secret`` must not reach
+    ``/v1/api/secret`` past its auth. ``mode`` is the route's
+    ``escaped_slashes``: ``keep`` forwards anything, ``reject`` refuses every
+    escaped slash, ``check`` only the paths that change route.
+    """
+    if mode == "keep":
+        return
+    escaped = has_escaped_slash(path)
+    if escaped and mode == "reject":
+        raise BadPath("the request path contains an escaped slash or a backslash")
+    if not escaped and b";" not in path:
+        return
+    try:
+        decoded = decoded_path(path)
+    except BadPath:
+        raise BadPath("the decoded request path climbs above '/'") from None
+    if table.match(decoded) is not route:
+        raise BadPath("the decoded request path leaves its route")
+
+
 def upstream_url(base: str, path: bytes, query: bytes, *, websocket: bool = False) -> str:
     """
     ``base`` + normalised ``path`` + original ``query``; for a WebSocket the

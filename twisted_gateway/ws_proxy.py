@@ -442,8 +442,14 @@ def _describe(e: BaseException) -> str:
 
 # -- factories ---------------------------------------------------------------
 
-#: Client headers that belong to the client's handshake (Autobahn writes the upstream's own).
-_NOT_FORWARDED = WEBSOCKET_HANDSHAKE | {b"origin", b"pragma", b"cache-control"}
+#: Client headers that belong to the client's handshake (Autobahn writes the upstream's own;
+#: the hybi-08 ``Sec-WebSocket-Origin`` is never passed on as an origin).
+_NOT_FORWARDED = WEBSOCKET_HANDSHAKE | {
+    b"origin",
+    b"sec-websocket-origin",
+    b"pragma",
+    b"cache-control",
+}
 
 
 class RelayServerFactory(WebSocketServerFactory):
@@ -507,24 +513,30 @@ class RelayServerFactory(WebSocketServerFactory):
         factory = copy.copy(self._client_template)
         url = upstream_url(base_url, ctx.path, ctx.query, websocket=True)
         headers: dict[str, str] = {}
+        stripped = frozenset(name.encode("ascii") for name in self.gateway.strip_request_headers)
         for name, value in upstream_request_headers(
             ctx.headers,
             peer=ctx.peer,
             scheme=ctx.scheme,
             host=ctx.host,
             trusted_proxies=self.gateway.trusted_proxies,
-            drop=_NOT_FORWARDED,
+            drop=_NOT_FORWARDED | stripped,
+            underscores=ctx.route.underscores_in_headers,
         ):
+            # Autobahn encodes the handshake as UTF-8: a value reaches the
+            # upstream byte for byte as on HTTP only as its UTF-8 decoding.
             key = name.decode("latin-1")
-            text = value.decode("latin-1")
+            text = value.decode("utf-8")
             if key in headers:
                 sep = "; " if key.lower() == "cookie" else ", "
                 headers[key] = headers[key] + sep + text
             else:
                 headers[key] = text
         for name, value in ctx.extra_headers:
-            headers[name.decode("latin-1")] = value.decode("latin-1")
-        origin = request.origin if request.origin not in (None, "") else None
+            headers[name.decode("latin-1")] = value.decode("utf-8")
+        # the one Origin the route's policy checked (resource.py), never Sec-WebSocket-Origin
+        origins = [value for name, value in ctx.headers if name.lower() == b"origin"]
+        origin = origins[0].decode("utf-8") if origins and origins[0] else None
         factory.setSessionParameters(
             url=url,
             origin=origin,
