@@ -115,6 +115,13 @@ BAD_CONFIGS = [
      "gateway", "trusted_proxies", "'10.0.0.0/33'"),
     ("key given twice", "[gateway]\nlisten = tcp:1\nlisten = tcp:2\n" + ROUTE, "gateway", "listen", "twice"),
     ("section given twice", "[gateway]\n[gateway]\n" + ROUTE, "gateway", None, "twice"),
+    ("bad escaped_slashes", ROUTE + "escaped_slashes = decode\n", "route:chat", "escaped_slashes",
+     "keep, reject"),
+    ("bad header name to strip", "[gateway]\nstrip_request_headers = X-Real-IP X:Y\n" + ROUTE,
+     "gateway", "strip_request_headers", "'x:y'"),
+    ("cookie auth on a WebSocket route open to every origin",
+     "[auth]\nalgorithms = HS256\nsecret = 0123456789abcdef0123456789abcdef\ncookie = session\n" + ROUTE,
+     "route:chat", "allowed_origins", "must list the allowed origins"),
 ]
 
 #: Endpoint strings of a known type whose arguments Twisted cannot use: start-up
@@ -361,3 +368,43 @@ def test_with_listen_refuses_an_endpoint_twisted_cannot_parse():
         with_listen(parse_config(ROUTE), ["tcp:notaport"])
     assert str(error.value).startswith("--listen: ")
     assert "'tcp:notaport'" in str(error.value)
+
+
+# -- hygiene keys ----------------------------------------------------------------
+
+
+def test_hygiene_keys_default_to_the_safe_choice():
+    """Underscore names dropped, escaped slashes checked, address/routing headers stripped."""
+    settings = parse_config(ROUTE)
+    route = settings.routes[0]
+    assert route.underscores_in_headers is False
+    assert route.escaped_slashes == "check"
+    assert settings.gateway.strip_request_headers == (
+        "x-real-ip",
+        "true-client-ip",
+        "cf-connecting-ip",
+        "x-original-url",
+        "x-rewrite-url",
+    )
+
+
+def test_hygiene_keys_are_read():
+    settings = parse_config(
+        "[gateway]\nstrip_request_headers = X-Real-IP X-Client-Id\n"
+        + ROUTE
+        + "underscores_in_headers = on\nescaped_slashes = keep\n"
+    )
+    assert settings.gateway.strip_request_headers == ("x-real-ip", "x-client-id")
+    assert settings.routes[0].underscores_in_headers is True
+    assert settings.routes[0].escaped_slashes == "keep"
+    assert parse_config("[gateway]\nstrip_request_headers = none\n" + ROUTE).gateway.strip_request_headers == ()
+
+
+@pytest.mark.parametrize(
+    "route_extra",
+    ["allowed_origins = https://app.example\n", "auth = none\n", "websocket = false\n"],
+    ids=["origins listed", "no auth", "no websocket"],
+)
+def test_cookie_auth_starts_when_the_route_cannot_be_opened_cross_site_with_it(route_extra):
+    settings = parse_config("[auth]\nalgorithms = HS256\nsecret = 0123456789abcdef0123456789abcdef\ncookie = session\n" + ROUTE + route_extra)
+    assert settings.routes[0].name == "chat"

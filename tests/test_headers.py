@@ -9,8 +9,16 @@ import ipaddress
 
 import pytest
 
+from twisted_gateway.errors import GatewayError
 from twisted_gateway.headers import (
+    DEFAULT_STRIPPED,
+    check_utf8_values,
+    checked_host,
+    clean_reason_phrase,
     forwarded_for,
+    normalized_name,
+    single_origin,
+    valid_host,
     is_websocket_upgrade,
     strip_hop_by_hop,
     upstream_request_headers,
@@ -274,3 +282,164 @@ def test_upstream_request_headers_drops_what_the_caller_names():
         drop=frozenset({b"sec-websocket-key"}),
     )
     assert _names(out) == [b"origin", b"x-keep", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"]
+
+
+# -- header-name aliases and client-set address headers (issue: identity spoofing) --
+
+
+def _forwarded(headers, **kwargs):
+    return upstream_request_headers(headers, peer="192.0.2.1", scheme="http", host=None, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "name, normalized",
+    [
+        (b"X-Auth-Subject", b"x-auth-subject"),
+        (b"X_Auth_Subject", b"x-auth-subject"),
+        (b"x-auth_SUBJECT", b"x-auth-subject"),
+        (b"X_FORWARDED_FOR", b"x-forwarded-for"),
+        (b"Accept", b"accept"),
+    ],
+)
+def test_header_names_compare_as_cgi_style_upstreams_see_them(name, normalized):
+    assert normalized_name(name) == normalized
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        b"X_Auth_Subject",
+        b"X-Auth_Subject",
+        b"x_auth_claims",
+        b"X-AUTH-SUBJECT",
+        b"X_Forwarded_For",
+        b"X-Forwarded_Host",
+        b"X_Custom",
+    ],
+)
+def test_a_header_name_with_an_underscore_or_aliasing_an_identity_is_never_forwarded(name):
+    names = [k for k, _ in _forwarded([(name, b"admin"), (b"Accept", b"*/*")])]
+    assert name not in names
+    assert b"Accept" in names
+
+
+@pytest.mark.parametrize(
+    "name, kept",
+    [
+        (b"X_Custom", True),
+        (b"X_Auth_Subject", False),
+        (b"x_auth_claims", False),
+        (b"X_Forwarded_Proto", False),
+    ],
+)
+def test_a_route_allowing_underscores_still_drops_identity_and_forwarded_aliases(name, kept):
+    names = [k for k, _ in _forwarded([(name, b"v")], underscores=True)]
+    assert (name in names) is kept
+
+
+@pytest.mark.parametrize("name", [b"X-Real-IP", b"True-Client-IP", b"CF-Connecting-IP", b"X-Original-URL", b"x-rewrite-url", b"X_Real_IP"])
+def test_the_default_strip_list_removes_client_set_address_and_routing_headers(name):
+    drop = frozenset(n.encode() for n in DEFAULT_STRIPPED)
+    assert [k for k, _ in _forwarded([(name, b"10.0.0.1")], drop=drop, underscores=True)] == [
+        b"X-Forwarded-For",
+        b"X-Forwarded-Proto",
+    ]
+
+
+# -- Host and Origin --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "host, valid",
+    [
+        (b"gw.example", True),
+        (b"gw.example:8080", True),
+        (b"127.0.0.1:80", True),
+        (b"[::1]", True),
+        (b"[2001:db8::1]:443", True),
+        (b"GW.Example", True),
+        (b"gw@evil.example", False),
+        (b"gw.example/x?y", False),
+        (b"gw@evil.example/x?y", False),
+        (b"a.example, b.example", False),
+        (b"a.example,b.example", False),
+        (b"gw example", False),
+        (b"", False),
+        (b"gw.example:", False),
+        (b"gw.example:99999", False),
+        (b"gw.example:80:80", False),
+        (b"[not-v6]", False),
+        (b"[::1", False),
+        (b"gw.example\r\nX: y", False),
+    ],
+)
+def test_a_host_is_one_host_and_optional_port(host, valid):
+    assert valid_host(host) is valid
+
+
+@pytest.mark.parametrize(
+    "values, version, expected",
+    [
+        ([b"gw.example"], b"HTTP/1.1", b"gw.example"),
+        ([b" gw.example:8080 "], b"HTTP/1.1", b"gw.example:8080"),
+        ([], b"HTTP/1.0", None),
+        ([], b"HTTP/2", None),
+        ([b"gw.example"], b"HTTP/1.0", b"gw.example"),
+    ],
+)
+def test_the_one_valid_host_is_used(values, version, expected):
+    assert checked_host(values, version) == expected
+
+
+@pytest.mark.parametrize(
+    "values, version",
+    [
+        ([], b"HTTP/1.1"),
+        ([b"gw.example", b"evil.example"], b"HTTP/1.1"),
+        ([b"gw.example", b"gw.example"], b"HTTP/1.0"),
+        ([b"gw@evil.example/x?y"], b"HTTP/1.1"),
+        ([b"a, b"], b"HTTP/1.0"),
+    ],
+)
+def test_a_missing_repeated_or_malformed_host_is_a_400(values, version):
+    with pytest.raises(GatewayError) as raised:
+        checked_host(values, version)
+    assert raised.value.status == 400
+
+
+def test_one_origin_or_none_is_the_origin():
+    assert single_origin([]) is None
+    assert single_origin([b"https://app.example"]) == b"https://app.example"
+
+
+def test_two_origins_are_a_403():
+    with pytest.raises(GatewayError) as raised:
+        single_origin([b"https://evil.com", b"https://app.example"])
+    assert raised.value.status == 403
+
+
+# -- bytes that would change on the way -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "phrase, cleaned",
+    [
+        (b"OK", b"OK"),
+        (b"Not Found", b"Not Found"),
+        (b"OK\rX-Injected: 1", b"OK X-Injected: 1"),
+        (b"OK\nSet-Cookie: a=b", b"OK Set-Cookie: a=b"),
+        (b"A\x00B\x7fC", b"A B C"),
+        (b"tab\tkept", b"tab\tkept"),
+        ("Trés bien".encode("latin-1"), "Trés bien".encode("latin-1")),
+    ],
+)
+def test_a_reason_phrase_loses_its_control_characters(phrase, cleaned):
+    assert clean_reason_phrase(phrase) == cleaned
+
+
+def test_utf8_header_values_pass_an_upgrade_and_others_are_a_400():
+    check_utf8_values([(b"X-Note", "café".encode("utf-8")), (b"Accept", b"*/*")])
+    with pytest.raises(GatewayError) as raised:
+        check_utf8_values([(b"X-Note", "café".encode("latin-1"))])
+    assert raised.value.status == 400
+    assert "X-Note" in raised.value.detail

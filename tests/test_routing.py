@@ -11,6 +11,8 @@ from twisted_gateway.errors import GatewayError
 from twisted_gateway.routing import (
     BadPath,
     RouteTable,
+    check_escaped_path,
+    decoded_path,
     normalize_path,
     prefix_matches,
     split_uri,
@@ -304,3 +306,73 @@ def test_upstream_url(base, path, query, websocket, expected):
     url = upstream_url(base, path, query, websocket=websocket)
     assert url == expected
     url.encode("ascii")
+
+
+# -- escaped slashes: what an upstream that decodes first would serve ------------
+
+
+@pytest.mark.parametrize(
+    "path, decoded",
+    [
+        (b"/v1/public/a%2Fb", b"/v1/public/a/b"),
+        (b"/v1/public/..%2fapi/secret", b"/v1/api/secret"),
+        (b"/v1/public/..%5Capi/secret", b"/v1/api/secret"),
+        (b"/v1/public/..\\api/secret", b"/v1/api/secret"),
+        (b"/v1/public/..;/api/secret", b"/v1/api/secret"),
+        (b"/v1/public/x;jsessionid=1/y", b"/v1/public/x/y"),
+        (b"/v1/public/%2e%2e%2Fapi", b"/v1/api"),
+        (b"/v1/public/plain", b"/v1/public/plain"),
+    ],
+)
+def test_the_decoded_path_is_what_a_decoding_upstream_serves(path, decoded):
+    assert decoded_path(path) == decoded
+
+
+TABLE = RouteTable([("/v1/public", "public"), ("/v1/api", "api"), ("/", "root")])
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        b"/v1/public/..%2fapi/secret",
+        b"/v1/public/..%2Fapi/secret",
+        b"/v1/public/..%5capi/secret",
+        b"/v1/public/..\\api/secret",
+        b"/v1/public/..;/api/secret",
+        b"/v1/public/%2e%2e%2fapi/secret",
+        b"/v1%2Fapi/secret",
+        b"/v1/public/..%2f..%2f..%2fetc/passwd",
+    ],
+)
+def test_a_path_whose_decoded_form_changes_route_is_a_400_by_default(path):
+    with pytest.raises(BadPath):
+        check_escaped_path(path, TABLE.match(path), TABLE, "check")
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        b"/v1/public/a%2Fb",
+        b"/v1/public/a%5Cb",
+        b"/v1/public/x;v=1/y",
+        b"/v1/public/a/..%2Fb",
+        b"/v1/api/..%2Fapi/x",
+        b"/v1/public/plain",
+    ],
+)
+def test_a_path_whose_decoded_form_stays_in_its_route_passes_by_default(path):
+    check_escaped_path(path, TABLE.match(path), TABLE, "check")
+
+
+@pytest.mark.parametrize("path", [b"/v1/public/a%2Fb", b"/v1/public/a%5cb", b"/v1/public/a\\b"])
+def test_reject_refuses_every_escaped_slash(path):
+    with pytest.raises(BadPath):
+        check_escaped_path(path, TABLE.match(path), TABLE, "reject")
+
+
+def test_reject_still_passes_a_path_without_escaped_slashes():
+    check_escaped_path(b"/v1/public/x;v=1/y", "public", TABLE, "reject")
+
+
+def test_keep_forwards_even_a_path_that_changes_route():
+    check_escaped_path(b"/v1/public/..%2fapi/secret", "public", TABLE, "keep")
