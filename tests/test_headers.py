@@ -370,6 +370,8 @@ def test_the_default_strip_list_removes_client_set_address_and_routing_headers(n
         (b"gw.example:80:80", False),
         (b"[not-v6]", False),
         (b"[::1", False),
+        (b"gw%2Fevil.example", False),
+        (b"[fe80::1%25eth0]", False),
         (b"gw.example\r\nX: y", False),
     ],
 )

@@ -192,7 +192,7 @@ def origin_allowed(origin: bytes | None, allowed: Sequence[str], allow_null: boo
 #: ``host [ ":" port ]`` (RFC 3986 3.2.2): a DNS name or IPv4 address, or an
 #: IPv6 literal in brackets; the port, when present, digits only. No userinfo,
 #: path, list (``,``) or space.
-_HOST = re.compile(rb"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~%-]+)(?::([0-9]{1,5}))?")
+_HOST = re.compile(rb"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~-]+)(?::([0-9]{1,5}))?")
 
 
 def valid_host(value: bytes) -> bool:
