@@ -3,8 +3,10 @@ The plain-HTTP half of the gateway: forward one twisted.web request to an
 upstream and stream the answer back, the way a reverse proxy users trust does.
 
 Transparent: methods, paths, queries, encodings, cookies, redirects and status
-lines pass through untouched; only hop-by-hop headers are dropped and the
-``X-Forwarded-*`` headers added. Streaming: a response body is written to the
+lines pass through untouched (but for control characters in a reason phrase);
+only hop-by-hop headers and client-set identity and address headers
+(``headers.upstream_request_headers``) are dropped and ``X-Forwarded-*`` added.
+A pooled upstream connection is reused only if nothing came after its response. Streaming: a response body is written to the
 client as it arrives, and the upstream is not read while the client is slow.
 Bounded: request bodies over ``max_body_size`` are refused with 413 before the
 upstream is contacted (and, with :class:`GatewayRequest`, before they are read).
@@ -37,6 +39,8 @@ from twisted.internet.task import Cooperator
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import server
+from twisted.web._newclient import HTTP11ClientProtocol
+from twisted.web.client import _HTTP11ClientFactory
 from twisted.web.client import (
     URI,
     Agent,
@@ -46,8 +50,6 @@ from twisted.web.client import (
     ResponseDone,
 )
 from twisted.web.error import SchemeNotSupported
-from twisted.web._newclient import HTTP11ClientProtocol
-from twisted.web.client import _HTTP11ClientFactory
 from twisted.web.http import NO_BODY_CODES, RESPONSES, HTTPChannel, PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import (
