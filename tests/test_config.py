@@ -397,7 +397,8 @@ def test_hygiene_keys_are_read():
     assert settings.gateway.strip_request_headers == ("x-real-ip", "x-client-id")
     assert settings.routes[0].underscores_in_headers is True
     assert settings.routes[0].escaped_slashes == "keep"
-    assert parse_config("[gateway]\nstrip_request_headers = none\n" + ROUTE).gateway.strip_request_headers == ()
+    none = parse_config("[gateway]\nstrip_request_headers = none\n" + ROUTE)
+    assert none.gateway.strip_request_headers == ()
 
 
 @pytest.mark.parametrize(
@@ -406,5 +407,6 @@ def test_hygiene_keys_are_read():
     ids=["origins listed", "no auth", "no websocket"],
 )
 def test_cookie_auth_starts_when_the_route_cannot_be_opened_cross_site_with_it(route_extra):
-    settings = parse_config("[auth]\nalgorithms = HS256\nsecret = 0123456789abcdef0123456789abcdef\ncookie = session\n" + ROUTE + route_extra)
+    auth = "[auth]\nalgorithms = HS256\nsecret = 0123456789abcdef0123456789abcdef\ncookie = session\n"
+    settings = parse_config(auth + ROUTE + route_extra)
     assert settings.routes[0].name == "chat"

@@ -337,7 +337,10 @@ def test_a_route_allowing_underscores_still_drops_identity_and_forwarded_aliases
     assert (name in names) is kept
 
 
-@pytest.mark.parametrize("name", [b"X-Real-IP", b"True-Client-IP", b"CF-Connecting-IP", b"X-Original-URL", b"x-rewrite-url", b"X_Real_IP"])
+@pytest.mark.parametrize(
+    "name",
+    [b"X-Real-IP", b"True-Client-IP", b"CF-Connecting-IP", b"X-Original-URL", b"x-rewrite-url", b"X_Real_IP"],
+)
 def test_the_default_strip_list_removes_client_set_address_and_routing_headers(name):
     drop = frozenset(n.encode() for n in DEFAULT_STRIPPED)
     assert [k for k, _ in _forwarded([(name, b"10.0.0.1")], drop=drop, underscores=True)] == [

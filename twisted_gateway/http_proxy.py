@@ -6,8 +6,9 @@ Transparent: methods, paths, queries, encodings, cookies, redirects and status
 lines pass through untouched (but for control characters in a reason phrase);
 only hop-by-hop headers and client-set identity and address headers
 (``headers.upstream_request_headers``) are dropped and ``X-Forwarded-*`` added.
-A pooled upstream connection is reused only if nothing came after its response. Streaming: a response body is written to the
-client as it arrives, and the upstream is not read while the client is slow.
+A pooled upstream connection is reused only if nothing came after its response.
+Streaming: a response body is written to the client as it arrives, and the
+upstream is not read while the client is slow.
 Bounded: request bodies over ``max_body_size`` are refused with 413 before the
 upstream is contacted (and, with :class:`GatewayRequest`, before they are read).
 
