@@ -64,8 +64,10 @@ from twisted_gateway.errors import (
     BadRequest,
     GatewayError,
     GatewayTimeout,
+    Overloaded,
     render_error,
 )
+from twisted_gateway.faults import LOCAL, classify
 from twisted_gateway.headers import strip_hop_by_hop, tokens, upstream_request_headers
 from twisted_gateway.tls import describe_tls_failure
 from twisted_gateway.upstreams import InstanceRegistry, UpstreamPool, may_retry
@@ -155,6 +157,8 @@ def upstream_failure(reason: BaseException, settings: GatewaySettings) -> Gatewa
     """The error a client gets when the upstream could not produce a response head."""
     if isinstance(reason, GatewayError):
         return reason
+    if classify(reason) is LOCAL:
+        return Overloaded(f"the gateway cannot open a connection now: {reason}")
     if isinstance(reason, ConnectTimeout):
         return ConnectFailed(
             f"could not connect to the upstream within {settings.connect_timeout:g} s",
@@ -527,15 +531,17 @@ class HTTPForwarder:
                         response = await self._request_upstream(
                             request, upstream_url(instance.url, path, query), upload, headers
                         )
-                    except ConnectFailed as e:
+                    except (GatewayTimeout, BadGateway, Overloaded) as e:
+                        # passive health counts what faults.classify says is the
+                        # upstream's; only connect failures go on to the next instance
+                        fault = classify(e.__cause__ or e, client_gone=client_finished.called)
+                        if fault.counts:
+                            pool.report_failure(instance, fault.reason)
+                        if not isinstance(e, ConnectFailed) or not fault.counts:
+                            raise
                         instance.release()
-                        pool.report_failure(instance)
                         instance, failure = None, e
                         continue
-                    except (GatewayTimeout, BadGateway):
-                        # no answer: passive health counts it; only connect failures retry
-                        pool.report_failure(instance)
-                        raise
                     pool.report_success(instance)
                     break
                 else:
@@ -629,7 +635,8 @@ class HTTPForwarder:
         except CancelledError:
             raise
         except Exception as e:
-            raise upstream_failure(e, settings) from None
+            # the cause stays attached: faults.classify judges it, not the answer
+            raise upstream_failure(e, settings) from e
 
     def _head_timed_out(self, result: object, timeout: float) -> None:
         raise GatewayTimeout(f"no response from the upstream within {timeout:g} s")

@@ -23,7 +23,13 @@ from twisted_gateway.http_proxy import HTTPForwarder
 from twisted_gateway.metrics import UNROUTED, Metrics, MetricsResource
 from twisted_gateway.routing import RouteTable, normalize_path, split_uri
 from twisted_gateway.tls import UpstreamTLSPolicy, warn_unverified
-from twisted_gateway.upstreams import UP, InstanceRegistry, UpstreamPool, upstream_states
+from twisted_gateway.upstreams import (
+    UP,
+    InstanceRegistry,
+    UpstreamPool,
+    upstream_failures,
+    upstream_states,
+)
 from twisted_gateway.ws_proxy import (
     HandshakeContext,
     RelayServerFactory,
@@ -78,6 +84,7 @@ class GatewayResource(Resource):
         self.metrics = metrics or Metrics(
             routes=[r.name for r in settings.routes],
             upstreams=lambda: upstream_states(self.pools.values()),
+            upstream_failures=lambda: upstream_failures(self.pools.values()),
         )
         #: False when an [admin] listener serves /metrics instead
         self.serve_metrics = True
