@@ -481,7 +481,9 @@ async def _ping_client(url: str, protocol: type = PingClientProtocol) -> PingCli
     return proto
 
 
-async def _clocked_gateway(upstream_number: int) -> tuple[Gateway, task.Clock]:
+async def _clocked_gateway(
+    upstream_number: int, interval: float = INTERVAL, timeout: float = TIMEOUT
+) -> tuple[Gateway, task.Clock]:
     """
     A gateway whose timers run on a ``Clock`` the test advances, while it
     connects upstream over the real reactor (the ``ws_connect`` seam).
@@ -489,7 +491,7 @@ async def _clocked_gateway(upstream_number: int) -> tuple[Gateway, task.Clock]:
     settings = parse_config(
         _chat_config(
             upstream_number,
-            f"ws_ping_interval = {INTERVAL}\nws_ping_timeout = {TIMEOUT}",
+            f"ws_ping_interval = {interval}\nws_ping_timeout = {timeout}",
         )
     )
     clock = task.Clock()
@@ -582,6 +584,65 @@ async def test_keepalive_drops_a_silent_client_and_closes_the_upstream_with_1011
 
     await _ping_round(clock, client, upstream, first=True)
 
+    assert await upstream_leg.closed == (1011, "peer unresponsive")
+    code, _ = await client.closed
+    assert code == 1006 and not client.wasClean
+    await gw.resource.stop()
+    await _drop_all(gw)
+    await _close_all(gw, up_port)
+
+
+@pytest_twisted.ensureDeferred
+async def test_pings_keep_their_interval_when_the_timeout_is_longer():
+    """
+    With ``ws_ping_interval = 1`` and ``ws_ping_timeout = 10``, legs that
+    answer are pinged every second: ten pings each in ten seconds, not one.
+    """
+    upstream = PingUpstream()
+    up_port = await listen(upstream)
+    gw, clock = await _clocked_gateway(up_port.getHost().port, interval=1, timeout=10)
+    client = await _ping_client(gw.url("/v1/chat/ws"))
+    for second in range(1, 11):
+        clock.advance(1)
+        await settle(lambda: len(client.pings) == second, "a ping at the client")
+        await settle(lambda: len(upstream.pings) == second, "a ping at the upstream")
+        # a message round trip: the pongs sent before it have reached the gateway
+        client.sendMessage(b"after the ping")
+        assert await client.next_message() == (b"after the ping", False)
+    assert (len(client.pings), len(upstream.pings)) == (10, 10)
+    assert client.state == OPEN and len(upstream.open_protocols) == 1
+    await gw.resource.stop()
+    client.sendClose(1000)
+    assert await client.closed == (1000, None)
+    await _drop_all(gw)
+    await _close_all(gw, up_port)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_leg_that_never_answers_is_dropped_ping_timeout_after_its_ping():
+    """
+    With interval 1 and timeout 10, a silent client gets one ping, is not
+    pinged again while it owes the pong, stays open for the ten seconds and is
+    dropped at the tenth (the upstream gets 1011); the answering upstream leg
+    is pinged every second meanwhile.
+    """
+    upstream = PingUpstream()
+    up_port = await listen(upstream)
+    gw, clock = await _clocked_gateway(up_port.getHost().port, interval=1, timeout=10)
+    client = await _ping_client(gw.url("/v1/chat/ws"), SilentClientProtocol)
+    await settle(lambda: upstream.connected, "the upstream connection")
+    upstream_leg = upstream.connected[0]
+
+    clock.advance(1)
+    await settle(lambda: len(client.pings) == 1, "the first ping at the client")
+    for second in range(2, 11):
+        clock.advance(1)
+        await settle(lambda: len(upstream.pings) == second, "a ping at the upstream")
+        client.sendMessage(b"still here")
+        assert await client.next_message() == (b"still here", False)
+    assert len(client.pings) == 1 and client.state == OPEN
+
+    clock.advance(1)  # ten seconds after the client's ping
     assert await upstream_leg.closed == (1011, "peer unresponsive")
     code, _ = await client.closed
     assert code == 1006 and not client.wasClean
