@@ -33,17 +33,21 @@ from twisted.internet.interfaces import (
     ITCPTransport,
 )
 from twisted.internet.protocol import Protocol
-from twisted.internet.task import Cooperator
+from twisted.internet.task import Cooperator, TaskFinished
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import server
+from twisted.web._newclient import RequestNotSent
 from twisted.web.client import (
     URI,
     Agent,
     BrowserLikePolicyForHTTPS,
     FileBodyProducer,
     HTTPConnectionPool,
+    RequestTransmissionFailed,
     ResponseDone,
+    ResponseNeverReceived,
+    _RetryingHTTP11ClientProtocol,
 )
 from twisted.web.error import SchemeNotSupported
 from twisted.web.http import NO_BODY_CODES, RESPONSES, HTTPChannel, PotentialDataLoss
@@ -82,6 +86,9 @@ SECRET_PARAMETERS = frozenset({"token"})
 #: Request headers the gateway re-creates itself rather than forwarding: the
 #: body is re-framed from what was received, and ``Expect`` was answered here.
 _REFRAMED = frozenset({b"content-length", b"expect"})
+
+#: Methods retried on a fresh connection when a pooled one fails, body or not.
+REPLAYABLE_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 
 #: nginx's code for "the client closed the connection before the response".
 CLIENT_CLOSED = 499
@@ -337,17 +344,86 @@ class _BodyRelay(Protocol):
 
 
 class _Upload(FileBodyProducer):
-    """A request body streamed from ``Request.content``; knows whether it is still going."""
+    """
+    A request body streamed from ``Request.content``; knows whether it is
+    still going. Replayable: each start sends the whole body again (a retry on
+    a fresh connection), so the file is left open for the request to close,
+    unless :attr:`owns_file` was set when the request finished first.
+    """
 
     running = False
+    #: close the file when done (the request has finished and let go of it)
+    owns_file = False
 
     def startProducing(self, consumer) -> Deferred[None]:
+        self._inputFile.seek(0)
         self.running = True
         return super().startProducing(consumer).addBoth(self._ended)
 
+    def _writeloop(self, consumer):
+        while True:
+            data = self._inputFile.read(self._readSize)
+            if not data:
+                break
+            consumer.write(data)
+            yield None
+
+    def stopProducing(self) -> None:
+        try:
+            self._task.stop()
+        except TaskFinished:
+            pass
+        self._ended(None)
+
     def _ended(self, result: object) -> object:
         self.running = False
+        if self.owns_file:
+            self._inputFile.close()
         return result
+
+
+def may_replay(method: bytes, reason: BaseException) -> bool:
+    """
+    Whether a request that failed on a pooled keep-alive connection (one the
+    upstream may have closed under it) is sent again on a fresh connection:
+    GET, HEAD, OPTIONS, PUT, DELETE and TRACE whenever no response came (the
+    body is buffered, so it is replayed whole); any method when not a byte of
+    it was sent; never after a cancellation.
+    """
+    reasons = getattr(reason, "reasons", None) or ()
+    if any(f.check(CancelledError) for f in reasons):
+        return False
+    if isinstance(reason, RequestNotSent):
+        return True
+    return method.upper() in REPLAYABLE_METHODS and isinstance(
+        reason, (RequestTransmissionFailed, ResponseNeverReceived)
+    )
+
+
+class _ReplayingConnection(_RetryingHTTP11ClientProtocol):
+    """A pooled connection whose failed request is retried as :func:`may_replay` says."""
+
+    def _shouldRetry(self, method: bytes, exception: BaseException, bodyProducer: object) -> bool:
+        if bodyProducer is not None and not isinstance(bodyProducer, _Upload):
+            return False
+        return may_replay(method, exception)
+
+
+class ReplayingPool(HTTPConnectionPool):
+    """
+    ``HTTPConnectionPool`` retries a request that meets a cached connection
+    the server closed only for bodiless GET/HEAD/OPTIONS/DELETE/TRACE; a
+    proxy's bodies are buffered, so this pool retries as :func:`may_replay` says.
+    """
+
+    def getConnection(self, key, endpoint) -> Deferred:
+        return super().getConnection(key, endpoint).addCallback(self._replaying)
+
+    @staticmethod
+    def _replaying(connection):
+        if isinstance(connection, _RetryingHTTP11ClientProtocol):
+            return _ReplayingConnection(connection._clientProtocol, connection._newConnection)
+        return connection
 
 
 # -- the forwarder -------------------------------------------------------------
@@ -407,7 +483,7 @@ class HTTPForwarder:
     ) -> None:
         self._settings = settings
         self._reactor = reactor
-        self.pool = HTTPConnectionPool(reactor, persistent=True)
+        self.pool = ReplayingPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = settings.upstream_keepalive
         if agent is None:
             agent = Agent.usingEndpointFactory(
@@ -521,8 +597,8 @@ class HTTPForwarder:
                 for candidate in pool.candidates(key, retry=may_retry(request.method)):
                     instance = candidate
                     fields["upstream"] = instance.url
-                    # No producer for an empty body: Agent then retries idempotent
-                    # requests that meet a pooled connection the upstream just closed.
+                    # A request meeting a pooled connection the upstream closed is
+                    # sent again on a fresh one (ReplayingPool), body and all.
                     if size:
                         request.content.seek(0)
                         upload = _Upload(request.content, cooperator=self._cooperator)
@@ -585,6 +661,7 @@ class HTTPForwarder:
                     # Request.content under it when the request finishes, so hand
                     # the file to the upload, which closes it when done.
                     request.content = None
+                    upload.owns_file = True
                 request.finish()
             log(response.code, relay.sent, outcome)
         finally:
