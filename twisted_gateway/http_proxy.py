@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import sys
 from typing import Iterable, Sequence
-from urllib.parse import unquote_plus
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectError, ConnectionRefusedError, DNSLookupError
@@ -73,15 +72,13 @@ from twisted_gateway.errors import (
 )
 from twisted_gateway.faults import LOCAL, classify
 from twisted_gateway.headers import strip_hop_by_hop, tokens, upstream_request_headers
+from twisted_gateway.logs import redact_query
 from twisted_gateway.tls import describe_tls_failure
 from twisted_gateway.upstreams import InstanceRegistry, UpstreamPool, may_retry
 
 #: Access-log events: one per request, structured fields, no raw URI.
 access_log = Logger(namespace="twisted_gateway.access")
 _log = Logger()
-
-#: Query parameters whose values never reach a log.
-SECRET_PARAMETERS = frozenset({"token"})
 
 #: Request headers the gateway re-creates itself rather than forwarding: the
 #: body is re-framed from what was received, and ``Expect`` was answered here.
@@ -126,26 +123,9 @@ def _quote_unsafe(url: bytes) -> bytes:
     )
 
 
-def redact_query(query: bytes, secrets: frozenset[str] = SECRET_PARAMETERS) -> str:
-    """
-    The query string for a log line, with the value of every parameter named
-    in ``secrets`` (compared decoded and case-insensitively) replaced by
-    ``REDACTED``.
-    """
-    if not query:
-        return ""
-    parts = []
-    for part in query.decode("latin-1").split("&"):
-        name, sep, _ = part.partition("=")
-        if unquote_plus(name).strip().lower() in secrets:
-            part = name + "=REDACTED"
-        parts.append(part)
-    return "&".join(parts)
-
-
-def log_target(path: bytes, query: bytes) -> str:
-    """The request target as an access log shows it: normalised, redacted."""
-    redacted = redact_query(query)
+def log_target(path: bytes, query: bytes, secrets: Iterable[str] = ()) -> str:
+    """The request target as an access log shows it: normalised, redacted (:mod:`logs`' rule)."""
+    redacted = redact_query(query, secrets)
     text = path.decode("latin-1")
     return text + "?" + redacted if redacted else text
 
@@ -471,7 +451,8 @@ class HTTPForwarder:
     ``agent`` is the :class:`IAgent` that carries requests upstream; by default
     a plain ``Agent`` over this forwarder's pool and :class:`UpstreamEndpoints`
     (``connect_timeout``, TLS from ``tls_policy``). It must not decode content,
-    follow redirects or keep cookies.
+    follow redirects or keep cookies. ``secret_names`` are credential names
+    (the ``[auth]`` query parameter and cookie) kept out of the access log.
     """
 
     def __init__(
@@ -480,8 +461,10 @@ class HTTPForwarder:
         reactor: IReactorTime,
         agent: IAgent | None = None,
         tls_policy: IPolicyForHTTPS | None = None,
+        secret_names: Iterable[str] = (),
     ) -> None:
         self._settings = settings
+        self._secret_names = tuple(secret_names)
         self._reactor = reactor
         self.pool = ReplayingPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = settings.upstream_keepalive
@@ -564,8 +547,8 @@ class HTTPForwarder:
         fields = dict(
             method=request.method.decode("latin-1"),
             path=path.decode("latin-1"),
-            query=redact_query(query),
-            target=log_target(path, query),
+            query=redact_query(query, self._secret_names),
+            target=log_target(path, query, self._secret_names),
             route=route_name,
             upstream="",
             peer=_peer_host(request),

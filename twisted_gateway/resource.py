@@ -20,6 +20,7 @@ from twisted_gateway.config import RouteSettings, Settings
 from twisted_gateway.errors import BadRequest, GatewayError, NotFound, render_error
 from twisted_gateway.headers import is_websocket_upgrade, origin_allowed
 from twisted_gateway.http_proxy import HTTPForwarder
+from twisted_gateway.logs import secret_names
 from twisted_gateway.metrics import UNROUTED, Metrics, MetricsResource
 from twisted_gateway.routing import RouteTable, normalize_path, split_uri
 from twisted_gateway.tls import UpstreamTLSPolicy, warn_unverified
@@ -75,7 +76,7 @@ class GatewayResource(Resource):
         #: a forwarder built here is closed by :meth:`stop`; one passed in is the caller's
         self._owns_forwarder = http_forwarder is None
         self.http_forwarder = http_forwarder or HTTPForwarder(
-            settings.gateway, reactor, tls_policy=tls_policy
+            settings.gateway, reactor, tls_policy=tls_policy, secret_names=secret_names(settings.auth)
         )
         self._table: RouteTable[RouteSettings] = RouteTable((r.prefix, r) for r in settings.routes)
         #: health and counters per upstream URL, shared by the routes naming it
