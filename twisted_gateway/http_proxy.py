@@ -18,13 +18,19 @@ upper-cases the method, and none of that can be switched off.
 
 from __future__ import annotations
 
+import ipaddress
 import sys
 from typing import Iterable, Sequence
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectError, ConnectionRefusedError, DNSLookupError
 from twisted.internet.error import TimeoutError as ConnectTimeout
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    wrapClientTLS,
+)
 from twisted.internet.interfaces import (
     IPushProducer,
     IReactorTime,
@@ -432,15 +438,28 @@ class UpstreamEndpoints:
         if endpoint is None:
             if uri.scheme not in (b"http", b"https"):
                 raise SchemeNotSupported(f"unsupported scheme: {uri.scheme!r}")
-            endpoint = HostnameEndpoint(
-                self._reactor, uri.host, uri.port, timeout=self._connect_timeout
-            )
+            endpoint = _tcp_endpoint(self._reactor, uri.host, uri.port, self._connect_timeout)
             if uri.scheme == b"https":
                 creator = self._tls_policy.creatorForNetloc(uri.host, uri.port)
                 endpoint = wrapClientTLS(creator, endpoint)
             self._endpoints[key] = endpoint
         return endpoint
 
+
+
+def _tcp_endpoint(reactor, host: bytes, port: int, timeout: float) -> IStreamClientEndpoint:
+    """
+    An IP literal is connected directly: ``HostnameEndpoint`` would resolve it
+    in a thread on every connection, and when file descriptors run out that
+    resolution fails as a DNS error, blaming the upstream. Names resolve.
+    """
+    try:
+        address = ipaddress.ip_address(host.decode("ascii").strip("[]"))
+    except (UnicodeDecodeError, ValueError):
+        return HostnameEndpoint(reactor, host, port, timeout=timeout)
+    if address.version == 4:
+        return TCP4ClientEndpoint(reactor, str(address), port, timeout=timeout)
+    return TCP6ClientEndpoint(reactor, str(address), port, timeout=timeout)
 
 
 class HTTPForwarder:

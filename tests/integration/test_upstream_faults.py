@@ -9,7 +9,10 @@ upstream closed is sent again on a fresh one.
 from __future__ import annotations
 
 import json
+import os
+import resource
 import socket
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -466,3 +469,76 @@ async def test_requests_spaced_around_the_upstreams_keepalive_timeout_all_succee
                 assert json.loads(answer)["length"] == len(body)
     assert problems(events) == []
     await close_gateway(gw, port)
+
+
+# -- our own side short of file descriptors ------------------------------------------------
+
+
+class KeepAliveClient(Protocol):
+    """A raw client that sends requests on one connection and collects the answers."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.closed: Deferred[None] = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+    def connectionLost(self, reason) -> None:
+        self.closed.callback(None)
+
+
+def _lowest_free_fd() -> int:
+    """The number the next file descriptor would get (the kernel hands out the lowest)."""
+    fd = os.open(os.devnull, os.O_RDONLY)
+    os.close(fd)
+    return fd
+
+
+@contextmanager
+def no_free_file_descriptors():
+    """The process may open no new file descriptor: the next socket() fails with EMFILE."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (_lowest_free_fd(), hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.mark.parametrize("kind", ["http", "websocket"])
+@pytest_twisted.ensureDeferred
+async def test_running_out_of_file_descriptors_is_a_503_and_no_upstream_failure(kind):
+    """
+    When the gateway cannot open a socket to the upstream (EMFILE), the
+    client gets 503 ``overloaded``, and the upstream is not counted as
+    failed: it stays in service and the next request reaches it.
+    """
+    upstreams = [Upstream(), Upstream()]
+    ports = [await listen(Site(Pages())) if kind == "http" else await listen(u) for u in upstreams]
+    gw = await start_gateway(config(*(p.getHost().port for p in ports)))
+    client = await connectProtocol(
+        TCP4ClientEndpoint(reactor, "127.0.0.1", gw.number), KeepAliveClient()
+    )
+    client.transport.write(b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n")
+    await settle(lambda: b'"ok"' in client.data, "the gateway's answer on a kept connection")
+    client.data.clear()
+    final = upgrade("/v1/chat/ws") if kind == "websocket" else get("/v1/chat/page")
+    with capturedLogs() as events:
+        with no_free_file_descriptors():
+            client.transport.write(final)
+            await client.closed
+        head, _, body = bytes(client.data).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503"), client.data
+        assert json.loads(body)["error"] == "overloaded"
+        await all_in_service(gw)
+        if kind == "http":
+            status, body = await raw_exchange(gw.number, get("/v1/chat/page"))
+            assert status == 200
+        else:
+            ws = await ws_connect(gw.url("/v1/chat/ws"))
+            ws.sendClose(1000)
+            await ws.closed
+    assert problems(events) == []
+    await settle(lambda: not gw.registry.total_active(), "the pairs closed")
+    await close_gateway(gw, *ports)
