@@ -12,12 +12,23 @@ import json
 import pytest
 from treq.testing import RequestTraversalAgent
 from twisted.internet.address import IPv4Address
-from twisted.internet.error import ConnectionDone, ConnectionRefusedError, DNSLookupError
+from twisted.internet.defer import CancelledError
+from twisted.internet.error import (
+    ConnectionDone,
+    ConnectionLost,
+    ConnectionRefusedError,
+    DNSLookupError,
+)
 from twisted.internet.error import TimeoutError as ConnectTimeout
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseNeverReceived
+from twisted.web._newclient import RequestNotSent
+from twisted.web.client import (
+    RequestTransmissionFailed,
+    ResponseFailed,
+    ResponseNeverReceived,
+)
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent
 from twisted.web.resource import Resource
@@ -26,6 +37,7 @@ from zope.interface import implementer
 
 from twisted_gateway.config import GatewaySettings
 from twisted_gateway.http_proxy import (
+    may_replay,
     GatewayRequest,
     HTTPForwarder,
     log_target,
@@ -556,3 +568,32 @@ def test_connection_close_among_other_tokens_closes_the_connection():
     assert header_values(headers, b"connection") == [b"close"]
     assert transport.disconnecting
     site.test_protocol.connectionLost(Failure(ConnectionDone()))
+
+
+# -- a pooled connection the upstream closed ---------------------------------------------
+
+
+def _lost(*reasons: BaseException) -> list[Failure]:
+    return [Failure(reason) for reason in reasons]
+
+
+@pytest.mark.parametrize(
+    "method, reason, replayed",
+    [
+        (b"GET", ResponseNeverReceived(_lost(ConnectionDone())), True),
+        (b"HEAD", ResponseNeverReceived(_lost(ConnectionLost())), True),
+        (b"OPTIONS", RequestTransmissionFailed(_lost(ConnectionLost())), True),
+        (b"PUT", ResponseNeverReceived(_lost(ConnectionDone())), True),
+        (b"delete", RequestTransmissionFailed(_lost(ConnectionDone())), True),
+        (b"POST", RequestNotSent(), True),
+        (b"PATCH", RequestNotSent(), True),
+        (b"POST", ResponseNeverReceived(_lost(ConnectionDone())), False),
+        (b"PATCH", RequestTransmissionFailed(_lost(ConnectionLost())), False),
+        (b"GET", ResponseNeverReceived(_lost(CancelledError())), False),
+        (b"GET", ResponseFailed(_lost(ConnectionLost())), False),
+        (b"GET", ConnectionRefusedError(), False),
+    ],
+)
+def test_which_requests_are_sent_again_after_a_pooled_connection_closed(method, reason, replayed):
+    """Idempotent methods whenever no answer came; POST/PATCH only when nothing was sent."""
+    assert may_replay(method, reason) is replayed

@@ -355,10 +355,13 @@ class _Upload(FileBodyProducer):
             yield None
 
     def stopProducing(self) -> None:
-        try:
-            self._task.stop()
-        except TaskFinished:
-            pass
+        """Stop sending (for good, or until a retry starts again); the file stays open."""
+        task = getattr(self, "_task", None)
+        if task is not None:
+            try:
+                task.stop()
+            except TaskFinished:
+                pass
         self._ended(None)
 
     def _ended(self, result: object) -> object:
