@@ -12,6 +12,7 @@ import json
 import os
 import resource
 import socket
+import struct
 from contextlib import contextmanager
 from typing import Any
 
@@ -56,6 +57,14 @@ async def raw_exchange(port: int, data: bytes) -> tuple[int, bytes]:
     raw = await client.closed
     head, _, body = raw.partition(b"\r\n\r\n")
     return int(head.split(b" ", 2)[1]), body
+
+
+def reset(client: Protocol) -> None:
+    """Close with a TCP RST (SO_LINGER 0), as a client on a bad network does."""
+    client.transport.getHandle().setsockopt(
+        socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+    )
+    client.transport.abortConnection()
 
 
 def upgrade(path: str) -> bytes:
@@ -234,7 +243,7 @@ async def test_a_client_leaving_while_the_upstream_connect_is_in_progress_is_no_
             client = await raw_connect(gw.number)
             client.transport.write(upgrade("/v1/chat/ws"))
             await settle(lambda: gw.registry.handshakes, "the handshake under way")
-            client.transport.abortConnection()
+            reset(client)
             await client.closed
             await settle(lambda: not gw.registry.handshakes, "the handshake given up")
             await all_in_service(gw)
@@ -257,7 +266,7 @@ async def test_a_client_resetting_early_in_a_handshake_is_no_upstream_failure(de
             client.transport.write(upgrade("/v1/chat/ws"))
             if delay:
                 await deferLater(reactor, delay, lambda: None)
-            client.transport.abortConnection()
+            reset(client)
             await client.closed
         await settle(lambda: not gw.registry.handshakes and not gw.registry.total_active(), "all gone")
         await all_in_service(gw)
