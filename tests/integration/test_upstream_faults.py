@@ -93,6 +93,11 @@ class Pages(Resource):
             request.write(b"x" * 65536)
             self.pending.append(request)
             return NOT_DONE_YET
+        if request.path == b"/v1/chat/truncate":
+            request.setHeader(b"content-length", b"100")
+            request.write(b"0123456789")
+            request.loseConnection()
+            return NOT_DONE_YET
         request.setHeader(b"content-type", b"text/html")
         return b"<html>an ordinary page</html>"
 
@@ -221,6 +226,30 @@ async def test_a_client_leaving_an_http_request_leaves_the_upstream_in_service(s
     assert problems(events) == []
     outcomes = [e.get("outcome") for e in events if e.get("log_namespace") == "twisted_gateway.access"]
     assert outcomes[:2] == ["client_gone", "client_gone"]
+    await close_gateway(gw, *ports)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_body_the_upstream_cuts_short_is_logged_but_not_counted_against_it():
+    """
+    The upstream sends its head and part of the body, then closes: the client
+    sees a cut connection, the access event says so, and the instance (which
+    answered) stays in service.
+    """
+    pages = [Pages(), Pages()]
+    ports = [await listen(Site(p)) for p in pages]
+    gw = await start_gateway(config(*(p.getHost().port for p in ports)))
+    with capturedLogs() as events:
+        for _ in range(2):
+            client = await raw_connect(gw.number)
+            client.transport.write(get("/v1/chat/truncate"))
+            raw = await client.closed
+            head, _, body = raw.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200") and body == b"0123456789"
+        await all_in_service(gw)
+    assert problems(events) == []
+    outcomes = [e.get("outcome") for e in events if e.get("log_namespace") == "twisted_gateway.access"]
+    assert outcomes.count("upstream_body_failed") == 2
     await close_gateway(gw, *ports)
 
 
