@@ -253,6 +253,23 @@ async def test_a_body_the_upstream_cuts_short_is_logged_but_not_counted_against_
     await close_gateway(gw, *ports)
 
 
+@pytest_twisted.ensureDeferred
+async def test_an_upstream_without_a_response_head_in_time_is_counted_and_taken_out():
+    """The counterpart of the client leaving: no head within request_timeout is a 504 and counts."""
+    pages = [Pages(), Pages()]
+    ports = [await listen(Site(p)) for p in pages]
+    gw = await start_gateway(
+        config(*(p.getHost().port for p in ports)).replace("request_timeout = 10", "request_timeout = 0.5")
+    )
+    status, body = await raw_exchange(gw.number, get("/v1/chat/slow"))
+    assert status == 504, body
+    slow, other = gw.resource.pools["chat"].instances
+    assert (slow.state, other.state) == ("down", "up")
+    assert dict(gw.resource.pools["chat"].failure_counts) == {(slow.url, "no_head_timeout"): 1}
+    await settle(lambda: pages[0].lost, "the upstream request dropped")
+    await close_gateway(gw, *ports)
+
+
 # -- WebSocket handshakes: the client leaves at every stage -------------------------------
 
 
@@ -331,6 +348,39 @@ async def test_a_client_leaving_during_the_upstream_handshake_is_no_upstream_fai
         await settle(lambda: not gw.registry.handshakes, "the handshake given up")
         await all_in_service(gw)
     assert problems(events) == []
+    await close_gateway(gw, silent_port, echo_port)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_upstream_that_never_answers_a_handshake_in_time_is_counted_and_taken_out():
+    """
+    The counterpart of the client leaving: when the upstream holds the
+    upgrade unanswered past ``ws_open_timeout``, the client gets 504 and the
+    instance is taken out (``no head timeout``); the other one serves.
+    """
+    silent = SilentFactory()
+    silent_port = await listen(silent)
+    echo_port = await listen(Upstream())
+    gw = await start_gateway(
+        config(silent_port.getHost().port, echo_port.getHost().port).replace(
+            "ws_open_timeout = 10", "ws_open_timeout = 0.5"
+        )
+    )
+    with capturedLogs() as events:
+        status, body = await raw_exchange(gw.number, upgrade("/v1/chat/ws"))
+    assert status == 504, body
+    silent_instance, echo_instance = gw.resource.pools["chat"].instances
+    assert (silent_instance.state, echo_instance.state) == ("down", "up")
+    assert dict(gw.resource.pools["chat"].failure_counts) == {
+        (silent_instance.url, "no_head_timeout"): 1
+    }
+    [down] = [e for e in events if e.get("upstream_state") == "down"]
+    assert "(no head timeout x1)" in down["reason"]
+    ws = await ws_connect(gw.url("/v1/chat/ws"))
+    ws.sendClose(1000)
+    await ws.closed
+    await settle(lambda: silent.lost, "the silent upstream's connection closed")
+    await settle(lambda: not gw.registry.total_active(), "the pair closed")
     await close_gateway(gw, silent_port, echo_port)
 
 
