@@ -12,12 +12,23 @@ import json
 import pytest
 from treq.testing import RequestTraversalAgent
 from twisted.internet.address import IPv4Address
-from twisted.internet.error import ConnectionDone, ConnectionRefusedError, DNSLookupError
+from twisted.internet.defer import CancelledError
+from twisted.internet.error import (
+    ConnectionDone,
+    ConnectionLost,
+    ConnectionRefusedError,
+    DNSLookupError,
+)
 from twisted.internet.error import TimeoutError as ConnectTimeout
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseNeverReceived
+from twisted.web._newclient import RequestNotSent
+from twisted.web.client import (
+    RequestTransmissionFailed,
+    ResponseFailed,
+    ResponseNeverReceived,
+)
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent
 from twisted.web.resource import Resource
@@ -26,10 +37,10 @@ from zope.interface import implementer
 
 from twisted_gateway.config import GatewaySettings
 from twisted_gateway.http_proxy import (
+    may_replay,
     GatewayRequest,
     HTTPForwarder,
     log_target,
-    redact_query,
     response_header_pairs,
     upstream_failure,
     upstream_url,
@@ -59,22 +70,25 @@ def test_upstream_url_keeps_the_raw_path_and_query(base, path, query, expected):
 
 
 @pytest.mark.parametrize(
-    "query, expected",
+    "query, secrets, expected",
     [
-        (b"", ""),
-        (b"a=1", "a=1"),
-        (b"token=abc", "token=REDACTED"),
-        (b"a=1&token=abc&b=2", "a=1&token=REDACTED&b=2"),
-        (b"token=abc&token=def", "token=REDACTED&token=REDACTED"),
-        (b"TOKEN=abc", "TOKEN=REDACTED"),
-        (b"%74oken=abc", "%74oken=REDACTED"),
-        (b"token", "token=REDACTED"),
-        (b"tokens=1&my_token=2", "tokens=1&my_token=2"),
+        (b"", (), ""),
+        (b"a=1", (), "a=1"),
+        (b"token=abc", (), "token=REDACTED"),
+        (b"a=1&token=abc&b=2", (), "a=1&token=REDACTED&b=2"),
+        (b"token=abc&token=def", (), "token=REDACTED&token=REDACTED"),
+        (b"TOKEN=abc", (), "TOKEN=REDACTED"),
+        (b"%74oken=abc", (), "%74oken=REDACTED"),
+        (b"a=1;token=abc", (), "a=1;token=REDACTED"),
+        (b"access_token=abc&x=1", (), "access_token=REDACTED&x=1"),
+        (b"a=1;jwt=opaque-value&b=2", ("jwt",), "a=1;jwt=REDACTED&b=2"),
+        (b"j%77t=opaque-value", ("jwt",), "j%77t=REDACTED"),
+        (b"tokens=1&room=2", (), "tokens=1&room=2"),
     ],
 )
-def test_redact_query_hides_token_values(query, expected):
-    """Access logs never show the value of a ``token`` parameter."""
-    assert redact_query(query) == expected
+def test_log_target_redacts_every_token_parameter_whatever_the_separator(query, secrets, expected):
+    """The access event's target never shows a token: ``*token`` and the configured names."""
+    assert log_target(b"/a/b", query, secrets) == "/a/b" + ("?" + expected if expected else "")
 
 
 def test_log_target_is_the_normalised_path_and_redacted_query():
@@ -554,3 +568,32 @@ def test_connection_close_among_other_tokens_closes_the_connection():
     assert header_values(headers, b"connection") == [b"close"]
     assert transport.disconnecting
     site.test_protocol.connectionLost(Failure(ConnectionDone()))
+
+
+# -- a pooled connection the upstream closed ---------------------------------------------
+
+
+def _lost(*reasons: BaseException) -> list[Failure]:
+    return [Failure(reason) for reason in reasons]
+
+
+@pytest.mark.parametrize(
+    "method, reason, replayed",
+    [
+        (b"GET", ResponseNeverReceived(_lost(ConnectionDone())), True),
+        (b"HEAD", ResponseNeverReceived(_lost(ConnectionLost())), True),
+        (b"OPTIONS", RequestTransmissionFailed(_lost(ConnectionLost())), True),
+        (b"PUT", ResponseNeverReceived(_lost(ConnectionDone())), True),
+        (b"delete", RequestTransmissionFailed(_lost(ConnectionDone())), True),
+        (b"POST", RequestNotSent(), True),
+        (b"PATCH", RequestNotSent(), True),
+        (b"POST", ResponseNeverReceived(_lost(ConnectionDone())), False),
+        (b"PATCH", RequestTransmissionFailed(_lost(ConnectionLost())), False),
+        (b"GET", ResponseNeverReceived(_lost(CancelledError())), False),
+        (b"GET", ResponseFailed(_lost(ConnectionLost())), False),
+        (b"GET", ConnectionRefusedError(), False),
+    ],
+)
+def test_which_requests_are_sent_again_after_a_pooled_connection_closed(method, reason, replayed):
+    """Idempotent methods whenever no answer came; POST/PATCH only when nothing was sent."""
+    assert may_replay(method, reason) is replayed

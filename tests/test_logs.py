@@ -16,6 +16,7 @@ import threading
 import urllib.request
 from datetime import datetime
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from twisted.internet.address import IPv4Address
@@ -32,7 +33,9 @@ from twisted_gateway.logs import (
     event_as_json,
     json_observer,
     redact,
+    redact_query,
     redact_text,
+    secret_names,
     redacting_log_formatter,
 )
 
@@ -65,6 +68,32 @@ JWT = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJl"
 def test_redact_text_hides_token_values_and_keeps_the_rest(text: str, expected: str) -> None:
     assert redact_text(text) == expected
     assert redact_text(text.encode("latin-1")) == expected.encode("latin-1")
+
+
+@pytest.mark.parametrize(
+    "query, expected",
+    [
+        pytest.param(b"token=abc", "token=REDACTED", id="alone"),
+        pytest.param(b"a=%20x&token=a.b.c&b", "a=%20x&token=REDACTED&b", id="others kept"),
+        pytest.param(b"token=1&x=2&token=3", "token=REDACTED&x=2&token=REDACTED", id="every copy"),
+        pytest.param(b"%74oken=abc", "%74oken=REDACTED", id="percent-encoded name"),
+        pytest.param(b"x=1;token=abc", "x=1;token=REDACTED", id="behind a semicolon"),
+        pytest.param(b"x=1;jwt=abc&y=2", "x=1;jwt=REDACTED&y=2", id="configured name"),
+        pytest.param(b"sid=abc", "sid=REDACTED", id="configured cookie name"),
+        pytest.param(b"mytoken=a&token_type=b", "mytoken=REDACTED&token_type=b", id="*token"),
+        pytest.param(b"", "", id="empty query"),
+    ],
+)
+def test_redact_query_is_the_one_rule_for_query_strings(query: bytes, expected: str) -> None:
+    """Log lines show REDACTED for every credential parameter, and the rest as it came."""
+    assert redact_query(query, ["jwt", "sid"]) == expected
+
+
+def test_secret_names_are_the_configured_query_parameter_and_cookie() -> None:
+    auth = SimpleNamespace(query_param="access_token", cookie="session")
+    assert secret_names(auth) == ("access_token", "session")
+    assert secret_names(SimpleNamespace(query_param="token", cookie=None)) == ("token",)
+    assert secret_names(None) == ()
 
 
 def test_redact_text_hides_extra_parameter_names_in_any_case() -> None:

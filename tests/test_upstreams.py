@@ -11,7 +11,7 @@ from collections import Counter
 import pytest
 from treq.testing import StubTreq
 from twisted.internet.task import Clock
-from twisted.logger import capturedLogs
+from twisted.logger import capturedLogs, formatEvent
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
@@ -30,6 +30,7 @@ from twisted_gateway.upstreams import (
     parse_balance,
     parse_hash_key,
     parse_health_check,
+    upstream_failures,
     upstream_states,
 )
 
@@ -242,9 +243,11 @@ def test_routes_naming_the_same_instance_share_its_health():
 
 
 def test_all_instances_down_is_a_502_json_error_at_once():
+    """Health checks (passive health never takes a route's last instance) put all out."""
     pool = make_pool()
     for instance in pool.instances:
-        pool.report_failure(instance)
+        instance.record_check(False, "refused")
+        instance.record_check(False, "refused")
     with pytest.raises(NoHealthyUpstream) as caught:
         pool.candidates("room", retry=True)
     assert caught.value.status == 502
@@ -273,13 +276,80 @@ def test_state_changes_are_logged_once_per_change():
 def test_metrics_see_each_instance_of_each_route_with_its_state_and_connections():
     registry = InstanceRegistry(Clock())
     chat = UpstreamPool("chat", [A, B], registry)
-    feed = UpstreamPool("feed", [B], registry)
+    feed = UpstreamPool("feed", [B, C], registry)
     chat.instances[0].acquire(websocket=True)
     chat.report_failure(chat.instances[1])
     assert upstream_states([chat, feed]) == [
         ("chat", A, True, 1),
         ("chat", B, False, 0),
         ("feed", B, False, 0),
+        ("feed", C, True, 0),
+    ]
+
+
+def test_a_routes_only_instance_is_never_ejected_by_failures():
+    """With nothing to fail over to, ejecting would only turn slow answers into 502s."""
+    pool = make_pool(urls=(A,), max_fails=1)
+    with capturedLogs() as events:
+        for _ in range(5):
+            pool.report_failure(pool.instances[0], "connect_refused")
+    assert pool.instances[0].state == "up"
+    assert pool.choose().url == A
+    assert not [e for e in events if "upstream_state" in e]
+
+
+def test_the_last_healthy_instance_of_a_route_stays_in_service():
+    pool = make_pool(urls=(A, B), max_fails=1)
+    a, b = pool.instances
+    pool.report_failure(a, "connect_refused")
+    pool.report_failure(b, "connect_refused")
+    assert (a.state, b.state) == ("down", "up")
+    assert urls_of(pool.choose() for _ in range(3)) == [B, B, B]
+
+
+def test_an_instance_shared_with_a_route_that_has_no_other_is_not_ejected():
+    registry = InstanceRegistry(Clock())
+    chat = UpstreamPool("chat", [A, B], registry)
+    UpstreamPool("feed", [B], registry)
+    chat.report_failure(chat.instances[1], "connect_refused")
+    assert chat.instances[1].state == "up"
+
+
+def test_health_checks_still_take_a_routes_only_instance_out():
+    pool = make_pool(urls=(A,))
+    pool.instances[0].record_check(False, "refused")
+    pool.instances[0].record_check(False, "refused")
+    assert pool.instances[0].state == "down"
+    with pytest.raises(NoHealthyUpstream):
+        pool.choose()
+
+
+def test_the_ejection_log_line_names_the_causes_of_the_failures():
+    clock = Clock()
+    pool = make_pool(urls=(A, B), clock=clock, max_fails=3, fail_timeout=10)
+    a = pool.instances[0]
+    with capturedLogs() as events:
+        pool.report_failure(a, "connect_refused")
+        clock.advance(1)
+        pool.report_failure(a, "no_head_timeout")
+        clock.advance(1)
+        pool.report_failure(a, "connect_refused")
+    [down] = [e for e in events if e.get("upstream_state") == "down"]
+    assert formatEvent(down) == (
+        f"upstream {A} is down: 3 failures in 10 s"
+        " (connect refused x2, no head timeout x1), out for 10 s"
+    )
+
+
+def test_failures_are_counted_per_route_instance_and_reason_for_metrics():
+    registry = InstanceRegistry(Clock())
+    chat = UpstreamPool("chat", [A, B], registry, max_fails=0)
+    chat.report_failure(chat.instances[0], "connect_refused")
+    chat.report_failure(chat.instances[0], "connect_refused")
+    chat.report_failure(chat.instances[1], "tls")
+    assert upstream_failures([chat]) == [
+        ("chat", A, "connect_refused", 2),
+        ("chat", B, "tls", 1),
     ]
 
 

@@ -2,7 +2,8 @@
 JWT authentication at the edge: a token is checked once here, and only the
 verified identity travels on, in headers the upstream can trust.
 
-Token extraction, query redaction and claim-time checks are pure functions.
+Token extraction and claim-time checks are pure functions (keeping tokens
+out of logs is :mod:`twisted_gateway.logs`' rule).
 :class:`Authenticator` verifies signatures with PyJWT, pins the algorithms,
 reads time from the injected clock (never the wall clock), and owns the
 background refresh of a ``jwks_url``, fetched with treq.
@@ -44,7 +45,7 @@ HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
 SUPPORTED_ALGORITHMS = frozenset(get_default_algorithms()) - {"none"}
 
 
-# -- where the token comes from, and keeping it out of logs (pure) ----------
+# -- where the token comes from (pure) ----------------------------------------
 
 
 def _query_fields(query: bytes) -> list[tuple[bytes, bytes, bytes]]:
@@ -78,16 +79,6 @@ def extract_token(
         if key.decode("latin-1") == cookie and value.strip(b'"'):
             return value.strip(b'"').decode("latin-1")
     return None
-
-
-def redact_query(query: bytes, param: str = "token") -> bytes:
-    """The raw query with every value of ``param`` replaced by ``REDACTED``."""
-    wanted = param.encode("utf-8")
-    return re.sub(  # ``;`` separates too, so as not to miss a token behind one
-        rb"(?<![^&;])([^&;=]*)=([^&;]+)",
-        lambda m: m[1] + b"=REDACTED" if unquote_to_bytes(m[1]) == wanted else m[0],
-        query,
-    )
 
 
 def strip_query_param(query: bytes, param: str) -> bytes:

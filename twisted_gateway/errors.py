@@ -89,6 +89,13 @@ class GatewayTimeout(GatewayError):
     error = "gateway_timeout"
 
 
+class Overloaded(GatewayError):
+    """The gateway itself is short of something (file descriptors, ports): not the upstream."""
+
+    status = 503
+    error = "overloaded"
+
+
 class UpstreamRefused(GatewayError):
     """The upstream answered a WebSocket handshake with an error status."""
 

@@ -21,14 +21,19 @@ upper-cases the method, and none of that can be switched off.
 
 from __future__ import annotations
 
+import ipaddress
 import sys
 from typing import Iterable, Sequence
-from urllib.parse import unquote_plus
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectError, ConnectionRefusedError, DNSLookupError
 from twisted.internet.error import TimeoutError as ConnectTimeout
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    wrapClientTLS,
+)
 from twisted.internet.interfaces import (
     IPushProducer,
     IReactorTime,
@@ -36,11 +41,11 @@ from twisted.internet.interfaces import (
     ITCPTransport,
 )
 from twisted.internet.protocol import Protocol
-from twisted.internet.task import Cooperator
+from twisted.internet.task import Cooperator, TaskFinished
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import server
-from twisted.web._newclient import HTTP11ClientProtocol
+from twisted.web._newclient import HTTP11ClientProtocol, RequestNotSent
 from twisted.web.client import _HTTP11ClientFactory
 from twisted.web.client import (
     URI,
@@ -48,7 +53,10 @@ from twisted.web.client import (
     BrowserLikePolicyForHTTPS,
     FileBodyProducer,
     HTTPConnectionPool,
+    RequestTransmissionFailed,
     ResponseDone,
+    ResponseNeverReceived,
+    _RetryingHTTP11ClientProtocol,
 )
 from twisted.web.error import SchemeNotSupported
 from twisted.web.http import NO_BODY_CODES, RESPONSES, HTTPChannel, PotentialDataLoss
@@ -69,8 +77,10 @@ from twisted_gateway.errors import (
     BadRequest,
     GatewayError,
     GatewayTimeout,
+    Overloaded,
     render_error,
 )
+from twisted_gateway.faults import LOCAL, classify
 from twisted_gateway.headers import (
     clean_reason_phrase,
     strip_hop_by_hop,
@@ -78,6 +88,7 @@ from twisted_gateway.headers import (
     upstream_request_headers,
     valid_host,
 )
+from twisted_gateway.logs import redact_query
 from twisted_gateway.tls import describe_tls_failure
 from twisted_gateway.upstreams import InstanceRegistry, UpstreamPool, may_retry
 
@@ -85,12 +96,12 @@ from twisted_gateway.upstreams import InstanceRegistry, UpstreamPool, may_retry
 access_log = Logger(namespace="twisted_gateway.access")
 _log = Logger()
 
-#: Query parameters whose values never reach a log.
-SECRET_PARAMETERS = frozenset({"token"})
-
 #: Request headers the gateway re-creates itself rather than forwarding: the
 #: body is re-framed from what was received, and ``Expect`` was answered here.
 _REFRAMED = frozenset({b"content-length", b"expect"})
+
+#: Methods retried on a fresh connection when a pooled one fails, body or not.
+REPLAYABLE_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 
 #: nginx's code for "the client closed the connection before the response".
 CLIENT_CLOSED = 499
@@ -128,26 +139,9 @@ def _quote_unsafe(url: bytes) -> bytes:
     )
 
 
-def redact_query(query: bytes, secrets: frozenset[str] = SECRET_PARAMETERS) -> str:
-    """
-    The query string for a log line, with the value of every parameter named
-    in ``secrets`` (compared decoded and case-insensitively) replaced by
-    ``REDACTED``.
-    """
-    if not query:
-        return ""
-    parts = []
-    for part in query.decode("latin-1").split("&"):
-        name, sep, _ = part.partition("=")
-        if unquote_plus(name).strip().lower() in secrets:
-            part = name + "=REDACTED"
-        parts.append(part)
-    return "&".join(parts)
-
-
-def log_target(path: bytes, query: bytes) -> str:
-    """The request target as an access log shows it: normalised, redacted."""
-    redacted = redact_query(query)
+def log_target(path: bytes, query: bytes, secrets: Iterable[str] = ()) -> str:
+    """The request target as an access log shows it: normalised, redacted (:mod:`logs`' rule)."""
+    redacted = redact_query(query, secrets)
     text = path.decode("latin-1")
     return text + "?" + redacted if redacted else text
 
@@ -166,6 +160,8 @@ def upstream_failure(reason: BaseException, settings: GatewaySettings) -> Gatewa
     """The error a client gets when the upstream could not produce a response head."""
     if isinstance(reason, GatewayError):
         return reason
+    if classify(reason) is LOCAL:
+        return Overloaded(f"the gateway cannot open a connection now: {reason}")
     if isinstance(reason, ConnectTimeout):
         return ConnectFailed(
             f"could not connect to the upstream within {settings.connect_timeout:g} s",
@@ -344,54 +340,89 @@ class _BodyRelay(Protocol):
 
 
 class _Upload(FileBodyProducer):
-    """A request body streamed from ``Request.content``; knows whether it is still going."""
+    """
+    A request body streamed from ``Request.content``; knows whether it is
+    still going. Replayable: each start sends the whole body again (a retry on
+    a fresh connection), so the file is left open for the request to close,
+    unless :attr:`owns_file` was set when the request finished first.
+    """
 
     running = False
+    #: close the file when done (the request has finished and let go of it)
+    owns_file = False
 
     def startProducing(self, consumer) -> Deferred[None]:
+        self._inputFile.seek(0)
         self.running = True
         return super().startProducing(consumer).addBoth(self._ended)
 
+    def _writeloop(self, consumer):
+        while True:
+            data = self._inputFile.read(self._readSize)
+            if not data:
+                break
+            consumer.write(data)
+            yield None
+
+    def stopProducing(self) -> None:
+        """Stop sending (for good, or until a retry starts again); the file stays open."""
+        task = getattr(self, "_task", None)
+        if task is not None:
+            try:
+                task.stop()
+            except TaskFinished:
+                pass
+        self._ended(None)
+
     def _ended(self, result: object) -> object:
         self.running = False
+        if self.owns_file:
+            self._inputFile.close()
         return result
 
 
-# -- the forwarder -------------------------------------------------------------
-
-
-@implementer(IAgentEndpointFactory)
-class UpstreamEndpoints:
+def may_replay(method: bytes, reason: BaseException) -> bool:
     """
-    The client endpoint for each upstream ``(scheme, host, port)``, built once
-    (``Agent`` builds a new ``HostnameEndpoint``, IDNA-encoding the host, for
-    every request). https upstreams get TLS from ``tls_policy`` (by default
-    the system trust store verifies certificate and host name).
+    Whether a request that failed on a pooled keep-alive connection (one the
+    upstream may have closed under it) is sent again on a fresh connection:
+    GET, HEAD, OPTIONS, PUT, DELETE and TRACE whenever no response came (the
+    body is buffered, so it is replayed whole); any method when not a byte of
+    it was sent; never after a cancellation.
+    """
+    reasons = getattr(reason, "reasons", None) or ()
+    if any(f.check(CancelledError) for f in reasons):
+        return False
+    if isinstance(reason, RequestNotSent):
+        return True
+    return method.upper() in REPLAYABLE_METHODS and isinstance(
+        reason, (RequestTransmissionFailed, ResponseNeverReceived)
+    )
+
+
+class _ReplayingConnection(_RetryingHTTP11ClientProtocol):
+    """A pooled connection whose failed request is retried as :func:`may_replay` says."""
+
+    def _shouldRetry(self, method: bytes, exception: BaseException, bodyProducer: object) -> bool:
+        if bodyProducer is not None and not isinstance(bodyProducer, _Upload):
+            return False
+        return may_replay(method, exception)
+
+
+class ReplayingPool(HTTPConnectionPool):
+    """
+    ``HTTPConnectionPool`` retries a request that meets a cached connection
+    the server closed only for bodiless GET/HEAD/OPTIONS/DELETE/TRACE; a
+    proxy's bodies are buffered, so this pool retries as :func:`may_replay` says.
     """
 
-    def __init__(
-        self, reactor, connect_timeout: float, tls_policy: IPolicyForHTTPS | None = None
-    ) -> None:
-        self._reactor = reactor
-        self._connect_timeout = connect_timeout
-        self._tls_policy = tls_policy if tls_policy is not None else BrowserLikePolicyForHTTPS()
-        self._endpoints: dict[tuple[bytes, bytes, int], IStreamClientEndpoint] = {}
+    def getConnection(self, key, endpoint) -> Deferred:
+        return super().getConnection(key, endpoint).addCallback(self._replaying)
 
-    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
-        key = (uri.scheme, uri.host, uri.port)
-        endpoint = self._endpoints.get(key)
-        if endpoint is None:
-            if uri.scheme not in (b"http", b"https"):
-                raise SchemeNotSupported(f"unsupported scheme: {uri.scheme!r}")
-            endpoint = HostnameEndpoint(
-                self._reactor, uri.host, uri.port, timeout=self._connect_timeout
-            )
-            if uri.scheme == b"https":
-                creator = self._tls_policy.creatorForNetloc(uri.host, uri.port)
-                endpoint = wrapClientTLS(creator, endpoint)
-            self._endpoints[key] = endpoint
-        return endpoint
-
+    @staticmethod
+    def _replaying(connection):
+        if isinstance(connection, _RetryingHTTP11ClientProtocol):
+            return _ReplayingConnection(connection._clientProtocol, connection._newConnection)
+        return connection
 
 
 # -- the pool: a connection is reused only when the upstream kept to one response
@@ -444,10 +475,59 @@ class _OneResponseFactory(_HTTP11ClientFactory):
         return _OneResponseProtocol(self._quiescentCallback)
 
 
-class _UpstreamConnectionPool(HTTPConnectionPool):
-    """``HTTPConnectionPool`` whose connections are :class:`_OneResponseProtocol`."""
+class _UpstreamConnectionPool(ReplayingPool):
+    """:class:`ReplayingPool` whose connections are :class:`_OneResponseProtocol`."""
 
     _factory = _OneResponseFactory
+
+
+# -- the forwarder -------------------------------------------------------------
+
+
+@implementer(IAgentEndpointFactory)
+class UpstreamEndpoints:
+    """
+    The client endpoint for each upstream ``(scheme, host, port)``, built once
+    (``Agent`` builds a new ``HostnameEndpoint``, IDNA-encoding the host, for
+    every request). https upstreams get TLS from ``tls_policy`` (by default
+    the system trust store verifies certificate and host name).
+    """
+
+    def __init__(
+        self, reactor, connect_timeout: float, tls_policy: IPolicyForHTTPS | None = None
+    ) -> None:
+        self._reactor = reactor
+        self._connect_timeout = connect_timeout
+        self._tls_policy = tls_policy if tls_policy is not None else BrowserLikePolicyForHTTPS()
+        self._endpoints: dict[tuple[bytes, bytes, int], IStreamClientEndpoint] = {}
+
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        key = (uri.scheme, uri.host, uri.port)
+        endpoint = self._endpoints.get(key)
+        if endpoint is None:
+            if uri.scheme not in (b"http", b"https"):
+                raise SchemeNotSupported(f"unsupported scheme: {uri.scheme!r}")
+            endpoint = _tcp_endpoint(self._reactor, uri.host, uri.port, self._connect_timeout)
+            if uri.scheme == b"https":
+                creator = self._tls_policy.creatorForNetloc(uri.host, uri.port)
+                endpoint = wrapClientTLS(creator, endpoint)
+            self._endpoints[key] = endpoint
+        return endpoint
+
+
+def _tcp_endpoint(reactor, host: bytes, port: int, timeout: float) -> IStreamClientEndpoint:
+    """
+    An IP literal is connected directly: ``HostnameEndpoint`` would resolve it
+    in a thread on every connection, and when file descriptors run out that
+    resolution fails as a DNS error, blaming the upstream. Names resolve.
+    """
+    try:
+        address = ipaddress.ip_address(host.decode("ascii").strip("[]"))
+    except (UnicodeDecodeError, ValueError):
+        return HostnameEndpoint(reactor, host, port, timeout=timeout)
+    if address.version == 4:
+        return TCP4ClientEndpoint(reactor, str(address), port, timeout=timeout)
+    return TCP6ClientEndpoint(reactor, str(address), port, timeout=timeout)
 
 
 class HTTPForwarder:
@@ -458,7 +538,8 @@ class HTTPForwarder:
     ``agent`` is the :class:`IAgent` that carries requests upstream; by default
     a plain ``Agent`` over this forwarder's pool and :class:`UpstreamEndpoints`
     (``connect_timeout``, TLS from ``tls_policy``). It must not decode content,
-    follow redirects or keep cookies.
+    follow redirects or keep cookies. ``secret_names`` are credential names
+    (the ``[auth]`` query parameter and cookie) kept out of the access log.
     """
 
     def __init__(
@@ -467,8 +548,10 @@ class HTTPForwarder:
         reactor: IReactorTime,
         agent: IAgent | None = None,
         tls_policy: IPolicyForHTTPS | None = None,
+        secret_names: Iterable[str] = (),
     ) -> None:
         self._settings = settings
+        self._secret_names = tuple(secret_names)
         self._reactor = reactor
         self.pool = _UpstreamConnectionPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = settings.upstream_keepalive
@@ -555,8 +638,8 @@ class HTTPForwarder:
         fields = dict(
             method=request.method.decode("latin-1"),
             path=path.decode("latin-1"),
-            query=redact_query(query),
-            target=log_target(path, query),
+            query=redact_query(query, self._secret_names),
+            target=log_target(path, query, self._secret_names),
             route=route_name,
             upstream="",
             peer=_peer_host(request),
@@ -588,8 +671,8 @@ class HTTPForwarder:
                 for candidate in pool.candidates(key, retry=may_retry(request.method)):
                     instance = candidate
                     fields["upstream"] = instance.url
-                    # No producer for an empty body: Agent then retries idempotent
-                    # requests that meet a pooled connection the upstream just closed.
+                    # A request meeting a pooled connection the upstream closed is
+                    # sent again on a fresh one (ReplayingPool), body and all.
                     if size:
                         request.content.seek(0)
                         upload = _Upload(request.content, cooperator=self._cooperator)
@@ -598,15 +681,17 @@ class HTTPForwarder:
                         response = await self._request_upstream(
                             request, upstream_url(instance.url, path, query), upload, headers
                         )
-                    except ConnectFailed as e:
+                    except (GatewayTimeout, BadGateway, Overloaded) as e:
+                        # passive health counts what faults.classify says is the
+                        # upstream's; only connect failures go on to the next instance
+                        fault = classify(e.__cause__ or e, client_gone=client_finished.called)
+                        if fault.counts:
+                            pool.report_failure(instance, fault.reason)
+                        if not isinstance(e, ConnectFailed) or not fault.counts:
+                            raise
                         instance.release()
-                        pool.report_failure(instance)
                         instance, failure = None, e
                         continue
-                    except (GatewayTimeout, BadGateway):
-                        # no answer: passive health counts it; only connect failures retry
-                        pool.report_failure(instance)
-                        raise
                     pool.report_success(instance)
                     break
                 else:
@@ -650,6 +735,7 @@ class HTTPForwarder:
                     # Request.content under it when the request finishes, so hand
                     # the file to the upload, which closes it when done.
                     request.content = None
+                    upload.owns_file = True
                 request.finish()
             log(response.code, relay.sent, outcome)
         finally:
@@ -705,7 +791,8 @@ class HTTPForwarder:
         except CancelledError:
             raise
         except Exception as e:
-            raise upstream_failure(e, settings) from None
+            # the cause stays attached: faults.classify judges it, not the answer
+            raise upstream_failure(e, settings) from e
 
     def _head_timed_out(self, result: object, timeout: float) -> None:
         raise GatewayTimeout(f"no response from the upstream within {timeout:g} s")

@@ -125,6 +125,22 @@ def redact_text(text: _Text, names: Iterable[str] = ()) -> _Text:
     return _REDACTORS[kind](text, frozenset(n.lower() for n in names))
 
 
+def redact_query(query: bytes, names: Iterable[str] = ()) -> str:
+    """A raw query string as a log line may show it: :func:`redact_text`'s rule, as text."""
+    return redact_text(query.decode("latin-1"), names)
+
+
+def secret_names(auth: Any) -> tuple[str, ...]:
+    """
+    The names an ``[auth]`` section (an ``AuthSettings``, or None) gives to
+    credentials, which redaction must know besides ``*token``: the query
+    parameter and the cookie.
+    """
+    if auth is None:
+        return ()
+    return tuple(name for name in (auth.query_param, auth.cookie) if name)
+
+
 def redact(event: Mapping[str, Any]) -> dict[str, Any]:
     """
     A copy of a log event that holds no credential: a field with a sensitive

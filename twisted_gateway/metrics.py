@@ -67,6 +67,7 @@ HTTP_DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0
 
 #: What the upstream pool reports at scrape time: (route, url, up, open connections).
 UpstreamStates = Callable[[], Iterable[tuple[str, str, bool, int]]]
+UpstreamFailures = Callable[[], Iterable[tuple[str, str, str, int]]]
 
 
 # -- label normalisation (pure) ----------------------------------------------
@@ -165,10 +166,20 @@ class Metrics:
     at each scrape. Everything runs in the reactor thread.
     """
 
-    def __init__(self, *, routes: Iterable[str] = (), upstreams: UpstreamStates | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        routes: Iterable[str] = (),
+        upstreams: UpstreamStates | None = None,
+        upstream_failures: UpstreamFailures | None = None,
+    ) -> None:
         self._routes: dict[str, RouteCounters] = {}
         self._flows: dict[tuple[str, str], MessageFlow] = {}
         self.upstreams: UpstreamStates = upstreams if upstreams is not None else _no_upstreams
+        #: ``(route, url, reason, count)`` of failures counted against instances, at each scrape
+        self.upstream_failures: UpstreamFailures = (
+            upstream_failures if upstream_failures is not None else _no_upstreams
+        )
         for name in routes:
             self.route(name)
         self.registry = CollectorRegistry()
@@ -269,6 +280,7 @@ class GatewayCollector(Collector):
             up,
             connections,
             auth,
+            failures,
         ) = families = _families()
         for r in self.metrics.routes:
             for (method, status), n in sorted(r.http_requests.items()):
@@ -298,6 +310,13 @@ class GatewayCollector(Collector):
             labels = [route, upstream_label(url)]
             up.add_metric(labels, 1 if is_up else 0)
             connections.add_metric(labels, open_connections)
+        try:
+            counted = list(self.metrics.upstream_failures())
+        except Exception:
+            log.failure("cannot read the upstream failures for metrics")
+            counted = []
+        for route, url, reason, n in counted:
+            failures.add_metric([route, upstream_label(url), reason], n)
         return iter(families)
 
 
@@ -336,6 +355,11 @@ def _families() -> list[Metric]:
         ),
         CounterMetricFamily(
             "wsgateway_auth_failures", "Refused tokens.", labels=["route", "reason"]
+        ),
+        CounterMetricFamily(
+            "wsgateway_upstream_failures",
+            "Failed attempts counted against an upstream by passive health, by reason.",
+            labels=["route", "upstream", "reason"],
         ),
     ]
 

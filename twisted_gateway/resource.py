@@ -26,10 +26,17 @@ from twisted_gateway.headers import (
     single_origin,
 )
 from twisted_gateway.http_proxy import HTTPForwarder
+from twisted_gateway.logs import secret_names
 from twisted_gateway.metrics import UNROUTED, Metrics, MetricsResource
 from twisted_gateway.routing import RouteTable, check_escaped_path, normalize_path, split_uri
 from twisted_gateway.tls import UpstreamTLSPolicy, warn_unverified
-from twisted_gateway.upstreams import UP, InstanceRegistry, UpstreamPool, upstream_states
+from twisted_gateway.upstreams import (
+    UP,
+    InstanceRegistry,
+    UpstreamPool,
+    upstream_failures,
+    upstream_states,
+)
 from twisted_gateway.ws_proxy import (
     HandshakeContext,
     RelayServerFactory,
@@ -75,7 +82,7 @@ class GatewayResource(Resource):
         #: a forwarder built here is closed by :meth:`stop`; one passed in is the caller's
         self._owns_forwarder = http_forwarder is None
         self.http_forwarder = http_forwarder or HTTPForwarder(
-            settings.gateway, reactor, tls_policy=tls_policy
+            settings.gateway, reactor, tls_policy=tls_policy, secret_names=secret_names(settings.auth)
         )
         self._table: RouteTable[RouteSettings] = RouteTable((r.prefix, r) for r in settings.routes)
         #: health and counters per upstream URL, shared by the routes naming it
@@ -84,6 +91,7 @@ class GatewayResource(Resource):
         self.metrics = metrics or Metrics(
             routes=[r.name for r in settings.routes],
             upstreams=lambda: upstream_states(self.pools.values()),
+            upstream_failures=lambda: upstream_failures(self.pools.values()),
         )
         #: False when an [admin] listener serves /metrics instead
         self.serve_metrics = True

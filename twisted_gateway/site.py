@@ -14,7 +14,7 @@ from twisted.web.server import Site
 from twisted_gateway.config import Settings
 from twisted_gateway.errors import GatewayError
 from twisted_gateway.http_proxy import GatewayRequest
-from twisted_gateway.logs import access_log_formatter
+from twisted_gateway.logs import access_log_formatter, secret_names
 
 
 class GatewayChannel(HTTPChannel):
@@ -47,8 +47,7 @@ class GatewaySite(Site):
 
 def build_site(resource: Any, settings: Settings) -> Site:
     """A ``Site`` for the gateway's resource tree with the gateway's HTTP rules."""
-    token_params = [settings.auth.query_param] if settings.auth is not None else []
-    site = GatewaySite(resource, logFormatter=access_log_formatter(token_params))
+    site = GatewaySite(resource, logFormatter=access_log_formatter(secret_names(settings.auth)))
     site.requestFactory = GatewayRequest.for_settings(settings.gateway)
     header_limit = settings.gateway.max_header_size
 

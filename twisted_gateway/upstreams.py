@@ -7,7 +7,9 @@ Each upstream base URL is one :class:`Instance`, kept by an
 and counters. A route's :class:`UpstreamPool` orders its instances for an
 attempt (round robin, least connections, or a consistent-hash ring on a
 request key) and learns from each outcome (passive health: ``max_fails``
-failures within ``fail_timeout`` eject an instance for ``fail_timeout``). The
+failures within ``fail_timeout`` eject an instance for ``fail_timeout``, but
+never the last healthy instance of a route; what counts as a failure is
+:func:`twisted_gateway.faults.classify`'s rule). The
 :class:`~twisted_gateway.health.HealthChecker` probes instances actively.
 
 Choosing is plain code over counters and an injected clock; only the health
@@ -21,6 +23,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
+from collections import Counter
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 from urllib.parse import unquote_to_bytes
 
@@ -240,8 +243,10 @@ class Instance:
         self.open_websockets = 0
         #: failed attempts, ever
         self.failures = 0
-        #: passive health: times of the current run of failures
-        self.recent_failures: list[float] = []
+        #: passive health: (time, reason) of the current run of failures
+        self.recent_failures: list[tuple[float, str]] = []
+        #: the pools (routes) naming this instance: it is never their last one ejected
+        self.pools: list[UpstreamPool] = []
         self.ejected_until = float("-inf")
         #: active health: consecutive check results, and whether checks hold it down
         self.check_successes = 0
@@ -279,18 +284,41 @@ class Instance:
         """An attempt got an answer: a later failure starts a new run."""
         self.recent_failures.clear()
 
-    def record_failure(self, *, max_fails: int, fail_timeout: float) -> None:
-        """``max_fails`` failures in a row within ``fail_timeout`` eject for ``fail_timeout``."""
+    def record_failure(
+        self, *, max_fails: int, fail_timeout: float, reason: str = "failed"
+    ) -> bool:
+        """
+        One counted failure (``reason``, a label of :data:`faults.COUNTED`):
+        ``max_fails`` of them within ``fail_timeout`` eject for
+        ``fail_timeout``, unless this is the last healthy instance of a route
+        naming it (with nothing to fail over to, a slow answer beats a 502).
+        Returns whether this failure ejected the instance.
+        """
         self.failures += 1
         if max_fails == 0:
-            return
+            return False
         now = self._clock.seconds()
-        self.recent_failures = [t for t in self.recent_failures if t > now - fail_timeout]
-        self.recent_failures.append(now)
-        if len(self.recent_failures) >= max_fails:
-            self.ejected_until = max(self.ejected_until, now + fail_timeout)
-            self.recent_failures.clear()
-            self._announce(f"{max_fails} failed attempts, out for {fail_timeout:g} s")
+        self.recent_failures = [f for f in self.recent_failures if f[0] > now - fail_timeout]
+        self.recent_failures.append((now, reason))
+        if len(self.recent_failures) < max_fails or not self._has_spare():
+            return False
+        causes = Counter(r for _, r in self.recent_failures)
+        summary = ", ".join(f"{r.replace('_', ' ')} x{n}" for r, n in causes.most_common())
+        count = len(self.recent_failures)
+        self.ejected_until = max(self.ejected_until, now + fail_timeout)
+        self.recent_failures.clear()
+        self._announce(
+            f"{count} {'failure' if count == 1 else 'failures'} in {fail_timeout:g} s"
+            f" ({summary}), out for {fail_timeout:g} s"
+        )
+        return True
+
+    def _has_spare(self) -> bool:
+        """Whether every route naming this instance keeps another healthy one without it."""
+        return all(
+            any(other is not self and other.state == UP for other in pool.instances)
+            for pool in self.pools
+        )
 
     def record_check(self, ok: bool, detail: str = "") -> None:
         """An active check's result: two failures in a row eject, two successes restore."""
@@ -367,6 +395,10 @@ class UpstreamPool:
         self.max_fails, self.fail_timeout = max_fails, fail_timeout
         self.health_check, self.health_interval = health_check, health_interval
         self.instances = tuple(registry.instance(url) for url in unique)
+        for instance in self.instances:
+            instance.pools.append(self)
+        #: counted failures per (instance URL, reason), for the failures metric
+        self.failure_counts: Counter[tuple[str, str]] = Counter()
         self._ring = HashRing(unique) if self.balance == "hash" else None
         self._by_url = {instance.url: instance for instance in self.instances}
         self._cursor = 0
@@ -457,9 +489,25 @@ class UpstreamPool:
         """The attempt got an answer (any HTTP status, or a finished handshake)."""
         instance.record_success()
 
-    def report_failure(self, instance: Instance) -> None:
-        """The attempt could not connect, or got no answer: passive health counts it."""
-        instance.record_failure(max_fails=self.max_fails, fail_timeout=self.fail_timeout)
+    def report_failure(self, instance: Instance, reason: str = "failed") -> None:
+        """
+        A failure that counts against the instance (``reason``: see
+        :func:`twisted_gateway.faults.classify`; what does not count is never
+        reported): passive health counts it.
+        """
+        self.failure_counts[instance.url, reason] += 1
+        instance.record_failure(
+            max_fails=self.max_fails, fail_timeout=self.fail_timeout, reason=reason
+        )
+
+
+def upstream_failures(pools: Iterable[UpstreamPool]) -> list[tuple[str, str, str, int]]:
+    """``(route, url, reason, count)`` of the failures counted against each instance, for metrics."""
+    return [
+        (pool.route_name, url, reason, count)
+        for pool in pools
+        for (url, reason), count in sorted(pool.failure_counts.items())
+    ]
 
 
 def upstream_states(pools: Iterable[UpstreamPool]) -> list[tuple[str, str, bool, int]]:

@@ -30,7 +30,12 @@ from autobahn.websocket.compress import (
 )
 from autobahn.websocket.types import ConnectingRequest, ConnectionDeny
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
-from twisted.internet.error import ConnectError, DNSLookupError
+from twisted.internet.error import (
+    ConnectError,
+    ConnectingCancelledError,
+    ConnectionDone,
+    DNSLookupError,
+)
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
@@ -38,7 +43,14 @@ from twisted.python.failure import Failure
 from twisted.web.server import NOT_DONE_YET
 
 from twisted_gateway.config import GatewaySettings, RouteSettings
-from twisted_gateway.errors import BadGateway, GatewayError, GatewayTimeout, UpstreamRefused
+from twisted_gateway.errors import (
+    BadGateway,
+    GatewayError,
+    GatewayTimeout,
+    Overloaded,
+    UpstreamRefused,
+)
+from twisted_gateway.faults import ANSWERED, CANCELLED, CLIENT_GONE, LOCAL, Fault, classify
 from twisted_gateway.headers import WEBSOCKET_HANDSHAKE, upstream_request_headers
 from twisted_gateway.metrics import Metrics
 from twisted_gateway.routing import upstream_url
@@ -78,9 +90,17 @@ class HandshakeContext:
 class UpstreamHandshakeFailed(Exception):
     """The upstream did not complete its opening handshake."""
 
-    def __init__(self, reason: str, status: int | None = None, phrase: str = "") -> None:
+    def __init__(
+        self,
+        reason: str,
+        status: int | None = None,
+        phrase: str = "",
+        cause: BaseException | None = None,
+    ) -> None:
         super().__init__(reason)
         self.status, self.phrase = status, phrase
+        #: why the connection ended, when no status line came (passive health asks)
+        self.cause = cause
 
 
 class RelayClientProtocol(_RelayLeg, WebSocketClientProtocol):
@@ -114,7 +134,11 @@ class RelayClientProtocol(_RelayLeg, WebSocketClientProtocol):
         if self.transport is not None:
             self.transport.abortConnection()
 
+    #: the exception the connection ended with
+    lost_reason: BaseException | None = None
+
     def connectionLost(self, reason) -> None:
+        self.lost_reason = reason.value
         self.tls_failure = describe_tls_failure(reason.value)
         super().connectionLost(reason)
 
@@ -136,7 +160,9 @@ class RelayClientProtocol(_RelayLeg, WebSocketClientProtocol):
             reason_text = getattr(self, "wasNotCleanReason", None) or "connection closed"
             if self.tls_failure is not None:
                 reason_text = f"TLS: {self.tls_failure}"
-            self.opened.errback(UpstreamHandshakeFailed(reason_text, status, phrase))
+            self.opened.errback(
+                UpstreamHandshakeFailed(reason_text, status, phrase, cause=self.lost_reason)
+            )
             return
         server = self.partner
         if server is not None:
@@ -160,6 +186,7 @@ class RelayServerProtocol(_RelayLeg, WebSocketServerProtocol):
         self._deny: GatewayError | None = None
         self._expiry: Any = None
         self._instance: Any = None
+        self._open_deadline = float("inf")
         self.done: Deferred[None] = Deferred()
 
     # -- opening handshake ------------------------------------------------
@@ -168,7 +195,10 @@ class RelayServerProtocol(_RelayLeg, WebSocketServerProtocol):
         registry = self.factory.registry
         registry.handshakes.add(self)
         d = Deferred.fromCoroutine(self._open_upstream(request))
-        d.addTimeout(self.factory.gateway.ws_open_timeout, self.factory.clock)
+        timeout, clock = self.factory.gateway.ws_open_timeout, self.factory.clock
+        #: an attempt cancelled from this time on was cancelled by the timeout
+        self._open_deadline = clock.seconds() + timeout
+        d.addTimeout(timeout, clock)
         self._handshake = d
 
         def finished(result):
@@ -220,10 +250,15 @@ class RelayServerProtocol(_RelayLeg, WebSocketServerProtocol):
                 upstream = await self._open_one(ctx, request, instance)
             except BaseException as e:
                 instance.release(websocket=True)
-                if isinstance(e, UpstreamRefused):
-                    pool.report_success(instance)  # it answered, with a refusal
-                elif not isinstance(e, CancelledError):
-                    pool.report_failure(instance)
+                fault = self._fault(e)
+                if fault.counts:
+                    pool.report_failure(instance, fault.reason)
+                elif fault is ANSWERED:
+                    pool.report_success(instance)  # it answered, if not with a 101
+                if fault in (CANCELLED, CLIENT_GONE):
+                    raise CancelledError() from None
+                if fault is LOCAL:
+                    raise Overloaded(f"cannot connect to the upstream: {_describe(e)}") from None
                 if isinstance(e, (ConnectError, DNSLookupError, OSError)):
                     last_error = e
                     continue
@@ -256,13 +291,28 @@ class RelayServerProtocol(_RelayLeg, WebSocketServerProtocol):
                 raise UpstreamRefused(
                     f"the upstream refused the WebSocket handshake: {e.status} {e.phrase}".strip(),
                     status=e.status,
-                ) from None
-            raise BadGateway(f"the upstream's WebSocket handshake failed: {e}") from None
+                ) from e
+            raise BadGateway(f"the upstream's WebSocket handshake failed: {e}") from e
         except BaseException:
             if upstream.transport is not None:
                 upstream.transport.abortConnection()
             raise
         return upstream
+
+    def _fault(self, error: BaseException) -> Fault:
+        """What one failed attempt means for the instance's health (:mod:`faults`)."""
+        if self.state == CLOSED:
+            return CLIENT_GONE
+        if isinstance(error, (CancelledError, ConnectingCancelledError)):
+            if self.factory.clock.seconds() >= self._open_deadline:
+                return classify(TimeoutError())  # ws_open_timeout: no answer in time
+            return CANCELLED
+        cause = error.__cause__ if isinstance(error, GatewayError) else error
+        if isinstance(cause, UpstreamHandshakeFailed):
+            if cause.status is not None:
+                return ANSWERED  # any status line, even a 200 to an upgrade
+            return classify(cause.cause or ConnectionDone())
+        return classify(error)
 
     def _token_expired(self) -> None:
         """No WebSocket outlives its token: close both legs with 1008."""
@@ -282,7 +332,7 @@ class RelayServerProtocol(_RelayLeg, WebSocketServerProtocol):
             )
         elif failure.check(GatewayError):
             self._deny = failure.value
-        elif failure.check(CancelledError):
+        elif failure.check(CancelledError, ConnectingCancelledError):
             self._deny = GatewayError("the client went away", status=499, error="client_closed")
         else:
             log.failure("unexpected error opening the upstream", failure)

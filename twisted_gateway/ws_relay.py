@@ -11,6 +11,7 @@ only 1000 and 3000-4999).
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Any
 
 from autobahn.websocket.protocol import WebSocketProtocol
@@ -83,6 +84,8 @@ class _RelayLeg:
     bytes = 0
     #: False between a keepalive ping and its pong
     pong_seen = True
+    #: the KeepAlive round of this leg's last ping
+    ping_round = 0
 
     #: both legs open without extensions: whole data frames pass through as bytes
     passthrough = False
@@ -339,8 +342,10 @@ class KeepAlive:
     """
     Keepalive pings on both legs of every pair, driven by one timer for the
     whole gateway (on the injected clock): every ``interval`` seconds each open
-    leg is pinged; a leg without a pong ``timeout`` seconds later is dropped
-    and the other leg closed with 1011 "peer unresponsive".
+    leg that answered its last ping (or was never pinged) is pinged again,
+    whatever ``timeout`` is; a leg without a pong ``timeout`` seconds after a
+    ping is dropped and the other leg closed with 1011 "peer unresponsive".
+    Each round of pings has its own deadline, checked by one timer at a time.
     """
 
     def __init__(self, registry: RelayRegistry, clock: IReactorTime, interval: float, timeout: float) -> None:
@@ -348,6 +353,9 @@ class KeepAlive:
         self.interval, self.timeout = interval, timeout
         self._loop: LoopingCall | None = None
         self._check: Any = None
+        #: (deadline, round number, legs pinged in that round), oldest first
+        self._rounds: deque[tuple[float, int, list]] = deque()
+        self._round = 0
 
     def start(self) -> None:
         if self.interval > 0 and self._loop is None:
@@ -362,22 +370,32 @@ class KeepAlive:
         if self._check is not None and self._check.active():
             self._check.cancel()
         self._check = None
+        self._rounds.clear()
 
     def _ping_all(self) -> None:
-        if self._check is not None and self._check.active():
-            return  # the last round's pongs are still awaited
+        self._round += 1
         pinged = []
         for pair in list(self.registry.pairs):
             for leg in (pair, pair.partner):
-                if leg is not None and leg.state == OPEN:
+                # a leg still owing a pong waits for its deadline, not for a new ping
+                if leg is not None and leg.state == OPEN and leg.pong_seen:
                     leg.pong_seen = False
+                    leg.ping_round = self._round
                     leg.sendPing(b"wsgateway")
                     pinged.append(leg)
         if pinged:
-            self._check = self.clock.callLater(self.timeout, self._check_pongs, pinged)
+            self._rounds.append((self.clock.seconds() + self.timeout, self._round, pinged))
+            if self._check is None:
+                self._check = self.clock.callLater(self.timeout, self._check_pongs)
 
-    def _check_pongs(self, legs: list) -> None:
+    def _check_pongs(self) -> None:
+        """Drop the legs of every round past its deadline that did not answer."""
         self._check = None
-        for leg in legs:
-            if not leg.pong_seen and leg.state == OPEN:
-                leg.unresponsive()
+        now = self.clock.seconds()
+        while self._rounds and self._rounds[0][0] <= now:
+            _, number, legs = self._rounds.popleft()
+            for leg in legs:
+                if leg.ping_round == number and not leg.pong_seen and leg.state == OPEN:
+                    leg.unresponsive()
+        if self._rounds:
+            self._check = self.clock.callLater(self._rounds[0][0] - now, self._check_pongs)

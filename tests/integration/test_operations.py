@@ -268,7 +268,7 @@ async def test_metrics_count_relayed_messages_bytes_opens_and_closes_per_directi
     await _close_all(gw, up_port)
 
 
-def _outcomes_config(echo: int, refusing: int, dead: int) -> str:
+def _outcomes_config(echo: int, refusing: int, dead: int, dead2: int) -> str:
     return f"""
 [gateway]
 ws_open_timeout = 5
@@ -300,7 +300,7 @@ max_websockets = 1
 
 [route:dead]
 prefix = /v1/dead
-upstream = http://127.0.0.1:{dead}
+upstream = http://127.0.0.1:{dead} http://127.0.0.1:{dead2}
 auth = none
 
 [route:refusing]
@@ -315,13 +315,16 @@ async def test_metrics_count_each_handshake_outcome_and_upstream_health():
     """
     Every way a handshake ends is counted on its route: accepted, unauthorized
     (no token), forbidden (Origin), limited (max_websockets), bad_gateway (no
-    connection) and refused_by_upstream (the upstream's 403); the upstream that
-    refused connections shows ``wsgateway_upstream_up 0``, the others 1.
+    connection) and refused_by_upstream (the upstream's 403); of the two
+    instances that refused connections, the first shows
+    ``wsgateway_upstream_up 0`` and the last one stays in service (passive
+    health never takes a route's last instance), the others 1; each refused
+    connect is counted in ``wsgateway_upstream_failures_total``.
     """
     echo, echo_port, echo_number = await _upstream()
     refusing, refusing_port, refusing_number = await _upstream(refuse=(403, "not you"))
-    dead = _closed_port()
-    gw = await start_gateway(_outcomes_config(echo_number, refusing_number, dead))
+    dead, dead2 = _closed_port(), _closed_port()
+    gw = await start_gateway(_outcomes_config(echo_number, refusing_number, dead, dead2))
     ports = {"dead": dead, "refusing": refusing_number}
     before = await _scrape(gw.number)
     for route in ("open", "secure", "browser", "solo", "dead", "refusing"):
@@ -360,6 +363,10 @@ async def test_metrics_count_each_handshake_outcome_and_upstream_health():
     assert _value(after, "wsgateway_ws_open", route="open") == 1
     assert _value(after, "wsgateway_ws_open", route="solo") == 1
     assert _value(after, "wsgateway_upstream_up", route="dead", upstream=f"http://127.0.0.1:{dead}") == 0
+    assert _value(after, "wsgateway_upstream_up", route="dead", upstream=f"http://127.0.0.1:{dead2}") == 1
+    for port in (dead, dead2):
+        labels = dict(route="dead", upstream=f"http://127.0.0.1:{port}", reason="connect_refused")
+        assert _value(after, "wsgateway_upstream_failures_total", **labels) == 1
     assert _value(after, "wsgateway_upstream_up", route="open", upstream=f"http://127.0.0.1:{echo_number}") == 1
     # Neither the Origin nor the limit refusal reached the upstream.
     assert len(echo.handshakes) == 2
@@ -474,7 +481,9 @@ async def _ping_client(url: str, protocol: type = PingClientProtocol) -> PingCli
     return proto
 
 
-async def _clocked_gateway(upstream_number: int) -> tuple[Gateway, task.Clock]:
+async def _clocked_gateway(
+    upstream_number: int, interval: float = INTERVAL, timeout: float = TIMEOUT
+) -> tuple[Gateway, task.Clock]:
     """
     A gateway whose timers run on a ``Clock`` the test advances, while it
     connects upstream over the real reactor (the ``ws_connect`` seam).
@@ -482,7 +491,7 @@ async def _clocked_gateway(upstream_number: int) -> tuple[Gateway, task.Clock]:
     settings = parse_config(
         _chat_config(
             upstream_number,
-            f"ws_ping_interval = {INTERVAL}\nws_ping_timeout = {TIMEOUT}",
+            f"ws_ping_interval = {interval}\nws_ping_timeout = {timeout}",
         )
     )
     clock = task.Clock()
@@ -575,6 +584,65 @@ async def test_keepalive_drops_a_silent_client_and_closes_the_upstream_with_1011
 
     await _ping_round(clock, client, upstream, first=True)
 
+    assert await upstream_leg.closed == (1011, "peer unresponsive")
+    code, _ = await client.closed
+    assert code == 1006 and not client.wasClean
+    await gw.resource.stop()
+    await _drop_all(gw)
+    await _close_all(gw, up_port)
+
+
+@pytest_twisted.ensureDeferred
+async def test_pings_keep_their_interval_when_the_timeout_is_longer():
+    """
+    With ``ws_ping_interval = 1`` and ``ws_ping_timeout = 10``, legs that
+    answer are pinged every second: ten pings each in ten seconds, not one.
+    """
+    upstream = PingUpstream()
+    up_port = await listen(upstream)
+    gw, clock = await _clocked_gateway(up_port.getHost().port, interval=1, timeout=10)
+    client = await _ping_client(gw.url("/v1/chat/ws"))
+    for second in range(1, 11):
+        clock.advance(1)
+        await settle(lambda: len(client.pings) == second, "a ping at the client")
+        await settle(lambda: len(upstream.pings) == second, "a ping at the upstream")
+        # a message round trip: the pongs sent before it have reached the gateway
+        client.sendMessage(b"after the ping")
+        assert await client.next_message() == (b"after the ping", False)
+    assert (len(client.pings), len(upstream.pings)) == (10, 10)
+    assert client.state == OPEN and len(upstream.open_protocols) == 1
+    await gw.resource.stop()
+    client.sendClose(1000)
+    assert await client.closed == (1000, None)
+    await _drop_all(gw)
+    await _close_all(gw, up_port)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_leg_that_never_answers_is_dropped_ping_timeout_after_its_ping():
+    """
+    With interval 1 and timeout 10, a silent client gets one ping, is not
+    pinged again while it owes the pong, stays open for the ten seconds and is
+    dropped at the tenth (the upstream gets 1011); the answering upstream leg
+    is pinged every second meanwhile.
+    """
+    upstream = PingUpstream()
+    up_port = await listen(upstream)
+    gw, clock = await _clocked_gateway(up_port.getHost().port, interval=1, timeout=10)
+    client = await _ping_client(gw.url("/v1/chat/ws"), SilentClientProtocol)
+    await settle(lambda: upstream.connected, "the upstream connection")
+    upstream_leg = upstream.connected[0]
+
+    clock.advance(1)
+    await settle(lambda: len(client.pings) == 1, "the first ping at the client")
+    for second in range(2, 11):
+        clock.advance(1)
+        await settle(lambda: len(upstream.pings) == second, "a ping at the upstream")
+        client.sendMessage(b"still here")
+        assert await client.next_message() == (b"still here", False)
+    assert len(client.pings) == 1 and client.state == OPEN
+
+    clock.advance(1)  # ten seconds after the client's ping
     assert await upstream_leg.closed == (1011, "peer unresponsive")
     code, _ = await client.closed
     assert code == 1006 and not client.wasClean
@@ -721,11 +789,13 @@ async def test_origin_policy_decides_before_any_upstream_contact(allowed_origins
 
 
 @pytest_twisted.ensureDeferred
-async def test_readyz_turns_503_when_a_routes_only_upstream_is_ejected_after_a_failed_connect():
+async def test_readyz_turns_503_when_health_checks_fail_a_routes_only_upstream():
     """
-    ``/readyz`` is 200 while every route has a healthy instance; a failed
-    connect ejects a route's only instance and ``/readyz`` answers 503 naming
-    the route, while ``/healthz`` (the process is alive) stays 200.
+    ``/readyz`` is 200 while every route has a healthy instance. A failed
+    connect does not take a route's only instance out (passive health keeps
+    the last one: nothing to fail over to), so ``/readyz`` stays 200; once its
+    health checks fail, ``/readyz`` answers 503 naming the route, while
+    ``/healthz`` (the process is alive) stays 200.
     """
     upstream, up_port, number = await _upstream()
     dead = _closed_port()
@@ -739,19 +809,28 @@ upstream = http://127.0.0.1:{number}
 [route:broken]
 prefix = /v1/broken
 upstream = http://127.0.0.1:{dead}
+health_check = /health
+health_interval = 0.1
 """
     )
     assert await _get_json(gw.number, "/readyz") == (200, {"status": "ready"})
 
     status, body = await _handshake(gw.number, "/v1/broken/ws")
     assert status == 502 and body["error"] == "bad_gateway", body
+    assert await _get_json(gw.number, "/readyz") == (200, {"status": "ready"})
 
+    gw.resource.start()
+    await settle(
+        lambda: not any(i.state == "up" for i in gw.resource.pools["broken"].instances),
+        "the health checks to fail",
+    )
     status, body = await _get_json(gw.number, "/readyz")
     assert status == 503, body
     assert body["status"] == "not_ready"
     assert "broken" in body["detail"]
     status, health = await _get_json(gw.number, "/healthz")
     assert status == 200 and health["status"] == "ok"
+    await gw.resource.stop()
     await _drop_all(gw)
     await _close_all(gw, up_port)
 

@@ -569,19 +569,34 @@ UPGRADE = (
 @pytest_twisted.ensureDeferred
 async def test_with_every_instance_dead_clients_get_502_and_readyz_is_503(spawn, harness):
     """
-    With all three instances killed, a GET (tried on each) gets 502; after
-    that every instance is out, so GETs and handshakes get 502
-    ``no_healthy_upstream`` at once, and ``/readyz`` answers 503.
+    With all three instances killed, a GET (tried on each) gets 502; passive
+    health takes out two of them but keeps the last one (nothing to fail
+    over to), so the next GET is tried there and gets 502 ``bad_gateway``.
+    Once the health checks fail too, every instance is out: GETs and
+    handshakes get 502 ``no_healthy_upstream`` at once, and ``/readyz``
+    answers 503.
     """
     upstreams = spawn(3)
-    gw = await harness.gateway(pool_config(upstreams, balance="round_robin"))
+    gw = await harness.gateway(
+        pool_config(upstreams, balance="round_robin", health_check="/health", health_interval="0.2")
+    )
     for upstream in upstreams:
         upstream.kill()
 
     code, body = await harness.request(gw, "/v1/chat/who")
     assert (code, json.loads(body)["error"]) == (502, "bad_gateway")
-    assert await harness.upstream_up(gw) == {u.url: False for u in upstreams}
+    assert sorted((await harness.upstream_up(gw)).values()) == [False, False, True]
+    code, body = await harness.request(gw, "/v1/chat/who")
+    assert (code, json.loads(body)["error"]) == (502, "bad_gateway")
+    code, body = await harness.request(gw, "/readyz")
+    assert (code, json.loads(body)["status"]) == (200, "ready")
 
+    gw.resource.start()
+
+    async def all_down() -> bool:
+        return not any((await harness.upstream_up(gw)).values())
+
+    await settle(all_down)
     code, body = await harness.request(gw, "/v1/chat/who")
     assert (code, json.loads(body)["error"]) == (502, "no_healthy_upstream")
     raw = await raw_connect(gw.number)
