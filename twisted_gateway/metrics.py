@@ -171,6 +171,7 @@ class Metrics:
         self.upstreams: UpstreamStates = upstreams if upstreams is not None else _no_upstreams
         for name in routes:
             self.route(name)
+        self.connections_refused = 0
         self.registry = CollectorRegistry()
         self.registry.register(GatewayCollector(self))
 
@@ -232,6 +233,10 @@ class Metrics:
         key = (side, normalize_close_code(code))
         counters.closes[key] = counters.closes.get(key, 0) + 1
 
+    def connection_refused(self) -> None:
+        """One client connection refused at the door (``max_client_connections``)."""
+        self.connections_refused += 1
+
     def auth_failure(self, route: str, reason: str) -> None:
         """One refused token; ``reason`` is the error code (e.g. ``invalid_token``)."""
         counters = self._routes.get(route) or self.route(route)
@@ -269,7 +274,9 @@ class GatewayCollector(Collector):
             up,
             connections,
             auth,
+            refused,
         ) = families = _families()
+        refused.add_metric([], self.metrics.connections_refused)
         for r in self.metrics.routes:
             for (method, status), n in sorted(r.http_requests.items()):
                 requests.add_metric([r.name, method, status], n)
@@ -336,6 +343,10 @@ def _families() -> list[Metric]:
         ),
         CounterMetricFamily(
             "wsgateway_auth_failures", "Refused tokens.", labels=["route", "reason"]
+        ),
+        CounterMetricFamily(
+            "wsgateway_connections_refused",
+            "Client connections refused because the gateway held max_client_connections.",
         ),
     ]
 

@@ -24,6 +24,7 @@ can import :data:`ROUTE_TLS_KEYS` from this one.
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 from urllib.parse import urlsplit
@@ -291,19 +292,64 @@ def listener_tls(listener: TLSListener) -> HTTP11ServerTLS:
         raise ValueError(f"cannot use these certificate files: {e}") from None
 
 
-def server_endpoint(reactor: Any, description: str) -> IStreamServerEndpoint:
+#: Where Linux keeps the largest listen backlog it grants (``net.core.somaxconn``).
+SOMAXCONN_PATH = "/proc/sys/net/core/somaxconn"
+
+#: Endpoint types whose listen queue a ``backlog`` argument sizes.
+_BACKLOG_TYPES = frozenset({"tcp", "tcp6", "ssl", "unix"})
+
+
+def system_listen_backlog(path: str = SOMAXCONN_PATH) -> int:
+    """
+    The system's largest listen backlog, read now: Twisted's default of 50
+    makes a reconnect storm wait for SYN retransmits. Where the file cannot
+    be read, the C library's ``SOMAXCONN``.
+    """
+    try:
+        with open(path, encoding="ascii") as f:
+            value = int(f.read().strip())
+    except (OSError, ValueError):
+        return socket.SOMAXCONN
+    return value if value > 0 else socket.SOMAXCONN
+
+
+def listen_backlog(description: str, default: int) -> int | None:
+    """
+    The backlog a listener gets: its own ``backlog=`` when it sets one,
+    else ``default``; None for endpoint types without a listen queue of ours
+    (``systemd:``, for example, inherits a socket already listening).
+    """
+    args, kwargs = split_description(description)
+    if args[0] not in _BACKLOG_TYPES:
+        return None
+    if "backlog" in kwargs:
+        try:
+            return int(kwargs["backlog"])
+        except ValueError:
+            raise ValueError(f"backlog {kwargs['backlog']!r} is not a number") from None
+    return default
+
+
+def server_endpoint(reactor: Any, description: str, backlog: int | None = None) -> IStreamServerEndpoint:
     """
     ``serverFromString``, except that ``ssl:`` listeners are built by
-    :func:`listener_tls` (files read now, ALPN ``http/1.1`` only).
+    :func:`listener_tls` (files read now, ALPN ``http/1.1`` only), and that
+    a listener without ``backlog=`` gets ``backlog`` (default: the system's
+    maximum, :func:`system_listen_backlog`).
     """
+    if backlog is None:
+        backlog = system_listen_backlog()
+    effective = listen_backlog(description, backlog)
     listener = parse_tls_listener(description)
     if listener is None:
+        if effective is not None and "backlog" not in split_description(description)[1]:
+            description = f"{description}:backlog={effective}"
         return serverFromString(reactor, description)
     return SSL4ServerEndpoint(
         reactor,
         listener.port,
         listener_tls(listener),
-        backlog=listener.backlog,
+        backlog=effective if effective is not None else listener.backlog,
         interface=listener.interface,
     )
 
