@@ -219,10 +219,11 @@ class Connections:
         self.clock = Clock()
         self.metrics = Metrics()
         site = build_site(Answer(), gateway_settings(), self.clock)
-        self.door = FrontDoor(site, ClientLimits(cap, refusals), self.clock, self.metrics)
+        self.door = FrontDoor(ClientLimits(cap, refusals), self.clock, self.metrics)
+        self.factory = self.door.wrap(site)
 
     def open(self) -> tuple[object, StringTransport]:
-        protocol = self.door.buildProtocol(PEER)
+        protocol = self.factory.buildProtocol(PEER)
         transport = StringTransport(peerAddress=PEER)
         protocol.makeConnection(transport)
         return protocol, transport
@@ -281,7 +282,7 @@ class TCPTransport(StringTransport):
 
 def test_a_refused_client_that_never_closes_is_aborted_after_a_moment():
     connections = Connections(cap=0, refusals=1)
-    refusal = connections.door.buildProtocol(PEER)
+    refusal = connections.factory.buildProtocol(PEER)
     transport = TCPTransport(peerAddress=PEER)
     refusal.makeConnection(transport)
     assert status_of(transport.value()) == 503

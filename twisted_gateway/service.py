@@ -33,13 +33,19 @@ class ListeningService(StreamServerEndpointService):
     """Listens on one endpoint; fails start-up synchronously; logs the bound address."""
 
     def __init__(
-        self, reactor: Any, description: str, factory: Any, role: str, backlog: int | None = None
+        self,
+        reactor: Any,
+        description: str,
+        factory: Any,
+        role: str,
+        backlog: int | None = None,
+        wrap: Any = None,
     ) -> None:
         # ssl: listeners are built by tls.server_endpoint: ALPN answers http/1.1 only.
         # A listener without backlog= gets the system's maximum, not Twisted's 50.
         if backlog is None:
             backlog = system_listen_backlog()
-        super().__init__(server_endpoint(reactor, description, backlog), factory)
+        super().__init__(server_endpoint(reactor, description, backlog, wrap), factory)
         self._raiseSynchronously = True
         self.description, self.role = description, role
         self.backlog = listen_backlog(description, backlog)
@@ -85,7 +91,7 @@ class GatewayService(MultiService):
                 reactor, settings.demo.chat_service, build_chat_site(reactor), "demo chat-service"
             ).setServiceParent(self)
         self.listeners = [
-            ListeningService(reactor, description, self.front_door, "wsgateway")
+            ListeningService(reactor, description, self.site, "wsgateway", wrap=self.front_door.wrap)
             for description in settings.gateway.listen
         ]
         if settings.admin.listen:
@@ -109,7 +115,7 @@ class GatewayService(MultiService):
         instances = {url for route in self.settings.routes for url in route.upstream}
         self.reserved_files = reserved_files(self.settings.gateway.upstream_keepalive, len(instances))
         limits = client_limits(self.settings.gateway.max_client_connections, open_files, self.reserved_files)
-        return FrontDoor(self.site, limits, self.reactor, self.resource.metrics)
+        return FrontDoor(limits, self.reactor, self.resource.metrics)
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()

@@ -204,17 +204,14 @@ def build_site(resource: Any, settings: Settings, reactor: Any = None) -> Site:
 
 class _Slot(ProtocolWrapper):
     """
-    One counted client connection. Over a plain socket it stays out of the
-    write path (the channel, and the relay after it, write to the socket
-    itself); it only sees the bytes read and the loss, which frees the slot.
-    Over TLS it is an ordinary wrapper, so a WebSocket hand-over replaces
-    the protocol it wraps, not the TLS layer's.
+    One counted client connection, right above the socket. It stays out of
+    the write path: what it wraps (the HTTP channel, or TLS) gets the socket
+    as its transport, so writes go straight to it, and a WebSocket hand-over
+    replaces the protocol this slot wraps. It sees the bytes read and the
+    loss, which frees the slot.
     """
 
     def makeConnection(self, transport: Any) -> None:
-        if isinstance(transport, ProtocolWrapper):
-            super().makeConnection(transport)
-            return
         Protocol.makeConnection(self, transport)
         self.factory.registerProtocol(self)
         self.wrappedProtocol.makeConnection(transport)
@@ -231,7 +228,7 @@ class _Refusal(Protocol):
         self.door.refusing += 1
         transport = self.transport
         transport.write(self.door.overloaded.raw_response())
-        if ITCPTransport.providedBy(transport):
+        if ITCPTransport.providedBy(transport) and not isinstance(transport, ProtocolWrapper):
             # Read what the client sends meanwhile; close when it does, or soon.
             transport.loseWriteConnection()
             self._linger = self.door.reactor.callLater(REFUSAL_LINGER_SECONDS, transport.abortConnection)
@@ -246,34 +243,52 @@ class _Refusal(Protocol):
 
 
 class _Dropped(Protocol):
-    """
-    A connection past even the refusals: closed as soon as accepted (returning
-    None from ``buildProtocol`` would do that for TCP, but not under TLS).
-    """
+    """A connection past even the refusals: closed as soon as accepted."""
 
     def connectionMade(self) -> None:
         self.transport.abortConnection()
 
 
-class FrontDoor(WrappingFactory):
-    """
-    Counts the client connections of every gateway listener and holds them
-    under ``limits.cap``: past it, a connection is answered 503
-    ``overloaded`` and closed at once; past ``limits.refusals`` more, it is
-    closed as soon as it is accepted. The
-    clients alone never exhaust the descriptors, the connections already
-    open keep working, and the door opens again as they close. Refusals are
-    logged at most once a second, with a count.
-    """
+class _DoorFactory(WrappingFactory):
+    """One listener's side of the :class:`FrontDoor` (the count is the door's)."""
 
     protocol = _Slot
     noisy = False
 
-    def __init__(self, wrapped: Any, limits: ClientLimits, reactor: IReactorTime, metrics: Any) -> None:
+    def __init__(self, wrapped: Any, door: FrontDoor) -> None:
         super().__init__(wrapped)
+        self.door = door
+
+    def buildProtocol(self, addr: Any) -> Any:
+        door = self.door
+        if door.open < door.limits.cap:
+            return super().buildProtocol(addr)
+        return door.refuse()
+
+    def registerProtocol(self, p: Any) -> None:
+        self.door.open += 1
+
+    def unregisterProtocol(self, p: Any) -> None:
+        self.door.closed()
+
+
+class FrontDoor:
+    """
+    Counts the client connections of every gateway listener (each listener's
+    factory is wrapped with :meth:`wrap`, below TLS) and holds them under
+    ``limits.cap``: past it, a connection is answered 503 ``overloaded`` and
+    closed at once; past ``limits.refusals`` more, it is closed as soon as it
+    is accepted. The clients alone never exhaust the descriptors, the
+    connections already open keep working, and the door opens again as they
+    close. Refusals are logged at most once a second, with a count.
+    """
+
+    def __init__(self, limits: ClientLimits, reactor: IReactorTime, metrics: Any) -> None:
         self.limits = limits
         self.reactor = reactor
         self.metrics = metrics
+        #: Client connections being served (refusals not included).
+        self.open = 0
         self.refusing = 0
         self.overloaded = GatewayError(
             f"the gateway holds its maximum of {limits.cap} client connections",
@@ -284,30 +299,25 @@ class FrontDoor(WrappingFactory):
         self._unreported = 0
         self._last_report: float | None = None
 
-    @property
-    def open(self) -> int:
-        """Client connections being served (refusals not included)."""
-        return len(self.protocols)
+    def wrap(self, factory: Any) -> _DoorFactory:
+        """``factory`` behind this door (a listener's factory, TLS included)."""
+        return _DoorFactory(factory, self)
 
-    def buildProtocol(self, addr: Any) -> Any:
-        if len(self.protocols) < self.limits.cap:
-            return super().buildProtocol(addr)
+    def refuse(self) -> Protocol:
+        """The protocol for a connection past the cap; counted and (rate-limited) logged."""
         self.metrics.connection_refused()
-        self._refused()
-        if self.refusing < self.limits.refusals:
-            return _Refusal(self)
-        return _Dropped()
-
-    def unregisterProtocol(self, p: Any) -> None:
-        super().unregisterProtocol(p)
-        if self._unreported and len(self.protocols) < self.limits.cap:
-            self._report("accepting client connections again")
-
-    def _refused(self) -> None:
         self._unreported += 1
         last = self._last_report
         if last is None or self.reactor.seconds() - last >= 1.0:
             self._report("refusing client connections")
+        if self.refusing < self.limits.refusals:
+            return _Refusal(self)
+        return _Dropped()
+
+    def closed(self) -> None:
+        self.open -= 1
+        if self._unreported and self.open < self.limits.cap:
+            self._report("accepting client connections again")
 
     def _report(self, what: str) -> None:
         log.warn(

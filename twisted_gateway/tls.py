@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL, crypto
 from service_identity import VerificationError
 from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.endpoints import SSL4ServerEndpoint, serverFromString
+from twisted.internet.endpoints import TCP4ServerEndpoint, serverFromString
 from twisted.internet.interfaces import (
     IOpenSSLClientConnectionCreator,
     IOpenSSLContextFactory,
@@ -49,6 +49,7 @@ from twisted.internet.ssl import (
     trustRootFromCertificates,
 )
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.filepath import FilePath
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
@@ -330,28 +331,52 @@ def listen_backlog(description: str, default: int) -> int | None:
     return default
 
 
-def server_endpoint(reactor: Any, description: str, backlog: int | None = None) -> IStreamServerEndpoint:
+@implementer(IStreamServerEndpoint)
+class WrappedServerEndpoint:
+    """An endpoint whose listening factory is first passed through ``wrap``."""
+
+    def __init__(self, endpoint: IStreamServerEndpoint, wrap: Callable[[Any], Any]) -> None:
+        self._endpoint, self._wrap = endpoint, wrap
+
+    def listen(self, protocolFactory: Any) -> Any:
+        return self._endpoint.listen(self._wrap(protocolFactory))
+
+
+def server_endpoint(
+    reactor: Any,
+    description: str,
+    backlog: int | None = None,
+    wrap: Callable[[Any], Any] | None = None,
+) -> IStreamServerEndpoint:
     """
     ``serverFromString``, except that ``ssl:`` listeners are built by
     :func:`listener_tls` (files read now, ALPN ``http/1.1`` only), and that
     a listener without ``backlog=`` gets ``backlog`` (default: the system's
     maximum, :func:`system_listen_backlog`).
+
+    ``wrap`` wraps the listening factory closest to the socket, below TLS
+    (the gateway counts its client connections there: a WebSocket hand-over
+    replaces the protocol TLS wraps, and Autobahn wants the TLS transport).
     """
     if backlog is None:
         backlog = system_listen_backlog()
     effective = listen_backlog(description, backlog)
+    outer = wrap if wrap is not None else (lambda factory: factory)
     listener = parse_tls_listener(description)
     if listener is None:
         if effective is not None and "backlog" not in split_description(description)[1]:
             description = f"{description}:backlog={effective}"
-        return serverFromString(reactor, description)
-    return SSL4ServerEndpoint(
+        endpoint = serverFromString(reactor, description)
+        return endpoint if wrap is None else WrappedServerEndpoint(endpoint, wrap)
+    tls = listener_tls(listener)
+    tcp = TCP4ServerEndpoint(
         reactor,
         listener.port,
-        listener_tls(listener),
         backlog=effective if effective is not None else listener.backlog,
         interface=listener.interface,
     )
+    # What reactor.listenSSL does, with room for ``wrap`` below TLS.
+    return WrappedServerEndpoint(tcp, lambda factory: outer(TLSMemoryBIOFactory(tls, False, factory)))
 
 
 # -- route keys: text in, value out, ValueError with a short reason ----------
