@@ -22,7 +22,7 @@ from twisted.web.server import Site
 from twisted_gateway.config import Settings
 from twisted_gateway.metrics import MetricsResource
 from twisted_gateway.resource import GatewayResource
-from twisted_gateway.limits import client_limits, reserved_files
+from twisted_gateway.limits import UNLIMITED_CEILING, client_limits, reserved_files
 from twisted_gateway.site import FrontDoor, build_site
 from twisted_gateway.tls import listen_backlog, server_endpoint, system_listen_backlog
 
@@ -108,10 +108,12 @@ class GatewayService(MultiService):
 
     def _front_door(self, open_files: int | None) -> FrontDoor:
         """The site behind the cap on client connections (``max_client_connections``)."""
-        if open_files is None:
+        if open_files is None:  # not started by twistd (tap.py raises and passes the limit)
             import resource
 
             open_files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+            if open_files == resource.RLIM_INFINITY:
+                open_files = UNLIMITED_CEILING
         instances = {url for route in self.settings.routes for url in route.upstream}
         self.reserved_files = reserved_files(self.settings.gateway.upstream_keepalive, len(instances))
         limits = client_limits(self.settings.gateway.max_client_connections, open_files, self.reserved_files)

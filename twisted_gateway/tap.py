@@ -2,8 +2,9 @@
 ``twistd wsgateway``: command-line options and ``makeService``.
 
 The only module that touches the global reactor and the process's limits
-(``RLIMIT_NOFILE`` is raised here, by :mod:`twisted_gateway.limits`' rules). A bad config is reported as
-one line (file, section, key, reason) and a non-zero exit, never a traceback.
+(``RLIMIT_NOFILE`` is raised here, by :mod:`twisted_gateway.limits`' rules).
+A bad config is reported as one line (file, section, key, reason) and a
+non-zero exit, never a traceback.
 """
 
 from __future__ import annotations
@@ -69,13 +70,12 @@ def makeService(options: Options):
     settings: Settings = options["settings"]
     open_files = _raise_open_files(settings.gateway.max_open_files)
     service = GatewayService(settings, reactor, open_files=open_files)
-    room = service.front_door.limits.cap
     log.info(
         "open files limit {limit}: room for about {room} WebSockets (2 descriptors each); "
         "max_client_connections {cap}",
         limit=open_files,
         room=websocket_room(open_files, service.reserved_files),
-        cap=room,
+        cap=service.front_door.limits.cap,
         event="open_files",
     )
     if open_files < LOW_OPEN_FILES:

@@ -248,6 +248,18 @@ def test_a_gateway_started_with_soft_limit_1024_raises_it_and_holds_1500_websock
         gateway.stop()
 
 
+def test_max_open_files_sets_the_limit_the_gateway_raises_to(tmp_path, upstream):
+    """``[gateway] max_open_files`` below the hard limit is what the gateway takes."""
+    gateway = _gateway(tmp_path, _config(upstream.port, "max_open_files = 5000\n"), open_files=(1024, 20000))
+    try:
+        limits = gateway.wait_for(r"open files limit (\d+): room for about (\d+) WebSockets")
+        assert int(limits.group(1)) == 5000
+        gateway.wait_for(LISTENING)
+        assert "is below 4096" not in gateway.text()
+    finally:
+        gateway.stop()
+
+
 def test_past_its_cap_a_gateway_answers_503_keeps_its_clients_and_upstream_and_recovers(tmp_path, upstream):
     """
     With a hard limit of 300 descriptors, the clients over the automatic cap
