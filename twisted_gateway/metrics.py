@@ -263,6 +263,7 @@ class GatewayCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         (
+            refused,
             requests,
             durations,
             handshakes,
@@ -274,7 +275,6 @@ class GatewayCollector(Collector):
             up,
             connections,
             auth,
-            refused,
         ) = families = _families()
         refused.add_metric([], self.metrics.connections_refused)
         for r in self.metrics.routes:
@@ -312,6 +312,10 @@ def _families() -> list[Metric]:
     route, rd = ["route"], ["route", "direction"]
     return [
         CounterMetricFamily(
+            "wsgateway_connections_refused",
+            "Client connections refused because the gateway held max_client_connections.",
+        ),
+        CounterMetricFamily(
             "wsgateway_http_requests", "HTTP requests answered.", labels=["route", "method", "status"]
         ),
         HistogramMetricFamily(
@@ -343,10 +347,6 @@ def _families() -> list[Metric]:
         ),
         CounterMetricFamily(
             "wsgateway_auth_failures", "Refused tokens.", labels=["route", "reason"]
-        ),
-        CounterMetricFamily(
-            "wsgateway_connections_refused",
-            "Client connections refused because the gateway held max_client_connections.",
         ),
     ]
 

@@ -179,8 +179,10 @@ def _discard(data: bytes) -> None:
 def build_site(resource: Any, settings: Settings, reactor: Any = None) -> Site:
     """A ``Site`` for the gateway's resource tree with the gateway's HTTP rules."""
     token_params = [settings.auth.query_param] if settings.auth is not None else []
-    site = GatewaySite(resource, logFormatter=access_log_formatter(token_params), reactor=reactor)
+    site = GatewaySite(resource, logFormatter=access_log_formatter(token_params))
     site.requestFactory = GatewayRequest.for_settings(settings.gateway)
+    if reactor is not None:
+        site.reactor = reactor  # the channels' timers run on it
     gateway = settings.gateway
     header_limit = gateway.max_header_size
 
