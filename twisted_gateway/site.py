@@ -265,7 +265,12 @@ class _DoorFactory(WrappingFactory):
         door = self.door
         if door.open < door.limits.cap:
             return super().buildProtocol(addr)
-        return door.refuse()
+        refusal = door.refuse()
+        wrapped = self.wrappedFactory
+        if isinstance(refusal, _Refusal) and isinstance(wrapped, WrappingFactory):
+            # A TLS listener: the 503 goes out over TLS, as the client expects.
+            return wrapped.protocol(wrapped, refusal)
+        return refusal
 
     def registerProtocol(self, p: Any) -> None:
         self.door.open += 1

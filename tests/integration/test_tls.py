@@ -378,3 +378,32 @@ ca_file = {pki.ca_file}
     client.sendClose(1000)
     await client.closed
     await settle(lambda: door.open == 0, "the slot freed")
+
+
+async def test_past_the_cap_an_https_client_gets_503_overloaded_over_tls(pki, later):
+    """A refusal on a TLS listener is a TLS answer, not plain text on a TLS socket."""
+    upstream = await tls_upstream(later, pki.upstream, "ws")
+    settings = parse_config(
+        f"""
+[gateway]
+listen = {pki.listen_description()}
+max_client_connections = 1
+
+[route:chat]
+prefix = /v1/chat
+upstream = https://{LOCALHOST}:{upstream.port_number}
+ca_file = {pki.ca_file}
+"""
+    )
+    service = GatewayService(settings, reactor)
+    service.privilegedStartService()
+    service.startService()
+    later(service.stopService)
+    port = (await service.listeners[0]._waitingForPort).getHost().port
+    client = await wss_attempt(later, pki.ca, port)
+    await client.opened
+    response = await https_client(later, pki.ca).get(f"https://{LOCALHOST}:{port}/healthz")
+    assert response.code == 503
+    assert (await response.json())["error"] == "overloaded"
+    client.sendMessage(b"still here")
+    assert await client.next_message() == (b"still here", False)
