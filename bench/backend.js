@@ -40,7 +40,9 @@ function say(obj) {
   process.stdout.write(JSON.stringify(obj) + "\n");
 }
 
-server.listen(Number(process.argv[2] || 0), "127.0.0.1", () => {
+// A listen queue as deep as the proxies' (Node's default is 511): in a reconnect
+// storm (figure 7) the proxies' upstream connects must not overflow the backend's.
+server.listen({ port: Number(process.argv[2] || 0), host: "127.0.0.1", backlog: 4096 }, () => {
   say({ event: "listening", port: server.address().port, pid: process.pid });
 });
 

@@ -16,6 +16,7 @@
 //   idle       open `steps[i]` WebSockets and hold them; waits for a stdin line per step
 //   big        one `size`-byte message echoed; waits for "go" on stdin first
 //   http       `rate` GETs/s over a keep-alive agent of `conns` sockets
+//   storm      `count` WebSockets opened at once, then closed (a reconnect storm)
 "use strict";
 
 const fs = require("fs");
@@ -314,6 +315,32 @@ async function idle() {
   return { open_before_close: open, failed, closed_early: closedEarly, unclosed };
 }
 
+// A reconnect storm: `count` WebSockets opened at once (every connect in the same
+// turn, as clients do after a deploy), then closed; the time until all are open
+// and each handshake's time from its connect.
+async function storm() {
+  const sockets = [];
+  const times = [];
+  let failed = 0;
+  let lastError = null;
+  const began = performance.now();
+  await Promise.all(
+    Array.from({ length: cfg.count }, async () => {
+      const start = performance.now();
+      try {
+        sockets.push(await openOne(cfg.url));
+        times.push(performance.now() - start);
+      } catch (e) {
+        failed++;
+        lastError = String(e.message || e);
+      }
+    })
+  );
+  const allMs = performance.now() - began;
+  const unclosed = await closeAll(sockets, 30000);
+  return { open: sockets.length, failed, last_error: lastError, all_ms: allMs, latency_ms: percentiles(times), unclosed };
+}
+
 async function big() {
   const ws = await openOne(cfg.url);
   const small = payload(64 * 1024);
@@ -387,7 +414,7 @@ async function httpRate() {
   return { start, end, done, errors, last_error: lastError, latency_ms: percentiles(samples) };
 }
 
-const MODES = { saturate, rate, handshake, idle, big, http: httpRate };
+const MODES = { saturate, rate, handshake, idle, big, http: httpRate, storm };
 
 (async () => {
   const mode = MODES[cfg.mode];

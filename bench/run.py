@@ -19,7 +19,11 @@ generator sharing the other(s). Figures:
 3. CPU per handshake (open + close), auth = none and auth = required;
 4. RSS per idle WebSocket at 1k and 5k connections (fresh proxy each time);
 5. peak RSS growth while one 16 MiB message crosses (fresh proxy each time);
-6. HTTP CPU per 10k GETs of 64 B at 1,000 req/s.
+6. HTTP CPU per 10k GETs of 64 B at 1,000 req/s;
+7. a reconnect storm: 1,000 and 5,000 WebSockets opened at once, the time
+   until all are open, the p99 handshake and the SYNs the kernel dropped at a
+   full listen queue (TcpExt ListenOverflows, machine-wide), with the gateway
+   also run with Twisted's old default backlog of 50 for comparison.
 
 A "message" is one client message and its echo, so a proxy relays it twice.
 Writes ``bench/results/bench-<time>.{md,json}`` (and ``latest.*``) and prints
@@ -68,6 +72,7 @@ from targets import (  # noqa: E402
     Target,
     ensure_node_modules,
     kernel_cpu_lines,
+    listen_overflows,
     load_average,
     memory,
     node_command,
@@ -107,6 +112,8 @@ class Plan:
     http_conns: int = 16
     http_warmup_s: float = 1.0
     http_measure_s: float = 5.0
+    storm_sizes: tuple[int, ...] = (1000, 5000)
+    storm_reps: int = 3
 
 
 FULL = Plan("full", reps=5, mem_reps=3)
@@ -122,6 +129,7 @@ QUICK = Plan(
     hs_warmup=50,
     http_warmup_s=0.5,
     http_measure_s=2.0,
+    storm_reps=1,
 )
 #: Tiny amounts: proves the machinery (tests/test_bench_quick.py), measures nothing.
 SMOKE = Plan(
@@ -146,9 +154,11 @@ SMOKE = Plan(
     http_conns=2,
     http_warmup_s=0.1,
     http_measure_s=0.3,
+    storm_sizes=(20,),
+    storm_reps=1,
 )
 PLANS = {"full": FULL, "quick": QUICK, "smoke": SMOKE}
-FIGURES = (1, 2, 3, 4, 5, 6)
+FIGURES = (1, 2, 3, 4, 5, 6, 7)
 
 
 def raise_nofile(wanted: int = 65536) -> tuple[int, int]:
@@ -328,7 +338,9 @@ class Bench:
     def record(self, figure: str, target: str, rep: int, values: dict[str, Any]) -> None:
         self.samples.append({"figure": figure, "target": target, "rep": rep, **values})
         shown = ", ".join(
-            f"{k}={_short(v)}" for k, v in values.items() if k in _SHOWN or k.startswith("kib_per_ws_")
+            f"{k}={_short(v)}"
+            for k, v in values.items()
+            if k in _SHOWN or k.startswith(("kib_per_ws_", "storm_"))
         )
         self.say(f"  [{figure}] {target} #{rep + 1}: {shown}")
 
@@ -340,7 +352,7 @@ class Bench:
     def measure(self, figure: str, target: Target, rep: int, fn: Callable[[], dict[str, Any]]) -> None:
         """Run one measurement; a failure is recorded and the run goes on."""
         try:
-            self.record(figure, target.name if figure != "3-auth" else "gateway", rep, fn())
+            self.record(figure, target.name if figure not in ("3-auth", "7-b50") else "gateway", rep, fn())
         except Exception as e:
             self.errors.append(f"figure {figure}, {target.name}, rep {rep + 1}: {e}")
             self.say(f"  FAILED [{figure}] {target.name} #{rep + 1}: {e}")
@@ -554,6 +566,47 @@ class Bench:
 
                 self.measure("6", target, rep, one)
 
+    def figure_7(self) -> None:
+        p = self.plan
+        sizes = " and ".join(f"{n:,}" for n in p.storm_sizes)
+        self.say(f"figure 7: reconnect storm, {sizes} WebSockets opened at once")
+        variants: list[tuple[Target, str]] = [(target, "7") for target in self.targets]
+        old_default = None
+        if any(t.name == "gateway" for t in self.targets):
+            old_default = Gateway(self.backend, self.placement, self.workdir, twistd=self.args.twistd, backlog=50)
+            old_default.start()
+            variants.append((old_default, "7-b50"))
+        try:
+            for n in p.storm_sizes:
+                for rep in range(p.storm_reps):
+                    for target, figure in variants:
+                        def one(target: Target = target, figure: str = figure, n: int = n) -> dict[str, Any]:
+                            before = listen_overflows()
+                            result = self.load(
+                                target,
+                                {"mode": "storm", "url": target.url("ws", "/"), "count": n, "timeout_s": 180},
+                            )
+                            drops = listen_overflows() - before
+                            # The old default's storms may lose handshakes: that is the figure.
+                            self.check(
+                                (result["open"] == n or figure == "7-b50") and result["unclosed"] == 0,
+                                f"figure {figure} {target.name}: {result['open']} of {n} opened, "
+                                f"{result['unclosed']} not closed ({result.get('last_error')})",
+                            )
+                            latency = result.get("latency_ms") or {}
+                            return {
+                                f"storm_all_s_{n}": result["all_ms"] / 1000.0,
+                                f"storm_p50_ms_{n}": latency.get("p50"),
+                                f"storm_p99_ms_{n}": latency.get("p99"),
+                                f"storm_syn_drops_{n}": drops,
+                                f"storm_failed_{n}": result["failed"],
+                            }
+
+                        self.measure(figure, target, rep, one)
+        finally:
+            if old_default is not None:
+                old_default.stop()
+
 
 _SHOWN = {
     "proxy_per_unit",
@@ -635,6 +688,21 @@ def build_rows(samples: list[dict[str, Any]], plan: Plan) -> tuple[list[dict], l
         {"title": "6. latency p50", "unit": "ms", "cells": cells("6", "latency_p50_ms"), "digits": 3},
         {"title": "6. latency p99", "unit": "ms", "cells": cells("6", "latency_p99_ms"), "digits": 3},
         {"title": "6. backend + load CPU utilisation", "unit": "of their CPUs", "cells": cells("6", "load_side_util")},
+        *[
+            row
+            for n in plan.storm_sizes
+            for figure, how in (("7", ""), ("7-b50", " (gateway with the old backlog of 50)"))
+            for row in (
+                {"title": f"7. storm of {n:,}: time until all open{how}", "unit": "s",
+                 "cells": cells(figure, f"storm_all_s_{n}"), "digits": 3},
+                {"title": f"7. storm of {n:,}: handshake p99{how}", "unit": "ms",
+                 "cells": cells(figure, f"storm_p99_ms_{n}"), "digits": 3},
+                {"title": f"7. storm of {n:,}: SYNs dropped (ListenOverflows){how}", "unit": "SYNs",
+                 "cells": cells(figure, f"storm_syn_drops_{n}"), "digits": 0},
+                {"title": f"7. storm of {n:,}: handshakes failed{how}", "unit": f"of {n:,}",
+                 "cells": cells(figure, f"storm_failed_{n}"), "digits": 0},
+            )
+        ],
     ]
     return [report.complete_row(r) for r in main], [report.complete_row(r) for r in context]
 
@@ -805,7 +873,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(2))
     try:
         bench.start()
-        for figure in (1, 2, 3, 6, 5, 4):  # the ones restarting the proxies last
+        for figure in (1, 2, 3, 6, 7, 5, 4):  # the ones restarting the proxies last
             if figure in figures:
                 began = time.monotonic()
                 getattr(bench, f"figure_{figure}")()

@@ -101,6 +101,14 @@ def kernel_cpu_lines() -> list[str]:
         return [line.rstrip("\n") for line in f if line.startswith("cpu")]
 
 
+def listen_overflows() -> int:
+    """The kernel's count of SYNs dropped at a full listen queue (TcpExt ListenOverflows)."""
+    with open("/proc/net/netstat") as f:
+        lines = [line.split() for line in f if line.startswith("TcpExt:")]
+    names, values = lines[0], lines[1]
+    return int(values[names.index("ListenOverflows")])
+
+
 def load_average() -> list[float]:
     with open("/proc/loadavg") as f:
         return [float(x) for x in f.read().split()[:3]]
@@ -564,7 +572,7 @@ class Gateway(Target):
     SECRET = "bench-secret-0123456789-0123456789-abcdef"
     CONFIG = """\
 [gateway]
-listen = tcp:0:interface={loopback}
+listen = tcp:0:interface={loopback}{listen_arguments}
 ws_max_message_size = {max_size}
 drain_timeout = 2
 
@@ -587,12 +595,16 @@ websocket = true
 auth = none
 """
 
-    def __init__(self, *args: Any, twistd: str | None = None) -> None:
+    def __init__(self, *args: Any, twistd: str | None = None, backlog: int | None = None) -> None:
         super().__init__(*args)
         self.command = [twistd] if twistd else self.twistd()
-        self.config = self.workdir / "gateway.cfg"
+        #: None: the gateway's default (the system's maximum); else an explicit listen backlog.
+        self.backlog = backlog
+        self.variant = "" if backlog is None else f"-backlog{backlog}"
+        self.config = self.workdir / f"gateway{self.variant}.cfg"
         self.config.write_text(
             self.CONFIG.format(
+                listen_arguments="" if backlog is None else f":backlog={backlog}",
                 loopback=LOOPBACK,
                 max_size=32 * 1024 * 1024,
                 secret=self.SECRET,
@@ -624,7 +636,7 @@ auth = none
     def _start(self) -> None:
         command = [*self.placement.proxy(), *self.command, "-n", "--pidfile=", "wsgateway"]
         command += ["--config", str(self.config)]
-        self.log = self.workdir / f"gateway-{len(self.lifecycle)}.log"
+        self.log = self.workdir / f"gateway{self.variant}-{len(self.lifecycle)}.log"
         self.proc = spawn(command, self.workdir, log=self.log)
 
         def listening(line: str) -> int | None:

@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 RUN = REPO / "bench" / "run.py"
 #: Only against a hung run; not a speed expectation.
 GUARD = 300
-FIGURES = {"1", "2", "3", "3-auth", "4", "5", "6"}
+FIGURES = {"1", "2", "3", "3-auth", "4", "5", "6", "7", "7-b50"}
 
 
 def _nginx_installed() -> bool:

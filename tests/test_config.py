@@ -18,6 +18,7 @@ from twisted_gateway.config import (
     GatewaySettings,
     RouteSettings,
     Settings,
+    describe_settings,
     load_config,
     parse_config,
     with_listen,
@@ -410,3 +411,55 @@ def test_cookie_auth_starts_when_the_route_cannot_be_opened_cross_site_with_it(r
     auth = "[auth]\nalgorithms = HS256\nsecret = 0123456789abcdef0123456789abcdef\ncookie = session\n"
     settings = parse_config(auth + ROUTE + route_extra)
     assert settings.routes[0].name == "chat"
+
+
+# -- the front door's keys -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "line, field, value",
+    [
+        ("", "max_client_connections", "auto"),
+        ("max_client_connections = auto", "max_client_connections", "auto"),
+        ("max_client_connections = AUTO", "max_client_connections", "auto"),
+        ("max_client_connections = 10_000", "max_client_connections", 10000),
+        ("", "max_open_files", None),
+        ("max_open_files = 65536", "max_open_files", 65536),
+        ("", "client_header_timeout", 60.0),
+        ("client_header_timeout = 2.5", "client_header_timeout", 2.5),
+        ("", "client_body_timeout", 60.0),
+        ("client_body_timeout = 10", "client_body_timeout", 10.0),
+        ("", "keepalive_timeout", 75.0),
+        ("keepalive_timeout = 5", "keepalive_timeout", 5.0),
+    ],
+)
+def test_the_front_doors_keys_have_nginx_like_defaults(line, field, value):
+    settings = parse_config(f"[gateway]\n{line}\n" + ROUTE)
+    assert getattr(settings.gateway, field) == value
+
+
+@pytest.mark.parametrize(
+    "line, key, reason",
+    [
+        ("max_client_connections = 0", "max_client_connections", "expected auto or a whole number > 0"),
+        ("max_client_connections = lots", "max_client_connections", "'lots'"),
+        ("max_open_files = -1", "max_open_files", "> 0"),
+        ("client_header_timeout = 0", "client_header_timeout", "positive"),
+        ("keepalive_timeout = soon", "keepalive_timeout", "'soon'"),
+    ],
+)
+def test_a_bad_front_door_key_is_one_line_naming_it(line, key, reason):
+    with pytest.raises(ConfigError) as error:
+        parse_config(f"[gateway]\n{line}\n" + ROUTE)
+    assert error.value.key == key and reason in str(error.value)
+
+
+def test_check_shows_each_listeners_effective_backlog():
+    """``--check`` says what backlog each listener gets (the system's maximum unless set)."""
+    from twisted_gateway.tls import system_listen_backlog
+
+    settings = parse_config("[gateway]\nlisten = tcp:8080 tcp:8081:backlog=100\n" + ROUTE)
+    text = describe_settings(settings)
+    assert f"; tcp:8080: listen backlog {system_listen_backlog()}\n" in text
+    assert "; tcp:8081:backlog=100: listen backlog 100\n" in text
+    assert "max_client_connections = auto\n" in text

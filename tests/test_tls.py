@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
 from OpenSSL import SSL
 from service_identity import VerificationError
-from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint, _parse
+from twisted.internet.endpoints import TCP4ServerEndpoint, _parse
+from twisted.internet.protocol import Factory
 from twisted.internet.testing import MemoryReactor
 from twisted.logger import capturedLogs
+from twisted.protocols.policies import WrappingFactory
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseNeverReceived
 
@@ -23,10 +27,12 @@ from twisted_gateway.tls import (
     UpstreamTLSPolicy,
     check_shared_upstreams,
     describe_tls_failure,
+    listen_backlog,
     parse_tls_listener,
     select_http_1_1,
     server_endpoint,
     split_description,
+    system_listen_backlog,
     warn_unverified,
 )
 
@@ -125,12 +131,81 @@ def test_a_listener_agrees_to_http_1_1_only(offered, chosen):
     assert select_http_1_1(None, offered) is chosen
 
 
-def test_ssl_listeners_read_their_files_when_built(files):
+def test_ssl_listeners_read_their_files_when_built_and_listen_with_tls_on_tcp(files):
+    reactor = MemoryReactor()
     endpoint = server_endpoint(
-        MemoryReactor(), f"ssl:0:interface=127.0.0.1:privateKey={files.server_key}:certKey={files.server_cert}"
+        reactor, f"ssl:0:interface=127.0.0.1:privateKey={files.server_key}:certKey={files.server_cert}"
     )
-    assert isinstance(endpoint, SSL4ServerEndpoint)
+    endpoint.listen(Factory())
+    ((port, factory, _, interface),) = reactor.tcpServers
+    assert (port, interface) == (0, "127.0.0.1")
+    assert isinstance(factory, TLSMemoryBIOFactory)
     assert isinstance(server_endpoint(MemoryReactor(), "tcp:0"), TCP4ServerEndpoint)
+
+
+def test_a_wrapper_of_the_listening_factory_sits_below_tls(files):
+    """The gateway's connection cap counts connections under TLS, not inside it."""
+    reactor = MemoryReactor()
+    wrapped = []
+    endpoint = server_endpoint(
+        reactor,
+        f"ssl:0:privateKey={files.server_key}:certKey={files.server_cert}",
+        wrap=lambda factory: wrapped.append(factory) or WrappingFactory(factory),
+    )
+    site = Factory()
+    endpoint.listen(site)
+    ((_, factory, _, _),) = reactor.tcpServers
+    assert isinstance(factory, WrappingFactory)
+    (tls,) = wrapped
+    assert isinstance(tls, TLSMemoryBIOFactory) and tls.wrappedFactory is site
+
+
+@pytest.mark.parametrize(
+    "description, backlog",
+    [
+        ("tcp:8080", 4096),
+        ("tcp:8080:interface=127.0.0.1", 4096),
+        ("tcp:8080:backlog=128", 128),
+        ("tcp6:8080", 4096),
+        ("unix:/run/gw.sock", 4096),
+        ("unix:/run/gw.sock:backlog=10", 10),
+        ("ssl:8443:privateKey=k.pem", 4096),
+        ("ssl:8443:backlog=64:privateKey=k.pem", 64),
+        ("systemd:domain=INET:index=0", None),
+    ],
+)
+def test_a_listener_without_backlog_gets_the_systems_maximum(description, backlog):
+    assert listen_backlog(description, 4096) == backlog
+
+
+@pytest.mark.parametrize(
+    "description, backlog",
+    [("tcp:0:interface=127.0.0.1", 4096), ("tcp:0:interface=127.0.0.1:backlog=77", 77)],
+)
+def test_the_listen_backlog_reaches_the_listening_socket(description, backlog):
+    reactor = MemoryReactor()
+    server_endpoint(reactor, description, 4096).listen(Factory())
+    ((_, _, given, _),) = reactor.tcpServers
+    assert given == backlog
+
+
+def test_the_ssl_listen_backlog_reaches_the_listening_socket(files):
+    reactor = MemoryReactor()
+    server_endpoint(reactor, f"ssl:0:privateKey={files.server_key}:certKey={files.server_cert}", 999).listen(
+        Factory()
+    )
+    ((_, _, given, _),) = reactor.tcpServers
+    assert given == 999
+
+
+@pytest.mark.parametrize(
+    "content, backlog", [("4096\n", 4096), ("65535", 65535), ("garbage", socket.SOMAXCONN), (None, socket.SOMAXCONN)]
+)
+def test_the_systems_maximum_backlog_is_read_from_somaxconn(tmp_path, content, backlog):
+    path = tmp_path / "somaxconn"
+    if content is not None:
+        path.write_text(content)
+    assert system_listen_backlog(str(path)) == backlog
 
 
 @pytest.mark.parametrize(

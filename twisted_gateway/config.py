@@ -33,7 +33,9 @@ from twisted_gateway.tls import (
     TLSKeyError,
     check_shared_upstreams,
     check_tls_keys,
+    listen_backlog,
     server_endpoint,
+    system_listen_backlog,
 )
 
 
@@ -73,6 +75,16 @@ def check_server_endpoint(description: str) -> str:
     except Exception as e:  # e.g. OpenSSL errors for an unreadable key
         raise ValueError(f"endpoint {description!r}: {e}") from None
     return description
+
+
+def parse_auto_or_positive_int(text: str) -> int | str:
+    """``auto`` (the gateway works it out at start) or a number above 0."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return parse_positive_int(text)
+    except ValueError:
+        raise ValueError(f"expected auto or a whole number > 0, got {text!r}") from None
 
 
 def parse_upstreams(text: str) -> tuple[str, ...]:
@@ -177,6 +189,11 @@ class GatewaySettings:
     ws_ping_interval: float = 25.0
     ws_ping_timeout: float = 10.0
     strip_request_headers: tuple[str, ...] = DEFAULT_STRIPPED
+    max_client_connections: int | str = "auto"
+    max_open_files: int | None = None
+    client_header_timeout: float = 60.0
+    client_body_timeout: float = 60.0
+    keepalive_timeout: float = 75.0
 
 
 @dataclass(frozen=True)
@@ -242,6 +259,11 @@ _GATEWAY_KEYS: Mapping[str, Key] = {
     "ws_ping_interval": Key(parse_non_negative_float, 25.0),
     "ws_ping_timeout": Key(parse_positive_float, 10.0),
     "strip_request_headers": Key(parse_header_names, DEFAULT_STRIPPED),
+    "max_client_connections": Key(parse_auto_or_positive_int, "auto"),
+    "max_open_files": Key(parse_positive_int, None),
+    "client_header_timeout": Key(parse_positive_float, 60.0),
+    "client_body_timeout": Key(parse_positive_float, 60.0),
+    "keepalive_timeout": Key(parse_positive_float, 75.0),
 }
 
 _ROUTE_KEYS: Mapping[str, Key] = {
@@ -428,7 +450,13 @@ def describe_settings(settings: Settings) -> str:
             lines.append(f"{f.name} = {text}".rstrip())
         return lines + [""]
 
-    out = [f"; effective configuration of {settings.source}", ""]
+    out = [f"; effective configuration of {settings.source}"]
+    system_backlog = system_listen_backlog()
+    for description in (*settings.gateway.listen, *settings.admin.listen):
+        backlog = listen_backlog(description, system_backlog)
+        shown = backlog if backlog is not None else "of the inherited socket"
+        out.append(f"; {description}: listen backlog {shown}")
+    out.append("")
     out += section("gateway", settings.gateway)
     if settings.admin.listen:
         out += section("admin", settings.admin)

@@ -182,6 +182,7 @@ class Metrics:
         )
         for name in routes:
             self.route(name)
+        self.connections_refused = 0
         self.registry = CollectorRegistry()
         self.registry.register(GatewayCollector(self))
 
@@ -243,6 +244,10 @@ class Metrics:
         key = (side, normalize_close_code(code))
         counters.closes[key] = counters.closes.get(key, 0) + 1
 
+    def connection_refused(self) -> None:
+        """One client connection refused at the door (``max_client_connections``)."""
+        self.connections_refused += 1
+
     def auth_failure(self, route: str, reason: str) -> None:
         """One refused token; ``reason`` is the error code (e.g. ``invalid_token``)."""
         counters = self._routes.get(route) or self.route(route)
@@ -269,6 +274,7 @@ class GatewayCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         (
+            refused,
             requests,
             durations,
             handshakes,
@@ -282,6 +288,7 @@ class GatewayCollector(Collector):
             auth,
             failures,
         ) = families = _families()
+        refused.add_metric([], self.metrics.connections_refused)
         for r in self.metrics.routes:
             for (method, status), n in sorted(r.http_requests.items()):
                 requests.add_metric([r.name, method, status], n)
@@ -323,6 +330,10 @@ class GatewayCollector(Collector):
 def _families() -> list[Metric]:
     route, rd = ["route"], ["route", "direction"]
     return [
+        CounterMetricFamily(
+            "wsgateway_connections_refused",
+            "Client connections refused because the gateway held max_client_connections.",
+        ),
         CounterMetricFamily(
             "wsgateway_http_requests", "HTTP requests answered.", labels=["route", "method", "status"]
         ),

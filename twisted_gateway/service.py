@@ -22,8 +22,9 @@ from twisted.web.server import Site
 from twisted_gateway.config import Settings
 from twisted_gateway.metrics import MetricsResource
 from twisted_gateway.resource import GatewayResource
-from twisted_gateway.site import build_site
-from twisted_gateway.tls import server_endpoint
+from twisted_gateway.limits import UNLIMITED_CEILING, client_limits, reserved_files
+from twisted_gateway.site import FrontDoor, build_site
+from twisted_gateway.tls import listen_backlog, server_endpoint, system_listen_backlog
 
 log = Logger()
 
@@ -31,11 +32,23 @@ log = Logger()
 class ListeningService(StreamServerEndpointService):
     """Listens on one endpoint; fails start-up synchronously; logs the bound address."""
 
-    def __init__(self, reactor: Any, description: str, factory: Any, role: str) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        description: str,
+        factory: Any,
+        role: str,
+        backlog: int | None = None,
+        wrap: Any = None,
+    ) -> None:
         # ssl: listeners are built by tls.server_endpoint: ALPN answers http/1.1 only.
-        super().__init__(server_endpoint(reactor, description), factory)
+        # A listener without backlog= gets the system's maximum, not Twisted's 50.
+        if backlog is None:
+            backlog = system_listen_backlog()
+        super().__init__(server_endpoint(reactor, description, backlog, wrap), factory)
         self._raiseSynchronously = True
         self.description, self.role = description, role
+        self.backlog = listen_backlog(description, backlog)
 
     def privilegedStartService(self) -> None:
         try:
@@ -49,11 +62,12 @@ class ListeningService(StreamServerEndpointService):
     def _listening(self, port: Any) -> Any:
         address = port.getHost()
         log.info(
-            "{role} listening on {endpoint} (port {port})",
+            "{role} listening on {endpoint} (port {port}), backlog {backlog}",
             role=self.role,
             endpoint=self.description,
             port=getattr(address, "port", None),
             host=getattr(address, "host", None),
+            backlog=self.backlog if self.backlog is not None else "of the inherited socket",
             event="listening",
         )
         return port
@@ -62,13 +76,14 @@ class ListeningService(StreamServerEndpointService):
 class GatewayService(MultiService):
     """Every listener of the gateway, and the cleanup that stopping it needs."""
 
-    def __init__(self, settings: Settings, reactor: Any) -> None:
+    def __init__(self, settings: Settings, reactor: Any, open_files: int | None = None) -> None:
         super().__init__()
         self.settings = settings
         self.reactor = reactor
         self.resource = GatewayResource(settings, reactor=reactor)
         self.registry = self.resource.registry
-        self.site = build_site(self.resource, settings)
+        self.site = build_site(self.resource, settings, reactor)
+        self.front_door = self._front_door(open_files)
         if settings.demo.chat_service:
             from twisted_gateway.demo.chat import build_chat_site
 
@@ -76,7 +91,7 @@ class GatewayService(MultiService):
                 reactor, settings.demo.chat_service, build_chat_site(reactor), "demo chat-service"
             ).setServiceParent(self)
         self.listeners = [
-            ListeningService(reactor, description, self.site, "wsgateway")
+            ListeningService(reactor, description, self.site, "wsgateway", wrap=self.front_door.wrap)
             for description in settings.gateway.listen
         ]
         if settings.admin.listen:
@@ -90,6 +105,19 @@ class GatewayService(MultiService):
                 ListeningService(reactor, description, admin_site, "admin").setServiceParent(self)
         for listener in self.listeners:
             listener.setServiceParent(self)
+
+    def _front_door(self, open_files: int | None) -> FrontDoor:
+        """The site behind the cap on client connections (``max_client_connections``)."""
+        if open_files is None:  # not started by twistd (tap.py raises and passes the limit)
+            import resource
+
+            open_files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+            if open_files == resource.RLIM_INFINITY:
+                open_files = UNLIMITED_CEILING
+        instances = {url for route in self.settings.routes for url in route.upstream}
+        self.reserved_files = reserved_files(self.settings.gateway.upstream_keepalive, len(instances))
+        limits = client_limits(self.settings.gateway.max_client_connections, open_files, self.reserved_files)
+        return FrontDoor(limits, self.reactor, self.resource.metrics)
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()

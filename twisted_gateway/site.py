@@ -1,24 +1,151 @@
 """
 The gateway's HTTP front door: a ``Site`` speaking HTTP/1.1 only, with the
-gateway's limits on the request head and body, JSON for what it refuses, and
-an access log that never shows a token.
+gateway's limits on the request head and body, its timers for slow clients,
+a cap on client connections, JSON for what it refuses, and an access log
+that never shows a token.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITCPTransport
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 from twisted.web.server import Site
 
 from twisted_gateway.config import Settings
-from twisted_gateway.errors import GatewayError
-from twisted_gateway.http_proxy import GatewayRequest
+from twisted_gateway.errors import GatewayError, Overloaded
+from twisted_gateway.http_proxy import LINGER_SECONDS, GatewayRequest
+from twisted_gateway.limits import ClientLimits
 from twisted_gateway.logs import access_log_formatter, secret_names
+
+log = Logger()
+
+#: Seconds a refused connection may linger after its 503 (the client reads it and closes).
+REFUSAL_LINGER_SECONDS = 1.0
 
 
 class GatewayChannel(HTTPChannel):
-    """HTTP/1.1 with a configurable head size; refusals carry a JSON body."""
+    """
+    HTTP/1.1 with a configurable head size; refusals carry a JSON body.
+
+    Three timers replace ``HTTPChannel``'s single idle timeout (which every
+    byte resets, so a head trickled one byte at a time was never cut off):
+    the whole head must arrive within :attr:`header_timeout` of its first
+    byte (of the connection, for the first request), a body may pause at
+    most :attr:`body_timeout` between reads, and an idle keep-alive
+    connection is closed after :attr:`keepalive_timeout`. A head or body cut
+    off gets 408 JSON. No timer runs while a request is being answered.
+    """
+
+    header_timeout: float = 60.0
+    body_timeout: float = 60.0
+    keepalive_timeout: float = 75.0
+    _phase = "head"  # head | body | busy | idle
+    _head_started = False
+    _timer: IDelayedCall | None = None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._arm("head", self.header_timeout)
+
+    def dataReceived(self, data: bytes) -> None:
+        phase = self._phase
+        if phase == "idle":
+            self._arm("head", self.header_timeout)
+        elif phase == "body":
+            self._arm("body", self.body_timeout)
+        if data:
+            self._head_started = True
+        super().dataReceived(data)
+
+    def allHeadersReceived(self) -> None:
+        if self.length != 0:
+            self._arm("body", self.body_timeout)
+        super().allHeadersReceived()
+
+    def allContentReceived(self) -> None:
+        self._disarm("busy")
+        super().allContentReceived()
+
+    def requestDone(self, request: Any) -> None:
+        # Before the base class replays pipelined bytes (which start the next head).
+        self._head_started = False
+        self._arm("idle", self.keepalive_timeout)
+        super().requestDone(request)
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._disarm("busy")
+        super().connectionLost(reason)
+
+    def _arm(self, phase: str, seconds: float) -> None:
+        self._phase = phase
+        timer = self._timer
+        if timer is not None and timer.active():
+            timer.reset(seconds)
+        else:
+            self._timer = self.callLater(seconds, self._expired)
+
+    def _disarm(self, phase: str) -> None:
+        self._phase = phase
+        timer, self._timer = self._timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _expired(self) -> None:
+        self._timer = None
+        phase, self._phase = self._phase, "busy"
+        request = self.requests[-1] if self.requests else None
+        if getattr(request, "_refused", False):
+            return  # answered 413 already and lingering on its own timer
+        if phase == "idle":
+            self.loseConnection()
+            return
+        error = None
+        if phase == "body":
+            error = GatewayError(
+                f"the request body paused for more than {self.body_timeout:g} s",
+                status=408,
+                error="body_timeout",
+            )
+        elif self._head_started:
+            error = GatewayError(
+                f"the request head did not arrive within {self.header_timeout:g} s",
+                status=408,
+                error="header_timeout",
+            )
+        if error is not None:
+            log.info(
+                "closed a slow client {peer}: {status} {error}",
+                peer=getattr(self.transport.getPeer(), "host", None) or "unknown",
+                status=error.status,
+                error=error.error,
+                outcome="timeout",
+            )
+        self._answer_and_close(error)
+
+    def _answer_and_close(self, error: GatewayError | None) -> None:
+        """
+        Write ``error`` (if any) and close; what the client still sends is
+        read and dropped for a moment, since closing a socket with unread
+        input resets it and can destroy the answer in flight.
+        """
+        transport = self.transport
+        self.persistent = False
+        if error is None:
+            self.loseConnection()
+            return
+        transport.write(error.raw_response())
+        self.dataReceived = _discard  # type: ignore[method-assign]
+        self.setTimeout(LINGER_SECONDS)
+        if ITCPTransport.providedBy(transport):
+            transport.loseWriteConnection()
+        else:
+            self.loseConnection()
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self._receivedHeaderSize = self.totalHeadersSize + 1
@@ -45,17 +172,165 @@ class GatewaySite(Site):
             super().log(request)
 
 
-def build_site(resource: Any, settings: Settings) -> Site:
+def _discard(data: bytes) -> None:
+    """Drop bytes a client keeps sending after its answer."""
+
+
+def build_site(resource: Any, settings: Settings, reactor: Any = None) -> Site:
     """A ``Site`` for the gateway's resource tree with the gateway's HTTP rules."""
     site = GatewaySite(resource, logFormatter=access_log_formatter(secret_names(settings.auth)))
     site.requestFactory = GatewayRequest.for_settings(settings.gateway)
-    header_limit = settings.gateway.max_header_size
+    if reactor is not None:
+        site.reactor = reactor  # the channels' timers run on it
+    gateway = settings.gateway
+    header_limit = gateway.max_header_size
 
     def channel() -> GatewayChannel:
         made = GatewayChannel()
         made.totalHeadersSize = made.MAX_LENGTH = header_limit
+        made.header_timeout = gateway.client_header_timeout
+        made.body_timeout = gateway.client_body_timeout
+        made.keepalive_timeout = gateway.keepalive_timeout
         return made
 
     site.protocol = channel
+    # GatewayChannel's own timers replace the idle timeout that every byte resets.
+    site.timeOut = None
     site.noisy = False
     return site
+
+
+# -- the cap on client connections ----------------------------------------------
+
+
+class _Slot(ProtocolWrapper):
+    """
+    One counted client connection, right above the socket. It stays out of
+    the write path: what it wraps (the HTTP channel, or TLS) gets the socket
+    as its transport, so writes go straight to it, and a WebSocket hand-over
+    replaces the protocol this slot wraps. It sees the bytes read and the
+    loss, which frees the slot.
+    """
+
+    def makeConnection(self, transport: Any) -> None:
+        Protocol.makeConnection(self, transport)
+        self.factory.registerProtocol(self)
+        self.wrappedProtocol.makeConnection(transport)
+
+
+class _Refusal(Protocol):
+    """A connection past the cap: 503 at once, then closed."""
+
+    def __init__(self, door: FrontDoor) -> None:
+        self.door = door
+        self._linger: IDelayedCall | None = None
+
+    def connectionMade(self) -> None:
+        self.door.refusing += 1
+        transport = self.transport
+        transport.write(self.door.overloaded.raw_response())
+        if ITCPTransport.providedBy(transport) and not isinstance(transport, ProtocolWrapper):
+            # Read what the client sends meanwhile; close when it does, or soon.
+            transport.loseWriteConnection()
+            self._linger = self.door.reactor.callLater(REFUSAL_LINGER_SECONDS, transport.abortConnection)
+        else:
+            transport.loseConnection()
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.door.refusing -= 1
+        if self._linger is not None and self._linger.active():
+            self._linger.cancel()
+        self._linger = None
+
+
+class _Dropped(Protocol):
+    """A connection past even the refusals: closed as soon as accepted."""
+
+    def connectionMade(self) -> None:
+        self.transport.abortConnection()
+
+
+class _DoorFactory(WrappingFactory):
+    """One listener's side of the :class:`FrontDoor` (the count is the door's)."""
+
+    protocol = _Slot
+    noisy = False
+
+    def __init__(self, wrapped: Any, door: FrontDoor) -> None:
+        super().__init__(wrapped)
+        self.door = door
+
+    def buildProtocol(self, addr: Any) -> Any:
+        door = self.door
+        if door.open < door.limits.cap:
+            return super().buildProtocol(addr)
+        refusal = door.refuse()
+        wrapped = self.wrappedFactory
+        if isinstance(refusal, _Refusal) and isinstance(wrapped, WrappingFactory):
+            # A TLS listener: the 503 goes out over TLS, as the client expects.
+            return wrapped.protocol(wrapped, refusal)
+        return refusal
+
+    def registerProtocol(self, p: Any) -> None:
+        self.door.open += 1
+
+    def unregisterProtocol(self, p: Any) -> None:
+        self.door.closed()
+
+
+class FrontDoor:
+    """
+    Counts the client connections of every gateway listener (each listener's
+    factory is wrapped with :meth:`wrap`, below TLS) and holds them under
+    ``limits.cap``: past it, a connection is answered 503 ``overloaded`` and
+    closed at once; past ``limits.refusals`` more, it is closed as soon as it
+    is accepted. The clients alone never exhaust the descriptors, the
+    connections already open keep working, and the door opens again as they
+    close. Refusals are logged at most once a second, with a count.
+    """
+
+    def __init__(self, limits: ClientLimits, reactor: IReactorTime, metrics: Any) -> None:
+        self.limits = limits
+        self.reactor = reactor
+        self.metrics = metrics
+        #: Client connections being served (refusals not included).
+        self.open = 0
+        self.refusing = 0
+        self.overloaded = Overloaded(
+            f"the gateway holds its maximum of {limits.cap} client connections",
+            headers=[(b"Retry-After", b"1")],
+        )
+        self._unreported = 0
+        self._last_report: float | None = None
+
+    def wrap(self, factory: Any) -> _DoorFactory:
+        """``factory`` behind this door (a listener's factory, TLS included)."""
+        return _DoorFactory(factory, self)
+
+    def refuse(self) -> Protocol:
+        """The protocol for a connection past the cap; counted and (rate-limited) logged."""
+        self.metrics.connection_refused()
+        self._unreported += 1
+        last = self._last_report
+        if last is None or self.reactor.seconds() - last >= 1.0:
+            self._report("refusing client connections")
+        if self.refusing < self.limits.refusals:
+            return _Refusal(self)
+        return _Dropped()
+
+    def closed(self) -> None:
+        self.open -= 1
+        if self._unreported and self.open < self.limits.cap:
+            self._report("accepting client connections again")
+
+    def _report(self, what: str) -> None:
+        log.warn(
+            "{what}: {count} refused since the last report, the gateway holds "
+            "its maximum of {cap} client connections (max_client_connections)",
+            what=what,
+            count=self._unreported,
+            cap=self.limits.cap,
+            event="connections_refused",
+        )
+        self._unreported = 0
+        self._last_report = self.reactor.seconds()

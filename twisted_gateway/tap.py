@@ -1,8 +1,10 @@
 """
 ``twistd wsgateway``: command-line options and ``makeService``.
 
-The only module that touches the global reactor. A bad config is reported as
-one line (file, section, key, reason) and a non-zero exit, never a traceback.
+The only module that touches the global reactor and the process's limits
+(``RLIMIT_NOFILE`` is raised here, by :mod:`twisted_gateway.limits`' rules).
+A bad config is reported as one line (file, section, key, reason) and a
+non-zero exit, never a traceback.
 """
 
 from __future__ import annotations
@@ -10,9 +12,19 @@ from __future__ import annotations
 import gc
 import sys
 
+from twisted.logger import Logger
 from twisted.python import usage
 
 from twisted_gateway.config import ConfigError, Settings, load_config
+from twisted_gateway.limits import (
+    LOW_OPEN_FILES,
+    UNLIMITED_CEILING,
+    fallback,
+    plan_open_files,
+    websocket_room,
+)
+
+log = Logger()
 
 
 class Options(usage.Options):
@@ -56,13 +68,50 @@ def makeService(options: Options):
     from twisted_gateway.service import GatewayService
 
     settings: Settings = options["settings"]
-    service = GatewayService(settings, reactor)
+    open_files = _raise_open_files(settings.gateway.max_open_files)
+    service = GatewayService(settings, reactor, open_files=open_files)
+    log.info(
+        "open files limit {limit}: room for about {room} WebSockets (2 descriptors each); "
+        "max_client_connections {cap}",
+        limit=open_files,
+        room=websocket_room(open_files, service.reserved_files),
+        cap=service.front_door.limits.cap,
+        event="open_files",
+    )
+    if open_files < LOW_OPEN_FILES:
+        log.warn(
+            "the open files limit {limit} is below {low}: raise the hard limit "
+            "(LimitNOFILE= in a systemd unit, ulimit -Hn) to hold more WebSockets",
+            limit=open_files,
+            low=LOW_OPEN_FILES,
+        )
     reactor.callWhenRunning(_handle_sigterm, reactor)
     # Everything alive once started (modules, settings, the resource tree) lives
     # as long as the process: leave it out of the collector's full passes, which
     # otherwise rescan it all (tens of ms each, a pause for every connection).
     reactor.callWhenRunning(gc.freeze)
     return service
+
+
+def _raise_open_files(wanted: int | None) -> int:
+    """
+    Raise the soft ``RLIMIT_NOFILE`` to the hard limit (or to ``wanted``,
+    ``[gateway] max_open_files``, where the system allows it); the limit in force.
+    """
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    plan = plan_open_files(soft, hard, wanted, resource.RLIM_INFINITY)
+    for attempt in (plan, fallback(plan, hard, resource.RLIM_INFINITY)):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (attempt.soft, attempt.hard))
+        except (ValueError, OSError):
+            continue
+        if attempt.note is not None:
+            log.warn("{note}", note=attempt.note)
+        break
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return soft if soft != resource.RLIM_INFINITY else UNLIMITED_CEILING
 
 
 def _handle_sigterm(reactor) -> None:

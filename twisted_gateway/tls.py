@@ -8,7 +8,10 @@ answer ALPN with ``http/1.1`` only: Autobahn's hand-over needs an HTTP/1.1
 channel, and ``Site`` would advertise ``h2`` as soon as the ``h2`` package is
 installed. And every file is read at start-up, so a bad path or an unreadable
 key is reported with the argument that names it. A ``certKey`` file may carry
-the chain after the leaf (``fullchain.pem``).
+the chain after the leaf (``fullchain.pem``). The listener is TLS on a TCP
+endpoint (what ``listenSSL`` does), so that the gateway's connection cap can
+sit below TLS. Any listener without ``backlog=`` gets the system's maximum
+(``net.core.somaxconn``), not Twisted's 50.
 
 Upstreams: each route's ``ca_file`` (else the system trust store),
 ``client_cert``/``client_key`` (mTLS) and ``tls_verify`` become an
@@ -24,6 +27,7 @@ can import :data:`ROUTE_TLS_KEYS` from this one.
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 from urllib.parse import urlsplit
@@ -33,7 +37,7 @@ from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL, crypto
 from service_identity import VerificationError
 from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.endpoints import SSL4ServerEndpoint, serverFromString
+from twisted.internet.endpoints import TCP4ServerEndpoint, serverFromString
 from twisted.internet.interfaces import (
     IOpenSSLClientConnectionCreator,
     IOpenSSLContextFactory,
@@ -48,6 +52,7 @@ from twisted.internet.ssl import (
     trustRootFromCertificates,
 )
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.filepath import FilePath
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
@@ -291,21 +296,90 @@ def listener_tls(listener: TLSListener) -> HTTP11ServerTLS:
         raise ValueError(f"cannot use these certificate files: {e}") from None
 
 
-def server_endpoint(reactor: Any, description: str) -> IStreamServerEndpoint:
+#: Where Linux keeps the largest listen backlog it grants (``net.core.somaxconn``).
+SOMAXCONN_PATH = "/proc/sys/net/core/somaxconn"
+
+#: Endpoint types whose listen queue a ``backlog`` argument sizes.
+_BACKLOG_TYPES = frozenset({"tcp", "tcp6", "ssl", "unix"})
+
+
+def system_listen_backlog(path: str = SOMAXCONN_PATH) -> int:
+    """
+    The system's largest listen backlog, read now: Twisted's default of 50
+    makes a reconnect storm wait for SYN retransmits. Where the file cannot
+    be read, the C library's ``SOMAXCONN``.
+    """
+    try:
+        with open(path, encoding="ascii") as f:
+            value = int(f.read().strip())
+    except (OSError, ValueError):
+        return socket.SOMAXCONN
+    return value if value > 0 else socket.SOMAXCONN
+
+
+def listen_backlog(description: str, default: int) -> int | None:
+    """
+    The backlog a listener gets: its own ``backlog=`` when it sets one,
+    else ``default``; None for endpoint types without a listen queue of ours
+    (``systemd:``, for example, inherits a socket already listening).
+    """
+    args, kwargs = split_description(description)
+    if args[0] not in _BACKLOG_TYPES:
+        return None
+    if "backlog" in kwargs:
+        try:
+            return int(kwargs["backlog"])
+        except ValueError:
+            raise ValueError(f"backlog {kwargs['backlog']!r} is not a number") from None
+    return default
+
+
+@implementer(IStreamServerEndpoint)
+class WrappedServerEndpoint:
+    """An endpoint whose listening factory is first passed through ``wrap``."""
+
+    def __init__(self, endpoint: IStreamServerEndpoint, wrap: Callable[[Any], Any]) -> None:
+        self._endpoint, self._wrap = endpoint, wrap
+
+    def listen(self, protocolFactory: Any) -> Any:
+        return self._endpoint.listen(self._wrap(protocolFactory))
+
+
+def server_endpoint(
+    reactor: Any,
+    description: str,
+    backlog: int | None = None,
+    wrap: Callable[[Any], Any] | None = None,
+) -> IStreamServerEndpoint:
     """
     ``serverFromString``, except that ``ssl:`` listeners are built by
-    :func:`listener_tls` (files read now, ALPN ``http/1.1`` only).
+    :func:`listener_tls` (files read now, ALPN ``http/1.1`` only), and that
+    a listener without ``backlog=`` gets ``backlog`` (default: the system's
+    maximum, :func:`system_listen_backlog`).
+
+    ``wrap`` wraps the listening factory closest to the socket, below TLS
+    (the gateway counts its client connections there: a WebSocket hand-over
+    replaces the protocol TLS wraps, and Autobahn wants the TLS transport).
     """
+    if backlog is None:
+        backlog = system_listen_backlog()
+    effective = listen_backlog(description, backlog)
+    outer = wrap if wrap is not None else (lambda factory: factory)
     listener = parse_tls_listener(description)
     if listener is None:
-        return serverFromString(reactor, description)
-    return SSL4ServerEndpoint(
+        if effective is not None and "backlog" not in split_description(description)[1]:
+            description = f"{description}:backlog={effective}"
+        endpoint = serverFromString(reactor, description)
+        return endpoint if wrap is None else WrappedServerEndpoint(endpoint, wrap)
+    tls = listener_tls(listener)
+    tcp = TCP4ServerEndpoint(
         reactor,
         listener.port,
-        listener_tls(listener),
-        backlog=listener.backlog,
+        backlog=effective if effective is not None else listener.backlog,
         interface=listener.interface,
     )
+    # What reactor.listenSSL does, with room for ``wrap`` below TLS.
+    return WrappedServerEndpoint(tcp, lambda factory: outer(TLSMemoryBIOFactory(tls, False, factory)))
 
 
 # -- route keys: text in, value out, ValueError with a short reason ----------

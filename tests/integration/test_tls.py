@@ -28,7 +28,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from tests.certs import Authority, Issued
-from tests.support import ClientProtocol, RawClient, Upstream, http_error
+from tests.support import ClientProtocol, RawClient, Upstream, http_error, settle
 from twisted_gateway.config import parse_config
 from twisted_gateway.service import GatewayService
 from twisted_gateway.tls import server_endpoint
@@ -348,3 +348,62 @@ async def test_alpn_ignores_a_site_that_offers_h2(pki, later):
     protocol, answer = await _negotiated(later, pki, port.getHost().port, [b"h2", b"http/1.1"])
     assert protocol == b"http/1.1"
     assert answer.startswith(b"HTTP/1.1 200 ")
+
+
+async def test_a_wss_client_holds_one_counted_connection_until_it_closes(pki, later):
+    """The connection cap counts below TLS: a WebSocket hand-over keeps its slot, and frees it on close."""
+    upstream = await tls_upstream(later, pki.upstream, "ws")
+    settings = parse_config(
+        f"""
+[gateway]
+listen = {pki.listen_description()}
+
+[route:chat]
+prefix = /v1/chat
+upstream = https://{LOCALHOST}:{upstream.port_number}
+ca_file = {pki.ca_file}
+"""
+    )
+    service = GatewayService(settings, reactor)
+    service.privilegedStartService()
+    service.startService()
+    later(service.stopService)
+    port = (await service.listeners[0]._waitingForPort).getHost().port
+    door = service.front_door
+    client = await wss_attempt(later, pki.ca, port)
+    await client.opened
+    client.sendMessage(b"counted")
+    assert await client.next_message() == (b"counted", False)
+    assert door.open == 1
+    client.sendClose(1000)
+    await client.closed
+    await settle(lambda: door.open == 0, "the slot freed")
+
+
+async def test_past_the_cap_an_https_client_gets_503_overloaded_over_tls(pki, later):
+    """A refusal on a TLS listener is a TLS answer, not plain text on a TLS socket."""
+    upstream = await tls_upstream(later, pki.upstream, "ws")
+    settings = parse_config(
+        f"""
+[gateway]
+listen = {pki.listen_description()}
+max_client_connections = 1
+
+[route:chat]
+prefix = /v1/chat
+upstream = https://{LOCALHOST}:{upstream.port_number}
+ca_file = {pki.ca_file}
+"""
+    )
+    service = GatewayService(settings, reactor)
+    service.privilegedStartService()
+    service.startService()
+    later(service.stopService)
+    port = (await service.listeners[0]._waitingForPort).getHost().port
+    client = await wss_attempt(later, pki.ca, port)
+    await client.opened
+    response = await https_client(later, pki.ca).get(f"https://{LOCALHOST}:{port}/healthz")
+    assert response.code == 503
+    assert (await response.json())["error"] == "overloaded"
+    client.sendMessage(b"still here")
+    assert await client.next_message() == (b"still here", False)

@@ -1,0 +1,100 @@
+"""
+The front door on loopback sockets: a GatewayService's connection cap with
+real WebSocket and raw HTTP clients, and the slow-client timers on a real
+listener (short values).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Awaitable, Callable
+
+import pytest_twisted
+from twisted.internet import reactor
+
+from tests.support import Upstream, http_error, listen, raw_connect, settle, ws_connect
+from twisted_gateway.config import parse_config
+from twisted_gateway.service import GatewayService
+
+GET = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+
+
+@pytest_twisted.async_yield_fixture
+async def later():
+    """``later(stop)`` registers an async clean-up; they run last-in, first-out."""
+    stops: list[Callable[[], Awaitable[Any]]] = []
+    yield stops.append
+    for stop in reversed(stops):
+        await stop()
+
+
+async def gateway_service(later, upstream_port: int, gateway: str = "") -> tuple[GatewayService, int]:
+    settings = parse_config(
+        f"""
+[gateway]
+listen = tcp:0:interface=127.0.0.1
+ws_open_timeout = 5
+{gateway}
+
+[route:chat]
+prefix = /v1/chat
+upstream = http://127.0.0.1:{upstream_port}
+"""
+    )
+    service = GatewayService(settings, reactor)
+    service.privilegedStartService()
+    service.startService()
+    later(service.stopService)
+    port = await service.listeners[0]._waitingForPort
+    return service, port.getHost().port
+
+
+async def test_a_websocket_keeps_its_slot_after_the_hand_over_and_frees_it_on_close(later):
+    upstream = Upstream()
+    up_port = await listen(upstream)
+    later(up_port.stopListening)
+    service, port = await gateway_service(later, up_port.getHost().port)
+    client = await ws_connect(f"ws://127.0.0.1:{port}/v1/chat/ws")
+    await client.opened
+    client.sendMessage(b"counted")
+    assert await client.next_message() == (b"counted", False)
+    assert service.front_door.open == 1
+    client.sendClose(1000)
+    await client.closed
+    await settle(lambda: service.front_door.open == 0, "the slot freed")
+
+
+async def test_past_the_cap_a_client_gets_503_overloaded_and_the_first_one_keeps_working(later):
+    upstream = Upstream()
+    up_port = await listen(upstream)
+    later(up_port.stopListening)
+    service, port = await gateway_service(later, up_port.getHost().port, "max_client_connections = 1")
+    first = await raw_connect(port)
+    await settle(lambda: service.front_door.open == 1, "the first client counted")
+    second = await raw_connect(port)
+    refused = await second.lost
+    status, body = http_error(refused)
+    assert (status, body["error"]) == (503, "overloaded")
+    first.transport.write(GET)
+    answer = await first.wait_for(b"}\n")
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    assert service.resource.metrics.connections_refused == 1
+    first.transport.loseConnection()
+    await first.lost
+    await settle(lambda: service.front_door.open == 0, "the slot freed")
+    again = await raw_connect(port)
+    again.transport.write(GET)
+    assert (await again.wait_for(b"}\n")).startswith(b"HTTP/1.1 200 ")
+    again.transport.loseConnection()
+    await again.lost
+
+
+async def test_a_trickled_head_gets_408_on_a_real_listener(later):
+    upstream = Upstream()
+    up_port = await listen(upstream)
+    later(up_port.stopListening)
+    _, port = await gateway_service(later, up_port.getHost().port, "client_header_timeout = 0.5")
+    client = await raw_connect(port)
+    client.transport.write(b"GET /healthz HTTP/1.1\r\n")
+    received = await client.lost
+    status, body = http_error(received)
+    assert (status, body["error"]) == (408, "header_timeout")
