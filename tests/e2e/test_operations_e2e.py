@@ -222,10 +222,11 @@ upstream = http://127.0.0.1:{upstream_port}
 
 def test_sigterm_with_50_open_websockets_closes_every_leg_with_1001_and_exits_0(tmp_path):
     """
-    SIGTERM drains: ``/readyz`` answers 503 and new requests 503 while the
-    listener stays open, all 50 clients and all 50 upstream connections get a
-    1001 close, and the process exits with status 0 well before the drain
-    timeout would have cut the drain short.
+    SIGTERM drains (``drain_delay`` 0): the listener closes at once, so a
+    new connection is refused (a balancer retries it elsewhere) and nothing
+    is answered 503 "shutting down"; all 50 clients and all 50 upstream
+    connections get a 1001 close, and the process exits with status 0 well
+    before the drain timeout would have cut the drain short.
     """
     processes: list[_Process] = []
     try:
@@ -246,25 +247,23 @@ def test_sigterm_with_50_open_websockets_closes_every_leg_with_1001_and_exits_0(
         assert _get(port, "/healthz")[1]["websockets"] == CONNECTIONS
 
         gateway.process.send_signal(signal.SIGTERM)
-        readyz = new_work = None
-        # Probe while the drain runs (closes are spread over 2 s); a guard, not a deadline.
+        answers = []
+        refused = False
+        # Probe until the listener is gone (a guard, not a deadline).
         for _ in range(GUARD * 100):
-            if readyz is not None and new_work is not None:
-                break
             try:
-                if readyz is None:
-                    status, body = _get(port, "/readyz")
-                    if status != 200:
-                        readyz = (status, body)
-                else:
-                    new_work = _get(port, "/v1/chat/rooms")
-            except OSError:
-                break  # the listener is gone: the drain is over
+                answers.append(_get(port, "/readyz"))
+            except (ConnectionRefusedError, ConnectionResetError):
+                # refused, or reset by the kernel while still in the closed
+                # listener's backlog: no HTTP answer either way, so retryable
+                refused = True
+                break
             time.sleep(0.01)
-        assert readyz == (503, {"status": "draining"})
-        assert new_work is not None, "the listener closed before a new request could be tried"
-        status, body = new_work
-        assert status == 503 and body["error"] == "service_unavailable", body
+        assert refused, answers
+        assert set(map(str, answers)) <= {
+            str((200, {"status": "ready"})),
+            str((503, {"status": "draining"})),
+        }, answers
 
         status = gateway.process.wait(DRAIN_TIMEOUT + GUARD)
         log = gateway.out.rest() + gateway.err.rest()
