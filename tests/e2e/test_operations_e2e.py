@@ -24,6 +24,7 @@ from pathlib import Path
 
 import jwt
 import pytest
+from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as ws_connect
 
 pytestmark = pytest.mark.no_reactor_check
@@ -281,6 +282,101 @@ def test_sigterm_with_50_open_websockets_closes_every_leg_with_1001_and_exits_0(
         upstream_closes = re.findall(r"^CLOSE (\d+) ", upstream.out.text(), re.M)
         assert upstream_closes == ["1001"] * CONNECTIONS, upstream.out.text()
     finally:
+        for process in reversed(processes):
+            process.stop()
+
+
+#: Seconds a stopping gateway keeps serving in the drain_delay test: room for the probes.
+DRAIN_DELAY = 4
+
+
+def _http_config(upstream_port: int, extra_gateway: str) -> str:
+    return f"""
+[gateway]
+listen = tcp:0:interface=127.0.0.1
+{extra_gateway}
+
+[route:api]
+prefix = /v1/api
+upstream = http://127.0.0.1:{upstream_port}
+websocket = false
+
+[route:chat]
+prefix = /v1/chat
+upstream = http://127.0.0.1:{upstream_port}
+"""
+
+
+def _ask(connection: http.client.HTTPConnection, path: str) -> tuple[int, str | None, dict]:
+    """Status, ``Connection`` header and JSON body of a GET on ``connection``."""
+    connection.request("GET", path)
+    response = connection.getresponse()
+    return response.status, response.getheader("Connection"), json.loads(response.read())
+
+
+def test_during_drain_delay_every_client_is_served_with_connection_close_then_the_gateway_exits(
+    tmp_path,
+):
+    """
+    With ``drain_delay = 4``, after SIGTERM: ``/readyz`` answers 503 while
+    ``/healthz`` stays 200; a request on a connection kept alive from before
+    the signal and one on a new connection are both served (200) with
+    ``Connection: close``, and a held WebSocket still echoes. Once the delay
+    is over the listener is closed, the idle kept-alive connection is closed
+    by the gateway, the WebSocket gets 1001, and the process exits 0.
+    """
+    processes: list[_Process] = []
+    kept = idle = None
+    try:
+        upstream = _Process([sys.executable, str(Path(__file__).with_name("http_ws_upstream.py"))], tmp_path)
+        processes.append(upstream)
+        upstream_port = int(upstream.out.wait_for(r"^PORT (\d+)").group(1))
+        extra = f"drain_delay = {DRAIN_DELAY}\ndrain_timeout = {DRAIN_TIMEOUT}"
+        gateway = _gateway(tmp_path, _http_config(upstream_port, extra))
+        processes.append(gateway)
+        port = int(gateway.out.wait_for(LISTENING).group(1))
+
+        kept = http.client.HTTPConnection("127.0.0.1", port, timeout=GUARD)
+        idle = http.client.HTTPConnection("127.0.0.1", port, timeout=GUARD)
+        for connection in (kept, idle):
+            assert _ask(connection, "/v1/api/before") == (200, None, {"pong": "/v1/api/before"})
+        with ws_connect(f"ws://127.0.0.1:{port}/v1/chat/ws", open_timeout=GUARD) as ws:
+            ws.send("before")
+            assert ws.recv(timeout=GUARD) == "before"
+
+            gateway.process.send_signal(signal.SIGTERM)
+            gateway.out.wait_for(r"stopping: /readyz answers 503")
+            fresh = http.client.HTTPConnection("127.0.0.1", port, timeout=GUARD)
+            try:
+                assert _ask(fresh, "/readyz") == (503, "close", {"status": "draining"})
+            finally:
+                fresh.close()
+            assert _get(port, "/healthz")[0] == 200
+            assert _ask(kept, "/v1/api/kept") == (200, "close", {"pong": "/v1/api/kept"})
+            fresh = http.client.HTTPConnection("127.0.0.1", port, timeout=GUARD)
+            try:
+                assert _ask(fresh, "/v1/api/new") == (200, "close", {"pong": "/v1/api/new"})
+            finally:
+                fresh.close()
+            ws.send("during")
+            assert ws.recv(timeout=GUARD) == "during"
+
+            gateway.out.wait_for(r"listeners closed")
+            assert idle.sock.recv(1) == b"", "the idle kept-alive connection was left open"
+            with pytest.raises(ConnectionClosed):
+                ws.recv(timeout=GUARD)
+            assert ws.close_code == 1001
+        status = gateway.process.wait(DRAIN_TIMEOUT + GUARD)
+        log = gateway.out.rest() + gateway.err.rest()
+        assert status == 0, f"exit status {status}\n{log}"
+        assert "drain timeout" not in log, log
+        assert "Traceback" not in log, log
+        with pytest.raises(ConnectionRefusedError):
+            _get(port, "/healthz")
+    finally:
+        for connection in (kept, idle):
+            if connection is not None:
+                connection.close()
         for process in reversed(processes):
             process.stop()
 
