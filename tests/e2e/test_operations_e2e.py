@@ -480,6 +480,7 @@ def test_check_prints_the_effective_config_with_the_secret_masked_and_exits_0(tm
     assert result.returncode == 0, output
     assert "max_connections = 7" in result.stdout
     assert "connect_timeout = 5.0" in result.stdout  # a default, shown as in effect
+    assert "drain_delay = 0.0" in result.stdout
     assert "[route:chat]" in result.stdout and "prefix = /v1/chat" in result.stdout
     assert "secret = (set)" in result.stdout
     assert "configuration OK" in result.stdout
