@@ -10,7 +10,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
-from tests.support import listen
+from tests.support import Upstream, listen, ws_connect
 from twisted_gateway.config import parse_config
 from twisted_gateway.service import GatewayService
 
@@ -67,4 +67,41 @@ websocket = false
     assert await response.content() == b"finally"
     await stopping
     await pool.closeCachedConnections()
+    await up_port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_websocket_opened_during_drain_delay_is_served_then_closed_with_1001_on_both_legs():
+    """
+    A handshake that arrives after the stop began but within ``drain_delay``
+    opens a working WebSocket (no 503); once the delay is over the listener
+    closes and both legs get 1001, and the stop completes.
+    """
+    upstream = Upstream()
+    up_port = await listen(upstream)
+    settings = parse_config(
+        f"""
+[gateway]
+listen = tcp:0:interface=127.0.0.1
+drain_delay = 2
+drain_timeout = 5
+[route:chat]
+prefix = /v1/chat
+upstream = http://127.0.0.1:{up_port.getHost().port}
+"""
+    )
+    service = GatewayService(settings, reactor)
+    service.privilegedStartService()
+    service.startService()
+    port = await service.listeners[0]._waitingForPort
+    stopping = service.stopService()
+    client = await ws_connect(f"ws://127.0.0.1:{port.getHost().port}/v1/chat/ws")
+    upstream_leg = upstream.connected[0]
+    client.sendMessage(b"during the delay")
+    assert await client.next_message() == (b"during the delay", False)
+    assert all(listener.running for listener in service.listeners)
+    assert (await client.closed)[0] == 1001
+    assert (await upstream_leg.closed)[0] == 1001
+    await stopping
+    assert not any(listener.running for listener in service.listeners)
     await up_port.stopListening()
