@@ -118,10 +118,10 @@ class GatewaySite(Site):
         return len(idle)
 
     def close_all(self) -> int:
-        """Close every client HTTP connection, busy or not (the drain timed out)."""
+        """Abort every client HTTP connection, busy or not (the drain timed out)."""
         channels = self.open_connections()
         for channel in channels:
-            channel.loseConnection()
+            channel.transport.abortConnection()
         return len(channels)
 
     def open_connections(self) -> list[GatewayChannel]:

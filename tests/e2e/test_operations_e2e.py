@@ -318,7 +318,7 @@ def test_during_drain_delay_every_client_is_served_with_connection_close_then_th
     tmp_path,
 ):
     """
-    With ``drain_delay = 4``, after SIGTERM: ``/readyz`` answers 503 while
+    With ``drain_delay = 4`` (shown at start-up), after SIGTERM: ``/readyz`` answers 503 while
     ``/healthz`` stays 200; a request on a connection kept alive from before
     the signal and one on a new connection are both served (200) with
     ``Connection: close``, and a held WebSocket still echoes. Once the delay
@@ -335,6 +335,7 @@ def test_during_drain_delay_every_client_is_served_with_connection_close_then_th
         gateway = _gateway(tmp_path, _http_config(upstream_port, extra))
         processes.append(gateway)
         port = int(gateway.out.wait_for(LISTENING).group(1))
+        gateway.out.wait_for(rf"on SIGTERM: /readyz 503, serve {DRAIN_DELAY}\.0 s more")
 
         kept = http.client.HTTPConnection("127.0.0.1", port, timeout=GUARD)
         idle = http.client.HTTPConnection("127.0.0.1", port, timeout=GUARD)
