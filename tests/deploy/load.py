@@ -5,10 +5,10 @@ one client opening, using and closing WebSockets back to back, and ``--held``
 WebSockets held open that reconnect as soon as they are closed.
 
 Prints ``READY`` once every held WebSocket is open, then runs until SIGTERM;
-then prints one JSON object: counts of requests and
-handshakes done and failed, the failures themselves (at most 20 of each),
-and every close of a held WebSocket (code, and whether and how fast the
-reconnect that followed succeeded).
+then prints one JSON object: counts of requests and handshakes done and
+failed, the failures themselves (at most 20 of each), and every close of a
+held WebSocket (code, and whether and how fast the reconnect that followed
+succeeded).
 """
 
 import argparse
@@ -47,7 +47,8 @@ async def http_client(base: str) -> None:
 
 async def open_ws(session: aiohttp.ClientSession, url: str):
     """A WebSocket proven open by one echoed message."""
-    ws = await session.ws_connect(url, autoping=True, heartbeat=None, timeout=aiohttp.ClientWSTimeout(ws_close=5))
+    timeout = aiohttp.ClientWSTimeout(ws_close=5)
+    ws = await session.ws_connect(url, autoping=True, heartbeat=None, timeout=timeout)
     await ws.send_str("hello")
     message = await ws.receive(timeout=10)
     if message.type != aiohttp.WSMsgType.TEXT or message.data != "hello":

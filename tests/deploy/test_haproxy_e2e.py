@@ -159,10 +159,8 @@ def test_a_gateway_restarted_behind_haproxy_fails_no_request_and_no_handshake(tm
         processes.append(_Process([_haproxy(), "-db", "-f", str(haproxy_cfg)], tmp_path))
         _wait_for_states(ports["stats"], {"g1": "UP", "g2": "UP"})
 
-        load = _Process(
-            [sys.executable, str(HERE / "load.py"), f"http://127.0.0.1:{ports['front']}", "--held", str(HELD)],
-            tmp_path,
-        )
+        front = f"http://127.0.0.1:{ports['front']}"
+        load = _Process([sys.executable, str(HERE / "load.py"), front, "--held", str(HELD)], tmp_path)
         processes.append(load)
         load.out.wait_for(r"^READY$")
         time.sleep(STEADY)
