@@ -382,6 +382,20 @@ def test_during_drain_delay_every_client_is_served_with_connection_close_then_th
             process.stop()
 
 
+def test_a_second_sigterm_during_a_long_drain_delay_exits_at_once_with_status_0(tmp_path):
+    """An operator who does not want to wait out ``drain_delay`` (an hour here) sends SIGTERM again."""
+    gateway = _gateway(tmp_path, _http_config(9, "drain_delay = 3600"))
+    try:
+        port = int(gateway.out.wait_for(LISTENING).group(1))
+        gateway.process.send_signal(signal.SIGTERM)
+        gateway.out.wait_for(r"stopping: /readyz answers 503")
+        assert _get(port, "/readyz") == (503, {"status": "draining"})
+        gateway.process.send_signal(signal.SIGTERM)
+        assert gateway.process.wait(GUARD) == 0
+    finally:
+        gateway.stop()
+
+
 # -- JSON logs ----------------------------------------------------------------------------
 
 
