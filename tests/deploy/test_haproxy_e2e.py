@@ -136,9 +136,11 @@ def _wait_for_states(stats_port: int, wanted: dict[str, str]) -> None:
 def test_a_gateway_restarted_behind_haproxy_fails_no_request_and_no_handshake(tmp_path, drain_delay):
     """
     Under steady load, SIGTERM to one gateway and a start on the same port:
-    every GET and every handshake through HAProxy succeeds, the stopped
-    gateway exits 0, and each WebSocket held through it is closed with 1001
-    and reconnects (through HAProxy) at its first attempt.
+    every GET and every handshake through HAProxy succeeds (a WebSocket just
+    opened on the stopping gateway may get its 1001 before its first echo:
+    counted apart, not as a failure), the stopped gateway exits 0, and each
+    WebSocket held through it is closed with 1001 and reconnects (through
+    HAProxy) at its first attempt.
     """
     processes: list[_Process] = []
     try:
@@ -182,7 +184,7 @@ def test_a_gateway_restarted_behind_haproxy_fails_no_request_and_no_handshake(tm
         for process in reversed(processes):
             process.stop()
 
-    done = {key: summary[key] for key in ("http_ok", "http_failed", "handshakes_ok", "handshakes_failed")}
+    done = {key: value for key, value in summary.items() if key.startswith(("http_", "handshakes_"))}
     assert summary["http_failed"] == 0 and summary["handshakes_failed"] == 0, (done, summary["failures"])
     assert summary["http_ok"] > 0 and summary["handshakes_ok"] > 0, done
     closes = summary["held_closes"]
