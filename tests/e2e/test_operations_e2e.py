@@ -387,6 +387,8 @@ def test_a_second_sigterm_during_a_long_drain_delay_exits_at_once_with_status_0(
     gateway = _gateway(tmp_path, _http_config(9, "drain_delay = 3600"))
     try:
         port = int(gateway.out.wait_for(LISTENING).group(1))
+        # An answer means the reactor runs, so the gateway's SIGTERM handler is in place.
+        assert _get(port, "/healthz")[0] == 200
         gateway.process.send_signal(signal.SIGTERM)
         gateway.out.wait_for(r"stopping: /readyz answers 503")
         assert _get(port, "/readyz") == (503, {"status": "draining"})
