@@ -13,6 +13,7 @@ from typing import Any
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.internet import tcp
 from twisted.internet.error import CannotListenError
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -57,6 +58,28 @@ class ListeningService(StreamServerEndpointService):
             event="listening",
         )
         return port
+
+
+    def stopService(self) -> Deferred:
+        """Stop listening, after accepting the connections the kernel has already queued."""
+        self._waitingForPort.addCallback(_accept_queued)
+        return super().stopService()
+
+
+def _accept_queued(port: Any) -> Any:
+    """
+    Accept every connection waiting in a listening port's queue: closing the
+    socket would reset them, and a client whose request is already on its way
+    would get no answer at all (served, they get ``Connection: close``).
+    """
+    if not isinstance(port, tcp.Port) or not port.connected:
+        return port
+    for _ in range(MAX_QUEUED_ACCEPTS):
+        accepted = port.sessionno
+        port.doRead()
+        if port.sessionno == accepted:
+            break
+    return port
 
 
 class GatewayService(MultiService):
@@ -216,5 +239,7 @@ GOING_AWAY = (1001, b"going away")
 #: Seconds a connection accepted just before the listeners closed has to send
 #: its request before the drain closes it as idle.
 NEW_CONNECTION_GRACE = 1.0
+#: Rounds of accepts before a listener closes (each accepts what is queued, or more).
+MAX_QUEUED_ACCEPTS = 100
 #: Seconds the demo token printed at start-up stays valid.
 DEMO_TOKEN_TTL = 900
