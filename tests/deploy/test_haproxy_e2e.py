@@ -172,6 +172,7 @@ def test_a_gateway_restarted_behind_haproxy_fails_no_request_and_no_handshake(tm
         status = stopped.process.wait(GUARD)
         stopped_log = stopped.out.rest() + stopped.err.rest()
         assert status == 0, f"exit status {status}\n{stopped_log}"
+        assert f"serving {float(drain_delay or 0)} s more" in stopped_log, stopped_log
         restarted = _start_gateway(tmp_path, "g1", config("g1"))
         processes.append(restarted)
         _wait_for_states(ports["stats"], {"g1": "UP", "g2": "UP"})
