@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 TOOLS := .tools
 CONFIG ?= tap.cfg
 
-.PHONY: run test check clean bench bench-quick conformance conformance-quick
+.PHONY: run test test-deploy check clean bench bench-quick conformance conformance-quick
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,7 +29,11 @@ run: $(VENV)/.installed-run
 	$(BIN)/twistd -n --pidfile= wsgateway --config $(CONFIG)
 
 test: $(VENV)/.installed-test $(TOOLS)/node_modules/.bin/wscat
-	PATH="$(CURDIR)/$(TOOLS)/node_modules/.bin:$$PATH" $(BIN)/python -m pytest $(PYTEST_ARGS)
+	PATH="$(CURDIR)/$(TOOLS)/node_modules/.bin:$$PATH" $(BIN)/python -m pytest --ignore=tests/deploy $(PYTEST_ARGS)
+
+# A rolling restart behind HAProxy (Debian's haproxy package) under load.
+test-deploy: $(VENV)/.installed-test
+	$(BIN)/python -m pytest tests/deploy $(PYTEST_ARGS)
 
 check: $(VENV)/.installed-run
 	$(BIN)/twistd wsgateway --config $(CONFIG) --check

@@ -74,6 +74,7 @@ BAD_CONFIGS = [
      "gateway", "ws_max_message_size", "whole number"),
     ("zero size", "[gateway]\nmax_body_size = 0\n" + ROUTE, "gateway", "max_body_size", "> 0"),
     ("zero keep-alive", "[gateway]\nupstream_keepalive = 0\n" + ROUTE, "gateway", "upstream_keepalive", "> 0"),
+    ("negative drain delay", "[gateway]\ndrain_delay = -2\n" + ROUTE, "gateway", "drain_delay", "'-2'"),
     ("value spread over two lines", "[gateway]\nconnect_timeout = 5\n  seconds\n" + ROUTE,
      "gateway", "connect_timeout", "number"),
     ("bad bool in a route", ROUTE + "websocket = maybe\n", "route:chat", "websocket", "true or false"),

@@ -183,6 +183,7 @@ class GatewaySettings:
     trusted_proxies: tuple[Any, ...] = ()
     drain_timeout: float = 10.0
     drain_spread: float = 0.0
+    drain_delay: float = 0.0
     max_connections: int = 0
     max_header_size: int = 16384
     ws_max_message_size_upstream: int | None = None
@@ -253,6 +254,7 @@ _GATEWAY_KEYS: Mapping[str, Key] = {
     "trusted_proxies": Key(parse_cidrs, ()),
     "drain_timeout": Key(parse_positive_float, 10.0),
     "drain_spread": Key(parse_non_negative_float, 0.0),
+    "drain_delay": Key(parse_non_negative_float, 0.0),
     "max_connections": Key(parse_non_negative_int, 0),
     "max_header_size": Key(parse_positive_int, 16384),
     "ws_max_message_size_upstream": Key(parse_positive_int, None),

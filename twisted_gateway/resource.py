@@ -72,7 +72,7 @@ class GatewayResource(Resource):
         if authenticator is None and settings.auth is not None:
             authenticator = _build_authenticator(settings.auth, reactor)
         self.authenticator = authenticator
-        #: set when the gateway stops: new work is refused with 503, /readyz says so
+        #: set when the gateway stops: /readyz says 503 (everything else is still served)
         self.draining = False
         #: HTTP requests answered or being answered now (the drain waits for them)
         self.http_in_flight = 0
@@ -165,8 +165,6 @@ class GatewayResource(Resource):
             own = self._own_page(request, path)
             if own is not None:
                 return own
-        if self.draining:
-            raise GatewayError("the gateway is shutting down", status=503, error="service_unavailable")
         route = self._table.match(path)
         if route is None:
             raise NotFound(f"no route for {path.decode('ascii', 'replace')}")

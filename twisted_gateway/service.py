@@ -12,7 +12,8 @@ from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.internet import tcp
 from twisted.internet.error import CannotListenError
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -71,6 +72,28 @@ class ListeningService(StreamServerEndpointService):
             event="listening",
         )
         return port
+
+
+    def stopService(self) -> Deferred:
+        """Stop listening, after accepting the connections the kernel has already queued."""
+        self._waitingForPort.addCallback(_accept_queued)
+        return super().stopService()
+
+
+def _accept_queued(port: Any) -> Any:
+    """
+    Accept every connection waiting in a listening port's queue: closing the
+    socket would reset them, and a client whose request is already on its way
+    would get no answer at all (served, they get ``Connection: close``).
+    """
+    if not isinstance(port, tcp.Port) or not port.connected:
+        return port
+    for _ in range(MAX_QUEUED_ACCEPTS):
+        accepted = port.sessionno
+        port.doRead()
+        if port.sessionno == accepted:
+            break
+    return port
 
 
 class GatewayService(MultiService):
@@ -152,34 +175,67 @@ class GatewayService(MultiService):
     def startService(self) -> None:
         super().startService()
         self.resource.start()
+        gateway = self.settings.gateway
+        log.info(
+            "on SIGTERM: /readyz 503, serve {drain_delay} s more with Connection: close"
+            " (drain_delay), close the listeners, then wait up to {drain_timeout} s"
+            " (drain_timeout) for requests and WebSockets",
+            drain_delay=gateway.drain_delay,
+            drain_timeout=gateway.drain_timeout,
+            drain_spread=gateway.drain_spread,
+            event="drain_settings",
+        )
 
     def stopService(self) -> Deferred:
         return Deferred.fromCoroutine(self._drain_and_stop())
 
     async def _drain_and_stop(self) -> None:
         """
-        Drain: refuse new work (503, ``/readyz`` too) while the listeners stay
-        open, close every WebSocket with 1001 on both legs (spread over
-        ``drain_spread``), wait for the pairs and the HTTP requests in flight
-        to finish or ``drain_timeout``, then stop.
+        Stop without turning a client away (README, Operating): ``/readyz``
+        answers 503 at once; for ``drain_delay`` s everything is served as
+        before, but every response says ``Connection: close``; then the
+        listeners close (a balancer's connect is refused and retried
+        elsewhere) and so do idle client connections; requests in flight
+        finish, WebSockets get 1001 on both legs (spread over
+        ``drain_spread``), and the service stops once nothing is left or
+        ``drain_timeout`` after the delay.
         """
         gateway = self.settings.gateway
         self.resource.draining = True
+        self.site.start_closing()
+        log.info(
+            "stopping: /readyz answers 503; serving {delay} s more with Connection: close",
+            delay=gateway.drain_delay,
+            event="drain_delay",
+        )
+        if gateway.drain_delay:
+            await deferLater(self.reactor, gateway.drain_delay, lambda: None)
+        await DeferredList([maybeDeferred(listener.stopService) for listener in self.listeners])
+        self.site.close_idle(new_ones=False)
+        # A connection accepted just before the listeners closed may not have
+        # sent its request yet: give it a moment before closing it as idle.
+        timers = [self.reactor.callLater(NEW_CONNECTION_GRACE, self.site.close_idle, new_ones=True)]
         pairs = list(self.registry.pairs)
-        log.info("draining {count} WebSockets", count=len(pairs), event="drain")
-        timers = []
+        log.info(
+            "listeners closed; draining {count} WebSockets and {connections} HTTP connections",
+            count=len(pairs),
+            connections=len(self.site.open_connections()),
+            event="drain",
+        )
         for i, pair in enumerate(pairs):
             delay = gateway.drain_spread * i / len(pairs) if gateway.drain_spread else 0
             timers.append(self.reactor.callLater(delay, pair.close_both, GOING_AWAY))
-        waiting = Deferred.fromCoroutine(self._quiet(pairs))
+        waiting = Deferred.fromCoroutine(self._quiet(set(pairs)))
         waiting.addTimeout(gateway.drain_timeout, self.reactor)
         try:
             await waiting
         except Exception:
             log.warn(
-                "drain timeout: {count} WebSockets and {requests} HTTP requests left",
+                "drain timeout: {count} WebSockets, {requests} HTTP requests and"
+                " {connections} HTTP connections left",
                 count=len(self.registry.pairs),
                 requests=self.resource.http_in_flight,
+                connections=self.site.close_all(),
             )
         for timer in timers:
             if timer.active():
@@ -187,13 +243,31 @@ class GatewayService(MultiService):
         await super().stopService()
         await self.resource.stop()
 
-    async def _quiet(self, pairs: list) -> None:
-        """Until every drained pair is gone and no HTTP request is in flight."""
-        await DeferredList([p.done for p in pairs], consumeErrors=True)
-        while self.resource.http_in_flight:
+    async def _quiet(self, draining: set) -> None:
+        """
+        Until every pair is gone and no HTTP request or connection is left; a
+        pair whose handshake was still going when the listeners closed gets
+        its 1001 once open.
+        """
+        await DeferredList([p.done for p in draining], consumeErrors=True)
+        registry = self.registry
+        while (
+            registry.pairs
+            or registry.handshakes
+            or self.resource.http_in_flight
+            or self.site.open_connections()
+        ):
+            for pair in registry.pairs - draining:
+                draining.add(pair)
+                pair.close_both(GOING_AWAY)
             await deferLater(self.reactor, 0.05, lambda: None)
 
 
 GOING_AWAY = (1001, b"going away")
+#: Seconds a connection accepted just before the listeners closed has to send
+#: its request before the drain closes it as idle.
+NEW_CONNECTION_GRACE = 1.0
+#: Rounds of accepts before a listener closes (each accepts what is queued, or more).
+MAX_QUEUED_ACCEPTS = 100
 #: Seconds the demo token printed at start-up stays valid.
 DEMO_TOKEN_TTL = 900

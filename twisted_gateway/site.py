@@ -3,11 +3,16 @@ The gateway's HTTP front door: a ``Site`` speaking HTTP/1.1 only, with the
 gateway's limits on the request head and body, its timers for slow clients,
 a cap on client connections, JSON for what it refuses, and an access log
 that never shows a token.
+
+The site also knows its open client connections, so that a stopping gateway
+can tell them to go (``Connection: close`` on every response) and close the
+idle ones once its listeners are closed, instead of turning anyone away.
 """
 
 from __future__ import annotations
 
 from typing import Any
+from weakref import WeakSet
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITCPTransport
 from twisted.internet.protocol import Protocol
@@ -15,6 +20,7 @@ from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
+from twisted.web.http_headers import Headers
 from twisted.web.server import Site
 
 from twisted_gateway.config import Settings
@@ -51,6 +57,7 @@ class GatewayChannel(HTTPChannel):
 
     def connectionMade(self) -> None:
         super().connectionMade()
+        self.site.client_connections.add(self)
         self._arm("head", self.header_timeout)
 
     def dataReceived(self, data: bytes) -> None:
@@ -75,11 +82,13 @@ class GatewayChannel(HTTPChannel):
     def requestDone(self, request: Any) -> None:
         # Before the base class replays pipelined bytes (which start the next head).
         self._head_started = False
+        self.answered += 1
         self._arm("idle", self.keepalive_timeout)
         super().requestDone(request)
 
     def connectionLost(self, reason: Failure) -> None:
         self._disarm("busy")
+        self.site.client_connections.discard(self)
         super().connectionLost(reason)
 
     def _arm(self, phase: str, seconds: float) -> None:
@@ -163,13 +172,81 @@ class GatewayChannel(HTTPChannel):
         self.transport.write(error.raw_response())
         self.loseConnection()
 
+    # -- a stopping gateway (GatewaySite.start_closing) -----------------------
+
+    #: requests this connection has answered: 0 for a new one, more for a kept-alive one
+    answered = 0
+
+    # (connectionMade, connectionLost and requestDone above keep
+    # ``site.client_connections`` and ``answered``)
+
+    def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Headers) -> None:
+        """While the gateway stops, every response says ``Connection: close`` and ends its connection."""
+        if self.site.closing:
+            headers.setRawHeaders(b"connection", [b"close"])
+            self.persistent = False
+        super().writeHeaders(version, code, reason, headers)
+
+    def is_open(self) -> bool:
+        """Still an HTTP connection (not lost, not handed over to a WebSocket)."""
+        return self.transport is not None
+
+    def is_idle(self) -> bool:
+        """Open, and waiting for its next request (none received or in progress)."""
+        return self.is_open() and not self.requests
+
 
 class GatewaySite(Site):
     """One access-log line per request: the forwarder's own event where it has one."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: HTTP client connections; weak, because a WebSocket hand-over never
+        #: tells the channel it is done (its transport becomes None)
+        self.client_connections: WeakSet[GatewayChannel] = WeakSet()
+        #: set when the gateway stops: responses say ``Connection: close``
+        self.closing = False
+
     def log(self, request: Any) -> None:
         if not getattr(request, "gateway_logged", False):
             super().log(request)
+
+    # -- a stopping gateway ---------------------------------------------------
+
+    def start_closing(self) -> None:
+        """
+        From now on every response says ``Connection: close`` and its
+        connection ends after it, including responses in progress; a
+        connection idle now stays open and its next request is served.
+        """
+        self.closing = True
+        for channel in self.open_connections():
+            if channel.requests:
+                channel.persistent = False
+
+    def close_idle(self, *, new_ones: bool) -> int:
+        """
+        Close the connections waiting for a request: the kept-alive ones, and
+        with ``new_ones`` also those that never sent one. Returns how many.
+        """
+        idle = [
+            channel
+            for channel in self.open_connections()
+            if channel.is_idle() and (new_ones or channel.answered)
+        ]
+        for channel in idle:
+            channel.loseConnection()
+        return len(idle)
+
+    def close_all(self) -> int:
+        """Abort every client HTTP connection, busy or not (the drain timed out)."""
+        channels = self.open_connections()
+        for channel in channels:
+            channel.transport.abortConnection()
+        return len(channels)
+
+    def open_connections(self) -> list[GatewayChannel]:
+        return [channel for channel in self.client_connections if channel.is_open()]
 
 
 def _discard(data: bytes) -> None:
