@@ -27,7 +27,7 @@ from twisted.web.client import HTTPConnectionPool
 from websockets.exceptions import ConnectionClosedError
 from websockets.sync.client import ClientConnection, connect
 
-from twisted_gateway.demo.chat import ChatService, build_chat_site
+from twisted_gateway.demo.chat import ChatFactory, ChatProtocol, ChatService, build_chat_site
 
 NOW = 1_700_000_000.25
 TIMEOUT = 2.0
@@ -215,3 +215,27 @@ async def test_page_is_served_at_root_and_under_chat() -> None:
             code, content_type, body = await server.get(path)
             assert (code, content_type) == (200, "text/html; charset=utf-8")
             assert b"window.location.protocol === 'https:' ? 'wss:' : 'ws:'" in body
+
+
+class _Member(ChatProtocol):
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent: list[bytes] = []
+
+    def sendMessage(self, payload: bytes, isBinary: bool = False) -> None:
+        if self.state != self.STATE_OPEN:
+            raise AssertionError("sent on a connection that is not open")
+        self.sent.append(payload)
+
+
+def test_a_member_whose_close_has_begun_is_skipped_and_the_sender_keeps_talking() -> None:
+    """Autobahn raises on a send to a closing connection: it would drop the sender, not the leaver."""
+    service = ChatService()
+    factory = ChatFactory(service, Clock())
+    staying, leaving = _Member(), _Member()
+    for member, state in ((staying, ChatProtocol.STATE_OPEN), (leaving, ChatProtocol.STATE_CLOSING)):
+        member.factory, member.state = factory, state
+        service.join("lobby", member)
+    staying.onMessage(b"hello", False)
+    assert [json.loads(m)["text"] for m in staying.sent] == ["hello"]
+    assert leaving.sent == []

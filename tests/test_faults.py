@@ -19,11 +19,16 @@ from twisted.web._newclient import (
 )
 
 from twisted_gateway.errors import GatewayTimeout
-from twisted_gateway.faults import classify
+from twisted_gateway.faults import classify, mark_reused
 
 
 def _never(reason: BaseException) -> ResponseNeverReceived:
     return ResponseNeverReceived([Failure(reason)])
+
+
+def _on_kept_alive(error: BaseException) -> BaseException:
+    mark_reused(error)
+    return error
 
 
 @pytest.mark.parametrize(
@@ -65,6 +70,12 @@ def _never(reason: BaseException) -> ResponseNeverReceived:
         (error.ConnectBindError(errno.EMFILE, "too many open files"), {}, ("local", False)),
         (OSError(errno.EMFILE, "too many open files"), {}, ("local", False)),
         (RequestNotSent(), {}, ("reset_before_head", True)),
+        # a kept-alive connection closed as a request that cannot be sent again went out
+        (_on_kept_alive(_never(error.ConnectionDone())), {}, ("keepalive_closed", False)),
+        (_on_kept_alive(_never(error.ConnectionLost())), {}, ("keepalive_closed", False)),
+        (_on_kept_alive(_never(CancelledError())), {}, ("cancelled", False)),
+        (_on_kept_alive(_never(error.ConnectionLost())), {"client_gone": True}, ("client_gone", False)),
+        (_on_kept_alive(_never(error.ConnectionLost())), {"answered": True}, ("body_cut", False)),
     ],
 )
 def test_what_counts_against_an_upstream(reason, facts, expected):

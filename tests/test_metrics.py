@@ -16,6 +16,7 @@ from twisted_gateway.metrics import (
     DIRECTIONS,
     MESSAGE_SIZE_BUCKETS,
     GatewayCollector,
+    Load,
     Metrics,
     MetricsResource,
     normalize_auth_reason,
@@ -167,6 +168,20 @@ def test_a_failing_upstream_callable_does_not_break_the_scrape() -> None:
     assert not any(name.startswith("wsgateway_upstream") for name, _ in s)
 
 
+def test_the_load_gauges_are_read_at_each_scrape() -> None:
+    """A soak run reads them to see that everything the gateway opened was given back."""
+    held = [Load(delayed_calls=7, http_in_flight=2, handshakes_in_progress=1)]
+    m = Metrics(load=lambda: held[0])
+    s = scrape(m.registry)
+    assert value(s, "wsgateway_reactor_delayed_calls") == 7
+    assert value(s, "wsgateway_http_in_flight") == 2
+    assert value(s, "wsgateway_ws_handshakes_in_progress") == 1
+    held[0] = Load()
+    s = scrape(m.registry)
+    assert value(s, "wsgateway_reactor_delayed_calls") == 0
+    assert value(s, "wsgateway_ws_handshakes_in_progress") == 0
+
+
 # -- what a scrape shows ---------------------------------------------------------
 
 #: Every metric family and the label names its samples carry.
@@ -182,6 +197,9 @@ FAMILIES = [
     ("wsgateway_upstream_up", "gauge", {"route", "upstream"}),
     ("wsgateway_upstream_open_connections", "gauge", {"route", "upstream"}),
     ("wsgateway_auth_failures", "counter", {"route", "reason"}),
+    ("wsgateway_reactor_delayed_calls", "gauge", set()),
+    ("wsgateway_http_in_flight", "gauge", set()),
+    ("wsgateway_ws_handshakes_in_progress", "gauge", set()),
 ]
 
 

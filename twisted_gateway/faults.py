@@ -9,6 +9,12 @@ descriptors or ports), and any answer the upstream gave (4xx and 5xx, a 200
 to an upgrade request, a body cut short after its head) never count. The
 HTTP forwarder and the WebSocket handshake both ask :func:`classify`, so the
 rule lives here only, as a pure function over an exception and two facts.
+
+A request that fails on a kept-alive connection, before any answer, and cannot
+be sent again (a POST that may have reached the upstream) does not count
+either: upstreams close idle connections on their own schedule, and a request
+sent as the close is on its way meets it. A dead upstream shows on the next
+fresh connection, which counts.
 """
 
 from __future__ import annotations
@@ -52,7 +58,7 @@ class Fault:
     """What an attempt's outcome means for the upstream's health."""
 
     #: a short label: one of :data:`COUNTED`, or client_gone, cancelled,
-    #: answered, body_cut, local
+    #: answered, body_cut, local, keepalive_closed
     reason: str
     #: whether passive health counts it against the instance
     counts: bool
@@ -72,6 +78,15 @@ CANCELLED = Fault("cancelled", False)
 ANSWERED = Fault("answered", False)
 BODY_CUT = Fault("body_cut", False)
 LOCAL = Fault("local", False)
+KEEPALIVE_CLOSED = Fault("keepalive_closed", False)
+
+#: The attribute :func:`mark_reused` sets on the error of a request sent on a kept-alive connection.
+_REUSED = "on_reused_connection"
+
+
+def mark_reused(error: BaseException) -> None:
+    """Say that ``error`` ended a request sent on a kept-alive (pooled) connection."""
+    setattr(error, _REUSED, True)
 
 
 def classify(
@@ -97,6 +112,8 @@ def classify(
         return CANCELLED
     if _any(reason, _is_local):
         return LOCAL
+    if _any(reason, lambda e: getattr(e, _REUSED, False)):
+        return KEEPALIVE_CLOSED
     if _any(reason, lambda e: isinstance(e, (ConnectionRefusedError, builtins.ConnectionRefusedError))):
         return _counted("connect_refused")
     if _any(reason, lambda e: isinstance(e, ConnectTimeout)):

@@ -80,7 +80,7 @@ from twisted_gateway.errors import (
     Overloaded,
     render_error,
 )
-from twisted_gateway.faults import LOCAL, classify
+from twisted_gateway.faults import LOCAL, classify, mark_reused
 from twisted_gateway.headers import (
     clean_reason_phrase,
     strip_hop_by_hop,
@@ -403,9 +403,13 @@ class _ReplayingConnection(_RetryingHTTP11ClientProtocol):
     """A pooled connection whose failed request is retried as :func:`may_replay` says."""
 
     def _shouldRetry(self, method: bytes, exception: BaseException, bodyProducer: object) -> bool:
-        if bodyProducer is not None and not isinstance(bodyProducer, _Upload):
-            return False
-        return may_replay(method, exception)
+        replay = (bodyProducer is None or isinstance(bodyProducer, _Upload)) and may_replay(
+            method, exception
+        )
+        if not replay:
+            # most likely the upstream's idle close crossing the request: not held against it
+            mark_reused(exception)
+        return replay
 
 
 class ReplayingPool(HTTPConnectionPool):
@@ -456,6 +460,12 @@ class _OneResponseProtocol(HTTP11ClientProtocol):
             return
         super().dataReceived(data)
 
+    def connectionLost(self, reason) -> None:
+        super().connectionLost(reason)
+        forget = self.__dict__.pop("idle_lost", None)
+        if forget is not None:
+            forget()
+
     def _stray(self, data: bytes) -> None:
         if self._stray_logged:
             return
@@ -476,9 +486,25 @@ class _OneResponseFactory(_HTTP11ClientFactory):
 
 
 class _UpstreamConnectionPool(ReplayingPool):
-    """:class:`ReplayingPool` whose connections are :class:`_OneResponseProtocol`."""
+    """
+    :class:`ReplayingPool` whose connections are :class:`_OneResponseProtocol`.
+    An idle connection the upstream closes leaves the pool at once, with its
+    timer: ``HTTPConnectionPool`` would keep both until the connection was next
+    asked for, or for ``cachedConnectionTimeout`` (4 minutes).
+    """
 
     _factory = _OneResponseFactory
+
+    def _putConnection(self, key, connection) -> None:
+        super()._putConnection(key, connection)
+        if connection in self._timeouts:
+            connection.idle_lost = lambda: self._forget(key, connection)
+
+    def _forget(self, key, connection) -> None:
+        connections = self._connections.get(key, [])
+        if connection in connections:
+            connections.remove(connection)
+            self._timeouts.pop(connection).cancel()
 
 
 # -- the forwarder -------------------------------------------------------------

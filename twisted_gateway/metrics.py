@@ -14,6 +14,7 @@ and auth reasons are normalised here. Each :class:`Metrics` has its own
 from __future__ import annotations
 
 from bisect import bisect_left
+from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 from urllib.parse import urlsplit, urlunsplit
 
@@ -68,6 +69,24 @@ HTTP_DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0
 #: What the upstream pool reports at scrape time: (route, url, up, open connections).
 UpstreamStates = Callable[[], Iterable[tuple[str, str, bool, int]]]
 UpstreamFailures = Callable[[], Iterable[tuple[str, str, str, int]]]
+
+
+@dataclass(frozen=True)
+class Load:
+    """
+    What the gateway holds right now, read at scrape time: a soak run reads
+    these to prove that everything it opened was given back.
+    """
+
+    #: timers pending on the reactor (per-connection timers come and go with their owners)
+    delayed_calls: int = 0
+    #: HTTP requests answered or being answered now
+    http_in_flight: int = 0
+    #: WebSocket opening handshakes in progress
+    handshakes_in_progress: int = 0
+
+
+GatewayLoad = Callable[[], Load]
 
 
 # -- label normalisation (pure) ----------------------------------------------
@@ -172,6 +191,7 @@ class Metrics:
         routes: Iterable[str] = (),
         upstreams: UpstreamStates | None = None,
         upstream_failures: UpstreamFailures | None = None,
+        load: GatewayLoad | None = None,
     ) -> None:
         self._routes: dict[str, RouteCounters] = {}
         self._flows: dict[tuple[str, str], MessageFlow] = {}
@@ -180,6 +200,8 @@ class Metrics:
         self.upstream_failures: UpstreamFailures = (
             upstream_failures if upstream_failures is not None else _no_upstreams
         )
+        #: the load gauges, read at each scrape
+        self.load: GatewayLoad = load if load is not None else Load
         for name in routes:
             self.route(name)
         self.connections_refused = 0
@@ -287,8 +309,15 @@ class GatewayCollector(Collector):
             connections,
             auth,
             failures,
+            delayed_calls,
+            in_flight,
+            handshaking,
         ) = families = _families()
         refused.add_metric([], self.metrics.connections_refused)
+        load = self.metrics.load()
+        delayed_calls.add_metric([], load.delayed_calls)
+        in_flight.add_metric([], load.http_in_flight)
+        handshaking.add_metric([], load.handshakes_in_progress)
         for r in self.metrics.routes:
             for (method, status), n in sorted(r.http_requests.items()):
                 requests.add_metric([r.name, method, status], n)
@@ -371,6 +400,11 @@ def _families() -> list[Metric]:
             "wsgateway_upstream_failures",
             "Failed attempts counted against an upstream by passive health, by reason.",
             labels=["route", "upstream", "reason"],
+        ),
+        GaugeMetricFamily("wsgateway_reactor_delayed_calls", "Timers pending on the reactor."),
+        GaugeMetricFamily("wsgateway_http_in_flight", "HTTP requests being answered."),
+        GaugeMetricFamily(
+            "wsgateway_ws_handshakes_in_progress", "WebSocket opening handshakes in progress."
         ),
     ]
 

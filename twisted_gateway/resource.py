@@ -27,7 +27,7 @@ from twisted_gateway.headers import (
 )
 from twisted_gateway.http_proxy import HTTPForwarder
 from twisted_gateway.logs import secret_names
-from twisted_gateway.metrics import UNROUTED, Metrics, MetricsResource
+from twisted_gateway.metrics import UNROUTED, Load, Metrics, MetricsResource
 from twisted_gateway.routing import RouteTable, check_escaped_path, normalize_path, split_uri
 from twisted_gateway.tls import UpstreamTLSPolicy, warn_unverified
 from twisted_gateway.upstreams import (
@@ -92,6 +92,7 @@ class GatewayResource(Resource):
             routes=[r.name for r in settings.routes],
             upstreams=lambda: upstream_states(self.pools.values()),
             upstream_failures=lambda: upstream_failures(self.pools.values()),
+            load=self._load,
         )
         #: False when an [admin] listener serves /metrics instead
         self.serve_metrics = True
@@ -115,6 +116,15 @@ class GatewayResource(Resource):
             for route in settings.routes
             if route.websocket
         }
+
+    def _load(self) -> Load:
+        """What the gateway holds now (the load gauges of /metrics)."""
+        delayed = getattr(self.clock, "getDelayedCalls", None)
+        return Load(
+            delayed_calls=len(delayed()) if delayed is not None else 0,
+            http_in_flight=self.http_in_flight,
+            handshakes_in_progress=len(self.registry.handshakes),
+        )
 
     def start(self) -> None:
         """Start the background work: keepalive pings, health checks, JWKS refresh."""

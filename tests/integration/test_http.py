@@ -35,6 +35,8 @@ from twisted_gateway.errors import GatewayError, render_error
 from twisted_gateway.http_proxy import GatewayRequest, HTTPForwarder
 from twisted_gateway.routing import normalize_path, split_uri
 
+from tests.support import settle
+
 GZIPPED = gzip.compress(b"hello gzip " * 200, mtime=0)
 
 
@@ -838,6 +840,32 @@ async def test_upstream_dying_mid_body_is_not_passed_off_as_complete(
 
 
 # -- connections ----------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_idle_connection_the_upstream_closes_leaves_the_pool_with_its_timer(gateway, client):
+    """Upstreams close idle keep-alive connections (gunicorn after 2 s): the pool lets them go at once."""
+    upstream = TwistedUpstream()
+    site = Site(upstream)
+    site.timeOut = 0.3
+    port = await listen(site)
+    try:
+        gw = await gateway(f"http://127.0.0.1:{port.getHost().port}")
+        response = await client.get(gw.url + "/echo")
+        assert response.code == 200
+        await response.content()
+        pool = gw.forwarder.pool
+        await settle(lambda: sum(map(len, pool._connections.values())) == 1, "a pooled connection")
+        timer = next(iter(pool._timeouts.values()))
+        await settle(lambda: not any(pool._connections.values()), "the closed connection gone")
+        assert pool._timeouts == {}
+        assert not timer.active()
+        response = await client.get(gw.url + "/echo")  # and the next request opens a fresh one
+        assert response.code == 200
+        await response.content()
+    finally:
+        await port.stopListening()
+
 
 
 @pytest_twisted.ensureDeferred

@@ -526,16 +526,26 @@ async def test_a_request_meeting_a_pooled_connection_the_upstream_closed_is_sent
 @pytest.mark.parametrize("method", ["POST", "PATCH"])
 @pytest_twisted.ensureDeferred
 async def test_a_post_that_may_have_reached_the_upstream_is_not_sent_twice(method):
-    """A POST/PATCH written whole to a pooled connection that then closed is a 502, not a retry."""
-    upstream = KeepAliveUpstream(one_request=True)
-    port = await listen(upstream)
-    gw = await start_gateway(config(port.getHost().port))
-    status, _ = await raw_exchange(gw.number, request(method, "/v1/chat/x", b"order #1"))
-    assert status == 200
-    status, answer = await raw_exchange(gw.number, request(method, "/v1/chat/x", b"order #2"))
-    assert status == 502, answer
-    assert upstream.answered == [method.encode()]
-    await close_gateway(gw, port)
+    """
+    A POST/PATCH written whole to a pooled connection that then closed is a
+    502, not a retry; the upstream's idle close is not held against it: with
+    two instances, both stay in service.
+    """
+    upstreams = [KeepAliveUpstream(one_request=True) for _ in range(2)]
+    ports = [await listen(upstream) for upstream in upstreams]
+    gw = await start_gateway(config(*(port.getHost().port for port in ports)))
+    with capturedLogs() as events:
+        for _ in range(2):  # round robin: once on each instance
+            status, _ = await raw_exchange(gw.number, request(method, "/v1/chat/x", b"order #1"))
+            assert status == 200
+        for _ in range(2):
+            status, answer = await raw_exchange(gw.number, request(method, "/v1/chat/x", b"order #2"))
+            assert status == 502, answer
+    assert [upstream.answered for upstream in upstreams] == [[method.encode()]] * 2
+    assert [upstream.dropped for upstream in upstreams] == [1, 1]
+    assert problems(events) == []
+    await all_in_service(gw)
+    await close_gateway(gw, *ports)
 
 
 @pytest_twisted.ensureDeferred

@@ -117,8 +117,13 @@ class ChatProtocol(WebSocketServerProtocol):
             )
 
     def deliver(self, message: str) -> None:
-        """Send a room message to this client as text."""
-        self.sendMessage(message.encode("utf-8"), isBinary=False)
+        """
+        Send a room message to this client as text. A member whose close has
+        begun is still in the room until its ``onClose``; sending to it would
+        raise in the *sender's* ``onMessage`` and drop the sender.
+        """
+        if self.state == self.STATE_OPEN:
+            self.sendMessage(message.encode("utf-8"), isBinary=False)
 
 
 def _accept_deflate(offers: list[object]) -> PerMessageDeflateOfferAccept | None:

@@ -1,0 +1,186 @@
+"""
+``make soak``'s machinery in a few seconds: its verdicts on fabricated records
+(a clean run passes, a leak, a wrongful ejection or a wrong close code fails
+it), its seeded schedule, and a tiny storm of every client fault against a
+gateway and the soak's echo and chat upstreams on loopback, which must end
+with every close code as the rules say and nothing left open. No timing is
+asserted: speed and the full figures live in ``bench/``.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+from twisted.web.server import Site
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+import soak_checks  # noqa: E402
+from soak_faults import CLIENT_FAULTS, schedule  # noqa: E402
+from soak_load import Limits, Load, Profile, sleep  # noqa: E402
+from soak_upstream import build_echo_site  # noqa: E402
+
+from tests.support import listen, settle, start_gateway  # noqa: E402
+from twisted.internet import reactor  # noqa: E402
+from twisted_gateway.demo.chat import build_chat_site  # noqa: E402
+
+SECRET = "smoke-secret-0123456789-0123456789-abcdef"
+T0 = 1_800_000_000.0
+
+
+def clean_record() -> dict:
+    """A run in which everything went as the rules say."""
+    ws = [
+        {"kind": "chat", "route": "chat", "started": T0 + 1, "ended": T0 + 5, "expected": [1000], "got": 1000,
+         "within": None, "detail": ""},
+        {"kind": "bad_utf8", "route": "echo", "started": T0 + 2, "ended": T0 + 2.1, "expected": [1007],
+         "got": 1007, "within": 20, "detail": ""},
+        # open when echo2 was killed: 1014 is what the rules give
+        {"kind": "echo", "route": "echo", "started": T0 + 3, "ended": T0 + 10.5, "expected": [1000],
+         "got": 1014, "within": None, "detail": ""},
+    ]
+    http = [
+        {"kind": "get", "route": "echo", "started": T0 + 1, "ended": T0 + 1.1, "status": 200, "ok": True,
+         "detail": ""},
+        {"kind": "slow_answer", "route": "echo", "started": T0 + 20, "ended": T0 + 23, "status": 504,
+         "ok": False, "detail": ""},
+    ]
+    state = {"pairs": 0, "handshakes": 0, "handshakes_in_progress": 0, "http_in_flight": 0,
+             "delayed_calls": 6, "fds": 10, "rss": 60 << 20}
+    return {
+        "mode": "quick",
+        "seed": 1,
+        "config": {"request_timeout": 3.0, "fail_timeout": 5.0, "health_interval": 1.0},
+        "storm": {"start": T0, "end": T0 + 60},
+        "faults": [{"at": 10.0, "kind": "kill", "target": "echo2", "down_for": 4.0}],
+        "kills": [{"target": "echo2", "route": "echo", "killed_at": T0 + 10, "restarted_at": T0 + 14,
+                   "back_at": T0 + 16}],
+        "slow_answers": [{"at": T0 + 20}],
+        "ejections": [
+            {"time": T0 + 10.2, "instance": "echo2", "causes": ["connect_refused"], "reason": ""},
+            {"time": T0 + 23, "instance": "echo1", "causes": ["no_head_timeout"], "reason": ""},
+        ],
+        "tally": {"ws_outcomes": ws, "http_outcomes": http, "upgrades_accepted": 3, "upgrades_abandoned": 1,
+                  "http_abandoned": 1, "messages_sent": 10, "messages_received": 10},
+        "tasks_left": 0,
+        "baseline": dict(state),
+        "final": dict(state),
+        "rss": {"mid": 60 << 20, "end": 61 << 20},
+        "metrics": {"handshakes": {"accepted": 4}, "closes": 4, "open": 0,
+                    "http": {"echo 200": 2, "echo 504": 1}, "messages": 20, "failures": {}},
+        "log_problems": [],
+        "log_lines": 100,
+        "open_samples": [2, 3, 3],
+        "minimums": {"open_websockets_median": 2, "messages": 10, "handshakes": 3, "http_requests": 3},
+    }
+
+
+def failed(record: dict) -> set[str]:
+    return {c.name for c in soak_checks.run_checks(record) if not c.ok}
+
+
+def test_a_clean_record_passes_every_check():
+    assert failed(clean_record()) == set()
+    assert "PASS" in soak_checks.markdown(clean_record(), soak_checks.run_checks(clean_record()))
+
+
+@pytest.mark.parametrize(
+    "change, check",
+    [
+        (lambda r: r["final"].update(pairs=1), "no pair, handshake or request left"),
+        (lambda r: r["final"].update(http_in_flight=2), "no pair, handshake or request left"),
+        (lambda r: r["final"].update(fds=16), "file descriptors back to the baseline"),
+        (lambda r: r["final"].update(delayed_calls=9), "timers back to the baseline"),
+        (lambda r: r["rss"].update(end=63 << 20), "RSS growth over the last half under 2 MiB"),
+        (lambda r: r["ejections"].append({"time": T0 + 40, "instance": "chat1", "causes": ["reset_before_head"]}),
+         "no instance ejected for a client's fault"),
+        (lambda r: r["kills"][0].update(back_at=T0 + 25), "killed upstreams back in service"),
+        (lambda r: r["tally"]["ws_outcomes"][1].update(got=1002), "close codes as the rules say"),
+        (lambda r: r["tally"]["ws_outcomes"][0].update(got=1014), "close codes as the rules say"),
+        (lambda r: r["tally"]["ws_outcomes"][1].update(ended=T0 + 30), "nothing hangs past its timeout"),
+        (lambda r: r.update(tasks_left=1), "nothing hangs past its timeout"),
+        (lambda r: r["tally"]["http_outcomes"][0].update(ok=False, detail="the body came back changed"),
+         "HTTP answers as the rules say"),
+        (lambda r: r["metrics"].update(closes=3), "handshakes: metrics agree with the clients"),
+        (lambda r: r["metrics"]["http"].update({"echo 200": 3}), "HTTP: metrics agree with the clients"),
+        (lambda r: r["log_problems"].append("Unhandled error in Deferred:"), "no traceback in the gateway's log"),
+        (lambda r: r["metrics"].update(messages=5), "the storm was as big as asked"),
+    ],
+)
+def test_a_fabricated_fault_fails_its_check(change, check):
+    record = copy.deepcopy(clean_record())
+    change(record)
+    assert failed(record) == {check}
+
+
+def test_the_schedule_is_seeded_covers_every_client_fault_and_takes_turns_killing():
+    instances = {"chat": ["chat1", "chat2"], "echo": ["echo1", "echo2"]}
+    faults = schedule(7, 200, instances)
+    assert faults == schedule(7, 200, instances)
+    assert faults != schedule(8, 200, instances)
+    assert {f.kind for f in faults} >= set(CLIENT_FAULTS)
+    kills = [f.target for f in faults if f.kind == "kill"]
+    assert len(kills) == 5 and len(set(kills[:4])) == 4 and kills[4] == kills[0]
+    assert all(0 < f.at < 200 for f in faults)
+    upstream = [f for f in faults if f.kind in ("kill", "slow_answer")]
+    assert all(b.at - a.at >= 20 for a, b in zip(upstream, upstream[1:]))
+
+
+def _config(chat: int, echo: int) -> str:
+    return f"""
+[gateway]
+ws_open_timeout = 3
+request_timeout = 2
+ws_max_message_size = 65536
+ws_ping_interval = 0.5
+ws_ping_timeout = 1
+[auth]
+algorithms = HS256
+secret = {SECRET}
+leeway = 0
+[route:chat]
+prefix = /v1/chat
+upstream = http://127.0.0.1:{chat}
+[route:echo]
+prefix = /v1/echo
+upstream = http://127.0.0.1:{echo}
+"""
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_tiny_storm_of_every_client_fault_ends_as_the_rules_say_and_leaves_nothing_open():
+    chat_site = build_chat_site(reactor)
+    chat_site.log = lambda request: None
+    chat_port = await listen(chat_site)
+    echo_site: Site = build_echo_site(reactor, "echo1")
+    echo_port = await listen(echo_site)
+    gw = await start_gateway(_config(chat_port.getHost().port, echo_port.getHost().port))
+    gw.resource.start()
+    profile = Profile(chat_sessions=4, echo_sessions=2, churn_per_s=5, http_per_s=10, session_life=(1, 2),
+                      max_message=64 * 1024)
+    load = Load(gw.number, SECRET, profile, Limits(64 * 1024, 0.5, 1.0, 2.0), seed=3)
+    start = time.time()
+    load.start(ramp=0.5)
+    for kind in CLIENT_FAULTS:
+        load.inject(kind)
+    await sleep(3)
+    assert await load.stop() == 0
+    record = clean_record()
+    record.update(kills=[], storm={"start": start, "end": time.time()}, tasks_left=0,
+                  tally=load.tally.as_dict())
+    for check in (soak_checks.check_close_codes, soak_checks.check_hangs, soak_checks.check_http):
+        verdict = check(record)
+        assert verdict.ok, verdict.detail
+    kinds = {o["kind"] for o in record["tally"]["ws_outcomes"]}
+    assert kinds >= {"chat", "echo", "churn", "no_pong", "oversized", "token_expiry", "upstream_close_code"}
+    await settle(lambda: len(gw.registry) == 0 and not gw.registry.handshakes, "no pair left")
+    assert gw.resource.http_in_flight == 0
+    await gw.resource.stop()
+    await gw.close()
+    for port in (chat_port, echo_port):
+        await port.stopListening()
