@@ -23,6 +23,7 @@ from twisted_gateway.config import (
     parse_config,
     with_listen,
 )
+from twisted_gateway.sockets import TCPKeepalive
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -464,3 +465,34 @@ def test_check_shows_each_listeners_effective_backlog():
     assert f"; tcp:8080: listen backlog {system_listen_backlog()}\n" in text
     assert "; tcp:8081:backlog=100: listen backlog 100\n" in text
     assert "max_client_connections = auto\n" in text
+
+
+# -- dead and slow peers -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "line, value",
+    [
+        ("", TCPKeepalive(60, 10, 6)),
+        ("tcp_keepalive = 2 1 3", TCPKeepalive(2, 1, 3)),
+        ("tcp_keepalive = off", None),
+        ("tcp_keepalive = OFF", None),
+    ],
+)
+def test_tcp_keepalive_is_on_by_default_and_may_be_turned_off(line, value):
+    settings = parse_config(f"[gateway]\n{line}\n" + ROUTE)
+    assert settings.gateway.tcp_keepalive == value
+
+
+@pytest.mark.parametrize("text", ["60 10", "60 10 6 1", "60 0 6", "a b c", "on", "-1 10 6"])
+def test_a_bad_tcp_keepalive_is_one_line_naming_it(text):
+    with pytest.raises(ConfigError) as error:
+        parse_config(f"[gateway]\ntcp_keepalive = {text}\n" + ROUTE)
+    assert error.value.key == "tcp_keepalive"
+    assert "three whole numbers > 0 (idle interval count)" in str(error.value)
+
+
+@pytest.mark.parametrize("line, shown", [("", "60 10 6"), ("tcp_keepalive = off", "off")])
+def test_check_shows_tcp_keepalive_as_written(line, shown):
+    text = describe_settings(parse_config(f"[gateway]\n{line}\n" + ROUTE))
+    assert f"\ntcp_keepalive = {shown}\n" in text

@@ -48,10 +48,14 @@ def _on_kept_alive(error: BaseException) -> BaseException:
         (builtins.ConnectionResetError(errno.ECONNRESET, "reset"), {}, ("reset_before_head", True)),
         (GatewayTimeout("no head in time"), {}, ("no_head_timeout", True)),
         (DeferredTimeout(), {}, ("no_head_timeout", True)),
+        # an open WebSocket leg that stopped answering pings or TCP keepalive probes
+        (None, {"silent": True}, ("keepalive_timeout", True)),
+        (error.ConnectionLost(), {"silent": True}, ("keepalive_timeout", True)),
         # the client went away, at any stage: whatever the error, we caused it
         (_never(error.ConnectionAborted()), {"client_gone": True}, ("client_gone", False)),
         (error.ConnectionRefusedError(), {"client_gone": True}, ("client_gone", False)),
         (DeferredTimeout(), {"client_gone": True}, ("client_gone", False)),
+        (None, {"client_gone": True, "silent": True}, ("client_gone", False)),
         (None, {"client_gone": True, "answered": True}, ("client_gone", False)),
         # any cancellation, including Twisted's for a cancelled connect
         (CancelledError(), {}, ("cancelled", False)),

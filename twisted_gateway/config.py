@@ -26,6 +26,7 @@ from twisted_gateway.parsers import (
 )
 from twisted_gateway.headers import DEFAULT_STRIPPED
 from twisted_gateway.routing import ESCAPED_SLASHES, validate_prefix
+from twisted_gateway.sockets import DEFAULT_KEEPALIVE, TCPKeepalive, parse_tcp_keepalive
 from twisted_gateway.upstreams import ROUTE_POOL_KEYS, PoolKeyError, check_pool_keys
 from twisted_gateway.tls import (
     ROUTE_TLS_KEYS,
@@ -195,6 +196,7 @@ class GatewaySettings:
     client_header_timeout: float = 60.0
     client_body_timeout: float = 60.0
     keepalive_timeout: float = 75.0
+    tcp_keepalive: TCPKeepalive | None = DEFAULT_KEEPALIVE
 
 
 @dataclass(frozen=True)
@@ -266,6 +268,7 @@ _GATEWAY_KEYS: Mapping[str, Key] = {
     "client_header_timeout": Key(parse_positive_float, 60.0),
     "client_body_timeout": Key(parse_positive_float, 60.0),
     "keepalive_timeout": Key(parse_positive_float, 75.0),
+    "tcp_keepalive": Key(parse_tcp_keepalive, DEFAULT_KEEPALIVE),
 }
 
 _ROUTE_KEYS: Mapping[str, Key] = {
@@ -446,7 +449,7 @@ def describe_settings(settings: Settings) -> str:
             elif isinstance(value, (tuple, list)):
                 text = " ".join(str(v) for v in value)
             elif value is None:
-                text = ""
+                text = "off" if f.name == "tcp_keepalive" else ""
             else:
                 text = str(value).lower() if isinstance(value, bool) else str(value)
             lines.append(f"{f.name} = {text}".rstrip())

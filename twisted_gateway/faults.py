@@ -3,8 +3,9 @@ Whose fault a failed upstream attempt was: the one rule of passive health.
 
 An instance is taken out of service only for what the upstream did (or did
 not do): a refused or timed-out connect, a TLS failure, a connection closed
-before the response head, no head in time. What the client did (went away,
-at any stage), what the gateway did (cancelled an attempt, ran out of file
+before the response head, no head in time, an open WebSocket that stopped
+answering (keepalive). What the client did (went away, at any stage), what
+the gateway did (cancelled an attempt, ran out of file
 descriptors or ports), and any answer the upstream gave (4xx and 5xx, a 200
 to an upgrade request, a body cut short after its head) never count. The
 HTTP forwarder and the WebSocket handshake both ask :func:`classify`, so the
@@ -50,6 +51,7 @@ COUNTED = (
     "tls",
     "reset_before_head",
     "no_head_timeout",
+    "keepalive_timeout",
 )
 
 
@@ -94,16 +96,21 @@ def classify(
     *,
     client_gone: bool = False,
     answered: bool = False,
+    silent: bool = False,
 ) -> Fault:
     """
     The :class:`Fault` of one attempt. ``client_gone``: the client left
     before the attempt ended (whatever the error says then, we caused it).
     ``answered``: the upstream sent a response head (any status; a failure
-    after it is a body cut short). ``reason`` is the exception the attempt
-    ended with, as the client library raised it (wrappers are looked into).
+    after it is a body cut short). ``silent``: an open WebSocket leg stopped
+    answering (no pong in time, or TCP keepalive gave up on it). ``reason``
+    is the exception the attempt ended with, as the client library raised it
+    (wrappers are looked into).
     """
     if client_gone:
         return CLIENT_GONE
+    if silent:
+        return _counted("keepalive_timeout")
     if answered:
         return BODY_CUT if reason is not None else ANSWERED
     if reason is None:

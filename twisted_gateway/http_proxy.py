@@ -89,6 +89,7 @@ from twisted_gateway.headers import (
     valid_host,
 )
 from twisted_gateway.logs import redact_query
+from twisted_gateway.sockets import TCPKeepalive, set_keepalive
 from twisted_gateway.tls import describe_tls_failure
 from twisted_gateway.upstreams import InstanceRegistry, UpstreamPool, may_retry
 
@@ -441,6 +442,11 @@ class _OneResponseProtocol(HTTP11ClientProtocol):
     """
 
     _stray_logged = False
+    tcp_keepalive: TCPKeepalive | None = None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        set_keepalive(self.transport, self.tcp_keepalive)
 
     def _finishResponse_WAITING(self, rest: bytes) -> None:
         if rest and self._currentRequest is not None:
@@ -481,19 +487,29 @@ class _OneResponseProtocol(HTTP11ClientProtocol):
 
 
 class _OneResponseFactory(_HTTP11ClientFactory):
+    tcp_keepalive: TCPKeepalive | None = None
+
     def buildProtocol(self, addr) -> HTTP11ClientProtocol:
-        return _OneResponseProtocol(self._quiescentCallback)
+        protocol = _OneResponseProtocol(self._quiescentCallback)
+        protocol.tcp_keepalive = self.tcp_keepalive
+        return protocol
 
 
 class _UpstreamConnectionPool(ReplayingPool):
     """
-    :class:`ReplayingPool` whose connections are :class:`_OneResponseProtocol`.
+    :class:`ReplayingPool` whose connections are :class:`_OneResponseProtocol`,
+    with TCP keepalive (an upstream host that vanished is not kept in the pool).
     An idle connection the upstream closes leaves the pool at once, with its
     timer: ``HTTPConnectionPool`` would keep both until the connection was next
     asked for, or for ``cachedConnectionTimeout`` (4 minutes).
     """
 
-    _factory = _OneResponseFactory
+    tcp_keepalive: TCPKeepalive | None = None
+
+    def _factory(self, quiescentCallback, metadata) -> _OneResponseFactory:
+        factory = _OneResponseFactory(quiescentCallback, metadata)
+        factory.tcp_keepalive = self.tcp_keepalive
+        return factory
 
     def _putConnection(self, key, connection) -> None:
         super()._putConnection(key, connection)
@@ -581,6 +597,7 @@ class HTTPForwarder:
         self._reactor = reactor
         self.pool = _UpstreamConnectionPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = settings.upstream_keepalive
+        self.pool.tcp_keepalive = settings.tcp_keepalive
         if agent is None:
             agent = Agent.usingEndpointFactory(
                 reactor,

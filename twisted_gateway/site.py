@@ -28,6 +28,7 @@ from twisted_gateway.errors import GatewayError, Overloaded
 from twisted_gateway.http_proxy import LINGER_SECONDS, GatewayRequest
 from twisted_gateway.limits import ClientLimits
 from twisted_gateway.logs import access_log_formatter, secret_names
+from twisted_gateway.sockets import TCPKeepalive, set_keepalive
 
 log = Logger()
 
@@ -51,6 +52,8 @@ class GatewayChannel(HTTPChannel):
     header_timeout: float = 60.0
     body_timeout: float = 60.0
     keepalive_timeout: float = 75.0
+    #: TCP keepalive of the client's socket (it stays on after a WebSocket hand-over)
+    tcp_keepalive: TCPKeepalive | None = None
     _phase = "head"  # head | body | busy | idle
     _head_started = False
     _timer: IDelayedCall | None = None
@@ -58,6 +61,7 @@ class GatewayChannel(HTTPChannel):
     def connectionMade(self) -> None:
         super().connectionMade()
         self.site.client_connections.add(self)
+        set_keepalive(self.transport, self.tcp_keepalive)
         self._arm("head", self.header_timeout)
 
     def dataReceived(self, data: bytes) -> None:
@@ -268,6 +272,7 @@ def build_site(resource: Any, settings: Settings, reactor: Any = None) -> Site:
         made.header_timeout = gateway.client_header_timeout
         made.body_timeout = gateway.client_body_timeout
         made.keepalive_timeout = gateway.keepalive_timeout
+        made.tcp_keepalive = gateway.tcp_keepalive
         return made
 
     site.protocol = channel

@@ -51,6 +51,7 @@ from twisted_gateway.errors import (
     UpstreamRefused,
 )
 from twisted_gateway.faults import ANSWERED, CANCELLED, CLIENT_GONE, LOCAL, Fault, classify
+from twisted_gateway.sockets import TCPKeepalive, set_keepalive
 from twisted_gateway.headers import WEBSOCKET_HANDSHAKE, upstream_request_headers
 from twisted_gateway.metrics import Metrics
 from twisted_gateway.routing import upstream_url
@@ -62,6 +63,7 @@ from twisted_gateway.ws_relay import (
     LEG_BUFFER_SIZE,
     OPEN,
     TOKEN_EXPIRED,
+    UNRESPONSIVE,
     UPSTREAM_LOST,
     RelayRegistry,
     _cancel_timers,
@@ -109,10 +111,15 @@ class RelayClientProtocol(_RelayLeg, WebSocketClientProtocol):
     side = "upstream"
     #: why TLS with the upstream failed, when it did (named in the 502)
     tls_failure: str | None = None
+    tcp_keepalive: TCPKeepalive | None = None
 
     def __init__(self) -> None:
         super().__init__()
         self.opened: Deferred[RelayClientProtocol] = Deferred(self._cancel_open)
+
+    def connectionMade(self) -> None:
+        set_keepalive(self.transport, self.tcp_keepalive)
+        super().connectionMade()
 
     def startHandshake(self) -> None:
         """Send the upgrade request (Autobahn's own also pretty-prints a debug line)."""
@@ -363,8 +370,8 @@ class RelayServerProtocol(_RelayLeg, WebSocketServerProtocol):
         self.perMessageCompressionAccept = self._mirror_compression(upstream)
         # Each transport pauses the other when its write buffer is full.
         self.transport.bufferSize = upstream.transport.bufferSize = LEG_BUFFER_SIZE
-        self.transport.registerProducer(_Throttle(upstream.transport), True)
-        upstream.transport.registerProducer(_Throttle(self.transport), True)
+        self.transport.registerProducer(_Throttle(upstream.transport, self), True)
+        upstream.transport.registerProducer(_Throttle(self.transport, upstream), True)
         self.factory.registry.pairs.add(self)
 
     def _mirror_compression(self, upstream: RelayClientProtocol) -> Callable:
@@ -423,10 +430,27 @@ class RelayServerProtocol(_RelayLeg, WebSocketServerProtocol):
         other = upstream if leg is self else self
         # (a leg the gateway failed has closed the other already: _RelayLeg._fail_connection)
         if other.state == OPEN and not leg.close_relayed and leg.remoteCloseCode is None and not leg.wasClean:
-            self.record_end(leg.side, 1006)
-            other.close_with(UPSTREAM_LOST if leg is upstream else CLIENT_LOST)
+            if leg.timed_out:  # a silent vanish, found by TCP keepalive
+                self.leg_unresponsive(leg)
+            else:
+                self.record_end(leg.side, 1006)
+                other.close_with(UPSTREAM_LOST if leg is upstream else CLIENT_LOST)
         if self.state == CLOSED and upstream.state == CLOSED:
             self._finish()
+
+    def leg_unresponsive(self, leg: _RelayLeg) -> None:
+        """
+        A leg stopped answering (keepalive pings, or TCP keepalive): the other
+        gets 1011; an upstream's silence counts against its instance.
+        """
+        self.record_end("gateway", 1011)
+        if leg is not self and self._instance is not None:
+            fault = classify(None, client_gone=self.state == CLOSED, silent=True)
+            if fault.counts:
+                self.context.pool.report_failure(self._instance, fault.reason)
+        other = self.partner if leg is self else self
+        if other is not None:
+            other.close_with(UNRESPONSIVE)
 
     def record_end(self, side: str, code: int | None) -> None:
         """Remember what ended the pair first (for metrics and the session log)."""
@@ -555,6 +579,7 @@ class RelayServerFactory(WebSocketServerFactory):
         )
         # (each upstream connection's compression offers are the client's own: startHandshake)
         self._client_template.protocol = with_options(RelayClientProtocol, self._client_template)
+        self._client_template.protocol.tcp_keepalive = gateway.tcp_keepalive
 
     def client_factory_for(
         self, ctx: HandshakeContext, request, base_url: str

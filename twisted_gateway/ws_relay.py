@@ -4,7 +4,8 @@ pings once both legs are open, and the registry that owns the live pairs.
 
 Each leg forwards what it receives to its ``partner`` frame by frame (a large
 message is never held whole); each transport is the other's push producer (a
-slow reader pauses the sender); a close on one leg reaches the other with its
+slow reader pauses the sender, whose receive buffer is then capped so that the
+pause reaches the peer behind it); a close on one leg reaches the other with its
 code and reason, at the close-frame level (Autobahn's ``sendClose`` accepts
 only 1000 and 3000-4999).
 """
@@ -20,6 +21,8 @@ from twisted.internet import tcp
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.task import LoopingCall
 from zope.interface import implementer
+
+from twisted_gateway.sockets import cap_receive_buffer, timed_out
 
 OPEN = WebSocketProtocol.STATE_OPEN
 CLOSED = WebSocketProtocol.STATE_CLOSED
@@ -38,7 +41,8 @@ CLIENT_LOST = (1001, b"client went away")
 PEER_FAILED = (1001, b"going away")
 #: Close sent to both legs when the client's token expires.
 TOKEN_EXPIRED = (1008, b"token expired")
-#: Close sent to one leg when the other did not answer a keepalive ping.
+#: Close sent to one leg when the other did not answer a keepalive ping,
+#: or TCP keepalive found it gone.
 UNRESPONSIVE = (1011, b"peer unresponsive")
 
 
@@ -86,6 +90,8 @@ class _RelayLeg:
     pong_seen = True
     #: the KeepAlive round of this leg's last ping
     ping_round = 0
+    #: the kernel ended this leg's connection: TCP keepalive (or retransmissions) unanswered
+    timed_out = False
 
     #: both legs open without extensions: whole data frames pass through as bytes
     passthrough = False
@@ -212,9 +218,7 @@ class _RelayLeg:
 
     def unresponsive(self) -> None:
         """No pong to the gateway's keepalive ping: drop this leg, 1011 to the other."""
-        self.pair.record_end("gateway", 1011)
-        if self.partner is not None:
-            self.partner.close_with(UNRESPONSIVE)
+        self.pair.leg_unresponsive(self)
         self.wasNotCleanReason = "peer unresponsive"
         self.dropConnection(abort=True)
 
@@ -290,24 +294,37 @@ def write_now(transport: Any, data: bytes) -> None:
 @implementer(IPushProducer)
 class _Throttle:
     """
-    The other leg's transport as a push producer that only pauses and resumes:
-    a lost leg must not stop the other directly (Twisted calls ``stopProducing``
-    then), since the relay closes it with a close frame (1001/1014).
+    The other leg's transport as a push producer, registered on ``leg``'s
+    transport, that only pauses and resumes: a lost leg must not stop the
+    other directly (Twisted calls ``stopProducing`` then), since the relay
+    closes it with a close frame (1001/1014/1011). ``stopProducing`` comes
+    while ``leg``'s socket is still open: the moment to ask the kernel
+    whether the peer vanished silently (:attr:`_RelayLeg.timed_out`).
     """
 
-    __slots__ = ("transport",)
+    __slots__ = ("transport", "leg", "capped")
 
-    def __init__(self, transport: Any) -> None:
+    def __init__(self, transport: Any, leg: Any) -> None:
         self.transport = transport
+        self.leg = leg
+        self.capped = False
 
     def pauseProducing(self) -> None:
+        """
+        Stop reading the other leg, and cap its socket's receive buffer (once):
+        the kernel would otherwise grow it to megabytes while the sender keeps
+        sending, and the sender would never feel the pause.
+        """
         self.transport.pauseProducing()
+        if not self.capped:
+            self.capped = True
+            cap_receive_buffer(self.transport, LEG_BUFFER_SIZE)
 
     def resumeProducing(self) -> None:
         self.transport.resumeProducing()
 
     def stopProducing(self) -> None:
-        pass
+        self.leg.timed_out = timed_out(self.leg.transport)
 
 
 _LEG_TIMERS = ("closeHandshakeTimeoutCall", "serverConnectionDropTimeoutCall")

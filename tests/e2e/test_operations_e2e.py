@@ -38,7 +38,8 @@ CONNECTIONS = 50
 SECRET = "e2e-operations-secret-0123456789abcdef"
 LISTENING = re.compile(r"\bwsgateway listening on \S+ \(port (\d+)\)")
 
-#: An echo upstream that prints its port, then one line per connection that ended.
+#: An echo upstream (on argv[1], 127.0.0.1 by default) that prints its port,
+#: then one line per connection that ended.
 UPSTREAM_SCRIPT = """
 import asyncio, sys
 from websockets.asyncio.server import serve
@@ -54,7 +55,8 @@ async def echo(ws):
     print("CLOSE", ws.close_code, ws.close_reason or "-", flush=True)
 
 async def main():
-    async with serve(echo, "127.0.0.1", 0, ping_interval=None) as server:
+    host = sys.argv[1] if len(sys.argv) > 1 else "127.0.0.1"
+    async with serve(echo, host, 0, ping_interval=None) as server:
         print("PORT", server.sockets[0].getsockname()[1], flush=True)
         await asyncio.Future()
 

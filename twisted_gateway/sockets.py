@@ -1,0 +1,151 @@
+"""
+What the relay asks of the kernel's TCP sockets, on every leg.
+
+A phone that vanishes without a FIN leaves an idle connection that nothing
+ever ends when WebSocket pings are off: TCP keepalive (``[gateway]
+tcp_keepalive``) finds it. A peer that stops reading is seen in the kernel's
+counters (bytes acknowledged, bytes waiting). A leg the relay stops reading
+gets a fixed receive buffer, so that the kernel does not autotune it to
+megabytes and the upstream's own sends block (backpressure reaches it).
+Every function takes a transport (plain TCP, or TLS over TCP) and does
+nothing for anything else (in-memory test transports).
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.python.runtime import platform
+
+
+@dataclass(frozen=True)
+class TCPKeepalive:
+    """``SO_KEEPALIVE`` with its timers: a silent peer is dropped after ``bound`` seconds."""
+
+    idle: int
+    interval: int
+    count: int
+
+    def __str__(self) -> str:
+        return f"{self.idle} {self.interval} {self.count}"
+
+    @property
+    def bound(self) -> int:
+        """Seconds from the peer's last sign of life until the connection ends."""
+        return self.idle + self.interval * self.count
+
+
+#: ``[gateway] tcp_keepalive``'s default: nginx's and HAProxy's usual idle of a minute.
+DEFAULT_KEEPALIVE = TCPKeepalive(60, 10, 6)
+
+
+def parse_tcp_keepalive(text: str) -> TCPKeepalive | None:
+    """``IDLE INTERVAL COUNT`` (seconds, seconds, probes), or ``off``."""
+    words = text.split()
+    if [w.lower() for w in words] == ["off"]:
+        return None
+    try:
+        numbers = [int(w) for w in words]
+    except ValueError:
+        numbers = []
+    if len(numbers) != 3 or min(numbers) < 1:
+        raise ValueError(f"expected off or three whole numbers > 0 (idle interval count), got {text!r}")
+    return TCPKeepalive(*numbers)
+
+
+def tcp_socket(transport: Any) -> socket.socket | None:
+    """The TCP socket under ``transport`` (through TLS), or None."""
+    for _ in range(4):
+        if transport is None:
+            return None
+        sock = getattr(transport, "socket", None)
+        if isinstance(sock, socket.socket) and sock.type == socket.SOCK_STREAM:
+            return sock
+        transport = getattr(transport, "transport", None)
+    return None
+
+
+def set_keepalive(transport: Any, keepalive: TCPKeepalive | None) -> None:
+    """
+    Turn on TCP keepalive with these timers. ``TCP_USER_TIMEOUT`` gets the
+    same bound, so that data left unacknowledged by a vanished peer is given
+    up after as long (not the kernel's 15 minutes of retransmissions).
+    """
+    sock = tcp_socket(transport)
+    if keepalive is None or sock is None:
+        return
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if platform.isLinux():
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, keepalive.idle)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, keepalive.interval)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, keepalive.count)
+            sock.setsockopt(socket.IPPROTO_TCP, _TCP_USER_TIMEOUT, keepalive.bound * 1000)
+    except OSError:
+        pass  # the connection is already gone: its loss is reported as usual
+
+
+def cap_receive_buffer(transport: Any, size: int) -> None:
+    """
+    Fix the socket's receive buffer at ``size`` (the kernel doubles it for
+    its bookkeeping) and stop the kernel from growing it: called when the
+    relay stops reading a leg, so the sender's window closes.
+    """
+    sock = tcp_socket(transport)
+    if sock is None:
+        return
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+    except OSError:
+        pass
+
+
+@dataclass(frozen=True)
+class SendState:
+    """What the kernel says of a connection's sending side."""
+
+    #: bytes the peer acknowledged, ever (it only grows)
+    acked: int
+    #: bytes written but not yet acknowledged by the peer
+    waiting: int
+    #: the kernel's own timers ended it: keepalive probes or retransmissions unanswered
+    timed_out: bool
+
+
+_TCP_INFO = getattr(socket, "TCP_INFO", 11)
+_TCP_USER_TIMEOUT = getattr(socket, "TCP_USER_TIMEOUT", 18)
+_TCP_CLOSE = 7
+#: struct tcp_info up to tcpi_notsent_bytes (Linux >= 4.6)
+_INFO_SIZE = 148
+
+
+def send_state(transport: Any) -> SendState | None:
+    """The kernel's view of a TCP transport's sending side (Linux), or None."""
+    sock = tcp_socket(transport)
+    if sock is None or not platform.isLinux():
+        return None
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, _INFO_SIZE)
+    except OSError:
+        return None
+    if len(info) < _INFO_SIZE:
+        return None
+    state, _, retransmits, probes = info[0], info[1], info[2], info[3]
+    unacked = struct.unpack_from("I", info, 24)[0]
+    snd_mss = struct.unpack_from("I", info, 16)[0]
+    acked = struct.unpack_from("Q", info, 120)[0]
+    notsent = struct.unpack_from("I", info, 144)[0]
+    return SendState(
+        acked=acked,
+        waiting=notsent + unacked * snd_mss,
+        timed_out=state == _TCP_CLOSE and (probes > 0 or retransmits > 0),
+    )
+
+
+def timed_out(transport: Any) -> bool:
+    """Whether the kernel ended this connection because the peer stopped answering."""
+    state = send_state(transport)
+    return state is not None and state.timed_out
