@@ -236,6 +236,8 @@ def gateway_config(listen_port: int, upstream_port: int) -> str:
         "prefix = /\n"
         f"upstream = http://127.0.0.1:{upstream_port}\n"
         "websocket = true\n"
+        # the fuzzing server refuses a Host whose port is not its own
+        "host_header = upstream\n"
     )
 
 

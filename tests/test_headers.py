@@ -20,7 +20,11 @@ from twisted_gateway.headers import (
     single_origin,
     valid_host,
     is_websocket_upgrade,
+    parse_host_header,
+    rewrite_redirects,
     strip_hop_by_hop,
+    upstream_host,
+    upstream_origins,
     upstream_request_headers,
 )
 
@@ -448,3 +452,74 @@ def test_utf8_header_values_pass_an_upgrade_and_others_are_a_400():
         check_utf8_values([(b"X-Note", "café".encode("latin-1"))])
     assert raised.value.status == 400
     assert "X-Note" in raised.value.detail
+
+
+# -- host_header: the Host sent upstream, and redirects back to the client ------
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("client", "client"),
+        (" Upstream ", "upstream"),
+        ("Chat.Example.com", "chat.example.com"),
+        ("chat.example.com:8443", "chat.example.com:8443"),
+        ("[::1]:80", "[::1]:80"),
+    ],
+)
+def test_host_header_values(text, expected):
+    assert parse_host_header(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "a b", "http://chat.example.com", "x:99999", "a,b"])
+def test_host_header_refuses_what_is_not_a_host(text):
+    with pytest.raises(ValueError, match="client, upstream or a host"):
+        parse_host_header(text)
+
+
+@pytest.mark.parametrize(
+    "mode, client, expected",
+    [
+        ("client", b"chat.example.com", b"chat.example.com"),
+        ("client", None, None),  # HTTP/1.0 without Host: the instance's own
+        ("upstream", b"chat.example.com", None),
+        ("internal.example:8080", b"chat.example.com", b"internal.example:8080"),
+    ],
+)
+def test_upstream_host(mode, client, expected):
+    assert upstream_host(mode, client) == expected
+
+
+CLIENT = b"https://chat.example.com"
+
+
+@pytest.mark.parametrize(
+    "mode, header, expected",
+    [
+        # the upstream's own address, with or without the default port
+        ("upstream", (b"Location", b"http://10.0.0.5:9101/ws1/echo?q=1"), b"https://chat.example.com/ws1/echo?q=1"),
+        ("upstream", (b"location", b"HTTP://10.0.0.5:9101"), b"https://chat.example.com"),
+        ("upstream", (b"Content-Location", b"http://10.0.0.5:9101/a#f"), b"https://chat.example.com/a#f"),
+        ("upstream", (b"Refresh", b"5; url=http://10.0.0.5:9101/x"), b"5; url=https://chat.example.com/x"),
+        ("upstream", (b"Refresh", b"0;URL='http://10.0.0.5:9101/x'"), b"0;URL='https://chat.example.com/x'"),
+        # the fixed name sent as Host
+        ("internal.example", (b"Location", b"http://internal.example/login"), b"https://chat.example.com/login"),
+        # not the upstream: left alone
+        ("upstream", (b"Location", b"http://10.0.0.5:91011/x"), b"http://10.0.0.5:91011/x"),
+        ("upstream", (b"Location", b"https://auth.example.com/?next=http://10.0.0.5:9101/"), b"https://auth.example.com/?next=http://10.0.0.5:9101/"),
+        ("upstream", (b"Location", b"/relative"), b"/relative"),
+        ("upstream", (b"Link", b"<http://10.0.0.5:9101/x>"), b"<http://10.0.0.5:9101/x>"),
+        # under client the upstream already names the client's host
+        ("client", (b"Location", b"http://10.0.0.5:9101/x"), b"http://10.0.0.5:9101/x"),
+    ],
+)
+def test_redirects_to_the_upstream_name_the_client_host(mode, header, expected):
+    origins = upstream_origins("http://10.0.0.5:9101", mode)
+    assert rewrite_redirects([header], origins, CLIENT) == [(header[0], expected)]
+
+
+def test_default_ports_name_the_same_upstream():
+    assert upstream_origins("https://up.internal:443/base", "upstream") == (
+        b"https://up.internal",
+        b"https://up.internal:443",
+    )

@@ -304,7 +304,7 @@ def echo():
 
 
 def test_request_headers_are_rewritten_for_the_upstream(echo):
-    """Hop-by-hop and Connection-named headers go, repeats stay, X-Forwarded-* are added."""
+    """Hop-by-hop and Connection-named headers go, repeats stay, X-Forwarded-* are added, Host kept."""
     gateway = Gateway(echo)
     transport = gateway.request(
         b"GET /a/./b/../c%2Fd?x=1&x=2 HTTP/1.1\r\n"
@@ -332,7 +332,8 @@ def test_request_headers_are_rewritten_for_the_upstream(echo):
                 "proxy-authorization", "te", "trailer", "upgrade", "x-auth-subject"):
         assert hop not in names
     assert [v for k, v in headers if k == "x-multi"] == ["one", "two"]
-    assert [v for k, v in json.loads(body)["headers"] if k == "host"] == ["upstream.test:8000"]
+    # host_header = client (the default): the upstream is addressed as the client addressed us
+    assert [v for k, v in json.loads(body)["headers"] if k == "host"] == ["gw.example"]
     assert [v for k, v in headers if k == "x-forwarded-for"] == ["203.0.113.7"]
     assert [v for k, v in headers if k == "x-forwarded-proto"] == ["http"]
     assert [v for k, v in headers if k == "x-forwarded-host"] == ["gw.example"]

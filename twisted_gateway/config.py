@@ -24,7 +24,7 @@ from twisted_gateway.parsers import (
     parse_positive_int,
     parse_words,
 )
-from twisted_gateway.headers import DEFAULT_STRIPPED
+from twisted_gateway.headers import DEFAULT_STRIPPED, parse_host_header
 from twisted_gateway.routing import ESCAPED_SLASHES, validate_prefix
 from twisted_gateway.sockets import DEFAULT_KEEPALIVE, TCPKeepalive, parse_tcp_keepalive
 from twisted_gateway.upstreams import ROUTE_POOL_KEYS, PoolKeyError, check_pool_keys
@@ -222,6 +222,9 @@ class RouteSettings:
     tls_verify: bool = True
     underscores_in_headers: bool = False
     escaped_slashes: str = "check"
+    host_header: str = "client"
+    #: None: the gateway's ``request_timeout``
+    request_timeout: float | None = None
 
 
 @dataclass(frozen=True)
@@ -285,6 +288,8 @@ _ROUTE_KEYS: Mapping[str, Key] = {
     "allow_null_origin": Key(parse_bool, None),
     "underscores_in_headers": Key(parse_bool, False),
     "escaped_slashes": Key(one_of(*ESCAPED_SLASHES), "check"),
+    "host_header": Key(parse_host_header, "client"),
+    "request_timeout": Key(parse_positive_float, None),
 }
 
 _ADMIN_KEYS: Mapping[str, Key] = {

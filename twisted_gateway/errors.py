@@ -101,6 +101,11 @@ class UpstreamRefused(GatewayError):
 
     error = "upstream_refused"
 
+    def __init__(self, detail: str, *, refusal: object = None, **kwargs) -> None:
+        super().__init__(detail, **kwargs)
+        #: the upstream's own answer (a ``refusals.Refusal``): what the client gets
+        self.refusal = refusal
+
 
 def render_error(request, error: GatewayError) -> bytes:
     """Set status and headers on a twisted.web request; return the JSON body."""

@@ -263,3 +263,87 @@ def clean_reason_phrase(phrase: bytes) -> bytes:
     VCHAR and obs-text only).
     """
     return bytes(b if b >= 0x20 and b != 0x7F or b == 0x09 else 0x20 for b in phrase)
+
+
+# -- the Host the upstream sees, and the addresses it answers with ------------
+
+#: ``host_header`` values besides a fixed name: the client's ``Host``, or the instance's own.
+HOST_HEADER_MODES = ("client", "upstream")
+
+#: Response headers that carry a URL the client follows (``Refresh`` after its ``url=``).
+_URL_HEADERS = frozenset({b"location", b"content-location", b"refresh"})
+
+
+def parse_host_header(text: str) -> str:
+    """``client``, ``upstream`` or a fixed ``host[:port]`` (lower-cased)."""
+    value = text.strip().lower()
+    if value in HOST_HEADER_MODES or valid_host(value.encode("ascii", "replace")):
+        return value
+    raise ValueError(f"expected client, upstream or a host[:port], got {text.strip()!r}")
+
+
+def upstream_host(mode: str, client_host: bytes | None) -> bytes | None:
+    """
+    The ``Host`` to send upstream for a route's ``host_header``: the client's
+    (already validated), a fixed name, or None for the instance's own address
+    (written by the HTTP or WebSocket client from the upstream URL), which is
+    also what a request without a ``Host`` (HTTP/1.0) gets under ``client``.
+    """
+    if mode == "upstream":
+        return None
+    if mode == "client":
+        return client_host
+    return mode.encode("ascii")
+
+
+def upstream_origins(base_url: str, mode: str) -> tuple[bytes, ...]:
+    """
+    The ``scheme://host[:port]`` prefixes by which an upstream names itself in
+    a redirect: its own address (with and without a default port), and the
+    fixed name it was sent. Empty under ``client``: it names the client's host.
+    """
+    if mode == "client":
+        return ()
+    scheme, _, rest = base_url.partition("://")
+    netloc = rest.partition("/")[0].lower()
+    default = {"http": ":80", "https": ":443"}[scheme]
+    hosts = {netloc, netloc.removesuffix(default)}
+    if mode != "upstream":
+        hosts |= {mode, mode.removesuffix(default)}
+    return tuple(sorted(f"{scheme}://{h}".encode("ascii") for h in hosts))
+
+
+def rewrite_redirects(
+    headers: Headers, origins: Sequence[bytes], client_origin: bytes | None
+) -> list[tuple[bytes, bytes]]:
+    """
+    ``Location``, ``Content-Location`` and ``Refresh`` values that point at one
+    of the upstream's ``origins`` pointed at ``client_origin`` instead (nginx's
+    ``proxy_redirect default``): a browser must never be sent to an internal
+    address. Other headers and other URLs are kept as they are.
+    """
+    if not origins or client_origin is None:
+        return list(headers)
+    out = []
+    for name, value in headers:
+        if name.lower() in _URL_HEADERS:
+            value = _rewrite_url(value, origins, client_origin, name.lower() == b"refresh")
+        out.append((name, value))
+    return out
+
+
+def _rewrite_url(value: bytes, origins: Sequence[bytes], client_origin: bytes, refresh: bool) -> bytes:
+    start = 0
+    if refresh:
+        found = value.lower().find(b"url=")
+        if found < 0:
+            return value
+        start = found + 4
+    head, url = value[:start], value[start:]
+    quote = url[:1] if url[:1] in (b"'", b'"') else b""
+    url = url[len(quote) :]
+    lowered = url.lower()
+    for origin in origins:
+        if lowered.startswith(origin) and url[len(origin) : len(origin) + 1] in (b"", b"/", b"?", b"#", b"'", b'"'):
+            return head + quote + client_origin + url[len(origin) :]
+    return value

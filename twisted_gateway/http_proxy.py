@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ipaddress
 import sys
+from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -83,8 +84,11 @@ from twisted_gateway.errors import (
 from twisted_gateway.faults import LOCAL, classify, mark_reused
 from twisted_gateway.headers import (
     clean_reason_phrase,
+    rewrite_redirects,
     strip_hop_by_hop,
     tokens,
+    upstream_host,
+    upstream_origins,
     upstream_request_headers,
     valid_host,
 )
@@ -572,6 +576,16 @@ def _tcp_endpoint(reactor, host: bytes, port: int, timeout: float) -> IStreamCli
     return TCP6ClientEndpoint(reactor, str(address), port, timeout=timeout)
 
 
+@dataclass(frozen=True)
+class _Options:
+    """A route's settings for one forwarded request."""
+
+    underscores: bool = False
+    host_header: str = "client"
+    #: None: the gateway's ``request_timeout``
+    request_timeout: float | None = None
+
+
 class HTTPForwarder:
     """
     Forwards twisted.web requests to upstream base URLs over one persistent
@@ -625,6 +639,8 @@ class HTTPForwarder:
         drop_headers: frozenset[bytes] = frozenset(),
         route_name: str = "",
         underscores: bool = False,
+        host_header: str = "client",
+        request_timeout: float | None = None,
     ) -> int:
         """
         Send ``request`` to ``upstream_base + path (+ ?query)`` and stream the
@@ -633,7 +649,9 @@ class HTTPForwarder:
         ``path`` is the normalised raw path and ``query`` the raw query, never
         ``request.postpath`` (percent-decoded). ``extra_headers`` are added for
         the upstream (identity headers); ``drop_headers`` are never forwarded,
-        nor header names with ``_`` unless ``underscores``.
+        nor header names with ``_`` unless ``underscores``. ``host_header``
+        is the route's (:func:`headers.upstream_host`); ``request_timeout``
+        overrides the gateway's for this request.
         """
         client_finished = request.notifyFinish()
         if isinstance(upstream, str):
@@ -649,7 +667,7 @@ class HTTPForwarder:
                 frozenset(name.lower() for name in drop_headers),
                 route_name,
                 client_finished,
-                underscores,
+                _Options(underscores, host_header, request_timeout),
             )
         )
         d.addErrback(_abandon, request)
@@ -675,7 +693,7 @@ class HTTPForwarder:
         drop_headers: frozenset[bytes],
         route_name: str,
         client_finished: Deferred[None],
-        underscores: bool = False,
+        options: _Options,
     ) -> None:
         started = self._reactor.seconds()
         fields = dict(
@@ -710,7 +728,7 @@ class HTTPForwarder:
                 # A connect failure is retried on the next healthy instance (each at
                 # most once) for idempotent methods; POST and PATCH are never retried.
                 failure: GatewayError | None = None
-                headers = self._upstream_headers(request, extra_headers, drop_headers, underscores)
+                headers = self._upstream_headers(request, extra_headers, drop_headers, options)
                 for candidate in pool.candidates(key, retry=may_retry(request.method)):
                     instance = candidate
                     fields["upstream"] = instance.url
@@ -722,7 +740,11 @@ class HTTPForwarder:
                     instance.acquire()
                     try:
                         response = await self._request_upstream(
-                            request, upstream_url(instance.url, path, query), upload, headers
+                            request,
+                            upstream_url(instance.url, path, query),
+                            upload,
+                            headers,
+                            options.request_timeout or self._settings.request_timeout,
                         )
                     except (GatewayTimeout, BadGateway, Overloaded) as e:
                         # passive health counts what faults.classify says is the
@@ -753,7 +775,7 @@ class HTTPForwarder:
                 log(error.status, len(body), "error")
                 return
 
-            self._copy_head(request, response)
+            self._copy_head(request, response, upstream_origins(instance.url, options.host_header))
             relay = _BodyRelay(request)
             request.registerProducer(relay, True)
             response.deliverBody(relay)
@@ -790,7 +812,7 @@ class HTTPForwarder:
         request: server.Request,
         extra_headers: Sequence[tuple[bytes, bytes]],
         drop_headers: frozenset[bytes],
-        underscores: bool = False,
+        options: _Options,
     ) -> Headers:
         """The request's headers as every upstream attempt sends them (``Agent`` copies them)."""
         incoming = [
@@ -799,18 +821,23 @@ class HTTPForwarder:
             for value in values
         ]
         hosts = request.requestHeaders.getRawHeaders(b"host", [])
+        client_host = hosts[0] if len(hosts) == 1 and valid_host(hosts[0]) else None
         stripped = frozenset(name.encode("ascii") for name in self._settings.strip_request_headers)
         pairs = upstream_request_headers(
             incoming,
             peer=_peer_host(request),
             scheme="https" if request.isSecure() else "http",
             # X-Forwarded-Host only ever from one valid Host
-            host=hosts[0] if len(hosts) == 1 and valid_host(hosts[0]) else None,
+            host=client_host,
             trusted_proxies=self._settings.trusted_proxies,
             drop=drop_headers | _REFRAMED | stripped,
-            underscores=underscores,
+            underscores=options.underscores,
         )
         headers = Headers()
+        host = upstream_host(options.host_header, client_host)
+        if host is not None:
+            # without one, Agent writes the upstream URL's host[:port]
+            headers.addRawHeader(b"Host", host)
         for name, value in [*pairs, *extra_headers]:
             headers.addRawHeader(name, value)
         return headers
@@ -821,6 +848,7 @@ class HTTPForwarder:
         url: bytes,
         upload: _Upload | None,
         headers: Headers,
+        timeout: float,
     ) -> IResponse:
         """The upstream's response head, or a :class:`GatewayError` to answer with."""
         settings = self._settings
@@ -828,7 +856,7 @@ class HTTPForwarder:
             pending = self._agent.request(request.method, url, headers, upload)
         except ValueError as e:
             raise BadRequest(f"the request cannot be forwarded: {e}") from None
-        pending.addTimeout(settings.request_timeout, self._reactor, self._head_timed_out)
+        pending.addTimeout(timeout, self._reactor, self._head_timed_out)
         try:
             return await pending
         except CancelledError:
@@ -840,12 +868,21 @@ class HTTPForwarder:
     def _head_timed_out(self, result: object, timeout: float) -> None:
         raise GatewayTimeout(f"no response from the upstream within {timeout:g} s")
 
-    def _copy_head(self, request: server.Request, response: IResponse) -> None:
-        """Status line and end-to-end headers as the upstream sent them."""
+    def _copy_head(
+        self, request: server.Request, response: IResponse, origins: Sequence[bytes] = ()
+    ) -> None:
+        """
+        Status line and end-to-end headers as the upstream sent them, but for
+        redirects naming one of the upstream's own ``origins`` (its address, or
+        the fixed ``host_header``), which name the client's host instead.
+        """
         phrase = clean_reason_phrase(response.phrase) if response.phrase else None
         request.setResponseCode(response.code, phrase or RESPONSES.get(response.code))
         request.defaultContentType = None
-        for name, values in _grouped(response_header_pairs(response.headers)):
+        pairs = rewrite_redirects(
+            response_header_pairs(response.headers), origins, _client_origin(request)
+        )
+        for name, values in _grouped(pairs):
             request.responseHeaders.setRawHeaders(name, values)
         if (
             response.length is not UNKNOWN_LENGTH
@@ -853,6 +890,14 @@ class HTTPForwarder:
             and response.code not in NO_BODY_CODES
         ):
             request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % response.length])
+
+
+def _client_origin(request: server.Request) -> bytes | None:
+    """``scheme://host`` as the client addressed the gateway (None without one valid Host)."""
+    hosts = request.requestHeaders.getRawHeaders(b"host", [])
+    if len(hosts) != 1 or not valid_host(hosts[0]):
+        return None
+    return (b"https://" if request.isSecure() else b"http://") + hosts[0]
 
 
 def _abandon(reason: Failure, request: server.Request) -> None:

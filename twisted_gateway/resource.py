@@ -277,6 +277,8 @@ class GatewayResource(Resource):
             extra_headers=extra,
             route_name=route.name,
             underscores=route.underscores_in_headers,
+            host_header=route.host_header,
+            request_timeout=route.request_timeout,
         )
 
 

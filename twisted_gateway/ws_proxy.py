@@ -10,8 +10,10 @@ end (cleanup, metrics, the session log); :mod:`ws_relay` is the data path.
 
 from __future__ import annotations
 
+import base64
 import copy
 import ipaddress
+import os
 from dataclasses import dataclass, replace
 from types import FunctionType
 from typing import Any, Callable, Sequence
@@ -28,7 +30,7 @@ from autobahn.websocket.compress import (
     PerMessageDeflateResponse,
     PerMessageDeflateResponseAccept,
 )
-from autobahn.websocket.types import ConnectingRequest, ConnectionDeny
+from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.error import (
     ConnectError,
@@ -52,7 +54,14 @@ from twisted_gateway.errors import (
 )
 from twisted_gateway.faults import ANSWERED, CANCELLED, CLIENT_GONE, LOCAL, Fault, classify
 from twisted_gateway.sockets import TCPKeepalive, set_keepalive
-from twisted_gateway.headers import WEBSOCKET_HANDSHAKE, upstream_request_headers
+from twisted_gateway.headers import (
+    WEBSOCKET_HANDSHAKE,
+    rewrite_redirects,
+    upstream_host,
+    upstream_origins,
+    upstream_request_headers,
+)
+from twisted_gateway.refusals import Refusal, parse_head, refusal_body
 from twisted_gateway.metrics import Metrics
 from twisted_gateway.routing import upstream_url
 from twisted_gateway.tls import describe_tls_failure
@@ -98,11 +107,14 @@ class UpstreamHandshakeFailed(Exception):
         status: int | None = None,
         phrase: str = "",
         cause: BaseException | None = None,
+        refusal: Refusal | None = None,
     ) -> None:
         super().__init__(reason)
         self.status, self.phrase = status, phrase
         #: why the connection ended, when no status line came (passive health asks)
         self.cause = cause
+        #: the upstream's whole answer, when it refused with a status
+        self.refusal = refusal
 
 
 class RelayClientProtocol(_RelayLeg, WebSocketClientProtocol):
@@ -113,6 +125,11 @@ class RelayClientProtocol(_RelayLeg, WebSocketClientProtocol):
     tls_failure: str | None = None
     tcp_keepalive: TCPKeepalive | None = None
 
+    #: a refusal's status, phrase and headers, while its body is read
+    _refusal_head: tuple[int, bytes, list[tuple[bytes, bytes]]] | None = None
+    #: the upstream's complete answer other than 101
+    refusal: Refusal | None = None
+
     def __init__(self) -> None:
         super().__init__()
         self.opened: Deferred[RelayClientProtocol] = Deferred(self._cancel_open)
@@ -121,21 +138,66 @@ class RelayClientProtocol(_RelayLeg, WebSocketClientProtocol):
         set_keepalive(self.transport, self.tcp_keepalive)
         super().connectionMade()
 
+    def processHandshake(self) -> None:
+        """
+        A 101 is Autobahn's to check; any other answer is read whole (its body
+        up to :data:`refusals.MAX_REFUSAL_BODY`) for the client, then dropped.
+        """
+        if self._refusal_head is None:
+            end = self.data.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head = parse_head(self.data[: end + 4])
+            if head is None or head[0] == 101:
+                super().processHandshake()
+                return
+            self._refusal_head = head
+            self.http_status_line = self.data.split(b"\r\n", 1)[0].decode("latin-1")
+            self.data = self.data[end + 4 :]
+        self._read_refusal(closed=False)
+
+    def _read_refusal(self, closed: bool) -> None:
+        status, phrase, headers = self._refusal_head
+        body = refusal_body(headers, self.data, closed)
+        if body is None or self.refusal is not None:
+            return
+        self.refusal = Refusal(status, phrase, tuple(headers), body)
+        self.wasNotCleanReason = f"the upstream refused with {status}"
+        if not closed:
+            _drop_quietly(self, abort=True)
+
+    def failHandshake(self, reason: str) -> None:
+        """Drop the connection; the refusal is logged once, by the client-facing leg."""
+        self.wasNotCleanReason = reason
+        _drop_quietly(self, abort=True)
+
     def startHandshake(self) -> None:
-        """Send the upgrade request (Autobahn's own also pretty-prints a debug line)."""
+        """
+        Send the upgrade request. Autobahn's own writes ``Host`` from the URL,
+        adds ``Pragma`` and ``Cache-Control`` and re-builds the compression
+        offer from its parsed form (which offers no context takeover): here
+        the ``Host`` is the route's (:func:`headers.upstream_host`), nothing is
+        added, and the client's ``permessage-deflate`` offer goes as written.
+        """
         f = self.factory
-        self.perMessageCompressionOffers = f.perMessageCompressionOffers
-        self._actuallyStartHandshake(
-            ConnectingRequest(
-                host=f.host,
-                port=f.port,
-                resource=f.resource,
-                headers=f.headers,
-                useragent=f.useragent,
-                origin=f.origin,
-                protocols=f.protocols,
-            )
-        )
+        self.websocket_key = base64.b64encode(os.urandom(16))
+        lines = [
+            f"GET {f.resource} HTTP/1.1",
+            f"Host: {f.host_value or f'{f.host}:{f.port}'}",
+            "Upgrade: websocket",
+            "Connection: Upgrade",
+            *(f"{name}: {value}" for name, value in f.headers.items()),
+            f"Sec-WebSocket-Key: {self.websocket_key.decode()}",
+        ]
+        if f.origin:
+            lines.append(f"Origin: {f.origin}")
+        if f.protocols:
+            lines.append(f"Sec-WebSocket-Protocol: {','.join(f.protocols)}")
+        if f.extension_offer:
+            lines.append(f"Sec-WebSocket-Extensions: {f.extension_offer}")
+        lines.append("Sec-WebSocket-Version: 13")
+        self.http_request_data = ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8")
+        self.sendData(self.http_request_data)
 
     def _cancel_open(self, d: Deferred) -> None:
         if self.transport is not None:
@@ -147,6 +209,8 @@ class RelayClientProtocol(_RelayLeg, WebSocketClientProtocol):
     def connectionLost(self, reason) -> None:
         self.lost_reason = reason.value
         self.tls_failure = describe_tls_failure(reason.value)
+        if self._refusal_head is not None and self.refusal is None:
+            self._read_refusal(closed=True)  # a body delimited by the close
         super().connectionLost(reason)
 
     def onOpen(self) -> None:
@@ -168,7 +232,9 @@ class RelayClientProtocol(_RelayLeg, WebSocketClientProtocol):
             if self.tls_failure is not None:
                 reason_text = f"TLS: {self.tls_failure}"
             self.opened.errback(
-                UpstreamHandshakeFailed(reason_text, status, phrase, cause=self.lost_reason)
+                UpstreamHandshakeFailed(
+                    reason_text, status, phrase, cause=self.lost_reason, refusal=self.refusal
+                )
             )
             return
         server = self.partner
@@ -294,6 +360,16 @@ class RelayServerProtocol(_RelayLeg, WebSocketServerProtocol):
         try:
             await upstream.opened
         except UpstreamHandshakeFailed as e:
+            if e.refusal is not None and e.status >= 300:
+                refusal = e.refusal
+                client = f"{ctx.scheme}://".encode() + ctx.host if ctx.host else None
+                origins = upstream_origins(instance.url, ctx.route.host_header)
+                headers = tuple(rewrite_redirects(refusal.headers, origins, client))
+                raise UpstreamRefused(
+                    f"the upstream refused the WebSocket handshake: {e.status} {e.phrase}".strip(),
+                    status=e.status,
+                    refusal=replace(refusal, headers=headers),
+                ) from e
             if e.status is not None and e.status >= 400:
                 raise UpstreamRefused(
                     f"the upstream refused the WebSocket handshake: {e.status} {e.phrase}".strip(),
@@ -345,6 +421,17 @@ class RelayServerProtocol(_RelayLeg, WebSocketServerProtocol):
             log.failure("unexpected error opening the upstream", failure)
             self._deny = GatewayError("unexpected error opening the upstream")
         self._count_refusal(self._deny)
+        if self._deny.status != 499:
+            ctx = self.context
+            access_log.info(
+                "websocket {route} {path} {peer} refused: {status} {detail}",
+                route=ctx.route.name,
+                path=ctx.path.decode("latin-1"),
+                peer=ctx.peer,
+                status=self._deny.status,
+                detail=self._deny.detail,
+                event="ws_refused",
+            )
         raise ConnectionDeny(self._deny.status, self._deny.detail)
 
     def _count_refusal(self, error: GatewayError) -> None:
@@ -375,29 +462,22 @@ class RelayServerProtocol(_RelayLeg, WebSocketServerProtocol):
         self.factory.registry.pairs.add(self)
 
     def _mirror_compression(self, upstream: RelayClientProtocol) -> Callable:
-        granted = [
-            e for e in upstream.websocket_extensions_in_use if e.EXTENSION_NAME == "permessage-deflate"
-        ]
+        """
+        The client is answered with the parameters the upstream answered the
+        same offer with, so that both legs compress alike (context takeover
+        and all): the bytes on the wire are those of a direct connection.
+        """
+        granted = upstream_deflate_response(upstream)
 
         def accept(offers):
-            if not granted:
+            if granted is None:
                 return None
-            g = granted[0]
             for offer in offers:
-                if not isinstance(offer, PerMessageDeflateOffer):
-                    continue
-                try:
-                    return PerMessageDeflateOfferAccept(
-                        offer,
-                        request_no_context_takeover=bool(
-                            g.client_no_context_takeover and offer.accept_no_context_takeover
-                        ),
-                        request_max_window_bits=g.client_max_window_bits
-                        if offer.accept_max_window_bits and 8 < g.client_max_window_bits < 15
-                        else 0,
-                    )
-                except Exception:
-                    return PerMessageDeflateOfferAccept(offer)
+                if isinstance(offer, PerMessageDeflateOffer):
+                    try:
+                        return mirrored_accept(offer, granted)
+                    except Exception:
+                        continue
             return None
 
         return accept
@@ -409,9 +489,13 @@ class RelayServerProtocol(_RelayLeg, WebSocketServerProtocol):
         error = self._deny or GatewayError(reason, status=code, error="bad_handshake")
         self._deny = None
         self.wasNotCleanReason = error.detail
-        extra = [(str(k).encode("latin-1"), str(v).encode("latin-1")) for k, v in responseHeaders or ()]
-        self.sendData(error.raw_response(extra))
-        self.dropConnection(abort=False)
+        refusal = getattr(error, "refusal", None)
+        if refusal is not None:
+            self.sendData(refusal.raw_response())  # the upstream's own answer
+        else:
+            extra = [(str(k).encode("latin-1"), str(v).encode("latin-1")) for k, v in responseHeaders or ()]
+            self.sendData(error.raw_response(extra))
+        _drop_quietly(self, abort=False)
 
     # -- closing ------------------------------------------------------------
 
@@ -509,6 +593,15 @@ _REFUSAL_OUTCOMES = {
 }
 
 
+def _drop_quietly(protocol: Any, abort: bool) -> None:
+    """
+    End a handshake's connection without Autobahn's warning line: a refused
+    handshake is logged once, as ``ws_refused``, with what the client got.
+    """
+    protocol.wasClean = True
+    protocol.dropConnection(abort=abort)
+
+
 def _describe(e: BaseException) -> str:
     text = str(e).strip()
     return text or type(e).__name__
@@ -516,14 +609,13 @@ def _describe(e: BaseException) -> str:
 
 # -- factories ---------------------------------------------------------------
 
-#: Client headers that belong to the client's handshake (Autobahn writes the upstream's own;
-#: the hybi-08 ``Sec-WebSocket-Origin`` is never passed on as an origin).
-_NOT_FORWARDED = WEBSOCKET_HANDSHAKE | {
-    b"origin",
-    b"sec-websocket-origin",
-    b"pragma",
-    b"cache-control",
-}
+#: Client headers that belong to the client's handshake (the upstream's own are written
+#: for it; the hybi-08 ``Sec-WebSocket-Origin`` is never passed on as an origin).
+_NOT_FORWARDED = WEBSOCKET_HANDSHAKE | {b"origin", b"sec-websocket-origin"}
+
+
+def _text(value: bytes | None) -> str | None:
+    return value.decode("ascii") if value is not None else None
 
 
 class RelayServerFactory(WebSocketServerFactory):
@@ -577,7 +669,9 @@ class RelayServerFactory(WebSocketServerFactory):
             if isinstance(response, PerMessageDeflateResponse)
             else None,
         )
-        # (each upstream connection's compression offers are the client's own: startHandshake)
+        # the client's own offer and the route's Host, per handshake (client_factory_for)
+        self._client_template.extension_offer = ""
+        self._client_template.host_value = None
         self._client_template.protocol = with_options(RelayClientProtocol, self._client_template)
         self._client_template.protocol.tcp_keepalive = gateway.tcp_keepalive
 
@@ -619,8 +713,9 @@ class RelayServerFactory(WebSocketServerFactory):
             useragent=None,
             headers=headers,
         )
-        # The client's own offers, as parsed, are what the upstream is offered.
-        factory.perMessageCompressionOffers = _client_offers(request) if self.compression else []
+        offers = [value for name, value in ctx.headers if name.lower() == b"sec-websocket-extensions"]
+        factory.extension_offer = deflate_offer(offers) if self.compression else ""
+        factory.host_value = _text(upstream_host(ctx.route.host_header, ctx.host))
         return factory
 
 
@@ -640,15 +735,42 @@ def with_options(protocol: type, factory: Any) -> type:
     return type(protocol.__name__, (protocol,), options)
 
 
-def _client_offers(request) -> list[PerMessageDeflateOffer]:
-    offers = []
-    for extension, params in request.extensions:
+def deflate_offer(values: Sequence[bytes]) -> str:
+    """
+    The ``permessage-deflate`` elements of a client's ``Sec-WebSocket-Extensions``,
+    as written (parameters, order, spacing), for the upstream's handshake;
+    other extensions are left out (the relay implements only this one).
+    """
+    elements = []
+    for value in values:
+        for element in value.decode("utf-8", "replace").split(","):
+            if element.split(";", 1)[0].strip().lower() == "permessage-deflate":
+                elements.append(element.strip())
+    return ", ".join(elements)
+
+
+def upstream_deflate_response(upstream: Any) -> PerMessageDeflateResponse | None:
+    """The upstream's ``permessage-deflate`` answer, as it wrote it (None without one)."""
+    if not any(e.EXTENSION_NAME == "permessage-deflate" for e in upstream.websocket_extensions_in_use):
+        return None
+    text = upstream.http_headers.get("sec-websocket-extensions", "")
+    for extension, params in upstream._parseExtensionsHeader(text):
         if extension == "permessage-deflate":
-            try:
-                offers.append(PerMessageDeflateOffer.parse(params))
-            except Exception:
-                continue
-    return offers
+            return PerMessageDeflateResponse.parse(params)
+    return None
+
+
+def mirrored_accept(
+    offer: PerMessageDeflateOffer, response: PerMessageDeflateResponse
+) -> PerMessageDeflateOfferAccept:
+    """Accept the client's ``offer`` with what the upstream answered it with."""
+    return PerMessageDeflateOfferAccept(
+        offer,
+        request_no_context_takeover=bool(response.client_no_context_takeover),
+        request_max_window_bits=response.client_max_window_bits or 0,
+        no_context_takeover=True if response.server_no_context_takeover else None,
+        window_bits=response.server_max_window_bits or None,
+    )
 
 
 # -- handing a twisted.web request over to the relay ------------------------

@@ -95,7 +95,7 @@ def _request(path: str, headers: dict[str, str] | None = None, *, upgrade: bool 
 
 async def _handshake(port: int, path: str, headers: dict[str, str] | None = None) -> tuple[int, dict | None]:
     """
-    A raw WebSocket upgrade: the status, and the JSON body of a refusal. An
+    A raw WebSocket upgrade: the status, and the JSON body of the gateway's refusal. An
     accepted connection is dropped at once (the gateway then closes its upstream).
     """
     client = await raw_connect(port)
@@ -107,6 +107,8 @@ async def _handshake(port: int, path: str, headers: dict[str, str] | None = None
         status = int(data.split(b" ", 2)[1])
         if status == 101:
             return status, None
+        if b"application/json" not in data.lower():
+            return status, None  # an upstream's own refusal, passed on as it is
         whole = client.wait_for(b"}\n")
         whole.addTimeout(GUARD, reactor)
         return http_error(await whole)

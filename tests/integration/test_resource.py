@@ -359,7 +359,7 @@ async def test_an_upstream_url_with_an_upper_case_scheme_relays_websockets():
 
 @pytest_twisted.ensureDeferred
 async def test_an_upgrade_the_upstream_refuses_logs_no_unhandled_error():
-    """The client gets the upstream's 403 as JSON and the gateway's log stays free of errors."""
+    """The client gets the upstream's 403 as it wrote it and the gateway's log stays free of errors."""
     errors: list[dict] = []
 
     def observe(event: dict) -> None:
@@ -381,6 +381,5 @@ async def test_an_upgrade_the_upstream_refuses_logs_no_unhandled_error():
         globalLogPublisher.removeObserver(observe)
         await gw.close()
         await up_port.stopListening()
-    status, document = http_error(raw)
-    assert (status, document["error"]) == (403, "upstream_refused")
+    assert raw.startswith(b"HTTP/1.1 403 members only\r\n"), raw
     assert [e.get("log_text") or e.get("log_format") or e.get("why") for e in errors] == []
