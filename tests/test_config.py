@@ -120,6 +120,9 @@ BAD_CONFIGS = [
     ("section given twice", "[gateway]\n[gateway]\n" + ROUTE, "gateway", None, "twice"),
     ("bad escaped_slashes", ROUTE + "escaped_slashes = decode\n", "route:chat", "escaped_slashes",
      "keep, reject"),
+    ("bad host_header", ROUTE + "host_header = http://chat.example.com\n", "route:chat", "host_header",
+     "client, upstream or a host"),
+    ("bad route request_timeout", ROUTE + "request_timeout = 0\n", "route:chat", "request_timeout", "positive number"),
     ("bad header name to strip", "[gateway]\nstrip_request_headers = X-Real-IP X:Y\n" + ROUTE,
      "gateway", "strip_request_headers", "'x:y'"),
     ("cookie auth on a WebSocket route open to every origin",
@@ -496,3 +499,11 @@ def test_a_bad_tcp_keepalive_is_one_line_naming_it(text):
 def test_check_shows_tcp_keepalive_as_written(line, shown):
     text = describe_settings(parse_config(f"[gateway]\n{line}\n" + ROUTE))
     assert f"\ntcp_keepalive = {shown}\n" in text
+
+
+def test_transparency_keys_default_to_what_a_direct_connection_sees():
+    """The client's Host by default; the gateway's request_timeout unless a route sets its own."""
+    route = parse_config(ROUTE).routes[0]
+    assert (route.host_header, route.request_timeout) == ("client", None)
+    route = parse_config(ROUTE + "host_header = Internal.Example:8080\nrequest_timeout = 40\n").routes[0]
+    assert (route.host_header, route.request_timeout) == ("internal.example:8080", 40.0)

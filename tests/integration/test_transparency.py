@@ -11,6 +11,7 @@ import json
 
 import pytest
 import pytest_twisted
+from twisted.internet import reactor
 from autobahn.websocket.compress import PerMessageDeflateOfferAccept
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import LogLevel, capturedLogs
@@ -237,6 +238,30 @@ async def test_upstream_refusals_reach_the_client_whole(answer, close, expected)
         assert gw.resource.pools["chat"].instances[0].failures == 0
         lines = [(e.get("log_namespace"), e.get("log_format")) for e in events if e.get("log_level") >= LogLevel.info]
         assert lines == [("twisted_gateway.access", "websocket {route} {path} {peer} refused: {status} {detail}")]
+    finally:
+        await gw.resource.stop()
+        await gw.close()
+        await up.stopListening()
+
+
+class Silent(Protocol):
+    """An upstream that reads the request and never answers (a long poll held open)."""
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_route_may_shorten_or_lengthen_request_timeout():
+    """The route's request_timeout decides when a held request gets its 504, not the gateway's."""
+    up = await listen(Factory.forProtocol(Silent))
+    config = route_config(
+        up.getHost().port, extra_gateway="request_timeout = 0.2", extra_route="request_timeout = 1.5"
+    )
+    gw = await start_gateway(config)
+    try:
+        started = reactor.seconds()
+        head, _ = await http_get(gw.number, "/v1/chat/poll")
+        assert head.startswith(b"HTTP/1.1 504")
+        # not cut at the gateway's 0.2 s (a lower bound only: no speed limit is asserted)
+        assert reactor.seconds() - started >= 1.5
     finally:
         await gw.resource.stop()
         await gw.close()
