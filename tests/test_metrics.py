@@ -120,13 +120,21 @@ def test_open_pairs_gauge_and_closes_by_side_and_code() -> None:
     s = scrape(m.registry)
     assert value(s, "wsgateway_ws_open", route="chat") == 1
     closes = "wsgateway_ws_closes_total"
-    assert value(s, closes, route="chat", side="client", code="1000") == 1
-    assert value(s, closes, route="chat", side="upstream", code="1014") == 1
+    assert value(s, closes, route="chat", side="client", code="1000", reason="close_frame") == 1
+    assert value(s, closes, route="chat", side="upstream", code="1014", reason="close_frame") == 1
 
     m.ws_closed("chat", "gateway", None)
     s = scrape(m.registry)
     assert value(s, "wsgateway_ws_open", route="chat") == 0
-    assert value(s, closes, route="chat", side="gateway", code="none") == 1
+    assert value(s, closes, route="chat", side="gateway", code="none", reason="lost") == 1
+
+    m.ws_closed("chat", "gateway", 1008, "send_timeout")
+    m.ws_closed("chat", "client", 1006)
+    m.ws_closed("chat", "gateway", 1001, "a reason nobody planned for")
+    s = scrape(m.registry)
+    assert value(s, closes, route="chat", side="gateway", code="1008", reason="send_timeout") == 1
+    assert value(s, closes, route="chat", side="client", code="1006", reason="lost") == 1
+    assert value(s, closes, route="chat", side="gateway", code="1001", reason="other") == 1
 
 
 def test_auth_failures_by_reason() -> None:
@@ -193,7 +201,7 @@ FAMILIES = [
     ("wsgateway_ws_messages", "counter", {"route", "direction"}),
     ("wsgateway_ws_bytes", "counter", {"route", "direction"}),
     ("wsgateway_ws_message_size_bytes", "histogram", {"route", "direction"}),
-    ("wsgateway_ws_closes", "counter", {"route", "side", "code"}),
+    ("wsgateway_ws_closes", "counter", {"route", "side", "code", "reason"}),
     ("wsgateway_upstream_up", "gauge", {"route", "upstream"}),
     ("wsgateway_upstream_open_connections", "gauge", {"route", "upstream"}),
     ("wsgateway_auth_failures", "counter", {"route", "reason"}),

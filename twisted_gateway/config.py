@@ -197,6 +197,7 @@ class GatewaySettings:
     client_body_timeout: float = 60.0
     keepalive_timeout: float = 75.0
     tcp_keepalive: TCPKeepalive | None = DEFAULT_KEEPALIVE
+    ws_send_timeout: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -272,6 +273,7 @@ _GATEWAY_KEYS: Mapping[str, Key] = {
     "client_body_timeout": Key(parse_positive_float, 60.0),
     "keepalive_timeout": Key(parse_positive_float, 75.0),
     "tcp_keepalive": Key(parse_tcp_keepalive, DEFAULT_KEEPALIVE),
+    "ws_send_timeout": Key(parse_non_negative_float, 60.0),
 }
 
 _ROUTE_KEYS: Mapping[str, Key] = {

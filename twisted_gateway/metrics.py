@@ -51,6 +51,20 @@ HANDSHAKE_OUTCOMES = frozenset(
     }
 )
 CLOSE_SIDES = frozenset({"client", "upstream", "gateway"})
+#: Why a pair ended: a close frame or a lost connection (client, upstream), or
+#: the gateway's decision; anything else counts as ``other``.
+CLOSE_REASONS = frozenset(
+    {
+        "close_frame",
+        "lost",
+        "ping_timeout",
+        "keepalive",
+        "send_timeout",
+        "protocol_error",
+        "token_expired",
+        "gateway",
+    }
+)
 #: RFC 6750 error codes and the gateway's own; anything else counts as ``other``.
 AUTH_FAILURE_REASONS = frozenset(
     {"missing_token", "invalid_token", "expired_token", "insufficient_scope", "forbidden"}
@@ -171,7 +185,7 @@ class RouteCounters:
         self.http_duration_sum = 0.0
         self.handshakes: dict[str, int] = {}
         self.open = 0
-        self.closes: dict[tuple[str, str], int] = {}
+        self.closes: dict[tuple[str, str, str], int] = {}
         self.auth_failures: dict[str, int] = {}
         self.flows = {direction: MessageFlow() for direction in DIRECTIONS}
 
@@ -257,13 +271,19 @@ class Metrics:
         """A relay pair is open; pair every call with one :meth:`ws_closed`."""
         (self._routes.get(route) or self.route(route)).open += 1
 
-    def ws_closed(self, route: str, side: str, code: int | None) -> None:
-        """A relay pair is gone; ``side`` closed first, with ``code``."""
+    def ws_closed(self, route: str, side: str, code: int | None, reason: str = "") -> None:
+        """
+        A relay pair is gone; ``side`` closed first, with ``code``, for
+        ``reason`` (one of CLOSE_REASONS; by default a close frame, or
+        ``lost`` for 1006 or no code).
+        """
         if side not in CLOSE_SIDES:
             raise ValueError(f"unknown close side {side!r}")
         counters = self._routes.get(route) or self.route(route)
         counters.open -= 1
-        key = (side, normalize_close_code(code))
+        if not reason:
+            reason = "lost" if code in (None, 1006) else "close_frame"
+        key = (side, normalize_close_code(code), reason if reason in CLOSE_REASONS else "other")
         counters.closes[key] = counters.closes.get(key, 0) + 1
 
     def connection_refused(self) -> None:
@@ -333,8 +353,8 @@ class GatewayCollector(Collector):
                 messages.add_metric(labels, flow.messages)
                 bytes_.add_metric(labels, flow.bytes)
                 sizes.add_metric(labels, _buckets(MESSAGE_SIZE_BUCKETS, flow.sizes), flow.bytes)
-            for (side, code), n in sorted(r.closes.items()):
-                closes.add_metric([r.name, side, code], n)
+            for (side, code, reason), n in sorted(r.closes.items()):
+                closes.add_metric([r.name, side, code, reason], n)
             for reason, n in sorted(r.auth_failures.items()):
                 auth.add_metric([r.name, reason], n)
         try:
@@ -382,8 +402,8 @@ def _families() -> list[Metric]:
         ),
         CounterMetricFamily(
             "wsgateway_ws_closes",
-            "WebSocket relay pairs closed, by the side that closed first and its close code.",
-            labels=["route", "side", "code"],
+            "WebSocket relay pairs closed, by the side that closed first, its close code and why.",
+            labels=["route", "side", "code", "reason"],
         ),
         GaugeMetricFamily(
             "wsgateway_upstream_up", "1 if the upstream is considered up.", labels=["route", "upstream"]

@@ -29,6 +29,7 @@ from twisted_gateway.http_proxy import HTTPForwarder
 from twisted_gateway.logs import secret_names
 from twisted_gateway.metrics import UNROUTED, Load, Metrics, MetricsResource
 from twisted_gateway.routing import RouteTable, check_escaped_path, normalize_path, split_uri
+from twisted_gateway.send_timeout import SendTimeout
 from twisted_gateway.tls import UpstreamTLSPolicy, warn_unverified
 from twisted_gateway.upstreams import (
     UP,
@@ -100,6 +101,7 @@ class GatewayResource(Resource):
         self.keepalive = KeepAlive(
             self.registry, reactor, settings.gateway.ws_ping_interval, settings.gateway.ws_ping_timeout
         )
+        self.send_timeout = SendTimeout(self.registry, reactor, settings.gateway.ws_send_timeout)
         self.health_checker = _build_health_checker(
             self.pools.values(), reactor, settings, connect, tls_policy
         )
@@ -127,8 +129,9 @@ class GatewayResource(Resource):
         )
 
     def start(self) -> None:
-        """Start the background work: keepalive pings, health checks, JWKS refresh."""
+        """Start the background work: keepalive pings, the send timeout, health checks, JWKS refresh."""
         self.keepalive.start()
+        self.send_timeout.start()
         if self.health_checker is not None:
             self.health_checker.start()
         if self.authenticator is not None:
@@ -137,6 +140,7 @@ class GatewayResource(Resource):
     async def stop(self) -> None:
         """Stop what :meth:`start` started (and close an own HTTP forwarder's idle connections)."""
         self.keepalive.stop()
+        self.send_timeout.stop()
         if self.health_checker is not None:
             await self.health_checker.stop()
         if self.authenticator is not None:

@@ -56,16 +56,22 @@ def parse_tcp_keepalive(text: str) -> TCPKeepalive | None:
     return TCPKeepalive(*numbers)
 
 
-def tcp_socket(transport: Any) -> socket.socket | None:
-    """The TCP socket under ``transport`` (through TLS), or None."""
+def tcp_transport(transport: Any) -> Any:
+    """The transport that owns the TCP socket under ``transport`` (through TLS), or None."""
     for _ in range(4):
         if transport is None:
             return None
         sock = getattr(transport, "socket", None)
         if isinstance(sock, socket.socket) and sock.type == socket.SOCK_STREAM:
-            return sock
+            return transport
         transport = getattr(transport, "transport", None)
     return None
+
+
+def tcp_socket(transport: Any) -> socket.socket | None:
+    """The TCP socket under ``transport`` (through TLS), or None."""
+    owner = tcp_transport(transport)
+    return owner.socket if owner is not None else None
 
 
 def set_keepalive(transport: Any, keepalive: TCPKeepalive | None) -> None:

@@ -68,12 +68,15 @@ from twisted_gateway.tls import describe_tls_failure
 from twisted_gateway.upstreams import UpstreamPool
 from twisted_gateway.ws_relay import (
     CLIENT_LOST,
+    CLIENT_STALLED,
     CLOSED,
     LEG_BUFFER_SIZE,
     OPEN,
+    SLOW_CONSUMER,
     TOKEN_EXPIRED,
     UNRESPONSIVE,
     UPSTREAM_LOST,
+    UPSTREAM_STALLED,
     RelayRegistry,
     _cancel_timers,
     _RelayLeg,
@@ -252,8 +255,8 @@ class RelayServerProtocol(_RelayLeg, WebSocketServerProtocol):
     def __init__(self) -> None:
         super().__init__()
         self.pair = self
-        #: (side, code) of whatever ended the pair first
-        self.ending: tuple[str, int | None] | None = None
+        #: (side, code, reason) of whatever ended the pair first
+        self.ending: tuple[str, int | None, str] | None = None
         self._opened_at = 0.0
         self._handshake: Deferred | None = None
         self._deny: GatewayError | None = None
@@ -400,13 +403,13 @@ class RelayServerProtocol(_RelayLeg, WebSocketServerProtocol):
     def _token_expired(self) -> None:
         """No WebSocket outlives its token: close both legs with 1008."""
         self._expiry = None
-        self.close_both(TOKEN_EXPIRED)
+        self.close_both(TOKEN_EXPIRED, "token_expired")
 
-    def close_both(self, close: tuple[int, bytes]) -> None:
+    def close_both(self, close: tuple[int, bytes], reason: str = "gateway") -> None:
         """The gateway ends the pair: the same close on both legs (expiry, drain)."""
-        self.close_with(close)
+        self.close_with(close, reason)
         if self.partner is not None:
-            self.partner.close_with(close)
+            self.partner.close_with(close, reason)
 
     def _refuse(self, failure):
         if failure.check(TimeoutError):
@@ -515,19 +518,19 @@ class RelayServerProtocol(_RelayLeg, WebSocketServerProtocol):
         # (a leg the gateway failed has closed the other already: _RelayLeg._fail_connection)
         if other.state == OPEN and not leg.close_relayed and leg.remoteCloseCode is None and not leg.wasClean:
             if leg.timed_out:  # a silent vanish, found by TCP keepalive
-                self.leg_unresponsive(leg)
+                self.leg_unresponsive(leg, "keepalive")
             else:
                 self.record_end(leg.side, 1006)
                 other.close_with(UPSTREAM_LOST if leg is upstream else CLIENT_LOST)
         if self.state == CLOSED and upstream.state == CLOSED:
             self._finish()
 
-    def leg_unresponsive(self, leg: _RelayLeg) -> None:
+    def leg_unresponsive(self, leg: _RelayLeg, reason: str) -> None:
         """
-        A leg stopped answering (keepalive pings, or TCP keepalive): the other
-        gets 1011; an upstream's silence counts against its instance.
+        A leg stopped answering (``ping_timeout``, or TCP ``keepalive``): the
+        other gets 1011; an upstream's silence counts against its instance.
         """
-        self.record_end("gateway", 1011)
+        self.record_end("gateway", 1011, reason)
         if leg is not self and self._instance is not None:
             fault = classify(None, client_gone=self.state == CLOSED, silent=True)
             if fault.counts:
@@ -536,10 +539,25 @@ class RelayServerProtocol(_RelayLeg, WebSocketServerProtocol):
         if other is not None:
             other.close_with(UNRESPONSIVE)
 
-    def record_end(self, side: str, code: int | None) -> None:
-        """Remember what ended the pair first (for metrics and the session log)."""
+    def slow_consumer(self, leg: _RelayLeg) -> None:
+        """
+        ``ws_send_timeout``: ``leg``'s peer accepted nothing of what waits for
+        it. It gets 1008 "slow consumer" (queued behind what it does not read:
+        the close handshake timeout aborts it if the frame cannot get through)
+        and the other leg 1001 (upstream) or 1014 (client), read again so that
+        its close handshake can finish.
+        """
+        other = self.partner if leg is self else self
+        leg.close_with(SLOW_CONSUMER, "send_timeout")
+        if other is not None and other.state == OPEN:
+            other.close_with(CLIENT_STALLED if leg is self else UPSTREAM_STALLED)
+            if other.transport is not None:
+                other.transport.resumeProducing()
+
+    def record_end(self, side: str, code: int | None, reason: str = "") -> None:
+        """Remember what ended the pair first, and why (for metrics and the session log)."""
         if self.ending is None:
-            self.ending = (side, code)
+            self.ending = (side, code, reason)
 
     def _finish(self) -> None:
         if self.done.called:
@@ -564,8 +582,8 @@ class RelayServerProtocol(_RelayLeg, WebSocketServerProtocol):
 
     def _log_session(self) -> None:
         factory, upstream = self.factory, self.partner
-        side, code = self.ending or ("gateway", None)
-        factory.metrics.ws_closed(factory.route.name, side, code)
+        side, code, reason = self.ending or ("gateway", None, "")
+        factory.metrics.ws_closed(factory.route.name, side, code, reason)
         access_log.info(
             "websocket {route} {path} {peer} closed by {side} ({code}) after {duration:.3f}s",
             route=factory.route.name,
@@ -575,6 +593,7 @@ class RelayServerProtocol(_RelayLeg, WebSocketServerProtocol):
             duration=factory.clock.seconds() - self._opened_at,
             side=side,
             code=code,
+            reason=reason or None,
             messages_in=self.messages,
             bytes_in=self.bytes,
             messages_out=upstream.messages if upstream is not None else 0,

@@ -41,6 +41,12 @@ CLIENT_LOST = (1001, b"client went away")
 PEER_FAILED = (1001, b"going away")
 #: Close sent to both legs when the client's token expires.
 TOKEN_EXPIRED = (1008, b"token expired")
+#: Close sent to a leg whose peer accepted nothing of what waited for it (ws_send_timeout).
+SLOW_CONSUMER = (1008, b"slow consumer")
+#: Close sent to the upstream when the client stopped reading.
+CLIENT_STALLED = (1001, b"client stopped reading")
+#: Close sent to the client when the upstream stopped reading.
+UPSTREAM_STALLED = (1014, b"upstream stopped reading")
 #: Close sent to one leg when the other did not answer a keepalive ping,
 #: or TCP keepalive found it gone.
 UNRESPONSIVE = (1011, b"peer unresponsive")
@@ -92,6 +98,8 @@ class _RelayLeg:
     ping_round = 0
     #: the kernel ended this leg's connection: TCP keepalive (or retransmissions) unanswered
     timed_out = False
+    #: (since when, bytes acknowledged then) while data waits for this leg's peer (send_timeout)
+    stalled: tuple[float, int] | None = None
 
     #: both legs open without extensions: whole data frames pass through as bytes
     passthrough = False
@@ -218,7 +226,7 @@ class _RelayLeg:
 
     def unresponsive(self) -> None:
         """No pong to the gateway's keepalive ping: drop this leg, 1011 to the other."""
-        self.pair.leg_unresponsive(self)
+        self.pair.leg_unresponsive(self, "ping_timeout")
         self.wasNotCleanReason = "peer unresponsive"
         self.dropConnection(abort=True)
 
@@ -239,14 +247,17 @@ class _RelayLeg:
         WebSocketProtocol._fail_connection(self, code, reason)
         peer = self.partner
         if self.failedByMe and peer is not None and peer.state == OPEN:
-            self.pair.record_end("gateway", code)
+            self.pair.record_end("gateway", code, "protocol_error")
             peer.close_with(PEER_FAILED)
 
-    def close_with(self, close: tuple[int, bytes]) -> None:
-        """Close this leg with any legal code (``sendClose`` allows only a few)."""
+    def close_with(self, close: tuple[int, bytes], reason: str = "gateway") -> None:
+        """
+        Close this leg with any legal code (``sendClose`` allows only a few);
+        ``reason`` is why the gateway ends the pair, when it is the first to.
+        """
         if self.state == OPEN:
             if self.pair is not None:
-                self.pair.record_end("gateway", close[0])
+                self.pair.record_end("gateway", close[0], reason)
             self.close_relayed = True
             self.sendCloseFrame(close[0], close[1])
 

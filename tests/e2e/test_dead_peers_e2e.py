@@ -17,6 +17,8 @@ import re
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -45,6 +47,43 @@ asyncio.run(main(sys.argv[1]))
 """
 
 
+#: An upstream on argv[1] that sends 64 KiB messages as fast as it may; then the close it got.
+FLOOD_SCRIPT = """
+import asyncio, sys
+from websockets.asyncio.server import serve
+from websockets.exceptions import ConnectionClosed
+
+async def flood(ws):
+    try:
+        while True:
+            await ws.send(bytes(65536))
+            await asyncio.sleep(0)  # let the close the gateway sends be read
+    except ConnectionClosed:
+        pass
+    print("CLOSE", ws.close_code, ws.close_reason or "-", flush=True)
+
+async def main():
+    async with serve(flood, sys.argv[1], 0, ping_interval=None) as server:
+        print("PORT", server.sockets[0].getsockname()[1], flush=True)
+        await asyncio.Future()
+
+asyncio.run(main())
+"""
+
+#: A client that opens a WebSocket and then reads nothing (an app frozen in the background).
+STALLED_CLIENT_SCRIPT = """
+import asyncio, sys
+from websockets.asyncio.client import connect
+
+async def main(url):
+    ws = await connect(url, ping_interval=None, open_timeout=30, max_queue=1, compression=None)
+    print("OPEN", flush=True)
+    await asyncio.Future()
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
 def _python(tmp_path: Path, name: str, text: str, *args: str, netns: str | None = None) -> _Process:
     path = tmp_path / name
     path.write_text(text)
@@ -52,10 +91,10 @@ def _python(tmp_path: Path, name: str, text: str, *args: str, netns: str | None 
     return _Process([*prefix, sys.executable, str(path), *args], tmp_path)
 
 
-def _config(listen: str, upstream: str, keepalive: str) -> str:
+def _config(listen: str, upstream: str, keepalive: str, extra: str = "") -> str:
     return (
         f"[gateway]\nlisten = tcp:0:interface={listen}\nws_ping_interval = 0\n"
-        f"tcp_keepalive = {keepalive}\n\n"
+        f"tcp_keepalive = {keepalive}\n{extra}\n"
         f"[route:chat]\nprefix = /chat\nupstream = {upstream}\n"
     )
 
@@ -111,93 +150,53 @@ def namespace():
         ns.remove()
 
 
-def test_both_legs_of_a_pair_show_a_tcp_keepalive_timer(tmp_path):
-    """With pings off, the client's socket and the upstream's both carry the kernel's keepalive timer."""
-    processes = []
-    try:
-        upstream = _python(tmp_path, "upstream.py", UPSTREAM_SCRIPT, "127.0.0.1")
-        processes.append(upstream)
-        up_port = int(upstream.wait_for(r"^PORT (\d+)").group(1))
-        gateway = _gateway(tmp_path, _config("127.0.0.1", f"http://127.0.0.1:{up_port}", "30 5 3"))
-        processes.append(gateway)
-        port = int(gateway.wait_for(LISTENING).group(1))
-        client = _python(tmp_path, "client.py", CLIENT_SCRIPT, f"ws://127.0.0.1:{port}/chat/ws")
-        processes.append(client)
-        client.wait_for(r"^OPEN")
+@dataclass
+class _Run:
+    """An upstream, a gateway in front of it and one client, each a process."""
 
-        # (while a segment is unacknowledged ss shows the retransmit timer instead)
-        for _ in range(100):
-            lines = _gateway_sockets(gateway.process.pid)
-            client_leg = [line for line in lines if f"127.0.0.1:{port} " in line]
-            upstream_leg = [line for line in lines if f"127.0.0.1:{up_port} " in line]
-            assert len(client_leg) == 1 and len(upstream_leg) == 1, lines
-            if all("timer:(keepalive," in line for line in (*client_leg, *upstream_leg)):
-                break
-            time.sleep(0.1)
-        for line in (*client_leg, *upstream_leg):
-            assert "timer:(keepalive," in line, line
-    finally:
-        for process in processes:
-            process.stop()
+    upstream: _Process
+    up_port: int
+    gateway: _Process
+    port: int
+    client: _Process
 
 
-def test_a_client_whose_traffic_is_dropped_ends_its_pair_with_1011_to_the_upstream(tmp_path, namespace):
-    """
-    A client that vanishes without a FIN, pings off: TCP keepalive (2 1 3) finds
-    it, the upstream gets 1011 "peer unresponsive" and the gateway holds nothing.
-    """
-    processes = []
-    try:
-        upstream = _python(tmp_path, "upstream.py", UPSTREAM_SCRIPT, "127.0.0.1")
-        processes.append(upstream)
-        up_port = int(upstream.wait_for(r"^PORT (\d+)").group(1))
-        gateway = _gateway(tmp_path, _config(namespace.host, f"http://127.0.0.1:{up_port}", "2 1 3"))
-        processes.append(gateway)
-        port = int(gateway.wait_for(LISTENING).group(1))
-        url = f"ws://{namespace.host}:{port}/chat/ws"
-        client = _python(tmp_path, "client.py", CLIENT_SCRIPT, url, netns=namespace.name)
-        processes.append(client)
-        client.wait_for(r"^OPEN")
-        namespace.cut()
-
-        assert upstream.wait_for(r"^CLOSE ").string.split(None, 2)[1:] == ["1011", "peer unresponsive\n"]
-        assert _websockets_eventually(namespace.host, port) == 0
-    finally:
-        for process in processes:
-            process.stop()
-
-
-def test_an_upstream_whose_traffic_is_dropped_closes_the_client_with_1011_and_counts_against_it(
-    tmp_path, namespace
+@contextmanager
+def _running(
+    tmp_path: Path,
+    *,
+    upstream_host: str = "127.0.0.1",
+    listen: str = "127.0.0.1",
+    upstream_script: str = UPSTREAM_SCRIPT,
+    client_script: str = CLIENT_SCRIPT,
+    keepalive: str = "2 1 3",
+    extra: str = "",
+    upstream_netns: str | None = None,
+    client_netns: str | None = None,
 ):
-    """
-    An upstream host that vanishes, pings off: TCP keepalive finds it, the
-    client gets 1011 and passive health counts a keepalive_timeout failure.
-    """
-    processes = []
+    """Start the three processes, the client once its WebSocket is open; stop them all after."""
+    processes: list[_Process] = []
     try:
-        upstream = _python(tmp_path, "upstream.py", UPSTREAM_SCRIPT, namespace.far, netns=namespace.name)
+        upstream = _python(tmp_path, "upstream.py", upstream_script, upstream_host, netns=upstream_netns)
         processes.append(upstream)
         up_port = int(upstream.wait_for(r"^PORT (\d+)").group(1))
-        config = _config("127.0.0.1", f"http://{namespace.far}:{up_port}", "2 1 3")
+        config = _config(listen, f"http://{upstream_host}:{up_port}", keepalive, extra)
         gateway = _gateway(tmp_path, config)
         processes.append(gateway)
         port = int(gateway.wait_for(LISTENING).group(1))
-        client = _python(tmp_path, "client.py", CLIENT_SCRIPT, f"ws://127.0.0.1:{port}/chat/ws")
+        url = f"ws://{listen}:{port}/chat/ws"
+        client = _python(tmp_path, "client.py", client_script, url, netns=client_netns)
         processes.append(client)
         client.wait_for(r"^OPEN")
-        namespace.cut()
-
-        assert client.wait_for(r"^CLOSE ").string.split(None, 2)[1:] == ["1011", "peer unresponsive\n"]
-        assert _websockets_eventually("127.0.0.1", port) == 0
-        sample = (
-            'wsgateway_upstream_failures_total{reason="keepalive_timeout",route="chat",'
-            f'upstream="http://{namespace.far}:{up_port}"}}'
-        )
-        assert _metric(port, sample) == 1
+        yield _Run(upstream, up_port, gateway, port, client)
     finally:
         for process in processes:
             process.stop()
+
+
+def _close(process: _Process) -> list[str]:
+    """The code and reason of the close a peer script reports."""
+    return process.wait_for(r"^CLOSE ").string.rstrip("\n").split(None, 2)[1:]
 
 
 def _websockets_eventually(host: str, port: int) -> int:
@@ -213,3 +212,67 @@ def _websockets_eventually(host: str, port: int) -> int:
             return 0
         time.sleep(0.1)
     return count
+
+
+def test_both_legs_of_a_pair_show_a_tcp_keepalive_timer(tmp_path):
+    """With pings off, the client's socket and the upstream's both carry the kernel's keepalive timer."""
+    with _running(tmp_path, keepalive="30 5 3") as run:
+        # (while a segment is unacknowledged ss shows the retransmit timer instead)
+        for _ in range(100):
+            lines = _gateway_sockets(run.gateway.process.pid)
+            client_leg = [line for line in lines if f"127.0.0.1:{run.port} " in line]
+            upstream_leg = [line for line in lines if f"127.0.0.1:{run.up_port} " in line]
+            assert len(client_leg) == 1 and len(upstream_leg) == 1, lines
+            if all("timer:(keepalive," in line for line in (*client_leg, *upstream_leg)):
+                break
+            time.sleep(0.1)
+        for line in (*client_leg, *upstream_leg):
+            assert "timer:(keepalive," in line, line
+
+
+def test_a_client_whose_traffic_is_dropped_ends_its_pair_with_1011_to_the_upstream(tmp_path, namespace):
+    """
+    A client that vanishes without a FIN, pings off: TCP keepalive (2 1 3) finds
+    it, the upstream gets 1011 "peer unresponsive" and the gateway holds nothing.
+    """
+    with _running(tmp_path, listen=namespace.host, client_netns=namespace.name) as run:
+        namespace.cut()
+        assert _close(run.upstream) == ["1011", "peer unresponsive"]
+        assert _websockets_eventually(namespace.host, run.port) == 0
+
+
+def test_an_upstream_whose_traffic_is_dropped_closes_the_client_with_1011_and_counts_against_it(
+    tmp_path, namespace
+):
+    """
+    An upstream host that vanishes, pings off: TCP keepalive finds it, the
+    client gets 1011 and passive health counts a keepalive_timeout failure.
+    """
+    with _running(tmp_path, upstream_host=namespace.far, upstream_netns=namespace.name) as run:
+        namespace.cut()
+        assert _close(run.client) == ["1011", "peer unresponsive"]
+        assert _websockets_eventually("127.0.0.1", run.port) == 0
+        sample = (
+            'wsgateway_upstream_failures_total{reason="keepalive_timeout",route="chat",'
+            f'upstream="http://{namespace.far}:{run.up_port}"}}'
+        )
+        assert _metric(run.port, sample) == 1
+
+
+def test_with_pings_off_a_client_that_stops_reading_is_let_go_after_ws_send_timeout(tmp_path):
+    """
+    An upstream floods a client that reads nothing, pings off: once nothing
+    moved for ws_send_timeout, the upstream gets 1001 "client stopped reading",
+    the close is counted as send_timeout and the gateway holds nothing.
+    """
+    with _running(
+        tmp_path,
+        upstream_script=FLOOD_SCRIPT,
+        client_script=STALLED_CLIENT_SCRIPT,
+        keepalive="off",
+        extra="ws_send_timeout = 3\n",
+    ) as run:
+        assert _close(run.upstream) == ["1001", "client stopped reading"]
+        assert _websockets_eventually("127.0.0.1", run.port) == 0
+        sample = 'wsgateway_ws_closes_total{code="1008",reason="send_timeout",route="chat",side="gateway"}'
+        assert _metric(run.port, sample) == 1

@@ -241,7 +241,8 @@ async def test_metrics_count_relayed_messages_bytes_opens_and_closes_per_directi
 
         after = await _scrape(gw.number)
         assert _value(after, "wsgateway_ws_open", **route) == 0
-        assert _moved(before, after, "wsgateway_ws_closes_total", side="client", code="1000", **route) == 1
+        frame = dict(reason="close_frame", **route)
+        assert _moved(before, after, "wsgateway_ws_closes_total", side="client", code="1000", **frame) == 1
 
         # The upstream closing first is counted on its side, with its code.
         client = await ws_connect(gw.url("/v1/chat/ws?room=metrics"))
@@ -251,7 +252,7 @@ async def test_metrics_count_relayed_messages_bytes_opens_and_closes_per_directi
         await settle(lambda: not gw.registry.pairs, "the pair gone")
         last = await _scrape(gw.number)
         assert _value(last, "wsgateway_ws_open", **route) == 0
-        assert _moved(after, last, "wsgateway_ws_closes_total", side="upstream", code="4001", **route) == 1
+        assert _moved(after, last, "wsgateway_ws_closes_total", side="upstream", code="4001", **frame) == 1
         assert _moved(before, last, "wsgateway_ws_handshakes_total", outcome="accepted", **route) == 2
 
     sessions = [e for e in access.events if e.get("event") == "ws_session"]
@@ -567,7 +568,8 @@ async def test_keepalive_drops_a_silent_upstream_and_closes_the_client_with_1011
     assert not upstream_leg.wasClean
     await settle(lambda: not gw.registry.pairs, "the pair gone")
     after = await _scrape(gw.number)
-    assert _moved(before, after, "wsgateway_ws_closes_total", route="chat", side="gateway", code="1011") == 1
+    closes = dict(route="chat", side="gateway", code="1011", reason="ping_timeout")
+    assert _moved(before, after, "wsgateway_ws_closes_total", **closes) == 1
     assert _value(after, "wsgateway_ws_open", route="chat") == 0
     await gw.resource.stop()
     await _drop_all(gw)
