@@ -130,8 +130,9 @@ class Upstream:
 
 
 class Harness:
-    def __init__(self, mode: str, seed: int, storm: float, workdir: Path) -> None:
+    def __init__(self, mode: str, seed: int, storm: float, workdir: Path, trace_memory: bool = False) -> None:
         self.mode, self.seed, self.storm_s, self.workdir = mode, seed, storm, workdir
+        self.trace_memory = trace_memory
         self.upstreams = [Upstream(k, f"{k}{i}", workdir) for k in ("chat", "echo") for i in (1, 2)]
         self.by_url: dict[str, Upstream] = {}
         self.gateway: Any = None
@@ -159,7 +160,11 @@ class Harness:
         urls = {k: " ".join(u.url for u in self.upstreams if u.kind == k) for k in ("chat", "echo")}
         config.write_text(CONFIG.format(secret=SECRET, **SETTINGS, **urls))
         self.log = self.workdir / "gateway.log"
-        command = [*Gateway.twistd(), "--logger", "twisted_gateway.logs.json_observer", "-n", "--pidfile="]
+        twistd = Gateway.twistd()
+        if self.trace_memory:
+            os.environ["SOAK_MEMORY_DIR"] = str(self.workdir)
+            twistd = [sys.executable, str(BENCH / "soak_memory.py")]
+        command = [*twistd, "--logger", "twisted_gateway.logs.json_observer", "-n", "--pidfile="]
         self.gateway = spawn([*command, "wsgateway", "--config", str(config)], self.workdir, log=self.log)
 
         def listening(line: str) -> int | None:
@@ -272,11 +277,40 @@ class Harness:
         }
         self.record["metrics"] = await self.metrics()
         self.record["tally"] = load.tally.as_dict()
+        if self.trace_memory:
+            self.record["memory"] = await self.memory_evidence()
+
+    async def memory_evidence(self) -> dict[str, Any]:
+        """The end's tracemalloc snapshot (RSS trimmed after it) against mid-storm's."""
+        import tracemalloc
+
+        (self.workdir / "trim").touch()
+        os.kill(self.gateway.pid, signal.SIGUSR2)
+        lines: list[dict] = []
+        for _ in range(240):
+            path = self.workdir / "memory.jsonl"
+            lines = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+            if len(lines) >= 2:
+                break
+            await sleep(0.5)
+        if len(lines) < 2:
+            return {"error": "no memory snapshots"}
+        mid, end = (tracemalloc.Snapshot.load(str(self.workdir / f"snapshot-{n}")) for n in (0, 1))
+        growth = sorted(end.compare_to(mid, "lineno"), key=lambda stat: -stat.size_diff)[:12]
+        return {
+            "mid": lines[0],
+            "end": lines[1],
+            "top_growth": [[str(stat.traceback), stat.size_diff, stat.size, stat.count_diff] for stat in growth],
+        }
 
     async def sample(self, until: float, ramped: float) -> None:
-        """Every 0.5 s: open pairs, which instances are up, RSS."""
+        """Every 0.5 s: open pairs, which instances are up, RSS (and a memory snapshot at mid-storm)."""
+        mid = self.record["storm"]["start"] + self.storm_s / 2
         while time.time() < until:
             now = time.time()
+            if self.trace_memory and now >= mid:
+                os.kill(self.gateway.pid, signal.SIGUSR2)
+                mid = float("inf")
             try:
                 m = await self.metrics()
             except Exception:
@@ -368,6 +402,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="about 90 s instead of about 10 minutes")
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument("--storm", type=float, help="seconds of load and faults (default: 540, quick 60)")
+    parser.add_argument("--trace-memory", action="store_true",
+                        help="run the gateway under tracemalloc; compare mid-storm and end (slower)")
     parser.add_argument("--checks", type=Path, metavar="RECORD", help="only check a saved record.json again")
     args = parser.parse_args(argv)
     if args.checks:
@@ -375,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     mode = "quick" if args.quick else "full"
     storm = args.storm or (60.0 if args.quick else 540.0)
     workdir = Path(tempfile.mkdtemp(prefix="soak-"))
-    harness = Harness(mode, args.seed, storm, workdir)
+    harness = Harness(mode, args.seed, storm, workdir, args.trace_memory)
     outcome: dict[str, Any] = {}
 
     def done(result):

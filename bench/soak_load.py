@@ -611,6 +611,8 @@ class Load:
             status = response.code
             data = await within(read_body(response), 30)
             ok = status == expected_status
+            if status >= 400 and status != expected_status:
+                detail = _error_detail(data)
             if ok and expect is not None and data != expect:
                 ok, detail = False, "the body came back changed"
             if ok and expect_sha is not None and json.loads(data).get("sha256") != expect_sha:
@@ -813,6 +815,14 @@ class _Body(Protocol):
             self.done.callback(b"".join(self.parts))
         else:
             self.done.errback(reason)
+
+
+def _error_detail(body: bytes) -> str:
+    """The ``detail`` of the gateway's JSON error body, or the body's start."""
+    try:
+        return str(json.loads(body)["detail"])
+    except (ValueError, KeyError, TypeError):
+        return body[:200].decode("utf-8", "replace")
 
 
 def read_body(response) -> Deferred:

@@ -118,6 +118,18 @@ def test_a_fabricated_fault_fails_its_check(change, check):
     assert failed(record) == {check}
 
 
+def test_a_post_that_met_a_kept_alive_close_may_be_a_502_that_says_so():
+    """The rules of keep-alive replays: it may have reached the upstream, so it is not sent twice."""
+    record = clean_record()
+    raced = {"kind": "post", "route": "echo", "started": T0 + 30, "ended": T0 + 30.1, "status": 502, "ok": False,
+             "detail": "the upstream closed its kept-alive connection as the request was sent; it may ..."}
+    record["tally"]["http_outcomes"].append(raced)
+    record["metrics"]["http"]["echo 502"] = 1
+    assert failed(record) == set()
+    raced["detail"] = "the upstream closed the connection without a valid response"
+    assert failed(record) == {"HTTP answers as the rules say"}
+
+
 def test_the_schedule_is_seeded_covers_every_client_fault_and_takes_turns_killing():
     instances = {"chat": ["chat1", "chat2"], "echo": ["echo1", "echo2"]}
     faults = schedule(7, 200, instances)

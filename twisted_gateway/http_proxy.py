@@ -81,7 +81,7 @@ from twisted_gateway.errors import (
     Overloaded,
     render_error,
 )
-from twisted_gateway.faults import LOCAL, classify, mark_reused
+from twisted_gateway.faults import KEEPALIVE_CLOSED, LOCAL, classify, mark_reused
 from twisted_gateway.headers import (
     clean_reason_phrase,
     rewrite_redirects,
@@ -157,6 +157,13 @@ def response_header_pairs(headers: Headers) -> list[tuple[bytes, bytes]]:
     return strip_hop_by_hop(pairs)
 
 
+#: The 502's detail when a request that cannot be sent twice met a kept-alive connection's close.
+KEEPALIVE_CLOSED_DETAIL = (
+    "the upstream closed its kept-alive connection as the request was sent;"
+    " it may have arrived, so it was not sent again"
+)
+
+
 class ConnectFailed(BadGateway):
     """No connection to the upstream: safe to retry on another instance."""
 
@@ -181,6 +188,8 @@ def upstream_failure(reason: BaseException, settings: GatewaySettings) -> Gatewa
     if tls_failure is not None:
         # No request reached the upstream: as safe to retry as a refused connection.
         return ConnectFailed(f"TLS with the upstream failed: {tls_failure}")
+    if classify(reason) is KEEPALIVE_CLOSED:
+        return BadGateway(KEEPALIVE_CLOSED_DETAIL)
     return BadGateway("the upstream closed the connection without a valid response")
 
 

@@ -27,6 +27,8 @@ from twisted.logger import LogLevel, capturedLogs
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
+from twisted_gateway.http_proxy import KEEPALIVE_CLOSED_DETAIL
+
 from tests.support import UPGRADE, Upstream, listen, settle, start_gateway, ws_connect
 
 # -- peers -------------------------------------------------------------------------
@@ -541,6 +543,7 @@ async def test_a_post_that_may_have_reached_the_upstream_is_not_sent_twice(metho
         for _ in range(2):
             status, answer = await raw_exchange(gw.number, request(method, "/v1/chat/x", b"order #2"))
             assert status == 502, answer
+            assert json.loads(answer)["detail"] == KEEPALIVE_CLOSED_DETAIL
     assert [upstream.answered for upstream in upstreams] == [[method.encode()]] * 2
     assert [upstream.dropped for upstream in upstreams] == [1, 1]
     assert problems(events) == []
