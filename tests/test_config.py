@@ -18,6 +18,7 @@ from twisted_gateway.config import (
     GatewaySettings,
     RouteSettings,
     Settings,
+    config_warnings,
     describe_settings,
     load_config,
     parse_config,
@@ -507,3 +508,23 @@ def test_transparency_keys_default_to_what_a_direct_connection_sees():
     assert (route.host_header, route.request_timeout) == ("client", None)
     route = parse_config(ROUTE + "host_header = Internal.Example:8080\nrequest_timeout = 40\n").routes[0]
     assert (route.host_header, route.request_timeout) == ("internal.example:8080", 40.0)
+
+
+@pytest.mark.parametrize(
+    "lines, warned",
+    [
+        ("", []),
+        ("ws_ping_timeout = 5", []),
+        ("ws_ping_interval = 3\nws_ping_timeout = 1", ["[gateway] ws_ping_timeout: 1 s is under 5 s"]),
+        ("ws_ping_interval = 0\nws_ping_timeout = 1", []),
+        ("ws_ping_interval = 0", []),
+        ("tcp_keepalive = off", []),
+        ("ws_ping_interval = 0\ntcp_keepalive = off", ["[gateway] ws_ping_interval: 0 with tcp_keepalive = off"]),
+    ],
+)
+def test_risky_ping_and_keepalive_settings_are_warned_about_not_refused(lines, warned):
+    settings = parse_config(f"[gateway]\n{lines}\n" + ROUTE, source="gw.cfg")
+    warnings = config_warnings(settings)
+    assert len(warnings) == len(warned)
+    for line, start in zip(warnings, warned):
+        assert line.startswith(f"gw.cfg: {start}")

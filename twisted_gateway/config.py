@@ -437,6 +437,31 @@ def with_listen(settings: Settings, listen: list[str]) -> Settings:
     return replace(settings, gateway=replace(settings.gateway, listen=tuple(listen)))
 
 
+#: A ping timeout below this drops healthy clients on slow, lossy links (3G: 1 s delays are common).
+MIN_SAFE_PING_TIMEOUT = 5.0
+
+
+def config_warnings(settings: Settings) -> list[str]:
+    """
+    Risky but valid combinations, one line each naming the file, section and
+    key (``--check`` prints them, start-up logs them): the gateway runs anyway.
+    """
+    gateway, where = settings.gateway, f"{settings.source}: [gateway]"
+    warnings = []
+    if gateway.ws_ping_interval and gateway.ws_ping_timeout < MIN_SAFE_PING_TIMEOUT:
+        warnings.append(
+            f"{where} ws_ping_timeout: {gateway.ws_ping_timeout:g} s is under"
+            f" {MIN_SAFE_PING_TIMEOUT:g} s: clients on slow or lossy links miss it and are"
+            " dropped while healthy (they see 1006)"
+        )
+    if not gateway.ws_ping_interval and gateway.tcp_keepalive is None:
+        warnings.append(
+            f"{where} ws_ping_interval: 0 with tcp_keepalive = off: a peer that vanishes"
+            " without a FIN keeps its pair open forever"
+        )
+    return warnings
+
+
 #: Settings fields that hold key material: shown as "(set)", never printed.
 _SECRET_FIELDS = frozenset({"secret", "public_key", "jwks", "client_key"})
 

@@ -15,7 +15,7 @@ import sys
 from twisted.logger import Logger
 from twisted.python import usage
 
-from twisted_gateway.config import ConfigError, Settings, load_config
+from twisted_gateway.config import ConfigError, Settings, config_warnings, load_config
 from twisted_gateway.limits import (
     LOW_OPEN_FILES,
     UNLIMITED_CEILING,
@@ -57,6 +57,8 @@ class Options(usage.Options):
             from twisted_gateway.config import describe_settings
 
             sys.stdout.write(describe_settings(settings) + "\n")
+            for warning in config_warnings(settings):
+                sys.stdout.write(f"wsgateway: warning: {warning}\n")
             sys.stdout.write(f"wsgateway: {self['config']}: configuration OK\n")
             raise SystemExit(0)
         self["settings"] = settings
@@ -68,6 +70,8 @@ def makeService(options: Options):
     from twisted_gateway.service import GatewayService
 
     settings: Settings = options["settings"]
+    for warning in config_warnings(settings):
+        log.warn("{warning}", warning=warning, event="config_warning")
     open_files = _raise_open_files(settings.gateway.max_open_files)
     service = GatewayService(settings, reactor, open_files=open_files)
     log.info(

@@ -507,6 +507,17 @@ def test_check_prints_the_effective_config_with_the_secret_masked_and_exits_0(tm
     assert "listening" not in output
 
 
+def test_check_warns_about_risky_pings_and_still_exits_0(tmp_path):
+    """A ping timeout too short for slow links, and pings off without TCP keepalive: warned, accepted."""
+    short = _check(tmp_path, _config(9, "ws_ping_interval = 3\nws_ping_timeout = 1"))
+    assert short.returncode == 0, short.stdout + short.stderr
+    assert "wsgateway: warning: " in short.stdout and "ws_ping_timeout: 1 s is under 5 s" in short.stdout
+    off = _check(tmp_path, _config(9, "ws_ping_interval = 0\ntcp_keepalive = off"))
+    assert off.returncode == 0, off.stdout + off.stderr
+    assert "ws_ping_interval: 0 with tcp_keepalive = off" in off.stdout
+    assert "configuration OK" in off.stdout
+
+
 @pytest.mark.parametrize(
     "config, where",
     [
