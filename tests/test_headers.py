@@ -14,6 +14,7 @@ from twisted_gateway.headers import (
     DEFAULT_STRIPPED,
     check_utf8_values,
     checked_host,
+    client_address,
     clean_reason_phrase,
     forwarded_for,
     normalized_name,
@@ -523,3 +524,22 @@ def test_default_ports_name_the_same_upstream():
         b"https://up.internal",
         b"https://up.internal:443",
     )
+
+
+TRUSTED = (ipaddress.ip_network("10.0.0.0/8"),)
+
+
+@pytest.mark.parametrize(
+    "xff, peer, expected",
+    [
+        ([], "198.51.100.7", "198.51.100.7"),
+        ([b"1.2.3.4"], "198.51.100.7", "198.51.100.7"),  # an untrusted peer's claim is ignored
+        ([b"1.2.3.4"], "10.0.0.2", "1.2.3.4"),
+        ([b"6.6.6.6, 1.2.3.4, 10.0.0.3"], "10.0.0.2", "1.2.3.4"),  # the last untrusted hop
+        ([b"6.6.6.6", b"1.2.3.4"], "10.0.0.2", "1.2.3.4"),
+        ([b"10.0.0.9"], "10.0.0.2", "10.0.0.9"),  # all trusted: the leftmost known
+        ([b"not-an-address"], "10.0.0.2", "10.0.0.2"),
+    ],
+)
+def test_client_address_believes_only_trusted_proxies(xff, peer, expected):
+    assert client_address(xff, peer, TRUSTED) == expected

@@ -179,6 +179,8 @@ def test_a_request_without_the_hash_key_falls_back_to_the_default_policy():
         ("claim:groups", {"claims": {"groups": ["b", "a"]}}, '["b","a"]'),
         ("claim:tenant", {"claims": {"sub": "x"}}, None),
         ("claim:tenant", {"claims": None}, None),
+        ("ip", {"client_ip": "198.51.100.7", "query": b"sid=x"}, "198.51.100.7"),
+        ("ip", {}, None),
     ],
 )
 def test_hash_key_value_reads_the_configured_part_of_the_request(spec, request_parts, expected):
@@ -416,6 +418,7 @@ def test_only_idempotent_requests_are_retried_on_another_instance(method, retrie
         (parse_hash_key, "Header:X-Room", "header:x-room"),
         (parse_hash_key, "claim:Tenant", "claim:Tenant"),
         (parse_hash_key, "cookie:room", "cookie:room"),
+        (parse_hash_key, " IP ", "ip"),
         (parse_health_check, "/health?deep=1", "/health?deep=1"),
         (parse_health_check, "ws:/ws/health", "ws:/ws/health"),
     ],
@@ -546,3 +549,13 @@ def test_check_now_probes_once_and_never_runs_two_checks_of_one_instance_at_once
     assert first.called and second.called
     assert pool.instances[0].check_failures == 1
     assert checker.stop().called
+
+
+def test_hash_key_ip_keeps_a_client_on_one_instance_whatever_it_sends():
+    """engine.io's first request has no sid: the address alone picks the instance, every time."""
+    pool = make_pool(balance="hash", hash_key="ip", websocket=False)
+    for address in ("198.51.100.7", "203.0.113.9", "2001:db8::1"):
+        key = pool.request_key(query=b"EIO=4&transport=polling", headers=[], claims=None, client_ip=address)
+        chosen = {pool.choose(key).url for _ in range(10)}
+        later = pool.request_key(query=b"EIO=4&sid=abc", headers=[], claims=None, client_ip=address)
+        assert chosen == {pool.choose(later).url}

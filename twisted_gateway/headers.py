@@ -118,6 +118,23 @@ def forwarded_for(incoming: Sequence[bytes], peer: str, trusted: Sequence) -> by
     return b", ".join(chain)
 
 
+def client_address(incoming: Sequence[bytes], peer: str, trusted: Sequence) -> str:
+    """
+    The client's address: the peer's, or, while the hop at hand is a trusted
+    proxy, the address it names last in ``X-Forwarded-For`` (read from the
+    right, as nginx's ``real_ip_recursive``); a client cannot choose it.
+    """
+    chain = [item.strip() for value in incoming for item in value.split(b",") if item.strip()]
+    address = peer
+    while chain and _peer_is_trusted(address, trusted):
+        candidate = chain.pop().decode("ascii", "replace")
+        try:
+            address = str(ipaddress.ip_address(candidate))
+        except ValueError:
+            break
+    return address
+
+
 def normalized_name(name: bytes) -> bytes:
     """
     A header name as CGI-style upstreams (WSGI, PHP, Rack) see it: case and

@@ -21,6 +21,8 @@ from twisted_gateway.errors import BadRequest, GatewayError, NotFound, render_er
 from twisted_gateway.headers import (
     check_utf8_values,
     checked_host,
+    client_address,
+    get_all,
     is_websocket_upgrade,
     origin_allowed,
     single_origin,
@@ -270,7 +272,16 @@ class GatewayResource(Resource):
     def _forward(self, request, route, path, query, headers, identity) -> bytes | int:
         pool = self.pools[route.name]
         claims = identity.claims if identity is not None else None
-        key = pool.request_key(query=query, headers=headers, claims=claims)
+        key = pool.request_key(
+            query=query,
+            headers=headers,
+            claims=claims,
+            client_ip=client_address(
+                get_all(headers, b"x-forwarded-for"),
+                _peer_host(request),
+                self.settings.gateway.trusted_proxies,
+            ),
+        )
         extra = identity.upstream_headers() if identity is not None else ()
         return self.http_forwarder.forward(
             request,

@@ -67,13 +67,21 @@ def parse_balance(text: str) -> str:
 
 
 def parse_hash_key(text: str) -> str:
-    """``query:NAME | header:NAME | claim:NAME | cookie:NAME``; header names are lower-cased."""
+    """
+    ``ip | query:NAME | header:NAME | claim:NAME | cookie:NAME``; header names
+    are lower-cased. ``ip`` is the client's address (after ``trusted_proxies``),
+    as nginx's ``ip_hash``: what engine.io's sessions need, whose first request
+    carries no session id yet.
+    """
+    if text.strip().lower() == "ip":
+        return "ip"
     source, sep, name = text.strip().partition(":")
     source = source.strip().lower()
     name = name.strip()
     if not sep or source not in HASH_KEY_SOURCES or not name or any(c.isspace() for c in name):
         raise ValueError(
-            f"expected query:NAME, header:NAME, claim:NAME or cookie:NAME, got {text.strip()!r}"
+            "expected ip, query:NAME, header:NAME, claim:NAME or cookie:NAME,"
+            f" got {text.strip()!r}"
         )
     return f"{source}:{name.lower() if source == 'header' else name}"
 
@@ -141,13 +149,17 @@ def hash_key_value(
     query: bytes = b"",
     headers: Sequence[tuple[bytes, bytes]] = (),
     claims: Mapping[str, Any] | None = None,
+    client_ip: str | None = None,
 ) -> str | None:
     """
     The value a request carries for a ``hash_key`` spec, or None when it has
-    none (or an empty one): the first ``query`` field of that name (form
-    decoded, as ``request.args`` does), the first header, the cookie (from the
-    ``Cookie`` headers) or the verified claim (non-strings as compact JSON).
+    none (or an empty one): the client's address, the first ``query`` field of
+    that name (form decoded, as ``request.args`` does), the first header, the
+    cookie (from the ``Cookie`` headers) or the verified claim (non-strings as
+    compact JSON).
     """
+    if spec == "ip":
+        return client_ip or None
     source, _, name = spec.partition(":")
     if source == "query":
         wanted = name.encode("utf-8")
@@ -425,11 +437,14 @@ class UpstreamPool:
         query: bytes,
         headers: Sequence[tuple[bytes, bytes]],
         claims: Mapping[str, Any] | None,
+        client_ip: str | None = None,
     ) -> str | None:
         """The ``hash_key`` value a request carries (None without hashing, or without a value)."""
         if self.hash_key is None:
             return None
-        return hash_key_value(self.hash_key, query=query, headers=headers, claims=claims)
+        return hash_key_value(
+            self.hash_key, query=query, headers=headers, claims=claims, client_ip=client_ip
+        )
 
     def choose(self, key: str | None = None) -> Instance:
         """The instance for one attempt; raises :class:`NoHealthyUpstream` when all are down."""
