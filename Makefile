@@ -28,7 +28,12 @@ $(TOOLS)/node_modules/.bin/wscat:
 run: $(VENV)/.installed-run
 	$(BIN)/twistd -n --pidfile= wsgateway --config $(CONFIG)
 
-test: $(VENV)/.installed-test $(TOOLS)/node_modules/.bin/wscat
+# socket.io's server and client: the tests check the gateway is transparent in front of them.
+$(TOOLS)/node_modules/socket.io-client:
+	mkdir -p $(TOOLS)
+	npm install --silent --no-audit --no-fund --prefix $(TOOLS) socket.io@4 socket.io-client@4
+
+test: $(VENV)/.installed-test $(TOOLS)/node_modules/.bin/wscat $(TOOLS)/node_modules/socket.io-client
 	PATH="$(CURDIR)/$(TOOLS)/node_modules/.bin:$$PATH" $(BIN)/python -m pytest --ignore=tests/deploy $(PYTEST_ARGS)
 
 # A rolling restart behind HAProxy (Debian's haproxy package) under load.
