@@ -27,15 +27,18 @@ from twisted.internet import endpoints
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock, deferLater
 from twisted.protocols.policies import WrappingFactory
+from twisted.logger import Logger, formatEvent
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
+from tests.support import settle
 from twisted_gateway.auth import (
     AuthError,
     Authenticator,
     AuthSettings,
+    AuthUnavailable,
     Identity,
     check_claim_times,
     extract_token,
@@ -532,12 +535,16 @@ class JwksServer(Resource):
         self.document = b'{"keys": []}'
         self.requests = 0
         self.hang = False
+        self.status = 200
         self.url = ""
+        self.user_agents: list[bytes] = []
 
     def render_GET(self, request):
         self.requests += 1
+        self.user_agents.append(request.getHeader(b"user-agent"))
         if self.hang:
             return NOT_DONE_YET
+        request.setResponseCode(self.status)
         request.setHeader(b"content-type", b"application/json")
         return self.document
 
@@ -636,7 +643,10 @@ async def test_jwks_url_refreshed_in_the_background(jwks_server, http_client, rs
 
 @pytest_twisted.ensureDeferred
 async def test_jwks_url_known_keys_work_while_server_is_down(jwks_server, http_client, rsa_keys):
-    """While the JWKS URL cannot be fetched, the keys already known keep working."""
+    """
+    While the JWKS URL cannot be fetched, the keys already known keep working,
+    and a token with a new kid is told to come back (503), not that it is bad.
+    """
     clock = Clock()
     clock.advance(NOW)
     jwks_server.document = jwks_document(one=rsa_keys[0])
@@ -647,16 +657,130 @@ async def test_jwks_url_known_keys_work_while_server_is_down(jwks_server, http_c
         await authenticator.verify(known)
         await jwks_server.stop()
         clock.advance(600)  # the background refresh fails
-        with pytest.raises(AuthError, match="unknown key id"):
-            await authenticator.verify(rs_token(rsa_keys[1], "two"))  # waits for that failure
-        assert (await authenticator.verify(known)).subject == "alice"
-        clock.advance(60)  # an unknown kid refetches, and fails again
-        with pytest.raises(AuthError, match="unknown key id"):
+        await settle(lambda: authenticator.keyset.failing)
+        with pytest.raises(AuthUnavailable):
             await authenticator.verify(rs_token(rsa_keys[1], "two"))
         assert (await authenticator.verify(known)).subject == "alice"
+        assert authenticator.ready(), "it was fetched once: the gateway stays ready"
     finally:
         await authenticator.stop()
     assert clock.getDelayedCalls() == []
+
+
+OUTAGES = [
+    pytest.param("down", "connect", "connection refused", id="connection refused"),
+    pytest.param("500", "http_status", "HTTP 500", id="HTTP 500"),
+    pytest.param("html", "not_json", "not a JSON document", id="an HTML page"),
+    pytest.param("hang", "timeout", "timed out after 10 s", id="no answer"),
+]
+
+
+async def start_outage(server: JwksServer, kind: str, clock: Clock) -> None:
+    if kind == "down":
+        await server.stop()
+    elif kind == "500":
+        server.status = 500
+    elif kind == "html":
+        server.document = b"<html><body>Service Unavailable</body></html>"
+    else:
+        server.hang = True
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("kind, reason, line", OUTAGES)
+async def test_idp_outage_at_start_up_is_503_not_401(jwks_server, http_client, rsa_keys,
+                                                     kind, reason, line):
+    """
+    The JWKS cannot be fetched at start-up: tokens get 503 auth_unavailable with
+    Retry-After (never invalid_token, which makes clients drop a good token),
+    the gateway is not ready, and the log says why in one readable line.
+    """
+    clock = Clock()
+    clock.advance(NOW)
+    await start_outage(jwks_server, kind, clock)
+    events: list[dict] = []
+    authenticator = jwks_authenticator(clock, jwks_server.url, http_client)
+    authenticator.keyset._log = Logger(observer=events.append)
+    authenticator.start()
+    try:
+        token = rs_token(rsa_keys[0], "one")
+        if kind == "hang":
+            await settle(lambda: jwks_server.requests == 1)
+            waiting = Deferred.fromCoroutine(authenticator.verify(token))
+            clock.advance(5)  # the request waits no longer than connect_timeout
+            with pytest.raises(AuthUnavailable):
+                await waiting
+            clock.advance(5)  # the fetch itself gives up after 10 s
+        await settle(lambda: authenticator.keyset.failing)
+        with pytest.raises(AuthUnavailable) as caught:
+            await authenticator.verify(token)
+        error = caught.value
+        assert (error.status, error.error) == (503, "auth_unavailable")
+        headers = dict(error.headers)
+        assert b"WWW-Authenticate" not in headers
+        assert int(headers[b"Retry-After"]) >= 1
+        assert not authenticator.ready()
+        assert authenticator.key_counts() == (0, {reason: 1})
+        warnings = [e for e in events if e["log_level"].name == "warn"]
+        assert len(warnings) == 1
+        assert line in formatEvent(warnings[0])
+    finally:
+        await authenticator.stop()
+    assert clock.getDelayedCalls() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_idp_back_is_noticed_without_traffic(jwks_server, http_client, rsa_keys):
+    """
+    Failed fetches are retried after 1, 2, 4 ... s with no request asking, and
+    one line is logged for the whole outage; tokens work as soon as one succeeds.
+    """
+    clock = Clock()
+    clock.advance(NOW)
+    jwks_server.status = 500
+    events: list[dict] = []
+    authenticator = jwks_authenticator(clock, jwks_server.url, http_client)
+    authenticator.keyset._log = Logger(observer=events.append)
+    authenticator.start()
+    try:
+        keyset = authenticator.keyset
+        for n, wait in ((1, 1), (2, 2), (3, 4), (4, 8)):
+            await settle(lambda: jwks_server.requests == n and keyset._fetching is None)
+            assert keyset.retry_after() == wait
+            if n < 4:
+                clock.advance(wait)
+        jwks_server.status = 200
+        jwks_server.document = jwks_document(one=rsa_keys[0])
+        clock.advance(8)
+        await settle(lambda: authenticator.ready())
+        assert (await authenticator.verify(rs_token(rsa_keys[0], "one"))).subject == "alice"
+        assert [e["log_level"].name for e in events] == ["warn", "info"]
+        assert "after 4 failed fetches" in formatEvent(events[-1])
+        assert jwks_server.user_agents[-1].startswith(b"twisted_gateway")
+    finally:
+        await authenticator.stop()
+    assert clock.getDelayedCalls() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_unknown_kid_retries_a_failing_jwks_at_once(jwks_server, http_client, rsa_keys):
+    """While the JWKS is failing, a token's new kid does not wait for the minute's rate limit."""
+    clock = Clock()
+    clock.advance(NOW)
+    jwks_server.status = 500
+    authenticator = jwks_authenticator(clock, jwks_server.url, http_client)
+    authenticator.start()
+    try:
+        await settle(lambda: authenticator.keyset.failing)
+        jwks_server.status = 200
+        jwks_server.document = jwks_document(one=rsa_keys[0])
+        clock.advance(1.5)  # the backoff's first retry, earlier than a minute
+        assert (await authenticator.verify(rs_token(rsa_keys[0], "one"))).subject == "alice"
+        # Fetched and lacking the kid: that token is refused (401) and the next refetch waits.
+        with pytest.raises(AuthError, match="unknown key id"):
+            await authenticator.verify(rs_token(rsa_keys[1], "two"))
+    finally:
+        await authenticator.stop()
 
 
 @pytest_twisted.ensureDeferred

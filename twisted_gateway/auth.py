@@ -5,8 +5,9 @@ verified identity travels on, in headers the upstream can trust.
 Token extraction and claim-time checks are pure functions (keeping tokens
 out of logs is :mod:`twisted_gateway.logs`' rule).
 :class:`Authenticator` verifies signatures with PyJWT, pins the algorithms,
-reads time from the injected clock (never the wall clock), and owns the
-background refresh of a ``jwks_url``, fetched with treq.
+reads time from the injected clock (never the wall clock), and takes the
+keys of a ``jwks_url`` from a :class:`twisted_gateway.jwks.KeySet`, which
+tells an identity provider's outage (503) from a token nobody signed (401).
 """
 
 from __future__ import annotations
@@ -23,26 +24,28 @@ from urllib.parse import unquote_to_bytes, urlsplit
 import jwt
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
-from jwt.algorithms import get_default_algorithms
+from jwt.algorithms import OKPAlgorithm, get_default_algorithms
 from treq.client import HTTPClient
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
-from twisted.logger import Logger
 
 from twisted_gateway.config import REQUIRED, ConfigError, Key, _read_section, parse_bool
 from twisted_gateway.config import parse_non_negative_float, parse_positive_float, parse_words
 from twisted_gateway.errors import GatewayError
+from twisted_gateway.jwks import FetchFailed, KeySet, PublicKey, parse_jwks
 
 Headers = Sequence[tuple[bytes, bytes]]
 
 #: The values of a route's ``auth`` key.
 AUTH_MODES = ("required", "optional", "none")
 MAX_TOKEN_LENGTH = 8 * 1024
-JWKS_REFETCH_INTERVAL = 60.0
-JWKS_FETCH_TIMEOUT = 10.0
 HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
-SUPPORTED_ALGORITHMS = frozenset(get_default_algorithms()) - {"none"}
+# RFC 9864's name for EdDSA over Ed25519, which providers now emit: PyJWT learns it here.
+try:
+    jwt.register_algorithm("Ed25519", OKPAlgorithm())
+except ValueError:  # already known
+    pass
+SUPPORTED_ALGORITHMS = (frozenset(get_default_algorithms()) | {"Ed25519"}) - {"none"}
 
 
 # -- where the token comes from (pure) ----------------------------------------
@@ -109,6 +112,21 @@ class AuthError(GatewayError):
         return cls("no bearer token in the request", error="missing_token")
 
 
+class AuthUnavailable(GatewayError):
+    """
+    No key is known for the token's ``kid`` because the JWKS could not be
+    fetched: the token may well be good, so the client is told to retry, never
+    to throw it away (no ``invalid_token`` challenge).
+    """
+
+    status = 503
+    error = "auth_unavailable"
+
+    def __init__(self, retry_after: int) -> None:
+        detail = "the identity provider's keys cannot be fetched; retry later"
+        super().__init__(detail, headers=[(b"Retry-After", b"%d" % retry_after)])
+
+
 @dataclass(frozen=True)
 class Identity:
     """Who a verified token says the caller is, and until when."""
@@ -157,7 +175,7 @@ class AuthSettings:
     algorithms: tuple[str, ...]
     secret: bytes | None = field(default=None, repr=False)
     public_key: Any = None  # a ``cryptography`` public key
-    jwks: Mapping[str | None, jwt.PyJWK] = field(default_factory=dict, hash=False)
+    jwks: Mapping[str | None, list[PublicKey]] = field(default_factory=dict, hash=False)
     jwks_url: str | None = None
     jwks_refresh: float = 600.0
     audience: tuple[str, ...] = ()
@@ -226,27 +244,6 @@ def _resolve(source: str, key: str, text: str) -> bytes:
     return data.rstrip(b"\r\n")
 
 
-def parse_jwks(data: bytes) -> dict[str | None, jwt.PyJWK]:
-    """The public signing keys of a JWKS document by ``kid``; other keys are skipped."""
-    try:
-        document = json.loads(data)
-    except ValueError:
-        raise ValueError("not a JSON document") from None
-    if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
-        raise ValueError('not a JWKS document (no "keys" list)')
-    keys: dict[str | None, jwt.PyJWK] = {}
-    for jwk in document["keys"]:
-        if not isinstance(jwk, dict) or jwk.get("use", "sig") != "sig" or jwk.get("kty") == "oct":
-            continue
-        try:
-            keys.setdefault(jwk.get("kid"), jwt.PyJWK(jwk))
-        except (jwt.PyJWTError, ValueError, TypeError, NotImplementedError):
-            continue
-    if not keys:
-        raise ValueError("no usable signing key")
-    return keys
-
-
 def parse_auth_section(source: str, values: Mapping[str, str]) -> AuthSettings:
     """Validate ``[auth]`` and load its key material; a problem is a :class:`ConfigError`."""
     if "secret" in values and not values["secret"].strip():
@@ -292,7 +289,7 @@ def parse_auth_section(source: str, values: Mapping[str, str]) -> AuthSettings:
     elif given[0] == "jwks_file":
         try:
             read["jwks"] = parse_jwks(_resolve(source, "jwks_file", text))
-        except ValueError as e:
+        except FetchFailed as e:
             raise ConfigError(source, "auth", "jwks_file", str(e)) from None
     del read["jwks_file"]  # parsed into ``jwks``
     return AuthSettings(**read)
@@ -318,42 +315,48 @@ def _describe(error: Exception) -> str:
 
 
 class Authenticator:
-    """Verifies tokens for one ``[auth]`` section and owns the JWKS refresh, if any."""
-
-    _log = Logger()
+    """Verifies tokens for one ``[auth]`` section and owns the :class:`KeySet` of a ``jwks_url``."""
 
     def __init__(
-        self, settings: AuthSettings, clock: IReactorTime, http_client: HTTPClient | None = None
+        self,
+        settings: AuthSettings,
+        clock: IReactorTime,
+        http_client: HTTPClient | None = None,
+        *,
+        wait_limit: float = 5.0,
     ) -> None:
         if settings.jwks_url is not None and http_client is None:
             raise ValueError("an Authenticator with a jwks_url needs an http_client")
         self.settings = settings
         self._clock = clock
-        self._http = http_client
-        self._jwks: Mapping[str | None, jwt.PyJWK] = settings.jwks
-        self._loop: LoopingCall | None = None
-        self._loop_done: Deferred[Any] | None = None
-        self._fetching: Deferred[None] | None = None
-        self._last_fetch = -math.inf
+        self.keyset: KeySet | None = None
+        if settings.jwks_url is not None and http_client is not None:
+            self.keyset = KeySet(
+                settings.jwks_url,
+                clock,
+                http_client,
+                refresh=settings.jwks_refresh,
+                wait_limit=wait_limit,
+            )
 
     def start(self) -> None:
-        """With a ``jwks_url``: fetch it now, then every ``jwks_refresh`` seconds."""
-        if self.settings.jwks_url is not None and self._loop is None:
-            self._loop = LoopingCall(self._shared_fetch)
-            self._loop.clock = self._clock
-            self._loop_done = self._loop.start(self.settings.jwks_refresh, now=True)
+        """With a ``jwks_url``: fetch it now, and keep it fresh."""
+        if self.keyset is not None:
+            self.keyset.start()
 
-    def stop(self) -> Deferred[None] | None:
-        """Cancel the fetch in flight and the refresh; the Deferred fires when all is done."""
-        if self._fetching is not None:
-            self._fetching.cancel()
-        loop, done = self._loop, self._loop_done
-        self._loop = self._loop_done = None
-        if loop is None or done is None:
-            return None
-        if loop.running:
-            loop.stop()
-        return done.addCallback(lambda _: None)
+    def stop(self) -> Deferred[None]:
+        """Cancel the JWKS fetch in flight and its timer; the Deferred fires when all is done."""
+        return self.keyset.stop() if self.keyset is not None else succeed(None)
+
+    def ready(self) -> bool:
+        """False until a ``jwks_url`` has been fetched once (``/readyz``)."""
+        return self.keyset is None or self.keyset.loaded
+
+    def key_counts(self) -> tuple[int, Mapping[str, int]]:
+        """The number of known keys and the failed JWKS fetches by reason (metrics)."""
+        keys = self.keyset.keys if self.keyset is not None else self.settings.jwks
+        failures = self.keyset.failures if self.keyset is not None else {}
+        return sum(len(k) for k in keys.values()), failures
 
     def upstream_query(self, query: bytes) -> bytes:
         """The query sent upstream: without the token when ``strip_token`` says so."""
@@ -384,92 +387,64 @@ class Authenticator:
         alg = header.get("alg")
         if not isinstance(alg, str) or alg not in self.settings.algorithms:
             raise AuthError("algorithm not allowed")
-        key = await self._key_for(alg, header.get("kid"))
+        keys = await self._keys_for(alg, header.get("kid"))
         s = self.settings
         options = {  # exp, nbf and iat are checked against the injected clock below
             **dict.fromkeys(("verify_exp", "verify_nbf", "verify_iat"), False),
             "verify_aud": bool(s.audience),
             "require": list(s.require),
         }
-        try:
-            claims = jwt.decode(
-                token,
-                key,
-                algorithms=list(s.algorithms),
-                audience=list(s.audience) or None,
-                issuer=s.issuer,
-                options=options,  # type: ignore[arg-type]
-            )
-        except (jwt.PyJWTError, TypeError, ValueError) as e:
-            raise AuthError(_describe(e)) from None
+        errors: list[Exception] = []
+        for key in keys:  # several keys may share a kid: the first that verifies wins
+            try:
+                claims = jwt.decode(
+                    token,
+                    key,
+                    algorithms=[alg],
+                    audience=list(s.audience) or None,
+                    issuer=s.issuer,
+                    options=options,  # type: ignore[arg-type]
+                )
+                break
+            except (jwt.PyJWTError, TypeError, ValueError) as e:
+                errors.append(e)
+        else:
+            raise AuthError(_describe(errors[0])) from None
         expires_at = check_claim_times(claims, self._clock.seconds(), s.leeway)
         subject = claims.get("sub")
         if subject is not None and re.search(r"[\x00-\x1f\x7f]", subject):
             raise AuthError("the sub claim contains control characters")
         return Identity(subject=subject, claims=claims, expires_at=expires_at)
 
-    async def _key_for(self, alg: str, kid: str | None) -> Any:
-        """HMAC algorithms only ever get the secret, and the others only public keys."""
+    async def _keys_for(self, alg: str, kid: str | None) -> list[Any]:
+        """
+        The keys to try, in order. HMAC algorithms only ever get the secret, and
+        the others only public keys, each serving the algorithms it may.
+        """
         if alg in HMAC_ALGORITHMS:
             if self.settings.secret is None:
                 raise AuthError("algorithm not allowed")
-            return self.settings.secret
+            return [self.settings.secret]
         if self.settings.public_key is not None:
-            return self.settings.public_key
-        if kid not in self._jwks and self.settings.jwks_url is not None:
-            # An unknown kid may be a new key: join the fetch in flight, or start one
-            # if the last one began a minute ago or more.
-            since = self._clock.seconds() - self._last_fetch
-            if self._fetching is not None or since >= JWKS_REFETCH_INTERVAL:
-                await self._shared_fetch()
-        if kid not in self._jwks:
+            return [self.settings.public_key]
+        keyset = self.keyset
+        candidates = self._candidates(kid)
+        if not candidates and keyset is not None:
+            await keyset.refetch_for_unknown_kid()  # the kid may be a new key
+            candidates = self._candidates(kid)
+            if not candidates and (keyset.failing or not keyset.loaded):
+                raise AuthUnavailable(keyset.retry_after())
+        if not candidates:
             raise AuthError("unknown key id (kid)" if kid else "token has no key id (kid)")
-        return self._jwks[kid]
+        serving = [k.key for k in candidates if k.serves(alg)]
+        if not serving:
+            raise AuthError("algorithm not allowed")
+        return serving
 
-    def _shared_fetch(self) -> Deferred[None]:
-        """Wait for the JWKS fetch in flight, starting one if none is; never fails."""
-        fetching = self._fetching
-        if fetching is None:
-            fetching = self._fetching = Deferred.fromCoroutine(self._fetch_jwks())
-            fetching.addBoth(self._fetch_finished)
-        # Each caller gets its own Deferred: cancelling one leaves the fetch running.
-        waiter: Deferred[None] = Deferred()
-
-        def wake(result: object) -> object:
-            if not waiter.called:
-                waiter.callback(None)
-            return result
-
-        fetching.addBoth(wake)
-        return waiter
-
-    def _fetch_finished(self, result: object) -> None:
-        """Forget the fetch; a cancelled one ends here too, so its failure is not logged."""
-        self._fetching = None
-
-    async def _fetch_jwks(self) -> None:
-        url = self.settings.jwks_url
-        self._last_fetch = self._clock.seconds()
-        try:
-            download = Deferred.fromCoroutine(self._download(url))
-            keys = parse_jwks(await download.addTimeout(JWKS_FETCH_TIMEOUT, self._clock))
-        except CancelledError:
-            raise
-        except Exception as e:
-            self._log.warn(
-                "JWKS fetch from {url} failed, keeping {count} known keys: {reason}",
-                url=url,
-                count=len(self._jwks),
-                reason=str(e) or type(e).__name__,
-            )
-            return
-        self._jwks = keys
-        self._log.info("JWKS from {url}: {count} keys", url=url, count=len(keys))
-
-    async def _download(self, url: str | None) -> bytes:
-        assert self._http is not None and url is not None
-        response = await self._http.get(url, headers={b"Accept": [b"application/json"]})
-        body = await response.content()
-        if response.code != 200:
-            raise ValueError(f"HTTP status {response.code}")
-        return body
+    def _candidates(self, kid: str | None) -> list[PublicKey]:
+        """The keys published under ``kid``; without one, the only signing key if there is one."""
+        keys = self.keyset.keys if self.keyset is not None else self.settings.jwks
+        if kid is None and None not in keys:
+            every = [key for same_kid in keys.values() for key in same_kid]
+            return every if len(every) == 1 else []
+        return list(keys.get(kid, ()))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Mapping
 from urllib.parse import urlsplit, urlunsplit
 
 from prometheus_client import CollectorRegistry
@@ -48,6 +48,7 @@ HANDSHAKE_OUTCOMES = frozenset(
         "gateway_timeout",
         "refused_by_upstream",
         "limited",
+        "auth_unavailable",
     }
 )
 CLOSE_SIDES = frozenset({"client", "upstream", "gateway"})
@@ -206,6 +207,7 @@ class Metrics:
         upstreams: UpstreamStates | None = None,
         upstream_failures: UpstreamFailures | None = None,
         load: GatewayLoad | None = None,
+        jwks: Callable[[], tuple[int, Mapping[str, int]]] | None = None,
     ) -> None:
         self._routes: dict[str, RouteCounters] = {}
         self._flows: dict[tuple[str, str], MessageFlow] = {}
@@ -216,6 +218,8 @@ class Metrics:
         )
         #: the load gauges, read at each scrape
         self.load: GatewayLoad = load if load is not None else Load
+        #: the number of known JWKS keys and the failed fetches by reason, read at each scrape
+        self.jwks = jwks
         for name in routes:
             self.route(name)
         self.connections_refused = 0
@@ -332,6 +336,8 @@ class GatewayCollector(Collector):
             delayed_calls,
             in_flight,
             handshaking,
+            jwks_keys,
+            jwks_failures,
         ) = families = _families()
         refused.add_metric([], self.metrics.connections_refused)
         load = self.metrics.load()
@@ -373,6 +379,12 @@ class GatewayCollector(Collector):
             counted = []
         for route, url, reason, n in counted:
             failures.add_metric([route, upstream_label(url), reason], n)
+        if self.metrics.jwks is None:
+            return iter(families[:-2])
+        keys, fetch_failures = self.metrics.jwks()
+        jwks_keys.add_metric([], keys)
+        for reason, n in sorted(fetch_failures.items()):
+            jwks_failures.add_metric([reason], n)
         return iter(families)
 
 
@@ -425,6 +437,12 @@ def _families() -> list[Metric]:
         GaugeMetricFamily("wsgateway_http_in_flight", "HTTP requests being answered."),
         GaugeMetricFamily(
             "wsgateway_ws_handshakes_in_progress", "WebSocket opening handshakes in progress."
+        ),
+        GaugeMetricFamily("wsgateway_jwks_keys", "Signing keys known from the [auth] JWKS."),
+        CounterMetricFamily(
+            "wsgateway_jwks_fetch_failures",
+            "Failed fetches of the [auth] jwks_url, by reason.",
+            labels=["reason"],
         ),
     ]
 

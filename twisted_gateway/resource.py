@@ -73,7 +73,7 @@ class GatewayResource(Resource):
         self.clock = reactor
         self.registry = registry if registry is not None else RelayRegistry()
         if authenticator is None and settings.auth is not None:
-            authenticator = _build_authenticator(settings.auth, reactor)
+            authenticator = _build_authenticator(settings.auth, reactor, settings.gateway.connect_timeout)
         self.authenticator = authenticator
         #: set when the gateway stops: /readyz says 503 (everything else is still served)
         self.draining = False
@@ -96,6 +96,7 @@ class GatewayResource(Resource):
             upstreams=lambda: upstream_states(self.pools.values()),
             upstream_failures=lambda: upstream_failures(self.pools.values()),
             load=self._load,
+            jwks=authenticator.key_counts if authenticator is not None else None,
         )
         #: False when an [admin] listener serves /metrics instead
         self.serve_metrics = True
@@ -210,6 +211,9 @@ class GatewayResource(Resource):
         if path == b"/readyz":
             if self.draining:
                 return _json(request, 503, {"status": "draining"})
+            if self.authenticator is not None and not self.authenticator.ready():
+                detail = "the JWKS has not been fetched yet"
+                return _json(request, 503, {"status": "not_ready", "detail": detail})
             for name, pool in self.pools.items():
                 if not any(instance.state == UP for instance in pool.instances):
                     detail = f"route {name!r} has no healthy upstream instance"
@@ -336,14 +340,20 @@ def _build_health_checker(
     return HealthChecker(list(pools), reactor, HTTPClient(agent), ws_connect=connect)
 
 
-def _build_authenticator(auth: Any, reactor: Any) -> Any:
+def _build_authenticator(auth: Any, reactor: Any, connect_timeout: float) -> Any:
+    """A request waits for a JWKS fetch no longer than it would for an upstream's connect."""
     from treq.client import HTTPClient
-    from twisted.web.client import Agent
+    from twisted.web.client import Agent, HTTPConnectionPool
 
     from twisted_gateway.auth import Authenticator
 
-    client = HTTPClient(Agent(reactor)) if auth.jwks_url else None
-    return Authenticator(auth, reactor, client)
+    client = None
+    if auth.jwks_url:
+        agent = Agent(
+            reactor, connectTimeout=connect_timeout, pool=HTTPConnectionPool(reactor, persistent=False)
+        )
+        client = HTTPClient(agent)
+    return Authenticator(auth, reactor, client, wait_limit=connect_timeout)
 
 
 def build_gateway_resource(settings: Settings, reactor: Any, **kwargs: Any) -> GatewayResource:

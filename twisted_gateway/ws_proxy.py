@@ -449,6 +449,8 @@ class RelayServerProtocol(_RelayLeg, WebSocketServerProtocol):
         outcome = _REFUSAL_OUTCOMES.get(error.status)
         if isinstance(error, UpstreamRefused):
             outcome = "refused_by_upstream"
+        if error.error == "auth_unavailable":
+            outcome = "auth_unavailable"
         if error.status == 401:
             metrics.auth_failure(route, error.error)
         if outcome is not None:
