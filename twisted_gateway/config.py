@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 from twisted.python import usage
 
+from twisted_gateway.admin import DEFAULT_ADMIN_ALLOW
 from twisted_gateway.parsers import (
     parse_bool,
     parse_non_negative_float,
@@ -115,6 +116,13 @@ def parse_cidrs(text: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Networ
         except ValueError:
             raise ValueError(f"{word!r} is not an address or CIDR") from None
     return tuple(nets)
+
+
+def parse_cidrs_or_none(text: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """Addresses or CIDRs, or ``none`` for nobody."""
+    if text.strip().lower() == "none":
+        return ()
+    return parse_cidrs(text)
 
 
 def parse_origins(text: str) -> tuple[str, ...]:
@@ -236,6 +244,8 @@ class DemoSettings:
 @dataclass(frozen=True)
 class AdminSettings:
     listen: tuple[str, ...] = ()
+    #: who may read /metrics and /status on the public listener (without ``listen``)
+    admin_allow: tuple[Any, ...] = DEFAULT_ADMIN_ALLOW
 
 
 @dataclass(frozen=True)
@@ -296,6 +306,7 @@ _ROUTE_KEYS: Mapping[str, Key] = {
 
 _ADMIN_KEYS: Mapping[str, Key] = {
     "listen": Key(parse_endpoints, ()),
+    "admin_allow": Key(parse_cidrs_or_none, DEFAULT_ADMIN_ALLOW),
 }
 
 _DEMO_KEYS: Mapping[str, Key] = {
@@ -470,6 +481,8 @@ def describe_settings(settings: Settings) -> str:
     """The effective configuration as INI text, secrets masked (for ``--check``)."""
     from dataclasses import fields
 
+    from twisted_gateway.admin import where_served
+
     def section(title: str, values: Any, skip: tuple[str, ...] = ()) -> list[str]:
         lines = [f"[{title}]"]
         for f in fields(values):
@@ -493,10 +506,10 @@ def describe_settings(settings: Settings) -> str:
         backlog = listen_backlog(description, system_backlog)
         shown = backlog if backlog is not None else "of the inherited socket"
         out.append(f"; {description}: listen backlog {shown}")
+    out.append(f"; {where_served(settings)}")
     out.append("")
     out += section("gateway", settings.gateway)
-    if settings.admin.listen:
-        out += section("admin", settings.admin)
+    out += section("admin", settings.admin)
     if settings.auth is not None:
         out += section("auth", settings.auth)
     for route in settings.routes:

@@ -16,6 +16,7 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
+from twisted_gateway.admin import ADMIN_PAGES, is_admin
 from twisted_gateway.config import RouteSettings, Settings
 from twisted_gateway.errors import BadRequest, GatewayError, NotFound, render_error
 from twisted_gateway.headers import (
@@ -98,9 +99,10 @@ class GatewayResource(Resource):
             load=self._load,
             jwks=authenticator.key_counts if authenticator is not None else None,
         )
-        #: False when an [admin] listener serves /metrics instead
-        self.serve_metrics = True
-        self._metrics_page = MetricsResource(self.metrics.registry)
+        #: False when an [admin] listener serves the operator's pages instead
+        self.serve_admin_pages = True
+        #: the operator's pages (admin.py says who may read them where)
+        self.admin_pages = {b"metrics": MetricsResource(self.metrics.registry)}
         self.keepalive = KeepAlive(
             self.registry, reactor, settings.gateway.ws_ping_interval, settings.gateway.ws_ping_timeout
         )
@@ -200,7 +202,7 @@ class GatewayResource(Resource):
         return NOT_DONE_YET
 
     def _own_page(self, request, path: bytes) -> bytes | None:
-        """The gateway's own pages: /healthz, /readyz and (unless on [admin]) /metrics."""
+        """The gateway's own pages: /healthz, /readyz and (unless on [admin]) the operator's."""
         if path == b"/healthz":
             status = {
                 "status": "ok",
@@ -219,9 +221,20 @@ class GatewayResource(Resource):
                     detail = f"route {name!r} has no healthy upstream instance"
                     return _json(request, 503, {"status": "not_ready", "detail": detail})
             return _json(request, 200, {"status": "ready"})
-        if path == b"/metrics" and self.serve_metrics:
-            return self._metrics_page.render(request)
+        if path in ADMIN_PAGES and self.serve_admin_pages:
+            if not self._is_admin(request):
+                raise NotFound(f"no route for {path.decode('ascii')}")
+            return self.admin_pages[path[1:]].render(request)
         return None
+
+    def _is_admin(self, request) -> bool:
+        """Whether this client may read the operator's pages here (``admin_allow``)."""
+        return is_admin(
+            _peer_host(request),
+            request.requestHeaders.getRawHeaders(b"x-forwarded-for", []),
+            self.settings.gateway.trusted_proxies,
+            self.settings.admin.admin_allow,
+        )
 
     def _upgrade(self, request, route, pool, path, query, headers, host) -> bytes | int:
         """Refuse what limits and the Origin policy forbid; hand the rest to the relay."""

@@ -17,11 +17,8 @@ from twisted.internet import tcp
 from twisted.internet.error import CannotListenError
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
-from twisted.web.resource import Resource
-from twisted.web.server import Site
-
+from twisted_gateway.admin import build_admin_site, where_served
 from twisted_gateway.config import Settings
-from twisted_gateway.metrics import MetricsResource
 from twisted_gateway.resource import GatewayResource
 from twisted_gateway.limits import UNLIMITED_CEILING, client_limits, reserved_files
 from twisted_gateway.site import FrontDoor, build_site
@@ -118,12 +115,9 @@ class GatewayService(MultiService):
             for description in settings.gateway.listen
         ]
         if settings.admin.listen:
-            # /metrics (and the health pages) move to the admin endpoints only.
-            self.resource.serve_metrics = False
-            admin = Resource()
-            admin.putChild(b"metrics", MetricsResource(self.resource.metrics.registry))
-            admin_site = Site(admin)
-            admin_site.noisy = False
+            # The operator's pages move to the admin endpoints only.
+            self.resource.serve_admin_pages = False
+            admin_site = build_admin_site(self.resource.admin_pages)
             for description in settings.admin.listen:
                 ListeningService(reactor, description, admin_site, "admin").setServiceParent(self)
         for listener in self.listeners:
@@ -175,6 +169,7 @@ class GatewayService(MultiService):
     def startService(self) -> None:
         super().startService()
         self.resource.start()
+        log.info("{where}", where=where_served(self.settings), event="admin_pages")
         gateway = self.settings.gateway
         log.info(
             "on SIGTERM: /readyz 503, serve {drain_delay} s more with Connection: close"
