@@ -124,6 +124,8 @@ BAD_CONFIGS = [
     ("bad host_header", ROUTE + "host_header = http://chat.example.com\n", "route:chat", "host_header",
      "client, upstream or a host"),
     ("bad route request_timeout", ROUTE + "request_timeout = 0\n", "route:chat", "request_timeout", "positive number"),
+    ("negative ws_rate_limit", "[gateway]\nws_rate_limit = -1\n" + ROUTE, "gateway", "ws_rate_limit", "-1"),
+    ("fractional ws_rate_burst", ROUTE + "ws_rate_burst = 2.5\n", "route:chat", "ws_rate_burst", "2.5"),
     ("bad header name to strip", "[gateway]\nstrip_request_headers = X-Real-IP X:Y\n" + ROUTE,
      "gateway", "strip_request_headers", "'x:y'"),
     ("cookie auth on a WebSocket route open to every origin",
@@ -528,3 +530,12 @@ def test_risky_ping_and_keepalive_settings_are_warned_about_not_refused(lines, w
     assert len(warnings) == len(warned)
     for line, start in zip(warnings, warned):
         assert line.startswith(f"gw.cfg: {start}")
+
+
+def test_ws_rate_limit_is_off_by_default_and_a_route_may_set_its_own():
+    """0 messages a second means no limit; a route's own rate and burst win over the gateway's."""
+    settings = parse_config(ROUTE)
+    assert (settings.gateway.ws_rate_limit, settings.routes[0].ws_rate_limit) == (0.0, None)
+    settings = parse_config("[gateway]\nws_rate_limit = 20\nws_rate_burst = 40\n" + ROUTE + "ws_rate_limit = 5\n")
+    assert (settings.gateway.ws_rate_limit, settings.gateway.ws_rate_burst) == (20.0, 40)
+    assert (settings.routes[0].ws_rate_limit, settings.routes[0].ws_rate_burst) == (5.0, None)

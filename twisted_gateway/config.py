@@ -206,6 +206,8 @@ class GatewaySettings:
     keepalive_timeout: float = 75.0
     tcp_keepalive: TCPKeepalive | None = DEFAULT_KEEPALIVE
     ws_send_timeout: float = 60.0
+    ws_rate_limit: float = 0.0
+    ws_rate_burst: int = 0
 
 
 @dataclass(frozen=True)
@@ -234,6 +236,9 @@ class RouteSettings:
     host_header: str = "client"
     #: None: the gateway's ``request_timeout``
     request_timeout: float | None = None
+    #: None: the gateway's ``ws_rate_limit`` / ``ws_rate_burst``
+    ws_rate_limit: float | None = None
+    ws_rate_burst: int | None = None
 
 
 @dataclass(frozen=True)
@@ -284,6 +289,8 @@ _GATEWAY_KEYS: Mapping[str, Key] = {
     "keepalive_timeout": Key(parse_positive_float, 75.0),
     "tcp_keepalive": Key(parse_tcp_keepalive, DEFAULT_KEEPALIVE),
     "ws_send_timeout": Key(parse_non_negative_float, 60.0),
+    "ws_rate_limit": Key(parse_non_negative_float, 0.0),
+    "ws_rate_burst": Key(parse_non_negative_int, 0),
 }
 
 _ROUTE_KEYS: Mapping[str, Key] = {
@@ -302,6 +309,8 @@ _ROUTE_KEYS: Mapping[str, Key] = {
     "escaped_slashes": Key(one_of(*ESCAPED_SLASHES), "check"),
     "host_header": Key(parse_host_header, "client"),
     "request_timeout": Key(parse_positive_float, None),
+    "ws_rate_limit": Key(parse_non_negative_float, None),
+    "ws_rate_burst": Key(parse_non_negative_int, None),
 }
 
 _ADMIN_KEYS: Mapping[str, Key] = {

@@ -63,6 +63,7 @@ CLOSE_REASONS = frozenset(
         "send_timeout",
         "protocol_error",
         "token_expired",
+        "rate_limit",
         "gateway",
     }
 )
@@ -176,6 +177,7 @@ class RouteCounters:
         "open",
         "closes",
         "auth_failures",
+        "limit_rejections",
         "flows",
     )
 
@@ -188,6 +190,8 @@ class RouteCounters:
         self.open = 0
         self.closes: dict[tuple[str, str, str], int] = {}
         self.auth_failures: dict[str, int] = {}
+        #: handshakes refused and WebSockets closed by a limit, by limit
+        self.limit_rejections: dict[str, int] = {}
         self.flows = {direction: MessageFlow() for direction in DIRECTIONS}
 
 
@@ -300,6 +304,11 @@ class Metrics:
         key = normalize_auth_reason(reason)
         counters.auth_failures[key] = counters.auth_failures.get(key, 0) + 1
 
+    def limit_rejection(self, route: str, limit: str) -> None:
+        """A handshake refused or a WebSocket closed by ``limit`` (e.g. ``ws_rate_limit``)."""
+        counters = self._routes.get(route) or self.route(route)
+        counters.limit_rejections[limit] = counters.limit_rejections.get(limit, 0) + 1
+
 
 def _no_upstreams() -> Iterable[tuple[str, str, bool, int]]:
     return ()
@@ -338,6 +347,7 @@ class GatewayCollector(Collector):
             handshaking,
             jwks_keys,
             jwks_failures,
+            limits,
         ) = families = _families()
         refused.add_metric([], self.metrics.connections_refused)
         load = self.metrics.load()
@@ -363,6 +373,8 @@ class GatewayCollector(Collector):
                 closes.add_metric([r.name, side, code, reason], n)
             for reason, n in sorted(r.auth_failures.items()):
                 auth.add_metric([r.name, reason], n)
+            for limit, n in sorted(r.limit_rejections.items()):
+                limits.add_metric([r.name, limit], n)
         try:
             states = list(self.metrics.upstreams())
         except Exception:
@@ -443,6 +455,11 @@ def _families() -> list[Metric]:
             "wsgateway_jwks_fetch_failures",
             "Failed fetches of the [auth] jwks_url, by reason.",
             labels=["reason"],
+        ),
+        CounterMetricFamily(
+            "wsgateway_limit_rejections",
+            "Handshakes refused and WebSockets closed by a per-user or per-socket limit.",
+            labels=["route", "limit"],
         ),
     ]
 

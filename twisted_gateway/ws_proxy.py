@@ -63,6 +63,7 @@ from twisted_gateway.headers import (
     upstream_origins,
     upstream_request_headers,
 )
+from twisted_gateway.rate_limit import TokenBucket, burst_for
 from twisted_gateway.refusals import Refusal, parse_head, refusal_body
 from twisted_gateway.metrics import Metrics
 from twisted_gateway.routing import upstream_url
@@ -74,6 +75,7 @@ from twisted_gateway.ws_relay import (
     CLOSED,
     LEG_BUFFER_SIZE,
     OPEN,
+    RATE_LIMITED,
     SLOW_CONSUMER,
     TOKEN_EXPIRED,
     UNRESPONSIVE,
@@ -412,6 +414,12 @@ class RelayServerProtocol(_RelayLeg, WebSocketServerProtocol):
         self._expiry = None
         self.close_both(TOKEN_EXPIRED, "token_expired")
 
+    def rate_exceeded(self) -> None:
+        """The client sent faster than ``ws_rate_limit`` allows: 1008 on both legs."""
+        if self.state == OPEN:
+            self.factory.metrics.limit_rejection(self.factory.route.name, "ws_rate_limit")
+        self.close_both(RATE_LIMITED, "rate_limit")
+
     def close_both(self, close: tuple[int, bytes], reason: str = "gateway") -> None:
         """The gateway ends the pair: the same close on both legs (expiry, drain)."""
         self.close_with(close, reason)
@@ -465,6 +473,9 @@ class RelayServerProtocol(_RelayLeg, WebSocketServerProtocol):
         upstream.flow = metrics.flow(route, "upstream_to_client")
         metrics.ws_opened(route)
         self._opened_at = self.factory.clock.seconds()
+        rate = self.factory.rate_limit
+        if rate:
+            self.bucket = TokenBucket.full(rate, self.factory.rate_burst, self._opened_at)
         # The client is granted exactly the compression the upstream granted us.
         self.perMessageCompressionAccept = self._mirror_compression(upstream)
         # Each transport pauses the other when its write buffer is full.
@@ -671,6 +682,10 @@ class RelayServerFactory(WebSocketServerFactory):
         #: connects a per-handshake upstream factory; returns its protocol
         self.connect = connect
         self.compression = route.ws_compression if route.ws_compression is not None else gateway.ws_compression
+        #: messages a second a client may send (0: no limit), and the burst it may save up
+        self.rate_limit = route.ws_rate_limit if route.ws_rate_limit is not None else gateway.ws_rate_limit
+        burst = route.ws_rate_burst if route.ws_rate_burst is not None else gateway.ws_rate_burst
+        self.rate_burst = burst_for(self.rate_limit, burst)
         options = dict(
             maxMessagePayloadSize=gateway.ws_max_message_size,
             openHandshakeTimeout=0,

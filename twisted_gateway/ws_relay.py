@@ -41,6 +41,8 @@ CLIENT_LOST = (1001, b"client went away")
 PEER_FAILED = (1001, b"going away")
 #: Close sent to both legs when the client's token expires.
 TOKEN_EXPIRED = (1008, b"token expired")
+#: Close sent to both legs when the client sends faster than ws_rate_limit.
+RATE_LIMITED = (1008, b"rate limit exceeded")
 #: Close sent to a leg whose peer accepted nothing of what waited for it (ws_send_timeout).
 SLOW_CONSUMER = (1008, b"slow consumer")
 #: Close sent to the upstream when the client stopped reading.
@@ -103,6 +105,8 @@ class _RelayLeg:
 
     #: both legs open without extensions: whole data frames pass through as bytes
     passthrough = False
+    #: rate_limit.TokenBucket of a client leg under ws_rate_limit
+    bucket: Any = None
 
     # Autobahn's versions of these two build debug-log arguments on every call.
 
@@ -143,6 +147,9 @@ class _RelayLeg:
         mask_bit = 0x80 if masked else 0
         limit = min(self.maxMessagePayloadSize or _NO_LIMIT, self.maxFramePayloadSize or _NO_LIMIT)
         flow = self.flow
+        bucket = self.bucket
+        now = self.pair.factory.clock.seconds() if bucket is not None else 0.0
+        over_rate = False
         end = len(data)
         i = count = total = 0
         while i + 2 <= end:
@@ -171,6 +178,9 @@ class _RelayLeg:
                     payload.decode("utf-8")
                 except UnicodeDecodeError:
                     break  # Autobahn fails it with 1007
+            if bucket is not None and not bucket.take(now):
+                over_rate = True
+                break
             flow.count(n)
             count += 1
             total += n
@@ -179,6 +189,8 @@ class _RelayLeg:
             write_now(peer.transport, data if i == end else data[:i])
             self.messages += count
             self.bytes += total
+        if over_rate:
+            self.pair.rate_exceeded()
         return data[i:]
 
     def onMessageBegin(self, isBinary: bool) -> None:
@@ -186,6 +198,9 @@ class _RelayLeg:
         self._chunks: list[bytes] = []
         self._buffered = 0
         self._streaming = False
+        # Over the rate: both legs close, and the message goes nowhere (its peer is not open).
+        if self.bucket is not None and not self.bucket.take(self.pair.factory.clock.seconds()):
+            self.pair.rate_exceeded()
 
     # onMessageFrameBegin is Autobahn's own: it enforces maxMessagePayloadSize.
 

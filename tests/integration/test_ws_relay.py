@@ -364,3 +364,58 @@ async def test_invalid_close_code_is_not_relayed(code):
     client.sendCloseFrame(code, b"bad")
     assert await server.closed == (1001, "going away")
     await close_relay(gw, up_port, client)
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_over_ws_rate_limit_is_closed_1008_on_both_legs():
+    """
+    Past its burst, a client sending faster than ws_rate_limit gets 1008 "rate
+    limit exceeded", and so does the upstream; another client is untouched.
+    """
+    clock = task.Clock()
+    clock.advance(reactor.seconds())
+    upstream, up_port, gw = await open_relay(gateway_extra="ws_rate_limit = 2\nws_rate_burst = 3")
+    gw.resource._ws_factories["chat"].clock = clock
+    calm = await ws_connect(gw.url("/v1/chat/ws?room=calm"))
+    calm_server = upstream.connected[-1]
+    client = await ws_connect(gw.url("/v1/chat/ws?room=a"))
+    server = upstream.connected[-1]
+    for i in range(3):
+        client.sendMessage(b"m%d" % i)
+        assert await client.next_message() == (b"m%d" % i, False)
+    clock.advance(0.5)  # one more message's worth
+    client.sendMessage(b"m3")
+    assert await client.next_message() == (b"m3", False)
+    for i in range(4, 8):
+        client.sendMessage(b"m%d" % i)
+    assert await client.closed == (1008, "rate limit exceeded")
+    assert await server.closed == (1008, "rate limit exceeded")
+    assert not client.messages  # nothing past m3 reached the upstream to come back
+    calm.sendMessage(b"still here")
+    assert await calm.next_message() == (b"still here", False)
+    assert calm_server.state == calm_server.STATE_OPEN
+    counters = gw.resource.metrics.route("chat")
+    assert counters.limit_rejections == {"ws_rate_limit": 1}
+    assert ("gateway", "1008", "rate_limit") in counters.closes
+    await close_relay(gw, up_port, calm)
+
+
+@pytest_twisted.ensureDeferred
+async def test_ws_rate_limit_counts_fragmented_messages_too():
+    """Messages Autobahn reassembles (fragments) count against the rate like whole frames."""
+    clock = task.Clock()
+    clock.advance(reactor.seconds())
+    upstream, up_port, gw = await open_relay(
+        Upstream(echo=False), gateway_extra="ws_rate_limit = 1\nws_rate_burst = 2"
+    )
+    gw.resource._ws_factories["chat"].clock = clock
+    client = await ws_connect(gw.url("/v1/chat/ws?room=a"))
+    server = upstream.connected[-1]
+    for i in range(3):
+        client.beginMessage()
+        client.sendMessageFrame(b"part-%d-" % i)
+        client.sendMessageFrame(b"end")
+        client.endMessage()
+    assert await client.closed == (1008, "rate limit exceeded")
+    assert [m for m, _ in server.messages] == [b"part-0-end", b"part-1-end"]
+    await close_relay(gw, up_port)
