@@ -473,6 +473,18 @@ def test_access_log_has_one_structured_line_with_the_token_redacted(echo):
     gateway.close()
 
 
+def test_the_access_line_reads_the_same_from_its_fields_and_from_its_preformatted_ones(echo):
+    """The line formatted ahead of time (``log_flattened``) is the line the fields give."""
+    gateway = Gateway(echo, route_name="api")
+    with capturedLogs() as events:
+        gateway.request(b"GET /a?x=1 HTTP/1.1\r\nHost: gw\r\n\r\n")
+    [event] = [e for e in events if e.get("log_namespace") == "twisted_gateway.access"]
+    plain = {k: v for k, v in event.items() if k != "log_flattened"}
+    assert formatEvent(event) == formatEvent(plain)
+    assert formatEvent(event).startswith("GET /a?x=1 200 ")
+    gateway.close()
+
+
 # -- GatewayRequest: refusing bodies before reading them ------------------------
 
 

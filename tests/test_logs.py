@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import urllib.request
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -227,6 +227,25 @@ def test_an_event_that_cannot_be_rendered_still_gives_a_json_line() -> None:
 def test_event_as_json_fills_in_an_event_without_twisted_keys() -> None:
     event = json.loads(event_as_json({"log_format": "plain {x}", "x": 1}))
     assert event["message"] == "plain 1" and event["level"] == "info" and event["namespace"] == ""
+
+
+def test_a_flattened_credential_field_stays_out_of_the_json_message() -> None:
+    """A field formatted ahead (``log_flattened``) is redacted by its name like the field itself."""
+    event = json.loads(
+        event_as_json(
+            {"log_format": "t={token}", "token": "s3cret", "log_flattened": {"token!s:": "s3cret"}}
+        )
+    )
+    assert event["message"] == "t=REDACTED" and event["token"] == "REDACTED"
+
+
+@pytest.mark.parametrize(
+    "stamp", [0.0, 1.5, 1733330000.9999996, 1733330000.0000004, 1494590098.4556055, -0.25]
+)
+def test_json_time_is_the_utc_instant_to_the_microsecond(stamp: float) -> None:
+    expected = datetime.fromtimestamp(stamp, tz=timezone.utc).isoformat(timespec="microseconds")
+    event = json.loads(event_as_json({"log_format": "x", "log_time": stamp}))
+    assert event["time"] == expected.replace("+00:00", "Z")
 
 
 def test_json_observer_is_a_factory_of_an_observer_writing_to_stdout(monkeypatch) -> None:

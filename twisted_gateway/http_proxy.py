@@ -151,6 +151,29 @@ def log_target(path: bytes, query: bytes, secrets: Iterable[str] = ()) -> str:
     return text + "?" + redacted if redacted else text
 
 
+#: The access line of a forwarded request.
+ACCESS_FORMAT = "{method} {target} {status} {bytes} {duration:.3f}s {upstream}"
+
+
+def access_flattened(
+    fields: dict[str, str], status: int, sent: int, duration: float
+) -> dict[str, str]:
+    """
+    :data:`ACCESS_FORMAT`'s fields already formatted, as ``log_flattened``
+    (Twisted's key for them): every log observer then formats the line
+    without parsing the format and looking each field up again, which was
+    most of the access event's cost.
+    """
+    return {
+        "method!s:": fields["method"],
+        "target!s:": fields["target"],
+        "status!s:": str(status),
+        "bytes!s:": str(sent),
+        "duration!s:.3f": "%.3f" % duration,
+        "upstream!s:": fields["upstream"],
+    }
+
+
 def response_header_pairs(headers: Headers) -> list[tuple[bytes, bytes]]:
     """The upstream's response headers minus hop-by-hop ones, repeats kept."""
     pairs = [(name, value) for name, values in headers.getAllRawHeaders() for value in values]
@@ -719,12 +742,14 @@ class HTTPForwarder:
         request.gateway_logged = True
 
         def log(status: int, sent: int, outcome: str) -> None:
+            duration = self._reactor.seconds() - started
             access_log.info(
-                "{method} {target} {status} {bytes} {duration:.3f}s {upstream}",
+                ACCESS_FORMAT,
                 status=status,
                 bytes=sent,
-                duration=self._reactor.seconds() - started,
+                duration=duration,
                 outcome=outcome,
+                log_flattened=access_flattened(fields, status, sent, duration),
                 **fields,
             )
 

@@ -15,6 +15,7 @@ This is a safety net: code should still never log a ``Request`` or a raw URI.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -48,7 +49,14 @@ def is_sensitive_name(name: str | bytes) -> bool:
     """Whether a field or header of this name holds a credential (``*_token`` too)."""
     if isinstance(name, bytes):
         name = name.decode("latin-1")
-    key = name.lower().replace("-", "_")
+    return _sensitive_key(name)
+
+
+@functools.lru_cache(maxsize=1024)
+def _sensitive_key(name: str) -> bool:
+    # cached: every event asks again about the same few field names. A
+    # ``log_flattened`` key is the field's name, ``!``, and its format.
+    key = name.partition("!")[0].lower().replace("-", "_")
     return key in SENSITIVE_NAMES or key.endswith("_token")
 
 
@@ -122,7 +130,15 @@ def redact_text(text: _Text, names: Iterable[str] = ()) -> _Text:
     one of ``names``; any case), JWTs, and ``Bearer`` credentials.
     """
     kind = bytes if isinstance(text, (bytes, bytearray)) else str
-    return _REDACTORS[kind](text, frozenset(n.lower() for n in names))
+    return _REDACTORS[kind](text, frozenset(n.lower() for n in names) if names else _NO_NAMES)
+
+
+_NO_NAMES: frozenset[str] = frozenset()
+_STR_REDACTOR = _REDACTORS[str]
+#: Types whose values cannot hold a credential (most of an event's fields).
+_PLAIN = frozenset({int, float, bool, type(None)})
+#: Types JSON holds as they are (a float may be infinite: :func:`_jsonable`).
+_JSON_PLAIN = frozenset({int, bool, str, type(None)})
 
 
 def redact_query(query: bytes, names: Iterable[str] = ()) -> str:
@@ -149,15 +165,30 @@ def redact(event: Mapping[str, Any]) -> dict[str, Any]:
     with a sensitive name keeps its name only. Other objects are kept as they
     are, for formatting; :func:`event_as_json` redacts their repr.
     """
-    return {
-        key: REDACTED
-        if isinstance(key, (str, bytes)) and is_sensitive_name(key)
-        else _redact_value(value, 0)
-        for key, value in event.items()
-    }
+    clean = {}
+    for key, value in event.items():
+        # the common cases first: a log event is mostly short strings and numbers
+        if type(key) is str:
+            sensitive = _sensitive_key(key)
+        else:
+            sensitive = isinstance(key, bytes) and is_sensitive_name(key)
+        if sensitive:
+            clean[key] = REDACTED
+        elif type(value) in _PLAIN:
+            clean[key] = value
+        elif type(value) is str:
+            clean[key] = _STR_REDACTOR(value, _NO_NAMES)
+        else:
+            clean[key] = _redact_value(value, 0)
+    return clean
 
 
 def _redact_value(value: Any, depth: int) -> Any:
+    kind = type(value)
+    if kind in _PLAIN:
+        return value
+    if kind is str:
+        return _STR_REDACTOR(value, _NO_NAMES)
     if isinstance(value, (str, bytes)):
         return redact_text(value)
     if depth >= MAX_DEPTH:
@@ -208,15 +239,27 @@ def event_as_json(event: LogEvent) -> str:
         out["traceback"] = redact_text(_traceback(failure))
     for key, value in clean.items():
         if key not in out and key not in _RENDERED:
-            out[str(key)] = _jsonable(value, 0)
+            out[str(key)] = value if type(value) in _JSON_PLAIN else _jsonable(value, 0)
     return json.dumps(out, separators=(",", ":"))
 
 
 def _iso_time(stamp: Any) -> str:
     if not isinstance(stamp, (int, float)):
         stamp = time.time()
-    moment = datetime.fromtimestamp(stamp, tz=timezone.utc)
-    return moment.isoformat(timespec="microseconds").replace("+00:00", "Z")
+    # the rounding datetime.fromtimestamp does
+    fraction, second = math.modf(stamp)
+    micros = round(fraction * 1e6)
+    if micros >= 1000000:
+        second, micros = second + 1, micros - 1000000
+    elif micros < 0:
+        second, micros = second - 1, micros + 1000000
+    return "%s.%06dZ" % (_iso_second(int(second)), micros)
+
+
+@functools.lru_cache(maxsize=4)
+def _iso_second(second: int) -> str:
+    # events come many to a second: the calendar part is computed once per second
+    return datetime.fromtimestamp(second, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
 
 
 def _traceback(failure: Any) -> str:
