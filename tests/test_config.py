@@ -124,6 +124,19 @@ BAD_CONFIGS = [
     ("bad host_header", ROUTE + "host_header = http://chat.example.com\n", "route:chat", "host_header",
      "client, upstream or a host"),
     ("bad route request_timeout", ROUTE + "request_timeout = 0\n", "route:chat", "request_timeout", "positive number"),
+    ("cluster without redis", "[cluster]\nnode_id = a\n" + ROUTE, "cluster", "redis", "missing required key"),
+    ("cluster redis not a redis URL", "[cluster]\nredis = http://h:6379\n" + ROUTE, "cluster", "redis",
+     "redis:// or rediss://"),
+    ("cluster redis with a bad database", "[cluster]\nredis = redis://h:6379/x\n" + ROUTE, "cluster", "redis",
+     "must be a number"),
+    ("cluster redis from an unset variable", "[cluster]\nredis = env:NO_SUCH_VARIABLE_19\n" + ROUTE,
+     "cluster", "redis", "NO_SUCH_VARIABLE_19 is not set"),
+    ("cluster policy", "[cluster]\nredis = redis://h\non_redis_down = maybe\n" + ROUTE, "cluster",
+     "on_redis_down", "open or closed"),
+    ("unknown cluster key", "[cluster]\nredis = redis://h\nnode = a\n" + ROUTE, "cluster", "node", "unknown key"),
+    ("short admin token", "[admin]\nlisten = tcp:0\ntoken = short\n" + ROUTE, "admin", "token", "at least 16"),
+    ("negative per-user cap", ROUTE + "max_websockets_per_user = -1\n", "route:chat", "max_websockets_per_user",
+     "-1"),
     ("negative ws_rate_limit", "[gateway]\nws_rate_limit = -1\n" + ROUTE, "gateway", "ws_rate_limit", "-1"),
     ("fractional ws_rate_burst", ROUTE + "ws_rate_burst = 2.5\n", "route:chat", "ws_rate_burst", "2.5"),
     ("bad header name to strip", "[gateway]\nstrip_request_headers = X-Real-IP X:Y\n" + ROUTE,
@@ -539,3 +552,21 @@ def test_ws_rate_limit_is_off_by_default_and_a_route_may_set_its_own():
     settings = parse_config("[gateway]\nws_rate_limit = 20\nws_rate_burst = 40\n" + ROUTE + "ws_rate_limit = 5\n")
     assert (settings.gateway.ws_rate_limit, settings.gateway.ws_rate_burst) == (20.0, 40)
     assert (settings.routes[0].ws_rate_limit, settings.routes[0].ws_rate_burst) == (5.0, None)
+
+
+def test_cluster_section_reads_the_redis_url_from_the_environment_and_never_shows_it(monkeypatch):
+    """The Redis URL may carry a password: env:NAME works, and --check masks it like a secret."""
+    monkeypatch.setenv("GW_REDIS_URL", "redis://:hunter2@redis.internal:6380/2")
+    settings = parse_config("[cluster]\nredis = env:GW_REDIS_URL\nnode_id = gw-a\n" + ROUTE)
+    assert (settings.cluster.node_id, settings.cluster.on_redis_down) == ("gw-a", "open")
+    text = describe_settings(settings)
+    assert "hunter2" not in text and "redis = (set)" in text
+
+
+def test_admin_token_off_is_said_by_check_and_a_token_from_the_environment_is_masked(monkeypatch):
+    text = describe_settings(parse_config("[admin]\nlisten = tcp:0\n" + ROUTE))
+    assert "; [admin] token is not set: the /admin API is not served" in text
+    monkeypatch.setenv("GW_ADMIN_TOKEN", "0123456789abcdef-admin")
+    settings = parse_config("[admin]\nlisten = tcp:0\ntoken = env:GW_ADMIN_TOKEN\n" + ROUTE)
+    assert settings.admin.token == b"0123456789abcdef-admin"
+    assert "token = (set)" in describe_settings(settings)

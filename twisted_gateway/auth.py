@@ -223,12 +223,12 @@ _AUTH_KEYS: Mapping[str, Key] = {
 }
 
 
-def _resolve(source: str, key: str, text: str) -> bytes:
+def resolve_secret(source: str, key: str, text: str, section: str = "auth") -> bytes:
     """The bytes behind ``literal | env:NAME | file:PATH``; errors never quote the value."""
     text = text.strip()
     if text.startswith("env:"):
         if text[4:] not in os.environ:
-            raise ConfigError(source, "auth", key, f"environment variable {text[4:]} is not set")
+            raise ConfigError(source, section, key, f"environment variable {text[4:]} is not set")
         data = os.environ[text[4:]].encode("utf-8")
     elif text.startswith("file:"):  # relative to the config file
         path = os.path.join(os.path.dirname(source), os.path.expanduser(text[5:]))
@@ -236,11 +236,11 @@ def _resolve(source: str, key: str, text: str) -> bytes:
             with open(path, "rb") as f:
                 data = f.read()
         except OSError as e:
-            raise ConfigError(source, "auth", key, f"cannot read {path}: {e.strerror}") from None
+            raise ConfigError(source, section, key, f"cannot read {path}: {e.strerror}") from None
     else:
         data = text.encode("utf-8")
     if not data.strip():
-        raise ConfigError(source, "auth", key, "is empty")
+        raise ConfigError(source, section, key, "is empty")
     return data.rstrip(b"\r\n")
 
 
@@ -268,7 +268,7 @@ def parse_auth_section(source: str, values: Mapping[str, str]) -> AuthSettings:
 
     text = read[given[0]]
     if given[0] == "secret":
-        read["secret"] = secret = _resolve(source, "secret", text)
+        read["secret"] = secret = resolve_secret(source, "secret", text)
         if b"-----BEGIN" in secret:
             raise ConfigError(source, "auth", "secret", "is a PEM key, not an HMAC secret")
         strongest = max(hmac, key=lambda a: int(a[2:]))
@@ -277,7 +277,7 @@ def parse_auth_section(source: str, values: Mapping[str, str]) -> AuthSettings:
             raise ConfigError(source, "auth", "secret", reason)
     elif given[0] == "public_key":
         try:
-            read["public_key"] = key = load_pem_public_key(_resolve(source, "public_key", text))
+            read["public_key"] = key = load_pem_public_key(resolve_secret(source, "public_key", text))
         except (ValueError, UnsupportedAlgorithm):
             raise ConfigError(source, "auth", "public_key", "not a PEM public key") from None
         for alg in public:
@@ -288,7 +288,7 @@ def parse_auth_section(source: str, values: Mapping[str, str]) -> AuthSettings:
                 raise ConfigError(source, "auth", "public_key", reason) from None
     elif given[0] == "jwks_file":
         try:
-            read["jwks"] = parse_jwks(_resolve(source, "jwks_file", text))
+            read["jwks"] = parse_jwks(resolve_secret(source, "jwks_file", text))
         except FetchFailed as e:
             raise ConfigError(source, "auth", "jwks_file", str(e)) from None
     del read["jwks_file"]  # parsed into ``jwks``

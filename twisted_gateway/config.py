@@ -208,6 +208,7 @@ class GatewaySettings:
     ws_send_timeout: float = 60.0
     ws_rate_limit: float = 0.0
     ws_rate_burst: int = 0
+    max_websockets_per_user: int = 0
 
 
 @dataclass(frozen=True)
@@ -239,6 +240,7 @@ class RouteSettings:
     #: None: the gateway's ``ws_rate_limit`` / ``ws_rate_burst``
     ws_rate_limit: float | None = None
     ws_rate_burst: int | None = None
+    max_websockets_per_user: int = 0
 
 
 @dataclass(frozen=True)
@@ -251,6 +253,8 @@ class AdminSettings:
     listen: tuple[str, ...] = ()
     #: who may read /metrics and /status on the public listener (without ``listen``)
     admin_allow: tuple[Any, ...] = DEFAULT_ADMIN_ALLOW
+    #: the bearer secret of the /admin API (None: the API is not served)
+    token: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -260,6 +264,7 @@ class Settings:
     demo: DemoSettings = field(default_factory=DemoSettings)
     admin: AdminSettings = field(default_factory=AdminSettings)
     auth: Any = None  # auth.AuthSettings when there is an [auth] section
+    cluster: Any = None  # cluster.ClusterSettings when there is a [cluster] section
     source: str = "<settings>"
 
 
@@ -291,6 +296,7 @@ _GATEWAY_KEYS: Mapping[str, Key] = {
     "ws_send_timeout": Key(parse_non_negative_float, 60.0),
     "ws_rate_limit": Key(parse_non_negative_float, 0.0),
     "ws_rate_burst": Key(parse_non_negative_int, 0),
+    "max_websockets_per_user": Key(parse_non_negative_int, 0),
 }
 
 _ROUTE_KEYS: Mapping[str, Key] = {
@@ -311,11 +317,13 @@ _ROUTE_KEYS: Mapping[str, Key] = {
     "request_timeout": Key(parse_positive_float, None),
     "ws_rate_limit": Key(parse_non_negative_float, None),
     "ws_rate_burst": Key(parse_non_negative_int, None),
+    "max_websockets_per_user": Key(parse_non_negative_int, 0),
 }
 
 _ADMIN_KEYS: Mapping[str, Key] = {
     "listen": Key(parse_endpoints, ()),
     "admin_allow": Key(parse_cidrs_or_none, DEFAULT_ADMIN_ALLOW),
+    "token": Key(str.strip, None),  # resolved (env:/file:) in parse_config
 }
 
 _DEMO_KEYS: Mapping[str, Key] = {
@@ -366,6 +374,7 @@ def parse_config(text: str, source: str = "<string>") -> Settings:
     demo = DemoSettings()
     admin = AdminSettings()
     auth = None
+    cluster = None
     route_values: list[tuple[str, dict[str, Any]]] = []
     for section in parser.sections():
         values = dict(parser.items(section))
@@ -374,7 +383,14 @@ def parse_config(text: str, source: str = "<string>") -> Settings:
         elif section == "gateway":
             gateway = GatewaySettings(**_read_section(source, section, values, _GATEWAY_KEYS))
         elif section == "admin":
-            admin = AdminSettings(**_read_section(source, section, values, _ADMIN_KEYS))
+            admin_values = _read_section(source, section, values, _ADMIN_KEYS)
+            if admin_values["token"]:
+                admin_values["token"] = _admin_token(source, admin_values["token"])
+            admin = AdminSettings(**admin_values)
+        elif section == "cluster":
+            from twisted_gateway.cluster import parse_cluster_section
+
+            cluster = parse_cluster_section(source, values)
         elif section == "demo":
             demo = DemoSettings(**_read_section(source, section, values, _DEMO_KEYS))
         elif section.startswith("route:") and section[len("route:") :].strip():
@@ -429,8 +445,24 @@ def parse_config(text: str, source: str = "<string>") -> Settings:
     if not routes:
         raise ConfigError(source, None, None, "no [route:NAME] section")
     return Settings(
-        gateway=gateway, routes=tuple(routes), demo=demo, admin=admin, auth=auth, source=source
+        gateway=gateway,
+        routes=tuple(routes),
+        demo=demo,
+        admin=admin,
+        auth=auth,
+        cluster=cluster,
+        source=source,
     )
+
+
+def _admin_token(source: str, text: str) -> bytes:
+    """``[admin] token``: a bearer secret, ``env:NAME`` or ``file:PATH``, long enough to resist guessing."""
+    from twisted_gateway.auth import resolve_secret
+
+    token = resolve_secret(source, "token", text, section="admin")
+    if len(token) < 16:
+        raise ConfigError(source, "admin", "token", "must be at least 16 bytes")
+    return token
 
 
 def load_config(path: str) -> Settings:
@@ -483,7 +515,7 @@ def config_warnings(settings: Settings) -> list[str]:
 
 
 #: Settings fields that hold key material: shown as "(set)", never printed.
-_SECRET_FIELDS = frozenset({"secret", "public_key", "jwks", "client_key"})
+_SECRET_FIELDS = frozenset({"secret", "public_key", "jwks", "client_key", "token", "redis"})
 
 
 def describe_settings(settings: Settings) -> str:
@@ -519,8 +551,12 @@ def describe_settings(settings: Settings) -> str:
     out.append("")
     out += section("gateway", settings.gateway)
     out += section("admin", settings.admin)
+    if settings.admin.token is None:
+        out.insert(-1, "; [admin] token is not set: the /admin API is not served")
     if settings.auth is not None:
         out += section("auth", settings.auth)
+    if settings.cluster is not None:
+        out += section("cluster", settings.cluster)
     for route in settings.routes:
         out += section(f"route:{route.name}", route, skip=("name",))
     if settings.demo.chat_service:

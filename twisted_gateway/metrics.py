@@ -64,6 +64,8 @@ CLOSE_REASONS = frozenset(
         "protocol_error",
         "token_expired",
         "rate_limit",
+        "admin",
+        "revoked",
         "gateway",
     }
 )

@@ -17,6 +17,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from twisted_gateway.admin import ADMIN_PAGES, is_admin
+from twisted_gateway.cluster import Cluster, RevocationGuard
 from twisted_gateway.config import RouteSettings, Settings
 from twisted_gateway.errors import BadRequest, GatewayError, NotFound, render_error
 from twisted_gateway.headers import (
@@ -68,6 +69,7 @@ class GatewayResource(Resource):
         authenticator: Any = None,
         upstreams: InstanceRegistry | None = None,
         metrics: Metrics | None = None,
+        cluster: Cluster | None = None,
     ) -> None:
         super().__init__()
         self.settings = settings
@@ -99,6 +101,17 @@ class GatewayResource(Resource):
             load=self._load,
             jwks=authenticator.key_counts if authenticator is not None else None,
         )
+        #: revocations, admin actions and per-user caps: the cluster's, or this gateway's alone
+        self.cluster = cluster or Cluster(
+            settings.cluster,
+            registry=self.registry,
+            clock=reactor,
+            metrics=self.metrics,
+            leeway=settings.auth.leeway if settings.auth is not None else 0.0,
+            gateway_cap=settings.gateway.max_websockets_per_user,
+        )
+        if authenticator is not None:
+            self.authenticator = authenticator = RevocationGuard(authenticator, self.cluster)
         #: False when an [admin] listener serves the operator's pages instead
         self.serve_admin_pages = True
         #: the operator's pages (admin.py says who may read them where)
@@ -119,6 +132,7 @@ class GatewayResource(Resource):
                 connect=connect,
                 authenticator=authenticator,
                 metrics=self.metrics,
+                cluster=self.cluster,
             )
             for route in settings.routes
             if route.websocket
@@ -137,6 +151,7 @@ class GatewayResource(Resource):
         """Start the background work: keepalive pings, the send timeout, health checks, JWKS refresh."""
         self.keepalive.start()
         self.send_timeout.start()
+        self.cluster.start()
         if self.health_checker is not None:
             self.health_checker.start()
         if self.authenticator is not None:
@@ -146,6 +161,7 @@ class GatewayResource(Resource):
         """Stop what :meth:`start` started (and close an own HTTP forwarder's idle connections)."""
         self.keepalive.stop()
         self.send_timeout.stop()
+        await self.cluster.stop()
         if self.health_checker is not None:
             await self.health_checker.stop()
         if self.authenticator is not None:
@@ -184,6 +200,7 @@ class GatewayResource(Resource):
             own = self._own_page(request, path)
             if own is not None:
                 return own
+        self.cluster.check_available()
         route = self._table.match(path)
         if route is None:
             raise NotFound(f"no route for {path.decode('ascii', 'replace')}")
@@ -215,6 +232,9 @@ class GatewayResource(Resource):
                 return _json(request, 503, {"status": "draining"})
             if self.authenticator is not None and not self.authenticator.ready():
                 detail = "the JWKS has not been fetched yet"
+                return _json(request, 503, {"status": "not_ready", "detail": detail})
+            if not self.cluster.ready:
+                detail = "the revocations are not loaded from the cluster's Redis yet"
                 return _json(request, 503, {"status": "not_ready", "detail": detail})
             for name, pool in self.pools.items():
                 if not any(instance.state == UP for instance in pool.instances):

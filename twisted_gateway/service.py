@@ -117,7 +117,12 @@ class GatewayService(MultiService):
         if settings.admin.listen:
             # The operator's pages move to the admin endpoints only.
             self.resource.serve_admin_pages = False
-            admin_site = build_admin_site(self.resource.admin_pages)
+            pages = dict(self.resource.admin_pages)
+            if settings.admin.token:
+                from twisted_gateway.admin_api import AdminAPI
+
+                pages[b"admin"] = AdminAPI(self.resource.cluster, settings.admin.token)
+            admin_site = build_admin_site(pages)
             for description in settings.admin.listen:
                 ListeningService(reactor, description, admin_site, "admin").setServiceParent(self)
         for listener in self.listeners:

@@ -261,13 +261,19 @@ class RelayServerProtocol(_RelayLeg, WebSocketServerProtocol):
         self.pair = self
         #: (side, code, reason) of whatever ended the pair first
         self.ending: tuple[str, int | None, str] | None = None
-        self._opened_at = 0.0
+        self.opened_at = 0.0
         self._handshake: Deferred | None = None
         self._deny: GatewayError | None = None
         self._expiry: Any = None
         self._instance: Any = None
         self._open_deadline = float("inf")
         self.done: Deferred[None] = Deferred()
+        #: the id the admin API names this WebSocket by
+        self.session_id = os.urandom(8).hex()
+        #: auth.Identity of the token it was opened with (revocations, caps, sessions)
+        self.identity: Any = None
+        #: the per-user caps this WebSocket counts in (cluster.Cluster.acquire)
+        self._capped: Any = None
 
     # -- opening handshake ------------------------------------------------
 
@@ -315,6 +321,13 @@ class RelayServerProtocol(_RelayLeg, WebSocketServerProtocol):
                 query=authenticator.upstream_query(ctx.query),
                 extra_headers=[*ctx.extra_headers, *extra],
             )
+        self.identity = identity
+        if identity is not None and identity.subject is not None and factory.cluster is not None:
+            self._capped = await factory.cluster.acquire(identity.subject, ctx.route)
+            if self.state == CLOSED:  # the client left while the cap was checked
+                factory.cluster.release(self._capped)
+                self._capped = None
+                raise CancelledError()
         pool = ctx.pool
         key = pool.request_key(
             query=ctx.query,
@@ -472,10 +485,10 @@ class RelayServerProtocol(_RelayLeg, WebSocketServerProtocol):
         self.flow = metrics.flow(route, "client_to_upstream")
         upstream.flow = metrics.flow(route, "upstream_to_client")
         metrics.ws_opened(route)
-        self._opened_at = self.factory.clock.seconds()
+        self.opened_at = self.factory.clock.seconds()
         rate = self.factory.rate_limit
         if rate:
-            self.bucket = TokenBucket.full(rate, self.factory.rate_burst, self._opened_at)
+            self.bucket = TokenBucket.full(rate, self.factory.rate_burst, self.opened_at)
         # The client is granted exactly the compression the upstream granted us.
         self.perMessageCompressionAccept = self._mirror_compression(upstream)
         # Each transport pauses the other when its write buffer is full.
@@ -595,6 +608,9 @@ class RelayServerProtocol(_RelayLeg, WebSocketServerProtocol):
         if self._instance is not None:
             self._instance.release(websocket=True)
             self._instance = None
+        if self._capped is not None:
+            factory.cluster.release(self._capped)
+            self._capped = None
         if self.partner is not None:
             self.partner.partner = None
         self.partner = None
@@ -610,7 +626,7 @@ class RelayServerProtocol(_RelayLeg, WebSocketServerProtocol):
             path=self.context.path.decode("latin-1"),
             peer=self.context.peer,
             upstream=self._instance.url if self._instance is not None else None,
-            duration=factory.clock.seconds() - self._opened_at,
+            duration=factory.clock.seconds() - self.opened_at,
             side=side,
             code=code,
             reason=reason or None,
@@ -673,9 +689,12 @@ class RelayServerFactory(WebSocketServerFactory):
         connect: Callable[[WebSocketClientFactory], Deferred],
         authenticator: Any = None,
         metrics: Metrics | None = None,
+        cluster: Any = None,
     ) -> None:
         super().__init__()
         self.route, self.gateway, self.clock = route, gateway, clock
+        #: cluster.Cluster: per-user caps (None: none counted)
+        self.cluster = cluster
         self.registry = registry
         self.authenticator = authenticator
         self.metrics = metrics if metrics is not None else Metrics(routes=[route.name])

@@ -1,0 +1,39 @@
+"""The [cluster] section's pure parts: the Redis URL."""
+
+from __future__ import annotations
+
+import pytest
+
+from twisted_gateway.cluster import RedisAddress, count_key, parse_redis_url
+
+
+@pytest.mark.parametrize(
+    "url, address",
+    [
+        ("redis://127.0.0.1:6379/0", RedisAddress("127.0.0.1", 6379, 0, None, None, False)),
+        ("redis://redis.internal", RedisAddress("redis.internal", 6379, 0, None, None, False)),
+        ("rediss://:p%40ss@r.example:6380/3", RedisAddress("r.example", 6380, 3, None, "p@ss", True)),
+        ("redis://gw:secret@[::1]:7000/", RedisAddress("::1", 7000, 0, "gw", "secret", False)),
+    ],
+)
+def test_redis_urls(url, address):
+    assert parse_redis_url(url) == address
+
+
+@pytest.mark.parametrize(
+    "url, reason",
+    [
+        ("http://h", "redis:// or rediss://"),
+        ("redis://", "no host"),
+        ("redis://h:99999", "bad port"),
+        ("redis://h/zero", "must be a number"),
+    ],
+)
+def test_bad_redis_urls_are_refused_without_quoting_them(url, reason):
+    with pytest.raises(ValueError, match=reason) as caught:
+        parse_redis_url(url)
+    assert url not in str(caught.value)
+
+
+def test_count_keys_keep_route_and_subject_apart():
+    assert count_key("chat", "a:b") != count_key("chat:a", "b")

@@ -1,0 +1,659 @@
+"""
+One control plane for every gateway that names the same Redis (``[cluster]``).
+
+What must reach every worker of every host lives here: revocations (kept in
+Redis until the token expires, mirrored in each worker's memory so that no
+request and no message waits for Redis), administrator actions (published on
+one channel; every worker acts on its own sockets and answers on the asker's
+reply channel), and per-user caps (counts per user and worker in Redis, one
+script call per capped handshake, a dead worker's counts ignored once its
+heartbeat key expires). Without ``[cluster]`` the same object acts on this
+gateway alone.
+
+The Redis client is txredisapi: Twisted-native, it reconnects with backoff;
+after every reconnect this module resubscribes, reloads the revocations and
+writes its own counts again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator
+from urllib.parse import unquote, urlsplit
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+from twisted.internet.defer import Deferred, TimeoutError as DeferredTimeout
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from twisted_gateway.errors import GatewayError
+from twisted_gateway.revocations import Revocations, matches
+
+log = Logger()
+
+PREFIX = "wsgateway:"
+CONTROL = PREFIX + "control"
+#: Seconds between heartbeats; a worker's entries go 30 s after its last one.
+HEARTBEAT = 5.0
+NODE_TTL = 30
+#: Seconds to wait for Redis on a handshake's cap check, or for every worker's answer.
+CALL_TIMEOUT = 2.0
+REPLY_TIMEOUT = 2.0
+#: How long a revocation by subject is kept when the administrator gives no ``exp``.
+SUBJECT_REVOCATION_TTL = 86400
+#: Seconds a client over its cap is told to wait.
+RETRY_AFTER = 5
+
+DISCONNECTED = (1008, b"disconnected by administrator")
+REVOKED = (1008, b"token revoked")
+
+ON_REDIS_DOWN = ("open", "closed")
+
+
+@dataclass(frozen=True)
+class ClusterSettings:
+    """``[cluster]``: the Redis URL (secret: it may carry a password), this worker's name, the policy."""
+
+    redis: str
+    node_id: str
+    on_redis_down: str = "open"
+
+
+@dataclass(frozen=True)
+class RedisAddress:
+    host: str
+    port: int
+    db: int
+    username: str | None
+    password: str | None
+    tls: bool
+
+
+def parse_redis_url(url: str) -> RedisAddress:
+    """``redis://[user:password@]host[:port][/db]`` or ``rediss://`` (TLS); errors never quote it."""
+    parts = urlsplit(url.strip())
+    if parts.scheme not in ("redis", "rediss"):
+        raise ValueError("must start with redis:// or rediss://")
+    if not parts.hostname:
+        raise ValueError("has no host")
+    try:
+        port = parts.port or 6379
+    except ValueError:
+        raise ValueError("has a bad port") from None
+    path = parts.path.strip("/")
+    if path and not path.isdigit():
+        raise ValueError("the database (the path) must be a number")
+    return RedisAddress(
+        host=parts.hostname,
+        port=port,
+        db=int(path or 0),
+        username=unquote(parts.username) if parts.username else None,
+        password=unquote(parts.password) if parts.password else None,
+        tls=parts.scheme == "rediss",
+    )
+
+
+def default_node_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def parse_cluster_section(source: str, values: dict[str, str]) -> ClusterSettings:
+    """The ``[cluster]`` section; ``redis`` may be ``env:NAME`` or ``file:PATH``."""
+    from twisted_gateway.auth import resolve_secret
+    from twisted_gateway.config import ConfigError
+
+    for key in values:
+        if key not in ("redis", "node_id", "on_redis_down"):
+            raise ConfigError(source, "cluster", key, "unknown key")
+    if not values.get("redis", "").strip():
+        raise ConfigError(source, "cluster", "redis", "missing required key")
+    url = resolve_secret(source, "redis", values["redis"], section="cluster").decode("utf-8")
+    try:
+        parse_redis_url(url)
+    except ValueError as e:
+        raise ConfigError(source, "cluster", "redis", str(e)) from None
+    node_id = values.get("node_id", "").strip() or default_node_id()
+    if any(c.isspace() or c == "|" for c in node_id):
+        raise ConfigError(source, "cluster", "node_id", "must not contain spaces or '|'")
+    policy = values.get("on_redis_down", "").strip().lower() or "open"
+    if policy not in ON_REDIS_DOWN:
+        raise ConfigError(source, "cluster", "on_redis_down", f"expected open or closed, got {policy!r}")
+    return ClusterSettings(redis=url, node_id=node_id, on_redis_down=policy)
+
+
+# Checks every cap of a handshake and, when none is reached, counts the socket
+# in each: KEYS are the per-user count hashes, ARGV[1] this worker's field
+# (node|epoch), ARGV[2..] the caps. A field whose worker's heartbeat key is
+# gone or carries another epoch is a dead worker's: dropped.
+_ACQUIRE = """
+for i, key in ipairs(KEYS) do
+  local total = 0
+  local fields = redis.call('HGETALL', key)
+  for j = 1, #fields, 2 do
+    local node, epoch = string.match(fields[j], '^(.*)|([^|]*)$')
+    if node and redis.call('HGET', 'wsgateway:node:' .. node, 'epoch') == epoch then
+      total = total + tonumber(fields[j + 1])
+    else
+      redis.call('HDEL', key, fields[j])
+    end
+  end
+  if total >= tonumber(ARGV[i + 1]) then return i end
+end
+for i, key in ipairs(KEYS) do
+  redis.call('HINCRBY', key, ARGV[1], 1)
+  redis.call('EXPIRE', key, 86400)
+end
+return 0
+"""
+
+_REVOKE_SUBJECT = """
+local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tonumber(ARGV[1]) > current then redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2]) end
+return 1
+"""
+
+
+def count_key(scope: str, sub: str) -> str:
+    return PREFIX + "ws:" + json.dumps([scope, sub], separators=(",", ":"))
+
+
+class Cluster:
+    """
+    This worker's member of the cluster (or, without ``settings``, the gateway
+    alone): the verbs the admin API calls, the checks the data path makes.
+    """
+
+    def __init__(
+        self,
+        settings: ClusterSettings | None,
+        *,
+        registry: Any,
+        clock: Any,
+        metrics: Any,
+        leeway: float = 0.0,
+        gateway_cap: int = 0,
+    ) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.clock = clock
+        self.metrics = metrics
+        self.leeway = leeway
+        self.gateway_cap = gateway_cap
+        self.node_id = settings.node_id if settings is not None else default_node_id()
+        self.revocations = Revocations()
+        #: (scope, sub) -> this worker's open sockets (scope: a route name, or "*")
+        self.counts: dict[tuple[str, str], int] = {}
+        #: True while the subscription is alive (always True without [cluster])
+        self.up = settings is None
+        #: the revocations were loaded at least once (readiness)
+        self.loaded = settings is None
+        self.admin_actions: dict[str, int] = {}
+        self.revoked: dict[str, int] = {}
+        self._epoch = ""
+        self._outage_warned = False
+        self._commands: Any = None
+        self._factories: list[Any] = []
+        self._loop: LoopingCall | None = None
+        self._start_check: Any = None
+        #: request id -> (answers expected, answers, Deferred)
+        self._waiting: dict[str, tuple[int, list, Deferred]] = {}
+        self._sequence = 0
+        metrics.registry.register(ClusterCollector(self))
+
+    # -- life cycle ------------------------------------------------------------
+
+    def start(self) -> None:
+        if self.settings is None:
+            return
+        from twisted_gateway.redis_client import connect
+
+        self._commands, self._factories = connect(
+            parse_redis_url(self.settings.redis),
+            [CONTROL, PREFIX + "reply:" + self.node_id],
+            on_ready=self._connected,
+            on_lost=self._lost,
+            on_message=self._message,
+            clock=self.clock,
+        )
+        self._loop = LoopingCall(self._heartbeat)
+        self._loop.clock = self.clock
+        self._loop.start(HEARTBEAT, now=False)
+        self._start_check = self.clock.callLater(CALL_TIMEOUT, self._not_yet_connected)
+        log.info(
+            "cluster: node {node} joining through Redis {host}:{port} (on_redis_down = {policy})",
+            node=self.node_id,
+            host=parse_redis_url(self.settings.redis).host,
+            port=parse_redis_url(self.settings.redis).port,
+            policy=self.settings.on_redis_down,
+            event="cluster_start",
+        )
+
+    async def stop(self) -> None:
+        """Leave: stop the heartbeat, take this worker's counts and heartbeat out, disconnect."""
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._loop = None
+        if self._start_check is not None and self._start_check.active():
+            self._start_check.cancel()
+        self._start_check = None
+        for _, _, d in list(self._waiting.values()):
+            d.cancel()
+        if self.settings is None:
+            return
+        if self.up:
+            try:
+                await self._call("DEL", PREFIX + "node:" + self.node_id)
+            except Exception:
+                pass  # its key expires anyway
+        for factory in self._factories:
+            await factory.disconnect()
+
+    @property
+    def ready(self) -> bool:
+        """For ``/readyz``: the revocations are loaded, or an unreachable Redis is tolerated."""
+        return self.loaded or (self.settings is not None and self.settings.on_redis_down == "open")
+
+    def check_available(self) -> None:
+        """``on_redis_down = closed``: without Redis, new requests and handshakes get 503."""
+        if not self.up and self.settings is not None and self.settings.on_redis_down == "closed":
+            raise GatewayError(
+                "the cluster's Redis is unreachable", status=503, error="cluster_unavailable"
+            )
+
+    # -- Redis events ----------------------------------------------------------
+
+    def _not_yet_connected(self) -> None:
+        self._start_check = None
+        if not self.up:
+            self._warn_outage()
+
+    def _warn_outage(self) -> None:
+        if not self._outage_warned:
+            self._outage_warned = True
+            log.warn(
+                "cluster: Redis unreachable; {what} until it is back",
+                what="serving with the last revocations loaded, caps per worker only"
+                if self.settings.on_redis_down == "open"
+                else "new requests and handshakes get 503 cluster_unavailable",
+                event="cluster_down",
+            )
+
+    def _lost(self) -> None:
+        if self.up:
+            self.up = False
+            self._warn_outage()
+
+    async def _connected(self) -> None:
+        """Subscribed again: a new epoch, the heartbeat and our counts written, the revocations reloaded."""
+        self._epoch = os.urandom(4).hex()
+        await self._heartbeat_now()
+        field = self._field()
+        for (scope, sub), n in self.counts.items():
+            if n > 0:
+                await self._call("HSET", count_key(scope, sub), field, n)
+        loaded = await self._load_revocations()
+        self.revocations.replace(loaded)
+        was_down = self._outage_warned
+        self.up = self.loaded = True
+        self._outage_warned = False
+        log.info(
+            "cluster: connected to Redis{again}; {jtis} revoked tokens and {subjects} revoked subjects loaded",
+            again=" again" if was_down else "",
+            jtis=len(self.revocations.jtis),
+            subjects=len(self.revocations.subjects),
+            event="cluster_up",
+        )
+        # sockets opened with a token revoked while this worker was cut off
+        self._close_revoked()
+
+    async def _load_revocations(self) -> Revocations:
+        loaded = Revocations()
+        cursor: Any = 0
+        while True:
+            cursor, keys = await self._call("SCAN", cursor, "MATCH", PREFIX + "revoked:*", "COUNT", 500)
+            if keys:
+                values = await self._call("MGET", *keys)
+                for key, value in zip(keys, values):
+                    if value is None:
+                        continue
+                    kind, _, name = key[len(PREFIX + "revoked:") :].partition(":")
+                    if kind == "jti":
+                        loaded.add_jti(name, float(value))
+                    elif kind == "sub":
+                        loaded.add_subject(name, float(value))
+            if str(cursor) == "0":
+                return loaded
+
+    def _heartbeat(self) -> None:
+        self.revocations.prune(self.clock.seconds() - self.leeway)
+        if self.up:
+            d = Deferred.fromCoroutine(self._heartbeat_now())
+            d.addErrback(lambda f: log.debug("cluster: heartbeat failed: {f}", f=f))
+
+    async def _heartbeat_now(self) -> None:
+        key = PREFIX + "node:" + self.node_id
+        await self._call(
+            "HSET",
+            key,
+            "epoch",
+            self._epoch,
+            "host",
+            socket.gethostname(),
+            "pid",
+            os.getpid(),
+            "websockets",
+            len(self.registry.pairs),
+            "heartbeat",
+            round(self.clock.seconds(), 3),
+        )
+        await self._call("EXPIRE", key, NODE_TTL)
+
+    def _field(self) -> str:
+        return f"{self.node_id}|{self._epoch}"
+
+    async def _call(self, *command: Any) -> Any:
+        """One Redis command, bounded by :data:`CALL_TIMEOUT`."""
+        d = self._commands.execute_command(*command)
+        d.addTimeout(CALL_TIMEOUT, self.clock)
+        return await d
+
+    def _message(self, channel: str, text: str) -> None:
+        try:
+            message = json.loads(text)
+        except ValueError:
+            log.warn("cluster: a message that is not JSON on {channel}", channel=channel)
+            return
+        if channel == CONTROL:
+            result = self._apply(message.get("action"), message.get("args") or {})
+            reply = json.dumps({"id": message.get("id"), "node": self.node_id, "result": result})
+            d = self._call("PUBLISH", PREFIX + "reply:" + str(message.get("from")), reply)
+            Deferred.fromCoroutine(d).addErrback(lambda f: log.debug("cluster: no reply sent: {f}", f=f))
+            return
+        waiting = self._waiting.get(message.get("id"))
+        if waiting is not None:
+            expected, answers, d = waiting
+            answers.append(message)
+            if len(answers) >= expected and not d.called:
+                d.callback(answers)
+
+    # -- what every worker does --------------------------------------------------
+
+    def _apply(self, action: str | None, args: dict) -> Any:
+        """One administrator action on this worker's own sockets and state."""
+        if action == "sessions":
+            return [s for s in self.local_sessions() if args.get("sub") in (None, s["sub"])]
+        if action == "disconnect":
+            return self._close(
+                lambda pair: pair.session_id == args["session"]
+                if args.get("session")
+                else matches(_claims(pair), sub=args.get("sub")),
+                DISCONNECTED,
+                "admin",
+            )
+        if action == "revoke":
+            if args.get("jti") is not None:
+                self.revocations.add_jti(args["jti"], float(args["until"]))
+            else:
+                self.revocations.add_subject(args["sub"], float(args["before"]))
+            return self._close_revoked()
+        return None
+
+    def _close_revoked(self) -> int:
+        closed = 0
+        for pair in list(self.registry.pairs):
+            kind = self.revocations.revoked(_claims(pair))
+            if kind is not None and pair.state == pair.STATE_OPEN:
+                self.revoked[kind] = self.revoked.get(kind, 0) + 1
+                pair.close_both(REVOKED, "revoked")
+                closed += 1
+        return closed
+
+    def _close(self, which: Callable[[Any], bool], close: tuple[int, bytes], reason: str) -> int:
+        closed = 0
+        for pair in list(self.registry.pairs):
+            if pair.state == pair.STATE_OPEN and which(pair):
+                pair.close_both(close, reason)
+                closed += 1
+        return closed
+
+    def local_sessions(self) -> list[dict]:
+        sessions = []
+        for pair in self.registry.pairs:
+            identity = getattr(pair, "identity", None)
+            sessions.append(
+                {
+                    "id": pair.session_id,
+                    "sub": identity.subject if identity is not None else None,
+                    "route": pair.factory.route.name,
+                    "node": self.node_id,
+                    "peer": pair.context.peer,
+                    "opened_at": round(pair.opened_at, 3),
+                }
+            )
+        return sorted(sessions, key=lambda s: s["opened_at"])
+
+    # -- the verbs of the admin API ------------------------------------------------
+
+    async def broadcast(self, action: str, args: dict) -> list:
+        """Every worker's result of ``action``, once each has answered (this worker alone without Redis)."""
+        self.admin_actions[action] = self.admin_actions.get(action, 0) + 1
+        if self.settings is None:
+            return [self._apply(action, args)]
+        if not self.up:
+            raise GatewayError("the cluster's Redis is unreachable", status=503, error="cluster_unavailable")
+        self._sequence += 1
+        request_id = f"{self.node_id}/{self._sequence}"
+        d: Deferred = Deferred()
+        answers: list = []
+        self._waiting[request_id] = (1 << 30, answers, d)
+        try:
+            message = json.dumps({"id": request_id, "from": self.node_id, "action": action, "args": args})
+            receivers = await self._call("PUBLISH", CONTROL, message)
+            if len(answers) >= receivers:
+                return [a["result"] for a in answers]
+            self._waiting[request_id] = (receivers, answers, d)
+            d.addTimeout(REPLY_TIMEOUT, self.clock)
+            try:
+                await d
+            except DeferredTimeout:
+                log.warn(
+                    "cluster: {action}: {n} of {expected} workers answered in time",
+                    action=action,
+                    n=len(answers),
+                    expected=receivers,
+                )
+            return [a["result"] for a in answers]
+        finally:
+            self._waiting.pop(request_id, None)
+
+    async def revoke(self, *, jti: str | None = None, exp: float | None = None,
+                     sub: str | None = None, before: float | None = None) -> int:
+        """Keep the revocation in Redis until the tokens it covers expire; every worker applies it."""
+        now = self.clock.seconds()
+        if jti is not None:
+            until = float(exp) + self.leeway
+            args = {"jti": jti, "until": until}
+            key, value, keep = PREFIX + "revoked:jti:" + jti, until, until - now
+        else:
+            args = {"sub": sub, "before": float(before)}
+            key, value = PREFIX + "revoked:sub:" + sub, float(before)
+            keep = float(before) - now + SUBJECT_REVOCATION_TTL + self.leeway
+        if self.settings is not None and self.up and keep > 0:
+            if jti is not None:
+                await self._call("SET", key, value, "EX", max(1, int(keep) + 1))
+            else:
+                await self._call("EVAL", _REVOKE_SUBJECT, 1, key, value, max(1, int(keep) + 1))
+        return sum(await self.broadcast("revoke", args))
+
+    async def nodes(self) -> list[dict]:
+        """The workers whose heartbeat is alive, with their WebSockets and last heartbeat."""
+        if self.settings is None:
+            return [self._own_node()]
+        if not self.up:
+            raise GatewayError("the cluster's Redis is unreachable", status=503, error="cluster_unavailable")
+        nodes = []
+        cursor: Any = 0
+        while True:
+            cursor, keys = await self._call("SCAN", cursor, "MATCH", PREFIX + "node:*", "COUNT", 500)
+            for key in keys:
+                values = await self._call("HGETALL", key)
+                if values:
+                    nodes.append(_node(key[len(PREFIX + "node:") :], values))
+            if str(cursor) == "0":
+                return sorted(nodes, key=lambda n: n["node"])
+
+    def _own_node(self) -> dict:
+        return {
+            "node": self.node_id,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "websockets": len(self.registry.pairs),
+            "heartbeat": round(self.clock.seconds(), 3),
+        }
+
+    # -- the data path's checks -------------------------------------------------
+
+    def check_token(self, claims: dict) -> None:
+        """Refuse a revoked token (memory only: no Redis on the request path)."""
+        from twisted_gateway.auth import AuthError
+
+        kind = self.revocations.revoked(claims)
+        if kind is not None:
+            self.revoked[kind] = self.revoked.get(kind, 0) + 1
+            raise AuthError("token revoked")
+
+    def caps_for(self, route: Any) -> list[tuple[str, int]]:
+        caps = []
+        if route.max_websockets_per_user:
+            caps.append((route.name, route.max_websockets_per_user))
+        if self.gateway_cap:
+            caps.append(("*", self.gateway_cap))
+        return caps
+
+    async def acquire(self, sub: str, route: Any) -> list[tuple[str, str]] | None:
+        """
+        Count a new WebSocket of ``sub`` against its caps, or refuse it with
+        429: one script call when Redis is up, this worker's own counts when
+        it is not (or answers too late); nothing for a route without a cap.
+        """
+        caps = self.caps_for(route)
+        if not caps:
+            return None
+        keys = [(scope, sub) for scope, _ in caps]
+        over = None
+        if self.settings is not None and self.up:
+            try:
+                over = await self._call(
+                    "EVAL", _ACQUIRE, len(keys), *[count_key(*k) for k in keys],
+                    self._field(), *[cap for _, cap in caps],
+                )
+            except Exception as e:
+                log.warn("cluster: cap check without Redis ({error}): this worker's counts only",
+                         error=str(e) or type(e).__name__)
+        if over is None:
+            over = next((i + 1 for i, (key, (_, cap)) in enumerate(zip(keys, caps))
+                         if self.counts.get(key, 0) >= cap), 0)
+        if over:
+            scope, cap = caps[int(over) - 1]
+            self.metrics.limit_rejection(route.name, "max_websockets_per_user")
+            where = "on this route" if scope != "*" else "on this gateway"
+            raise GatewayError(
+                f"at most {cap} WebSockets per user {where}",
+                status=429,
+                error="too_many_connections",
+                headers=[(b"Retry-After", str(RETRY_AFTER).encode())],
+            )
+        for key in keys:
+            self.counts[key] = self.counts.get(key, 0) + 1
+        return keys
+
+    def release(self, keys: Iterable[tuple[str, str]]) -> None:
+        """A counted WebSocket is gone."""
+        for key in keys:
+            n = self.counts.get(key, 0) - 1
+            if n > 0:
+                self.counts[key] = n
+            else:
+                self.counts.pop(key, None)
+            if self.settings is not None and self.up:
+                d = Deferred.fromCoroutine(self._call("HINCRBY", count_key(*key), self._field(), -1))
+                d.addErrback(lambda f: None)  # rewritten from self.counts at the next reconnect
+
+
+def _claims(pair: Any) -> dict:
+    identity = getattr(pair, "identity", None)
+    return identity.claims if identity is not None else {}
+
+
+def _node(name: str, values: Any) -> dict:
+    if isinstance(values, list):
+        values = dict(zip(values[::2], values[1::2]))
+    return {
+        "node": name,
+        "host": values.get("host"),
+        "pid": _number(values.get("pid")),
+        "websockets": _number(values.get("websockets")),
+        "heartbeat": _number(values.get("heartbeat")),
+    }
+
+
+def _number(value: Any) -> Any:
+    try:
+        return float(value) if "." in str(value) else int(value)
+    except (TypeError, ValueError):
+        return value
+
+
+class ClusterCollector(Collector):
+    """``wsgateway_cluster_up``, ``wsgateway_admin_actions_total``, ``wsgateway_revoked_total``."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+
+    def describe(self) -> Iterator[Any]:
+        return iter(self._families())
+
+    def _families(self) -> list[Any]:
+        return [
+            GaugeMetricFamily("wsgateway_cluster_up", "1 while this worker is connected to the cluster's Redis."),
+            CounterMetricFamily(
+                "wsgateway_admin_actions", "Administrator actions asked of this worker.", labels=["action"]
+            ),
+            CounterMetricFamily(
+                "wsgateway_revoked",
+                "Revoked tokens refused and WebSockets closed for a revocation, by what matched.",
+                labels=["reason"],
+            ),
+        ]
+
+    def collect(self) -> Iterator[Any]:
+        up, actions, revoked = families = self._families()
+        cluster = self.cluster
+        if cluster.settings is not None:
+            up.add_metric([], 1 if cluster.up else 0)
+        for action, n in sorted(cluster.admin_actions.items()):
+            actions.add_metric([action], n)
+        for reason, n in sorted(cluster.revoked.items()):
+            revoked.add_metric([reason], n)
+        return iter(families if cluster.settings is not None else families[1:])
+
+
+class RevocationGuard:
+    """An authenticator whose verified tokens are also checked against the revocations."""
+
+    def __init__(self, authenticator: Any, cluster: Cluster) -> None:
+        self._authenticator = authenticator
+        self._cluster = cluster
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._authenticator, name)
+
+    async def authenticate(self, mode: str, headers: Any, query: bytes) -> Any:
+        identity = await self._authenticator.authenticate(mode, headers, query)
+        if identity is not None:
+            self._cluster.check_token(identity.claims)
+        return identity
