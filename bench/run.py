@@ -16,7 +16,9 @@ generator sharing the other(s). Figures:
 1. WebSocket CPU per 10k messages, 64 KiB, 64 connections, saturating;
 2. WebSocket CPU per 10k messages at 2,000 msg/s, 64 B, 16 connections,
    with p50/p99 round trips;
-3. CPU per handshake (open + close), auth = none and auth = required;
+3. CPU per handshake (open + close), auth = none and auth = required (with
+   ``--cluster``, also auth = required under a per-user cap counted in a
+   Redis the gateway shares: redis-server started for the run);
 4. RSS per idle WebSocket at 1k and 5k connections (fresh proxy each time);
 5. peak RSS growth while one 16 MiB message crosses (fresh proxy each time);
 6. HTTP CPU per 10k GETs of 64 B at 1,000 req/s;
@@ -61,6 +63,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import report  # noqa: E402
 from targets import (  # noqa: E402
     BENCH,
+    LOOPBACK,
     NGINX_MISSING,
     Backend,
     Direct,
@@ -188,6 +191,8 @@ class Bench:
         self.backend = Backend(self.placement, workdir)
         self.targets: list[Target] = []
         self.token = ""
+        #: redis-server for --cluster
+        self.redis: subprocess.Popen | None = None
         self.profile_dir = Path(args.profile).resolve() if args.profile else None
         self.py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
 
@@ -219,7 +224,10 @@ class Bench:
                     continue
                 self.targets.append(Nginx(binary, self.backend, self.placement, self.workdir))
             elif name == "gateway":
-                gateway = Gateway(self.backend, self.placement, self.workdir, twistd=self.args.twistd)
+                redis_url = self._start_redis() if self.args.cluster else None
+                gateway = Gateway(
+                    self.backend, self.placement, self.workdir, twistd=self.args.twistd, redis_url=redis_url
+                )
                 self.token = gateway.token()
                 self.targets.append(gateway)
             else:
@@ -235,6 +243,9 @@ class Bench:
             except Exception as e:  # keep stopping the others
                 self.errors.append(f"stopping {target.name}: {e}")
         self.backend.stop()
+        if self.redis is not None:
+            self.redis.kill()
+            self.redis.wait(30)
         stop_all()
         for target in self.targets:
             for record in target.lifecycle:
@@ -242,6 +253,28 @@ class Bench:
                     f"stopped {record['target']} (pid {record['pid']}): "
                     f"returncode {record['returncode']}"
                 )
+
+    def _start_redis(self) -> str:
+        """A redis-server without persistence for the gateway's [cluster]; its URL."""
+        import socket
+
+        with socket.socket() as s:
+            s.bind((LOOPBACK, 0))
+            port = s.getsockname()[1]
+        binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+        self.redis = subprocess.Popen(
+            [binary, "--port", str(port), "--bind", LOOPBACK, "--save", "", "--appendonly", "no",
+             "--dir", str(self.workdir)],
+            stdout=subprocess.DEVNULL,
+        )
+        for _ in range(200):
+            try:
+                socket.create_connection((LOOPBACK, port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        self.say(f"started redis-server: port {port}")
+        return f"redis://{LOOPBACK}:{port}/0"
 
     def proxies(self) -> list[Target]:
         return [t for t in self.targets if t.is_proxy]
@@ -420,6 +453,8 @@ class Bench:
             variants.append((target, "3", "/"))
             if target.name == "gateway":
                 variants.append((target, "3-auth", f"/auth/?token={self.token}"))
+                if self.args.cluster:
+                    variants.append((target, "3-cap", f"/capped/?token={self.token}"))
         for rep in range(p.reps):
             for target, figure, path in variants:
                 def one(target: Target = target, figure: str = figure, path: str = path) -> dict[str, Any]:
@@ -656,6 +691,9 @@ def build_rows(samples: list[dict[str, Any]], plan: Plan) -> tuple[list[dict], l
         {"title": "3. handshake (open + close), auth = required (gateway): CPU per handshake",
          "unit": "CPU ms", "cells": {**cells("3", "proxy_per_unit"), "gateway": cells("3-auth", "proxy_per_unit")["gateway"]},
          "bar": None},
+        *([{"title": "3. handshake, auth = required + max_websockets_per_user in Redis ([cluster]): CPU per handshake",
+            "unit": "CPU ms", "cells": {"gateway": cells("3-cap", "proxy_per_unit")["gateway"]}, "bar": None}]
+          if any(s["figure"] == "3-cap" for s in samples) else []),
         *[
             {"title": f"4. RSS per idle WS at {n:,} conns", "unit": "KiB",
              "cells": cells("4", f"kib_per_ws_{n}"), "bar": ("absolute", 20.0) if n == idle[-1] else None,
@@ -845,6 +883,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--reps", type=int, help="override the repetitions of the CPU figures")
     parser.add_argument("--scale", type=float, default=1.0,
                         help="multiply the measured windows and handshake counts (e.g. for --profile)")
+    parser.add_argument("--cluster", action="store_true",
+                        help="figure 3 also under a per-user cap counted in Redis (starts redis-server)")
     parser.add_argument("--twistd", help="the twistd to run (default: the venv's), e.g. another checkout's")
     parser.add_argument("--nginx", help="the nginx binary (default: found on PATH or /usr/sbin)")
     parser.add_argument("--out", default=str(BENCH / "results"), help="where the table and JSON go")

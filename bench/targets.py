@@ -593,10 +593,27 @@ prefix = /
 upstream = http://{loopback}:{backend_port}
 websocket = true
 auth = none
+{cluster}"""
+
+    #: With ``--cluster``: figure 3's per-user cap variant, one Redis call per handshake.
+    CLUSTER = """
+[cluster]
+redis = {redis_url}
+node_id = bench-gateway
+
+[route:capped]
+prefix = /capped
+upstream = http://{loopback}:{backend_port}
+websocket = true
+auth = required
+max_websockets_per_user = 1000000
 """
 
-    def __init__(self, *args: Any, twistd: str | None = None, backlog: int | None = None) -> None:
+    def __init__(
+        self, *args: Any, twistd: str | None = None, backlog: int | None = None, redis_url: str | None = None
+    ) -> None:
         super().__init__(*args)
+        self.redis_url = redis_url
         self.command = [twistd] if twistd else self.twistd()
         #: None: the gateway's default (the system's maximum); else an explicit listen backlog.
         self.backlog = backlog
@@ -609,6 +626,9 @@ auth = none
                 max_size=32 * 1024 * 1024,
                 secret=self.SECRET,
                 backend_port=self.backend.port,
+                cluster=self.CLUSTER.format(
+                    redis_url=redis_url, loopback=LOOPBACK, backend_port=self.backend.port
+                ) if redis_url else "",
             )
         )
 
