@@ -37,11 +37,11 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 from twisted.internet import reactor  # noqa: E402
 from twisted.internet.defer import Deferred  # noqa: E402
 from twisted.internet.threads import deferToThread  # noqa: E402
-from twisted.web.client import Agent, readBody  # noqa: E402
+from twisted.web.client import Agent  # noqa: E402
 
 import soak_checks  # noqa: E402
 from soak_faults import schedule  # noqa: E402
-from soak_load import Limits, Load, Profile, sleep, within  # noqa: E402
+from soak_load import Limits, Load, Profile, read_body, sleep, within  # noqa: E402
 from targets import BENCH, Gateway, Lines, memory, spawn, stop_all, stop_process, wait_for_log  # noqa: E402
 
 SECRET = "soak-secret-0123456789-0123456789-abcdef"
@@ -85,7 +85,7 @@ SETTINGS = {
     "request_timeout": 3.0,
     "max_message": 1024 * 1024,
     "ping_interval": 2.0,
-    "ping_timeout": 4.0,
+    "ping_timeout": 5.0,
     "fail_timeout": 5.0,
     "health_interval": 1.0,
 }
@@ -180,7 +180,7 @@ class Harness:
 
     async def get(self, path: str) -> bytes:
         response = await within(self.agent.request(b"GET", f"http://127.0.0.1:{self.port}{path}".encode()), 15)
-        return await within(readBody(response), 15)
+        return await within(read_body(response), 15)
 
     async def metrics(self) -> dict[str, Any]:
         text = (await self.get("/metrics")).decode()
@@ -259,6 +259,8 @@ class Harness:
                 call.cancel()
         await sampling
         self.record["storm"]["end"] = time.time()
+        if self.trace_memory:  # at the same load as the mid-storm snapshot
+            self.record["memory"] = await self.memory_evidence()
         self.record["tasks_left"] = await load.stop()
         await self.finish_kills()
         # Quiet: the upstreams close idle pooled connections after 2 s; health checks go on.
@@ -277,11 +279,9 @@ class Harness:
         }
         self.record["metrics"] = await self.metrics()
         self.record["tally"] = load.tally.as_dict()
-        if self.trace_memory:
-            self.record["memory"] = await self.memory_evidence()
 
     async def memory_evidence(self) -> dict[str, Any]:
-        """The end's tracemalloc snapshot (RSS trimmed after it) against mid-storm's."""
+        """The storm's last tracemalloc snapshot (RSS trimmed after it) against mid-storm's."""
         import tracemalloc
 
         (self.workdir / "trim").touch()

@@ -71,7 +71,12 @@ def check_ejections(record: dict[str, Any]) -> Check:
         slow = any(
             s["at"] - 1.0 <= at <= s["at"] + cfg["request_timeout"] + 3.0 for s in record["slow_answers"]
         ) and causes <= {"no_head_timeout"} and name.startswith("echo")
-        if not (killed or slow):
+        # an echo told to stop reading cannot answer pings either: a late pong is its doing
+        deaf = causes <= {"keepalive_timeout"} and name.startswith("echo") and any(
+            o["kind"] == "slow_reader_upstream" and o["started"] <= at <= (o["ended"] or at) + 1.0
+            for o in record["tally"]["ws_outcomes"]
+        )
+        if not (killed or slow or deaf):
             wrong.append(f"{name} at +{at - record['storm']['start']:.1f}s ({', '.join(sorted(causes))})")
     n = len(record["ejections"])
     if wrong:
@@ -307,8 +312,8 @@ def _memory_lines(record: dict[str, Any]) -> list[str]:
     mid, end = memory["mid"], memory["end"]
     mib = 2**20
     lines = [
-        f"Memory trace (tracemalloc, the gateway): Python's live allocations {mid['traced'] / mib:.2f} MiB at"
-        f" mid-storm, {end['traced'] / mib:.2f} MiB at the end ({(end['traced'] - mid['traced']) / mib:+.2f} MiB);"
+        f"Memory trace (tracemalloc, the gateway, after gc): Python's live allocations {mid['traced'] / mib:.2f} MiB"
+        f" at mid-storm, {end['traced'] / mib:.2f} MiB at its end ({(end['traced'] - mid['traced']) / mib:+.2f} MiB);"
         f" RSS {mid['rss'] / mib:.1f} -> {end['rss'] / mib:.1f} MiB,"
         f" {end.get('rss_after_trim', 0) / mib:.1f} MiB after malloc_trim(0).",
         "",

@@ -2,7 +2,7 @@
 ``twistd`` with tracemalloc, for ``bench/soak.py --trace-memory``: whether RSS
 that grows is memory Python still holds (a leak) or memory the allocator keeps.
 
-On SIGUSR2 the process saves a tracemalloc snapshot to ``$SOAK_MEMORY_DIR/
+On SIGUSR2 the process collects its cyclic garbage, saves a tracemalloc snapshot to ``$SOAK_MEMORY_DIR/
 snapshot-N`` and appends a JSON line to ``$SOAK_MEMORY_DIR/memory.jsonl``: its
 RSS, the bytes Python's live allocations hold (tracemalloc), and, when the file
 ``$SOAK_MEMORY_DIR/trim`` exists, its RSS again after glibc's ``malloc_trim(0)``
@@ -12,6 +12,7 @@ RSS, the bytes Python's live allocations hold (tracemalloc), and, when the file
 from __future__ import annotations
 
 import ctypes
+import gc
 import json
 import os
 import signal
@@ -33,10 +34,11 @@ def rss() -> int:
 def dump(signum, frame) -> None:
     n = len(list(OUT.glob("snapshot-*")))
     before = rss()  # the snapshot itself takes memory
+    collected = gc.collect()  # garbage in cycles is not held: only what is still reachable counts
     snapshot = tracemalloc.take_snapshot()
     snapshot.dump(str(OUT / f"snapshot-{n}"))
     traced, peak = tracemalloc.get_traced_memory()
-    line = {"n": n, "rss": before, "traced": traced, "traced_peak": peak}
+    line = {"n": n, "rss": before, "traced": traced, "traced_peak": peak, "collected": collected}
     if (OUT / "trim").exists():
         ctypes.CDLL("libc.so.6").malloc_trim(0)
         line["rss_after_trim"] = rss()
