@@ -139,6 +139,9 @@ BAD_CONFIGS = [
      "-1"),
     ("negative ws_rate_limit", "[gateway]\nws_rate_limit = -1\n" + ROUTE, "gateway", "ws_rate_limit", "-1"),
     ("fractional ws_rate_burst", ROUTE + "ws_rate_burst = 2.5\n", "route:chat", "ws_rate_burst", "2.5"),
+    ("workers = 0", "[gateway]\nworkers = 0\n" + ROUTE, "gateway", "workers", "auto or a whole number > 0"),
+    ("negative workers", "[gateway]\nworkers = -2\n" + ROUTE, "gateway", "workers", "'-2'"),
+    ("workers not a number", "[gateway]\nworkers = many\n" + ROUTE, "gateway", "workers", "'many'"),
     ("bad header name to strip", "[gateway]\nstrip_request_headers = X-Real-IP X:Y\n" + ROUTE,
      "gateway", "strip_request_headers", "'x:y'"),
     ("cookie auth on a WebSocket route open to every origin",
@@ -341,6 +344,12 @@ def test_the_bundled_tap_cfg_is_valid():
     assert settings.gateway.listen == ("tcp:8080",)
     assert [(r.name, r.prefix) for r in settings.routes] == [("chat", "/v1/chat")]
     assert settings.demo.chat_service == "tcp:9001:interface=127.0.0.1"
+
+
+@pytest.mark.parametrize("text, expected", [("", 1), ("workers = 4", 4), ("workers = auto", "auto")])
+def test_workers_is_a_number_or_auto(text, expected):
+    """``[gateway] workers``: one process by default, a count, or one per CPU."""
+    assert parse_config(f"[gateway]\n{text}\n" + ROUTE).gateway.workers == expected
 
 
 def test_settings_are_immutable():

@@ -209,6 +209,8 @@ class GatewaySettings:
     ws_rate_limit: float = 0.0
     ws_rate_burst: int = 0
     max_websockets_per_user: int = 0
+    #: worker processes sharing the listeners (``auto``: one per CPU this process may use)
+    workers: int | str = 1
 
 
 @dataclass(frozen=True)
@@ -297,6 +299,7 @@ _GATEWAY_KEYS: Mapping[str, Key] = {
     "ws_rate_limit": Key(parse_non_negative_float, 0.0),
     "ws_rate_burst": Key(parse_non_negative_int, 0),
     "max_websockets_per_user": Key(parse_non_negative_int, 0),
+    "workers": Key(parse_auto_or_positive_int, 1),
 }
 
 _ROUTE_KEYS: Mapping[str, Key] = {

@@ -23,6 +23,7 @@ from twisted_gateway.resource import GatewayResource
 from twisted_gateway.limits import UNLIMITED_CEILING, client_limits, reserved_files
 from twisted_gateway.site import FrontDoor, build_site
 from twisted_gateway.tls import listen_backlog, server_endpoint, system_listen_backlog
+from twisted_gateway.workers import AdoptedEndpoint
 
 log = Logger()
 
@@ -38,15 +39,20 @@ class ListeningService(StreamServerEndpointService):
         role: str,
         backlog: int | None = None,
         wrap: Any = None,
+        inherited_fd: int | None = None,
     ) -> None:
         # ssl: listeners are built by tls.server_endpoint: ALPN answers http/1.1 only.
         # A listener without backlog= gets the system's maximum, not Twisted's 50.
         if backlog is None:
             backlog = system_listen_backlog()
-        super().__init__(server_endpoint(reactor, description, backlog, wrap), factory)
+        if inherited_fd is not None:  # a worker: the supervisor bound the socket
+            endpoint = AdoptedEndpoint(reactor, description, inherited_fd, wrap)
+        else:
+            endpoint = server_endpoint(reactor, description, backlog, wrap)
+        super().__init__(endpoint, factory)
         self._raiseSynchronously = True
         self.description, self.role = description, role
-        self.backlog = listen_backlog(description, backlog)
+        self.backlog = listen_backlog(description, backlog) if inherited_fd is None else None
 
     def privilegedStartService(self) -> None:
         try:
@@ -96,22 +102,41 @@ def _accept_queued(port: Any) -> Any:
 class GatewayService(MultiService):
     """Every listener of the gateway, and the cleanup that stopping it needs."""
 
-    def __init__(self, settings: Settings, reactor: Any, open_files: int | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        reactor: Any,
+        open_files: int | None = None,
+        inherited_fds: tuple[int, ...] | None = None,
+    ) -> None:
+        """
+        ``inherited_fds``: a worker's listening sockets, bound by its
+        supervisor (``[gateway] listen`` then ``[admin] listen``, in order);
+        the supervisor runs the demo chat-service then.
+        """
         super().__init__()
+        fds = list(inherited_fds) if inherited_fds is not None else None
         self.settings = settings
         self.reactor = reactor
         self.resource = GatewayResource(settings, reactor=reactor)
         self.registry = self.resource.registry
         self.site = build_site(self.resource, settings, reactor)
         self.front_door = self._front_door(open_files)
-        if settings.demo.chat_service:
+        if settings.demo.chat_service and fds is None:
             from twisted_gateway.demo.chat import build_chat_site
 
             ListeningService(
                 reactor, settings.demo.chat_service, build_chat_site(reactor), "demo chat-service"
             ).setServiceParent(self)
         self.listeners = [
-            ListeningService(reactor, description, self.site, "wsgateway", wrap=self.front_door.wrap)
+            ListeningService(
+                reactor,
+                description,
+                self.site,
+                "wsgateway",
+                wrap=self.front_door.wrap,
+                inherited_fd=fds.pop(0) if fds else None,
+            )
             for description in settings.gateway.listen
         ]
         if settings.admin.listen:
@@ -124,7 +149,9 @@ class GatewayService(MultiService):
                 pages[b"admin"] = AdminAPI(self.resource.cluster, settings.admin.token)
             admin_site = build_admin_site(pages)
             for description in settings.admin.listen:
-                ListeningService(reactor, description, admin_site, "admin").setServiceParent(self)
+                ListeningService(
+                    reactor, description, admin_site, "admin", inherited_fd=fds.pop(0) if fds else None
+                ).setServiceParent(self)
         for listener in self.listeners:
             listener.setServiceParent(self)
 

@@ -69,11 +69,22 @@ def makeService(options: Options):
 
     from twisted_gateway.service import GatewayService
 
+    from twisted_gateway import workers
+
     settings: Settings = options["settings"]
-    for warning in config_warnings(settings):
-        log.warn("{warning}", warning=warning, event="config_warning")
+    env = workers.worker_environment()
+    if env is None and workers.worker_count(settings.gateway.workers) > 1:
+        return _supervisor(settings, reactor)
+    if env is None:
+        for warning in config_warnings(settings):
+            log.warn("{warning}", warning=warning, event="config_warning")
     open_files = _raise_open_files(settings.gateway.max_open_files)
-    service = GatewayService(settings, reactor, open_files=open_files)
+    service = GatewayService(
+        settings, reactor, open_files=open_files, inherited_fds=env.listen_fds if env else None
+    )
+    if env is not None:
+        workers.die_with_supervisor()
+        reactor.callWhenRunning(_report_ready, service, env)
     log.info(
         "open files limit {limit}: room for about {room} WebSockets (2 descriptors each); "
         "max_client_connections {cap}",
@@ -95,6 +106,43 @@ def makeService(options: Options):
     # otherwise rescan it all (tens of ms each, a pause for every connection).
     reactor.callWhenRunning(gc.freeze)
     return service
+
+
+def _supervisor(settings: Settings, reactor):
+    """``workers > 1``: a supervisor that binds the listeners and runs the workers."""
+    from twisted.application.service import MultiService
+
+    from twisted_gateway import workers
+    from twisted_gateway.service import ListeningService
+
+    for warning in config_warnings(settings):
+        log.warn("{warning}", warning=warning, event="config_warning")
+    top = MultiService()
+    if settings.demo.chat_service:
+        from twisted_gateway.demo.chat import build_chat_site
+
+        ListeningService(
+            reactor, settings.demo.chat_service, build_chat_site(reactor), "demo chat-service"
+        ).setServiceParent(top)
+    gateway = settings.gateway
+    workers.Supervisor(
+        reactor,
+        [*gateway.listen, *settings.admin.listen],
+        workers.worker_count(gateway.workers),
+        workers.worker_command(sys.argv),
+        stop_timeout=gateway.drain_delay + gateway.drain_timeout + 5,
+    ).setServiceParent(top)
+    reactor.callWhenRunning(_handle_sigterm, reactor)
+    return top
+
+
+def _report_ready(service, env) -> None:
+    from twisted.internet.defer import DeferredList
+
+    from twisted_gateway.workers import report_ready
+
+    ports = [listener._waitingForPort for listener in service.listeners]
+    DeferredList(ports).addCallback(lambda _: report_ready(env))
 
 
 def _raise_open_files(wanted: int | None) -> int:

@@ -1,0 +1,183 @@
+"""
+``[gateway] workers = 2`` as an operator runs it: a real ``twistd`` supervisor
+and its worker processes, the demo chat-service behind them, raw sockets as
+clients, and ``ss`` to see which worker holds which connection.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.test_operations_e2e import _gateway
+from tests.e2e.test_twistd import GUARD, _free_port
+
+pytestmark = pytest.mark.no_reactor_check
+
+SHARED = re.compile(r"\bwsgateway listening on \S+ \(port (\d+)\), shared by (\d+) workers")
+STARTED = re.compile(r"\bworker (\d+) started \(pid (\d+)\)")
+READY = re.compile(r"\bworker (\d+) ready \(pid (\d+)\)")
+
+
+class _Supervised:
+    """A twistd wsgateway with ``workers``, serving the demo chat-service on loopback."""
+
+    def __init__(self, tmp_path: Path, workers: int = 2) -> None:
+        self.chat_port = _free_port()
+        self.config = tmp_path / "gateway.cfg"
+        self.gateway = _gateway(
+            tmp_path,
+            f"""
+[gateway]
+listen = tcp:0:interface=127.0.0.1
+workers = {workers}
+drain_timeout = 3
+
+[route:chat]
+prefix = /v1/chat
+upstream = http://127.0.0.1:{self.chat_port}
+
+[demo]
+chat_service = tcp:{self.chat_port}:interface=127.0.0.1
+""",
+        )
+        self.process, self.log = self.gateway.process, self.gateway.out
+        port, count = self.log.wait_for(SHARED).groups()
+        self.port = int(port)
+        assert int(count) == workers
+        self.pids: dict[int, int] = {}
+        while len(self.pids) < workers:
+            number, pid = self.log.wait_for(READY).groups()
+            self.pids[int(number)] = int(pid)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(GUARD)
+            except subprocess.TimeoutExpired:
+                pass
+        for pid in self.pids.values():
+            try:
+                os.kill(pid, signal.SIGKILL)  # only if the supervisor left one behind
+            except ProcessLookupError:
+                pass
+        self.gateway.stop()
+
+
+def _open_websocket(port: int, room: str = "spread") -> socket.socket:
+    """A WebSocket through the gateway to the demo chat, open (its 101 read)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=GUARD)
+    sock.sendall(
+        (
+            f"GET /v1/chat/ws?room={room} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+            "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            "Sec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+    )
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = sock.recv(4096)
+        assert chunk, f"closed before the handshake's answer: {head!r}"
+        head += chunk
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return sock
+
+
+def _open_websockets(port: int, count: int) -> list[socket.socket]:
+    return [_open_websocket(port) for _ in range(count)]
+
+
+def _holders(port: int) -> collections.Counter:
+    """How many established connections on the gateway's port each process holds (``ss -p``)."""
+    out = subprocess.run(
+        ["ss", "-tnpH", "state", "established", f"( sport = :{port} )"],
+        capture_output=True, text=True, check=True, timeout=GUARD,
+    ).stdout
+    return collections.Counter(int(pid) for pid in re.findall(r"pid=(\d+)", out))
+
+
+def test_two_workers_share_the_port_and_the_kernel_spreads_400_websockets(tmp_path):
+    """400 WebSockets from one client host land 35-65 % on each worker, none on the supervisor."""
+    gateway = _Supervised(tmp_path)
+    sockets: list[socket.socket] = []
+    try:
+        sockets += _open_websockets(gateway.port, 400)
+        held = _holders(gateway.port)
+        assert gateway.process.pid not in held
+        counts = [held[pid] for pid in gateway.pids.values()]
+        assert sum(counts) == 400, held
+        assert all(140 <= n <= 260 for n in counts), counts
+    finally:
+        for sock in sockets:
+            sock.close()
+        gateway.stop()
+
+
+def test_a_killed_worker_is_replaced_and_only_its_own_clients_notice(tmp_path):
+    """
+    SIGKILL one worker: the supervisor logs why it died and starts another in
+    its slot; the other worker's WebSockets stay open, new connections are served.
+    """
+    gateway = _Supervised(tmp_path)
+    sockets: list[socket.socket] = []
+    try:
+        sockets += _open_websockets(gateway.port, 20)
+        before = _holders(gateway.port)
+        victim, survivor = gateway.pids[0], gateway.pids[1]
+        assert before[victim] and before[survivor], before
+        os.kill(victim, signal.SIGKILL)
+        died = gateway.log.wait_for(re.compile(rf"worker 0 \(pid {victim}\) died after .*killed by SIGKILL"))
+        assert "starting a new one" in died.string
+        number, pid = gateway.log.wait_for(READY).groups()
+        assert int(number) == 0 and int(pid) != victim
+        gateway.pids[0] = int(pid)
+        assert _holders(gateway.port)[survivor] == before[survivor]
+        sockets += _open_websockets(gateway.port, 20)
+        assert sum(_holders(gateway.port).values()) == before[survivor] + 20
+    finally:
+        for sock in sockets:
+            sock.close()
+        gateway.stop()
+
+
+def test_a_worker_crash_loop_stops_the_gateway_with_one_line(tmp_path):
+    """A worker that cannot start (its config broke after start-up) five times in a row stops everything."""
+    gateway = _Supervised(tmp_path)
+    try:
+        gateway.config.write_text("[gateway]\nworkers = 2\n")  # no route: every new worker exits at once
+        os.kill(gateway.pids[0], signal.SIGKILL)
+        line = gateway.gateway.err.wait_for(re.compile(r"wsgateway: worker 0 died within 5 s of starting 5 times in a row"))
+        assert "stopping the gateway" in line.string
+        assert gateway.process.wait(GUARD) != 0
+        assert "Traceback" not in gateway.gateway.err.rest()
+    finally:
+        gateway.stop()
+
+
+def test_sigterm_stops_the_supervisor_and_every_worker_cleanly(tmp_path):
+    """SIGTERM to the supervisor: each worker drains and exits, then the supervisor exits 0."""
+    gateway = _Supervised(tmp_path)
+    try:
+        gateway.process.send_signal(signal.SIGTERM)
+        assert gateway.process.wait(GUARD) == 0
+        for pid in gateway.pids.values():
+            for _ in range(GUARD * 10):
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    break
+                time.sleep(0.1)
+            else:
+                raise AssertionError(f"worker {pid} outlived its supervisor")
+        assert "Traceback" not in gateway.log.rest() + gateway.gateway.err.rest()
+    finally:
+        gateway.stop()

@@ -1,0 +1,426 @@
+"""
+``[gateway] workers = N``: one ``twistd wsgateway`` on every core.
+
+A small supervisor binds the listening sockets and runs N worker processes,
+each a whole gateway that adopts them (``IReactorSocket.adoptStreamPort``);
+traffic never passes through the supervisor. Each worker has its own *slot*:
+TCP listeners get one ``SO_REUSEPORT`` socket per slot, all bound to the same
+address, so the kernel spreads new connections over the workers by hash
+instead of waking every worker for every connection (one shared queue fills
+the busiest worker first). The supervisor keeps every slot's sockets open: a
+worker that dies leaves its queue to its replacement, which adopts the same
+sockets, and no connection waiting in it is reset. ``unix:`` and ``systemd:``
+listeners are one socket shared by every slot.
+
+A worker that dies is replaced at once; one that dies within
+:data:`QUICK_DEATH` s of starting, :data:`CRASH_LOOP` times in a row, stops
+the gateway with one line (a crash loop must not spin).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger
+
+from twisted.internet.defer import succeed
+from twisted.internet.interfaces import IStreamServerEndpoint
+from zope.interface import implementer
+
+from twisted_gateway.tls import (
+    listen_backlog,
+    listener_tls,
+    parse_tls_listener,
+    split_description,
+    system_listen_backlog,
+)
+
+log = Logger()
+
+#: Environment of a worker: its number, the inherited listening descriptors
+#: (in the order of ``[gateway] listen`` then ``[admin] listen``), the
+#: descriptor it reports readiness on, and how many workers there are.
+WORKER_ENV = "WSGATEWAY_WORKER"
+LISTEN_FDS_ENV = "WSGATEWAY_LISTEN_FDS"
+CONTROL_FD_ENV = "WSGATEWAY_CONTROL_FD"
+WORKERS_ENV = "WSGATEWAY_WORKERS"
+#: The worker's end of its control pipe; inherited listeners follow it.
+CONTROL_FD = 3
+#: A worker that dies this soon after starting counts towards a crash loop.
+QUICK_DEATH = 5.0
+#: This many quick deaths in a row of one slot stop the gateway.
+CRASH_LOOP = 5
+#: Seconds before a dead worker is replaced (well under the promised 1 s).
+RESPAWN_DELAY = 0.1
+
+
+def worker_count(setting: int | str) -> int:
+    """``[gateway] workers``: a number, or ``auto``: one per CPU this process may run on."""
+    if setting == "auto":
+        try:
+            return max(1, len(os.sched_getaffinity(0)))
+        except AttributeError:  # not Linux
+            return max(1, os.cpu_count() or 1)
+    return int(setting)
+
+
+def is_worker() -> bool:
+    """Whether this process is a worker started by a supervisor."""
+    return WORKER_ENV in os.environ
+
+
+@dataclass(frozen=True)
+class WorkerEnvironment:
+    """What a worker learns from its supervisor."""
+
+    number: int
+    workers: int
+    listen_fds: tuple[int, ...]
+    control_fd: int
+
+
+def worker_environment(environ: dict[str, str] | None = None) -> WorkerEnvironment | None:
+    """This process's :class:`WorkerEnvironment`, or None outside a supervisor."""
+    environ = os.environ if environ is None else environ
+    if WORKER_ENV not in environ:
+        return None
+    fds = environ.get(LISTEN_FDS_ENV, "")
+    return WorkerEnvironment(
+        number=int(environ[WORKER_ENV]),
+        workers=int(environ.get(WORKERS_ENV, "1")),
+        listen_fds=tuple(int(fd) for fd in fds.split(",") if fd),
+        control_fd=int(environ.get(CONTROL_FD_ENV, CONTROL_FD)),
+    )
+
+
+def report_ready(env: WorkerEnvironment) -> None:
+    """Tell the supervisor this worker accepts connections."""
+    try:
+        os.write(env.control_fd, b"ready\n")
+    except OSError:
+        pass  # the supervisor is gone; PR_SET_PDEATHSIG ends this worker
+
+
+def die_with_supervisor() -> None:
+    """SIGTERM this worker when its supervisor dies (Linux), so no worker is left orphaned."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+# -- the sockets ------------------------------------------------------------
+
+
+def bind_listener(description: str, port: int | None = None) -> socket.socket:
+    """
+    A listening socket for one endpoint description, ``SO_REUSEPORT`` for
+    TCP (``port`` overrides the description's: the second slot of ``tcp:0``
+    binds the port the first one got). ``systemd:`` returns the inherited
+    socket.
+    """
+    args, kwargs = split_description(description)
+    kind = args[0]
+    if kind == "ssl":
+        listener = parse_tls_listener(description)
+        assert listener is not None
+        return _tcp(listener.interface, listener.port if port is None else port, listen_backlog(description, system_listen_backlog()))
+    if kind in ("tcp", "tcp6"):
+        number = int(args[1] if len(args) > 1 else kwargs["port"])
+        interface = kwargs.get("interface", "::" if kind == "tcp6" else "")
+        return _tcp(interface, number if port is None else port, listen_backlog(description, system_listen_backlog()))
+    if kind == "unix":
+        path = args[1] if len(args) > 1 else kwargs["address"]
+        if os.path.exists(path) and not os.path.isdir(path):
+            os.unlink(path)  # a socket left by a previous run, as Twisted's unix: does
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(path)
+        if "mode" in kwargs:
+            os.chmod(path, int(kwargs["mode"], 8))
+        sock.listen(int(kwargs.get("backlog", system_listen_backlog() or 50)))
+        return sock
+    if kind == "systemd":
+        from twisted.python.systemd import ListenFDs
+
+        fds = ListenFDs.fromEnvironment()
+        index = int(kwargs.get("index", 0))
+        fd = fds.inheritedDescriptors()[index]
+        return socket.socket(fileno=os.dup(fd))
+    raise ValueError(f"endpoint {description!r}: {kind}: is not supported with workers > 1")
+
+
+def _tcp(interface: str, port: int, backlog: int | None) -> socket.socket:
+    family = socket.AF_INET6 if ":" in interface else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((interface, port))
+    sock.listen(backlog or 50)
+    sock.setblocking(False)
+    return sock
+
+
+def shares_one_socket(description: str) -> bool:
+    """``unix:`` and ``systemd:`` listeners are one socket for every worker."""
+    return split_description(description)[0][0] in ("unix", "systemd")
+
+
+def bind_slots(descriptions: list[str], count: int) -> list[list[socket.socket]]:
+    """``count`` lists of listening sockets, one per description, the slots of the workers."""
+    slots: list[list[socket.socket]] = [[] for _ in range(count)]
+    for description in descriptions:
+        first = bind_listener(description)
+        slots[0].append(first)
+        port = first.getsockname()[1] if first.family != socket.AF_UNIX else None
+        for slot in slots[1:]:
+            slot.append(first if shares_one_socket(description) else bind_listener(description, port))
+    return slots
+
+
+@implementer(IStreamServerEndpoint)
+class AdoptedEndpoint:
+    """
+    A worker's listener: the socket its supervisor bound for ``description``
+    (inherited as ``fd``), with TLS added for ``ssl:`` as ``tls.server_endpoint`` does.
+    """
+
+    def __init__(self, reactor: Any, description: str, fd: int, wrap: Callable[[Any], Any] | None = None) -> None:
+        self.reactor, self.description, self.fd = reactor, description, fd
+        self.wrap = wrap if wrap is not None else (lambda factory: factory)
+        listener = parse_tls_listener(description)
+        self.tls = listener_tls(listener) if listener is not None else None
+
+    def listen(self, factory: Any) -> Deferred:
+        from twisted.protocols.tls import TLSMemoryBIOFactory
+
+        if self.tls is not None:
+            factory = TLSMemoryBIOFactory(self.tls, False, factory)
+        probe = socket.socket(fileno=os.dup(self.fd))
+        family = probe.family
+        probe.close()
+        # adoptStreamPort duplicates the descriptor: the inherited one can go.
+        port = self.reactor.adoptStreamPort(self.fd, family, self.wrap(factory))
+        os.close(self.fd)
+        return succeed(port)
+
+
+# -- the supervisor ----------------------------------------------------------
+
+
+class WorkerProcess(ProcessProtocol):
+    """One worker: its readiness on the control pipe, its end reported to the supervisor."""
+
+    def __init__(self, slot: int, on_ready: Callable[[WorkerProcess], None], on_end: Callable[[WorkerProcess, Any], None]) -> None:
+        self.slot = slot
+        self.pid: int | None = None
+        self.ready = False
+        self.started_at = 0.0
+        self.stopping = False
+        self.ended: Deferred = Deferred()
+        self._on_ready, self._on_end = on_ready, on_end
+
+    def connectionMade(self) -> None:
+        self.pid = self.transport.pid
+
+    def childDataReceived(self, fd: int, data: bytes) -> None:
+        if b"ready" in data and not self.ready:
+            self.ready = True
+            self._on_ready(self)
+
+    def processEnded(self, reason: Any) -> None:
+        self._on_end(self, reason)
+        self.ended.callback(None)
+
+
+def death_reason(reason: Any) -> str:
+    """Why a worker ended, in words (exit status or signal)."""
+    value = reason.value
+    if isinstance(value, ProcessDone):
+        return "exited with status 0"
+    if isinstance(value, ProcessTerminated):
+        if value.signal is not None:
+            try:
+                name = signal.Signals(value.signal).name
+            except ValueError:
+                name = str(value.signal)
+            hint = " (SIGKILL: killed by an operator or the out-of-memory killer)" if value.signal == signal.SIGKILL else ""
+            return f"killed by {name}{hint}"
+        return f"exited with status {value.exitCode}"
+    return str(value)
+
+
+class Supervisor(Service):
+    """
+    Binds the listeners, keeps ``count`` workers running, and stops them all
+    (each drains as a single gateway does on SIGTERM) when it stops.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        descriptions: list[str],
+        count: int,
+        command: list[str],
+        stop_timeout: float,
+        environ: dict[str, str] | None = None,
+    ) -> None:
+        self.reactor = reactor
+        self.descriptions = descriptions
+        self.count = count
+        self.command = command
+        self.stop_timeout = stop_timeout
+        self.environ = dict(os.environ if environ is None else environ)
+        self.slots: list[list[socket.socket]] = []
+        self.workers: dict[int, WorkerProcess] = {}
+        self.quick_deaths = [0] * count
+        self.restarts = 0
+        self._stopping = False
+        self._respawns: list[Any] = []
+
+    def privilegedStartService(self) -> None:
+        try:
+            self.slots = bind_slots(self.descriptions, self.count)
+        except (OSError, ValueError) as e:
+            sys.stderr.write(f"wsgateway: cannot listen with {self.count} workers: {e}\n")
+            raise SystemExit(1)
+        for description, sock in zip(self.descriptions, self.slots[0]):
+            address = sock.getsockname()
+            log.info(
+                "wsgateway listening on {endpoint} (port {port}), shared by {count} workers",
+                endpoint=description,
+                port=address[1] if isinstance(address, tuple) else None,
+                count=self.count,
+                event="listening_shared",
+            )
+        super().privilegedStartService()
+
+    def startService(self) -> None:
+        super().startService()
+        for slot in range(self.count):
+            self.spawn(slot)
+
+    def spawn(self, slot: int) -> WorkerProcess:
+        worker = WorkerProcess(slot, self._ready, self._ended)
+        sockets = self.slots[slot]
+        child_fds: dict[int, Any] = {0: 0, 1: 1, 2: 2, CONTROL_FD: "r"}
+        listen_fds = []
+        for i, sock in enumerate(sockets):
+            fd = CONTROL_FD + 1 + i
+            child_fds[fd] = sock.fileno()
+            listen_fds.append(str(fd))
+        env = dict(
+            self.environ,
+            **{
+                WORKER_ENV: str(slot),
+                WORKERS_ENV: str(self.count),
+                LISTEN_FDS_ENV: ",".join(listen_fds),
+                CONTROL_FD_ENV: str(CONTROL_FD),
+            },
+        )
+        for name in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"):
+            env.pop(name, None)
+        worker.started_at = self.reactor.seconds()
+        self.reactor.spawnProcess(worker, self.command[0], self.command, env=env, childFDs=child_fds)
+        self.workers[slot] = worker
+        log.info("worker {worker} started (pid {pid})", worker=slot, pid=worker.pid, event="worker_started")
+        return worker
+
+    def _ready(self, worker: WorkerProcess) -> None:
+        log.info("worker {worker} ready (pid {pid})", worker=worker.slot, pid=worker.pid, event="worker_ready")
+        self.quick_deaths[worker.slot] = 0 if self.reactor.seconds() - worker.started_at >= QUICK_DEATH else self.quick_deaths[worker.slot]
+
+    def _ended(self, worker: WorkerProcess, reason: Any) -> None:
+        why = death_reason(reason)
+        if self.workers.get(worker.slot) is worker:
+            del self.workers[worker.slot]
+        if self._stopping or worker.stopping:
+            log.info("worker {worker} (pid {pid}) stopped: {why}", worker=worker.slot, pid=worker.pid, why=why, event="worker_stopped")
+            return
+        lived = self.reactor.seconds() - worker.started_at
+        if lived < QUICK_DEATH:
+            self.quick_deaths[worker.slot] += 1
+        else:
+            self.quick_deaths[worker.slot] = 0
+        self.restarts += 1
+        log.error(
+            "worker {worker} (pid {pid}) died after {lived:.1f} s: {why}; starting a new one",
+            worker=worker.slot,
+            pid=worker.pid,
+            lived=lived,
+            why=why,
+            event="worker_died",
+        )
+        if self.quick_deaths[worker.slot] >= CRASH_LOOP:
+            # twistd sends sys.stderr to the log once running: this line is for the operator.
+            sys.__stderr__.write(
+                f"wsgateway: worker {worker.slot} died within {QUICK_DEATH:g} s of starting "
+                f"{CRASH_LOOP} times in a row (last: {why}): stopping the gateway\n"
+            )
+            sys.__stderr__.flush()
+            self.reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
+            self.reactor.callLater(0, self.reactor.stop)
+            return
+        self._respawns.append(self.reactor.callLater(RESPAWN_DELAY, self.spawn, worker.slot))
+
+    def stopService(self) -> Deferred:
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        """SIGTERM every worker (each drains), wait for them, SIGKILL what is left after the timeout."""
+        self._stopping = True
+        for call in self._respawns:
+            if call.active():
+                call.cancel()
+        workers = list(self.workers.values())
+        for worker in workers:
+            worker.stopping = True
+            _signal(worker, signal.SIGTERM)
+        waiting = DeferredList([w.ended for w in workers])
+        timer = self.reactor.callLater(self.stop_timeout, lambda: [_signal(w, signal.SIGKILL) for w in workers])
+        await waiting
+        if timer.active():
+            timer.cancel()
+        for slot in self.slots:
+            for sock in slot:
+                if sock.fileno() != -1:
+                    sock.close()
+        await super().stopService()
+
+
+def _signal(worker: WorkerProcess, signum: int) -> None:
+    try:
+        worker.transport.signalProcess(signum)
+    except Exception:
+        pass  # already gone
+
+
+def worker_command(argv: list[str]) -> list[str]:
+    """
+    The command line of a worker: this twistd's own, in the foreground and
+    without a pidfile (the supervisor owns those).
+    """
+    program, rest = argv[0], []
+    skip = False
+    for i, word in enumerate(argv[1:], 1):
+        if skip:
+            skip = False
+            continue
+        if word in ("--pidfile",):
+            skip = True
+            continue
+        if word.startswith("--pidfile="):
+            continue
+        rest.append(word)
+    return [sys.executable, program, "-n", "--pidfile=", *rest]
