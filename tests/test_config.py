@@ -532,6 +532,8 @@ def test_transparency_keys_default_to_what_a_direct_connection_sees():
     assert (route.host_header, route.request_timeout) == ("client", None)
     route = parse_config(ROUTE + "host_header = Internal.Example:8080\nrequest_timeout = 40\n").routes[0]
     assert (route.host_header, route.request_timeout) == ("internal.example:8080", 40.0)
+    assert route.request_buffering is True
+    assert parse_config(ROUTE + "request_buffering = off\n").routes[0].request_buffering is False
 
 
 @pytest.mark.parametrize(

@@ -243,6 +243,8 @@ class RouteSettings:
     ws_rate_limit: float | None = None
     ws_rate_burst: int | None = None
     max_websockets_per_user: int = 0
+    #: False: request bodies are streamed to the upstream as they arrive
+    request_buffering: bool = True
 
 
 @dataclass(frozen=True)
@@ -321,6 +323,7 @@ _ROUTE_KEYS: Mapping[str, Key] = {
     "ws_rate_limit": Key(parse_non_negative_float, None),
     "ws_rate_burst": Key(parse_non_negative_int, None),
     "max_websockets_per_user": Key(parse_non_negative_int, 0),
+    "request_buffering": Key(parse_bool, True),
 }
 
 _ADMIN_KEYS: Mapping[str, Key] = {

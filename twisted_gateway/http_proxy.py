@@ -21,6 +21,7 @@ upper-cases the method, and none of that can be switched off.
 
 from __future__ import annotations
 
+import io
 import ipaddress
 import sys
 from dataclasses import dataclass
@@ -46,7 +47,7 @@ from twisted.internet.task import Cooperator, TaskFinished
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import server
-from twisted.web._newclient import HTTP11ClientProtocol, RequestNotSent
+from twisted.web._newclient import HTTP11ClientProtocol, HTTPClientParser, RequestNotSent
 from twisted.web.client import _HTTP11ClientFactory
 from twisted.web.client import (
     URI,
@@ -93,6 +94,7 @@ from twisted_gateway.headers import (
     valid_host,
 )
 from twisted_gateway.logs import redact_query
+from twisted_gateway.streaming import StreamingBody
 from twisted_gateway.sockets import TCPKeepalive, set_keepalive
 from twisted_gateway.tls import describe_tls_failure
 from twisted_gateway.upstreams import InstanceRegistry, UpstreamPool, may_retry
@@ -251,6 +253,8 @@ class GatewayRequest(server.Request):
     max_body_size: int = GatewaySettings.max_body_size
     _refused = False
     _received = 0
+    #: the body as it arrives, when the route streams it (``request_buffering = off``)
+    stream: StreamingBody | None = None
 
     @classmethod
     def for_settings(cls, settings: GatewaySettings) -> type[GatewayRequest]:
@@ -276,7 +280,30 @@ class GatewayRequest(server.Request):
         if length is not None and length > self.max_body_size:
             self._refuse_body()
             return
+        if length != 0 and isinstance(channel, HTTPChannel) and self._streams(channel):
+            self._start_streaming(channel, length)
+            return
         super().gotLength(length)
+
+    def _streams(self, channel: HTTPChannel) -> bool:
+        """Whether this request's route streams bodies (the site's ``streams_body`` says)."""
+        decide = getattr(getattr(channel, "site", None), "streams_body", None)
+        return decide is not None and decide(channel._command, channel._path, self.requestHeaders)
+
+    def _start_streaming(self, channel: HTTPChannel, length: int | None) -> None:
+        """
+        Process the request now, its body to follow: ``Expect: 100-continue``
+        is left to the upstream (twisted.web would answer it here).
+        """
+        expect = self.requestHeaders.getRawHeaders(b"expect", [])
+        self.requestHeaders.removeHeader(b"expect")
+        self.stream = StreamingBody(
+            length,
+            channel.transport,
+            expect_continue=bool(expect) and expect[0].strip().lower() == b"100-continue",
+        )
+        self.content = io.BytesIO()
+        super().requestReceived(channel._command, channel._path, channel._version)
 
     def handleContentChunk(self, data: bytes) -> None:
         if self._refused:
@@ -285,11 +312,22 @@ class GatewayRequest(server.Request):
         if self._received > self.max_body_size:
             self._refuse_body()
             return
+        if self.stream is not None:
+            self.stream.write(data)
+            return
         super().handleContentChunk(data)
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
-        if not self._refused:
+        if self.stream is not None:
+            self.stream.finish()  # processed since its head: the body is complete now
+        elif not self._refused:
             super().requestReceived(command, path, version)
+
+    def finish(self) -> None:
+        if self.stream is not None and not self.stream.complete and not self._refused:
+            # answered before the body was all read: the rest is not for a next request
+            self.channel.persistent = False
+        super().finish()
 
     def _refuse_body(self) -> None:
         """
@@ -303,6 +341,12 @@ class GatewayRequest(server.Request):
         error = _body_too_large(self.max_body_size)
         channel = self.channel
         transport = channel.transport
+        forwarding = getattr(self, "forwarding", None)
+        if forwarding is not None:
+            forwarding.cancel()  # a streamed body: its upstream request ends here
+        if self.stream is not None and self.startedWriting:
+            transport.abortConnection()  # the upstream's answer is on its way already
+            return
         transport.write(error.raw_response())
         channel.persistent = False
         channel.dataReceived = _discard
@@ -469,6 +513,21 @@ class ReplayingPool(HTTPConnectionPool):
 # -- the pool: a connection is reused only when the upstream kept to one response
 
 
+class _ContinueParser(HTTPClientParser):
+    """Passes an upstream's ``100 Continue`` to a streamed body (Twisted drops 1xx silently)."""
+
+    def allHeadersReceived(self) -> None:
+        if 100 <= self.response.code < 200:
+            if self.response.code == 100:
+                continued = getattr(self.request.bodyProducer, "continued", None)
+                if continued is not None:
+                    continued()
+            self.connectionMade()  # as the base class does for a 1xx, without its log line
+            del self.response
+            return
+        super().allHeadersReceived()
+
+
 class _OneResponseProtocol(HTTP11ClientProtocol):
     """
     An upstream connection that goes back to the pool only if nothing came
@@ -478,6 +537,12 @@ class _OneResponseProtocol(HTTP11ClientProtocol):
     """
 
     _stray_logged = False
+
+    def request(self, request) -> Deferred:
+        d = super().request(request)
+        if self._parser is not None:
+            self._parser.__class__ = _ContinueParser
+        return d
     tcp_keepalive: TCPKeepalive | None = None
 
     def connectionMade(self) -> None:
@@ -704,6 +769,7 @@ class HTTPForwarder:
         )
         d.addErrback(_abandon, request)
         client_finished.addErrback(lambda _: d.cancel())
+        request.forwarding = d
         return NOT_DONE_YET
 
     def _single_pool(self, base: str) -> UpstreamPool:
@@ -754,6 +820,7 @@ class HTTPForwarder:
             )
 
         upload = instance = None
+        stream = getattr(request, "stream", None)
         try:
             try:
                 size = _body_size(request)
@@ -763,12 +830,16 @@ class HTTPForwarder:
                 # most once) for idempotent methods; POST and PATCH are never retried.
                 failure: GatewayError | None = None
                 headers = self._upstream_headers(request, extra_headers, drop_headers, options)
-                for candidate in pool.candidates(key, retry=may_retry(request.method)):
+                # a streamed body cannot be sent twice
+                retry = may_retry(request.method) and stream is None
+                for candidate in pool.candidates(key, retry=retry):
                     instance = candidate
                     fields["upstream"] = instance.url
                     # A request meeting a pooled connection the upstream closed is
                     # sent again on a fresh one (ReplayingPool), body and all.
-                    if size:
+                    if stream is not None:
+                        upload = stream
+                    elif size:
                         request.content.seek(0)
                         upload = _Upload(request.content, cooperator=self._cooperator)
                     instance.acquire()
@@ -783,7 +854,9 @@ class HTTPForwarder:
                     except (GatewayTimeout, BadGateway, Overloaded) as e:
                         # passive health counts what faults.classify says is the
                         # upstream's; only connect failures go on to the next instance
-                        fault = classify(e.__cause__ or e, client_gone=client_finished.called)
+                        # (a streamed body refused with 413 ended the attempt: the client's doing)
+                        gone = client_finished.called or getattr(request, "_refused", False)
+                        fault = classify(e.__cause__ or e, client_gone=gone)
                         if fault.counts:
                             pool.report_failure(instance, fault.reason)
                         if not isinstance(e, ConnectFailed) or not fault.counts:
@@ -795,11 +868,11 @@ class HTTPForwarder:
                     break
                 else:
                     raise failure
-            except CancelledError:
-                log(CLIENT_CLOSED, 0, "client_gone")
-                return
-            except GatewayError as error:
-                if client_finished.called:
+            except (CancelledError, GatewayError) as error:
+                if getattr(request, "_refused", False):
+                    log(BodyTooLarge.status, 0, "refused")  # a streamed body grew too large
+                    return
+                if isinstance(error, CancelledError) or client_finished.called:
                     log(CLIENT_CLOSED, 0, "client_gone")
                     return
                 body = render_error(request, error)
@@ -828,7 +901,7 @@ class HTTPForwarder:
             else:
                 outcome = "ok"
                 request.unregisterProducer()
-                if upload is not None and upload.running:
+                if isinstance(upload, _Upload) and upload.running:
                     # The upstream answered before reading the whole body (an early
                     # 413, say). Agent keeps sending it; twisted.web would close
                     # Request.content under it when the request finishes, so hand
@@ -868,6 +941,9 @@ class HTTPForwarder:
             underscores=options.underscores,
         )
         headers = Headers()
+        stream = getattr(request, "stream", None)
+        if stream is not None and stream.expect_continue:
+            headers.addRawHeader(b"Expect", b"100-continue")  # the upstream's to answer
         host = upstream_host(options.host_header, client_host)
         if host is not None:
             # without one, Agent writes the upstream URL's host[:port]
@@ -936,6 +1012,8 @@ def _client_origin(request: server.Request) -> bytes | None:
 
 def _abandon(reason: Failure, request: server.Request) -> None:
     """A bug, not an upstream failure: log it and do not leave the client hanging."""
+    if reason.check(CancelledError):
+        return  # the client left, or its streamed body was refused: already answered
     _log.failure("forwarding {method} failed", reason, method=request.method)
     if request.producer is not None and request.channel is not None:
         request.unregisterProducer()

@@ -218,6 +218,22 @@ class GatewayResource(Resource):
         d.addErrback(lambda f: None if f.check(CancelledError) else log.failure("auth failed", f))
         return NOT_DONE_YET
 
+    def streams_body(self, method: bytes, uri: bytes, headers) -> bool:
+        """
+        Whether a request whose head was just read goes upstream before its
+        body (its route has ``request_buffering = off``); anything the route
+        would refuse is left to :meth:`render`, after the body as usual.
+        """
+        try:
+            path = normalize_path(split_uri(uri)[0])
+        except GatewayError:
+            return False
+        route = self._table.match(path)
+        if route is None or route.request_buffering:
+            return False
+        flat = [(name, value) for name, values in headers.getAllRawHeaders() for value in values]
+        return not is_websocket_upgrade(method, flat)
+
     def _own_page(self, request, path: bytes) -> bytes | None:
         """The gateway's own pages: /healthz, /readyz and (unless on [admin]) the operator's."""
         if path == b"/healthz":

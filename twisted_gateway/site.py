@@ -261,6 +261,8 @@ def build_site(resource: Any, settings: Settings, reactor: Any = None) -> Site:
     """A ``Site`` for the gateway's resource tree with the gateway's HTTP rules."""
     site = GatewaySite(resource, logFormatter=access_log_formatter(secret_names(settings.auth)))
     site.requestFactory = GatewayRequest.for_settings(settings.gateway)
+    # the routes with request_buffering = off take a request before its body
+    site.streams_body = getattr(resource, "streams_body", None)
     if reactor is not None:
         site.reactor = reactor  # the channels' timers run on it
     gateway = settings.gateway
