@@ -131,10 +131,12 @@ def test_open_pairs_gauge_and_closes_by_side_and_code() -> None:
     m.ws_closed("chat", "gateway", 1008, "send_timeout")
     m.ws_closed("chat", "client", 1006)
     m.ws_closed("chat", "gateway", 1001, "a reason nobody planned for")
+    m.ws_closed("chat", "gateway", 1001, "drain")
     s = scrape(m.registry)
     assert value(s, closes, route="chat", side="gateway", code="1008", reason="send_timeout") == 1
     assert value(s, closes, route="chat", side="client", code="1006", reason="lost") == 1
     assert value(s, closes, route="chat", side="gateway", code="1001", reason="other") == 1
+    assert value(s, closes, route="chat", side="gateway", code="1001", reason="drain") == 1
 
 
 def test_auth_failures_by_reason() -> None:

@@ -66,6 +66,7 @@ CLOSE_REASONS = frozenset(
         "rate_limit",
         "admin",
         "revoked",
+        "drain",
         "gateway",
     }
 )

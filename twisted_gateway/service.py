@@ -251,7 +251,7 @@ class GatewayService(MultiService):
         )
         for i, pair in enumerate(pairs):
             delay = gateway.drain_spread * i / len(pairs) if gateway.drain_spread else 0
-            timers.append(self.reactor.callLater(delay, pair.close_both, GOING_AWAY))
+            timers.append(self.reactor.callLater(delay, pair.close_both, GOING_AWAY, "drain"))
         waiting = Deferred.fromCoroutine(self._quiet(set(pairs)))
         waiting.addTimeout(gateway.drain_timeout, self.reactor)
         try:
@@ -286,7 +286,7 @@ class GatewayService(MultiService):
         ):
             for pair in registry.pairs - draining:
                 draining.add(pair)
-                pair.close_both(GOING_AWAY)
+                pair.close_both(GOING_AWAY, "drain")
             await deferLater(self.reactor, 0.05, lambda: None)
 
 

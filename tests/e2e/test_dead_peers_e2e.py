@@ -273,6 +273,8 @@ def test_with_pings_off_a_client_that_stops_reading_is_let_go_after_ws_send_time
         extra="ws_send_timeout = 3\n",
     ) as run:
         assert _close(run.upstream) == ["1001", "client stopped reading"]
+        # pings off and tcp_keepalive = off: started, with a warning
+        assert "ws_ping_interval: 0 with tcp_keepalive = off" in run.gateway.text()
         assert _websockets_eventually("127.0.0.1", run.port) == 0
         sample = 'wsgateway_ws_closes_total{code="1008",reason="send_timeout",route="chat",side="gateway"}'
         assert _metric(run.port, sample) == 1
