@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 TOOLS := .tools
 CONFIG ?= tap.cfg
 
-.PHONY: run test test-deploy check clean bench bench-quick conformance conformance-quick soak soak-quick
+.PHONY: run test test-deploy check clean bench bench-quick conformance conformance-quick soak soak-quick screenshots
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -63,6 +63,10 @@ soak: $(VENV)/.installed-run
 
 soak-quick: $(VENV)/.installed-run
 	$(BIN)/python bench/soak.py --quick
+
+# The pictures in docs/, taken in headless Chromium by the browser tests.
+screenshots: $(VENV)/.installed-test
+	WSGATEWAY_SCREENSHOTS=$(CURDIR)/docs $(BIN)/python -m pytest tests/browser $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) $(TOOLS) build *.egg-info twisted/plugins/dropin.cache

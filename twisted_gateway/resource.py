@@ -34,6 +34,7 @@ from twisted_gateway.logs import secret_names
 from twisted_gateway.metrics import UNROUTED, Load, Metrics, MetricsResource
 from twisted_gateway.routing import RouteTable, check_escaped_path, normalize_path, split_uri
 from twisted_gateway.send_timeout import SendTimeout
+from twisted_gateway.status import Status, StatusJSONResource, StatusPageResource
 from twisted_gateway.tls import UpstreamTLSPolicy, warn_unverified
 from twisted_gateway.upstreams import (
     UP,
@@ -115,7 +116,14 @@ class GatewayResource(Resource):
         #: False when an [admin] listener serves the operator's pages instead
         self.serve_admin_pages = True
         #: the operator's pages (admin.py says who may read them where)
-        self.admin_pages = {b"metrics": MetricsResource(self.metrics.registry)}
+        self.status = Status(
+            self.metrics, self.pools, {r.name: r.prefix for r in settings.routes}, reactor
+        )
+        self.admin_pages = {
+            b"metrics": MetricsResource(self.metrics.registry),
+            b"status": StatusPageResource(),
+            b"status.json": StatusJSONResource(self.status),
+        }
         self.keepalive = KeepAlive(
             self.registry, reactor, settings.gateway.ws_ping_interval, settings.gateway.ws_ping_timeout
         )
@@ -152,6 +160,7 @@ class GatewayResource(Resource):
         self.keepalive.start()
         self.send_timeout.start()
         self.cluster.start()
+        self.status.start()
         if self.health_checker is not None:
             self.health_checker.start()
         if self.authenticator is not None:
@@ -162,6 +171,7 @@ class GatewayResource(Resource):
         self.keepalive.stop()
         self.send_timeout.stop()
         await self.cluster.stop()
+        self.status.stop()
         if self.health_checker is not None:
             await self.health_checker.stop()
         if self.authenticator is not None:

@@ -265,6 +265,8 @@ class Instance:
         self.check_failures = 0
         self.check_failed = False
         self._announced = UP
+        #: when the announced state last changed (the status page's "since")
+        self.changed_at = clock.seconds()
 
     def __repr__(self) -> str:
         return f"<Instance {self.url} {self.state} active={self.active}>"
@@ -350,6 +352,7 @@ class Instance:
         if state == self._announced:
             return
         self._announced = state
+        self.changed_at = self._clock.seconds()
         fields = dict(url=self.url, reason=reason, upstream_state=state)
         if state == DOWN:
             log.warn("upstream {url} is down: {reason}", **fields)
