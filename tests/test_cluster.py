@@ -37,3 +37,22 @@ def test_bad_redis_urls_are_refused_without_quoting_them(url, reason):
 
 def test_count_keys_keep_route_and_subject_apart():
     assert count_key("chat", "a:b") != count_key("chat:a", "b")
+
+
+def test_workers_are_grouped_by_node_with_their_sockets_and_latest_heartbeat():
+    from twisted_gateway.cluster import group_workers
+
+    workers = [
+        {"node": "gw-b", "host": "h2", "pid": 7, "websockets": 1, "heartbeat": 100.5},
+        {"node": "gw-a", "host": "h1", "pid": 12, "websockets": 3, "heartbeat": 101.0},
+        {"node": "gw-a", "host": "h1", "pid": 11, "websockets": 2, "heartbeat": 99.0},
+    ]
+    assert group_workers(workers) == [
+        {"node": "gw-a", "websockets": 5, "heartbeat": 101.0, "workers": [
+            {"host": "h1", "pid": 11, "websockets": 2, "heartbeat": 99.0},
+            {"host": "h1", "pid": 12, "websockets": 3, "heartbeat": 101.0},
+        ]},
+        {"node": "gw-b", "websockets": 1, "heartbeat": 100.5, "workers": [
+            {"host": "h2", "pid": 7, "websockets": 1, "heartbeat": 100.5},
+        ]},
+    ]

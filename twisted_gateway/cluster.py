@@ -117,8 +117,8 @@ def parse_cluster_section(source: str, values: dict[str, str]) -> ClusterSetting
     except ValueError as e:
         raise ConfigError(source, "cluster", "redis", str(e)) from None
     node_id = values.get("node_id", "").strip() or default_node_id()
-    if any(c.isspace() or c == "|" for c in node_id):
-        raise ConfigError(source, "cluster", "node_id", "must not contain spaces or '|'")
+    if any(c.isspace() or c in "|/" for c in node_id):
+        raise ConfigError(source, "cluster", "node_id", "must not contain spaces, '|' or '/'")
     policy = values.get("on_redis_down", "").strip().lower() or "open"
     if policy not in ON_REDIS_DOWN:
         raise ConfigError(source, "cluster", "on_redis_down", f"expected open or closed, got {policy!r}")
@@ -184,6 +184,8 @@ class Cluster:
         self.leeway = leeway
         self.gateway_cap = gateway_cap
         self.node_id = settings.node_id if settings is not None else default_node_id()
+        #: this process among the node's workers: heartbeat key, reply channel, count field
+        self.worker_id = f"{self.node_id}/{os.getpid()}"
         self.revocations = Revocations()
         #: (scope, sub) -> this worker's open sockets (scope: a route name, or "*")
         self.counts: dict[tuple[str, str], int] = {}
@@ -213,7 +215,7 @@ class Cluster:
 
         self._commands, self._factories = connect(
             parse_redis_url(self.settings.redis),
-            [CONTROL, PREFIX + "reply:" + self.node_id],
+            [CONTROL, PREFIX + "reply:" + self.worker_id],
             on_ready=self._connected,
             on_lost=self._lost,
             on_message=self._message,
@@ -246,7 +248,7 @@ class Cluster:
             return
         if self.up:
             try:
-                await self._call("DEL", PREFIX + "node:" + self.node_id)
+                await self._call("DEL", PREFIX + "node:" + self.worker_id)
             except Exception:
                 pass  # its key expires anyway
         for factory in self._factories:
@@ -335,10 +337,12 @@ class Cluster:
             d.addErrback(lambda f: log.debug("cluster: heartbeat failed: {f}", f=f))
 
     async def _heartbeat_now(self) -> None:
-        key = PREFIX + "node:" + self.node_id
+        key = PREFIX + "node:" + self.worker_id
         await self._call(
             "HSET",
             key,
+            "node",
+            self.node_id,
             "epoch",
             self._epoch,
             "host",
@@ -353,7 +357,7 @@ class Cluster:
         await self._call("EXPIRE", key, NODE_TTL)
 
     def _field(self) -> str:
-        return f"{self.node_id}|{self._epoch}"
+        return f"{self.worker_id}|{self._epoch}"
 
     async def _call(self, *command: Any) -> Any:
         """One Redis command, bounded by :data:`CALL_TIMEOUT`."""
@@ -369,7 +373,7 @@ class Cluster:
             return
         if channel == CONTROL:
             result = self._apply(message.get("action"), message.get("args") or {})
-            reply = json.dumps({"id": message.get("id"), "node": self.node_id, "result": result})
+            reply = json.dumps({"id": message.get("id"), "worker": self.worker_id, "result": result})
             d = self._call("PUBLISH", PREFIX + "reply:" + str(message.get("from")), reply)
             Deferred.fromCoroutine(d).addErrback(lambda f: log.debug("cluster: no reply sent: {f}", f=f))
             return
@@ -446,12 +450,12 @@ class Cluster:
         if not self.up:
             raise GatewayError("the cluster's Redis is unreachable", status=503, error="cluster_unavailable")
         self._sequence += 1
-        request_id = f"{self.node_id}/{self._sequence}"
+        request_id = f"{self.worker_id}/{self._sequence}"
         d: Deferred = Deferred()
         answers: list = []
         self._waiting[request_id] = (1 << 30, answers, d)
         try:
-            message = json.dumps({"id": request_id, "from": self.node_id, "action": action, "args": args})
+            message = json.dumps({"id": request_id, "from": self.worker_id, "action": action, "args": args})
             receivers = await self._call("PUBLISH", CONTROL, message)
             if len(answers) >= receivers:
                 return [a["result"] for a in answers]
@@ -490,23 +494,23 @@ class Cluster:
         return sum(await self.broadcast("revoke", args))
 
     async def nodes(self) -> list[dict]:
-        """The workers whose heartbeat is alive, with their WebSockets and last heartbeat."""
+        """The nodes whose workers' heartbeats are alive: the workers, WebSockets, last heartbeat."""
         if self.settings is None:
-            return [self._own_node()]
+            return group_workers([self._own_worker()])
         if not self.up:
             raise GatewayError("the cluster's Redis is unreachable", status=503, error="cluster_unavailable")
-        nodes = []
+        workers = []
         cursor: Any = 0
         while True:
             cursor, keys = await self._call("SCAN", cursor, "MATCH", PREFIX + "node:*", "COUNT", 500)
             for key in keys:
                 values = await self._call("HGETALL", key)
                 if values:
-                    nodes.append(_node(key[len(PREFIX + "node:") :], values))
+                    workers.append(_worker(values))
             if str(cursor) == "0":
-                return sorted(nodes, key=lambda n: n["node"])
+                return group_workers(workers)
 
-    def _own_node(self) -> dict:
+    def _own_worker(self) -> dict:
         return {
             "node": self.node_id,
             "host": socket.gethostname(),
@@ -589,16 +593,29 @@ def _claims(pair: Any) -> dict:
     return identity.claims if identity is not None else {}
 
 
-def _node(name: str, values: Any) -> dict:
+def _worker(values: Any) -> dict:
     if isinstance(values, list):
         values = dict(zip(values[::2], values[1::2]))
     return {
-        "node": name,
+        "node": values.get("node"),
         "host": values.get("host"),
         "pid": _number(values.get("pid")),
         "websockets": _number(values.get("websockets")),
         "heartbeat": _number(values.get("heartbeat")),
     }
+
+
+def group_workers(workers: list[dict]) -> list[dict]:
+    """Workers by node: each node's WebSockets and latest heartbeat, and its workers."""
+    nodes: dict[str, dict] = {}
+    for worker in sorted(workers, key=lambda w: (str(w["node"]), str(w["pid"]))):
+        node = nodes.setdefault(
+            str(worker["node"]), {"node": worker["node"], "websockets": 0, "heartbeat": 0, "workers": []}
+        )
+        node["websockets"] += worker["websockets"] or 0
+        node["heartbeat"] = max(node["heartbeat"], worker["heartbeat"] or 0)
+        node["workers"].append({k: worker[k] for k in ("host", "pid", "websockets", "heartbeat")})
+    return list(nodes.values())
 
 
 def _number(value: Any) -> Any:

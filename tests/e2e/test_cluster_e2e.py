@@ -226,3 +226,5 @@ def test_redis_killed_and_restarted_mid_test(cluster, request):
     assert _closed(held_b)[:2] == (1008, "disconnected by administrator")
     status, body = a.admin("GET", "/admin/cluster")
     assert [n["node"] for n in body["nodes"]] == ["gw-a", "gw-b"]
+    assert [[w["pid"] for w in n["workers"]] for n in body["nodes"]] == [
+        [a.process.process.pid], [b.process.process.pid]]

@@ -212,6 +212,7 @@ async def test_the_admin_api_wants_its_token_and_well_formed_json(redis_server):
     assert status == 200
     assert [n["node"] for n in body["nodes"]] == ["gw-a", "gw-b"]
     assert all(n["websockets"] == 0 and n["heartbeat"] > 0 for n in body["nodes"])
+    assert [len(n["workers"]) for n in body["nodes"]] == [1, 1]  # both in this process: one pid
     await _stop(up_port, a, b)
 
 
