@@ -374,7 +374,9 @@ class Harness:
                 continue
             reason = event.get("reason", "")
             causes = []
-            if "(" in reason:
+            if "health check" in reason:
+                causes.append("health_check")
+            elif "(" in reason:
                 for part in reason.split("(", 1)[1].split(")", 1)[0].split(","):
                     causes.append(part.strip().rsplit(" x", 1)[0].replace(" ", "_"))
             at = datetime.datetime.fromisoformat(event["time"]).timestamp()

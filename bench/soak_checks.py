@@ -67,7 +67,7 @@ def check_ejections(record: dict[str, Any]) -> Check:
             k["target"] == name and k["killed_at"] - 1.0 <= at <= (k.get("restarted_at") or at) + 2.0
             for k in record["kills"]
         )
-        causes = set(e.get("causes") or ["health check"])
+        causes = set(e.get("causes") or ["health_check"])
         slow = any(
             s["at"] - 1.0 <= at <= s["at"] + cfg["request_timeout"] + 3.0 for s in record["slow_answers"]
         ) and causes <= {"no_head_timeout"} and name.startswith("echo")
