@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 TOOLS := .tools
 CONFIG ?= tap.cfg
 
-.PHONY: run test test-deploy check clean bench bench-quick conformance conformance-quick soak soak-quick screenshots
+.PHONY: run test test-deploy check clean bench bench-quick conformance conformance-quick soak soak-quick screenshots test-js
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ $(TOOLS)/node_modules/socket.io-client:
 
 test: $(VENV)/.installed-test $(TOOLS)/node_modules/.bin/wscat $(TOOLS)/node_modules/socket.io-client
 	PATH="$(CURDIR)/$(TOOLS)/node_modules/.bin:$$PATH" $(BIN)/python -m pytest --ignore=tests/deploy $(PYTEST_ARGS)
+	@if [ -z "$(PYTEST_ARGS)" ]; then $(MAKE) --no-print-directory test-js; fi
+
+# The browser client's reconnect rules (wsgateway-client.js), in Node's own test runner.
+test-js:
+	node --test tests/js/
 
 # A rolling restart behind HAProxy (Debian's haproxy package) under load.
 test-deploy: $(VENV)/.installed-test

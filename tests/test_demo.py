@@ -217,6 +217,16 @@ async def test_page_is_served_at_root_and_under_chat() -> None:
             assert b"window.location.protocol === 'https:' ? 'wss:' : 'ws:'" in body
 
 
+@pytest_twisted.ensureDeferred
+async def test_the_client_module_is_served_next_to_the_page() -> None:
+    """``wsgateway-client.js`` is an ES module the page imports (and any frontend may)."""
+    async with chat_server() as server:
+        for path in ("/wsgateway-client.js", "/v1/chat/wsgateway-client.js"):
+            code, content_type, body = await server.get(path)
+            assert (code, content_type) == (200, "text/javascript; charset=utf-8")
+            assert b"export class GatewaySocket" in body
+
+
 class _Member(ChatProtocol):
     def __init__(self) -> None:
         super().__init__()

@@ -29,6 +29,8 @@ from zope.interface import Interface, implementer
 DEFAULT_ROOM = "lobby"
 ANONYMOUS = "anonymous"
 MAX_MESSAGE_BYTES = 64 * 1024
+#: The reconnecting browser client the page uses (usable by any frontend).
+CLIENT_MODULE = "wsgateway-client.js"
 
 log = Logger()
 
@@ -174,17 +176,17 @@ class RoomsResource(Resource):
 
 
 class PageResource(Resource):
-    """The demo page: one fixed HTML document."""
+    """One fixed document: the demo page or its client module."""
 
     isLeaf = True
 
-    def __init__(self, html: bytes) -> None:
+    def __init__(self, body: bytes, content_type: bytes = b"text/html; charset=utf-8") -> None:
         super().__init__()
-        self._html = html
+        self._body, self._content_type = body, content_type
 
     def render_GET(self, request: Request) -> bytes:
-        request.setHeader(b"content-type", b"text/html; charset=utf-8")
-        return _body(request, self._html)
+        request.setHeader(b"content-type", self._content_type)
+        return _body(request, self._body)
 
 
 class ChatSite(Site):
@@ -203,20 +205,25 @@ def _access_line(timestamp: str, request: Request) -> str:
 
 def build_chat_site(clock: IReactorTime, service: ChatService | None = None) -> ChatSite:
     """
-    Build the chat-service: the page at ``/`` and ``/v1/chat/``, the room list
+    Build the chat-service: the page at ``/`` and ``/v1/chat/`` (its client
+    module next to it, ``wsgateway-client.js``), the room list
     at ``/v1/chat/rooms`` and WebSocket rooms at ``/v1/chat/ws?room=NAME``.
     """
     chat_service = ChatService() if service is None else service
-    page = PageResource(files("twisted_gateway.demo").joinpath("index.html").read_bytes())
+    demo = files("twisted_gateway.demo")
+    page = PageResource(demo.joinpath("index.html").read_bytes())
+    client = PageResource(demo.joinpath(CLIENT_MODULE).read_bytes(), b"text/javascript; charset=utf-8")
 
     chat = Resource()
     chat.putChild(b"", page)
     chat.putChild(b"rooms", RoomsResource(chat_service))
+    chat.putChild(CLIENT_MODULE.encode(), client)
     chat.putChild(b"ws", WebSocketResource(ChatFactory(chat_service, clock)))
     v1 = Resource()
     v1.putChild(b"chat", chat)
     root = Resource()
     root.putChild(b"", page)
+    root.putChild(CLIENT_MODULE.encode(), client)
     root.putChild(b"v1", v1)
 
     site = ChatSite(root, logFormatter=_access_line, reactor=clock)
