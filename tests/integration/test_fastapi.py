@@ -15,7 +15,10 @@ from twisted.internet.endpoints import serverFromString
 from twisted.protocols import portforward
 
 from tests.stacks import stop, uvicorn_server
-from tests.support import raw_connect, start_gateway
+from twisted_gateway.config import parse_config
+from twisted_gateway.resource import GatewayResource
+from twisted_gateway.site import build_site
+from tests.support import Gateway, listen, raw_connect, settle, start_gateway
 
 
 @pytest.fixture(scope="module", params=["websockets", "wsproto"])
@@ -128,6 +131,40 @@ async def test_compressed_chat_costs_the_same_bytes_as_a_direct_connection(fasta
 
 
 async def _settle_pairs(gw) -> None:
-    from tests.support import settle
-
     await settle(lambda: not gw.registry.pairs, "the pair closed")
+
+
+@pytest_twisted.ensureDeferred
+async def test_fastapi_reads_a_streamed_upload_before_its_last_byte_is_sent(fastapi):
+    """Under request_buffering = off the handler has the first 1 MB while the client holds the rest."""
+    settings = parse_config(config(fastapi, "client") + "request_buffering = off\n")
+    resource = GatewayResource(settings, reactor=reactor)
+    port = await listen(build_site(resource, settings))
+    gw = Gateway(port, resource)
+    client = await raw_connect(gw.number)
+    try:
+        size, first = 3_000_000, 1_000_000
+        client.transport.write(
+            b"POST /ws1/upload/ HTTP/1.1\r\nHost: chat.example.com\r\nConnection: close\r\n"
+            b"Content-Length: %d\r\n\r\n" % size + b"a" * first
+        )
+        seen = []
+
+        async def poll() -> bool:
+            _, body = await get(gw.number, "/ws1/progress/")
+            seen.append(json.loads(body)["received"])
+            return seen[-1] == first
+
+        for _ in range(500):  # a guard against a hang, not a speed limit
+            if await poll():
+                break
+        assert seen[-1] == first, seen
+        client.transport.write(b"b" * (size - first))
+        answer = await client.lost
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+        assert json.loads(answer.partition(b"\r\n\r\n")[2]) == {"received": size}
+    finally:
+        if not client.lost.called:
+            client.transport.abortConnection()
+        await gw.resource.stop()
+        await gw.close()

@@ -18,3 +18,21 @@ async def echo(websocket: WebSocket) -> None:
             await websocket.send_text(await websocket.receive_text())
     except WebSocketDisconnect:
         pass
+
+
+#: bytes the upload in progress has read so far (one upload at a time in the tests)
+progress = {"received": 0}
+
+
+@app.post("/ws1/upload/")
+async def upload(request: Request) -> dict:
+    """Reads the body as it arrives, so another request can see how far it got."""
+    progress["received"] = 0
+    async for chunk in request.stream():
+        progress["received"] += len(chunk)
+    return {"received": progress["received"]}
+
+
+@app.get("/ws1/progress/")
+async def upload_progress() -> dict:
+    return progress
