@@ -33,7 +33,7 @@ $(TOOLS)/node_modules/socket.io-client:
 	mkdir -p $(TOOLS)
 	npm install --silent --no-audit --no-fund --prefix $(TOOLS) socket.io@4 socket.io-client@4
 
-test: $(VENV)/.installed-test $(TOOLS)/node_modules/.bin/wscat $(TOOLS)/node_modules/socket.io-client
+test: $(VENV)/.installed-test $(TOOLS)/node_modules/.bin/wscat $(TOOLS)/node_modules/socket.io-client $(TOOLS)/node_modules/playwright-core
 	PATH="$(CURDIR)/$(TOOLS)/node_modules/.bin:$$PATH" $(BIN)/python -m pytest --ignore=tests/deploy $(PYTEST_ARGS)
 	@if [ -z "$(PYTEST_ARGS)" ]; then $(MAKE) --no-print-directory test-js; fi
 
@@ -70,7 +70,12 @@ soak-quick: $(VENV)/.installed-run
 	$(BIN)/python bench/soak.py --quick
 
 # The pictures in docs/, taken in headless Chromium by the browser tests.
-screenshots: $(VENV)/.installed-test
+# playwright-core drives Debian's chromium in the demo page's browser test (no browser download).
+$(TOOLS)/node_modules/playwright-core:
+	mkdir -p $(TOOLS)
+	npm install --silent --no-audit --no-fund --prefix $(TOOLS) playwright-core@1
+
+screenshots: $(VENV)/.installed-test $(TOOLS)/node_modules/playwright-core
 	WSGATEWAY_SCREENSHOTS=$(CURDIR)/docs $(BIN)/python -m pytest tests/browser $(PYTEST_ARGS)
 
 clean:
