@@ -31,8 +31,10 @@ from twisted.internet.interfaces import IReactorTime
 
 from twisted_gateway.config import REQUIRED, ConfigError, Key, _read_section, parse_bool
 from twisted_gateway.config import parse_non_negative_float, parse_positive_float, parse_words
+from twisted_gateway.config import parse_non_negative_int
 from twisted_gateway.errors import GatewayError
 from twisted_gateway.jwks import FetchFailed, KeySet, PublicKey, parse_jwks
+from twisted_gateway.verified_tokens import VerifiedTokens
 
 Headers = Sequence[tuple[bytes, bytes]]
 
@@ -185,6 +187,8 @@ class AuthSettings:
     query_param: str = "token"
     cookie: str | None = None
     strip_token: bool = False
+    #: how many verified tokens are kept (each until its ``exp``); 0: none
+    token_cache: int = 4096
 
 
 def parse_algorithms(text: str) -> tuple[str, ...]:
@@ -220,6 +224,7 @@ _AUTH_KEYS: Mapping[str, Key] = {
     "query_param": Key(str.strip, "token"),
     "cookie": Key(str.strip, None),
     "strip_token": Key(parse_bool, False),
+    "token_cache": Key(parse_non_negative_int, 4096),
 }
 
 
@@ -338,6 +343,9 @@ class Authenticator:
                 refresh=settings.jwks_refresh,
                 wait_limit=wait_limit,
             )
+        self._verified: VerifiedTokens[Identity] = VerifiedTokens(settings.token_cache)
+        #: the JWKS keys the cached tokens were verified with
+        self._verified_with: object = None
 
     def start(self) -> None:
         """With a ``jwks_url``: fetch it now, and keep it fresh."""
@@ -377,7 +385,25 @@ class Authenticator:
         return await self.verify(token)
 
     async def verify(self, token: str) -> Identity:
-        """Check a token's algorithm, signature, claims and times; raises AuthError."""
+        """
+        Check a token's algorithm, signature, claims and times; raises AuthError.
+        A token verified before is taken from the cache until its ``exp``.
+        """
+        keys = self.keyset.keys if self.keyset is not None else None
+        if keys is not self._verified_with:
+            # a fetched JWKS replaces the keys: a key may have been withdrawn
+            self._verified.clear()
+            self._verified_with = keys
+        known = self._verified.get(token, self._clock.seconds())
+        if known is not None:
+            return known
+        identity = await self._verify(token)
+        if self._verified_with is keys:
+            # the raw exp, not exp + leeway: never kept past the token's own expiry
+            self._verified.put(token, identity, identity.claims.get("exp"), self._clock.seconds())
+        return identity
+
+    async def _verify(self, token: str) -> Identity:
         if len(token) > MAX_TOKEN_LENGTH:
             raise AuthError("malformed token (longer than 8 KiB)")
         try:
