@@ -8,6 +8,7 @@ any I/O, and are tested as tables.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from typing import Iterable, Sequence
@@ -212,8 +213,12 @@ def origin_allowed(origin: bytes | None, allowed: Sequence[str], allow_null: boo
 _HOST = re.compile(rb"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~-]+)(?::([0-9]{1,5}))?")
 
 
+@functools.lru_cache(maxsize=256)
 def valid_host(value: bytes) -> bool:
-    """Whether ``value`` is one ``host[:port]`` a client may send in ``Host``."""
+    """
+    Whether ``value`` is one ``host[:port]`` a client may send in ``Host``
+    (cached: each request asks several times, and clients use few names).
+    """
     match = _HOST.fullmatch(value)
     if match is None:
         return False

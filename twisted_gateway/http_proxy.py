@@ -718,6 +718,10 @@ class HTTPForwarder:
         self._agent = agent
         self._cooperator = Cooperator(scheduler=lambda work: reactor.callLater(0, work))
         self._fixed_pools: dict[str, UpstreamPool] = {}
+        #: request headers no upstream gets, whatever the route
+        self._never_forwarded = _REFRAMED | frozenset(
+            name.encode("ascii") for name in settings.strip_request_headers
+        )
 
     def close(self) -> Deferred[None]:
         """Close idle upstream connections and stop uploading; for shutdown and tests."""
@@ -929,7 +933,6 @@ class HTTPForwarder:
         ]
         hosts = request.requestHeaders.getRawHeaders(b"host", [])
         client_host = hosts[0] if len(hosts) == 1 and valid_host(hosts[0]) else None
-        stripped = frozenset(name.encode("ascii") for name in self._settings.strip_request_headers)
         pairs = upstream_request_headers(
             incoming,
             peer=_peer_host(request),
@@ -937,7 +940,7 @@ class HTTPForwarder:
             # X-Forwarded-Host only ever from one valid Host
             host=client_host,
             trusted_proxies=self._settings.trusted_proxies,
-            drop=drop_headers | _REFRAMED | stripped,
+            drop=drop_headers | self._never_forwarded,
             underscores=options.underscores,
         )
         headers = Headers()
