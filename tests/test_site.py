@@ -309,3 +309,22 @@ def test_refusals_are_logged_at_most_once_a_second_with_a_count():
     assert [e["count"] for e in refused] == [1, 50, 9]
     for protocol, _ in opened[1:]:
         close(protocol)
+
+
+# -- writing -----------------------------------------------------------------------
+
+
+def test_a_response_head_written_before_its_body_reaches_the_client_at_once():
+    """A streamed response's head is not held back waiting for body bytes (a long poll, SSE)."""
+    door = Door()
+    channel, transport = door.connect()
+    channel.dataReceived(b"GET /hold HTTP/1.1\r\nHost: gw\r\n\r\n")
+    [request] = door.resource.held
+    request.setHeader(b"content-type", b"text/event-stream")
+    request.write(b"")
+    assert status_of(transport.value()) == 200
+    assert transport.value().endswith(b"\r\n\r\n")
+    request.write(b"data: 1\n\n")
+    assert b"data: 1\n\n" in transport.value()
+    request.finish()
+    close(channel)

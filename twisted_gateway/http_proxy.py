@@ -21,11 +21,12 @@ upper-cases the method, and none of that can be switched off.
 
 from __future__ import annotations
 
+import functools
 import io
 import ipaddress
 import sys
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectError, ConnectionRefusedError, DNSLookupError
@@ -95,7 +96,7 @@ from twisted_gateway.headers import (
 )
 from twisted_gateway.logs import redact_query
 from twisted_gateway.streaming import StreamingBody
-from twisted_gateway.sockets import TCPKeepalive, set_keepalive
+from twisted_gateway.sockets import TCPKeepalive, set_keepalive, write_now
 from twisted_gateway.tls import describe_tls_failure
 from twisted_gateway.upstreams import InstanceRegistry, UpstreamPool, may_retry
 
@@ -316,6 +317,13 @@ class GatewayRequest(server.Request):
             self.stream.write(data)
             return
         super().handleContentChunk(data)
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        # a head the channel kept for the body's first bytes goes out now
+        send_head = getattr(self.channel, "send_response_head", None)
+        if send_head is not None:
+            send_head()
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         if self.stream is not None:
@@ -538,16 +546,20 @@ class _OneResponseProtocol(HTTP11ClientProtocol):
 
     _stray_logged = False
 
-    def request(self, request) -> Deferred:
-        d = super().request(request)
-        if self._parser is not None:
-            self._parser.__class__ = _ContinueParser
-        return d
     tcp_keepalive: TCPKeepalive | None = None
 
     def connectionMade(self) -> None:
         super().connectionMade()
         set_keepalive(self.transport, self.tcp_keepalive)
+
+    def request(self, request) -> Deferred:
+        if request.bodyProducer is None and "writeTo" not in vars(request):
+            # a request without a body is one write: send it now, not on the next turn
+            request.writeTo = functools.partial(_write_at_once, type(request).writeTo, request)
+        d = super().request(request)
+        if self._parser is not None:
+            self._parser.__class__ = _ContinueParser
+        return d
 
     def _finishResponse_WAITING(self, rest: bytes) -> None:
         if rest and self._currentRequest is not None:
@@ -585,6 +597,27 @@ class _OneResponseProtocol(HTTP11ClientProtocol):
             count=len(data),
             event="upstream_stray_bytes",
         )
+
+
+class _Collected:
+    """Stands in for a transport to gather what is written to it."""
+
+    def __init__(self) -> None:
+        self.data: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.data.append(data)
+
+    def writeSequence(self, data: Iterable[bytes]) -> None:
+        self.data.extend(data)
+
+
+def _write_at_once(write_to: Any, request: Any, transport: Any) -> Deferred[None]:
+    """``Request.writeTo`` for a request without a body, in one :func:`write_now`."""
+    collected = _Collected()
+    written = write_to(request, collected)
+    write_now(transport, b"".join(collected.data))
+    return written
 
 
 class _OneResponseFactory(_HTTP11ClientFactory):

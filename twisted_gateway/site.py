@@ -28,7 +28,7 @@ from twisted_gateway.errors import GatewayError, Overloaded
 from twisted_gateway.http_proxy import LINGER_SECONDS, GatewayRequest
 from twisted_gateway.limits import ClientLimits
 from twisted_gateway.logs import access_log_formatter, secret_names
-from twisted_gateway.sockets import TCPKeepalive, set_keepalive
+from twisted_gateway.sockets import TCPKeepalive, set_keepalive, write_now
 
 log = Logger()
 
@@ -57,6 +57,8 @@ class GatewayChannel(HTTPChannel):
     _phase = "head"  # head | body | busy | idle
     _head_started = False
     _timer: IDelayedCall | None = None
+    #: a response head waiting to go out with the first bytes of its body
+    _response_head: list[bytes] | None = None
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -74,6 +76,46 @@ class GatewayChannel(HTTPChannel):
             self._head_started = True
         super().dataReceived(data)
 
+    # -- writing: a response's head and first body bytes in one send, now ------
+
+    def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
+        """
+        Keep the head until :meth:`write` brings the body's first bytes (in the
+        same ``Request.write``) or :meth:`send_response_head` ends that call:
+        one send instead of two, and none left for the next reactor turn.
+        While the gateway stops, every response says ``Connection: close`` and
+        ends its connection.
+        """
+        if self.site.closing:
+            headers.setRawHeaders(b"connection", [b"close"])
+            self.persistent = False
+        if not isinstance(headers, Headers):
+            super().writeHeaders(version, code, reason, headers)
+            return
+        # HTTPChannel.writeHeaders' lines (Headers has already checked names and values)
+        head = [version, b" ", code, b" ", reason, b"\r\n"]
+        for name, values in headers.getAllRawHeaders():
+            for value in values:
+                head += (name, b": ", value, b"\r\n")
+        head.append(b"\r\n")
+        self._response_head = head
+
+    def write(self, data: bytes) -> None:
+        head = self._response_head
+        if head is not None:
+            self._response_head = None
+            head.append(data)
+            data = b"".join(head)
+        write_now(self.transport, data)
+
+    def writeSequence(self, iovec: Any) -> None:
+        self.write(b"".join(iovec))
+
+    def send_response_head(self) -> None:
+        """Send a head that no body bytes followed (HEAD, 204, 304, an empty write)."""
+        if self._response_head is not None:
+            self.write(b"")
+
     def allHeadersReceived(self) -> None:
         if self.length != 0:
             self._arm("body", self.body_timeout)
@@ -84,6 +126,7 @@ class GatewayChannel(HTTPChannel):
         super().allContentReceived()
 
     def requestDone(self, request: Any) -> None:
+        self.send_response_head()
         # Before the base class replays pipelined bytes (which start the next head).
         self._head_started = False
         self.answered += 1
@@ -182,14 +225,8 @@ class GatewayChannel(HTTPChannel):
     answered = 0
 
     # (connectionMade, connectionLost and requestDone above keep
-    # ``site.client_connections`` and ``answered``)
-
-    def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Headers) -> None:
-        """While the gateway stops, every response says ``Connection: close`` and ends its connection."""
-        if self.site.closing:
-            headers.setRawHeaders(b"connection", [b"close"])
-            self.persistent = False
-        super().writeHeaders(version, code, reason, headers)
+    # ``site.client_connections`` and ``answered``; writeHeaders adds
+    # ``Connection: close`` while it stops)
 
     def is_open(self) -> bool:
         """Still an HTTP connection (not lost, not handed over to a WebSocket)."""

@@ -17,12 +17,11 @@ from typing import Any
 
 from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.xormasker import create_xor_masker
-from twisted.internet import tcp
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.task import LoopingCall
 from zope.interface import implementer
 
-from twisted_gateway.sockets import cap_receive_buffer, timed_out
+from twisted_gateway.sockets import cap_receive_buffer, timed_out, write_now
 
 OPEN = WebSocketProtocol.STATE_OPEN
 CLOSED = WebSocketProtocol.STATE_CLOSED
@@ -278,7 +277,6 @@ class _RelayLeg:
 
 
 _NO_LIMIT = 1 << 63
-_TCP = (tcp.Server, tcp.Client)
 
 
 def unmask(payload: bytes, key: bytes) -> bytes:
@@ -294,27 +292,6 @@ def unmask(payload: bytes, key: bytes) -> bytes:
         return payload
     keys = (key * ((n >> 2) + 1))[:n]
     return (int.from_bytes(payload, "little") ^ int.from_bytes(keys, "little")).to_bytes(n, "little")
-
-
-def write_now(transport: Any, data: bytes) -> None:
-    """
-    Write ``data``, sending it at once when the transport has nothing queued.
-
-    Twisted's ``write`` only queues and sends on the next reactor turn (two
-    epoll_ctl calls and one more wake-up per message); asyncio sends at once
-    the same way. TLS and other transports, or a queue already waiting, keep
-    Twisted's path, which also reports any socket error.
-    """
-    if type(transport) in _TCP and transport.connected and not transport.disconnecting:
-        if not transport.dataBuffer and not transport._tempDataLen and not transport._writeDisconnecting:
-            try:
-                sent = transport.socket.send(data)
-            except OSError:
-                sent = 0  # EAGAIN, or an error Twisted's doWrite reports
-            if sent == len(data):
-                return
-            data = data[sent:]
-    transport.write(data)
 
 
 @implementer(IPushProducer)

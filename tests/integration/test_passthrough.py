@@ -25,7 +25,8 @@ from tests.support import (
     ws_connect,
 )
 from tests.support import client_frame as frame
-from twisted_gateway.ws_relay import unmask, write_now
+from twisted_gateway.sockets import write_now
+from twisted_gateway.ws_relay import unmask
 
 
 async def _raw_client(gw):
