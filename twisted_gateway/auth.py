@@ -13,6 +13,7 @@ tells an identity provider's outage (503) from a token nobody signed (401).
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import math
 import os
@@ -140,11 +141,16 @@ class Identity:
 
     def upstream_headers(self) -> list[tuple[bytes, bytes]]:
         """``X-Auth-Subject`` (when there is a ``sub``) and ``X-Auth-Claims``."""
+        return list(self._upstream_headers)
+
+    @functools.cached_property
+    def _upstream_headers(self) -> tuple[tuple[bytes, bytes], ...]:
+        # once per identity: a cached token's identity serves every request that brings it
         claims = json.dumps(self.claims, separators=(",", ":"), sort_keys=True).encode("utf-8")
         encoded = (b"X-Auth-Claims", base64.urlsafe_b64encode(claims).rstrip(b"="))
         if self.subject is None:
-            return [encoded]
-        return [(b"X-Auth-Subject", self.subject.encode("utf-8")), encoded]
+            return (encoded,)
+        return ((b"X-Auth-Subject", self.subject.encode("utf-8")), encoded)
 
 
 def check_claim_times(claims: Mapping[str, Any], now: float, leeway: float) -> float | None:
