@@ -11,7 +11,14 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted_gateway.config import parse_config
 from twisted_gateway.metrics import Metrics, RouteCounters
 from twisted_gateway.resource import GatewayResource
-from twisted_gateway.status import SAMPLE_INTERVAL, Totals, closes_since, rates, route_totals
+from twisted_gateway.status import (
+    SAMPLE_INTERVAL,
+    Totals,
+    closes_since,
+    rates,
+    route_totals,
+    worker_role,
+)
 
 from .test_admin import _get
 
@@ -57,6 +64,11 @@ def test_route_totals_read_the_metrics_counters():
 )
 def test_rates_are_per_second_differences(old, new, seconds, expected):
     assert rates(old, new, seconds) == expected
+
+
+def test_the_worker_role_comes_from_the_supervisors_environment():
+    assert worker_role({}) == {"workers": 1, "worker": None}
+    assert worker_role({"WSGATEWAY_WORKER": "2", "WSGATEWAY_WORKERS": "4"}) == {"workers": 4, "worker": 2}
 
 
 def test_closes_since_keeps_only_codes_that_moved():
@@ -107,6 +119,7 @@ def test_the_status_document_shows_instances_rates_and_the_last_minutes_closes()
         ]
         assert doc["uptime_seconds"] == 15.0
         assert doc["open_files"] == {"open": 42, "limit": 1024}
+        assert (doc["workers"], doc["worker"]) == (1, None)
         # a minute later the closes are gone from the list
         for _ in range(13):
             clock.advance(SAMPLE_INTERVAL)

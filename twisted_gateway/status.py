@@ -85,6 +85,16 @@ def closes_since(old: Totals, new: Totals) -> dict[str, int]:
     return {code: n for code, n in sorted(out.items()) if n > 0}
 
 
+def worker_role(environ: dict[str, str] | None = None) -> dict[str, int | None]:
+    """How many workers serve the port and which one this is (None: a single process)."""
+    from twisted_gateway.workers import worker_environment
+
+    env = worker_environment(environ)
+    if env is None:
+        return {"workers": 1, "worker": None}
+    return {"workers": env.workers, "worker": env.number}
+
+
 def open_files() -> tuple[int | None, int | None]:
     """Open file descriptors of this process and its soft limit (None where unknown)."""
     import resource
@@ -117,9 +127,11 @@ class Status:
         clock: Any,
         *,
         files: Callable[[], tuple[int | None, int | None]] = open_files,
+        role: Callable[[], dict[str, int | None]] = worker_role,
     ) -> None:
         self.metrics, self.pools, self.prefixes, self.clock = metrics, pools, prefixes, clock
         self._files = files
+        self._role = role
         self.started = clock.seconds()
         self._samples: deque[_Sample] = deque()
         self._sampler = LoopingCall(self.sample)
@@ -181,7 +193,7 @@ class Status:
             "started": self.started,
             "uptime_seconds": round(now - self.started, 1),
             "pid": os.getpid(),
-            "workers": 1,
+            **self._role(),
             "open_files": {"open": fds, "limit": limit},
             "connections_refused": self.metrics.connections_refused,
             "rate_window_seconds": round(now - rate_base.at, 1),
