@@ -40,6 +40,8 @@ from twisted_gateway.auth import (
     AuthSettings,
     AuthUnavailable,
     Identity,
+    InsufficientScope,
+    check_requirements,
     check_claim_times,
     extract_token,
     parse_auth_section,
@@ -450,10 +452,92 @@ def test_key_confusion_hs256_signed_with_the_rsa_public_key(clock, rsa_keys):
 
 
 def test_oversized_token_rejected_without_parsing(clock, monkeypatch):
-    """A token over 8 KiB is malformed, and is not even parsed."""
+    """A token over max_token_size (default 16 KiB) is refused, and is not even parsed."""
     monkeypatch.setattr(jwt, "get_unverified_header", pytest.fail)
-    error = refused(hs_authenticator(clock), "A" * (8 * 1024 + 1))
-    assert error.detail == "malformed token (longer than 8 KiB)"
+    error = refused(hs_authenticator(clock), "A" * (16 * 1024 + 1))
+    assert error.detail == "token larger than max_token_size"
+    error = refused(hs_authenticator(clock, max_token_size=100), "A" * 101)
+    assert error.detail == "token larger than max_token_size"
+
+
+def test_a_token_with_300_roles_fits_the_default_size(clock):
+    """A Keycloak-style token with 300 roles (about 10 KB) is accepted by default."""
+    roles = [f"application-role-number-{i:04d}" for i in range(300)]
+    token = hs_token(dict(CLAIMS, realm_access={"roles": roles}))
+    assert 8 * 1024 < len(token) < 16 * 1024
+    assert result_of(hs_authenticator(clock).verify(token)).subject == "alice"
+
+
+TYPES = [
+    pytest.param("at+jwt", True, id="at+jwt"),
+    pytest.param("application/at+JWT", True, id="application/at+jwt, any case"),
+    pytest.param("JWT", False, id="an id_token's JWT"),
+    pytest.param("dpop+jwt", False, id="a DPoP proof"),
+    pytest.param(None, False, id="no typ"),
+]
+
+
+@pytest.mark.parametrize("typ, accepted", TYPES)
+def test_typ_at_jwt_refuses_what_is_not_an_access_token(clock, typ, accepted):
+    """[auth] typ = at+jwt (RFC 9068 4): id_tokens and DPoP proofs are not access tokens."""
+    headers = {"typ": typ} if typ else {"typ": None}
+    token = jwt.encode(CLAIMS, SECRET, algorithm="HS256", headers=headers)
+    authenticator = hs_authenticator(clock, typ="at+jwt")
+    if accepted:
+        assert result_of(authenticator.verify(token)).subject == "alice"
+    else:
+        assert refused(authenticator, token).detail == "token type is not at+jwt"
+    assert result_of(hs_authenticator(clock).verify(token)).subject == "alice"  # off by default
+
+
+REQUIREMENTS = [
+    pytest.param({"scope": "chat:read chat:write"}, ("chat:write",), (), None, id="scope string"),
+    pytest.param({"scp": ["chat:write"]}, ("admin", "chat:write"), (), None, id="scp array, any of"),
+    pytest.param({"scope": "chat:read"}, ("chat:write",), (), "needs scope chat:write", id="no scope"),
+    pytest.param({}, ("chat:write",), (), "needs scope chat:write", id="no scope claim"),
+    pytest.param({"realm_access": {"roles": ["user", "admin"]}}, (),
+                 (("realm_access.roles", "admin"),), None, id="nested array claim"),
+    pytest.param({"tenant": "acme"}, (), (("tenant", "acme"),), None, id="string claim"),
+    pytest.param({"realm_access": {"roles": ["user"]}}, (), (("realm_access.roles", "admin"),),
+                 "needs claim realm_access.roles to hold admin", id="role missing"),
+    pytest.param({"realm_access": "admin"}, (), (("realm_access.roles", "admin"),),
+                 "needs claim realm_access.roles to hold admin", id="not an object"),
+]
+
+
+@pytest.mark.parametrize("claims, scopes, required, detail", REQUIREMENTS)
+def test_route_requirements(claims, scopes, required, detail):
+    """require_scope (any of) and require_claim (all): a good token without them is 403."""
+    if detail is None:
+        check_requirements(claims, scopes, required)
+        return
+    with pytest.raises(InsufficientScope) as caught:
+        check_requirements(claims, scopes, required)
+    assert (caught.value.status, caught.value.error, caught.value.detail) == (
+        403, "insufficient_scope", detail)
+    challenge = dict(caught.value.headers)[b"WWW-Authenticate"]
+    assert b'error="insufficient_scope"' in challenge
+
+
+def _claims_of(headers: dict[bytes, bytes]) -> dict:
+    encoded = headers[b"X-Auth-Claims"]
+    return json.loads(base64.urlsafe_b64decode(encoded + b"=" * (-len(encoded) % 4)))
+
+
+def test_claims_header_is_utf8_json_and_can_be_narrowed():
+    """
+    X-Auth-Claims is base64url of UTF-8 JSON (a CJK name is not tripled by
+    escapes); claims_header = none or a list of names sends less.
+    """
+    claims = {"sub": "alice", "name": "山田太郎" * 200, "roles": ["a", "b"]}
+    identity = Identity("alice", claims)
+    full = dict(identity.upstream_headers())
+    assert _claims_of(full) == claims
+    escaped = base64.urlsafe_b64encode(json.dumps(claims, separators=(",", ":")).encode())
+    assert len(full[b"X-Auth-Claims"]) < 0.6 * len(escaped)
+    assert dict(identity.upstream_headers("none")) == {b"X-Auth-Subject": b"alice"}
+    assert _claims_of(dict(identity.upstream_headers(("sub", "roles", "absent")))) == {
+        "sub": "alice", "roles": ["a", "b"]}
 
 
 @pytest.mark.parametrize("token", ["garbage", "a.b.c", "e30", "e30.e30", "é" * 10])

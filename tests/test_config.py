@@ -57,6 +57,8 @@ def _assert_one_line(
 
 
 #: (case, config text, section, key, a fragment of the reason)
+HS_AUTH = "[auth]\nalgorithms = HS256\nsecret = 0123456789abcdef0123456789abcdef\naudience = chat\n"
+
 BAD_CONFIGS = [
     ("unknown section", "[gatway]\nlisten = tcp:8080\n" + ROUTE, "gatway", None, "unknown section"),
     ("section named route: without a name", "[route:]\nprefix = /x\nupstream = http://h\n" + ROUTE,
@@ -144,6 +146,14 @@ BAD_CONFIGS = [
     ("workers not a number", "[gateway]\nworkers = many\n" + ROUTE, "gateway", "workers", "'many'"),
     ("bad header name to strip", "[gateway]\nstrip_request_headers = X-Real-IP X:Y\n" + ROUTE,
      "gateway", "strip_request_headers", "'x:y'"),
+    ("bad require_claim", HS_AUTH + ROUTE + "require_claim = admin\n", "route:chat", "require_claim",
+     "expected NAME:VALUE"),
+    ("require_scope on an optional route", HS_AUTH + ROUTE + "auth = optional\nrequire_scope = a\n",
+     "route:chat", "require_scope", "needs auth = required"),
+    ("bad claims_header", HS_AUTH + ROUTE + "claims_header = ,\n", "route:chat", "claims_header",
+     "full, none or claim names"),
+    ("bad max_token_size", HS_AUTH.replace("[auth]\n", "[auth]\nmax_token_size = 0\n") + ROUTE,
+     "auth", "max_token_size", "> 0"),
     ("cookie auth on a WebSocket route open to every origin",
      "[auth]\nalgorithms = HS256\nsecret = 0123456789abcdef0123456789abcdef\ncookie = session\n" + ROUTE,
      "route:chat", "allowed_origins", "must list the allowed origins"),
@@ -581,3 +591,40 @@ def test_admin_token_off_is_said_by_check_and_a_token_from_the_environment_is_ma
     settings = parse_config("[admin]\nlisten = tcp:0\ntoken = env:GW_ADMIN_TOKEN\n" + ROUTE)
     assert settings.admin.token == b"0123456789abcdef-admin"
     assert "token = (set)" in describe_settings(settings)
+
+
+def test_identity_provider_keys_are_read():
+    """typ, max_token_size and a route's require_scope, require_claim and claims_header."""
+    settings = parse_config(
+        HS_AUTH + "typ = at+jwt\nmax_token_size = 20000\n" + ROUTE
+        + "require_scope = chat:write chat:admin\nrequire_claim = realm_access.roles:admin tenant:a:b\n"
+        + "claims_header = sub, email\n"
+    )
+    assert (settings.auth.typ, settings.auth.max_token_size) == ("at+jwt", 20000)
+    route = settings.routes[0]
+    assert route.require_scope == ("chat:write", "chat:admin")
+    assert route.require_claim == (("realm_access.roles", "admin"), ("tenant", "a:b"))
+    assert route.claims_header == ("sub", "email")
+    defaults = parse_config(HS_AUTH + ROUTE)
+    assert (defaults.auth.typ, defaults.auth.max_token_size) == (None, 16 * 1024)
+    assert (defaults.routes[0].require_scope, defaults.routes[0].claims_header) == ((), "full")
+
+
+@pytest.mark.parametrize(
+    "auth, route, warned",
+    [
+        (HS_AUTH, "", []),
+        (HS_AUTH.replace("audience = chat\n", ""), "", ["[auth] audience: not set"]),
+        (HS_AUTH.replace("audience = chat\n", ""), "auth = none\n", []),
+        ("[auth]\nalgorithms = RS256\naudience = a\njwks_url = http://idp.example.com/jwks\n", "",
+         ["[auth] jwks_url: fetched over plain http from idp.example.com"]),
+        ("[auth]\nalgorithms = RS256\naudience = a\njwks_url = http://127.0.0.1:8080/jwks\n", "", []),
+        ("[auth]\nalgorithms = RS256\naudience = a\njwks_url = http://localhost/jwks\n", "", []),
+    ],
+)
+def test_risky_auth_settings_are_warned_about(auth, route, warned):
+    """No audience on a route that authenticates, a JWKS over plain http: a warning each."""
+    warnings = config_warnings(parse_config(auth + ROUTE + route, source="gw.cfg"))
+    assert len(warnings) == len(warned), warnings
+    for line, start in zip(warnings, warned):
+        assert line.startswith(f"gw.cfg: {start}")

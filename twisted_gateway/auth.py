@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import ipaddress
 import json
 import math
 import os
@@ -31,8 +32,8 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 
 from twisted_gateway.config import REQUIRED, ConfigError, Key, _read_section, parse_bool
-from twisted_gateway.config import parse_non_negative_float, parse_positive_float, parse_words
-from twisted_gateway.config import parse_non_negative_int
+from twisted_gateway.config import parse_non_negative_float, parse_positive_float, parse_positive_int
+from twisted_gateway.config import parse_non_negative_int, parse_words
 from twisted_gateway.errors import GatewayError
 from twisted_gateway.jwks import FetchFailed, KeySet, PublicKey, parse_jwks
 from twisted_gateway.verified_tokens import VerifiedTokens
@@ -41,7 +42,7 @@ Headers = Sequence[tuple[bytes, bytes]]
 
 #: The values of a route's ``auth`` key.
 AUTH_MODES = ("required", "optional", "none")
-MAX_TOKEN_LENGTH = 8 * 1024
+MAX_TOKEN_SIZE = 16 * 1024
 HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
 # RFC 9864's name for EdDSA over Ed25519, which providers now emit: PyJWT learns it here.
 try:
@@ -139,18 +140,78 @@ class Identity:
     #: ``exp`` + leeway, when a live connection must be closed; None without ``exp``.
     expires_at: float | None = None
 
-    def upstream_headers(self) -> list[tuple[bytes, bytes]]:
-        """``X-Auth-Subject`` (when there is a ``sub``) and ``X-Auth-Claims``."""
-        return list(self._upstream_headers)
+    def upstream_headers(self, claims_header: str | tuple[str, ...] = "full") -> list[tuple[bytes, bytes]]:
+        """The headers for ``claims_header``; the full set is built once per identity."""
+        if claims_header == "full":
+            return list(self._full_headers)
+        return self._headers(claims_header)
 
     @functools.cached_property
-    def _upstream_headers(self) -> tuple[tuple[bytes, bytes], ...]:
+    def _full_headers(self) -> tuple[tuple[bytes, bytes], ...]:
         # once per identity: a cached token's identity serves every request that brings it
-        claims = json.dumps(self.claims, separators=(",", ":"), sort_keys=True).encode("utf-8")
-        encoded = (b"X-Auth-Claims", base64.urlsafe_b64encode(claims).rstrip(b"="))
-        if self.subject is None:
-            return (encoded,)
-        return ((b"X-Auth-Subject", self.subject.encode("utf-8")), encoded)
+        return tuple(self._headers("full"))
+
+    def _headers(self, claims_header: str | tuple[str, ...]) -> list[tuple[bytes, bytes]]:
+        """
+        ``X-Auth-Subject`` (when there is a ``sub``) and ``X-Auth-Claims``: all
+        the claims, none, or the named ones, as base64url of UTF-8 JSON (not
+        ASCII-escaped: a CJK name would nearly double, past common header limits).
+        """
+        headers = [] if self.subject is None else [(b"X-Auth-Subject", self.subject.encode("utf-8"))]
+        if claims_header == "none":
+            return headers
+        claims = self.claims
+        if claims_header != "full":
+            claims = {name: claims[name] for name in claims_header if name in claims}
+        text = json.dumps(claims, separators=(",", ":"), sort_keys=True, ensure_ascii=False)
+        encoded = base64.urlsafe_b64encode(text.encode("utf-8")).rstrip(b"=")
+        return [*headers, (b"X-Auth-Claims", encoded)]
+
+
+class InsufficientScope(GatewayError):
+    """A good token without what the route requires: 403 (RFC 6750 3.1), not 401."""
+
+    status = 403
+    error = "insufficient_scope"
+
+    def __init__(self, detail: str, scope: Sequence[str] = ()) -> None:
+        challenge = 'Bearer realm="wsgateway", error="insufficient_scope"'
+        if scope:
+            challenge += f', scope="{" ".join(scope)}"'
+        super().__init__(detail, headers=[(b"WWW-Authenticate", challenge.encode("ascii", "replace"))])
+
+
+def _claim_at(claims: Mapping[str, Any], dotted: str) -> Any:
+    """The claim a dotted name reaches (``realm_access.roles``), or None."""
+    value: Any = claims
+    for part in dotted.split("."):
+        if not isinstance(value, Mapping) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def check_requirements(
+    claims: Mapping[str, Any],
+    scopes: Sequence[str],
+    required: Sequence[tuple[str, str]],
+) -> None:
+    """
+    Any one of ``scopes`` in the space-separated ``scope`` (or ``scp``, string
+    or array) claim, and every ``(name, value)`` in a string or array claim;
+    raises :class:`InsufficientScope`.
+    """
+    if scopes:
+        granted = claims.get("scope", claims.get("scp"))
+        if isinstance(granted, str):
+            granted = granted.split()
+        if not isinstance(granted, list) or not set(scopes) & {g for g in granted if isinstance(g, str)}:
+            raise InsufficientScope(f"needs scope {' or '.join(scopes)}", scopes)
+    for name, wanted in required:
+        value = _claim_at(claims, name)
+        values = value if isinstance(value, list) else [value]
+        if wanted not in [v for v in values if isinstance(v, str)]:
+            raise InsufficientScope(f"needs claim {name} to hold {wanted}")
 
 
 def check_claim_times(claims: Mapping[str, Any], now: float, leeway: float) -> float | None:
@@ -195,6 +256,44 @@ class AuthSettings:
     strip_token: bool = False
     #: how many verified tokens are kept (each until its ``exp``); 0: none
     token_cache: int = 4096
+    typ: str | None = None
+    max_token_size: int = MAX_TOKEN_SIZE
+
+
+def _same_typ(given: Any, wanted: str) -> bool:
+    """RFC 8725 3.11: ``typ`` compares case-insensitively, with or without ``application/``."""
+    if not isinstance(given, str):
+        return False
+    strip = lambda t: t.lower().removeprefix("application/")  # noqa: E731
+    return strip(given) == strip(wanted)
+
+
+def auth_warnings(settings: Any) -> list[str]:
+    """Valid but risky ``[auth]`` choices, one line each (start-up log and ``--check``)."""
+    auth, where = settings.auth, f"{settings.source}: [auth]"
+    warnings = []
+    guarded = [r.name for r in settings.routes if r.auth != "none"]
+    if guarded and not auth.audience:
+        warnings.append(
+            f"{where} audience: not set, so a token the identity provider issued for any other"
+            f" API or client (an id_token, another resource's token) passes on [route:{guarded[0]}]"
+        )
+    url = auth.jwks_url
+    if url is not None and urlsplit(url).scheme == "http" and not _loopback(urlsplit(url).hostname):
+        warnings.append(
+            f"{where} jwks_url: fetched over plain http from {urlsplit(url).hostname}: anyone on"
+            " the path can swap the keys and sign tokens"
+        )
+    return warnings
+
+
+def _loopback(host: str | None) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host or "").is_loopback
+    except ValueError:
+        return False
 
 
 def parse_algorithms(text: str) -> tuple[str, ...]:
@@ -231,6 +330,8 @@ _AUTH_KEYS: Mapping[str, Key] = {
     "cookie": Key(str.strip, None),
     "strip_token": Key(parse_bool, False),
     "token_cache": Key(parse_non_negative_int, 4096),
+    "typ": Key(str.strip, None),
+    "max_token_size": Key(parse_positive_int, MAX_TOKEN_SIZE),
 }
 
 
@@ -378,8 +479,14 @@ class Authenticator:
             return strip_query_param(query, self.settings.query_param)
         return query
 
-    async def authenticate(self, mode: str, headers: Headers, query: bytes) -> Identity | None:
-        """The identity a request proves under a route's ``auth`` mode; raises AuthError."""
+    async def authenticate(
+        self, mode: str, headers: Headers, query: bytes, route: Any = None
+    ) -> Identity | None:
+        """
+        The identity a request proves under a route's ``auth`` mode, holding
+        what the route requires (``require_scope``, ``require_claim``); raises
+        AuthError (401) or InsufficientScope (403).
+        """
         if mode == "none":
             return None
         s = self.settings
@@ -388,7 +495,10 @@ class Authenticator:
             if mode == "optional":
                 return None
             raise AuthError.missing()
-        return await self.verify(token)
+        identity = await self.verify(token)
+        if route is not None:
+            check_requirements(identity.claims, route.require_scope, route.require_claim)
+        return identity
 
     async def verify(self, token: str) -> Identity:
         """
@@ -410,12 +520,14 @@ class Authenticator:
         return identity
 
     async def _verify(self, token: str) -> Identity:
-        if len(token) > MAX_TOKEN_LENGTH:
-            raise AuthError("malformed token (longer than 8 KiB)")
+        if len(token) > self.settings.max_token_size:  # before any parsing
+            raise AuthError("token larger than max_token_size")
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
             raise AuthError("malformed token") from None
+        if self.settings.typ is not None and not _same_typ(header.get("typ"), self.settings.typ):
+            raise AuthError(f"token type is not {self.settings.typ}")
         alg = header.get("alg")
         if not isinstance(alg, str) or alg not in self.settings.algorithms:
             raise AuthError("algorithm not allowed")

@@ -669,8 +669,8 @@ class RevocationGuard:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._authenticator, name)
 
-    async def authenticate(self, mode: str, headers: Any, query: bytes) -> Any:
-        identity = await self._authenticator.authenticate(mode, headers, query)
+    async def authenticate(self, mode: str, headers: Any, query: bytes, route: Any = None) -> Any:
+        identity = await self._authenticator.authenticate(mode, headers, query, route)
         if identity is not None:
             self._cluster.check_token(identity.claims)
         return identity

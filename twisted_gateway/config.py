@@ -155,6 +155,28 @@ def parse_prefix(text: str) -> str:
     return validate_prefix(text.strip())
 
 
+def parse_claim_requirements(text: str) -> tuple[tuple[str, str], ...]:
+    """``NAME:VALUE ...`` (dotted names reach nested claims), e.g. ``realm_access.roles:admin``."""
+    requirements = []
+    for word in parse_words(text):
+        name, colon, value = word.partition(":")
+        if not colon or not name or not value:
+            raise ValueError(f"expected NAME:VALUE, got {word!r}")
+        requirements.append((name, value))
+    return tuple(requirements)
+
+
+def parse_claims_header(text: str) -> str | tuple[str, ...]:
+    """``full``, ``none`` or a comma-separated list of claim names."""
+    value = text.strip()
+    if value.lower() in ("full", "none"):
+        return value.lower()
+    names = tuple(name.strip() for name in value.split(",") if name.strip())
+    if not names:
+        raise ValueError(f"expected full, none or claim names, got {text!r}")
+    return names
+
+
 def one_of(*choices: str) -> Callable[[str], str]:
     def parse(text: str) -> str:
         value = text.strip().lower()
@@ -245,6 +267,12 @@ class RouteSettings:
     max_websockets_per_user: int = 0
     #: False: request bodies are streamed to the upstream as they arrive
     request_buffering: bool = True
+    #: any one of these scopes (``scope``/``scp`` claim), else 403 insufficient_scope
+    require_scope: tuple[str, ...] = ()
+    #: every ``(dotted claim name, value)`` must hold, else 403 insufficient_scope
+    require_claim: tuple[tuple[str, str], ...] = ()
+    #: which verified claims reach the upstream in ``X-Auth-Claims``: "full", "none" or names
+    claims_header: str | tuple[str, ...] = "full"
 
 
 @dataclass(frozen=True)
@@ -324,6 +352,9 @@ _ROUTE_KEYS: Mapping[str, Key] = {
     "ws_rate_burst": Key(parse_non_negative_int, None),
     "max_websockets_per_user": Key(parse_non_negative_int, 0),
     "request_buffering": Key(parse_bool, True),
+    "require_scope": Key(parse_words, ()),
+    "require_claim": Key(parse_claim_requirements, ()),
+    "claims_header": Key(parse_claims_header, "full"),
 }
 
 _ADMIN_KEYS: Mapping[str, Key] = {
@@ -423,6 +454,9 @@ def parse_config(text: str, source: str = "<string>") -> Settings:
             check_tls_keys(route["client_cert"], route["client_key"])
         except TLSKeyError as e:
             raise ConfigError(source, f"route:{name}", e.key, str(e)) from None
+        for key in ("require_scope", "require_claim"):
+            if route[key] and route["auth"] != "required":
+                raise ConfigError(source, f"route:{name}", key, "needs auth = required")
         if auth is not None and auth.cookie and route["auth"] != "none" and route["websocket"]:
             if "*" in route["allowed_origins"]:
                 raise ConfigError(
@@ -517,6 +551,10 @@ def config_warnings(settings: Settings) -> list[str]:
             f"{where} ws_ping_interval: 0 with tcp_keepalive = off: a peer that vanishes"
             " without a FIN keeps its pair open forever"
         )
+    if settings.auth is not None:
+        from twisted_gateway.auth import auth_warnings
+
+        warnings += auth_warnings(settings)
     return warnings
 
 

@@ -325,7 +325,7 @@ class GatewayResource(Resource):
         """Check the token once, then forward with the identity; a refusal never goes upstream."""
         authenticator = self.authenticator
         try:
-            identity = await authenticator.authenticate(route.auth, headers, query)
+            identity = await authenticator.authenticate(route.auth, headers, query, route)
         except GatewayError as e:
             request.write(render_error(request, e))
             request.finish()
@@ -345,7 +345,7 @@ class GatewayResource(Resource):
                 self.settings.gateway.trusted_proxies,
             ),
         )
-        extra = identity.upstream_headers() if identity is not None else ()
+        extra = identity.upstream_headers(route.claims_header) if identity is not None else ()
         return self.http_forwarder.forward(
             request,
             pool,

@@ -314,8 +314,8 @@ class RelayServerProtocol(_RelayLeg, WebSocketServerProtocol):
         authenticator = factory.authenticator
         identity = None
         if authenticator is not None and ctx.route.auth != "none":
-            identity = await authenticator.authenticate(ctx.route.auth, ctx.headers, ctx.query)
-            extra = identity.upstream_headers() if identity is not None else []
+            identity = await authenticator.authenticate(ctx.route.auth, ctx.headers, ctx.query, ctx.route)
+            extra = identity.upstream_headers(ctx.route.claims_header) if identity is not None else []
             ctx = replace(
                 ctx,
                 query=authenticator.upstream_query(ctx.query),
@@ -472,7 +472,7 @@ class RelayServerProtocol(_RelayLeg, WebSocketServerProtocol):
             outcome = "refused_by_upstream"
         if error.error == "auth_unavailable":
             outcome = "auth_unavailable"
-        if error.status == 401:
+        if error.status == 401 or error.error == "insufficient_scope":
             metrics.auth_failure(route, error.error)
         if outcome is not None:
             metrics.ws_handshake(route, outcome)

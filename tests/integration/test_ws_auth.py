@@ -23,7 +23,7 @@ UPGRADE = (
 )
 
 
-def _config(port: int, mode: str = "required") -> str:
+def _config(port: int, mode: str = "required", route: str = "") -> str:
     return f"""
 [auth]
 algorithms = HS256
@@ -33,6 +33,7 @@ leeway = 0
 prefix = /v1/chat
 upstream = http://127.0.0.1:{port}
 auth = {mode}
+{route}
 """
 
 
@@ -42,10 +43,10 @@ def _token(**claims) -> str:
     return jwt.encode(body, SECRET, algorithm="HS256")
 
 
-async def _gateway(mode: str = "required", clock=None):
+async def _gateway(mode: str = "required", clock=None, route: str = ""):
     upstream = Upstream()
     up_port = await listen(upstream)
-    text = _config(up_port.getHost().port, mode)
+    text = _config(up_port.getHost().port, mode, route)
     settings = parse_config(text)
     authenticator = Authenticator(settings.auth, clock or reactor)
     gw = await start_gateway(text, authenticator=authenticator)
@@ -138,4 +139,34 @@ async def test_websocket_is_closed_1008_when_its_token_expires():
     clock.advance(1)
     assert await client.closed == (1008, "token expired")
     assert (await server.closed)[0] == 1008
+    await _close(gw, up_port)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_token_without_the_routes_scope_or_role_is_403_insufficient_scope():
+    """
+    require_scope and require_claim are checked after the signature: a good
+    token without them is 403 insufficient_scope (RFC 6750), on HTTP and on a
+    handshake, and the upstream never sees it; claims_header narrows X-Auth-Claims.
+    """
+    route = "require_scope = chat:write\nrequire_claim = realm_access.roles:member\nclaims_header = sub"
+    upstream, up_port, gw = await _gateway(route=route)
+    reader = _token(scope="chat:read", realm_access={"roles": ["member"]})
+    outsider = _token(scope="chat:write", realm_access={"roles": ["guest"]})
+    for token, detail in ((reader, "needs scope chat:write"),
+                          (outsider, "needs claim realm_access.roles to hold member")):
+        status, body, raw = await _refusal(gw, f"/v1/chat/ws?token={token}")
+        assert (status, body["error"], body["detail"]) == (403, "insufficient_scope", detail)
+        assert b'error="insufficient_scope"' in raw
+        http = await raw_connect(gw.number)
+        http.transport.write(f"GET /v1/chat/x?token={token} HTTP/1.0\r\nHost: a\r\n\r\n".encode())
+        status, body = http_error(await http.lost)
+        assert (status, body["error"]) == (403, "insufficient_scope")
+    assert upstream.handshakes == []
+    writer = _token(scope="chat:read chat:write", realm_access={"roles": ["member"]}, email="a@b")
+    client = await ws_connect(gw.url(f"/v1/chat/ws?token={writer}"))
+    claims_b64 = upstream.handshakes[-1].headers["x-auth-claims"]
+    assert json.loads(base64.urlsafe_b64decode(claims_b64 + "=" * (-len(claims_b64) % 4))) == {"sub": "alice"}
+    client.sendClose(1000)
+    await client.closed
     await _close(gw, up_port)
