@@ -555,7 +555,7 @@ def test_hash_key_ip_keeps_a_client_on_one_instance_whatever_it_sends():
     """engine.io's first request has no sid: the address alone picks the instance, every time."""
     pool = make_pool(balance="hash", hash_key="ip", websocket=False)
     for address in ("198.51.100.7", "203.0.113.9", "2001:db8::1"):
-        key = pool.request_key(query=b"EIO=4&transport=polling", headers=[], claims=None, client_ip=address)
+        key = pool.request_key(query=b"EIO=4&transport=polling", headers=[], claims=None, peer=address)
         chosen = {pool.choose(key).url for _ in range(10)}
-        later = pool.request_key(query=b"EIO=4&sid=abc", headers=[], claims=None, client_ip=address)
+        later = pool.request_key(query=b"EIO=4&sid=abc", headers=[], claims=None, peer=address)
         assert chosen == {pool.choose(later).url}

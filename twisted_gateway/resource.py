@@ -23,8 +23,6 @@ from twisted_gateway.errors import BadRequest, GatewayError, NotFound, render_er
 from twisted_gateway.headers import (
     check_utf8_values,
     checked_host,
-    client_address,
-    get_all,
     is_websocket_upgrade,
     origin_allowed,
     single_origin,
@@ -339,11 +337,8 @@ class GatewayResource(Resource):
             query=query,
             headers=headers,
             claims=claims,
-            client_ip=client_address(
-                get_all(headers, b"x-forwarded-for"),
-                _peer_host(request),
-                self.settings.gateway.trusted_proxies,
-            ),
+            peer=_peer_host(request),
+            trusted_proxies=self.settings.gateway.trusted_proxies,
         )
         extra = identity.upstream_headers(route.claims_header) if identity is not None else ()
         return self.http_forwarder.forward(

@@ -31,6 +31,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from twisted_gateway.errors import BadGateway
+from twisted_gateway.headers import client_address, get_all
 from twisted_gateway.parsers import parse_non_negative_int, parse_positive_float
 
 log = Logger()
@@ -440,11 +441,19 @@ class UpstreamPool:
         query: bytes,
         headers: Sequence[tuple[bytes, bytes]],
         claims: Mapping[str, Any] | None,
-        client_ip: str | None = None,
+        peer: str = "",
+        trusted_proxies: Sequence = (),
     ) -> str | None:
-        """The ``hash_key`` value a request carries (None without hashing, or without a value)."""
+        """
+        The ``hash_key`` value a request carries (None without hashing, or without
+        a value); the client's address is worked out (from ``peer`` and a trusted
+        ``X-Forwarded-For``) only for ``hash_key = ip``.
+        """
         if self.hash_key is None:
             return None
+        client_ip = None
+        if self.hash_key == "ip":
+            client_ip = client_address(get_all(headers, b"x-forwarded-for"), peer, trusted_proxies)
         return hash_key_value(
             self.hash_key, query=query, headers=headers, claims=claims, client_ip=client_ip
         )

@@ -56,8 +56,6 @@ from twisted_gateway.faults import ANSWERED, CANCELLED, CLIENT_GONE, LOCAL, Faul
 from twisted_gateway.sockets import TCPKeepalive, set_keepalive
 from twisted_gateway.headers import (
     WEBSOCKET_HANDSHAKE,
-    client_address,
-    get_all,
     rewrite_redirects,
     upstream_host,
     upstream_origins,
@@ -333,11 +331,8 @@ class RelayServerProtocol(_RelayLeg, WebSocketServerProtocol):
             query=ctx.query,
             headers=ctx.headers,
             claims=identity.claims if identity is not None else None,
-            client_ip=client_address(
-                get_all(ctx.headers, b"x-forwarded-for"),
-                ctx.peer,
-                factory.gateway.trusted_proxies,
-            ),
+            peer=ctx.peer,
+            trusted_proxies=factory.gateway.trusted_proxies,
         )
         upstream = last_error = None
         # A connect failure is retried on the next healthy instance, each at most once;
