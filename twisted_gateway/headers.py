@@ -318,6 +318,7 @@ def upstream_host(mode: str, client_host: bytes | None) -> bytes | None:
     return mode.encode("ascii")
 
 
+@functools.lru_cache(maxsize=1024)  # asked per response: one answer per instance and mode
 def upstream_origins(base_url: str, mode: str) -> tuple[bytes, ...]:
     """
     The ``scheme://host[:port]`` prefixes by which an upstream names itself in

@@ -1025,9 +1025,9 @@ class HTTPForwarder:
         phrase = clean_reason_phrase(response.phrase) if response.phrase else None
         request.setResponseCode(response.code, phrase or RESPONSES.get(response.code))
         request.defaultContentType = None
-        pairs = rewrite_redirects(
-            response_header_pairs(response.headers), origins, _client_origin(request)
-        )
+        pairs = response_header_pairs(response.headers)
+        if origins:  # host_header = upstream or a name: redirects may name the upstream
+            pairs = rewrite_redirects(pairs, origins, _client_origin(request))
         for name, values in _grouped(pairs):
             request.responseHeaders.setRawHeaders(name, values)
         if (

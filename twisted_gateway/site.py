@@ -299,7 +299,9 @@ def build_site(resource: Any, settings: Settings, reactor: Any = None) -> Site:
     site = GatewaySite(resource, logFormatter=access_log_formatter(secret_names(settings.auth)))
     site.requestFactory = GatewayRequest.for_settings(settings.gateway)
     # the routes with request_buffering = off take a request before its body
-    site.streams_body = getattr(resource, "streams_body", None)
+    # (without such a route, no request asks)
+    if any(not route.request_buffering for route in settings.routes):
+        site.streams_body = getattr(resource, "streams_body", None)
     if reactor is not None:
         site.reactor = reactor  # the channels' timers run on it
     gateway = settings.gateway
