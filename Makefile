@@ -20,6 +20,10 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[test]' --config-settings editable_mode=compat
 	touch $@
 
+$(VENV)/.installed-bench: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[bench]' --config-settings editable_mode=compat
+	touch $@
+
 # wscat is the client the README's tour uses; the end-to-end tests use it too.
 $(TOOLS)/node_modules/.bin/wscat:
 	mkdir -p $(TOOLS)
@@ -55,11 +59,11 @@ conformance: $(VENV)/.installed-run
 conformance-quick: $(VENV)/.installed-run
 	$(BIN)/python .ci/conformance.py --quick
 
-# CPU per unit of work and memory: the gateway vs nginx vs direct (docs/performance.md).
-bench: $(VENV)/.installed-run
+# CPU per unit of work and memory: the gateway vs nginx vs the seed's aiohttp design vs direct (docs/performance.md).
+bench: $(VENV)/.installed-run $(VENV)/.installed-bench
 	$(BIN)/python bench/run.py
 
-bench-quick: $(VENV)/.installed-run
+bench-quick: $(VENV)/.installed-run $(VENV)/.installed-bench
 	$(BIN)/python bench/run.py --quick
 
 # A real twistd under load and a seeded storm of faults; fails on a leak or a wrong outcome (docs/soak.md).

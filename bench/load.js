@@ -16,6 +16,8 @@
 //   idle       open `steps[i]` WebSockets and hold them; waits for a stdin line per step
 //   big        one `size`-byte message echoed; waits for "go" on stdin first
 //   http       `rate` GETs/s over a keep-alive agent of `conns` sockets
+//   http-saturate  `conns` keep-alive connections, each sending its next GET as soon
+//              as the last answer is in (the saturated rate)
 //   storm      `count` WebSockets opened at once, then closed (a reconnect storm)
 "use strict";
 
@@ -360,61 +362,82 @@ async function big() {
   return { rtt_ms: rtt, intact, size: data.length, unclosed };
 }
 
-async function httpRate() {
+// Both HTTP modes: GETs over one keep-alive agent of `conns` sockets, each answer
+// checked (200, 64 bytes); `drive(get, state)` decides when each GET is sent and
+// returns what stops it.
+async function httpLoad(drive) {
   const url = new URL(cfg.url);
   const agent = new http.Agent({ keepAlive: true, maxSockets: cfg.conns });
   const samples = [];
-  let phase = "warmup";
+  const state = { phase: "warmup", outstanding: 0 };
   let counted = 0;
   let errors = 0;
   let lastError = null;
-  let outstanding = 0;
-  function request() {
+  function get(then) {
     const t = performance.now();
-    outstanding++;
+    state.outstanding++;
     const req = http.get({ agent, host: url.hostname, port: url.port, path: url.pathname }, (res) => {
       let n = 0;
       res.on("data", (chunk) => (n += chunk.length));
       res.on("end", () => {
-        outstanding--;
+        state.outstanding--;
         if (res.statusCode !== 200 || n !== 64) {
           errors++;
           lastError = `status ${res.statusCode}, ${n} bytes`;
         }
-        if (phase === "measure") {
+        if (state.phase === "measure") {
           counted++;
           samples.push(performance.now() - t);
         }
+        if (then) then();
       });
     });
     req.on("error", (e) => {
-      outstanding--;
+      state.outstanding--;
       errors++;
       lastError = String(e.message || e);
+      if (then) setTimeout(then, 10);
     });
   }
-  const t0 = performance.now();
-  let sent = 0;
-  const timer = setInterval(() => {
-    if (phase === "stop") return;
-    const due = Math.floor(((performance.now() - t0) / 1000) * cfg.rate) - sent;
-    for (let k = 0; k < due; k++, sent++) request();
-  }, 1);
+  const stop = drive(get, state);
   await sleep(cfg.warmup_s * 1000);
   const start = snapshot();
-  phase = "measure";
+  state.phase = "measure";
   say({ event: "measuring" });
   await sleep(cfg.measure_s * 1000);
   const end = snapshot();
   const done = counted;
-  phase = "stop";
-  clearInterval(timer);
-  for (let i = 0; i < 100 && outstanding > 0; i++) await sleep(20);
+  state.phase = "stop";
+  if (stop) stop();
+  for (let i = 0; i < 100 && state.outstanding > 0; i++) await sleep(20);
   agent.destroy();
   return { start, end, done, errors, last_error: lastError, latency_ms: percentiles(samples) };
 }
 
-const MODES = { saturate, rate, handshake, idle, big, http: httpRate, storm };
+function httpRate() {
+  return httpLoad((get, state) => {
+    const t0 = performance.now();
+    let sent = 0;
+    const timer = setInterval(() => {
+      if (state.phase === "stop") return;
+      const due = Math.floor(((performance.now() - t0) / 1000) * cfg.rate) - sent;
+      for (let k = 0; k < due; k++, sent++) get(null);
+    }, 1);
+    return () => clearInterval(timer);
+  });
+}
+
+function httpSaturate() {
+  return httpLoad((get, state) => {
+    const next = () => {
+      if (state.phase !== "stop") get(next);
+    };
+    for (let i = 0; i < cfg.conns; i++) next();
+    return null;
+  });
+}
+
+const MODES = { saturate, rate, handshake, idle, big, http: httpRate, "http-saturate": httpSaturate, storm };
 
 (async () => {
   const mode = MODES[cfg.mode];

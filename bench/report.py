@@ -2,8 +2,8 @@
 Turning a benchmark run's raw measurements into the table people read.
 
 Pure functions over plain data: the medians and ranges of repeated samples,
-the ratios of the gateway to nginx and to the direct floor, the verdict
-against issue 8's bar, the machine's noise (CPU steal from /proc/stat, load
+the ratios of the gateway to nginx, to the seed's aiohttp design and to the
+direct floor, the verdicts against the bars the issues set, the machine's noise (CPU steal from /proc/stat, load
 average) and, for ``--profile``, the hot spots of py-spy's collapsed stacks.
 """
 
@@ -15,7 +15,7 @@ import statistics
 from typing import Any, Iterable, Mapping, Sequence
 
 #: The order of the columns of the main table.
-TARGETS = ("direct", "nginx", "gateway")
+TARGETS = ("direct", "nginx", "aiohttp", "gateway")
 
 
 # -- /proc/stat -----------------------------------------------------------------
@@ -99,42 +99,62 @@ def fmt_ratio(r: float | None) -> str:
 # -- the tables -------------------------------------------------------------------
 
 
-def verdict(row: Mapping[str, Any]) -> str:
-    bar = row.get("bar")
-    if not bar:
-        return ""
-    kind, limit = bar
-    if kind == "ratio_nginx":
-        value = row.get("vs_nginx")
-        shown = f"<= {limit}x nginx"
+#: A bar's kind: the value it reads, how it is shown, and whether it is a floor.
+_BARS = {
+    "ratio_nginx": ("vs_nginx", "{limit}x nginx", False),
+    "ratio_aiohttp": ("vs_aiohttp", "{limit}x aiohttp", False),
+    "min_ratio_aiohttp": ("vs_aiohttp", "{limit}x aiohttp", True),
+}
+
+
+def _one_verdict(row: Mapping[str, Any], kind: str, limit: float) -> str:
+    if kind in _BARS:
+        field, shown, floor = _BARS[kind]
+        value = row.get(field)
+        shown = shown.format(limit=limit)
     else:
         s = row["cells"].get("gateway")
         value = s["median"] if s else None
-        shown = f"<= {limit} {row['unit']}"
+        shown, floor = f"{limit} {row['unit']}", False
+    shown = (">= " if floor else "<= ") + shown
     if value is None:
         return f"{shown}: not measured"
-    return f"{shown}: {'PASS' if value <= limit else 'FAIL'}"
+    held = value >= limit if floor else value <= limit
+    return f"{shown}: {'PASS' if held else 'FAIL'}"
+
+
+def verdict(row: Mapping[str, Any]) -> str:
+    """The row's bars (one ``(kind, limit)`` or a list of them), each PASS, FAIL or not measured."""
+    bar = row.get("bar")
+    if not bar:
+        return ""
+    bars = [bar] if isinstance(bar, tuple) else list(bar)
+    return "; ".join(_one_verdict(row, kind, limit) for kind, limit in bars)
 
 
 def main_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    """The Markdown table: one row per figure, median (min–max) per target, ratios, bar."""
-    head = "| figure | unit | " + " | ".join(TARGETS) + " | gateway / nginx | gateway / direct | bar |"
-    lines = [head, "|" + "---|" * (len(TARGETS) + 5)]
+    """The Markdown table: one row per figure, median (min–max) per target, ratios, bars."""
+    head = (
+        "| figure | unit | " + " | ".join(TARGETS)
+        + " | gateway / nginx | gateway / aiohttp | gateway / direct | bar |"
+    )
+    lines = [head, "|" + "---|" * (len(TARGETS) + 6)]
     for row in rows:
         cells = [fmt_summary(row["cells"].get(t), row.get("digits", 2)) for t in TARGETS]
+        ratios = (fmt_ratio(row.get(k)) for k in ("vs_nginx", "vs_aiohttp", "vs_direct"))
         lines.append(
             f"| {row['title']} | {row['unit']} | "
             + " | ".join(cells)
-            + f" | {fmt_ratio(row.get('vs_nginx'))} | {fmt_ratio(row.get('vs_direct'))} | {verdict(row)} |"
+            + " | " + " | ".join(ratios) + f" | {verdict(row)} |"
         )
     return "\n".join(lines)
 
 
 def complete_row(row: dict[str, Any]) -> dict[str, Any]:
-    """Fill in a row's ratios from its cells (the gateway's over nginx's, over direct's)."""
+    """Fill in a row's ratios from its cells (the gateway's over nginx's, aiohttp's, direct's)."""
     cells = row["cells"]
-    row["vs_nginx"] = ratio(cells.get("gateway"), cells.get("nginx"))
-    row["vs_direct"] = ratio(cells.get("gateway"), cells.get("direct"))
+    for target in ("nginx", "aiohttp", "direct"):
+        row[f"vs_{target}"] = ratio(cells.get("gateway"), cells.get(target))
     row["verdict"] = verdict(row)
     return row
 

@@ -6,14 +6,18 @@ than about the proxy, so the figures are the proxy's own CPU seconds per unit
 of work (utime + stime of its process tree, read from /proc after a warm-up)
 and its memory; rates and latencies are reported beside them as context.
 
-Three targets reach one Node backend (WebSocket echo, 64-byte HTTP answer):
+Four targets reach one Node backend (WebSocket echo, 64-byte HTTP answer):
 ``direct`` (no proxy: the floor), ``nginx`` (1 worker, WebSocket and
-keep-alive upstream; skipped with a notice if not installed) and ``gateway``
-(``twistd -n wsgateway``). They are measured interleaved, A B C A B C ...,
+keep-alive upstream; skipped with a notice if not installed), ``aiohttp``
+(the seed's design, ``bench/aiohttp_gateway.py``; skipped with a notice if
+aiohttp cannot be imported: ``pip install -e '.[bench]'``) and ``gateway``
+(``twistd -n wsgateway``). They are measured interleaved, A B C D A B C D ...,
 with the proxy pinned to its own CPU and the backend and the Node load
 generator sharing the other(s). Figures:
 
-1. WebSocket CPU per 10k messages, 64 KiB, 64 connections, saturating;
+1. WebSocket CPU per 10k messages, 64 KiB, 64 connections, saturating, one
+   message in flight per connection, and again with 8 in flight (frames then
+   straddle reads);
 2. WebSocket CPU per 10k messages at 2,000 msg/s, 64 B, 16 connections,
    with p50/p99 round trips;
 3. CPU per handshake (open + close), auth = none and auth = required (with
@@ -21,7 +25,9 @@ generator sharing the other(s). Figures:
    Redis the gateway shares: redis-server started for the run);
 4. RSS per idle WebSocket at 1k and 5k connections (fresh proxy each time);
 5. peak RSS growth while one 16 MiB message crosses (fresh proxy each time);
-6. HTTP CPU per 10k GETs of 64 B at 1,000 req/s;
+6. HTTP CPU per 10k GETs of 64 B at 1,000 req/s, and the saturated rate:
+   32 keep-alive connections each sending its next GET as soon as the last
+   answer is in (requests/s, and CPU per 10k requests);
 7. a reconnect storm: 1,000 and 5,000 WebSockets opened at once, the time
    until all are open, the p99 handshake and the SYNs the kernel dropped at a
    full listen queue (TcpExt ListenOverflows, machine-wide), with the gateway
@@ -62,9 +68,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import report  # noqa: E402
 from targets import (  # noqa: E402
+    AIOHTTP_MISSING,
     BENCH,
     LOOPBACK,
     NGINX_MISSING,
+    Aiohttp,
     Backend,
     Direct,
     Gateway,
@@ -98,6 +106,7 @@ class Plan:
     mem_reps: int
     sat_conns: int = 64
     sat_size: int = 64 * KiB
+    sat_inflight: int = 8
     sat_warmup_s: float = 1.0
     sat_measure_s: float = 3.0
     rate_conns: int = 16
@@ -115,6 +124,7 @@ class Plan:
     http_conns: int = 16
     http_warmup_s: float = 1.0
     http_measure_s: float = 5.0
+    http_sat_conns: int = 32
     storm_sizes: tuple[int, ...] = (1000, 5000)
     storm_reps: int = 3
 
@@ -157,6 +167,7 @@ SMOKE = Plan(
     http_conns=2,
     http_warmup_s=0.1,
     http_measure_s=0.3,
+    http_sat_conns=2,
     storm_sizes=(20,),
     storm_reps=1,
 )
@@ -223,6 +234,15 @@ class Bench:
                     )
                     continue
                 self.targets.append(Nginx(binary, self.backend, self.placement, self.workdir))
+            elif name == "aiohttp":
+                python = Aiohttp.find()
+                if python is None:
+                    self.notice(
+                        f"{AIOHTTP_MISSING}: the aiohttp target is skipped and no ratio to it is "
+                        "reported (install it: .venv/bin/pip install -e '.[bench]')"
+                    )
+                    continue
+                self.targets.append(Aiohttp(python, self.backend, self.placement, self.workdir))
             elif name == "gateway":
                 redis_url = self._start_redis() if self.args.cluster else None
                 gateway = Gateway(
@@ -397,29 +417,35 @@ class Bench:
 
     def figure_1(self) -> None:
         p = self.plan
-        self.say(f"figure 1: WebSocket {p.sat_size // KiB} KiB x {p.sat_conns} connections, saturating")
+        self.say(
+            f"figure 1: WebSocket {p.sat_size // KiB} KiB x {p.sat_conns} connections, saturating, "
+            f"1 and {p.sat_inflight} messages in flight per connection"
+        )
         for rep in range(p.reps):
-            for target in self.targets:
-                def one(target: Target = target) -> dict[str, Any]:
-                    result = self.load(
-                        target,
-                        {
-                            "mode": "saturate",
-                            "url": target.url("ws", "/"),
-                            "conns": p.sat_conns,
-                            "size": p.sat_size,
-                            "inflight": 1,
-                            "warmup_s": p.sat_warmup_s,
-                            "measure_s": p.sat_measure_s,
-                        },
-                        profile_as=f"fig1-rep{rep + 1}",
-                    )
-                    values = self.cpu_window(target, result, 10_000)
-                    values["mib_s"] = values["rate"] * p.sat_size / MiB
-                    self.check(result["errors"] == 0, f"figure 1 {target.name}: {result['errors']} bad echoes")
-                    return values
+            for figure, inflight in (("1", 1), ("1-inflight", p.sat_inflight)):
+                for target in self.targets:
+                    def one(target: Target = target, figure: str = figure, inflight: int = inflight) -> dict[str, Any]:
+                        result = self.load(
+                            target,
+                            {
+                                "mode": "saturate",
+                                "url": target.url("ws", "/"),
+                                "conns": p.sat_conns,
+                                "size": p.sat_size,
+                                "inflight": inflight,
+                                "warmup_s": p.sat_warmup_s,
+                                "measure_s": p.sat_measure_s,
+                            },
+                            profile_as=f"fig{figure}-rep{rep + 1}",
+                        )
+                        values = self.cpu_window(target, result, 10_000)
+                        values["mib_s"] = values["rate"] * p.sat_size / MiB
+                        self.check(
+                            result["errors"] == 0, f"figure {figure} {target.name}: {result['errors']} bad echoes"
+                        )
+                        return values
 
-                self.measure("1", target, rep, one)
+                    self.measure(figure, target, rep, one)
 
     def figure_2(self) -> None:
         p = self.plan
@@ -577,29 +603,36 @@ class Bench:
 
     def figure_6(self) -> None:
         p = self.plan
-        self.say(f"figure 6: HTTP GET 64 B at {p.http_rate} req/s over {p.http_conns} keep-alive connections")
+        self.say(
+            f"figure 6: HTTP GET 64 B at {p.http_rate} req/s over {p.http_conns} keep-alive connections, "
+            f"and saturating {p.http_sat_conns}"
+        )
+        variants = (
+            ("6", {"mode": "http", "conns": p.http_conns, "rate": p.http_rate}),
+            ("6-sat", {"mode": "http-saturate", "conns": p.http_sat_conns}),
+        )
         for rep in range(p.reps):
-            for target in self.targets:
-                def one(target: Target = target) -> dict[str, Any]:
-                    result = self.load(
-                        target,
-                        {
-                            "mode": "http",
-                            "url": target.url("http", "/"),
-                            "conns": p.http_conns,
-                            "rate": p.http_rate,
-                            "warmup_s": p.http_warmup_s,
-                            "measure_s": p.http_measure_s,
-                        },
-                        profile_as=f"fig6-rep{rep + 1}",
-                    )
-                    self.check(
-                        result["errors"] == 0,
-                        f"figure 6 {target.name}: {result['errors']} bad answers ({result.get('last_error')})",
-                    )
-                    return self.cpu_window(target, result, 10_000)
+            for figure, how in variants:
+                for target in self.targets:
+                    def one(target: Target = target, figure: str = figure, how: dict = how) -> dict[str, Any]:
+                        result = self.load(
+                            target,
+                            {
+                                **how,
+                                "url": target.url("http", "/"),
+                                "warmup_s": p.http_warmup_s,
+                                "measure_s": p.http_measure_s,
+                            },
+                            profile_as=f"fig{figure}-rep{rep + 1}",
+                        )
+                        self.check(
+                            result["errors"] == 0,
+                            f"figure {figure} {target.name}: {result['errors']} bad answers "
+                            f"({result.get('last_error')})",
+                        )
+                        return self.cpu_window(target, result, 10_000)
 
-                self.measure("6", target, rep, one)
+                    self.measure(figure, target, rep, one)
 
     def figure_7(self) -> None:
         p = self.plan
@@ -684,10 +717,14 @@ def build_rows(samples: list[dict[str, Any]], plan: Plan) -> tuple[list[dict], l
     main = [
         {"title": f"1. WS {plan.sat_size // KiB} KiB x {plan.sat_conns} conns, saturating: CPU per 10k msgs",
          "unit": "CPU s", "cells": cells("1", "proxy_per_unit"), "bar": ("ratio_nginx", 1.8), "digits": 3},
+        {"title": f"1. the same, {plan.sat_inflight} messages in flight per connection: CPU per 10k msgs",
+         "unit": "CPU s", "cells": cells("1-inflight", "proxy_per_unit"),
+         "bar": [("ratio_nginx", 1.3), ("ratio_aiohttp", 1.0)], "digits": 3},
         {"title": f"2. WS {plan.rate_size} B x {plan.rate_conns} conns at {plan.rate:,} msg/s: CPU per 10k msgs",
          "unit": "CPU s", "cells": cells("2", "proxy_per_unit"), "bar": ("ratio_nginx", 1.6), "digits": 3},
         {"title": "3. handshake (open + close), auth = none: CPU per handshake",
-         "unit": "CPU ms", "cells": cells("3", "proxy_per_unit"), "bar": ("ratio_nginx", 4.0)},
+         "unit": "CPU ms", "cells": cells("3", "proxy_per_unit"),
+         "bar": [("ratio_nginx", 4.0), ("ratio_aiohttp", 0.8)]},
         {"title": "3. handshake (open + close), auth = required (gateway): CPU per handshake",
          "unit": "CPU ms", "cells": {**cells("3", "proxy_per_unit"), "gateway": cells("3-auth", "proxy_per_unit")["gateway"]},
          "bar": None},
@@ -703,10 +740,17 @@ def build_rows(samples: list[dict[str, Any]], plan: Plan) -> tuple[list[dict], l
         {"title": f"5. peak RSS growth, one {plan.big_size // MiB} MiB message", "unit": "MiB",
          "cells": cells("5", "peak_growth_mib"), "bar": ("absolute", 4.0)},
         {"title": f"6. HTTP GET 64 B at {plan.http_rate:,} req/s: CPU per 10k requests",
-         "unit": "CPU s", "cells": cells("6", "proxy_per_unit"), "bar": ("ratio_nginx", 3.0), "digits": 3},
+         "unit": "CPU s", "cells": cells("6", "proxy_per_unit"),
+         "bar": [("ratio_nginx", 3.0), ("ratio_aiohttp", 1.0)], "digits": 3},
+        {"title": f"6. HTTP GET 64 B, {plan.http_sat_conns} conns saturating: requests/s", "unit": "req/s",
+         "cells": cells("6-sat", "rate"), "bar": ("min_ratio_aiohttp", 1.0), "digits": 0},
+        {"title": f"6. HTTP GET 64 B, {plan.http_sat_conns} conns saturating: CPU per 10k requests",
+         "unit": "CPU s", "cells": cells("6-sat", "proxy_per_unit"), "bar": None, "digits": 3},
     ]
     context = [
         {"title": "1. messages/s (wall clock)", "unit": "msg/s", "cells": cells("1", "rate")},
+        {"title": f"1. messages/s, {plan.sat_inflight} in flight (wall clock)", "unit": "msg/s",
+         "cells": cells("1-inflight", "rate")},
         {"title": "1. proxy CPU utilisation", "unit": "cores", "cells": cells("1", "proxy_util")},
         {"title": "1. backend + load CPU utilisation", "unit": "of their CPUs", "cells": cells("1", "load_side_util")},
         {"title": "1. backend + load CPU per 10k msgs", "unit": "CPU s", "cells": cells("1", "load_side_per_unit"), "digits": 3},
@@ -725,6 +769,8 @@ def build_rows(samples: list[dict[str, Any]], plan: Plan) -> tuple[list[dict], l
         {"title": "6. requests/s achieved", "unit": "req/s", "cells": cells("6", "rate")},
         {"title": "6. latency p50", "unit": "ms", "cells": cells("6", "latency_p50_ms"), "digits": 3},
         {"title": "6. latency p99", "unit": "ms", "cells": cells("6", "latency_p99_ms"), "digits": 3},
+        {"title": "6. saturated: latency p50", "unit": "ms", "cells": cells("6-sat", "latency_p50_ms"), "digits": 3},
+        {"title": "6. saturated: proxy CPU utilisation", "unit": "cores", "cells": cells("6-sat", "proxy_util")},
         {"title": "6. backend + load CPU utilisation", "unit": "of their CPUs", "cells": cells("6", "load_side_util")},
         *[
             row
@@ -753,7 +799,7 @@ def machine() -> dict[str, Any]:
     except OSError:
         pass
     versions = {}
-    for module in ("twisted", "autobahn", "treq"):
+    for module in ("twisted", "autobahn", "treq", "aiohttp"):
         try:
             versions[module] = __import__(module).__version__
         except Exception:
@@ -811,7 +857,7 @@ def write_outputs(bench: Bench, out_dir: Path, started: dict[str, Any], finished
         f"# twisted_gateway benchmark ({plan.name} run, {started['when']})",
         "",
         f"{plan.reps} repetitions of every target for CPU figures, {plan.mem_reps} for memory figures, "
-        "interleaved (direct, nginx, gateway, direct, ...). Cells: median (min–max). "
+        "interleaved (direct, nginx, aiohttp, gateway, direct, ...). Cells: median (min–max). "
         "CPU is the proxy process tree's utime + stime during the measured window; a message is one "
         "client message and its echo (the proxy relays both).",
         "",
@@ -825,7 +871,7 @@ def write_outputs(bench: Bench, out_dir: Path, started: dict[str, Any], finished
         "",
         f"- {data['machine']['cpu_model']}, {data['machine']['cpus']} CPUs, Linux {data['machine']['kernel']}; "
         f"Python {data['machine']['python']}, Twisted {data['machine']['twisted']}, "
-        f"Autobahn {data['machine']['autobahn']}, Node {data['machine']['node']}, {data['nginx'] or 'no nginx'}",
+        f"Autobahn {data['machine']['autobahn']}, aiohttp {data['machine']['aiohttp']}, Node {data['machine']['node']}, {data['nginx'] or 'no nginx'}",
         f"- proxy on CPU {bench.placement.proxy_cpus}, backend + load on CPU {bench.placement.load_cpus}"
         + (f" ({bench.placement.notice})" if bench.placement.notice else ""),
         f"- CPU steal over the run: {cpu.get('cpu', {}).get('steal', 0):.1%} ({per_cpu}); "
@@ -879,7 +925,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                       help="tiny amounts: checks the machinery only")
     parser.set_defaults(plan="full")
     parser.add_argument("--only", default=",".join(map(str, FIGURES)), help="figures to run, e.g. 1,2,3")
-    parser.add_argument("--targets", default="direct,nginx,gateway", help="comma-separated subset")
+    parser.add_argument("--targets", default="direct,nginx,aiohttp,gateway", help="comma-separated subset")
     parser.add_argument("--reps", type=int, help="override the repetitions of the CPU figures")
     parser.add_argument("--scale", type=float, default=1.0,
                         help="multiply the measured windows and handshake counts (e.g. for --profile)")

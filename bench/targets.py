@@ -1,8 +1,9 @@
 """
 The processes of a benchmark run: the backend, the proxies in front of it, the load.
 
-``run.py`` compares three ways to reach one backend: ``direct`` (no proxy, the
-floor), ``nginx`` and ``gateway`` (``twistd -n wsgateway``). Each proxy is a
+``run.py`` compares four ways to reach one backend: ``direct`` (no proxy, the
+floor), ``nginx``, ``aiohttp`` (the seed's design, ``aiohttp_gateway.py``) and
+``gateway`` (``twistd -n wsgateway``). Each proxy is a
 foreground child with its own config in a temporary directory, pinned to its
 own CPU where ``taskset`` exists, and is measured through ``/proc``: the CPU
 time (utime + stime) and the memory (VmRSS, VmHWM) of its whole process tree.
@@ -32,6 +33,8 @@ KiB = 1024
 
 #: The message of the notice printed when nginx cannot be found.
 NGINX_MISSING = "nginx not found"
+#: ... and when no Python with aiohttp can be found (the ``bench`` extra).
+AIOHTTP_MISSING = "aiohttp not installed"
 
 #: Every child started by this run; ``stop_all`` kills what is still alive.
 _CHILDREN: list[subprocess.Popen] = []
@@ -220,6 +223,17 @@ def spawn(
             out.close()
     _CHILDREN.append(proc)
     return proc
+
+
+def _listening(who: str) -> Callable[[str], int | None]:
+    """Finds the port in ``WHO listening on HOST (port N)`` (the gateway's and the aiohttp peer's line)."""
+
+    def match(line: str) -> int | None:
+        if f"{who} listening on" in line and "(port " in line:
+            return int(line.rsplit("(port ", 1)[1].split(")", 1)[0])
+        return None
+
+    return match
 
 
 def wait_for_log(log: Path, proc: subprocess.Popen, match: Callable[[str], Any], timeout: float) -> Any:
@@ -565,6 +579,42 @@ http {{
         return stop_process(self.proc, signal.SIGQUIT)
 
 
+class Aiohttp(Target):
+    """The seed's design, ``bench/aiohttp_gateway.py``: aiohttp server and ClientSession."""
+
+    name = "aiohttp"
+
+    def __init__(self, python: str, *args: Any) -> None:
+        super().__init__(*args)
+        self.python = python
+
+    @staticmethod
+    def find() -> str | None:
+        """A Python that can import aiohttp: the venv's, else this one; None if neither can."""
+        for candidate in (ROOT / ".venv" / "bin" / "python", Path(sys.executable)):
+            if candidate.exists() and subprocess.run(
+                [str(candidate), "-c", "import aiohttp"], capture_output=True, timeout=60
+            ).returncode == 0:
+                return str(candidate)
+        return None
+
+    def version(self) -> str:
+        out = subprocess.run([self.python, "-c", "import aiohttp; print(aiohttp.__version__)"],
+                             capture_output=True, text=True, timeout=60)
+        return f"aiohttp {out.stdout.strip()}"
+
+    def _start(self) -> None:
+        command = [*self.placement.proxy(), self.python, str(BENCH / "aiohttp_gateway.py")]
+        command += ["--upstream", f"http://{LOOPBACK}:{self.backend.port}"]
+        self.log = self.workdir / f"aiohttp-{len(self.lifecycle)}.log"
+        self.proc = spawn(command, self.workdir, log=self.log)
+
+        try:
+            self.port = wait_for_log(self.log, self.proc, _listening("aiohttp gateway"), 60)
+        except RuntimeError as e:
+            raise RuntimeError(f"the aiohttp gateway did not start: {e}") from None
+
+
 class Gateway(Target):
     """``twistd -n --pidfile= wsgateway --config FILE``, ready when it logs its port."""
 
@@ -659,13 +709,8 @@ max_websockets_per_user = 1000000
         self.log = self.workdir / f"gateway{self.variant}-{len(self.lifecycle)}.log"
         self.proc = spawn(command, self.workdir, log=self.log)
 
-        def listening(line: str) -> int | None:
-            if "wsgateway listening on" in line and "(port " in line:
-                return int(line.rsplit("(port ", 1)[1].split(")", 1)[0])
-            return None
-
         try:
-            self.port = wait_for_log(self.log, self.proc, listening, 60)
+            self.port = wait_for_log(self.log, self.proc, _listening("wsgateway"), 60)
         except RuntimeError as e:
             raise RuntimeError(f"the gateway did not start: {e}") from None
 

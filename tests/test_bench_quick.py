@@ -1,7 +1,7 @@
 """
 ``make bench-quick``'s machinery, run with tiny amounts (``bench/run.py --smoke``):
-every target is started, loaded and stopped, and a missing nginx is a notice,
-not a failure. No timing is asserted here: speed lives in ``bench/``.
+every target (the seed's aiohttp design among them) is started, loaded and
+stopped, and a missing nginx is a notice, not a failure. No timing is asserted here: speed lives in ``bench/``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 RUN = REPO / "bench" / "run.py"
 #: Only against a hung run; not a speed expectation.
 GUARD = 300
-FIGURES = {"1", "2", "3", "3-auth", "4", "5", "6", "7", "7-b50"}
+FIGURES = {"1", "1-inflight", "2", "3", "3-auth", "4", "5", "6", "6-sat", "7", "7-b50"}
 
 
 def _nginx_installed() -> bool:
@@ -68,16 +68,17 @@ def test_smoke_run_starts_loads_and_stops_every_target(tmp_path):
     proc, data = _smoke(tmp_path)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]
-    expected = {"direct", "gateway"} | ({"nginx"} if nginx else set())
+    expected = {"direct", "aiohttp", "gateway"} | ({"nginx"} if nginx else set())
     assert {record["target"] for record in data["lifecycle"]} == expected
     _assert_all_stopped(data)
     # Figures 4 and 5 restart each proxy: one start per proxy, plus two per memory figure.
     starts = [record["target"] for record in data["lifecycle"]]
-    assert starts.count("gateway") == 3
+    assert starts.count("gateway") == 3 and starts.count("aiohttp") == 3
     measured = {(s["figure"], s["target"]) for s in data["samples"]}
     assert {f for f, _ in measured} == FIGURES
     for target in expected:
-        assert ("1", target) in measured and ("6", target) in measured
+        for figure in ("1", "1-inflight", "6", "6-sat"):
+            assert (figure, target) in measured
     assert ("4", "gateway") in measured and ("5", "gateway") in measured
     assert data["errors"] == []
     if nginx:
@@ -85,7 +86,7 @@ def test_smoke_run_starts_loads_and_stops_every_target(tmp_path):
     else:
         assert "NOTICE: nginx not found" in proc.stdout
     table = (tmp_path / "latest-smoke.md").read_text()
-    assert "| figure |" in table and "gateway / nginx" in table
+    assert "| figure |" in table and "gateway / nginx" in table and "gateway / aiohttp" in table
 
 
 def test_missing_nginx_is_a_notice_and_the_other_targets_still_run(tmp_path):
@@ -93,6 +94,9 @@ def test_missing_nginx_is_a_notice_and_the_other_targets_still_run(tmp_path):
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert "NOTICE: nginx not found" in proc.stdout
     assert any("nginx not found" in n for n in data["notices"])
-    assert {record["target"] for record in data["lifecycle"]} == {"direct", "gateway"}
+    targets = {"direct", "aiohttp", "gateway"}
+    assert {record["target"] for record in data["lifecycle"]} == targets
     _assert_all_stopped(data)
-    assert {(s["figure"], s["target"]) for s in data["samples"]} == {("1", "direct"), ("1", "gateway")}
+    assert {(s["figure"], s["target"]) for s in data["samples"]} == {
+        (figure, target) for figure in ("1", "1-inflight") for target in targets
+    }
