@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
 
@@ -27,19 +28,26 @@ def free_port() -> int:
 class RedisServer:
     """One redis-server process; :meth:`kill` and :meth:`start` again keep its port."""
 
-    def __init__(self, directory: str) -> None:
+    def __init__(self, directory: str, tls: tuple[str, str, str] | None = None) -> None:
         self.port = free_port()
         self.directory = directory
+        #: (certificate, key, CA) PEM paths: TLS only (``rediss://``), clients need no certificate
+        self.tls = tls
         self.process: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"{'rediss' if self.tls else 'redis'}://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
         binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+        ports = ["--port", str(self.port)]
+        if self.tls is not None:
+            cert, key, ca = self.tls
+            ports = ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", cert,
+                     "--tls-key-file", key, "--tls-ca-cert-file", ca, "--tls-auth-clients", "no"]
         self.process = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+            [binary, *ports, "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no", "--dir", self.directory, "--loglevel", "warning"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -47,15 +55,21 @@ class RedisServer:
         deadline = time.monotonic() + GUARD
         while True:
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        return
+                if self._pong():
+                    return
             except OSError:
                 pass
             if time.monotonic() > deadline or self.process.poll() is not None:
                 raise AssertionError(f"redis-server did not start on port {self.port}")
             time.sleep(0.05)
+
+    def _pong(self) -> bool:
+        s = socket.create_connection(("127.0.0.1", self.port), timeout=1)
+        if self.tls is not None:
+            s = ssl.create_default_context(cafile=self.tls[2]).wrap_socket(s, server_hostname="127.0.0.1")
+        with s:
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"+PONG")
 
     def kill(self) -> None:
         """SIGKILL, as a crash: nothing is saved, every connection drops."""

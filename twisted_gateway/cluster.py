@@ -61,6 +61,8 @@ class ClusterSettings:
     redis: str
     node_id: str
     on_redis_down: str = "open"
+    #: CAs trusted for ``rediss://`` (PEM); default: the system's trust store
+    ca_file: str | None = None
 
 
 @dataclass(frozen=True)
@@ -107,7 +109,7 @@ def parse_cluster_section(source: str, values: dict[str, str]) -> ClusterSetting
     from twisted_gateway.config import ConfigError
 
     for key in values:
-        if key not in ("redis", "node_id", "on_redis_down"):
+        if key not in ("redis", "node_id", "on_redis_down", "ca_file"):
             raise ConfigError(source, "cluster", key, "unknown key")
     if not values.get("redis", "").strip():
         raise ConfigError(source, "cluster", "redis", "missing required key")
@@ -122,7 +124,17 @@ def parse_cluster_section(source: str, values: dict[str, str]) -> ClusterSetting
     policy = values.get("on_redis_down", "").strip().lower() or "open"
     if policy not in ON_REDIS_DOWN:
         raise ConfigError(source, "cluster", "on_redis_down", f"expected open or closed, got {policy!r}")
-    return ClusterSettings(redis=url, node_id=node_id, on_redis_down=policy)
+    ca_file = values.get("ca_file", "").strip() or None
+    if ca_file is not None:
+        from twisted_gateway.tls import TLSFileError, load_certificates
+
+        if parse_redis_url(url).tls is False:
+            raise ConfigError(source, "cluster", "ca_file", "only used with a rediss:// URL")
+        try:
+            load_certificates("ca_file", ca_file)
+        except TLSFileError as e:
+            raise ConfigError(source, "cluster", "ca_file", f"{e.path}: {e.reason}") from None
+    return ClusterSettings(redis=url, node_id=node_id, on_redis_down=policy, ca_file=ca_file)
 
 
 # Checks every cap of a handshake and, when none is reached, counts the socket
@@ -197,6 +209,8 @@ class Cluster:
         self.revoked: dict[str, int] = {}
         self._epoch = ""
         self._outage_warned = False
+        #: why the last connection to Redis failed or ended (for the outage warning)
+        self.last_error: str | None = None
         self._commands: Any = None
         self._factories: list[Any] = []
         self._loop: LoopingCall | None = None
@@ -215,9 +229,11 @@ class Cluster:
 
         self._commands, self._factories = connect(
             parse_redis_url(self.settings.redis),
+            self.settings.ca_file,
             [CONTROL, PREFIX + "reply:" + self.worker_id],
             on_ready=self._connected,
             on_lost=self._lost,
+            on_error=self._error,
             on_message=self._message,
             clock=self.clock,
         )
@@ -277,14 +293,19 @@ class Cluster:
         if not self._outage_warned:
             self._outage_warned = True
             log.warn(
-                "cluster: Redis unreachable; {what} until it is back",
+                "cluster: Redis unreachable ({error}); {what} until it is back",
+                error=self.last_error or "no answer yet",
                 what="serving with the last revocations loaded, caps per worker only"
                 if self.settings.on_redis_down == "open"
                 else "new requests and handshakes get 503 cluster_unavailable",
                 event="cluster_down",
             )
 
-    def _lost(self) -> None:
+    def _error(self, error: str) -> None:
+        self.last_error = error
+
+    def _lost(self, error: str) -> None:
+        self.last_error = error
         if self.up:
             self.up = False
             self._warn_outage()

@@ -13,7 +13,7 @@ from typing import Any, Awaitable, Callable
 
 import txredisapi
 from twisted.internet import reactor as _reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.logger import Logger
 
@@ -24,20 +24,46 @@ INITIAL_DELAY = 0.5
 MAX_DELAY = 5.0
 
 
-def _endpoint(address: Any) -> Any:
+def _endpoint(address: Any, ca_file: str | None) -> Any:
+    """TCP, or TLS (``rediss://``) checking the server's certificate and name against ``ca_file`` or the system's CAs."""
     endpoint = HostnameEndpoint(_reactor, address.host, address.port, timeout=5)
     if address.tls:
-        from twisted.internet.ssl import optionsForClientTLS
+        from twisted.internet.ssl import optionsForClientTLS, trustRootFromCertificates
 
-        endpoint = txredisapi._TLSEndpoint(endpoint, optionsForClientTLS(address.host))
+        from twisted_gateway.tls import _twisted_certificate, load_certificates
+
+        trust = None
+        if ca_file is not None:
+            trust = trustRootFromCertificates([_twisted_certificate(c) for c in load_certificates("ca_file", ca_file)])
+        endpoint = txredisapi._TLSEndpoint(endpoint, optionsForClientTLS(address.host, trustRoot=trust))
     return endpoint
 
 
-def _tune(factory: Any, address: Any) -> Any:
+def _tune(factory: Any, address: Any, on_error: Callable[[str], None]) -> Any:
     factory.initialDelay, factory.maxDelay = INITIAL_DELAY, MAX_DELAY
     factory.password, factory.username = address.password, address.username
-    factory.dbid = address.db
+    factory.dbid = address.db or None  # a new connection is on database 0: no SELECT
+    factory.on_error = on_error
     return factory
+
+
+class _KeepTrying:
+    """
+    txredisapi gives up reconnecting for good when AUTH or SELECT fails, even
+    when only the connection was cut (a restarting Redis, a failed TLS
+    handshake), and errbacks a Deferred nobody holds: keep trying with backoff
+    (``disconnect`` still stops it) and tell why instead.
+    """
+
+    def stopTrying(self) -> Deferred:
+        return succeed(None)
+
+    def connectionError(self, why: str) -> None:
+        self.on_error(why)
+
+
+class _CommandsFactory(_KeepTrying, txredisapi.RedisFactory):
+    pass
 
 
 class _Subscriber(txredisapi.SubscriberProtocol):
@@ -45,7 +71,7 @@ class _Subscriber(txredisapi.SubscriberProtocol):
 
     def connectionLost(self, why: Any) -> None:
         super().connectionLost(why)
-        self.factory.on_lost()
+        self.factory.on_lost(why.getErrorMessage())
 
     def messageReceived(self, pattern: Any, channel: Any, message: Any) -> None:
         self.factory.on_message(_text(channel), _text(message))
@@ -55,7 +81,7 @@ def _text(value: Any) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
-class _SubscriberFactory(txredisapi.SubscriberFactory):
+class _SubscriberFactory(_KeepTrying, txredisapi.SubscriberFactory):
     protocol = _Subscriber
 
     def buildProtocol(self, addr: Any) -> Any:
@@ -78,22 +104,38 @@ class _SubscriberFactory(txredisapi.SubscriberFactory):
             protocol.transport.loseConnection()  # and try again
 
 
+class _Watched:
+    """An endpoint whose failed connection attempts are told (why Redis is unreachable: refused, TLS)."""
+
+    def __init__(self, endpoint: Any, on_failed: Callable[[str], None]) -> None:
+        self._endpoint, self._on_failed = endpoint, on_failed
+
+    def connect(self, factory: Any) -> Deferred:
+        d = self._endpoint.connect(factory)
+
+        def failed(failure: Any) -> Any:
+            self._on_failed(failure.getErrorMessage())
+            return failure
+
+        return d.addErrback(failed)
+
+
 def connect(
     address: Any,
+    ca_file: str | None,
     channels: list[str],
     *,
     on_ready: Callable[[], Awaitable[None]],
-    on_lost: Callable[[], None],
+    on_lost: Callable[[str], None],
+    on_error: Callable[[str], None],
     on_message: Callable[[str, str], None],
     clock: Any,
 ) -> tuple[Any, list[Any]]:
     """Start both connections; returns the command handler and the factories to disconnect."""
-    commands = _tune(
-        txredisapi.RedisFactory(f"{address.host}:{address.port}", address.db, 1, isLazy=True), address
-    )
-    commands.startConnecting(_endpoint(address))
-    subscriber = _tune(_SubscriberFactory(isLazy=True), address)
+    commands = _tune(_CommandsFactory(f"{address.host}:{address.port}", address.db, 1, isLazy=True), address, on_error)
+    commands.startConnecting(_Watched(_endpoint(address, ca_file), on_error))
+    subscriber = _tune(_SubscriberFactory(isLazy=True), address, on_error)
     subscriber.channels = channels
     subscriber.on_ready, subscriber.on_lost, subscriber.on_message = on_ready, on_lost, on_message
-    subscriber.startConnecting(_endpoint(address))
+    subscriber.startConnecting(_Watched(_endpoint(address, ca_file), on_error))
     return commands.handler, [subscriber, commands]

@@ -75,8 +75,9 @@ class Node:
         await self.gw.close()
 
 
-async def _node(redis_url: str, name: str, upstream_port: int, route_extra: str = "") -> Node:
-    gw = await start_gateway(_config(redis_url, name, upstream_port, route_extra))
+async def _node(redis_url: str, name: str, upstream_port: int, route_extra: str = "", cluster_extra: str = "") -> Node:
+    config = _config(redis_url, name, upstream_port, route_extra)
+    gw = await start_gateway(config.replace("[cluster]", cluster_extra) if cluster_extra else config)
     gw.resource.start()
     root = Resource()
     root.putChild(b"admin", AdminAPI(gw.resource.cluster, ADMIN_TOKEN.encode()))
@@ -312,3 +313,46 @@ async def test_a_gateway_that_never_reached_redis_is_not_ready_unless_policy_ope
         await gw.resource.stop()
         await gw.close()
     await up_port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_rediss_reaches_a_tls_redis_trusting_its_ca_file_and_refuses_another_ca(tmp_path):
+    """
+    A real redis-server speaking TLS only, its certificate from a throwaway CA:
+    gateways naming that CA in [cluster] ca_file join and act together; one
+    trusting another CA never connects and says why.
+    """
+    from tests.certs import Authority
+    from tests.redis_server import RedisServer
+
+    ca = Authority("redis-ca")
+    cert, key = ca.issue("redis", ips=("127.0.0.1",)).write(tmp_path)
+    ca_file = ca.write(tmp_path)
+    other_ca = Authority("other-ca").write(tmp_path)
+    server = RedisServer(str(tmp_path), tls=(str(cert), str(key), str(ca_file)))
+    server.start()
+    try:
+        assert server.url.startswith("rediss://")
+        trusting = f"[cluster]\nca_file = {ca_file}"
+        upstream = Upstream()
+        up_port = await listen(upstream)
+        port = up_port.getHost().port
+        a = await _node(server.url, "gw-a", port, cluster_extra=trusting)
+        b = await _node(server.url, "gw-b", port, cluster_extra=trusting)
+        held = await ws_connect(b.ws(_token("erin")))
+        assert await a.admin("POST", "/admin/revoke", {"sub": "erin", "before": reactor.seconds()}) == (
+            200, {"revoked": True})
+        assert await held.closed == (1008, "token revoked")
+        stranger = await start_gateway(
+            _config(server.url, "gw-x", port).replace("[cluster]", f"[cluster]\nca_file = {other_ca}")
+        )
+        stranger.resource.start()
+        cluster = stranger.resource.cluster
+        await settle(lambda: cluster.last_error is not None, "a failed TLS handshake")
+        assert "certificate verify failed" in cluster.last_error
+        assert not cluster.up
+        await stranger.resource.stop()
+        await stranger.close()
+        await _stop(up_port, a, b)
+    finally:
+        server.kill()
