@@ -56,3 +56,17 @@ def test_workers_are_grouped_by_node_with_their_sockets_and_latest_heartbeat():
             {"host": "h2", "pid": 7, "websockets": 1, "heartbeat": 100.5},
         ]},
     ]
+
+
+def test_the_default_node_id_of_a_worker_names_its_supervisor(monkeypatch):
+    """Without node_id, the workers of one gateway are one node: hostname and the supervisor's pid."""
+    import os
+    import socket
+
+    from twisted_gateway.cluster import default_node_id
+    from twisted_gateway.workers import WORKER_ENV
+
+    monkeypatch.delenv(WORKER_ENV, raising=False)
+    assert default_node_id() == f"{socket.gethostname()}-{os.getpid()}"
+    monkeypatch.setenv(WORKER_ENV, "1")
+    assert default_node_id() == f"{socket.gethostname()}-{os.getppid()}"

@@ -100,7 +100,10 @@ def parse_redis_url(url: str) -> RedisAddress:
 
 
 def default_node_id() -> str:
-    return f"{socket.gethostname()}-{os.getpid()}"
+    """``hostname-pid``; a worker names its supervisor's pid: one gateway's workers are one node."""
+    from twisted_gateway.workers import is_worker
+
+    return f"{socket.gethostname()}-{os.getppid() if is_worker() else os.getpid()}"
 
 
 def parse_cluster_section(source: str, values: dict[str, str]) -> ClusterSettings:

@@ -36,24 +36,19 @@ def _token(sub: str, **claims) -> str:
     return jwt.encode({"sub": sub, "iat": int(now) - 10, "exp": now + 3600, **claims}, SECRET, algorithm="HS256")
 
 
-class Gateway:
-    """One twistd wsgateway of the cluster: its public and admin ports."""
-
-    def __init__(self, tmp_path, name: str, redis_url: str, upstream_port: int, policy: str) -> None:
-        directory = tmp_path / name
-        directory.mkdir()
-        (directory / "admin-token").write_text(ADMIN_TOKEN + "\n")
-        (directory / "gateway.cfg").write_text(f"""
+def gateway_config(redis_url: str | None, upstream_port: int, *, gateway: str = "", cluster: str = "",
+                   route: str = "max_websockets_per_user = 2") -> str:
+    """A gateway with an admin listener, HS256 auth and the route /chat; [cluster] unless ``redis_url`` is None."""
+    section = f"[cluster]\nredis = {redis_url}\n{cluster}" if redis_url is not None else ""
+    return f"""
 [gateway]
 listen = tcp:0:interface=127.0.0.1
 ws_ping_interval = 0
+{gateway}
 [admin]
 listen = tcp:0:interface=127.0.0.1
 token = file:admin-token
-[cluster]
-redis = {redis_url}
-node_id = {name}
-on_redis_down = {policy}
+{section}
 [auth]
 algorithms = HS256
 secret = {SECRET}
@@ -61,8 +56,20 @@ leeway = 0
 [route:chat]
 prefix = /chat
 upstream = http://127.0.0.1:{upstream_port}
-max_websockets_per_user = 2
-""")
+{route}
+"""
+
+
+class Gateway:
+    """One twistd wsgateway of the cluster: its public and admin ports."""
+
+    def __init__(self, tmp_path, name: str, redis_url: str, upstream_port: int, policy: str) -> None:
+        directory = tmp_path / name
+        directory.mkdir()
+        (directory / "admin-token").write_text(ADMIN_TOKEN + "\n")
+        (directory / "gateway.cfg").write_text(
+            gateway_config(redis_url, upstream_port, cluster=f"node_id = {name}\non_redis_down = {policy}")
+        )
         self.name = name
         #: the test's clients of this gateway, closed when it stops
         self.clients = contextlib.ExitStack()

@@ -1,0 +1,175 @@
+"""
+``workers = 2`` with ``[cluster]``: one ``twistd`` supervisor, two worker
+processes, a real Redis. Whichever worker the admin call lands on, a
+disconnect and a revocation close the right sockets on both workers, and a
+per-user cap counts the sockets of both. ``ss`` tells which worker holds
+which client connection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import signal
+import subprocess
+import time
+
+import pytest
+from websockets.exceptions import InvalidStatus
+
+from tests.e2e.test_cluster_e2e import ADMIN_TOKEN, Gateway, gateway_config, _closed, _echoes, _token, _until
+from tests.e2e.test_front_door_e2e import GUARD, TWISTD, UPSTREAM_SCRIPT, _Process, _script
+from tests.e2e.test_workers_e2e import READY, SHARED
+from tests.redis_server import redis_server  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.no_reactor_check
+
+JOINED = re.compile(r"cluster: connected to Redis")
+
+
+class Workers(Gateway):
+    """A twistd wsgateway with ``workers = 2``: the supervisor, its workers' pids, the shared ports."""
+
+    def __init__(self, tmp_path, redis_url: str, upstream_port: int) -> None:
+        directory = tmp_path / "gw"
+        directory.mkdir()
+        (directory / "admin-token").write_text(ADMIN_TOKEN + "\n")
+        capped = f"[route:capped]\nprefix = /capped\nupstream = http://127.0.0.1:{upstream_port}\nmax_websockets_per_user = 2"
+        (directory / "gateway.cfg").write_text(
+            gateway_config(redis_url, upstream_port, gateway="workers = 2\ndrain_timeout = 3", route="") + capped
+        )
+        self.clients = contextlib.ExitStack()
+        self.process = _Process(
+            [str(TWISTD), "-n", "--pidfile=", "wsgateway", "--config", str(directory / "gateway.cfg")], directory
+        )
+        # the supervisor binds [gateway] listen, then [admin] listen
+        self.port = int(self.process.wait_for(SHARED).group(1))
+        self.admin_port = int(self.process.wait_for(SHARED).group(1))
+        self.pids: set[int] = set()
+        joined = 0
+        either = re.compile(f"{READY.pattern}|{JOINED.pattern}")
+        while len(self.pids) < 2 or joined < 2:
+            match = self.process.wait_for(either)
+            if match.group(2):
+                self.pids.add(int(match.group(2)))
+            else:
+                joined += 1
+
+    def connect(self, token: str, route: str = "chat"):
+        from websockets.sync.client import connect
+
+        return connect(f"ws://127.0.0.1:{self.port}/{route}/ws?token={token}", open_timeout=GUARD)
+
+    def ws(self, token: str, route: str = "chat"):
+        """A WebSocket held until the test ends."""
+        return self.clients.enter_context(self.connect(token, route))
+
+    def worker_of(self, ws) -> int:
+        """The pid of the worker holding this client's connection."""
+        local = ws.socket.getsockname()[1]
+        out = subprocess.run(
+            ["ss", "-tnpH", "state", "established", f"( sport = :{self.port} and dport = :{local} )"],
+            capture_output=True, text=True, check=True, timeout=GUARD,
+        ).stdout
+        [pid] = {int(p) for p in re.findall(r"pid=(\d+)", out)}
+        return pid
+
+    def on_both_workers(self, token: str) -> list:
+        """Sockets of one token, opened until each worker holds at least one (the kernel picks)."""
+        held: dict[int, list] = {}
+        for _ in range(64):
+            ws = self.ws(token)
+            held.setdefault(self.worker_of(ws), []).append(ws)
+            if len(held) == 2:
+                assert set(held) == self.pids
+                print(f"sockets per worker: { {pid: len(s) for pid, s in held.items()} }")
+                return [ws for sockets in held.values() for ws in sockets]
+        raise AssertionError("64 connections all reached one worker")
+
+    def stop(self) -> None:
+        self.clients.close()
+        if self.process.process.poll() is None:
+            self.process.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.process.wait(GUARD)
+            except subprocess.TimeoutExpired:
+                pass
+        self.process.stop()
+
+
+@pytest.fixture
+def workers(tmp_path, redis_server):
+    upstream = _script(tmp_path, "upstream.py", UPSTREAM_SCRIPT)
+    gateway = None
+    try:
+        port = int(upstream.wait_for(r"^PORT (\d+)").group(1))
+        gateway = Workers(tmp_path, redis_server.url, port)
+        yield gateway
+    finally:
+        if gateway is not None:
+            gateway.stop()
+        upstream.stop()
+
+
+def test_a_disconnect_a_revocation_and_a_cap_reach_the_sockets_of_both_workers(workers):
+    gw = workers
+    status, body = gw.admin("GET", "/admin/cluster")
+    [node] = body["nodes"]
+    assert sorted(w["pid"] for w in node["workers"]) == sorted(gw.pids)
+    # without node_id, both workers name their node after the host and the supervisor
+    assert node["node"].endswith(f"-{gw.process.process.pid}")
+
+    alice = gw.on_both_workers(_token("alice"))
+    bob = gw.ws(_token("bob"))
+    status, body = gw.admin("GET", "/admin/sessions?sub=alice")
+    assert len(body["sessions"]) == len(alice) and {s["node"] for s in body["sessions"]} == {node["node"]}
+    assert gw.admin("POST", "/admin/disconnect", {"sub": "alice"}) == (200, {"closed": len(alice)})
+    for ws in alice:
+        assert _closed(ws)[:2] == (1008, "disconnected by administrator")
+    assert _echoes(bob, "bob is untouched")
+
+    stolen = _token("alice", jti="stolen-workers")
+    victims = gw.on_both_workers(stolen)
+    fine = gw.ws(_token("alice", jti="fine-workers"))
+    assert gw.admin("POST", "/admin/revoke", {"jti": "stolen-workers", "exp": time.time() + 3600}) == (
+        200, {"revoked": True})
+    for ws in victims:
+        assert _closed(ws)[:2] == (1008, "token revoked")
+    for _ in range(4):
+        assert _refusal(gw, stolen) == 401
+    assert _echoes(fine, "another token of alice is fine") and _echoes(bob, "bob still")
+
+    # carol's cap of 2 on /capped: one socket on each worker, then every new one is refused
+    carol = _token("carol")
+    first = gw.ws(carol, "capped")
+    second = None
+    while second is None:
+        try:
+            ws = gw.connect(carol, "capped")
+        except InvalidStatus as e:
+            assert e.response.status_code == 429  # a refused extra's slot is not freed yet
+            time.sleep(0.1)
+            continue
+        if gw.worker_of(ws) != gw.worker_of(first):
+            second = gw.clients.enter_context(ws)
+        else:
+            ws.close()
+    for _ in range(4):
+        assert _refusal(gw, carol, "capped") == 429
+    first.close()
+    _until(lambda: _accepts(gw, carol, "capped"), "carol's freed slot")
+
+
+def _refusal(gw: Workers, token: str, route: str = "chat") -> int:
+    with pytest.raises(InvalidStatus) as refused:
+        with gw.connect(token, route):
+            pass
+    return refused.value.response.status_code
+
+
+def _accepts(gw: Workers, token: str, route: str) -> bool:
+    try:
+        with gw.connect(token, route):
+            return True
+    except InvalidStatus:
+        return False
