@@ -55,6 +55,9 @@ def test_a_worker_reads_its_slot_from_the_environment():
         {"WSGATEWAY_WORKER": "2", "WSGATEWAY_WORKERS": "4", "WSGATEWAY_LISTEN_FDS": "4,5", "WSGATEWAY_CONTROL_FD": "3"}
     )
     assert (env.number, env.workers, env.listen_fds, env.control_fd) == (2, 4, (4, 5), 3)
+    assert env.channel_fd is None  # with [cluster]: no link to the supervisor's hub
+    env = worker_environment({"WSGATEWAY_WORKER": "0", "WSGATEWAY_LISTEN_FDS": "4", "WSGATEWAY_CHANNEL_FD": "5"})
+    assert (env.listen_fds, env.channel_fd) == ((4,), 5)
     assert worker_environment({}) is None
 
 

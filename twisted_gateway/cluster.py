@@ -8,7 +8,8 @@ one channel; every worker acts on its own sockets and answers on the asker's
 reply channel), and per-user caps (counts per user and worker in Redis, one
 script call per capped handshake, a dead worker's counts ignored once its
 heartbeat key expires). Without ``[cluster]`` the same object acts on this
-gateway alone.
+gateway alone: on its workers together through the supervisor
+(:mod:`worker_hub`) when ``workers > 1``.
 
 The Redis client is txredisapi: Twisted-native, it reconnects with backoff;
 after every reconnect this module resubscribes, reloads the revocations and
@@ -216,6 +217,8 @@ class Cluster:
         self.last_error: str | None = None
         self._commands: Any = None
         self._factories: list[Any] = []
+        #: without [cluster], with workers > 1: this worker's link to the supervisor's hub
+        self.link: Any = None
         self._loop: LoopingCall | None = None
         self._start_check: Any = None
         #: request id -> (answers expected, answers, Deferred)
@@ -224,6 +227,19 @@ class Cluster:
         metrics.registry.register(ClusterCollector(self))
 
     # -- life cycle ------------------------------------------------------------
+
+    def join_workers(self, fd: int) -> None:
+        """Without ``[cluster]``: act with the other workers of this gateway through the supervisor."""
+        from twisted_gateway.worker_hub import Link
+
+        def load(revocations: Revocations) -> None:
+            self.revocations.replace(revocations)
+            self._close_revoked()
+
+        def lost() -> None:
+            log.warn("workers: the supervisor's link is gone; caps and admin actions for this worker only")
+
+        self.link = Link(self.clock, fd, apply=self._apply, load=load, on_lost=lost)
 
     def start(self) -> None:
         if self.settings is None:
@@ -263,6 +279,8 @@ class Cluster:
         self._start_check = None
         for _, _, d in list(self._waiting.values()):
             d.cancel()
+        if self.link is not None:
+            self.link.close()
         if self.settings is None:
             return
         if self.up:
@@ -422,6 +440,8 @@ class Cluster:
                 DISCONNECTED,
                 "admin",
             )
+        if action == "worker":
+            return self._own_worker()
         if action == "revoke":
             if args.get("jti") is not None:
                 self.revocations.add_jti(args["jti"], float(args["until"]))
@@ -467,9 +487,18 @@ class Cluster:
     # -- the verbs of the admin API ------------------------------------------------
 
     async def broadcast(self, action: str, args: dict) -> list:
-        """Every worker's result of ``action``, once each has answered (this worker alone without Redis)."""
+        """Every worker's result of ``action``, once each has answered."""
         self.admin_actions[action] = self.admin_actions.get(action, 0) + 1
+        return await self._gather(action, args)
+
+    async def _gather(self, action: str, args: dict) -> list:
         if self.settings is None:
+            if self.link is not None and self.link.up:
+                try:
+                    return (await self.link.request({"op": "broadcast", "action": action, "args": args}))["results"]
+                except Exception as e:
+                    log.warn("workers: {action} for this worker only: {error}", action=action,
+                             error=str(e) or type(e).__name__)
             return [self._apply(action, args)]
         if not self.up:
             raise GatewayError("the cluster's Redis is unreachable", status=503, error="cluster_unavailable")
@@ -520,7 +549,7 @@ class Cluster:
     async def nodes(self) -> list[dict]:
         """The nodes whose workers' heartbeats are alive: the workers, WebSockets, last heartbeat."""
         if self.settings is None:
-            return group_workers([self._own_worker()])
+            return group_workers(await self._gather("worker", {}))
         if not self.up:
             raise GatewayError("the cluster's Redis is unreachable", status=503, error="cluster_unavailable")
         workers = []
@@ -573,7 +602,14 @@ class Cluster:
             return None
         keys = [(scope, sub) for scope, _ in caps]
         over = None
-        if self.settings is not None and self.up:
+        if self.link is not None and self.link.up:
+            try:
+                over = (await self.link.request(
+                    {"op": "acquire", "keys": keys, "caps": [cap for _, cap in caps]}))["over"]
+            except Exception as e:
+                log.warn("workers: cap check without the supervisor ({error}): this worker's counts only",
+                         error=str(e) or type(e).__name__)
+        elif self.settings is not None and self.up:
             try:
                 over = await self._call(
                     "EVAL", _ACQUIRE, len(keys), *[count_key(*k) for k in keys],
@@ -601,6 +637,9 @@ class Cluster:
 
     def release(self, keys: Iterable[tuple[str, str]]) -> None:
         """A counted WebSocket is gone."""
+        keys = list(keys)
+        if self.link is not None:
+            self.link.send({"op": "release", "keys": keys})
         for key in keys:
             n = self.counts.get(key, 0) - 1
             if n > 0:

@@ -84,6 +84,8 @@ def makeService(options: Options):
     )
     if env is not None:
         workers.die_with_supervisor()
+        if env.channel_fd is not None:
+            service.resource.cluster.join_workers(env.channel_fd)
         reactor.callWhenRunning(_report_ready, service, env)
     log.info(
         "open files limit {limit}: room for about {room} WebSockets (2 descriptors each); "
@@ -114,6 +116,7 @@ def _supervisor(settings: Settings, reactor):
 
     from twisted_gateway import workers
     from twisted_gateway.service import ListeningService
+    from twisted_gateway.worker_hub import Hub
 
     for warning in config_warnings(settings):
         log.warn("{warning}", warning=warning, event="config_warning")
@@ -131,6 +134,7 @@ def _supervisor(settings: Settings, reactor):
         workers.worker_count(gateway.workers),
         workers.worker_command(sys.argv),
         stop_timeout=gateway.drain_delay + gateway.drain_timeout + 5,
+        hub=Hub(reactor) if settings.cluster is None else None,
     ).setServiceParent(top)
     reactor.callWhenRunning(_handle_sigterm, reactor)
     return top

@@ -52,6 +52,7 @@ log = Logger()
 WORKER_ENV = "WSGATEWAY_WORKER"
 LISTEN_FDS_ENV = "WSGATEWAY_LISTEN_FDS"
 CONTROL_FD_ENV = "WSGATEWAY_CONTROL_FD"
+CHANNEL_FD_ENV = "WSGATEWAY_CHANNEL_FD"
 WORKERS_ENV = "WSGATEWAY_WORKERS"
 #: The worker's end of its control pipe; inherited listeners follow it.
 CONTROL_FD = 3
@@ -86,6 +87,8 @@ class WorkerEnvironment:
     workers: int
     listen_fds: tuple[int, ...]
     control_fd: int
+    #: the worker's end of its link to the supervisor's hub (worker_hub), if any
+    channel_fd: int | None = None
 
 
 def worker_environment(environ: dict[str, str] | None = None) -> WorkerEnvironment | None:
@@ -99,6 +102,7 @@ def worker_environment(environ: dict[str, str] | None = None) -> WorkerEnvironme
         workers=int(environ.get(WORKERS_ENV, "1")),
         listen_fds=tuple(int(fd) for fd in fds.split(",") if fd),
         control_fd=int(environ.get(CONTROL_FD_ENV, CONTROL_FD)),
+        channel_fd=int(environ[CHANNEL_FD_ENV]) if environ.get(CHANNEL_FD_ENV) else None,
     )
 
 
@@ -275,6 +279,7 @@ class Supervisor(Service):
         command: list[str],
         stop_timeout: float,
         environ: dict[str, str] | None = None,
+        hub: Any = None,
     ) -> None:
         self.reactor = reactor
         self.descriptions = descriptions
@@ -282,6 +287,8 @@ class Supervisor(Service):
         self.command = command
         self.stop_timeout = stop_timeout
         self.environ = dict(os.environ if environ is None else environ)
+        #: worker_hub.Hub: links the workers when they act as one gateway without Redis
+        self.hub = hub
         self.slots: list[list[socket.socket]] = []
         self.workers: dict[int, WorkerProcess] = {}
         self.quick_deaths = [0] * count
@@ -331,8 +338,17 @@ class Supervisor(Service):
         )
         for name in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"):
             env.pop(name, None)
+        ours = theirs = None
+        if self.hub is not None:
+            ours, theirs = socket.socketpair()
+            channel_fd = CONTROL_FD + 1 + len(sockets)
+            child_fds[channel_fd] = theirs.fileno()
+            env[CHANNEL_FD_ENV] = str(channel_fd)
         worker.started_at = self.reactor.seconds()
         self.reactor.spawnProcess(worker, self.command[0], self.command, env=env, childFDs=child_fds)
+        if ours is not None:
+            theirs.close()
+            self.hub.attach(ours)
         self.workers[slot] = worker
         log.info("worker {worker} started (pid {pid})", worker=slot, pid=worker.pid, event="worker_started")
         return worker

@@ -1,6 +1,7 @@
 """
-``workers = 2`` with ``[cluster]``: one ``twistd`` supervisor, two worker
-processes, a real Redis. Whichever worker the admin call lands on, a
+``workers = 2``: one ``twistd`` supervisor and two worker processes, with
+``[cluster]`` (a real Redis) and without it (the workers linked through their
+supervisor). Either way, whichever worker the admin call lands on, a
 disconnect and a revocation close the right sockets on both workers, and a
 per-user cap counts the sockets of both. ``ss`` tells which worker holds
 which client connection.
@@ -30,7 +31,7 @@ JOINED = re.compile(r"cluster: connected to Redis")
 class Workers(Gateway):
     """A twistd wsgateway with ``workers = 2``: the supervisor, its workers' pids, the shared ports."""
 
-    def __init__(self, tmp_path, redis_url: str, upstream_port: int) -> None:
+    def __init__(self, tmp_path, redis_url: str | None, upstream_port: int) -> None:
         directory = tmp_path / "gw"
         directory.mkdir()
         (directory / "admin-token").write_text(ADMIN_TOKEN + "\n")
@@ -46,7 +47,7 @@ class Workers(Gateway):
         self.port = int(self.process.wait_for(SHARED).group(1))
         self.admin_port = int(self.process.wait_for(SHARED).group(1))
         self.pids: set[int] = set()
-        joined = 0
+        joined = 0 if redis_url is not None else 2  # without [cluster], nothing to join
         either = re.compile(f"{READY.pattern}|{JOINED.pattern}")
         while len(self.pids) < 2 or joined < 2:
             match = self.process.wait_for(either)
@@ -97,13 +98,15 @@ class Workers(Gateway):
         self.process.stop()
 
 
-@pytest.fixture
-def workers(tmp_path, redis_server):
+@pytest.fixture(params=["cluster", "alone"])
+def workers(tmp_path, request):
+    """The gateway with [cluster] and a real Redis, or alone (its workers linked by the supervisor)."""
+    redis_url = request.getfixturevalue("redis_server").url if request.param == "cluster" else None
     upstream = _script(tmp_path, "upstream.py", UPSTREAM_SCRIPT)
     gateway = None
     try:
         port = int(upstream.wait_for(r"^PORT (\d+)").group(1))
-        gateway = Workers(tmp_path, redis_server.url, port)
+        gateway = Workers(tmp_path, redis_url, port)
         yield gateway
     finally:
         if gateway is not None:
