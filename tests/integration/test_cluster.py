@@ -356,3 +356,28 @@ async def test_rediss_reaches_a_tls_redis_trusting_its_ca_file_and_refuses_anoth
         await _stop(up_port, a, b)
     finally:
         server.kill()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_crashed_gateways_sockets_stop_counting_once_its_heartbeat_key_expires(redis_server):
+    """
+    gw-a dies without leaving (no goodbye to Redis): its heartbeat key lives at
+    most NODE_TTL s (under the 60 s the issue allows); once it is gone, the
+    sockets gw-a counted no longer hold carol's cap on gw-b.
+    """
+    from twisted_gateway.cluster import NODE_TTL, PREFIX
+
+    upstream, up_port, a, b = await _cluster(redis_server.url, route_extra="max_websockets_per_user = 1")
+    held = await ws_connect(a.ws(_token("carol")))
+    raw = await raw_connect(b.gw.number)
+    raw.transport.write(UPGRADE.format(path=f"/v1/chat/ws?token={_token('carol')}").encode())
+    assert http_error(await raw.lost)[0] == 429
+    heartbeat = PREFIX + "node:" + a.cluster.worker_id
+    assert 0 < await b.cluster._call("TTL", heartbeat) <= NODE_TTL <= 60
+    # the crash: heartbeats stop, the connections drop, nothing is cleaned up
+    a.cluster._loop.stop()
+    for factory in a.cluster._factories:
+        await factory.disconnect()
+    await b.cluster._call("DEL", heartbeat)  # what NODE_TTL s without a heartbeat do
+    again = await ws_connect(b.ws(_token("carol")))
+    await _stop(up_port, a, b, clients=[held, again])
