@@ -148,13 +148,13 @@ def test_a_disconnect_a_revocation_and_a_cap_reach_the_sockets_of_both_workers(w
     second = None
     while second is None:
         try:
-            ws = gw.connect(carol, "capped")
+            ws = gw.ws(carol, "capped")
         except InvalidStatus as e:
-            assert e.response.status_code == 429  # a refused extra's slot is not freed yet
+            assert e.response.status_code == 429  # the extra closed below is not released yet
             time.sleep(0.1)
             continue
         if gw.worker_of(ws) != gw.worker_of(first):
-            second = gw.clients.enter_context(ws)
+            second = ws
         else:
             ws.close()
     for _ in range(4):
