@@ -232,6 +232,10 @@ class Cluster:
         """Without ``[cluster]``: act with the other workers of this gateway through the supervisor."""
         from twisted_gateway.worker_hub import Link
 
+        if self.settings is not None:  # [cluster] added since the supervisor started: Redis decides
+            os.close(fd)
+            return
+
         def load(revocations: Revocations) -> None:
             self.revocations.replace(revocations)
             self._close_revoked()

@@ -10,13 +10,14 @@ which client connection.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import signal
 import subprocess
 import time
 
 import pytest
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from tests.e2e.test_cluster_e2e import ADMIN_TOKEN, Gateway, gateway_config, _closed, _echoes, _token, _until
 from tests.e2e.test_front_door_e2e import GUARD, TWISTD, UPSTREAM_SCRIPT, _Process, _script
@@ -87,6 +88,20 @@ class Workers(Gateway):
                 return [ws for sockets in held.values() for ws in sockets]
         raise AssertionError("64 connections all reached one worker")
 
+    def one_on_each(self, token: str, route: str) -> list:
+        """Two sockets of one token, one on each worker, under a cap of 2 (extras closed)."""
+        first = self.ws(token, route)
+        while True:
+            try:
+                ws = self.ws(token, route)
+            except InvalidStatus as e:
+                assert e.response.status_code == 429  # the extra closed below is not released yet
+                time.sleep(0.1)
+                continue
+            if self.worker_of(ws) != self.worker_of(first):
+                return [first, ws]
+            ws.close()
+
     def stop(self) -> None:
         self.clients.close()
         if self.process.process.poll() is None:
@@ -144,19 +159,7 @@ def test_a_disconnect_a_revocation_and_a_cap_reach_the_sockets_of_both_workers(w
 
     # carol's cap of 2 on /capped: one socket on each worker, then every new one is refused
     carol = _token("carol")
-    first = gw.ws(carol, "capped")
-    second = None
-    while second is None:
-        try:
-            ws = gw.ws(carol, "capped")
-        except InvalidStatus as e:
-            assert e.response.status_code == 429  # the extra closed below is not released yet
-            time.sleep(0.1)
-            continue
-        if gw.worker_of(ws) != gw.worker_of(first):
-            second = ws
-        else:
-            ws.close()
+    first, second = gw.one_on_each(carol, "capped")
     for _ in range(4):
         assert _refusal(gw, carol, "capped") == 429
     first.close()
@@ -176,3 +179,30 @@ def _accepts(gw: Workers, token: str, route: str) -> bool:
             return True
     except InvalidStatus:
         return False
+
+
+@pytest.mark.parametrize("workers", ["alone"], indirect=True)
+def test_without_cluster_a_killed_workers_sockets_stop_counting_at_once(workers):
+    """The supervisor drops a dead worker's counts when its link closes: no phantom sockets to wait out."""
+    gw = workers
+    carol = _token("carol")
+    victim, survivor = gw.one_on_each(carol, "capped")
+    assert _refusal(gw, carol, "capped") == 429
+    pid = gw.worker_of(victim)
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(ConnectionClosed):
+        victim.recv(timeout=GUARD)
+    gw.pids.discard(pid)
+    third = []
+
+    def opened() -> bool:
+        try:
+            third.append(gw.ws(carol, "capped"))
+            return True
+        except InvalidStatus:
+            return False
+
+    _until(opened, "the dead worker's socket no longer counted")
+    # the survivor's socket still counts: one more, no more
+    assert _refusal(gw, carol, "capped") == 429
+    assert _echoes(survivor, "carol's other socket stays") and _echoes(third[0], "and the new one")
