@@ -10,9 +10,10 @@ over 4 connections, and the total instruction count (Ir) over N is printed.
 
     .venv/bin/python bench/http_instructions.py [--requests N] [--path /auth/x]
         [--logger twisted_gateway.logs.json_observer] [--venv OTHER/.venv]
+        [--set access_log=FILE ...]
 
 ``/auth/...`` goes through a route with ``auth = required``, every request
-bringing the same token. Needs valgrind and Node.js (``bench/node_modules``).
+bringing the same token. ``--set KEY=VALUE`` adds a key to ``[gateway]``. Needs valgrind and Node.js (``bench/node_modules``).
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ def main() -> None:
     parser.add_argument("--path", default="/x")
     parser.add_argument("--logger", default="")
     parser.add_argument("--venv", default=str(ROOT / ".venv"))
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a [gateway] key, e.g. access_log=/tmp/access.log")
     args = parser.parse_args()
     bin_dir = Path(args.venv) / "bin"
     with tempfile.TemporaryDirectory(prefix="http-instructions-") as work:
@@ -63,8 +66,10 @@ def main() -> None:
 
 def measure(work: str, bin_dir: Path, backend_port: int, args: argparse.Namespace) -> str:
     config = Path(work, "gateway.cfg")
+    gateway_keys = "".join(f"{key.strip()} = {value.strip()}\n" for key, _, value in
+                           (item.partition("=") for item in args.set))
     config.write_text(
-        Gateway.CONFIG.format(
+        Gateway.CONFIG.replace("[gateway]\n", "[gateway]\n" + gateway_keys.replace("{", "{{").replace("}", "}}")).format(
             listen_arguments="",
             loopback=LOOPBACK,
             max_size=32 * 1024 * 1024,
@@ -104,6 +109,7 @@ def measure(work: str, bin_dir: Path, backend_port: int, args: argparse.Namespac
             if line.startswith(("totals:", "summary:")):
                 total = max(total, int(line.split()[1]))
     logger = f", --logger {args.logger}" if args.logger else ""
+    logger += "".join(f", {item}" for item in args.set)
     return (
         f"{total / args.requests / 1e6:.3f} M instructions per request"
         f" ({args.requests} GET {args.path}{logger})"

@@ -16,6 +16,8 @@ from urllib.parse import urlsplit
 
 from twisted.python import usage
 
+from twisted_gateway.access_log import FORMATS as ACCESS_LOG_FORMATS
+from twisted_gateway.access_log import parse_access_log
 from twisted_gateway.admin import DEFAULT_ADMIN_ALLOW
 from twisted_gateway.parsers import (
     parse_bool,
@@ -233,6 +235,9 @@ class GatewaySettings:
     max_websockets_per_user: int = 0
     #: worker processes sharing the listeners (``auto``: one per CPU this process may use)
     workers: int | str = 1
+    #: HTTP access lines: ``events`` (twisted.logger), ``off``, ``stdout`` or a file (access_log.py)
+    access_log: str = "events"
+    access_log_format: str = "text"
 
 
 @dataclass(frozen=True)
@@ -330,6 +335,8 @@ _GATEWAY_KEYS: Mapping[str, Key] = {
     "ws_rate_burst": Key(parse_non_negative_int, 0),
     "max_websockets_per_user": Key(parse_non_negative_int, 0),
     "workers": Key(parse_auto_or_positive_int, 1),
+    "access_log": Key(parse_access_log, "events"),
+    "access_log_format": Key(one_of(*ACCESS_LOG_FORMATS), "text"),
 }
 
 _ROUTE_KEYS: Mapping[str, Key] = {

@@ -74,6 +74,7 @@ from twisted.web.iweb import (
 from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
+from twisted_gateway.access_log import ACCESS_FORMAT, EVENTS, OFF, AccessLogWriter
 from twisted_gateway.config import GatewaySettings
 from twisted_gateway.errors import (
     BadGateway,
@@ -154,8 +155,6 @@ def log_target(path: bytes, query: bytes, secrets: Iterable[str] = ()) -> str:
     return text + "?" + redacted if redacted else text
 
 
-#: The access line of a forwarded request.
-ACCESS_FORMAT = "{method} {target} {status} {bytes} {duration:.3f}s {upstream}"
 
 
 def access_flattened(
@@ -175,6 +174,19 @@ def access_flattened(
         "duration!s:.3f": "%.3f" % duration,
         "upstream!s:": fields["upstream"],
     }
+
+
+def emit_access_event(fields: dict[str, str], status: int, sent: int, duration: float, outcome: str) -> None:
+    """A forwarded request's access event (``[gateway] access_log = events``)."""
+    access_log.info(
+        ACCESS_FORMAT,
+        status=status,
+        bytes=sent,
+        duration=duration,
+        outcome=outcome,
+        log_flattened=access_flattened(fields, status, sent, duration),
+        **fields,
+    )
 
 
 def response_header_pairs(headers: Headers) -> list[tuple[bytes, bytes]]:
@@ -750,6 +762,11 @@ class HTTPForwarder:
             )
         self._agent = agent
         self._cooperator = Cooperator(scheduler=lambda work: reactor.callLater(0, work))
+        #: ``[gateway] access_log``: one event per request, none, or lines of the gateway's own
+        self._access_events = settings.access_log == EVENTS
+        self._access: AccessLogWriter | None = None
+        if settings.access_log not in (EVENTS, OFF):
+            self._access = AccessLogWriter.open(settings.access_log, settings.access_log_format, reactor)
         self._fixed_pools: dict[str, UpstreamPool] = {}
         #: request headers no upstream gets, whatever the route
         self._never_forwarded = _REFRAMED | frozenset(
@@ -757,8 +774,10 @@ class HTTPForwarder:
         )
 
     def close(self) -> Deferred[None]:
-        """Close idle upstream connections and stop uploading; for shutdown and tests."""
+        """Close idle upstream connections, stop uploading, write the access lines left."""
         self._cooperator.stop()
+        if self._access is not None:
+            self._access.close()
         return self.pool.closeCachedConnections()
 
     def forward(
@@ -844,17 +863,16 @@ class HTTPForwarder:
         # This event is the request's access-log line (the Site skips its own).
         request.gateway_logged = True
 
+        access = self._access
+
         def log(status: int, sent: int, outcome: str) -> None:
-            duration = self._reactor.seconds() - started
-            access_log.info(
-                ACCESS_FORMAT,
-                status=status,
-                bytes=sent,
-                duration=duration,
-                outcome=outcome,
-                log_flattened=access_flattened(fields, status, sent, duration),
-                **fields,
-            )
+            now = self._reactor.seconds()
+            duration = now - started
+            if access is not None:
+                access.write(now, fields, status, sent, duration, outcome)
+                return
+            if self._access_events:
+                emit_access_event(fields, status, sent, duration, outcome)
 
         upload = instance = None
         stream = getattr(request, "stream", None)

@@ -135,6 +135,17 @@ def redact_text(text: _Text, names: Iterable[str] = ()) -> _Text:
 
 _NO_NAMES: frozenset[str] = frozenset()
 _STR_REDACTOR = _REDACTORS[str]
+
+
+def redact_str(text: str) -> str:
+    """:func:`redact_text` for a ``str`` and no extra names, the common case, without its checks."""
+    return _STR_REDACTOR(text, _NO_NAMES)
+
+
+def may_hold_credentials(text: str) -> bool:
+    """False when :func:`redact_text` (with or without names) surely leaves ``text`` as it is."""
+    return "=" in text or "eyJ" in text or "bearer" in text.lower()
+
 #: Types whose values cannot hold a credential (most of an event's fields).
 _PLAIN = frozenset({int, float, bool, type(None)})
 #: Types JSON holds as they are (a float may be infinite: :func:`_jsonable`).
@@ -229,7 +240,7 @@ def event_as_json(event: LogEvent) -> str:
     """One log event as one line of JSON (no newline), redacted."""
     clean = redact(event)
     out: dict[str, Any] = {
-        "time": _iso_time(event.get("log_time")),
+        "time": iso_time(event.get("log_time")),
         "level": getattr(event.get("log_level"), "name", "info"),
         "namespace": str(event.get("log_namespace", "")),
         "message": redact_text(formatEvent(clean)),
@@ -243,7 +254,7 @@ def event_as_json(event: LogEvent) -> str:
     return json.dumps(out, separators=(",", ":"))
 
 
-def _iso_time(stamp: Any) -> str:
+def iso_time(stamp: Any) -> str:
     if not isinstance(stamp, (int, float)):
         stamp = time.time()
     # the rounding datetime.fromtimestamp does
@@ -310,7 +321,7 @@ class JSONLinesObserver:
         except Exception as e:
             line = json.dumps(
                 {
-                    "time": _iso_time(None),
+                    "time": iso_time(None),
                     "level": "error",
                     "namespace": __name__,
                     "message": "cannot write a log event as JSON",

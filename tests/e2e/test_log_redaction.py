@@ -4,7 +4,9 @@ with the default text observer and with ``twisted_gateway.logs.json_observer``,
 on routes with ``auth = required``, ``optional`` and ``none``, for a valid JWT,
 an invalid one and an opaque value, carried in the configured query parameter
 (any separator, a percent-encoded name), as ``?token=``, in ``Authorization``
-and in the auth cookie, for plain HTTP requests and WebSocket upgrades.
+and in the auth cookie, for plain HTTP requests and WebSocket upgrades; and
+with the access log the gateway writes itself (``[gateway] access_log``), to
+a file as text and to stdout as JSON.
 """
 
 from __future__ import annotations
@@ -52,11 +54,12 @@ server.serve_forever()
 """
 
 
-def _config(upstream_port: int) -> str:
+def _config(upstream_port: int, gateway: str = "") -> str:
     upstream = f"http://127.0.0.1:{upstream_port}"
     return f"""
 [gateway]
 listen = tcp:0:interface=127.0.0.1
+{gateway}
 
 [auth]
 algorithms = HS256
@@ -130,8 +133,11 @@ UPGRADE_HEADERS = {
 }
 
 
-@pytest.mark.parametrize("logger", ["text", "json"])
-def test_no_token_of_any_kind_reaches_the_log(tmp_path: Path, logger: str) -> None:
+@pytest.mark.parametrize(
+    "logger, access_log",
+    [("text", None), ("json", None), ("text", "file"), ("json", "stdout")],
+)
+def test_no_token_of_any_kind_reaches_the_log(tmp_path: Path, logger: str, access_log: str | None) -> None:
     tokens = _tokens()
     processes: list[_Process] = []
     try:
@@ -139,7 +145,13 @@ def test_no_token_of_any_kind_reaches_the_log(tmp_path: Path, logger: str) -> No
         processes.append(upstream)
         upstream_port = int(upstream.out.wait_for(r"^PORT (\d+)").group(1))
         args = ["--logger", "twisted_gateway.logs.json_observer"] if logger == "json" else []
-        gateway = _gateway(tmp_path, _config(upstream_port), *args)
+        access_file = tmp_path / "access.log"
+        own = {
+            None: "",
+            "file": f"access_log = {access_file}",
+            "stdout": "access_log = stdout\naccess_log_format = json",
+        }[access_log]
+        gateway = _gateway(tmp_path, _config(upstream_port, own), *args)
         processes.append(gateway)
         port = int(gateway.out.wait_for(LISTENING).group(1))
 
@@ -168,6 +180,12 @@ def test_no_token_of_any_kind_reaches_the_log(tmp_path: Path, logger: str) -> No
             process.stop()
 
     text = out + err
+    if access_log == "file":
+        # the gateway's own lines, written as it stopped, and only there
+        lines = access_file.read_text()
+        assert "/v1/none/files/a" in lines and "/v1/none/files/a" not in text
+        assert "[twisted_gateway.access#info] GET /v1/required/files/a?access_token=REDACTED 200" in lines
+        text += lines
     assert "/v1/required/files/a" in text and "/v1/none/files/a" in text, text  # logged...
     for kind, token in tokens.items():
         parts = [token] + (token.split(".")[1:] if kind != "opaque" else [])

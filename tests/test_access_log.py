@@ -1,0 +1,182 @@
+"""
+The gateway's own HTTP access log (``[gateway] access_log``): its lines are
+the lines twistd's text observer and the JSON observer write for the access
+event, it writes them in batches, and a forwarder using it emits no event.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import pytest
+from twisted.internet.task import Clock
+from twisted.logger import capturedLogs, textFileLogObserver
+
+from twisted_gateway.access_log import FLUSH_BYTES, FLUSH_SECONDS, AccessLogWriter, json_line, text_line
+from twisted_gateway.config import ConfigError, GatewaySettings, parse_config
+from twisted_gateway.http_proxy import emit_access_event
+from twisted_gateway.logs import event_as_json
+
+from tests.test_http_proxy import Echo, Gateway
+
+JWT = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJl"
+
+FIELDS = [
+    dict(method="GET", path="/x", query="", target="/x", route="echo", upstream="http://127.0.0.1:8000",
+         peer="127.0.0.1"),
+    dict(method="POST", path="/a/b", query="token=REDACTED&x=1", target="/a/b?token=REDACTED&x=1",
+         route="api", upstream="https://api.internal", peer="2001:db8::1"),
+    # a credential in the path: only the JSON observer redacts it, and so does the JSON line
+    dict(method="GET", path=f"/t/{JWT}", query="", target=f"/t/{JWT}", route="r", upstream="http://u",
+         peer="10.0.0.1"),
+    dict(method="GET", path="/é\"\\", query="a=%22", target="/é\"\\?a=%22", route="r", upstream="http://u",
+         peer="10.0.0.1"),
+    dict(method="GET", path="/bearer", query="q=Bearer%20abcdefghijk", target="/bearer?q=Bearer%20abcdefghijk",
+         route="r", upstream="http://u", peer="10.0.0.1"),
+]
+OUTCOMES = [(200, 64, 0.0123456789, "ok"), (502, 0, 1.5, "error"), (499, 0, 0.0, "client_gone")]
+
+
+def _event(fields: dict, status: int, sent: int, duration: float, outcome: str) -> dict:
+    with capturedLogs() as events:
+        emit_access_event(dict(fields), status, sent, duration, outcome)
+    [event] = events
+    return event
+
+
+@pytest.mark.parametrize("fields", FIELDS)
+@pytest.mark.parametrize("outcome", OUTCOMES)
+def test_the_text_line_is_twistds_text_observers_line_for_the_event(fields, outcome):
+    event = _event(fields, *outcome)
+    written = io.StringIO()
+    textFileLogObserver(written)(event)
+    assert text_line(event["log_time"], fields, *outcome) == written.getvalue()
+
+
+@pytest.mark.parametrize("fields", FIELDS)
+@pytest.mark.parametrize("outcome", OUTCOMES)
+def test_the_json_line_is_the_json_observers_line_for_the_event(fields, outcome):
+    event = _event(fields, *outcome)
+    line = json_line(event["log_time"], fields, *outcome)
+    assert line == event_as_json(event) + "\n"
+    assert JWT not in line
+
+
+class Output:
+    """A file the writer is given, read back from the start."""
+
+    def __init__(self, path) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        self.seen = 0
+
+    def new(self) -> bytes:
+        data = self.path.read_bytes()[self.seen :]
+        self.seen += len(data)
+        return data
+
+
+def test_lines_are_written_together_a_second_after_the_first(tmp_path):
+    out = Output(tmp_path / "access.log")
+    clock = Clock()
+    writer = AccessLogWriter(out.fd, "text", clock, owns_fd=True)
+    writer.write(0.0, FIELDS[0], 200, 64, 0.01, "ok")
+    clock.advance(FLUSH_SECONDS / 2)
+    writer.write(0.5, FIELDS[1], 201, 2, 0.02, "ok")
+    assert out.new() == b""
+    clock.advance(FLUSH_SECONDS / 2)
+    lines = out.new().decode().splitlines()
+    assert [line.split("] ", 1)[1] for line in lines] == [
+        "GET /x 200 64 0.010s http://127.0.0.1:8000",
+        "POST /a/b?token=REDACTED&x=1 201 2 0.020s https://api.internal",
+    ]
+    assert clock.getDelayedCalls() == []
+    writer.close()
+
+
+def test_a_full_buffer_is_written_at_once_and_close_writes_the_rest(tmp_path):
+    out = Output(tmp_path / "access.log")
+    clock = Clock()
+    writer = AccessLogWriter(out.fd, "json", clock, owns_fd=True)
+    line = json_line(0.0, FIELDS[0], 200, 64, 0.01, "ok")
+    count = FLUSH_BYTES // len(line) + 1
+    for _ in range(count):
+        writer.write(0.0, FIELDS[0], 200, 64, 0.01, "ok")
+    assert out.new() == line.encode() * count
+    writer.write(0.0, FIELDS[0], 200, 64, 0.01, "ok")
+    writer.close()
+    assert out.new() == line.encode()
+    assert clock.getDelayedCalls() == []
+    writer.write(0.0, FIELDS[0], 200, 64, 0.01, "ok")  # after close: dropped, no timer
+    assert clock.getDelayedCalls() == []
+    with pytest.raises(OSError):
+        os.fstat(out.fd)  # owned by the writer: closed
+
+
+def test_a_file_is_appended_to(tmp_path):
+    path = tmp_path / "access.log"
+    path.write_text("earlier\n")
+    writer = AccessLogWriter.open(str(path), "text", Clock())
+    writer.write(0.0, FIELDS[0], 200, 64, 0.01, "ok")
+    writer.close()
+    earlier, line = path.read_text().splitlines()
+    assert earlier == "earlier" and line.endswith("GET /x 200 64 0.010s http://127.0.0.1:8000")
+
+
+ROUTE = "[route:a]\nprefix = /\nupstream = http://127.0.0.1:8000\n"
+
+
+def test_config_keys_and_their_errors(tmp_path):
+    assert (GatewaySettings().access_log, GatewaySettings().access_log_format) == ("events", "text")
+    target = tmp_path / "a.log"
+    settings = parse_config(f"[gateway]\naccess_log = {target}\naccess_log_format = json\n" + ROUTE).gateway
+    assert (settings.access_log, settings.access_log_format) == (str(target), "json")
+    for value in ("off", "stdout", "events"):
+        assert parse_config(f"[gateway]\naccess_log = {value}\n" + ROUTE).gateway.access_log == value
+    with pytest.raises(ConfigError, match=r"\[gateway\] access_log: the directory .*nowhere does not exist"):
+        parse_config(f"[gateway]\naccess_log = {tmp_path}/nowhere/a.log\n" + ROUTE)
+    with pytest.raises(ConfigError, match=r"\[gateway\] access_log_format: expected one of text, json"):
+        parse_config("[gateway]\naccess_log_format = xml\n" + ROUTE)
+
+
+def _line_without_time(line: str) -> str:
+    return line.split(" ", 1)[1]
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_a_forwarder_writing_its_own_lines_emits_no_event_and_writes_the_observers_line(tmp_path, fmt):
+    raw = b"GET /a?token=s3cret&x=1 HTTP/1.1\r\nHost: gw\r\n\r\n"
+    before = Gateway(Echo(), route_name="api")
+    with capturedLogs() as events:
+        before.request(raw)
+    [event] = [e for e in events if e.get("log_namespace") == "twisted_gateway.access"]
+    before.close()
+
+    path = tmp_path / "access.log"
+    gateway = Gateway(Echo(), GatewaySettings(access_log=str(path), access_log_format=fmt), route_name="api")
+    with capturedLogs() as events:
+        gateway.request(raw)
+    assert [e for e in events if e.get("log_namespace") == "twisted_gateway.access"] == []
+    gateway.close()  # writes what is buffered
+    [line] = path.read_text().splitlines(keepends=True)
+    assert "s3cret" not in line
+    if fmt == "text":
+        written = io.StringIO()
+        textFileLogObserver(written)(event)
+        assert _line_without_time(line) == _line_without_time(written.getvalue())
+    else:
+        ours, theirs = json.loads(line), json.loads(event_as_json(event))
+        assert list(ours) == list(theirs)
+        for key in ("time", "duration"):  # the clocks differ: wall time vs the test's clock
+            ours.pop(key), theirs.pop(key)
+        assert ours == theirs
+
+
+def test_access_log_off_writes_nothing_and_emits_nothing():
+    gateway = Gateway(Echo(), GatewaySettings(access_log="off"))
+    with capturedLogs() as events:
+        gateway.request(b"GET /a HTTP/1.1\r\nHost: gw\r\n\r\n")
+    assert [e for e in events if e.get("log_namespace") == "twisted_gateway.access"] == []
+    gateway.close()
