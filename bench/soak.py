@@ -130,9 +130,12 @@ class Upstream:
 
 
 class Harness:
-    def __init__(self, mode: str, seed: int, storm: float, workdir: Path, trace_memory: bool = False) -> None:
+    def __init__(
+        self, mode: str, seed: int, storm: float, workdir: Path, trace_memory: bool = False,
+        probe_memory: bool = False,
+    ) -> None:
         self.mode, self.seed, self.storm_s, self.workdir = mode, seed, storm, workdir
-        self.trace_memory = trace_memory
+        self.trace_memory, self.probe_memory = trace_memory, probe_memory
         self.upstreams = [Upstream(k, f"{k}{i}", workdir) for k in ("chat", "echo") for i in (1, 2)]
         self.by_url: dict[str, Upstream] = {}
         self.gateway: Any = None
@@ -161,8 +164,9 @@ class Harness:
         config.write_text(CONFIG.format(secret=SECRET, **SETTINGS, **urls))
         self.log = self.workdir / "gateway.log"
         twistd = Gateway.twistd()
-        if self.trace_memory:
+        if self.trace_memory or self.probe_memory:
             os.environ["SOAK_MEMORY_DIR"] = str(self.workdir)
+            os.environ["SOAK_MEMORY_MODE"] = "trace" if self.trace_memory else "probe"
             twistd = [sys.executable, str(BENCH / "soak_memory.py")]
         command = [*twistd, "--logger", "twisted_gateway.logs.json_observer", "-n", "--pidfile="]
         self.gateway = spawn([*command, "wsgateway", "--config", str(config)], self.workdir, log=self.log)
@@ -279,6 +283,15 @@ class Harness:
         }
         self.record["metrics"] = await self.metrics()
         self.record["tally"] = load.tally.as_dict()
+        if self.probe_memory:
+            self.probe()
+            await sleep(1)
+            path = self.workdir / "memory.jsonl"
+            self.record["memory_probe"] = [json.loads(x) for x in path.read_text().splitlines()]
+
+    def probe(self) -> None:
+        """Ask the gateway for a memory probe line (``--probe-memory``)."""
+        os.kill(self.gateway.pid, signal.SIGUSR2)
 
     async def memory_evidence(self) -> dict[str, Any]:
         """The storm's last tracemalloc snapshot (RSS trimmed after it) against mid-storm's."""
@@ -321,6 +334,8 @@ class Harness:
                 self.up_samples.append((now, {self.by_url[u].name: up for u, up in m["up"].items()}))
                 self.note_back(now, m["up"])
             self.rss_samples.append((now, self.rss()))
+            if self.probe_memory and len(self.rss_samples) % 10 == 0:
+                self.probe()
             await sleep(0.5)
 
     def note_back(self, now: float, up: dict[str, bool]) -> None:
@@ -406,6 +421,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--storm", type=float, help="seconds of load and faults (default: 540, quick 60)")
     parser.add_argument("--trace-memory", action="store_true",
                         help="run the gateway under tracemalloc; compare mid-storm and end (slower)")
+    parser.add_argument("--probe-memory", action="store_true",
+                        help="sample the gateway's malloc, Python blocks and objects by type every 5 s (cheap)")
     parser.add_argument("--checks", type=Path, metavar="RECORD", help="only check a saved record.json again")
     args = parser.parse_args(argv)
     if args.checks:
@@ -413,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     mode = "quick" if args.quick else "full"
     storm = args.storm or (60.0 if args.quick else 540.0)
     workdir = Path(tempfile.mkdtemp(prefix="soak-"))
-    harness = Harness(mode, args.seed, storm, workdir, args.trace_memory)
+    harness = Harness(mode, args.seed, storm, workdir, args.trace_memory, args.probe_memory)
     outcome: dict[str, Any] = {}
 
     def done(result):

@@ -296,12 +296,47 @@ def markdown(record: dict[str, Any], checks: list[Check]) -> str:
         f"| upstream failures counted, by reason | {record['metrics']['failures'] or 'none'} |",
         "",
         *_memory_lines(record),
+        *_probe_lines(record),
         "| check | result | detail |",
         "|---|---|---|",
         *(f"| {c.name} | {'ok' if c.ok else '**FAIL**'} | {c.detail.replace('|', '/')} |" for c in checks),
         "",
     ]
     return "\n".join(lines)
+
+
+def _probe_lines(record: dict[str, Any]) -> list[str]:
+    """With ``--probe-memory``: mid-storm against after the storm, by what holds the memory."""
+    lines = record.get("memory_probe")
+    if not lines:
+        return []
+    storm = record["storm"]
+    mid_t = storm["start"] + (storm["end"] - storm["start"]) / 2
+    mid = min(lines, key=lambda x: abs(x["t"] - mid_t))
+    end = lines[-1]
+    mib = 2**20
+    rows = [("RSS", "rss", mib, "MiB"), ("RSS anonymous", "rss_anon", mib, "MiB"),
+            ("RSS file-backed", "rss_file", mib, "MiB"),
+            ("Python's arenas (1 MiB each)", "py_arenas", 1, ""),
+            ("Python's allocated blocks, bytes", "py_allocated", mib, "MiB"),
+            ("Python's arenas kept free, bytes", "py_available", mib, "MiB"),("malloc in use (all arenas + mmap)", "malloc_in_use", mib, "MiB"),
+            ("malloc kept free", "malloc_free", mib, "MiB"), ("malloc arenas' size", "malloc_arena", mib, "MiB"),
+            ("Python's allocated blocks", "py_blocks", 1, ""), ("threads", "threads", 1, "")]
+    out = ["Memory probe (the gateway, mid-storm -> after the storm):", "",
+           "| what | mid-storm | after | change |", "|---|---|---|---|"]
+    for name, key, unit, suffix in rows:
+        a, b = mid[key] / unit, end[key] / unit
+        fmt = ".2f" if unit != 1 else ",.0f"
+        out.append(f"| {name} | {a:{fmt}} {suffix} | {b:{fmt}} {suffix} | {b - a:+{fmt}} {suffix} |")
+    typed = [x for x in lines if "types" in x]
+    if len(typed) >= 2:
+        t_mid = min(typed, key=lambda x: abs(x["t"] - mid_t))
+        t_end = typed[-1]
+        grown = sorted(((n, t_end["types"].get(n, 0) - t_mid["types"].get(n, 0)) for n in t_end["types"]),
+                       key=lambda kv: -kv[1])[:8]
+        out += ["", "Live objects by type, largest growth: "
+                + ", ".join(f"{n} {d:+,} ({t_end['types'][n]:,})" for n, d in grown)]
+    return out + [""]
 
 
 def _memory_lines(record: dict[str, Any]) -> list[str]:

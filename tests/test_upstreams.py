@@ -1,6 +1,6 @@
 """
 Upstream pools: balancing, consistent hashing, passive and active health, the
-config keys. Pure and in memory: a ``task.Clock`` and treq's ``StubTreq``.
+config keys. Pure and in memory: a ``task.Clock`` and treq's ``RequestTraversalAgent``.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import json
 from collections import Counter
 
 import pytest
-from treq.testing import StubTreq
+from treq.testing import RequestTraversalAgent
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs, formatEvent
 from twisted.web.resource import Resource
@@ -498,7 +498,7 @@ class HealthPage(Resource):
 
 def checked_pool(clock, page, **kwargs):
     pool = make_pool(urls=(A,), clock=clock, health_check="/health", health_interval=5, **kwargs)
-    return pool, HealthChecker([pool], clock, StubTreq(page))
+    return pool, HealthChecker([pool], clock, RequestTraversalAgent(page))
 
 
 def test_two_failed_checks_eject_and_two_passed_checks_restore():
@@ -559,3 +559,24 @@ def test_hash_key_ip_keeps_a_client_on_one_instance_whatever_it_sends():
         chosen = {pool.choose(key).url for _ in range(10)}
         later = pool.request_key(query=b"EIO=4&sid=abc", headers=[], claims=None, peer=address)
         assert chosen == {pool.choose(later).url}
+
+
+def test_a_gateways_health_checks_connect_to_an_ip_upstream_at_once_without_a_resolver_thread():
+    """Resolving ``127.0.0.1`` in a thread made checks fail together when the gateway was short of CPU."""
+    from twisted.internet.testing import MemoryReactorClock
+
+    from twisted_gateway.config import parse_config
+    from twisted_gateway.resource import build_gateway_resource
+
+    settings = parse_config(
+        "[gateway]\nlisten = tcp:8080\n\n[route:api]\nprefix = /v1/api\n"
+        "upstream = http://127.0.0.1:9001 http://[::1]:9002\nwebsocket = false\n"
+        "health_check = /health\nhealth_interval = 5\n"
+    )
+    reactor = MemoryReactorClock()
+    resource = build_gateway_resource(settings, reactor)
+    resource.health_checker.start()
+    try:
+        assert sorted((host, port) for host, port, *_ in reactor.tcpClients) == [("127.0.0.1", 9001), ("::1", 9002)]
+    finally:
+        resource.health_checker.stop()

@@ -9,17 +9,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
+import treq
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
-from treq.client import HTTPClient
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, TimeoutError, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.web.client import ResponseFailed
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent
 
 from twisted_gateway.upstreams import MAX_CHECK_TIMEOUT, Instance, UpstreamPool
 
 log = Logger()
+
+
+_CHECK_HEADERS = Headers({b"User-Agent": [b"wsgateway-health-check"]})
 
 
 class CheckFailed(Exception):
@@ -82,11 +87,11 @@ class HealthChecker:
         self,
         pools: Iterable[UpstreamPool],
         clock: IReactorTime,
-        http_client: HTTPClient,
+        agent: IAgent,
         *,
         ws_connect: Callable[[WebSocketClientFactory], Deferred[Any]] | None = None,
     ) -> None:
-        self._clock, self._http, self._ws_connect = clock, http_client, ws_connect
+        self._clock, self._agent, self._ws_connect = clock, agent, ws_connect
         self.targets: dict[str, _Target] = {}
         for pool in pools:
             check, interval = pool.health_check, pool.health_interval
@@ -183,12 +188,12 @@ class HealthChecker:
             await probe.finished
             return
         try:
-            response = await self._http.get(
-                target.url,
-                allow_redirects=False,
-                headers={b"User-Agent": [b"wsgateway-health-check"]},
+            # The Agent itself, not treq: treq IDNA-encodes the host, which
+            # fails for an IPv6 literal such as http://[::1]:9001.
+            response = await self._agent.request(
+                b"GET", target.url.encode("ascii"), _CHECK_HEADERS
             )
-            await response.content()
+            await treq.content(response)
         except ResponseFailed as e:
             # An Agent reports a cancelled request so, not as a CancelledError.
             if any(reason.check(CancelledError) for reason in e.reasons):

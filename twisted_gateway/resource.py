@@ -380,18 +380,20 @@ def _build_health_checker(
     """Active checks for the routes that ask for them (``health_check``), else None."""
     if not any(route.health_check for route in settings.routes):
         return None
-    from treq.client import HTTPClient
     from twisted.web.client import Agent, HTTPConnectionPool
 
     from twisted_gateway.health import HealthChecker
+    from twisted_gateway.http_proxy import UpstreamEndpoints
 
-    agent = Agent(
+    # The forwarder's endpoints: an IP literal is connected directly, not
+    # resolved in a thread, so a gateway short of threads or CPU does not fail
+    # every check at once and blame its upstreams.
+    agent = Agent.usingEndpointFactory(
         reactor,
-        contextFactory=tls_policy,
-        connectTimeout=settings.gateway.connect_timeout,
+        UpstreamEndpoints(reactor, settings.gateway.connect_timeout, tls_policy),
         pool=HTTPConnectionPool(reactor, persistent=False),
     )
-    return HealthChecker(list(pools), reactor, HTTPClient(agent), ws_connect=connect)
+    return HealthChecker(list(pools), reactor, agent, ws_connect=connect)
 
 
 def _build_authenticator(auth: Any, reactor: Any, connect_timeout: float) -> Any:

@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Any
 
 import pytest_twisted
-from treq.client import HTTPClient
 from twisted.internet import reactor, task
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import capturedLogs
@@ -48,8 +47,8 @@ class HealthPage(Resource):
 class HTTPUpstream:
     """A twisted.web upstream on loopback that can go away and come back on its port."""
 
-    def __init__(self, page: HealthPage) -> None:
-        self.page = page
+    def __init__(self, page: HealthPage, host: str = "127.0.0.1") -> None:
+        self.page, self.host = page, host
         site = Site(page)
         site.noisy = False
         self.factory = WrappingFactory(site)
@@ -58,10 +57,11 @@ class HTTPUpstream:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.number}"
+        return f"http://[{self.host}]:{self.number}" if ":" in self.host else f"http://{self.host}:{self.number}"
 
     async def start(self) -> HTTPUpstream:
-        description = f"tcp:{self.number}:interface=127.0.0.1"
+        kind = "tcp6" if ":" in self.host else "tcp"
+        description = f"{kind}:{self.number}:interface=" + self.host.replace(":", "\\:")
         self.port = await serverFromString(reactor, description).listen(self.factory)
         self.number = self.port.getHost().port
         return self
@@ -99,7 +99,7 @@ class Harness:
         self.checker = HealthChecker(
             [self.pool],
             self.clock,
-            HTTPClient(Agent(reactor, pool=self.connections)),
+            Agent(reactor, pool=self.connections),
             ws_connect=endpoint_connector(reactor, 5),
         )
         self.interval = interval
@@ -134,6 +134,19 @@ async def test_an_upstream_answering_500_is_ejected_after_two_checks_and_the_hea
     assert {h.pool.choose().url for _ in range(6)} == {healthy.url}
     assert healthy.page.paths == [b"/health", b"/health"]
     await h.close(healthy, sick)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_upstream_on_an_ipv6_literal_passes_its_checks():
+    """``http://[::1]:port`` was failed by every check: the host was IDNA-encoded."""
+    upstream = await HTTPUpstream(HealthPage(200), host="::1").start()
+    h = Harness([upstream.url], "/health")
+    h.checker.start()
+    await h.checker.check_now()
+    await h.next_round()
+    assert (h.instance(upstream.url).check_failures, h.instance(upstream.url).state) == (0, "up")
+    assert upstream.page.paths == [b"/health", b"/health"]
+    await h.close(upstream)
 
 
 @pytest_twisted.ensureDeferred
