@@ -28,11 +28,15 @@ def free_port() -> int:
 class RedisServer:
     """One redis-server process; :meth:`kill` and :meth:`start` again keep its port."""
 
-    def __init__(self, directory: str, tls: tuple[str, str, str] | None = None) -> None:
+    def __init__(
+        self, directory: str, tls: tuple[str, str, str] | None = None, client: tuple[str, str] | None = None
+    ) -> None:
         self.port = free_port()
         self.directory = directory
-        #: (certificate, key, CA) PEM paths: TLS only (``rediss://``), clients need no certificate
+        #: (certificate, key, CA) PEM paths: TLS only (``rediss://``)
         self.tls = tls
+        #: (certificate, key) of a client the CA issued: clients must show one; without, they need none
+        self.client = client
         self.process: subprocess.Popen | None = None
 
     @property
@@ -45,7 +49,8 @@ class RedisServer:
         if self.tls is not None:
             cert, key, ca = self.tls
             ports = ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", cert,
-                     "--tls-key-file", key, "--tls-ca-cert-file", ca, "--tls-auth-clients", "no"]
+                     "--tls-key-file", key, "--tls-ca-cert-file", ca,
+                     "--tls-auth-clients", "yes" if self.client else "no"]
         self.process = subprocess.Popen(
             [binary, *ports, "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no", "--dir", self.directory, "--loglevel", "warning"],
@@ -66,7 +71,10 @@ class RedisServer:
     def _pong(self) -> bool:
         s = socket.create_connection(("127.0.0.1", self.port), timeout=1)
         if self.tls is not None:
-            s = ssl.create_default_context(cafile=self.tls[2]).wrap_socket(s, server_hostname="127.0.0.1")
+            context = ssl.create_default_context(cafile=self.tls[2])
+            if self.client is not None:
+                context.load_cert_chain(*self.client)
+            s = context.wrap_socket(s, server_hostname="127.0.0.1")
         with s:
             s.sendall(b"PING\r\n")
             return s.recv(16).startswith(b"+PONG")

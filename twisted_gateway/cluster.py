@@ -64,6 +64,11 @@ class ClusterSettings:
     on_redis_down: str = "open"
     #: CAs trusted for ``rediss://`` (PEM); default: the system's trust store
     ca_file: str | None = None
+    #: the client certificate (and key) shown to a Redis that asks for one (``tls-auth-clients``)
+    client_cert: str | None = None
+    client_key: str | None = None
+    #: the Redis server's certificate is always checked (UpstreamTLS.for_route reads this)
+    tls_verify = True
 
 
 @dataclass(frozen=True)
@@ -113,7 +118,7 @@ def parse_cluster_section(source: str, values: dict[str, str]) -> ClusterSetting
     from twisted_gateway.config import ConfigError
 
     for key in values:
-        if key not in ("redis", "node_id", "on_redis_down", "ca_file"):
+        if key not in ("redis", "node_id", "on_redis_down", "ca_file", "client_cert", "client_key"):
             raise ConfigError(source, "cluster", key, "unknown key")
     if not values.get("redis", "").strip():
         raise ConfigError(source, "cluster", "redis", "missing required key")
@@ -128,17 +133,27 @@ def parse_cluster_section(source: str, values: dict[str, str]) -> ClusterSetting
     policy = values.get("on_redis_down", "").strip().lower() or "open"
     if policy not in ON_REDIS_DOWN:
         raise ConfigError(source, "cluster", "on_redis_down", f"expected open or closed, got {policy!r}")
-    ca_file = values.get("ca_file", "").strip() or None
-    if ca_file is not None:
-        from twisted_gateway.tls import TLSFileError, load_certificates
+    files = {key: values.get(key, "").strip() or None for key in ("ca_file", "client_cert", "client_key")}
+    for key, path in files.items():
+        if path is not None and not parse_redis_url(url).tls:
+            raise ConfigError(source, "cluster", key, "only used with a rediss:// URL")
+    if files["client_key"] is not None and files["client_cert"] is None:
+        raise ConfigError(source, "cluster", "client_key", "needs client_cert")
+    settings = ClusterSettings(redis=url, node_id=node_id, on_redis_down=policy, **files)
+    from twisted_gateway.tls import TLSFileError
 
-        if parse_redis_url(url).tls is False:
-            raise ConfigError(source, "cluster", "ca_file", "only used with a rediss:// URL")
-        try:
-            load_certificates("ca_file", ca_file)
-        except TLSFileError as e:
-            raise ConfigError(source, "cluster", "ca_file", f"{e.path}: {e.reason}") from None
-    return ClusterSettings(redis=url, node_id=node_id, on_redis_down=policy, ca_file=ca_file)
+    try:
+        redis_tls(settings)
+    except TLSFileError as e:
+        raise ConfigError(source, "cluster", e.argument, f"{e.path}: {e.reason}") from None
+    return settings
+
+
+def redis_tls(settings: ClusterSettings) -> Any:
+    """Whom ``rediss://`` trusts and the certificate it shows: read as a route's https upstream keys are."""
+    from twisted_gateway.tls import UpstreamTLS
+
+    return UpstreamTLS.for_route(settings)
 
 
 # Checks every cap of a handshake and, when none is reached, counts the socket
@@ -252,7 +267,7 @@ class Cluster:
 
         self._commands, self._factories = connect(
             parse_redis_url(self.settings.redis),
-            self.settings.ca_file,
+            redis_tls(self.settings),
             [CONTROL, PREFIX + "reply:" + self.worker_id],
             on_ready=self._connected,
             on_lost=self._lost,

@@ -24,18 +24,11 @@ INITIAL_DELAY = 0.5
 MAX_DELAY = 5.0
 
 
-def _endpoint(address: Any, ca_file: str | None) -> Any:
-    """TCP, or TLS (``rediss://``) checking the server's certificate and name against ``ca_file`` or the system's CAs."""
+def _endpoint(address: Any, tls: Any) -> Any:
+    """TCP, or TLS (``rediss://``): the server's certificate and name checked as ``tls`` says."""
     endpoint = HostnameEndpoint(_reactor, address.host, address.port, timeout=5)
     if address.tls:
-        from twisted.internet.ssl import optionsForClientTLS, trustRootFromCertificates
-
-        from twisted_gateway.tls import _twisted_certificate, load_certificates
-
-        trust = None
-        if ca_file is not None:
-            trust = trustRootFromCertificates([_twisted_certificate(c) for c in load_certificates("ca_file", ca_file)])
-        endpoint = txredisapi._TLSEndpoint(endpoint, optionsForClientTLS(address.host, trustRoot=trust))
+        endpoint = txredisapi._TLSEndpoint(endpoint, tls.creator_for(address.host))
     return endpoint
 
 
@@ -122,7 +115,7 @@ class _Watched:
 
 def connect(
     address: Any,
-    ca_file: str | None,
+    tls: Any,
     channels: list[str],
     *,
     on_ready: Callable[[], Awaitable[None]],
@@ -133,9 +126,9 @@ def connect(
 ) -> tuple[Any, list[Any]]:
     """Start both connections; returns the command handler and the factories to disconnect."""
     commands = _tune(_CommandsFactory(f"{address.host}:{address.port}", address.db, 1, isLazy=True), address, on_error)
-    commands.startConnecting(_Watched(_endpoint(address, ca_file), on_error))
+    commands.startConnecting(_Watched(_endpoint(address, tls), on_error))
     subscriber = _tune(_SubscriberFactory(isLazy=True), address, on_error)
     subscriber.channels = channels
     subscriber.on_ready, subscriber.on_lost, subscriber.on_message = on_ready, on_lost, on_message
-    subscriber.startConnecting(_Watched(_endpoint(address, ca_file), on_error))
+    subscriber.startConnecting(_Watched(_endpoint(address, tls), on_error))
     return commands.handler, [subscriber, commands]

@@ -343,16 +343,7 @@ async def test_rediss_reaches_a_tls_redis_trusting_its_ca_file_and_refuses_anoth
         assert await a.admin("POST", "/admin/revoke", {"sub": "erin", "before": reactor.seconds()}) == (
             200, {"revoked": True})
         assert await held.closed == (1008, "token revoked")
-        stranger = await start_gateway(
-            _config(server.url, "gw-x", port).replace("[cluster]", f"[cluster]\nca_file = {other_ca}")
-        )
-        stranger.resource.start()
-        cluster = stranger.resource.cluster
-        await settle(lambda: cluster.last_error is not None, "a failed TLS handshake")
-        assert "certificate verify failed" in cluster.last_error
-        assert not cluster.up
-        await stranger.resource.stop()
-        await stranger.close()
+        assert "certificate verify failed" in await _refused_by_redis(server.url, port, f"ca_file = {other_ca}")
         await _stop(up_port, a, b)
     finally:
         server.kill()
@@ -381,3 +372,41 @@ async def test_a_crashed_gateways_sockets_stop_counting_once_its_heartbeat_key_e
     await b.cluster._call("DEL", heartbeat)  # what NODE_TTL s without a heartbeat do
     again = await ws_connect(b.ws(_token("carol")))
     await _stop(up_port, a, b, clients=[held, again])
+
+
+@pytest_twisted.ensureDeferred
+async def test_rediss_shows_the_client_certificate_a_redis_asks_for(tmp_path):
+    """tls-auth-clients yes: [cluster] client_cert and client_key get in; without them the handshake fails."""
+    from tests.certs import Authority
+    from tests.redis_server import RedisServer
+
+    ca = Authority("redis-ca")
+    cert, key = ca.issue("redis", ips=("127.0.0.1",)).write(tmp_path)
+    client_cert, client_key = ca.issue("gateway", client=True).write(tmp_path)
+    ca_file = ca.write(tmp_path)
+    server = RedisServer(str(tmp_path), tls=(str(cert), str(key), str(ca_file)),
+                         client=(str(client_cert), str(client_key)))
+    server.start()
+    try:
+        upstream = Upstream()
+        up_port = await listen(upstream)
+        port = up_port.getHost().port
+        a = await _node(server.url, "gw-a", port, cluster_extra=(
+            f"[cluster]\nca_file = {ca_file}\nclient_cert = {client_cert}\nclient_key = {client_key}"))
+        assert a.cluster.up
+        assert "certificate required" in await _refused_by_redis(server.url, port, f"ca_file = {ca_file}")
+        await _stop(up_port, a)
+    finally:
+        server.kill()
+
+
+async def _refused_by_redis(redis_url: str, upstream_port: int, cluster_keys: str) -> str:
+    """Why a gateway with these [cluster] keys cannot join (it never gets up, it keeps trying)."""
+    gw = await start_gateway(_config(redis_url, "gw-x", upstream_port).replace("[cluster]", f"[cluster]\n{cluster_keys}"))
+    gw.resource.start()
+    cluster = gw.resource.cluster
+    await settle(lambda: cluster.last_error is not None, "a failed TLS handshake")
+    assert not cluster.up
+    await gw.resource.stop()
+    await gw.close()
+    return cluster.last_error
