@@ -13,7 +13,8 @@ over 4 connections, and the total instruction count (Ir) over N is printed.
         [--set access_log=FILE ...]
 
 ``/auth/...`` goes through a route with ``auth = required``, every request
-bringing the same token. ``--set KEY=VALUE`` adds a key to ``[gateway]``. Needs valgrind and Node.js (``bench/node_modules``).
+bringing the same token. ``--set KEY=VALUE`` adds a key to ``[gateway]``
+(``{workdir}`` in VALUE: the run's temporary directory). Needs valgrind and Node.js (``bench/node_modules``).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from pathlib import Path
 import jwt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from targets import LOOPBACK, Gateway  # noqa: E402  (the benchmark's own gateway config)
+from targets import LOOPBACK, Gateway, gateway_lines  # noqa: E402  (the benchmark's own gateway config)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -66,10 +67,9 @@ def main() -> None:
 
 def measure(work: str, bin_dir: Path, backend_port: int, args: argparse.Namespace) -> str:
     config = Path(work, "gateway.cfg")
-    gateway_keys = "".join(f"{key.strip()} = {value.strip()}\n" for key, _, value in
-                           (item.partition("=") for item in args.set))
     config.write_text(
-        Gateway.CONFIG.replace("[gateway]\n", "[gateway]\n" + gateway_keys.replace("{", "{{").replace("}", "}}")).format(
+        Gateway.CONFIG.format(
+            gateway_keys=gateway_lines(args.set, Path(work)),
             listen_arguments="",
             loopback=LOOPBACK,
             max_size=32 * 1024 * 1024,

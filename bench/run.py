@@ -246,7 +246,8 @@ class Bench:
             elif name == "gateway":
                 redis_url = self._start_redis() if self.args.cluster else None
                 gateway = Gateway(
-                    self.backend, self.placement, self.workdir, twistd=self.args.twistd, redis_url=redis_url
+                    self.backend, self.placement, self.workdir, twistd=self.args.twistd, redis_url=redis_url,
+                    gateway_keys=self.args.gateway_set,
                 )
                 self.token = gateway.token()
                 self.targets.append(gateway)
@@ -641,7 +642,8 @@ class Bench:
         variants: list[tuple[Target, str]] = [(target, "7") for target in self.targets]
         old_default = None
         if any(t.name == "gateway" for t in self.targets):
-            old_default = Gateway(self.backend, self.placement, self.workdir, twistd=self.args.twistd, backlog=50)
+            old_default = Gateway(self.backend, self.placement, self.workdir, twistd=self.args.twistd, backlog=50,
+                                  gateway_keys=self.args.gateway_set)
             old_default.start()
             variants.append((old_default, "7-b50"))
         try:
@@ -933,6 +935,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="figure 3 also under a per-user cap counted in Redis (starts redis-server)")
     parser.add_argument("--twistd", help="the twistd to run (default: the venv's), e.g. another checkout's")
     parser.add_argument("--nginx", help="the nginx binary (default: found on PATH or /usr/sbin)")
+    parser.add_argument("--gateway-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a [gateway] key for the gateway, e.g. access_log={workdir}/access.log")
     parser.add_argument("--out", default=str(BENCH / "results"), help="where the table and JSON go")
     parser.add_argument("--profile", metavar="DIR",
                         help="record the gateway with py-spy during figures 1, 2, 3 and 6")

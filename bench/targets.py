@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -615,6 +615,15 @@ class Aiohttp(Target):
             raise RuntimeError(f"the aiohttp gateway did not start: {e}") from None
 
 
+def gateway_lines(keys: Iterable[str], workdir: Path) -> str:
+    """``KEY=VALUE`` items as ``[gateway]`` lines; ``{workdir}`` in a value is the run's directory."""
+    lines = []
+    for item in keys:
+        key, _, value = item.partition("=")
+        lines.append(f"{key.strip()} = {value.strip().replace('{workdir}', str(workdir))}\n")
+    return "".join(lines)
+
+
 class Gateway(Target):
     """``twistd -n --pidfile= wsgateway --config FILE``, ready when it logs its port."""
 
@@ -625,6 +634,7 @@ class Gateway(Target):
 listen = tcp:0:interface={loopback}{listen_arguments}
 ws_max_message_size = {max_size}
 drain_timeout = 2
+{gateway_keys}
 
 [auth]
 algorithms = HS256
@@ -660,7 +670,12 @@ max_websockets_per_user = 1000000
 """
 
     def __init__(
-        self, *args: Any, twistd: str | None = None, backlog: int | None = None, redis_url: str | None = None
+        self,
+        *args: Any,
+        twistd: str | None = None,
+        backlog: int | None = None,
+        redis_url: str | None = None,
+        gateway_keys: Iterable[str] = (),
     ) -> None:
         super().__init__(*args)
         self.redis_url = redis_url
@@ -676,6 +691,7 @@ max_websockets_per_user = 1000000
                 max_size=32 * 1024 * 1024,
                 secret=self.SECRET,
                 backend_port=self.backend.port,
+                gateway_keys=gateway_lines(gateway_keys, self.workdir),
                 cluster=self.CLUSTER.format(
                     redis_url=redis_url, loopback=LOOPBACK, backend_port=self.backend.port
                 ) if redis_url else "",
