@@ -10,11 +10,13 @@ over 4 connections, and the total instruction count (Ir) over N is printed.
 
     .venv/bin/python bench/http_instructions.py [--requests N] [--path /auth/x]
         [--logger twisted_gateway.logs.json_observer] [--venv OTHER/.venv]
-        [--set access_log=FILE ...]
+        [--set access_log=FILE ...] [--peer aiohttp]
 
 ``/auth/...`` goes through a route with ``auth = required``, every request
 bringing the same token. ``--set KEY=VALUE`` adds a key to ``[gateway]``
-(``{workdir}`` in VALUE: the run's temporary directory). Needs valgrind and Node.js (``bench/node_modules``).
+(``{workdir}`` in VALUE: the run's temporary directory). ``--peer aiohttp``
+counts the seed's aiohttp design (``bench/aiohttp_gateway.py``) instead, the
+same way, for a ratio no neighbour can move (it needs the ``bench`` extra). Needs valgrind and Node.js (``bench/node_modules``).
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ def main() -> None:
     parser.add_argument("--venv", default=str(ROOT / ".venv"))
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a [gateway] key, e.g. access_log=/tmp/access.log")
+    parser.add_argument("--peer", choices=("gateway", "aiohttp"), default="gateway",
+                        help="what to count: the gateway, or the seed's aiohttp design")
     args = parser.parse_args()
     bin_dir = Path(args.venv) / "bin"
     with tempfile.TemporaryDirectory(prefix="http-instructions-") as work:
@@ -81,12 +85,15 @@ def measure(work: str, bin_dir: Path, backend_port: int, args: argparse.Namespac
     log_path = Path(work, "gateway.log")
     command = [
         "valgrind", "--tool=callgrind", "--instr-atstart=no",
-        f"--callgrind-out-file={work}/callgrind.out.%p",
-        str(bin_dir / "python"), str(bin_dir / "twistd"), "-n", "--pidfile=",
+        f"--callgrind-out-file={work}/callgrind.out.%p", str(bin_dir / "python"),
     ]
-    if args.logger:
-        command += ["--logger", args.logger]
-    command += ["wsgateway", "--config", str(config)]
+    if args.peer == "aiohttp":
+        command += [str(ROOT / "bench" / "aiohttp_gateway.py"), "--upstream", f"http://{LOOPBACK}:{backend_port}"]
+    else:
+        command += [str(bin_dir / "twistd"), "-n", "--pidfile="]
+        if args.logger:
+            command += ["--logger", args.logger]
+        command += ["wsgateway", "--config", str(config)]
     with open(log_path, "w") as log:
         gateway = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=work)
     try:
@@ -108,7 +115,8 @@ def measure(work: str, bin_dir: Path, backend_port: int, args: argparse.Namespac
         for line in open(name):
             if line.startswith(("totals:", "summary:")):
                 total = max(total, int(line.split()[1]))
-    logger = f", --logger {args.logger}" if args.logger else ""
+    logger = ", the aiohttp design" if args.peer == "aiohttp" else ""
+    logger += f", --logger {args.logger}" if args.logger else ""
     logger += "".join(f", {item}" for item in args.set)
     return (
         f"{total / args.requests / 1e6:.3f} M instructions per request"
