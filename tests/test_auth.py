@@ -33,6 +33,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
+from tests.certs import Authority
 from tests.support import settle
 from twisted_gateway.auth import (
     AuthError,
@@ -41,6 +42,7 @@ from twisted_gateway.auth import (
     AuthUnavailable,
     Identity,
     InsufficientScope,
+    auth_warnings,
     check_requirements,
     check_claim_times,
     extract_token,
@@ -49,6 +51,7 @@ from twisted_gateway.auth import (
     strip_query_param,
 )
 from twisted_gateway.config import ConfigError
+from twisted_gateway.jwks import FetchFailed, discovery_url, parse_discovery
 
 NOW = 1_700_000_000
 SECRET = b"0123456789abcdef" * 4  # 64 bytes: long enough for every HS* algorithm
@@ -216,6 +219,8 @@ def config_dir(tmp_path, rsa_keys, monkeypatch):
     (tmp_path / "jwks.json").write_bytes(jwks_document(one=rsa_keys[0], two=rsa_keys[1]))
     (tmp_path / "no-keys.json").write_bytes(b'{"keys": [{"kty": "oct", "k": "c2VjcmV0"}]}')
     (tmp_path / "secret.txt").write_bytes(LONG.encode() + b"\n")
+    Authority("test-ca").write(tmp_path)  # test-ca.pem
+    monkeypatch.chdir(tmp_path)  # ca_file is read as a route's is: from the working directory
     monkeypatch.setenv("GATEWAY_TEST_SECRET", LONG)
     monkeypatch.setenv("GATEWAY_TEST_EMPTY", "")
     monkeypatch.delenv("GATEWAY_TEST_UNSET", raising=False)
@@ -264,6 +269,15 @@ BAD_CONFIGS = [
                  id="two key sources"),
     pytest.param({"algorithms": "RS256", "jwks_url": "ftp://a.example/jwks"}, "jwks_url",
                  "http:// or https://", id="JWKS URL not HTTP"),
+    pytest.param({"algorithms": "RS256", "jwks_url": "https://a.example/jwks",
+                  "oidc_issuer": "https://a.example/"}, "oidc_issuer", "set only one",
+                 id="JWKS URL and OIDC issuer"),
+    pytest.param({"algorithms": "RS256", "oidc_issuer": "https://a.example/realms/chat",
+                  "issuer": "https://b.example/"}, "issuer", "leave it out", id="issuer not the OIDC one"),
+    pytest.param({"algorithms": "RS256", "public_key": "file:rsa.pem", "ca_file": "test-ca.pem"},
+                 "ca_file", "only for the fetches", id="ca_file without a fetch"),
+    pytest.param({"algorithms": "RS256", "oidc_issuer": "https://a.example/", "ca_file": "missing.pem"},
+                 "ca_file", "missing.pem", id="ca_file unreadable"),
     pytest.param({"algorithms": "HS256", "secret": LONG, "leeway": "-1"}, "leeway", ">= 0",
                  id="negative leeway"),
     pytest.param({"algorithms": "HS256", "secret": LONG, "colour": "blue"}, "colour",
@@ -945,3 +959,50 @@ def test_token_cli_refuses_with_one_line(tmp_path, rsa_keys, config_text, messag
     done = run_token_cli("--config", str(tmp_path / "tap.cfg"), "--sub", "alice")
     assert (done.returncode, done.stdout) == (2, "")
     assert done.stderr.count("\n") == 1 and message in done.stderr
+
+
+def test_an_oidc_issuer_is_the_issuer_tokens_must_name(config_dir):
+    settings = parse_auth_section(
+        "tap.cfg", {"algorithms": "RS256", "oidc_issuer": "https://idp.example/realms/chat"}
+    )
+    assert (settings.oidc_issuer, settings.issuer) == ("https://idp.example/realms/chat",) * 2
+
+
+@pytest.mark.parametrize("issuer, url", [
+    ("https://idp.example/realms/chat", "https://idp.example/realms/chat/.well-known/openid-configuration"),
+    ("https://tenant.auth0.com/", "https://tenant.auth0.com/.well-known/openid-configuration"),
+])
+def test_the_discovery_document_is_under_the_issuer(issuer, url):
+    assert discovery_url(issuer) == url
+
+
+ISSUER = "https://idp.example/realms/chat"
+
+
+@pytest.mark.parametrize("document, reason", [
+    ({"issuer": ISSUER, "jwks_uri": ISSUER + "/certs"}, None),
+    ({"issuer": ISSUER + "/", "jwks_uri": ISSUER + "/certs"}, "names issuer 'https://idp.example/realms/chat/'"),
+    ({"issuer": "https://evil.example", "jwks_uri": ISSUER + "/certs"}, "not 'https://idp.example"),
+    ({"issuer": ISSUER}, "no http(s) jwks_uri"),
+    ({"issuer": ISSUER, "jwks_uri": "file:///etc/keys"}, "no http(s) jwks_uri"),
+    ({"issuer": ISSUER, "jwks_uri": "http://idp.example/certs"}, "plain http for an https issuer"),
+    ([], "not a JSON object"),
+    ("<html>", "not JSON"),
+])
+def test_a_discovery_document_must_name_the_issuer_and_a_jwks_uri(document, reason):
+    data = document.encode() if isinstance(document, str) else json.dumps(document).encode()
+    if reason is None:
+        assert parse_discovery(data, ISSUER) == ISSUER + "/certs"
+        return
+    with pytest.raises(FetchFailed) as caught:
+        parse_discovery(data, ISSUER)
+    assert reason in str(caught.value)
+
+
+def test_a_plain_http_oidc_issuer_is_warned_about(config_dir):
+    from types import SimpleNamespace
+
+    auth = parse_auth_section("tap.cfg", {"algorithms": "RS256", "oidc_issuer": "http://idp.example/",
+                                          "audience": "chat"})
+    settings = SimpleNamespace(auth=auth, source="tap.cfg", routes=[])
+    assert any("oidc_issuer: fetched over plain http" in w for w in auth_warnings(settings))

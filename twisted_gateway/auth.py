@@ -36,6 +36,7 @@ from twisted_gateway.config import parse_non_negative_float, parse_positive_floa
 from twisted_gateway.config import parse_non_negative_int, parse_words
 from twisted_gateway.errors import GatewayError
 from twisted_gateway.jwks import FetchFailed, KeySet, PublicKey, parse_jwks
+from twisted_gateway.tls import parse_ca_file
 from twisted_gateway.verified_tokens import VerifiedTokens
 
 Headers = Sequence[tuple[bytes, bytes]]
@@ -258,6 +259,10 @@ class AuthSettings:
     token_cache: int = 4096
     typ: str | None = None
     max_token_size: int = MAX_TOKEN_SIZE
+    #: an OpenID provider whose discovery document names the ``jwks_uri``
+    oidc_issuer: str | None = None
+    #: CA certificates (PEM) trusted for the JWKS and discovery fetches; else the system's
+    ca_file: str | None = None
 
 
 def _same_typ(given: Any, wanted: str) -> bool:
@@ -278,12 +283,13 @@ def auth_warnings(settings: Any) -> list[str]:
             f"{where} audience: not set, so a token the identity provider issued for any other"
             f" API or client (an id_token, another resource's token) passes on [route:{guarded[0]}]"
         )
-    url = auth.jwks_url
-    if url is not None and urlsplit(url).scheme == "http" and not _loopback(urlsplit(url).hostname):
-        warnings.append(
-            f"{where} jwks_url: fetched over plain http from {urlsplit(url).hostname}: anyone on"
-            " the path can swap the keys and sign tokens"
-        )
+    for key in ("jwks_url", "oidc_issuer"):
+        url = getattr(auth, key)
+        if url is not None and urlsplit(url).scheme == "http" and not _loopback(urlsplit(url).hostname):
+            warnings.append(
+                f"{where} {key}: fetched over plain http from {urlsplit(url).hostname}: anyone on"
+                " the path can swap the keys and sign tokens"
+            )
     return warnings
 
 
@@ -313,7 +319,8 @@ def parse_http_url(text: str) -> str:
     return text.strip()
 
 
-_KEY_SOURCES = ("secret", "public_key", "jwks_file", "jwks_url")
+_KEY_SOURCES = ("secret", "public_key", "jwks_file", "jwks_url", "oidc_issuer")
+
 
 _AUTH_KEYS: Mapping[str, Key] = {
     "algorithms": Key(parse_algorithms, REQUIRED),
@@ -332,6 +339,8 @@ _AUTH_KEYS: Mapping[str, Key] = {
     "token_cache": Key(parse_non_negative_int, 4096),
     "typ": Key(str.strip, None),
     "max_token_size": Key(parse_positive_int, MAX_TOKEN_SIZE),
+    "oidc_issuer": Key(parse_http_url, None),
+    "ca_file": Key(parse_ca_file, None),
 }
 
 
@@ -368,7 +377,9 @@ def parse_auth_section(source: str, values: Mapping[str, str]) -> AuthSettings:
         raise ConfigError(source, "auth", "algorithms", reason)
     given = [k for k in _KEY_SOURCES if read[k] is not None]
     if not given:
-        raise ConfigError(source, "auth", None, "needs secret, public_key, jwks_file or jwks_url")
+        raise ConfigError(
+            source, "auth", None, "needs secret, public_key, jwks_file, jwks_url or oidc_issuer"
+        )
     if hmac and given[0] != "secret":
         reason = f"{hmac[0]} is an HMAC algorithm: it verifies with secret, not {given[0]}"
         raise ConfigError(source, "auth", given[0], reason)
@@ -377,6 +388,14 @@ def parse_auth_section(source: str, values: Mapping[str, str]) -> AuthSettings:
         raise ConfigError(source, "auth", "secret", reason)
     if len(given) > 1:
         raise ConfigError(source, "auth", given[1], f"set only one of {', '.join(given)}")
+    if read["ca_file"] is not None and given[0] not in ("jwks_url", "oidc_issuer"):
+        raise ConfigError(source, "auth", "ca_file", "is only for the fetches of jwks_url or oidc_issuer")
+    if given[0] == "oidc_issuer":
+        # tokens must come from the issuer whose keys are used
+        if read["issuer"] is not None and read["issuer"] != read["oidc_issuer"]:
+            reason = f"is {read['issuer']!r} but oidc_issuer is {read['oidc_issuer']!r}; leave it out"
+            raise ConfigError(source, "auth", "issuer", reason)
+        read["issuer"] = read["oidc_issuer"]
 
     text = read[given[0]]
     if given[0] == "secret":
@@ -437,18 +456,20 @@ class Authenticator:
         *,
         wait_limit: float = 5.0,
     ) -> None:
-        if settings.jwks_url is not None and http_client is None:
-            raise ValueError("an Authenticator with a jwks_url needs an http_client")
+        fetched = settings.jwks_url or settings.oidc_issuer
+        if fetched is not None and http_client is None:
+            raise ValueError("an Authenticator with a jwks_url or oidc_issuer needs an http_client")
         self.settings = settings
         self._clock = clock
         self.keyset: KeySet | None = None
-        if settings.jwks_url is not None and http_client is not None:
+        if fetched is not None and http_client is not None:
             self.keyset = KeySet(
-                settings.jwks_url,
+                fetched,
                 clock,
                 http_client,
                 refresh=settings.jwks_refresh,
                 wait_limit=wait_limit,
+                discovery=settings.oidc_issuer,
             )
         self._verified: VerifiedTokens[Identity] = VerifiedTokens(settings.token_cache)
         #: the JWKS keys the cached tokens were verified with

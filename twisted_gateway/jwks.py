@@ -1,5 +1,6 @@
 """
-The keys behind a ``jwks_url``, kept fresh without ever mistaking an identity
+The keys behind a ``jwks_url`` (or found through an ``oidc_issuer``'s
+discovery document), kept fresh without ever mistaking an identity
 provider's outage for a bad token.
 
 :class:`KeySet` owns the fetch: a refresh every ``jwks_refresh`` seconds,
@@ -16,6 +17,7 @@ import json
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
+from urllib.parse import urlsplit
 
 import jwt
 from treq.client import HTTPClient
@@ -25,6 +27,8 @@ from twisted.internet.error import ConnectError, ConnectionRefusedError, DNSLook
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.web.client import ResponseFailed, ResponseNeverReceived
+
+from twisted_gateway.tls import describe_tls_failure
 
 #: An unknown ``kid`` refetches the JWKS at most this often (after a successful fetch).
 REFETCH_INTERVAL = 60.0
@@ -103,6 +107,35 @@ def parse_jwks(data: bytes) -> dict[str | None, list[PublicKey]]:
     return keys
 
 
+def discovery_url(issuer: str) -> str:
+    """OpenID Connect Discovery 1.0, section 4: the issuer, less a trailing slash, + the well-known path."""
+    return issuer.rstrip("/") + "/.well-known/openid-configuration"
+
+
+def parse_discovery(data: bytes, issuer: str) -> str:
+    """
+    The ``jwks_uri`` of an OpenID provider's discovery document, which must
+    name exactly ``issuer`` (section 4.3: else anyone serving a document could
+    speak for the provider) and must not downgrade an https issuer to http.
+    """
+    try:
+        document = json.loads(data)
+    except ValueError:
+        raise FetchFailed("not_json", "discovery document is not JSON") from None
+    if not isinstance(document, dict):
+        raise FetchFailed("discovery", "discovery document is not a JSON object")
+    if document.get("issuer") != issuer:
+        raise FetchFailed(
+            "discovery", f"discovery document names issuer {document.get('issuer')!r}, not {issuer!r}"
+        )
+    jwks_uri = document.get("jwks_uri")
+    parts = urlsplit(jwks_uri) if isinstance(jwks_uri, str) else None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise FetchFailed("discovery", "discovery document has no http(s) jwks_uri")
+    if parts.scheme == "http" and urlsplit(issuer).scheme == "https":
+        raise FetchFailed("discovery", f"jwks_uri {jwks_uri!r} is plain http for an https issuer")
+    return jwks_uri
+
 
 def describe_failure(error: BaseException) -> FetchFailed:
     """What went wrong with a fetch, as a metric label and one readable line."""
@@ -115,15 +148,19 @@ def describe_failure(error: BaseException) -> FetchFailed:
     if isinstance(error, ConnectError):
         return FetchFailed("connect", f"cannot connect ({type(error).__name__})")
     if isinstance(error, (ResponseFailed, ResponseNeverReceived)):
-        inner = [f.value for f in error.reasons]
-        if any("SSL" in type(e).__name__ or "TLS" in type(e).__name__ for e in inner):
-            return FetchFailed("tls", "TLS handshake failed")
+        tls = describe_tls_failure(error)
+        if tls is not None:
+            return FetchFailed("tls", f"TLS handshake failed: {tls}")
         return FetchFailed("connection_lost", "connection lost before a complete answer")
     return FetchFailed("other", str(error) or type(error).__name__)
 
 
 class KeySet:
-    """The keys of one ``jwks_url``, fetched in the background; see the module docstring."""
+    """
+    The keys of one ``jwks_url``, fetched in the background; see the module
+    docstring. With ``discovery`` (an ``oidc_issuer``), each fetch reads the
+    provider's discovery document first and takes the keys from its ``jwks_uri``.
+    """
 
     _log = Logger()
 
@@ -135,8 +172,11 @@ class KeySet:
         *,
         refresh: float,
         wait_limit: float,
+        discovery: str | None = None,
     ) -> None:
+        #: the JWKS URL; with ``discovery``, the issuer's until a document names one
         self.url = url
+        self._issuer = discovery
         self._clock = clock
         self._http = http_client
         self._refresh = refresh
@@ -280,8 +320,13 @@ class KeySet:
         self.failing = True
 
     async def _download(self) -> bytes:
+        if self._issuer is not None:
+            self.url = parse_discovery(await self._get(discovery_url(self._issuer)), self._issuer)
+        return await self._get(self.url)
+
+    async def _get(self, url: str) -> bytes:
         headers = {b"Accept": [b"application/json"], b"User-Agent": [USER_AGENT]}
-        response = await self._http.get(self.url, headers=headers)
+        response = await self._http.get(url, headers=headers)
         if response.code != 200:
             await response.content()  # read it, so the connection can end cleanly
             raise FetchFailed("http_status", f"HTTP {response.code}")

@@ -404,9 +404,15 @@ def _build_authenticator(auth: Any, reactor: Any, connect_timeout: float) -> Any
     from twisted_gateway.auth import Authenticator
 
     client = None
-    if auth.jwks_url:
+    if auth.jwks_url or auth.oidc_issuer:
+        from twisted_gateway.tls import UpstreamTLS, UpstreamTLSPolicy
+
         agent = Agent(
-            reactor, connectTimeout=connect_timeout, pool=HTTPConnectionPool(reactor, persistent=False)
+            reactor,
+            # [auth] ca_file: a provider behind an internal CA; else the system's trust store
+            contextFactory=UpstreamTLSPolicy({}, UpstreamTLS.for_ca_file(auth.ca_file)),
+            connectTimeout=connect_timeout,
+            pool=HTTPConnectionPool(reactor, persistent=False),
         )
         client = HTTPClient(agent)
     return Authenticator(auth, reactor, client, wait_limit=connect_timeout)

@@ -519,13 +519,17 @@ class UpstreamTLS:
         self._creators: dict[str, IOpenSSLClientConnectionCreator] = {}
 
     @classmethod
+    def for_ca_file(cls, path: str | None) -> UpstreamTLS:
+        """Verified against the CA certificates of ``path`` (PEM), or the system's when None."""
+        if path is None:
+            return cls()
+        certificates = [_twisted_certificate(c) for c in load_certificates("ca_file", path)]
+        return cls(trust_root=trustRootFromCertificates(certificates))
+
+    @classmethod
     def for_route(cls, route: Any) -> UpstreamTLS:
         """From a route's ``ca_file``, ``client_cert``, ``client_key`` and ``tls_verify``."""
-        trust_root = None
-        if route.ca_file is not None:
-            trust_root = trustRootFromCertificates(
-                [_twisted_certificate(c) for c in load_certificates("ca_file", route.ca_file)]
-            )
+        trust_root = cls.for_ca_file(route.ca_file).trust_root
         client_certificate = None
         if route.client_cert is not None:
             key = route.client_key if route.client_key is not None else route.client_cert
