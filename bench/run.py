@@ -22,7 +22,9 @@ generator sharing the other(s). Figures:
    with p50/p99 round trips;
 3. CPU per handshake (open + close), auth = none and auth = required (with
    ``--cluster``, also auth = required under a per-user cap counted in a
-   Redis the gateway shares: redis-server started for the run);
+   Redis the gateway shares: redis-server started for the run; with ``--cap``,
+   the same cap counted by the gateway alone, e.g. with ``--gateway-set
+   workers=2`` by the supervisor for both workers);
 4. RSS per idle WebSocket at 1k and 5k connections (fresh proxy each time);
 5. peak RSS growth while one 16 MiB message crosses (fresh proxy each time);
 6. HTTP CPU per 10k GETs of 64 B at 1,000 req/s, and the saturated rate:
@@ -248,6 +250,7 @@ class Bench:
                 gateway = Gateway(
                     self.backend, self.placement, self.workdir, twistd=self.args.twistd, redis_url=redis_url,
                     gateway_keys=self.args.gateway_set,
+                    capped=self.args.cap,
                 )
                 self.token = gateway.token()
                 self.targets.append(gateway)
@@ -482,6 +485,8 @@ class Bench:
                 variants.append((target, "3-auth", f"/auth/?token={self.token}"))
                 if self.args.cluster:
                     variants.append((target, "3-cap", f"/capped/?token={self.token}"))
+                elif self.args.cap:
+                    variants.append((target, "3-cap-local", f"/capped/?token={self.token}"))
         for rep in range(p.reps):
             for target, figure, path in variants:
                 def one(target: Target = target, figure: str = figure, path: str = path) -> dict[str, Any]:
@@ -733,6 +738,10 @@ def build_rows(samples: list[dict[str, Any]], plan: Plan) -> tuple[list[dict], l
         *([{"title": "3. handshake, auth = required + max_websockets_per_user in Redis ([cluster]): CPU per handshake",
             "unit": "CPU ms", "cells": {"gateway": cells("3-cap", "proxy_per_unit")["gateway"]}, "bar": None}]
           if any(s["figure"] == "3-cap" for s in samples) else []),
+        *([{"title": "3. handshake, auth = required + max_websockets_per_user counted by the gateway "
+                     "(no [cluster]; with workers, by the supervisor): CPU per handshake",
+            "unit": "CPU ms", "cells": {"gateway": cells("3-cap-local", "proxy_per_unit")["gateway"]}, "bar": None}]
+          if any(s["figure"] == "3-cap-local" for s in samples) else []),
         *[
             {"title": f"4. RSS per idle WS at {n:,} conns", "unit": "KiB",
              "cells": cells("4", f"kib_per_ws_{n}"), "bar": ("absolute", 20.0) if n == idle[-1] else None,
@@ -933,6 +942,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="multiply the measured windows and handshake counts (e.g. for --profile)")
     parser.add_argument("--cluster", action="store_true",
                         help="figure 3 also under a per-user cap counted in Redis (starts redis-server)")
+    parser.add_argument("--cap", action="store_true",
+                        help="figure 3 also under a per-user cap counted by the gateway alone (no [cluster])")
     parser.add_argument("--twistd", help="the twistd to run (default: the venv's), e.g. another checkout's")
     parser.add_argument("--nginx", help="the nginx binary (default: found on PATH or /usr/sbin)")
     parser.add_argument("--gateway-set", action="append", default=[], metavar="KEY=VALUE",

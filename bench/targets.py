@@ -655,12 +655,14 @@ websocket = true
 auth = none
 {cluster}"""
 
-    #: With ``--cluster``: figure 3's per-user cap variant, one Redis call per handshake.
+    #: With ``--cluster``: the per-user cap below is counted in Redis, one call per handshake.
     CLUSTER = """
 [cluster]
 redis = {redis_url}
 node_id = bench-gateway
-
+"""
+    #: With ``--cluster`` or ``--cap``: figure 3's per-user cap variant.
+    CAPPED = """
 [route:capped]
 prefix = /capped
 upstream = http://{loopback}:{backend_port}
@@ -676,6 +678,7 @@ max_websockets_per_user = 1000000
         backlog: int | None = None,
         redis_url: str | None = None,
         gateway_keys: Iterable[str] = (),
+        capped: bool = False,
     ) -> None:
         super().__init__(*args)
         self.redis_url = redis_url
@@ -692,9 +695,9 @@ max_websockets_per_user = 1000000
                 secret=self.SECRET,
                 backend_port=self.backend.port,
                 gateway_keys=gateway_lines(gateway_keys, self.workdir),
-                cluster=self.CLUSTER.format(
-                    redis_url=redis_url, loopback=LOOPBACK, backend_port=self.backend.port
-                ) if redis_url else "",
+                cluster=(self.CLUSTER.format(redis_url=redis_url) if redis_url else "")
+                + (self.CAPPED.format(loopback=LOOPBACK, backend_port=self.backend.port)
+                   if redis_url or capped else ""),
             )
         )
 
