@@ -97,7 +97,8 @@ from twisted_gateway.headers import (
 )
 from twisted_gateway.logs import redact_query
 from twisted_gateway.streaming import StreamingBody
-from twisted_gateway.sockets import TCPKeepalive, set_keepalive, write_now
+from twisted_gateway._compat import write_now
+from twisted_gateway.sockets import TCPKeepalive, set_keepalive
 from twisted_gateway.tls import describe_tls_failure
 from twisted_gateway.upstreams import InstanceRegistry, UpstreamPool, may_retry
 

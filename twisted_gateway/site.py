@@ -28,7 +28,8 @@ from twisted_gateway.errors import GatewayError, Overloaded
 from twisted_gateway.http_proxy import LINGER_SECONDS, GatewayRequest
 from twisted_gateway.limits import ClientLimits
 from twisted_gateway.logs import access_log_formatter, secret_names
-from twisted_gateway.sockets import TCPKeepalive, set_keepalive, write_now
+from twisted_gateway._compat import write_now
+from twisted_gateway.sockets import TCPKeepalive, set_keepalive
 
 log = Logger()
 

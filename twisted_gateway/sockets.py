@@ -8,8 +8,7 @@ counters (bytes acknowledged, bytes waiting). A leg the relay stops reading
 gets a fixed receive buffer, so that the kernel does not autotune it to
 megabytes and the upstream's own sends block (backpressure reaches it).
 Every function takes a transport (plain TCP, or TLS over TCP) and does
-nothing for anything else (in-memory test transports). :func:`write_now`
-sends without waiting for the next reactor turn.
+nothing for anything else (in-memory test transports).
 """
 
 from __future__ import annotations
@@ -19,7 +18,6 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet import tcp
 from twisted.python.runtime import platform
 
 
@@ -157,27 +155,3 @@ def timed_out(transport: Any) -> bool:
     """Whether the kernel ended this connection because the peer stopped answering."""
     state = send_state(transport)
     return state is not None and state.timed_out
-
-
-_TCP = (tcp.Server, tcp.Client)
-
-
-def write_now(transport: Any, data: bytes) -> None:
-    """
-    Write ``data``, sending it at once when the transport has nothing queued.
-
-    Twisted's ``write`` only queues and sends on the next reactor turn (two
-    epoll_ctl calls and one more wake-up per message); asyncio sends at once
-    the same way. TLS and other transports, or a queue already waiting, keep
-    Twisted's path, which also reports any socket error.
-    """
-    if type(transport) in _TCP and transport.connected and not transport.disconnecting:
-        if not transport.dataBuffer and not transport._tempDataLen and not transport._writeDisconnecting:
-            try:
-                sent = transport.socket.send(data)
-            except OSError:
-                sent = 0  # EAGAIN, or an error Twisted's doWrite reports
-            if sent == len(data):
-                return
-            data = data[sent:]
-    transport.write(data)

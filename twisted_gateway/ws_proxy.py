@@ -15,7 +15,6 @@ import copy
 import ipaddress
 import os
 from dataclasses import dataclass, replace
-from types import FunctionType
 from typing import Any, Callable, Sequence
 
 from autobahn.twisted.websocket import (
@@ -44,6 +43,12 @@ from twisted.protocols.policies import ProtocolWrapper
 from twisted.python.failure import Failure
 from twisted.web.server import NOT_DONE_YET
 
+from twisted_gateway._compat import (
+    ServerLegHooks,
+    cancel_close_timers,
+    parse_extensions,
+    with_options,
+)
 from twisted_gateway.config import GatewaySettings, RouteSettings
 from twisted_gateway.errors import (
     BadGateway,
@@ -80,7 +85,6 @@ from twisted_gateway.ws_relay import (
     UPSTREAM_LOST,
     UPSTREAM_STALLED,
     RelayRegistry,
-    _cancel_timers,
     _RelayLeg,
     _Throttle,
 )
@@ -223,7 +227,7 @@ class RelayClientProtocol(_RelayLeg, WebSocketClientProtocol):
             self.opened.callback(self)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
-        _cancel_timers(self)
+        cancel_close_timers(self)
         if not self.opened.called:
             status = None
             phrase = ""
@@ -247,7 +251,7 @@ class RelayClientProtocol(_RelayLeg, WebSocketClientProtocol):
             server.leg_closed(self)
 
 
-class RelayServerProtocol(_RelayLeg, WebSocketServerProtocol):
+class RelayServerProtocol(ServerLegHooks, _RelayLeg, WebSocketServerProtocol):
     """The client-facing leg; its ``onConnect`` opens the upstream leg first."""
 
     context: HandshakeContext
@@ -301,10 +305,6 @@ class RelayServerProtocol(_RelayLeg, WebSocketServerProtocol):
         if upstream is not None:
             plain = not self.websocket_extensions_in_use and not upstream.websocket_extensions_in_use
             self.passthrough = upstream.passthrough = plain
-
-    def _connectionLost(self, reason) -> None:
-        super()._connectionLost(reason)
-        self.factory.countConnections -= 1  # as Autobahn's server does
 
     async def _open_upstream(self, request) -> tuple[str | None, dict]:
         ctx = self.context
@@ -531,7 +531,7 @@ class RelayServerProtocol(_RelayLeg, WebSocketServerProtocol):
     # -- closing ------------------------------------------------------------
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
-        _cancel_timers(self)
+        cancel_close_timers(self)
         if self._handshake is not None:
             self._handshake.cancel()
         self.leg_closed(self)
@@ -776,22 +776,6 @@ class RelayServerFactory(WebSocketServerFactory):
         return factory
 
 
-def with_options(protocol: type, factory: Any) -> type:
-    """
-    ``protocol`` with ``factory``'s current Autobahn options as class attributes.
-
-    Autobahn copies some 30 options from the factory onto every new protocol
-    and pretty-prints them all for a debug line, whether or not debug logging
-    is on: about a third of a handshake's CPU, and a dict entry each per open
-    connection.
-    """
-    options: dict[str, Any] = {"CONFIG_ATTRS": ()}
-    for name in protocol.CONFIG_ATTRS:
-        value = getattr(factory, name)
-        options[name] = staticmethod(value) if isinstance(value, FunctionType) else value
-    return type(protocol.__name__, (protocol,), options)
-
-
 def deflate_offer(values: Sequence[bytes]) -> str:
     """
     The ``permessage-deflate`` elements of a client's ``Sec-WebSocket-Extensions``,
@@ -811,7 +795,7 @@ def upstream_deflate_response(upstream: Any) -> PerMessageDeflateResponse | None
     if not any(e.EXTENSION_NAME == "permessage-deflate" for e in upstream.websocket_extensions_in_use):
         return None
     text = upstream.http_headers.get("sec-websocket-extensions", "")
-    for extension, params in upstream._parseExtensionsHeader(text):
+    for extension, params in parse_extensions(upstream, text):
         if extension == "permessage-deflate":
             return PerMessageDeflateResponse.parse(params)
     return None

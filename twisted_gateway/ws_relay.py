@@ -21,11 +21,20 @@ from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.task import LoopingCall
 from zope.interface import implementer
 
-from twisted_gateway.sockets import cap_receive_buffer, timed_out, write_now
+from twisted_gateway._compat import (
+    LegHooks,
+    cancel_close_timers,
+    failed_by_me,
+    feed,
+    parser_idle,
+    queued_sends,
+    sender_idle,
+    write_now,
+)
+from twisted_gateway.sockets import cap_receive_buffer, timed_out
 
 OPEN = WebSocketProtocol.STATE_OPEN
 CLOSED = WebSocketProtocol.STATE_CLOSED
-SEND_GROUND = WebSocketProtocol.SEND_STATE_GROUND
 
 #: Messages up to this size are relayed whole (one frame); larger ones stream.
 STREAM_THRESHOLD = 64 * 1024
@@ -78,7 +87,7 @@ class RelayRegistry:
 # -- the relay legs -----------------------------------------------------------
 
 
-class _RelayLeg:
+class _RelayLeg(LegHooks):
     """Forwarding shared by both legs; ``partner`` is the other leg once both are open
     (Autobahn already uses ``peer`` for the remote address)."""
 
@@ -110,22 +119,17 @@ class _RelayLeg:
     # Autobahn's versions of these two build debug-log arguments on every call.
 
     def dataReceived(self, data: bytes) -> None:
-        if self.passthrough and not self.data and self.current_frame is None and not self.inside_message:
+        if self.passthrough and parser_idle(self):
             data = self._pass_frames(data)
             if not data:
                 return
-        self._dataReceived(data)
+        feed(self, data)
 
     def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
-        if sync or chopsize or self.send_queue:
+        if sync or chopsize or queued_sends(self):
             WebSocketProtocol.sendData(self, data, sync, chopsize)
         else:
             write_now(self.transport, data)
-
-    def _connectionLost(self, reason) -> None:
-        # Autobahn's client and server versions first render the reason, with
-        # its traceback, for a debug line.
-        WebSocketProtocol._connectionLost(self, reason)
 
     def _pass_frames(self, data: bytes) -> bytes:
         """
@@ -140,7 +144,7 @@ class _RelayLeg:
         peer = self.partner
         if self.state != OPEN or peer is None or peer.state != OPEN:
             return data
-        if peer.send_state != SEND_GROUND or peer.send_queue:
+        if not sender_idle(peer):
             return data
         masked = self.side == "client"  # RFC 6455 5.1: clients mask, servers never do
         mask_bit = 0x80 if masked else 0
@@ -204,7 +208,7 @@ class _RelayLeg:
     # onMessageFrameBegin is Autobahn's own: it enforces maxMessagePayloadSize.
 
     def onMessageFrameData(self, payload: bytes) -> None:
-        if self.failedByMe:
+        if failed_by_me(self):
             return
         peer = self.partner
         self._buffered += len(payload)
@@ -222,7 +226,7 @@ class _RelayLeg:
         pass  # Autobahn's would append the frame to a whole message
 
     def onMessageEnd(self) -> None:
-        if self.failedByMe:
+        if failed_by_me(self):
             return
         peer = self.partner
         if self._streaming:
@@ -250,17 +254,16 @@ class _RelayLeg:
         relay = not self.closedByMe
         failed = _accept_close_frame(self, code, reasonRaw)
         peer = self.partner
-        if relay and not failed and not self.failedByMe and peer is not None and peer.state == OPEN:
+        if relay and not failed and not failed_by_me(self) and peer is not None and peer.state == OPEN:
             self.pair.record_end(self.side, self.remoteCloseCode)
             peer.close_relayed = True
             peer.sendCloseFrame(code, reasonRaw)
         return failed
 
-    def _fail_connection(self, code: int = 1001, reason: str = "going away") -> None:
+    def failed(self, code: int) -> None:
         """Failing this leg (a bad frame, a message too big) closes the other at once with 1001."""
-        WebSocketProtocol._fail_connection(self, code, reason)
         peer = self.partner
-        if self.failedByMe and peer is not None and peer.state == OPEN:
+        if peer is not None and peer.state == OPEN:
             self.pair.record_end("gateway", code, "protocol_error")
             peer.close_with(PEER_FAILED)
 
@@ -328,21 +331,6 @@ class _Throttle:
 
     def stopProducing(self) -> None:
         self.leg.timed_out = timed_out(self.leg.transport)
-
-
-_LEG_TIMERS = ("closeHandshakeTimeoutCall", "serverConnectionDropTimeoutCall")
-
-
-def _cancel_timers(leg: WebSocketProtocol) -> None:
-    """Autobahn keeps its close timers after the connection is gone; a closed leg needs none."""
-    for name in _LEG_TIMERS:
-        call = getattr(leg, name, None)
-        if call is not None:
-            try:
-                call.cancel()
-            except Exception:
-                pass  # already fired or cancelled
-            setattr(leg, name, None)
 
 
 def _accept_close_frame(proto: WebSocketProtocol, code: int | None, reasonRaw: bytes | None):

@@ -25,7 +25,7 @@ from tests.support import (
     ws_connect,
 )
 from tests.support import client_frame as frame
-from twisted_gateway.sockets import write_now
+from twisted_gateway._compat import write_now
 from twisted_gateway.ws_relay import unmask
 
 

@@ -1,0 +1,229 @@
+"""
+Each private attribute or method of Autobahn and Twisted the gateway relies on
+(twisted_gateway/_compat.py, and the HTTP forwarder's subclasses of Twisted's
+HTTP client and server) is still what the gateway takes it to be. A failure
+names the item and the library to read before upgrading.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+from autobahn.twisted.websocket import (
+    WebSocketClientFactory,
+    WebSocketClientProtocol,
+    WebSocketServerFactory,
+    WebSocketServerProtocol,
+)
+from autobahn.websocket.protocol import WebSocketProtocol
+from twisted.internet import abstract, tcp
+from twisted.internet.testing import StringTransport
+
+from twisted_gateway import _compat
+
+
+def _sets(cls: type, name: str) -> bool:
+    """Whether ``cls``'s own source (or a base's) assigns or reads ``self.<name>``."""
+    for klass in inspect.getmro(cls):
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        if f"self.{name}" in source:
+            return True
+    return False
+
+
+def _require(condition: bool, item: str, library: str) -> None:
+    if not condition:
+        pytest.fail(f"{library} changed {item}: twisted_gateway/_compat.py relies on it; read its docstring")
+
+
+def _open_server_leg() -> WebSocketServerProtocol:
+    factory = WebSocketServerFactory("ws://localhost:9")
+    factory.protocol = WebSocketServerProtocol
+    proto = factory.buildProtocol(None)
+    proto.makeConnection(StringTransport())
+    return proto
+
+
+# -- Twisted ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["dataBuffer", "_tempDataLen", "_writeDisconnecting"])
+def test_filedescriptor_write_queue(name):
+    fd = abstract.FileDescriptor()
+    _require(hasattr(fd, name), f"FileDescriptor.{name}", "Twisted")
+
+
+def test_tcp_connection_socket():
+    _require(_sets(tcp.Connection, "socket") and tcp.Server in _compat._TCP, "tcp.Connection.socket", "Twisted")
+
+
+def test_write_now_queues_what_it_cannot_send():
+    """A queued write means write_now must not jump the queue: what it reads must be what write fills."""
+    fd = abstract.FileDescriptor()
+    fd.connected = True
+    fd.startWriting = lambda: None
+    fd.write(b"queued")
+    _require(fd._tempDataLen == 6 or bool(fd.dataBuffer), "FileDescriptor.write's queue (_tempDataLen)", "Twisted")
+
+
+# -- Autobahn: parser and sender -----------------------------------------------------
+
+
+def test_feed_is_the_frame_parser():
+    _require(_compat.feed is WebSocketProtocol.__dict__.get("_dataReceived"), "WebSocketProtocol._dataReceived", "Autobahn")
+
+
+@pytest.mark.parametrize("name", ["data", "current_frame", "inside_message"])
+def test_parser_state(name):
+    _require(_sets(WebSocketProtocol, name), f"WebSocketProtocol.{name}", "Autobahn")
+
+
+def test_parser_idle_after_open():
+    proto = _open_server_leg()
+    proto.state = WebSocketProtocol.STATE_OPEN
+    proto.data = b""
+    proto.current_frame = None
+    proto.inside_message = False
+    _require(_compat.parser_idle(proto), "the parser's idle state", "Autobahn")
+
+
+@pytest.mark.parametrize("name", ["send_state", "send_queue"])
+def test_sender_state(name):
+    _require(_sets(WebSocketProtocol, name), f"WebSocketProtocol.{name}", "Autobahn")
+    _require(hasattr(WebSocketProtocol, "SEND_STATE_GROUND"), "WebSocketProtocol.SEND_STATE_GROUND", "Autobahn")
+
+
+def test_sender_idle_on_a_fresh_leg():
+    proto = _open_server_leg()
+    _require(_compat.sender_idle(proto) and not _compat.queued_sends(proto), "send_state/send_queue", "Autobahn")
+
+
+def test_failed_by_me():
+    proto = _open_server_leg()
+    _require(proto.failedByMe is False, "WebSocketProtocol.failedByMe", "Autobahn")
+
+
+def test_fail_connection_sets_failed_by_me():
+    """LegHooks._fail_connection reads failedByMe after Autobahn's own ran."""
+    calls = []
+
+    class Leg(_compat.LegHooks, WebSocketServerProtocol):
+        def failed(self, code):
+            calls.append(code)
+
+    factory = WebSocketServerFactory("ws://localhost:9")
+    factory.protocol = Leg
+    proto = factory.buildProtocol(None)
+    proto.makeConnection(StringTransport())
+    proto.state = WebSocketProtocol.STATE_OPEN
+    proto.failByDrop = False  # a close frame, not a drop of the in-memory transport
+    proto._fail_connection(1002, "bad frame")
+    _require(calls == [1002], "WebSocketProtocol._fail_connection / failedByMe", "Autobahn")
+
+
+@pytest.mark.parametrize("name", ["closeHandshakeTimeoutCall", "serverConnectionDropTimeoutCall"])
+def test_close_timers(name):
+    _require(_sets(WebSocketProtocol, name), f"WebSocketProtocol.{name}", "Autobahn")
+
+
+@pytest.mark.parametrize("cls", [WebSocketServerProtocol, WebSocketClientProtocol])
+def test_connection_lost_hook(cls):
+    _require("_connectionLost" in vars(WebSocketProtocol), "WebSocketProtocol._connectionLost", "Autobahn")
+    own = [k for k in cls.__mro__ if "_connectionLost" in vars(k) and k is not WebSocketProtocol]
+    _require(bool(own), f"{cls.__name__}._connectionLost", "Autobahn")
+
+
+def test_server_counts_connections():
+    factory = WebSocketServerFactory("ws://localhost:9")
+    factory.protocol = WebSocketServerProtocol
+    proto = factory.buildProtocol(None)
+    proto.makeConnection(StringTransport())
+    _require(factory.countConnections == 1, "WebSocketServerFactory.countConnections", "Autobahn")
+    _require(
+        "countConnections -= 1" in inspect.getsource(WebSocketServerProtocol._connectionLost),
+        "WebSocketServerProtocol._connectionLost's countConnections",
+        "Autobahn",
+    )
+
+
+# -- Autobahn: handshakes ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", [WebSocketServerProtocol, WebSocketClientProtocol])
+def test_config_attrs(cls):
+    names = getattr(cls, "CONFIG_ATTRS", None)
+    _require(isinstance(names, (tuple, list)) and "maxMessagePayloadSize" in names, f"{cls.__name__}.CONFIG_ATTRS", "Autobahn")
+    _require(
+        "CONFIG_ATTRS" in inspect.getsource(WebSocketProtocol._connectionMade),
+        "WebSocketProtocol._connectionMade's copy of CONFIG_ATTRS",
+        "Autobahn",
+    )
+
+
+def test_with_options_skips_the_copy():
+    factory = WebSocketServerFactory("ws://localhost:9")
+    factory.setProtocolOptions(maxMessagePayloadSize=123)
+    factory.protocol = _compat.with_options(WebSocketServerProtocol, factory)
+    proto = factory.buildProtocol(None)
+    proto.makeConnection(StringTransport())
+    _require(proto.maxMessagePayloadSize == 123 and "maxMessagePayloadSize" not in vars(proto), "CONFIG_ATTRS", "Autobahn")
+
+
+def test_parse_extensions():
+    proto = _open_server_leg()
+    parsed = _compat.parse_extensions(proto, "permessage-deflate; client_max_window_bits=10, x-other")
+    _require(
+        [name for name, _ in parsed] == ["permessage-deflate", "x-other"]
+        and parsed[0][1].get("client_max_window_bits") == ["10"],
+        "WebSocketProtocol._parseExtensionsHeader",
+        "Autobahn",
+    )
+
+
+@pytest.mark.parametrize("name", _compat.CLIENT_HANDSHAKE_ATTRS)
+def test_client_handshake_state(name):
+    _require(
+        f"self.{name}" in inspect.getsource(WebSocketClientProtocol.processHandshake)
+        or _sets(WebSocketClientProtocol, name),
+        f"WebSocketClientProtocol.{name}",
+        "Autobahn",
+    )
+
+
+def test_client_factory_keeps_its_url_parts():
+    factory = WebSocketClientFactory("ws://127.0.0.1:9/x")
+    _require((factory.host, factory.port, factory.resource) == ("127.0.0.1", 9, "/x"), "WebSocketClientFactory url parts", "Autobahn")
+
+
+# -- Twisted's HTTP internals the HTTP forwarder subclasses (http_proxy.py, site.py) --
+
+
+@pytest.mark.parametrize(
+    "module, cls, name",
+    [
+        ("twisted.web._newclient", "HTTP11ClientProtocol", "_parser"),
+        ("twisted.web._newclient", "HTTP11ClientProtocol", "_currentRequest"),
+        ("twisted.web._newclient", "HTTP11ClientProtocol", "_finishResponse_WAITING"),
+        ("twisted.web._newclient", "HTTP11ClientProtocol", "_finishResponse_TRANSMITTING"),
+        ("twisted.web.client", "HTTPConnectionPool", "_putConnection"),
+        ("twisted.web.client", "HTTPConnectionPool", "_timeouts"),
+        ("twisted.web.client", "_HTTP11ClientFactory", "__init__"),
+        ("twisted.web.http", "HTTPChannel", "_respondToBadRequestAndDisconnect"),
+        ("twisted.web.http", "HTTPChannel", "_command"),
+        ("twisted.web.http", "HTTPChannel", "_path"),
+        ("twisted.web.http", "HTTPChannel", "_version"),
+        ("twisted.web.http", "HTTPChannel", "_receivedHeaderSize"),
+        ("twisted.web.http", "Request", "_disconnected"),
+    ],
+)
+def test_twisted_http_internals(module, cls, name):
+    klass = getattr(__import__(module, fromlist=[cls]), cls, None)
+    _require(
+        klass is not None and (hasattr(klass, name) or _sets(klass, name)),
+        f"{module}.{cls}.{name}",
+        "Twisted",
+    )

@@ -1,0 +1,176 @@
+"""
+Every private attribute or method of Autobahn and Twisted that the WebSocket
+relay relies on, in one place, each with what it relies on.
+
+Each item is one library release away from a silent break, so each has a test
+in ``tests/test_compat.py`` that fails naming the item when the installed
+library no longer has it; ``pyproject.toml`` pins the ranges. Checked against
+Twisted 26.10 and Autobahn 26.11 (the versions ``make test`` installs).
+Twisted's HTTP client and server internals that the HTTP forwarder subclasses
+are listed in the same test file (they stay in ``http_proxy.py`` and
+``site.py``).
+"""
+
+from __future__ import annotations
+
+from types import FunctionType
+from typing import Any
+
+from autobahn.websocket.protocol import WebSocketProtocol
+from twisted.internet import tcp
+
+# -- Twisted -------------------------------------------------------------------
+
+_TCP = (tcp.Server, tcp.Client)
+
+
+def write_now(transport: Any, data: bytes) -> None:
+    """
+    Write ``data``, sending it at once when the transport has nothing queued.
+
+    Twisted's ``write`` only queues and sends on the next reactor turn (two
+    epoll_ctl calls and one more wake-up per message); asyncio sends at once
+    the same way. TLS and other transports, or a queue already waiting, keep
+    Twisted's path, which also reports any socket error.
+
+    Relies on ``FileDescriptor.dataBuffer``, ``_tempDataLen`` and
+    ``_writeDisconnecting`` (what ``write`` queues, and a pending
+    ``loseWriteConnection``) and ``tcp.Connection.socket``.
+    """
+    if type(transport) in _TCP and transport.connected and not transport.disconnecting:
+        if not transport.dataBuffer and not transport._tempDataLen and not transport._writeDisconnecting:
+            try:
+                sent = transport.socket.send(data)
+            except OSError:
+                sent = 0  # EAGAIN, or an error Twisted's doWrite reports
+            if sent == len(data):
+                return
+            data = data[sent:]
+    transport.write(data)
+
+
+# -- Autobahn: the frame parser and the sender ---------------------------------
+
+#: Autobahn's frame parser fed with bytes already read (``dataReceived`` also
+#: builds debug-log arguments on every call). Relies on
+#: ``WebSocketProtocol._dataReceived(data)``.
+feed = WebSocketProtocol._dataReceived
+
+_SEND_GROUND = WebSocketProtocol.SEND_STATE_GROUND
+
+
+def parser_idle(leg: WebSocketProtocol) -> bool:
+    """
+    Whether Autobahn's parser holds nothing: no buffered bytes, no frame and no
+    message under way, so the next byte starts a new message (the fast path may
+    take it). Relies on ``data``, ``current_frame`` and ``inside_message``.
+    """
+    return not leg.data and leg.current_frame is None and not leg.inside_message
+
+
+def sender_idle(leg: WebSocketProtocol) -> bool:
+    """
+    Whether Autobahn is not between frames of a message it sends and has no
+    chopped data queued, so whole frames may be written past it. Relies on
+    ``send_state`` (``SEND_STATE_GROUND``) and ``send_queue``.
+    """
+    return leg.send_state == _SEND_GROUND and not leg.send_queue
+
+
+def failed_by_me(leg: WebSocketProtocol) -> bool:
+    """Whether Autobahn failed this connection itself (a bad frame, too big). Relies on ``failedByMe``."""
+    return leg.failedByMe
+
+
+def queued_sends(leg: WebSocketProtocol) -> bool:
+    """Whether Autobahn holds chopped or synchronous sends back. Relies on ``send_queue``."""
+    return bool(leg.send_queue)
+
+
+#: Autobahn's close timers, which it keeps after the connection is gone.
+_CLOSE_TIMERS = ("closeHandshakeTimeoutCall", "serverConnectionDropTimeoutCall")
+
+
+def cancel_close_timers(leg: WebSocketProtocol) -> None:
+    """
+    Cancel Autobahn's close timers of a closed leg (it needs none). Relies on
+    ``closeHandshakeTimeoutCall`` and ``serverConnectionDropTimeoutCall``.
+    """
+    for name in _CLOSE_TIMERS:
+        call = getattr(leg, name, None)
+        if call is not None:
+            try:
+                call.cancel()
+            except Exception:
+                pass  # already fired or cancelled
+            setattr(leg, name, None)
+
+
+class LegHooks:
+    """
+    Overrides of Autobahn's private connection hooks shared by both legs.
+
+    ``_connectionLost``: Autobahn's client and server versions first render the
+    reason, with its traceback, for a debug line; this calls the shared part.
+    ``_fail_connection``: Autobahn calls it for every frame it refuses; after it
+    ran, :meth:`failed` tells the relay (the other leg must close at once).
+    """
+
+    def _connectionLost(self, reason) -> None:
+        WebSocketProtocol._connectionLost(self, reason)
+
+    def _fail_connection(self, code: int = 1001, reason: str = "going away") -> None:
+        WebSocketProtocol._fail_connection(self, code, reason)
+        if self.failedByMe:
+            self.failed(code)
+
+    def failed(self, code: int) -> None:
+        """Autobahn failed this leg with ``code``."""
+
+
+class ServerLegHooks:
+    """
+    The client-facing leg's ``_connectionLost``: what Autobahn's server version
+    does (the factory's ``countConnections``, which ``maxConnections`` reads)
+    without its debug rendering. Placed before :class:`LegHooks` in the bases.
+    """
+
+    def _connectionLost(self, reason) -> None:
+        super()._connectionLost(reason)
+        self.factory.countConnections -= 1
+
+
+# -- Autobahn: handshakes ------------------------------------------------------
+
+
+def with_options(protocol: type, factory: Any) -> type:
+    """
+    ``protocol`` with ``factory``'s current Autobahn options as class attributes.
+
+    Autobahn copies some 30 options from the factory onto every new protocol
+    and pretty-prints them all for a debug line, whether or not debug logging
+    is on: about a third of a handshake's CPU, and a dict entry each per open
+    connection. Relies on ``CONFIG_ATTRS`` (the names copied, read in
+    ``_connectionMade``): emptied here, the copy is skipped.
+    """
+    options: dict[str, Any] = {"CONFIG_ATTRS": ()}
+    for name in protocol.CONFIG_ATTRS:
+        value = getattr(factory, name)
+        options[name] = staticmethod(value) if isinstance(value, FunctionType) else value
+    return type(protocol.__name__, (protocol,), options)
+
+
+def parse_extensions(protocol: WebSocketProtocol, header: str) -> list[tuple[str, dict]]:
+    """
+    A ``Sec-WebSocket-Extensions`` value as (name, parameters) pairs, as
+    Autobahn parses it. Relies on ``WebSocketProtocol._parseExtensionsHeader``.
+    """
+    return protocol._parseExtensionsHeader(header)
+
+
+#: What the upstream leg's own ``startHandshake`` and ``processHandshake``
+#: share with Autobahn's client: the key it sent (``websocket_key``, checked
+#: against ``Sec-WebSocket-Accept``), the request it wrote
+#: (``http_request_data``), the status line of the answer
+#: (``http_status_line``) and the bytes read so far (``data``).
+CLIENT_HANDSHAKE_ATTRS = ("websocket_key", "http_request_data", "http_status_line", "data")
