@@ -26,9 +26,11 @@ from pathlib import Path
 
 import jwt
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 from websockets.sync.client import connect as ws_connect
 
 from tests.e2e.test_operations_e2e import GUARD, LISTENING, _gateway, _Process
+from tests.redis_server import free_port
 
 pytestmark = pytest.mark.no_reactor_check
 
@@ -53,11 +55,11 @@ KEYS_WITH_ALG = [
 class Provider:
     """oidc-provider on a free loopback port, stopped by its PID."""
 
-    def __init__(self, tmp_path: Path, keys: list[dict]) -> None:
+    def __init__(self, tmp_path: Path, keys: list[dict], port: int = 0) -> None:
         node = shutil.which("node")
         assert node, "node is needed (make test installs it with the test tools)"
         assert (PROVIDER_DIR / "node_modules" / "oidc-provider").is_dir(), "run make test: it installs tests/oidc"
-        self.process = _Process([node, str(PROVIDER_DIR / "provider.mjs"), json.dumps(keys)], tmp_path)
+        self.process = _Process([node, str(PROVIDER_DIR / "provider.mjs"), json.dumps(keys), str(port)], tmp_path)
         self.port = int(self.process.out.wait_for(r"^PORT (\d+)").group(1))
         self.issuer = f"http://127.0.0.1:{self.port}"
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -124,21 +126,34 @@ class _StopAtCallback(urllib.request.HTTPRedirectHandler):
 class Stack:
     """The provider, an aiohttp upstream and a twistd gateway with ``oidc_issuer``."""
 
-    def __init__(self, tmp_path: Path, keys: list[dict], *, issuer_suffix: str = "", jwks_refresh: float = 600) -> None:
+    def __init__(
+        self, tmp_path: Path, keys: list[dict] | None, *, issuer_suffix: str = "", jwks_refresh: float = 600
+    ) -> None:
+        """With ``keys`` None the provider is not started: :meth:`start_provider` starts it later."""
+        self._tmp_path = tmp_path
         self._processes: list[_Process] = []
+        self.provider_port = 0
         try:
-            self.provider = Provider(tmp_path, keys)
-            self._processes.append(self.provider.process)
+            if keys is None:
+                self.provider_port = free_port()
+                issuer = f"http://127.0.0.1:{self.provider_port}"
+            else:
+                self.start_provider(keys)
+                issuer = self.provider.issuer
             upstream = _Process([sys.executable, str(Path(__file__).with_name("http_ws_upstream.py"))], tmp_path)
             self._processes.append(upstream)
             upstream_port = int(upstream.out.wait_for(r"^PORT (\d+)").group(1))
-            config = _config(upstream_port, self.provider.issuer + issuer_suffix, jwks_refresh)
+            config = _config(upstream_port, issuer + issuer_suffix, jwks_refresh)
             self.gateway = _gateway(tmp_path, config)
             self._processes.append(self.gateway)
             self.port = int(self.gateway.out.wait_for(LISTENING).group(1))
         except BaseException:
             self.stop()
             raise
+
+    def start_provider(self, keys: list[dict]) -> None:
+        self.provider = Provider(self._tmp_path, keys, self.provider_port)
+        self._processes.append(self.provider.process)
 
     def stop(self) -> None:
         for process in reversed(self._processes):
@@ -238,7 +253,7 @@ def test_an_access_token_for_another_api_of_the_provider_is_refused(stack):
     token = stack.provider.access_token(resource=BILLING)
     assert jwt.decode(token, options={"verify_signature": False})["aud"] == BILLING
     status, body, _ = stack.get("/v1/api/me", token)
-    assert (status, body["error"]) == (401, "invalid_token")
+    assert (status, body["error"], body["detail"]) == (401, "invalid_token", "wrong audience")
 
 
 def test_a_token_without_the_routes_scope_gets_403(stack):
@@ -276,11 +291,11 @@ def test_an_issuer_that_differs_from_the_documents_is_an_outage_not_a_source_of_
 
 def test_key_rotation_while_the_gateway_runs(tmp_path):
     """
-    The provider signs with a new key at once (accepted from the next fetch),
-    then drops the old one (refused from the next fetch after that).
+    The provider signs with a new key, of another type, at once (accepted from
+    the next fetch), then drops the old one (refused from the next fetch after that).
     """
     old = {"kid": "rsa-old", "kty": "RSA"}
-    new = {"kid": "rsa-new", "kty": "RSA"}
+    new = {"kid": "ec-new", "kty": "EC"}
     stack = Stack(tmp_path, [old], jwks_refresh=1)
     try:
         stack.wait_ready()
@@ -288,8 +303,8 @@ def test_key_rotation_while_the_gateway_runs(tmp_path):
         assert stack.get("/v1/api/me", old_token)[0] == 200
 
         stack.provider.rotate([new, old])
-        new_token = stack.provider.access_token()
-        assert jwt.get_unverified_header(new_token)["kid"] == "rsa-new"
+        new_token = stack.provider.access_token("ES256")
+        assert jwt.get_unverified_header(new_token)["kid"] == "ec-new"
         _until(lambda: stack.get("/v1/api/me", new_token)[0] == 200, "the new key accepted")
         assert stack.get("/v1/api/me", old_token)[0] == 200
 
@@ -307,3 +322,30 @@ def _until(condition, what: str) -> None:
     while not condition():
         assert time.monotonic() < deadline, f"never: {what}"
         time.sleep(0.2)
+
+
+def test_a_provider_down_at_start_up_is_an_outage_then_recovers_without_client_traffic(tmp_path):
+    """
+    The gateway starts while the provider is not listening: 503 auth_unavailable
+    with Retry-After and /readyz 503, never 401; once the provider is up, its
+    retries (1, 2, 4 ... s) find the keys with no request needed.
+    """
+    stack = Stack(tmp_path, None)
+    try:
+        stack.logged(r"JWKS fetch from \S+ failed: .*refused")
+        key = ec.generate_private_key(ec.SECP256R1())
+        claims = {"sub": "alice", "aud": CHAT, "iss": f"http://127.0.0.1:{stack.provider_port}", "exp": time.time() + 60}
+        unknown = jwt.encode(claims, key, algorithm="ES256", headers={"kid": "ec-unknown", "typ": "at+jwt"})
+        status, body, response = stack.get("/v1/api/me", unknown)
+        assert (status, body["error"]) == (503, "auth_unavailable")
+        assert response.getheader("WWW-Authenticate") is None
+        assert int(response.getheader("Retry-After")) >= 1
+        assert stack.get("/readyz", "")[0] == 503
+
+        stack.start_provider(KEYS_WITHOUT_ALG)
+        stack.logged(r"JWKS from \S+: 3 keys, after \d+ failed fetches")
+        assert stack.get("/readyz", "")[0] == 200
+        assert stack.get("/v1/api/me", stack.provider.access_token("ES256"))[0] == 200
+        assert stack.get("/v1/api/me", unknown)[0] == 401  # a key the provider does not have
+    finally:
+        stack.stop()

@@ -1,5 +1,6 @@
-// A certified OpenID provider (npm oidc-provider) on a free loopback port, for
-// tests/e2e/test_oidc_provider_e2e.py. It prints "PORT <n>" once listening.
+// A certified OpenID provider (npm oidc-provider) on a loopback port, for
+// tests/e2e/test_oidc_provider_e2e.py:  node provider.mjs KEYS_JSON [PORT]
+// (a free port by default). It prints "PORT <n>" once listening.
 //
 // - client_credentials with resource indicators: client "svc-<ALG>" gets an
 //   RFC 9068 JWT access token (typ at+jwt) signed with ALG, whose aud is the
@@ -100,7 +101,7 @@ const server = http.createServer((req, res) => {
   handle(req, res);
 });
 
-server.listen(0, '127.0.0.1', () => {
+server.listen(Number(process.argv[3] || 0), '127.0.0.1', () => {
   const { port } = server.address();
   provider = build(`http://127.0.0.1:${port}`, initial.map(makeKey));
   handle = provider.callback();
