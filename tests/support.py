@@ -15,7 +15,6 @@ from autobahn.twisted.websocket import (
 )
 from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny
-from autobahn.websocket.xormasker import create_xor_masker
 from twisted.internet import reactor, task
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, serverFromString
@@ -24,6 +23,7 @@ from twisted.web.server import Site
 
 from twisted_gateway.config import parse_config
 from twisted_gateway.resource import GatewayResource
+from twisted_gateway.testing import frame
 from twisted_gateway.ws_relay import _accept_close_frame
 
 LOOPBACK = "tcp:0:interface=127.0.0.1"
@@ -271,18 +271,7 @@ def client_frame(
     opcode: int, payload: bytes, *, fin: bool = True, rsv: int = 0, mask: bytes | None = b"\x0f\x1e\x2d\x3c"
 ) -> bytes:
     """One frame as a browser writes it (``mask=None``: unmasked, which no client may send)."""
-    n = len(payload)
-    head = bytes([(0x80 if fin else 0) | (rsv << 4) | opcode])
-    bit = 0x80 if mask is not None else 0
-    if n < 126:
-        head += bytes([bit | n])
-    elif n < 65536:
-        head += bytes([bit | 126]) + struct.pack("!H", n)
-    else:
-        head += bytes([bit | 127]) + struct.pack("!Q", n)
-    if mask is None:
-        return head + payload
-    return head + mask + (create_xor_masker(mask, n).process(payload) if n else b"")
+    return frame(opcode, payload, fin=fin, rsv=rsv, mask=mask)
 
 
 def server_frames(data: bytes) -> list[tuple[int, bytes]]:

@@ -1,0 +1,254 @@
+"""
+The relay's pairing, closes, limits, pings and rate limit, in memory
+(twisted_gateway.testing: iosim pumps on a MemoryReactorClock): a raw client
+writing frames byte for byte, an Autobahn upstream. What needs real sockets
+(TCP resets, the kernel's buffers, TLS, handshake timing) stays in
+tests/integration/test_ws_relay.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.support import route_config
+from twisted_gateway.testing import (
+    OP_BINARY,
+    OP_CLOSE,
+    OP_CONTINUATION,
+    OP_PING,
+    OP_PONG,
+    OP_TEXT,
+    MemoryRelay,
+    RecordingUpstream,
+    close_code,
+    frame,
+)
+
+MASK = b"\x0f\x1e\x2d\x3c"
+
+
+def config(extra_gateway: str = "") -> str:
+    return route_config(9, extra_gateway)
+
+
+def open_pair(extra_gateway: str = "", upstream: RecordingUpstream | None = None):
+    relay = MemoryRelay(config(extra_gateway), upstream)
+    client = relay.client("/v1/chat/ws")
+    assert client.head.startswith(b"HTTP/1.1 101 ")
+    assert len(relay.registry.pairs) == 1
+    return relay, client, relay.upstream.connections[-1]
+
+
+def closes(client) -> list[tuple[int | None, bytes]]:
+    return [(close_code(p), p[2:]) for op, _, p in client.frames if op == OP_CLOSE]
+
+
+def assert_nothing_left(relay: MemoryRelay) -> None:
+    relay.flush()
+    assert not relay.registry.pairs and not relay.registry.handshakes
+    assert relay.registry.total_active() == 0
+
+
+def test_messages_keep_type_boundaries_and_order_both_ways():
+    """Text stays text, binary stays binary, empty and large messages pass, in order."""
+    relay, client, server = open_pair()
+    sent = [
+        (b"hello", False),
+        (b"", False),
+        (b"\x00\x01\xff", True),
+        (b"", True),
+        ("caf\u00e9 \u2603".encode(), False),
+        (b"x" * 300_000, True),
+        (b"y" * 70_000, False),
+    ]
+    for payload, binary in sent:
+        client.send(frame(OP_BINARY if binary else OP_TEXT, payload, mask=MASK))
+    relay.flush()
+    assert server.messages == sent
+    echoed = [(p, op == OP_BINARY) for op, _, p in client.frames]
+    # the large echoes stream back in frames: join them into messages
+    messages, current = [], None
+    for op, fin, payload in client.frames:
+        if op in (OP_TEXT, OP_BINARY):
+            current = [payload, op == OP_BINARY]
+        else:
+            current[0] += payload
+        if fin:
+            messages.append(tuple(current))
+    assert messages == sent, echoed[:3]
+    client.send(frame(OP_CLOSE, b"\x03\xe8", mask=MASK))
+    assert_nothing_left(relay)
+
+
+CLOSE_CODES = [1000, 1001, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014, 3000, 4000, 4999]
+
+
+@pytest.mark.parametrize("code", CLOSE_CODES)
+def test_client_close_code_and_reason_reach_the_upstream(code):
+    """Every code a client may legally send reaches the upstream with its reason."""
+    relay, client, server = open_pair()
+    client.send(frame(OP_CLOSE, code.to_bytes(2, "big") + b"bye %d" % code, mask=MASK))
+    relay.flush()
+    assert server.close_received == (code, f"bye {code}")
+    assert len(closes(client)) == 1  # the upstream's reply, relayed
+    assert client.closed
+    assert_nothing_left(relay)
+
+
+@pytest.mark.parametrize("code", CLOSE_CODES)
+def test_upstream_close_code_and_reason_reach_the_client(code):
+    """Every code an upstream may legally send reaches the client with its reason."""
+    relay, client, server = open_pair()
+    server.sendCloseFrame(code, b"up %d" % code)
+    relay.flush()
+    assert closes(client) == [(code, b"up %d" % code)]
+    client.send(frame(OP_CLOSE, code.to_bytes(2, "big"), mask=MASK))
+    relay.flush()
+    assert server.close_received is not None  # the gateway answered the upstream's close
+    assert_nothing_left(relay)
+
+
+@pytest.mark.parametrize("code", [999, 1005, 1016, 2999, 5000])
+def test_invalid_close_code_is_not_relayed(code):
+    """A client's illegal close code fails its own leg; the upstream gets 1001, never the bad code."""
+    relay, client, server = open_pair()
+    client.send(frame(OP_CLOSE, code.to_bytes(2, "big") + b"bad", mask=MASK))
+    relay.flush()
+    assert server.close == (1001, "going away")
+    assert closes(client)[0][0] == 1002
+    assert_nothing_left(relay)
+
+
+def test_upstream_lost_without_close_gives_client_1014():
+    """An upstream whose connection ends without a close frame: the client gets 1014."""
+    relay, client, server = open_pair()
+    server.transport.loseConnection()
+    relay.flush()
+    assert closes(client)[0][0] == 1014
+
+
+def test_client_lost_without_close_gives_upstream_1001():
+    """A client whose connection ends without a close frame: the upstream gets 1001."""
+    relay, client, server = open_pair()
+    client.transport.loseConnection()
+    relay.flush()
+    assert server.close[0] == 1001
+    assert_nothing_left(relay)
+
+
+def test_oversize_message_closes_sender_1009_and_other_side_1001():
+    """A message over ws_max_message_size: its sender gets 1009, the upstream 1001."""
+    relay, client, server = open_pair("ws_max_message_size = 1000")
+    client.send(frame(OP_BINARY, b"x" * 1000, mask=MASK))  # exactly the limit passes
+    relay.flush()
+    assert client.frames == [(OP_BINARY, True, b"x" * 1000)]
+    client.send(frame(OP_BINARY, b"x" * 1001, mask=MASK))
+    relay.flush()
+    assert closes(client)[0][0] == 1009
+    assert server.close[0] == 1001
+
+
+def test_oversize_fragmented_message_closes_sender_1009():
+    """The limit counts a fragmented message's running total."""
+    relay, client, server = open_pair("ws_max_message_size = 1000")
+    client.send(frame(OP_TEXT, b"a" * 600, fin=False, mask=MASK))
+    client.send(frame(OP_CONTINUATION, b"b" * 600, mask=MASK))
+    relay.flush()
+    assert closes(client)[0][0] == 1009
+    assert server.close[0] == 1001
+    assert server.messages == []
+
+
+def test_oversize_message_from_upstream_closes_it_1009_and_client_1001():
+    """The limit holds the other way round too."""
+    relay, client, server = open_pair("ws_max_message_size = 1000")
+    server.sendMessage(b"y" * 5000)
+    relay.flush()
+    assert server.close[0] == 1009
+    assert closes(client)[0][0] == 1001
+
+
+def test_pings_are_answered_while_relaying_continues():
+    """A ping from either peer gets a pong from the gateway; messages keep flowing."""
+    relay, client, server = open_pair()
+    pongs: list[bytes] = []
+    server.onPong = pongs.append
+    client.send(frame(OP_PING, b"c1", mask=MASK))
+    server.sendPing(b"u1")
+    client.send(frame(OP_TEXT, b"still here", mask=MASK))
+    relay.flush()
+    assert (OP_PONG, True, b"c1") in client.frames
+    assert (OP_TEXT, True, b"still here") in client.frames
+    assert pongs == [b"u1"]
+    assert (OP_PING, True, b"u1") not in client.frames  # answered by the gateway, not relayed
+
+
+def test_keepalive_drops_a_silent_client_and_closes_the_upstream_1011():
+    """A client that answers no keepalive ping is dropped after ws_ping_timeout; the upstream gets 1011."""
+    relay, client, server = open_pair("ws_ping_interval = 30\nws_ping_timeout = 10")
+    relay.clock.advance(30)
+    relay.flush()
+    assert (OP_PING, True, b"wsgateway") in client.frames
+    relay.clock.advance(10)
+    relay.flush()
+    assert server.close == (1011, "peer unresponsive")
+    assert client.closed
+    assert_nothing_left(relay)
+
+
+def test_keepalive_keeps_a_client_that_answers():
+    relay, client, server = open_pair("ws_ping_interval = 30\nws_ping_timeout = 10")
+    for _ in range(3):
+        relay.clock.advance(30)
+        relay.flush()
+        client.send(frame(OP_PONG, b"wsgateway", mask=MASK))
+        relay.flush()
+        relay.clock.advance(10)
+        relay.flush()
+    assert server.close is None and not client.closed
+
+
+def test_client_over_ws_rate_limit_is_closed_1008_on_both_legs():
+    """Past its burst, a client sending faster than ws_rate_limit gets 1008, and so does the upstream."""
+    relay, client, server = open_pair("ws_rate_limit = 2\nws_rate_burst = 3")
+    calm = relay.client("/v1/chat/ws?room=calm")
+    calm_server = relay.upstream.connections[-1]
+    for i in range(3):
+        client.send(frame(OP_TEXT, b"m%d" % i, mask=MASK))
+    relay.flush()
+    relay.clock.advance(0.5)  # one more message's worth
+    client.send(frame(OP_TEXT, b"m3", mask=MASK))
+    for i in range(4, 8):
+        client.send(frame(OP_TEXT, b"m%d" % i, mask=MASK))
+    relay.flush()
+    assert [m for m, _ in server.messages] == [b"m0", b"m1", b"m2", b"m3"]
+    assert closes(client) == [(1008, b"rate limit exceeded")]
+    assert server.close == (1008, "rate limit exceeded")
+    client.send(frame(OP_CLOSE, b"\x03\xf0", mask=MASK))  # the close handshake completes
+    calm.send(frame(OP_TEXT, b"still here", mask=MASK))
+    relay.flush()
+    assert calm_server.messages == [(b"still here", False)]
+    counters = relay.resource.metrics.route("chat")
+    assert counters.limit_rejections == {"ws_rate_limit": 1}
+    assert ("gateway", "1008", "rate_limit") in counters.closes
+
+
+def test_ws_rate_limit_counts_fragmented_messages_too():
+    """Messages Autobahn reassembles (fragments) count against the rate like whole frames."""
+    relay, client, server = open_pair("ws_rate_limit = 1\nws_rate_burst = 2", RecordingUpstream(echo=False))
+    for i in range(3):
+        client.send(frame(OP_TEXT, b"part-%d-" % i, fin=False, mask=MASK))
+        client.send(frame(OP_CONTINUATION, b"end", mask=MASK))
+    relay.flush()
+    assert closes(client) == [(1008, b"rate limit exceeded")]
+    assert [m for m, _ in server.messages] == [b"part-0-end", b"part-1-end"]
+
+
+def test_frames_split_at_every_byte_pass_unchanged():
+    """A burst of frames delivered one byte per read reaches the upstream message for message."""
+    relay, client, server = open_pair()
+    data = b"".join(frame(OP_TEXT, b"msg %d" % i, mask=MASK) for i in range(5))
+    for i in range(len(data)):
+        client.send(data[i : i + 1])
+        relay.flush()
+    assert [m for m, _ in server.messages] == [b"msg %d" % i for i in range(5)]
