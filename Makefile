@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 TOOLS := .tools
 CONFIG ?= tap.cfg
 
-.PHONY: run test test-deploy check clean bench bench-quick conformance conformance-quick soak soak-quick screenshots test-js
+.PHONY: run test test-deploy check clean fuzz bench bench-quick conformance conformance-quick soak soak-quick screenshots test-js
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,10 @@ test: $(VENV)/.installed-test $(TOOLS)/node_modules/.bin/wscat $(TOOLS)/node_mod
 # The browser client's reconnect rules (wsgateway-client.js), in Node's own test runner.
 test-js:
 	node --test tests/js/
+
+# The relay's fast path against Autobahn's parsing, long (FUZZ_EXAMPLES, default 20000).
+fuzz: $(VENV)/.installed-test
+	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest -q tests/test_relay_differential.py $(PYTEST_ARGS)
 
 # A rolling restart behind HAProxy (Debian's haproxy package) under load.
 test-deploy: $(VENV)/.installed-test
