@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import io
-import ipaddress
 import sys
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
@@ -31,12 +30,6 @@ from typing import Any, Iterable, Sequence
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectError, ConnectionRefusedError, DNSLookupError
 from twisted.internet.error import TimeoutError as ConnectTimeout
-from twisted.internet.endpoints import (
-    HostnameEndpoint,
-    TCP4ClientEndpoint,
-    TCP6ClientEndpoint,
-    wrapClientTLS,
-)
 from twisted.internet.interfaces import (
     IPushProducer,
     IReactorTime,
@@ -98,6 +91,7 @@ from twisted_gateway.headers import (
 from twisted_gateway.logs import redact_query
 from twisted_gateway.streaming import StreamingBody
 from twisted_gateway._compat import write_now
+from twisted_gateway.connector import upstream_endpoint
 from twisted_gateway.sockets import TCPKeepalive, set_keepalive
 from twisted_gateway.tls import describe_tls_failure
 from twisted_gateway.upstreams import InstanceRegistry, UpstreamPool, may_retry
@@ -696,27 +690,10 @@ class UpstreamEndpoints:
         if endpoint is None:
             if uri.scheme not in (b"http", b"https"):
                 raise SchemeNotSupported(f"unsupported scheme: {uri.scheme!r}")
-            endpoint = _tcp_endpoint(self._reactor, uri.host, uri.port, self._connect_timeout)
-            if uri.scheme == b"https":
-                creator = self._tls_policy.creatorForNetloc(uri.host, uri.port)
-                endpoint = wrapClientTLS(creator, endpoint)
+            tls = self._tls_policy if uri.scheme == b"https" else None
+            endpoint = upstream_endpoint(self._reactor, uri.host, uri.port, self._connect_timeout, tls)
             self._endpoints[key] = endpoint
         return endpoint
-
-
-def _tcp_endpoint(reactor, host: bytes, port: int, timeout: float) -> IStreamClientEndpoint:
-    """
-    An IP literal is connected directly: ``HostnameEndpoint`` would resolve it
-    in a thread on every connection, and when file descriptors run out that
-    resolution fails as a DNS error, blaming the upstream. Names resolve.
-    """
-    try:
-        address = ipaddress.ip_address(host.decode("ascii").strip("[]"))
-    except (UnicodeDecodeError, ValueError):
-        return HostnameEndpoint(reactor, host, port, timeout=timeout)
-    if address.version == 4:
-        return TCP4ClientEndpoint(reactor, str(address), port, timeout=timeout)
-    return TCP6ClientEndpoint(reactor, str(address), port, timeout=timeout)
 
 
 @dataclass(frozen=True)

@@ -41,10 +41,10 @@ from twisted_gateway.upstreams import (
     upstream_failures,
     upstream_states,
 )
+from twisted_gateway.connector import endpoint_connector
 from twisted_gateway.ws_proxy import (
     HandshakeContext,
     RelayServerFactory,
-    endpoint_connector,
     hand_over,
 )
 from twisted_gateway.ws_relay import KeepAlive, RelayRegistry

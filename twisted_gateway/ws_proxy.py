@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import copy
-import ipaddress
 import os
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
@@ -846,43 +845,3 @@ def hand_over(request, factory: RelayServerFactory, context: HandshakeContext):
         data.append(name + b": " + b", ".join(values))
     protocol.dataReceived(b"\r\n".join(data) + b"\r\n\r\n" + request.content.read())
     return NOT_DONE_YET
-
-
-def endpoint_connector(
-    reactor, timeout: float, tls_policy: Any = None
-) -> Callable[[WebSocketClientFactory], Deferred]:
-    """
-    Connect an upstream factory over TCP, or TLS for ``wss://``: ``tls_policy``
-    (an ``IPolicyForHTTPS``, e.g. ``tls.UpstreamTLSPolicy``) gives the
-    connection creator for the host and port; by default the system trust
-    store verifies the certificate and host name.
-    """
-    from twisted.internet.endpoints import wrapClientTLS
-    from twisted.web.client import BrowserLikePolicyForHTTPS
-
-    policy = tls_policy if tls_policy is not None else BrowserLikePolicyForHTTPS()
-
-    def connect(factory: WebSocketClientFactory) -> Deferred:
-        endpoint = _tcp_endpoint(reactor, factory.host, factory.port, timeout)
-        if factory.isSecure:
-            creator = policy.creatorForNetloc(factory.host.encode("idna"), factory.port)
-            endpoint = wrapClientTLS(creator, endpoint)
-        return endpoint.connect(factory)
-
-    return connect
-
-
-def _tcp_endpoint(reactor, host: str, port: int, timeout: float):
-    """
-    An IP literal connects directly: ``HostnameEndpoint`` would resolve it in a
-    thread on every handshake (a third of a handshake's CPU). Names resolve.
-    """
-    from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
-
-    try:
-        address = ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        return HostnameEndpoint(reactor, host, port, timeout=timeout)
-    if address.version == 4:
-        return TCP4ClientEndpoint(reactor, str(address), port, timeout=timeout)
-    return TCP6ClientEndpoint(reactor, str(address), port, timeout=timeout)

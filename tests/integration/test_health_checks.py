@@ -20,7 +20,7 @@ from twisted.web.server import NOT_DONE_YET, Site
 from tests.support import Upstream, listen
 from twisted_gateway.health import HealthChecker
 from twisted_gateway.upstreams import InstanceRegistry, UpstreamPool
-from twisted_gateway.ws_proxy import endpoint_connector
+from twisted_gateway.connector import endpoint_connector
 
 INTERVAL = 5
 

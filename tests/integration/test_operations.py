@@ -41,7 +41,7 @@ from twisted_gateway.config import parse_config
 from twisted_gateway.http_proxy import HTTPForwarder
 from twisted_gateway.resource import GatewayResource
 from twisted_gateway.site import build_site
-from twisted_gateway.ws_proxy import endpoint_connector
+from twisted_gateway.connector import endpoint_connector
 
 #: A guard against a hang, not a speed assertion.
 GUARD = 10

@@ -1,0 +1,67 @@
+"""
+How the gateway reaches an upstream, shared by the HTTP forwarder
+(``http_proxy.UpstreamEndpoints``) and the WebSocket relay
+(:func:`endpoint_connector`): TCP, with TLS for https and wss.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any, Callable
+
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    wrapClientTLS,
+)
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.web.client import BrowserLikePolicyForHTTPS
+
+
+def tcp_endpoint(reactor, host: bytes, port: int, timeout: float) -> IStreamClientEndpoint:
+    """
+    An IP literal is connected directly: ``HostnameEndpoint`` would resolve it
+    in a thread on every connection (a third of a WebSocket handshake's CPU),
+    and when file descriptors run out that resolution fails as a DNS error,
+    blaming the upstream. Names resolve.
+    """
+    try:
+        address = ipaddress.ip_address(host.decode("ascii").strip("[]"))
+    except (UnicodeDecodeError, ValueError):
+        return HostnameEndpoint(reactor, host, port, timeout=timeout)
+    if address.version == 4:
+        return TCP4ClientEndpoint(reactor, str(address), port, timeout=timeout)
+    return TCP6ClientEndpoint(reactor, str(address), port, timeout=timeout)
+
+
+def upstream_endpoint(
+    reactor, host: bytes, port: int, timeout: float, tls_policy: Any = None
+) -> IStreamClientEndpoint:
+    """
+    The endpoint of one upstream: TCP, wrapped in TLS when ``tls_policy`` (an
+    ``IPolicyForHTTPS``) is given, which makes the connection creator for the
+    host and port (certificate and host name checks).
+    """
+    endpoint = tcp_endpoint(reactor, host, port, timeout)
+    if tls_policy is not None:
+        endpoint = wrapClientTLS(tls_policy.creatorForNetloc(host, port), endpoint)
+    return endpoint
+
+
+def endpoint_connector(reactor, timeout: float, tls_policy: Any = None) -> Callable[[Any], Deferred]:
+    """
+    The WebSocket relay's connector: connects a per-handshake upstream factory
+    (Autobahn's ``WebSocketClientFactory``) over TCP, or TLS for ``wss://``
+    with ``tls_policy`` (by default the system trust store verifies the
+    certificate and host name); fires with the upstream leg.
+    """
+    policy = tls_policy if tls_policy is not None else BrowserLikePolicyForHTTPS()
+
+    def connect(factory: Any) -> Deferred:
+        host = factory.host.encode("idna")
+        endpoint = upstream_endpoint(reactor, host, factory.port, timeout, policy if factory.isSecure else None)
+        return endpoint.connect(factory)
+
+    return connect
