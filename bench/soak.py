@@ -284,6 +284,7 @@ class Harness:
         self.record["metrics"] = await self.metrics()
         self.record["tally"] = load.tally.as_dict()
         if self.probe_memory:
+            (self.workdir / "collect").touch()
             self.probe()
             await sleep(1)
             path = self.workdir / "memory.jsonl"

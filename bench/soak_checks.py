@@ -336,6 +336,11 @@ def _probe_lines(record: dict[str, Any]) -> list[str]:
                        key=lambda kv: -kv[1])[:8]
         out += ["", "Live objects by type, largest growth: "
                 + ", ".join(f"{n} {d:+,} ({t_end['types'][n]:,})" for n, d in grown)]
+    if "types_after_collect" in end:
+        after = end["types_after_collect"]
+        out += ["", f"After the storm, gc.collect() found {end['collected']:,} objects in unreachable cycles"
+                f" (RSS {end['rss'] / mib:.2f} -> {end['rss_after_collect'] / mib:.2f} MiB); still live: "
+                + ", ".join(f"{n} {after.get(n, 0):,}" for n, _ in grown)]
     return out + [""]
 
 

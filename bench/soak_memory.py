@@ -9,7 +9,8 @@ On SIGUSR2 the process appends a JSON line to ``$SOAK_MEMORY_DIR/memory.jsonl``.
   load): RSS, the blocks Python's allocator has handed out
   (``sys.getallocatedblocks``), what glibc's malloc has in use, keeps free and
   has mapped (``mallinfo2``, over all its arenas), the process's threads, and
-  on every sixth line the count of live objects by type.
+  on every sixth line the count of live objects by type; the harness's last
+  line also collects cyclic garbage and counts again.
 - ``--trace-memory`` (tracemalloc, slow): collects cyclic garbage, saves a
   snapshot to ``$SOAK_MEMORY_DIR/snapshot-N``, and writes RSS and the bytes
   Python's live allocations hold; when ``$SOAK_MEMORY_DIR/trim`` exists, RSS
@@ -105,6 +106,10 @@ def trace(signum, frame) -> None:
 probes = 0
 
 
+def types() -> dict[str, int]:
+    return dict(Counter(type(o).__name__ for o in gc.get_objects()).most_common(60))
+
+
 def probe(signum, frame) -> None:
     global probes
     info = LIBC.mallinfo2()
@@ -122,8 +127,12 @@ def probe(signum, frame) -> None:
         "malloc_arena": info.arena,
         "threads": len(os.listdir("/proc/self/task")),
     }
-    if probes % 6 == 0:
-        line["types"] = dict(Counter(type(o).__name__ for o in gc.get_objects()).most_common(60))
+    if probes % 6 == 0 or (OUT / "collect").exists():
+        line["types"] = types()
+    if (OUT / "collect").exists():  # the last line: what of it was garbage not yet collected
+        line["collected"] = gc.collect()
+        line["types_after_collect"] = types()
+        line["rss_after_collect"] = rss()
     probes += 1
     write(line)
 

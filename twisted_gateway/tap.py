@@ -69,7 +69,7 @@ def makeService(options: Options):
 
     from twisted_gateway.service import GatewayService
 
-    from twisted_gateway import workers
+    from twisted_gateway import allocator, workers
 
     settings: Settings = options["settings"]
     env = workers.worker_environment()
@@ -107,6 +107,7 @@ def makeService(options: Options):
     # as long as the process: leave it out of the collector's full passes, which
     # otherwise rescan it all (tens of ms each, a pause for every connection).
     reactor.callWhenRunning(gc.freeze)
+    allocator.fix_mmap_threshold()
     return service
 
 
