@@ -9,18 +9,41 @@ rather than given back. Under a mixed load the process's memory then creeps
 up for hours without anything being held. A fixed threshold keeps blocks of
 ``MMAP_THRESHOLD`` or more in their own mappings, returned to the system when
 freed, as they were before the first one was freed.
+
+Smaller blocks still leave free pages scattered through the heap when a burst
+of connections ends; glibc gives back only the free top of the heap.
+:class:`Trimmer` asks it every ``TRIM_INTERVAL`` seconds (``malloc_trim``, a
+millisecond or so) to return every whole free page, so memory freed after a
+burst goes back to the system instead of counting against the host.
 """
 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import sys
+from typing import Any, Callable
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
 
 #: Blocks this large or larger get their own mapping (glibc's own starting value).
 MMAP_THRESHOLD = 128 * 1024
 _M_MMAP_THRESHOLD = -3
+#: Seconds between two requests to glibc to return its whole free pages.
+TRIM_INTERVAL = 10.0
+
+
+def _libc() -> Any:
+    """glibc, or None (another C library, another system)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")  # glibc's name on every Linux it runs
+        libc.mallopt, libc.malloc_trim  # noqa: B018 - glibc has both, musl neither
+    except (OSError, AttributeError):
+        return None
+    return libc
 
 
 def fix_mmap_threshold(environ: dict[str, str] = os.environ) -> bool:
@@ -28,11 +51,30 @@ def fix_mmap_threshold(environ: dict[str, str] = os.environ) -> bool:
     Pin glibc's mmap threshold; True if it was set. Nothing is done off glibc
     or when the operator chose a value with ``MALLOC_MMAP_THRESHOLD_``.
     """
-    if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in environ:
+    libc = _libc()
+    if libc is None or "MALLOC_MMAP_THRESHOLD_" in environ:
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # musl, or no libc by that name
-        return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+
+
+class Trimmer:
+    """Every ``interval`` s, ``trim()`` (glibc's ``malloc_trim(0)``) until :meth:`stop`."""
+
+    def __init__(self, clock: IReactorTime, trim: Callable[[], object], interval: float = TRIM_INTERVAL) -> None:
+        self._loop = LoopingCall(trim)
+        self._loop.clock = clock
+        self._interval = interval
+
+    @classmethod
+    def for_glibc(cls, clock: IReactorTime) -> Trimmer | None:
+        """A trimmer of this process's malloc, or None off glibc."""
+        libc = _libc()
+        return None if libc is None else cls(clock, lambda: libc.malloc_trim(0))
+
+    def start(self) -> None:
+        if not self._loop.running:
+            self._loop.start(self._interval, now=False)
+
+    def stop(self) -> None:
+        if self._loop.running:
+            self._loop.stop()

@@ -108,6 +108,10 @@ def makeService(options: Options):
     # otherwise rescan it all (tens of ms each, a pause for every connection).
     reactor.callWhenRunning(gc.freeze)
     allocator.fix_mmap_threshold()
+    trimmer = allocator.Trimmer.for_glibc(reactor)
+    if trimmer is not None:
+        reactor.callWhenRunning(trimmer.start)
+        reactor.addSystemEventTrigger("before", "shutdown", trimmer.stop)
     return service
 
 
