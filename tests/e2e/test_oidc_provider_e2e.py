@@ -72,6 +72,11 @@ class Provider:
         request = urllib.request.Request(f"{self.issuer}/_test/keys", json.dumps({"keys": keys}).encode(), method="POST")
         assert self._opener.open(request, timeout=GUARD).status == 204
 
+    def break_jwks(self, answer: str | None) -> None:
+        """Make the JWKS endpoint answer 500, an HTML page or nothing ("hang"); None mends it."""
+        request = urllib.request.Request(f"{self.issuer}/_test/jwks", json.dumps({"answer": answer}).encode(), method="POST")
+        assert self._opener.open(request, timeout=GUARD).status == 204
+
     def access_token(self, alg: str = "RS256", resource: str = CHAT, scope: str = "chat:read chat:write") -> str:
         """An RFC 9068 access token from client_credentials with a resource indicator."""
         form = {"grant_type": "client_credentials", "resource": resource, "scope": scope}
@@ -127,9 +132,18 @@ class Stack:
     """The provider, an aiohttp upstream and a twistd gateway with ``oidc_issuer``."""
 
     def __init__(
-        self, tmp_path: Path, keys: list[dict] | None, *, issuer_suffix: str = "", jwks_refresh: float = 600
+        self,
+        tmp_path: Path,
+        keys: list[dict] | None,
+        *,
+        issuer_suffix: str = "",
+        jwks_refresh: float = 600,
+        jwks_answer: str | None = None,
     ) -> None:
-        """With ``keys`` None the provider is not started: :meth:`start_provider` starts it later."""
+        """
+        With ``keys`` None the provider is not started: :meth:`start_provider`
+        starts it later. ``jwks_answer`` breaks its JWKS before the gateway starts.
+        """
         self._tmp_path = tmp_path
         self._processes: list[_Process] = []
         self.provider_port = 0
@@ -140,6 +154,8 @@ class Stack:
             else:
                 self.start_provider(keys)
                 issuer = self.provider.issuer
+                if jwks_answer is not None:
+                    self.provider.break_jwks(jwks_answer)
             upstream = _Process([sys.executable, str(Path(__file__).with_name("http_ws_upstream.py"))], tmp_path)
             self._processes.append(upstream)
             upstream_port = int(upstream.out.wait_for(r"^PORT (\d+)").group(1))
@@ -347,5 +363,33 @@ def test_a_provider_down_at_start_up_is_an_outage_then_recovers_without_client_t
         assert stack.get("/readyz", "")[0] == 200
         assert stack.get("/v1/api/me", stack.provider.access_token("ES256"))[0] == 200
         assert stack.get("/v1/api/me", unknown)[0] == 401  # a key the provider does not have
+    finally:
+        stack.stop()
+
+
+@pytest.mark.parametrize(
+    ("answer", "reason"), [("500", "HTTP 500"), ("html", "not a JSON document"), ("hang", "timed out after 10 s")]
+)
+def test_a_broken_jwks_at_start_up_is_an_outage_then_recovers_without_client_traffic(tmp_path, answer, reason):
+    """
+    The provider issues tokens but its JWKS answers 500, HTML or nothing: its
+    good tokens get 503 auth_unavailable (never a 401 telling clients to drop
+    them), /readyz 503, one log line naming the reason; mended, the retries
+    alone find the keys.
+    """
+    stack = Stack(tmp_path, KEYS_WITHOUT_ALG, jwks_answer=answer)
+    try:
+        token = stack.provider.access_token()
+        status, body, response = stack.get("/v1/api/me", token)
+        assert (status, body["error"]) == (503, "auth_unavailable")
+        assert response.getheader("WWW-Authenticate") is None
+        assert int(response.getheader("Retry-After")) >= 1
+        assert stack.get("/readyz", "")[0] == 503
+        stack.logged(rf"JWKS fetch from \S+/jwks failed: {reason}")
+
+        stack.provider.break_jwks(None)
+        stack.logged(r"JWKS from \S+: 3 keys, after \d+ failed fetches")
+        assert stack.get("/readyz", "")[0] == 200
+        assert stack.get("/v1/api/me", token)[:2] == (200, {"pong": "/v1/api/me"})
     finally:
         stack.stop()

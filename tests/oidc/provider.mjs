@@ -12,6 +12,9 @@
 //   port, and the first key that can sign an algorithm signs it. A kid named
 //   again is the same key. Keys come without "alg" unless one is given, as
 //   oidc-provider publishes them.
+// - POST /_test/jwks {"answer": "500" | "html" | "hang" | null}: the JWKS endpoint
+//   breaks (HTTP 500, an HTML page, no answer) until set back to null, while
+//   discovery and the token endpoint keep working.
 import { generateKeyPairSync } from 'node:crypto';
 import http from 'node:http';
 
@@ -82,20 +85,38 @@ function build(issuer, keys) {
 const initial = JSON.parse(process.argv[2] || '[{"kid": "rsa-1", "kty": "RSA"}]');
 let provider;
 let handle;
+let jwksAnswer = null;
+
+function readJSON(req, then) {
+  let body = '';
+  req.on('data', (chunk) => { body += chunk; });
+  req.on('end', () => then(JSON.parse(body)));
+}
+
+function brokenJwks(res) {
+  if (jwksAnswer === '500') res.writeHead(500, { 'content-type': 'text/plain' }).end('internal error');
+  else if (jwksAnswer === 'html') res.writeHead(200, { 'content-type': 'text/html' }).end('<html><body>Maintenance</body></html>');
+  // "hang": never answer
+}
 
 const server = http.createServer((req, res) => {
   if (req.method === 'POST' && req.url === '/_test/keys') {
-    let body = '';
-    req.on('data', (chunk) => { body += chunk; });
-    req.on('end', () => {
-      try {
-        provider = build(provider.issuer, JSON.parse(body).keys.map(makeKey));
-        handle = provider.callback();
-        res.writeHead(204).end();
-      } catch (error) {
-        res.writeHead(400, { 'content-type': 'text/plain' }).end(String(error));
-      }
+    readJSON(req, ({ keys }) => {
+      provider = build(provider.issuer, keys.map(makeKey));
+      handle = provider.callback();
+      res.writeHead(204).end();
     });
+    return;
+  }
+  if (req.method === 'POST' && req.url === '/_test/jwks') {
+    readJSON(req, ({ answer }) => {
+      jwksAnswer = answer;
+      res.writeHead(204).end();
+    });
+    return;
+  }
+  if (jwksAnswer && req.url.split('?')[0] === '/jwks') {
+    brokenJwks(res);
     return;
   }
   handle(req, res);
