@@ -20,12 +20,15 @@ class _Leg:
 
 
 class _Pair(_Leg):
-    """The client leg, which keeps the pair (as RelayServerProtocol does)."""
+    """A ws_pair.Pair whose client leg stands for itself."""
 
     def __init__(self) -> None:
         super().__init__("client")
         self.partner = _Leg("upstream")
         self.slow: list[str] = []
+
+    def legs(self) -> tuple[_Leg, _Leg]:
+        return (self, self.partner)
 
     def slow_consumer(self, leg: _Leg) -> None:
         self.slow.append(leg.name)

@@ -79,8 +79,8 @@ class SendTimeout:
         """One look at every open leg."""
         now = self.clock.seconds()
         for pair in list(self.registry.pairs):
-            for leg in (pair, pair.partner):
-                if leg is None or leg.state != OPEN or leg.transport is None:
+            for leg in pair.legs():
+                if leg.state != OPEN or leg.transport is None:
                     continue
                 waiting, acked = self.probe(leg.transport)
                 if not waiting:

@@ -1,11 +1,12 @@
 """
-The WebSocket relay: a pair of Autobahn protocols joined back to back.
+The WebSocket relay's handshake: a pair of Autobahn protocols joined back to back.
 
 The client-facing :class:`RelayServerProtocol` answers a handshake only after
 its upstream :class:`RelayClientProtocol` has finished its own, so the client
 sees the upstream's subprotocol, compression and refusals. This module is the
-opening of a pair (auth, choice of instance, retries, refusals as JSON) and its
-end (cleanup, metrics, the session log); :mod:`ws_relay` is the data path.
+opening of a pair (auth, choice of instance, retries, refusals as JSON);
+:mod:`ws_pair` owns the pair and how it ends, :mod:`ws_relay` is the data path,
+:mod:`connector` reaches the upstream.
 """
 
 from __future__ import annotations
@@ -65,27 +66,18 @@ from twisted_gateway.headers import (
     upstream_origins,
     upstream_request_headers,
 )
-from twisted_gateway.rate_limit import TokenBucket, burst_for
+from twisted_gateway.rate_limit import burst_for
 from twisted_gateway.refusals import Refusal, parse_head, refusal_body
 from twisted_gateway.metrics import Metrics
 from twisted_gateway.routing import upstream_url
 from twisted_gateway.tls import describe_tls_failure
 from twisted_gateway.upstreams import UpstreamPool
+from twisted_gateway.ws_pair import Pair
 from twisted_gateway.ws_relay import (
     CLIENT_LOST,
-    CLIENT_STALLED,
     CLOSED,
-    LEG_BUFFER_SIZE,
-    OPEN,
-    RATE_LIMITED,
-    SLOW_CONSUMER,
-    TOKEN_EXPIRED,
-    UNRESPONSIVE,
-    UPSTREAM_LOST,
-    UPSTREAM_STALLED,
     RelayRegistry,
     _RelayLeg,
-    _Throttle,
 )
 
 log = Logger()
@@ -245,9 +237,8 @@ class RelayClientProtocol(_RelayLeg, WebSocketClientProtocol):
                 )
             )
             return
-        server = self.partner
-        if server is not None:
-            server.leg_closed(self)
+        if self.pair is not None:
+            self.pair.leg_closed(self)
 
 
 class RelayServerProtocol(ServerLegHooks, _RelayLeg, WebSocketServerProtocol):
@@ -257,30 +248,20 @@ class RelayServerProtocol(ServerLegHooks, _RelayLeg, WebSocketServerProtocol):
     factory: RelayServerFactory
     side = "client"
 
+    #: the ws_pair.Pair this leg belongs to, made at the hand-over
+    pair: Pair
+
     def __init__(self) -> None:
         super().__init__()
-        self.pair = self
-        #: (side, code, reason) of whatever ended the pair first
-        self.ending: tuple[str, int | None, str] | None = None
-        self.opened_at = 0.0
         self._handshake: Deferred | None = None
         self._deny: GatewayError | None = None
-        self._expiry: Any = None
-        self._instance: Any = None
         self._open_deadline = float("inf")
-        self.done: Deferred[None] = Deferred()
-        #: the id the admin API names this WebSocket by
-        self.session_id = os.urandom(8).hex()
-        #: auth.Identity of the token it was opened with (revocations, caps, sessions)
-        self.identity: Any = None
-        #: the per-user caps this WebSocket counts in (cluster.Cluster.acquire)
-        self._capped: Any = None
 
     # -- opening handshake ------------------------------------------------
 
     def onConnect(self, request):
         registry = self.factory.registry
-        registry.handshakes.add(self)
+        registry.handshakes.add(self.pair)
         d = Deferred.fromCoroutine(self._open_upstream(request))
         timeout, clock = self.factory.gateway.ws_open_timeout, self.factory.clock
         #: an attempt cancelled from this time on was cancelled by the timeout
@@ -290,7 +271,7 @@ class RelayServerProtocol(ServerLegHooks, _RelayLeg, WebSocketServerProtocol):
 
         def finished(result):
             self._handshake = None
-            registry.handshakes.discard(self)
+            registry.handshakes.discard(self.pair)
             if not isinstance(result, Failure):
                 self.factory.metrics.ws_handshake(self.factory.route.name, "accepted")
             return result
@@ -300,14 +281,12 @@ class RelayServerProtocol(ServerLegHooks, _RelayLeg, WebSocketServerProtocol):
         return d
 
     def onOpen(self) -> None:
-        upstream = self.partner
-        if upstream is not None:
-            plain = not self.websocket_extensions_in_use and not upstream.websocket_extensions_in_use
-            self.passthrough = upstream.passthrough = plain
+        self.pair.opened()
 
     async def _open_upstream(self, request) -> tuple[str | None, dict]:
         ctx = self.context
         factory = self.factory
+        pair = self.pair
         authenticator = factory.authenticator
         identity = None
         if authenticator is not None and ctx.route.auth != "none":
@@ -318,12 +297,12 @@ class RelayServerProtocol(ServerLegHooks, _RelayLeg, WebSocketServerProtocol):
                 query=authenticator.upstream_query(ctx.query),
                 extra_headers=[*ctx.extra_headers, *extra],
             )
-        self.identity = identity
+        pair.identity = identity
         if identity is not None and identity.subject is not None and factory.cluster is not None:
-            self._capped = await factory.cluster.acquire(identity.subject, ctx.route)
+            pair.capped = await factory.cluster.acquire(identity.subject, ctx.route)
             if self.state == CLOSED:  # the client left while the cap was checked
-                factory.cluster.release(self._capped)
-                self._capped = None
+                factory.cluster.release(pair.capped)
+                pair.capped = None
                 raise CancelledError()
         pool = ctx.pool
         key = pool.request_key(
@@ -356,20 +335,19 @@ class RelayServerProtocol(ServerLegHooks, _RelayLeg, WebSocketServerProtocol):
                     continue
                 raise
             pool.report_success(instance)
-            self._instance = instance
+            pair.instance = instance
             break
         if upstream is None:
             raise BadGateway(f"cannot connect to the upstream: {_describe(last_error)}")
         if self.state == CLOSED:
             # The client left in the very turn the upstream answered.
-            self._instance.release(websocket=True)
-            self._instance = None
+            pair.instance.release(websocket=True)
+            pair.instance = None
             upstream.close_with(CLIENT_LOST)
             raise CancelledError()
-        self._pair_with(upstream)
-        if identity is not None and identity.expires_at is not None:
-            delay = max(0.0, identity.expires_at - factory.clock.seconds())
-            self._expiry = factory.clock.callLater(delay, self._token_expired)
+        # The client is granted exactly the compression the upstream granted us.
+        self.perMessageCompressionAccept = self._mirror_compression(upstream)
+        pair.join(upstream)
         return upstream.websocket_protocol_in_use, {}
 
     async def _open_one(self, ctx: HandshakeContext, request, instance) -> RelayClientProtocol:
@@ -416,23 +394,6 @@ class RelayServerProtocol(ServerLegHooks, _RelayLeg, WebSocketServerProtocol):
             return classify(cause.cause or ConnectionDone())
         return classify(error)
 
-    def _token_expired(self) -> None:
-        """No WebSocket outlives its token: close both legs with 1008."""
-        self._expiry = None
-        self.close_both(TOKEN_EXPIRED, "token_expired")
-
-    def rate_exceeded(self) -> None:
-        """The client sent faster than ``ws_rate_limit`` allows: 1008 on both legs."""
-        if self.state == OPEN:
-            self.factory.metrics.limit_rejection(self.factory.route.name, "ws_rate_limit")
-        self.close_both(RATE_LIMITED, "rate_limit")
-
-    def close_both(self, close: tuple[int, bytes], reason: str = "gateway") -> None:
-        """The gateway ends the pair: the same close on both legs (expiry, drain)."""
-        self.close_with(close, reason)
-        if self.partner is not None:
-            self.partner.close_with(close, reason)
-
     def _refuse(self, failure):
         if failure.check(TimeoutError):
             self._deny = GatewayTimeout(
@@ -470,26 +431,6 @@ class RelayServerProtocol(ServerLegHooks, _RelayLeg, WebSocketServerProtocol):
             metrics.auth_failure(route, error.error)
         if outcome is not None:
             metrics.ws_handshake(route, outcome)
-
-    def _pair_with(self, upstream: RelayClientProtocol) -> None:
-        self.partner = upstream
-        upstream.partner = self
-        upstream.pair = self
-        metrics, route = self.factory.metrics, self.factory.route.name
-        self.flow = metrics.flow(route, "client_to_upstream")
-        upstream.flow = metrics.flow(route, "upstream_to_client")
-        metrics.ws_opened(route)
-        self.opened_at = self.factory.clock.seconds()
-        rate = self.factory.rate_limit
-        if rate:
-            self.bucket = TokenBucket.full(rate, self.factory.rate_burst, self.opened_at)
-        # The client is granted exactly the compression the upstream granted us.
-        self.perMessageCompressionAccept = self._mirror_compression(upstream)
-        # Each transport pauses the other when its write buffer is full.
-        self.transport.bufferSize = upstream.transport.bufferSize = LEG_BUFFER_SIZE
-        self.transport.registerProducer(_Throttle(upstream.transport, self), True)
-        upstream.transport.registerProducer(_Throttle(self.transport, upstream), True)
-        self.factory.registry.pairs.add(self)
 
     def _mirror_compression(self, upstream: RelayClientProtocol) -> Callable:
         """
@@ -533,103 +474,8 @@ class RelayServerProtocol(ServerLegHooks, _RelayLeg, WebSocketServerProtocol):
         cancel_close_timers(self)
         if self._handshake is not None:
             self._handshake.cancel()
-        self.leg_closed(self)
+        self.pair.leg_closed(self)
 
-    def leg_closed(self, leg: _RelayLeg) -> None:
-        """One leg is gone: close the other as the rules say; finish when both are."""
-        upstream = self.partner
-        if upstream is None:
-            self._finish()
-            return
-        other = upstream if leg is self else self
-        # (a leg the gateway failed has closed the other already: _RelayLeg._fail_connection)
-        if other.state == OPEN and not leg.close_relayed and leg.remoteCloseCode is None and not leg.wasClean:
-            if leg.timed_out:  # a silent vanish, found by TCP keepalive
-                self.leg_unresponsive(leg, "keepalive")
-            else:
-                self.record_end(leg.side, 1006)
-                other.close_with(UPSTREAM_LOST if leg is upstream else CLIENT_LOST)
-        if self.state == CLOSED and upstream.state == CLOSED:
-            self._finish()
-
-    def leg_unresponsive(self, leg: _RelayLeg, reason: str) -> None:
-        """
-        A leg stopped answering (``ping_timeout``, or TCP ``keepalive``): the
-        other gets 1011; an upstream's silence counts against its instance.
-        """
-        self.record_end("gateway", 1011, reason)
-        if leg is not self and self._instance is not None:
-            fault = classify(None, client_gone=self.state == CLOSED, silent=True)
-            if fault.counts:
-                self.context.pool.report_failure(self._instance, fault.reason)
-        other = self.partner if leg is self else self
-        if other is not None:
-            other.close_with(UNRESPONSIVE)
-
-    def slow_consumer(self, leg: _RelayLeg) -> None:
-        """
-        ``ws_send_timeout``: ``leg``'s peer accepted nothing of what waits for
-        it. It gets 1008 "slow consumer" (queued behind what it does not read:
-        the close handshake timeout aborts it if the frame cannot get through)
-        and the other leg 1001 (upstream) or 1014 (client), read again so that
-        its close handshake can finish.
-        """
-        other = self.partner if leg is self else self
-        leg.close_with(SLOW_CONSUMER, "send_timeout")
-        if other is not None and other.state == OPEN:
-            other.close_with(CLIENT_STALLED if leg is self else UPSTREAM_STALLED)
-            if other.transport is not None:
-                other.transport.resumeProducing()
-
-    def record_end(self, side: str, code: int | None, reason: str = "") -> None:
-        """Remember what ended the pair first, and why (for metrics and the session log)."""
-        if self.ending is None:
-            self.ending = (side, code, reason)
-
-    def _finish(self) -> None:
-        if self.done.called:
-            return
-        factory = self.factory
-        route = factory.route.name
-        registry = factory.registry
-        registry.active[route] -= 1
-        if self in registry.pairs:
-            registry.pairs.discard(self)
-            self._log_session()
-        if self._expiry is not None:
-            self._expiry.cancel()
-            self._expiry = None
-        if self._instance is not None:
-            self._instance.release(websocket=True)
-            self._instance = None
-        if self._capped is not None:
-            factory.cluster.release(self._capped)
-            self._capped = None
-        if self.partner is not None:
-            self.partner.partner = None
-        self.partner = None
-        self.done.callback(None)
-
-    def _log_session(self) -> None:
-        factory, upstream = self.factory, self.partner
-        side, code, reason = self.ending or ("gateway", None, "")
-        factory.metrics.ws_closed(factory.route.name, side, code, reason)
-        access_log.info(
-            "websocket {route} {path} {peer} closed by {side} ({code}) after {duration:.3f}s",
-            route=factory.route.name,
-            path=self.context.path.decode("latin-1"),
-            peer=self.context.peer,
-            upstream=self._instance.url if self._instance is not None else None,
-            duration=factory.clock.seconds() - self.opened_at,
-            side=side,
-            code=code,
-            reason=reason or None,
-            messages_in=self.messages,
-            bytes_in=self.bytes,
-            messages_out=upstream.messages if upstream is not None else 0,
-            bytes_out=upstream.bytes if upstream is not None else 0,
-            event="ws_session",
-        )
 
 
 _REFUSAL_OUTCOMES = {
@@ -826,6 +672,7 @@ def hand_over(request, factory: RelayServerFactory, context: HandshakeContext):
     transport = channel.transport
     protocol = factory.buildProtocol(transport.getPeer())
     protocol.context = context
+    protocol.pair = Pair(protocol, context)
     registry = factory.registry
     registry.active[context.route.name] = registry.active.get(context.route.name, 0) + 1
     channel.setTimeout(None)

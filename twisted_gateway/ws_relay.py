@@ -71,7 +71,7 @@ class RelayRegistry:
     """
 
     def __init__(self) -> None:
-        #: ws_proxy.RelayServerProtocol instances (the client leg keeps the pair)
+        #: ws_pair.Pair instances whose upstream is being opened, and open ones
         self.handshakes: set[Any] = set()
         self.pairs: set[Any] = set()
         #: client connections per route, from hand-over until both legs are gone
@@ -92,7 +92,7 @@ class _RelayLeg(LegHooks):
     (Autobahn already uses ``peer`` for the remote address)."""
 
     partner: Any = None
-    #: the client-facing protocol, which keeps the pair's bookkeeping
+    #: the ws_pair.Pair both legs report to
     pair: Any = None
     #: "client" or "upstream": who is at the other end of this leg
     side: str = ""
@@ -384,9 +384,9 @@ class KeepAlive:
         self._round += 1
         pinged = []
         for pair in list(self.registry.pairs):
-            for leg in (pair, pair.partner):
+            for leg in pair.legs():
                 # a leg still owing a pong waits for its deadline, not for a new ping
-                if leg is not None and leg.state == OPEN and leg.pong_seen:
+                if leg.state == OPEN and leg.pong_seen:
                     leg.pong_seen = False
                     leg.ping_round = self._round
                     leg.sendPing(b"wsgateway")

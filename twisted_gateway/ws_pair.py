@@ -1,0 +1,221 @@
+"""
+One WebSocket through the gateway: the client leg, the upstream leg once its
+handshake is done, and what belongs to the two together (route and context,
+the upstream instance, the token's expiry, the per-user cap, the session log).
+
+The :class:`Pair` is the one place that decides how a pair ends: who closed,
+with which code, what the other leg gets. The legs (:mod:`ws_relay`) report to
+it; the registry holds pairs; the admin API, the drain, revocations and the
+send timeout act on pairs.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from twisted_gateway.faults import classify
+from twisted_gateway.rate_limit import TokenBucket
+from twisted_gateway.ws_relay import (
+    CLIENT_LOST,
+    CLIENT_STALLED,
+    LEG_BUFFER_SIZE,
+    OPEN,
+    RATE_LIMITED,
+    SLOW_CONSUMER,
+    TOKEN_EXPIRED,
+    UNRESPONSIVE,
+    UPSTREAM_LOST,
+    UPSTREAM_STALLED,
+    _Throttle,
+)
+
+access_log = Logger(namespace="twisted_gateway.access")
+
+
+class Pair:
+    """The two legs of one WebSocket, from the hand-over of the client's request until both are gone."""
+
+    STATE_OPEN = OPEN
+
+    def __init__(self, client: Any, context: Any) -> None:
+        self.client = client
+        self.upstream: Any = None
+        self.factory = client.factory
+        self.context = context
+        #: the id the admin API names this WebSocket by
+        self.session_id = os.urandom(8).hex()
+        #: auth.Identity of the token it was opened with (revocations, caps, sessions)
+        self.identity: Any = None
+        #: the per-user caps this WebSocket counts in (cluster.Cluster.acquire)
+        self.capped: Any = None
+        #: the upstream instance the upstream leg is connected to
+        self.instance: Any = None
+        self.expiry: Any = None
+        self.opened_at = 0.0
+        #: (side, code, reason) of whatever ended the pair first
+        self.ending: tuple[str, int | None, str] | None = None
+        #: fires once both legs are gone and everything is released
+        self.done: Deferred[None] = Deferred()
+
+    @property
+    def state(self) -> int:
+        """The client leg's WebSocket state (the pair is open while it is)."""
+        return self.client.state
+
+    def legs(self) -> tuple[Any, ...]:
+        return (self.client,) if self.upstream is None else (self.client, self.upstream)
+
+    # -- opening --------------------------------------------------------------
+
+    def join(self, upstream: Any) -> None:
+        """The upstream's handshake is done: the legs forward to each other from now on."""
+        client, factory = self.client, self.factory
+        self.upstream = upstream
+        client.partner, upstream.partner = upstream, client
+        upstream.pair = self
+        metrics, route = factory.metrics, factory.route.name
+        client.flow = metrics.flow(route, "client_to_upstream")
+        upstream.flow = metrics.flow(route, "upstream_to_client")
+        metrics.ws_opened(route)
+        self.opened_at = factory.clock.seconds()
+        if factory.rate_limit:
+            client.bucket = TokenBucket.full(factory.rate_limit, factory.rate_burst, self.opened_at)
+        # Each transport pauses the other when its write buffer is full.
+        client.transport.bufferSize = upstream.transport.bufferSize = LEG_BUFFER_SIZE
+        client.transport.registerProducer(_Throttle(upstream.transport, client), True)
+        upstream.transport.registerProducer(_Throttle(client.transport, upstream), True)
+        factory.registry.pairs.add(self)
+        identity = self.identity
+        if identity is not None and identity.expires_at is not None:
+            delay = max(0.0, identity.expires_at - factory.clock.seconds())
+            self.expiry = factory.clock.callLater(delay, self._token_expired)
+
+    def opened(self) -> None:
+        """Both legs open: whole frames pass as bytes unless an extension (compression) is in use."""
+        client, upstream = self.client, self.upstream
+        if upstream is not None:
+            plain = not client.websocket_extensions_in_use and not upstream.websocket_extensions_in_use
+            client.passthrough = upstream.passthrough = plain
+
+    # -- how the pair ends ------------------------------------------------------
+
+    def _token_expired(self) -> None:
+        """No WebSocket outlives its token: close both legs with 1008."""
+        self.expiry = None
+        self.close_both(TOKEN_EXPIRED, "token_expired")
+
+    def rate_exceeded(self) -> None:
+        """The client sent faster than ``ws_rate_limit`` allows: 1008 on both legs."""
+        if self.client.state == OPEN:
+            self.factory.metrics.limit_rejection(self.factory.route.name, "ws_rate_limit")
+        self.close_both(RATE_LIMITED, "rate_limit")
+
+    def close_both(self, close: tuple[int, bytes], reason: str = "gateway") -> None:
+        """The gateway ends the pair: the same close on both legs (expiry, drain, revocation)."""
+        for leg in self.legs():
+            leg.close_with(close, reason)
+
+    def leg_closed(self, leg: Any) -> None:
+        """One leg is gone: close the other as the rules say; finish when both are."""
+        if self.done.called:
+            return
+        client, upstream = self.client, self.upstream
+        if upstream is None:
+            self.finish()
+            return
+        other = upstream if leg is client else client
+        # (a leg the gateway failed has closed the other already: _RelayLeg.failed)
+        if other.state == OPEN and not leg.close_relayed and leg.remoteCloseCode is None and not leg.wasClean:
+            if leg.timed_out:  # a silent vanish, found by TCP keepalive
+                self.leg_unresponsive(leg, "keepalive")
+            else:
+                self.record_end(leg.side, 1006)
+                other.close_with(UPSTREAM_LOST if leg is upstream else CLIENT_LOST)
+        if client.state == client.STATE_CLOSED and upstream.state == upstream.STATE_CLOSED:
+            self.finish()
+
+    def leg_unresponsive(self, leg: Any, reason: str) -> None:
+        """
+        A leg stopped answering (``ping_timeout``, or TCP ``keepalive``): the
+        other gets 1011; an upstream's silence counts against its instance.
+        """
+        self.record_end("gateway", 1011, reason)
+        client = self.client
+        if leg is not client and self.instance is not None:
+            fault = classify(None, client_gone=client.state == client.STATE_CLOSED, silent=True)
+            if fault.counts:
+                self.context.pool.report_failure(self.instance, fault.reason)
+        other = self.upstream if leg is client else client
+        if other is not None:
+            other.close_with(UNRESPONSIVE)
+
+    def slow_consumer(self, leg: Any) -> None:
+        """
+        ``ws_send_timeout``: ``leg``'s peer accepted nothing of what waits for
+        it. It gets 1008 "slow consumer" (queued behind what it does not read:
+        the close handshake timeout aborts it if the frame cannot get through)
+        and the other leg 1001 (upstream) or 1014 (client), read again so that
+        its close handshake can finish.
+        """
+        client = self.client
+        other = self.upstream if leg is client else client
+        leg.close_with(SLOW_CONSUMER, "send_timeout")
+        if other is not None and other.state == OPEN:
+            other.close_with(CLIENT_STALLED if leg is client else UPSTREAM_STALLED)
+            if other.transport is not None:
+                other.transport.resumeProducing()
+
+    def record_end(self, side: str, code: int | None, reason: str = "") -> None:
+        """Remember what ended the pair first, and why (for metrics and the session log)."""
+        if self.ending is None:
+            self.ending = (side, code, reason)
+
+    def finish(self) -> None:
+        """Both legs are gone (or the handshake failed): release everything, once."""
+        if self.done.called:
+            return
+        factory = self.factory
+        registry = factory.registry
+        registry.active[factory.route.name] -= 1
+        registry.handshakes.discard(self)
+        if self in registry.pairs:
+            registry.pairs.discard(self)
+            self._log_session()
+        if self.expiry is not None:
+            self.expiry.cancel()
+            self.expiry = None
+        if self.instance is not None:
+            self.instance.release(websocket=True)
+            self.instance = None
+        if self.capped is not None:
+            factory.cluster.release(self.capped)
+            self.capped = None
+        self.client.partner = None
+        if self.upstream is not None:
+            self.upstream.partner = None
+        self.done.callback(None)
+
+    def _log_session(self) -> None:
+        factory, client, upstream = self.factory, self.client, self.upstream
+        side, code, reason = self.ending or ("gateway", None, "")
+        factory.metrics.ws_closed(factory.route.name, side, code, reason)
+        access_log.info(
+            "websocket {route} {path} {peer} closed by {side} ({code}) after {duration:.3f}s",
+            route=factory.route.name,
+            path=self.context.path.decode("latin-1"),
+            peer=self.context.peer,
+            upstream=self.instance.url if self.instance is not None else None,
+            duration=factory.clock.seconds() - self.opened_at,
+            side=side,
+            code=code,
+            reason=reason or None,
+            messages_in=client.messages,
+            bytes_in=client.bytes,
+            messages_out=upstream.messages if upstream is not None else 0,
+            bytes_out=upstream.bytes if upstream is not None else 0,
+            event="ws_session",
+        )
