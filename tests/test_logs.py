@@ -229,6 +229,16 @@ def test_event_as_json_fills_in_an_event_without_twisted_keys() -> None:
     assert event["message"] == "plain 1" and event["level"] == "info" and event["namespace"] == ""
 
 
+@pytest.mark.parametrize("label", [None, 0, 3, "supervisor"])
+def test_each_json_line_says_which_worker_wrote_it(monkeypatch, label) -> None:
+    """With workers = N every line carries ``worker``; an event's own ``worker`` key cannot hide it."""
+    from twisted_gateway import logs
+
+    monkeypatch.setattr(logs, "worker_label", label)
+    event = json.loads(event_as_json({"log_format": "slot {slot}", "slot": 1, "worker": "other"}))
+    assert event.get("worker", "other") == ("other" if label is None else label)
+
+
 def test_a_flattened_credential_field_stays_out_of_the_json_message() -> None:
     """A field formatted ahead (``log_flattened``) is redacted by its name like the field itself."""
     event = json.loads(

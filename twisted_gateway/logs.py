@@ -236,6 +236,11 @@ _RENDERED = frozenset(
 )
 
 
+#: Which process of a gateway of several writes (the ``worker`` field): a
+#: worker's number or ``"supervisor"``; None for a single process (no field).
+worker_label: int | str | None = None
+
+
 def event_as_json(event: LogEvent) -> str:
     """One log event as one line of JSON (no newline), redacted."""
     clean = redact(event)
@@ -245,6 +250,8 @@ def event_as_json(event: LogEvent) -> str:
         "namespace": str(event.get("log_namespace", "")),
         "message": redact_text(formatEvent(clean)),
     }
+    if worker_label is not None:
+        out["worker"] = worker_label
     failure = event.get("log_failure")
     if failure is not None:
         out["traceback"] = redact_text(_traceback(failure))

@@ -79,6 +79,8 @@ class GatewayResource(Resource):
         self.authenticator = authenticator
         #: set when the gateway stops: /readyz says 503 (everything else is still served)
         self.draining = False
+        #: a worker's view of all workers (``worker_stats.WorkerStats``); None for a single process
+        self.worker_stats: Any = None
         #: HTTP requests answered or being answered now (the drain waits for them)
         self.http_in_flight = 0
         tls_policy = UpstreamTLSPolicy.for_routes(settings.routes)
@@ -250,10 +252,21 @@ class GatewayResource(Resource):
                 "websockets": len(self.registry.pairs),
                 "handshakes": len(self.registry.handshakes),
             }
+            if self.worker_stats is not None:  # one of several workers: answer for all
+                status.update(
+                    workers=self.worker_stats.workers,
+                    worker=self.worker_stats.worker,
+                    websockets=self.worker_stats.websockets(),
+                    worker_websockets=len(self.registry.pairs),
+                )
             return _json(request, 200, status)
         if path == b"/readyz":
             if self.draining:
                 return _json(request, 503, {"status": "draining"})
+            stats = self.worker_stats
+            if stats is not None and stats.ready_workers() < stats.workers:
+                detail = f"{stats.ready_workers()} of {stats.workers} workers ready"
+                return _json(request, 503, {"status": "not_ready", "detail": detail})
             if self.authenticator is not None and not self.authenticator.ready():
                 detail = "the JWKS has not been fetched yet"
                 return _json(request, 503, {"status": "not_ready", "detail": detail})

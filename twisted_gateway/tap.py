@@ -15,6 +15,7 @@ import sys
 from twisted.logger import Logger
 from twisted.python import usage
 
+from twisted_gateway import logs
 from twisted_gateway.config import ConfigError, Settings, config_warnings, load_config
 from twisted_gateway.limits import (
     LOW_OPEN_FILES,
@@ -83,9 +84,11 @@ def makeService(options: Options):
         settings, reactor, open_files=open_files, inherited_fds=env.listen_fds if env else None
     )
     if env is not None:
+        logs.worker_label = env.number
         workers.die_with_supervisor()
         if env.channel_fd is not None:
             service.resource.cluster.join_workers(env.channel_fd)
+        _share_worker_stats(service, env, reactor)
         reactor.callWhenRunning(_report_ready, service, env)
     log.info(
         "open files limit {limit}: room for about {room} WebSockets (2 descriptors each); "
@@ -123,6 +126,7 @@ def _supervisor(settings: Settings, reactor):
     from twisted_gateway.service import ListeningService
     from twisted_gateway.worker_hub import Hub
 
+    logs.worker_label = "supervisor"
     for warning in config_warnings(settings):
         log.warn("{warning}", warning=warning, event="config_warning")
     top = MultiService()
@@ -143,6 +147,20 @@ def _supervisor(settings: Settings, reactor):
     ).setServiceParent(top)
     reactor.callWhenRunning(_handle_sigterm, reactor)
     return top
+
+
+def _share_worker_stats(service, env, reactor) -> None:
+    """A worker's /metrics, /healthz and /readyz answer for every worker (``worker_stats.py``)."""
+    from twisted_gateway.metrics import GatewayCollector
+    from twisted_gateway.worker_stats import WorkerStats
+
+    if env.state_dir is None:
+        return
+    resource = service.resource
+    stats = WorkerStats(env.state_dir, env.number, env.workers, GatewayCollector(resource.metrics), reactor)
+    stats.setServiceParent(service)
+    resource.worker_stats = stats
+    resource.admin_pages[b"metrics"].registry = stats.registry()
 
 
 def _report_ready(service, env) -> None:

@@ -54,6 +54,7 @@ LISTEN_FDS_ENV = "WSGATEWAY_LISTEN_FDS"
 CONTROL_FD_ENV = "WSGATEWAY_CONTROL_FD"
 CHANNEL_FD_ENV = "WSGATEWAY_CHANNEL_FD"
 WORKERS_ENV = "WSGATEWAY_WORKERS"
+STATE_DIR_ENV = "WSGATEWAY_STATE_DIR"
 #: The worker's end of its control pipe; inherited listeners follow it.
 CONTROL_FD = 3
 #: A worker that dies this soon after starting counts towards a crash loop.
@@ -89,6 +90,8 @@ class WorkerEnvironment:
     control_fd: int
     #: the worker's end of its link to the supervisor's hub (worker_hub), if any
     channel_fd: int | None = None
+    #: where the workers publish their metrics and the supervisor its state (``worker_stats.py``)
+    state_dir: str | None = None
 
 
 def worker_environment(environ: dict[str, str] | None = None) -> WorkerEnvironment | None:
@@ -103,6 +106,7 @@ def worker_environment(environ: dict[str, str] | None = None) -> WorkerEnvironme
         listen_fds=tuple(int(fd) for fd in fds.split(",") if fd),
         control_fd=int(environ.get(CONTROL_FD_ENV, CONTROL_FD)),
         channel_fd=int(environ[CHANNEL_FD_ENV]) if environ.get(CHANNEL_FD_ENV) else None,
+        state_dir=environ.get(STATE_DIR_ENV),
     )
 
 
@@ -295,6 +299,7 @@ class Supervisor(Service):
         self.restarts = 0
         self._stopping = False
         self._respawns: list[Any] = []
+        self.state_dir = ""
 
     def privilegedStartService(self) -> None:
         try:
@@ -311,7 +316,31 @@ class Supervisor(Service):
                 count=self.count,
                 event="listening_shared",
             )
+        import tempfile
+
+        self.state_dir = tempfile.mkdtemp(prefix="wsgateway-")
+        self._publish()
         super().privilegedStartService()
+
+    def _publish(self) -> None:
+        """The supervisor's own metrics and how many workers are ready, for the workers' pages."""
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        from twisted_gateway.worker_stats import SUPERVISOR_FILE, families_as_json, write_atomically
+
+        ready = sum(1 for w in self.workers.values() if w.ready and not w.stopping)
+        families = [
+            CounterMetricFamily(
+                "wsgateway_worker_restarts", "Workers that died and were replaced.", value=self.restarts
+            ),
+            GaugeMetricFamily("wsgateway_workers", "Worker processes configured.", value=self.count),
+            GaugeMetricFamily("wsgateway_workers_ready", "Worker processes accepting connections.", value=ready),
+        ]
+        data = {"worker": "supervisor", "workers": self.count, "ready": ready, "families": families_as_json(families)}
+        try:
+            write_atomically(os.path.join(self.state_dir, SUPERVISOR_FILE), data)
+        except OSError:
+            pass
 
     def startService(self) -> None:
         super().startService()
@@ -334,6 +363,7 @@ class Supervisor(Service):
                 WORKERS_ENV: str(self.count),
                 LISTEN_FDS_ENV: ",".join(listen_fds),
                 CONTROL_FD_ENV: str(CONTROL_FD),
+                STATE_DIR_ENV: self.state_dir,
             },
         )
         for name in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"):
@@ -350,19 +380,25 @@ class Supervisor(Service):
             theirs.close()
             self.hub.attach(ours)
         self.workers[slot] = worker
-        log.info("worker {worker} started (pid {pid})", worker=slot, pid=worker.pid, event="worker_started")
+        log.info("worker {slot} started (pid {pid})", slot=slot, pid=worker.pid, event="worker_started")
         return worker
 
     def _ready(self, worker: WorkerProcess) -> None:
-        log.info("worker {worker} ready (pid {pid})", worker=worker.slot, pid=worker.pid, event="worker_ready")
+        log.info("worker {slot} ready (pid {pid})", slot=worker.slot, pid=worker.pid, event="worker_ready")
         self.quick_deaths[worker.slot] = 0 if self.reactor.seconds() - worker.started_at >= QUICK_DEATH else self.quick_deaths[worker.slot]
+        self._publish()
 
     def _ended(self, worker: WorkerProcess, reason: Any) -> None:
+        from twisted_gateway.worker_stats import retire
+
         why = death_reason(reason)
         if self.workers.get(worker.slot) is worker:
             del self.workers[worker.slot]
+        if worker.pid is not None and self.state_dir:
+            retire(self.state_dir, worker.pid)
+        self._publish()
         if self._stopping or worker.stopping:
-            log.info("worker {worker} (pid {pid}) stopped: {why}", worker=worker.slot, pid=worker.pid, why=why, event="worker_stopped")
+            log.info("worker {slot} (pid {pid}) stopped: {why}", slot=worker.slot, pid=worker.pid, why=why, event="worker_stopped")
             return
         lived = self.reactor.seconds() - worker.started_at
         if lived < QUICK_DEATH:
@@ -370,9 +406,10 @@ class Supervisor(Service):
         else:
             self.quick_deaths[worker.slot] = 0
         self.restarts += 1
+        self._publish()
         log.error(
-            "worker {worker} (pid {pid}) died after {lived:.1f} s: {why}; starting a new one",
-            worker=worker.slot,
+            "worker {slot} (pid {pid}) died after {lived:.1f} s: {why}; starting a new one",
+            slot=worker.slot,
             pid=worker.pid,
             lived=lived,
             why=why,
@@ -412,6 +449,10 @@ class Supervisor(Service):
             for sock in slot:
                 if sock.fileno() != -1:
                     sock.close()
+        if self.state_dir:
+            import shutil
+
+            shutil.rmtree(self.state_dir, ignore_errors=True)
         await super().stopService()
 
 

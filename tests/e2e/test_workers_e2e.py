@@ -7,17 +7,19 @@ clients, and ``ss`` to see which worker holds which connection.
 from __future__ import annotations
 
 import collections
+import http.client
 import os
 import re
 import signal
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_operations_e2e import _gateway
+from tests.e2e.test_operations_e2e import _gateway, _get
 from tests.e2e.test_twistd import GUARD, _free_port
 
 pytestmark = pytest.mark.no_reactor_check
@@ -143,6 +145,7 @@ def test_a_killed_worker_is_replaced_and_only_its_own_clients_notice(tmp_path):
         assert _holders(gateway.port)[survivor] == before[survivor]
         sockets += _open_websockets(gateway.port, 20)
         assert sum(_holders(gateway.port).values()) == before[survivor] + 20
+        assert _scrape(gateway.port)["wsgateway_worker_restarts"] == 1
     finally:
         for sock in sockets:
             sock.close()
@@ -180,4 +183,49 @@ def test_sigterm_stops_the_supervisor_and_every_worker_cleanly(tmp_path):
                 raise AssertionError(f"worker {pid} outlived its supervisor")
         assert "Traceback" not in gateway.log.rest() + gateway.gateway.err.rest()
     finally:
+        gateway.stop()
+
+
+def _scrape(port: int) -> dict:
+    """``/metrics`` on a connection of its own (the kernel picks the worker): counter totals by family."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=GUARD)
+    try:
+        connection.request("GET", "/metrics")
+        text = connection.getresponse().read().decode()
+    finally:
+        connection.close()
+    return {
+        family.name: sum(s.value for s in family.samples if not s.name.endswith("_created"))
+        for family in text_string_to_metric_families(text)
+        if family.type in ("counter", "histogram") or family.name in ("wsgateway_ws_open", "wsgateway_workers")
+    }
+
+
+def test_metrics_healthz_and_readyz_answer_for_every_worker(tmp_path):
+    """
+    After traffic spread over two workers, every scrape (whichever worker
+    answers) gives the same totals: requests and WebSockets summed.
+    """
+    gateway = _Supervised(tmp_path)
+    sockets: list[socket.socket] = []
+    try:
+        for _ in range(30):
+            assert _get(gateway.port, "/v1/chat/rooms")[0] == 200
+        sockets += _open_websockets(gateway.port, 10)
+        assert all(_holders(gateway.port)[pid] for pid in gateway.pids.values())
+        time.sleep(2)  # a few publication rounds: the figures no longer move
+        scrapes = [_scrape(gateway.port) for _ in range(8)]
+        assert all(scrape == scrapes[0] for scrape in scrapes), scrapes
+        assert scrapes[0]["wsgateway_ws_open"] == 10
+        assert scrapes[0]["wsgateway_workers"] == 2
+        status, health = _get(gateway.port, "/healthz")
+        assert status == 200 and health["workers"] == 2 and health["websockets"] == 10
+        assert _get(gateway.port, "/readyz") == (200, {"status": "ready"})
+        http_total = scrapes[0]["wsgateway_http_requests"]
+        assert http_total >= 30
+    finally:
+        for sock in sockets:
+            sock.close()
         gateway.stop()
