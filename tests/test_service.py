@@ -11,6 +11,7 @@ in-memory transports; the listeners are on a ``MemoryReactorClock``.
 from __future__ import annotations
 
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock, StringTransportWithDisconnection
 
 from twisted_gateway.config import parse_config
@@ -166,3 +167,32 @@ def test_drain_timeout_counts_from_the_end_of_drain_delay():
     _advance(clock, 0.2)
     assert not stuck.open
     assert stopping.called
+
+
+class _DeafPair:
+    """A WebSocket pair whose client never answers the close (it goes only when the process does)."""
+
+    def __init__(self) -> None:
+        self.done: Deferred = Deferred()
+        self.closes: list = []
+
+    def close_both(self, code, reason) -> None:
+        self.closes.append(code)
+
+
+def test_a_pair_that_never_finishes_its_close_holds_the_stop_for_drain_timeout_only():
+    """
+    A client that never answers the close: the stop ends ``drain_timeout``
+    after the listeners closed, and the pair's own ``done`` is left alone
+    (it still fires later, as its connection ends).
+    """
+    service, clock = _started(timeout=2)
+    pair = _DeafPair()
+    service.registry.pairs.add(pair)
+    stopping = service.stopService()
+    _advance(clock, 1.9)
+    assert pair.closes == [(1001, b"going away")] and not stopping.called
+    _advance(clock, 0.2)
+    assert stopping.called
+    assert not pair.done.called
+    pair.done.callback(None)

@@ -116,6 +116,8 @@ class GatewayService(MultiService):
         """
         super().__init__()
         fds = list(inherited_fds) if inherited_fds is not None else None
+        #: what the drain sends WebSockets: 1001, or 1012 when a rolling restart replaces this worker
+        self.close_code = GOING_AWAY
         self.settings = settings
         self.reactor = reactor
         self.resource = GatewayResource(settings, reactor=reactor)
@@ -251,12 +253,8 @@ class GatewayService(MultiService):
         )
         for i, pair in enumerate(pairs):
             delay = gateway.drain_spread * i / len(pairs) if gateway.drain_spread else 0
-            timers.append(self.reactor.callLater(delay, pair.close_both, GOING_AWAY, "drain"))
-        waiting = Deferred.fromCoroutine(self._quiet(set(pairs)))
-        waiting.addTimeout(gateway.drain_timeout, self.reactor)
-        try:
-            await waiting
-        except Exception:
+            timers.append(self.reactor.callLater(delay, pair.close_both, self.close_code, "drain"))
+        if not await self._quiet(set(pairs), self.reactor.seconds() + gateway.drain_timeout):
             log.warn(
                 "drain timeout: {count} WebSockets, {requests} HTTP requests and"
                 " {connections} HTTP connections left",
@@ -270,27 +268,28 @@ class GatewayService(MultiService):
         await super().stopService()
         await self.resource.stop()
 
-    async def _quiet(self, draining: set) -> None:
+    async def _quiet(self, draining: set, deadline: float) -> bool:
         """
-        Until every pair is gone and no HTTP request or connection is left; a
-        pair whose handshake was still going when the listeners closed gets
-        its 1001 once open.
+        Whether every pair went and no HTTP request or connection is left
+        before ``deadline``; a pair whose handshake was still going when the
+        listeners closed gets its close once open. It polls rather than
+        waiting on the pairs' own ``done``: a timeout cancelling those would
+        fail the pairs' bookkeeping, and the cancelled wait would not stop.
         """
-        await DeferredList([p.done for p in draining], consumeErrors=True)
         registry = self.registry
-        while (
-            registry.pairs
-            or registry.handshakes
-            or self.resource.http_in_flight
-            or self.site.open_connections()
-        ):
+        while registry.pairs or registry.handshakes or self.resource.http_in_flight or self.site.open_connections():
+            if self.reactor.seconds() >= deadline:
+                return False
             for pair in registry.pairs - draining:
                 draining.add(pair)
-                pair.close_both(GOING_AWAY, "drain")
+                pair.close_both(self.close_code, "drain")
             await deferLater(self.reactor, 0.05, lambda: None)
+        return True
 
 
 GOING_AWAY = (1001, b"going away")
+#: A worker replaced by a rolling restart (SIGHUP to the supervisor): the client may reconnect at once.
+SERVICE_RESTART = (1012, b"service restart")
 #: Seconds a connection accepted just before the listeners closed has to send
 #: its request before the drain closes it as idle.
 NEW_CONNECTION_GRACE = 1.0

@@ -105,7 +105,7 @@ def makeService(options: Options):
             limit=open_files,
             low=LOW_OPEN_FILES,
         )
-    reactor.callWhenRunning(_handle_sigterm, reactor)
+    reactor.callWhenRunning(_handle_sigterm, reactor, service if env is not None else None)
     # Everything alive once started (modules, settings, the resource tree) lives
     # as long as the process: leave it out of the collector's full passes, which
     # otherwise rescan it all (tens of ms each, a pause for every connection).
@@ -144,6 +144,7 @@ def _supervisor(settings: Settings, reactor):
         workers.worker_command(sys.argv),
         stop_timeout=gateway.drain_delay + gateway.drain_timeout + 5,
         hub=Hub(reactor) if settings.cluster is None else None,
+        reload=lambda: _reload(settings),
     ).setServiceParent(top)
     reactor.callWhenRunning(_handle_sigterm, reactor)
     return top
@@ -161,6 +162,24 @@ def _share_worker_stats(service, env, reactor) -> None:
     stats.setServiceParent(service)
     resource.worker_stats = stats
     resource.admin_pages[b"metrics"].registry = stats.registry()
+
+
+def _reload(running: Settings) -> Settings:
+    """
+    The config as a SIGHUP finds it (raises ConfigError): what the new
+    workers will read. The listeners and the worker count stay as started.
+    """
+    settings = load_config(running.source)
+    for name in ("listen", "workers"):
+        if getattr(settings.gateway, name) != getattr(running.gateway, name):
+            log.warn(
+                "SIGHUP: [gateway] {key} changed: it takes effect at the next full restart",
+                key=name,
+                event="reload_warning",
+            )
+    if settings.admin.listen != running.admin.listen:
+        log.warn("SIGHUP: [admin] listen changed: it takes effect at the next full restart", event="reload_warning")
+    return settings
 
 
 def _report_ready(service, env) -> None:
@@ -193,20 +212,36 @@ def _raise_open_files(wanted: int | None) -> int:
     return soft if soft != resource.RLIM_INFINITY else UNLIMITED_CEILING
 
 
-def _handle_sigterm(reactor) -> None:
+def _handle_sigterm(reactor, service=None) -> None:
     """
     SIGTERM drains and exits 0 (twistd's own handler re-raises the signal, so
-    the exit status would be -15); a second SIGTERM exits at once.
+    the exit status would be -15); a second SIGTERM exits at once. A worker's
+    SIGUSR1 (its supervisor's rolling restart) drains the same way but closes
+    WebSockets with 1012 "service restart"; a SIGTERM during that drain lets
+    it finish.
     """
     import os
     import signal
 
-    received = []
+    from twisted_gateway.service import SERVICE_RESTART
+
+    received: list[int] = []
 
     def on_sigterm(signum, frame) -> None:
+        if received and received[0] == signal.SIGUSR1:
+            return
         if received:
             os._exit(0)
         received.append(signum)
         reactor.callFromThread(reactor.stop)
 
+    def on_sigusr1(signum, frame) -> None:
+        if received:
+            return
+        received.append(signum)
+        service.close_code = SERVICE_RESTART
+        reactor.callFromThread(reactor.stop)
+
     signal.signal(signal.SIGTERM, on_sigterm)
+    if service is not None:
+        signal.signal(signal.SIGUSR1, on_sigusr1)

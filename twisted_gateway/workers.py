@@ -236,6 +236,9 @@ class WorkerProcess(ProcessProtocol):
         self.ready = False
         self.started_at = 0.0
         self.stopping = False
+        self.candidate = False
+        #: fired when it reports ready (a rolling restart waits on it)
+        self.on_ready_once: Deferred | None = None
         self.ended: Deferred = Deferred()
         self._on_ready, self._on_end = on_ready, on_end
 
@@ -246,6 +249,8 @@ class WorkerProcess(ProcessProtocol):
         if b"ready" in data and not self.ready:
             self.ready = True
             self._on_ready(self)
+            if self.on_ready_once is not None:
+                self.on_ready_once.callback(self)
 
     def processEnded(self, reason: Any) -> None:
         self._on_end(self, reason)
@@ -284,7 +289,12 @@ class Supervisor(Service):
         stop_timeout: float,
         environ: dict[str, str] | None = None,
         hub: Any = None,
+        reload: Callable[[], Any] | None = None,
     ) -> None:
+        """
+        ``reload``: on SIGHUP, validates the config the new workers will read
+        (raises ``usage.UsageError`` to refuse the restart).
+        """
         self.reactor = reactor
         self.descriptions = descriptions
         self.count = count
@@ -300,6 +310,10 @@ class Supervisor(Service):
         self._stopping = False
         self._respawns: list[Any] = []
         self.state_dir = ""
+        self.reload = reload
+        self.restarting: Deferred | None = None
+        #: every worker process not yet reaped, old ones of a rolling restart included
+        self.live: set[WorkerProcess] = set()
 
     def privilegedStartService(self) -> None:
         try:
@@ -346,9 +360,73 @@ class Supervisor(Service):
         super().startService()
         for slot in range(self.count):
             self.spawn(slot)
+        if self.reload is not None:
+            signal.signal(signal.SIGHUP, lambda signum, frame: self.reactor.callFromThread(self.on_sighup))
 
-    def spawn(self, slot: int) -> WorkerProcess:
+    def on_sighup(self) -> None:
+        """SIGHUP: check the config, then replace the workers one at a time."""
+        from twisted.python import usage
+
+        if self._stopping:
+            return
+        if self.restarting is not None:
+            log.warn("SIGHUP: a rolling restart is already running", event="rolling_restart")
+            return
+        try:
+            if self.reload is not None:
+                self.reload()
+        except usage.UsageError as e:
+            log.error(
+                "SIGHUP refused: {error}; the workers keep serving with the config they started with",
+                error=str(e),
+                event="reload_refused",
+            )
+            return
+        self.restarting = Deferred.fromCoroutine(self.rolling_restart())
+        self.restarting.addErrback(lambda f: log.failure("rolling restart failed", f))
+        self.restarting.addBoth(lambda _: setattr(self, "restarting", None))
+
+    async def rolling_restart(self) -> None:
+        """
+        Slot by slot: a new worker adopts the slot's sockets (both accept from
+        the same queues meanwhile, so no connection is refused) and becomes
+        ready; then the old one drains (WebSockets get 1012) and exits.
+        """
+        log.info("SIGHUP: replacing {count} workers one at a time", count=self.count, event="rolling_restart")
+        for slot in range(self.count):
+            old = self.workers.get(slot)
+            if self._stopping:
+                return
+            new = self.spawn(slot, candidate=True)
+            ready: Deferred = Deferred()
+            new.on_ready_once = ready
+            await DeferredList([ready, new.ended], fireOnOneCallback=True)
+            if self._stopping:
+                return
+            if not new.ready:
+                log.error(
+                    "rolling restart stopped: the new worker {slot} ended before it was ready;"
+                    " the old ones keep serving",
+                    slot=slot,
+                    event="rolling_restart",
+                )
+                return
+            new.candidate = False
+            self.workers[slot] = new
+            if old is not None and old.pid is not None:
+                old.stopping = True
+                self._publish()
+                _signal(old, signal.SIGUSR1)
+                await old.ended
+        log.info("rolling restart done: {count} new workers", count=self.count, event="rolling_restart_done")
+
+    def spawn(self, slot: int, candidate: bool = False) -> WorkerProcess:
+        """
+        Start a worker in ``slot``; a ``candidate`` (a rolling restart's) takes
+        the slot only once ready, and is not replaced if it dies before.
+        """
         worker = WorkerProcess(slot, self._ready, self._ended)
+        worker.candidate = candidate
         sockets = self.slots[slot]
         child_fds: dict[int, Any] = {0: 0, 1: 1, 2: 2, CONTROL_FD: "r"}
         listen_fds = []
@@ -379,7 +457,9 @@ class Supervisor(Service):
         if ours is not None:
             theirs.close()
             self.hub.attach(ours)
-        self.workers[slot] = worker
+        self.live.add(worker)
+        if not candidate:
+            self.workers[slot] = worker
         log.info("worker {slot} started (pid {pid})", slot=slot, pid=worker.pid, event="worker_started")
         return worker
 
@@ -392,6 +472,7 @@ class Supervisor(Service):
         from twisted_gateway.worker_stats import retire
 
         why = death_reason(reason)
+        self.live.discard(worker)
         if self.workers.get(worker.slot) is worker:
             del self.workers[worker.slot]
         if worker.pid is not None and self.state_dir:
@@ -399,6 +480,9 @@ class Supervisor(Service):
         self._publish()
         if self._stopping or worker.stopping:
             log.info("worker {slot} (pid {pid}) stopped: {why}", slot=worker.slot, pid=worker.pid, why=why, event="worker_stopped")
+            return
+        if worker.candidate:
+            log.error("new worker {slot} (pid {pid}) {why} before it was ready", slot=worker.slot, pid=worker.pid, why=why)
             return
         lived = self.reactor.seconds() - worker.started_at
         if lived < QUICK_DEATH:
@@ -436,7 +520,7 @@ class Supervisor(Service):
         for call in self._respawns:
             if call.active():
                 call.cancel()
-        workers = list(self.workers.values())
+        workers = list(self.live)
         for worker in workers:
             worker.stopping = True
             _signal(worker, signal.SIGTERM)

@@ -229,3 +229,93 @@ def test_metrics_healthz_and_readyz_answer_for_every_worker(tmp_path):
         for sock in sockets:
             sock.close()
         gateway.stop()
+
+
+def _close_code(sock: socket.socket) -> int:
+    """Read frames (after the 101) until the server's close frame; its code."""
+    data = b""
+    while True:
+        while len(data) < 2 or len(data) < 2 + (data[1] & 0x7F):
+            chunk = sock.recv(4096)
+            assert chunk, f"closed without a close frame: {data!r}"
+            data += chunk
+        length = data[1] & 0x7F
+        assert length < 126, "the demo chat sends small frames"
+        opcode, payload, data = data[0] & 0x0F, data[2 : 2 + length], data[2 + length :]
+        if opcode == 8:
+            return int.from_bytes(payload[:2], "big")
+
+
+class _Load(threading.Thread):
+    """New WebSocket handshakes and HTTP requests, one after another, until stopped; outcomes counted."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(daemon=True)
+        self.port = port
+        self.outcomes: collections.Counter = collections.Counter()
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                _open_websocket(self.port, "load").close()
+                self.outcomes["handshake ok"] += 1
+            except (OSError, AssertionError) as e:
+                self.outcomes[f"handshake {type(e).__name__}"] += 1
+            try:
+                status = _get(self.port, "/v1/chat/rooms")[0]
+                self.outcomes["http ok" if status < 500 else f"http {status}"] += 1
+            except (OSError, ValueError) as e:
+                self.outcomes[f"http {type(e).__name__}"] += 1
+
+    def stop(self) -> collections.Counter:
+        self.stopping.set()
+        self.join(GUARD)
+        return self.outcomes
+
+
+def test_sighup_replaces_every_worker_under_load_without_a_failure_and_1012_on_old_websockets(tmp_path):
+    """
+    SIGHUP under a steady load of new handshakes and HTTP requests: new
+    workers come up before the old ones drain; no connection is refused or
+    reset, no 5xx; WebSockets on the old workers get 1012 "service restart".
+    """
+    gateway = _Supervised(tmp_path)
+    sockets: list[socket.socket] = []
+    load = _Load(gateway.port)
+    try:
+        sockets += _open_websockets(gateway.port, 20)
+        load.start()
+        time.sleep(1)
+        old = set(gateway.pids.values())
+        gateway.process.send_signal(signal.SIGHUP)
+        gateway.log.wait_for(re.compile(r"rolling restart done: 2 new workers"))
+        time.sleep(1)
+        outcomes = load.stop()
+        assert set(outcomes) == {"handshake ok", "http ok"}, outcomes
+        assert outcomes["handshake ok"] > 10 and outcomes["http ok"] > 10, outcomes
+        assert [_close_code(sock) for sock in sockets] == [1012] * 20
+        held = _holders(gateway.port)
+        assert not old & set(held), (old, held)
+        assert _get(gateway.port, "/readyz")[0] == 200
+    finally:
+        load.stop()
+        for sock in sockets:
+            sock.close()
+        gateway.stop()
+
+
+def test_a_bad_config_on_sighup_is_refused_with_one_line_and_the_workers_keep_serving(tmp_path):
+    gateway = _Supervised(tmp_path)
+    try:
+        good = gateway.config.read_text()
+        gateway.config.write_text(good.replace("workers = 2", "workers = 2\nconnect_timeout = soon"))
+        gateway.process.send_signal(signal.SIGHUP)
+        line = gateway.log.wait_for(re.compile(r"SIGHUP refused: .*\[gateway\] connect_timeout"))
+        assert "keep serving" in line.string
+        assert _holders(gateway.port) is not None
+        assert _get(gateway.port, "/readyz")[0] == 200
+        gateway.config.write_text(good)
+        assert STARTED.search(gateway.log.text().split(line.group(0))[1]) is None
+    finally:
+        gateway.stop()
