@@ -63,6 +63,8 @@ QUICK_DEATH = 5.0
 CRASH_LOOP = 5
 #: Seconds before a dead worker is replaced (well under the promised 1 s).
 RESPAWN_DELAY = 0.1
+#: Seconds a rolling restart's new worker has to become ready before it is given up.
+READY_TIMEOUT = 30.0
 
 
 def worker_count(setting: int | str) -> int:
@@ -400,14 +402,19 @@ class Supervisor(Service):
             new = self.spawn(slot, candidate=True)
             ready: Deferred = Deferred()
             new.on_ready_once = ready
+            # A new worker that is neither ready nor dead in time is stopped: no wait hangs the restart.
+            late = self.reactor.callLater(READY_TIMEOUT, _signal, new, signal.SIGKILL)
             await DeferredList([ready, new.ended], fireOnOneCallback=True)
+            if late.active():
+                late.cancel()
             if self._stopping:
                 return
             if not new.ready:
                 log.error(
-                    "rolling restart stopped: the new worker {slot} ended before it was ready;"
+                    "rolling restart stopped: the new worker {slot} was not ready within {timeout:g} s;"
                     " the old ones keep serving",
                     slot=slot,
+                    timeout=READY_TIMEOUT,
                     event="rolling_restart",
                 )
                 return
@@ -416,8 +423,13 @@ class Supervisor(Service):
             if old is not None and old.pid is not None:
                 old.stopping = True
                 self._publish()
+                log.info("worker {slot} (pid {pid}) replaced: draining it (1012)", slot=slot, pid=old.pid, event="rolling_restart")
                 _signal(old, signal.SIGUSR1)
+                # at most its drain (as on SIGTERM to the supervisor), then it is killed
+                kill = self.reactor.callLater(self.stop_timeout, _signal, old, signal.SIGKILL)
                 await old.ended
+                if kill.active():
+                    kill.cancel()
         log.info("rolling restart done: {count} new workers", count=self.count, event="rolling_restart_done")
 
     def spawn(self, slot: int, candidate: bool = False) -> WorkerProcess:
