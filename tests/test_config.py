@@ -153,6 +153,8 @@ BAD_CONFIGS = [
      "-1"),
     ("negative ws_rate_limit", "[gateway]\nws_rate_limit = -1\n" + ROUTE, "gateway", "ws_rate_limit", "-1"),
     ("fractional ws_rate_burst", ROUTE + "ws_rate_burst = 2.5\n", "route:chat", "ws_rate_burst", "2.5"),
+    ("negative ws_max_age", "[gateway]\nws_max_age = -1\n" + ROUTE, "gateway", "ws_max_age", "-1"),
+    ("ws_max_age not a number", ROUTE + "ws_max_age = 1h\n", "route:chat", "ws_max_age", "1h"),
     ("workers = 0", "[gateway]\nworkers = 0\n" + ROUTE, "gateway", "workers", "auto or a whole number > 0"),
     ("negative workers", "[gateway]\nworkers = -2\n" + ROUTE, "gateway", "workers", "'-2'"),
     ("workers not a number", "[gateway]\nworkers = many\n" + ROUTE, "gateway", "workers", "'many'"),
@@ -585,6 +587,13 @@ def test_ws_rate_limit_is_off_by_default_and_a_route_may_set_its_own():
     settings = parse_config("[gateway]\nws_rate_limit = 20\nws_rate_burst = 40\n" + ROUTE + "ws_rate_limit = 5\n")
     assert (settings.gateway.ws_rate_limit, settings.gateway.ws_rate_burst) == (20.0, 40)
     assert (settings.routes[0].ws_rate_limit, settings.routes[0].ws_rate_burst) == (5.0, None)
+
+
+def test_ws_max_age_is_off_by_default_and_a_route_may_set_its_own():
+    settings = parse_config(ROUTE)
+    assert (settings.gateway.ws_max_age, settings.routes[0].ws_max_age) == (0.0, None)
+    settings = parse_config("[gateway]\nws_max_age = 3600\n" + ROUTE + "ws_max_age = 0\n")
+    assert (settings.gateway.ws_max_age, settings.routes[0].ws_max_age) == (3600.0, 0.0)
 
 
 def test_cluster_section_reads_the_redis_url_from_the_environment_and_never_shows_it(monkeypatch):

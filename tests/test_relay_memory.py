@@ -252,3 +252,31 @@ def test_frames_split_at_every_byte_pass_unchanged():
         client.send(data[i : i + 1])
         relay.flush()
     assert [m for m, _ in server.messages] == [b"msg %d" % i for i in range(5)]
+
+
+def test_ws_max_age_closes_both_legs_1001_within_its_jitter():
+    """WebSockets older than ws_max_age ±10 % get 1001 "connection max age" on both legs."""
+    relay, client, server = open_pair("ws_max_age = 100\nws_ping_interval = 0")
+    other = relay.client("/v1/chat/ws?room=other")
+    other_server = relay.upstream.connections[-1]
+    relay.clock.advance(89.9)
+    relay.flush()
+    assert server.close is None and other_server.close is None
+    relay.clock.advance(20.2)
+    relay.flush()
+    for c, s in ((client, server), (other, other_server)):
+        assert closes(c) == [(1001, b"connection max age")]
+        assert s.close == (1001, "connection max age")
+        c.send(frame(OP_CLOSE, b"\x03\xe9", mask=MASK))
+    relay.flush()
+    counters = relay.resource.metrics.route("chat")
+    assert counters.closes == {("gateway", "1001", "max_age"): 2}
+    assert_nothing_left(relay)
+
+
+def test_ws_max_age_timer_ends_with_the_connection():
+    relay, client, server = open_pair("ws_max_age = 100\nws_ping_interval = 0")
+    client.send(frame(OP_CLOSE, b"\x03\xe8", mask=MASK))
+    relay.flush()
+    assert_nothing_left(relay)
+    assert not [c for c in relay.clock.getDelayedCalls() if getattr(c.func, "__name__", "") == "close_both"]

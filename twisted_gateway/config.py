@@ -232,6 +232,8 @@ class GatewaySettings:
     ws_send_timeout: float = 60.0
     ws_rate_limit: float = 0.0
     ws_rate_burst: int = 0
+    #: seconds after which a WebSocket is closed with 1001, ±10 % (0: never; ageing.py)
+    ws_max_age: float = 0.0
     max_websockets_per_user: int = 0
     #: worker processes sharing the listeners (``auto``: one per CPU this process may use)
     workers: int | str = 1
@@ -269,6 +271,8 @@ class RouteSettings:
     #: None: the gateway's ``ws_rate_limit`` / ``ws_rate_burst``
     ws_rate_limit: float | None = None
     ws_rate_burst: int | None = None
+    #: None: the gateway's ``ws_max_age``
+    ws_max_age: float | None = None
     max_websockets_per_user: int = 0
     #: False: request bodies are streamed to the upstream as they arrive
     request_buffering: bool = True
@@ -333,6 +337,7 @@ _GATEWAY_KEYS: Mapping[str, Key] = {
     "ws_send_timeout": Key(parse_non_negative_float, 60.0),
     "ws_rate_limit": Key(parse_non_negative_float, 0.0),
     "ws_rate_burst": Key(parse_non_negative_int, 0),
+    "ws_max_age": Key(parse_non_negative_float, 0.0),
     "max_websockets_per_user": Key(parse_non_negative_int, 0),
     "workers": Key(parse_auto_or_positive_int, 1),
     "access_log": Key(parse_access_log, "events"),
@@ -357,6 +362,7 @@ _ROUTE_KEYS: Mapping[str, Key] = {
     "request_timeout": Key(parse_positive_float, None),
     "ws_rate_limit": Key(parse_non_negative_float, None),
     "ws_rate_burst": Key(parse_non_negative_int, None),
+    "ws_max_age": Key(parse_non_negative_float, None),
     "max_websockets_per_user": Key(parse_non_negative_int, 0),
     "request_buffering": Key(parse_bool, True),
     "require_scope": Key(parse_words, ()),

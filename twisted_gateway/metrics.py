@@ -64,6 +64,7 @@ CLOSE_REASONS = frozenset(
         "protocol_error",
         "token_expired",
         "rate_limit",
+        "max_age",
         "admin",
         "revoked",
         "drain",

@@ -89,6 +89,7 @@ class Pair:
         client.transport.registerProducer(_Throttle(upstream.transport, client), True)
         upstream.transport.registerProducer(_Throttle(client.transport, upstream), True)
         factory.registry.pairs.add(self)
+        factory.ageing.watch(self)
         identity = self.identity
         if identity is not None and identity.expires_at is not None:
             delay = max(0.0, identity.expires_at - factory.clock.seconds())

@@ -49,6 +49,7 @@ from twisted_gateway._compat import (
     parse_extensions,
     with_options,
 )
+from twisted_gateway.ageing import Ageing
 from twisted_gateway.config import GatewaySettings, RouteSettings
 from twisted_gateway.errors import (
     BadGateway,
@@ -545,6 +546,9 @@ class RelayServerFactory(WebSocketServerFactory):
         self.rate_limit = route.ws_rate_limit if route.ws_rate_limit is not None else gateway.ws_rate_limit
         burst = route.ws_rate_burst if route.ws_rate_burst is not None else gateway.ws_rate_burst
         self.rate_burst = burst_for(self.rate_limit, burst)
+        max_age = route.ws_max_age if route.ws_max_age is not None else gateway.ws_max_age
+        #: ws_max_age: closes each pair at its (jittered) age limit
+        self.ageing = Ageing(clock, max_age)
         options = dict(
             maxMessagePayloadSize=gateway.ws_max_message_size,
             openHandshakeTimeout=0,
