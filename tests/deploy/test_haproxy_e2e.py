@@ -34,35 +34,31 @@ HERE = Path(__file__).parent
 STEADY = 1.0
 HELD = 10
 
-HAPROXY_CONFIG = """
-global
-    maxconn 4096
-
-defaults
-    mode http
-    timeout connect 1s
-    timeout client 30s
-    timeout server 30s
-    timeout tunnel 1h
-    retries 3
-    option redispatch
-    retry-on conn-failure empty-response response-timeout
-
-frontend gateways
-    bind 127.0.0.1:{front}
-    default_backend gateways
-
-backend gateways
-    balance leastconn
-    option httpchk GET /readyz
-    server g1 127.0.0.1:{g1} check inter 500ms fall 1
-    server g2 127.0.0.1:{g2} check inter 500ms fall 1
-
+#: The repository's deploy/haproxy.cfg, its front bound to a free loopback port, its server
+#: lines replaced by the two gateways, and a stats page to read HAProxy's view from.
+DEPLOYED_HAPROXY = HERE.parents[1] / "deploy" / "haproxy.cfg"
+STATS = """
 listen stats
     bind 127.0.0.1:{stats}
     stats enable
     stats uri /stats
 """
+
+
+def _haproxy_config(ports: dict[str, int]) -> str:
+    lines = []
+    for line in DEPLOYED_HAPROXY.read_text().splitlines():
+        word = line.split()[:1]
+        if word == ["server"]:
+            continue
+        if word == ["bind"]:
+            line = f"    bind 127.0.0.1:{ports['front']}"
+        lines.append(line)
+        if word == ["default-server"]:
+            lines += [f"    server {name} 127.0.0.1:{ports[name]}" for name in ("g1", "g2")]
+    text = "\n".join(lines) + "\n" + STATS.format(**ports)
+    assert "server g1" in text and "balance leastconn" in text and "timeout tunnel" in text
+    return text
 
 GATEWAY_CONFIG = """
 [gateway]
@@ -157,7 +153,7 @@ def test_a_gateway_restarted_behind_haproxy_fails_no_request_and_no_handshake(tm
         gateways = {name: _start_gateway(tmp_path, name, config(name)) for name in ("g1", "g2")}
         processes += gateways.values()
         haproxy_cfg = tmp_path / "haproxy.cfg"
-        haproxy_cfg.write_text(HAPROXY_CONFIG.format(**ports))
+        haproxy_cfg.write_text(_haproxy_config(ports))
         processes.append(_Process([_haproxy(), "-db", "-f", str(haproxy_cfg)], tmp_path))
         _wait_for_states(ports["stats"], {"g1": "UP", "g2": "UP"})
 
