@@ -130,7 +130,7 @@ class WorkerStats(Service):
         self.directory, self.worker, self.workers = directory, worker, workers
         self.own = own
         self.path = worker_file(directory, os.getpid())
-        self._published: str | None = None
+        self._published: list[dict[str, Any]] | None = None
         self._loop = LoopingCall(self.publish)
         self._loop.clock = clock
 
@@ -145,14 +145,13 @@ class WorkerStats(Service):
         return super().stopService()
 
     def publish(self) -> None:
-        data = {"worker": self.worker, "families": families_as_json(self.own.collect())}
-        text = json.dumps(data["families"], sort_keys=True)
-        if text != self._published:
+        families = families_as_json(self.own.collect())
+        if families != self._published:  # compared as data: serialised once, when written
             try:
-                write_atomically(self.path, data)
+                write_atomically(self.path, {"worker": self.worker, "families": families})
             except OSError:
                 return  # the supervisor removed the directory: it is stopping
-            self._published = text
+            self._published = families
 
     def _peers(self) -> Iterator[tuple[str, list[dict[str, Any]]]]:
         try:
