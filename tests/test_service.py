@@ -196,3 +196,46 @@ def test_a_pair_that_never_finishes_its_close_holds_the_stop_for_drain_timeout_o
     assert stopping.called
     assert not pair.done.called
     pair.done.callback(None)
+
+
+def test_a_listener_that_cannot_bind_exits_with_one_line_naming_the_endpoint(capsys):
+    """A taken port: ``wsgateway: ROLE cannot listen on ENDPOINT: REASON`` and exit 1, no traceback."""
+    import socket
+
+    import pytest
+    from twisted.internet import reactor
+    from twisted.web.server import Site
+    from twisted.web.resource import Resource
+
+    from twisted_gateway.service import ListeningService
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    description = f"tcp:{taken.getsockname()[1]}:interface=127.0.0.1"
+    try:
+        listener = ListeningService(reactor, description, Site(Resource()), "wsgateway")
+        with pytest.raises(SystemExit) as exited:
+            listener.privilegedStartService()
+    finally:
+        taken.close()
+    assert exited.value.code == 1
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"wsgateway: wsgateway cannot listen on {description}: ")
+
+
+def test_when_listening_gives_the_bound_port_before_and_after_it_is_bound():
+    """Asked before the service starts or after: the same listening port."""
+    clock = MemoryReactorClock()
+    service = GatewayService(parse_config(CONFIG.format(delay=0, timeout=1)), clock)
+    (listener,) = service.listeners
+    early = listener.when_listening()
+    assert not early.called
+    service.privilegedStartService()
+    service.startService()
+    port = early.result
+    assert listener.when_listening().result is port
+    assert port.getHost().port == 8080
+    stopped = service.stopService()
+    _advance(clock, 1)
+    assert stopped.called

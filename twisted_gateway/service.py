@@ -8,15 +8,22 @@ its own reactor can build one too.
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import Any, Callable
 
-from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.application.service import MultiService, Service
 from twisted.internet import tcp
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IProtocolFactory,
+    IReactorCore,
+    IStreamServerEndpoint,
+)
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
+from twisted.python.failure import Failure
+
 from twisted_gateway.admin import build_admin_site, where_served
 from twisted_gateway.config import Settings
 from twisted_gateway.resource import GatewayResource
@@ -28,42 +35,58 @@ from twisted_gateway.workers import AdoptedEndpoint
 log = Logger()
 
 
-class ListeningService(StreamServerEndpointService):
-    """Listens on one endpoint; fails start-up synchronously; logs the bound address."""
+class ListeningService(Service):
+    """
+    Listens on one endpoint: a listener that cannot bind fails start-up with
+    one line; the bound address is logged; :meth:`when_listening` gives the port.
+    """
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IReactorCore,
         description: str,
-        factory: Any,
+        factory: IProtocolFactory,
         role: str,
         backlog: int | None = None,
-        wrap: Any = None,
+        wrap: Callable[[IProtocolFactory], IProtocolFactory] | None = None,
         inherited_fd: int | None = None,
     ) -> None:
         # ssl: listeners are built by tls.server_endpoint: ALPN answers http/1.1 only.
         # A listener without backlog= gets the system's maximum, not Twisted's 50.
         if backlog is None:
             backlog = system_listen_backlog()
+        self.endpoint: IStreamServerEndpoint
         if inherited_fd is not None:  # a worker: the supervisor bound the socket
-            endpoint = AdoptedEndpoint(reactor, description, inherited_fd, wrap)
+            self.endpoint = AdoptedEndpoint(reactor, description, inherited_fd, wrap)
         else:
-            endpoint = server_endpoint(reactor, description, backlog, wrap)
-        super().__init__(endpoint, factory)
-        self._raiseSynchronously = True
+            self.endpoint = server_endpoint(reactor, description, backlog, wrap)
+        self.factory = factory
         self.description, self.role = description, role
         self.backlog = listen_backlog(description, backlog) if inherited_fd is None else None
+        self._listening: Deferred[IListeningPort] | None = None
+        self._port: IListeningPort | None = None
+        self._waiting: list[Deferred[IListeningPort]] = []
 
     def privilegedStartService(self) -> None:
-        try:
-            super().privilegedStartService()
-        except CannotListenError as e:
+        """Listen now (before twistd drops privileges); a failure to bind exits with one line."""
+        super().privilegedStartService()
+        failed: list[Failure] = []
+        self._listening = self.endpoint.listen(self.factory)
+        self._listening.addCallbacks(self._bound, failed.append)
+        if failed:
+            failed[0].trap(CannotListenError)
             # One line and a non-zero exit, as for a bad config; never a traceback.
-            sys.stderr.write(f"wsgateway: {self.role} cannot listen on {self.description}: {e.socketError}\n")
+            error = failed[0].value
+            sys.stderr.write(f"wsgateway: {self.role} cannot listen on {self.description}: {error.socketError}\n")
             raise SystemExit(1)
-        self._waitingForPort.addCallback(self._listening)
 
-    def _listening(self, port: Any) -> Any:
+    def startService(self) -> None:
+        if self._listening is None:  # not started by twistd: listen now
+            self.privilegedStartService()
+        super().startService()
+
+    def _bound(self, port: IListeningPort) -> IListeningPort | None:
+        self._port = port
         address = port.getHost()
         log.info(
             "{role} listening on {endpoint} (port {port}), backlog {backlog}",
@@ -74,29 +97,46 @@ class ListeningService(StreamServerEndpointService):
             backlog=self.backlog if self.backlog is not None else "of the inherited socket",
             event="listening",
         )
-        return port
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(port)
+        return None
 
+    def when_listening(self) -> Deferred[IListeningPort]:
+        """A Deferred that fires with the listening port once it is bound."""
+        if self._port is not None:
+            return succeed(self._port)
+        d: Deferred[IListeningPort] = Deferred()
+        self._waiting.append(d)
+        return d
 
-    def stopService(self) -> Deferred:
+    def stopService(self) -> Deferred[None]:
         """Stop listening, after accepting the connections the kernel has already queued."""
-        self._waitingForPort.addCallback(_accept_queued)
-        return super().stopService()
+        super().stopService()
+        port, self._port = self._port, None
+        if port is None:
+            if self._listening is not None and not self._listening.called:
+                self._listening.cancel()
+            self._listening = None
+            return succeed(None)
+        self._listening = None
+        _accept_queued(port)
+        return maybeDeferred(port.stopListening)
 
 
-def _accept_queued(port: Any) -> Any:
+def _accept_queued(port: IListeningPort) -> None:
     """
     Accept every connection waiting in a listening port's queue: closing the
     socket would reset them, and a client whose request is already on its way
     would get no answer at all (served, they get ``Connection: close``).
     """
     if not isinstance(port, tcp.Port) or not port.connected:
-        return port
+        return
     for _ in range(MAX_QUEUED_ACCEPTS):
         accepted = port.sessionno
         port.doRead()
         if port.sessionno == accepted:
             break
-    return port
 
 
 class GatewayService(MultiService):
@@ -173,7 +213,7 @@ class GatewayService(MultiService):
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
         if self.settings.demo.chat_service and self.settings.auth is not None:
-            self.listeners[0]._waitingForPort.addCallback(self._announce_demo_token)
+            self.listeners[0].when_listening().addCallback(self._announce_demo_token)
 
     def _announce_demo_token(self, port: Any) -> Any:
         """With the demo on, print a ready-to-paste wscat command and warn about the secret."""

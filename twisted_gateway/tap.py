@@ -187,7 +187,7 @@ def _report_ready(service, env) -> None:
 
     from twisted_gateway.workers import report_ready
 
-    ports = [listener._waitingForPort for listener in service.listeners]
+    ports = [listener.when_listening() for listener in service.listeners]
     DeferredList(ports).addCallback(lambda _: report_ready(env))
 
 

@@ -53,7 +53,7 @@ websocket = false
     service = GatewayService(settings, reactor)
     service.privilegedStartService()
     service.startService()
-    port = await service.listeners[0]._waitingForPort
+    port = await service.listeners[0].when_listening()
     pool = HTTPConnectionPool(reactor, persistent=False)
     client = treq.client.HTTPClient(Agent(reactor, pool=pool))
     answer = client.get(f"http://127.0.0.1:{port.getHost().port}/api/slow")
@@ -95,7 +95,7 @@ upstream = http://127.0.0.1:{up_port.getHost().port}
     service = GatewayService(settings, reactor)
     service.privilegedStartService()
     service.startService()
-    port = await service.listeners[0]._waitingForPort
+    port = await service.listeners[0].when_listening()
     stopping = service.stopService()
     client = await ws_connect(f"ws://127.0.0.1:{port.getHost().port}/v1/chat/ws")
     upstream_leg = upstream.connected[0]
@@ -144,7 +144,7 @@ websocket = false
     service = GatewayService(settings, reactor)
     service.privilegedStartService()
     service.startService()
-    port = (await service.listeners[0]._waitingForPort).getHost().port
+    port = (await service.listeners[0].when_listening()).getHost().port
     clients = []
     try:
         # No reactor turn between these connects and the stop: nothing is accepted yet.

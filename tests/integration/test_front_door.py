@@ -44,7 +44,7 @@ upstream = http://127.0.0.1:{upstream_port}
     service.privilegedStartService()
     service.startService()
     later(service.stopService)
-    port = await service.listeners[0]._waitingForPort
+    port = await service.listeners[0].when_listening()
     return service, port.getHost().port
 
 

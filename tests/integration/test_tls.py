@@ -140,7 +140,7 @@ upstream = https://{LOCALHOST}:{upstream_port}
     service.privilegedStartService()
     service.startService()
     later(service.stopService)
-    port = await service.listeners[0]._waitingForPort
+    port = await service.listeners[0].when_listening()
     return port.getHost().port
 
 
@@ -368,7 +368,7 @@ ca_file = {pki.ca_file}
     service.privilegedStartService()
     service.startService()
     later(service.stopService)
-    port = (await service.listeners[0]._waitingForPort).getHost().port
+    port = (await service.listeners[0].when_listening()).getHost().port
     door = service.front_door
     client = await wss_attempt(later, pki.ca, port)
     await client.opened
@@ -399,7 +399,7 @@ ca_file = {pki.ca_file}
     service.privilegedStartService()
     service.startService()
     later(service.stopService)
-    port = (await service.listeners[0]._waitingForPort).getHost().port
+    port = (await service.listeners[0].when_listening()).getHost().port
     client = await wss_attempt(later, pki.ca, port)
     await client.opened
     response = await https_client(later, pki.ca).get(f"https://{LOCALHOST}:{port}/healthz")
