@@ -19,7 +19,7 @@ from twisted.web._newclient import (
 )
 
 from twisted_gateway.errors import GatewayTimeout
-from twisted_gateway.faults import classify, mark_reused
+from twisted_gateway.faults import classify, describe, mark_reused
 
 
 def _never(reason: BaseException) -> ResponseNeverReceived:
@@ -89,3 +89,18 @@ def test_what_counts_against_an_upstream(reason, facts, expected):
 
 def test_a_reason_reads_as_words_in_a_log_line():
     assert classify(error.ConnectionRefusedError()).words == "connect refused"
+
+
+@pytest.mark.parametrize(
+    "error, expected",
+    [
+        (error.ConnectionRefusedError(), "Connection was refused by other side."),
+        (ValueError(" spaced "), "spaced"),
+        (CancelledError(), "CancelledError"),
+        (ResponseFailed([Failure(error.ConnectionLost("gone"))]), "Connection to the other side was lost in a non-clean fashion: gone."),
+    ],
+    ids=["message", "stripped", "type when silent", "first reason of an Agent's failure"],
+)
+def test_describe_says_what_failed_in_a_few_words(error, expected):
+    """Health checks and WebSocket connects name a failure the same way."""
+    assert describe(error) == expected

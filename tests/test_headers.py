@@ -8,6 +8,7 @@ from __future__ import annotations
 import ipaddress
 
 import pytest
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 
 from twisted_gateway.errors import GatewayError
 from twisted_gateway.headers import (
@@ -16,8 +17,10 @@ from twisted_gateway.headers import (
     checked_host,
     client_address,
     clean_reason_phrase,
+    cookie_value,
     forwarded_for,
     normalized_name,
+    peer_host,
     single_origin,
     valid_host,
     is_websocket_upgrade,
@@ -543,3 +546,49 @@ TRUSTED = (ipaddress.ip_network("10.0.0.0/8"),)
 )
 def test_client_address_believes_only_trusted_proxies(xff, peer, expected):
     assert client_address(xff, peer, TRUSTED) == expected
+
+
+@pytest.mark.parametrize(
+    "headers, expected",
+    [
+        ([(b"Cookie", b"a=1; jwt=c")], b"c"),
+        ([(b"cookie", b"a=1"), (b"COOKIE", b"jwt=c")], b"c"),
+        ([(b"Cookie", b'jwt="c"')], b"c"),
+        ([(b"Cookie", b'a={"x": 1}; b=x y; jwt=c')], b"c"),
+        ([(b"Cookie", b"jwt=; jwt=c")], b"c"),
+        ([(b"Cookie", b"jwt = c ;x=1")], b"c"),
+        ([(b"Cookie", b"myjwt=c; jwts=d")], None),
+        ([(b"X-Cookie", b"jwt=c")], None),
+        ([(b"Cookie", b"jwt=")], None),
+        ([], None),
+    ],
+    ids=[
+        "among others",
+        "any header of that name",
+        "quotes dropped",
+        "a cookie SimpleCookie cannot parse does not hide the others",
+        "first non-empty",
+        "spaces around name and value",
+        "other names",
+        "other headers",
+        "empty value is none",
+        "no cookie",
+    ],
+)
+def test_cookie_value_is_the_one_reading_of_cookie_headers(headers, expected):
+    """The token cookie and the hash_key cookie are read the same way."""
+    assert cookie_value(headers, "jwt") == expected
+
+
+@pytest.mark.parametrize(
+    "address, expected",
+    [
+        (IPv4Address("TCP", "198.51.100.7", 5000), "198.51.100.7"),
+        (IPv6Address("TCP", "::1", 5000), "::1"),
+        (UNIXAddress(b"/run/gw.sock"), "unix"),
+        (None, "unix"),
+    ],
+)
+def test_peer_host_is_the_address_or_unix(address, expected):
+    """HTTP and WebSocket requests, the access log and admin_allow name a peer the same way."""
+    assert peer_host(address) == expected

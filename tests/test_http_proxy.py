@@ -43,7 +43,6 @@ from twisted_gateway.http_proxy import (
     log_target,
     response_header_pairs,
     upstream_failure,
-    upstream_url,
 )
 from twisted_gateway.routing import normalize_path, split_uri
 
@@ -51,22 +50,6 @@ UPSTREAM = "http://upstream.test:8000"
 
 
 # -- pure rules -----------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "base, path, query, expected",
-    [
-        ("http://u:1", b"/a", b"", b"http://u:1/a"),
-        ("http://u:1/", b"/a", b"", b"http://u:1/a"),
-        ("http://u:1/v1", b"/a/b", b"x=1", b"http://u:1/v1/a/b?x=1"),
-        ("http://u:1", b"/a%2Fb", b"", b"http://u:1/a%2Fb"),
-        ("http://u:1", b"/a", b"q=%20&q=+&e=", b"http://u:1/a?q=%20&q=+&e="),
-        ("http://u:1", b"/caf\xc3\xa9", b"k=\x7f", b"http://u:1/caf%C3%A9?k=%7F"),
-    ],
-)
-def test_upstream_url_keeps_the_raw_path_and_query(base, path, query, expected):
-    """The upstream receives the normalised raw path and the query byte for byte."""
-    assert upstream_url(base, path, query) == expected
 
 
 @pytest.mark.parametrize(

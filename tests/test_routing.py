@@ -15,6 +15,8 @@ from twisted_gateway.routing import (
     decoded_path,
     normalize_path,
     prefix_matches,
+    query_fields,
+    query_value,
     split_uri,
     upstream_url,
     validate_prefix,
@@ -283,6 +285,8 @@ def test_validate_prefix_refuses_with_a_reason(prefix, reason):
         ("http://h", b"/a b", b"", False, "http://h/a%20b"),
         ("http://h", b"/a", b"q=caf\xc3\xa9 x", True, "ws://h/a?q=caf%C3%A9%20x"),
         ("http://h", b"/a\x7f", b"\xff", False, "http://h/a%7F?%FF"),
+        ("http://u:1", b"/a", b"q=%20&q=+&e=", False, "http://u:1/a?q=%20&q=+&e="),
+        ("http://u:1/v1", b"/a/b", b"x=1", False, "http://u:1/v1/a/b?x=1"),
     ],
     ids=[
         "http becomes ws, query kept",
@@ -299,6 +303,8 @@ def test_validate_prefix_refuses_with_a_reason(prefix, reason):
         "space in path is percent-encoded",
         "raw bytes in query are percent-encoded",
         "control and high bytes are percent-encoded",
+        "escapes and form encoding in the query untouched",
+        "base path and query",
     ],
 )
 def test_upstream_url(base, path, query, websocket, expected):
@@ -376,3 +382,36 @@ def test_reject_still_passes_a_path_without_escaped_slashes():
 
 def test_keep_forwards_even_a_path_that_changes_route():
     check_escaped_path(b"/v1/public/..%2fapi/secret", "public", TABLE, "keep")
+
+
+# -- query fields ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "query, expected",
+    [
+        (b"", []),
+        (b"a=1&b=", [(b"a=1", b"a", b"1"), (b"b=", b"b", b"")]),
+        (b"%74oken=a%2Eb+c", [(b"%74oken=a%2Eb+c", b"token", b"a.b c")]),
+        (b"x&&y=%FF\xff", [(b"x", b"x", b""), (b"", b"", b""), (b"y=%FF\xff", b"y", b"\xff\xff")]),
+        (b"a=b=c;d", [(b"a=b=c;d", b"a", b"b=c;d")]),
+    ],
+    ids=["empty", "fields in order", "form-decoded", "bare names, empty fields, raw bytes", "only & separates"],
+)
+def test_query_fields_keep_the_raw_field_and_form_decode_name_and_value(query, expected):
+    assert list(query_fields(query)) == expected
+
+
+@pytest.mark.parametrize(
+    "query, expected",
+    [
+        (b"room=a&room=b", b"a"),
+        (b"room=&room=b", b"b"),
+        (b"ro%6Fm=a+b%20c", b"a b c"),
+        (b"rooms=a&my_room=b&room", None),
+        (b"", None),
+    ],
+)
+def test_query_value_is_the_first_non_empty_field_of_that_name(query, expected):
+    """The token parameter and the hash_key query field are read the same way."""
+    assert query_value(query, "room") == expected

@@ -21,7 +21,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
-from urllib.parse import unquote_to_bytes, urlsplit
+from urllib.parse import urlsplit
 
 import jwt
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -35,7 +35,9 @@ from twisted_gateway.config import REQUIRED, ConfigError, Key, _read_section, pa
 from twisted_gateway.config import parse_non_negative_float, parse_positive_float, parse_positive_int
 from twisted_gateway.config import parse_non_negative_int, parse_words
 from twisted_gateway.errors import GatewayError
+from twisted_gateway.headers import cookie_value
 from twisted_gateway.jwks import FetchFailed, KeySet, PublicKey, parse_jwks
+from twisted_gateway.routing import query_fields, query_value
 from twisted_gateway.tls import parse_ca_file
 from twisted_gateway.verified_tokens import VerifiedTokens
 
@@ -56,21 +58,12 @@ SUPPORTED_ALGORITHMS = (frozenset(get_default_algorithms()) | {"Ed25519"}) - {"n
 # -- where the token comes from (pure) ----------------------------------------
 
 
-def _query_fields(query: bytes) -> list[tuple[bytes, bytes, bytes]]:
-    """``(raw field, decoded name, decoded value)`` for each ``&``-separated field."""
-    fields = []
-    for raw in query.split(b"&") if query else []:
-        name, _, value = raw.partition(b"=")
-        fields.append((raw, unquote_to_bytes(name), unquote_to_bytes(value)))
-    return fields
-
-
 def extract_token(
     headers: Headers, query: bytes, *, query_param: str, cookie: str | None
 ) -> str | None:
     """
     The token a request carries; first found wins: ``Authorization: Bearer``,
-    then ``query_param`` in the raw query (percent-decoded), then the cookie.
+    then ``query_param`` in the raw query (form-decoded), then the cookie.
     An ``Authorization`` header of another scheme is not a source.
     """
     for name, value in headers:
@@ -78,21 +71,16 @@ def extract_token(
         if name.lower() == b"authorization" and scheme.lower() == b"bearer":
             if credentials.strip():
                 return credentials.strip().decode("latin-1")
-    for _, name, value in _query_fields(query):
-        if name == query_param.encode("utf-8") and value:
-            return value.decode("latin-1")
-    cookies = [v for n, v in headers if n.lower() == b"cookie"] if cookie else []
-    for pair in b";".join(cookies).split(b";"):
-        key, _, value = pair.strip().partition(b"=")
-        if key.decode("latin-1") == cookie and value.strip(b'"'):
-            return value.strip(b'"').decode("latin-1")
-    return None
+    value = query_value(query, query_param)
+    if value is None and cookie:
+        value = cookie_value(headers, cookie)
+    return value.decode("latin-1") if value is not None else None
 
 
 def strip_query_param(query: bytes, param: str) -> bytes:
     """The raw query without any ``param`` field; the rest is kept byte for byte."""
     wanted = param.encode("utf-8")
-    return b"&".join(raw for raw, name, _ in _query_fields(query) if name != wanted)
+    return b"&".join(raw for raw, name, _ in query_fields(query) if name != wanted)
 
 
 # -- outcomes ---------------------------------------------------------------
@@ -438,7 +426,7 @@ _REASONS: Mapping[type, str] = {
 }
 
 
-def _describe(error: Exception) -> str:
+def _why_refused(error: Exception) -> str:
     """Which check failed, in words that never quote the token."""
     if isinstance(error, jwt.MissingRequiredClaimError):
         return f"missing required claim {error.claim}"
@@ -574,7 +562,7 @@ class Authenticator:
             except (jwt.PyJWTError, TypeError, ValueError) as e:
                 errors.append(e)
         else:
-            raise AuthError(_describe(errors[0])) from None
+            raise AuthError(_why_refused(errors[0])) from None
         expires_at = check_claim_times(claims, self._clock.seconds(), s.leeway)
         subject = claims.get("sub")
         if subject is not None and re.search(r"[\x00-\x1f\x7f]", subject):

@@ -34,6 +34,7 @@ from twisted.internet.error import (
     DNSLookupError,
 )
 from twisted.internet.error import TimeoutError as ConnectTimeout
+from twisted.web.client import ResponseFailed
 
 from twisted_gateway.errors import GatewayTimeout
 from twisted_gateway.tls import describe_tls_failure
@@ -155,3 +156,14 @@ def _any(error: BaseException, test) -> bool:
         if isinstance(value, BaseException) and _any(value, test):
             return True
     return False
+
+
+def describe(error: BaseException) -> str:
+    """
+    A failed attempt in a few words for a log line or a 502's detail: the
+    error's message, else its type's name; for an ``Agent``'s
+    ``ResponseFailed``, what its first reason says.
+    """
+    if isinstance(error, ResponseFailed) and error.reasons:
+        error = error.reasons[0].value
+    return str(error).strip() or type(error).__name__

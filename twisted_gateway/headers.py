@@ -13,6 +13,8 @@ import ipaddress
 import re
 from typing import Iterable, Sequence
 
+from twisted.internet.interfaces import IAddress
+
 from twisted_gateway.errors import BadRequest, GatewayError
 
 Headers = Sequence[tuple[bytes, bytes]]
@@ -78,6 +80,27 @@ def get_all(headers: Headers, name: bytes) -> list[bytes]:
     return [v for k, v in headers if k.lower() == name]
 
 
+def cookie_value(headers: Headers, name: str) -> bytes | None:
+    """
+    The first non-empty value of the cookie ``name`` in the ``Cookie``
+    headers (``;``-separated ``name=value`` pairs read as Twisted's
+    ``Request.getCookie`` does, quotes around a value dropped), or None. Not
+    ``http.cookies.SimpleCookie``: one cookie it cannot parse (a JSON value, a
+    space) makes it drop every cookie of the header.
+    """
+    wanted = name.encode("utf-8")
+    for key, header in headers:
+        if key.lower() != b"cookie":
+            continue
+        for pair in header.split(b";"):
+            cookie, _, value = pair.partition(b"=")
+            if cookie.strip() == wanted:
+                value = value.strip().strip(b'"')
+                if value:
+                    return value
+    return None
+
+
 def is_websocket_upgrade(method: bytes, headers: Headers) -> bool:
     """
     A WebSocket opening handshake: GET, ``Upgrade`` containing the token
@@ -97,6 +120,15 @@ def strip_hop_by_hop(headers: Headers) -> list[tuple[bytes, bytes]]:
     return [
         (k, v) for k, v in headers if k.lower() not in HOP_BY_HOP and k.lower() not in named
     ]
+
+
+def peer_host(address: IAddress | None) -> str:
+    """
+    A connection's peer as ``X-Forwarded-For``, ``admin_allow``, ``hash_key =
+    ip`` and the logs name it: its IP address, or ``unix`` for a Unix socket
+    (which has no host).
+    """
+    return getattr(address, "host", None) or "unix"
 
 
 def _peer_is_trusted(peer: str, trusted: Sequence) -> bool:

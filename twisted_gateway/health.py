@@ -19,6 +19,8 @@ from twisted.web.client import ResponseFailed
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent
 
+from twisted_gateway.deferreds import when_done
+from twisted_gateway.faults import describe
 from twisted_gateway.upstreams import MAX_CHECK_TIMEOUT, Instance, UpstreamPool
 
 log = Logger()
@@ -128,7 +130,7 @@ class HealthChecker:
     def stop(self) -> Deferred[None]:
         """Stop checking and cancel the checks in flight; fires when all are over."""
         loops, self._loops = self._loops, []
-        waits = [_when_done(d) for d in self._in_flight.values()]
+        waits = [when_done(d) for d in self._in_flight.values()]
         for d in list(self._in_flight.values()):
             d.cancel()
         for loop, done in loops:
@@ -153,7 +155,7 @@ class HealthChecker:
             if not check.called:
                 self._in_flight[url] = check
                 check.addBoth(self._forget, url)
-        return _when_done(check)
+        return when_done(check)
 
     def _forget(self, result: object, url: str) -> object:
         del self._in_flight[url]
@@ -170,7 +172,7 @@ class HealthChecker:
         except TimeoutError:
             target.instance.record_check(False, f"no answer within {timeout:g} s")
         except Exception as e:
-            target.instance.record_check(False, _describe(e))
+            target.instance.record_check(False, describe(e))
         else:
             target.instance.record_check(True)
 
@@ -201,21 +203,3 @@ class HealthChecker:
             raise
         if not 200 <= response.code < 400:
             raise CheckFailed(f"HTTP status {response.code}")
-
-
-def _describe(error: Exception) -> str:
-    if isinstance(error, ResponseFailed) and error.reasons:
-        error = error.reasons[0].value
-    return str(error).strip() or type(error).__name__
-
-
-def _when_done(d: Deferred[Any]) -> Deferred[None]:
-    """A new Deferred that fires (with None) when ``d`` does, leaving ``d``'s result alone."""
-    waiter: Deferred[None] = Deferred()
-
-    def wake(result: object) -> object:
-        waiter.callback(None)
-        return result
-
-    d.addBoth(wake)
-    return waiter

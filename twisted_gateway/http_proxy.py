@@ -80,6 +80,7 @@ from twisted_gateway.errors import (
 from twisted_gateway.faults import KEEPALIVE_CLOSED, LOCAL, classify, mark_reused
 from twisted_gateway.headers import (
     clean_reason_phrase,
+    peer_host,
     rewrite_redirects,
     strip_hop_by_hop,
     tokens,
@@ -89,6 +90,7 @@ from twisted_gateway.headers import (
     valid_host,
 )
 from twisted_gateway.logs import redact_query
+from twisted_gateway.routing import upstream_url
 from twisted_gateway.streaming import StreamingBody
 from twisted_gateway._compat import write_now
 from twisted_gateway.connector import upstream_endpoint
@@ -121,26 +123,6 @@ class BodyTooLarge(GatewayError):
 
 
 # -- protocol rules: plain data in, values out --------------------------------
-
-
-def upstream_url(base: str, path: bytes, query: bytes) -> bytes:
-    """
-    ``base`` + normalised ``path`` + ``?query``, bytes kept as the client sent
-    them (``/a%2Fb`` stays ``/a%2Fb``); only bytes that cannot appear on a
-    request line (controls, DEL, non-ASCII) are percent-encoded.
-    """
-    url = base.rstrip("/").encode("ascii") + path
-    if query:
-        url += b"?" + query
-    return _quote_unsafe(url)
-
-
-def _quote_unsafe(url: bytes) -> bytes:
-    if all(0x21 <= byte <= 0x7E for byte in url):
-        return url
-    return b"".join(
-        bytes([byte]) if 0x21 <= byte <= 0x7E else b"%%%02X" % byte for byte in url
-    )
 
 
 def log_target(path: bytes, query: bytes, secrets: Iterable[str] = ()) -> str:
@@ -228,10 +210,6 @@ def upstream_failure(reason: BaseException, settings: GatewaySettings) -> Gatewa
 
 def _body_too_large(limit: int) -> BodyTooLarge:
     return BodyTooLarge(f"the request body is larger than {limit} bytes")
-
-
-def _peer_host(request: server.Request) -> str:
-    return getattr(request.getClientAddress(), "host", None) or "unknown"
 
 
 def _body_size(request: server.Request) -> int:
@@ -374,7 +352,7 @@ class GatewayRequest(server.Request):
             "refused a request body over {limit} bytes from {peer}: {status}",
             status=error.status,
             limit=self.max_body_size,
-            peer=getattr(self.getClientAddress(), "host", None) or "unknown",
+            peer=peer_host(self.getClientAddress()),
             outcome="refused",
         )
 
@@ -835,7 +813,7 @@ class HTTPForwarder:
             target=log_target(path, query, self._secret_names),
             route=route_name,
             upstream="",
-            peer=_peer_host(request),
+            peer=peer_host(request.getClientAddress()),
         )
 
         # This event is the request's access-log line (the Site skips its own).
@@ -879,7 +857,7 @@ class HTTPForwarder:
                     try:
                         response = await self._request_upstream(
                             request,
-                            upstream_url(instance.url, path, query),
+                            upstream_url(instance.url, path, query).encode("ascii"),
                             upload,
                             headers,
                             options.request_timeout or self._settings.request_timeout,
@@ -964,7 +942,7 @@ class HTTPForwarder:
         client_host = hosts[0] if len(hosts) == 1 and valid_host(hosts[0]) else None
         pairs = upstream_request_headers(
             incoming,
-            peer=_peer_host(request),
+            peer=peer_host(request.getClientAddress()),
             scheme="https" if request.isSecure() else "http",
             # X-Forwarded-Host only ever from one valid Host
             host=client_host,

@@ -21,13 +21,15 @@ from urllib.parse import urlsplit
 
 import jwt
 from treq.client import HTTPClient
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.error import ConnectError, ConnectionRefusedError, DNSLookupError
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.web.client import ResponseFailed, ResponseNeverReceived
 
+from twisted_gateway.deferreds import when_done
+from twisted_gateway.faults import describe
 from twisted_gateway.tls import describe_tls_failure
 
 #: An unknown ``kid`` refetches the JWKS at most this often (after a successful fetch).
@@ -152,7 +154,7 @@ def describe_failure(error: BaseException) -> FetchFailed:
         if tls is not None:
             return FetchFailed("tls", f"TLS handshake failed: {tls}")
         return FetchFailed("connection_lost", "connection lost before a complete answer")
-    return FetchFailed("other", str(error) or type(error).__name__)
+    return FetchFailed("other", describe(error))
 
 
 class KeySet:
@@ -210,12 +212,10 @@ class KeySet:
             self._timer.cancel()
         self._timer = None
         fetching = self._fetching
-        done: Deferred[None] = Deferred()
         if fetching is None:
-            done.callback(None)
-        else:
-            fetching.addBoth(lambda _: done.callback(None))
-            fetching.cancel()
+            return succeed(None)
+        done = when_done(fetching)
+        fetching.cancel()
         return done
 
     def retry_after(self) -> int:
@@ -241,9 +241,7 @@ class KeySet:
         fetching = self._fetching
         if fetching is None:
             return
-        # Each caller gets its own Deferred: cancelling one leaves the fetch running.
-        waiter: Deferred[None] = Deferred()
-        fetching.addBoth(lambda result: (waiter.called or waiter.callback(None), result)[1])
+        waiter = when_done(fetching)  # timing out leaves the fetch running
         waiter.addTimeout(self._wait_limit, self._clock)
         try:
             await waiter

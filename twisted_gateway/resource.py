@@ -25,6 +25,7 @@ from twisted_gateway.headers import (
     checked_host,
     is_websocket_upgrade,
     origin_allowed,
+    peer_host,
     single_origin,
 )
 from twisted_gateway.http_proxy import HTTPForwarder
@@ -287,7 +288,7 @@ class GatewayResource(Resource):
     def _is_admin(self, request) -> bool:
         """Whether this client may read the operator's pages here (``admin_allow``)."""
         return is_admin(
-            _peer_host(request),
+            peer_host(request.getClientAddress()),
             request.requestHeaders.getRawHeaders(b"x-forwarded-for", []),
             self.settings.gateway.trusted_proxies,
             self.settings.admin.admin_allow,
@@ -325,7 +326,7 @@ class GatewayResource(Resource):
             pool=pool,
             path=path,
             query=query,
-            peer=_peer_host(request),
+            peer=peer_host(request.getClientAddress()),
             scheme="https" if request.isSecure() else "http",
             host=host,
             headers=headers,
@@ -350,7 +351,7 @@ class GatewayResource(Resource):
             query=query,
             headers=headers,
             claims=claims,
-            peer=_peer_host(request),
+            peer=peer_host(request.getClientAddress()),
             trusted_proxies=self.settings.gateway.trusted_proxies,
         )
         extra = identity.upstream_headers(route.claims_header) if identity is not None else ()
@@ -374,11 +375,6 @@ def _below_mount_point(path: bytes, depth: int) -> bytes:
         return path
     segments = path.split(b"/")
     return b"/" + b"/".join(segments[depth + 1 :])
-
-
-def _peer_host(request) -> str:
-    peer = request.getClientAddress()
-    return getattr(peer, "host", None) or "unix"
 
 
 def _json(request, status: int, body: dict) -> bytes:

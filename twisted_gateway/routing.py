@@ -9,7 +9,9 @@ encoded, so ``/a%2Fb`` reaches the upstream as ``/a%2Fb``.
 
 from __future__ import annotations
 
-from typing import Generic, Iterable, Sequence, TypeVar
+import re
+from typing import Generic, Iterable, Iterator, Sequence, TypeVar
+from urllib.parse import unquote_to_bytes
 
 from twisted_gateway.errors import GatewayError
 
@@ -34,6 +36,32 @@ def split_uri(uri: bytes) -> tuple[bytes, bytes]:
         else:
             raise BadPath("the request path must start with '/'")
     return path, query
+
+
+def query_fields(query: bytes) -> Iterator[tuple[bytes, bytes, bytes]]:
+    """
+    ``(raw field, name, value)`` for each ``&``-separated field of a raw
+    query, name and value form-decoded (``+`` is a space; RFC 6750 2.3 sends
+    ``access_token`` so, and ``request.args`` reads it so). The raw field lets
+    a caller pass the other fields on byte for byte. Not ``urllib.parse.parse_qsl``:
+    it refuses raw non-ASCII bytes and drops the raw fields.
+    """
+    for raw in query.split(b"&") if query else ():
+        name, _, value = raw.partition(b"=")
+        yield raw, _form_decode(name), _form_decode(value)
+
+
+def query_value(query: bytes, name: str) -> bytes | None:
+    """The first non-empty value of the field ``name`` in a raw query (form-decoded), or None."""
+    wanted = name.encode("utf-8")
+    for _, key, value in query_fields(query):
+        if key == wanted and value:
+            return value
+    return None
+
+
+def _form_decode(raw: bytes) -> bytes:
+    return unquote_to_bytes(raw.replace(b"+", b" ")) if b"%" in raw or b"+" in raw else raw
 
 
 _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
@@ -212,8 +240,11 @@ def check_escaped_path(path: bytes, route: T, table: RouteTable[T], mode: str) -
 
 def upstream_url(base: str, path: bytes, query: bytes, *, websocket: bool = False) -> str:
     """
-    ``base`` + normalised ``path`` + original ``query``; for a WebSocket the
-    scheme becomes ``ws``/``wss``. The path keeps its percent-encoding.
+    ``base`` + normalised ``path`` + original ``query``, as the client sent
+    them (``/a%2Fb`` stays ``/a%2Fb``); only bytes that cannot stand on a
+    request line (controls, space, DEL, non-ASCII) are percent-encoded. For a
+    WebSocket the scheme becomes ``ws``/``wss``. Both forwarders build their
+    upstream's URL here (the HTTP one encodes it to ASCII bytes).
     """
     scheme, sep, rest = base.partition("://")
     if websocket:
@@ -224,8 +255,11 @@ def upstream_url(base: str, path: bytes, query: bytes, *, websocket: bool = Fals
     return url
 
 
+_UNPRINTABLE = re.compile(rb"[^\x21-\x7e]")
+
+
 def _printable(raw: bytes) -> str:
     """Percent-encode bytes outside printable ASCII (raw UTF-8 sent by some clients)."""
-    if all(0x21 <= b <= 0x7E for b in raw):
+    if _UNPRINTABLE.search(raw) is None:
         return raw.decode("ascii")
-    return "".join(chr(b) if 0x21 <= b <= 0x7E else f"%{b:02X}" for b in raw)
+    return _UNPRINTABLE.sub(lambda m: b"%%%02X" % m[0][0], raw).decode("ascii")

@@ -31,6 +31,7 @@ from twisted_gateway.limits import UNLIMITED_CEILING, client_limits, reserved_fi
 from twisted_gateway.site import FrontDoor, build_site
 from twisted_gateway.tls import listen_backlog, server_endpoint, system_listen_backlog
 from twisted_gateway.workers import AdoptedEndpoint
+from twisted_gateway.ws_relay import GOING_AWAY
 
 log = Logger()
 
@@ -327,7 +328,6 @@ class GatewayService(MultiService):
         return True
 
 
-GOING_AWAY = (1001, b"going away")
 #: A worker replaced by a rolling restart (SIGHUP to the supervisor): the client may reconnect at once.
 SERVICE_RESTART = (1012, b"service restart")
 #: Seconds a connection accepted just before the listeners closed has to send

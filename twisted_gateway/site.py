@@ -25,6 +25,7 @@ from twisted.web.server import Site
 
 from twisted_gateway.config import Settings
 from twisted_gateway.errors import GatewayError, Overloaded
+from twisted_gateway.headers import peer_host
 from twisted_gateway.http_proxy import LINGER_SECONDS, GatewayRequest
 from twisted_gateway.limits import ClientLimits
 from twisted_gateway.logs import access_log_formatter, secret_names
@@ -178,7 +179,7 @@ class GatewayChannel(HTTPChannel):
         if error is not None:
             log.info(
                 "closed a slow client {peer}: {status} {error}",
-                peer=getattr(self.transport.getPeer(), "host", None) or "unknown",
+                peer=peer_host(self.transport.getPeer()),
                 status=error.status,
                 error=error.error,
                 outcome="timeout",

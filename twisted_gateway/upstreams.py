@@ -25,14 +25,14 @@ import hashlib
 import json
 from collections import Counter
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
-from urllib.parse import unquote_to_bytes
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from twisted_gateway.errors import BadGateway
-from twisted_gateway.headers import client_address, get_all
+from twisted_gateway.headers import client_address, cookie_value, get_all
 from twisted_gateway.parsers import parse_non_negative_int, parse_positive_float
+from twisted_gateway.routing import query_value
 
 log = Logger()
 
@@ -140,10 +140,6 @@ def _text(raw: bytes) -> str:
     return raw.decode("utf-8", "surrogateescape")
 
 
-def _form_decode(raw: bytes) -> bytes:
-    return unquote_to_bytes(raw.replace(b"+", b" "))
-
-
 def hash_key_value(
     spec: str,
     *,
@@ -154,21 +150,17 @@ def hash_key_value(
 ) -> str | None:
     """
     The value a request carries for a ``hash_key`` spec, or None when it has
-    none (or an empty one): the client's address, the first ``query`` field of
-    that name (form decoded, as ``request.args`` does), the first header, the
-    cookie (from the ``Cookie`` headers) or the verified claim (non-strings as
-    compact JSON).
+    none (or an empty one): the client's address, the first non-empty
+    ``query`` field of that name (:func:`routing.query_value`), the first
+    header, the first non-empty cookie (:func:`headers.cookie_value`) or the
+    verified claim (non-strings as compact JSON).
     """
     if spec == "ip":
         return client_ip or None
     source, _, name = spec.partition(":")
     if source == "query":
-        wanted = name.encode("utf-8")
-        for field in query.split(b"&") if query else ():
-            key, _, value = field.partition(b"=")
-            if _form_decode(key) == wanted:
-                return _text(_form_decode(value)) or None
-        return None
+        value = query_value(query, name)
+        return _text(value) if value is not None else None
     if source == "header":
         wanted = name.lower().encode("latin-1")
         for key, value in headers:
@@ -176,15 +168,8 @@ def hash_key_value(
                 return _text(value.strip()) or None
         return None
     if source == "cookie":
-        wanted = name.encode("utf-8")
-        for key, value in headers:
-            if key.lower() != b"cookie":
-                continue
-            for pair in value.split(b";"):
-                cookie, _, content = pair.strip().partition(b"=")
-                if cookie.strip() == wanted:
-                    return _text(content.strip().strip(b'"')) or None
-        return None
+        value = cookie_value(headers, name)
+        return _text(value) if value is not None else None
     if source == "claim":
         claim = (claims or {}).get(name)
         if claim is None or claim == "":

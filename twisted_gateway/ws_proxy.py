@@ -58,7 +58,7 @@ from twisted_gateway.errors import (
     Overloaded,
     UpstreamRefused,
 )
-from twisted_gateway.faults import ANSWERED, CANCELLED, CLIENT_GONE, LOCAL, Fault, classify
+from twisted_gateway.faults import ANSWERED, CANCELLED, CLIENT_GONE, LOCAL, Fault, classify, describe
 from twisted_gateway.sockets import TCPKeepalive, set_keepalive
 from twisted_gateway.headers import (
     WEBSOCKET_HANDSHAKE,
@@ -330,7 +330,7 @@ class RelayServerProtocol(ServerLegHooks, _RelayLeg, WebSocketServerProtocol):
                 if fault in (CANCELLED, CLIENT_GONE):
                     raise CancelledError() from None
                 if fault is LOCAL:
-                    raise Overloaded(f"cannot connect to the upstream: {_describe(e)}") from None
+                    raise Overloaded(f"cannot connect to the upstream: {describe(e)}") from None
                 if isinstance(e, (ConnectError, DNSLookupError, OSError)):
                     last_error = e
                     continue
@@ -339,7 +339,7 @@ class RelayServerProtocol(ServerLegHooks, _RelayLeg, WebSocketServerProtocol):
             pair.instance = instance
             break
         if upstream is None:
-            raise BadGateway(f"cannot connect to the upstream: {_describe(last_error)}")
+            raise BadGateway(f"cannot connect to the upstream: {describe(last_error)}")
         if self.state == CLOSED:
             # The client left in the very turn the upstream answered.
             pair.instance.release(websocket=True)
@@ -496,11 +496,6 @@ def _drop_quietly(protocol: Any, abort: bool) -> None:
     """
     protocol.wasClean = True
     protocol.dropConnection(abort=abort)
-
-
-def _describe(e: BaseException) -> str:
-    text = str(e).strip()
-    return text or type(e).__name__
 
 
 # -- factories ---------------------------------------------------------------

@@ -45,8 +45,9 @@ LEG_BUFFER_SIZE = 256 * 1024
 UPSTREAM_LOST = (1014, b"upstream connection lost")
 #: Close sent to the upstream when the client vanished without a close frame.
 CLIENT_LOST = (1001, b"client went away")
-#: Close sent to one leg when the gateway failed the other (bad frame, too big).
-PEER_FAILED = (1001, b"going away")
+#: Close sent to one leg when the gateway failed the other (bad frame, too big),
+#: and to both legs when the gateway stops (service.py's drain).
+GOING_AWAY = (1001, b"going away")
 #: Close sent to both legs when the client's token expires.
 TOKEN_EXPIRED = (1008, b"token expired")
 #: Close sent to both legs when the client sends faster than ws_rate_limit.
@@ -265,7 +266,7 @@ class _RelayLeg(LegHooks):
         peer = self.partner
         if peer is not None and peer.state == OPEN:
             self.pair.record_end("gateway", code, "protocol_error")
-            peer.close_with(PEER_FAILED)
+            peer.close_with(GOING_AWAY)
 
     def close_with(self, close: tuple[int, bytes], reason: str = "gateway") -> None:
         """
