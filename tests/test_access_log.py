@@ -15,7 +15,7 @@ from twisted.internet.task import Clock
 from twisted.logger import capturedLogs, textFileLogObserver
 
 from twisted_gateway.access_log import FLUSH_BYTES, FLUSH_SECONDS, AccessLogWriter, json_line, text_line
-from twisted_gateway.config import ConfigError, GatewaySettings, parse_config
+from twisted_gateway.config import ConfigError, GatewaySettings, load_settings, parse_config
 from twisted_gateway.http_proxy import emit_access_event
 from twisted_gateway.logs import event_as_json
 
@@ -136,7 +136,7 @@ def test_config_keys_and_their_errors(tmp_path):
     for value in ("off", "stdout", "events"):
         assert parse_config(f"[gateway]\naccess_log = {value}\n" + ROUTE).gateway.access_log == value
     with pytest.raises(ConfigError, match=r"\[gateway\] access_log: the directory .*nowhere does not exist"):
-        parse_config(f"[gateway]\naccess_log = {tmp_path}/nowhere/a.log\n" + ROUTE)
+        load_settings(parse_config(f"[gateway]\naccess_log = {tmp_path}/nowhere/a.log\n" + ROUTE))
     with pytest.raises(ConfigError, match=r"\[gateway\] access_log_format: expected one of text, json"):
         parse_config("[gateway]\naccess_log_format = xml\n" + ROUTE)
 

@@ -50,7 +50,7 @@ from twisted_gateway.auth import (
     parse_jwks,
     strip_query_param,
 )
-from twisted_gateway.config import ConfigError
+from twisted_gateway.config import ConfigError, Settings, load_settings
 from twisted_gateway.jwks import FetchFailed, discovery_url, parse_discovery
 
 NOW = 1_700_000_000
@@ -214,6 +214,11 @@ def test_strip_query_param(query, expected):
 LONG = "a-demo-secret-that-is-32-bytes-or-longer"
 
 
+def load_auth(source: str, values: dict[str, str]) -> AuthSettings:
+    """``[auth]`` as start-up reads it: parsed, then its key material loaded."""
+    return load_settings(Settings(auth=parse_auth_section(source, values), source=source)).auth
+
+
 @pytest.fixture
 def config_dir(tmp_path, rsa_keys, monkeypatch):
     """Key files next to a config file, as ``file:`` paths name them."""
@@ -293,7 +298,7 @@ def test_bad_auth_section_fails_start_up(config_dir, values, key, reason):
     """A bad [auth] section stops start-up with one line naming file, section, key, reason."""
     source = str(config_dir / "tap.cfg")
     with pytest.raises(ConfigError) as caught:
-        parse_auth_section(source, values)
+        load_auth(source, values)
     error = caught.value
     assert (error.section, error.key) == ("auth", key)
     assert reason in error.reason
@@ -304,13 +309,13 @@ def test_bad_auth_section_fails_start_up(config_dir, values, key, reason):
 def test_secret_never_appears_in_errors(config_dir):
     """Even a rejected secret is not printed."""
     with pytest.raises(ConfigError) as caught:
-        parse_auth_section("tap.cfg", {"algorithms": "HS256", "secret": "hunter2-hunter2"})
+        load_auth("tap.cfg", {"algorithms": "HS256", "secret": "hunter2-hunter2"})
     assert "hunter2" not in str(caught.value)
 
 
 def test_defaults_are_secure(config_dir):
     """Without more keys: exp is required, 30 s leeway, ?token=, no cookie, no stripping."""
-    settings = parse_auth_section("tap.cfg", {"algorithms": "HS256", "secret": LONG})
+    settings = load_auth("tap.cfg", {"algorithms": "HS256", "secret": LONG})
     assert settings.require == ("exp",)
     assert (settings.leeway, settings.query_param, settings.cookie) == (30.0, "token", None)
     assert (settings.strip_token, settings.jwks_refresh) == (False, 600.0)
@@ -322,16 +327,16 @@ def test_defaults_are_secure(config_dir):
 def test_secret_sources(config_dir, reference):
     """The secret is a literal, an environment variable or a file next to the config."""
     source = str(config_dir / "tap.cfg")
-    settings = parse_auth_section(source, {"algorithms": "HS256", "secret": reference})
+    settings = load_auth(source, {"algorithms": "HS256", "secret": reference})
     assert settings.secret == LONG.encode()
 
 
 def test_key_files_are_loaded_at_start_up(config_dir, rsa_keys):
     """A PEM public key and a JWKS file are parsed once, when the config is read."""
     source = str(config_dir / "tap.cfg")
-    pem = parse_auth_section(source, {"algorithms": "RS256", "public_key": "file:rsa.pem"})
+    pem = load_auth(source, {"algorithms": "RS256", "public_key": "file:rsa.pem"})
     assert pem.public_key.public_numbers() == rsa_keys[0].public_key().public_numbers()
-    jwks = parse_auth_section(source, {"algorithms": "RS256", "jwks_file": "file:jwks.json"})
+    jwks = load_auth(source, {"algorithms": "RS256", "jwks_file": "file:jwks.json"})
     assert sorted(jwks.jwks) == ["one", "two"]
 
 
@@ -932,8 +937,8 @@ def test_token_cli_mints_a_token_the_gateway_accepts(tmp_path):
     assert done.returncode == 0, done.stderr
     token = done.stdout.strip()
     assert done.stdout == token + "\n"
-    settings = parse_auth_section(str(config), {"algorithms": "HS256", "secret": LONG,
-                                                "audience": "chat", "issuer": "https://gw.example"})
+    settings = load_auth(str(config), {"algorithms": "HS256", "secret": LONG,
+                                       "audience": "chat", "issuer": "https://gw.example"})
     claims = jwt.decode(token, options={"verify_signature": False})
     assert claims["exp"] - claims["iat"] == 3600
     clock = Clock()

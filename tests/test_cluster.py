@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from twisted_gateway.cluster import RedisAddress, count_key, parse_redis_url
+from twisted_gateway.cluster import count_key
+from twisted_gateway.schema import RedisAddress, parse_redis_url
 
 
 @pytest.mark.parametrize(

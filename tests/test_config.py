@@ -21,6 +21,7 @@ from twisted_gateway.config import (
     config_warnings,
     describe_settings,
     load_config,
+    load_settings,
     parse_config,
     with_listen,
 )
@@ -599,8 +600,9 @@ def test_ws_max_age_is_off_by_default_and_a_route_may_set_its_own():
 def test_cluster_section_reads_the_redis_url_from_the_environment_and_never_shows_it(monkeypatch):
     """The Redis URL may carry a password: env:NAME works, and --check masks it like a secret."""
     monkeypatch.setenv("GW_REDIS_URL", "redis://:hunter2@redis.internal:6380/2")
-    settings = parse_config("[cluster]\nredis = env:GW_REDIS_URL\nnode_id = gw-a\n" + ROUTE)
+    settings = load_settings(parse_config("[cluster]\nredis = env:GW_REDIS_URL\nnode_id = gw-a\n" + ROUTE))
     assert (settings.cluster.node_id, settings.cluster.on_redis_down) == ("gw-a", "open")
+    assert settings.cluster.redis == "redis://:hunter2@redis.internal:6380/2"
     text = describe_settings(settings)
     assert "hunter2" not in text and "redis = (set)" in text
 
@@ -609,7 +611,7 @@ def test_admin_token_off_is_said_by_check_and_a_token_from_the_environment_is_ma
     text = describe_settings(parse_config("[admin]\nlisten = tcp:0\n" + ROUTE))
     assert "; [admin] token is not set: the /admin API is not served" in text
     monkeypatch.setenv("GW_ADMIN_TOKEN", "0123456789abcdef-admin")
-    settings = parse_config("[admin]\nlisten = tcp:0\ntoken = env:GW_ADMIN_TOKEN\n" + ROUTE)
+    settings = load_settings(parse_config("[admin]\nlisten = tcp:0\ntoken = env:GW_ADMIN_TOKEN\n" + ROUTE))
     assert settings.admin.token == b"0123456789abcdef-admin"
     assert "token = (set)" in describe_settings(settings)
 

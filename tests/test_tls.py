@@ -18,7 +18,13 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseNeverReceived
 
 from tests.certs import Authority
-from twisted_gateway.config import ConfigError, RouteSettings, check_server_endpoint, parse_config
+from twisted_gateway.config import (
+    ConfigError,
+    RouteSettings,
+    check_server_endpoint,
+    load_settings,
+    parse_config,
+)
 from twisted_gateway.tls import (
     HTTP_1_1,
     TLSKeyError,
@@ -277,7 +283,7 @@ def test_a_client_cert_file_may_hold_its_key(files):
 def test_a_bad_tls_key_is_one_config_error_naming_it(files, extra, key, fragment):
     paths = {name: value for name, value in vars(files).items()}
     with pytest.raises(ConfigError) as caught:
-        parse_config(_route(extra.format(**paths)), source="gw.cfg")
+        load_settings(parse_config(_route(extra.format(**paths)), source="gw.cfg"))
     assert (caught.value.section, caught.value.key) == ("route:api", key)
     assert fragment.format(**paths) in caught.value.reason
     assert "\n" not in str(caught.value)

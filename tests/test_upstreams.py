@@ -15,10 +15,15 @@ from twisted.logger import capturedLogs, formatEvent
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from twisted_gateway.config import REQUIRED, Key, _read_section, _ROUTE_KEYS
 from twisted_gateway.health import HealthChecker
+from twisted_gateway.schema import (
+    RouteSettings,
+    parse_balance,
+    parse_hash_key,
+    parse_health_check,
+    read_section,
+)
 from twisted_gateway.upstreams import (
-    ROUTE_POOL_KEYS,
     HashRing,
     InstanceRegistry,
     NoHealthyUpstream,
@@ -27,9 +32,6 @@ from twisted_gateway.upstreams import (
     check_pool_keys,
     hash_key_value,
     may_retry,
-    parse_balance,
-    parse_hash_key,
-    parse_health_check,
     upstream_failures,
     upstream_states,
 )
@@ -455,8 +457,11 @@ def test_hash_key_and_balance_hash_must_come_together(balance, hash_key):
     assert caught.value.key == "hash_key"
 
 
+POOL_KEYS = ("balance", "hash_key", "max_fails", "fail_timeout", "health_check", "health_interval")
+
+
 def test_route_pool_keys_read_through_the_config_section_reader():
-    keys = {**_ROUTE_KEYS, **{name: Key(*spec) for name, spec in ROUTE_POOL_KEYS.items()}}
+    """The pool's keys are route keys of the schema, each optional, with its default."""
     values = {
         "prefix": "/v1/chat",
         "upstream": f"{A} {B}",
@@ -464,8 +469,8 @@ def test_route_pool_keys_read_through_the_config_section_reader():
         "hash_key": "query:room",
         "health_check": "ws:/health",
     }
-    read = _read_section("tap.cfg", "route:chat", values, keys)
-    assert {k: read[k] for k in ROUTE_POOL_KEYS} == {
+    route = RouteSettings(name="chat", **read_section("tap.cfg", "route:chat", values, RouteSettings))
+    assert {k: getattr(route, k) for k in POOL_KEYS} == {
         "balance": "hash",
         "hash_key": "query:room",
         "max_fails": 1,
@@ -473,7 +478,6 @@ def test_route_pool_keys_read_through_the_config_section_reader():
         "health_check": "ws:/health",
         "health_interval": 5.0,
     }
-    assert all(spec[1] is not REQUIRED for spec in ROUTE_POOL_KEYS.values())
 
 
 # -- active health, in memory -------------------------------------------------------------

@@ -25,13 +25,10 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import formatTime
 
 from twisted_gateway.logs import iso_time, may_hold_credentials, redact_str
+from twisted_gateway.schema import EVENTS as EVENTS, OFF as OFF, STDOUT as STDOUT
 
 #: The access line of a forwarded request (the access event's ``log_format``).
 ACCESS_FORMAT = "{method} {target} {status} {bytes} {duration:.3f}s {upstream}"
-#: ``[gateway] access_log`` values that are not a file name.
-EVENTS, OFF, STDOUT = "events", "off", "stdout"
-#: ``[gateway] access_log_format`` values.
-FORMATS = ("text", "json")
 #: The namespace and level of the access event the lines stand for.
 NAMESPACE = "twisted_gateway.access"
 #: A buffer this large is written at once; else it waits at most :data:`FLUSH_SECONDS`.
@@ -39,20 +36,16 @@ FLUSH_BYTES = 64 * 1024
 FLUSH_SECONDS = 1.0
 
 
-def parse_access_log(text: str) -> str:
-    """``events``, ``off``, ``stdout`` or the name of a file in an existing directory."""
-    value = text.strip()
+def check_access_log(value: str) -> None:
+    """A file named by ``access_log`` can be written: its directory exists and lets us in."""
     if value in (EVENTS, OFF, STDOUT):
-        return value
-    if not value:
-        raise ValueError("expected events, off, stdout or a file name")
+        return
     path = os.path.abspath(value)
     directory = os.path.dirname(path)
     if not os.path.isdir(directory):
         raise ValueError(f"the directory {directory} does not exist")
     if not os.access(path if os.path.exists(path) else directory, os.W_OK):
         raise ValueError(f"{path} cannot be written")
-    return value
 
 
 class AccessLogWriter:

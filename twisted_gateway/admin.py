@@ -18,8 +18,7 @@ from typing import Any, Iterable, Sequence
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-#: ``admin_allow`` when the config names none: loopback only.
-DEFAULT_ADMIN_ALLOW = (ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("::1/128"))
+from twisted_gateway.schema import DEFAULT_ADMIN_ALLOW as DEFAULT_ADMIN_ALLOW
 
 #: The operator's pages: paths below the gateway's root.
 ADMIN_PAGES = (b"/metrics", b"/status", b"/status.json")

@@ -17,42 +17,34 @@ import functools
 import ipaddress
 import json
 import math
-import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Sequence
 from urllib.parse import urlsplit
 
 import jwt
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
-from jwt.algorithms import OKPAlgorithm, get_default_algorithms
+from jwt.algorithms import get_default_algorithms
 from treq.client import HTTPClient
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 
-from twisted_gateway.config import REQUIRED, ConfigError, Key, _read_section, parse_bool
-from twisted_gateway.config import parse_non_negative_float, parse_positive_float, parse_positive_int
-from twisted_gateway.config import parse_non_negative_int, parse_words
 from twisted_gateway.errors import GatewayError
 from twisted_gateway.headers import cookie_value
 from twisted_gateway.jwks import FetchFailed, KeySet, PublicKey, parse_jwks
 from twisted_gateway.routing import query_fields, query_value
-from twisted_gateway.tls import parse_ca_file
+from twisted_gateway.schema import (
+    HMAC_ALGORITHMS,
+    AuthSettings,
+    ConfigError,
+    RouteSettings,
+    Settings,
+    read_section,
+)
 from twisted_gateway.verified_tokens import VerifiedTokens
 
 Headers = Sequence[tuple[bytes, bytes]]
-
-#: The values of a route's ``auth`` key.
-AUTH_MODES = ("required", "optional", "none")
-MAX_TOKEN_SIZE = 16 * 1024
-HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
-# RFC 9864's name for EdDSA over Ed25519, which providers now emit: PyJWT learns it here.
-try:
-    jwt.register_algorithm("Ed25519", OKPAlgorithm())
-except ValueError:  # already known
-    pass
-SUPPORTED_ALGORITHMS = (frozenset(get_default_algorithms()) | {"Ed25519"}) - {"none"}
 
 
 # -- where the token comes from (pure) ----------------------------------------
@@ -226,33 +218,6 @@ def check_claim_times(claims: Mapping[str, Any], now: float, leeway: float) -> f
 # -- settings ---------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class AuthSettings:
-    """The ``[auth]`` section, with secrets resolved and key files already parsed."""
-
-    algorithms: tuple[str, ...]
-    secret: bytes | None = field(default=None, repr=False)
-    public_key: Any = None  # a ``cryptography`` public key
-    jwks: Mapping[str | None, list[PublicKey]] = field(default_factory=dict, hash=False)
-    jwks_url: str | None = None
-    jwks_refresh: float = 600.0
-    audience: tuple[str, ...] = ()
-    issuer: str | None = None
-    require: tuple[str, ...] = ("exp",)
-    leeway: float = 30.0
-    query_param: str = "token"
-    cookie: str | None = None
-    strip_token: bool = False
-    #: how many verified tokens are kept (each until its ``exp``); 0: none
-    token_cache: int = 4096
-    typ: str | None = None
-    max_token_size: int = MAX_TOKEN_SIZE
-    #: an OpenID provider whose discovery document names the ``jwks_uri``
-    oidc_issuer: str | None = None
-    #: CA certificates (PEM) trusted for the JWKS and discovery fetches; else the system's
-    ca_file: str | None = None
-
-
 def _same_typ(given: Any, wanted: str) -> bool:
     """RFC 8725 3.11: ``typ`` compares case-insensitively, with or without ``application/``."""
     if not isinstance(given, str):
@@ -261,9 +226,11 @@ def _same_typ(given: Any, wanted: str) -> bool:
     return strip(given) == strip(wanted)
 
 
-def auth_warnings(settings: Any) -> list[str]:
+def auth_warnings(settings: Settings) -> list[str]:
     """Valid but risky ``[auth]`` choices, one line each (start-up log and ``--check``)."""
     auth, where = settings.auth, f"{settings.source}: [auth]"
+    if auth is None:
+        return []
     warnings = []
     guarded = [r.name for r in settings.routes if r.auth != "none"]
     if guarded and not auth.audience:
@@ -290,80 +257,30 @@ def _loopback(host: str | None) -> bool:
         return False
 
 
-def parse_algorithms(text: str) -> tuple[str, ...]:
-    algorithms = parse_words(text)
-    for name in algorithms:
-        if name.lower() == "none":
-            raise ValueError('"none" is refused: tokens must be signed')
-        if name not in SUPPORTED_ALGORITHMS:
-            raise ValueError(f"unknown algorithm {name!r}")
-    return algorithms
-
-
-def parse_http_url(text: str) -> str:
-    parts = urlsplit(text.strip())
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"expected an http:// or https:// URL, got {text.strip()!r}")
-    return text.strip()
-
-
-_KEY_SOURCES = ("secret", "public_key", "jwks_file", "jwks_url", "oidc_issuer")
-
-
-_AUTH_KEYS: Mapping[str, Key] = {
-    "algorithms": Key(parse_algorithms, REQUIRED),
-    "secret": Key(str, None),  # resolved later, by code that never quotes it
-    "public_key": Key(str, None),
-    "jwks_file": Key(str, None),
-    "jwks_url": Key(parse_http_url, None),
-    "jwks_refresh": Key(parse_positive_float, 600.0),
-    "audience": Key(parse_words, ()),
-    "issuer": Key(str.strip, None),
-    "require": Key(parse_words, ("exp",)),
-    "leeway": Key(parse_non_negative_float, 30.0),
-    "query_param": Key(str.strip, "token"),
-    "cookie": Key(str.strip, None),
-    "strip_token": Key(parse_bool, False),
-    "token_cache": Key(parse_non_negative_int, 4096),
-    "typ": Key(str.strip, None),
-    "max_token_size": Key(parse_positive_int, MAX_TOKEN_SIZE),
-    "oidc_issuer": Key(parse_http_url, None),
-    "ca_file": Key(parse_ca_file, None),
+#: The keys that say where the verification keys come from, by field.
+_KEY_SOURCES = {
+    "secret_source": "secret",
+    "public_key_source": "public_key",
+    "jwks_file": "jwks_file",
+    "jwks_url": "jwks_url",
+    "oidc_issuer": "oidc_issuer",
 }
 
 
-def resolve_secret(source: str, key: str, text: str, section: str = "auth") -> bytes:
-    """The bytes behind ``literal | env:NAME | file:PATH``; errors never quote the value."""
-    text = text.strip()
-    if text.startswith("env:"):
-        if text[4:] not in os.environ:
-            raise ConfigError(source, section, key, f"environment variable {text[4:]} is not set")
-        data = os.environ[text[4:]].encode("utf-8")
-    elif text.startswith("file:"):  # relative to the config file
-        path = os.path.join(os.path.dirname(source), os.path.expanduser(text[5:]))
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except OSError as e:
-            raise ConfigError(source, section, key, f"cannot read {path}: {e.strerror}") from None
-    else:
-        data = text.encode("utf-8")
-    if not data.strip():
-        raise ConfigError(source, section, key, "is empty")
-    return data.rstrip(b"\r\n")
-
-
 def parse_auth_section(source: str, values: Mapping[str, str]) -> AuthSettings:
-    """Validate ``[auth]`` and load its key material; a problem is a :class:`ConfigError`."""
+    """
+    Validate ``[auth]`` (pure: a literal secret is taken as it stands, key
+    material behind ``env:``/``file:`` is left to :func:`with_key_material`).
+    """
     if "secret" in values and not values["secret"].strip():
         raise ConfigError(source, "auth", "secret", "is empty")
-    read = _read_section(source, "auth", values, _AUTH_KEYS)
+    read = read_section(source, "auth", values, AuthSettings)
     hmac = [a for a in read["algorithms"] if a in HMAC_ALGORITHMS]
     public = [a for a in read["algorithms"] if a not in HMAC_ALGORITHMS]
     if hmac and public:
         reason = f"mixes HMAC ({hmac[0]}) and public-key ({public[0]}) algorithms"
         raise ConfigError(source, "auth", "algorithms", reason)
-    given = [k for k in _KEY_SOURCES if read[k] is not None]
+    given = [k for f, k in _KEY_SOURCES.items() if read.get(f) is not None]
     if not given:
         raise ConfigError(
             source, "auth", None, "needs secret, public_key, jwks_file, jwks_url or oidc_issuer"
@@ -376,42 +293,58 @@ def parse_auth_section(source: str, values: Mapping[str, str]) -> AuthSettings:
         raise ConfigError(source, "auth", "secret", reason)
     if len(given) > 1:
         raise ConfigError(source, "auth", given[1], f"set only one of {', '.join(given)}")
-    if read["ca_file"] is not None and given[0] not in ("jwks_url", "oidc_issuer"):
+    if read.get("ca_file") is not None and given[0] not in ("jwks_url", "oidc_issuer"):
         raise ConfigError(source, "auth", "ca_file", "is only for the fetches of jwks_url or oidc_issuer")
     if given[0] == "oidc_issuer":
         # tokens must come from the issuer whose keys are used
-        if read["issuer"] is not None and read["issuer"] != read["oidc_issuer"]:
+        if read.get("issuer") is not None and read["issuer"] != read["oidc_issuer"]:
             reason = f"is {read['issuer']!r} but oidc_issuer is {read['oidc_issuer']!r}; leave it out"
             raise ConfigError(source, "auth", "issuer", reason)
         read["issuer"] = read["oidc_issuer"]
+    return AuthSettings(**read)
 
-    text = read[given[0]]
-    if given[0] == "secret":
-        read["secret"] = secret = resolve_secret(source, "secret", text)
-        if b"-----BEGIN" in secret:
+
+def key_material_source(settings: AuthSettings) -> tuple[str, str] | None:
+    """``(key, text)`` of the key that names local key material (secret, public_key, jwks_file)."""
+    for name, text in (
+        ("secret", settings.secret_source),
+        ("public_key", settings.public_key_source),
+        ("jwks_file", settings.jwks_file),
+    ):
+        if text is not None:
+            return name, text
+    return None
+
+
+def with_key_material(source: str, settings: AuthSettings, data: bytes) -> AuthSettings:
+    """The settings with the bytes its ``secret``, ``public_key`` or ``jwks_file`` named, checked."""
+    found = key_material_source(settings)
+    assert found is not None
+    name = found[0]
+    if name == "secret":
+        if b"-----BEGIN" in data:
             raise ConfigError(source, "auth", "secret", "is a PEM key, not an HMAC secret")
-        strongest = max(hmac, key=lambda a: int(a[2:]))
-        if len(secret) < int(strongest[2:]) // 8:  # RFC 7518 3.2: at least the hash's size
+        strongest = max(settings.algorithms, key=lambda a: int(a[2:]))
+        if len(data) < int(strongest[2:]) // 8:  # RFC 7518 3.2: at least the hash's size
             reason = f"is shorter than the {int(strongest[2:]) // 8} bytes {strongest} needs"
             raise ConfigError(source, "auth", "secret", reason)
-    elif given[0] == "public_key":
+        return replace(settings, secret=data)
+    if name == "public_key":
         try:
-            read["public_key"] = key = load_pem_public_key(resolve_secret(source, "public_key", text))
+            key = load_pem_public_key(data)
         except (ValueError, UnsupportedAlgorithm):
             raise ConfigError(source, "auth", "public_key", "not a PEM public key") from None
-        for alg in public:
+        for alg in settings.algorithms:
             try:
                 get_default_algorithms()[alg].prepare_key(key)
             except (jwt.PyJWTError, TypeError, ValueError):
                 reason = f"holds an {type(key).__name__}, which cannot verify {alg}"
                 raise ConfigError(source, "auth", "public_key", reason) from None
-    elif given[0] == "jwks_file":
-        try:
-            read["jwks"] = parse_jwks(resolve_secret(source, "jwks_file", text))
-        except FetchFailed as e:
-            raise ConfigError(source, "auth", "jwks_file", str(e)) from None
-    del read["jwks_file"]  # parsed into ``jwks``
-    return AuthSettings(**read)
+        return replace(settings, public_key=key)
+    try:
+        return replace(settings, jwks=parse_jwks(data))
+    except FetchFailed as e:
+        raise ConfigError(source, "auth", "jwks_file", str(e)) from None
 
 
 # -- verification -----------------------------------------------------------
@@ -489,7 +422,7 @@ class Authenticator:
         return query
 
     async def authenticate(
-        self, mode: str, headers: Headers, query: bytes, route: Any = None
+        self, mode: str, headers: Headers, query: bytes, route: RouteSettings | None = None
     ) -> Identity | None:
         """
         The identity a request proves under a route's ``auth`` mode, holding

@@ -21,9 +21,8 @@ from __future__ import annotations
 import json
 import os
 import socket
-from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator
-from urllib.parse import unquote, urlsplit
+from dataclasses import replace
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -33,6 +32,7 @@ from twisted.logger import Logger
 
 from twisted_gateway.errors import GatewayError
 from twisted_gateway.revocations import Revocations, matches
+from twisted_gateway.schema import ClusterSettings, ConfigError, parse_redis_url, read_section
 
 log = Logger()
 
@@ -52,59 +52,6 @@ RETRY_AFTER = 5
 DISCONNECTED = (1008, b"disconnected by administrator")
 REVOKED = (1008, b"token revoked")
 
-ON_REDIS_DOWN = ("open", "closed")
-
-
-@dataclass(frozen=True)
-class ClusterSettings:
-    """``[cluster]``: the Redis URL (secret: it may carry a password), this worker's name, the policy."""
-
-    redis: str
-    node_id: str
-    on_redis_down: str = "open"
-    #: CAs trusted for ``rediss://`` (PEM); default: the system's trust store
-    ca_file: str | None = None
-    #: the client certificate (and key) shown to a Redis that asks for one (``tls-auth-clients``)
-    client_cert: str | None = None
-    client_key: str | None = None
-    #: the Redis server's certificate is always checked (UpstreamTLS.for_route reads this)
-    tls_verify = True
-
-
-@dataclass(frozen=True)
-class RedisAddress:
-    host: str
-    port: int
-    db: int
-    username: str | None
-    password: str | None
-    tls: bool
-
-
-def parse_redis_url(url: str) -> RedisAddress:
-    """``redis://[user:password@]host[:port][/db]`` or ``rediss://`` (TLS); errors never quote it."""
-    parts = urlsplit(url.strip())
-    if parts.scheme not in ("redis", "rediss"):
-        raise ValueError("must start with redis:// or rediss://")
-    if not parts.hostname:
-        raise ValueError("has no host")
-    try:
-        port = parts.port or 6379
-    except ValueError:
-        raise ValueError("has a bad port") from None
-    path = parts.path.strip("/")
-    if path and not path.isdigit():
-        raise ValueError("the database (the path) must be a number")
-    return RedisAddress(
-        host=parts.hostname,
-        port=port,
-        db=int(path or 0),
-        username=unquote(parts.username) if parts.username else None,
-        password=unquote(parts.password) if parts.password else None,
-        tls=parts.scheme == "rediss",
-    )
-
-
 def default_node_id() -> str:
     """``hostname-pid``; a worker names its supervisor's pid: one gateway's workers are one node."""
     from twisted_gateway.workers import is_worker
@@ -112,41 +59,24 @@ def default_node_id() -> str:
     return f"{socket.gethostname()}-{os.getppid() if is_worker() else os.getpid()}"
 
 
-def parse_cluster_section(source: str, values: dict[str, str]) -> ClusterSettings:
-    """The ``[cluster]`` section; ``redis`` may be ``env:NAME`` or ``file:PATH``."""
-    from twisted_gateway.auth import resolve_secret
-    from twisted_gateway.config import ConfigError
+def parse_cluster_section(source: str, values: Mapping[str, str]) -> ClusterSettings:
+    """The ``[cluster]`` section (pure: a ``redis`` behind ``env:``/``file:`` waits for :func:`with_redis_url`)."""
+    settings = ClusterSettings(**read_section(source, "cluster", values, ClusterSettings))
+    if settings.client_key is not None and settings.client_cert is None:
+        raise ConfigError(source, "cluster", "client_key", "needs client_cert")
+    return settings
 
-    for key in values:
-        if key not in ("redis", "node_id", "on_redis_down", "ca_file", "client_cert", "client_key"):
-            raise ConfigError(source, "cluster", key, "unknown key")
-    if not values.get("redis", "").strip():
-        raise ConfigError(source, "cluster", "redis", "missing required key")
-    url = resolve_secret(source, "redis", values["redis"], section="cluster").decode("utf-8")
+
+def with_redis_url(source: str, settings: ClusterSettings, url: str) -> ClusterSettings:
+    """The settings with the Redis URL its ``redis`` key named, checked against the TLS keys."""
     try:
-        parse_redis_url(url)
+        address = parse_redis_url(url)
     except ValueError as e:
         raise ConfigError(source, "cluster", "redis", str(e)) from None
-    node_id = values.get("node_id", "").strip() or default_node_id()
-    if any(c.isspace() or c in "|/" for c in node_id):
-        raise ConfigError(source, "cluster", "node_id", "must not contain spaces, '|' or '/'")
-    policy = values.get("on_redis_down", "").strip().lower() or "open"
-    if policy not in ON_REDIS_DOWN:
-        raise ConfigError(source, "cluster", "on_redis_down", f"expected open or closed, got {policy!r}")
-    files = {key: values.get(key, "").strip() or None for key in ("ca_file", "client_cert", "client_key")}
-    for key, path in files.items():
-        if path is not None and not parse_redis_url(url).tls:
+    for key in ("ca_file", "client_cert", "client_key"):
+        if getattr(settings, key) is not None and not address.tls:
             raise ConfigError(source, "cluster", key, "only used with a rediss:// URL")
-    if files["client_key"] is not None and files["client_cert"] is None:
-        raise ConfigError(source, "cluster", "client_key", "needs client_cert")
-    settings = ClusterSettings(redis=url, node_id=node_id, on_redis_down=policy, **files)
-    from twisted_gateway.tls import TLSFileError
-
-    try:
-        redis_tls(settings)
-    except TLSFileError as e:
-        raise ConfigError(source, "cluster", e.argument, f"{e.path}: {e.reason}") from None
-    return settings
+    return replace(settings, redis=url)
 
 
 def redis_tls(settings: ClusterSettings) -> Any:
@@ -214,7 +144,7 @@ class Cluster:
         self.metrics = metrics
         self.leeway = leeway
         self.gateway_cap = gateway_cap
-        self.node_id = settings.node_id if settings is not None else default_node_id()
+        self.node_id = settings.node_id if settings is not None and settings.node_id else default_node_id()
         #: this process among the node's workers: heartbeat key, reply channel, count field
         self.worker_id = f"{self.node_id}/{os.getpid()}"
         self.revocations = Revocations()

@@ -16,6 +16,7 @@ from typing import Iterable, Sequence
 from twisted.internet.interfaces import IAddress
 
 from twisted_gateway.errors import BadRequest, GatewayError
+from twisted_gateway.schema import DEFAULT_STRIPPED as DEFAULT_STRIPPED
 
 Headers = Sequence[tuple[bytes, bytes]]
 
@@ -36,16 +37,6 @@ HOP_BY_HOP = frozenset(
 
 #: Headers that carry the identity the gateway verified; never taken from a client.
 IDENTITY_HEADERS = frozenset({b"x-auth-subject", b"x-auth-claims"})
-
-#: Client headers that frameworks trust for the client's address or for routing,
-#: stripped by default (``[gateway] strip_request_headers``).
-DEFAULT_STRIPPED = (
-    "x-real-ip",
-    "true-client-ip",
-    "cf-connecting-ip",
-    "x-original-url",
-    "x-rewrite-url",
-)
 
 #: Headers the gateway writes itself for the upstream.
 FORWARDED_HEADERS = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"})

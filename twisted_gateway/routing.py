@@ -14,6 +14,7 @@ from typing import Generic, Iterable, Iterator, Sequence, TypeVar
 from urllib.parse import unquote_to_bytes
 
 from twisted_gateway.errors import GatewayError
+from twisted_gateway.schema import ESCAPED_SLASHES as ESCAPED_SLASHES
 
 T = TypeVar("T")
 
@@ -176,10 +177,6 @@ class RouteTable(Generic[T]):
                 return value
         return None
 
-
-#: ``escaped_slashes`` values: forward as received; refuse any escaped slash;
-#: refuse only the paths whose decoded form leaves the route (the default).
-ESCAPED_SLASHES = ("check", "keep", "reject")
 
 _ESCAPED_SLASH = ((b"%2f", b"/"), (b"%5c", b"/"), (b"\\", b"/"))
 

@@ -20,40 +20,7 @@ from typing import Any
 
 from twisted.python.runtime import platform
 
-
-@dataclass(frozen=True)
-class TCPKeepalive:
-    """``SO_KEEPALIVE`` with its timers: a silent peer is dropped after ``bound`` seconds."""
-
-    idle: int
-    interval: int
-    count: int
-
-    def __str__(self) -> str:
-        return f"{self.idle} {self.interval} {self.count}"
-
-    @property
-    def bound(self) -> int:
-        """Seconds from the peer's last sign of life until the connection ends."""
-        return self.idle + self.interval * self.count
-
-
-#: ``[gateway] tcp_keepalive``'s default: nginx's and HAProxy's usual idle of a minute.
-DEFAULT_KEEPALIVE = TCPKeepalive(60, 10, 6)
-
-
-def parse_tcp_keepalive(text: str) -> TCPKeepalive | None:
-    """``IDLE INTERVAL COUNT`` (seconds, seconds, probes), or ``off``."""
-    words = text.split()
-    if [w.lower() for w in words] == ["off"]:
-        return None
-    try:
-        numbers = [int(w) for w in words]
-    except ValueError:
-        numbers = []
-    if len(numbers) != 3 or min(numbers) < 1:
-        raise ValueError(f"expected off or three whole numbers > 0 (idle interval count), got {text!r}")
-    return TCPKeepalive(*numbers)
+from twisted_gateway.schema import TCPKeepalive as TCPKeepalive
 
 
 def tcp_transport(transport: Any) -> Any:

@@ -20,9 +20,6 @@ Upstreams: each route's ``ca_file`` (else the system trust store),
 HTTP forwarder and the WebSocket connector alike. HTTP connections to an
 upstream are pooled per host and port, so two routes naming the same https
 upstream must agree on these keys (:func:`check_shared_upstreams`).
-
-This module imports nothing from :mod:`twisted_gateway.config`, so that module
-can import :data:`ROUTE_TLS_KEYS` from this one.
 """
 
 from __future__ import annotations
@@ -56,8 +53,6 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.filepath import FilePath
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
-
-from twisted_gateway.parsers import parse_bool
 
 log = Logger()
 
@@ -382,65 +377,26 @@ def server_endpoint(
     return WrappedServerEndpoint(tcp, lambda factory: outer(TLSMemoryBIOFactory(tls, False, factory)))
 
 
-# -- route keys: text in, value out, ValueError with a short reason ----------
+# -- route keys ------------------------------------------------------------------
 
-
-def parse_ca_file(text: str) -> str:
-    """A PEM bundle of CA certificates (read now so that a bad file fails start-up)."""
-    path = text.strip()
-    load_certificates("ca_file", path)
-    return path
-
-
-def parse_client_cert(text: str) -> str:
-    """A PEM client certificate, optionally with its key (checked with ``client_key``)."""
-    path = text.strip()
-    load_certificates("client_cert", path)
-    return path
-
-
-def parse_client_key(text: str) -> str:
-    path = text.strip()
-    load_private_key("client_key", path)
-    return path
-
-
-def _without_argument(parse: Callable[[str], Any]) -> Callable[[str], Any]:
-    """The parser, its errors without the key (the config error names it already)."""
-
-    def parse_value(text: str) -> Any:
-        try:
-            return parse(text)
-        except TLSFileError as e:
-            raise ValueError(f"{e.path}: {e.reason}") from None
-
-    parse_value.__doc__ = parse.__doc__
-    return parse_value
-
-
-#: The TLS keys of a ``[route:NAME]`` section: ``name -> (parser, default)``.
-ROUTE_TLS_KEYS: Mapping[str, tuple[Callable[[str], Any], Any]] = {
-    "ca_file": (_without_argument(parse_ca_file), None),
-    "client_cert": (_without_argument(parse_client_cert), None),
-    "client_key": (_without_argument(parse_client_key), None),
-    "tls_verify": (parse_bool, True),
-}
-
-_TLS_KEY_NAMES = tuple(ROUTE_TLS_KEYS)
+#: The TLS keys of a ``[route:NAME]`` section (``[cluster]`` has the same).
+_TLS_KEY_NAMES = ("ca_file", "client_cert", "client_key", "tls_verify")
 
 
 def check_tls_keys(client_cert: str | None, client_key: str | None) -> None:
-    """The client certificate and key of a route belong together."""
+    """A client key needs its certificate (pure: the files are read by :func:`check_tls_files`)."""
     if client_key is not None and client_cert is None:
         raise TLSKeyError("client_key", "needs client_cert")
-    if client_cert is None:
-        return
+
+
+def check_tls_files(route: Any) -> None:
+    """Read the ``ca_file``, ``client_cert`` and ``client_key`` of a route (or ``[cluster]``) now."""
     try:
-        load_key_pair("client_cert", client_cert, "client_key", client_key or client_cert)
+        UpstreamTLS.for_route(route)
     except TLSFileError as e:
-        if client_key is None:
-            raise TLSKeyError("client_cert", f"{client_cert}: {e.reason}; set client_key") from None
-        raise TLSKeyError("client_key", f"{e.path}: {e.reason}") from None
+        if e.argument == "client_key" and route.client_key is None:
+            raise TLSKeyError("client_cert", f"{route.client_cert}: {e.reason}; set client_key") from None
+        raise TLSKeyError(e.argument, f"{e.path}: {e.reason}") from None
 
 
 def _https_netlocs(upstreams: Iterable[str]) -> list[tuple[str, int]]:

@@ -15,7 +15,8 @@ import jwt
 from twisted.python import usage
 
 from twisted_gateway.auth import AuthSettings
-from twisted_gateway.config import ConfigError, load_config, parse_positive_int
+from twisted_gateway.config import load_config
+from twisted_gateway.schema import ConfigError, parse_positive_int
 
 
 class Options(usage.Options):

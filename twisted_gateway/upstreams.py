@@ -14,8 +14,7 @@ never the last healthy instance of a route; what counts as a failure is
 
 Choosing is plain code over counters and an injected clock; only the health
 checker touches the network, through the HTTP client and WebSocket connector
-it is given. This module imports nothing from :mod:`twisted_gateway.config`,
-so that module can import :data:`ROUTE_POOL_KEYS` from this one.
+it is given.
 """
 
 from __future__ import annotations
@@ -31,13 +30,11 @@ from twisted.logger import Logger
 
 from twisted_gateway.errors import BadGateway
 from twisted_gateway.headers import client_address, cookie_value, get_all
-from twisted_gateway.parsers import parse_non_negative_int, parse_positive_float
 from twisted_gateway.routing import query_value
+from twisted_gateway.schema import parse_balance
 
 log = Logger()
 
-BALANCE_POLICIES = ("round_robin", "least_connections", "hash")
-HASH_KEY_SOURCES = ("query", "header", "claim", "cookie")
 #: Methods whose request may be sent to a second instance after a connect failure.
 IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE"})
 #: Points per instance on a hash ring.
@@ -55,56 +52,6 @@ class NoHealthyUpstream(BadGateway):
     """Every instance of the route is ejected: answered at once, without trying any."""
 
     error = "no_healthy_upstream"
-
-
-# -- config keys: text in, value out, ValueError with a short reason ---------
-
-
-def parse_balance(text: str) -> str:
-    value = text.strip().lower()
-    if value not in BALANCE_POLICIES:
-        raise ValueError(f"expected one of {', '.join(BALANCE_POLICIES)}, got {text.strip()!r}")
-    return value
-
-
-def parse_hash_key(text: str) -> str:
-    """
-    ``ip | query:NAME | header:NAME | claim:NAME | cookie:NAME``; header names
-    are lower-cased. ``ip`` is the client's address (after ``trusted_proxies``),
-    as nginx's ``ip_hash``: what engine.io's sessions need, whose first request
-    carries no session id yet.
-    """
-    if text.strip().lower() == "ip":
-        return "ip"
-    source, sep, name = text.strip().partition(":")
-    source = source.strip().lower()
-    name = name.strip()
-    if not sep or source not in HASH_KEY_SOURCES or not name or any(c.isspace() for c in name):
-        raise ValueError(
-            "expected ip, query:NAME, header:NAME, claim:NAME or cookie:NAME,"
-            f" got {text.strip()!r}"
-        )
-    return f"{source}:{name.lower() if source == 'header' else name}"
-
-
-def parse_health_check(text: str) -> str:
-    """An HTTP path (``/health``) or a WebSocket path (``ws:/health``)."""
-    value = text.strip()
-    if not (value.startswith("/") or value.startswith("ws:/")) or any(c.isspace() for c in value):
-        raise ValueError(f"expected a path such as /health or ws:/health, got {value!r}")
-    return value
-
-
-#: ``[route:NAME]`` keys of a pool: name -> (parser, default). ``balance = None``
-#: means the default for the route (see :func:`default_balance`).
-ROUTE_POOL_KEYS: Mapping[str, tuple[Callable[[str], Any], Any]] = {
-    "balance": (parse_balance, None),
-    "hash_key": (parse_hash_key, None),
-    "max_fails": (parse_non_negative_int, 1),
-    "fail_timeout": (parse_positive_float, 10.0),
-    "health_check": (parse_health_check, None),
-    "health_interval": (parse_positive_float, 5.0),
-}
 
 
 class PoolKeyError(ValueError):
@@ -406,7 +353,7 @@ class UpstreamPool:
 
     @classmethod
     def for_route(cls, route: Any, registry: InstanceRegistry) -> UpstreamPool:
-        """The pool a ``RouteSettings`` (with the :data:`ROUTE_POOL_KEYS` fields) describes."""
+        """The pool a ``RouteSettings`` describes (its balancing and health keys)."""
         return cls(
             route.name,
             route.upstream,
