@@ -172,7 +172,7 @@ def test_a_failing_upstream_callable_does_not_break_the_scrape() -> None:
     def broken():
         raise RuntimeError("pool not ready")
 
-    m = Metrics(routes=["chat"], upstreams=broken)
+    m = Metrics(routes=["chat"], upstreams=broken, upstream_failures=broken)
     s = scrape(m.registry)
     assert value(s, "wsgateway_ws_open", route="chat") == 0
     assert not any(name.startswith("wsgateway_upstream") for name, _ in s)

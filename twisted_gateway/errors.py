@@ -11,7 +11,7 @@ import json
 from http import HTTPStatus
 from typing import Sequence
 
-from twisted.web.http import RESPONSES
+from twisted.web.http import RESPONSES, Request
 
 
 class GatewayError(Exception):
@@ -101,13 +101,21 @@ class UpstreamRefused(GatewayError):
 
     error = "upstream_refused"
 
-    def __init__(self, detail: str, *, refusal: object = None, **kwargs) -> None:
-        super().__init__(detail, **kwargs)
+    def __init__(
+        self,
+        detail: str,
+        *,
+        refusal: object = None,
+        status: int | None = None,
+        error: str | None = None,
+        headers: Sequence[tuple[bytes, bytes]] = (),
+    ) -> None:
+        super().__init__(detail, status=status, error=error, headers=headers)
         #: the upstream's own answer (a ``refusals.Refusal``): what the client gets
         self.refusal = refusal
 
 
-def render_error(request, error: GatewayError) -> bytes:
+def render_error(request: Request, error: GatewayError) -> bytes:
     """Set status and headers on a twisted.web request; return the JSON body."""
     request.setResponseCode(error.status, error.phrase)
     request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])

@@ -23,6 +23,7 @@ from __future__ import annotations
 import builtins
 import errno
 from dataclasses import dataclass
+from typing import Callable
 
 from twisted.internet.defer import CancelledError
 from twisted.internet.defer import TimeoutError as DeferredTimeout
@@ -147,7 +148,7 @@ def _is_local(error: BaseException) -> bool:
     return False
 
 
-def _any(error: BaseException, test) -> bool:
+def _any(error: BaseException, test: Callable[[BaseException], bool]) -> bool:
     """``test`` holds for ``error`` or for a reason it wraps (``Agent``'s ``ResponseFailed``)."""
     if test(error):
         return True

@@ -19,6 +19,8 @@ from twisted_gateway.errors import BadRequest, GatewayError
 from twisted_gateway.schema import DEFAULT_STRIPPED as DEFAULT_STRIPPED
 
 Headers = Sequence[tuple[bytes, bytes]]
+#: The networks of ``trusted_proxies``.
+Networks = Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]
 
 #: RFC 9110 7.6.1 plus the old ``Proxy-Connection``.
 HOP_BY_HOP = frozenset(
@@ -122,7 +124,7 @@ def peer_host(address: IAddress | None) -> str:
     return getattr(address, "host", None) or "unix"
 
 
-def _peer_is_trusted(peer: str, trusted: Sequence) -> bool:
+def _peer_is_trusted(peer: str, trusted: Networks) -> bool:
     if not trusted:
         return False
     try:
@@ -132,7 +134,7 @@ def _peer_is_trusted(peer: str, trusted: Sequence) -> bool:
     return any(address in net for net in trusted)
 
 
-def forwarded_for(incoming: Sequence[bytes], peer: str, trusted: Sequence) -> bytes:
+def forwarded_for(incoming: Sequence[bytes], peer: str, trusted: Networks) -> bytes:
     """
     The ``X-Forwarded-For`` to send: the peer's address appended to the incoming
     chain when the peer is a trusted proxy, the peer's address alone otherwise.
@@ -142,7 +144,7 @@ def forwarded_for(incoming: Sequence[bytes], peer: str, trusted: Sequence) -> by
     return b", ".join(chain)
 
 
-def client_address(incoming: Sequence[bytes], peer: str, trusted: Sequence) -> str:
+def client_address(incoming: Sequence[bytes], peer: str, trusted: Networks) -> str:
     """
     The client's address: the peer's, or, while the hop at hand is a trusted
     proxy, the address it names last in ``X-Forwarded-For`` (read from the
@@ -173,7 +175,7 @@ def upstream_request_headers(
     peer: str,
     scheme: str,
     host: bytes | None,
-    trusted_proxies: Sequence = (),
+    trusted_proxies: Networks = (),
     drop: frozenset[bytes] = frozenset(),
     underscores: bool = False,
 ) -> list[tuple[bytes, bytes]]:

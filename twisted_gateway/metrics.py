@@ -5,7 +5,10 @@ The relay counts every message, so counting must cost next to nothing: each
 method of :class:`Metrics` is a dict lookup and a few integer additions on
 ``__slots__`` objects, and nothing touches ``prometheus_client`` until a
 scrape, when :class:`GatewayCollector` turns the integers into metric
-families. Every label value comes from a bounded set: routes are configured
+families. Not ``prometheus_client.Histogram``: its ``observe`` (a lock per
+bucket and per sum, a linear bucket scan) costs about 8,800 instructions
+against 1,650 for :meth:`MessageFlow.count`, and 64-byte messages took about
+a third more gateway CPU with it. Every label value comes from a bounded set: routes are configured
 route names, and methods, statuses, outcomes, sides, directions, close codes
 and auth reasons are normalised here. Each :class:`Metrics` has its own
 ``CollectorRegistry``, so two gateways in one process never share a series.
@@ -15,7 +18,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Mapping
+from typing import Callable, Iterable, Iterator, Mapping, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from prometheus_client import CollectorRegistry
@@ -32,6 +35,8 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 
 log = Logger()
+
+_Row = TypeVar("_Row")
 
 #: The label value for anything outside a fixed set.
 OTHER = "other"
@@ -379,21 +384,11 @@ class GatewayCollector(Collector):
                 auth.add_metric([r.name, reason], n)
             for limit, n in sorted(r.limit_rejections.items()):
                 limits.add_metric([r.name, limit], n)
-        try:
-            states = list(self.metrics.upstreams())
-        except Exception:
-            log.failure("cannot read the upstream states for metrics")
-            states = []
-        for route, url, is_up, open_connections in states:
+        for route, url, is_up, open_connections in _read(self.metrics.upstreams, "upstream states"):
             labels = [route, upstream_label(url)]
             up.add_metric(labels, 1 if is_up else 0)
             connections.add_metric(labels, open_connections)
-        try:
-            counted = list(self.metrics.upstream_failures())
-        except Exception:
-            log.failure("cannot read the upstream failures for metrics")
-            counted = []
-        for route, url, reason, n in counted:
+        for route, url, reason, n in _read(self.metrics.upstream_failures, "upstream failures"):
             failures.add_metric([route, upstream_label(url), reason], n)
         if self.metrics.jwks is None:
             return iter(families[:-2])
@@ -402,6 +397,15 @@ class GatewayCollector(Collector):
         for reason, n in sorted(fetch_failures.items()):
             jwks_failures.add_metric([reason], n)
         return iter(families)
+
+
+def _read(source: Callable[[], Iterable[_Row]], what: str) -> list[_Row]:
+    """What a scrape-time source reports; one that fails is logged and reads as nothing."""
+    try:
+        return list(source())
+    except Exception:
+        log.failure("cannot read the {what} for metrics", what=what)
+        return []
 
 
 def _families() -> list[Metric]:
