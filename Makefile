@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 TOOLS := .tools
 CONFIG ?= tap.cfg
 
-.PHONY: run test test-deploy check clean fuzz bench bench-quick conformance conformance-quick soak soak-quick screenshots test-js
+.PHONY: run test test-bench test-deploy check clean fuzz bench bench-quick conformance conformance-quick soak soak-quick screenshots test-js
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,8 +42,12 @@ tests/oidc/node_modules/.package-lock.json: tests/oidc/package.json tests/oidc/p
 	npm ci --silent --no-audit --no-fund --prefix tests/oidc
 
 test: $(VENV)/.installed-test $(TOOLS)/node_modules/.bin/wscat $(TOOLS)/node_modules/socket.io-client $(TOOLS)/node_modules/playwright-core tests/oidc/node_modules/.package-lock.json
-	PATH="$(CURDIR)/$(TOOLS)/node_modules/.bin:$$PATH" $(BIN)/python -m pytest --ignore=tests/deploy $(PYTEST_ARGS)
+	PATH="$(CURDIR)/$(TOOLS)/node_modules/.bin:$$PATH" $(BIN)/python -m pytest --ignore=tests/deploy -m "not bench" $(PYTEST_ARGS)
 	@if [ -z "$(PYTEST_ARGS)" ]; then $(MAKE) --no-print-directory test-js; fi
+
+# The benchmark's machinery through every figure (tens of seconds); `make test` runs one figure of it.
+test-bench: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -m bench tests/test_bench_quick.py $(PYTEST_ARGS)
 
 # The browser client's reconnect rules (wsgateway-client.js), in Node's own test runner.
 test-js:

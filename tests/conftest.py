@@ -1,51 +1,72 @@
 """
-Shared fixtures. ``no_leaks`` runs around every test: a test that leaves a
-socket open or a gateway timer pending fails (pytest-twisted does not check).
+Shared fixtures. ``leaves_nothing_behind`` runs around every test: a test that
+leaves a listener, a connection or a delayed call on the reactor, or a failed
+Deferred that nobody handled, fails and is told what it left
+(pytest-twisted checks none of this).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import pytest_twisted
-from twisted.internet import reactor, task
+from twisted.internet import reactor
+from twisted.logger import LogEvent, globalLogPublisher
 
-#: Modules whose pending timers after a test are a leak of ours.
-OWN_MODULES = ("twisted_gateway",)
+from tests.support import selectables, settle
 
-
-def _own_delayed_calls():
-    own = []
-    for call in reactor.getDelayedCalls():
-        func = call.func
-        module = getattr(func, "__module__", "") or ""
-        name = getattr(func, "__qualname__", "") or ""
-        owner = getattr(getattr(func, "__self__", None), "__class__", None)
-        owner_module = getattr(owner, "__module__", "") or ""
-        if module.startswith(OWN_MODULES) or owner_module.startswith(OWN_MODULES) or "time_out" in name:
-            own.append(call)
-    return own
+#: How long what a test ended is given to go: closes take a few reactor turns.
+#: A guard against a leak, not a speed expectation.
+GRACE = 5.0
 
 
-def _sockets():
-    return set(reactor.getReaders()) | set(reactor.getWriters())
+def _timers() -> set[Any]:
+    return {call for call in reactor.getDelayedCalls() if call.active()}
+
+
+def _leaks(sockets: set[Any], timers: set[Any]) -> tuple[set[Any], set[Any]]:
+    return selectables() - sockets, _timers() - timers
 
 
 @pytest_twisted.async_yield_fixture(autouse=True)
-async def no_leaks(request):
-    if request.node.get_closest_marker("no_reactor_check"):
+async def leaves_nothing_behind(request: pytest.FixtureRequest) -> Any:
+    """Fail a test that leaves reactor state or an unhandled failed Deferred behind; then clean up."""
+    sockets, timers = selectables(), _timers()
+    failed: list[LogEvent] = []
+
+    def observe(event: LogEvent) -> None:
+        # how a Deferred garbage collected with a failure nobody handled reports it
+        if event.get("log_namespace") == "twisted.internet.defer" and "log_failure" in event:
+            failed.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    try:
         yield
-        return
-    before = _sockets()
-    yield
-    left, calls = set(), []
-    for _ in range(60):
-        left = _sockets() - before
-        calls = _own_delayed_calls()
-        if not left and not calls:
-            return
-        await task.deferLater(reactor, 0.05, lambda: None)
-    pytest.fail(f"test left behind sockets {left!r} and timers {calls!r}")
+        grace = 0.0 if request.node.get_closest_marker("cleans_up_at_once") else GRACE
+        try:
+            await settle(lambda: _leaks(sockets, timers) == (set(), set()), "nothing left", grace)
+        except AssertionError:
+            pass
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    left_selectables, left_timers = _leaks(sockets, timers)
+    # Clean up so that the next test starts from nothing, then fail this one.
+    for call in left_timers:
+        call.cancel()
+    for selectable in left_selectables:
+        stop = getattr(selectable, "abortConnection", None) or getattr(selectable, "stopListening", None)
+        if stop is not None:
+            stop()
+    problems = [f"listener or connection: {s!r}" for s in left_selectables]
+    problems += [f"delayed call: {c!r}" for c in left_timers]
+    problems += [f"failed Deferred nobody handled: {e['log_failure'].getTraceback()}" for e in failed]
+    if problems:
+        pytest.fail("test left behind:\n  " + "\n  ".join(problems), pytrace=False)
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "no_reactor_check: skip the socket/timer leak check")
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "bench: a benchmark's machinery at length: `make test-bench`, not `make test`")
+    config.addinivalue_line(
+        "markers", "cleans_up_at_once: the leak guard gives the test no grace period to close what it opened"
+    )

@@ -11,9 +11,10 @@ import signal
 import socket
 import ssl
 import subprocess
-import time
 
 import pytest
+
+from tests.support import settle_blocking
 
 #: Only against a server that never comes up; no speed expectation.
 GUARD = 30
@@ -57,16 +58,15 @@ class RedisServer:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + GUARD
-        while True:
-            try:
-                if self._pong():
-                    return
-            except OSError:
-                pass
-            if time.monotonic() > deadline or self.process.poll() is not None:
-                raise AssertionError(f"redis-server did not start on port {self.port}")
-            time.sleep(0.05)
+        settle_blocking(self._started, f"redis-server answering on port {self.port}", GUARD)
+
+    def _started(self) -> bool:
+        if self.process.poll() is not None:
+            raise AssertionError(f"redis-server exited with {self.process.returncode}")
+        try:
+            return self._pong()
+        except OSError:
+            return False
 
     def _pong(self) -> bool:
         s = socket.create_connection(("127.0.0.1", self.port), timeout=1)

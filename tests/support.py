@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
 import json
+import os
 import struct
+import time
 from collections import deque
-from typing import Any
+from typing import Any, Callable
 
 from autobahn.twisted.websocket import (
     WebSocketClientFactory,
@@ -15,7 +18,7 @@ from autobahn.twisted.websocket import (
 )
 from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny
-from twisted.internet import reactor, task
+from twisted.internet import reactor, task, tcp
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, serverFromString
 from twisted.internet.protocol import Factory, Protocol
@@ -36,13 +39,54 @@ UPGRADE = (
 )
 
 
-async def settle(condition, what: str = "condition", seconds: float = 10.0) -> None:
-    """Wait until ``condition()`` holds; ``seconds`` guards against a hang, it is no speed limit."""
-    for _ in range(int(seconds / 0.02)):
-        if condition():
-            return
+#: How long a wait may last before it counts as a hang: a guard, never a speed expectation.
+GUARD = 15.0
+
+
+async def settle(condition: Callable[[], Any], what: str = "condition", seconds: float = GUARD) -> Any:
+    """
+    Wait, turning the reactor, until ``condition()`` (plain or awaitable) is
+    true, and return what it gave; ``seconds`` guards against a hang.
+    """
+    deadline = time.monotonic() + seconds
+    while True:
+        holds = condition()
+        if inspect.isawaitable(holds):
+            holds = await holds
+        if holds:
+            return holds
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not reached in {seconds:g} s")
         await task.deferLater(reactor, 0.02, lambda: None)
-    raise AssertionError(f"{what} not reached")
+
+
+def selectables() -> set[Any]:
+    """Every listener and connection on the reactor."""
+    return set(reactor.getReaders()) | set(reactor.getWriters())
+
+
+def connections_to(port: int) -> list[tcp.Client]:
+    """This process's outgoing connections to ``port``, as the reactor holds them."""
+    return [s for s in selectables() if isinstance(s, tcp.Client) and s.getPeer().port == port]
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process of that id still exists (a zombie counts until reaped)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def settle_blocking(condition: Callable[[], Any], what: str = "condition", seconds: float = 2 * GUARD) -> Any:
+    """``settle`` for tests that drive processes without the reactor: polls with ``time.sleep``."""
+    deadline = time.monotonic() + seconds
+    while not (holds := condition()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not reached in {seconds:g} s")
+        time.sleep(0.05)
+    return holds
 
 
 async def listen(factory: Any) -> Any:

@@ -34,7 +34,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
 from tests.certs import Authority
-from tests.support import settle
+from tests.support import selectables, settle
 from twisted_gateway.auth import (
     AuthError,
     Authenticator,
@@ -56,6 +56,8 @@ from twisted_gateway.jwks import FetchFailed, discovery_url, parse_discovery
 NOW = 1_700_000_000
 SECRET = b"0123456789abcdef" * 4  # 64 bytes: long enough for every HS* algorithm
 CLAIMS = {"sub": "alice", "iat": NOW, "exp": NOW + 3600}
+#: Every test here ends what it started before it returns, Twisted's own timers too.
+pytestmark = pytest.mark.cleans_up_at_once
 
 
 # -- helpers and fixtures ---------------------------------------------------
@@ -65,26 +67,6 @@ def _reactor():
     from twisted.internet import reactor
 
     return reactor
-
-
-def _selectables() -> set:
-    reactor = _reactor()
-    return set(reactor.getReaders()) | set(reactor.getWriters())
-
-
-@pytest.fixture(autouse=True)
-def leaves_nothing_behind():
-    """
-    Every test cleans up its delayed calls, listeners and connections, at once.
-
-    Stricter than the shared ``no_leaks``: any reactor timer counts, Twisted's own
-    (HTTP channel timeouts, the access log's date) too, and there is no grace period.
-    """
-    calls, selectables = set(_reactor().getDelayedCalls()), _selectables()
-    yield
-    left_calls = [c for c in _reactor().getDelayedCalls() if c not in calls and c.active()]
-    assert left_calls == [], "delayed calls left behind"
-    assert _selectables() - selectables == set(), "listeners or connections left behind"
 
 
 @pytest.fixture(scope="module")
@@ -656,7 +638,7 @@ class JwksServer(Resource):
 
     async def start(self) -> None:
         reactor = _reactor()
-        self._baseline = _selectables()
+        self._baseline = selectables()
         self._factory = WrappingFactory(Site(self))
         endpoint = endpoints.serverFromString(reactor, "tcp:0:interface=127.0.0.1")
         self._port = await endpoint.listen(self._factory)
@@ -673,11 +655,7 @@ class JwksServer(Resource):
             self._port = None
         for protocol in list(self._factory.protocols):
             protocol.transport.abortConnection()
-        for _ in range(1000):
-            if not self._factory.protocols and _selectables() <= self._baseline:
-                return
-            await deferLater(_reactor(), 0, lambda: None)
-        raise AssertionError("connections still open")
+        await settle(lambda: not self._factory.protocols and selectables() <= self._baseline, "every socket closed")
 
 
 @pytest_twisted.async_yield_fixture

@@ -2,6 +2,7 @@
 ``make bench-quick``'s machinery, run with tiny amounts (``bench/run.py --smoke``):
 every target (the seed's aiohttp design among them) is started, loaded and
 stopped, and a missing nginx is a notice, not a failure. No timing is asserted here: speed lives in ``bench/``.
+``make test`` runs one figure (a few seconds); every figure is ``make test-bench``'s.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.no_reactor_check
+from tests.support import process_alive
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = REPO / "bench" / "run.py"
@@ -47,22 +48,15 @@ def _smoke(out: Path, *extra: str) -> tuple[subprocess.CompletedProcess, dict]:
     return proc, json.loads(report.read_text())
 
 
-def _gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return False
-
-
 def _assert_all_stopped(data: dict) -> None:
     for record in data["lifecycle"]:
         assert record["stopped"], record
         if record["pid"] is not None:
             assert record["returncode"] == 0, record
-            assert all(_gone(pid) for pid in record["pids"]), record
+            assert not any(process_alive(pid) for pid in record["pids"]), record
 
 
+@pytest.mark.bench  # every figure: tens of seconds, run by `make test-bench`
 def test_smoke_run_starts_loads_and_stops_every_target(tmp_path):
     nginx = _nginx_installed()
     proc, data = _smoke(tmp_path)

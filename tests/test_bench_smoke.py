@@ -12,7 +12,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "bench" / "ws_memory.py"
@@ -20,7 +19,6 @@ SCRIPT = REPO / "bench" / "ws_memory.py"
 GUARD = 300
 
 
-@pytest.mark.no_reactor_check
 def test_quick_memory_bench_loses_no_bytes_and_leaves_no_connection(tmp_path):
     out = tmp_path / "ws_memory.json"
     proc = subprocess.run(

@@ -11,7 +11,7 @@ from twisted.internet import error
 from twisted.internet.defer import CancelledError
 from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.python.failure import Failure
-from twisted.web._newclient import (
+from twisted.web.client import (
     RequestNotSent,
     RequestTransmissionFailed,
     ResponseFailed,

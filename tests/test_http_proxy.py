@@ -23,8 +23,8 @@ from twisted.internet.error import TimeoutError as ConnectTimeout
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
-from twisted.web._newclient import RequestNotSent
 from twisted.web.client import (
+    RequestNotSent,
     RequestTransmissionFailed,
     ResponseFailed,
     ResponseNeverReceived,

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import socket
-import time
 
 import pytest
 
+from tests.support import settle_blocking
 from twisted_gateway.sockets import (
     TCPKeepalive,
     cap_receive_buffer,
@@ -74,10 +74,7 @@ def test_send_state_counts_what_the_peer_acknowledged(connection):
     before = send_state(_Transport(sock))
     sock.sendall(b"x" * 1000)
     assert peer.recv(1000, socket.MSG_WAITALL) == b"x" * 1000
-    for _ in range(1000):  # the acknowledgement may trail the bytes read
-        after = send_state(_Transport(sock))
-        if after.acked - before.acked == 1000:
-            break
-        time.sleep(0.001)
-    assert after.acked - before.acked == 1000
+    # the acknowledgement may trail the bytes read
+    settle_blocking(lambda: send_state(_Transport(sock)).acked - before.acked == 1000, "the peer's acknowledgement")
+    after = send_state(_Transport(sock))
     assert after.waiting == 0 and not after.timed_out

@@ -15,13 +15,11 @@ import time
 from pathlib import Path
 
 import jwt
-import pytest
 
 from tests.browser.chromium import chromium
 from tests.e2e.test_front_door_e2e import GUARD, _gateway, _Process
 from tests.e2e.test_twistd import _free_port, _wscat_path
 
-pytestmark = pytest.mark.no_reactor_check
 
 REPO = Path(__file__).resolve().parents[2]
 TOOLS = REPO / ".tools" / "node_modules"

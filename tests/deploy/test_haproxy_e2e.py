@@ -27,7 +27,6 @@ import pytest
 
 from tests.e2e.test_operations_e2e import GUARD, LISTENING, TWISTD, _Process
 
-pytestmark = pytest.mark.no_reactor_check
 
 HERE = Path(__file__).parent
 #: Seconds of load before the stop and after the restart: a load duration, not a deadline.

@@ -24,8 +24,8 @@ from websockets.sync.client import connect
 
 from tests.e2e.test_front_door_e2e import GUARD, ROLE_LISTENING, TWISTD, UPSTREAM_SCRIPT, _Process, _script
 from tests.redis_server import redis_server  # noqa: F401 (fixture)
+from tests.support import settle_blocking
 
-pytestmark = pytest.mark.no_reactor_check
 
 SECRET = "cluster-e2e-secret-0123456789abcdef"
 ADMIN_TOKEN = "cluster-e2e-admin-token-0123"
@@ -138,14 +138,6 @@ def _refusal(gateway: Gateway, token: str) -> int:
     return refused.value.response.status_code
 
 
-def _until(condition, what: str) -> None:
-    deadline = time.monotonic() + GUARD
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not reached in {GUARD} s")
-        time.sleep(0.1)
-
-
 @pytest.fixture
 def cluster(tmp_path, redis_server, request):
     policy = getattr(request, "param", "open")
@@ -190,7 +182,7 @@ def test_a_disconnect_and_a_revocation_on_one_gateway_close_the_right_sockets_on
     carol = [a.ws(_token("carol")), b.ws(_token("carol"))]
     assert _refusal(b, _token("carol")) == 429 and _refusal(a, _token("carol")) == 429
     carol.pop().close()
-    _until(lambda: _accepts(a, _token("carol")), "carol's freed slot")
+    settle_blocking(lambda: _accepts(a, _token("carol")), "carol's freed slot")
 
 
 def _accepts(gateway: Gateway, token: str) -> bool:
@@ -215,7 +207,7 @@ def test_redis_killed_and_restarted_mid_test(cluster, request):
     held = a.ws(_token("carol"))
     held_b = b.ws(_token("carol"))
     redis.kill()
-    _until(lambda: a.metric("wsgateway_cluster_up") == 0 and b.metric("wsgateway_cluster_up") == 0, "cluster down")
+    settle_blocking(lambda: a.metric("wsgateway_cluster_up") == 0 and b.metric("wsgateway_cluster_up") == 0, "cluster down")
     assert _echoes(held, "kept while Redis is down")
     if policy == "open":
         assert _refusal(b, _token("dave", jti="old-e2e")) == 401  # from memory
@@ -225,7 +217,7 @@ def test_redis_killed_and_restarted_mid_test(cluster, request):
     else:
         assert _refusal(b, _token("dave")) == 503
     redis.start()
-    _until(lambda: a.metric("wsgateway_cluster_up") == 1 and b.metric("wsgateway_cluster_up") == 1, "cluster up")
+    settle_blocking(lambda: a.metric("wsgateway_cluster_up") == 1 and b.metric("wsgateway_cluster_up") == 1, "cluster up")
     # carol's two sockets were counted again: the cap holds; a disconnect reaches both
     assert _refusal(b, _token("carol")) == 429
     assert b.admin("POST", "/admin/disconnect", {"sub": "carol"}) == (200, {"closed": 2})

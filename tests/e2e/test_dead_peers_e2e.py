@@ -16,7 +16,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +24,8 @@ import pytest
 
 from tests.e2e.test_front_door_e2e import _gateway, _metric, _Process
 from tests.e2e.test_operations_e2e import UPSTREAM_SCRIPT
+from tests.support import settle_blocking
 
-pytestmark = pytest.mark.no_reactor_check
 
 LISTENING = re.compile(r"\bwsgateway listening on \S+ \(port (\d+)\)")
 
@@ -199,35 +198,29 @@ def _close(process: _Process) -> list[str]:
     return process.wait_for(r"^CLOSE ").string.rstrip("\n").split(None, 2)[1:]
 
 
-def _websockets_eventually(host: str, port: int) -> int:
-    """The gateway's open WebSockets once the closes have settled (a guard, no speed limit)."""
-    for _ in range(100):
-        connection = http.client.HTTPConnection(host, port, timeout=30)
-        try:
-            connection.request("GET", "/healthz")
-            count = json.loads(connection.getresponse().read())["websockets"]
-        finally:
-            connection.close()
-        if count == 0:
-            return 0
-        time.sleep(0.1)
-    return count
+def _websockets(host: str, port: int) -> int:
+    """The gateway's open WebSockets, as its ``/healthz`` says."""
+    connection = http.client.HTTPConnection(host, port, timeout=30)
+    try:
+        connection.request("GET", "/healthz")
+        return json.loads(connection.getresponse().read())["websockets"]
+    finally:
+        connection.close()
 
 
 def test_both_legs_of_a_pair_show_a_tcp_keepalive_timer(tmp_path):
     """With pings off, the client's socket and the upstream's both carry the kernel's keepalive timer."""
     with _running(tmp_path, keepalive="30 5 3") as run:
         # (while a segment is unacknowledged ss shows the retransmit timer instead)
-        for _ in range(100):
+
+        def legs() -> list[str]:
             lines = _gateway_sockets(run.gateway.process.pid)
             client_leg = [line for line in lines if f"127.0.0.1:{run.port} " in line]
             upstream_leg = [line for line in lines if f"127.0.0.1:{run.up_port} " in line]
             assert len(client_leg) == 1 and len(upstream_leg) == 1, lines
-            if all("timer:(keepalive," in line for line in (*client_leg, *upstream_leg)):
-                break
-            time.sleep(0.1)
-        for line in (*client_leg, *upstream_leg):
-            assert "timer:(keepalive," in line, line
+            return [*client_leg, *upstream_leg]
+
+        settle_blocking(lambda: all("timer:(keepalive," in line for line in legs()), "a keepalive timer on both legs")
 
 
 def test_a_client_whose_traffic_is_dropped_ends_its_pair_with_1011_to_the_upstream(tmp_path, namespace):
@@ -238,7 +231,7 @@ def test_a_client_whose_traffic_is_dropped_ends_its_pair_with_1011_to_the_upstre
     with _running(tmp_path, listen=namespace.host, client_netns=namespace.name) as run:
         namespace.cut()
         assert _close(run.upstream) == ["1011", "peer unresponsive"]
-        assert _websockets_eventually(namespace.host, run.port) == 0
+        settle_blocking(lambda: _websockets(namespace.host, run.port) == 0, "no WebSocket left open")
 
 
 def test_an_upstream_whose_traffic_is_dropped_closes_the_client_with_1011_and_counts_against_it(
@@ -251,7 +244,7 @@ def test_an_upstream_whose_traffic_is_dropped_closes_the_client_with_1011_and_co
     with _running(tmp_path, upstream_host=namespace.far, upstream_netns=namespace.name) as run:
         namespace.cut()
         assert _close(run.client) == ["1011", "peer unresponsive"]
-        assert _websockets_eventually("127.0.0.1", run.port) == 0
+        settle_blocking(lambda: _websockets("127.0.0.1", run.port) == 0, "no WebSocket left open")
         sample = (
             'wsgateway_upstream_failures_total{reason="keepalive_timeout",route="chat",'
             f'upstream="http://{namespace.far}:{run.up_port}"}}'
@@ -275,6 +268,6 @@ def test_with_pings_off_a_client_that_stops_reading_is_let_go_after_ws_send_time
         assert _close(run.upstream) == ["1001", "client stopped reading"]
         # pings off and tcp_keepalive = off: started, with a warning
         assert "ws_ping_interval: 0 with tcp_keepalive = off" in run.gateway.text()
-        assert _websockets_eventually("127.0.0.1", run.port) == 0
+        settle_blocking(lambda: _websockets("127.0.0.1", run.port) == 0, "no WebSocket left open")
         sample = 'wsgateway_ws_closes_total{code="1008",reason="send_timeout",route="chat",side="gateway"}'
         assert _metric(run.port, sample) == 1

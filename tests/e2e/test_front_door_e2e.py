@@ -27,7 +27,6 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.no_reactor_check
 
 TWISTD = Path(sys.executable).with_name("twistd")
 #: Only against a hung process; none of these is a speed expectation.

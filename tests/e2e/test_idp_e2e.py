@@ -9,12 +9,10 @@ import time
 from pathlib import Path
 
 import jwt
-import pytest
 from websockets.sync.client import connect as ws_connect
 
 from tests.e2e.test_operations_e2e import GUARD, LISTENING, _gateway, _http_config, _Process
 
-pytestmark = pytest.mark.no_reactor_check
 
 SECRET = "e2e-idp-secret-0123456789abcdef0123456789"
 #: A display name of 1,700 CJK characters, in a token of UTF-8 JSON as Node

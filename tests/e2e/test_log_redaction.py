@@ -25,7 +25,6 @@ import pytest
 
 from tests.e2e.test_operations_e2e import GUARD, _gateway, _Process, _script
 
-pytestmark = pytest.mark.no_reactor_check
 
 SECRET = "e2e-redaction-secret-0123456789abcdef0123456789"
 LISTENING = re.compile(r"\bwsgateway listening on \S+ \(port (\d+)\)")

@@ -31,8 +31,8 @@ from websockets.sync.client import connect as ws_connect
 
 from tests.e2e.test_operations_e2e import GUARD, LISTENING, _gateway, _Process
 from tests.redis_server import free_port
+from tests.support import settle_blocking
 
-pytestmark = pytest.mark.no_reactor_check
 
 PROVIDER_DIR = Path(__file__).parents[1] / "oidc"
 CLIENT_SECRET = "test-client-secret-0123456789abcdef0123456789"
@@ -192,10 +192,7 @@ class Stack:
         return self.gateway.out.wait_for(pattern)
 
     def wait_ready(self) -> None:
-        deadline = time.monotonic() + GUARD
-        while self.get("/readyz", "")[0] != 200:
-            assert time.monotonic() < deadline, "the gateway never became ready"
-            time.sleep(0.1)
+        settle_blocking(lambda: self.get("/readyz", "")[0] == 200, "the gateway ready")
 
 
 def _config(upstream_port: int, issuer: str, jwks_refresh: float) -> str:
@@ -321,23 +318,16 @@ def test_key_rotation_while_the_gateway_runs(tmp_path):
         stack.provider.rotate([new, old])
         new_token = stack.provider.access_token("ES256")
         assert jwt.get_unverified_header(new_token)["kid"] == "ec-new"
-        _until(lambda: stack.get("/v1/api/me", new_token)[0] == 200, "the new key accepted")
+        settle_blocking(lambda: stack.get("/v1/api/me", new_token)[0] == 200, "the new key accepted")
         assert stack.get("/v1/api/me", old_token)[0] == 200
 
         stack.provider.rotate([new])
-        _until(lambda: stack.get("/v1/api/me", old_token)[0] == 401, "the old key refused")
+        settle_blocking(lambda: stack.get("/v1/api/me", old_token)[0] == 401, "the old key refused")
         status, body, _ = stack.get("/v1/api/me", old_token)
         assert body["error"] == "invalid_token"
         assert stack.get("/v1/api/me", new_token)[0] == 200
     finally:
         stack.stop()
-
-
-def _until(condition, what: str) -> None:
-    deadline = time.monotonic() + GUARD
-    while not condition():
-        assert time.monotonic() < deadline, f"never: {what}"
-        time.sleep(0.2)
 
 
 def test_a_provider_down_at_start_up_is_an_outage_then_recovers_without_client_traffic(tmp_path):

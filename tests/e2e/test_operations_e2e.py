@@ -27,7 +27,6 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as ws_connect
 
-pytestmark = pytest.mark.no_reactor_check
 
 TWISTD = Path(sys.executable).with_name("twistd")
 #: Only against a hung process; none of these is a speed expectation.

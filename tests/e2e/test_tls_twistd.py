@@ -16,7 +16,6 @@ import pytest
 from tests.certs import Authority
 from tests.e2e.test_twistd import GUARD, LISTENING, TWISTD, _env, _Lines, _start_up_fails, _stop
 
-pytestmark = pytest.mark.no_reactor_check
 
 ROUTE = """
 [route:chat]

@@ -18,13 +18,13 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.no_reactor_check
+from tests.support import settle_blocking
+
 
 REPO = Path(__file__).resolve().parents[2]
 TWISTD = Path(sys.executable).with_name("twistd")
@@ -297,12 +297,8 @@ def _members(gateway: _Running, room: str) -> int:
 
 
 def _wait_for_members(gateway: _Running, room: str, count: int) -> None:
-    """Poll the chat-service's room list through the gateway (a guard, not a deadline)."""
-    for _ in range(GUARD * 20):
-        if _members(gateway, room) == count:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"room {room!r} never had {count} members")
+    """Poll the chat-service's room list through the gateway."""
+    settle_blocking(lambda: _members(gateway, room) == count, f"room {room!r} with {count} members")
 
 
 def test_wscat_chats_through_the_gateway_and_sigterm_shuts_it_down_in_order(tmp_path):

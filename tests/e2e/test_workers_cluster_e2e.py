@@ -19,12 +19,12 @@ import time
 import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from tests.e2e.test_cluster_e2e import ADMIN_TOKEN, Gateway, gateway_config, _closed, _echoes, _token, _until
+from tests.e2e.test_cluster_e2e import ADMIN_TOKEN, Gateway, gateway_config, _closed, _echoes, _token
 from tests.e2e.test_front_door_e2e import GUARD, TWISTD, UPSTREAM_SCRIPT, _Process, _script
 from tests.e2e.test_workers_e2e import READY, SHARED
 from tests.redis_server import redis_server  # noqa: F401 (fixture)
+from tests.support import settle_blocking
 
-pytestmark = pytest.mark.no_reactor_check
 
 JOINED = re.compile(r"cluster: connected to Redis")
 
@@ -163,7 +163,7 @@ def test_a_disconnect_a_revocation_and_a_cap_reach_the_sockets_of_both_workers(w
     for _ in range(4):
         assert _refusal(gw, carol, "capped") == 429
     first.close()
-    _until(lambda: _accepts(gw, carol, "capped"), "carol's freed slot")
+    settle_blocking(lambda: _accepts(gw, carol, "capped"), "carol's freed slot")
 
 
 def _refusal(gw: Workers, token: str, route: str = "chat") -> int:
@@ -202,7 +202,7 @@ def test_without_cluster_a_killed_workers_sockets_stop_counting_at_once(workers)
         except InvalidStatus:
             return False
 
-    _until(opened, "the dead worker's socket no longer counted")
+    settle_blocking(opened, "the dead worker's socket no longer counted")
     # the survivor's socket still counts: one more, no more
     assert _refusal(gw, carol, "capped") == 429
     assert _echoes(survivor, "carol's other socket stays") and _echoes(third[0], "and the new one")

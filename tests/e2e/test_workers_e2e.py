@@ -17,12 +17,11 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
 
 from tests.e2e.test_operations_e2e import _gateway, _get
 from tests.e2e.test_twistd import GUARD, _free_port
+from tests.support import process_alive, settle_blocking
 
-pytestmark = pytest.mark.no_reactor_check
 
 SHARED = re.compile(r"\bwsgateway listening on \S+ \(port (\d+)\), shared by (\d+) workers")
 STARTED = re.compile(r"\bworker (\d+) started \(pid (\d+)\)")
@@ -173,14 +172,7 @@ def test_sigterm_stops_the_supervisor_and_every_worker_cleanly(tmp_path):
         gateway.process.send_signal(signal.SIGTERM)
         assert gateway.process.wait(GUARD) == 0
         for pid in gateway.pids.values():
-            for _ in range(GUARD * 10):
-                try:
-                    os.kill(pid, 0)
-                except ProcessLookupError:
-                    break
-                time.sleep(0.1)
-            else:
-                raise AssertionError(f"worker {pid} outlived its supervisor")
+            settle_blocking(lambda: not process_alive(pid), f"worker {pid} gone with its supervisor")
         assert "Traceback" not in gateway.log.rest() + gateway.gateway.err.rest()
     finally:
         gateway.stop()
@@ -215,7 +207,13 @@ def test_metrics_healthz_and_readyz_answer_for_every_worker(tmp_path):
             assert _get(gateway.port, "/v1/chat/rooms")[0] == 200
         sockets += _open_websockets(gateway.port, 10)
         assert all(_holders(gateway.port)[pid] for pid in gateway.pids.values())
-        time.sleep(2)  # a few publication rounds: the figures no longer move
+
+        def published() -> bool:
+            """Every worker has published what it served: the figures no longer move."""
+            scrapes = [_scrape(gateway.port) for _ in range(4)]  # whichever workers answer
+            return all(s["wsgateway_ws_open"] == 10 and s["wsgateway_http_requests"] >= 30 for s in scrapes)
+
+        settle_blocking(published, "every worker's figures published")
         scrapes = [_scrape(gateway.port) for _ in range(8)]
         assert all(scrape == scrapes[0] for scrape in scrapes), scrapes
         assert scrapes[0]["wsgateway_ws_open"] == 10
@@ -279,6 +277,13 @@ class _Load(threading.Thread):
             except (OSError, ValueError) as e:
                 self.outcomes[f"http {type(e).__name__}"] += 1
 
+    def wait_for_more(self, count: int, what: str) -> None:
+        """Until ``count`` more handshakes and HTTP requests have succeeded."""
+        start = self.outcomes.copy()
+        settle_blocking(
+            lambda: all(self.outcomes[k] >= start[k] + count for k in ("handshake ok", "http ok")), what
+        )
+
     def stop(self) -> collections.Counter:
         self.stopping.set()
         self.join(GUARD)
@@ -297,11 +302,11 @@ def test_sighup_replaces_every_worker_under_load_without_a_failure_and_1012_on_o
     try:
         sockets += _open_websockets(gateway.port, 20)
         load.start()
-        time.sleep(1)
+        load.wait_for_more(6, "the load flowing")
         old = set(gateway.pids.values())
         gateway.process.send_signal(signal.SIGHUP)
         _wait_while_output_flows(gateway.log, "rolling restart done: 2 new workers")
-        time.sleep(1)
+        load.wait_for_more(6, "the load served by the new workers")
         outcomes = load.stop()
         assert set(outcomes) == {"handshake ok", "http ok"}, outcomes
         assert outcomes["handshake ok"] > 10 and outcomes["http ok"] > 10, outcomes

@@ -17,7 +17,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
-from tests.support import Upstream, listen
+from tests.support import Upstream, listen, settle
 from twisted_gateway.health import HealthChecker
 from twisted_gateway.upstreams import InstanceRegistry, UpstreamPool
 from twisted_gateway.connector import endpoint_connector
@@ -73,14 +73,6 @@ class HTTPUpstream:
         for connection in list(self.factory.protocols):
             connection.transport.abortConnection()
         await settle(lambda: not self.factory.protocols)
-
-
-async def settle(condition, seconds: float = 5.0) -> None:
-    for _ in range(int(seconds / 0.01)):
-        if condition():
-            return
-        await task.deferLater(reactor, 0.01, lambda: None)
-    raise AssertionError("condition not reached")
 
 
 class Harness:

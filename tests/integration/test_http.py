@@ -35,42 +35,9 @@ from twisted_gateway.errors import GatewayError, render_error
 from twisted_gateway.http_proxy import GatewayRequest, HTTPForwarder
 from twisted_gateway.routing import normalize_path, split_uri
 
-from tests.support import settle
+from tests.support import connections_to, settle
 
 GZIPPED = gzip.compress(b"hello gzip " * 200, mtime=0)
-
-
-# -- leftovers ------------------------------------------------------------------
-
-
-@pytest_twisted.async_yield_fixture(autouse=True)
-async def nothing_left_behind():
-    """Fail a test that leaves delayed calls, listeners or connections behind."""
-    readers, writers = set(reactor.getReaders()), set(reactor.getWriters())
-    yield
-    deadline = reactor.seconds() + 5.0
-    while True:
-        calls = [call for call in reactor.getDelayedCalls() if call.active()]
-        extra = (set(reactor.getReaders()) - readers) | (set(reactor.getWriters()) - writers)
-        if not calls and not extra:
-            return
-        if reactor.seconds() > deadline:
-            # Clean up so that the next test starts from nothing, then fail this one.
-            for call in calls:
-                call.cancel()
-            for selectable in extra:
-                stop = getattr(selectable, "abortConnection", None) or selectable.stopListening
-                stop()
-            pytest.fail(f"left behind: delayed calls {calls}, selectables {extra}")
-        await deferLater(reactor, 0.02)
-
-
-async def eventually(predicate, timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = reactor.seconds() + timeout
-    while not predicate():
-        if reactor.seconds() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        await deferLater(reactor, 0.01)
 
 
 # -- raw HTTP/1.1 ---------------------------------------------------------------
@@ -295,7 +262,7 @@ class AiohttpUpstream:
         await self.runner.setup()
         site = aioweb.TCPSite(self.runner, "127.0.0.1", 0)
         await site.start()
-        return site._server.sockets[0].getsockname()[1]
+        return self.runner.addresses[0][1]
 
     async def _handle(self, request: aioweb.Request) -> aioweb.StreamResponse:
         kind = request.raw_path.split("/")[1].split("?")[0]
@@ -363,6 +330,9 @@ class EarlyAnswer(Protocol):
         self.buffer += data
         if b"\r\n\r\n" in self.buffer:
             self.transport.write(b"HTTP/1.1 413 Not Here\r\nContent-Length: 5\r\n\r\nsorry")
+
+    def connectionLost(self, reason) -> None:
+        self.factory.lost += 1
 
 
 async def listen(factory) -> object:
@@ -704,13 +674,16 @@ async def test_chunked_body_over_the_limit_is_refused(gateway, twisted_upstream)
 @pytest_twisted.ensureDeferred
 async def test_upstream_answering_before_reading_the_upload(gateway):
     """An upstream may refuse an upload early: the client gets that answer, no error follows."""
-    port = await listen(Factory.forProtocol(EarlyAnswer))
+    upstream = Factory.forProtocol(EarlyAnswer)
+    upstream.lost = 0
+    port = await listen(upstream)
     try:
         gw = await gateway(f"http://127.0.0.1:{port.getHost().port}")
         request = get("/up", b"Content-Length: 8000000", method=b"POST", body=b"u" * 8_000_000)
         with capturedLogs() as events:
             raw = await raw_request(gw.port, request)
-            await deferLater(reactor, 0.2)
+            # an error would be logged while the gateway ends the upstream connection
+            await settle(lambda: upstream.lost, "the upstream connection closed")
         assert parse_response(raw)[:2] == (413, b"Not Here")
         assert [e for e in events if e["log_level"] in (LogLevel.error, LogLevel.critical)] == []
     finally:
@@ -742,9 +715,9 @@ async def test_slow_client_pauses_the_upstream(gateway, twisted_upstream):
     client.transport.write(get(f"/big?size={size}"))
     await client.received(b"\r\n\r\n").addTimeout(10, reactor)
     client.transport.pauseProducing()
-    await eventually(lambda: twisted_upstream.firehoses, what="the upstream to start")
+    await settle(lambda: twisted_upstream.firehoses, "the upstream to start")
     firehose = twisted_upstream.firehoses[0]
-    await eventually(lambda: firehose.paused, what="the upstream to be paused")
+    await settle(lambda: firehose.paused, "the upstream to be paused")
     # Stalled: kernel socket buffers and a few small user-space buffers fill up,
     # then the upstream stays paused and stops growing.
     before = -1
@@ -800,7 +773,7 @@ async def test_no_response_head_in_time_is_504_and_upstream_is_dropped(gateway, 
     status, _, _, body, _ = parse_response(await raw_request(gw.port, get("/hang")))
     assert status == 504
     assert json.loads(body)["error"] == "gateway_timeout"
-    await eventually(lambda: twisted_upstream.lost, what="the upstream to see the close")
+    await settle(lambda: twisted_upstream.lost, "the upstream to see the close")
 
 
 @pytest_twisted.ensureDeferred
@@ -813,7 +786,7 @@ async def test_client_leaving_before_the_answer_cancels_the_upstream_request(
     client.transport.write(get("/hang"))
     await twisted_upstream.arrived.addTimeout(10, reactor)
     client.transport.loseConnection()
-    await eventually(lambda: twisted_upstream.lost, what="the upstream to see the close")
+    await settle(lambda: twisted_upstream.lost, "the upstream to see the close")
 
 
 @pytest_twisted.ensureDeferred
@@ -824,7 +797,7 @@ async def test_client_leaving_mid_body_stops_the_upstream(gateway, twisted_upstr
     client.transport.write(get(f"/big?size={1024 * 1024 * 1024}"))
     await client.received(b"xxxx").addTimeout(10, reactor)
     client.transport.abortConnection()
-    await eventually(lambda: twisted_upstream.lost, what="the upstream to see the close")
+    await settle(lambda: twisted_upstream.lost, "the upstream to see the close")
     assert twisted_upstream.firehoses[0].stopped
 
 
@@ -854,18 +827,22 @@ async def test_an_idle_connection_the_upstream_closes_leaves_the_pool_with_its_t
         response = await client.get(gw.url + "/echo")
         assert response.code == 200
         await response.content()
-        pool = gw.forwarder.pool
-        await settle(lambda: sum(map(len, pool._connections.values())) == 1, "a pooled connection")
-        timer = next(iter(pool._timeouts.values()))
-        await settle(lambda: not any(pool._connections.values()), "the closed connection gone")
-        assert pool._timeouts == {}
-        assert not timer.active()
+        idle_timeout = gw.forwarder.pool.cachedConnectionTimeout
+
+        def idle_timers() -> list:
+            """Delayed calls due when the pool's idle timeout would end a connection put in it just now."""
+            due = reactor.seconds() + idle_timeout
+            return [c for c in reactor.getDelayedCalls() if c.active() and abs(c.getTime() - due) < idle_timeout / 10]
+
+        await settle(lambda: len(connections_to(port.getHost().port)) == 1, "a pooled connection")
+        [timer] = idle_timers()
+        await settle(lambda: not connections_to(port.getHost().port), "the closed connection gone")
+        assert not timer.active() and idle_timers() == []
         response = await client.get(gw.url + "/echo")  # and the next request opens a fresh one
         assert response.code == 200
         await response.content()
     finally:
         await port.stopListening()
-
 
 
 @pytest_twisted.ensureDeferred

@@ -15,27 +15,25 @@ Autobahn. Every process is killed in fixture teardown.
 
 from __future__ import annotations
 
-import inspect
 import json
 import selectors
 import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import pytest_twisted
 from autobahn.websocket.protocol import WebSocketProtocol
 from prometheus_client.parser import text_string_to_metric_families
 from treq.client import HTTPClient
-from twisted.internet import reactor, task
+from twisted.internet import reactor
 from twisted.logger import capturedLogs
 from twisted.web.client import Agent, HTTPConnectionPool
 
-from tests.support import Gateway, http_error, raw_connect, start_gateway, ws_connect
+from tests.support import Gateway, http_error, raw_connect, settle, start_gateway, ws_connect
 from twisted_gateway.config import parse_config
 from twisted_gateway.http_proxy import HTTPForwarder
 
@@ -290,20 +288,6 @@ async def harness():
         yield h
     finally:
         await h.close()
-
-
-async def settle(condition: Callable[[], Any], seconds: float = GUARD) -> None:
-    """Poll ``condition`` (plain or async) until it holds; fail after ``seconds``."""
-    deadline = time.monotonic() + seconds
-    while True:
-        holds = condition()
-        if inspect.isawaitable(holds):
-            holds = await holds
-        if holds:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached")
-        await task.deferLater(reactor, 0.02, lambda: None)
 
 
 def names(upstreams: list[UpstreamProcess]) -> set[str]:

@@ -11,10 +11,11 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+
+from tests.support import settle_blocking
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
@@ -35,16 +36,17 @@ def node_env() -> dict[str, str]:
 
 def wait_for_port(process: subprocess.Popen, port: int, seconds: float = 30.0) -> None:
     """Until ``port`` accepts connections; a guard against a hang, not a speed limit."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
+
+    def accepting() -> bool:
         if process.poll() is not None:
             pytest.fail(f"{process.args} exited with {process.returncode}")
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
         except OSError:
-            time.sleep(0.05)
-    pytest.fail(f"{process.args} did not listen on {port}")
+            return False
+        return True
+
+    settle_blocking(accepting, f"{process.args} listening on {port}", seconds)
 
 
 def start(args: list[str], port: int, env: dict[str, str] | None = None) -> subprocess.Popen:
