@@ -14,16 +14,11 @@ import subprocess
 
 import pytest
 
+from tests.processes import free_port
 from tests.support import settle_blocking
 
 #: Only against a server that never comes up; no speed expectation.
 GUARD = 30
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RedisServer:

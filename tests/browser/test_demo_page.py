@@ -17,8 +17,8 @@ from pathlib import Path
 import jwt
 
 from tests.browser.chromium import chromium
-from tests.e2e.test_front_door_e2e import GUARD, _gateway, _Process
-from tests.e2e.test_twistd import _free_port, _wscat_path
+from tests.e2e.test_twistd import _wscat_path
+from tests.processes import GUARD, Process, free_port, twistd_gateway
 
 
 REPO = Path(__file__).resolve().parents[2]
@@ -53,7 +53,7 @@ chat_service = tcp:{chat_port}:interface=127.0.0.1
 """
 
 
-class _Driver(_Process):
+class _Driver(Process):
     """The page driver: one command, one JSON answer (an error fails the test)."""
 
     def __init__(self, tmp_path: Path) -> None:
@@ -69,20 +69,20 @@ class _Driver(_Process):
         return answer
 
 
-def _start(tmp_path: Path, config: str) -> _Process:
-    gateway = _gateway(tmp_path, config)
+def _start(tmp_path: Path, config: str) -> Process:
+    gateway = twistd_gateway(tmp_path, config)
     gateway.wait_for(r"\bwsgateway listening on ")
     return gateway
 
 
-def _stop(gateway: _Process) -> None:
+def _stop(gateway: Process) -> None:
     gateway.process.send_signal(signal.SIGTERM)
     assert gateway.process.wait(GUARD) == 0
     gateway.stop()
 
 
 def test_two_pages_and_wscat_chat_survive_a_restart_and_recover_an_expired_token(tmp_path):
-    port, chat_port = _free_port(), _free_port()
+    port, chat_port = free_port(), free_port()
     config = _config(port, chat_port)
     page = f"http://127.0.0.1:{port}/v1/chat/?room={ROOM}&token="
     gateway = _start(tmp_path, config)
@@ -93,7 +93,7 @@ def test_two_pages_and_wscat_chat_survive_a_restart_and_recover_an_expired_token
         driver("open", "bob", page + _token("bob", 3600))
         driver("wait_state", "alice", "open")
         driver("wait_state", "bob", "open")
-        wscat = _Process(
+        wscat = Process(
             [_wscat_path(), "--no-color", "-c",
              f"ws://127.0.0.1:{port}/v1/chat/ws?room={ROOM}&token={_token('carol', 3600)}", "-w", "-1"],
             tmp_path,

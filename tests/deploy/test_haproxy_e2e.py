@@ -18,14 +18,14 @@ import http.client
 import json
 import shutil
 import signal
-import socket
 import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_operations_e2e import GUARD, LISTENING, TWISTD, _Process
+from tests.e2e.test_operations_e2e import LISTENING
+from tests.processes import GUARD, TWISTD, Process, aiohttp_upstream, free_port
 
 
 HERE = Path(__file__).parent
@@ -77,22 +77,16 @@ upstream = http://127.0.0.1:{upstream}
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _haproxy() -> str:
     path = shutil.which("haproxy") or "/usr/sbin/haproxy"
     assert Path(path).exists(), "haproxy is not installed: apt-get install -y haproxy (.ci/run does)"
     return path
 
 
-def _start_gateway(tmp_path: Path, name: str, config: str) -> _Process:
+def _start_gateway(tmp_path: Path, name: str, config: str) -> Process:
     path = tmp_path / f"{name}.cfg"
     path.write_text(config)
-    gateway = _Process([str(TWISTD), "-n", "--pidfile=", "wsgateway", "--config", str(path)], tmp_path)
+    gateway = Process([str(TWISTD), "-n", "--pidfile=", "wsgateway", "--config", str(path)], tmp_path, stderr_apart=True)
     gateway.out.wait_for(LISTENING)
     return gateway
 
@@ -137,13 +131,12 @@ def test_a_gateway_restarted_behind_haproxy_fails_no_request_and_no_handshake(tm
     WebSocket held through it is closed with 1001 and reconnects (through
     HAProxy) at its first attempt.
     """
-    processes: list[_Process] = []
+    processes: list[Process] = []
     try:
-        upstream = _Process([sys.executable, str(HERE.parent / "e2e" / "http_ws_upstream.py")], tmp_path)
+        upstream, upstream_port = aiohttp_upstream(tmp_path)
         processes.append(upstream)
-        upstream_port = int(upstream.out.wait_for(r"^PORT (\d+)").group(1))
 
-        ports = {name: _free_port() for name in ("g1", "g2", "front", "stats")}
+        ports = {name: free_port() for name in ("g1", "g2", "front", "stats")}
         delay_line = f"drain_delay = {drain_delay}" if drain_delay is not None else ""
 
         def config(name: str) -> str:
@@ -153,11 +146,11 @@ def test_a_gateway_restarted_behind_haproxy_fails_no_request_and_no_handshake(tm
         processes += gateways.values()
         haproxy_cfg = tmp_path / "haproxy.cfg"
         haproxy_cfg.write_text(_haproxy_config(ports))
-        processes.append(_Process([_haproxy(), "-db", "-f", str(haproxy_cfg)], tmp_path))
+        processes.append(Process([_haproxy(), "-db", "-f", str(haproxy_cfg)], tmp_path, stderr_apart=True))
         _wait_for_states(ports["stats"], {"g1": "UP", "g2": "UP"})
 
         front = f"http://127.0.0.1:{ports['front']}"
-        load = _Process([sys.executable, str(HERE / "load.py"), front, "--held", str(HELD)], tmp_path)
+        load = Process([sys.executable, str(HERE / "load.py"), front, "--held", str(HELD)], tmp_path, stderr_apart=True)
         processes.append(load)
         load.out.wait_for(r"^READY$")
         time.sleep(STEADY)

@@ -22,7 +22,8 @@ import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
-from tests.e2e.test_front_door_e2e import GUARD, ROLE_LISTENING, TWISTD, UPSTREAM_SCRIPT, _Process, _script
+from tests.e2e.test_front_door_e2e import ROLE_LISTENING, UPSTREAM_SCRIPT
+from tests.processes import GUARD, TWISTD, Process, python_script
 from tests.redis_server import redis_server  # noqa: F401 (fixture)
 from tests.support import settle_blocking
 
@@ -73,7 +74,7 @@ class Gateway:
         self.name = name
         #: the test's clients of this gateway, closed when it stops
         self.clients = contextlib.ExitStack()
-        self.process = _Process(
+        self.process = Process(
             [str(TWISTD), "-n", "--pidfile=", "wsgateway", "--config", str(directory / "gateway.cfg")], directory
         )
         ports = {}
@@ -141,7 +142,7 @@ def _refusal(gateway: Gateway, token: str) -> int:
 @pytest.fixture
 def cluster(tmp_path, redis_server, request):
     policy = getattr(request, "param", "open")
-    upstream = _script(tmp_path, "upstream.py", UPSTREAM_SCRIPT)
+    upstream = python_script(tmp_path, "upstream.py", UPSTREAM_SCRIPT)
     gateways: list[Gateway] = []
     try:
         port = int(upstream.wait_for(r"^PORT (\d+)").group(1))

@@ -22,8 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_front_door_e2e import _gateway, _metric, _Process
+from tests.e2e.test_front_door_e2e import _metric
 from tests.e2e.test_operations_e2e import UPSTREAM_SCRIPT
+from tests.processes import Process, twistd_gateway
 from tests.support import settle_blocking
 
 
@@ -83,11 +84,11 @@ asyncio.run(main(sys.argv[1]))
 """
 
 
-def _python(tmp_path: Path, name: str, text: str, *args: str, netns: str | None = None) -> _Process:
+def _python(tmp_path: Path, name: str, text: str, *args: str, netns: str | None = None) -> Process:
     path = tmp_path / name
     path.write_text(text)
     prefix = ["ip", "netns", "exec", netns] if netns else []
-    return _Process([*prefix, sys.executable, str(path), *args], tmp_path)
+    return Process([*prefix, sys.executable, str(path), *args], tmp_path)
 
 
 def _config(listen: str, upstream: str, keepalive: str, extra: str = "") -> str:
@@ -153,11 +154,11 @@ def namespace():
 class _Run:
     """An upstream, a gateway in front of it and one client, each a process."""
 
-    upstream: _Process
+    upstream: Process
     up_port: int
-    gateway: _Process
+    gateway: Process
     port: int
-    client: _Process
+    client: Process
 
 
 @contextmanager
@@ -174,13 +175,13 @@ def _running(
     client_netns: str | None = None,
 ):
     """Start the three processes, the client once its WebSocket is open; stop them all after."""
-    processes: list[_Process] = []
+    processes: list[Process] = []
     try:
         upstream = _python(tmp_path, "upstream.py", upstream_script, upstream_host, netns=upstream_netns)
         processes.append(upstream)
         up_port = int(upstream.wait_for(r"^PORT (\d+)").group(1))
         config = _config(listen, f"http://{upstream_host}:{up_port}", keepalive, extra)
-        gateway = _gateway(tmp_path, config)
+        gateway = twistd_gateway(tmp_path, config)
         processes.append(gateway)
         port = int(gateway.wait_for(LISTENING).group(1))
         url = f"ws://{listen}:{port}/chat/ws"
@@ -193,7 +194,7 @@ def _running(
             process.stop()
 
 
-def _close(process: _Process) -> list[str]:
+def _close(process: Process) -> list[str]:
     """The code and reason of the close a peer script reports."""
     return process.wait_for(r"^CLOSE ").string.rstrip("\n").split(None, 2)[1:]
 

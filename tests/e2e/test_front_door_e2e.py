@@ -14,23 +14,17 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
-import queue
 import re
-import resource
 import select
 import socket
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
 import pytest
 
+from tests.processes import GUARD, TWISTD, child_env, python_script, twistd_gateway
 
-TWISTD = Path(sys.executable).with_name("twistd")
-#: Only against a hung process; none of these is a speed expectation.
-GUARD = 60
 LISTENING = re.compile(r"\bwsgateway listening on (\S+) \(port (\d+)\), backlog (\d+)")
 ROLE_LISTENING = re.compile(r"\b(wsgateway|admin) listening on \S+ \(port (\d+)\)")
 
@@ -113,84 +107,6 @@ asyncio.run(main())
 """
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.pop("PYTHONPATH", None)
-    return env
-
-
-class _Process:
-    """A subprocess whose stdout and stderr are read line by line in threads."""
-
-    def __init__(self, args: list[str], cwd: Path, open_files: tuple[int, int] | None = None) -> None:
-        def limit() -> None:
-            if open_files is not None:
-                resource.setrlimit(resource.RLIMIT_NOFILE, open_files)
-
-        self.process = subprocess.Popen(
-            args,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=_env(),
-            cwd=cwd,
-            preexec_fn=limit,
-        )
-        self.seen: list[str] = []
-        self._lines: queue.Queue[str | None] = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        for line in self.process.stdout:
-            self._lines.put(line)
-        self._lines.put(None)
-
-    def wait_for(self, pattern: re.Pattern[str] | str) -> re.Match[str]:
-        pattern = re.compile(pattern)
-        while True:
-            try:
-                line = self._lines.get(timeout=GUARD)
-            except queue.Empty:
-                raise AssertionError(f"no {pattern.pattern!r} in {GUARD} s:\n{self.text()}") from None
-            if line is None:
-                raise AssertionError(f"output ended before {pattern.pattern!r}:\n{self.text()}")
-            self.seen.append(line)
-            match = pattern.search(line)
-            if match:
-                return match
-
-    def command(self, line: str) -> dict:
-        """Send one command to a client script; its JSON answer."""
-        self.process.stdin.write(line + "\n")
-        self.process.stdin.flush()
-        return json.loads(self.wait_for(r"^\{").string)
-
-    def text(self) -> str:
-        return "".join(self.seen)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait(GUARD)
-        for stream in (self.process.stdin, self.process.stdout):
-            stream.close()
-
-
-def _script(tmp_path: Path, name: str, text: str, *args: str) -> _Process:
-    path = tmp_path / name
-    path.write_text(text)
-    return _Process([sys.executable, str(path), *args], tmp_path)
-
-
-def _gateway(tmp_path: Path, config: str, open_files: tuple[int, int] | None = None) -> _Process:
-    path = tmp_path / "gateway.cfg"
-    path.write_text(config)
-    return _Process(
-        [str(TWISTD), "-n", "--pidfile=", "wsgateway", "--config", str(path)], tmp_path, open_files
-    )
-
-
 def _config(upstream_port: int, gateway: str = "", admin: bool = False) -> str:
     text = f"[gateway]\nlisten = tcp:0:interface=127.0.0.1\n{gateway}\n"
     if admin:
@@ -219,7 +135,7 @@ def _metric(admin_port: int, sample: str) -> float:
 
 @pytest.fixture
 def upstream(tmp_path):
-    process = _script(tmp_path, "upstream.py", UPSTREAM_SCRIPT)
+    process = python_script(tmp_path, "upstream.py", UPSTREAM_SCRIPT)
     try:
         process.port = int(process.wait_for(r"^PORT (\d+)").group(1))
         yield process
@@ -229,14 +145,14 @@ def upstream(tmp_path):
 
 def test_a_gateway_started_with_soft_limit_1024_raises_it_and_holds_1500_websockets(tmp_path, upstream):
     """systemd's default (soft 1024, hard 20000) no longer stops the gateway at about 450 chats."""
-    gateway = _gateway(tmp_path, _config(upstream.port), open_files=(1024, 20000))
+    gateway = twistd_gateway(tmp_path, _config(upstream.port), open_files=(1024, 20000))
     clients = None
     try:
         limits = gateway.wait_for(r"open files limit (\d+): room for about (\d+) WebSockets")
         assert int(limits.group(1)) == 20000
         assert int(limits.group(2)) > 1500
         port = int(gateway.wait_for(LISTENING).group(2))
-        clients = _script(tmp_path, "clients.py", CLIENTS_SCRIPT, f"ws://127.0.0.1:{port}/chat/ws")
+        clients = python_script(tmp_path, "clients.py", CLIENTS_SCRIPT, f"ws://127.0.0.1:{port}/chat/ws")
         opened = clients.command("open 1500 250")
         assert opened == {"outcomes": {"open": 1500}, "held": 1500}
         assert clients.command("echo") == {"echoed": 1500, "held": 1500}
@@ -249,7 +165,7 @@ def test_a_gateway_started_with_soft_limit_1024_raises_it_and_holds_1500_websock
 
 def test_max_open_files_sets_the_limit_the_gateway_raises_to(tmp_path, upstream):
     """``[gateway] max_open_files`` below the hard limit is what the gateway takes."""
-    gateway = _gateway(tmp_path, _config(upstream.port, "max_open_files = 5000\n"), open_files=(1024, 20000))
+    gateway = twistd_gateway(tmp_path, _config(upstream.port, "max_open_files = 5000\n"), open_files=(1024, 20000))
     try:
         limits = gateway.wait_for(r"open files limit (\d+): room for about (\d+) WebSockets")
         assert int(limits.group(1)) == 5000
@@ -265,7 +181,7 @@ def test_past_its_cap_a_gateway_answers_503_keeps_its_clients_and_upstream_and_r
     get 503 ``overloaded`` at once, the open ones keep working, the upstream
     stays in service, and new clients are served again once sockets close.
     """
-    gateway = _gateway(tmp_path, _config(upstream.port, admin=True), open_files=(300, 300))
+    gateway = twistd_gateway(tmp_path, _config(upstream.port, admin=True), open_files=(300, 300))
     clients = None
     try:
         cap = int(gateway.wait_for(r"max_client_connections (\d+)").group(1))
@@ -275,7 +191,7 @@ def test_past_its_cap_a_gateway_answers_503_keeps_its_clients_and_upstream_and_r
             role, number = gateway.wait_for(ROLE_LISTENING).groups()
             ports[role] = int(number)
         port, admin = ports["wsgateway"], ports["admin"]
-        clients = _script(tmp_path, "clients.py", CLIENTS_SCRIPT, f"ws://127.0.0.1:{port}/chat/ws")
+        clients = python_script(tmp_path, "clients.py", CLIENTS_SCRIPT, f"ws://127.0.0.1:{port}/chat/ws")
         assert clients.command(f"open {cap} 50") == {"outcomes": {"open": cap}, "held": cap}
         # One at a time: each refusal is answered and gone before the next.
         over = clients.command("open 40 1")
@@ -330,7 +246,7 @@ def _trickle(port: int, outcomes: list, index: int, start: threading.Event) -> N
 def test_fifty_trickling_clients_are_cut_off_at_client_header_timeout_while_others_are_served(tmp_path, upstream):
     """A head sent one byte every 0.3 s (70 s in all) ends with 408; normal requests go on meanwhile."""
     config = _config(upstream.port, "client_header_timeout = 2\n")
-    gateway = _gateway(tmp_path, config)
+    gateway = twistd_gateway(tmp_path, config)
     try:
         port = int(gateway.wait_for(LISTENING).group(2))
         outcomes: list = [None] * 50
@@ -357,7 +273,7 @@ def test_fifty_trickling_clients_are_cut_off_at_client_header_timeout_while_othe
 def test_a_stalled_body_gets_408_and_an_idle_keep_alive_connection_is_closed(tmp_path, upstream):
     """client_body_timeout and keepalive_timeout, with short values, on a real gateway."""
     config = _config(upstream.port, "client_body_timeout = 1\nkeepalive_timeout = 1\n")
-    gateway = _gateway(tmp_path, config)
+    gateway = twistd_gateway(tmp_path, config)
     try:
         port = int(gateway.wait_for(LISTENING).group(2))
         with socket.create_connection(("127.0.0.1", port), timeout=GUARD) as sock:
@@ -401,7 +317,7 @@ def test_a_listener_gets_the_systems_maximum_backlog_unless_it_sets_its_own(tmp_
         "listen = tcp:0:interface=127.0.0.1\n",
         "listen = tcp:0:interface=127.0.0.1 tcp:0:interface=127.0.0.1:backlog=77\n",
     )
-    gateway = _gateway(tmp_path, config)
+    gateway = twistd_gateway(tmp_path, config)
     try:
         first = gateway.wait_for(LISTENING)
         second = gateway.wait_for(LISTENING)
@@ -415,7 +331,7 @@ def test_a_listener_gets_the_systems_maximum_backlog_unless_it_sets_its_own(tmp_
         [str(TWISTD), "wsgateway", "--config", str(tmp_path / "gateway.cfg"), "--check"],
         capture_output=True,
         text=True,
-        env=_env(),
+        env=child_env(),
         cwd=tmp_path,
         timeout=GUARD,
     )

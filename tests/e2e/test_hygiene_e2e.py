@@ -14,23 +14,17 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import queue
 import re
 import socket
 import subprocess
 import sys
-import threading
 import time
-from pathlib import Path
 
 import jwt
 import pytest
 
+from tests.processes import GUARD, TWISTD, Process, child_env, twistd_gateway
 
-TWISTD = Path(sys.executable).with_name("twistd")
-#: Only against a hung process; none of these is a speed expectation.
-GUARD = 30
 SECRET = "e2e-hygiene-secret-0123456789abcdef0123456789"
 LISTENING = re.compile(r"\bwsgateway listening on \S+ \(port (\d+)\)")
 STRAY = re.compile(r"upstream \S+ sent (\d+) bytes after a complete response")
@@ -146,67 +140,16 @@ escaped_slashes = reject
 """
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.pop("PYTHONPATH", None)
-    return env
-
-
-class _Process:
-    """A subprocess whose stdout lines are collected in a thread."""
-
-    def __init__(self, args: list[str], cwd: Path) -> None:
-        self.process = subprocess.Popen(
-            args,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            encoding="utf-8",
-            env=_env(),
-            cwd=cwd,
-        )
-        self.lines: list[str] = []
-        self._queue: queue.Queue[str | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._read, daemon=True)
-        self._thread.start()
-
-    def _read(self) -> None:
-        for line in self.process.stdout:
-            self._queue.put(line)
-        self._queue.put(None)
-
-    def wait_for(self, predicate) -> str:
-        """The next line (after those already waited for) for which ``predicate`` is true."""
-        while True:
-            try:
-                line = self._queue.get(timeout=GUARD)
-            except queue.Empty:
-                raise AssertionError("no awaited line in:\n" + "".join(self.lines)) from None
-            if line is None:
-                raise AssertionError("output ended:\n" + "".join(self.lines))
-            self.lines.append(line)
-            if predicate(line):
-                return line
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait(GUARD)
-        self._thread.join(GUARD)
-        self.process.stdout.close()
-
-
-class _Upstream(_Process):
+class _Upstream(Process):
     def request(self, marker: str) -> dict:
         """The recorded request whose target contains ``marker`` (head as bytes)."""
-        line = self.wait_for(lambda line: line.startswith("{") and marker in json.loads(line)["target"])
+        line = self.out.wait_for_line(lambda line: line.startswith("{") and marker in json.loads(line)["target"])
         seen = json.loads(line)
         seen["head"] = base64.b64decode(seen["head"])
         return seen
 
     def recorded(self) -> list[dict]:
-        return [json.loads(line) for line in self.lines if line.startswith("{")]
+        return [json.loads(line) for line in self.out.seen if line.startswith("{")]
 
 
 @pytest.fixture(scope="module")
@@ -217,13 +160,9 @@ def running(tmp_path_factory):
     upstream = _Upstream([sys.executable, str(tmp / "upstream.py")], tmp)
     gateway = None
     try:
-        port = int(upstream.wait_for(lambda line: line.startswith("PORT")).split()[1])
-        (tmp / "gateway.cfg").write_text(_config(port))
-        gateway = _Process(
-            [str(TWISTD), "-n", "--pidfile=", "wsgateway", "--config", str(tmp / "gateway.cfg")], tmp
-        )
-        listening = gateway.wait_for(LISTENING.search)
-        yield int(LISTENING.search(listening).group(1)), upstream, gateway
+        port = int(upstream.wait_for(r"^PORT (\d+)").group(1))
+        gateway = twistd_gateway(tmp, _config(port))
+        yield int(gateway.wait_for(LISTENING).group(1)), upstream, gateway
     finally:
         if gateway is not None:
             gateway.stop()
@@ -451,7 +390,7 @@ def test_stray_upstream_bytes_close_the_connection_and_never_answer_the_next_cli
     assert _status(status) == 200
     assert body == (b"" if method == "HEAD" else b"first")
     hostile = int(dict(headers)[b"x-conn"])
-    line = gateway.wait_for(STRAY.search)
+    line = gateway.wait_for(STRAY).string
     assert "127.0.0.1:" in line
 
     status, headers, body = _get(port, f"/v1/public/echo?case=after-{path}")
@@ -505,7 +444,7 @@ def test_a_cookie_authenticated_websocket_route_open_to_every_origin_stops_start
         capture_output=True,
         text=True,
         timeout=GUARD,
-        env=_env(),
+        env=child_env(),
         cwd=tmp_path,
     )
     assert result.returncode != 0

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import http.client
 import json
-import sys
 import time
-from pathlib import Path
 
 import jwt
 from websockets.sync.client import connect as ws_connect
 
-from tests.e2e.test_operations_e2e import GUARD, LISTENING, _gateway, _http_config, _Process
+from tests.e2e.test_operations_e2e import LISTENING, _gateway, _http_config
+from tests.processes import GUARD, Process, aiohttp_upstream
 
 
 SECRET = "e2e-idp-secret-0123456789abcdef0123456789"
@@ -38,11 +37,10 @@ def test_a_large_token_with_a_cjk_name_reaches_an_aiohttp_upstream(tmp_path):
     claims = {"sub": "alice", "aud": "chat", "name": NAME, "exp": int(time.time()) + 3600}
     token = jwt.encode(claims, SECRET, algorithm="HS256", json_encoder=_Utf8JSON)
     assert 6 * 1024 < len(token) < 8190 - len("Authorization: Bearer ")
-    processes: list[_Process] = []
+    processes: list[Process] = []
     try:
-        upstream = _Process([sys.executable, str(Path(__file__).with_name("http_ws_upstream.py"))], tmp_path)
+        upstream, upstream_port = aiohttp_upstream(tmp_path)
         processes.append(upstream)
-        upstream_port = int(upstream.out.wait_for(r"^PORT (\d+)").group(1))
         gateway = _gateway(tmp_path, _config(upstream_port))
         processes.append(gateway)
         port = int(gateway.out.wait_for(LISTENING).group(1))

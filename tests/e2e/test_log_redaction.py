@@ -11,19 +11,17 @@ a file as text and to stdout as JSON.
 
 from __future__ import annotations
 
-import http.client
 import re
 import signal
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import jwt
 import pytest
 
-from tests.e2e.test_operations_e2e import GUARD, _gateway, _Process, _script
+from tests.e2e.test_operations_e2e import _gateway, _script
+from tests.processes import GUARD, Process
 
 
 SECRET = "e2e-redaction-secret-0123456789abcdef0123456789"
@@ -31,7 +29,6 @@ LISTENING = re.compile(r"\bwsgateway listening on \S+ \(port (\d+)\)")
 
 #: A plain HTTP upstream that answers everything with 200 and prints its port.
 UPSTREAM_SCRIPT = """
-import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 class Answer(BaseHTTPRequestHandler):
@@ -138,7 +135,7 @@ UPGRADE_HEADERS = {
 )
 def test_no_token_of_any_kind_reaches_the_log(tmp_path: Path, logger: str, access_log: str | None) -> None:
     tokens = _tokens()
-    processes: list[_Process] = []
+    processes: list[Process] = []
     try:
         upstream = _script(tmp_path, "upstream.py", UPSTREAM_SCRIPT)
         processes.append(upstream)

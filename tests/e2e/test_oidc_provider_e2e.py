@@ -17,7 +17,6 @@ import json
 import re
 import secrets
 import shutil
-import sys
 import time
 import urllib.parse
 import urllib.request
@@ -29,8 +28,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from websockets.sync.client import connect as ws_connect
 
-from tests.e2e.test_operations_e2e import GUARD, LISTENING, _gateway, _Process
-from tests.redis_server import free_port
+from tests.e2e.test_operations_e2e import LISTENING, _gateway
+from tests.processes import GUARD, Process, aiohttp_upstream, free_port
 from tests.support import settle_blocking
 
 
@@ -59,7 +58,7 @@ class Provider:
         node = shutil.which("node")
         assert node, "node is needed (make test installs it with the test tools)"
         assert (PROVIDER_DIR / "node_modules" / "oidc-provider").is_dir(), "run make test: it installs tests/oidc"
-        self.process = _Process([node, str(PROVIDER_DIR / "provider.mjs"), json.dumps(keys), str(port)], tmp_path)
+        self.process = Process([node, str(PROVIDER_DIR / "provider.mjs"), json.dumps(keys), str(port)], tmp_path, stderr_apart=True)
         self.port = int(self.process.out.wait_for(r"^PORT (\d+)").group(1))
         self.issuer = f"http://127.0.0.1:{self.port}"
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -145,7 +144,7 @@ class Stack:
         starts it later. ``jwks_answer`` breaks its JWKS before the gateway starts.
         """
         self._tmp_path = tmp_path
-        self._processes: list[_Process] = []
+        self._processes: list[Process] = []
         self.provider_port = 0
         try:
             if keys is None:
@@ -156,9 +155,8 @@ class Stack:
                 issuer = self.provider.issuer
                 if jwks_answer is not None:
                     self.provider.break_jwks(jwks_answer)
-            upstream = _Process([sys.executable, str(Path(__file__).with_name("http_ws_upstream.py"))], tmp_path)
+            upstream, upstream_port = aiohttp_upstream(tmp_path)
             self._processes.append(upstream)
-            upstream_port = int(upstream.out.wait_for(r"^PORT (\d+)").group(1))
             config = _config(upstream_port, issuer + issuer_suffix, jwks_refresh)
             self.gateway = _gateway(tmp_path, config)
             self._processes.append(self.gateway)

@@ -12,13 +12,9 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
-import queue
 import re
 import signal
 import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
@@ -27,10 +23,8 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as ws_connect
 
+from tests.processes import GUARD, TWISTD, Process, aiohttp_upstream, child_env, python_script, twistd_gateway
 
-TWISTD = Path(sys.executable).with_name("twistd")
-#: Only against a hung process; none of these is a speed expectation.
-GUARD = 30
 #: The drain's own bound, far above what 50 closes need.
 DRAIN_TIMEOUT = 20
 CONNECTIONS = 50
@@ -88,110 +82,12 @@ asyncio.run(main(sys.argv[1], int(sys.argv[2])))
 """
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.pop("PYTHONPATH", None)
-    return env
+def _script(tmp_path: Path, name: str, text: str, *args: str) -> Process:
+    return python_script(tmp_path, name, text, *args, stderr_apart=True)
 
 
-class _Lines:
-    """The output lines of a stream, read in a thread so a test can wait with a guard."""
-
-    def __init__(self, stream) -> None:
-        self.seen: list[str] = []
-        self._queue: queue.Queue[str | None] = queue.Queue()
-        self._ended = False
-        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
-        self._thread.start()
-
-    def _read(self, stream) -> None:
-        for line in stream:
-            self._queue.put(line)
-        self._queue.put(None)
-
-    def next(self, timeout: float = GUARD) -> str | None:
-        """The next line, or None at the end of output."""
-        if self._ended:
-            return None
-        try:
-            line = self._queue.get(timeout=timeout)
-        except queue.Empty:
-            raise AssertionError(f"no new output in {timeout} s:\n{self.text()}") from None
-        if line is None:
-            self._ended = True
-            return None
-        self.seen.append(line)
-        return line
-
-    def wait_for(self, pattern: re.Pattern[str] | str) -> re.Match[str]:
-        pattern = re.compile(pattern)
-        while True:
-            line = self.next()
-            if line is None:
-                raise AssertionError(f"output ended before {pattern.pattern!r}:\n{self.text()}")
-            match = pattern.search(line)
-            if match:
-                return match
-
-    def wait_for_json(self, predicate) -> dict:
-        """The next JSON line for which ``predicate`` is true."""
-        while True:
-            line = self.next()
-            if line is None:
-                raise AssertionError(f"output ended before the awaited event:\n{self.text()}")
-            event = json.loads(line)
-            if predicate(event):
-                return event
-
-    def rest(self) -> str:
-        """Everything, once the stream has ended."""
-        while self.next() is not None:
-            pass
-        return self.text()
-
-    def text(self) -> str:
-        return "".join(self.seen)
-
-
-class _Process:
-    """A subprocess whose stdout is read line by line (stderr kept apart)."""
-
-    def __init__(self, args: list[str], cwd: Path) -> None:
-        self.process = subprocess.Popen(
-            args,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=_env(),
-            cwd=cwd,
-        )
-        self.out = _Lines(self.process.stdout)
-        self.err = _Lines(self.process.stderr)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait(GUARD)
-        self.out.rest()
-        self.err.rest()
-        for stream in (self.process.stdout, self.process.stderr):
-            stream.close()
-
-
-def _script(tmp_path: Path, name: str, text: str, *args: str) -> _Process:
-    path = tmp_path / name
-    path.write_text(text)
-    return _Process([sys.executable, str(path), *args], tmp_path)
-
-
-def _gateway(tmp_path: Path, config: str, *twistd_args: str) -> _Process:
-    path = tmp_path / "gateway.cfg"
-    path.write_text(config)
-    return _Process(
-        [str(TWISTD), "-n", "--pidfile=", *twistd_args, "wsgateway", "--config", str(path)],
-        tmp_path,
-    )
+def _gateway(tmp_path: Path, config: str, *twistd_args: str) -> Process:
+    return twistd_gateway(tmp_path, config, *twistd_args, stderr_apart=True)
 
 
 def _get(port: int, path: str) -> tuple[int, dict]:
@@ -230,7 +126,7 @@ def test_sigterm_with_50_open_websockets_closes_every_leg_with_1001_and_exits_0(
     connections get a 1001 close, and the process exits with status 0 well
     before the drain timeout would have cut the drain short.
     """
-    processes: list[_Process] = []
+    processes: list[Process] = []
     try:
         upstream = _script(tmp_path, "upstream.py", UPSTREAM_SCRIPT)
         processes.append(upstream)
@@ -326,12 +222,11 @@ def test_during_drain_delay_every_client_is_served_with_connection_close_then_th
     is over the listener is closed, the idle kept-alive connection is closed
     by the gateway, the WebSocket gets 1001, and the process exits 0.
     """
-    processes: list[_Process] = []
+    processes: list[Process] = []
     kept = idle = None
     try:
-        upstream = _Process([sys.executable, str(Path(__file__).with_name("http_ws_upstream.py"))], tmp_path)
+        upstream, upstream_port = aiohttp_upstream(tmp_path)
         processes.append(upstream)
-        upstream_port = int(upstream.out.wait_for(r"^PORT (\d+)").group(1))
         extra = f"drain_delay = {DRAIN_DELAY}\ndrain_timeout = {DRAIN_TIMEOUT}"
         gateway = _gateway(tmp_path, _http_config(upstream_port, extra))
         processes.append(gateway)
@@ -411,7 +306,7 @@ def test_json_logger_writes_one_object_per_line_with_port_and_session_fields_and
     in a query nor the signing secret appears anywhere.
     """
     token = jwt.encode({"sub": "alice", "exp": int(time.time()) + 3600}, SECRET, algorithm="HS256")
-    processes: list[_Process] = []
+    processes: list[Process] = []
     try:
         upstream = _script(tmp_path, "upstream.py", UPSTREAM_SCRIPT)
         processes.append(upstream)
@@ -486,7 +381,7 @@ def _check(tmp_path: Path, config: str) -> subprocess.CompletedProcess:
         capture_output=True,
         text=True,
         timeout=GUARD,
-        env=_env(),
+        env=child_env(),
         cwd=tmp_path,
     )
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from tests.certs import Authority
-from tests.e2e.test_twistd import GUARD, LISTENING, TWISTD, _env, _Lines, _start_up_fails, _stop
+from tests.e2e.test_twistd import LISTENING, _start_up_fails, _stop
+from tests.processes import GUARD, TWISTD, Lines, child_env
 
 
 ROUTE = """
@@ -69,11 +70,11 @@ def test_an_ssl_listener_serves_https_with_http_1_1_over_alpn(tmp_path, pki):
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env=_env(),
+        env=child_env(),
         cwd=tmp_path,
     )
     try:
-        log = _Lines(process.stdout)
+        log = Lines(process.stdout)
         port = int(log.wait_for(LISTENING).group(2))
         context = ssl.create_default_context(cafile=str(pki["ca"]))
         context.set_alpn_protocols(["h2", "http/1.1"])

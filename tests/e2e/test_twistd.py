@@ -10,26 +10,20 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import re
 import shutil
 import signal
-import socket
 import subprocess
-import sys
-import threading
 import urllib.request
 from pathlib import Path
 
 import pytest
 
+from tests.processes import GUARD, TWISTD, Lines, child_env, free_port
 from tests.support import settle_blocking
 
 
 REPO = Path(__file__).resolve().parents[2]
-TWISTD = Path(sys.executable).with_name("twistd")
-#: Only against a hung process; none of these is a speed expectation.
-GUARD = 30
 LISTENING = re.compile(r"\bwsgateway listening on (\S+) \(port (\d+)\)")
 DEMO_LISTENING = re.compile(r"\bdemo chat-service listening on \S+ \(port (\d+)\)")
 
@@ -43,66 +37,11 @@ upstream = http://127.0.0.1:9001
 """
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.pop("PYTHONPATH", None)
-    return env
-
-
 def _wscat_path() -> str:
     found = shutil.which("wscat") or str(REPO / ".tools" / "node_modules" / ".bin" / "wscat")
     if not os.access(found, os.X_OK):
         pytest.fail("wscat is missing: run `make .tools/node_modules/.bin/wscat` (make test does)")
     return found
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class _Lines:
-    """The output lines of a process, read in a thread so a test can wait with a guard."""
-
-    def __init__(self, stream) -> None:
-        self.seen: list[str] = []
-        self._queue: queue.Queue[str | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
-        self._thread.start()
-
-    def _read(self, stream) -> None:
-        for line in stream:
-            self._queue.put(line)
-        self._queue.put(None)
-
-    def wait_for(self, pattern: re.Pattern[str]) -> re.Match[str]:
-        while True:
-            try:
-                line = self._queue.get(timeout=GUARD)
-            except queue.Empty:
-                raise AssertionError(f"no line matching {pattern.pattern!r} in:\n{self.text()}") from None
-            if line is None:
-                raise AssertionError(f"output ended before {pattern.pattern!r}:\n{self.text()}")
-            self.seen.append(line)
-            match = pattern.search(line)
-            if match:
-                return match
-
-    def rest(self) -> str:
-        """Everything, once the process has exited."""
-        self._thread.join(GUARD)
-        while True:
-            try:
-                line = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if line is not None:
-                self.seen.append(line)
-        return self.text()
-
-    def text(self) -> str:
-        return "".join(self.seen)
 
 
 def _stop(process: subprocess.Popen) -> None:
@@ -122,7 +61,7 @@ def test_twistd_help_lists_wsgateway():
     assert TWISTD.exists(), f"{TWISTD} is missing: install the project into this venv"
     # From / and without PYTHONPATH, only the installed package can provide the plugin.
     result = subprocess.run(
-        [str(TWISTD), "--help"], capture_output=True, text=True, timeout=GUARD, env=_env(), cwd="/"
+        [str(TWISTD), "--help"], capture_output=True, text=True, timeout=GUARD, env=child_env(), cwd="/"
     )
     assert result.returncode == 0, result.stderr
     commands = [line.split()[0] for line in result.stdout.splitlines() if line.startswith("    ")]
@@ -132,7 +71,7 @@ def test_twistd_help_lists_wsgateway():
 def test_wsgateway_help_describes_its_options():
     """``twistd wsgateway --help`` names --config and --listen."""
     result = subprocess.run(
-        [str(TWISTD), "wsgateway", "--help"], capture_output=True, text=True, timeout=GUARD, env=_env(), cwd="/"
+        [str(TWISTD), "wsgateway", "--help"], capture_output=True, text=True, timeout=GUARD, env=child_env(), cwd="/"
     )
     assert result.returncode == 0, result.stderr
     assert "--config" in result.stdout and "--listen" in result.stdout
@@ -166,7 +105,7 @@ def _start_up_fails(args: list[str], cwd: Path) -> str:
         capture_output=True,
         text=True,
         timeout=GUARD,
-        env=_env(),
+        env=child_env(),
         cwd=cwd,
     )
     output = result.stdout + result.stderr
@@ -220,7 +159,7 @@ class _Running:
     """A twistd wsgateway process serving the demo chat-service on loopback."""
 
     def __init__(self, tmp_path: Path) -> None:
-        self.chat_port = _free_port()
+        self.chat_port = free_port()
         self.never = tmp_path / "never.sock"
         config = tmp_path / "gateway.cfg"
         config.write_text(
@@ -246,10 +185,10 @@ chat_service = tcp:{self.chat_port}:interface=127.0.0.1
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-            env=_env(),
+            env=child_env(),
             cwd=tmp_path,
         )
-        self.log = _Lines(self.process.stdout)
+        self.log = Lines(self.process.stdout)
         self.port = 0
 
     def wait_until_listening(self) -> None:
@@ -278,7 +217,7 @@ chat_service = tcp:{self.chat_port}:interface=127.0.0.1
         return status, self.log.rest()
 
 
-def _wscat(url: str, *args: str) -> tuple[subprocess.Popen, _Lines]:
+def _wscat(url: str, *args: str) -> tuple[subprocess.Popen, Lines]:
     """A wscat client that stays connected (-w -1) and prints what it receives."""
     process = subprocess.Popen(
         [_wscat_path(), "--no-color", "-c", url, *args, "-w", "-1"],
@@ -286,9 +225,9 @@ def _wscat(url: str, *args: str) -> tuple[subprocess.Popen, _Lines]:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env=_env(),
+        env=child_env(),
     )
-    return process, _Lines(process.stdout)
+    return process, Lines(process.stdout)
 
 
 def _members(gateway: _Running, room: str) -> int:

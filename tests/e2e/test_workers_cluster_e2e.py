@@ -20,8 +20,9 @@ import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from tests.e2e.test_cluster_e2e import ADMIN_TOKEN, Gateway, gateway_config, _closed, _echoes, _token
-from tests.e2e.test_front_door_e2e import GUARD, TWISTD, UPSTREAM_SCRIPT, _Process, _script
+from tests.e2e.test_front_door_e2e import UPSTREAM_SCRIPT
 from tests.e2e.test_workers_e2e import READY, SHARED
+from tests.processes import GUARD, TWISTD, Process, python_script
 from tests.redis_server import redis_server  # noqa: F401 (fixture)
 from tests.support import settle_blocking
 
@@ -41,7 +42,7 @@ class Workers(Gateway):
             gateway_config(redis_url, upstream_port, gateway="workers = 2\ndrain_timeout = 3", route="") + capped
         )
         self.clients = contextlib.ExitStack()
-        self.process = _Process(
+        self.process = Process(
             [str(TWISTD), "-n", "--pidfile=", "wsgateway", "--config", str(directory / "gateway.cfg")], directory
         )
         # the supervisor binds [gateway] listen, then [admin] listen
@@ -117,7 +118,7 @@ class Workers(Gateway):
 def workers(tmp_path, request):
     """The gateway with [cluster] and a real Redis, or alone (its workers linked by the supervisor)."""
     redis_url = request.getfixturevalue("redis_server").url if request.param == "cluster" else None
-    upstream = _script(tmp_path, "upstream.py", UPSTREAM_SCRIPT)
+    upstream = python_script(tmp_path, "upstream.py", UPSTREAM_SCRIPT)
     gateway = None
     try:
         port = int(upstream.wait_for(r"^PORT (\d+)").group(1))

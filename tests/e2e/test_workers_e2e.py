@@ -19,7 +19,7 @@ from pathlib import Path
 
 
 from tests.e2e.test_operations_e2e import _gateway, _get
-from tests.e2e.test_twistd import GUARD, _free_port
+from tests.processes import GUARD, free_port
 from tests.support import process_alive, settle_blocking
 
 
@@ -32,7 +32,7 @@ class _Supervised:
     """A twistd wsgateway with ``workers``, serving the demo chat-service on loopback."""
 
     def __init__(self, tmp_path: Path, workers: int = 2) -> None:
-        self.chat_port = _free_port()
+        self.chat_port = free_port()
         self.config = tmp_path / "gateway.cfg"
         self.gateway = _gateway(
             tmp_path,

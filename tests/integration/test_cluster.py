@@ -294,7 +294,7 @@ async def test_with_redis_down_and_policy_closed_new_work_gets_503_and_open_sock
 @pytest_twisted.ensureDeferred
 async def test_a_gateway_that_never_reached_redis_is_not_ready_unless_policy_open(redis_server):
     """/readyz is 503 until the revocations are loaded (on_redis_down = closed), 200 with open."""
-    from tests.redis_server import free_port
+    from tests.processes import free_port
 
     nowhere = f"redis://127.0.0.1:{free_port()}/0"
     upstream = Upstream()

@@ -15,17 +15,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.processes import free_port
 from tests.support import settle_blocking
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 NODE_MODULES = REPO / ".tools" / "node_modules"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def node_env() -> dict[str, str]:
