@@ -4,6 +4,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TOOLS := .tools
 CONFIG ?= tap.cfg
+# Test processes: most tests wait on sockets and subprocesses, so more processes than cores pay (0: one process).
+TEST_PROCESSES ?= 4
 
 .PHONY: run test test-bench test-deploy check clean fuzz bench bench-quick conformance conformance-quick soak soak-quick screenshots test-js
 
@@ -42,7 +44,7 @@ tests/oidc/node_modules/.package-lock.json: tests/oidc/package.json tests/oidc/p
 	npm ci --silent --no-audit --no-fund --prefix tests/oidc
 
 test: $(VENV)/.installed-test $(TOOLS)/node_modules/.bin/wscat $(TOOLS)/node_modules/socket.io-client $(TOOLS)/node_modules/playwright-core tests/oidc/node_modules/.package-lock.json
-	PATH="$(CURDIR)/$(TOOLS)/node_modules/.bin:$$PATH" $(BIN)/python -m pytest --ignore=tests/deploy -m "not bench" $(PYTEST_ARGS)
+	PATH="$(CURDIR)/$(TOOLS)/node_modules/.bin:$$PATH" $(BIN)/python -m pytest --ignore=tests/deploy -m "not bench" -n $(TEST_PROCESSES) --dist worksteal $(PYTEST_ARGS)
 	@if [ -z "$(PYTEST_ARGS)" ]; then $(MAKE) --no-print-directory test-js; fi
 
 # The benchmark's machinery through every figure (tens of seconds); `make test` runs one figure of it.
