@@ -286,6 +286,29 @@ async def raw_connect(port: int) -> RawClient:
     )
 
 
+def parse_response(raw: bytes) -> tuple[int, bytes, list[tuple[bytes, bytes]], bytes, bool]:
+    """Status, reason, headers, body and whether the body was complete."""
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    _, code, reason = (lines[0].split(b" ", 2) + [b""])[:3]
+    headers = [tuple(part.strip() for part in line.split(b":", 1)) for line in lines[1:]]
+    names = {name.lower(): value for name, value in headers}
+    if names.get(b"transfer-encoding") == b"chunked":
+        body = b""
+        while True:
+            size_line, sep, rest = rest.partition(b"\r\n")
+            if not sep:
+                return int(code), reason, headers, body, False
+            size = int(size_line, 16)
+            if size == 0:
+                return int(code), reason, headers, body, True
+            body, rest = body + rest[:size], rest[size + 2 :]
+    if b"content-length" in names:
+        length = int(names[b"content-length"])
+        return int(code), reason, headers, rest[:length], len(rest) >= length
+    return int(code), reason, headers, rest, True
+
+
 def http_error(raw: bytes) -> tuple[int, dict]:
     """Status and JSON body of a raw HTTP error response."""
     head, _, body = raw.partition(b"\r\n\r\n")

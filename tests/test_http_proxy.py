@@ -46,6 +46,8 @@ from twisted_gateway.http_proxy import (
 )
 from twisted_gateway.routing import normalize_path, split_uri
 
+from tests.support import parse_response as http_response
+
 UPSTREAM = "http://upstream.test:8000"
 
 
@@ -123,23 +125,10 @@ def test_upstream_failures_map_to_gateway_statuses(reason, status):
 
 
 def parse_response(raw: bytes) -> tuple[int, bytes, list[tuple[bytes, bytes]], bytes]:
-    """Status, reason, headers and (de-chunked) body of one HTTP/1.1 response."""
-    head, _, rest = raw.partition(b"\r\n\r\n")
-    lines = head.split(b"\r\n")
-    _, code, reason = (lines[0].split(b" ", 2) + [b""])[:3]
-    headers = [tuple(part.strip() for part in line.split(b":", 1)) for line in lines[1:]]
-    names = {name.lower(): value for name, value in headers}
-    if names.get(b"transfer-encoding") == b"chunked":
-        body = b""
-        while True:
-            size_line, _, rest = rest.partition(b"\r\n")
-            size = int(size_line, 16)
-            if size == 0:
-                break
-            body, rest = body + rest[:size], rest[size + 2 :]
-    else:
-        body = rest[: int(names.get(b"content-length", len(rest)))]
-    return int(code), reason, headers, body
+    """Status, reason, headers and (de-chunked) body of one complete HTTP/1.1 response."""
+    status, reason, headers, body, complete = http_response(raw)
+    assert complete, raw
+    return status, reason, headers, body
 
 
 def header_values(headers, name: bytes) -> list[bytes]:

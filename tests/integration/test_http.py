@@ -35,35 +35,12 @@ from twisted_gateway.errors import GatewayError, render_error
 from twisted_gateway.http_proxy import GatewayRequest, HTTPForwarder
 from twisted_gateway.routing import normalize_path, split_uri
 
-from tests.support import connections_to, settle
+from tests.support import connections_to, parse_response, settle
 
 GZIPPED = gzip.compress(b"hello gzip " * 200, mtime=0)
 
 
 # -- raw HTTP/1.1 ---------------------------------------------------------------
-
-
-def parse_response(raw: bytes) -> tuple[int, bytes, list[tuple[bytes, bytes]], bytes, bool]:
-    """Status, reason, headers, body and whether the body was complete."""
-    head, _, rest = raw.partition(b"\r\n\r\n")
-    lines = head.split(b"\r\n")
-    _, code, reason = (lines[0].split(b" ", 2) + [b""])[:3]
-    headers = [tuple(part.strip() for part in line.split(b":", 1)) for line in lines[1:]]
-    names = {name.lower(): value for name, value in headers}
-    if names.get(b"transfer-encoding") == b"chunked":
-        body = b""
-        while True:
-            size_line, sep, rest = rest.partition(b"\r\n")
-            if not sep:
-                return int(code), reason, headers, body, False
-            size = int(size_line, 16)
-            if size == 0:
-                return int(code), reason, headers, body, True
-            body, rest = body + rest[:size], rest[size + 2 :]
-    if b"content-length" in names:
-        length = int(names[b"content-length"])
-        return int(code), reason, headers, rest[:length], len(rest) >= length
-    return int(code), reason, headers, rest, True
 
 
 def values(headers, name: bytes) -> list[bytes]:
