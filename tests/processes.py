@@ -167,14 +167,15 @@ def twistd_gateway(
     tmp_path: Path,
     config: str,
     *twistd_args: str,
+    options: tuple[str, ...] = (),
     stderr_apart: bool = False,
     open_files: tuple[int, int] | None = None,
 ) -> Process:
-    """``twistd -n --pidfile= [twistd_args] wsgateway --config`` a config written to ``tmp_path``."""
+    """``twistd -n --pidfile= [twistd_args] wsgateway --config [options]``, the config written to ``tmp_path``."""
     path = tmp_path / "gateway.cfg"
     path.write_text(config)
     return Process(
-        [str(TWISTD), "-n", "--pidfile=", *twistd_args, "wsgateway", "--config", str(path)],
+        [str(TWISTD), "-n", "--pidfile=", *twistd_args, "wsgateway", "--config", str(path), *options],
         tmp_path,
         stderr_apart=stderr_apart,
         open_files=open_files,

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import socket
 import ssl
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from tests.certs import Authority
-from tests.e2e.test_twistd import LISTENING, _start_up_fails, _stop
-from tests.processes import GUARD, TWISTD, Lines, child_env
+from tests.e2e.test_twistd import LISTENING, _start_up_fails
+from tests.processes import GUARD, twistd_gateway
 
 
 ROUTE = """
@@ -61,21 +60,10 @@ def test_a_bad_certificate_path_stops_start_up_with_one_line(tmp_path, pki, conf
 
 def test_an_ssl_listener_serves_https_with_http_1_1_over_alpn(tmp_path, pki):
     """A client offering h2 first is answered over http/1.1; SIGTERM still stops it cleanly."""
-    config = tmp_path / "gateway.cfg"
-    config.write_text(ROUTE)
     listen = f"ssl:0:interface=127.0.0.1:privateKey={pki['key']}:certKey={pki['cert']}"
-    process = subprocess.Popen(
-        [str(TWISTD), "-n", "--pidfile=", "wsgateway", "--config", str(config), "--listen", listen],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=child_env(),
-        cwd=tmp_path,
-    )
+    gateway = twistd_gateway(tmp_path, ROUTE, options=("--listen", listen))
     try:
-        log = Lines(process.stdout)
-        port = int(log.wait_for(LISTENING).group(2))
+        port = int(gateway.wait_for(LISTENING).group(2))
         context = ssl.create_default_context(cafile=str(pki["ca"]))
         context.set_alpn_protocols(["h2", "http/1.1"])
         with socket.create_connection(("127.0.0.1", port), timeout=GUARD) as raw:
@@ -87,8 +75,8 @@ def test_an_ssl_listener_serves_https_with_http_1_1_over_alpn(tmp_path, pki):
                     answer += chunk
         assert answer.startswith(b"HTTP/1.1 200 "), answer
         assert b'"status": "ok"' in answer
-        process.terminate()
-        assert process.wait(GUARD) == 0
-        assert "Traceback" not in log.rest()
+        gateway.process.terminate()
+        assert gateway.process.wait(GUARD) == 0
+        assert "Traceback" not in gateway.out.rest()
     finally:
-        _stop(process)
+        gateway.stop()

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.processes import GUARD, TWISTD, Lines, child_env, free_port
+from tests.processes import GUARD, TWISTD, Process, child_env, free_port, twistd_gateway
 from tests.support import settle_blocking
 
 
@@ -42,15 +42,6 @@ def _wscat_path() -> str:
     if not os.access(found, os.X_OK):
         pytest.fail("wscat is missing: run `make .tools/node_modules/.bin/wscat` (make test does)")
     return found
-
-
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.kill()
-    process.wait(GUARD)
-    for stream in (process.stdin, process.stdout, process.stderr):
-        if stream is not None:
-            stream.close()
 
 
 # -- packaging -----------------------------------------------------------------------
@@ -161,9 +152,7 @@ class _Running:
     def __init__(self, tmp_path: Path) -> None:
         self.chat_port = free_port()
         self.never = tmp_path / "never.sock"
-        config = tmp_path / "gateway.cfg"
-        config.write_text(
-            f"""
+        config = f"""
 [gateway]
 ; replaced by --listen: this socket must never be created
 listen = unix:{self.never}
@@ -175,20 +164,8 @@ upstream = http://127.0.0.1:{self.chat_port}
 [demo]
 chat_service = tcp:{self.chat_port}:interface=127.0.0.1
 """
-        )
-        self.process = subprocess.Popen(
-            [
-                str(TWISTD), "-n", "--pidfile=", "wsgateway",
-                "--config", str(config), "--listen", "tcp:0:interface=127.0.0.1",
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=child_env(),
-            cwd=tmp_path,
-        )
-        self.log = Lines(self.process.stdout)
+        self.running = twistd_gateway(tmp_path, config, options=("--listen", "tcp:0:interface=127.0.0.1"))
+        self.process, self.log = self.running.process, self.running.out
         self.port = 0
 
     def wait_until_listening(self) -> None:
@@ -217,17 +194,9 @@ chat_service = tcp:{self.chat_port}:interface=127.0.0.1
         return status, self.log.rest()
 
 
-def _wscat(url: str, *args: str) -> tuple[subprocess.Popen, Lines]:
-    """A wscat client that stays connected (-w -1) and prints what it receives."""
-    process = subprocess.Popen(
-        [_wscat_path(), "--no-color", "-c", url, *args, "-w", "-1"],
-        stdin=subprocess.PIPE,  # kept open: wscat exits at end of input
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=child_env(),
-    )
-    return process, Lines(process.stdout)
+def _wscat(url: str, *args: str) -> Process:
+    """A wscat client that stays connected (-w -1; its stdin is kept open) and prints what it receives."""
+    return Process([_wscat_path(), "--no-color", "-c", url, *args, "-w", "-1"])
 
 
 def _members(gateway: _Running, room: str) -> int:
@@ -247,28 +216,28 @@ def test_wscat_chats_through_the_gateway_and_sigterm_shuts_it_down_in_order(tmp_
     without a traceback (the exit status has a test of its own below).
     """
     gateway = _Running(tmp_path)
-    clients: list[subprocess.Popen] = []
+    clients: list[Process] = []
     try:
         gateway.wait_until_listening()
         assert not gateway.never.exists(), "--listen must replace [gateway] listen"
 
-        listener, listener_out = _wscat(gateway.url("/v1/chat/ws?room=e2e", "ws"))
+        listener = _wscat(gateway.url("/v1/chat/ws?room=e2e", "ws"))
         clients.append(listener)
         _wait_for_members(gateway, "e2e", 1)
 
-        sender, sender_out = _wscat(gateway.url("/v1/chat/ws?room=e2e", "ws"), "-x", "hello through the gateway")
+        sender = _wscat(gateway.url("/v1/chat/ws?room=e2e", "ws"), "-x", "hello through the gateway")
         clients.append(sender)
         json_line = re.compile(r"\{.*\}")
-        for out in (sender_out, listener_out):
-            message = json.loads(out.wait_for(json_line).group(0))
+        for client in (sender, listener):
+            message = json.loads(client.wait_for(json_line).group(0))
             assert message["room"] == "e2e"
             assert message["from"] == "anonymous"
             assert message["text"] == "hello through the gateway"
             assert isinstance(message["ts"], float)
 
         for client in clients:
-            client.terminate()
-            client.wait(GUARD)
+            client.process.terminate()
+            client.process.wait(GUARD)
         _wait_for_members(gateway, "e2e", 0)
 
         _, log = gateway.terminate()
@@ -276,8 +245,8 @@ def test_wscat_chats_through_the_gateway_and_sigterm_shuts_it_down_in_order(tmp_
         assert "Server Shut Down." in log
     finally:
         for client in clients:
-            _stop(client)
-        _stop(gateway.process)
+            client.stop()
+        gateway.running.stop()
 
 
 def test_a_token_in_the_query_never_reaches_the_gateways_log(tmp_path):
@@ -291,7 +260,7 @@ def test_a_token_in_the_query_never_reaches_the_gateways_log(tmp_path):
         assert "/v1/chat/rooms" in log  # the request was logged...
         assert secret not in log, log  # ...without its token
     finally:
-        _stop(gateway.process)
+        gateway.running.stop()
 
 
 def test_sigterm_stops_the_gateway_with_exit_status_0(tmp_path):
@@ -306,4 +275,4 @@ def test_sigterm_stops_the_gateway_with_exit_status_0(tmp_path):
         assert "Server Shut Down." in log
         assert status == 0, f"exit status {status}"
     finally:
-        _stop(gateway.process)
+        gateway.running.stop()
