@@ -180,3 +180,22 @@ def test_access_log_off_writes_nothing_and_emits_nothing():
         gateway.request(b"GET /a HTTP/1.1\r\nHost: gw\r\n\r\n")
     assert [e for e in events if e.get("log_namespace") == "twisted_gateway.access"] == []
     gateway.close()
+
+
+@pytest.mark.parametrize("label", [2, "supervisor"])
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_a_workers_access_lines_say_which_worker_wrote_them_as_the_observers_do(monkeypatch, label, fmt):
+    """With workers = N the gateway's own access lines name the worker, as the observers' lines do."""
+    from twisted_gateway import logs
+
+    monkeypatch.setattr(logs, "worker_label", label)
+    event = _event(FIELDS[1], *OUTCOMES[0])
+    logs.name_the_writer(event)
+    if fmt == "text":
+        written = io.StringIO()
+        textFileLogObserver(written)(event)
+        expected, line = written.getvalue(), text_line(event["log_time"], FIELDS[1], *OUTCOMES[0])
+    else:
+        expected, line = event_as_json(event) + "\n", json_line(event["log_time"], FIELDS[1], *OUTCOMES[0])
+    assert line == expected
+    assert (f"#info {logs.writer_name().strip()}]" in line) if fmt == "text" else (json.loads(line)["worker"] == label)

@@ -227,3 +227,31 @@ def test_twisted_http_internals(module, cls, name):
         f"{module}.{cls}.{name}",
         "Twisted",
     )
+
+
+@pytest.mark.parametrize("kind", ["tcp", "unix"])
+def test_keep_listening_socket_leaves_the_socket_listening_for_another_holder(tmp_path, kind):
+    """
+    A port closed after ``keep_listening_socket`` leaves its socket listening
+    for whoever holds a duplicate (no shutdown), and a unix socket's file in
+    place: relies on ``tcp.Port._shouldShutdown`` and ``unix.Port._bindPath``.
+    """
+    import os
+    import socket
+
+    from twisted.internet import unix
+    from twisted.internet.protocol import Factory
+    from twisted.internet.testing import MemoryReactor
+
+    reactor = MemoryReactor()
+    path = str(tmp_path / "gateway.sock")
+    port = tcp.Port(0, Factory(), interface="127.0.0.1", reactor=reactor) if kind == "tcp" else unix.Port(path, Factory(), reactor=reactor)
+    port.startListening()
+    other = socket.socket(fileno=os.dup(port.fileno()))
+    _compat.keep_listening_socket(port)
+    port.connectionLost(None)
+    client = socket.socket(other.family, socket.SOCK_STREAM)
+    client.connect(other.getsockname() if kind == "tcp" else path)
+    accepted, _ = other.accept()
+    for sock in (accepted, client, other):
+        sock.close()

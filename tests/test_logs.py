@@ -379,3 +379,44 @@ def test_twistd_logger_writes_only_json_lines_without_tokens(tmp_path: Path) -> 
     assert access and "token=REDACTED&x=1" in access[0]["message"]
     assert not any("secret3" in line for line in seen)
     assert events[-1]["message"] == "Server Shut Down."
+
+
+@pytest.mark.parametrize(
+    "label, own_system, shown",
+    [
+        (1, None, "[twisted_gateway.workers#warn worker 1]"),
+        ("supervisor", None, "[twisted_gateway.workers#warn supervisor]"),
+        (0, "HTTPChannel,3,127.0.0.1", "[HTTPChannel,3,127.0.0.1 worker 0]"),
+    ],
+)
+def test_each_text_line_says_which_worker_wrote_it(monkeypatch, label, own_system, shown) -> None:
+    """
+    twistd's text lines of a worker or the supervisor name the writer in
+    their ``[system]`` part; the JSON line of the same event is unchanged
+    (its ``worker`` field says it, its own ``log_system`` only if it had one).
+    """
+    from twisted.logger import LogLevel, textFileLogObserver
+
+    from twisted_gateway import logs
+
+    event = {"log_format": "worker {slot} started", "slot": 1, "log_namespace": "twisted_gateway.workers",
+             "log_level": LogLevel.warn, "log_time": 0.0}
+    if own_system is not None:
+        event["log_system"] = own_system
+    monkeypatch.setattr(logs, "worker_label", label)
+    before = json.loads(event_as_json(dict(event)))
+    logs.name_the_writer(event)
+    logs.name_the_writer(event)  # an event replayed from twistd's start-up buffer: named once
+    written = io.StringIO()
+    textFileLogObserver(written)(event)
+    assert f" {shown} worker 1 started\n" in written.getvalue()
+    assert json.loads(event_as_json(event)) == before
+
+
+def test_a_single_process_names_no_writer(monkeypatch) -> None:
+    from twisted_gateway import logs
+
+    monkeypatch.setattr(logs, "worker_label", None)
+    event = {"log_format": "x", "log_namespace": "ns", "log_system": "-"}
+    logs.name_the_writer(event)
+    assert event == {"log_format": "x", "log_namespace": "ns", "log_system": "-"} and logs.writer_name() == ""

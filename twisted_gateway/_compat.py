@@ -17,11 +17,29 @@ from types import FunctionType
 from typing import Any
 
 from autobahn.websocket.protocol import WebSocketProtocol
-from twisted.internet import tcp
+from twisted.internet import tcp, unix
 
 # -- Twisted -------------------------------------------------------------------
 
 _TCP = (tcp.Server, tcp.Client)
+
+
+def keep_listening_socket(port: tcp.Port) -> None:
+    """
+    Let ``port`` stop listening without ending its socket for another process
+    sharing it (a single gateway handing over on SIGHUP, a worker's ``unix:``
+    socket): the descriptor is closed, but the socket is not shut down (that
+    stops it listening in every process) and a ``unix:`` socket's file stays
+    (it is how clients reach the other process).
+
+    Relies on ``tcp.Port._shouldShutdown`` (what ``_closeSocket`` checks; it
+    is False already for an adopted socket) and ``unix.Port._bindPath`` (the
+    file ``connectionLost`` unlinks, unless it is an abstract-namespace name).
+    """
+    port._shouldShutdown = False
+    if isinstance(port, unix.Port):
+        port._bindPath = b"\0"
+
 
 
 def write_now(transport: Any, data: bytes) -> None:

@@ -16,6 +16,7 @@ twisted.logger.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import sys
 from json.encoder import encode_basestring_ascii  # what json.dumps uses for a str
@@ -24,6 +25,7 @@ from typing import Any, Callable
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import formatTime
 
+from twisted_gateway import logs
 from twisted_gateway.logs import iso_time, may_hold_credentials, redact_str
 from twisted_gateway.schema import EVENTS as EVENTS, OFF as OFF, STDOUT as STDOUT
 
@@ -125,7 +127,7 @@ def text_line(when: float, fields: dict[str, Any], status: int, sent: int, durat
     text = "%s %s %d %d %.3fs %s" % (fields["method"], fields["target"], status, sent, duration, fields["upstream"])
     if "\n" in text:
         text = text.replace("\n", "\n\t")
-    return "%s [%s#info] %s\n" % (_text_time(int(when)), NAMESPACE, text)
+    return "%s [%s#info%s] %s\n" % (_text_time(int(when)), NAMESPACE, logs.writer_name(), text)
 
 
 #: The access event's fields in the order the event holds them (``http_proxy.emit_access_event``).
@@ -146,6 +148,7 @@ def json_line(when: float, fields: dict[str, Any], status: int, sent: int, durat
     return _JSON_LINE % (
         iso_time(when),
         _quote(message),
+        "" if logs.worker_label is None else '"worker":%s,' % json.dumps(logs.worker_label),
         status,
         sent,
         float.__repr__(duration),
@@ -156,7 +159,7 @@ def json_line(when: float, fields: dict[str, Any], status: int, sent: int, durat
 
 #: The JSON observer's line for an access event (the order of ``Logger.emit``'s event).
 _JSON_LINE = (
-    '{"time":"%s","level":"info","namespace":"' + NAMESPACE + '","message":%s,'
+    '{"time":"%s","level":"info","namespace":"' + NAMESPACE + '","message":%s,%s'
     '"status":%d,"bytes":%d,"duration":%s,"outcome":%s,'
     + ",".join('"%s":%%s' % name for name in _FIELDS)
     + ',"log_source":null,"log_format":' + encode_basestring_ascii(ACCESS_FORMAT) + "}\n"

@@ -232,13 +232,59 @@ def _redacted_like(value: Any) -> Any:
 
 #: Event keys rendered as ``time``, ``level``, ``namespace``, ``traceback`` or not at all.
 _RENDERED = frozenset(
-    {"log_time", "log_level", "log_namespace", "log_failure", "log_logger", "log_flattened", "log_trace"}
+    {"log_time", "log_level", "log_namespace", "log_failure", "log_logger", "log_flattened", "log_trace",
+     "log_own_system"}
 )
 
 
 #: Which process of a gateway of several writes (the ``worker`` field): a
 #: worker's number or ``"supervisor"``; None for a single process (no field).
 worker_label: int | str | None = None
+
+
+def writer_name() -> str:
+    """How a text line names its writer: `` worker N``, `` supervisor``, or nothing for a single process."""
+    if worker_label is None:
+        return ""
+    return " supervisor" if worker_label == "supervisor" else f" worker {worker_label}"
+
+
+_naming = False
+
+
+def label_process(label: int | str | None) -> None:
+    """
+    This process is one of a gateway of several: JSON lines get a ``worker``
+    field, and the ``[system]`` part of twistd's text lines names the writer
+    (``[twisted_gateway.workers#info worker 1]``). None: a single process
+    that may become a supervisor later (SIGHUP, ``worker_handover.py``).
+    Called first before twistd starts its log, so that :func:`name_the_writer`
+    sees each event before twistd's observer.
+    """
+    global worker_label, _naming
+    if not _naming:
+        from twisted.logger import globalLogPublisher
+
+        globalLogPublisher.addObserver(name_the_writer)
+        _naming = True
+    worker_label = label
+
+
+@implementer(ILogObserver)
+def name_the_writer(event: LogEvent) -> None:
+    """
+    Adds the writer to the event's ``log_system`` (what the text observer
+    shows in brackets, else ``namespace#level``); the event's own system is
+    kept under ``log_own_system`` for the JSON line, which has ``worker``.
+    """
+    if worker_label is None or "log_own_system" in event:
+        return
+    own = event.get("log_system")
+    event["log_own_system"] = own
+    if own is None:
+        level = event.get("log_level")
+        own = "%s#%s" % (event.get("log_namespace", "-"), getattr(level, "name", "-"))
+    event["log_system"] = own + writer_name()
 
 
 def event_as_json(event: LogEvent) -> str:
@@ -255,6 +301,10 @@ def event_as_json(event: LogEvent) -> str:
     failure = event.get("log_failure")
     if failure is not None:
         out["traceback"] = redact_text(_traceback(failure))
+    if "log_own_system" in clean:  # name_the_writer's text system: the event's own, if any
+        clean["log_system"] = clean.pop("log_own_system")
+        if clean["log_system"] is None:
+            del clean["log_system"]
     for key, value in clean.items():
         if key not in out and key not in _RENDERED:
             out[str(key)] = value if type(value) in _JSON_PLAIN else _jsonable(value, 0)

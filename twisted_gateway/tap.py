@@ -83,8 +83,12 @@ def makeService(options: Options):
     service = GatewayService(
         settings, reactor, open_files=open_files, inherited_fds=env.listen_fds if env else None
     )
-    if env is not None:
-        logs.worker_label = env.number
+    if env is None:  # one process: SIGHUP hands over to a new one (worker_handover.py)
+        from twisted_gateway.worker_handover import Handover
+
+        Handover(reactor, service, workers.worker_command(sys.argv), lambda: _reload(settings)).install()
+    else:
+        logs.label_process(env.number)
         workers.die_with_supervisor()
         if env.channel_fd is not None:
             service.resource.cluster.join_workers(env.channel_fd)
@@ -126,7 +130,7 @@ def _supervisor(settings: Settings, reactor):
     from twisted_gateway.service import ListeningService
     from twisted_gateway.worker_hub import Hub
 
-    logs.worker_label = "supervisor"
+    logs.label_process("supervisor")
     for warning in config_warnings(settings):
         log.warn("{warning}", warning=warning, event="config_warning")
     top = MultiService()

@@ -65,6 +65,8 @@ CRASH_LOOP = 5
 RESPAWN_DELAY = 0.1
 #: Seconds a rolling restart's new worker has to become ready before it is given up.
 READY_TIMEOUT = 30.0
+#: The line a finished rolling restart logs.
+RESTART_DONE = "rolling restart done: {count} new workers"
 
 
 def worker_count(setting: int | str) -> int:
@@ -223,6 +225,10 @@ class AdoptedEndpoint:
         # adoptStreamPort duplicates the descriptor: the inherited one can go.
         port = self.reactor.adoptStreamPort(self.fd, family, self.wrap(factory))
         os.close(self.fd)
+        if family == socket.AF_UNIX:  # the supervisor's socket file: the next worker's too
+            from twisted_gateway._compat import keep_listening_socket
+
+            keep_listening_socket(port)
         return succeed(port)
 
 
@@ -292,10 +298,13 @@ class Supervisor(Service):
         environ: dict[str, str] | None = None,
         hub: Any = None,
         reload: Callable[[], Any] | None = None,
+        slots: list[list[socket.socket]] | None = None,
     ) -> None:
         """
         ``reload``: on SIGHUP, validates the config the new workers will read
-        (raises ``usage.UsageError`` to refuse the restart).
+        (raises ``usage.UsageError`` to refuse the restart). ``slots``: sockets
+        already listening (a single gateway handing over, ``worker_handover.py``):
+        nothing is bound and no worker starts before :meth:`take_over`.
         """
         self.reactor = reactor
         self.descriptions = descriptions
@@ -305,7 +314,10 @@ class Supervisor(Service):
         self.environ = dict(os.environ if environ is None else environ)
         #: worker_hub.Hub: links the workers when they act as one gateway without Redis
         self.hub = hub
-        self.slots: list[list[socket.socket]] = []
+        self.slots: list[list[socket.socket]] = slots or []
+        self.adopting = slots is not None
+        #: the drain of a single gateway that handed over to this supervisor (:meth:`take_over`)
+        self.handing_over: Deferred | None = None
         self.workers: dict[int, WorkerProcess] = {}
         self.quick_deaths = [0] * count
         self.restarts = 0
@@ -318,6 +330,19 @@ class Supervisor(Service):
         self.live: set[WorkerProcess] = set()
 
     def privilegedStartService(self) -> None:
+        if not self.adopting:
+            self._bind()
+        import tempfile
+
+        self.state_dir = tempfile.mkdtemp(prefix="wsgateway-")
+        self._publish()
+        super().privilegedStartService()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    def _bind(self) -> None:
         try:
             self.slots = bind_slots(self.descriptions, self.count)
         except (OSError, ValueError) as e:
@@ -332,11 +357,6 @@ class Supervisor(Service):
                 count=self.count,
                 event="listening_shared",
             )
-        import tempfile
-
-        self.state_dir = tempfile.mkdtemp(prefix="wsgateway-")
-        self._publish()
-        super().privilegedStartService()
 
     def _publish(self) -> None:
         """The supervisor's own metrics and how many workers are ready, for the workers' pages."""
@@ -360,29 +380,37 @@ class Supervisor(Service):
 
     def startService(self) -> None:
         super().startService()
+        if self.adopting:
+            return
         for slot in range(self.count):
             self.spawn(slot)
+        self.handle_sighup()
+
+    def handle_sighup(self) -> None:
+        """SIGHUP is a rolling restart from now on (if the config can be re-read)."""
         if self.reload is not None:
             signal.signal(signal.SIGHUP, lambda signum, frame: self.reactor.callFromThread(self.on_sighup))
 
+    async def take_over(self, drain: Callable[[], Deferred]) -> bool:
+        """
+        A single gateway hands over (``worker_handover.py``): a worker starts
+        on its sockets; once it is ready ``drain`` stops the gateway and this
+        supervisor goes on. False if the worker never became ready (the
+        gateway keeps serving; stop this supervisor).
+        """
+        log.info("SIGHUP: starting a new gateway process on the listening sockets", event="rolling_restart")
+        if await self.start_successor(0) is None:
+            return False
+        self.handle_sighup()
+        self.handing_over = drain()
+        await self.handing_over
+        self.handing_over = None
+        log.info(RESTART_DONE, count=self.count, event="rolling_restart_done")
+        return True
+
     def on_sighup(self) -> None:
         """SIGHUP: check the config, then replace the workers one at a time."""
-        from twisted.python import usage
-
-        if self._stopping:
-            return
-        if self.restarting is not None:
-            log.warn("SIGHUP: a rolling restart is already running", event="rolling_restart")
-            return
-        try:
-            if self.reload is not None:
-                self.reload()
-        except usage.UsageError as e:
-            log.error(
-                "SIGHUP refused: {error}; the workers keep serving with the config they started with",
-                error=str(e),
-                event="reload_refused",
-            )
+        if self._stopping or not sighup_allowed(self.restarting is not None, self.reload, "the workers keep"):
             return
         self.restarting = Deferred.fromCoroutine(self.rolling_restart())
         self.restarting.addErrback(lambda f: log.failure("rolling restart failed", f))
@@ -397,29 +425,8 @@ class Supervisor(Service):
         log.info("SIGHUP: replacing {count} workers one at a time", count=self.count, event="rolling_restart")
         for slot in range(self.count):
             old = self.workers.get(slot)
-            if self._stopping:
+            if self._stopping or await self.start_successor(slot) is None:
                 return
-            new = self.spawn(slot, candidate=True)
-            ready: Deferred = Deferred()
-            new.on_ready_once = ready
-            # A new worker that is neither ready nor dead in time is stopped: no wait hangs the restart.
-            late = self.reactor.callLater(READY_TIMEOUT, _signal, new, signal.SIGKILL)
-            await DeferredList([ready, new.ended], fireOnOneCallback=True)
-            if late.active():
-                late.cancel()
-            if self._stopping:
-                return
-            if not new.ready:
-                log.error(
-                    "rolling restart stopped: the new worker {slot} was not ready within {timeout:g} s;"
-                    " the old ones keep serving",
-                    slot=slot,
-                    timeout=READY_TIMEOUT,
-                    event="rolling_restart",
-                )
-                return
-            new.candidate = False
-            self.workers[slot] = new
             if old is not None and old.pid is not None:
                 old.stopping = True
                 self._publish()
@@ -430,7 +437,37 @@ class Supervisor(Service):
                 await old.ended
                 if kill.active():
                     kill.cancel()
-        log.info("rolling restart done: {count} new workers", count=self.count, event="rolling_restart_done")
+        log.info(RESTART_DONE, count=self.count, event="rolling_restart_done")
+
+    async def start_successor(self, slot: int) -> WorkerProcess | None:
+        """
+        A new worker in ``slot``, on the slot's sockets, once it is ready (it
+        takes the slot then); None if it died or was not ready within
+        :data:`READY_TIMEOUT` (it is killed, and the one in the slot keeps serving).
+        """
+        new = self.spawn(slot, candidate=True)
+        ready: Deferred = Deferred()
+        new.on_ready_once = ready
+        # A new worker that is neither ready nor dead in time is stopped: no wait hangs the restart.
+        late = self.reactor.callLater(READY_TIMEOUT, _signal, new, signal.SIGKILL)
+        await DeferredList([ready, new.ended], fireOnOneCallback=True)
+        if late.active():
+            late.cancel()
+        if self._stopping:
+            return None
+        if not new.ready:
+            log.error(
+                "rolling restart stopped: the new worker {slot} was not ready within {timeout:g} s;"
+                " the old ones keep serving",
+                slot=slot,
+                timeout=READY_TIMEOUT,
+                event="rolling_restart",
+            )
+            return None
+        new.candidate = False
+        self.workers[slot] = new
+        self._publish()
+        return new
 
     def spawn(self, slot: int, candidate: bool = False) -> WorkerProcess:
         """
@@ -541,6 +578,16 @@ class Supervisor(Service):
         await waiting
         if timer.active():
             timer.cancel()
+        if self.handing_over is not None:  # the gateway that handed over is still draining: let it finish
+            finished: Deferred = Deferred()
+            self.handing_over.addBoth(lambda result: (finished.callback(None), result)[1])
+            await finished
+        for description, sock in zip(self.descriptions, self.slots[0] if self.slots else []):
+            if split_description(description)[0][0] == "unix":  # its file, as a single gateway removes it
+                try:
+                    os.unlink(sock.getsockname())
+                except (OSError, TypeError):
+                    pass
         for slot in self.slots:
             for sock in slot:
                 if sock.fileno() != -1:
@@ -550,6 +597,30 @@ class Supervisor(Service):
 
             shutil.rmtree(self.state_dir, ignore_errors=True)
         await super().stopService()
+
+
+def sighup_allowed(busy: bool, reload: Callable[[], object] | None, who_keep: str) -> bool:
+    """
+    Whether a SIGHUP may start a rolling restart: none is running, and the
+    config re-reads without an error (else one line: ``who_keep`` serving as they are).
+    """
+    from twisted.python import usage
+
+    if busy:
+        log.warn("SIGHUP: a rolling restart is already running", event="rolling_restart")
+        return False
+    try:
+        if reload is not None:
+            reload()
+    except usage.UsageError as e:
+        log.error(
+            "SIGHUP refused: {error}; {who_keep} serving with the config they started with",
+            error=str(e),
+            who_keep=who_keep,
+            event="reload_refused",
+        )
+        return False
+    return True
 
 
 def _signal(worker: WorkerProcess, signum: int) -> None:

@@ -17,12 +17,14 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 
 from tests.e2e.test_operations_e2e import _gateway, _get
 from tests.processes import GUARD, free_port
 from tests.support import process_alive, settle_blocking
 
 
+SINGLE = re.compile(r"\bwsgateway listening on \S+ \(port (\d+)\), backlog")
 SHARED = re.compile(r"\bwsgateway listening on \S+ \(port (\d+)\), shared by (\d+) workers")
 STARTED = re.compile(r"\bworker (\d+) started \(pid (\d+)\)")
 READY = re.compile(r"\bworker (\d+) ready \(pid (\d+)\)")
@@ -51,10 +53,13 @@ chat_service = tcp:{self.chat_port}:interface=127.0.0.1
 """,
         )
         self.process, self.log = self.gateway.process, self.gateway.out
+        self.pids: dict[int, int] = {}
+        if workers == 1:  # one process, until a SIGHUP makes it a supervisor
+            self.port = int(self.log.wait_for(SINGLE).group(1))
+            return
         port, count = self.log.wait_for(SHARED).groups()
         self.port = int(port)
         assert int(count) == workers
-        self.pids: dict[int, int] = {}
         while len(self.pids) < workers:
             number, pid = self.log.wait_for(READY).groups()
             self.pids[int(number)] = int(pid)
@@ -290,30 +295,36 @@ class _Load(threading.Thread):
         return self.outcomes
 
 
-def test_sighup_replaces_every_worker_under_load_without_a_failure_and_1012_on_old_websockets(tmp_path):
+@pytest.mark.parametrize("workers", [2, 1])
+def test_sighup_replaces_every_worker_under_load_without_a_failure_and_1012_on_old_websockets(tmp_path, workers):
     """
     SIGHUP under a steady load of new handshakes and HTTP requests: new
     workers come up before the old ones drain; no connection is refused or
     reset, no 5xx; WebSockets on the old workers get 1012 "service restart".
+    With workers = 1 the single process starts the new one on its sockets and
+    drains itself; it keeps its pid (now a supervisor) and holds no connection.
     """
-    gateway = _Supervised(tmp_path)
+    gateway = _Supervised(tmp_path, workers)
     sockets: list[socket.socket] = []
     load = _Load(gateway.port)
     try:
         sockets += _open_websockets(gateway.port, 20)
         load.start()
         load.wait_for_more(6, "the load flowing")
-        old = set(gateway.pids.values())
+        old = set(gateway.pids.values()) or {gateway.process.pid}
         gateway.process.send_signal(signal.SIGHUP)
-        _wait_while_output_flows(gateway.log, "rolling restart done: 2 new workers")
+        _wait_while_output_flows(gateway.log, f"rolling restart done: {workers} new workers")
         load.wait_for_more(6, "the load served by the new workers")
         outcomes = load.stop()
         assert set(outcomes) == {"handshake ok", "http ok"}, outcomes
         assert outcomes["handshake ok"] > 10 and outcomes["http ok"] > 10, outcomes
         assert [_close_code(sock) for sock in sockets] == [1012] * 20
+        sockets.append(_open_websocket(gateway.port))
         held = _holders(gateway.port)
-        assert not old & set(held), (old, held)
+        assert held and not old & set(held), (old, held)
+        assert gateway.process.poll() is None
         assert _get(gateway.port, "/readyz")[0] == 200
+        assert _get(gateway.port, "/healthz")[1]["workers"] == workers
     finally:
         load.stop()
         for sock in sockets:
@@ -321,11 +332,12 @@ def test_sighup_replaces_every_worker_under_load_without_a_failure_and_1012_on_o
         gateway.stop()
 
 
-def test_a_bad_config_on_sighup_is_refused_with_one_line_and_the_workers_keep_serving(tmp_path):
-    gateway = _Supervised(tmp_path)
+@pytest.mark.parametrize("workers", [2, 1])
+def test_a_bad_config_on_sighup_is_refused_with_one_line_and_the_workers_keep_serving(tmp_path, workers):
+    gateway = _Supervised(tmp_path, workers)
     try:
         good = gateway.config.read_text()
-        gateway.config.write_text(good.replace("workers = 2", "workers = 2\nconnect_timeout = soon"))
+        gateway.config.write_text(good.replace(f"workers = {workers}", f"workers = {workers}\nconnect_timeout = soon"))
         gateway.process.send_signal(signal.SIGHUP)
         line = gateway.log.wait_for(re.compile(r"SIGHUP refused: .*\[gateway\] connect_timeout"))
         assert "keep serving" in line.string
@@ -333,5 +345,21 @@ def test_a_bad_config_on_sighup_is_refused_with_one_line_and_the_workers_keep_se
         assert _get(gateway.port, "/readyz")[0] == 200
         gateway.config.write_text(good)
         assert STARTED.search(gateway.log.text().split(line.group(0))[1]) is None
+    finally:
+        gateway.stop()
+
+
+def test_every_text_log_line_names_the_worker_or_the_supervisor_that_wrote_it(tmp_path):
+    """twistd's text lines (the default log) of a gateway of two workers: each says who wrote it."""
+    gateway = _Supervised(tmp_path)
+    try:
+        assert _get(gateway.port, "/v1/chat/rooms")[0] == 200
+        gateway.log.wait_for(re.compile(r"GET /v1/chat/rooms 200"))
+        lines = [line for line in gateway.log.text().splitlines() if re.match(r"\d{4}-\d\d-\d\dT\S+ \[", line)]
+        writers = collections.Counter(
+            (found.group(1) if found else line) for line in lines
+            for found in [re.search(r"^\S+ \[[^\]]* (worker \d|supervisor)\] ", line)]
+        )
+        assert set(writers) == {"supervisor", "worker 0", "worker 1"}, writers
     finally:
         gateway.stop()
