@@ -7,7 +7,7 @@ CONFIG ?= tap.cfg
 # Test processes: most tests wait on sockets and subprocesses, so more processes than cores pay (0: one process).
 TEST_PROCESSES ?= 4
 
-.PHONY: run test test-bench test-deploy check clean fuzz bench bench-quick conformance conformance-quick soak soak-quick screenshots test-js
+.PHONY: run test test-bench test-deploy check clean fuzz bench bench-quick bench-workers conformance conformance-quick soak soak-quick screenshots test-js
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -47,9 +47,9 @@ test: $(VENV)/.installed-test $(TOOLS)/node_modules/.bin/wscat $(TOOLS)/node_mod
 	PATH="$(CURDIR)/$(TOOLS)/node_modules/.bin:$$PATH" $(BIN)/python -m pytest --ignore=tests/deploy -m "not bench" -n $(TEST_PROCESSES) --dist worksteal $(PYTEST_ARGS)
 	@if [ -z "$(PYTEST_ARGS)" ]; then $(MAKE) --no-print-directory test-js; fi
 
-# The benchmark's machinery through every figure (tens of seconds); `make test` runs one figure of it.
+# The benchmarks' machinery (bench/run.py through every figure, bench/workers.py --smoke: about a minute); `make test` runs one figure of run.py.
 test-bench: $(VENV)/.installed-test
-	$(BIN)/python -m pytest -m bench tests/test_bench_quick.py $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m bench tests/test_bench_quick.py tests/test_bench_workers.py $(PYTEST_ARGS)
 
 # The browser client's reconnect rules (wsgateway-client.js), in Node's own test runner.
 test-js:
@@ -79,6 +79,10 @@ bench: $(VENV)/.installed-run $(VENV)/.installed-bench
 
 bench-quick: $(VENV)/.installed-run $(VENV)/.installed-bench
 	$(BIN)/python bench/run.py --quick
+
+# workers = 2 against workers = 1 (CPU per unit), the spread over two workers, SIGHUP under load (docs/performance.md).
+bench-workers: $(VENV)/.installed-run
+	$(BIN)/python bench/workers.py
 
 # A real twistd under load and a seeded storm of faults; fails on a leak or a wrong outcome (docs/soak.md).
 soak: $(VENV)/.installed-run

@@ -897,14 +897,19 @@ def write_outputs(bench: Bench, out_dir: Path, started: dict[str, Any], finished
     lines += [f"- NOTICE: {n}" for n in bench.notices]
     lines += [f"- ERROR: {e}" for e in bench.errors]
     text = "\n".join(lines) + "\n"
+    save_results(out_dir, f"bench-{plan.name}", f"latest-{plan.name}", text, data)
+    return out_dir / f"latest-{plan.name}.json"
+
+
+def save_results(out_dir: Path, name: str, latest: str, text: str, data: dict[str, Any]) -> None:
+    """The table and the JSON as ``name-<time>`` and as ``latest`` in ``out_dir``; the table printed."""
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    for name in (f"bench-{plan.name}-{stamp}", f"latest-{plan.name}"):
-        (out_dir / f"{name}.md").write_text(text)
-        (out_dir / f"{name}.json").write_text(json.dumps(data, indent=1, default=str) + "\n")
+    for saved in (f"{name}-{stamp}", latest):
+        (out_dir / f"{saved}.md").write_text(text)
+        (out_dir / f"{saved}.json").write_text(json.dumps(data, indent=1, default=str) + "\n")
     print()
     print(text)
-    return out_dir / f"latest-{plan.name}.json"
 
 
 def _median(values: Any) -> float | None:

@@ -679,13 +679,15 @@ max_websockets_per_user = 1000000
         redis_url: str | None = None,
         gateway_keys: Iterable[str] = (),
         capped: bool = False,
+        variant: str = "",
     ) -> None:
+        """``variant``: a suffix for the config and log file names, when a run has several gateways."""
         super().__init__(*args)
         self.redis_url = redis_url
         self.command = [twistd] if twistd else self.twistd()
         #: None: the gateway's default (the system's maximum); else an explicit listen backlog.
         self.backlog = backlog
-        self.variant = "" if backlog is None else f"-backlog{backlog}"
+        self.variant = variant + ("" if backlog is None else f"-backlog{backlog}")
         self.config = self.workdir / f"gateway{self.variant}.cfg"
         self.config.write_text(
             self.CONFIG.format(
