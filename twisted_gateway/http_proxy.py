@@ -97,6 +97,7 @@ from twisted_gateway.connector import upstream_endpoint
 from twisted_gateway.sockets import TCPKeepalive, set_keepalive
 from twisted_gateway.tls import describe_tls_failure
 from twisted_gateway.upstreams import InstanceRegistry, UpstreamPool, may_retry
+from twisted_gateway.upstream_client import may_replay
 
 #: Access-log events: one per request, structured fields, no raw URI.
 access_log = Logger(namespace="twisted_gateway.access")
@@ -105,9 +106,6 @@ _log = Logger()
 #: Request headers the gateway re-creates itself rather than forwarding: the
 #: body is re-framed from what was received, and ``Expect`` was answered here.
 _REFRAMED = frozenset({b"content-length", b"expect"})
-
-#: Methods retried on a fresh connection when a pooled one fails, body or not.
-REPLAYABLE_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 
 #: nginx's code for "the client closed the connection before the response".
 CLIENT_CLOSED = 499
@@ -422,6 +420,8 @@ class _Upload(FileBodyProducer):
     """
 
     running = False
+    #: sent again whole when a pooled connection fails under it (:mod:`upstream_client`)
+    replayable = True
     #: close the file when done (the request has finished and let go of it)
     owns_file = False
 
@@ -453,24 +453,6 @@ class _Upload(FileBodyProducer):
         if self.owns_file:
             self._inputFile.close()
         return result
-
-
-def may_replay(method: bytes, reason: BaseException) -> bool:
-    """
-    Whether a request that failed on a pooled keep-alive connection (one the
-    upstream may have closed under it) is sent again on a fresh connection:
-    GET, HEAD, OPTIONS, PUT, DELETE and TRACE whenever no response came (the
-    body is buffered, so it is replayed whole); any method when not a byte of
-    it was sent; never after a cancellation.
-    """
-    reasons = getattr(reason, "reasons", None) or ()
-    if any(f.check(CancelledError) for f in reasons):
-        return False
-    if isinstance(reason, RequestNotSent):
-        return True
-    return method.upper() in REPLAYABLE_METHODS and isinstance(
-        reason, (RequestTransmissionFailed, ResponseNeverReceived)
-    )
 
 
 class _ReplayingConnection(_RetryingHTTP11ClientProtocol):

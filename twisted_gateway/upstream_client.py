@@ -1,0 +1,723 @@
+"""
+The HTTP/1.1 client that carries forwarded requests to upstreams.
+
+Twisted's ``Agent`` (its parser, pool and Deferreds) was about a fifth of a
+forwarded request's CPU. This client does what a proxy needs and no more: one
+:class:`UpstreamConnection` per connection, parsed by llhttp (``httptools``,
+the parser aiohttp and uvicorn use), one request at a time on it (never
+pipelined), a keep-alive pool per ``(scheme, host, port)`` reached through the
+endpoints of :mod:`connector` (TLS included). Bodies stream both ways with
+backpressure: a request body is an ``IBodyProducer`` written with its length,
+or chunked when the length is unknown; a response body is delivered as it
+arrives to the protocol given to ``deliverBody``, which may pause the
+connection. It answers :class:`twisted.web.iweb.IAgent`'s ``request`` with an
+``IResponse``, and fails the way ``Agent`` does (``ResponseNeverReceived``,
+``ResponseFailed``, ``RequestTransmissionFailed``), so that
+:func:`faults.classify` and the forwarder judge both alike.
+
+A connection goes back to the pool only after a complete response with
+nothing behind it, its request body sent, and keep-alive agreed on. A request
+that meets a pooled connection the upstream had closed is sent again on a
+fresh connection where :func:`may_replay` allows it.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol as TypingProtocol, Union
+
+import httptools
+from twisted.internet.defer import CancelledError, Deferred, gatherResults
+from twisted.internet.error import ConnectingCancelledError
+from twisted.internet.interfaces import IConsumer, IDelayedCall, IProtocol, IReactorTime, IStreamClientEndpoint
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web._newclient import RequestNotSent
+from twisted.web.client import (
+    URI,
+    RequestTransmissionFailed,
+    ResponseDone,
+    ResponseFailed,
+    ResponseNeverReceived,
+)
+from twisted.web.http import PotentialDataLoss, _istoken
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IAgentEndpointFactory, IResponse
+from zope.interface import implementer
+
+from twisted_gateway._compat import write_now
+from twisted_gateway.faults import mark_reused
+from twisted_gateway.sockets import TCPKeepalive, set_keepalive
+
+_log = Logger()
+
+#: Methods sent again on a fresh connection when a pooled one fails, body or not.
+REPLAYABLE_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
+
+#: Seconds an idle connection waits in the pool (``HTTPConnectionPool``'s default).
+IDLE_TIMEOUT = 240.0
+
+#: What ``IResponse.length`` is: a byte count, or ``UNKNOWN_LENGTH``.
+Length = Union[int, object]
+
+
+class BodyProducer(TypingProtocol):
+    """What a request body is (``IBodyProducer``): written to the upstream as it is produced."""
+
+    length: Length
+
+    def startProducing(self, consumer: IConsumer) -> Deferred[None]: ...
+
+    def pauseProducing(self) -> None: ...
+
+    def resumeProducing(self) -> None: ...
+
+    def stopProducing(self) -> None: ...
+
+
+class WrongBodyLength(Exception):
+    """A request body producer wrote more or fewer bytes than its ``length``."""
+
+
+def may_replay(method: bytes, reason: BaseException) -> bool:
+    """
+    Whether a request that failed on a pooled keep-alive connection (one the
+    upstream may have closed under it) is sent again on a fresh connection:
+    GET, HEAD, OPTIONS, PUT, DELETE and TRACE whenever no response came (the
+    body is buffered, so it is replayed whole); any method when not a byte of
+    it was sent; never after a cancellation.
+    """
+    reasons = getattr(reason, "reasons", None) or ()
+    if any(f.check(CancelledError) for f in reasons):
+        return False
+    if isinstance(reason, RequestNotSent):
+        return True
+    return method.upper() in REPLAYABLE_METHODS and isinstance(
+        reason, (RequestTransmissionFailed, ResponseNeverReceived)
+    )
+
+
+def request_head(method: bytes, target: bytes, headers: Headers, framing: bytes) -> bytes:
+    """
+    The request line and headers as ``Agent`` writes them: ``framing`` is the
+    body's ``Content-Length``/``Transfer-Encoding`` line (or nothing).
+    Raises ``ValueError`` for a method or target that cannot go on a request line.
+    """
+    if not _istoken(method):
+        raise ValueError(f"Invalid method {method!r}")
+    if not target or not all(0x21 <= byte <= 0x7E for byte in target):
+        raise ValueError(f"Invalid URI {target!r}")
+    lines = [method, b" ", target, b" HTTP/1.1\r\n", framing]
+    for name, values in headers.getAllRawHeaders():
+        for value in values:
+            lines += (name, b": ", value, b"\r\n")
+    lines.append(b"\r\n")
+    return b"".join(lines)
+
+
+def _framing(method: bytes, body: BodyProducer | None) -> bytes:
+    if body is None:
+        # a method whose semantics anticipate a body says it has none (RFC 9110 8.6)
+        return b"Content-Length: 0\r\n" if method in (b"POST", b"PUT") else b""
+    if body.length is UNKNOWN_LENGTH:
+        return b"Transfer-Encoding: chunked\r\n"
+    return b"Content-Length: %d\r\n" % body.length  # type: ignore[str-bytes-safe]
+
+
+class _HeadResponseEnd(Exception):
+    """Raised in the parser's callback: a response to HEAD ends with its head (llhttp cannot be told)."""
+
+
+class _Stray(Exception):
+    """Raised in the parser's callback: a message began after the response was complete."""
+
+
+# -- one exchange: a request and its response -----------------------------------
+
+
+class _Exchange:
+    """One request on its way: the head :attr:`answer` fires with, and the body's state."""
+
+    def __init__(self, origin: _Origin, method: bytes, head: bytes, body: BodyProducer | None) -> None:
+        self.origin = origin
+        self.method = method
+        self.head = head
+        self.body = body
+        self.answer: Deferred[IResponse] = Deferred(self._cancel)
+        #: the connection carrying it, once there is one
+        self.connection: UpstreamConnection | None = None
+        self.connecting: Deferred[UpstreamConnection] | None = None
+        self.reused = False
+        self.body_sent = body is None
+        #: response bytes arrived (a failure after them is no longer "never received")
+        self.received = False
+        self.response: UpstreamResponse | None = None
+        self.complete = False
+        self.keep_alive = True
+        #: the body has no length: it ends when the connection closes
+        self.until_close = False
+
+    @property
+    def replayable(self) -> bool:
+        return self.body is None or bool(getattr(self.body, "replayable", False))
+
+    def _cancel(self, answer: Deferred[IResponse]) -> None:
+        """Cancelled before the head (the client left, or no head in time): nothing is reused."""
+        if self.connecting is not None:
+            self.connecting.cancel()
+        if self.connection is not None:
+            self.connection.abort()
+
+
+# -- the response, as IResponse --------------------------------------------------
+
+
+@implementer(IResponse)
+class UpstreamResponse:
+    """The upstream's response head; its body goes to the protocol given to :meth:`deliverBody`."""
+
+    request = None
+    previousResponse = None
+
+    def __init__(
+        self, connection: UpstreamConnection, code: int, phrase: bytes, headers: Headers, length: Length
+    ) -> None:
+        self.version = (b"HTTP", 1, 1)
+        self.code = code
+        self.phrase = phrase
+        self.headers = headers
+        self.length = length
+        self._connection = connection
+        self._protocol: IProtocol | None = None
+        self._held: list[bytes] = []
+        self._end: Failure | None = None
+
+    def deliverBody(self, protocol: IProtocol) -> None:
+        self._protocol = protocol
+        protocol.makeConnection(_BodyControl(self._connection, self))  # type: ignore[arg-type]
+        held, self._held = self._held, []
+        for data in held:
+            protocol.dataReceived(data)
+        if self._end is not None:
+            protocol.connectionLost(self._end)
+
+    def setPreviousResponse(self, response: IResponse) -> None:
+        self.previousResponse = response  # type: ignore[assignment]
+
+    # from the connection
+
+    def _data(self, data: bytes) -> None:
+        if self._protocol is None:
+            self._held.append(data)
+        else:
+            self._protocol.dataReceived(data)
+
+    def _ended(self, reason: Failure) -> None:
+        if self._end is not None:
+            return
+        self._end = reason
+        if self._protocol is not None:
+            self._protocol.connectionLost(reason)
+
+
+class _BodyControl:
+    """
+    The transport a body protocol sees: pausing it pauses reading from the
+    upstream, stopping it closes the connection. Inert once the body is
+    complete (the connection may carry another request by then).
+    """
+
+    def __init__(self, connection: UpstreamConnection, response: UpstreamResponse) -> None:
+        self._connection = connection
+        self._response = response
+
+    def _live(self) -> bool:
+        return self._response._end is None
+
+    def pauseProducing(self) -> None:
+        if self._live():
+            self._connection.pause_reading()
+
+    def resumeProducing(self) -> None:
+        if self._live():
+            self._connection.resume_reading()
+
+    def stopProducing(self) -> None:
+        if self._live():
+            self._connection.abort()
+
+
+# -- one connection --------------------------------------------------------------
+
+
+class _BodyWriter:
+    """The consumer a request body is produced into: framed with its length, or chunked."""
+
+    def __init__(self, connection: UpstreamConnection, length: Length) -> None:
+        self._connection = connection
+        self._chunked = length is UNKNOWN_LENGTH
+        self._left = 0 if self._chunked else int(length)  # type: ignore[call-overload]
+        self.wrong = False
+
+    def write(self, data: bytes) -> None:
+        transport = self._connection.transport
+        if transport is None or not data:
+            return
+        if self._chunked:
+            transport.writeSequence([b"%x\r\n" % len(data), data, b"\r\n"])
+            return
+        self._left -= len(data)
+        if self._left < 0:
+            self.wrong = True
+            self._connection.abort()
+            return
+        transport.write(data)
+
+    def finish(self) -> None:
+        """The producer is done: end the chunked body, or check the length was kept."""
+        if self._chunked:
+            transport = self._connection.transport
+            if transport is not None:
+                transport.write(b"0\r\n\r\n")
+        elif self._left != 0:
+            self.wrong = True
+
+    def registerProducer(self, producer: object, streaming: bool) -> None:
+        pass
+
+    def unregisterProducer(self) -> None:
+        pass
+
+
+class UpstreamConnection(Protocol):
+    """
+    One connection to an upstream, carrying one request at a time. Fed to
+    llhttp as bytes arrive; its callbacks (``on_*``) build the response.
+    """
+
+    transport: object  # type: ignore[assignment]
+
+    def __init__(self, pool: UpstreamClient, key: tuple[bytes, bytes, int]) -> None:
+        self._pool = pool
+        self.key = key
+        self._parser = httptools.HttpResponseParser(self)
+        self._exchange: _Exchange | None = None
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._phrase = b""
+        #: bytes of a HEAD request's response until its head ended (to find what follows it)
+        self._head_bytes: bytes | None = None
+        self._interim = 0
+        self._paused = False
+        self._stray_logged = False
+        self.lost = False
+        #: fires when the connection is closed (set by :meth:`UpstreamClient.close_idle`)
+        self.closed: Deferred[None] | None = None
+
+    def connectionMade(self) -> None:
+        set_keepalive(self.transport, self._pool.tcp_keepalive)
+
+    # -- sending
+
+    def send(self, exchange: _Exchange) -> None:
+        """Write ``exchange``'s request, then its body as it is produced."""
+        if self.lost or self.transport is None:
+            self._pool._failed(exchange, RequestNotSent())
+            return
+        self._exchange = exchange
+        exchange.connection = self
+        self._headers, self._phrase, self._interim = [], b"", 0
+        self._head_bytes = b"" if exchange.method == b"HEAD" else None
+        write_now(self.transport, exchange.head)
+        body = exchange.body
+        if body is None:
+            return
+        writer = _BodyWriter(self, body.length)
+        self.transport.registerProducer(body, True)  # type: ignore[attr-defined]
+        producing = body.startProducing(writer)
+        producing.addCallbacks(self._body_sent, self._body_failed, (exchange, writer), None, (exchange,))
+
+    def _body_sent(self, result: object, exchange: _Exchange, writer: _BodyWriter) -> None:
+        if self._exchange is not exchange:
+            return
+        if self.transport is not None and not self.lost:
+            self.transport.unregisterProducer()  # type: ignore[attr-defined]
+        writer.finish()
+        if writer.wrong:
+            self._body_failed(Failure(WrongBodyLength("the request body's length was not kept")), exchange)
+            return
+        exchange.body_sent = True
+        self._done_if_complete()
+
+    def _body_failed(self, reason: Failure, exchange: _Exchange) -> None:
+        if self._exchange is not exchange:
+            return
+        if not exchange.received:
+            self._pool._failed(exchange, RequestTransmissionFailed([reason]))
+        self.abort()
+
+    # -- receiving
+
+    def dataReceived(self, data: bytes) -> None:
+        exchange = self._exchange
+        if exchange is None or exchange.complete:
+            # in the pool, or closing: no request waits for these bytes
+            self._stray(data)
+            self.abort()
+            return
+        exchange.received = True
+        if self._head_bytes is not None:
+            self._head_bytes += data
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserCallbackError as e:
+            if isinstance(e.__context__, _HeadResponseEnd):
+                self._head_response_ended()
+            elif isinstance(e.__context__, _Stray):
+                self._stray(data)
+                exchange.keep_alive = False
+            else:
+                self._broken(Failure(e.__context__ or e))
+                return
+        except httptools.HttpParserError as e:  # HttpParserUpgrade included: we never asked for one
+            self._broken(Failure(e))
+            return
+        if exchange.complete:
+            self._done_if_complete()
+
+    def on_message_begin(self) -> None:
+        if self._exchange is None or self._exchange.complete:
+            raise _Stray()
+
+    def on_status(self, phrase: bytes) -> None:
+        self._phrase += phrase
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        exchange = self._exchange
+        assert exchange is not None
+        code = self._parser.get_status_code()
+        pairs, phrase = self._headers, self._phrase
+        self._headers, self._phrase = [], b""
+        if code < 200:
+            # an interim answer: 100 lets a waiting body go, others are dropped as Agent does
+            self._interim += 1
+            if code == 100:
+                continued = getattr(exchange.body, "continued", None)
+                if continued is not None:
+                    continued()
+            return
+        headers = Headers()
+        length: Length = UNKNOWN_LENGTH
+        chunked = False
+        for name, value in pairs:
+            headers.addRawHeader(name, value)
+            lower = name.lower()
+            if lower == b"content-length":
+                length = int(value)
+            elif lower == b"transfer-encoding":
+                chunked = True
+        head = exchange.method == b"HEAD"
+        if head or code in (204, 304):
+            length = 0
+        elif not chunked and length is UNKNOWN_LENGTH:
+            exchange.until_close = True
+        response = exchange.response = UpstreamResponse(self, code, phrase, headers, length)
+        if head:
+            exchange.keep_alive = self._parser.should_keep_alive()
+        exchange.answer.callback(response)
+        if head:
+            raise _HeadResponseEnd()
+
+    def on_body(self, data: bytes) -> None:
+        response = self._exchange.response if self._exchange is not None else None
+        if response is not None:
+            response._data(data)
+
+    def on_message_complete(self) -> None:
+        exchange = self._exchange
+        if exchange is None or exchange.response is None:
+            return  # the end of an interim response
+        exchange.keep_alive = self._parser.should_keep_alive()
+        exchange.complete = True
+
+    def _head_response_ended(self) -> None:
+        """A response to HEAD ended with its head: anything after it is stray."""
+        exchange = self._exchange
+        assert exchange is not None and self._head_bytes is not None
+        end = -4
+        for _ in range(self._interim + 1):
+            end = self._head_bytes.find(b"\r\n\r\n", end + 4)
+        rest = self._head_bytes[end + 4 :] if end >= 0 else b""
+        self._head_bytes = None
+        # llhttp was stopped inside the message: the next one needs a fresh parser
+        self._parser = httptools.HttpResponseParser(self)
+        exchange.complete = True
+        if rest:
+            self._stray(rest)
+            exchange.keep_alive = False
+
+    def _done_if_complete(self) -> None:
+        """Once the response is complete (and the request body sent), the connection is free."""
+        exchange = self._exchange
+        if exchange is None or not exchange.complete:
+            return
+        assert exchange.response is not None
+        if exchange.body_sent:
+            self._exchange = None
+            if self._paused:
+                self.resume_reading()
+            if exchange.keep_alive and not self.lost:
+                self._pool._put(self)
+            else:
+                self.transport.loseConnection()  # type: ignore[attr-defined]
+        exchange.response._ended(Failure(ResponseDone()))
+
+    def _broken(self, reason: Failure) -> None:
+        """The upstream spoke something that is not HTTP/1.1 (or a callback failed): give up."""
+        exchange = self._exchange
+        if exchange is not None and exchange.response is None:
+            self._pool._failed(exchange, ResponseFailed([reason]))
+        elif exchange is not None and exchange.response is not None:
+            exchange.response._ended(Failure(ResponseFailed([reason])))
+        self.abort()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.lost = True
+        exchange, self._exchange = self._exchange, None
+        if exchange is None:
+            self._pool._forget(self)
+            return
+        body = exchange.body
+        transmitting = body is not None and not exchange.body_sent
+        if body is not None and transmitting:
+            exchange.body_sent = True
+            body.stopProducing()
+        response = exchange.response
+        if response is None:
+            if exchange.received:
+                error: Exception = ResponseFailed([reason])
+            elif transmitting:
+                error = RequestTransmissionFailed([reason])
+            else:
+                error = ResponseNeverReceived([reason])
+            self._pool._failed(exchange, error)
+        elif exchange.complete:
+            response._ended(Failure(ResponseDone()))
+        elif exchange.until_close:
+            response._ended(Failure(PotentialDataLoss()))
+        else:
+            response._ended(Failure(ResponseFailed([reason])))
+
+    # -- control
+
+    def pause_reading(self) -> None:
+        self._paused = True
+        self.transport.pauseProducing()  # type: ignore[attr-defined]
+
+    def resume_reading(self) -> None:
+        self._paused = False
+        self.transport.resumeProducing()  # type: ignore[attr-defined]
+
+    def abort(self) -> None:
+        """Close at once: the connection cannot carry another request."""
+        if not self.lost and self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def _stray(self, data: bytes) -> None:
+        if self._stray_logged:
+            return
+        self._stray_logged = True
+        peer = self.transport.getPeer() if self.transport is not None else None  # type: ignore[attr-defined]
+        _log.warn(
+            "upstream {upstream} sent {count} bytes after a complete response:"
+            " closing the connection instead of reusing it",
+            upstream=f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}",
+            count=len(data),
+            event="upstream_stray_bytes",
+        )
+
+
+class _ConnectionFactory(Factory):
+    def __init__(self, pool: UpstreamClient, key: tuple[bytes, bytes, int]) -> None:
+        self._pool = pool
+        self._key = key
+
+    def buildProtocol(self, addr: object) -> UpstreamConnection:
+        return UpstreamConnection(self._pool, self._key)
+
+
+# -- the pool and the IAgent -------------------------------------------------------
+
+
+class _Origin:
+    """An upstream ``scheme://host:port``: its pool key, ``Host`` value and endpoint."""
+
+    def __init__(self, key: tuple[bytes, bytes, int], host: bytes, endpoint: IStreamClientEndpoint) -> None:
+        self.key = key
+        self.host = host
+        self.endpoint = endpoint
+
+
+@implementer(IAgent)
+class UpstreamClient:
+    """
+    Sends requests to upstreams over kept-alive connections: at most
+    :attr:`max_idle_per_host` idle ones per ``(scheme, host, port)``, each
+    closed after ``idle_timeout`` seconds unused or as soon as the upstream
+    closes it. ``endpoints`` gives each origin's endpoint (connect timeout,
+    TLS). Like ``Agent`` with a plain pool: no cookies, no redirects, no
+    decoding.
+    """
+
+    def __init__(
+        self,
+        reactor: IReactorTime,
+        endpoints: IAgentEndpointFactory,
+        *,
+        max_idle_per_host: int = 2,
+        idle_timeout: float = IDLE_TIMEOUT,
+        tcp_keepalive: TCPKeepalive | None = None,
+    ) -> None:
+        self._reactor = reactor
+        self._endpoints = endpoints
+        self.max_idle_per_host = max_idle_per_host
+        self.idle_timeout = idle_timeout
+        self.tcp_keepalive = tcp_keepalive
+        #: idle connections by origin, the most recently used last
+        self._connections: dict[tuple[bytes, bytes, int], list[UpstreamConnection]] = {}
+        #: each idle connection's timer
+        self._timeouts: dict[UpstreamConnection, IDelayedCall] = {}
+        self._origins: dict[bytes, _Origin] = {}
+
+    @property
+    def maxPersistentPerHost(self) -> int:
+        """``HTTPConnectionPool``'s name for :attr:`max_idle_per_host`."""
+        return self.max_idle_per_host
+
+    def request(
+        self,
+        method: bytes,
+        uri: bytes,
+        headers: Headers | None = None,
+        bodyProducer: BodyProducer | None = None,
+    ) -> Deferred[IResponse]:
+        """
+        Send ``method uri`` with ``headers`` (a ``Host`` is added from ``uri``
+        when missing) and the body; fires with the response head. Raises
+        ``ValueError`` at once for a method, URI or header that cannot be sent.
+        """
+        origin, target = self._origin(uri)
+        if headers is None:
+            headers = Headers()
+        if not headers.hasHeader(b"host"):
+            headers = headers.copy()
+            headers.addRawHeader(b"Host", origin.host)
+        head = request_head(method, target, headers, _framing(method, bodyProducer))
+        exchange = _Exchange(origin, method, head, bodyProducer)
+        self._start(exchange)
+        return exchange.answer
+
+    def close_idle(self) -> Deferred[None]:
+        """Close every idle connection; fires when they are closed."""
+        closing: list[Deferred[None]] = []
+        for connections in self._connections.values():
+            for connection in connections:
+                connection.closed = Deferred()
+                closing.append(connection.closed)
+                connection.transport.loseConnection()  # type: ignore[attr-defined]
+        for timer in self._timeouts.values():
+            timer.cancel()
+        self._connections, self._timeouts = {}, {}
+        return gatherResults(closing).addCallback(lambda _: None)
+
+    # -- origins and connections
+
+    def _origin(self, uri: bytes) -> tuple[_Origin, bytes]:
+        scheme_end = uri.find(b"://")
+        start = scheme_end + 3
+        ends = [i for i in (uri.find(b"/", start), uri.find(b"?", start)) if i >= 0]
+        end = min(ends) if ends else len(uri)
+        base, target = uri[:end], uri[end:]
+        if not target.startswith(b"/"):
+            target = b"/" + target
+        origin = self._origins.get(base)
+        if origin is None:
+            if scheme_end < 0:
+                raise ValueError(f"Invalid URI {uri!r}")
+            parsed = URI.fromBytes(base)
+            endpoint = self._endpoints.endpointForURI(parsed)
+            default = (parsed.scheme, parsed.port) in ((b"http", 80), (b"https", 443))
+            host = parsed.host if default else b"%b:%d" % (parsed.host, parsed.port)
+            origin = _Origin((parsed.scheme, parsed.host, parsed.port), host, endpoint)
+            self._origins[base] = origin
+        return origin, target
+
+    def _start(self, exchange: _Exchange, reuse: bool = True) -> None:
+        origin = exchange.origin
+        if reuse:
+            idle = self._connections.get(origin.key)
+            while idle:
+                connection = idle.pop()
+                self._timeouts.pop(connection).cancel()
+                if not connection.lost:
+                    exchange.reused = True
+                    connection.send(exchange)
+                    return
+        exchange.reused = False
+        connecting = origin.endpoint.connect(_ConnectionFactory(self, origin.key))
+        exchange.connecting = connecting
+        connecting.addCallbacks(self._connected, self._connect_failed, (exchange,), None, (exchange,))
+
+    def _connected(self, connection: UpstreamConnection, exchange: _Exchange) -> None:
+        exchange.connecting = None
+        if exchange.answer.called:  # cancelled meanwhile
+            connection.transport.loseConnection()  # type: ignore[attr-defined]
+            return
+        connection.send(exchange)
+
+    def _connect_failed(self, reason: Failure, exchange: _Exchange) -> None:
+        exchange.connecting = None
+        if exchange.answer.called or reason.check(ConnectingCancelledError, CancelledError):
+            return
+        exchange.answer.errback(reason)
+
+    def _failed(self, exchange: _Exchange, error: Exception) -> None:
+        """No response head: send again on a fresh connection where allowed, else fail."""
+        if exchange.answer.called:
+            return
+        if exchange.reused and exchange.replayable and may_replay(exchange.method, error):
+            exchange.connection = None
+            exchange.received = False
+            exchange.body_sent = exchange.body is None
+            self._start(exchange, reuse=False)
+            return
+        if exchange.reused:
+            # most likely the upstream's idle close crossing the request: not held against it
+            mark_reused(error)
+        exchange.answer.errback(Failure(error))
+
+    def _put(self, connection: UpstreamConnection) -> None:
+        """A connection that finished its exchange: kept idle, or closed if enough are."""
+        idle = self._connections.setdefault(connection.key, [])
+        idle.append(connection)
+        self._timeouts[connection] = self._reactor.callLater(self.idle_timeout, self._expire, connection)
+        if len(idle) > self.max_idle_per_host:
+            oldest = idle.pop(0)
+            self._timeouts.pop(oldest).cancel()
+            oldest.transport.loseConnection()  # type: ignore[attr-defined]
+
+    def _expire(self, connection: UpstreamConnection) -> None:
+        del self._timeouts[connection]
+        self._connections[connection.key].remove(connection)
+        connection.transport.loseConnection()  # type: ignore[attr-defined]
+
+    def _forget(self, connection: UpstreamConnection) -> None:
+        """An idle connection closed (by the upstream, or by us): it leaves the pool with its timer."""
+        idle = self._connections.get(connection.key, [])
+        if connection in idle:
+            idle.remove(connection)
+            self._timeouts.pop(connection).cancel()
+        if connection.closed is not None:
+            connection.closed.callback(None)
