@@ -205,13 +205,6 @@ def test_client_factory_keeps_its_url_parts():
 @pytest.mark.parametrize(
     "module, cls, name",
     [
-        ("twisted.web._newclient", "HTTP11ClientProtocol", "_parser"),
-        ("twisted.web._newclient", "HTTP11ClientProtocol", "_currentRequest"),
-        ("twisted.web._newclient", "HTTP11ClientProtocol", "_finishResponse_WAITING"),
-        ("twisted.web._newclient", "HTTP11ClientProtocol", "_finishResponse_TRANSMITTING"),
-        ("twisted.web.client", "HTTPConnectionPool", "_putConnection"),
-        ("twisted.web.client", "HTTPConnectionPool", "_timeouts"),
-        ("twisted.web.client", "_HTTP11ClientFactory", "__init__"),
         ("twisted.web.http", "HTTPChannel", "_respondToBadRequestAndDisconnect"),
         ("twisted.web.http", "HTTPChannel", "_command"),
         ("twisted.web.http", "HTTPChannel", "_path"),

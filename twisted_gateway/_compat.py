@@ -6,9 +6,8 @@ Each item is one library release away from a silent break, so each has a test
 in ``tests/test_compat.py`` that fails naming the item when the installed
 library no longer has it; ``pyproject.toml`` pins the ranges. Checked against
 Twisted 26.10 and Autobahn 26.11 (the versions ``make test`` installs).
-Twisted's HTTP client and server internals that the HTTP forwarder subclasses
-are listed in the same test file (they stay in ``http_proxy.py`` and
-``site.py``).
+Twisted's HTTP server internals that the HTTP forwarder subclasses are
+listed in the same test file (they stay in ``http_proxy.py`` and ``site.py``).
 """
 
 from __future__ import annotations

@@ -12,20 +12,20 @@ upstream is not read while the client is slow.
 Bounded: request bodies over ``max_body_size`` are refused with 413 before the
 upstream is contacted (and, with :class:`GatewayRequest`, before they are read).
 
-The upstream is reached through a plain :class:`twisted.web.client.Agent` over
-this module's own persistent pool, not through ``treq.HTTPClient.request``:
-that method always wraps ``ContentDecoderAgent`` (adds ``gzip`` to
-``Accept-Encoding`` and decompresses), always wraps ``CookieAgent`` and
-upper-cases the method, and none of that can be switched off.
+The upstream is reached through the gateway's own HTTP/1.1 client
+(:mod:`upstream_client`, a keep-alive pool per upstream), not through
+``treq.HTTPClient.request``: that method always wraps ``ContentDecoderAgent``
+(adds ``gzip`` to ``Accept-Encoding`` and decompresses), always wraps
+``CookieAgent`` and upper-cases the method, and none of that can be switched
+off.
 """
 
 from __future__ import annotations
 
-import functools
 import io
 import sys
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectError, ConnectionRefusedError, DNSLookupError
@@ -41,18 +41,11 @@ from twisted.internet.task import Cooperator, TaskFinished
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import server
-from twisted.web._newclient import HTTP11ClientProtocol, HTTPClientParser, RequestNotSent
-from twisted.web.client import _HTTP11ClientFactory
 from twisted.web.client import (
     URI,
-    Agent,
     BrowserLikePolicyForHTTPS,
     FileBodyProducer,
-    HTTPConnectionPool,
-    RequestTransmissionFailed,
     ResponseDone,
-    ResponseNeverReceived,
-    _RetryingHTTP11ClientProtocol,
 )
 from twisted.web.error import SchemeNotSupported
 from twisted.web.http import NO_BODY_CODES, RESPONSES, HTTPChannel, PotentialDataLoss
@@ -77,7 +70,7 @@ from twisted_gateway.errors import (
     Overloaded,
     render_error,
 )
-from twisted_gateway.faults import KEEPALIVE_CLOSED, LOCAL, classify, mark_reused
+from twisted_gateway.faults import KEEPALIVE_CLOSED, LOCAL, classify
 from twisted_gateway.headers import (
     clean_reason_phrase,
     peer_host,
@@ -92,12 +85,10 @@ from twisted_gateway.headers import (
 from twisted_gateway.logs import redact_query
 from twisted_gateway.routing import upstream_url
 from twisted_gateway.streaming import StreamingBody
-from twisted_gateway._compat import write_now
 from twisted_gateway.connector import upstream_endpoint
-from twisted_gateway.sockets import TCPKeepalive, set_keepalive
 from twisted_gateway.tls import describe_tls_failure
 from twisted_gateway.upstreams import InstanceRegistry, UpstreamPool, may_retry
-from twisted_gateway.upstream_client import may_replay
+from twisted_gateway.upstream_client import UpstreamClient, may_replay  # noqa: F401 (may_replay: importable here)
 
 #: Access-log events: one per request, structured fields, no raw URI.
 access_log = Logger(namespace="twisted_gateway.access")
@@ -455,175 +446,6 @@ class _Upload(FileBodyProducer):
         return result
 
 
-class _ReplayingConnection(_RetryingHTTP11ClientProtocol):
-    """A pooled connection whose failed request is retried as :func:`may_replay` says."""
-
-    def _shouldRetry(self, method: bytes, exception: BaseException, bodyProducer: object) -> bool:
-        replay = (bodyProducer is None or isinstance(bodyProducer, _Upload)) and may_replay(
-            method, exception
-        )
-        if not replay:
-            # most likely the upstream's idle close crossing the request: not held against it
-            mark_reused(exception)
-        return replay
-
-
-class ReplayingPool(HTTPConnectionPool):
-    """
-    ``HTTPConnectionPool`` retries a request that meets a cached connection
-    the server closed only for bodiless GET/HEAD/OPTIONS/DELETE/TRACE; a
-    proxy's bodies are buffered, so this pool retries as :func:`may_replay` says.
-    """
-
-    def getConnection(self, key, endpoint) -> Deferred:
-        return super().getConnection(key, endpoint).addCallback(self._replaying)
-
-    @staticmethod
-    def _replaying(connection):
-        if isinstance(connection, _RetryingHTTP11ClientProtocol):
-            return _ReplayingConnection(connection._clientProtocol, connection._newConnection)
-        return connection
-
-
-# -- the pool: a connection is reused only when the upstream kept to one response
-
-
-class _ContinueParser(HTTPClientParser):
-    """Passes an upstream's ``100 Continue`` to a streamed body (Twisted drops 1xx silently)."""
-
-    def allHeadersReceived(self) -> None:
-        if 100 <= self.response.code < 200:
-            if self.response.code == 100:
-                continued = getattr(self.request.bodyProducer, "continued", None)
-                if continued is not None:
-                    continued()
-            self.connectionMade()  # as the base class does for a 1xx, without its log line
-            del self.response
-            return
-        super().allHeadersReceived()
-
-
-class _OneResponseProtocol(HTTP11ClientProtocol):
-    """
-    An upstream connection that goes back to the pool only if nothing came
-    after its response: bytes behind a complete response (a body on a HEAD, a
-    second response, a late chunk) would be read as the next client's answer.
-    Any stray byte, in the same read or while idle, closes the connection.
-    """
-
-    _stray_logged = False
-
-    tcp_keepalive: TCPKeepalive | None = None
-
-    def connectionMade(self) -> None:
-        super().connectionMade()
-        set_keepalive(self.transport, self.tcp_keepalive)
-
-    def request(self, request) -> Deferred:
-        if request.bodyProducer is None and "writeTo" not in vars(request):
-            # a request without a body is one write: send it now, not on the next turn
-            request.writeTo = functools.partial(_write_at_once, type(request).writeTo, request)
-        d = super().request(request)
-        if self._parser is not None:
-            self._parser.__class__ = _ContinueParser
-        return d
-
-    def _finishResponse_WAITING(self, rest: bytes) -> None:
-        if rest and self._currentRequest is not None:
-            self._stray(rest)
-            # makes the base class give the connection up instead of pooling it
-            self._currentRequest.persistent = False
-        super()._finishResponse_WAITING(rest)
-
-    _finishResponse_TRANSMITTING = _finishResponse_WAITING
-
-    def dataReceived(self, data: bytes) -> None:
-        if self._parser is None:
-            # idle (in the pool) or closing: no request is waiting for these bytes
-            if self.state == "QUIESCENT":
-                self._stray(data)
-                self.abort()
-            return
-        super().dataReceived(data)
-
-    def connectionLost(self, reason) -> None:
-        super().connectionLost(reason)
-        forget = self.__dict__.pop("idle_lost", None)
-        if forget is not None:
-            forget()
-
-    def _stray(self, data: bytes) -> None:
-        if self._stray_logged:
-            return
-        self._stray_logged = True
-        peer = self.transport.getPeer() if self.transport is not None else None
-        _log.warn(
-            "upstream {upstream} sent {count} bytes after a complete response:"
-            " closing the connection instead of reusing it",
-            upstream=f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}",
-            count=len(data),
-            event="upstream_stray_bytes",
-        )
-
-
-class _Collected:
-    """Stands in for a transport to gather what is written to it."""
-
-    def __init__(self) -> None:
-        self.data: list[bytes] = []
-
-    def write(self, data: bytes) -> None:
-        self.data.append(data)
-
-    def writeSequence(self, data: Iterable[bytes]) -> None:
-        self.data.extend(data)
-
-
-def _write_at_once(write_to: Any, request: Any, transport: Any) -> Deferred[None]:
-    """``Request.writeTo`` for a request without a body, in one :func:`write_now`."""
-    collected = _Collected()
-    written = write_to(request, collected)
-    write_now(transport, b"".join(collected.data))
-    return written
-
-
-class _OneResponseFactory(_HTTP11ClientFactory):
-    tcp_keepalive: TCPKeepalive | None = None
-
-    def buildProtocol(self, addr) -> HTTP11ClientProtocol:
-        protocol = _OneResponseProtocol(self._quiescentCallback)
-        protocol.tcp_keepalive = self.tcp_keepalive
-        return protocol
-
-
-class _UpstreamConnectionPool(ReplayingPool):
-    """
-    :class:`ReplayingPool` whose connections are :class:`_OneResponseProtocol`,
-    with TCP keepalive (an upstream host that vanished is not kept in the pool).
-    An idle connection the upstream closes leaves the pool at once, with its
-    timer: ``HTTPConnectionPool`` would keep both until the connection was next
-    asked for, or for ``cachedConnectionTimeout`` (4 minutes).
-    """
-
-    tcp_keepalive: TCPKeepalive | None = None
-
-    def _factory(self, quiescentCallback, metadata) -> _OneResponseFactory:
-        factory = _OneResponseFactory(quiescentCallback, metadata)
-        factory.tcp_keepalive = self.tcp_keepalive
-        return factory
-
-    def _putConnection(self, key, connection) -> None:
-        super()._putConnection(key, connection)
-        if connection in self._timeouts:
-            connection.idle_lost = lambda: self._forget(key, connection)
-
-    def _forget(self, key, connection) -> None:
-        connections = self._connections.get(key, [])
-        if connection in connections:
-            connections.remove(connection)
-            self._timeouts.pop(connection).cancel()
-
-
 # -- the forwarder -------------------------------------------------------------
 
 
@@ -672,8 +494,8 @@ class HTTPForwarder:
     connection pool (``upstream_keepalive`` idle connections per host).
 
     ``agent`` is the :class:`IAgent` that carries requests upstream; by default
-    a plain ``Agent`` over this forwarder's pool and :class:`UpstreamEndpoints`
-    (``connect_timeout``, TLS from ``tls_policy``). It must not decode content,
+    this forwarder's :class:`~upstream_client.UpstreamClient` (:attr:`pool`)
+    over :class:`UpstreamEndpoints` (``connect_timeout``, TLS from ``tls_policy``). It must not decode content,
     follow redirects or keep cookies. ``secret_names`` are credential names
     (the ``[auth]`` query parameter and cookie) kept out of the access log.
     """
@@ -689,16 +511,13 @@ class HTTPForwarder:
         self._settings = settings
         self._secret_names = tuple(secret_names)
         self._reactor = reactor
-        self.pool = _UpstreamConnectionPool(reactor, persistent=True)
-        self.pool.maxPersistentPerHost = settings.upstream_keepalive
-        self.pool.tcp_keepalive = settings.tcp_keepalive
-        if agent is None:
-            agent = Agent.usingEndpointFactory(
-                reactor,
-                UpstreamEndpoints(reactor, settings.connect_timeout, tls_policy),
-                pool=self.pool,
-            )
-        self._agent = agent
+        self.pool = UpstreamClient(
+            reactor,
+            UpstreamEndpoints(reactor, settings.connect_timeout, tls_policy),
+            max_idle_per_host=settings.upstream_keepalive,
+            tcp_keepalive=settings.tcp_keepalive,
+        )
+        self._agent: IAgent = self.pool if agent is None else agent
         self._cooperator = Cooperator(scheduler=lambda work: reactor.callLater(0, work))
         #: ``[gateway] access_log``: one event per request, none, or lines of the gateway's own
         self._access_events = settings.access_log == EVENTS
@@ -716,7 +535,7 @@ class HTTPForwarder:
         self._cooperator.stop()
         if self._access is not None:
             self._access.close()
-        return self.pool.closeCachedConnections()
+        return self.pool.close_idle()
 
     def forward(
         self,

@@ -23,7 +23,7 @@ fresh connection where :func:`may_replay` allows it.
 
 from __future__ import annotations
 
-from typing import Callable, Protocol as TypingProtocol, Union
+from typing import Protocol as TypingProtocol, Union
 
 import httptools
 from twisted.internet.defer import CancelledError, Deferred, gatherResults
