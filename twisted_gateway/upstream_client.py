@@ -115,6 +115,19 @@ def request_head(method: bytes, target: bytes, headers: Headers, framing: bytes)
     return b"".join(lines)
 
 
+def status_line_without_bare_cr(data: bytes) -> bytes:
+    """
+    ``data`` (a response's first bytes) with any bare CR in its status line
+    turned into a space. llhttp refuses one, or with leniency ends the line
+    there (so that the rest would be read as a header); ``Agent`` kept it in
+    the reason phrase, which the forwarder cleans.
+    """
+    end = data.find(b"\r\n")
+    if end > 0 and data.find(b"\r", 0, end) >= 0:
+        return data[:end].replace(b"\r", b" ") + data[end:]
+    return data
+
+
 def _framing(method: bytes, body: BodyProducer | None) -> bytes:
     if body is None:
         # a method whose semantics anticipate a body says it has none (RFC 9110 8.6)
@@ -364,7 +377,9 @@ class UpstreamConnection(Protocol):
             self._stray(data)
             self.abort()
             return
-        exchange.received = True
+        if not exchange.received:
+            exchange.received = True
+            data = status_line_without_bare_cr(data)
         if self._head_bytes is not None:
             self._head_bytes += data
         try:

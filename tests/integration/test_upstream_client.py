@@ -296,6 +296,20 @@ async def test_a_body_ended_by_closing_is_complete_and_not_reused(client):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_bare_cr_in_the_status_line_stays_in_the_reason_phrase(client):
+    """``200 OK\\rX-Injected: 1``: one reason phrase (the CR a space), never a header."""
+
+    def answer(server: Scripted, head: bytes) -> None:
+        server.transport.write(b"HTTP/1.1 200 OK\rX-Injected: 1\r\nContent-Length: 2\r\n\r\nok")
+
+    async with scripted(answer) as (factory, base):
+        response = await client.request(b"GET", base + b"/")
+        assert (response.code, response.phrase) == (200, b"OK X-Injected: 1")
+        assert not response.headers.hasHeader(b"x-injected")
+        assert (await body_of(response))[0] == b"ok"
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_body_cut_short_fails(client):
     """Fewer bytes than Content-Length before the close: the body fails, it is not passed off as whole."""
 
