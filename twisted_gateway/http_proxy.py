@@ -715,7 +715,8 @@ class HTTPForwarder:
                 request.unregisterProducer()
                 if isinstance(upload, _Upload) and upload.running:
                     # The upstream answered before reading the whole body (an early
-                    # 413, say). Agent keeps sending it; twisted.web would close
+                    # 413, say) and the agent still sends it (UpstreamClient stops
+                    # it, another IAgent may not); twisted.web would close
                     # Request.content under it when the request finishes, so hand
                     # the file to the upload, which closes it when done.
                     request.content = None

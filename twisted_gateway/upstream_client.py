@@ -474,19 +474,27 @@ class UpstreamConnection(Protocol):
             exchange.keep_alive = False
 
     def _done_if_complete(self) -> None:
-        """Once the response is complete (and the request body sent), the connection is free."""
+        """The response is complete: the connection is free (or closed), the body protocol told."""
         exchange = self._exchange
         if exchange is None or not exchange.complete:
             return
         assert exchange.response is not None
-        if exchange.body_sent:
-            self._exchange = None
-            if self._paused:
-                self.resume_reading()
-            if exchange.keep_alive and not self.lost:
-                self._pool._put(self)
-            else:
-                self.transport.loseConnection()  # type: ignore[attr-defined]
+        if not exchange.body_sent:
+            # answered before the whole request body was sent (an early 413, say): the
+            # rest is not sent, and the connection is closed, not reused (as with Agent)
+            exchange.body_sent = True
+            exchange.keep_alive = False
+            if self.transport is not None:
+                self.transport.unregisterProducer()
+            if exchange.body is not None:
+                exchange.body.stopProducing()
+        self._exchange = None
+        if self._paused:
+            self.resume_reading()
+        if exchange.keep_alive and not self.lost:
+            self._pool._put(self)
+        else:
+            self.transport.loseConnection()  # type: ignore[attr-defined]
         exchange.response._ended(Failure(ResponseDone()))
 
     def _broken(self, reason: Failure) -> None:
@@ -610,6 +618,11 @@ class UpstreamClient:
     def maxPersistentPerHost(self) -> int:
         """``HTTPConnectionPool``'s name for :attr:`max_idle_per_host`."""
         return self.max_idle_per_host
+
+    @property
+    def cachedConnectionTimeout(self) -> float:
+        """``HTTPConnectionPool``'s name for :attr:`idle_timeout`."""
+        return self.idle_timeout
 
     def request(
         self,

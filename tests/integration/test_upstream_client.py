@@ -170,11 +170,14 @@ class Trickle:
     def __init__(self, parts: list[bytes]) -> None:
         self.parts = parts
         self.continued_calls = 0
+        self.stopped = False
 
     def startProducing(self, consumer) -> Deferred[None]:
         done: Deferred[None] = Deferred()
 
         def step(parts: list[bytes]) -> None:
+            if self.stopped:
+                return
             if not parts:
                 done.callback(None)
                 return
@@ -191,7 +194,7 @@ class Trickle:
         pass
 
     def stopProducing(self) -> None:
-        pass
+        self.stopped = True
 
     def continued(self) -> None:
         self.continued_calls += 1
@@ -204,6 +207,23 @@ async def test_a_body_of_unknown_length_is_sent_chunked(client, site):
     answer = json.loads((await body_of(response))[0])
     assert answer["body"] == "one two three"
     assert ["Transfer-Encoding", "chunked"] in answer["headers"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_answer_before_the_whole_body_stops_it_and_closes_the_connection(client):
+    """An early 413: the rest of the body is not sent, and the connection is not reused (as with Agent)."""
+
+    def answer(server: Scripted, head: bytes) -> None:
+        if head.startswith(b"POST"):
+            server.transport.write(b"HTTP/1.1 413 Too Large\r\nContent-Length: 0\r\n\r\n")
+
+    async with scripted(answer) as (factory, base):
+        body = Trickle([b"x" * 1000] * 1000)
+        response = await client.request(b"POST", base + b"/", None, body)
+        assert (response.code, (await body_of(response))[0]) == (413, b"")
+        assert body.stopped
+        await factory.connections[0].closed
+        assert not any(client._connections.values())
 
 
 @pytest_twisted.ensureDeferred
