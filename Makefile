@@ -7,7 +7,7 @@ CONFIG ?= tap.cfg
 # Test processes: most tests wait on sockets and subprocesses, so more processes than cores pay (0: one process).
 TEST_PROCESSES ?= 4
 
-.PHONY: run test test-bench test-deploy check clean fuzz bench bench-quick bench-workers conformance conformance-quick soak soak-quick screenshots test-js
+.PHONY: run test test-bench test-deploy typecheck check clean fuzz bench bench-quick bench-workers conformance conformance-quick soak soak-quick screenshots test-js
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -62,6 +62,10 @@ fuzz: $(VENV)/.installed-test
 # A rolling restart behind HAProxy (Debian's haproxy package) under load.
 test-deploy: $(VENV)/.installed-test
 	$(BIN)/python -m pytest tests/deploy $(PYTEST_ARGS)
+
+# mypy --strict over the package ([tool.mypy] in pyproject.toml lists the few exceptions).
+typecheck: $(VENV)/.installed-test
+	$(BIN)/mypy
 
 check: $(VENV)/.installed-run
 	$(BIN)/twistd wsgateway --config $(CONFIG) --check

@@ -72,6 +72,8 @@ class AccessLogWriter:
     def open(cls, where: str, fmt: str, clock: IReactorTime) -> AccessLogWriter:
         """A writer to ``stdout`` (the process's own, even under twistd) or appending to a file."""
         if where == STDOUT:
+            if sys.__stdout__ is None:  # started without one (pythonw)
+                raise OSError("the process has no stdout")
             return cls(sys.__stdout__.fileno(), fmt, clock)
         fd = os.open(where, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
         return cls(fd, fmt, clock, owns_fd=True)

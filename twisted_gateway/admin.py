@@ -13,33 +13,39 @@ there is never believed on its own).
 from __future__ import annotations
 
 import ipaddress
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence, Union
 
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from twisted_gateway.schema import DEFAULT_ADMIN_ALLOW as DEFAULT_ADMIN_ALLOW
 
+if TYPE_CHECKING:
+    from twisted_gateway.config import Settings
+
+IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+
 #: The operator's pages: paths below the gateway's root.
 ADMIN_PAGES = (b"/metrics", b"/status", b"/status.json")
 
 
-def _address(text: str) -> Any:
+def _address(text: str) -> IPAddress | None:
     try:
         return ipaddress.ip_address(text.strip().strip("[]"))
     except ValueError:
         return None
 
 
-def _within(address: Any, networks: Sequence[Any]) -> bool:
+def _within(address: IPAddress | None, networks: Sequence[IPNetwork]) -> bool:
     if address is None:
         return False
-    if getattr(address, "ipv4_mapped", None) is not None:
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped
     return any(address.version == net.version and address in net for net in networks)
 
 
-def client_address(peer: str, forwarded_for: Iterable[bytes], trusted: Sequence[Any]) -> Any:
+def client_address(peer: str, forwarded_for: Iterable[bytes], trusted: Sequence[IPNetwork]) -> IPAddress | None:
     """
     The client's address for the admin check: the peer, unless the peer is a
     trusted proxy; then the right-most ``X-Forwarded-For`` hop that is not a
@@ -56,12 +62,14 @@ def client_address(peer: str, forwarded_for: Iterable[bytes], trusted: Sequence[
     return address
 
 
-def is_admin(peer: str, forwarded_for: Iterable[bytes], trusted: Sequence[Any], allow: Sequence[Any]) -> bool:
+def is_admin(
+    peer: str, forwarded_for: Iterable[bytes], trusted: Sequence[IPNetwork], allow: Sequence[IPNetwork]
+) -> bool:
     """Whether a client may read the operator's pages on the public listener."""
     return _within(client_address(peer, forwarded_for, trusted), allow)
 
 
-def where_served(settings: Any) -> str:
+def where_served(settings: Settings) -> str:
     """Where the operator's pages are, for the start-up log and ``--check``."""
     admin = settings.admin
     if admin.listen:

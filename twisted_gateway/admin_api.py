@@ -13,17 +13,21 @@ from __future__ import annotations
 import hmac
 import json
 import math
-from typing import Any
+from typing import Any, Coroutine
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET
+from twisted.python.failure import Failure
+from twisted.web.server import NOT_DONE_YET, Request
 
 from twisted_gateway.cluster import Cluster
 from twisted_gateway.errors import BadRequest, GatewayError, NotFound, render_error
 
 log = Logger()
+
+#: A JSON object, as the admin API reads and answers them.
+JSONObject = dict[str, Any]
 
 #: Bytes of a request body the admin API reads at most.
 MAX_BODY = 16 * 1024
@@ -35,11 +39,11 @@ class AdminAPI(Resource):
     isLeaf = True
 
     def __init__(self, cluster: Cluster, token: bytes) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # Resource.__init__ is unannotated
         self.cluster = cluster
         self.token = token
 
-    def render(self, request: Any) -> bytes | int:
+    def render(self, request: Request) -> bytes | int:
         try:
             self._authorize(request)
             verb = self._verb(request)
@@ -50,7 +54,7 @@ class AdminAPI(Resource):
         request.notifyFinish().addErrback(lambda _: d.cancel())
         return NOT_DONE_YET
 
-    def _authorize(self, request: Any) -> None:
+    def _authorize(self, request: Request) -> None:
         values = request.requestHeaders.getRawHeaders(b"authorization", [])
         scheme, _, given = (values[0] if len(values) == 1 else b"").partition(b" ")
         if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), self.token):
@@ -61,7 +65,7 @@ class AdminAPI(Resource):
                 headers=[(b"WWW-Authenticate", b'Bearer realm="wsgateway-admin"')],
             )
 
-    def _verb(self, request: Any) -> Any:
+    def _verb(self, request: Request) -> Coroutine[Any, Any, JSONObject]:
         """The coroutine that answers this method and path (the request is checked first)."""
         path = request.path.rstrip(b"/")
         method = request.method
@@ -79,17 +83,17 @@ class AdminAPI(Resource):
                                error="method_not_allowed")
         raise NotFound("no such admin endpoint")
 
-    async def _sessions(self, sub: str | None) -> dict:
+    async def _sessions(self, sub: str | None) -> JSONObject:
         answers = await self.cluster.broadcast("sessions", {"sub": sub})
         sessions = [s for answer in answers for s in answer or ()]
         return {"sessions": sorted(sessions, key=lambda s: (s["opened_at"], s["id"]))}
 
-    async def _cluster(self) -> dict:
+    async def _cluster(self) -> JSONObject:
         nodes = await self.cluster.nodes()
         return {"node": self.cluster.node_id, "nodes": nodes,
                 "websockets": sum(n.get("websockets") or 0 for n in nodes)}
 
-    async def _disconnect(self, body: dict) -> dict:
+    async def _disconnect(self, body: JSONObject) -> JSONObject:
         sub, session = body.get("sub"), body.get("session")
         if (sub is None) == (session is None) or not isinstance(sub or session, str) or not (sub or session):
             raise BadRequest('give exactly one of "sub" or "session", a non-empty string')
@@ -99,7 +103,7 @@ class AdminAPI(Resource):
                  event="admin_disconnect")
         return {"closed": closed}
 
-    async def _revoke(self, body: dict) -> dict:
+    async def _revoke(self, body: JSONObject) -> JSONObject:
         if "jti" in body:
             jti, exp = body.get("jti"), _time(body, "exp")
             if not isinstance(jti, str) or not jti or set(body) - {"jti", "exp"}:
@@ -117,18 +121,19 @@ class AdminAPI(Resource):
         return {"revoked": True}
 
 
-def _what(args: dict) -> str:
+def _what(args: JSONObject) -> str:
     return "session" if "session" in args else "sub"
 
 
-def _time(body: dict, key: str) -> float:
+def _time(body: JSONObject, key: str) -> float:
     value = body.get(key)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise BadRequest(f'"{key}" must be a unix time (a number)')
     return float(value)
 
 
-def _json_body(request: Any) -> dict:
+def _json_body(request: Request) -> JSONObject:
+    assert request.content is not None  # the body, stored before render
     data = request.content.read(MAX_BODY + 1)
     if len(data) > MAX_BODY:
         raise GatewayError("the body is too large", status=413, error="body_too_large")
@@ -141,7 +146,7 @@ def _json_body(request: Any) -> dict:
     return body
 
 
-def _answer(request: Any, status: int, body: dict) -> None:
+def _answer(request: Request, status: int, body: JSONObject) -> None:
     if request.finished or request._disconnected:
         return
     request.setResponseCode(status)
@@ -150,7 +155,7 @@ def _answer(request: Any, status: int, body: dict) -> None:
     request.finish()
 
 
-def _failed(request: Any, failure: Any) -> None:
+def _failed(request: Request, failure: Failure) -> None:
     if request.finished or request._disconnected:
         return
     error = failure.value

@@ -11,9 +11,14 @@ restart) do not all reconnect in the same second.
 from __future__ import annotations
 
 import random
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Callable, TypeVar
 
 from twisted.internet.interfaces import IReactorTime
+
+if TYPE_CHECKING:
+    from twisted_gateway.ws_pair import Pair
+
+_T = TypeVar("_T")
 
 #: Close sent to both legs of a WebSocket older than ws_max_age.
 MAX_AGE = (1001, b"connection max age")
@@ -38,13 +43,13 @@ class Ageing:
         self.max_age = max_age
         self._draw = draw
 
-    def watch(self, pair: Any) -> None:
+    def watch(self, pair: Pair) -> None:
         """Close ``pair`` (``close_both``) once it reaches its age limit, unless it ends before."""
         if not self.max_age:
             return
         call = self.clock.callLater(age_limit(self.max_age, self._draw()), pair.close_both, MAX_AGE, "max_age")
 
-        def ended(result: Any) -> Any:
+        def ended(result: _T) -> _T:
             if call.active():
                 call.cancel()
             return result

@@ -22,7 +22,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
-from typing import Any, Callable
+from typing import Callable, Mapping
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
@@ -34,7 +34,7 @@ _M_MMAP_THRESHOLD = -3
 TRIM_INTERVAL = 10.0
 
 
-def _libc() -> Any:
+def _libc() -> ctypes.CDLL | None:
     """glibc, or None (another C library, another system)."""
     if not sys.platform.startswith("linux"):
         return None
@@ -46,7 +46,7 @@ def _libc() -> Any:
     return libc
 
 
-def fix_mmap_threshold(environ: dict[str, str] = os.environ) -> bool:
+def fix_mmap_threshold(environ: Mapping[str, str] = os.environ) -> bool:
     """
     Pin glibc's mmap threshold; True if it was set. Nothing is done off glibc
     or when the operator chose a value with ``MALLOC_MMAP_THRESHOLD_``.

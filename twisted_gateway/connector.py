@@ -7,7 +7,9 @@ How the gateway reaches an upstream, shared by the HTTP forwarder
 from __future__ import annotations
 
 import ipaddress
-from typing import Any, Callable
+from typing import Callable
+
+from autobahn.twisted.websocket import WebSocketClientFactory
 
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import (
@@ -16,11 +18,15 @@ from twisted.internet.endpoints import (
     TCP6ClientEndpoint,
     wrapClientTLS,
 )
-from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.interfaces import IProtocol, IReactorTCP, IStreamClientEndpoint
 from twisted.web.client import BrowserLikePolicyForHTTPS
+from twisted.web.iweb import IPolicyForHTTPS
+
+#: Connects one upstream WebSocket leg's factory; fires with the leg.
+Connector = Callable[[WebSocketClientFactory], Deferred[IProtocol]]
 
 
-def tcp_endpoint(reactor, host: bytes, port: int, timeout: float) -> IStreamClientEndpoint:
+def tcp_endpoint(reactor: IReactorTCP, host: bytes, port: int, timeout: float) -> IStreamClientEndpoint:
     """
     An IP literal is connected directly: ``HostnameEndpoint`` would resolve it
     in a thread on every connection (a third of a WebSocket handshake's CPU),
@@ -37,7 +43,7 @@ def tcp_endpoint(reactor, host: bytes, port: int, timeout: float) -> IStreamClie
 
 
 def upstream_endpoint(
-    reactor, host: bytes, port: int, timeout: float, tls_policy: Any = None
+    reactor: IReactorTCP, host: bytes, port: int, timeout: float, tls_policy: IPolicyForHTTPS | None = None
 ) -> IStreamClientEndpoint:
     """
     The endpoint of one upstream: TCP, wrapped in TLS when ``tls_policy`` (an
@@ -50,7 +56,7 @@ def upstream_endpoint(
     return endpoint
 
 
-def endpoint_connector(reactor, timeout: float, tls_policy: Any = None) -> Callable[[Any], Deferred]:
+def endpoint_connector(reactor: IReactorTCP, timeout: float, tls_policy: IPolicyForHTTPS | None = None) -> Connector:
     """
     The WebSocket relay's connector: connects a per-handshake upstream factory
     (Autobahn's ``WebSocketClientFactory``) over TCP, or TLS for ``wss://``
@@ -59,7 +65,7 @@ def endpoint_connector(reactor, timeout: float, tls_policy: Any = None) -> Calla
     """
     policy = tls_policy if tls_policy is not None else BrowserLikePolicyForHTTPS()
 
-    def connect(factory: Any) -> Deferred:
+    def connect(factory: WebSocketClientFactory) -> Deferred[IProtocol]:
         host = factory.host.encode("idna")
         endpoint = upstream_endpoint(reactor, host, factory.port, timeout, policy if factory.isSecure else None)
         return endpoint.connect(factory)

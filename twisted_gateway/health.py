@@ -7,18 +7,19 @@ two failures eject an instance, two successes restore it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import treq
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, TimeoutError, succeed
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IReactorTime, ITCPTransport
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.web.client import ResponseFailed
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent
 
+from twisted_gateway.connector import Connector
 from twisted_gateway.deferreds import when_done
 from twisted_gateway.faults import describe
 from twisted_gateway.upstreams import MAX_CHECK_TIMEOUT, Instance, UpstreamPool
@@ -49,6 +50,8 @@ class _Target:
 
 class _WebSocketProbe(WebSocketClientProtocol):
     """Closes as soon as it opens; ``finished`` fires once the connection is gone."""
+
+    transport: ITCPTransport | None
 
     def __init__(self) -> None:
         super().__init__()
@@ -91,17 +94,19 @@ class HealthChecker:
         clock: IReactorTime,
         agent: IAgent,
         *,
-        ws_connect: Callable[[WebSocketClientFactory], Deferred[Any]] | None = None,
+        ws_connect: Connector | None = None,
     ) -> None:
         self._clock, self._agent, self._ws_connect = clock, agent, ws_connect
         self.targets: dict[str, _Target] = {}
         for pool in pools:
             check, interval = pool.health_check, pool.health_interval
-            for instance in pool.instances if check is not None else ():
+            if check is None:
+                continue
+            for instance in pool.instances:
                 self._add_target(pool, _Target(instance, check, interval))
         if ws_connect is None and any(t.check.startswith("ws:") for t in self.targets.values()):
             raise ValueError("ws: health checks need a ws_connect")
-        self._loops: list[tuple[LoopingCall, Deferred[Any]]] = []
+        self._loops: list[tuple[LoopingCall, Deferred[LoopingCall]]] = []
         self._in_flight: dict[str, Deferred[None]] = {}
 
     def _add_target(self, pool: UpstreamPool, target: _Target) -> None:
@@ -130,7 +135,7 @@ class HealthChecker:
     def stop(self) -> Deferred[None]:
         """Stop checking and cancel the checks in flight; fires when all are over."""
         loops, self._loops = self._loops, []
-        waits = [when_done(d) for d in self._in_flight.values()]
+        waits: list[Deferred[Any]] = [when_done(d) for d in self._in_flight.values()]
         for d in list(self._in_flight.values()):
             d.cancel()
         for loop, done in loops:
@@ -187,6 +192,7 @@ class HealthChecker:
                 openHandshakeTimeout=0, closeHandshakeTimeout=0, serverConnectionDropTimeout=0
             )
             probe = await self._ws_connect(factory)
+            assert isinstance(probe, _WebSocketProbe)  # factory.protocol
             await probe.finished
             return
         try:

@@ -132,7 +132,12 @@ def parse_discovery(data: bytes, issuer: str) -> str:
         )
     jwks_uri = document.get("jwks_uri")
     parts = urlsplit(jwks_uri) if isinstance(jwks_uri, str) else None
-    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+    if (
+        not isinstance(jwks_uri, str)
+        or parts is None
+        or parts.scheme not in ("http", "https")
+        or not parts.hostname
+    ):
         raise FetchFailed("discovery", "discovery document has no http(s) jwks_uri")
     if parts.scheme == "http" and urlsplit(issuer).scheme == "https":
         raise FetchFailed("discovery", f"jwks_uri {jwks_uri!r} is plain http for an https issuer")
@@ -274,9 +279,12 @@ class KeySet:
     async def _fetch_once(self) -> None:
         download = Deferred.fromCoroutine(self._download())
         timed_out: list[bool] = []
-        timer = self._clock.callLater(
-            FETCH_TIMEOUT, lambda: (timed_out.append(True), download.cancel())
-        )
+
+        def time_out() -> None:
+            timed_out.append(True)
+            download.cancel()
+
+        timer = self._clock.callLater(FETCH_TIMEOUT, time_out)
         try:
             keys = parse_jwks(await download)
         except Exception as e:
@@ -323,7 +331,10 @@ class KeySet:
         return await self._get(self.url)
 
     async def _get(self, url: str) -> bytes:
-        headers = {b"Accept": [b"application/json"], b"User-Agent": [USER_AGENT]}
+        headers: dict[bytes | str, list[bytes | str]] = {
+            b"Accept": [b"application/json"],
+            b"User-Agent": [USER_AGENT],
+        }
         response = await self._http.get(url, headers=headers)
         if response.code != 200:
             await response.content()  # read it, so the connection can end cleanly

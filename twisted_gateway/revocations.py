@@ -10,7 +10,7 @@ against them. Pure: claims and times in, answers out.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Mapping
 
 
 @dataclass
@@ -40,7 +40,7 @@ class Revocations:
         for jti in [j for j, until in self.jtis.items() if until <= now]:
             del self.jtis[jti]
 
-    def revoked(self, claims: Mapping[str, Any]) -> str | None:
+    def revoked(self, claims: Mapping[str, object]) -> str | None:
         """Which revocation covers a verified token with these claims (``jti``, ``sub``), if any."""
         jti = claims.get("jti")
         if isinstance(jti, str) and jti in self.jtis:
@@ -51,7 +51,7 @@ class Revocations:
         return None
 
 
-def issued_before(claims: Mapping[str, Any], before: float) -> bool:
+def issued_before(claims: Mapping[str, object], before: float) -> bool:
     """
     A token of a revoked subject is revoked when issued before ``before``;
     one without a usable ``iat`` cannot prove it is newer, so it is revoked.
@@ -62,7 +62,7 @@ def issued_before(claims: Mapping[str, Any], before: float) -> bool:
     return iat < before
 
 
-def matches(claims: Mapping[str, Any], *, jti: str | None = None, sub: str | None = None,
+def matches(claims: Mapping[str, object], *, jti: str | None = None, sub: str | None = None,
             before: float | None = None) -> bool:
     """Whether one revocation (a jti, or a subject before a time) covers a token's claims."""
     if jti is not None:

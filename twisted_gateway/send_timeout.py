@@ -13,7 +13,7 @@ none of them for ``timeout`` seconds is handed to its pair
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
@@ -25,17 +25,17 @@ from twisted_gateway.ws_relay import OPEN, RelayRegistry
 MAX_TICK = 5.0
 
 #: ``probe(transport)``: (bytes waiting for the peer, bytes it acknowledged so far)
-Probe = Callable[[Any], "tuple[int, int]"]
+Probe = Callable[[object], "tuple[int, int]"]
 
 
-def queued_bytes(transport: Any) -> int:
+def queued_bytes(transport: object) -> int:
     """Bytes Twisted holds for the socket under ``transport`` (not yet given to the kernel)."""
     owner = tcp_transport(transport) or transport
     buffered = getattr(owner, "dataBuffer", b"")
     return len(buffered) - getattr(owner, "offset", 0) + getattr(owner, "_tempDataLen", 0)
 
 
-def send_backlog(transport: Any) -> tuple[int, int]:
+def send_backlog(transport: object) -> tuple[int, int]:
     """
     What waits for the peer (Twisted's buffer, and the kernel's unsent and
     unacknowledged bytes) and what the peer acknowledged so far. Without the

@@ -16,32 +16,37 @@ from __future__ import annotations
 import socket
 import struct
 from dataclasses import dataclass
-from typing import Any
 
 from twisted.python.runtime import platform
 
 from twisted_gateway.schema import TCPKeepalive as TCPKeepalive
 
 
-def tcp_transport(transport: Any) -> Any:
-    """The transport that owns the TCP socket under ``transport`` (through TLS), or None."""
+def _tcp_owner(transport: object) -> tuple[object, socket.socket] | None:
+    """The transport that owns the TCP socket under ``transport`` (through TLS), and that socket."""
     for _ in range(4):
         if transport is None:
             return None
         sock = getattr(transport, "socket", None)
         if isinstance(sock, socket.socket) and sock.type == socket.SOCK_STREAM:
-            return transport
+            return transport, sock
         transport = getattr(transport, "transport", None)
     return None
 
 
-def tcp_socket(transport: Any) -> socket.socket | None:
+def tcp_transport(transport: object) -> object | None:
+    """The transport that owns the TCP socket under ``transport`` (through TLS), or None."""
+    owner = _tcp_owner(transport)
+    return owner[0] if owner is not None else None
+
+
+def tcp_socket(transport: object) -> socket.socket | None:
     """The TCP socket under ``transport`` (through TLS), or None."""
-    owner = tcp_transport(transport)
-    return owner.socket if owner is not None else None
+    owner = _tcp_owner(transport)
+    return owner[1] if owner is not None else None
 
 
-def set_keepalive(transport: Any, keepalive: TCPKeepalive | None) -> None:
+def set_keepalive(transport: object, keepalive: TCPKeepalive | None) -> None:
     """
     Turn on TCP keepalive with these timers. ``TCP_USER_TIMEOUT`` gets the
     same bound, so that data left unacknowledged by a vanished peer is given
@@ -61,7 +66,7 @@ def set_keepalive(transport: Any, keepalive: TCPKeepalive | None) -> None:
         pass  # the connection is already gone: its loss is reported as usual
 
 
-def cap_receive_buffer(transport: Any, size: int) -> None:
+def cap_receive_buffer(transport: object, size: int) -> None:
     """
     Fix the socket's receive buffer at ``size`` (the kernel doubles it for
     its bookkeeping) and stop the kernel from growing it: called when the
@@ -95,7 +100,7 @@ _TCP_CLOSE = 7
 _INFO_SIZE = 148
 
 
-def send_state(transport: Any) -> SendState | None:
+def send_state(transport: object) -> SendState | None:
     """The kernel's view of a TCP transport's sending side (Linux), or None."""
     sock = tcp_socket(transport)
     if sock is None or not platform.isLinux():
@@ -118,7 +123,7 @@ def send_state(transport: Any) -> SendState | None:
     )
 
 
-def timed_out(transport: Any) -> bool:
+def timed_out(transport: object) -> bool:
     """Whether the kernel ended this connection because the peer stopped answering."""
     state = send_state(transport)
     return state is not None and state.timed_out

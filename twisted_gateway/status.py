@@ -14,13 +14,18 @@ import os
 from collections import deque
 from dataclasses import dataclass, field
 from importlib.resources import files
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.web.resource import Resource
+from twisted.web.server import Request
 
 from twisted_gateway import __version__
 from twisted_gateway.metrics import Metrics, RouteCounters, upstream_label
+
+if TYPE_CHECKING:
+    from twisted_gateway.upstreams import Instance, UpstreamPool
 
 #: Seconds between two snapshots of the counters.
 SAMPLE_INTERVAL = 5.0
@@ -122,9 +127,9 @@ class Status:
     def __init__(
         self,
         metrics: Metrics,
-        pools: dict[str, Any],
+        pools: dict[str, UpstreamPool],
         prefixes: dict[str, str],
-        clock: Any,
+        clock: IReactorTime,
         *,
         files: Callable[[], tuple[int | None, int | None]] = open_files,
         role: Callable[[], dict[str, int | None]] = worker_role,
@@ -201,7 +206,7 @@ class Status:
         }
 
 
-def _instances(instances: Iterable[Any]) -> Iterable[dict[str, Any]]:
+def _instances(instances: Iterable[Instance]) -> Iterable[dict[str, object]]:
     for instance in instances:
         instance.available()  # a return that time alone made is announced (and dated) now
         yield {
@@ -219,10 +224,10 @@ class StatusJSONResource(Resource):
     isLeaf = True
 
     def __init__(self, status: Status) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # Resource.__init__ is unannotated
         self.status = status
 
-    def render_GET(self, request) -> bytes:
+    def render_GET(self, request: Request) -> bytes:
         import json
 
         request.setHeader(b"content-type", b"application/json")
@@ -236,10 +241,10 @@ class StatusPageResource(Resource):
     isLeaf = True
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # Resource.__init__ is unannotated
         self.html = files("twisted_gateway").joinpath("status.html").read_bytes()
 
-    def render_GET(self, request) -> bytes:
+    def render_GET(self, request: Request) -> bytes:
         request.setHeader(b"content-type", b"text/html; charset=utf-8")
         request.setHeader(b"cache-control", b"no-store")
         request.setHeader(b"content-security-policy", b"default-src 'self'; style-src 'unsafe-inline'; script-src 'unsafe-inline'")

@@ -13,7 +13,7 @@ or its final answer goes out before the client sent its body.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IConsumer, IPushProducer
@@ -24,6 +24,16 @@ from zope.interface import implementer
 HELD_BYTES = 64 * 1024
 
 
+class ClientTransport(Protocol):
+    """What the body needs of the client connection's transport."""
+
+    def write(self, data: bytes) -> None: ...
+
+    def pauseProducing(self) -> None: ...
+
+    def resumeProducing(self) -> None: ...
+
+
 @implementer(IBodyProducer, IPushProducer)
 class StreamingBody:
     """
@@ -32,7 +42,7 @@ class StreamingBody:
     (paused and resumed as the upstream's transport pauses and resumes this).
     """
 
-    def __init__(self, length: int | None, client: Any, expect_continue: bool = False) -> None:
+    def __init__(self, length: int | None, client: ClientTransport | None, expect_continue: bool = False) -> None:
         self.length = UNKNOWN_LENGTH if length is None else length
         self.expect_continue = expect_continue
         #: the whole body arrived from the client

@@ -17,18 +17,21 @@ from __future__ import annotations
 import base64
 import os
 import struct
-from typing import Any, Callable
+from typing import Any
 
-from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.types import ConnectionRequest
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IReactorTime
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import IProtocol, IReactorTime
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.testing import MemoryReactorClock
 from twisted.protocols.policies import WrappingFactory
+from twisted.python.failure import Failure
 from twisted.test.iosim import FakeTransport, IOPump, connect
 
-from twisted_gateway.ws_relay import unmask
+from twisted_gateway.connector import Connector
+from twisted_gateway.ws_relay import RelayRegistry, unmask
 
 OP_CONTINUATION, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0, 1, 2, 8, 9, 10
 
@@ -93,11 +96,11 @@ class MemoryNetwork:
         self.clock = clock if clock is not None else MemoryReactorClock()
         self.pumps: list[IOPump] = []
 
-    def join(self, server: Any, client: Any, *, peer: tuple[str, int] = ("127.0.0.1", 40000)) -> IOPump:
+    def join(self, server: IProtocol, client: IProtocol, *, peer: tuple[str, int] = ("127.0.0.1", 40000)) -> IOPump:
         """Connect two protocols (accepting and initiating) through a pump."""
         server_transport = FakeTransport(server, isServer=True, peerAddress=IPv4Address("TCP", *peer))
         client_transport = FakeTransport(client, isServer=False)
-        pump = connect(server, server_transport, client, client_transport, greet=False)
+        pump: IOPump = connect(server, server_transport, client, client_transport, greet=False)
         self.pumps.append(pump)
         return pump
 
@@ -111,12 +114,13 @@ class MemoryNetwork:
             if not moved:
                 return
 
-    def connector(self, upstream: WebSocketServerFactory) -> Callable[[Any], Deferred]:
+    def connector(self, upstream: WebSocketServerFactory) -> Connector:
         """A relay connector (``GatewayResource(ws_connect=...)``) reaching ``upstream`` in memory."""
 
-        def connect_upstream(factory: Any) -> Deferred:
+        def connect_upstream(factory: WebSocketClientFactory) -> Deferred[IProtocol]:
             client = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", factory.port))
             server = upstream.buildProtocol(IPv4Address("TCP", "127.0.0.1", 50000))
+            assert client is not None and server is not None
             self.join(server, client)
             return succeed(client)
 
@@ -133,10 +137,11 @@ class RawClient(Protocol):
     def dataReceived(self, data: bytes) -> None:
         self.buffer += data
 
-    def connectionLost(self, reason: Any = None) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.closed = True
 
     def send(self, data: bytes) -> None:
+        assert self.transport is not None, "not connected"
         self.transport.write(data)
 
     @property
@@ -153,7 +158,7 @@ class RawClient(Protocol):
 class RecordingUpstreamProtocol(WebSocketServerProtocol):
     """An upstream leg that records messages and closes; echoes when its factory says so."""
 
-    def onConnect(self, request):
+    def onConnect(self, request: ConnectionRequest) -> None:
         self.messages: list[tuple[bytes, bool]] = []
         #: (code, reason) of the close frame it received, and of its onClose
         self.close_received: tuple[int | None, str | None] | None = None
@@ -164,14 +169,15 @@ class RecordingUpstreamProtocol(WebSocketServerProtocol):
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         self.messages.append((payload, isBinary))
         if self.factory.echo:
-            self.sendMessage(payload, isBinary)
+            self.sendMessage(payload, isBinary)  # type: ignore[no-untyped-call]  # Autobahn's, unannotated
 
-    def onCloseFrame(self, code: int | None, reasonRaw: bytes | None):
+    def onCloseFrame(self, code: int | None, reasonRaw: bytes | None) -> bool | None:
         from twisted_gateway.ws_relay import _accept_close_frame
 
         if self.close_received is None:
             self.close_received = (code, reasonRaw.decode("utf-8", "replace") if reasonRaw is not None else None)
-        return _accept_close_frame(self, code, reasonRaw)  # 1014 too, as the gateway accepts it
+        accepted: bool | None = _accept_close_frame(self, code, reasonRaw)  # 1014 too, as the gateway accepts it
+        return accepted
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         self.close = (code, reason)
@@ -183,11 +189,11 @@ class RecordingUpstream(WebSocketServerFactory):
     protocol = RecordingUpstreamProtocol
     noisy = False
 
-    def __init__(self, *, echo: bool = True, **options: Any) -> None:
-        super().__init__()
+    def __init__(self, *, echo: bool = True, **options: object) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]  # Autobahn's, unannotated
         self.echo = echo
         self.connections: list[RecordingUpstreamProtocol] = []
-        self.setProtocolOptions(failByDrop=False, **options)
+        self.setProtocolOptions(failByDrop=False, **options)  # type: ignore[no-untyped-call]  # likewise
 
 
 class MemoryRelay:
@@ -214,7 +220,7 @@ class MemoryRelay:
         self.site = WrappingFactory(site)
 
     @property
-    def registry(self) -> Any:
+    def registry(self) -> RelayRegistry:
         return self.resource.registry
 
     def flush(self) -> None:
@@ -239,11 +245,11 @@ class MemoryRelay:
         self.flush()
         return client
 
-    def stop(self) -> None:
+    def stop(self) -> Deferred[None] | None:
         """Stop the resource's timers and connections."""
         stop = getattr(self.resource, "stop", None)
         if stop is not None:
-            d = stop()
+            d: Deferred[None] = stop()
             self.flush()
             return d
         return None

@@ -14,9 +14,8 @@ import time
 import jwt
 from twisted.python import usage
 
-from twisted_gateway.auth import AuthSettings
 from twisted_gateway.config import load_config
-from twisted_gateway.schema import ConfigError, parse_positive_int
+from twisted_gateway.schema import AuthSettings, ConfigError, parse_positive_int
 
 
 class Options(usage.Options):
@@ -36,7 +35,7 @@ class Options(usage.Options):
 def read_auth_settings(path: str) -> AuthSettings:
     """The ``[auth]`` section of a config file, validated as the gateway does."""
     settings = load_config(path)
-    if settings.auth is None:
+    if not isinstance(settings.auth, AuthSettings):  # no [auth] section
         raise ConfigError(path, "auth", None, "missing section: nothing to sign with")
     return settings.auth
 
@@ -55,9 +54,9 @@ def mint(settings: AuthSettings, subject: str, ttl: int, now: float, source: str
 
 
 def main(argv: list[str] | None = None) -> int:
-    options = Options()
+    options = Options()  # type: ignore[no-untyped-call]  # usage.Options is unannotated
     try:
-        options.parseOptions(argv)
+        options.parseOptions(argv)  # type: ignore[no-untyped-call]  # likewise
         settings = read_auth_settings(options["config"])
         token = mint(settings, options["sub"], options["ttl"], time.time(), options["config"])
     except usage.UsageError as e:  # a ConfigError is one too

@@ -125,7 +125,7 @@ class ChatProtocol(WebSocketServerProtocol):
         raise in the *sender's* ``onMessage`` and drop the sender.
         """
         if self.state == self.STATE_OPEN:
-            self.sendMessage(message.encode("utf-8"), isBinary=False)
+            self.sendMessage(message.encode("utf-8"), isBinary=False)  # type: ignore[no-untyped-call]  # Autobahn's, unannotated
 
 
 def _accept_deflate(offers: list[object]) -> PerMessageDeflateOfferAccept | None:
@@ -139,14 +139,14 @@ def _accept_deflate(offers: list[object]) -> PerMessageDeflateOfferAccept | None
 class ChatFactory(WebSocketServerFactory):
     """Builds ``ChatProtocol``s that share one ``ChatService`` and one clock."""
 
-    protocol = ChatProtocol
+    protocol = ChatProtocol  # type: ignore[assignment]  # its factory is ours, not a Factory[Self]
     noisy = False
 
     def __init__(self, chat_service: ChatService, clock: IReactorTime) -> None:
-        super().__init__(reactor=clock)
+        super().__init__(reactor=clock)  # type: ignore[no-untyped-call]  # Autobahn's, unannotated
         self.chat_service = chat_service
         self.clock = clock
-        self.setProtocolOptions(
+        self.setProtocolOptions(  # type: ignore[no-untyped-call]  # Autobahn's, unannotated
             perMessageCompressionAccept=_accept_deflate,
             maxMessagePayloadSize=MAX_MESSAGE_BYTES,
             webStatus=False,  # a plain GET gets 426, not a status page
@@ -165,7 +165,7 @@ class RoomsResource(Resource):
     isLeaf = True
 
     def __init__(self, chat_service: ChatService) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # Twisted's, unannotated
         self._chat_service = chat_service
 
     def render_GET(self, request: Request) -> bytes:
@@ -181,7 +181,7 @@ class PageResource(Resource):
     isLeaf = True
 
     def __init__(self, body: bytes, content_type: bytes = b"text/html; charset=utf-8") -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # Twisted's, unannotated
         self._body, self._content_type = body, content_type
 
     def render_GET(self, request: Request) -> bytes:
@@ -226,6 +226,6 @@ def build_chat_site(clock: IReactorTime, service: ChatService | None = None) -> 
     root.putChild(CLIENT_MODULE.encode(), client)
     root.putChild(b"v1", v1)
 
-    site = ChatSite(root, logFormatter=_access_line, reactor=clock)
+    site = ChatSite(root, logFormatter=_access_line, reactor=clock)  # type: ignore[no-untyped-call]  # Twisted's, unannotated
     site.chat_service = chat_service
     return site

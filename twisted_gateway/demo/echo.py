@@ -24,6 +24,7 @@ from autobahn.websocket.compress import (
     PerMessageDeflateOffer,
     PerMessageDeflateOfferAccept,
 )
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IListeningPort, IReactorTCP
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -43,7 +44,7 @@ class EchoServerProtocol(WebSocketServerProtocol):
     """Sends every message back with the type it arrived with."""
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
-        self.sendMessage(payload, isBinary)
+        self.sendMessage(payload, isBinary)  # type: ignore[no-untyped-call]  # Autobahn's, unannotated
 
 
 def build_echo_factory(
@@ -106,6 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def listening(port: IListeningPort) -> None:
         address = port.getHost()
+        assert isinstance(address, (IPv4Address, IPv6Address))
         log.info(
             "echo listening on {host}:{port}",
             host=address.host,

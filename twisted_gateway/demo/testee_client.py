@@ -31,7 +31,8 @@ from autobahn.websocket.compress import (
 )
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IReactorTCP, IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import IReactorTCP, IReactorTime, IStreamClientEndpoint, ITCPTransport
+from twisted.internet.protocol import connectionDone
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -79,6 +80,7 @@ class TesteeClientProtocol(WebSocketClientProtocol):
     """Echoes every message (or, for the case count, keeps it) and reports its end."""
 
     factory: TesteeClientFactory
+    transport: ITCPTransport | None
 
     def __init__(self) -> None:
         super().__init__()
@@ -87,11 +89,11 @@ class TesteeClientProtocol(WebSocketClientProtocol):
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if self.factory.echo:
-            self.sendMessage(payload, isBinary)
+            self.sendMessage(payload, isBinary)  # type: ignore[no-untyped-call]  # Autobahn's, unannotated
         else:
             self.factory.received.append(payload)
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         super().connectionLost(reason)
         self._is_lost = True
         waiters, self._lost_waiters = self._lost_waiters, []
@@ -110,14 +112,14 @@ class TesteeClientProtocol(WebSocketClientProtocol):
 class TesteeClientFactory(WebSocketClientFactory):
     """One step's connection: its URL, whether to echo, and what the server sent."""
 
-    protocol = TesteeClientProtocol
+    protocol = TesteeClientProtocol  # type: ignore[assignment]  # its factory is ours, not a Factory[Self]
 
     def __init__(self, url: str, *, reactor: IReactorTCP, agent: str, echo: bool) -> None:
-        super().__init__(url, reactor=reactor, useragent=agent)
+        super().__init__(url, reactor=reactor, useragent=agent)  # type: ignore[no-untyped-call]  # Autobahn's, unannotated
         self.noisy = False
         self.echo = echo
         self.received: list[bytes] = []
-        self.setProtocolOptions(
+        self.setProtocolOptions(  # type: ignore[no-untyped-call]  # Autobahn's, unannotated
             maxMessagePayloadSize=0,
             maxFramePayloadSize=0,
             failByDrop=False,
@@ -148,11 +150,13 @@ async def run_step(
     """Open one connection, echo (or collect) until it is closed, return what was kept."""
     factory = TesteeClientFactory(url, reactor=reactor, agent=agent, echo=echo)
     connecting = build_endpoint(reactor, url).connect(factory)
-    protocol: TesteeClientProtocol = await connecting.addTimeout(timeout, clock)
+    protocol = await connecting.addTimeout(timeout, clock)
+    assert isinstance(protocol, TesteeClientProtocol)  # factory.protocol
     try:
         await protocol.when_lost().addTimeout(timeout, clock)
     except BaseException:
-        protocol.transport.abortConnection()
+        if protocol.transport is not None:
+            protocol.transport.abortConnection()
         await protocol.when_lost()
         raise
     return factory.received
@@ -231,7 +235,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # react() stops the reactor and exits with the session's outcome.
     react(lambda _reactor: Deferred.fromCoroutine(session()))
-    return 0
 
 
 if __name__ == "__main__":
