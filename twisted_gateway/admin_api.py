@@ -17,10 +17,10 @@ from typing import Any, Coroutine
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
-from twisted.web.resource import Resource
 from twisted.python.failure import Failure
 from twisted.web.server import NOT_DONE_YET, Request
 
+from twisted_gateway._bases import Resource
 from twisted_gateway.cluster import Cluster
 from twisted_gateway.errors import BadRequest, GatewayError, NotFound, render_error
 
@@ -39,7 +39,7 @@ class AdminAPI(Resource):
     isLeaf = True
 
     def __init__(self, cluster: Cluster, token: bytes) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]  # Resource.__init__ is unannotated
+        super().__init__()
         self.cluster = cluster
         self.token = token
 

@@ -11,23 +11,34 @@ idle ones once its listeners are closed, instead of turning anyone away.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Callable, Iterable, Sequence
 from weakref import WeakSet
 
-from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITCPTransport
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    IProtocol,
+    IProtocolFactory,
+    IReactorTime,
+    ITCPTransport,
+    ITransport,
+)
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
-from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.protocols.policies import ProtocolWrapper
 from twisted.python.failure import Failure
-from twisted.web.http import HTTPChannel
+from twisted.web.http import Request
 from twisted.web.http_headers import Headers
-from twisted.web.server import Site
+from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource
 
+from twisted_gateway._bases import HTTPChannel, Site, WrappingFactory
 from twisted_gateway.config import Settings
 from twisted_gateway.errors import GatewayError, Overloaded
 from twisted_gateway.headers import peer_host
 from twisted_gateway.http_proxy import LINGER_SECONDS, GatewayRequest
 from twisted_gateway.limits import ClientLimits
+from twisted_gateway.metrics import Metrics
 from twisted_gateway.logs import access_log_formatter, secret_names
 from twisted_gateway._compat import write_now
 from twisted_gateway.sockets import TCPKeepalive, set_keepalive
@@ -61,6 +72,8 @@ class GatewayChannel(HTTPChannel):
     _timer: IDelayedCall | None = None
     #: a response head waiting to go out with the first bytes of its body
     _response_head: list[bytes] | None = None
+    #: set by the site that builds it
+    site: GatewaySite
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -80,7 +93,9 @@ class GatewayChannel(HTTPChannel):
 
     # -- writing: a response's head and first body bytes in one send, now ------
 
-    def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
+    def writeHeaders(
+        self, version: bytes, code: bytes, reason: bytes, headers: Headers | Sequence[tuple[bytes, bytes]]
+    ) -> None:
         """
         Keep the head until :meth:`write` brings the body's first bytes (in the
         same ``Request.write``) or :meth:`send_response_head` ends that call:
@@ -89,6 +104,7 @@ class GatewayChannel(HTTPChannel):
         ends its connection.
         """
         if self.site.closing:
+            assert isinstance(headers, Headers)  # as Request.write gives them
             headers.setRawHeaders(b"connection", [b"close"])
             self.persistent = False
         if not isinstance(headers, Headers):
@@ -110,7 +126,7 @@ class GatewayChannel(HTTPChannel):
             data = b"".join(head)
         write_now(self.transport, data)
 
-    def writeSequence(self, iovec: Any) -> None:
+    def writeSequence(self, iovec: Iterable[bytes]) -> None:
         self.write(b"".join(iovec))
 
     def send_response_head(self) -> None:
@@ -127,7 +143,7 @@ class GatewayChannel(HTTPChannel):
         self._disarm("busy")
         super().allContentReceived()
 
-    def requestDone(self, request: Any) -> None:
+    def requestDone(self, request: IRequest) -> None:
         self.send_response_head()
         # Before the base class replays pipelined bytes (which start the next head).
         self._head_started = False
@@ -135,7 +151,7 @@ class GatewayChannel(HTTPChannel):
         self._arm("idle", self.keepalive_timeout)
         super().requestDone(request)
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._disarm("busy")
         self.site.client_connections.discard(self)
         super().connectionLost(reason)
@@ -177,6 +193,7 @@ class GatewayChannel(HTTPChannel):
                 error="header_timeout",
             )
         if error is not None:
+            assert self.transport is not None  # its timers run while it is connected
             log.info(
                 "closed a slow client {peer}: {status} {error}",
                 peer=peer_host(self.transport.getPeer()),
@@ -197,8 +214,9 @@ class GatewayChannel(HTTPChannel):
         if error is None:
             self.loseConnection()
             return
+        assert transport is not None  # its timers and parser run while it is connected
         transport.write(error.raw_response())
-        self.dataReceived = _discard  # type: ignore[method-assign]
+        self.dataReceived = _discard  # type: ignore[method-assign]  # from now on, reads are dropped
         self.setTimeout(LINGER_SECONDS)
         if ITCPTransport.providedBy(transport):
             transport.loseWriteConnection()
@@ -218,6 +236,7 @@ class GatewayChannel(HTTPChannel):
             )
         else:
             error = GatewayError("malformed HTTP request", status=400, error="bad_request")
+        assert self.transport is not None  # the parser runs while it is connected
         self.transport.write(error.raw_response())
         self.loseConnection()
 
@@ -242,15 +261,18 @@ class GatewayChannel(HTTPChannel):
 class GatewaySite(Site):
     """One access-log line per request: the forwarder's own event where it has one."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    #: whether a request's route takes it before its body (``GatewayRequest`` asks)
+    streams_body: Callable[[bytes, bytes, Headers], bool] | None = None
+
+    def __init__(self, resource: IResource, *args: object, **kwargs: object) -> None:
+        super().__init__(resource, *args, **kwargs)
         #: HTTP client connections; weak, because a WebSocket hand-over never
         #: tells the channel it is done (its transport becomes None)
         self.client_connections: WeakSet[GatewayChannel] = WeakSet()
         #: set when the gateway stops: responses say ``Connection: close``
         self.closing = False
 
-    def log(self, request: Any) -> None:
+    def log(self, request: Request) -> None:
         if not getattr(request, "gateway_logged", False):
             super().log(request)
 
@@ -285,7 +307,8 @@ class GatewaySite(Site):
         """Abort every client HTTP connection, busy or not (the drain timed out)."""
         channels = self.open_connections()
         for channel in channels:
-            channel.transport.abortConnection()
+            # a listener's transport (TCP, TLS, UNIX) aborts; open ones are not None
+            channel.transport.abortConnection()  # type: ignore[union-attr]
         return len(channels)
 
     def open_connections(self) -> list[GatewayChannel]:
@@ -296,7 +319,7 @@ def _discard(data: bytes) -> None:
     """Drop bytes a client keeps sending after its answer."""
 
 
-def build_site(resource: Any, settings: Settings, reactor: Any = None) -> Site:
+def build_site(resource: IResource, settings: Settings, reactor: IReactorTime | None = None) -> GatewaySite:
     """A ``Site`` for the gateway's resource tree with the gateway's HTTP rules."""
     site = GatewaySite(resource, logFormatter=access_log_formatter(secret_names(settings.auth)))
     site.requestFactory = GatewayRequest.for_settings(settings.gateway)
@@ -318,7 +341,7 @@ def build_site(resource: Any, settings: Settings, reactor: Any = None) -> Site:
         made.tcp_keepalive = gateway.tcp_keepalive
         return made
 
-    site.protocol = channel
+    site.protocol = channel  # type: ignore[method-assign, assignment]  # a factory, typed as Site's own
     # GatewayChannel's own timers replace the idle timeout that every byte resets.
     site.timeOut = None
     site.noisy = False
@@ -337,7 +360,7 @@ class _Slot(ProtocolWrapper):
     loss, which frees the slot.
     """
 
-    def makeConnection(self, transport: Any) -> None:
+    def makeConnection(self, transport: ITransport) -> None:
         Protocol.makeConnection(self, transport)
         self.factory.registerProtocol(self)
         self.wrappedProtocol.makeConnection(transport)
@@ -353,6 +376,7 @@ class _Refusal(Protocol):
     def connectionMade(self) -> None:
         self.door.refusing += 1
         transport = self.transport
+        assert transport is not None  # connectionMade
         transport.write(self.door.overloaded.raw_response())
         if ITCPTransport.providedBy(transport) and not isinstance(transport, ProtocolWrapper):
             # Read what the client sends meanwhile; close when it does, or soon.
@@ -361,7 +385,7 @@ class _Refusal(Protocol):
         else:
             transport.loseConnection()
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.door.refusing -= 1
         if self._linger is not None and self._linger.active():
             self._linger.cancel()
@@ -372,7 +396,7 @@ class _Dropped(Protocol):
     """A connection past even the refusals: closed as soon as accepted."""
 
     def connectionMade(self) -> None:
-        self.transport.abortConnection()
+        self.transport.abortConnection()  # type: ignore[union-attr]  # a listener's transport aborts
 
 
 class _DoorFactory(WrappingFactory):
@@ -381,11 +405,12 @@ class _DoorFactory(WrappingFactory):
     protocol = _Slot
     noisy = False
 
-    def __init__(self, wrapped: Any, door: FrontDoor) -> None:
+    def __init__(self, wrapped: IProtocolFactory, door: FrontDoor) -> None:
         super().__init__(wrapped)
         self.door = door
 
-    def buildProtocol(self, addr: Any) -> Any:
+    # (past the cap, a plain protocol answers instead of a wrapper)
+    def buildProtocol(self, addr: IAddress | None) -> IProtocol | None:  # type: ignore[override]
         door = self.door
         if door.open < door.limits.cap:
             return super().buildProtocol(addr)
@@ -393,13 +418,14 @@ class _DoorFactory(WrappingFactory):
         wrapped = self.wrappedFactory
         if isinstance(refusal, _Refusal) and isinstance(wrapped, WrappingFactory):
             # A TLS listener: the 503 goes out over TLS, as the client expects.
-            return wrapped.protocol(wrapped, refusal)
+            tls: IProtocol = wrapped.protocol(wrapped, refusal)
+            return tls
         return refusal
 
-    def registerProtocol(self, p: Any) -> None:
+    def registerProtocol(self, p: IProtocol) -> None:
         self.door.open += 1
 
-    def unregisterProtocol(self, p: Any) -> None:
+    def unregisterProtocol(self, p: IProtocol) -> None:
         self.door.closed()
 
 
@@ -414,7 +440,7 @@ class FrontDoor:
     close. Refusals are logged at most once a second, with a count.
     """
 
-    def __init__(self, limits: ClientLimits, reactor: IReactorTime, metrics: Any) -> None:
+    def __init__(self, limits: ClientLimits, reactor: IReactorTime, metrics: Metrics) -> None:
         self.limits = limits
         self.reactor = reactor
         self.metrics = metrics
@@ -428,7 +454,7 @@ class FrontDoor:
         self._unreported = 0
         self._last_report: float | None = None
 
-    def wrap(self, factory: Any) -> _DoorFactory:
+    def wrap(self, factory: IProtocolFactory) -> _DoorFactory:
         """``factory`` behind this door (a listener's factory, TLS included)."""
         return _DoorFactory(factory, self)
 

@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
-from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from twisted_gateway import __version__
+from twisted_gateway._bases import Resource
 from twisted_gateway.metrics import Metrics, RouteCounters, upstream_label
 
 if TYPE_CHECKING:
@@ -224,7 +224,7 @@ class StatusJSONResource(Resource):
     isLeaf = True
 
     def __init__(self, status: Status) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]  # Resource.__init__ is unannotated
+        super().__init__()
         self.status = status
 
     def render_GET(self, request: Request) -> bytes:
@@ -241,7 +241,7 @@ class StatusPageResource(Resource):
     isLeaf = True
 
     def __init__(self) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]  # Resource.__init__ is unannotated
+        super().__init__()
         self.html = files("twisted_gateway").joinpath("status.html").read_bytes()
 
     def render_GET(self, request: Request) -> bytes:

@@ -19,17 +19,17 @@ import os
 import struct
 from typing import Any
 
-from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.twisted.websocket import WebSocketClientFactory
 from autobahn.websocket.types import ConnectionRequest
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IProtocol, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.testing import MemoryReactorClock
-from twisted.protocols.policies import WrappingFactory
 from twisted.python.failure import Failure
 from twisted.test.iosim import FakeTransport, IOPump, connect
 
+from twisted_gateway._bases import WebSocketServerFactory, WebSocketServerProtocol, WrappingFactory
 from twisted_gateway.connector import Connector
 from twisted_gateway.ws_relay import RelayRegistry, unmask
 
@@ -169,7 +169,7 @@ class RecordingUpstreamProtocol(WebSocketServerProtocol):
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         self.messages.append((payload, isBinary))
         if self.factory.echo:
-            self.sendMessage(payload, isBinary)  # type: ignore[no-untyped-call]  # Autobahn's, unannotated
+            self.sendMessage(payload, isBinary)
 
     def onCloseFrame(self, code: int | None, reasonRaw: bytes | None) -> bool | None:
         from twisted_gateway.ws_relay import _accept_close_frame
@@ -190,10 +190,10 @@ class RecordingUpstream(WebSocketServerFactory):
     noisy = False
 
     def __init__(self, *, echo: bool = True, **options: object) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]  # Autobahn's, unannotated
+        super().__init__()
         self.echo = echo
         self.connections: list[RecordingUpstreamProtocol] = []
-        self.setProtocolOptions(failByDrop=False, **options)  # type: ignore[no-untyped-call]  # likewise
+        self.setProtocolOptions(failByDrop=False, **options)
 
 
 class MemoryRelay:

@@ -14,11 +14,12 @@ import time
 import jwt
 from twisted.python import usage
 
+from twisted_gateway._bases import Options as _Options
 from twisted_gateway.config import load_config
 from twisted_gateway.schema import AuthSettings, ConfigError, parse_positive_int
 
 
-class Options(usage.Options):
+class Options(_Options):
     synopsis = "python -m twisted_gateway.token --config tap.cfg --sub alice [--ttl 3600]"
     longdesc = "Print a token signed with the HMAC secret of the config's [auth] section."
     optParameters = [
@@ -35,7 +36,7 @@ class Options(usage.Options):
 def read_auth_settings(path: str) -> AuthSettings:
     """The ``[auth]`` section of a config file, validated as the gateway does."""
     settings = load_config(path)
-    if not isinstance(settings.auth, AuthSettings):  # no [auth] section
+    if settings.auth is None:
         raise ConfigError(path, "auth", None, "missing section: nothing to sign with")
     return settings.auth
 
@@ -54,9 +55,9 @@ def mint(settings: AuthSettings, subject: str, ttl: int, now: float, source: str
 
 
 def main(argv: list[str] | None = None) -> int:
-    options = Options()  # type: ignore[no-untyped-call]  # usage.Options is unannotated
+    options = Options()
     try:
-        options.parseOptions(argv)  # type: ignore[no-untyped-call]  # likewise
+        options.parseOptions(argv)
         settings = read_auth_settings(options["config"])
         token = mint(settings, options["sub"], options["ttl"], time.time(), options["config"])
     except usage.UsageError as e:  # a ConfigError is one too

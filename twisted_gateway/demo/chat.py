@@ -13,7 +13,6 @@ import json
 from importlib.resources import files
 
 from autobahn.twisted.resource import WebSocketResource
-from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.compress import (
     PerMessageDeflateOffer,
     PerMessageDeflateOfferAccept,
@@ -22,9 +21,10 @@ from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.types import ConnectionRequest
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.web.resource import Resource
-from twisted.web.server import Request, Site
+from twisted.web.server import Request
 from zope.interface import Interface, implementer
+
+from twisted_gateway._bases import Resource, Site, WebSocketServerFactory, WebSocketServerProtocol
 
 DEFAULT_ROOM = "lobby"
 ANONYMOUS = "anonymous"
@@ -125,7 +125,7 @@ class ChatProtocol(WebSocketServerProtocol):
         raise in the *sender's* ``onMessage`` and drop the sender.
         """
         if self.state == self.STATE_OPEN:
-            self.sendMessage(message.encode("utf-8"), isBinary=False)  # type: ignore[no-untyped-call]  # Autobahn's, unannotated
+            self.sendMessage(message.encode("utf-8"), isBinary=False)
 
 
 def _accept_deflate(offers: list[object]) -> PerMessageDeflateOfferAccept | None:
@@ -143,10 +143,10 @@ class ChatFactory(WebSocketServerFactory):
     noisy = False
 
     def __init__(self, chat_service: ChatService, clock: IReactorTime) -> None:
-        super().__init__(reactor=clock)  # type: ignore[no-untyped-call]  # Autobahn's, unannotated
+        super().__init__(reactor=clock)
         self.chat_service = chat_service
         self.clock = clock
-        self.setProtocolOptions(  # type: ignore[no-untyped-call]  # Autobahn's, unannotated
+        self.setProtocolOptions(
             perMessageCompressionAccept=_accept_deflate,
             maxMessagePayloadSize=MAX_MESSAGE_BYTES,
             webStatus=False,  # a plain GET gets 426, not a status page
@@ -165,7 +165,7 @@ class RoomsResource(Resource):
     isLeaf = True
 
     def __init__(self, chat_service: ChatService) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]  # Twisted's, unannotated
+        super().__init__()
         self._chat_service = chat_service
 
     def render_GET(self, request: Request) -> bytes:
@@ -181,7 +181,7 @@ class PageResource(Resource):
     isLeaf = True
 
     def __init__(self, body: bytes, content_type: bytes = b"text/html; charset=utf-8") -> None:
-        super().__init__()  # type: ignore[no-untyped-call]  # Twisted's, unannotated
+        super().__init__()
         self._body, self._content_type = body, content_type
 
     def render_GET(self, request: Request) -> bytes:
@@ -226,6 +226,6 @@ def build_chat_site(clock: IReactorTime, service: ChatService | None = None) -> 
     root.putChild(CLIENT_MODULE.encode(), client)
     root.putChild(b"v1", v1)
 
-    site = ChatSite(root, logFormatter=_access_line, reactor=clock)  # type: ignore[no-untyped-call]  # Twisted's, unannotated
+    site = ChatSite(root, logFormatter=_access_line, reactor=clock)
     site.chat_service = chat_service
     return site

@@ -18,7 +18,6 @@ import argparse
 import sys
 from typing import Sequence
 
-from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.compress import (
     PerMessageCompressOffer,
     PerMessageDeflateOffer,
@@ -28,6 +27,8 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IListeningPort, IReactorTCP
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+
+from twisted_gateway._bases import WebSocketServerFactory, WebSocketServerProtocol
 
 log = Logger()
 
@@ -44,7 +45,7 @@ class EchoServerProtocol(WebSocketServerProtocol):
     """Sends every message back with the type it arrived with."""
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
-        self.sendMessage(payload, isBinary)  # type: ignore[no-untyped-call]  # Autobahn's, unannotated
+        self.sendMessage(payload, isBinary)
 
 
 def build_echo_factory(

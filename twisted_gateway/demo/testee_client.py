@@ -22,7 +22,6 @@ import sys
 from collections.abc import Sequence
 from urllib.parse import quote, urlsplit
 
-from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from autobahn.websocket.compress import (
     PerMessageCompressResponse,
     PerMessageDeflateOffer,
@@ -36,6 +35,8 @@ from twisted.internet.protocol import connectionDone
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+
+from twisted_gateway._bases import WebSocketClientFactory, WebSocketClientProtocol
 
 log = Logger()
 
@@ -89,7 +90,7 @@ class TesteeClientProtocol(WebSocketClientProtocol):
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if self.factory.echo:
-            self.sendMessage(payload, isBinary)  # type: ignore[no-untyped-call]  # Autobahn's, unannotated
+            self.sendMessage(payload, isBinary)
         else:
             self.factory.received.append(payload)
 
@@ -115,11 +116,11 @@ class TesteeClientFactory(WebSocketClientFactory):
     protocol = TesteeClientProtocol  # type: ignore[assignment]  # its factory is ours, not a Factory[Self]
 
     def __init__(self, url: str, *, reactor: IReactorTCP, agent: str, echo: bool) -> None:
-        super().__init__(url, reactor=reactor, useragent=agent)  # type: ignore[no-untyped-call]  # Autobahn's, unannotated
+        super().__init__(url, reactor=reactor, useragent=agent)
         self.noisy = False
         self.echo = echo
         self.received: list[bytes] = []
-        self.setProtocolOptions(  # type: ignore[no-untyped-call]  # Autobahn's, unannotated
+        self.setProtocolOptions(
             maxMessagePayloadSize=0,
             maxFramePayloadSize=0,
             failByDrop=False,

@@ -1,0 +1,121 @@
+"""
+The Twisted and Autobahn classes this package extends, with the methods it
+calls on them annotated.
+
+Both libraries ship ``py.typed`` but leave these methods unannotated, and
+``mypy --strict`` refuses a call to an unannotated method made through a
+subclass or ``super()`` (``untyped_calls_exclude`` in ``pyproject.toml``
+does not reach those: mypy issues 16651 and 16653). The signatures are
+written here once, for the type checker only: at run time every name is the
+library's own class.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable, Protocol, Sequence
+
+from autobahn.twisted import websocket
+from twisted.protocols import policies
+from twisted.python import usage
+from twisted.web import http, resource, server
+
+__all__ = [
+    "HTTPChannel",
+    "Options",
+    "Resource",
+    "Site",
+    "WrappingFactory",
+    "WebSocketClientFactory",
+    "WebSocketClientProtocol",
+    "WebSocketServerFactory",
+    "WebSocketServerProtocol",
+]
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IDelayedCall, IProtocolFactory, IReactorTime
+    from twisted.python.failure import Failure
+    from twisted.web.http_headers import Headers
+    from twisted.web.iweb import IRequest
+    from twisted.web.resource import IResource
+
+    class HTTPChannel(http.HTTPChannel):
+        def __init__(self) -> None: ...
+        def connectionMade(self) -> None: ...
+        def dataReceived(self, data: bytes) -> None: ...
+        def allHeadersReceived(self) -> None: ...
+        def allContentReceived(self) -> None: ...
+        def requestDone(self, request: IRequest) -> None: ...
+        def connectionLost(self, reason: Failure = ...) -> None: ...
+        def loseConnection(self) -> None: ...
+        def setTimeout(self, period: float | None) -> float | None: ...
+        def callLater(self, period: float, func: Callable[[], object]) -> IDelayedCall: ...
+        def writeHeaders(
+            self, version: bytes, code: bytes, reason: bytes, headers: Headers | Sequence[tuple[bytes, bytes]]
+        ) -> None: ...
+
+    class WrappingFactory(policies.WrappingFactory):
+        def __init__(self, wrappedFactory: IProtocolFactory) -> None: ...
+
+    class Resource(resource.Resource):
+        def __init__(self) -> None: ...
+
+    class Site(server.Site):
+        def __init__(self, resource: IResource, *args: object, **kwargs: object) -> None: ...
+
+    class Options(usage.Options):
+        def __init__(self) -> None: ...
+        def parseOptions(self, options: Sequence[str] | None = None) -> None: ...
+
+    class _SendMessage(Protocol):
+        def __call__(
+            self,
+            payload: bytes,
+            isBinary: bool = False,
+            fragmentSize: int | None = None,
+            sync: bool = False,
+            doNotCompress: bool = False,
+        ) -> None: ...
+
+    class WebSocketServerProtocol(websocket.WebSocketServerProtocol):
+        sendMessage: _SendMessage
+
+    class WebSocketClientProtocol(websocket.WebSocketClientProtocol):
+        sendMessage: _SendMessage
+
+    class WebSocketServerFactory(websocket.WebSocketServerFactory):
+        def __init__(
+            self,
+            url: str | None = None,
+            protocols: Sequence[str] | None = None,
+            server: str | None = ...,
+            headers: dict[str, str] | None = None,
+            externalPort: int | None = None,
+            *,
+            reactor: object = None,  # the reactor its timers run on
+        ) -> None: ...
+        def setProtocolOptions(self, *args: object, **options: object) -> None: ...
+
+    class WebSocketClientFactory(websocket.WebSocketClientFactory):
+        def __init__(
+            self,
+            url: str | None = None,
+            origin: str | None = None,
+            protocols: Sequence[str] | None = None,
+            useragent: str | None = ...,
+            headers: dict[str, str] | None = None,
+            proxy: dict[str, object] | None = None,
+            *,
+            reactor: object = None,  # the reactor its timers run on
+        ) -> None: ...
+        def setProtocolOptions(self, *args: object, **options: object) -> None: ...
+
+else:
+    HTTPChannel = http.HTTPChannel
+    Resource = resource.Resource
+    Site = server.Site
+    Options = usage.Options
+    WebSocketServerProtocol = websocket.WebSocketServerProtocol
+    WebSocketServerFactory = websocket.WebSocketServerFactory
+    WebSocketClientFactory = websocket.WebSocketClientFactory
+    WebSocketClientProtocol = websocket.WebSocketClientProtocol
+    WrappingFactory = policies.WrappingFactory
