@@ -21,7 +21,7 @@ from twisted.web.server import Site
 from twisted_gateway.schema import DEFAULT_ADMIN_ALLOW as DEFAULT_ADMIN_ALLOW
 
 if TYPE_CHECKING:
-    from twisted_gateway.config import Settings
+    from twisted_gateway.schema import Settings
 
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]

@@ -58,8 +58,8 @@ def extract_token(
     then ``query_param`` in the raw query (form-decoded), then the cookie.
     An ``Authorization`` header of another scheme is not a source.
     """
-    for name, value in headers:
-        scheme, _, credentials = value.strip().partition(b" ")
+    for name, header in headers:
+        scheme, _, credentials = header.strip().partition(b" ")
         if name.lower() == b"authorization" and scheme.lower() == b"bearer":
             if credentials.strip():
                 return credentials.strip().decode("latin-1")
@@ -222,7 +222,10 @@ def _same_typ(given: Any, wanted: str) -> bool:
     """RFC 8725 3.11: ``typ`` compares case-insensitively, with or without ``application/``."""
     if not isinstance(given, str):
         return False
-    strip = lambda t: t.lower().removeprefix("application/")  # noqa: E731
+
+    def strip(t: str) -> str:
+        return t.lower().removeprefix("application/")
+
     return strip(given) == strip(wanted)
 
 

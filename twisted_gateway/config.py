@@ -73,7 +73,7 @@ def check_server_endpoint(description: str) -> str:
     from twisted.internet.testing import MemoryReactor
 
     try:
-        server_endpoint(MemoryReactor(), description)  # type: ignore[no-untyped-call]
+        server_endpoint(MemoryReactor(), description)
     except TLSFileError as e:
         raise ValueError(f"endpoint {description!r}: {e}") from None
     except (ValueError, TypeError, KeyError) as e:

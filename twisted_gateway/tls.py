@@ -31,6 +31,7 @@ from urllib.parse import urlsplit
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from OpenSSL import SSL, crypto
 from service_identity import VerificationError
 from twisted.internet.abstract import isIPAddress, isIPv6Address
@@ -116,7 +117,7 @@ def _twisted_certificate(certificate: x509.Certificate) -> Certificate:
     return Certificate(crypto.X509.from_cryptography(certificate))
 
 
-def _public_bytes(public_key: Any) -> bytes:
+def _public_bytes(public_key: PublicKeyTypes) -> bytes:
     return public_key.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )

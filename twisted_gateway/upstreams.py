@@ -20,6 +20,7 @@ it is given.
 from __future__ import annotations
 
 import bisect
+import ipaddress
 import hashlib
 import json
 from collections import Counter
@@ -374,7 +375,7 @@ class UpstreamPool:
         headers: Sequence[tuple[bytes, bytes]],
         claims: Mapping[str, Any] | None,
         peer: str = "",
-        trusted_proxies: Sequence = (),
+        trusted_proxies: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network] = (),
     ) -> str | None:
         """
         The ``hash_key`` value a request carries (None without hashing, or without
