@@ -44,6 +44,7 @@ tests/oidc/node_modules/.package-lock.json: tests/oidc/package.json tests/oidc/p
 	npm ci --silent --no-audit --no-fund --prefix tests/oidc
 
 test: $(VENV)/.installed-test $(TOOLS)/node_modules/.bin/wscat $(TOOLS)/node_modules/socket.io-client $(TOOLS)/node_modules/playwright-core tests/oidc/node_modules/.package-lock.json
+	@if [ -z "$(PYTEST_ARGS)" ]; then $(MAKE) --no-print-directory typecheck; fi
 	PATH="$(CURDIR)/$(TOOLS)/node_modules/.bin:$$PATH" $(BIN)/python -m pytest --ignore=tests/deploy -m "not bench" -n $(TEST_PROCESSES) --dist worksteal $(PYTEST_ARGS)
 	@if [ -z "$(PYTEST_ARGS)" ]; then $(MAKE) --no-print-directory test-js; fi
 
@@ -63,7 +64,8 @@ fuzz: $(VENV)/.installed-test
 test-deploy: $(VENV)/.installed-test
 	$(BIN)/python -m pytest tests/deploy $(PYTEST_ARGS)
 
-# mypy --strict over the package ([tool.mypy] in pyproject.toml lists the few exceptions).
+# mypy --strict over the package ([tool.mypy] in pyproject.toml lists the few exceptions);
+# a whole `make test` runs it first (a few seconds).
 typecheck: $(VENV)/.installed-test
 	$(BIN)/mypy
 
