@@ -21,13 +21,10 @@ from twisted.python.failure import Failure
 from twisted.web.server import NOT_DONE_YET, Request
 
 from twisted_gateway._bases import Resource
-from twisted_gateway.cluster import Cluster
+from twisted_gateway.cluster import Cluster, JSONObject
 from twisted_gateway.errors import BadRequest, GatewayError, NotFound, render_error
 
 log = Logger()
-
-#: A JSON object, as the admin API reads and answers them.
-JSONObject = dict[str, Any]
 
 #: Bytes of a request body the admin API reads at most.
 MAX_BODY = 16 * 1024

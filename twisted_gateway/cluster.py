@@ -22,17 +22,26 @@ import json
 import os
 import socket
 from dataclasses import replace
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from twisted.internet.defer import Deferred, TimeoutError as DeferredTimeout
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from twisted_gateway.errors import GatewayError
 from twisted_gateway.revocations import Revocations, matches
 from twisted_gateway.schema import ClusterSettings, ConfigError, parse_redis_url, read_section
+
+if TYPE_CHECKING:
+    from twisted_gateway.auth import Authenticator, Identity
+    from twisted_gateway.metrics import Metrics
+    from twisted_gateway.schema import RouteSettings
+    from twisted_gateway.worker_hub import Link
+    from twisted_gateway.ws_pair import Pair
+    from twisted_gateway.ws_relay import RelayRegistry
 
 log = Logger()
 
@@ -48,6 +57,9 @@ REPLY_TIMEOUT = 2.0
 SUBJECT_REVOCATION_TTL = 86400
 #: Seconds a client over its cap is told to wait.
 RETRY_AFTER = 5
+
+#: A JSON object: what the admin API, the workers and Redis exchange.
+JSONObject = dict[str, Any]
 
 DISCONNECTED = (1008, b"disconnected by administrator")
 REVOKED = (1008, b"token revoked")
@@ -132,9 +144,9 @@ class Cluster:
         self,
         settings: ClusterSettings | None,
         *,
-        registry: Any,
-        clock: Any,
-        metrics: Any,
+        registry: RelayRegistry,
+        clock: IReactorTime,
+        metrics: Metrics,
         leeway: float = 0.0,
         gateway_cap: int = 0,
     ) -> None:
@@ -163,11 +175,11 @@ class Cluster:
         self._commands: Any = None
         self._factories: list[Any] = []
         #: without [cluster], with workers > 1: this worker's link to the supervisor's hub
-        self.link: Any = None
+        self.link: Link | None = None
         self._loop: LoopingCall | None = None
-        self._start_check: Any = None
+        self._start_check: IDelayedCall | None = None
         #: request id -> (answers expected, answers, Deferred)
-        self._waiting: dict[str, tuple[int, list, Deferred]] = {}
+        self._waiting: dict[str, tuple[int, list[JSONObject], Deferred[list[JSONObject]]]] = {}
         self._sequence = 0
         metrics.registry.register(ClusterCollector(self))
 
@@ -266,7 +278,7 @@ class Cluster:
                 "cluster: Redis unreachable ({error}); {what} until it is back",
                 error=self.last_error or "no answer yet",
                 what="serving with the last revocations loaded, caps per worker only"
-                if self.settings.on_redis_down == "open"
+                if self.settings is not None and self.settings.on_redis_down == "open"
                 else "new requests and handshakes get 503 cluster_unavailable",
                 event="cluster_down",
             )
@@ -350,7 +362,7 @@ class Cluster:
     def _field(self) -> str:
         return f"{self.worker_id}|{self._epoch}"
 
-    async def _call(self, *command: Any) -> Any:
+    async def _call(self, *command: str | bytes | int | float) -> Any:
         """One Redis command, bounded by :data:`CALL_TIMEOUT`."""
         d = self._commands.execute_command(*command)
         d.addTimeout(CALL_TIMEOUT, self.clock)
@@ -365,8 +377,8 @@ class Cluster:
         if channel == CONTROL:
             result = self._apply(message.get("action"), message.get("args") or {})
             reply = json.dumps({"id": message.get("id"), "worker": self.worker_id, "result": result})
-            d = self._call("PUBLISH", PREFIX + "reply:" + str(message.get("from")), reply)
-            Deferred.fromCoroutine(d).addErrback(lambda f: log.debug("cluster: no reply sent: {f}", f=f))
+            sending = self._call("PUBLISH", PREFIX + "reply:" + str(message.get("from")), reply)
+            Deferred.fromCoroutine(sending).addErrback(lambda f: log.debug("cluster: no reply sent: {f}", f=f))
             return
         waiting = self._waiting.get(message.get("id"))
         if waiting is not None:
@@ -377,7 +389,7 @@ class Cluster:
 
     # -- what every worker does --------------------------------------------------
 
-    def _apply(self, action: str | None, args: dict) -> Any:
+    def _apply(self, action: str | None, args: JSONObject) -> Any:
         """One administrator action on this worker's own sockets and state."""
         if action == "sessions":
             return [s for s in self.local_sessions() if args.get("sub") in (None, s["sub"])]
@@ -409,7 +421,7 @@ class Cluster:
                 closed += 1
         return closed
 
-    def _close(self, which: Callable[[Any], bool], close: tuple[int, bytes], reason: str) -> int:
+    def _close(self, which: Callable[[Pair], bool], close: tuple[int, bytes], reason: str) -> int:
         closed = 0
         for pair in list(self.registry.pairs):
             if pair.state == pair.STATE_OPEN and which(pair):
@@ -417,7 +429,7 @@ class Cluster:
                 closed += 1
         return closed
 
-    def local_sessions(self) -> list[dict]:
+    def local_sessions(self) -> list[JSONObject]:
         sessions = []
         for pair in self.registry.pairs:
             identity = getattr(pair, "identity", None)
@@ -435,16 +447,17 @@ class Cluster:
 
     # -- the verbs of the admin API ------------------------------------------------
 
-    async def broadcast(self, action: str, args: dict) -> list:
+    async def broadcast(self, action: str, args: JSONObject) -> list[Any]:
         """Every worker's result of ``action``, once each has answered."""
         self.admin_actions[action] = self.admin_actions.get(action, 0) + 1
         return await self._gather(action, args)
 
-    async def _gather(self, action: str, args: dict) -> list:
+    async def _gather(self, action: str, args: JSONObject) -> list[Any]:
         if self.settings is None:
             if self.link is not None and self.link.up:
                 try:
-                    return (await self.link.request({"op": "broadcast", "action": action, "args": args}))["results"]
+                    answer: JSONObject = await self.link.request({"op": "broadcast", "action": action, "args": args})
+                    return list(answer["results"])
                 except Exception as e:
                     log.warn("workers: {action} for this worker only: {error}", action=action,
                              error=str(e) or type(e).__name__)
@@ -453,8 +466,8 @@ class Cluster:
             raise GatewayError("the cluster's Redis is unreachable", status=503, error="cluster_unavailable")
         self._sequence += 1
         request_id = f"{self.worker_id}/{self._sequence}"
-        d: Deferred = Deferred()
-        answers: list = []
+        d: Deferred[list[JSONObject]] = Deferred()
+        answers: list[JSONObject] = []
         self._waiting[request_id] = (1 << 30, answers, d)
         try:
             message = json.dumps({"id": request_id, "from": self.worker_id, "action": action, "args": args})
@@ -481,10 +494,12 @@ class Cluster:
         """Keep the revocation in Redis until the tokens it covers expire; every worker applies it."""
         now = self.clock.seconds()
         if jti is not None:
+            assert exp is not None  # a revocation by token names its expiry
             until = float(exp) + self.leeway
             args = {"jti": jti, "until": until}
             key, value, keep = PREFIX + "revoked:jti:" + jti, until, until - now
         else:
+            assert sub is not None and before is not None  # or by subject, issued before
             args = {"sub": sub, "before": float(before)}
             key, value = PREFIX + "revoked:sub:" + sub, float(before)
             keep = float(before) - now + SUBJECT_REVOCATION_TTL + self.leeway
@@ -495,7 +510,7 @@ class Cluster:
                 await self._call("EVAL", _REVOKE_SUBJECT, 1, key, value, max(1, int(keep) + 1))
         return sum(await self.broadcast("revoke", args))
 
-    async def nodes(self) -> list[dict]:
+    async def nodes(self) -> list[JSONObject]:
         """The nodes whose workers' heartbeats are alive: the workers, WebSockets, last heartbeat."""
         if self.settings is None:
             return group_workers(await self._gather("worker", {}))
@@ -512,7 +527,7 @@ class Cluster:
             if str(cursor) == "0":
                 return group_workers(workers)
 
-    def _own_worker(self) -> dict:
+    def _own_worker(self) -> JSONObject:
         return {
             "node": self.node_id,
             "host": socket.gethostname(),
@@ -523,7 +538,7 @@ class Cluster:
 
     # -- the data path's checks -------------------------------------------------
 
-    def check_token(self, claims: dict) -> None:
+    def check_token(self, claims: Mapping[str, object]) -> None:
         """Refuse a revoked token (memory only: no Redis on the request path)."""
         from twisted_gateway.auth import AuthError
 
@@ -532,7 +547,7 @@ class Cluster:
             self.revoked[kind] = self.revoked.get(kind, 0) + 1
             raise AuthError("token revoked")
 
-    def caps_for(self, route: Any) -> list[tuple[str, int]]:
+    def caps_for(self, route: RouteSettings) -> list[tuple[str, int]]:
         caps = []
         if route.max_websockets_per_user:
             caps.append((route.name, route.max_websockets_per_user))
@@ -540,7 +555,7 @@ class Cluster:
             caps.append(("*", self.gateway_cap))
         return caps
 
-    async def acquire(self, sub: str, route: Any) -> list[tuple[str, str]] | None:
+    async def acquire(self, sub: str, route: RouteSettings) -> list[tuple[str, str]] | None:
         """
         Count a new WebSocket of ``sub`` against its caps, or refuse it with
         429: one script call when Redis is up, this worker's own counts when
@@ -600,12 +615,12 @@ class Cluster:
                 d.addErrback(lambda f: None)  # rewritten from self.counts at the next reconnect
 
 
-def _claims(pair: Any) -> dict:
+def _claims(pair: Pair) -> Mapping[str, object]:
     identity = getattr(pair, "identity", None)
     return identity.claims if identity is not None else {}
 
 
-def _worker(values: Any) -> dict:
+def _worker(values: dict[str, str] | list[str]) -> JSONObject:
     if isinstance(values, list):
         values = dict(zip(values[::2], values[1::2]))
     return {
@@ -617,9 +632,9 @@ def _worker(values: Any) -> dict:
     }
 
 
-def group_workers(workers: list[dict]) -> list[dict]:
+def group_workers(workers: list[JSONObject]) -> list[JSONObject]:
     """Workers by node: each node's WebSockets and latest heartbeat, and its workers."""
-    nodes: dict[str, dict] = {}
+    nodes: dict[str, JSONObject] = {}
     for worker in sorted(workers, key=lambda w: (str(w["node"]), str(w["pid"]))):
         node = nodes.setdefault(
             str(worker["node"]), {"node": worker["node"], "websockets": 0, "heartbeat": 0, "workers": []}
@@ -630,7 +645,9 @@ def group_workers(workers: list[dict]) -> list[dict]:
     return list(nodes.values())
 
 
-def _number(value: Any) -> Any:
+def _number(value: str | None) -> int | float | str | None:
+    if value is None:
+        return None
     try:
         return float(value) if "." in str(value) else int(value)
     except (TypeError, ValueError):
@@ -643,11 +660,11 @@ class ClusterCollector(Collector):
     def __init__(self, cluster: Cluster) -> None:
         self.cluster = cluster
 
-    def describe(self) -> Iterator[Any]:
+    def describe(self) -> Iterator[Metric]:
         return iter(self._families())
 
-    def _families(self) -> list[Any]:
-        return [
+    def _families(self) -> tuple[GaugeMetricFamily, CounterMetricFamily, CounterMetricFamily]:
+        return (
             GaugeMetricFamily("wsgateway_cluster_up", "1 while this worker is connected to the cluster's Redis."),
             CounterMetricFamily(
                 "wsgateway_admin_actions", "Administrator actions asked of this worker.", labels=["action"]
@@ -657,9 +674,9 @@ class ClusterCollector(Collector):
                 "Revoked tokens refused and WebSockets closed for a revocation, by what matched.",
                 labels=["reason"],
             ),
-        ]
+        )
 
-    def collect(self) -> Iterator[Any]:
+    def collect(self) -> Iterator[Metric]:
         up, actions, revoked = families = self._families()
         cluster = self.cluster
         if cluster.settings is not None:
@@ -674,14 +691,16 @@ class ClusterCollector(Collector):
 class RevocationGuard:
     """An authenticator whose verified tokens are also checked against the revocations."""
 
-    def __init__(self, authenticator: Any, cluster: Cluster) -> None:
+    def __init__(self, authenticator: Authenticator, cluster: Cluster) -> None:
         self._authenticator = authenticator
         self._cluster = cluster
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._authenticator, name)
 
-    async def authenticate(self, mode: str, headers: Any, query: bytes, route: Any = None) -> Any:
+    async def authenticate(
+        self, mode: str, headers: Sequence[tuple[bytes, bytes]], query: bytes, route: RouteSettings | None = None
+    ) -> Identity | None:
         identity = await self._authenticator.authenticate(mode, headers, query, route)
         if identity is not None:
             self._cluster.check_token(identity.claims)
