@@ -210,6 +210,7 @@ FAMILIES = [
     ("wsgateway_reactor_delayed_calls", "gauge", set()),
     ("wsgateway_http_in_flight", "gauge", set()),
     ("wsgateway_ws_handshakes_in_progress", "gauge", set()),
+    ("wsgateway_limit_rejections", "counter", {"route", "limit"}),
 ]
 
 
@@ -221,6 +222,7 @@ def _busy_metrics() -> Metrics:
     m.ws_message("chat", "client_to_upstream", 5)
     m.ws_closed("chat", "client", 1000)
     m.auth_failure("chat", "invalid_token")
+    m.limit_rejection("chat", "ws_rate_limit")
     return m
 
 

@@ -23,13 +23,17 @@ import sys
 import threading
 import time
 from datetime import datetime, timezone
-from typing import IO, Any, Callable, Iterable, Mapping, TypeVar
+from typing import IO, TYPE_CHECKING, Any, AnyStr, Callable, Generic, Iterable, Mapping, TypeVar
 from urllib.parse import unquote, unquote_to_bytes
 
 from twisted.logger import ILogObserver, LogEvent, LoggingFile, formatEvent
-from twisted.web.http import combinedLogFormatter
+from twisted.python.failure import Failure
+from twisted.web.http import Request, combinedLogFormatter
 from twisted.web.iweb import IAccessLogFormatter
-from zope.interface import implementer, provider
+from zope.interface import directlyProvides, implementer
+
+if TYPE_CHECKING:
+    from twisted_gateway.schema import AuthSettings
 
 REDACTED = "REDACTED"
 #: Field and header names whose values are never written (compared lower-case, ``-`` as ``_``).
@@ -71,29 +75,28 @@ _JWT = r"(?<![A-Za-z0-9_-])eyJ[A-Za-z0-9_-]*(?:\.[A-Za-z0-9_-]*){2,4}"
 _BEARER = r"(?i)\b(bearer\s+)[A-Za-z0-9._~+/-]{8,}=*"
 
 
-class _Redactor:
-    """The patterns and the replacement for one text type (str or bytes)."""
+class _Redactor(Generic[AnyStr]):
+    """
+    The patterns and the replacement for one text type (str or bytes):
+    ``encode`` turns the (ASCII) patterns and words into it, ``decode`` reads
+    a field's percent-encoded name.
+    """
 
-    def __init__(self, kind: type) -> None:
-        def compile_(pattern: str) -> re.Pattern:
-            return re.compile(pattern if kind is str else pattern.encode("ascii"))
+    def __init__(self, encode: Callable[[str], AnyStr], decode: Callable[[AnyStr], str]) -> None:
+        self.name: re.Pattern[AnyStr] = re.compile(encode(_NAME))
+        self.value_end: re.Pattern[AnyStr] = re.compile(encode(_VALUE_END))
+        self.jwt: re.Pattern[AnyStr] = re.compile(encode(_JWT))
+        self.bearer: re.Pattern[AnyStr] = re.compile(encode(_BEARER))
+        self.redacted: AnyStr = encode(REDACTED)
+        self.empty: AnyStr = encode("")
+        self.encode: Callable[[str], AnyStr] = encode
+        self.eq: AnyStr = encode("=")
+        self.percent: AnyStr = encode("%")
+        self.jwt_start: AnyStr = encode("eyJ")
+        self.bearer_word: AnyStr = encode("bearer")
+        self.decode: Callable[[AnyStr], str] = decode
 
-        self.name, self.value_end = compile_(_NAME), compile_(_VALUE_END)
-        self.jwt, self.bearer = compile_(_JWT), compile_(_BEARER)
-        self.redacted = REDACTED if kind is str else REDACTED.encode("ascii")
-        self.empty = kind()
-        self.encode: Callable[[str], Any] = (
-            (lambda t: t) if kind is str else (lambda t: t.encode("latin-1"))
-        )
-        self.eq, self.percent = self.encode("="), self.encode("%")
-        self.jwt_start, self.bearer_word = self.encode("eyJ"), self.encode("bearer")
-        self.decode: Callable[[Any], str] = (
-            (lambda name: unquote(name, errors="replace"))
-            if kind is str
-            else (lambda name: unquote_to_bytes(name).decode("latin-1"))
-        )
-
-    def __call__(self, text: Any, names: frozenset[str]) -> Any:
+    def __call__(self, text: AnyStr, names: frozenset[str]) -> AnyStr:
         lower = text.lower()
         if self.eq in text and (
             self.percent in text or any(self.encode(n) in lower for n in (*names, "token"))
@@ -105,8 +108,9 @@ class _Redactor:
             text = self.bearer.sub(lambda m: m[1] + self.redacted, text)
         return text
 
-    def _fields(self, text: Any, names: frozenset[str]) -> Any:
-        parts, pos = [], 0
+    def _fields(self, text: AnyStr, names: frozenset[str]) -> AnyStr:
+        parts: list[AnyStr] = []
+        pos = 0
         for m in self.name.finditer(text):
             if m.start() < pos:
                 continue  # inside a value already redacted
@@ -120,7 +124,10 @@ class _Redactor:
         return self.empty.join(parts) + text[pos:]
 
 
-_REDACTORS = {str: _Redactor(str), bytes: _Redactor(bytes)}
+_STR_REDACTOR = _Redactor[str](lambda t: t, lambda name: unquote(name, errors="replace"))
+_BYTES_REDACTOR = _Redactor[bytes](
+    lambda t: t.encode("latin-1"), lambda name: unquote_to_bytes(name).decode("latin-1")
+)
 
 
 def redact_text(text: _Text, names: Iterable[str] = ()) -> _Text:
@@ -129,12 +136,13 @@ def redact_text(text: _Text, names: Iterable[str] = ()) -> _Text:
     ``name=value`` field whose percent-decoded name ends with ``token`` (or is
     one of ``names``; any case), JWTs, and ``Bearer`` credentials.
     """
-    kind = bytes if isinstance(text, (bytes, bytearray)) else str
-    return _REDACTORS[kind](text, frozenset(n.lower() for n in names) if names else _NO_NAMES)
+    lowered = frozenset(n.lower() for n in names) if names else _NO_NAMES
+    if isinstance(text, (bytes, bytearray)):
+        return _BYTES_REDACTOR(text, lowered)
+    return _STR_REDACTOR(text, lowered)
 
 
 _NO_NAMES: frozenset[str] = frozenset()
-_STR_REDACTOR = _REDACTORS[str]
 
 
 def redact_str(text: str) -> str:
@@ -157,7 +165,7 @@ def redact_query(query: bytes, names: Iterable[str] = ()) -> str:
     return redact_text(query.decode("latin-1"), names)
 
 
-def secret_names(auth: Any) -> tuple[str, ...]:
+def secret_names(auth: AuthSettings | None) -> tuple[str, ...]:
     """
     The names an ``[auth]`` section (an ``AuthSettings``, or None) gives to
     credentials, which redaction must know besides ``*token``: the query
@@ -168,7 +176,7 @@ def secret_names(auth: Any) -> tuple[str, ...]:
     return tuple(name for name in (auth.query_param, auth.cookie) if name)
 
 
-def redact(event: Mapping[str, Any]) -> dict[str, Any]:
+def redact(event: Mapping[str, object]) -> dict[str, object]:
     """
     A copy of a log event that holds no credential: a field with a sensitive
     name becomes ``REDACTED``, strings and bytes (also inside dicts, lists and
@@ -176,13 +184,10 @@ def redact(event: Mapping[str, Any]) -> dict[str, Any]:
     with a sensitive name keeps its name only. Other objects are kept as they
     are, for formatting; :func:`event_as_json` redacts their repr.
     """
-    clean = {}
+    clean: dict[str, object] = {}
     for key, value in event.items():
         # the common cases first: a log event is mostly short strings and numbers
-        if type(key) is str:
-            sensitive = _sensitive_key(key)
-        else:
-            sensitive = isinstance(key, bytes) and is_sensitive_name(key)
+        sensitive = _sensitive_key(key) if type(key) is str else is_sensitive_name(key)
         if sensitive:
             clean[key] = REDACTED
         elif type(value) in _PLAIN:
@@ -194,14 +199,14 @@ def redact(event: Mapping[str, Any]) -> dict[str, Any]:
     return clean
 
 
-def _redact_value(value: Any, depth: int) -> Any:
+def _redact_value(value: object, depth: int) -> object:
     kind = type(value)
     if kind in _PLAIN:
         return value
-    if kind is str:
+    if isinstance(value, str):  # (a str subclass too, as redact_text does it)
         return _STR_REDACTOR(value, _NO_NAMES)
-    if isinstance(value, (str, bytes)):
-        return redact_text(value)
+    if isinstance(value, bytes):
+        return _BYTES_REDACTOR(value, _NO_NAMES)
     if depth >= MAX_DEPTH:
         return value
     if isinstance(value, dict):
@@ -217,13 +222,14 @@ def _redact_value(value: Any, depth: int) -> Any:
             and isinstance(value[0], (str, bytes))
             and is_sensitive_name(value[0])
         ):
-            return type(value)((value[0], _redacted_like(value[1])))
+            same_kind: Callable[[Iterable[object]], object] = type(value)
+            return same_kind((value[0], _redacted_like(value[1])))
         items = [_redact_value(v, depth + 1) for v in value]
         return items if isinstance(value, list) else tuple(items)
     return value
 
 
-def _redacted_like(value: Any) -> Any:
+def _redacted_like(value: object) -> str | bytes:
     """``REDACTED`` as bytes for a bytes value, as text otherwise."""
     return REDACTED.encode("ascii") if isinstance(value, bytes) else REDACTED
 
@@ -311,7 +317,7 @@ def event_as_json(event: LogEvent) -> str:
     return json.dumps(out, separators=(",", ":"))
 
 
-def iso_time(stamp: Any) -> str:
+def iso_time(stamp: object) -> str:
     if not isinstance(stamp, (int, float)):
         stamp = time.time()
     # the rounding datetime.fromtimestamp does
@@ -330,14 +336,14 @@ def _iso_second(second: int) -> str:
     return datetime.fromtimestamp(second, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
 
 
-def _traceback(failure: Any) -> str:
+def _traceback(failure: Failure) -> str:
     try:
         return failure.getTraceback()
     except Exception:
         return _repr(failure)
 
 
-def _jsonable(value: Any, depth: int) -> Any:
+def _jsonable(value: object, depth: int) -> object:
     """The value itself if JSON can hold it, else its redacted repr."""
     if value is None or isinstance(value, (bool, str)):
         return value
@@ -356,7 +362,7 @@ def _jsonable(value: Any, depth: int) -> Any:
     return _repr(value)
 
 
-def _repr(value: Any) -> str:
+def _repr(value: object) -> str:
     try:
         text = repr(value)
     except Exception:
@@ -404,13 +410,14 @@ def json_observer() -> ILogObserver:
     stream = sys.stdout
     if isinstance(stream, LoggingFile):  # called after the redirect: avoid a loop
         stream = sys.__stdout__
+    assert stream is not None, "no stdout to write the log to"
     return JSONLinesObserver(stream)
 
 
 # -- access log ------------------------------------------------------------------
 
 
-def access_log_formatter(query_params: Iterable[str] = ()) -> Callable[[str, Any], str]:
+def access_log_formatter(query_params: Iterable[str] = ()) -> Callable[[str, Request], str]:
     """
     A ``Site(logFormatter=...)`` writing the combined log format with
     credentials redacted: fields named ``*token`` and any of ``query_params``
@@ -419,10 +426,11 @@ def access_log_formatter(query_params: Iterable[str] = ()) -> Callable[[str, Any
     """
     names = frozenset(p.lower() for p in query_params)
 
-    @provider(IAccessLogFormatter)
-    def formatter(timestamp: str, request: Any) -> str:
-        return redact_text(combinedLogFormatter(timestamp, request), names)
+    def formatter(timestamp: str, request: Request) -> str:
+        line: str = combinedLogFormatter(timestamp, request)
+        return redact_text(line, names)
 
+    directlyProvides(formatter, IAccessLogFormatter)
     return formatter
 
 

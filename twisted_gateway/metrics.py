@@ -32,7 +32,9 @@ from prometheus_client.metrics_core import (
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 from twisted.logger import Logger
-from twisted.web.resource import Resource
+from twisted.web.server import Request
+
+from twisted_gateway._bases import Resource
 
 log = Logger()
 
@@ -80,7 +82,7 @@ CLOSE_REASONS = frozenset(
 AUTH_FAILURE_REASONS = frozenset(
     {"missing_token", "invalid_token", "expired_token", "insufficient_scope", "forbidden"}
 )
-_METHODS = {
+_METHODS: dict[bytes | str, str] = {
     m: m.decode("ascii")
     for m in (b"GET", b"HEAD", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS")
 }
@@ -319,7 +321,7 @@ class Metrics:
         counters.limit_rejections[limit] = counters.limit_rejections.get(limit, 0) + 1
 
 
-def _no_upstreams() -> Iterable[tuple[str, str, bool, int]]:
+def _no_upstreams() -> tuple[()]:
     return ()
 
 
@@ -391,7 +393,7 @@ class GatewayCollector(Collector):
         for route, url, reason, n in _read(self.metrics.upstream_failures, "upstream failures"):
             failures.add_metric([route, upstream_label(url), reason], n)
         if self.metrics.jwks is None:
-            return iter(families[:-2])
+            return iter(f for f in families if f is not jwks_keys and f is not jwks_failures)
         keys, fetch_failures = self.metrics.jwks()
         jwks_keys.add_metric([], keys)
         for reason, n in sorted(fetch_failures.items()):
@@ -408,9 +410,32 @@ def _read(source: Callable[[], Iterable[_Row]], what: str) -> list[_Row]:
         return []
 
 
-def _families() -> list[Metric]:
+_Families = tuple[
+    CounterMetricFamily,  # connections refused
+    CounterMetricFamily,  # HTTP requests
+    HistogramMetricFamily,  # their durations
+    CounterMetricFamily,  # handshakes
+    GaugeMetricFamily,  # open WebSockets
+    CounterMetricFamily,  # messages
+    CounterMetricFamily,  # bytes
+    HistogramMetricFamily,  # message sizes
+    CounterMetricFamily,  # closes
+    GaugeMetricFamily,  # upstream up
+    GaugeMetricFamily,  # upstream open connections
+    CounterMetricFamily,  # auth failures
+    CounterMetricFamily,  # upstream failures
+    GaugeMetricFamily,  # delayed calls
+    GaugeMetricFamily,  # HTTP in flight
+    GaugeMetricFamily,  # handshakes in progress
+    GaugeMetricFamily,  # JWKS keys
+    CounterMetricFamily,  # JWKS fetch failures
+    CounterMetricFamily,  # limit rejections
+]
+
+
+def _families() -> _Families:
     route, rd = ["route"], ["route", "direction"]
-    return [
+    return (
         CounterMetricFamily(
             "wsgateway_connections_refused",
             "Client connections refused because the gateway held max_client_connections.",
@@ -469,12 +494,13 @@ def _families() -> list[Metric]:
             "Handshakes refused and WebSockets closed by a per-user or per-socket limit.",
             labels=["route", "limit"],
         ),
-    ]
+    )
 
 
 def _buckets(bounds: tuple[float, ...], counts: list[int]) -> list[tuple[str, float]]:
     """Cumulative ``(le, count)`` pairs from per-bucket counts (the last is +Inf)."""
-    out, total = [], 0
+    out: list[tuple[str, float]] = []
+    total = 0
     for bound, n in zip(bounds, counts):
         total += n
         out.append((floatToGoString(bound), total))
@@ -494,7 +520,7 @@ class MetricsResource(Resource):
         super().__init__()
         self.registry = registry
 
-    def render_GET(self, request) -> bytes:
+    def render_GET(self, request: Request) -> bytes:
         accept = request.getHeader(b"accept")
         encoder, content_type = choose_encoder(accept.decode("latin-1") if accept else "")
         body = encoder(self.registry)
