@@ -33,6 +33,7 @@ from tests.support import (
     http_error,
     listen,
     raw_connect,
+    route_config,
     settle,
     start_gateway,
     ws_connect,
@@ -172,6 +173,16 @@ async def _close_all(gw: Gateway, *ports) -> None:
         await port.stopListening()
 
 
+async def _still_open_then_closed(gw: Gateway, up_port, client, upstream: Upstream) -> None:
+    """Both legs of the pair are still open; then the keepalive stops and the client closes with 1000."""
+    assert client.state == OPEN and len(upstream.open_protocols) == 1
+    await gw.resource.stop()
+    client.sendClose(1000)
+    assert await client.closed == (1000, None)
+    await _drop_all(gw)
+    await _close_all(gw, up_port)
+
+
 class _Events:
     """Log events of one namespace, collected while the test runs."""
 
@@ -194,17 +205,6 @@ class _Events:
 # -- metrics -------------------------------------------------------------------------
 
 
-def _chat_config(port: int, extra_gateway: str = "") -> str:
-    return f"""
-[gateway]
-ws_open_timeout = 5
-{extra_gateway}
-[route:chat]
-prefix = /v1/chat
-upstream = http://127.0.0.1:{port}
-"""
-
-
 @pytest_twisted.ensureDeferred
 async def test_metrics_count_relayed_messages_bytes_opens_and_closes_per_direction():
     """
@@ -214,7 +214,7 @@ async def test_metrics_count_relayed_messages_bytes_opens_and_closes_per_directi
     one access-log event describes the session.
     """
     upstream, up_port, number = await _upstream()
-    gw = await start_gateway(_chat_config(number))
+    gw = await start_gateway(route_config(number))
     with _Events("twisted_gateway.access") as access:
         before = await _scrape(gw.number)
 
@@ -492,7 +492,7 @@ async def _clocked_gateway(
     connects upstream over the real reactor (the ``ws_connect`` seam).
     """
     settings = parse_config(
-        _chat_config(
+        route_config(
             upstream_number,
             f"ws_ping_interval = {interval}\nws_ping_timeout = {timeout}",
         )
@@ -534,14 +534,9 @@ async def test_keepalive_pings_keep_a_responsive_pair_open_round_after_round():
     for round_ in range(3):
         await _ping_round(clock, client, upstream, first=round_ == 0)
     assert len(client.pings) == 3 and len(upstream.pings) == 3
-    assert client.state == OPEN and len(upstream.open_protocols) == 1
     client.sendMessage(b"still here")
     assert await client.next_message() == (b"still here", False)
-    await gw.resource.stop()
-    client.sendClose(1000)
-    assert await client.closed == (1000, None)
-    await _drop_all(gw)
-    await _close_all(gw, up_port)
+    await _still_open_then_closed(gw, up_port, client, upstream)
 
 
 @pytest_twisted.ensureDeferred
@@ -614,12 +609,7 @@ async def test_pings_keep_their_interval_when_the_timeout_is_longer():
         client.sendMessage(b"after the ping")
         assert await client.next_message() == (b"after the ping", False)
     assert (len(client.pings), len(upstream.pings)) == (10, 10)
-    assert client.state == OPEN and len(upstream.open_protocols) == 1
-    await gw.resource.stop()
-    client.sendClose(1000)
-    assert await client.closed == (1000, None)
-    await _drop_all(gw)
-    await _close_all(gw, up_port)
+    await _still_open_then_closed(gw, up_port, client, upstream)
 
 
 @pytest_twisted.ensureDeferred
@@ -659,18 +649,8 @@ async def test_a_leg_that_never_answers_is_dropped_ping_timeout_after_its_ping()
 
 
 def _two_routes(number: int, extra_gateway: str = "", extra_chat: str = "") -> str:
-    return f"""
-[gateway]
-ws_open_timeout = 5
-{extra_gateway}
-[route:chat]
-prefix = /v1/chat
-upstream = http://127.0.0.1:{number}
-{extra_chat}
-[route:news]
-prefix = /v1/news
-upstream = http://127.0.0.1:{number}
-"""
+    news = f"[route:news]\nprefix = /v1/news\nupstream = http://127.0.0.1:{number}\n"
+    return route_config(number, extra_gateway, extra_chat) + news
 
 
 @pytest_twisted.ensureDeferred
