@@ -51,6 +51,9 @@ async def leaves_nothing_behind(request: pytest.FixtureRequest) -> Any:
     finally:
         globalLogPublisher.removeObserver(observe)
     left_selectables, left_timers = _leaks(sockets, timers)
+    problems = [f"listener or connection: {s!r}" for s in left_selectables]
+    problems += [f"delayed call: {c!r}" for c in left_timers]
+    problems += [f"failed Deferred nobody handled: {e['log_failure'].getTraceback()}" for e in failed]
     # Clean up so that the next test starts from nothing, then fail this one.
     for call in left_timers:
         call.cancel()
@@ -58,9 +61,6 @@ async def leaves_nothing_behind(request: pytest.FixtureRequest) -> Any:
         stop = getattr(selectable, "abortConnection", None) or getattr(selectable, "stopListening", None)
         if stop is not None:
             stop()
-    problems = [f"listener or connection: {s!r}" for s in left_selectables]
-    problems += [f"delayed call: {c!r}" for c in left_timers]
-    problems += [f"failed Deferred nobody handled: {e['log_failure'].getTraceback()}" for e in failed]
     if problems:
         pytest.fail("test left behind:\n  " + "\n  ".join(problems), pytrace=False)
 

@@ -40,8 +40,18 @@ def _require(condition: bool, item: str, library: str) -> None:
         pytest.fail(f"{library} changed {item}: twisted_gateway/_compat.py relies on it; read its docstring")
 
 
-def _open_server_leg() -> WebSocketServerProtocol:
+def _server_factory() -> WebSocketServerFactory:
+    """
+    A factory whose protocols set no handshake timer: Autobahn's timers run on
+    the global reactor, where one would outlive the test.
+    """
     factory = WebSocketServerFactory("ws://localhost:9")
+    factory.setProtocolOptions(openHandshakeTimeout=0, closeHandshakeTimeout=0)
+    return factory
+
+
+def _open_server_leg() -> WebSocketServerProtocol:
+    factory = _server_factory()
     factory.protocol = WebSocketServerProtocol
     proto = factory.buildProtocol(None)
     proto.makeConnection(StringTransport())
@@ -115,7 +125,7 @@ def test_fail_connection_sets_failed_by_me():
         def failed(self, code):
             calls.append(code)
 
-    factory = WebSocketServerFactory("ws://localhost:9")
+    factory = _server_factory()
     factory.protocol = Leg
     proto = factory.buildProtocol(None)
     proto.makeConnection(StringTransport())
@@ -138,7 +148,7 @@ def test_connection_lost_hook(cls):
 
 
 def test_server_counts_connections():
-    factory = WebSocketServerFactory("ws://localhost:9")
+    factory = _server_factory()
     factory.protocol = WebSocketServerProtocol
     proto = factory.buildProtocol(None)
     proto.makeConnection(StringTransport())
@@ -165,7 +175,7 @@ def test_config_attrs(cls):
 
 
 def test_with_options_skips_the_copy():
-    factory = WebSocketServerFactory("ws://localhost:9")
+    factory = _server_factory()
     factory.setProtocolOptions(maxMessagePayloadSize=123)
     factory.protocol = _compat.with_options(WebSocketServerProtocol, factory)
     proto = factory.buildProtocol(None)

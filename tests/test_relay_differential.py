@@ -136,7 +136,7 @@ def relay_outcome(side: str, reads: list[bytes], fast: bool):
     relay.flush()
     to_client = client.buffer.split(b"\r\n\r\n", 1)[1]
     to_upstream, rest = parse_frames(b"".join(received))  # masks differ: compared unmasked
-    return {
+    outcome = {
         "to_client": to_client,
         "to_upstream": (to_upstream, len(rest)),
         "upstream_messages": server.messages,
@@ -145,6 +145,11 @@ def relay_outcome(side: str, reads: list[bytes], fast: bool):
         "pairs": len(relay.registry.pairs),
         "closes": dict(relay.resource.metrics.route("chat").closes),
     }
+    # whatever is still connected goes, with its Autobahn timers (on the global reactor)
+    for transport in (client.transport, server.transport):
+        transport.loseConnection()
+    relay.flush()
+    return outcome
 
 
 @given(traffic())
