@@ -88,7 +88,7 @@ from twisted_gateway.streaming import StreamingBody
 from twisted_gateway.connector import upstream_endpoint
 from twisted_gateway.tls import describe_tls_failure
 from twisted_gateway.upstreams import InstanceRegistry, UpstreamPool, may_retry
-from twisted_gateway.upstream_client import UpstreamClient, may_replay  # noqa: F401 (may_replay: importable here)
+from twisted_gateway.upstream_client import UpstreamClient, UpstreamResponse, may_replay  # noqa: F401 (may_replay: importable here)
 
 #: Access-log events: one per request, structured fields, no raw URI.
 access_log = Logger(namespace="twisted_gateway.access")
@@ -733,8 +733,8 @@ class HTTPForwarder:
         extra_headers: Sequence[tuple[bytes, bytes]],
         drop_headers: frozenset[bytes],
         options: _Options,
-    ) -> Headers:
-        """The request's headers as every upstream attempt sends them (``Agent`` copies them)."""
+    ) -> list[tuple[bytes, bytes]]:
+        """The request's headers as every upstream attempt sends them."""
         incoming = [
             (name, value)
             for name, values in request.requestHeaders.getAllRawHeaders()
@@ -752,30 +752,32 @@ class HTTPForwarder:
             drop=drop_headers | self._never_forwarded,
             underscores=options.underscores,
         )
-        headers = Headers()
+        first = []
         stream = getattr(request, "stream", None)
         if stream is not None and stream.expect_continue:
-            headers.addRawHeader(b"Expect", b"100-continue")  # the upstream's to answer
+            first.append((b"Expect", b"100-continue"))  # the upstream's to answer
         host = upstream_host(options.host_header, client_host)
         if host is not None:
-            # without one, Agent writes the upstream URL's host[:port]
-            headers.addRawHeader(b"Host", host)
-        for name, value in [*pairs, *extra_headers]:
-            headers.addRawHeader(name, value)
-        return headers
+            # without one, the client writes the upstream URL's host[:port]
+            first.append((b"Host", host))
+        return [*first, *pairs, *extra_headers]
 
     async def _request_upstream(
         self,
         request: server.Request,
         url: bytes,
         upload: _Upload | None,
-        headers: Headers,
+        headers: list[tuple[bytes, bytes]],
         timeout: float,
     ) -> IResponse:
         """The upstream's response head, or a :class:`GatewayError` to answer with."""
         settings = self._settings
+        agent = self._agent
         try:
-            pending = self._agent.request(request.method, url, headers, upload)
+            if isinstance(agent, UpstreamClient):
+                pending = agent.send(request.method, url, headers, upload)
+            else:  # an IAgent given to the forwarder
+                pending = agent.request(request.method, url, _as_headers(headers), upload)
         except ValueError as e:
             raise BadRequest(f"the request cannot be forwarded: {e}") from None
         pending.addTimeout(timeout, self._reactor, self._head_timed_out)
@@ -801,7 +803,10 @@ class HTTPForwarder:
         phrase = clean_reason_phrase(response.phrase) if response.phrase else None
         request.setResponseCode(response.code, phrase or RESPONSES.get(response.code))
         request.defaultContentType = None
-        pairs = response_header_pairs(response.headers)
+        if isinstance(response, UpstreamResponse):
+            pairs = strip_hop_by_hop(response.raw_headers)  # no Headers built and read back
+        else:
+            pairs = response_header_pairs(response.headers)
         if origins:  # host_header = upstream or a name: redirects may name the upstream
             pairs = rewrite_redirects(pairs, origins, _client_origin(request))
         for name, values in _grouped(pairs):
@@ -812,6 +817,13 @@ class HTTPForwarder:
             and response.code not in NO_BODY_CODES
         ):
             request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % response.length])
+
+
+def _as_headers(pairs: Iterable[tuple[bytes, bytes]]) -> Headers:
+    headers = Headers()
+    for name, value in pairs:
+        headers.addRawHeader(name, value)
+    return headers
 
 
 def _client_origin(request: server.Request) -> bytes | None:

@@ -23,7 +23,8 @@ fresh connection where :func:`may_replay` allows it.
 
 from __future__ import annotations
 
-from typing import Protocol as TypingProtocol, Union
+import re
+from typing import Protocol as TypingProtocol, Sequence, Union
 
 import httptools
 from twisted.internet.defer import CancelledError, Deferred, gatherResults
@@ -40,7 +41,7 @@ from twisted.web.client import (
     ResponseFailed,
     ResponseNeverReceived,
 )
-from twisted.web.http import PotentialDataLoss, _istoken
+from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IAgentEndpointFactory, IResponse
 from zope.interface import implementer
@@ -75,6 +76,28 @@ class BodyProducer(TypingProtocol):
     def stopProducing(self) -> None: ...
 
 
+class Transport(TypingProtocol):
+    """What an upstream connection uses of its transport (TCP, or TLS over it)."""
+
+    def write(self, data: bytes) -> None: ...
+
+    def writeSequence(self, data: list[bytes]) -> None: ...
+
+    def registerProducer(self, producer: object, streaming: bool) -> None: ...
+
+    def unregisterProducer(self) -> None: ...
+
+    def pauseProducing(self) -> None: ...
+
+    def resumeProducing(self) -> None: ...
+
+    def loseConnection(self) -> None: ...
+
+    def abortConnection(self) -> None: ...
+
+    def getPeer(self) -> object: ...
+
+
 class WrongBodyLength(Exception):
     """A request body producer wrote more or fewer bytes than its ``length``."""
 
@@ -97,22 +120,33 @@ def may_replay(method: bytes, reason: BaseException) -> bool:
     )
 
 
-def request_head(method: bytes, target: bytes, headers: Headers, framing: bytes) -> bytes:
+def request_head(method: bytes, target: bytes, headers: Sequence[tuple[bytes, bytes]], framing: bytes) -> bytes:
     """
-    The request line and headers as ``Agent`` writes them: ``framing`` is the
-    body's ``Content-Length``/``Transfer-Encoding`` line (or nothing).
+    The request line and ``headers`` in their order: ``framing`` is the body's
+    ``Content-Length``/``Transfer-Encoding`` line (or nothing). A CR or LF in
+    a header becomes a space (as ``Headers`` does): no header can add lines.
     Raises ``ValueError`` for a method or target that cannot go on a request line.
     """
-    if not _istoken(method):
+    if not _TOKEN.match(method):
         raise ValueError(f"Invalid method {method!r}")
-    if not target or not all(0x21 <= byte <= 0x7E for byte in target):
+    if not _TARGET.match(target):
         raise ValueError(f"Invalid URI {target!r}")
-    lines = [method, b" ", target, b" HTTP/1.1\r\n", framing]
-    for name, values in headers.getAllRawHeaders():
-        for value in values:
-            lines += (name, b": ", value, b"\r\n")
-    lines.append(b"\r\n")
-    return b"".join(lines)
+    block = b""
+    if headers:
+        block = b"\r\n".join([name + b": " + value for name, value in headers])
+        lines = len(headers) - 1
+        if block.count(b"\n") != lines or block.count(b"\r") != lines:
+            block = b"\r\n".join([_one_line(name) + b": " + _one_line(value) for name, value in headers])
+        block += b"\r\n"
+    return b"".join((method, b" ", target, b" HTTP/1.1\r\n", framing, block, b"\r\n"))
+
+
+_TOKEN = re.compile(rb"\A[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+_TARGET = re.compile(rb"\A[\x21-\x7e]+\Z")
+
+
+def _one_line(text: bytes) -> bytes:
+    return text.replace(b"\r\n", b" ").replace(b"\r", b" ").replace(b"\n", b" ")
 
 
 def status_line_without_bare_cr(data: bytes) -> bytes:
@@ -193,17 +227,31 @@ class UpstreamResponse:
     previousResponse = None
 
     def __init__(
-        self, connection: UpstreamConnection, code: int, phrase: bytes, headers: Headers, length: Length
+        self,
+        connection: UpstreamConnection,
+        code: int,
+        phrase: bytes,
+        raw_headers: list[tuple[bytes, bytes]],
+        length: Length,
     ) -> None:
         self.version = (b"HTTP", 1, 1)
         self.code = code
         self.phrase = phrase
-        self.headers = headers
+        #: the headers as received, in order (a proxy copies them without ``Headers``' work)
+        self.raw_headers = raw_headers
         self.length = length
         self._connection = connection
         self._protocol: IProtocol | None = None
         self._held: list[bytes] = []
         self._end: Failure | None = None
+
+    @property
+    def headers(self) -> Headers:
+        """:attr:`raw_headers` as ``IResponse`` has them, built when asked for."""
+        headers = Headers()
+        for name, value in self.raw_headers:
+            headers.addRawHeader(name, value)
+        return headers
 
     def deliverBody(self, protocol: IProtocol) -> None:
         self._protocol = protocol
@@ -308,7 +356,7 @@ class UpstreamConnection(Protocol):
     llhttp as bytes arrive; its callbacks (``on_*``) build the response.
     """
 
-    transport: object  # type: ignore[assignment]
+    transport: Transport | None  # type: ignore[assignment]
 
     def __init__(self, pool: UpstreamClient, key: tuple[bytes, bytes, int]) -> None:
         self._pool = pool
@@ -345,15 +393,17 @@ class UpstreamConnection(Protocol):
         if body is None:
             return
         writer = _BodyWriter(self, body.length)
-        self.transport.registerProducer(body, True)  # type: ignore[attr-defined]
+        self.transport.registerProducer(body, True)
         producing = body.startProducing(writer)
-        producing.addCallbacks(self._body_sent, self._body_failed, (exchange, writer), None, (exchange,))
+        producing.addCallbacks(
+            self._body_sent, self._body_failed, callbackArgs=(exchange, writer), errbackArgs=(exchange,)
+        )
 
     def _body_sent(self, result: object, exchange: _Exchange, writer: _BodyWriter) -> None:
         if self._exchange is not exchange:
             return
         if self.transport is not None and not self.lost:
-            self.transport.unregisterProducer()  # type: ignore[attr-defined]
+            self.transport.unregisterProducer()
         writer.finish()
         if writer.wrong:
             self._body_failed(Failure(WrongBodyLength("the request body's length was not kept")), exchange)
@@ -423,11 +473,9 @@ class UpstreamConnection(Protocol):
                 if continued is not None:
                     continued()
             return
-        headers = Headers()
         length: Length = UNKNOWN_LENGTH
         chunked = False
         for name, value in pairs:
-            headers.addRawHeader(name, value)
             lower = name.lower()
             if lower == b"content-length":
                 length = int(value)
@@ -438,7 +486,7 @@ class UpstreamConnection(Protocol):
             length = 0
         elif not chunked and length is UNKNOWN_LENGTH:
             exchange.until_close = True
-        response = exchange.response = UpstreamResponse(self, code, phrase, headers, length)
+        response = exchange.response = UpstreamResponse(self, code, phrase, pairs, length)
         if head:
             exchange.keep_alive = self._parser.should_keep_alive()
         exchange.answer.callback(response)
@@ -494,7 +542,7 @@ class UpstreamConnection(Protocol):
         if exchange.keep_alive and not self.lost:
             self._pool._put(self)
         else:
-            self.transport.loseConnection()  # type: ignore[attr-defined]
+            self.close()
         exchange.response._ended(Failure(ResponseDone()))
 
     def _broken(self, reason: Failure) -> None:
@@ -537,22 +585,27 @@ class UpstreamConnection(Protocol):
 
     def pause_reading(self) -> None:
         self._paused = True
-        self.transport.pauseProducing()  # type: ignore[attr-defined]
+        self.transport.pauseProducing()
 
     def resume_reading(self) -> None:
         self._paused = False
-        self.transport.resumeProducing()  # type: ignore[attr-defined]
+        self.transport.resumeProducing()
+
+    def close(self) -> None:
+        """Close after what is queued is written."""
+        if self.transport is not None:
+            self.transport.loseConnection()
 
     def abort(self) -> None:
         """Close at once: the connection cannot carry another request."""
         if not self.lost and self.transport is not None:
-            self.transport.abortConnection()  # type: ignore[attr-defined]
+            self.transport.abortConnection()
 
     def _stray(self, data: bytes) -> None:
         if self._stray_logged:
             return
         self._stray_logged = True
-        peer = self.transport.getPeer() if self.transport is not None else None  # type: ignore[attr-defined]
+        peer = self.transport.getPeer() if self.transport is not None else None
         _log.warn(
             "upstream {upstream} sent {count} bytes after a complete response:"
             " closing the connection instead of reusing it",
@@ -636,14 +689,22 @@ class UpstreamClient:
         when missing) and the body; fires with the response head. Raises
         ``ValueError`` at once for a method, URI or header that cannot be sent.
         """
+        pairs = [] if headers is None else [(k, v) for k, vs in headers.getAllRawHeaders() for v in vs]
+        return self.send(method, uri, pairs, bodyProducer)
+
+    def send(
+        self,
+        method: bytes,
+        uri: bytes,
+        headers: Sequence[tuple[bytes, bytes]],
+        body: BodyProducer | None = None,
+    ) -> Deferred[IResponse]:
+        """:meth:`request` with the headers as ``(name, value)`` pairs, sent in their order."""
         origin, target = self._origin(uri)
-        if headers is None:
-            headers = Headers()
-        if not headers.hasHeader(b"host"):
-            headers = headers.copy()
-            headers.addRawHeader(b"Host", origin.host)
-        head = request_head(method, target, headers, _framing(method, bodyProducer))
-        exchange = _Exchange(origin, method, head, bodyProducer)
+        if not any(name.lower() == b"host" for name, _ in headers):
+            headers = [(b"Host", origin.host), *headers]
+        head = request_head(method, target, headers, _framing(method, body))
+        exchange = _Exchange(origin, method, head, body)
         self._start(exchange)
         return exchange.answer
 
@@ -654,7 +715,7 @@ class UpstreamClient:
             for connection in connections:
                 connection.closed = Deferred()
                 closing.append(connection.closed)
-                connection.transport.loseConnection()  # type: ignore[attr-defined]
+                connection.close()
         for timer in self._timeouts.values():
             timer.cancel()
         self._connections, self._timeouts = {}, {}
@@ -696,12 +757,14 @@ class UpstreamClient:
         exchange.reused = False
         connecting = origin.endpoint.connect(_ConnectionFactory(self, origin.key))
         exchange.connecting = connecting
-        connecting.addCallbacks(self._connected, self._connect_failed, (exchange,), None, (exchange,))
+        connecting.addCallbacks(
+            self._connected, self._connect_failed, callbackArgs=(exchange,), errbackArgs=(exchange,)
+        )
 
     def _connected(self, connection: UpstreamConnection, exchange: _Exchange) -> None:
         exchange.connecting = None
         if exchange.answer.called:  # cancelled meanwhile
-            connection.transport.loseConnection()  # type: ignore[attr-defined]
+            connection.close()
             return
         connection.send(exchange)
 
@@ -734,12 +797,12 @@ class UpstreamClient:
         if len(idle) > self.max_idle_per_host:
             oldest = idle.pop(0)
             self._timeouts.pop(oldest).cancel()
-            oldest.transport.loseConnection()  # type: ignore[attr-defined]
+            oldest.close()
 
     def _expire(self, connection: UpstreamConnection) -> None:
         del self._timeouts[connection]
         self._connections[connection.key].remove(connection)
-        connection.transport.loseConnection()  # type: ignore[attr-defined]
+        connection.close()
 
     def _forget(self, connection: UpstreamConnection) -> None:
         """An idle connection closed (by the upstream, or by us): it leaves the pool with its timer."""

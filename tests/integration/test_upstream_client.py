@@ -462,11 +462,3 @@ async def test_a_connect_failure_is_the_endpoints_own_error(client):
     await port.stopListening()
     with pytest.raises(ConnectionRefusedError):
         await client.request(b"GET", base + b"/")
-
-
-@pytest.mark.parametrize("method, url", [(b"GE T", b"http://127.0.0.1:1/"), (b"GET", b"http://127.0.0.1:1/a b")])
-def test_what_cannot_go_on_a_request_line_is_refused_at_once(method, url):
-    """A method that is not a token, a target with a space: ValueError before any connection."""
-    client = UpstreamClient(reactor, UpstreamEndpoints(reactor, 5.0))
-    with pytest.raises(ValueError):
-        client.request(method, url)
