@@ -3,8 +3,9 @@
 
 The only module that touches the global reactor and the process's limits
 (``RLIMIT_NOFILE`` is raised here, by :mod:`twisted_gateway.limits`' rules).
-A bad config is reported as one line (file, section, key, reason) and a
-non-zero exit, never a traceback.
+A bad config raises :class:`~twisted_gateway.schema.ConfigError`, a
+``usage.UsageError``: twistd prints the options' usage and then one line
+(file, section, key, reason) and exits 1, never with a traceback.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from twisted_gateway import logs
-from twisted_gateway.config import ConfigError, Settings, config_warnings, load_config
+from twisted_gateway.config import Settings, config_warnings, load_config
 from twisted_gateway.limits import (
     LOW_OPEN_FILES,
     UNLIMITED_CEILING,
@@ -45,15 +46,12 @@ class Options(usage.Options):
         self["listen"].append(description)
 
     def postOptions(self) -> None:
-        try:
-            settings = load_config(self["config"])
-            if self["listen"]:
-                from twisted_gateway.config import with_listen
+        """Load the config; a bad one raises ConfigError, a ``usage.UsageError`` twistd reports."""
+        settings = load_config(self["config"])
+        if self["listen"]:
+            from twisted_gateway.config import with_listen
 
-                settings = with_listen(settings, self["listen"])
-        except ConfigError as e:
-            sys.stderr.write(f"wsgateway: {e}\n")
-            raise SystemExit(1)
+            settings = with_listen(settings, self["listen"])
         if self["check"]:
             from twisted_gateway.config import describe_settings
 

@@ -16,14 +16,14 @@ import base64
 import json
 import re
 import socket
-import subprocess
 import sys
 import time
 
 import jwt
 import pytest
 
-from tests.processes import GUARD, TWISTD, Process, child_env, twistd_gateway
+from tests.e2e.test_twistd import _start_up_fails
+from tests.processes import GUARD, Process, twistd_gateway
 
 SECRET = "e2e-hygiene-secret-0123456789abcdef0123456789"
 LISTENING = re.compile(r"\bwsgateway listening on \S+ \(port (\d+)\)")
@@ -439,15 +439,5 @@ def test_a_cookie_authenticated_websocket_route_open_to_every_origin_stops_start
         f"[auth]\nalgorithms = HS256\nsecret = {SECRET}\ncookie = session\n\n"
         "[route:chat]\nprefix = /v1/chat\nupstream = http://127.0.0.1:9\n"
     )
-    result = subprocess.run(
-        [str(TWISTD), "-n", "--pidfile=", "wsgateway", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=GUARD,
-        env=child_env(),
-        cwd=tmp_path,
-    )
-    assert result.returncode != 0
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stdout + result.stderr
-    assert f"{config}: [route:chat] allowed_origins: must list the allowed origins" in lines[0]
+    line = _start_up_fails(["--config", str(config)], tmp_path)
+    assert f"{config}: [route:chat] allowed_origins: must list the allowed origins" in line

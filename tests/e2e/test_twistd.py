@@ -90,7 +90,7 @@ BAD_CONFIGS = [
 
 
 def _start_up_fails(args: list[str], cwd: Path) -> str:
-    """Run twistd expecting it to refuse to start; return its stderr."""
+    """Run twistd expecting it to refuse to start; return the line saying why."""
     result = subprocess.run(
         [str(TWISTD), "-n", "--pidfile=", "wsgateway", *args],
         capture_output=True,
@@ -99,12 +99,23 @@ def _start_up_fails(args: list[str], cwd: Path) -> str:
         env=child_env(),
         cwd=cwd,
     )
+    return refusal_line(result)
+
+
+def refusal_line(result: subprocess.CompletedProcess) -> str:
+    """
+    twistd's answer to a bad config (a ``usage.UsageError``): exit 1, no
+    traceback, nothing on stderr, and on stdout the options' usage, then one
+    line ``twistd -n: FILE: [SECTION] KEY: REASON``; that line is returned.
+    """
     output = result.stdout + result.stderr
-    assert result.returncode != 0, output
+    assert result.returncode == 1, output
     assert "Traceback" not in output, output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, output
-    return lines[0]
+    assert result.stderr == "", output
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("Usage: twistd") and "--config=" in result.stdout, output
+    assert lines[-1].startswith(f"{TWISTD} -n: "), output
+    return lines[-1]
 
 
 @pytest.mark.parametrize(
