@@ -607,6 +607,18 @@ def test_cluster_section_reads_the_redis_url_from_the_environment_and_never_show
     assert "hunter2" not in text and "redis = (set)" in text
 
 
+def test_a_cluster_node_without_node_id_is_named_hostname_pid_when_loaded():
+    """Parsing leaves the default empty (it depends on the process); loading and --check name it."""
+    import os
+    import socket
+
+    parsed = parse_config("[cluster]\nredis = redis://127.0.0.1:6379\n" + ROUTE)
+    assert parsed.cluster.node_id == ""
+    loaded = load_settings(parsed)
+    assert loaded.cluster.node_id == f"{socket.gethostname()}-{os.getpid()}"
+    assert f"node_id = {socket.gethostname()}-{os.getpid()}" in describe_settings(loaded)
+
+
 def test_admin_token_off_is_said_by_check_and_a_token_from_the_environment_is_masked(monkeypatch):
     text = describe_settings(parse_config("[admin]\nlisten = tcp:0\n" + ROUTE))
     assert "; [admin] token is not set: the /admin API is not served" in text

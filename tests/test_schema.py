@@ -71,7 +71,7 @@ POINTING = [
     ("[auth]\nalgorithms = HS256\nsecret = file:{missing}\n" + ROUTE, "auth", "secret"),
     ("[auth]\nalgorithms = RS256\npublic_key = file:{missing}\n" + ROUTE, "auth", "public_key"),
     ("[auth]\nalgorithms = RS256\njwks_file = file:{missing}\n" + ROUTE, "auth", "jwks_file"),
-    ("[auth]\nalgorithms = RS256\njwks_url = https://idp.test/keys\nca_file = {missing}\n" + ROUTE, "auth", "ca_file"),
+    ("[auth]\nalgorithms = RS256\njwks_url = https://i.test/k\nca_file = {missing}\n" + ROUTE, "auth", "ca_file"),
     ("[cluster]\nredis = env:T14_UNSET\n" + ROUTE, "cluster", "redis"),
     ("[cluster]\nredis = rediss://redis.test\nca_file = {missing}\n" + ROUTE, "cluster", "ca_file"),
     ("[gateway]\nlisten = ssl:8443:privateKey={missing}\n" + ROUTE, "gateway", "listen"),

@@ -308,7 +308,9 @@ def parse_auth_section(source: str, values: Mapping[str, str]) -> AuthSettings:
 
 
 def key_material_source(settings: AuthSettings) -> tuple[str, str] | None:
-    """``(key, text)`` of the key that names local key material (secret, public_key, jwks_file)."""
+    """``(key, text)`` of the key naming key material not loaded yet (secret, public_key, jwks_file)."""
+    if settings.secret is not None or settings.public_key is not None or settings.jwks:
+        return None
     for name, text in (
         ("secret", settings.secret_source),
         ("public_key", settings.public_key_source),
@@ -319,11 +321,8 @@ def key_material_source(settings: AuthSettings) -> tuple[str, str] | None:
     return None
 
 
-def with_key_material(source: str, settings: AuthSettings, data: bytes) -> AuthSettings:
-    """The settings with the bytes its ``secret``, ``public_key`` or ``jwks_file`` named, checked."""
-    found = key_material_source(settings)
-    assert found is not None
-    name = found[0]
+def with_key_material(source: str, settings: AuthSettings, name: str, data: bytes) -> AuthSettings:
+    """The settings with the bytes their ``secret``, ``public_key`` or ``jwks_file`` (``name``) gave."""
     if name == "secret":
         if b"-----BEGIN" in data:
             raise ConfigError(source, "auth", "secret", "is a PEM key, not an HMAC secret")

@@ -72,7 +72,7 @@ def default_node_id() -> str:
 
 
 def parse_cluster_section(source: str, values: Mapping[str, str]) -> ClusterSettings:
-    """The ``[cluster]`` section (pure: a ``redis`` behind ``env:``/``file:`` waits for :func:`with_redis_url`)."""
+    """The ``[cluster]`` section (pure: the URL behind ``redis`` waits for :func:`with_redis_url`)."""
     settings = ClusterSettings(**read_section(source, "cluster", values, ClusterSettings))
     if settings.client_key is not None and settings.client_cert is None:
         raise ConfigError(source, "cluster", "client_key", "needs client_cert")

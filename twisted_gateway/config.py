@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping
 
 from twisted_gateway.access_log import check_access_log
 from twisted_gateway.auth import auth_warnings, key_material_source, parse_auth_section, with_key_material
-from twisted_gateway.cluster import parse_cluster_section, with_redis_url
+from twisted_gateway.cluster import default_node_id, parse_cluster_section, with_redis_url
 from twisted_gateway.headers import parse_host_header
 from twisted_gateway.routing import validate_prefix
 from twisted_gateway.schema import (
@@ -152,7 +152,9 @@ def parse_config(text: str, source: str = "<string>") -> Settings:
     return _with_secrets(settings, _literal_secret)
 
 
-def _parse_route(source: str, name: str, values: Mapping[str, str], auth: AuthSettings | None) -> RouteSettings:
+def _parse_route(
+    source: str, name: str, values: Mapping[str, str], auth: AuthSettings | None
+) -> RouteSettings:
     section = f"route:{name}"
     read = read_section(source, section, values, RouteSettings)
     for key, rule in _ROUTE_RULES.items():
@@ -223,10 +225,10 @@ def _with_secrets(settings: Settings, resolve: _Resolve) -> Settings:
     """The settings with the secrets ``resolve`` gives: the auth keys, the admin token, the Redis URL."""
     source, auth, admin, cluster = settings.source, settings.auth, settings.admin, settings.cluster
     found = key_material_source(auth) if auth is not None else None
-    if auth is not None and found is not None and auth.secret is None and auth.public_key is None and not auth.jwks:
+    if auth is not None and found is not None:
         data = resolve(source, "auth", *found)
         if data is not None:
-            auth = with_key_material(source, auth, data)
+            auth = with_key_material(source, auth, found[0], data)
     if admin.token_source is not None and admin.token is None:
         data = resolve(source, "admin", "token", admin.token_source)
         if data is not None:
@@ -243,10 +245,13 @@ def _with_secrets(settings: Settings, resolve: _Resolve) -> Settings:
 def load_settings(settings: Settings) -> Settings:
     """
     Read what parsed settings point at (secrets, PEM and JWKS files, the files
-    of ``ssl:`` listeners, the access log's directory), as start-up would.
+    of ``ssl:`` listeners, the access log's directory), as start-up would, and
+    name this node (``[cluster] node_id``'s default, ``hostname-pid``).
     """
     settings = _with_secrets(settings, _read_secret)
     source = settings.source
+    if settings.cluster is not None and not settings.cluster.node_id:
+        settings = replace(settings, cluster=replace(settings.cluster, node_id=default_node_id()))
     endpoints = [("gateway", "listen", d) for d in settings.gateway.listen]
     endpoints += [("admin", "listen", d) for d in settings.admin.listen]
     if settings.demo.chat_service is not None:

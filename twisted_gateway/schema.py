@@ -596,7 +596,7 @@ class ClusterSettings:
 
     #: how the file gives the Redis URL: literal, ``env:NAME`` or ``file:PATH``
     redis_source: str = key(parse_secret, name="redis", secret=True)
-    #: empty: ``hostname-pid`` (cluster.default_node_id)
+    #: empty: ``hostname-pid`` (cluster.default_node_id), filled when loaded
     node_id: str = key(parse_node_id, "")
     on_redis_down: str = key(parse_on_redis_down, "open")
     #: CAs trusted for ``rediss://`` (PEM); default: the system's trust store

@@ -11,7 +11,11 @@ key is reported with the argument that names it. A ``certKey`` file may carry
 the chain after the leaf (``fullchain.pem``). The listener is TLS on a TCP
 endpoint (what ``listenSSL`` does), so that the gateway's connection cap can
 sit below TLS. Any listener without ``backlog=`` gets the system's maximum
-(``net.core.somaxconn``), not Twisted's 50.
+(``net.core.somaxconn``), not Twisted's 50. Every other endpoint type is built
+by ``serverFromString`` and its plugins (``tcp:``, ``unix:``, ``systemd:``...).
+Reading the ``ssl:`` arguments and ``backlog=`` needs Twisted's tokenizer, which
+is private (``endpoints._parse``): :func:`split_description` is a copy that
+tests/test_tls.py holds to it.
 
 Upstreams: each route's ``ca_file`` (else the system trust store),
 ``client_cert``/``client_key`` (mTLS) and ``tls_verify`` become an
