@@ -40,6 +40,7 @@ from twisted_gateway.schema import (
 from twisted_gateway.tls import (
     TLSFileError,
     TLSKeyError,
+    TLSKeys,
     check_shared_upstreams,
     check_tls_files,
     check_tls_keys,
@@ -265,7 +266,7 @@ def load_settings(settings: Settings) -> Settings:
         check_access_log(settings.gateway.access_log)
     except ValueError as e:
         raise ConfigError(source, "gateway", "access_log", str(e)) from None
-    tls_sections: list[tuple[str, Any]] = [(f"route:{r.name}", r) for r in settings.routes]
+    tls_sections: list[tuple[str, TLSKeys]] = [(f"route:{r.name}", r) for r in settings.routes]
     if settings.cluster is not None:
         tls_sections.append(("cluster", settings.cluster))
     for section, keys in tls_sections:
@@ -336,7 +337,7 @@ def describe_settings(settings: Settings) -> str:
     """The effective configuration as INI text, secrets masked (for ``--check``)."""
     from twisted_gateway.admin import where_served
 
-    def section(title: str, values: Any) -> list[str]:
+    def section(title: str, values: object) -> list[str]:
         lines = [f"[{title}]"]
         for name, spec in section_keys(type(values)).items():
             value = getattr(values, spec.name)

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import socket
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
 from urllib.parse import urlsplit
 
 from cryptography import x509
@@ -58,6 +58,8 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.filepath import FilePath
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
+
+from twisted_gateway.schema import RouteSettings
 
 log = Logger()
 
@@ -384,7 +386,19 @@ def server_endpoint(
 
 # -- route keys ------------------------------------------------------------------
 
-#: The TLS keys of a ``[route:NAME]`` section (``[cluster]`` has the same).
+class TLSKeys(Protocol):
+    """The TLS keys of a ``[route:NAME]`` section; ``[cluster]`` has them too."""
+
+    @property
+    def ca_file(self) -> str | None: ...
+    @property
+    def client_cert(self) -> str | None: ...
+    @property
+    def client_key(self) -> str | None: ...
+    @property
+    def tls_verify(self) -> bool: ...
+
+
 _TLS_KEY_NAMES = ("ca_file", "client_cert", "client_key", "tls_verify")
 
 
@@ -394,7 +408,7 @@ def check_tls_keys(client_cert: str | None, client_key: str | None) -> None:
         raise TLSKeyError("client_key", "needs client_cert")
 
 
-def check_tls_files(route: Any) -> None:
+def check_tls_files(route: TLSKeys) -> None:
     """Read the ``ca_file``, ``client_cert`` and ``client_key`` of a route (or ``[cluster]``) now."""
     try:
         UpstreamTLS.for_route(route)
@@ -417,17 +431,17 @@ def _netloc(host: str, port: int) -> tuple[str, int]:
     return host.strip("[]").lower(), port
 
 
-def _tls_keys(route: Any) -> tuple[Any, ...]:
+def _tls_keys(route: TLSKeys) -> tuple[str | bool | None, ...]:
     return tuple(getattr(route, name) for name in _TLS_KEY_NAMES)
 
 
-def check_shared_upstreams(routes: Sequence[Any]) -> None:
+def check_shared_upstreams(routes: Sequence[RouteSettings]) -> None:
     """
     Routes naming the same https upstream (host and port) use the same TLS
     keys: pooled HTTP connections are shared, so a connection opened with one
     route's client certificate would otherwise carry another route's requests.
     """
-    seen: dict[tuple[str, int], Any] = {}
+    seen: dict[tuple[str, int], RouteSettings] = {}
     for route in routes:
         for netloc in _https_netlocs(route.upstream):
             first = seen.setdefault(netloc, route)
@@ -488,7 +502,7 @@ class UpstreamTLS:
         return cls(trust_root=trustRootFromCertificates(certificates))
 
     @classmethod
-    def for_route(cls, route: Any) -> UpstreamTLS:
+    def for_route(cls, route: TLSKeys) -> UpstreamTLS:
         """From a route's ``ca_file``, ``client_cert``, ``client_key`` and ``tls_verify``."""
         trust_root = cls.for_ca_file(route.ca_file).trust_root
         client_certificate = None
@@ -528,7 +542,7 @@ class UpstreamTLSPolicy:
         self._default = default if default is not None else UpstreamTLS()
 
     @classmethod
-    def for_routes(cls, routes: Iterable[Any]) -> UpstreamTLSPolicy:
+    def for_routes(cls, routes: Iterable[RouteSettings]) -> UpstreamTLSPolicy:
         """Read every route's TLS files once; routes naming the same upstream agree (config checks)."""
         by_netloc: dict[tuple[str, int], UpstreamTLS] = {}
         for route in routes:
@@ -563,7 +577,7 @@ def describe_tls_failure(error: BaseException) -> str | None:
     return None
 
 
-def warn_unverified(routes: Iterable[Any]) -> None:
+def warn_unverified(routes: Iterable[RouteSettings]) -> None:
     """One start-up warning for each route that turns certificate checks off."""
     for route in routes:
         if not route.tls_verify:
