@@ -11,7 +11,9 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+from twisted.internet.task import Clock
 
+from twisted_gateway.auth import Authenticator
 from twisted_gateway.config import ConfigError, load_settings, parse_config
 from twisted_gateway.schema import SECTIONS, RouteSettings, read_section, section_keys
 
@@ -77,7 +79,8 @@ POINTING = [
     ("[auth]\nalgorithms = HS256\nsecret = file:{missing}\n" + ROUTE, "auth", "secret"),
     ("[auth]\nalgorithms = RS256\npublic_key = file:{missing}\n" + ROUTE, "auth", "public_key"),
     ("[auth]\nalgorithms = RS256\njwks_file = file:{missing}\n" + ROUTE, "auth", "jwks_file"),
-    ("[auth]\nalgorithms = RS256\njwks_url = https://i.test/k\nca_file = {missing}\n" + ROUTE, "auth", "ca_file"),
+    ("[auth]\nalgorithms = RS256\njwks_url = https://i.test/k\nca_file = {missing}\n" + ROUTE, "auth",
+     "ca_file"),
     ("[cluster]\nredis = env:T14_UNSET\n" + ROUTE, "cluster", "redis"),
     ("[cluster]\nredis = rediss://redis.test\nca_file = {missing}\n" + ROUTE, "cluster", "ca_file"),
     ("[gateway]\nlisten = ssl:8443:privateKey={missing}\n" + ROUTE, "gateway", "listen"),
@@ -98,6 +101,16 @@ def test_parsing_reads_nothing_and_loading_names_what_is_missing(tmp_path, monke
         load_settings(settings)
     assert (caught.value.source, caught.value.section, caught.value.key) == ("gw.cfg", section, key)
     assert "\n" not in str(caught.value)
+
+
+def test_an_authenticator_refuses_settings_whose_secret_is_not_loaded(monkeypatch):
+    """Parsed settings naming an env: secret are loaded before use, else no token could verify."""
+    monkeypatch.setenv("T14_SECRET", "0123456789abcdef0123456789abcdef")
+    settings = parse_config("[auth]\nalgorithms = HS256\nsecret = env:T14_SECRET\n" + ROUTE)
+    with pytest.raises(ValueError, match=r"\[auth\] secret is not loaded yet"):
+        Authenticator(settings.auth, Clock())
+    loaded = load_settings(settings).auth
+    assert Authenticator(loaded, Clock()).settings.secret == b"0123456789abcdef0123456789abcdef"
 
 
 def test_a_secret_written_in_the_file_needs_no_loading():

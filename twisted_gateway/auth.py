@@ -382,6 +382,9 @@ class Authenticator:
         fetched = settings.jwks_url or settings.oidc_issuer
         if fetched is not None and http_client is None:
             raise ValueError("an Authenticator with a jwks_url or oidc_issuer needs an http_client")
+        unread = key_material_source(settings)
+        if unread is not None:  # else every token would be refused
+            raise ValueError(f"[auth] {unread[0]} is not loaded yet: see config.load_settings")
         self.settings = settings
         self._clock = clock
         self.keyset: KeySet | None = None
