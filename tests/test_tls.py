@@ -6,9 +6,10 @@ import socket
 from pathlib import Path
 
 import pytest
+from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 from service_identity import VerificationError
-from twisted.internet.endpoints import TCP4ServerEndpoint, _parse
+from twisted.internet.endpoints import TCP4ServerEndpoint, _parse, serverFromString
 from twisted.internet.protocol import Factory
 from twisted.internet.testing import MemoryReactor
 from twisted.logger import capturedLogs
@@ -34,6 +35,7 @@ from twisted_gateway.tls import (
     check_shared_upstreams,
     describe_tls_failure,
     listen_backlog,
+    listener_tls,
     parse_tls_listener,
     select_http_1_1,
     server_endpoint,
@@ -135,6 +137,45 @@ def test_malformed_ssl_descriptions_say_what_is_wrong(description, reason):
 def test_a_listener_agrees_to_http_1_1_only(offered, chosen):
     """``h2`` is never chosen; a client without http/1.1 gets no ALPN answer at all."""
     assert select_http_1_1(None, offered) is chosen
+
+
+def _served_chain(server: SSL.Context) -> list[str]:
+    """The certificates a server with this context sends, by common name (a handshake in memory)."""
+    client_context = SSL.Context(SSL.TLS_METHOD)
+    client_context.set_verify(SSL.VERIFY_NONE, lambda *_: True)
+    client, served = SSL.Connection(client_context, None), SSL.Connection(server, None)
+    client.set_connect_state()
+    served.set_accept_state()
+    for _ in range(10):
+        for one, other in ((client, served), (served, client)):
+            try:
+                one.do_handshake()
+            except SSL.WantReadError:
+                pass
+            while True:
+                try:
+                    other.bio_write(one.bio_read(65536))
+                except SSL.WantReadError:
+                    break
+    chain = client.get_peer_cert_chain(as_cryptography=True) or []
+    return [c.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value for c in chain]
+
+
+def test_a_cert_key_file_holding_the_chain_serves_it_where_twisteds_ssl_parser_drops_it(files, tmp_path):
+    """
+    Why ``ssl:`` listeners are built here and not by ``serverFromString``: a
+    ``fullchain.pem`` given as ``certKey`` sends its intermediates (Twisted
+    keeps only the leaf, and clients that lack the CA then fail to verify).
+    """
+    fullchain = tmp_path / "fullchain.pem"
+    fullchain.write_bytes(files.server_cert.read_bytes() + files.ca.read_bytes())
+    description = f"ssl:0:privateKey={files.server_key}:certKey={fullchain}"
+    ours = listener_tls(parse_tls_listener(description)).getContext()
+    assert _served_chain(ours) == ["server", "test-ca"]
+    reactor = MemoryReactor()
+    serverFromString(reactor, description).listen(Factory())
+    twisteds = reactor.sslServers[0][2].getContext()
+    assert _served_chain(twisteds) == ["server"]
 
 
 def test_ssl_listeners_read_their_files_when_built_and_listen_with_tls_on_tcp(files):

@@ -8,9 +8,9 @@ answer ALPN with ``http/1.1`` only: Autobahn's hand-over needs an HTTP/1.1
 channel, and ``Site`` would advertise ``h2`` as soon as the ``h2`` package is
 installed. And every file is read at start-up, so a bad path or an unreadable
 key is reported with the argument that names it. A ``certKey`` file may carry
-the chain after the leaf (``fullchain.pem``). The listener is TLS on a TCP
-endpoint (what ``listenSSL`` does), so that the gateway's connection cap can
-sit below TLS. Any listener without ``backlog=`` gets the system's maximum
+the chain after the leaf (``fullchain.pem``), which is sent (Twisted's ``ssl:``
+keeps the leaf only). The listener is TLS on a TCP endpoint (what ``listenSSL``
+does), so that the gateway's connection cap can sit below TLS. Any listener without ``backlog=`` gets the system's maximum
 (``net.core.somaxconn``), not Twisted's 50. Every other endpoint type is built
 by ``serverFromString`` and its plugins (``tcp:``, ``unix:``, ``systemd:``...).
 Reading the ``ssl:`` arguments and ``backlog=`` needs Twisted's tokenizer, which
