@@ -15,14 +15,17 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Callable, Protocol, Sequence
 
 from autobahn.twisted import websocket
-from twisted.protocols import policies
+from twisted.application import service
+from twisted.protocols import basic, policies
 from twisted.python import usage
 from twisted.web import http, resource, server
 
 __all__ = [
     "HTTPChannel",
+    "Int32StringReceiver",
     "Options",
     "Resource",
+    "Service",
     "Site",
     "WrappingFactory",
     "WebSocketClientFactory",
@@ -32,6 +35,8 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from twisted.application.service import IServiceCollection
+    from twisted.internet.defer import Deferred
     from twisted.internet.interfaces import IDelayedCall, IProtocolFactory, IReactorTime
     from twisted.python.failure import Failure
     from twisted.web.http_headers import Headers
@@ -53,8 +58,17 @@ if TYPE_CHECKING:
             self, version: bytes, code: bytes, reason: bytes, headers: Headers | Sequence[tuple[bytes, bytes]]
         ) -> None: ...
 
+    class Int32StringReceiver(basic.Int32StringReceiver):
+        def sendString(self, string: bytes) -> None: ...
+
     class WrappingFactory(policies.WrappingFactory):
         def __init__(self, wrappedFactory: IProtocolFactory) -> None: ...
+
+    class Service(service.Service):
+        def privilegedStartService(self) -> None: ...
+        def startService(self) -> None: ...
+        def stopService(self) -> Deferred[None] | None: ...
+        def setServiceParent(self, parent: IServiceCollection) -> None: ...
 
     class Resource(resource.Resource):
         def __init__(self) -> None: ...
@@ -112,6 +126,7 @@ if TYPE_CHECKING:
 else:
     HTTPChannel = http.HTTPChannel
     Resource = resource.Resource
+    Service = service.Service
     Site = server.Site
     Options = usage.Options
     WebSocketServerProtocol = websocket.WebSocketServerProtocol
@@ -119,3 +134,4 @@ else:
     WebSocketClientFactory = websocket.WebSocketClientFactory
     WebSocketClientProtocol = websocket.WebSocketClientProtocol
     WrappingFactory = policies.WrappingFactory
+    Int32StringReceiver = basic.Int32StringReceiver

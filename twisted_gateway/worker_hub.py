@@ -22,14 +22,16 @@ from __future__ import annotations
 import json
 import socket
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.error import ConnectionDone
-from twisted.internet.protocol import Factory
+from twisted.internet.interfaces import IDelayedCall, IReactorSocket, IReactorTime
+from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
-from twisted.protocols.basic import Int32StringReceiver
+from twisted.python.failure import Failure
 
+from twisted_gateway._bases import Int32StringReceiver
 from twisted_gateway.revocations import Revocations
 
 log = Logger()
@@ -39,16 +41,21 @@ REPLY_TIMEOUT = 2.0
 #: Seconds a worker waits for the hub (an action's answer comes within REPLY_TIMEOUT).
 REQUEST_TIMEOUT = REPLY_TIMEOUT + 1.0
 
+#: A message between the supervisor and a worker: a JSON object.
+Message = dict[str, Any]
+
+_T = TypeVar("_T")
+
 
 class _Channel(Int32StringReceiver):
     """One end of a socketpair: JSON messages in, JSON messages out."""
 
     MAX_LENGTH = 64 * 1024 * 1024  # every session of a worker, in one answer
 
-    def __init__(self, on_message: Callable[[dict], None], on_lost: Callable[[], None]) -> None:
+    def __init__(self, on_message: Callable[[Message], None], on_lost: Callable[[], None]) -> None:
         self.on_message, self.on_lost = on_message, on_lost
 
-    def send(self, message: dict) -> None:
+    def send(self, message: Message) -> None:
         self.sendString(json.dumps(message, separators=(",", ":")).encode())
 
     def stringReceived(self, data: bytes) -> None:
@@ -59,13 +66,14 @@ class _Channel(Int32StringReceiver):
             return
         self.on_message(message)
 
-    def connectionLost(self, reason: Any = ConnectionDone()) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.on_lost()
 
 
-def _adopt(reactor: Any, sock: socket.socket, channel: _Channel) -> None:
+def _adopt(reactor: IReactorSocket, sock: socket.socket, channel: _Channel) -> None:
     """Run ``channel`` on a connected UNIX socket (the reactor takes a duplicate)."""
-    reactor.adoptStreamConnection(sock.fileno(), socket.AF_UNIX, Factory.forProtocol(lambda: channel))
+    factory = Factory.forProtocol(lambda: channel)
+    reactor.adoptStreamConnection(sock.fileno(), socket.AF_UNIX, factory)  # type: ignore[arg-type]  # typed for ServerFactory[...]; any factory serves
     sock.close()
 
 
@@ -74,18 +82,18 @@ class _Action:
     """An administrator action in flight: who asked, who has yet to answer, the answers."""
 
     origin: int
-    request: Any
+    request: object
     pending: set[int]
-    results: list = field(default_factory=list)
-    timer: Any = None
+    results: list[object] = field(default_factory=list)
+    timer: IDelayedCall | None = None
 
 
 class Hub:
     """In the supervisor: the workers' links, their capped sockets per user, the revocations."""
 
-    def __init__(self, reactor: Any, clock: Any = None) -> None:
+    def __init__(self, reactor: IReactorSocket, clock: IReactorTime | None = None) -> None:
         self.reactor = reactor
-        self.clock = clock if clock is not None else reactor
+        self.clock = clock if clock is not None else IReactorTime(reactor)
         self.links: dict[int, _Channel] = {}
         #: [scope, sub] as JSON -> link -> open capped sockets
         self.counts: dict[str, dict[int, int]] = {}
@@ -115,7 +123,7 @@ class Hub:
             if not action.pending:
                 self._finish(number)
 
-    def _received(self, link: int, message: dict) -> None:
+    def _received(self, link: int, message: Message) -> None:
         op = message.get("op")
         if op == "acquire":
             self._reply(link, message.get("id"), over=self._acquire(link, message["keys"], message["caps"]))
@@ -125,14 +133,14 @@ class Hub:
         elif op == "broadcast":
             self._broadcast(link, message)
         elif op == "result":
-            action = self._actions.get(message.get("id"))
+            action = self._actions.get(message.get("id", 0))
             if action is not None and link in action.pending:
                 action.pending.discard(link)
                 action.results.append(message.get("result"))
                 if not action.pending:
                     self._finish(message["id"])
 
-    def _acquire(self, link: int, keys: list, caps: list) -> int:
+    def _acquire(self, link: int, keys: list[list[str]], caps: list[int]) -> int:
         """0 and the socket counted under every key, or the 1-based index of the first cap reached."""
         names = [json.dumps(key) for key in keys]
         for i, (name, cap) in enumerate(zip(names, caps)):
@@ -152,7 +160,7 @@ class Hub:
         if not per_link:
             del self.counts[name]
 
-    def _broadcast(self, link: int, message: dict) -> None:
+    def _broadcast(self, link: int, message: Message) -> None:
         action, args = message.get("action"), message.get("args") or {}
         if action == "revoke":  # kept for workers started later
             if args.get("jti") is not None:
@@ -178,7 +186,7 @@ class Hub:
             log.warn("workers: {n} worker(s) did not answer an administrator action in time", n=len(action.pending))
         self._reply(action.origin, action.request, results=action.results)
 
-    def _reply(self, link: int, request: Any, **answer: Any) -> None:
+    def _reply(self, link: int, request: object, **answer: object) -> None:
         channel = self.links.get(link)
         if channel is not None:
             channel.send({"op": "reply", "id": request, **answer})
@@ -192,32 +200,32 @@ class Link:
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IReactorTime,
         fd: int,
         *,
-        apply: Callable[[str, dict], Any],
+        apply: Callable[[str | None, Message], object],
         load: Callable[[Revocations], None],
         on_lost: Callable[[], None],
     ) -> None:
         self.clock = reactor
         self.apply, self.load, self.on_lost = apply, load, on_lost
         self.up = True
-        self._replies: dict[int, Deferred] = {}
+        self._replies: dict[int, Deferred[Message]] = {}
         self._sequence = 0
         self.channel = _Channel(self._received, self._lost)
-        _adopt(reactor, socket.socket(fileno=fd), self.channel)
+        _adopt(IReactorSocket(reactor), socket.socket(fileno=fd), self.channel)
 
-    def request(self, message: dict) -> Deferred:
+    def request(self, message: Message) -> Deferred[Message]:
         """The hub's answer to ``message`` (a dict), or a failure if it is gone or late."""
         if not self.up:
             return fail(ConnectionDone("the supervisor is gone"))
         self._sequence += 1
         number = self._sequence
-        d: Deferred = Deferred()
+        d: Deferred[Message] = Deferred()
         self._replies[number] = d
         d.addTimeout(REQUEST_TIMEOUT, self.clock)
 
-        def forget(result: Any) -> Any:
+        def forget(result: _T) -> _T:
             self._replies.pop(number, None)
             return result
 
@@ -225,7 +233,7 @@ class Link:
         self.channel.send({**message, "id": number})
         return d
 
-    def send(self, message: dict) -> None:
+    def send(self, message: Message) -> None:
         """A message that wants no answer."""
         if self.up:
             self.channel.send(message)
@@ -235,10 +243,10 @@ class Link:
         if self.channel.transport is not None:
             self.channel.transport.loseConnection()
 
-    def _received(self, message: dict) -> None:
+    def _received(self, message: Message) -> None:
         op = message.get("op")
         if op == "reply":
-            d = self._replies.get(message.get("id"))
+            d = self._replies.get(message.get("id", 0))
             if d is not None and not d.called:
                 d.callback(message)
         elif op == "apply":

@@ -23,8 +23,11 @@ from typing import Any, Iterable, Iterator
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
-from twisted.application.service import Service
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
+
+from twisted_gateway._bases import Service
 
 #: Seconds between a worker's publications (a peer's scrape lags by at most this).
 PUBLISH_INTERVAL = 0.5
@@ -63,7 +66,7 @@ def merge(sources: Iterable[tuple[str, list[dict[str, Any]]]]) -> list[Metric]:
     samples with the same name and labels are summed, except in gauges outside
     :data:`SUMMED_GAUGES`, which gain a ``worker`` label instead.
     """
-    merged: dict[str, tuple[dict[str, Any], dict[tuple, float]]] = {}
+    merged: dict[str, tuple[dict[str, Any], dict[tuple[str, tuple[tuple[str, str], ...]], float]]] = {}
     for worker, families in sources:
         for family in families:
             head, samples = merged.setdefault(family["name"], (family, {}))
@@ -82,7 +85,7 @@ def merge(sources: Iterable[tuple[str, list[dict[str, Any]]]]) -> list[Metric]:
     return out
 
 
-def write_atomically(path: str, data: Any) -> None:
+def write_atomically(path: str, data: object) -> None:
     """Write JSON so that a reader sees the old file or the new one, never half of one."""
     temporary = f"{path}.{os.getpid()}.tmp"
     with open(temporary, "w") as f:
@@ -126,7 +129,7 @@ class WorkerStats(Service):
     merges everyone's at a scrape (:meth:`registry`).
     """
 
-    def __init__(self, directory: str, worker: int, workers: int, own: Collector, clock: Any) -> None:
+    def __init__(self, directory: str, worker: int, workers: int, own: Collector, clock: IReactorTime) -> None:
         self.directory, self.worker, self.workers = directory, worker, workers
         self.own = own
         self.path = worker_file(directory, os.getpid())
@@ -138,7 +141,7 @@ class WorkerStats(Service):
         super().startService()
         self._loop.start(PUBLISH_INTERVAL, now=True)
 
-    def stopService(self) -> None:
+    def stopService(self) -> Deferred[None] | None:
         if self._loop.running:
             self._loop.stop()
         self.publish()
