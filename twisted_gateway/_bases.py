@@ -37,7 +37,7 @@ __all__ = [
 if TYPE_CHECKING:
     from twisted.application.service import IServiceCollection
     from twisted.internet.defer import Deferred
-    from twisted.internet.interfaces import IDelayedCall, IProtocolFactory, IReactorTime
+    from twisted.internet.interfaces import IDelayedCall, IProtocolFactory, IReactorTime, ITransport
     from twisted.python.failure import Failure
     from twisted.web.http_headers import Headers
     from twisted.web.iweb import IRequest
@@ -93,8 +93,12 @@ if TYPE_CHECKING:
     class WebSocketServerProtocol(websocket.WebSocketServerProtocol):
         sendMessage: _SendMessage
 
+        def makeConnection(self, transport: ITransport) -> None: ...
+
     class WebSocketClientProtocol(websocket.WebSocketClientProtocol):
         sendMessage: _SendMessage
+
+        def processHandshake(self) -> None: ...
 
     class WebSocketServerFactory(websocket.WebSocketServerFactory):
         def __init__(
@@ -122,6 +126,15 @@ if TYPE_CHECKING:
             reactor: object = None,  # the reactor its timers run on
         ) -> None: ...
         def setProtocolOptions(self, *args: object, **options: object) -> None: ...
+        def setSessionParameters(
+            self,
+            url: str | None = None,
+            origin: str | None = None,
+            protocols: Sequence[str] | None = None,
+            useragent: str | None = None,
+            headers: dict[str, str] | None = None,
+            proxy: dict[str, object] | None = None,
+        ) -> None: ...
 
 else:
     HTTPChannel = http.HTTPChannel

@@ -13,10 +13,12 @@ listed in the same test file (they stay in ``http_proxy.py`` and ``site.py``).
 from __future__ import annotations
 
 from types import FunctionType
-from typing import Any
+from typing import Any, TypeVar
 
 from autobahn.websocket.protocol import WebSocketProtocol
 from twisted.internet import tcp, unix
+
+_P = TypeVar("_P")
 
 # -- Twisted -------------------------------------------------------------------
 
@@ -160,7 +162,7 @@ class ServerLegHooks:
 # -- Autobahn: handshakes ------------------------------------------------------
 
 
-def with_options(protocol: type, factory: Any) -> type:
+def with_options(protocol: type[_P], factory: object) -> type[_P]:
     """
     ``protocol`` with ``factory``'s current Autobahn options as class attributes.
 

@@ -15,21 +15,16 @@ import base64
 import copy
 import os
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, NoReturn, Sequence, TypeVar
 
-from autobahn.twisted.websocket import (
-    WebSocketClientFactory,
-    WebSocketClientProtocol,
-    WebSocketServerFactory,
-    WebSocketServerProtocol,
-)
 from autobahn.websocket.compress import (
+    PerMessageCompressOffer,
     PerMessageDeflateOffer,
     PerMessageDeflateOfferAccept,
     PerMessageDeflateResponse,
     PerMessageDeflateResponseAccept,
 )
-from autobahn.websocket.types import ConnectionDeny
+from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.error import (
     ConnectError,
@@ -37,12 +32,19 @@ from twisted.internet.error import (
     ConnectionDone,
     DNSLookupError,
 )
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IReactorTime, ITCPTransport
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.python.failure import Failure
-from twisted.web.server import NOT_DONE_YET
+from twisted.web.server import NOT_DONE_YET, Request
 
+from twisted_gateway._bases import (
+    WebSocketClientFactory,
+    WebSocketClientProtocol,
+    WebSocketServerFactory,
+    WebSocketServerProtocol,
+)
 from twisted_gateway._compat import (
     ServerLegHooks,
     cancel_close_timers,
@@ -72,7 +74,7 @@ from twisted_gateway.refusals import Refusal, parse_head, refusal_body
 from twisted_gateway.metrics import Metrics
 from twisted_gateway.routing import upstream_url
 from twisted_gateway.tls import describe_tls_failure
-from twisted_gateway.upstreams import UpstreamPool
+from twisted_gateway.upstreams import Instance, UpstreamPool
 from twisted_gateway.ws_pair import Pair
 from twisted_gateway.ws_relay import (
     CLIENT_LOST,
@@ -81,8 +83,17 @@ from twisted_gateway.ws_relay import (
     _RelayLeg,
 )
 
+if TYPE_CHECKING:
+    from twisted_gateway.auth import Authenticator
+    from twisted_gateway.cluster import Cluster, RevocationGuard
+    from twisted_gateway.connector import Connector
+
 log = Logger()
 access_log = Logger(namespace="twisted_gateway.access")
+
+_T = TypeVar("_T")
+#: What ``onConnect`` answers the client with: the subprotocol and extra headers.
+_Accept = tuple["str | None", "dict[str, str]"]
 
 @dataclass(frozen=True)
 class HandshakeContext:
@@ -118,8 +129,11 @@ class UpstreamHandshakeFailed(Exception):
         self.refusal = refusal
 
 
-class RelayClientProtocol(_RelayLeg, WebSocketClientProtocol):
+class RelayClientProtocol(_RelayLeg, WebSocketClientProtocol):  # type: ignore[misc]  # Autobahn's bases disagree on peer and _transport_details
     """The upstream-facing leg."""
+
+    factory: _UpstreamFactory
+    transport: ITCPTransport | None
 
     side = "upstream"
     #: why TLS with the upstream failed, when it did (named in the 502)
@@ -158,6 +172,7 @@ class RelayClientProtocol(_RelayLeg, WebSocketClientProtocol):
         self._read_refusal(closed=False)
 
     def _read_refusal(self, closed: bool) -> None:
+        assert self._refusal_head is not None  # a refusal's head was read
         status, phrase, headers = self._refusal_head
         body = refusal_body(headers, self.data, closed)
         if body is None or self.refusal is not None:
@@ -200,16 +215,16 @@ class RelayClientProtocol(_RelayLeg, WebSocketClientProtocol):
         self.http_request_data = ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8")
         self.sendData(self.http_request_data)
 
-    def _cancel_open(self, d: Deferred) -> None:
+    def _cancel_open(self, d: Deferred[RelayClientProtocol]) -> None:
         if self.transport is not None:
             self.transport.abortConnection()
 
     #: the exception the connection ended with
     lost_reason: BaseException | None = None
 
-    def connectionLost(self, reason) -> None:
-        self.lost_reason = reason.value
-        self.tls_failure = describe_tls_failure(reason.value)
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.lost_reason = error = reason.value
+        self.tls_failure = describe_tls_failure(error) if error is not None else None
         if self._refusal_head is not None and self.refusal is None:
             self._read_refusal(closed=True)  # a body delimited by the close
         super().connectionLost(reason)
@@ -242,7 +257,7 @@ class RelayClientProtocol(_RelayLeg, WebSocketClientProtocol):
             self.pair.leg_closed(self)
 
 
-class RelayServerProtocol(ServerLegHooks, _RelayLeg, WebSocketServerProtocol):
+class RelayServerProtocol(ServerLegHooks, _RelayLeg, WebSocketServerProtocol):  # type: ignore[misc]  # Autobahn's bases disagree on peer and _transport_details
     """The client-facing leg; its ``onConnect`` opens the upstream leg first."""
 
     context: HandshakeContext
@@ -254,13 +269,14 @@ class RelayServerProtocol(ServerLegHooks, _RelayLeg, WebSocketServerProtocol):
 
     def __init__(self) -> None:
         super().__init__()
-        self._handshake: Deferred | None = None
+        self._handshake: Deferred[_Accept] | None = None
         self._deny: GatewayError | None = None
         self._open_deadline = float("inf")
 
     # -- opening handshake ------------------------------------------------
 
-    def onConnect(self, request):
+    # (Autobahn's Twisted adapter waits for a Deferred; the core's type names plain answers only)
+    def onConnect(self, request: ConnectionRequest) -> Deferred[_Accept]:  # type: ignore[override]
         registry = self.factory.registry
         registry.handshakes.add(self.pair)
         d = Deferred.fromCoroutine(self._open_upstream(request))
@@ -270,7 +286,7 @@ class RelayServerProtocol(ServerLegHooks, _RelayLeg, WebSocketServerProtocol):
         d.addTimeout(timeout, clock)
         self._handshake = d
 
-        def finished(result):
+        def finished(result: _T) -> _T:
             self._handshake = None
             registry.handshakes.discard(self.pair)
             if not isinstance(result, Failure):
@@ -284,7 +300,7 @@ class RelayServerProtocol(ServerLegHooks, _RelayLeg, WebSocketServerProtocol):
     def onOpen(self) -> None:
         self.pair.opened()
 
-    async def _open_upstream(self, request) -> tuple[str | None, dict]:
+    async def _open_upstream(self, request: ConnectionRequest) -> _Accept:
         ctx = self.context
         factory = self.factory
         pair = self.pair
@@ -339,7 +355,8 @@ class RelayServerProtocol(ServerLegHooks, _RelayLeg, WebSocketServerProtocol):
             pair.instance = instance
             break
         if upstream is None:
-            raise BadGateway(f"cannot connect to the upstream: {describe(last_error)}")
+            reason = describe(last_error) if last_error is not None else None
+            raise BadGateway(f"cannot connect to the upstream: {reason}")
         if self.state == CLOSED:
             # The client left in the very turn the upstream answered.
             pair.instance.release(websocket=True)
@@ -351,14 +368,17 @@ class RelayServerProtocol(ServerLegHooks, _RelayLeg, WebSocketServerProtocol):
         pair.join(upstream)
         return upstream.websocket_protocol_in_use, {}
 
-    async def _open_one(self, ctx: HandshakeContext, request, instance) -> RelayClientProtocol:
+    async def _open_one(
+        self, ctx: HandshakeContext, request: ConnectionRequest, instance: Instance
+    ) -> RelayClientProtocol:
         """Connect one upstream instance and wait for its handshake."""
         client_factory = self.factory.client_factory_for(ctx, request, instance.url)
         upstream = await self.factory.connect(client_factory)
+        assert isinstance(upstream, RelayClientProtocol)  # the factory's protocol
         try:
             await upstream.opened
         except UpstreamHandshakeFailed as e:
-            if e.refusal is not None and e.status >= 300:
+            if e.refusal is not None and e.status is not None and e.status >= 300:
                 refusal = e.refusal
                 client = f"{ctx.scheme}://".encode() + ctx.host if ctx.host else None
                 origins = upstream_origins(instance.url, ctx.route.host_header)
@@ -395,31 +415,31 @@ class RelayServerProtocol(ServerLegHooks, _RelayLeg, WebSocketServerProtocol):
             return classify(cause.cause or ConnectionDone())
         return classify(error)
 
-    def _refuse(self, failure):
+    def _refuse(self, failure: Failure) -> NoReturn:
+        deny: GatewayError
         if failure.check(TimeoutError):
-            self._deny = GatewayTimeout(
-                "the upstream did not complete the WebSocket handshake in time"
-            )
-        elif failure.check(GatewayError):
-            self._deny = failure.value
+            deny = GatewayTimeout("the upstream did not complete the WebSocket handshake in time")
+        elif isinstance(failure.value, GatewayError):
+            deny = failure.value
         elif failure.check(CancelledError, ConnectingCancelledError):
-            self._deny = GatewayError("the client went away", status=499, error="client_closed")
+            deny = GatewayError("the client went away", status=499, error="client_closed")
         else:
             log.failure("unexpected error opening the upstream", failure)
-            self._deny = GatewayError("unexpected error opening the upstream")
-        self._count_refusal(self._deny)
-        if self._deny.status != 499:
+            deny = GatewayError("unexpected error opening the upstream")
+        self._deny = deny
+        self._count_refusal(deny)
+        if deny.status != 499:
             ctx = self.context
             access_log.info(
                 "websocket {route} {path} {peer} refused: {status} {detail}",
                 route=ctx.route.name,
                 path=ctx.path.decode("latin-1"),
                 peer=ctx.peer,
-                status=self._deny.status,
-                detail=self._deny.detail,
+                status=deny.status,
+                detail=deny.detail,
                 event="ws_refused",
             )
-        raise ConnectionDeny(self._deny.status, self._deny.detail)
+        raise ConnectionDeny(deny.status, deny.detail)
 
     def _count_refusal(self, error: GatewayError) -> None:
         metrics, route = self.factory.metrics, self.factory.route.name
@@ -433,7 +453,9 @@ class RelayServerProtocol(ServerLegHooks, _RelayLeg, WebSocketServerProtocol):
         if outcome is not None:
             metrics.ws_handshake(route, outcome)
 
-    def _mirror_compression(self, upstream: RelayClientProtocol) -> Callable:
+    def _mirror_compression(
+        self, upstream: RelayClientProtocol
+    ) -> Callable[[Sequence[PerMessageCompressOffer]], PerMessageDeflateOfferAccept | None]:
         """
         The client is answered with the parameters the upstream answered the
         same offer with, so that both legs compress alike (context takeover
@@ -441,7 +463,7 @@ class RelayServerProtocol(ServerLegHooks, _RelayLeg, WebSocketServerProtocol):
         """
         granted = upstream_deflate_response(upstream)
 
-        def accept(offers):
+        def accept(offers: Sequence[PerMessageCompressOffer]) -> PerMessageDeflateOfferAccept | None:
             if granted is None:
                 return None
             for offer in offers:
@@ -454,7 +476,9 @@ class RelayServerProtocol(ServerLegHooks, _RelayLeg, WebSocketServerProtocol):
 
         return accept
 
-    def failHandshake(self, reason: str, code: int = 400, responseHeaders=None) -> None:
+    def failHandshake(
+        self, reason: str, code: int = 400, responseHeaders: Sequence[tuple[str, str]] | None = None
+    ) -> None:
         """Answer a refused handshake with a JSON body (Autobahn's sends none)."""
         if self.state == CLOSED or self.transport is None:
             return
@@ -489,7 +513,7 @@ _REFUSAL_OUTCOMES = {
 }
 
 
-def _drop_quietly(protocol: Any, abort: bool) -> None:
+def _drop_quietly(protocol: RelayClientProtocol | RelayServerProtocol, abort: bool) -> None:
     """
     End a handshake's connection without Autobahn's warning line: a refused
     handshake is logged once, as ``ws_refused``, with what the client got.
@@ -509,10 +533,19 @@ def _text(value: bytes | None) -> str | None:
     return value.decode("ascii") if value is not None else None
 
 
+class _UpstreamFactory(WebSocketClientFactory):
+    """The upstream leg's factory: what its handshake sends besides Autobahn's own."""
+
+    #: the client's ``permessage-deflate`` offer, as written
+    extension_offer = ""
+    #: the ``Host`` the route sends (None: the URL's)
+    host_value: str | None = None
+
+
 class RelayServerFactory(WebSocketServerFactory):
     """The client-facing factory of one route."""
 
-    protocol = RelayServerProtocol
+    protocol = RelayServerProtocol  # type: ignore[assignment]  # its factory is ours, not a Factory[Self]
     noisy = False
 
     def __init__(
@@ -522,10 +555,10 @@ class RelayServerFactory(WebSocketServerFactory):
         *,
         clock: IReactorTime,
         registry: RelayRegistry,
-        connect: Callable[[WebSocketClientFactory], Deferred],
-        authenticator: Any = None,
+        connect: Connector,
+        authenticator: Authenticator | RevocationGuard | None = None,
         metrics: Metrics | None = None,
-        cluster: Any = None,
+        cluster: Cluster | None = None,
     ) -> None:
         super().__init__()
         self.route, self.gateway, self.clock = route, gateway, clock
@@ -556,7 +589,7 @@ class RelayServerFactory(WebSocketServerFactory):
         )
         self.setProtocolOptions(**options)
         self.protocol = with_options(RelayServerProtocol, self)
-        self._client_template = WebSocketClientFactory(url="ws://upstream/", useragent=None)
+        self._client_template = _UpstreamFactory(url="ws://upstream/", useragent=None)
         self._client_template.noisy = False
         self._client_template.setProtocolOptions(
             maxMessagePayloadSize=gateway.ws_max_message_size_upstream
@@ -573,12 +606,13 @@ class RelayServerFactory(WebSocketServerFactory):
         # the client's own offer and the route's Host, per handshake (client_factory_for)
         self._client_template.extension_offer = ""
         self._client_template.host_value = None
-        self._client_template.protocol = with_options(RelayClientProtocol, self._client_template)
-        self._client_template.protocol.tcp_keepalive = gateway.tcp_keepalive
+        upstream_leg = with_options(RelayClientProtocol, self._client_template)
+        upstream_leg.tcp_keepalive = gateway.tcp_keepalive
+        self._client_template.protocol = upstream_leg
 
     def client_factory_for(
-        self, ctx: HandshakeContext, request, base_url: str
-    ) -> WebSocketClientFactory:
+        self, ctx: HandshakeContext, request: ConnectionRequest, base_url: str
+    ) -> _UpstreamFactory:
         """A per-connection copy of the upstream factory carrying this handshake's details."""
         factory = copy.copy(self._client_template)
         url = upstream_url(base_url, ctx.path, ctx.query, websocket=True)
@@ -634,14 +668,15 @@ def deflate_offer(values: Sequence[bytes]) -> str:
     return ", ".join(elements)
 
 
-def upstream_deflate_response(upstream: Any) -> PerMessageDeflateResponse | None:
+def upstream_deflate_response(upstream: RelayClientProtocol) -> PerMessageDeflateResponse | None:
     """The upstream's ``permessage-deflate`` answer, as it wrote it (None without one)."""
     if not any(e.EXTENSION_NAME == "permessage-deflate" for e in upstream.websocket_extensions_in_use):
         return None
     text = upstream.http_headers.get("sec-websocket-extensions", "")
     for extension, params in parse_extensions(upstream, text):
         if extension == "permessage-deflate":
-            return PerMessageDeflateResponse.parse(params)
+            response: PerMessageDeflateResponse = PerMessageDeflateResponse.parse(params)
+            return response
     return None
 
 
@@ -661,15 +696,17 @@ def mirrored_accept(
 # -- handing a twisted.web request over to the relay ------------------------
 
 
-def hand_over(request, factory: RelayServerFactory, context: HandshakeContext):
+def hand_over(request: Request, factory: RelayServerFactory, context: HandshakeContext) -> int:
     """
     Move the HTTP channel's transport to a new :class:`RelayServerProtocol`
     and replay the upgrade request to it (as Autobahn's ``WebSocketResource``
     does, plus the context and the producer bookkeeping a relay needs).
     """
     channel = request.channel
-    transport = channel.transport
-    protocol = factory.buildProtocol(transport.getPeer())
+    # the connection under the channel (TCP, TLS or a wrapper): its protocol is swapped below
+    transport: Any = channel.transport
+    protocol: object = factory.buildProtocol(transport.getPeer())
+    assert isinstance(protocol, RelayServerProtocol)  # factory.protocol
     protocol.context = context
     protocol.pair = Pair(protocol, context)
     registry = factory.registry
@@ -689,5 +726,6 @@ def hand_over(request, factory: RelayServerFactory, context: HandshakeContext):
     data = [request.method + b" " + request.uri + b" HTTP/1.1"]
     for name, values in request.requestHeaders.getAllRawHeaders():
         data.append(name + b": " + b", ".join(values))
+    assert request.content is not None  # the body, stored before render
     protocol.dataReceived(b"\r\n".join(data) + b"\r\n\r\n" + request.content.read())
     return NOT_DONE_YET
