@@ -58,8 +58,8 @@ REPLAYABLE_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", 
 #: Seconds an idle connection waits in the pool (``HTTPConnectionPool``'s default).
 IDLE_TIMEOUT = 240.0
 
-#: What ``IResponse.length`` is: a byte count, or ``UNKNOWN_LENGTH``.
-Length = Union[int, object]
+#: What ``IResponse.length`` is: a byte count, or ``UNKNOWN_LENGTH`` (a str).
+Length = Union[int, str]
 
 
 class BodyProducer(TypingProtocol):
@@ -166,9 +166,9 @@ def _framing(method: bytes, body: BodyProducer | None) -> bytes:
     if body is None:
         # a method whose semantics anticipate a body says it has none (RFC 9110 8.6)
         return b"Content-Length: 0\r\n" if method in (b"POST", b"PUT") else b""
-    if body.length is UNKNOWN_LENGTH:
-        return b"Transfer-Encoding: chunked\r\n"
-    return b"Content-Length: %d\r\n" % body.length  # type: ignore[str-bytes-safe]
+    if isinstance(body.length, int):
+        return b"Content-Length: %d\r\n" % body.length
+    return b"Transfer-Encoding: chunked\r\n"
 
 
 class _HeadResponseEnd(Exception):
@@ -193,7 +193,7 @@ class _Exchange:
         self.answer: Deferred[IResponse] = Deferred(self._cancel)
         #: the connection carrying it, once there is one
         self.connection: UpstreamConnection | None = None
-        self.connecting: Deferred[UpstreamConnection] | None = None
+        self.connecting: Deferred[IProtocol] | None = None
         self.reused = False
         self.body_sent = body is None
         #: response bytes arrived (a failure after them is no longer "never received")
@@ -255,6 +255,7 @@ class UpstreamResponse:
 
     def deliverBody(self, protocol: IProtocol) -> None:
         self._protocol = protocol
+        # its transport is a push producer over the connection, as with Agent
         protocol.makeConnection(_BodyControl(self._connection, self))  # type: ignore[arg-type]
         held, self._held = self._held, []
         for data in held:
@@ -263,7 +264,7 @@ class UpstreamResponse:
             protocol.connectionLost(self._end)
 
     def setPreviousResponse(self, response: IResponse) -> None:
-        self.previousResponse = response  # type: ignore[assignment]
+        self.previousResponse = response
 
     # from the connection
 
@@ -311,13 +312,14 @@ class _BodyControl:
 # -- one connection --------------------------------------------------------------
 
 
+@implementer(IConsumer)
 class _BodyWriter:
     """The consumer a request body is produced into: framed with its length, or chunked."""
 
     def __init__(self, connection: UpstreamConnection, length: Length) -> None:
         self._connection = connection
-        self._chunked = length is UNKNOWN_LENGTH
-        self._left = 0 if self._chunked else int(length)  # type: ignore[call-overload]
+        self._chunked = not isinstance(length, int)
+        self._left = length if isinstance(length, int) else 0
         self.wrong = False
 
     def write(self, data: bytes) -> None:
@@ -446,8 +448,7 @@ class UpstreamConnection(Protocol):
         except httptools.HttpParserError as e:  # HttpParserUpgrade included: we never asked for one
             self._broken(Failure(e))
             return
-        if exchange.complete:
-            self._done_if_complete()
+        self._done_if_complete()
 
     def on_message_begin(self) -> None:
         if self._exchange is None or self._exchange.complete:
@@ -585,11 +586,13 @@ class UpstreamConnection(Protocol):
 
     def pause_reading(self) -> None:
         self._paused = True
-        self.transport.pauseProducing()
+        if self.transport is not None:
+            self.transport.pauseProducing()
 
     def resume_reading(self) -> None:
         self._paused = False
-        self.transport.resumeProducing()
+        if self.transport is not None:
+            self.transport.resumeProducing()
 
     def close(self) -> None:
         """Close after what is queued is written."""
@@ -761,7 +764,8 @@ class UpstreamClient:
             self._connected, self._connect_failed, callbackArgs=(exchange,), errbackArgs=(exchange,)
         )
 
-    def _connected(self, connection: UpstreamConnection, exchange: _Exchange) -> None:
+    def _connected(self, connection: IProtocol, exchange: _Exchange) -> None:
+        assert isinstance(connection, UpstreamConnection)  # what _ConnectionFactory builds
         exchange.connecting = None
         if exchange.answer.called:  # cancelled meanwhile
             connection.close()
