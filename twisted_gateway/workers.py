@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from twisted.application.service import Service
+from twisted.internet import fdesc
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.protocol import ProcessProtocol
@@ -222,7 +223,11 @@ class AdoptedEndpoint:
         probe = socket.socket(fileno=os.dup(self.fd))
         family = probe.family
         probe.close()
-        # adoptStreamPort duplicates the descriptor: the inherited one can go.
+        # A blocking socket shared by workers would hang one in accept() when another took
+        # the connection (unix: and systemd: sockets come blocking); as Twisted's own
+        # AdoptedStreamServerEndpoint does. adoptStreamPort duplicates the descriptor: the
+        # inherited one can go.
+        fdesc.setNonBlocking(self.fd)
         port = self.reactor.adoptStreamPort(self.fd, family, self.wrap(factory))
         os.close(self.fd)
         if family == socket.AF_UNIX:  # the supervisor's socket file: the next worker's too
@@ -457,8 +462,8 @@ class Supervisor(Service):
             return None
         if not new.ready:
             log.error(
-                "rolling restart stopped: the new worker {slot} was not ready within {timeout:g} s;"
-                " the old ones keep serving",
+                "rolling restart stopped: the new worker {slot} did not become ready (it died, or"
+                " {timeout:g} s passed); the old ones keep serving",
                 slot=slot,
                 timeout=READY_TIMEOUT,
                 event="rolling_restart",

@@ -33,14 +33,14 @@ READY = re.compile(r"\bworker (\d+) ready \(pid (\d+)\)")
 class _Supervised:
     """A twistd wsgateway with ``workers``, serving the demo chat-service on loopback."""
 
-    def __init__(self, tmp_path: Path, workers: int = 2) -> None:
+    def __init__(self, tmp_path: Path, workers: int = 2, also_listen: str = "") -> None:
         self.chat_port = free_port()
         self.config = tmp_path / "gateway.cfg"
         self.gateway = _gateway(
             tmp_path,
             f"""
 [gateway]
-listen = tcp:0:interface=127.0.0.1
+listen = tcp:0:interface=127.0.0.1 {also_listen}
 workers = {workers}
 drain_timeout = 3
 
@@ -362,4 +362,68 @@ def test_every_text_log_line_names_the_worker_or_the_supervisor_that_wrote_it(tm
         )
         assert set(writers) == {"supervisor", "worker 0", "worker 1"}, writers
     finally:
+        gateway.stop()
+
+
+def _unix_get(path: Path, target: str = "/v1/chat/rooms") -> int:
+    """One GET over the gateway's unix: listener; the answer's status."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(GUARD)
+        sock.connect(str(path))
+        sock.sendall(f"GET {target} HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n\r\n".encode())
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return int(answer.split(b" ", 2)[1])
+
+
+@pytest.mark.parametrize("workers", [2, 1])
+def test_a_unix_listener_keeps_its_file_across_a_sighup_and_loses_it_at_the_stop(tmp_path, workers):
+    """
+    A rolling restart (``workers = 2``) or a handover (``workers = 1``) keeps a
+    ``unix:`` listener's socket file: the processes it replaced drained
+    without removing it, and the new ones answer on it. SIGTERM removes it.
+    """
+    path = tmp_path / "gateway.sock"
+    gateway = _Supervised(tmp_path, workers, also_listen=f"unix:{path}")
+    try:
+        settle_blocking(path.exists, "the unix: listener bound")
+        assert _unix_get(path) == 200
+        gateway.process.send_signal(signal.SIGHUP)
+        gateway.log.wait_for(re.compile(f"rolling restart done: {workers} new workers"))
+        assert path.exists()
+        assert _unix_get(path) == 200
+        gateway.process.send_signal(signal.SIGTERM)
+        assert gateway.process.wait(GUARD) == 0
+        assert not path.exists()
+    finally:
+        gateway.stop()
+
+
+def test_a_new_process_that_dies_before_it_is_ready_leaves_the_single_gateway_serving(tmp_path):
+    """
+    ``workers = 1``: the process a SIGHUP starts cannot listen (the new config
+    adds a port already taken) and dies; the old one never drained, keeps
+    serving and keeps its WebSockets, and the next SIGHUP, with the config
+    mended, hands over as usual.
+    """
+    gateway = _Supervised(tmp_path, 1)
+    sockets: list[socket.socket] = []
+    try:
+        sockets += _open_websockets(gateway.port, 3)
+        good = gateway.config.read_text()
+        taken = f"tcp:{gateway.chat_port}:interface=127.0.0.1"
+        gateway.config.write_text(good.replace("listen = tcp:0:interface=127.0.0.1 ", f"listen = tcp:0:interface=127.0.0.1 {taken}"))
+        gateway.process.send_signal(signal.SIGHUP)
+        gateway.log.wait_for(re.compile(r"new worker 0 \(pid \d+\) exited with status 1 before it was ready"))
+        gateway.log.wait_for(re.compile(r"rolling restart stopped: the new worker 0 did not become ready"))
+        assert _get(gateway.port, "/v1/chat/rooms")[0] == 200
+        assert _holders(gateway.port)[gateway.process.pid] == 3
+        gateway.config.write_text(good)
+        gateway.process.send_signal(signal.SIGHUP)
+        _wait_while_output_flows(gateway.log, "rolling restart done: 1 new workers")
+        assert [_close_code(sock) for sock in sockets] == [1012] * 3
+    finally:
+        for sock in sockets:
+            sock.close()
         gateway.stop()
