@@ -13,10 +13,6 @@ import json
 from importlib.resources import files
 
 from autobahn.twisted.resource import WebSocketResource
-from autobahn.websocket.compress import (
-    PerMessageDeflateOffer,
-    PerMessageDeflateOfferAccept,
-)
 from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.types import ConnectionRequest
 from twisted.internet.interfaces import IReactorTime
@@ -25,6 +21,7 @@ from twisted.web.server import Request
 from zope.interface import Interface, implementer
 
 from twisted_gateway._bases import Resource, Site, WebSocketServerFactory, WebSocketServerProtocol
+from twisted_gateway.demo.echo import accept_deflate
 
 DEFAULT_ROOM = "lobby"
 ANONYMOUS = "anonymous"
@@ -128,14 +125,6 @@ class ChatProtocol(WebSocketServerProtocol):
             self.sendMessage(message.encode("utf-8"), isBinary=False)
 
 
-def _accept_deflate(offers: list[object]) -> PerMessageDeflateOfferAccept | None:
-    """Accept the client's first permessage-deflate offer, if any."""
-    for offer in offers:
-        if isinstance(offer, PerMessageDeflateOffer):
-            return PerMessageDeflateOfferAccept(offer)
-    return None
-
-
 class ChatFactory(WebSocketServerFactory):
     """Builds ``ChatProtocol``s that share one ``ChatService`` and one clock."""
 
@@ -147,7 +136,7 @@ class ChatFactory(WebSocketServerFactory):
         self.chat_service = chat_service
         self.clock = clock
         self.setProtocolOptions(
-            perMessageCompressionAccept=_accept_deflate,
+            perMessageCompressionAccept=accept_deflate,
             maxMessagePayloadSize=MAX_MESSAGE_BYTES,
             webStatus=False,  # a plain GET gets 426, not a status page
             allowNullOrigin=True,  # setProtocolOptions would reset it; the gateway decides
