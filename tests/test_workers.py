@@ -74,3 +74,15 @@ def test_tcp_slots_are_one_reuseport_socket_each_on_one_port_and_unix_is_shared(
     finally:
         for s in {s for slot in slots for s in slot}:
             s.close()
+
+
+def test_a_supervisor_with_no_worker_left_stops_without_an_error():
+    """Its stopService fires with None (the plain Service part of stopping returns no Deferred)."""
+    from twisted.internet.testing import MemoryReactorClock
+
+    from twisted_gateway.workers import Supervisor
+
+    supervisor = Supervisor(MemoryReactorClock(), [], 1, ["twistd"], stop_timeout=1.0, slots=[])
+    results: list[object] = []
+    supervisor.stopService().addBoth(results.append)
+    assert results == [None]

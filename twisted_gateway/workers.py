@@ -24,19 +24,29 @@ import signal
 import socket
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Sequence
 
-from twisted.application.service import Service
 from twisted.internet import fdesc
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 
+from twisted.internet import tcp
 from twisted.internet.defer import succeed
-from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IListeningPort,
+    IProcessTransport,
+    IProtocolFactory,
+    IReactorSocket,
+    IStreamServerEndpoint,
+)
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from twisted_gateway._bases import Service
+from twisted_gateway.deferreds import when_done
 from twisted_gateway.tls import (
     listen_backlog,
     listener_tls,
@@ -45,7 +55,39 @@ from twisted_gateway.tls import (
     system_listen_backlog,
 )
 
+if TYPE_CHECKING:
+    from twisted_gateway.worker_hub import Hub
+
 log = Logger()
+
+
+class SupervisorReactor(Protocol):
+    """What the supervisor asks of its reactor: time, processes, a signal's thread hop, stopping."""
+
+    def seconds(self) -> float: ...
+
+    def callLater(self, delay: float, callable: Callable[..., object], *args: object) -> IDelayedCall: ...
+
+    def callFromThread(self, callable: Callable[..., object], *args: object) -> None: ...
+
+    def spawnProcess(
+        self,
+        processProtocol: ProcessProtocol,
+        executable: str,
+        args: Sequence[str],
+        env: Mapping[str, str] | None = None,
+        path: str | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
+        usePTY: bool = False,
+        childFDs: Mapping[int, int | str] | None = None,
+    ) -> IProcessTransport: ...
+
+    def addSystemEventTrigger(
+        self, phase: str, eventType: str, callable: Callable[..., object], *args: object
+    ) -> object: ...
+
+    def stop(self) -> None: ...
 
 #: Environment of a worker: its number, the inherited listening descriptors
 #: (in the order of ``[gateway] listen`` then ``[admin] listen``), the
@@ -99,9 +141,10 @@ class WorkerEnvironment:
     state_dir: str | None = None
 
 
-def worker_environment(environ: dict[str, str] | None = None) -> WorkerEnvironment | None:
+def worker_environment(environ: Mapping[str, str] | None = None) -> WorkerEnvironment | None:
     """This process's :class:`WorkerEnvironment`, or None outside a supervisor."""
-    environ = os.environ if environ is None else environ
+    if environ is None:
+        environ = os.environ
     if WORKER_ENV not in environ:
         return None
     fds = environ.get(LISTEN_FDS_ENV, "")
@@ -209,13 +252,19 @@ class AdoptedEndpoint:
     (inherited as ``fd``), with TLS added for ``ssl:`` as ``tls.server_endpoint`` does.
     """
 
-    def __init__(self, reactor: Any, description: str, fd: int, wrap: Callable[[Any], Any] | None = None) -> None:
+    def __init__(
+        self,
+        reactor: IReactorSocket,
+        description: str,
+        fd: int,
+        wrap: Callable[[IProtocolFactory], IProtocolFactory] | None = None,
+    ) -> None:
         self.reactor, self.description, self.fd = reactor, description, fd
         self.wrap = wrap if wrap is not None else (lambda factory: factory)
         listener = parse_tls_listener(description)
         self.tls = listener_tls(listener) if listener is not None else None
 
-    def listen(self, factory: Any) -> Deferred:
+    def listen(self, factory: IProtocolFactory) -> Deferred[IListeningPort]:
         from twisted.protocols.tls import TLSMemoryBIOFactory
 
         if self.tls is not None:
@@ -228,11 +277,13 @@ class AdoptedEndpoint:
         # AdoptedStreamServerEndpoint does. adoptStreamPort duplicates the descriptor: the
         # inherited one can go.
         fdesc.setNonBlocking(self.fd)
-        port = self.reactor.adoptStreamPort(self.fd, family, self.wrap(factory))
+        # (typed for a ServerFactory; any factory serves)
+        port = self.reactor.adoptStreamPort(self.fd, family, self.wrap(factory))  # type: ignore[arg-type]
         os.close(self.fd)
         if family == socket.AF_UNIX:  # the supervisor's socket file: the next worker's too
             from twisted_gateway._compat import keep_listening_socket
 
+            assert isinstance(port, tcp.Port)  # a unix.Port
             keep_listening_socket(port)
         return succeed(port)
 
@@ -243,7 +294,9 @@ class AdoptedEndpoint:
 class WorkerProcess(ProcessProtocol):
     """One worker: its readiness on the control pipe, its end reported to the supervisor."""
 
-    def __init__(self, slot: int, on_ready: Callable[[WorkerProcess], None], on_end: Callable[[WorkerProcess, Any], None]) -> None:
+    def __init__(
+        self, slot: int, on_ready: Callable[[WorkerProcess], None], on_end: Callable[[WorkerProcess, Failure], None]
+    ) -> None:
         self.slot = slot
         self.pid: int | None = None
         self.ready = False
@@ -251,11 +304,12 @@ class WorkerProcess(ProcessProtocol):
         self.stopping = False
         self.candidate = False
         #: fired when it reports ready (a rolling restart waits on it)
-        self.on_ready_once: Deferred | None = None
-        self.ended: Deferred = Deferred()
+        self.on_ready_once: Deferred[WorkerProcess] | None = None
+        self.ended: Deferred[None] = Deferred()
         self._on_ready, self._on_end = on_ready, on_end
 
     def connectionMade(self) -> None:
+        assert self.transport is not None
         self.pid = self.transport.pid
 
     def childDataReceived(self, fd: int, data: bytes) -> None:
@@ -265,12 +319,12 @@ class WorkerProcess(ProcessProtocol):
             if self.on_ready_once is not None:
                 self.on_ready_once.callback(self)
 
-    def processEnded(self, reason: Any) -> None:
+    def processEnded(self, reason: Failure) -> None:
         self._on_end(self, reason)
         self.ended.callback(None)
 
 
-def death_reason(reason: Any) -> str:
+def death_reason(reason: Failure) -> str:
     """Why a worker ended, in words (exit status or signal)."""
     value = reason.value
     if isinstance(value, ProcessDone):
@@ -295,14 +349,14 @@ class Supervisor(Service):
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: SupervisorReactor,
         descriptions: list[str],
         count: int,
         command: list[str],
         stop_timeout: float,
-        environ: dict[str, str] | None = None,
-        hub: Any = None,
-        reload: Callable[[], Any] | None = None,
+        environ: Mapping[str, str] | None = None,
+        hub: Hub | None = None,
+        reload: Callable[[], object] | None = None,
         slots: list[list[socket.socket]] | None = None,
     ) -> None:
         """
@@ -322,15 +376,15 @@ class Supervisor(Service):
         self.slots: list[list[socket.socket]] = slots or []
         self.adopting = slots is not None
         #: the drain of a single gateway that handed over to this supervisor (:meth:`take_over`)
-        self.handing_over: Deferred | None = None
+        self.handing_over: Deferred[None] | None = None
         self.workers: dict[int, WorkerProcess] = {}
         self.quick_deaths = [0] * count
         self.restarts = 0
         self._stopping = False
-        self._respawns: list[Any] = []
+        self._respawns: list[IDelayedCall] = []
         self.state_dir = ""
         self.reload = reload
-        self.restarting: Deferred | None = None
+        self.restarting: Deferred[None] | None = None
         #: every worker process not yet reaped, old ones of a rolling restart included
         self.live: set[WorkerProcess] = set()
 
@@ -396,7 +450,7 @@ class Supervisor(Service):
         if self.reload is not None:
             signal.signal(signal.SIGHUP, lambda signum, frame: self.reactor.callFromThread(self.on_sighup))
 
-    async def take_over(self, drain: Callable[[], Deferred]) -> bool:
+    async def take_over(self, drain: Callable[[], Deferred[None]]) -> bool:
         """
         A single gateway hands over (``worker_handover.py``): a worker starts
         on its sockets; once it is ready ``drain`` stops the gateway and this
@@ -451,11 +505,12 @@ class Supervisor(Service):
         :data:`READY_TIMEOUT` (it is killed, and the one in the slot keeps serving).
         """
         new = self.spawn(slot, candidate=True)
-        ready: Deferred = Deferred()
+        ready: Deferred[WorkerProcess] = Deferred()
         new.on_ready_once = ready
         # A new worker that is neither ready nor dead in time is stopped: no wait hangs the restart.
         late = self.reactor.callLater(READY_TIMEOUT, _signal, new, signal.SIGKILL)
-        await DeferredList([ready, new.ended], fireOnOneCallback=True)
+        waits: list[Deferred[Any]] = [ready, new.ended]
+        await DeferredList(waits, fireOnOneCallback=True)
         if late.active():
             late.cancel()
         if self._stopping:
@@ -482,7 +537,7 @@ class Supervisor(Service):
         worker = WorkerProcess(slot, self._ready, self._ended)
         worker.candidate = candidate
         sockets = self.slots[slot]
-        child_fds: dict[int, Any] = {0: 0, 1: 1, 2: 2, CONTROL_FD: "r"}
+        child_fds: dict[int, int | str] = {0: 0, 1: 1, 2: 2, CONTROL_FD: "r"}
         listen_fds = []
         for i, sock in enumerate(sockets):
             fd = CONTROL_FD + 1 + i
@@ -508,7 +563,7 @@ class Supervisor(Service):
             env[CHANNEL_FD_ENV] = str(channel_fd)
         worker.started_at = self.reactor.seconds()
         self.reactor.spawnProcess(worker, self.command[0], self.command, env=env, childFDs=child_fds)
-        if ours is not None:
+        if ours is not None and theirs is not None and self.hub is not None:
             theirs.close()
             self.hub.attach(ours)
         self.live.add(worker)
@@ -522,7 +577,7 @@ class Supervisor(Service):
         self.quick_deaths[worker.slot] = 0 if self.reactor.seconds() - worker.started_at >= QUICK_DEATH else self.quick_deaths[worker.slot]
         self._publish()
 
-    def _ended(self, worker: WorkerProcess, reason: Any) -> None:
+    def _ended(self, worker: WorkerProcess, reason: Failure) -> None:
         from twisted_gateway.worker_stats import retire
 
         why = death_reason(reason)
@@ -555,17 +610,19 @@ class Supervisor(Service):
         )
         if self.quick_deaths[worker.slot] >= CRASH_LOOP:
             # twistd sends sys.stderr to the log once running: this line is for the operator.
-            sys.__stderr__.write(
+            stderr = sys.__stderr__
+            assert stderr is not None  # a supervisor runs with one
+            stderr.write(
                 f"wsgateway: worker {worker.slot} died within {QUICK_DEATH:g} s of starting "
                 f"{CRASH_LOOP} times in a row (last: {why}): stopping the gateway\n"
             )
-            sys.__stderr__.flush()
+            stderr.flush()
             self.reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
             self.reactor.callLater(0, self.reactor.stop)
             return
         self._respawns.append(self.reactor.callLater(RESPAWN_DELAY, self.spawn, worker.slot))
 
-    def stopService(self) -> Deferred:
+    def stopService(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
@@ -579,14 +636,17 @@ class Supervisor(Service):
             worker.stopping = True
             _signal(worker, signal.SIGTERM)
         waiting = DeferredList([w.ended for w in workers])
-        timer = self.reactor.callLater(self.stop_timeout, lambda: [_signal(w, signal.SIGKILL) for w in workers])
+
+        def kill_all() -> None:
+            for w in workers:
+                _signal(w, signal.SIGKILL)
+
+        timer = self.reactor.callLater(self.stop_timeout, kill_all)
         await waiting
         if timer.active():
             timer.cancel()
         if self.handing_over is not None:  # the gateway that handed over is still draining: let it finish
-            finished: Deferred = Deferred()
-            self.handing_over.addBoth(lambda result: (finished.callback(None), result)[1])
-            await finished
+            await when_done(self.handing_over)
         for description, sock in zip(self.descriptions, self.slots[0] if self.slots else []):
             if split_description(description)[0][0] == "unix":  # its file, as a single gateway removes it
                 try:
@@ -601,7 +661,9 @@ class Supervisor(Service):
             import shutil
 
             shutil.rmtree(self.state_dir, ignore_errors=True)
-        await super().stopService()
+        stopped = super().stopService()  # Service's returns None: nothing to wait for
+        if stopped is not None:
+            await stopped
 
 
 def sighup_allowed(busy: bool, reload: Callable[[], object] | None, who_keep: str) -> bool:
@@ -630,7 +692,7 @@ def sighup_allowed(busy: bool, reload: Callable[[], object] | None, who_keep: st
 
 def _signal(worker: WorkerProcess, signum: int) -> None:
     try:
-        worker.transport.signalProcess(signum)
+        worker.transport.signalProcess(signum)  # type: ignore[union-attr]  # None: AttributeError, caught
     except Exception:
         pass  # already gone
 
