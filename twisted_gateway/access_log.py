@@ -20,7 +20,7 @@ import json
 import os
 import sys
 from json.encoder import encode_basestring_ascii  # what json.dumps uses for a str
-from typing import Any, Callable
+from typing import Callable, Mapping
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import formatTime
@@ -78,7 +78,7 @@ class AccessLogWriter:
         fd = os.open(where, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
         return cls(fd, fmt, clock, owns_fd=True)
 
-    def write(self, when: float, fields: dict[str, Any], status: int, sent: int, duration: float, outcome: str) -> None:
+    def write(self, when: float, fields: Mapping[str, str], status: int, sent: int, duration: float, outcome: str) -> None:
         """One request's line; ``fields`` are the access event's (method, target, ...)."""
         if self._closed:
             return
@@ -124,7 +124,7 @@ def _text_time(second: int) -> str:
     return formatTime(second)
 
 
-def text_line(when: float, fields: dict[str, Any], status: int, sent: int, duration: float, outcome: str) -> str:
+def text_line(when: float, fields: Mapping[str, str], status: int, sent: int, duration: float, outcome: str) -> str:
     """The line twistd's text observer writes for the access event."""
     text = "%s %s %d %d %.3fs %s" % (fields["method"], fields["target"], status, sent, duration, fields["upstream"])
     if "\n" in text:
@@ -136,7 +136,7 @@ def text_line(when: float, fields: dict[str, Any], status: int, sent: int, durat
 _FIELDS = ("method", "path", "query", "target", "route", "upstream", "peer")
 
 
-def json_line(when: float, fields: dict[str, Any], status: int, sent: int, duration: float, outcome: str) -> str:
+def json_line(when: float, fields: Mapping[str, str], status: int, sent: int, duration: float, outcome: str) -> str:
     """
     The line :class:`logs.JSONLinesObserver` writes for the access event,
     redacted alike (``json.dumps`` with the same separators, keys in the same

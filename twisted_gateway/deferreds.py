@@ -9,18 +9,18 @@ work's own result stays with its owner.
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from twisted.internet.defer import Deferred
 
 _T = TypeVar("_T")
 
 
-def when_done(work: Deferred[Any]) -> Deferred[None]:
+def when_done(work: Deferred[_T]) -> Deferred[None]:
     """A new Deferred that fires (with None) when ``work`` does; cancelling it leaves ``work`` alone."""
     waiter: Deferred[None] = Deferred()
 
-    def wake(result: _T) -> _T:
+    def wake(result: object) -> object:
         if not waiter.called:  # a waiter cancelled or timed out has fired already
             waiter.callback(None)
         return result
