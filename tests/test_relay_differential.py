@@ -1,11 +1,17 @@
 """
-The relay's fast path (whole data frames passed as bytes, ws_relay._pass_frames)
-and Autobahn's own parsing agree: random frame sequences, valid and not (every
+The relay's fast path (data frames passed as bytes, ws_passthrough) and
+Autobahn's own parsing agree: random frame sequences, valid and not (every
 opcode, RSV bits, masked or not, every length encoding, text with bad UTF-8,
 fragments, pings between fragments, messages over the size limit), cut into
-reads at random points and fed to a relay pair in memory, give the same bytes
-to the client, the same messages and close frames to the upstream, and the same
-close codes, with the fast path on and off.
+reads at random points and fed to a relay pair in memory, give each peer the
+same messages, control frames and close codes, with the fast path on and off.
+
+What a peer can observe is compared: the messages it receives whole, the
+control frames, and where they come. A binary frame split across reads leaves
+the fast path as fragments of the same message (RFC 6455 5.4), which Autobahn
+would have sent whole or fragmented differently, so when a frame is split the
+frames are compared as messages; when every read ends on a frame boundary the
+bytes must be the same too.
 
 A few hundred examples run in ``make test``; ``make fuzz`` runs the long one
 (``HYPOTHESIS_PROFILE=fuzz``, ``FUZZ_EXAMPLES`` examples).
@@ -14,6 +20,8 @@ A few hundred examples run in ``make test``; ``make fuzz`` runs the long one
 from __future__ import annotations
 
 import os
+
+import pytest
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -100,13 +108,103 @@ def frames(draw, masked_side: bool) -> bytes:
 
 
 @st.composite
-def traffic(draw) -> tuple[str, list[bytes]]:
+def good_frames(draw, masked_side: bool) -> tuple[bytes, bool]:
+    """A text or binary frame for the fast path (text sometimes with a bad byte), and whether it is valid."""
+    opcode = draw(st.sampled_from([1, 2]))
+    if opcode == 1:
+        payload = draw(text_payload())
+    else:
+        size = draw(st.sampled_from([0, 1, 5, 125, 126, 300, LIMIT]))
+        payload = draw(st.binary(min_size=size, max_size=size)) if size < 200 else bytes(size)
+    mask = draw(st.binary(min_size=4, max_size=4)) if masked_side else None
+    return encode(opcode, payload, True, 0, mask, 0), opcode == 2 or _utf8(payload)
+
+
+def _utf8(payload: bytes) -> bool:
+    try:
+        payload.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def cut(draw, side: str, parts: list[bytes], inside: bool) -> tuple[str, list[bytes], bool]:
+    """
+    ``parts`` (frames) cut into reads at random points (``inside``: at least
+    one cut in every frame of more than one byte), now and then stopping short
+    (a sender that stalls mid-frame); also whether every read ends on a frame
+    boundary.
+    """
+    data = b"".join(parts)
+    if draw(st.integers(0, 4)) == 0:
+        data = data[: draw(st.integers(1, len(data)))]
+    cuts = set(draw(st.lists(st.integers(1, max(len(data) - 1, 1)), max_size=8)))
+    edges, at = [0], 0
+    for part in parts:
+        at += len(part)
+        edges.append(at)
+    if inside:
+        for a, b in zip(edges, edges[1:]):
+            if b - a > 1:
+                cuts.add(draw(st.integers(a + 1, b - 1)))
+    bounds = [0, *sorted(c for c in cuts if 0 < c < len(data)), len(data)]
+    whole = set(bounds) <= set(edges)
+    return side, [data[a:b] for a, b in zip(bounds, bounds[1:]) if b > a], whole
+
+
+@st.composite
+def traffic(draw) -> tuple[str, list[bytes], bool]:
     """Who sends (the client or the upstream), and its bytes cut into reads."""
     side = draw(st.sampled_from(["client", "upstream"]))
-    data = b"".join(draw(st.lists(frames(side == "client"), min_size=1, max_size=8)))
-    cuts = sorted(set(draw(st.lists(st.integers(1, max(len(data) - 1, 1)), max_size=8))))
-    bounds = [0, *(c for c in cuts if c < len(data)), len(data)]
-    return side, [data[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
+    return cut(draw, side, draw(st.lists(frames(side == "client"), min_size=1, max_size=8)), inside=False)
+
+
+@st.composite
+def split_traffic(draw) -> tuple[tuple[str, list[bytes], bool], bool]:
+    """
+    Frames for the fast path, each split across reads, now and then a ping or
+    a close between them; and whether all of them are the fast path's (valid,
+    no close).
+    """
+    side = draw(st.sampled_from(["client", "upstream"]))
+    mask = b"abcd" if side == "client" else None
+    ping = (encode(9, b"ping", True, 0, mask, 0), True)
+    close = (encode(8, b"\x03\xe8bye", True, 0, mask, 0), False)
+    good = good_frames(side == "client")
+    parts = draw(st.lists(st.one_of(good, good, good, st.sampled_from([ping, close])), min_size=1, max_size=6))
+    return cut(draw, side, [part for part, _ in parts], inside=True), all(taken for _, taken in parts)
+
+
+def observed(frames: list[tuple[int, bool, bytes]]) -> list[tuple]:
+    """
+    What a peer's WebSocket makes of ``frames``: each message once its last
+    fragment is in, each control frame as it comes; a message cut short is
+    never delivered.
+    """
+    events: list[tuple] = []
+    message: list | None = None
+    for opcode, fin, payload in frames:
+        if opcode >= 8:
+            events.append(("control", opcode, payload))
+            continue
+        if opcode == 0 and message is not None:
+            message[1] += payload
+        else:
+            message = [opcode, payload]
+        if fin:
+            events.append(("message", *message))
+            message = None
+    return events
+
+
+def as_observed(outcome: dict) -> dict:
+    """An outcome with the bytes each peer got read as messages and control frames."""
+    seen = dict(outcome)
+    to_client, rest = parse_frames(outcome["to_client"])
+    seen["to_client"] = (observed(to_client), len(rest))
+    to_upstream, rest = outcome["to_upstream"]
+    seen["to_upstream"] = (observed(to_upstream), rest)
+    return seen
 
 
 def relay_outcome(side: str, reads: list[bytes], fast: bool):
@@ -128,6 +226,10 @@ def relay_outcome(side: str, reads: list[bytes], fast: bool):
     if not fast:
         for leg in pair.legs():
             leg.passthrough = False
+    leg = pair.client if side == "client" else pair.upstream
+    begun = []
+    begin = leg.onMessageBegin
+    leg.onMessageBegin = lambda binary: begun.append(binary) or begin(binary)
     sender = client.transport if side == "client" else server.transport
     for data in reads:
         sender.write(data)
@@ -144,6 +246,7 @@ def relay_outcome(side: str, reads: list[bytes], fast: bool):
         "client_closed": client.closed,
         "pairs": len(relay.registry.pairs),
         "closes": dict(relay.resource.metrics.route("chat").closes),
+        "autobahn_messages": len(begun),
     }
     # whatever is still connected goes, with its Autobahn timers (on the global reactor)
     for transport in (client.transport, server.transport):
@@ -152,10 +255,28 @@ def relay_outcome(side: str, reads: list[bytes], fast: bool):
     return outcome
 
 
+def agree(side: str, reads: list[bytes], whole: bool) -> dict:
+    """Both ways give each peer the same (the same bytes when no frame was split); the fast one."""
+    fast, slow = relay_outcome(side, reads, fast=True), relay_outcome(side, reads, fast=False)
+    taken = fast.pop("autobahn_messages"), slow.pop("autobahn_messages")
+    assert as_observed(fast) == as_observed(slow)
+    if whole:
+        assert fast == slow
+    return {**fast, "autobahn_messages": taken[0]}
+
+
 @given(traffic())
 def test_fast_path_and_autobahn_agree(case):
-    side, reads = case
-    assert relay_outcome(side, reads, fast=True) == relay_outcome(side, reads, fast=False)
+    agree(*case)
+
+
+@given(split_traffic())
+def test_split_frames_take_the_fast_path_and_agree(case):
+    """Frames split across reads, bad UTF-8 split anywhere included, take the fast path and agree."""
+    reads, all_fast = case
+    outcome = agree(*reads)
+    if all_fast:
+        assert outcome["autobahn_messages"] == 0  # Autobahn's parser began no message
 
 
 def test_the_fast_path_is_taken():
@@ -171,3 +292,14 @@ def test_the_fast_path_is_taken():
     client.transport.write(reads[0])
     relay.flush()
     assert taken and relay.upstream.connections[-1].messages == [(b"hello", False)]
+
+
+@pytest.mark.parametrize("bad", [b"\xff", b"\xc3", b"\xed\xa0\x80", b"\x80", b"\xf4\x90", b"\xe0\x80"])
+@pytest.mark.parametrize("side", ["client", "upstream"])
+def test_bad_utf8_split_at_every_byte_agrees(side, bad):
+    """A text frame with a bad sequence, cut at every byte, with the rest sent or never sent."""
+    mask = b"\x01\x02\x03\x04" if side == "client" else None
+    data = encode(1, "h\u00e9".encode() + bad + b"!", True, 0, mask, 0) + encode(2, b"after", True, 0, mask, 0)
+    for at in range(1, len(data)):
+        agree(side, [data[:at], data[at:]], whole=False)
+        agree(side, [data[:at]], whole=False)

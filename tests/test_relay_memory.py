@@ -254,6 +254,41 @@ def test_frames_split_at_every_byte_pass_unchanged():
     assert [m for m, _ in server.messages] == [b"msg %d" % i for i in range(5)]
 
 
+def test_a_binary_frame_split_across_reads_streams_through_with_the_clients_mask():
+    """
+    Each read of a large binary frame leaves at once as a fragment of the same
+    message, its payload the bytes the client wrote (the key rotated by the
+    fragment's offset), and the upstream gets the message whole.
+    """
+    relay, client, server = open_pair()
+    raw: list[bytes] = []
+    receive = server.dataReceived
+    server.dataReceived = lambda data: raw.append(data) or receive(data)
+    payload = bytes(range(256)) * 400
+    data = frame(OP_BINARY, payload, mask=MASK)
+    for read in [data[:20], data[20:1001], data[1001:50_003], data[50_003:]]:
+        before = len(raw)
+        client.send(read)
+        relay.flush()
+        assert len(raw) > before, "nothing was forwarded on this read"
+    wire = b"".join(raw)
+    fragments, rest = [], wire
+    while rest:
+        n = rest[1] & 0x7F
+        start = 2 + {126: 2, 127: 8}.get(n, 0)
+        n = int.from_bytes(rest[2:start], "big") if start > 2 else n
+        fragments.append((rest[0], rest[start : start + 4], rest[start + 4 : start + 4 + n]))
+        rest = rest[start + 4 + n :]
+    assert [b0 for b0, _, _ in fragments] == [0x02, 0x00, 0x00, 0x80]
+    masked = data[14:]  # the client's bytes, as it masked them
+    assert b"".join(p for _, _, p in fragments) == masked
+    offset = 0
+    for _, key, piece in fragments:
+        assert key == MASK[offset % 4 :] + MASK[: offset % 4]
+        offset += len(piece)
+    assert server.messages == [(payload, True)]
+
+
 def test_ws_max_age_closes_both_legs_1001_within_its_jitter():
     """WebSockets older than ws_max_age ±10 % get 1001 "connection max age" on both legs."""
     relay, client, server = open_pair("ws_max_age = 100\nws_ping_interval = 0")

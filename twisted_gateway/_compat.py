@@ -56,16 +56,67 @@ def write_now(transport: Any, data: bytes) -> None:
     ``_writeDisconnecting`` (what ``write`` queues, and a pending
     ``loseWriteConnection``) and ``tcp.Connection.socket``.
     """
-    if type(transport) in _TCP and transport.connected and not transport.disconnecting:
-        if not transport.dataBuffer and not transport._tempDataLen and not transport._writeDisconnecting:
-            try:
-                sent = transport.socket.send(data)
-            except OSError:
-                sent = 0  # EAGAIN, or an error Twisted's doWrite reports
-            if sent == len(data):
-                return
-            data = data[sent:]
+    if _sends_now(transport):
+        try:
+            sent = transport.socket.send(data)
+        except OSError:
+            sent = 0  # EAGAIN, or an error Twisted's doWrite reports
+        if sent == len(data):
+            return
+        data = data[sent:]
     transport.write(data)
+
+
+def write_pieces(transport: Any, pieces: list[bytes | memoryview]) -> None:
+    """
+    Write ``pieces`` in order as :func:`write_now` does, in one ``sendmsg``
+    when the transport has nothing queued: the pieces of a read (views of it,
+    and frame headers) are never joined into a copy. What the socket does not
+    take is queued through Twisted's ``write``.
+
+    Relies on what :func:`write_now` relies on.
+    """
+    if len(pieces) == 1:
+        write_now(transport, _as_bytes(pieces[0]))
+        return
+    if _sends_now(transport):
+        try:
+            sent = transport.socket.sendmsg(pieces)
+        except OSError:
+            sent = 0  # EAGAIN, or an error Twisted's doWrite reports
+        for piece in pieces:
+            n = len(piece)
+            if sent >= n:
+                sent -= n
+                continue
+            transport.write(_as_bytes(piece[sent:] if sent else piece))
+            sent = 0
+        return
+    for piece in pieces:
+        transport.write(_as_bytes(piece))
+
+
+def _sends_now(transport: Any) -> bool:
+    """Whether ``transport`` is a TCP socket with nothing queued (see :func:`write_now`)."""
+    return (
+        type(transport) in _TCP
+        and transport.connected
+        and not transport.disconnecting
+        and not transport.dataBuffer
+        and not transport._tempDataLen
+        and not transport._writeDisconnecting
+    )
+
+
+def _as_bytes(piece: bytes | memoryview) -> bytes:
+    """``piece`` as bytes: the read itself when it is a view of all of it, else a copy."""
+    if type(piece) is bytes:
+        return piece
+    assert isinstance(piece, memoryview)
+    whole = piece.obj
+    if type(whole) is bytes and piece.nbytes == len(whole):
+        return whole
+    return piece.tobytes()
 
 
 # -- Autobahn: the frame parser and the sender ---------------------------------

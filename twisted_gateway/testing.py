@@ -31,7 +31,8 @@ from twisted.test.iosim import FakeTransport, IOPump, connect
 
 from twisted_gateway._bases import WebSocketServerFactory, WebSocketServerProtocol, WrappingFactory
 from twisted_gateway.connector import Connector
-from twisted_gateway.ws_relay import RelayRegistry, unmask
+from twisted_gateway.ws_passthrough import unmask
+from twisted_gateway.ws_relay import RelayRegistry
 
 OP_CONTINUATION, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0, 1, 2, 8, 9, 10
 

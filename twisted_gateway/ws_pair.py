@@ -22,7 +22,7 @@ from twisted_gateway.rate_limit import TokenBucket
 from twisted_gateway.ws_relay import (
     CLIENT_LOST,
     CLIENT_STALLED,
-    LEG_BUFFER_SIZE,
+    LEG_READ_SIZE,
     OPEN,
     RATE_LIMITED,
     SLOW_CONSUMER,
@@ -85,7 +85,7 @@ class Pair:
         if factory.rate_limit:
             client.bucket = TokenBucket.full(factory.rate_limit, factory.rate_burst, self.opened_at)
         # Each transport pauses the other when its write buffer is full.
-        client.transport.bufferSize = upstream.transport.bufferSize = LEG_BUFFER_SIZE
+        client.transport.bufferSize = upstream.transport.bufferSize = LEG_READ_SIZE
         client.transport.registerProducer(_Throttle(upstream.transport, client), True)
         upstream.transport.registerProducer(_Throttle(client.transport, upstream), True)
         factory.registry.pairs.add(self)
@@ -215,8 +215,8 @@ class Pair:
             code=code,
             reason=reason or None,
             messages_in=client.messages,
-            bytes_in=client.bytes,
+            bytes_in=client.payload_bytes,
             messages_out=upstream.messages if upstream is not None else 0,
-            bytes_out=upstream.bytes if upstream is not None else 0,
+            bytes_out=upstream.payload_bytes if upstream is not None else 0,
             event="ws_session",
         )

@@ -16,7 +16,6 @@ from collections import deque
 from typing import Any
 
 from autobahn.websocket.protocol import WebSocketProtocol
-from autobahn.websocket.xormasker import create_xor_masker
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.task import LoopingCall
 from zope.interface import implementer
@@ -28,10 +27,10 @@ from twisted_gateway._compat import (
     feed,
     parser_idle,
     queued_sends,
-    sender_idle,
     write_now,
 )
 from twisted_gateway.sockets import cap_receive_buffer, timed_out
+from twisted_gateway.ws_passthrough import Passthrough
 
 OPEN = WebSocketProtocol.STATE_OPEN
 CLOSED = WebSocketProtocol.STATE_CLOSED
@@ -40,6 +39,11 @@ CLOSED = WebSocketProtocol.STATE_CLOSED
 STREAM_THRESHOLD = 64 * 1024
 #: Write buffer of each leg before it pauses the other: one large message fits.
 LEG_BUFFER_SIZE = 256 * 1024
+#: What each leg's transport reads at once and queues before it pauses the
+#: other leg (Twisted's ``bufferSize`` is both): one large message fits, and a
+#: read stays below malloc's mmap threshold (allocator.MMAP_THRESHOLD), so that
+#: it is not a fresh mapping, faulted in page by page, every time.
+LEG_READ_SIZE = 128 * 1024 - 256
 
 #: Close sent to the client when the upstream vanished without a close frame.
 UPSTREAM_LOST = (1014, b"upstream connection lost")
@@ -88,7 +92,7 @@ class RelayRegistry:
 # -- the relay legs -----------------------------------------------------------
 
 
-class _RelayLeg(LegHooks):
+class _RelayLeg(Passthrough, LegHooks):
     """Forwarding shared by both legs; ``partner`` is the other leg once both are open
     (Autobahn already uses ``peer`` for the remote address)."""
 
@@ -102,7 +106,7 @@ class _RelayLeg(LegHooks):
     #: metrics.MessageFlow counting what this leg receives
     flow: Any = None
     messages = 0
-    bytes = 0
+    payload_bytes = 0
     #: False between a keepalive ping and its pong
     pong_seen = True
     #: the KeepAlive round of this leg's last ping
@@ -112,8 +116,6 @@ class _RelayLeg(LegHooks):
     #: (since when, bytes acknowledged then) while data waits for this leg's peer (send_timeout)
     stalled: tuple[float, int] | None = None
 
-    #: both legs open without extensions: whole data frames pass through as bytes
-    passthrough = False
     #: rate_limit.TokenBucket of a client leg under ws_rate_limit
     bucket: Any = None
 
@@ -132,78 +134,15 @@ class _RelayLeg(LegHooks):
         else:
             write_now(self.transport, data)
 
-    def _pass_frames(self, data: bytes) -> bytes:
-        """
-        Forward the leading run of complete, unfragmented text and binary frames
-        unchanged and return the rest for Autobahn: control frames, fragments,
-        partial or oversized frames and anything it must refuse.
-
-        A client's frame keeps its mask on the way to the upstream: the key was
-        drawn by the client (a browser's is unknown to the page's scripts, the
-        attacker of RFC 6455 10.3), and it is still a client's frame there.
-        """
-        peer = self.partner
-        if self.state != OPEN or peer is None or peer.state != OPEN:
-            return data
-        if not sender_idle(peer):
-            return data
-        masked = self.side == "client"  # RFC 6455 5.1: clients mask, servers never do
-        mask_bit = 0x80 if masked else 0
-        limit = min(self.maxMessagePayloadSize or _NO_LIMIT, self.maxFramePayloadSize or _NO_LIMIT)
-        flow = self.flow
-        bucket = self.bucket
-        now = self.pair.factory.clock.seconds() if bucket is not None else 0.0
-        over_rate = False
-        end = len(data)
-        i = count = total = 0
-        while i + 2 <= end:
-            b0 = data[i]
-            b1 = data[i + 1]
-            n = b1 & 0x7F
-            if (b0 != 0x81 and b0 != 0x82) or (b1 & 0x80) != mask_bit or n == 127:
-                break
-            start = i + 2
-            if n == 126:
-                n = int.from_bytes(data[start : start + 2], "big")
-                if n < 126:
-                    break  # not the minimal length encoding: Autobahn fails it
-                start += 2
-            if masked:
-                key = data[start : start + 4]
-                start += 4
-            stop = start + n
-            if stop > end or n > limit:
-                break
-            if b0 == 0x81:
-                payload = data[start:stop]
-                if masked:
-                    payload = unmask(payload, key)
-                try:
-                    payload.decode("utf-8")
-                except UnicodeDecodeError:
-                    break  # Autobahn fails it with 1007
-            if bucket is not None and not bucket.take(now):
-                over_rate = True
-                break
-            flow.count(n)
-            count += 1
-            total += n
-            i = stop
-        if i:
-            write_now(peer.transport, data if i == end else data[:i])
-            self.messages += count
-            self.bytes += total
-        if over_rate:
-            self.pair.rate_exceeded()
-        return data[i:]
-
     def onMessageBegin(self, isBinary: bool) -> None:
         WebSocketProtocol.onMessageBegin(self, isBinary)
         self._chunks: list[bytes] = []
         self._buffered = 0
         self._streaming = False
         # Over the rate: both legs close, and the message goes nowhere (its peer is not open).
-        if self.bucket is not None and not self.bucket.take(self.pair.factory.clock.seconds()):
+        if self._prepaid:
+            self._prepaid = False  # the fast path took its token, then handed the frame over
+        elif self.bucket is not None and not self.bucket.take(self.pair.factory.clock.seconds()):
             self.pair.rate_exceeded()
 
     # onMessageFrameBegin is Autobahn's own: it enforces maxMessagePayloadSize.
@@ -237,7 +176,7 @@ class _RelayLeg(LegHooks):
         self._chunks = []
         size = self._buffered
         self.messages += 1
-        self.bytes += size
+        self.payload_bytes += size
         self.flow.count(size)
 
     def onPong(self, payload: bytes) -> None:
@@ -278,24 +217,6 @@ class _RelayLeg(LegHooks):
                 self.pair.record_end("gateway", close[0], reason)
             self.close_relayed = True
             self.sendCloseFrame(close[0], close[1])
-
-
-_NO_LIMIT = 1 << 63
-
-
-def unmask(payload: bytes, key: bytes) -> bytes:
-    """
-    A masked frame payload in clear (RFC 6455 5.3). Chat-sized payloads take
-    one big-integer XOR (a sixth of the cost of setting up Autobahn's masker);
-    larger ones Autobahn's vectorised masker.
-    """
-    n = len(payload)
-    if n > 1024:
-        return create_xor_masker(key, n).process(payload)
-    if not n:
-        return payload
-    keys = (key * ((n >> 2) + 1))[:n]
-    return (int.from_bytes(payload, "little") ^ int.from_bytes(keys, "little")).to_bytes(n, "little")
 
 
 @implementer(IPushProducer)

@@ -26,7 +26,7 @@ from tests.support import (
 )
 from tests.support import client_frame as frame
 from twisted_gateway._compat import write_now
-from twisted_gateway.ws_relay import unmask
+from twisted_gateway.ws_passthrough import unmask
 
 
 async def _raw_client(gw):
