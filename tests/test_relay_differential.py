@@ -75,6 +75,10 @@ def encode(opcode: int, payload: bytes, fin: bool, rsv: int, mask: bytes | None,
     return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
 
 
+#: Mask keys: any, and keys of four different bytes (a fragment's key rotated wrong shows).
+keys = st.one_of(st.binary(min_size=4, max_size=4), st.permutations(b"\x13\x57\x9b\xdf").map(bytes))
+
+
 def text_payload() -> st.SearchStrategy[bytes]:
     """UTF-8 text, sometimes with a bad byte inserted anywhere (splitting a character too)."""
     good = st.text(alphabet=st.characters(codec="utf-8"), max_size=40).map(lambda t: t.encode("utf-8"))
@@ -102,7 +106,7 @@ def frames(draw, masked_side: bool) -> bytes:
     fin = draw(st.sampled_from([True, True, True, False]))
     rsv = draw(st.sampled_from([0] * 12 + [1, 2, 4, 7]))
     masked = masked_side if draw(st.integers(0, 15)) else not masked_side
-    mask = draw(st.binary(min_size=4, max_size=4)) if masked else None
+    mask = draw(keys) if masked else None
     length_form = draw(st.sampled_from([0] * 10 + [1, 2]))
     return encode(opcode, payload, fin, rsv, mask, length_form)
 
@@ -116,7 +120,7 @@ def good_frames(draw, masked_side: bool) -> tuple[bytes, bool]:
     else:
         size = draw(st.sampled_from([0, 1, 5, 125, 126, 300, LIMIT]))
         payload = draw(st.binary(min_size=size, max_size=size)) if size < 200 else bytes(size)
-    mask = draw(st.binary(min_size=4, max_size=4)) if masked_side else None
+    mask = draw(keys) if masked_side else None
     return encode(opcode, payload, True, 0, mask, 0), opcode == 2 or _utf8(payload)
 
 
