@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.utf8validator import Utf8Validator
-from autobahn.websocket.xormasker import create_xor_masker
+from autobahn.websocket.xormasker import create_xor_masker  # type: ignore[attr-defined]
 
 from twisted_gateway._compat import feed, sender_idle, write_now, write_pieces
 
