@@ -13,12 +13,18 @@ listed in the same test file (they stay in ``http_proxy.py`` and ``site.py``).
 from __future__ import annotations
 
 from types import FunctionType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from autobahn.websocket.protocol import WebSocketProtocol
+from autobahn.websocket.protocol import (
+    WebSocketClientProtocol,
+    WebSocketProtocol,
+    WebSocketServerFactory,
+    WebSocketServerProtocol,
+)
 from twisted.internet import tcp, unix
+from twisted.python.failure import Failure
 
-_P = TypeVar("_P")
+_P = TypeVar("_P", bound="WebSocketServerProtocol | WebSocketClientProtocol")
 
 # -- Twisted -------------------------------------------------------------------
 
@@ -135,7 +141,8 @@ def parser_idle(leg: WebSocketProtocol) -> bool:
     message under way, so the next byte starts a new message (the fast path may
     take it). Relies on ``data``, ``current_frame`` and ``inside_message``.
     """
-    return not leg.data and leg.current_frame is None and not leg.inside_message
+    # (Autobahn annotates current_frame without its None)
+    return not leg.data and leg.current_frame is None and not leg.inside_message  # type: ignore[unreachable]
 
 
 def sender_idle(leg: WebSocketProtocol) -> bool:
@@ -176,7 +183,14 @@ def cancel_close_timers(leg: WebSocketProtocol) -> None:
             setattr(leg, name, None)
 
 
-class LegHooks:
+# The hooks are always combined with an Autobahn protocol; they add nothing to the MRO at run time.
+if TYPE_CHECKING:
+    _Leg = WebSocketProtocol
+else:
+    _Leg = object
+
+
+class LegHooks(_Leg):
     """
     Overrides of Autobahn's private connection hooks shared by both legs.
 
@@ -186,8 +200,9 @@ class LegHooks:
     ran, :meth:`failed` tells the relay (the other leg must close at once).
     """
 
-    def _connectionLost(self, reason) -> None:
-        WebSocketProtocol._connectionLost(self, reason)
+    # Autobahn annotates the reason as str; it is Twisted's Failure
+    def _connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        WebSocketProtocol._connectionLost(self, reason)  # type: ignore[arg-type]
 
     def _fail_connection(self, code: int = 1001, reason: str = "going away") -> None:
         WebSocketProtocol._fail_connection(self, code, reason)
@@ -198,15 +213,17 @@ class LegHooks:
         """Autobahn failed this leg with ``code``."""
 
 
-class ServerLegHooks:
+class ServerLegHooks(_Leg):
     """
     The client-facing leg's ``_connectionLost``: what Autobahn's server version
     does (the factory's ``countConnections``, which ``maxConnections`` reads)
     without its debug rendering. Placed before :class:`LegHooks` in the bases.
     """
 
-    def _connectionLost(self, reason) -> None:
-        super()._connectionLost(reason)
+    factory: WebSocketServerFactory
+
+    def _connectionLost(self, reason: Failure) -> None:  # type: ignore[override]  # (as above)
+        super()._connectionLost(reason)  # type: ignore[arg-type]
         self.factory.countConnections -= 1
 
 
@@ -230,12 +247,13 @@ def with_options(protocol: type[_P], factory: object) -> type[_P]:
     return type(protocol.__name__, (protocol,), options)
 
 
-def parse_extensions(protocol: WebSocketProtocol, header: str) -> list[tuple[str, dict]]:
+def parse_extensions(protocol: WebSocketProtocol, header: str) -> list[tuple[str, dict[str, Any]]]:
     """
     A ``Sec-WebSocket-Extensions`` value as (name, parameters) pairs, as
     Autobahn parses it. Relies on ``WebSocketProtocol._parseExtensionsHeader``.
     """
-    return protocol._parseExtensionsHeader(header)
+    parsed: list[tuple[str, dict[str, Any]]] = protocol._parseExtensionsHeader(header)
+    return parsed
 
 
 #: What the upstream leg's own ``startHandshake`` and ``processHandshake``

@@ -16,7 +16,7 @@ from collections import deque
 from typing import Any
 
 from autobahn.websocket.protocol import WebSocketProtocol
-from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime, ITransport
 from twisted.internet.task import LoopingCall
 from zope.interface import implementer
 
@@ -118,6 +118,8 @@ class _RelayLeg(Passthrough, LegHooks):
 
     #: rate_limit.TokenBucket of a client leg under ws_rate_limit
     bucket: Any = None
+    #: (the Twisted protocol's, which every leg also is)
+    transport: ITransport | None
 
     # Autobahn's versions of these two build debug-log arguments on every call.
 
@@ -255,14 +257,15 @@ class _Throttle:
         self.leg.timed_out = timed_out(self.leg.transport)
 
 
-def _accept_close_frame(proto: WebSocketProtocol, code: int | None, reasonRaw: bytes | None):
+def _accept_close_frame(proto: WebSocketProtocol, code: int | None, reasonRaw: bytes | None) -> bool | None:
     """
     Autobahn's close-frame handling, also accepting 1014 (Bad Gateway, in the
     IANA registry of RFC 6455 close codes, unknown to Autobahn's list).
     """
+    # (Autobahn annotates code and reason without None, which a close frame may carry)
     if code != 1014:
-        return WebSocketProtocol.onCloseFrame(proto, code, reasonRaw)
-    failed = WebSocketProtocol.onCloseFrame(proto, 1000, reasonRaw)
+        return WebSocketProtocol.onCloseFrame(proto, code, reasonRaw)  # type: ignore[arg-type]
+    failed = WebSocketProtocol.onCloseFrame(proto, 1000, reasonRaw)  # type: ignore[arg-type]
     if not failed:
         proto.remoteCloseCode = 1014
     return failed
@@ -282,9 +285,9 @@ class KeepAlive:
         self.registry, self.clock = registry, clock
         self.interval, self.timeout = interval, timeout
         self._loop: LoopingCall | None = None
-        self._check: Any = None
+        self._check: IDelayedCall | None = None
         #: (deadline, round number, legs pinged in that round), oldest first
-        self._rounds: deque[tuple[float, int, list]] = deque()
+        self._rounds: deque[tuple[float, int, list[_RelayLeg]]] = deque()
         self._round = 0
 
     def start(self) -> None:
