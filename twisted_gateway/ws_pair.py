@@ -64,7 +64,8 @@ class Pair:
     @property
     def state(self) -> int:
         """The client leg's WebSocket state (the pair is open while it is)."""
-        return self.client.state
+        state: int = self.client.state
+        return state
 
     def legs(self) -> tuple[Any, ...]:
         return (self.client,) if self.upstream is None else (self.client, self.upstream)
