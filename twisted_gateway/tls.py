@@ -44,6 +44,8 @@ from twisted.internet.interfaces import (
     IOpenSSLClientConnectionCreator,
     IOpenSSLContextFactory,
     IOpenSSLServerConnectionCreator,
+    IListeningPort,
+    IProtocolFactory,
     IStreamServerEndpoint,
 )
 from twisted.internet.ssl import (
@@ -53,8 +55,9 @@ from twisted.internet.ssl import (
     optionsForClientTLS,
     trustRootFromCertificates,
 )
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.filepath import FilePath
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
@@ -269,7 +272,7 @@ class HTTP11ServerTLS:
     def getContext(self) -> SSL.Context:
         return self._context
 
-    def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+    def serverConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:
         connection = SSL.Connection(self._context, None)
         connection.set_app_data(tlsProtocol)
         return connection
@@ -340,10 +343,12 @@ def listen_backlog(description: str, default: int) -> int | None:
 class WrappedServerEndpoint:
     """An endpoint whose listening factory is first passed through ``wrap``."""
 
-    def __init__(self, endpoint: IStreamServerEndpoint, wrap: Callable[[Any], Any]) -> None:
+    def __init__(
+        self, endpoint: IStreamServerEndpoint, wrap: Callable[[IProtocolFactory], IProtocolFactory]
+    ) -> None:
         self._endpoint, self._wrap = endpoint, wrap
 
-    def listen(self, protocolFactory: Any) -> Any:
+    def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
         return self._endpoint.listen(self._wrap(protocolFactory))
 
 
@@ -351,7 +356,7 @@ def server_endpoint(
     reactor: Any,
     description: str,
     backlog: int | None = None,
-    wrap: Callable[[Any], Any] | None = None,
+    wrap: Callable[[IProtocolFactory], IProtocolFactory] | None = None,
 ) -> IStreamServerEndpoint:
     """
     ``serverFromString``, except that ``ssl:`` listeners are built by
@@ -469,7 +474,7 @@ class _UnverifiedTLS:
             self._server_name = hostname.encode("idna")
         self._options = options
 
-    def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+    def clientConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:
         connection = self._options.clientConnectionForTLS(tlsProtocol)
         if self._server_name is not None:
             connection.set_tlsext_host_name(self._server_name)

@@ -32,7 +32,7 @@ from twisted.logger import Logger
 from twisted_gateway.errors import BadGateway
 from twisted_gateway.headers import client_address, cookie_value, get_all
 from twisted_gateway.routing import query_value
-from twisted_gateway.schema import parse_balance
+from twisted_gateway.schema import RouteSettings, parse_balance
 
 log = Logger()
 
@@ -353,7 +353,7 @@ class UpstreamPool:
         self._cursor = 0
 
     @classmethod
-    def for_route(cls, route: Any, registry: InstanceRegistry) -> UpstreamPool:
+    def for_route(cls, route: RouteSettings, registry: InstanceRegistry) -> UpstreamPool:
         """The pool a ``RouteSettings`` describes (its balancing and health keys)."""
         return cls(
             route.name,
