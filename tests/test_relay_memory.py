@@ -289,6 +289,19 @@ def test_a_binary_frame_split_across_reads_streams_through_with_the_clients_mask
     assert server.messages == [(payload, True)]
 
 
+def test_a_read_ending_inside_a_header_keeps_it_for_the_next_read():
+    """Whole frames and then part of a header in one read (rate-limited routes too): nothing is garbled."""
+    for extra in ("", "ws_rate_limit = 1000"):
+        relay, client, server = open_pair(extra)
+        data = frame(OP_TEXT, b"one", mask=MASK) + frame(OP_BINARY, b"two" * 50, mask=MASK) + frame(OP_TEXT, b"three", mask=MASK)
+        for cut in (len(data) - 10, len(data) - 8, len(data) - 6):
+            client.send(data[:cut])
+            relay.flush()
+            client.send(data[cut:])
+            relay.flush()
+        assert [m for m, _ in server.messages] == [b"one", b"two" * 50, b"three"] * 3
+
+
 def test_ws_max_age_closes_both_legs_1001_within_its_jitter():
     """WebSockets older than ws_max_age ±10 % get 1001 "connection max age" on both legs."""
     relay, client, server = open_pair("ws_max_age = 100\nws_ping_interval = 0")

@@ -255,7 +255,7 @@ class Passthrough(_Leg):
                 break
             if end - i < 2:
                 self._head = bytes(data[i:])
-                i = end
+                end = i  # the kept bytes are not part of the run
                 break
             b0 = data[i]
             b1 = data[i + 1]
@@ -269,14 +269,14 @@ class Passthrough(_Leg):
                     start += wide
                     if start > end:
                         self._head = bytes(data[i:])
-                        i = end
+                        end = i  # the kept bytes are not part of the run
                         break
                     n = int.from_bytes(data[i + 2 : i + 2 + wide], "big")
                     if n < (126 if wide == 2 else 65536):
                         break  # not the minimal length encoding: Autobahn fails it
                 elif start > end:
                     self._head = bytes(data[i:])
-                    i = end
+                    end = i  # the kept bytes are not part of the run
                     break
                 if n > limit or not sender_idle(peer):
                     break
@@ -311,7 +311,7 @@ class Passthrough(_Leg):
                 stop = start + n
                 if stop > end:
                     self._head = bytes(data[i:])
-                    i = end
+                    end = i  # the kept bytes are not part of the run
                     break
                 if run >= 0:
                     out.append(data[run:i])
