@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
-from typing import Callable, Protocol
+from typing import Callable, TypeVar
 
 from twisted.application.service import IService, MultiService
 from twisted.internet import tcp
@@ -33,22 +33,17 @@ from twisted_gateway import logs
 from twisted_gateway._compat import keep_listening_socket
 from twisted_gateway.config import Settings
 from twisted_gateway.service import SERVICE_RESTART, GatewayService, ListeningService
-from twisted_gateway.workers import Supervisor, sighup_allowed
+from twisted_gateway.workers import Supervisor, SupervisorReactor, sighup_allowed
 
 log = Logger()
-
-
-class _Reactor(Protocol):
-    """What the handover uses of the reactor (the supervisor it starts uses more)."""
-
-    def callFromThread(self, f: Callable[..., object], *args: object, **kwargs: object) -> None: ...
+_T = TypeVar("_T")
 
 
 class Handover:
     """SIGHUP to a single gateway: hand over to a new process, then supervise it."""
 
     def __init__(
-        self, reactor: _Reactor, gateway: GatewayService, command: list[str], reload: Callable[[], Settings]
+        self, reactor: SupervisorReactor, gateway: GatewayService, command: list[str], reload: Callable[[], Settings]
     ) -> None:
         """``reload``: the config the new process will read (raises ``usage.UsageError`` to refuse)."""
         self.reactor, self.gateway, self.command, self.reload = reactor, gateway, command, reload
@@ -87,23 +82,26 @@ class Handover:
         )
         for demo in [s for s in self.gateway if isinstance(s, ListeningService) and s.role == "demo chat-service"]:
             _move_running(demo, parent)  # the new process is a worker: the demo stays here, listening
-        supervisor.setServiceParent(parent)
+        service: IService = supervisor
+        service.setServiceParent(parent)
         if await supervisor.take_over(self.drain):
             return
         self.supervisor = None
         if not supervisor.stopping:  # the gateway keeps serving; the next SIGHUP tries again
-            await supervisor.disownServiceParent()
+            stopped: Deferred[None] = service.disownServiceParent()
+            await stopped
 
-    def drain(self) -> Deferred:
+    def drain(self) -> Deferred[None]:
         """The old gateway stops as on SIGTERM, saying 1012 to its WebSockets; the process goes on."""
         for port in self.ports:  # they close here; the sockets go on in the new process
             keep_listening_socket(port)
         self.gateway.close_code = SERVICE_RESTART
-        stopped = self.gateway.disownServiceParent()
+        gateway: IService = self.gateway
+        stopped: Deferred[None] | None = gateway.disownServiceParent()
         assert stopped is not None  # its parent is running: this is its stopService
         return stopped.addBoth(self._cut_what_is_left).addBoth(_now_a_supervisor)
 
-    def _cut_what_is_left(self, result: object) -> object:
+    def _cut_what_is_left(self, result: _T) -> _T:
         """
         What outlived the drain (a client that never answered its close) is
         cut, as the end of the process cuts it when a worker drains.
@@ -116,7 +114,7 @@ class Handover:
         return result
 
 
-def _now_a_supervisor(result: object) -> object:
+def _now_a_supervisor(result: _T) -> _T:
     logs.label_process("supervisor")
     return result
 
