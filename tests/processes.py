@@ -11,6 +11,7 @@ import os
 import queue
 import re
 import resource
+import signal
 import socket
 import subprocess
 import sys
@@ -147,6 +148,11 @@ class Process:
         self.process.stdin.write(line + "\n")
         self.process.stdin.flush()
         return json.loads(self.wait_for(r"^\{").string)
+
+    def terminate(self) -> int:
+        """SIGTERM, as a service manager stops it; its exit status once it is gone."""
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(GUARD)
 
     def stop(self) -> None:
         """Kill it if it still runs (its output streams are closed by their readers at their end)."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import time
 from pathlib import Path
 
@@ -76,8 +75,7 @@ def _start(tmp_path: Path, config: str) -> Process:
 
 
 def _stop(gateway: Process) -> None:
-    gateway.process.send_signal(signal.SIGTERM)
-    assert gateway.process.wait(GUARD) == 0
+    assert gateway.terminate() == 0
     gateway.stop()
 
 

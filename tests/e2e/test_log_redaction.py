@@ -12,7 +12,6 @@ a file as text and to stdout as JSON.
 from __future__ import annotations
 
 import re
-import signal
 import socket
 import time
 from pathlib import Path
@@ -168,8 +167,7 @@ def test_no_token_of_any_kind_reaches_the_log(tmp_path: Path, logger: str, acces
         assert statuses["optional", "invalid", "Authorization"] == 401
         _exchange(port, "GET /healthz?last=1 HTTP/1.1", {})
 
-        gateway.process.send_signal(signal.SIGTERM)
-        assert gateway.process.wait(GUARD) == 0
+        assert gateway.terminate() == 0
         out, err = gateway.out.rest(), gateway.err.rest()
     finally:
         for process in reversed(processes):

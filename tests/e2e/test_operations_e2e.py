@@ -289,8 +289,7 @@ def test_a_second_sigterm_during_a_long_drain_delay_exits_at_once_with_status_0(
         gateway.process.send_signal(signal.SIGTERM)
         gateway.out.wait_for(r"stopping: /readyz answers 503")
         assert _get(port, "/readyz") == (503, {"status": "draining"})
-        gateway.process.send_signal(signal.SIGTERM)
-        assert gateway.process.wait(GUARD) == 0
+        assert gateway.terminate() == 0
     finally:
         gateway.stop()
 
@@ -352,8 +351,7 @@ def test_json_logger_writes_one_object_per_line_with_port_and_session_fields_and
         assert {key: session.get(key) for key in expected} == expected, session
         assert isinstance(session["duration"], (int, float)) and session["duration"] >= 0
 
-        gateway.process.send_signal(signal.SIGTERM)
-        assert gateway.process.wait(GUARD) == 0
+        assert gateway.terminate() == 0
         out, err = gateway.out.rest(), gateway.err.rest()
     finally:
         for process in reversed(processes):

@@ -174,8 +174,7 @@ def test_sigterm_stops_the_supervisor_and_every_worker_cleanly(tmp_path):
     """SIGTERM to the supervisor: each worker drains and exits, then the supervisor exits 0."""
     gateway = _Supervised(tmp_path)
     try:
-        gateway.process.send_signal(signal.SIGTERM)
-        assert gateway.process.wait(GUARD) == 0
+        assert gateway.gateway.terminate() == 0
         for pid in gateway.pids.values():
             settle_blocking(lambda: not process_alive(pid), f"worker {pid} gone with its supervisor")
         assert "Traceback" not in gateway.log.rest() + gateway.gateway.err.rest()
