@@ -22,6 +22,7 @@ from autobahn.websocket.protocol import (
     WebSocketServerProtocol,
 )
 from twisted.internet import tcp, unix
+from twisted.internet.interfaces import IDelayedCall
 from twisted.python.failure import Failure
 
 _P = TypeVar("_P", bound="WebSocketServerProtocol | WebSocketClientProtocol")
@@ -181,6 +182,14 @@ def cancel_close_timers(leg: WebSocketProtocol) -> None:
             except Exception:
                 pass  # already fired or cancelled
             setattr(leg, name, None)
+
+
+def server_drop_wait(leg: WebSocketProtocol) -> IDelayedCall | None:
+    """
+    A client leg's wait for its server to drop the connection after the close
+    handshake (an ``IDelayedCall``), or None. Relies on ``serverConnectionDropTimeoutCall``.
+    """
+    return getattr(leg, "serverConnectionDropTimeoutCall", None)
 
 
 # The hooks are always combined with an Autobahn protocol; they add nothing to the MRO at run time.

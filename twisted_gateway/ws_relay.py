@@ -27,6 +27,7 @@ from twisted_gateway._compat import (
     feed,
     parser_idle,
     queued_sends,
+    server_drop_wait,
     write_now,
 )
 from twisted_gateway.sockets import cap_receive_buffer, timed_out
@@ -261,13 +262,20 @@ def _accept_close_frame(proto: WebSocketProtocol, code: int | None, reasonRaw: b
     """
     Autobahn's close-frame handling, also accepting 1014 (Bad Gateway, in the
     IANA registry of RFC 6455 close codes, unknown to Autobahn's list).
+    Autobahn starts its wait for the server's drop on every close frame a
+    client leg takes while closing: a second one (a peer answering the close
+    that failed its first) replaces the first wait, which nothing would cancel.
     """
     # (Autobahn annotates code and reason without None, which a close frame may carry)
+    waiting = server_drop_wait(proto)
     if code != 1014:
-        return WebSocketProtocol.onCloseFrame(proto, code, reasonRaw)  # type: ignore[arg-type]
-    failed = WebSocketProtocol.onCloseFrame(proto, 1000, reasonRaw)  # type: ignore[arg-type]
-    if not failed:
-        proto.remoteCloseCode = 1014
+        failed = WebSocketProtocol.onCloseFrame(proto, code, reasonRaw)  # type: ignore[arg-type]
+    else:
+        failed = WebSocketProtocol.onCloseFrame(proto, 1000, reasonRaw)  # type: ignore[arg-type]
+        if not failed:
+            proto.remoteCloseCode = 1014
+    if waiting is not None and waiting is not server_drop_wait(proto) and waiting.active():
+        waiting.cancel()
     return failed
 
 
