@@ -562,7 +562,7 @@ async def test_with_every_instance_dead_clients_get_502_and_readyz_is_503(spawn,
     """
     upstreams = spawn(3)
     gw = await harness.gateway(
-        pool_config(upstreams, balance="round_robin", health_check="/health", health_interval="0.2")
+        pool_config(upstreams, balance="round_robin", health_check="/health", health_interval="0.5")
     )
     for upstream in upstreams:
         upstream.kill()
@@ -632,7 +632,7 @@ async def test_failing_health_checks_eject_an_instance_and_passing_ones_restore_
     spawn, harness, check
 ):
     """
-    With active checks every 0.2 s, an instance whose health check starts
+    With active checks every 0.5 s, an instance whose health check starts
     failing is out after two failures: no more traffic reaches it while
     ``/readyz`` stays 200; two passing checks bring it back into the rotation.
     """
@@ -640,7 +640,7 @@ async def test_failing_health_checks_eject_an_instance_and_passing_ones_restore_
     sick = upstreams[1]
     healthy = names(upstreams) - {sick.name}
     gw = await harness.gateway(
-        pool_config(upstreams, websocket="false", health_check=check, health_interval="0.2")
+        pool_config(upstreams, websocket="false", health_check=check, health_interval="0.5")
     )
 
     with capturedLogs() as events:
@@ -671,7 +671,7 @@ async def test_websockets_avoid_an_instance_ejected_by_health_checks(spawn, harn
     upstreams = spawn(3)
     sick = upstreams[0]
     gw = await harness.gateway(
-        pool_config(upstreams, health_check="/health", health_interval="0.2")
+        pool_config(upstreams, health_check="/health", health_interval="0.5")
     )
 
     with capturedLogs() as events:
