@@ -24,7 +24,7 @@ import ipaddress
 import hashlib
 import json
 from collections import Counter
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -93,7 +93,7 @@ def hash_key_value(
     *,
     query: bytes = b"",
     headers: Sequence[tuple[bytes, bytes]] = (),
-    claims: Mapping[str, Any] | None = None,
+    claims: Mapping[str, object] | None = None,
     client_ip: str | None = None,
 ) -> str | None:
     """
@@ -373,7 +373,7 @@ class UpstreamPool:
         *,
         query: bytes,
         headers: Sequence[tuple[bytes, bytes]],
-        claims: Mapping[str, Any] | None,
+        claims: Mapping[str, object] | None,
         peer: str = "",
         trusted_proxies: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network] = (),
     ) -> str | None:

@@ -235,7 +235,7 @@ class _Throttle:
 
     __slots__ = ("transport", "leg", "capped")
 
-    def __init__(self, transport: Any, leg: Any) -> None:
+    def __init__(self, transport: IPushProducer, leg: _RelayLeg) -> None:
         self.transport = transport
         self.leg = leg
         self.capped = False
