@@ -134,8 +134,8 @@ def _utf8(payload: bytes) -> bool:
 
 def cut(draw, side: str, parts: list[bytes], inside: bool) -> tuple[str, list[bytes], bool]:
     """
-    ``parts`` (frames) cut into reads at random points (``inside``: at least
-    one cut in every frame of more than one byte), now and then stopping short
+    ``parts`` (frames) cut into reads at random points (``inside``: most
+    frames of more than one byte cut at least once), now and then stopping short
     (a sender that stalls mid-frame); also whether every read ends on a frame
     boundary.
     """
@@ -149,7 +149,7 @@ def cut(draw, side: str, parts: list[bytes], inside: bool) -> tuple[str, list[by
         edges.append(at)
     if inside:
         for a, b in zip(edges, edges[1:]):
-            if b - a > 1:
+            if b - a > 1 and draw(st.integers(0, 3)):
                 cuts.add(draw(st.integers(a + 1, b - 1)))
     bounds = [0, *sorted(c for c in cuts if 0 < c < len(data)), len(data)]
     whole = set(bounds) <= set(edges)
@@ -157,14 +157,14 @@ def cut(draw, side: str, parts: list[bytes], inside: bool) -> tuple[str, list[by
 
 
 @st.composite
-def traffic(draw) -> tuple[str, list[bytes], bool]:
-    """Who sends (the client or the upstream), and its bytes cut into reads."""
+def traffic(draw) -> tuple[str, list[bytes], bool, bool]:
+    """Who sends (the client or the upstream), its bytes cut into reads, whether whole; and whether under ws_rate_limit."""
     side = draw(st.sampled_from(["client", "upstream"]))
-    return cut(draw, side, draw(st.lists(frames(side == "client"), min_size=1, max_size=8)), inside=False)
+    return (*cut(draw, side, draw(st.lists(frames(side == "client"), min_size=1, max_size=8)), inside=False), draw(st.booleans()))
 
 
 @st.composite
-def split_traffic(draw) -> tuple[tuple[str, list[bytes], bool], bool]:
+def split_traffic(draw) -> tuple[tuple[str, list[bytes], bool, bool], bool]:
     """
     Frames for the fast path, each split across reads, now and then a ping or
     a close between them; and whether all of them are the fast path's (valid,
@@ -176,7 +176,8 @@ def split_traffic(draw) -> tuple[tuple[str, list[bytes], bool], bool]:
     close = (encode(8, b"\x03\xe8bye", True, 0, mask, 0), False)
     good = good_frames(side == "client")
     parts = draw(st.lists(st.one_of(good, good, good, st.sampled_from([ping, close])), min_size=1, max_size=6))
-    return cut(draw, side, [part for part, _ in parts], inside=True), all(taken for _, taken in parts)
+    reads = (*cut(draw, side, [part for part, _ in parts], inside=True), draw(st.booleans()))
+    return reads, all(taken for _, taken in parts)
 
 
 def observed(frames: list[tuple[int, bool, bytes]]) -> list[tuple]:
@@ -211,10 +212,14 @@ def as_observed(outcome: dict) -> dict:
     return seen
 
 
-def relay_outcome(side: str, reads: list[bytes], fast: bool):
-    """What leaves the relay for each peer when ``reads`` come from ``side``."""
+#: A ws_rate_limit never reached: every read then goes through the fast path's general loop.
+RATED = CONFIG.replace("[gateway]\n", "[gateway]\nws_rate_limit = 1000000\n")
+
+
+def relay_outcome(side: str, reads: list[bytes], fast: bool, rated: bool = False):
+    """What leaves the relay for each peer when ``reads`` come from ``side`` (``rated``: under ws_rate_limit)."""
     upstream = RecordingUpstream(echo=False)
-    relay = MemoryRelay(CONFIG, upstream)
+    relay = MemoryRelay(RATED if rated else CONFIG, upstream)
     client = relay.client("/v1/chat/ws")
     server = upstream.connections[-1]
     received: list[bytes] = []
@@ -259,9 +264,9 @@ def relay_outcome(side: str, reads: list[bytes], fast: bool):
     return outcome
 
 
-def agree(side: str, reads: list[bytes], whole: bool) -> dict:
+def agree(side: str, reads: list[bytes], whole: bool, rated: bool = False) -> dict:
     """Both ways give each peer the same (the same bytes when no frame was split); the fast one."""
-    fast, slow = relay_outcome(side, reads, fast=True), relay_outcome(side, reads, fast=False)
+    fast, slow = relay_outcome(side, reads, True, rated), relay_outcome(side, reads, False, rated)
     taken = fast.pop("autobahn_messages"), slow.pop("autobahn_messages")
     assert as_observed(fast) == as_observed(slow)
     if whole:
@@ -272,7 +277,7 @@ def agree(side: str, reads: list[bytes], whole: bool) -> dict:
 @given(traffic())
 # A read with the end of a frame begun earlier, a whole frame, and the first byte of the next:
 # that byte is kept for the next read, not sent with the whole frame.
-@example(("client", [b"\x81", b"\x87\0\0\0\0" + b"0" * 7 + b"\x81\x91\0\0\0\0" + b"1" * 17 + b"\x88", b"\x80\0\0\0\0"], False))
+@example(("client", [b"\x81", b"\x87\0\0\0\0" + b"0" * 7 + b"\x81\x91\0\0\0\0" + b"1" * 17 + b"\x88", b"\x80\0\0\0\0"], False, False))
 def test_fast_path_and_autobahn_agree(case):
     agree(*case)
 
