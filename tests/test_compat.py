@@ -258,3 +258,12 @@ def test_keep_listening_socket_leaves_the_socket_listening_for_another_holder(tm
     accepted, _ = other.accept()
     for sock in (accepted, client, other):
         sock.close()
+
+
+def test_systemd_listen_fds_are_what_twisteds_systemd_parser_read():
+    """Relies on ``endpoints._SystemdParser._sddaemon`` (the sockets systemd handed over, read at import)."""
+    from twisted.internet.endpoints import _SystemdParser
+    from twisted.python.systemd import ListenFDs
+
+    assert isinstance(_compat.systemd_listen_fds(), ListenFDs)
+    assert _compat.systemd_listen_fds() is _SystemdParser._sddaemon

@@ -73,6 +73,7 @@ listener = socket.socket()
 listener.bind(("127.0.0.1", 0))
 listener.listen()
 os.dup2(listener.fileno(), 3)
+os.set_inheritable(3, True)  # dup2 onto itself (the listener got fd 3) keeps close-on-exec
 os.environ.update(LISTEN_FDS="1", LISTEN_FDNAMES="wsgateway.socket", LISTEN_PID=str(os.getpid()))
 os.execv(sys.argv[1], sys.argv[1:])
 """

@@ -23,6 +23,7 @@ from autobahn.websocket.protocol import (
 )
 from twisted.internet import tcp, unix
 from twisted.internet.interfaces import IDelayedCall
+from twisted.python.systemd import ListenFDs
 from twisted.python.failure import Failure
 
 _P = TypeVar("_P", bound="WebSocketServerProtocol | WebSocketClientProtocol")
@@ -30,6 +31,21 @@ _P = TypeVar("_P", bound="WebSocketServerProtocol | WebSocketClientProtocol")
 # -- Twisted -------------------------------------------------------------------
 
 _TCP = (tcp.Server, tcp.Client)
+
+
+def systemd_listen_fds() -> ListenFDs:
+    """
+    The sockets systemd handed over, as Twisted's ``systemd:`` endpoint parser
+    read them: it reads them once, when ``twisted.internet.endpoints`` is
+    imported, and removes ``LISTEN_FDS`` and ``LISTEN_PID`` from the
+    environment, so a later ``ListenFDs.fromEnvironment()`` finds none.
+
+    Relies on ``endpoints._SystemdParser._sddaemon``.
+    """
+    from twisted.internet.endpoints import _SystemdParser
+
+    fds: ListenFDs = _SystemdParser._sddaemon
+    return fds
 
 
 def keep_listening_socket(port: tcp.Port) -> None:

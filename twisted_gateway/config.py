@@ -73,6 +73,12 @@ def check_server_endpoint(description: str) -> str:
     """Parse the endpoint as twistd will (certificate files are read here), without listening."""
     from twisted.internet.testing import MemoryReactor
 
+    from twisted_gateway._compat import systemd_listen_fds
+
+    if description.split(":", 1)[0] == "systemd" and not systemd_listen_fds().inheritedDescriptors():
+        # No socket handed over here: a worker (its supervisor holds the socket and passes it
+        # on) or --check outside systemd. Nothing to check it against.
+        return description
     try:
         server_endpoint(MemoryReactor(), description)
     except TLSFileError as e:

@@ -208,11 +208,13 @@ def bind_listener(description: str, port: int | None = None) -> socket.socket:
         sock.listen(int(kwargs.get("backlog", system_listen_backlog() or 50)))
         return sock
     if kind == "systemd":
-        from twisted.python.systemd import ListenFDs
+        from twisted_gateway._compat import systemd_listen_fds
 
-        fds = ListenFDs.fromEnvironment()
-        index = int(kwargs.get("index", 0))
-        fd = fds.inheritedDescriptors()[index]
+        fds = systemd_listen_fds()
+        if "name" in kwargs:
+            fd = fds.inheritedNamedDescriptors()[kwargs["name"]]
+        else:
+            fd = fds.inheritedDescriptors()[int(kwargs.get("index", 0))]
         return socket.socket(fileno=os.dup(fd))
     raise ValueError(f"endpoint {description!r}: {kind}: is not supported with workers > 1")
 

@@ -13,6 +13,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.test_operations_e2e import _gateway, _get
-from tests.processes import GUARD, free_port
+from tests.processes import GUARD, TWISTD, Process, free_port
 from tests.support import process_alive, settle_blocking
 
 
@@ -30,28 +31,30 @@ STARTED = re.compile(r"\bworker (\d+) started \(pid (\d+)\)")
 READY = re.compile(r"\bworker (\d+) ready \(pid (\d+)\)")
 
 
+def _config(chat_port: int, workers: int, listen: str) -> str:
+    """A gateway with ``workers`` on ``listen``, in front of the demo chat-service it runs."""
+    return f"""
+[gateway]
+listen = {listen}
+workers = {workers}
+drain_timeout = 3
+
+[route:chat]
+prefix = /v1/chat
+upstream = http://127.0.0.1:{chat_port}
+
+[demo]
+chat_service = tcp:{chat_port}:interface=127.0.0.1
+"""
+
+
 class _Supervised:
     """A twistd wsgateway with ``workers``, serving the demo chat-service on loopback."""
 
     def __init__(self, tmp_path: Path, workers: int = 2, also_listen: str = "") -> None:
         self.chat_port = free_port()
         self.config = tmp_path / "gateway.cfg"
-        self.gateway = _gateway(
-            tmp_path,
-            f"""
-[gateway]
-listen = tcp:0:interface=127.0.0.1 {also_listen}
-workers = {workers}
-drain_timeout = 3
-
-[route:chat]
-prefix = /v1/chat
-upstream = http://127.0.0.1:{self.chat_port}
-
-[demo]
-chat_service = tcp:{self.chat_port}:interface=127.0.0.1
-""",
-        )
+        self.gateway = _gateway(tmp_path, _config(self.chat_port, workers, f"tcp:0:interface=127.0.0.1 {also_listen}"))
         self.process, self.log = self.gateway.process, self.gateway.out
         self.pids: dict[int, int] = {}
         if workers == 1:  # one process, until a SIGHUP makes it a supervisor
@@ -427,4 +430,36 @@ def test_a_new_process_that_dies_before_it_is_ready_leaves_the_single_gateway_se
     finally:
         for sock in sockets:
             sock.close()
+        gateway.stop()
+
+
+@pytest.mark.parametrize("workers", [2, 1])
+def test_socket_activation_serves_with_workers_and_after_a_sighup(tmp_path, workers):
+    """
+    ``listen = systemd:`` as deploy/ runs it (the socket on fd 3, ``LISTEN_FDS``,
+    ``LISTEN_PID``, as systemd hands it over): with ``workers = 2`` the
+    supervisor shares it with its workers (it used to find no socket, Twisted
+    having read and removed ``LISTEN_FDS`` at import), with ``workers = 1`` the
+    process serves it; after a SIGHUP the new processes serve it.
+    """
+    from tests.test_deploy_files import ACTIVATE
+
+    config = tmp_path / "gateway.cfg"
+    config.write_text(_config(free_port(), workers, "systemd:domain=INET:index=0"))
+    gateway = Process(
+        [sys.executable, "-c", ACTIVATE, str(TWISTD), "-n", "--pidfile=", "wsgateway", "--config", str(config)],
+        tmp_path,
+    )
+    try:
+        port = int(gateway.wait_for(SHARED if workers > 1 else SINGLE).group(1))
+        for _ in range(workers if workers > 1 else 0):
+            gateway.wait_for(READY)
+        assert _get(port, "/v1/chat/rooms")[0] == 200
+        gateway.process.send_signal(signal.SIGHUP)
+        gateway.wait_for(f"rolling restart done: {workers} new workers")
+        assert _get(port, "/v1/chat/rooms")[0] == 200
+        gateway.process.send_signal(signal.SIGTERM)
+        assert gateway.process.wait(GUARD) == 0
+        assert "Traceback" not in gateway.text()
+    finally:
         gateway.stop()
