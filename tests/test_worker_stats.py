@@ -64,3 +64,41 @@ def test_a_worker_answers_with_its_live_counts_plus_its_peers_and_the_retired(tm
     assert "wsgateway_ws_open" not in text
     own.requests = 4
     assert 'wsgateway_http_requests_total{route="chat"} 9.0' in generate_latest(stats.registry()).decode()
+
+
+def _total(stats: WorkerStats) -> float:
+    return sum(s.value for f in stats.families() if f.name == "wsgateway_http_requests" for s in f.samples)
+
+
+def test_totals_never_go_back_whichever_worker_answers(tmp_path):
+    """
+    A worker counts more after its last publication; a scrape it answers
+    counts that, and a later scrape answered by its peer must not count less
+    (Prometheus would read a counter reset).
+    """
+    from twisted.internet.task import Clock
+
+    first_own, second_own = _Own(10), _Own(5)
+    first = WorkerStats(str(tmp_path), 0, 2, first_own, Clock())
+    second = WorkerStats(str(tmp_path), 1, 2, second_own, Clock())
+    first.path, second.path = str(tmp_path / "worker-100.json"), str(tmp_path / "worker-101.json")
+    first.publish()
+    second.publish()
+    first_own.requests += 7  # served since its last publication
+    totals = [_total(first), _total(second), _total(first)]
+    assert totals == [22, 22, 22]
+    second_own.requests += 1
+    assert [_total(second), _total(first)] == [23, 23]
+
+
+def test_a_worker_retiring_during_a_scrape_is_counted_once(tmp_path):
+    """Between retired.json naming a worker and its file's removal, a scrape counts it once."""
+    published = {"worker": 1, "families": _families(5, 0, 1, 1)}
+    with open(worker_file(str(tmp_path), 1), "w") as f:
+        json.dump(published, f)
+    retire(str(tmp_path), 1)
+    with open(worker_file(str(tmp_path), 1), "w") as f:  # the file not yet removed
+        json.dump(published, f)
+    stats = WorkerStats(str(tmp_path), 0, 2, _Own(2), clock=None)
+    stats.path = str(tmp_path / "worker-100.json")
+    assert _total(stats) == 7

@@ -7,7 +7,7 @@ Each worker publishes its own metric families (what its
 own in a directory the supervisor creates, every :data:`PUBLISH_INTERVAL` s
 when they changed and once more when it stops; the supervisor publishes its
 own (worker restarts, workers ready). A scrape merges the answering worker's
-live families with every other file through prometheus_client's own
+live families (published as it answers) with every other file through prometheus_client's own
 ``Metric`` objects: counters and histograms are summed; so are the gauges of
 :data:`SUMMED_GAUGES`; any other gauge keeps one series per worker (a
 ``worker`` label). When a worker ends, the supervisor keeps its counters
@@ -116,7 +116,12 @@ def retire(directory: str, pid: int) -> None:
         ended = [f for f in data["families"] if f["type"] != "gauge"]
         before = read_json(os.path.join(directory, RETIRED_FILE)) or {"families": []}
         merged = merge([("retired", before["families"]), ("retired", ended)])
-        write_atomically(os.path.join(directory, RETIRED_FILE), {"worker": "retired", "families": families_as_json(merged)})
+        # Until the worker's file is gone, a scrape must not count it twice:
+        # the files named here are in the totals already.
+        absorbed = [name for name in before.get("absorbed", []) if os.path.exists(os.path.join(directory, name))]
+        absorbed.append(os.path.basename(path))
+        retired = {"worker": "retired", "families": families_as_json(merged), "absorbed": absorbed}
+        write_atomically(os.path.join(directory, RETIRED_FILE), retired)
     try:
         os.unlink(path)
     except OSError:
@@ -147,8 +152,9 @@ class WorkerStats(Service):
         self.publish()
         return super().stopService()
 
-    def publish(self) -> None:
-        families = families_as_json(self.own.collect())
+    def publish(self, families: list[dict[str, Any]] | None = None) -> None:
+        if families is None:
+            families = families_as_json(self.own.collect())
         if families != self._published:  # compared as data: serialised once, when written
             try:
                 write_atomically(self.path, {"worker": self.worker, "families": families})
@@ -161,18 +167,31 @@ class WorkerStats(Service):
             names = sorted(os.listdir(self.directory))
         except OSError:
             names = []
+        # Workers' files first, retired.json last: a worker retiring between
+        # the two reads is then counted once (in retired.json, which names it).
+        peers = {}
         for name in names:
             path = os.path.join(self.directory, name)
-            if not name.endswith(".json") or path == self.path:
-                continue
-            data = read_json(path)
-            if data is not None:
-                yield str(data.get("worker", "")), data["families"]
+            if name.endswith(".json") and name != RETIRED_FILE and path != self.path:
+                data = read_json(path)
+                if data is not None:
+                    peers[name] = (str(data.get("worker", "")), data["families"])
+        retired = read_json(os.path.join(self.directory, RETIRED_FILE))
+        if retired is not None:
+            for name in retired.get("absorbed", []):
+                peers.pop(name, None)
+            peers[RETIRED_FILE] = ("retired", retired["families"])
+        yield from peers.values()
 
     def families(self) -> list[Metric]:
-        """Every worker's families merged, this one's live."""
-        own = (str(self.worker), families_as_json(self.own.collect()))
-        return merge([own, *self._peers()])
+        """
+        Every worker's families merged, this one's live. What this worker
+        answers is published first, so a later scrape answered by another
+        worker never reads less of it: totals never go back between scrapes.
+        """
+        own = families_as_json(self.own.collect())
+        self.publish(own)
+        return merge([(str(self.worker), own), *self._peers()])
 
     def registry(self) -> CollectorRegistry:
         """A registry answering for every worker (for ``/metrics``)."""
