@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import http.client
+import json
 import os
 import re
 import signal
@@ -185,21 +186,54 @@ def test_sigterm_stops_the_supervisor_and_every_worker_cleanly(tmp_path):
         gateway.stop()
 
 
-def _scrape(port: int) -> dict:
-    """``/metrics`` on a connection of its own (the kernel picks the worker): counter totals by family."""
+def _scrape(port: int, connection: http.client.HTTPConnection | None = None) -> dict:
+    """
+    ``/metrics`` on ``connection`` (kept open), else on one of its own (the
+    kernel picks the worker): counter totals by family.
+    """
     from prometheus_client.parser import text_string_to_metric_families
 
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=GUARD)
+    own = connection is None
+    connection = connection or http.client.HTTPConnection("127.0.0.1", port, timeout=GUARD)
     try:
         connection.request("GET", "/metrics")
         text = connection.getresponse().read().decode()
     finally:
-        connection.close()
+        if own:
+            connection.close()
     return {
         family.name: sum(s.value for s in family.samples if not s.name.endswith("_created"))
         for family in text_string_to_metric_families(text)
         if family.type in ("counter", "histogram") or family.name in ("wsgateway_ws_open", "wsgateway_workers")
     }
+
+
+def _connection_to_each(port: int, pids: set[int]) -> dict[int, http.client.HTTPConnection]:
+    """
+    A kept-alive connection accepted by each worker (``ss -p`` names the
+    process holding it; the kernel picks), the others closed.
+    """
+    held: dict[int, http.client.HTTPConnection] = {}
+    while set(held) != pids:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=GUARD)
+        connection.connect()
+        client_port = connection.sock.getsockname()[1]
+
+        def holder() -> int | None:
+            out = subprocess.run(
+                ["ss", "-tnpH", "state", "established", f"( sport = :{port} and dport = :{client_port} )"],
+                capture_output=True, text=True, check=True, timeout=GUARD,
+            ).stdout
+            found = re.search(r"pid=(\d+)", out)
+            return int(found.group(1)) if found else None
+
+        pid = settle_blocking(holder, f"a worker accepts the connection from port {client_port}")
+        assert pid in pids, f"connection held by {pid}, not a worker {pids}"
+        if pid in held:
+            connection.close()
+        else:
+            held[pid] = connection
+    return held
 
 
 def test_metrics_healthz_and_readyz_answer_for_every_worker(tmp_path):
@@ -209,30 +243,38 @@ def test_metrics_healthz_and_readyz_answer_for_every_worker(tmp_path):
     """
     gateway = _Supervised(tmp_path)
     sockets: list[socket.socket] = []
+    connections: dict[int, http.client.HTTPConnection] = {}
     try:
         for _ in range(30):
             assert _get(gateway.port, "/v1/chat/rooms")[0] == 200
         sockets += _open_websockets(gateway.port, 10)
         assert all(_holders(gateway.port)[pid] for pid in gateway.pids.values())
+        connections = _connection_to_each(gateway.port, set(gateway.pids.values()))
 
         def published() -> list[dict] | None:
             """
             Every worker has published what it served (each every 0.5 s, later on a
-            loaded machine): 8 scrapes in a row, whichever workers answer, agree.
+            loaded machine): a scrape answered by each worker, and they agree.
             """
-            scrapes = [_scrape(gateway.port) for _ in range(8)]
+            scrapes = [_scrape(gateway.port, connection) for connection in connections.values()]
             done = all(s == scrapes[0] for s in scrapes) and scrapes[0]["wsgateway_http_requests"] >= 30
             return scrapes if done and scrapes[0]["wsgateway_ws_open"] == 10 else None
 
         scrapes = settle_blocking(published, "every worker's figures published")
+        assert [_scrape(gateway.port, connection) for connection in connections.values()] == scrapes
         assert scrapes[0]["wsgateway_ws_open"] == 10
         assert scrapes[0]["wsgateway_workers"] == 2
-        status, health = _get(gateway.port, "/healthz")
-        assert status == 200 and health["workers"] == 2 and health["websockets"] == 10
+        for connection in connections.values():
+            connection.request("GET", "/healthz")
+            response = connection.getresponse()
+            health = json.loads(response.read())
+            assert response.status == 200 and health["workers"] == 2 and health["websockets"] == 10
         assert _get(gateway.port, "/readyz") == (200, {"status": "ready"})
         http_total = scrapes[0]["wsgateway_http_requests"]
         assert http_total >= 30
     finally:
+        for connection in connections.values():
+            connection.close()
         for sock in sockets:
             sock.close()
         gateway.stop()
