@@ -10,24 +10,31 @@ over 4 connections, and the total instruction count (Ir) over N is printed.
 
     .venv/bin/python bench/http_instructions.py [--requests N] [--path /auth/x]
         [--logger twisted_gateway.logs.json_observer] [--venv OTHER/.venv]
-        [--set access_log=FILE ...] [--peer aiohttp]
+        [--set access_log=FILE ...] [--peer aiohttp] [--handshakes N]
 
 ``/auth/...`` goes through a route with ``auth = required``, every request
 bringing the same token. ``--set KEY=VALUE`` adds a key to ``[gateway]``
 (``{workdir}`` in VALUE: the run's temporary directory). ``--peer aiohttp``
 counts the seed's aiohttp design (``bench/aiohttp_gateway.py``) instead, the
-same way, for a ratio no neighbour can move (it needs the ``bench`` extra). Needs valgrind and Node.js (``bench/node_modules``).
+same way, for a ratio no neighbour can move (it needs the ``bench`` extra).
+``--handshakes N`` counts WebSocket handshakes instead (bench figure 3): N
+open + close cycles one after the other, each a new connection that upgrades
+``--path``, sends a close, reads the relayed close and waits for the end of
+the connection; the count is per cycle. Needs valgrind and Node.js
+(``bench/node_modules``).
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import glob
 import http.client
 import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -52,6 +59,8 @@ def main() -> None:
                         help="a [gateway] key, e.g. access_log=/tmp/access.log")
     parser.add_argument("--peer", choices=("gateway", "aiohttp"), default="gateway",
                         help="what to count: the gateway, or the seed's aiohttp design")
+    parser.add_argument("--handshakes", type=int, default=0, metavar="N",
+                        help="count N WebSocket open + close cycles instead of HTTP requests")
     args = parser.parse_args()
     bin_dir = Path(args.venv) / "bin"
     with tempfile.TemporaryDirectory(prefix="http-instructions-") as work:
@@ -102,10 +111,15 @@ def measure(work: str, bin_dir: Path, backend_port: int, args: argparse.Namespac
             {"sub": "bench", "exp": time.time() + 3600}, Gateway.SECRET, algorithm="HS256"
         )
         headers = {"Authorization": "Bearer " + token} if args.path.startswith("/auth") else {}
-        connections = [http.client.HTTPConnection(LOOPBACK, port, timeout=120) for _ in range(4)]
-        _send(connections, args.path, headers, 200)  # warm-up, not counted
-        subprocess.run(["callgrind_control", "-i", "on", str(gateway.pid)], check=True, capture_output=True)
-        _send(connections, args.path, headers, args.requests)
+        if args.handshakes:
+            _handshakes(port, args.path, headers, 50)  # warm-up, not counted
+            subprocess.run(["callgrind_control", "-i", "on", str(gateway.pid)], check=True, capture_output=True)
+            _handshakes(port, args.path, headers, args.handshakes)
+        else:
+            connections = [http.client.HTTPConnection(LOOPBACK, port, timeout=120) for _ in range(4)]
+            _send(connections, args.path, headers, 200)  # warm-up, not counted
+            subprocess.run(["callgrind_control", "-i", "on", str(gateway.pid)], check=True, capture_output=True)
+            _send(connections, args.path, headers, args.requests)
         subprocess.run(["callgrind_control", "-d", str(gateway.pid)], check=True, capture_output=True)
     finally:
         gateway.send_signal(signal.SIGTERM)
@@ -118,6 +132,11 @@ def measure(work: str, bin_dir: Path, backend_port: int, args: argparse.Namespac
     logger = ", the aiohttp design" if args.peer == "aiohttp" else ""
     logger += f", --logger {args.logger}" if args.logger else ""
     logger += "".join(f", {item}" for item in args.set)
+    if args.handshakes:
+        return (
+            f"{total / args.handshakes / 1e6:.3f} M instructions per handshake"
+            f" ({args.handshakes} open + close of {args.path}{logger})"
+        )
     return (
         f"{total / args.requests / 1e6:.3f} M instructions per request"
         f" ({args.requests} GET {args.path}{logger})"
@@ -143,6 +162,35 @@ def _send(connections: list, path: str, headers: dict, count: int) -> None:
         body = response.read()
         if response.status != 200:
             sys.exit(f"GET {path}: {response.status} {body[:200]!r}")
+
+
+#: A masked close frame, code 1000 (mask key of zeros: the payload as is).
+_CLOSE = b"\x88\x82\x00\x00\x00\x00\x03\xe8"
+
+
+def _handshakes(port: int, path: str, headers: dict, count: int) -> None:
+    """``count`` WebSocket open + close cycles, one connection each, one at a time."""
+    extra = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    for _ in range(count):
+        key = base64.b64encode(os.urandom(16)).decode()
+        with socket.create_connection((LOOPBACK, port), timeout=120) as sock:
+            sock.sendall(
+                f"GET {path} HTTP/1.1\r\nHost: {LOOPBACK}:{port}\r\nUpgrade: websocket\r\n"
+                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+                f"{extra}\r\n".encode()
+            )
+            answer = sock.makefile("rb")
+            status = answer.readline()
+            if not status.startswith(b"HTTP/1.1 101"):
+                sys.exit(f"upgrade of {path}: {status[:200]!r}")
+            while answer.readline() not in (b"\r\n", b""):
+                pass  # the 101's headers
+            sock.sendall(_CLOSE)
+            if answer.read(1) != b"\x88":
+                sys.exit(f"upgrade of {path}: no close frame")
+            answer.read(answer.read(1)[0] & 0x7F)  # its payload (the code)
+            while sock.recv(65536):  # the proxy ends the connection after the close
+                pass
 
 
 if __name__ == "__main__":

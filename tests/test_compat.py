@@ -163,6 +163,65 @@ def test_server_counts_connections():
 # -- Autobahn: handshakes ------------------------------------------------------------
 
 
+def test_adapter_connection_made():
+    """LegHooks.connectionMade does what the Twisted adapter's does, less its debug line."""
+    from autobahn.twisted.websocket import WebSocketAdapterProtocol
+
+    source = inspect.getsource(WebSocketAdapterProtocol.connectionMade)
+    for part in ("create_transport_details(", "self.peer =", "setTcpNoDelay(", "self._connectionMade()"):
+        _require(part in source, f"WebSocketAdapterProtocol.connectionMade ({part})", "Autobahn")
+
+    class Leg(_compat.ServerLegHooks, _compat.LegHooks, WebSocketServerProtocol):
+        pass
+
+    factory = _server_factory()
+    factory.protocol = Leg
+    leg = factory.buildProtocol(None)
+    leg.makeConnection(StringTransport())
+    _require(
+        leg.peer == "tcp4:192.168.1.1:54321" and leg._transport_details.peer == leg.peer,
+        "WebSocketAdapterProtocol._transport_details",
+        "Autobahn",
+    )
+    _require(factory.countConnections == 1 and leg.state == WebSocketProtocol.STATE_CONNECTING,
+             "WebSocketServerProtocol._connectionMade", "Autobahn")
+
+
+def test_adapter_connection_lost():
+    """Beside debug lines, the adapter's connectionLost logs a TLS error and calls _connectionLost."""
+    from autobahn.twisted.websocket import WebSocketAdapterProtocol
+
+    source = inspect.getsource(WebSocketAdapterProtocol.connectionLost)
+    logged = [line.strip() for line in source.splitlines() if "self.log." in line and "self.log.debug(" not in line]
+    _require(
+        logged == ["self.log.error(_maybe_tls_reason(reason.value))"] and "self._connectionLost(reason)" in source,
+        "WebSocketAdapterProtocol.connectionLost",
+        "Autobahn",
+    )
+
+
+def test_side_connection_made():
+    """What the server and client versions of _connectionMade add to the shared part."""
+    server = inspect.getsource(WebSocketServerProtocol._connectionMade)
+    _require(
+        "WebSocketProtocol._connectionMade(self)" in server and "countConnections += 1" in server,
+        "WebSocketServerProtocol._connectionMade",
+        "Autobahn",
+    )
+    client = inspect.getsource(WebSocketClientProtocol._connectionMade)
+    _require(
+        "WebSocketProtocol._connectionMade(self)" in client
+        and "self.startProxyConnect()" in client
+        and "self.startHandshake()" in client,
+        "WebSocketClientProtocol._connectionMade",
+        "Autobahn",
+    )
+    on_connect = inspect.getsource(WebSocketClientProtocol._onConnect)
+    _require("return self.onConnect(response)" in on_connect, "WebSocketClientProtocol._onConnect", "Autobahn")
+
+
+
+
 @pytest.mark.parametrize("cls", [WebSocketServerProtocol, WebSocketClientProtocol])
 def test_config_attrs(cls):
     names = getattr(cls, "CONFIG_ATTRS", None)

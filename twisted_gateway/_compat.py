@@ -15,13 +15,18 @@ from __future__ import annotations
 from types import FunctionType
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from autobahn.twisted.util import create_transport_details
+from autobahn.util import _is_tls_error, _maybe_tls_reason
+from autobahn.wamp.types import TransportDetails
 from autobahn.websocket.protocol import (
     WebSocketClientProtocol,
     WebSocketProtocol,
     WebSocketServerFactory,
     WebSocketServerProtocol,
 )
+from autobahn.websocket.types import ConnectionResponse
 from twisted.internet import tcp, unix
+from twisted.internet.protocol import connectionDone
 from twisted.internet.interfaces import IDelayedCall
 from twisted.python.systemd import ListenFDs
 from twisted.python.failure import Failure
@@ -211,21 +216,55 @@ def server_drop_wait(leg: WebSocketProtocol) -> IDelayedCall | None:
 # The hooks are always combined with an Autobahn protocol; they add nothing to the MRO at run time.
 if TYPE_CHECKING:
     _Leg = WebSocketProtocol
+    _ClientLeg = WebSocketClientProtocol
 else:
-    _Leg = object
+    _Leg = _ClientLeg = object
 
 
 class LegHooks(_Leg):
     """
-    Overrides of Autobahn's private connection hooks shared by both legs.
+    Overrides of Autobahn's connection hooks shared by both legs.
 
-    ``_connectionLost``: Autobahn's client and server versions first render the
-    reason, with its traceback, for a debug line; this calls the shared part.
-    ``_fail_connection``: Autobahn calls it for every frame it refuses; after it
-    ran, :meth:`failed` tells the relay (the other leg must close at once).
+    Autobahn renders the arguments of its debug lines (``hltype``, ``hlval``:
+    qualified names styled through ``click``, whether or not debug logging is
+    on) in ``connectionMade``, ``connectionLost`` and ``_connectionMade``:
+    about a twentieth of a relayed handshake's instructions. These do what
+    Autobahn's do without the rendering:
+
+    ``connectionMade``: the Twisted adapter's (``_transport_details`` from
+    ``create_transport_details``, ``peer``, ``tcpNoDelay``), then ``_connectionMade``.
+    ``connectionLost``: the adapter's (its one non-debug line, a TLS error), then
+    ``_connectionLost``, which Autobahn's client and server versions begin by
+    rendering the reason, with its traceback, for a debug line: this calls the
+    shared part. ``_fail_connection``: Autobahn calls it for every frame it
+    refuses; after it ran, :meth:`failed` tells the relay (the other leg must
+    close at once).
     """
 
-    # Autobahn annotates the reason as str; it is Twisted's Failure
+    if TYPE_CHECKING:  # the Twisted adapter's, which every leg also is
+        transport: Any
+        is_server: bool
+        tcpNoDelay: bool
+        log: Any
+        _transport_details: TransportDetails
+
+    def connectionMade(self) -> None:
+        details = create_transport_details(self.transport, self.is_server)
+        details.channel_framing = TransportDetails.CHANNEL_FRAMING_WEBSOCKET
+        self._transport_details = details
+        self.peer = details.peer  # type: ignore[assignment]  # (always a str for a connected transport)
+        try:
+            self.transport.setTcpNoDelay(self.tcpNoDelay)
+        except Exception:
+            pass  # not TCP (a UNIX socket refuses TCP_NODELAY)
+        self._connectionMade()
+
+    # (Autobahn annotates the reason as str; it is Twisted's Failure)
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if _is_tls_error(reason.value):
+            self.log.error(_maybe_tls_reason(reason.value))
+        self._connectionLost(reason)
+
     def _connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         WebSocketProtocol._connectionLost(self, reason)  # type: ignore[arg-type]
 
@@ -240,16 +279,42 @@ class LegHooks(_Leg):
 
 class ServerLegHooks(_Leg):
     """
-    The client-facing leg's ``_connectionLost``: what Autobahn's server version
-    does (the factory's ``countConnections``, which ``maxConnections`` reads)
-    without its debug rendering. Placed before :class:`LegHooks` in the bases.
+    The client-facing leg's ``_connectionMade`` and ``_connectionLost``: what
+    Autobahn's server versions do (the factory's ``countConnections``, which
+    ``maxConnections`` reads) without their debug rendering. Placed before
+    :class:`LegHooks` in the bases.
     """
 
     factory: WebSocketServerFactory
 
+    def _connectionMade(self) -> None:
+        WebSocketProtocol._connectionMade(self)
+        self.factory.countConnections += 1
+
     def _connectionLost(self, reason: Failure) -> None:  # type: ignore[override]  # (as above)
         super()._connectionLost(reason)  # type: ignore[arg-type]
         self.factory.countConnections -= 1
+
+
+class ClientLegHooks(_ClientLeg):
+    """
+    The upstream-facing leg's ``_connectionMade`` (Autobahn's client version:
+    the shared part, then the proxy's CONNECT or the opening handshake) and
+    ``_onConnect`` (the Twisted adapter's: ``onConnect``), without their debug
+    rendering. Placed before :class:`LegHooks` in the bases.
+    """
+
+    factory: Any
+
+    def _connectionMade(self) -> None:
+        WebSocketProtocol._connectionMade(self)
+        if not self.factory.isServer and self.factory.proxy is not None:
+            self.startProxyConnect()  # type: ignore[no-untyped-call]
+        else:
+            self.startHandshake()  # type: ignore[no-untyped-call]
+
+    def _onConnect(self, response: ConnectionResponse) -> Any:
+        return self.onConnect(response)
 
 
 # -- Autobahn: handshakes ------------------------------------------------------

@@ -46,6 +46,7 @@ from twisted_gateway._bases import (
     WebSocketServerProtocol,
 )
 from twisted_gateway._compat import (
+    ClientLegHooks,
     ServerLegHooks,
     cancel_close_timers,
     parse_extensions,
@@ -129,7 +130,7 @@ class UpstreamHandshakeFailed(Exception):
         self.refusal = refusal
 
 
-class RelayClientProtocol(_RelayLeg, WebSocketClientProtocol):  # type: ignore[misc]  # Autobahn's bases disagree on peer and _transport_details
+class RelayClientProtocol(ClientLegHooks, _RelayLeg, WebSocketClientProtocol):  # type: ignore[misc]  # Autobahn's bases disagree on peer and _transport_details
     """The upstream-facing leg."""
 
     factory: _UpstreamFactory
