@@ -340,3 +340,12 @@ def test_ws_max_age_timer_ends_with_the_connection():
     relay.flush()
     assert_nothing_left(relay)
     assert not [c for c in relay.clock.getDelayedCalls() if getattr(c.func, "__name__", "") == "close_both"]
+
+
+def test_the_upstream_gets_the_request_target_as_written():
+    """Path parameters and the query reach the upstream's request line byte for byte."""
+    relay = MemoryRelay(config())
+    relay.client("/v1/chat/a;b/ws;v=1?room=a&x=%20")
+    relay.flush()
+    (server,) = relay.upstream.connections
+    assert server.http_request_uri == "/v1/chat/a;b/ws;v=1?room=a&x=%20"

@@ -64,10 +64,18 @@ def endpoint_connector(reactor: IReactorTCP, timeout: float, tls_policy: IPolicy
     certificate and host name); fires with the upstream leg.
     """
     policy = tls_policy if tls_policy is not None else BrowserLikePolicyForHTTPS()
+    #: plain TCP endpoints by (host, port): an endpoint holds no connection,
+    #: and building one parses the host (an IP literal or not) every time
+    plain: dict[tuple[str, int], IStreamClientEndpoint] = {}
 
     def connect(factory: WebSocketClientFactory) -> Deferred[IProtocol]:
-        host = factory.host.encode("idna")
-        endpoint = upstream_endpoint(reactor, host, factory.port, timeout, policy if factory.isSecure else None)
+        key = (factory.host, factory.port)
+        endpoint = None if factory.isSecure else plain.get(key)
+        if endpoint is None:
+            tls = policy if factory.isSecure else None
+            endpoint = upstream_endpoint(reactor, factory.host.encode("idna"), factory.port, timeout, tls)
+            if tls is None:
+                plain[key] = endpoint
         return endpoint.connect(factory)
 
     return connect

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import functools
 import os
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Callable, NoReturn, Sequence, TypeVar
@@ -25,6 +26,7 @@ from autobahn.websocket.compress import (
     PerMessageDeflateResponseAccept,
 )
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
+from autobahn.websocket.util import parse_url
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.error import (
     ConnectError,
@@ -642,17 +644,31 @@ class RelayServerFactory(WebSocketServerFactory):
         # the one Origin the route's policy checked (resource.py), never Sec-WebSocket-Origin
         origins = [value for name, value in ctx.headers if name.lower() == b"origin"]
         origin = origins[0].decode("utf-8") if origins and origins[0] else None
-        factory.setSessionParameters(
-            url=url,
-            origin=origin,
-            protocols=list(request.protocols),
-            useragent=None,
-            headers=headers,
-        )
+        slash = url.find("/", url.index("//") + 2)
+        if slash < 0 or "#" in url:
+            factory.setSessionParameters(url=url, origin=origin, protocols=list(request.protocols), useragent=None, headers=headers)
+        else:
+            # What setSessionParameters sets, without parsing the URL again: the
+            # instance's scheme, host and port are parsed once; the request
+            # target goes as written (Autobahn's urlparse dropped a last
+            # segment's ";parameters").
+            factory.url = url
+            factory.isSecure, factory.host, factory.port = _instance_address(base_url)
+            factory.resource = url[slash:]
+            factory.origin = origin
+            factory.protocols = list(request.protocols)
+            factory.headers = headers
         offers = [value for name, value in ctx.headers if name.lower() == b"sec-websocket-extensions"]
         factory.extension_offer = deflate_offer(offers) if self.compression else ""
         factory.host_value = _text(upstream_host(ctx.route.host_header, ctx.host))
         return factory
+
+
+@functools.lru_cache(maxsize=1024)
+def _instance_address(base_url: str) -> tuple[bool, str, int]:
+    """Whether an instance's URL is wss, its host and its port, as Autobahn parses them."""
+    secure, host, port, *_ = parse_url(upstream_url(base_url, b"/", b"", websocket=True))
+    return secure, host, port
 
 
 def deflate_offer(values: Sequence[bytes]) -> str:
