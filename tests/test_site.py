@@ -200,6 +200,19 @@ def test_no_timer_cuts_off_a_request_while_it_is_being_answered():
     close(channel)
 
 
+def test_a_kept_alive_connection_keeps_one_timer_across_its_requests():
+    door = Door(keepalive_timeout=75.0, client_header_timeout=5.0)
+    channel, transport = door.connect()
+    (timer,) = door.clock.getDelayedCalls()
+    for _ in range(3):
+        channel.dataReceived(b"GET / HTTP/1.1\r\nHost: gw\r\n\r\n")
+        assert door.clock.getDelayedCalls() == [timer]  # reset, not made again
+    assert transport.value().count(b"HTTP/1.1 200 ") == 3
+    door.clock.advance(75)
+    assert transport.disconnecting
+    close(channel)
+
+
 def test_a_closed_connection_leaves_no_timer():
     door = Door()
     for data in (b"", b"GET / HT", b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\nab", b"GET / HTTP/1.1\r\n\r\n"):

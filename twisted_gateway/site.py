@@ -140,7 +140,9 @@ class GatewayChannel(HTTPChannel):
         super().allHeadersReceived()
 
     def allContentReceived(self) -> None:
-        self._disarm("busy")
+        # The timer stays armed (and does nothing if it fires while busy):
+        # requestDone resets it rather than making a new one per request.
+        self._phase = "busy"
         super().allContentReceived()
 
     def requestDone(self, request: IRequest) -> None:
@@ -155,6 +157,17 @@ class GatewayChannel(HTTPChannel):
         self._disarm("busy")
         self.site.client_connections.discard(self)
         super().connectionLost(reason)
+
+    def setTimeout(self, period: float | None) -> float | None:
+        """
+        ``setTimeout(None)`` also stops this channel's own timer: a WebSocket
+        hand-over says so when it takes the connection (the channel never
+        hears of it again, and its timer, left armed while busy, must go).
+        """
+        if period is None:
+            self._disarm("busy")
+        previous: float | None = super().setTimeout(period)
+        return previous
 
     def _arm(self, phase: str, seconds: float) -> None:
         self._phase = phase
@@ -173,6 +186,8 @@ class GatewayChannel(HTTPChannel):
     def _expired(self) -> None:
         self._timer = None
         phase, self._phase = self._phase, "busy"
+        if phase == "busy":
+            return  # a request is being answered: requestDone arms the next timer
         request = self.requests[-1] if self.requests else None
         if getattr(request, "_refused", False):
             return  # answered 413 already and lingering on its own timer
