@@ -12,7 +12,6 @@ opening of a pair (auth, choice of instance, retries, refusals as JSON);
 from __future__ import annotations
 
 import base64
-import copy
 import functools
 import os
 from dataclasses import dataclass, replace
@@ -617,7 +616,9 @@ class RelayServerFactory(WebSocketServerFactory):
         self, ctx: HandshakeContext, request: ConnectionRequest, base_url: str
     ) -> _UpstreamFactory:
         """A per-connection copy of the upstream factory carrying this handshake's details."""
-        factory = copy.copy(self._client_template)
+        # a shallow copy, as copy.copy makes it without going through the pickle protocol
+        factory = object.__new__(_UpstreamFactory)
+        factory.__dict__.update(vars(self._client_template))
         url = upstream_url(base_url, ctx.path, ctx.query, websocket=True)
         headers: dict[str, str] = {}
         stripped = frozenset(name.encode("ascii") for name in self.gateway.strip_request_headers)
