@@ -375,6 +375,8 @@ class UpstreamConnection(Protocol):
         self.lost = False
         #: fires when the connection is closed (set by :meth:`UpstreamClient.close_idle`)
         self.closed: Deferred[None] | None = None
+        #: the idle timer, left armed while the connection is in use (reset when it is idle again)
+        self.timer: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
         set_keepalive(self.transport, self._pool.tcp_keepalive)
@@ -557,6 +559,9 @@ class UpstreamConnection(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.lost = True
+        timer, self.timer = self.timer, None
+        if timer is not None and timer.active():
+            timer.cancel()  # its idle timer, left armed while in use
         exchange, self._exchange = self._exchange, None
         if exchange is None:
             self._pool._forget(self)
@@ -752,7 +757,9 @@ class UpstreamClient:
             idle = self._connections.get(origin.key)
             while idle:
                 connection = idle.pop()
-                self._timeouts.pop(connection).cancel()
+                # its timer stays armed, doing nothing while the connection is in use:
+                # resetting it in _put costs less than a new one per request
+                connection.timer = self._timeouts.pop(connection)
                 if not connection.lost:
                     exchange.reused = True
                     connection.send(exchange)
@@ -797,14 +804,21 @@ class UpstreamClient:
         """A connection that finished its exchange: kept idle, or closed if enough are."""
         idle = self._connections.setdefault(connection.key, [])
         idle.append(connection)
-        self._timeouts[connection] = self._reactor.callLater(self.idle_timeout, self._expire, connection)
+        timer, connection.timer = connection.timer, None
+        if timer is not None and timer.active():
+            timer.reset(self.idle_timeout)
+        else:
+            timer = self._reactor.callLater(self.idle_timeout, self._expire, connection)
+        self._timeouts[connection] = timer
         if len(idle) > self.max_idle_per_host:
             oldest = idle.pop(0)
             self._timeouts.pop(oldest).cancel()
             oldest.close()
 
     def _expire(self, connection: UpstreamConnection) -> None:
-        del self._timeouts[connection]
+        if self._timeouts.pop(connection, None) is None:
+            connection.timer = None  # in use: _put arms a new one
+            return
         self._connections[connection.key].remove(connection)
         connection.close()
 

@@ -18,6 +18,7 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.web.client import FileBodyProducer, ResponseDone, ResponseFailed, ResponseNeverReceived
 from twisted.web.http import PotentialDataLoss
@@ -450,6 +451,41 @@ async def test_an_idle_connection_the_upstream_closes_leaves_the_pool_with_its_t
     connection.transport.loseConnection()
     await settle(lambda: not any(client._connections.values()), "the closed connection gone")
     assert client._timeouts == {} and not timer.active()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reused_connection_keeps_one_idle_timer_that_never_closes_it_in_use():
+    """The idle timer is reset when the connection is idle again, and does nothing while in use."""
+    clock = Clock()
+    client = UpstreamClient(clock, UpstreamEndpoints(reactor, 5.0), idle_timeout=10.0)
+    held: list[Scripted] = []
+
+    def answer(server: Scripted, head: bytes) -> None:
+        if b"/hold" in head:
+            held.append(server)
+        else:
+            server.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    async with scripted(answer) as (factory, base):
+        try:
+            await body_of(await client.request(b"GET", base + b"/"))
+            (timer,) = clock.getDelayedCalls()
+            clock.advance(9)
+            await body_of(await client.request(b"GET", base + b"/"))
+            assert clock.getDelayedCalls() == [timer] and timer.getTime() == 19  # reset, not made again
+            pending = client.request(b"GET", base + b"/hold")
+            await settle(lambda: held, "the held request at the upstream")
+            clock.advance(30)  # past the idle deadline while in use: nothing happens
+            held[0].transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            data, reason = await body_of(await pending)
+            assert (data, reason.type) == (b"ok", ResponseDone)
+            assert len(factory.connections) == 1 and sum(map(len, client._connections.values())) == 1
+            clock.advance(9.9)
+            assert sum(map(len, client._connections.values())) == 1
+            clock.advance(0.1)  # idle for idle_timeout: closed
+            assert not any(client._connections.values()) and clock.getDelayedCalls() == []
+        finally:
+            await client.close_idle()
 
 
 @pytest_twisted.ensureDeferred
