@@ -775,12 +775,13 @@ class HTTPForwarder:
         agent = self._agent
         try:
             if isinstance(agent, UpstreamClient):
-                pending = agent.send(request.method, url, headers, upload)
+                # times the head itself, on the kept-alive connection's timer
+                pending = agent.send(request.method, url, headers, upload, timeout)
             else:  # an IAgent given to the forwarder
                 pending = agent.request(request.method, url, _as_headers(headers), upload)
+                pending.addTimeout(timeout, self._reactor, self._head_timed_out)
         except ValueError as e:
             raise BadRequest(f"the request cannot be forwarded: {e}") from None
-        pending.addTimeout(timeout, self._reactor, self._head_timed_out)
         try:
             return await pending
         except CancelledError:

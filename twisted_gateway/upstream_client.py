@@ -47,6 +47,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IAgentEndpointFactory, IRes
 from zope.interface import implementer
 
 from twisted_gateway._compat import write_now
+from twisted_gateway.errors import GatewayTimeout
 from twisted_gateway.faults import mark_reused
 from twisted_gateway.sockets import TCPKeepalive, set_keepalive
 
@@ -203,6 +204,16 @@ class _Exchange:
         self.keep_alive = True
         #: the body has no length: it ends when the connection closes
         self.until_close = False
+        #: seconds the head may take (None: no limit), and when it is due
+        self.timeout: float | None = None
+        self.deadline = 0.0
+        #: the head's own timer, while no kept-alive connection's timer serves
+        self.timer: IDelayedCall | None = None
+
+    def stop_timer(self) -> None:
+        timer, self.timer = self.timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
 
     @property
     def replayable(self) -> bool:
@@ -210,6 +221,7 @@ class _Exchange:
 
     def _cancel(self, answer: Deferred[IResponse]) -> None:
         """Cancelled before the head (the client left, or no head in time): nothing is reused."""
+        self.stop_timer()
         if self.connecting is not None:
             self.connecting.cancel()
         if self.connection is not None:
@@ -490,6 +502,8 @@ class UpstreamConnection(Protocol):
         elif not chunked and length is UNKNOWN_LENGTH:
             exchange.until_close = True
         response = exchange.response = UpstreamResponse(self, code, phrase, pairs, length)
+        if exchange.timer is not None:
+            exchange.stop_timer()
         if head:
             exchange.keep_alive = self._parser.should_keep_alive()
         exchange.answer.callback(response)
@@ -706,13 +720,23 @@ class UpstreamClient:
         uri: bytes,
         headers: Sequence[tuple[bytes, bytes]],
         body: BodyProducer | None = None,
+        timeout: float | None = None,
     ) -> Deferred[IResponse]:
-        """:meth:`request` with the headers as ``(name, value)`` pairs, sent in their order."""
+        """
+        :meth:`request` with the headers as ``(name, value)`` pairs, sent in
+        their order. Without a response head within ``timeout`` seconds (connect
+        and replays included), the connection is aborted and the answer fails
+        with :class:`GatewayTimeout`. A kept-alive connection's own timer
+        serves for it: no timer is made per request.
+        """
         origin, target = self._origin(uri)
         if not any(name.lower() == b"host" for name, _ in headers):
             headers = [(b"Host", origin.host), *headers]
         head = request_head(method, target, headers, _framing(method, body))
         exchange = _Exchange(origin, method, head, body)
+        if timeout is not None:
+            exchange.timeout = timeout
+            exchange.deadline = self._reactor.seconds() + timeout
         self._start(exchange)
         return exchange.answer
 
@@ -759,12 +783,19 @@ class UpstreamClient:
                 connection = idle.pop()
                 # its timer stays armed, doing nothing while the connection is in use:
                 # resetting it in _put costs less than a new one per request
-                connection.timer = self._timeouts.pop(connection)
+                timer = connection.timer = self._timeouts.pop(connection)
                 if not connection.lost:
                     exchange.reused = True
+                    if exchange.timeout is not None and exchange.timer is None:
+                        # the connection's timer times the head (it is due later)
+                        timer.reset(exchange.deadline - self._reactor.seconds())
                     connection.send(exchange)
                     return
         exchange.reused = False
+        if exchange.timeout is not None and exchange.timer is None:
+            exchange.timer = self._reactor.callLater(
+                max(0.0, exchange.deadline - self._reactor.seconds()), self._timed_out, exchange
+            )
         connecting = origin.endpoint.connect(_ConnectionFactory(self, origin.key))
         exchange.connecting = connecting
         connecting.addCallbacks(
@@ -783,7 +814,18 @@ class UpstreamClient:
         exchange.connecting = None
         if exchange.answer.called or reason.check(ConnectingCancelledError, CancelledError):
             return
+        exchange.stop_timer()
         exchange.answer.errback(reason)
+
+    def _timed_out(self, exchange: _Exchange) -> None:
+        """No response head within the exchange's timeout: abort, answer 504's error."""
+        exchange.timer = None
+        if exchange.answer.called or exchange.response is not None:
+            return
+        exchange.answer.errback(
+            Failure(GatewayTimeout(f"no response from the upstream within {exchange.timeout:g} s"))
+        )
+        exchange._cancel(exchange.answer)
 
     def _failed(self, exchange: _Exchange, error: Exception) -> None:
         """No response head: send again on a fresh connection where allowed, else fail."""
@@ -798,6 +840,7 @@ class UpstreamClient:
         if exchange.reused:
             # most likely the upstream's idle close crossing the request: not held against it
             mark_reused(error)
+        exchange.stop_timer()
         exchange.answer.errback(Failure(error))
 
     def _put(self, connection: UpstreamConnection) -> None:
@@ -817,7 +860,11 @@ class UpstreamClient:
 
     def _expire(self, connection: UpstreamConnection) -> None:
         if self._timeouts.pop(connection, None) is None:
-            connection.timer = None  # in use: _put arms a new one
+            # in use (_put arms a new one): its exchange's head may be due
+            connection.timer = None
+            exchange = connection._exchange
+            if exchange is not None and exchange.timeout is not None and exchange.timer is None:
+                self._timed_out(exchange)
             return
         self._connections[connection.key].remove(connection)
         connection.close()

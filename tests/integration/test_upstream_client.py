@@ -27,6 +27,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+from twisted_gateway.errors import GatewayTimeout
 from twisted_gateway.faults import KEEPALIVE_CLOSED, classify
 from twisted_gateway.http_proxy import UpstreamEndpoints, _Upload
 from twisted_gateway.upstream_client import UpstreamClient, may_replay
@@ -453,39 +454,81 @@ async def test_an_idle_connection_the_upstream_closes_leaves_the_pool_with_its_t
     assert client._timeouts == {} and not timer.active()
 
 
-@pytest_twisted.ensureDeferred
-async def test_a_reused_connection_keeps_one_idle_timer_that_never_closes_it_in_use():
-    """The idle timer is reset when the connection is idle again, and does nothing while in use."""
+OK_ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+@asynccontextmanager
+async def on_a_clock(idle_timeout: float) -> AsyncIterator[tuple[Clock, UpstreamClient, list[Scripted], Factory, bytes]]:
+    """A client whose timers run on a ``Clock``; its upstream answers "ok" but holds ``/hold`` (listed)."""
     clock = Clock()
-    client = UpstreamClient(clock, UpstreamEndpoints(reactor, 5.0), idle_timeout=10.0)
+    client = UpstreamClient(clock, UpstreamEndpoints(reactor, 5.0), idle_timeout=idle_timeout)
     held: list[Scripted] = []
 
     def answer(server: Scripted, head: bytes) -> None:
         if b"/hold" in head:
             held.append(server)
         else:
-            server.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            server.transport.write(OK_ANSWER)
 
     async with scripted(answer) as (factory, base):
         try:
-            await body_of(await client.request(b"GET", base + b"/"))
-            (timer,) = clock.getDelayedCalls()
-            clock.advance(9)
-            await body_of(await client.request(b"GET", base + b"/"))
-            assert clock.getDelayedCalls() == [timer] and timer.getTime() == 19  # reset, not made again
-            pending = client.request(b"GET", base + b"/hold")
-            await settle(lambda: held, "the held request at the upstream")
-            clock.advance(30)  # past the idle deadline while in use: nothing happens
-            held[0].transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-            data, reason = await body_of(await pending)
-            assert (data, reason.type) == (b"ok", ResponseDone)
-            assert len(factory.connections) == 1 and sum(map(len, client._connections.values())) == 1
-            clock.advance(9.9)
-            assert sum(map(len, client._connections.values())) == 1
-            clock.advance(0.1)  # idle for idle_timeout: closed
-            assert not any(client._connections.values()) and clock.getDelayedCalls() == []
+            yield clock, client, held, factory, base
         finally:
             await client.close_idle()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reused_connection_keeps_one_idle_timer_that_never_closes_it_in_use():
+    """The idle timer is reset when the connection is idle again, and does nothing while in use."""
+    async with on_a_clock(idle_timeout=10.0) as (clock, client, held, factory, base):
+        await body_of(await client.request(b"GET", base + b"/"))
+        (timer,) = clock.getDelayedCalls()
+        clock.advance(9)
+        await body_of(await client.request(b"GET", base + b"/"))
+        assert clock.getDelayedCalls() == [timer] and timer.getTime() == 19  # reset, not made again
+        pending = client.request(b"GET", base + b"/hold")
+        await settle(lambda: held, "the held request at the upstream")
+        clock.advance(30)  # past the idle deadline while in use: nothing happens
+        held[0].transport.write(OK_ANSWER)
+        data, reason = await body_of(await pending)
+        assert (data, reason.type) == (b"ok", ResponseDone)
+        assert len(factory.connections) == 1 and sum(map(len, client._connections.values())) == 1
+        clock.advance(9.9)
+        assert sum(map(len, client._connections.values())) == 1
+        clock.advance(0.1)  # idle for idle_timeout: closed
+        assert not any(client._connections.values()) and clock.getDelayedCalls() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_head_not_in_time_fails_with_gateway_timeout_on_a_fresh_or_a_reused_connection():
+    """
+    ``send(..., timeout)``: a fresh connection's head has its own timer, gone
+    once the head is in; on a reused connection the connection's timer serves
+    (no timer per request). Past the timeout, the connection is aborted.
+    """
+    async with on_a_clock(idle_timeout=100.0) as (clock, client, held, factory, base):
+        pending = client.send(b"GET", base + b"/", [], None, 5.0)
+        (head_timer,) = clock.getDelayedCalls()  # a fresh connection: the head's own
+        await body_of(await pending)
+        (idle_timer,) = clock.getDelayedCalls()
+        assert not head_timer.active() and idle_timer is not head_timer
+        pending = client.send(b"GET", base + b"/hold", [], None, 5.0)
+        assert clock.getDelayedCalls() == [idle_timer] and idle_timer.getTime() == 5
+        await settle(lambda: held, "the held request at the upstream")
+        clock.advance(4.9)
+        assert not pending.called
+        clock.advance(0.1)
+        with pytest.raises(GatewayTimeout, match="no response from the upstream within 5 s"):
+            await pending
+        await held[0].closed  # aborted
+        assert not any(client._connections.values()) and clock.getDelayedCalls() == []
+        pending = client.send(b"GET", base + b"/hold", [], None, 2.0)  # a fresh one again
+        await settle(lambda: len(held) == 2, "the second held request")
+        clock.advance(2)
+        with pytest.raises(GatewayTimeout, match="within 2 s"):
+            await pending
+        await held[1].closed
+        assert clock.getDelayedCalls() == []
 
 
 @pytest_twisted.ensureDeferred
