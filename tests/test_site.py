@@ -213,6 +213,22 @@ def test_a_kept_alive_connection_keeps_one_timer_across_its_requests():
     close(channel)
 
 
+def test_the_local_address_is_asked_of_the_transport_once_per_connection():
+    door = Door()
+    channel, transport = door.connect()
+    asked = []
+    local = transport.getHost()
+    transport.getHost = lambda: asked.append(1) or local
+    for _ in range(3):
+        channel.dataReceived(b"GET /hold HTTP/1.1\r\nHost: gw\r\n\r\n")
+        (request,) = door.resource.held
+        door.resource.held.clear()
+        assert request.getHost() is local
+        request.finish()
+    assert asked == [1]
+    close(channel)
+
+
 def test_a_closed_connection_leaves_no_timer():
     door = Door()
     for data in (b"", b"GET / HT", b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\nab", b"GET / HTTP/1.1\r\n\r\n"):

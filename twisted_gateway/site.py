@@ -91,6 +91,16 @@ class GatewayChannel(HTTPChannel):
             self._head_started = True
         super().dataReceived(data)
 
+    _local_address: IAddress | None = None
+
+    def getHost(self) -> IAddress:
+        """The local address, asked of the socket once (each ``Request`` asks for it)."""
+        address = self._local_address
+        if address is None:
+            assert self.transport is not None  # requests are made while it is connected
+            address = self._local_address = self.transport.getHost()
+        return address
+
     # -- writing: a response's head and first body bytes in one send, now ------
 
     def writeHeaders(
