@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
+import txaio
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.web.server import Site
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
@@ -196,3 +198,32 @@ async def test_a_tiny_storm_of_every_client_fault_ends_as_the_rules_say_and_leav
     await gw.close()
     for port in (chat_port, echo_port):
         await port.stopListening()
+
+
+def test_the_echo_upstream_sends_its_own_close_before_its_close_timer_can_drop_it(monkeypatch):
+    """
+    The soak's ``upstream_close_code`` once got 1014 instead of the upstream's
+    1001: Autobahn's close handshake timer rounds its deadline down to a whole
+    second (txaio's batched timer), so a 1 s timeout set at x.99 s fired 0.01 s
+    later, and the upstream's drop discarded its own close frame, still queued.
+    The gateway saw an upstream vanish without a close and said so (1014):
+    the right charge for what reached it. The upstream now waits at least 4 s.
+    """
+    clock = MemoryReactorClock()
+    clock.advance(1_000.99)
+    monkeypatch.setattr(txaio.config, "loop", clock)  # Autobahn's timers run on the global loop
+    upstream = build_echo_site(clock, "echo1").resource.children[b"v1"].children[b"echo"].children[b"ws"]
+    server = upstream._factory.buildProtocol(None)
+    transport = StringTransport()
+    transport.unregisterProducer = lambda: None  # (what Autobahn's drop calls)
+    server.makeConnection(transport)
+    server.dataReceived(
+        b"GET /v1/echo/ws HTTP/1.1\r\nHost: echo\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    assert server.state == server.STATE_OPEN
+    server.onMessage(b"close:1001", False)
+    assert server.state == server.STATE_CLOSING
+    clock.advance(1.0)
+    assert not server.wasCloseHandshakeTimeout and not transport.disconnecting
+    server.transport.loseConnection()

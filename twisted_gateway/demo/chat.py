@@ -21,7 +21,7 @@ from twisted.web.server import Request
 from zope.interface import Interface, implementer
 
 from twisted_gateway._bases import Resource, Site, WebSocketServerFactory, WebSocketServerProtocol
-from twisted_gateway.demo.echo import accept_deflate
+from twisted_gateway.demo.echo import CLOSE_HANDSHAKE_TIMEOUT, accept_deflate
 
 DEFAULT_ROOM = "lobby"
 ANONYMOUS = "anonymous"
@@ -140,6 +140,7 @@ class ChatFactory(WebSocketServerFactory):
             maxMessagePayloadSize=MAX_MESSAGE_BYTES,
             webStatus=False,  # a plain GET gets 426, not a status page
             allowNullOrigin=True,  # setProtocolOptions would reset it; the gateway decides
+            closeHandshakeTimeout=CLOSE_HANDSHAKE_TIMEOUT,  # (echo.py says why)
         )
 
 

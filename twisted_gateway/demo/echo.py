@@ -41,6 +41,15 @@ def accept_deflate(offers: Sequence[PerMessageCompressOffer]) -> PerMessageDefla
     return None
 
 
+#: How long a server waits for the answer to a close it sent before it drops
+#: the connection. Autobahn's timers round their deadline down to a whole
+#: second (txaio's batched timer), so its default of 1 s fires anywhere from
+#: at once to 1 s later; a drop before the next write leaves the server's own
+#: close frame unsent, and the gateway then rightly reports an upstream that
+#: vanished (1014) instead of relaying its close. 5 s waits at least 4.
+CLOSE_HANDSHAKE_TIMEOUT = 5
+
+
 class EchoServerProtocol(WebSocketServerProtocol):
     """Sends every message back with the type it arrived with."""
 
@@ -71,6 +80,7 @@ def build_echo_factory(
         failByDrop=False,
         perMessageCompressionAccept=accept_deflate,
         allowNullOrigin=True,  # setProtocolOptions would reset it; the gateway decides
+        closeHandshakeTimeout=CLOSE_HANDSHAKE_TIMEOUT,
     )
     return factory
 
