@@ -296,7 +296,7 @@ def test_keep_listening_socket_leaves_the_socket_listening_for_another_holder(tm
     """
     A port closed after ``keep_listening_socket`` leaves its socket listening
     for whoever holds a duplicate (no shutdown), and a unix socket's file in
-    place: relies on ``tcp.Port._shouldShutdown`` and ``unix.Port._bindPath``.
+    place: relies on ``tcp.Port._shouldShutdown`` and ``unix.Port._bindPath`` (``port`` before Twisted 26.10).
     """
     import os
     import socket

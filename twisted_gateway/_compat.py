@@ -5,7 +5,10 @@ relay relies on, in one place, each with what it relies on.
 Each item is one library release away from a silent break, so each has a test
 in ``tests/test_compat.py`` that fails naming the item when the installed
 library no longer has it; ``pyproject.toml`` pins the ranges. Checked against
-Twisted 26.10 and Autobahn 26.11 (the versions ``make test`` installs).
+Twisted 26.10 and Autobahn 26.11 (the versions ``make test`` installs), and
+tests/test_compat.py with the relay's tests against the lower bounds, Twisted
+25.5 and Autobahn 24.4.2 (Twisted 24.3 to 24.11 lack ``Request``'s
+``parsePOSTFormSubmission``, which http_proxy.py passes).
 Twisted's HTTP server internals that the HTTP forwarder subclasses are
 listed in the same test file (they stay in ``http_proxy.py`` and ``site.py``).
 """
@@ -62,12 +65,16 @@ def keep_listening_socket(port: tcp.Port) -> None:
     (it is how clients reach the other process).
 
     Relies on ``tcp.Port._shouldShutdown`` (what ``_closeSocket`` checks; it
-    is False already for an adopted socket) and ``unix.Port._bindPath`` (the
-    file ``connectionLost`` unlinks, unless it is an abstract-namespace name).
+    is False already for an adopted socket) and on the name ``connectionLost``
+    unlinks unless it is an abstract-namespace one: ``unix.Port._bindPath``
+    since Twisted 26.10, the path it was given (``port``) before.
     """
     port._shouldShutdown = False
     if isinstance(port, unix.Port):
-        port._bindPath = b"\0"
+        if hasattr(port, "_bindPath"):
+            port._bindPath = b"\0"
+        else:
+            port.port = b"\0"
 
 
 
