@@ -12,9 +12,10 @@ send timeout act on pairs.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
 from twisted_gateway.faults import classify
@@ -30,8 +31,14 @@ from twisted_gateway.ws_relay import (
     UNRESPONSIVE,
     UPSTREAM_LOST,
     UPSTREAM_STALLED,
+    _RelayLeg,
     _Throttle,
 )
+
+if TYPE_CHECKING:
+    from twisted_gateway.auth import Identity
+    from twisted_gateway.upstreams import Instance
+    from twisted_gateway.ws_proxy import HandshakeContext, RelayClientProtocol, RelayServerFactory, RelayServerProtocol
 
 access_log = Logger(namespace="twisted_gateway.access")
 
@@ -41,20 +48,20 @@ class Pair:
 
     STATE_OPEN = OPEN
 
-    def __init__(self, client: Any, context: Any) -> None:
+    def __init__(self, client: RelayServerProtocol, context: HandshakeContext) -> None:
         self.client = client
-        self.upstream: Any = None
-        self.factory = client.factory
+        self.upstream: RelayClientProtocol | None = None
+        self.factory: RelayServerFactory = client.factory
         self.context = context
         #: the id the admin API names this WebSocket by
         self.session_id = os.urandom(8).hex()
         #: auth.Identity of the token it was opened with (revocations, caps, sessions)
-        self.identity: Any = None
+        self.identity: Identity | None = None
         #: the per-user caps this WebSocket counts in (cluster.Cluster.acquire)
-        self.capped: Any = None
+        self.capped: list[tuple[str, str]] | None = None
         #: the upstream instance the upstream leg is connected to
-        self.instance: Any = None
-        self.expiry: Any = None
+        self.instance: Instance | None = None
+        self.expiry: IDelayedCall | None = None
         self.opened_at = 0.0
         #: (side, code, reason) of whatever ended the pair first
         self.ending: tuple[str, int | None, str] | None = None
@@ -67,12 +74,12 @@ class Pair:
         state: int = self.client.state
         return state
 
-    def legs(self) -> tuple[Any, ...]:
+    def legs(self) -> tuple[_RelayLeg, ...]:
         return (self.client,) if self.upstream is None else (self.client, self.upstream)
 
     # -- opening --------------------------------------------------------------
 
-    def join(self, upstream: Any) -> None:
+    def join(self, upstream: RelayClientProtocol) -> None:
         """The upstream's handshake is done: the legs forward to each other from now on."""
         client, factory = self.client, self.factory
         self.upstream = upstream
@@ -86,9 +93,13 @@ class Pair:
         if factory.rate_limit:
             client.bucket = TokenBucket.full(factory.rate_limit, factory.rate_burst, self.opened_at)
         # Each transport pauses the other when its write buffer is full.
-        client.transport.bufferSize = upstream.transport.bufferSize = LEG_READ_SIZE
-        client.transport.registerProducer(_Throttle(upstream.transport, client), True)
-        upstream.transport.registerProducer(_Throttle(client.transport, upstream), True)
+        # (TCP or TLS transports: Twisted's interfaces split what they are between
+        # ITransport, IConsumer, IPushProducer, and bufferSize is in none of them.)
+        client_transport: Any = client.transport
+        upstream_transport: Any = upstream.transport
+        client_transport.bufferSize = upstream_transport.bufferSize = LEG_READ_SIZE
+        client_transport.registerProducer(_Throttle(upstream_transport, client), True)
+        upstream_transport.registerProducer(_Throttle(client_transport, upstream), True)
         factory.registry.pairs.add(self)
         factory.ageing.watch(self)
         identity = self.identity
@@ -121,7 +132,7 @@ class Pair:
         for leg in self.legs():
             leg.close_with(close, reason)
 
-    def leg_closed(self, leg: Any) -> None:
+    def leg_closed(self, leg: _RelayLeg) -> None:
         """One leg is gone: close the other as the rules say; finish when both are."""
         if self.done.called:
             return
@@ -140,7 +151,7 @@ class Pair:
         if client.state == client.STATE_CLOSED and upstream.state == upstream.STATE_CLOSED:
             self.finish()
 
-    def leg_unresponsive(self, leg: Any, reason: str) -> None:
+    def leg_unresponsive(self, leg: _RelayLeg, reason: str) -> None:
         """
         A leg stopped answering (``ping_timeout``, or TCP ``keepalive``): the
         other gets 1011; an upstream's silence counts against its instance.
@@ -155,7 +166,7 @@ class Pair:
         if other is not None:
             other.close_with(UNRESPONSIVE)
 
-    def slow_consumer(self, leg: Any) -> None:
+    def slow_consumer(self, leg: _RelayLeg) -> None:
         """
         ``ws_send_timeout``: ``leg``'s peer accepted nothing of what waits for
         it. It gets 1008 "slow consumer" (queued behind what it does not read:
@@ -168,8 +179,9 @@ class Pair:
         leg.close_with(SLOW_CONSUMER, "send_timeout")
         if other is not None and other.state == OPEN:
             other.close_with(CLIENT_STALLED if leg is client else UPSTREAM_STALLED)
-            if other.transport is not None:
-                other.transport.resumeProducing()
+            transport: Any = other.transport  # (a producer too: see join)
+            if transport is not None:
+                transport.resumeProducing()
 
     def record_end(self, side: str, code: int | None, reason: str = "") -> None:
         """Remember what ended the pair first, and why (for metrics and the session log)."""
@@ -193,7 +205,7 @@ class Pair:
         if self.instance is not None:
             self.instance.release(websocket=True)
             self.instance = None
-        if self.capped is not None:
+        if self.capped is not None and factory.cluster is not None:
             factory.cluster.release(self.capped)
             self.capped = None
         self.client.partner = None

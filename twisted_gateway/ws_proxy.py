@@ -318,9 +318,9 @@ class RelayServerProtocol(ServerLegHooks, _RelayLeg, WebSocketServerProtocol):  
             )
         pair.identity = identity
         if identity is not None and identity.subject is not None and factory.cluster is not None:
-            pair.capped = await factory.cluster.acquire(identity.subject, ctx.route)
-            if self.state == CLOSED:  # the client left while the cap was checked
-                factory.cluster.release(pair.capped)
+            pair.capped = capped = await factory.cluster.acquire(identity.subject, ctx.route)
+            if self.state == CLOSED and capped is not None:  # the client left while the cap was checked
+                factory.cluster.release(capped)
                 pair.capped = None
                 raise CancelledError()
         pool = ctx.pool
@@ -361,7 +361,7 @@ class RelayServerProtocol(ServerLegHooks, _RelayLeg, WebSocketServerProtocol):  
             raise BadGateway(f"cannot connect to the upstream: {reason}")
         if self.state == CLOSED:
             # The client left in the very turn the upstream answered.
-            pair.instance.release(websocket=True)
+            instance.release(websocket=True)
             pair.instance = None
             upstream.close_with(CLIENT_LOST)
             raise CancelledError()
