@@ -19,6 +19,7 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
 from twisted_gateway.faults import classify
+from twisted_gateway.metrics import MessageFlow
 from twisted_gateway.rate_limit import TokenBucket
 from twisted_gateway.ws_relay import (
     CLIENT_LOST,
@@ -43,6 +44,20 @@ if TYPE_CHECKING:
 access_log = Logger(namespace="twisted_gateway.access")
 
 
+class Direction:
+    """What one way of a pair carried (and, client to upstream, its rate bucket): the pair's, counted by the leg that receives it."""
+
+    __slots__ = ("messages", "payload_bytes", "flow", "bucket")
+
+    def __init__(self, flow: MessageFlow, bucket: TokenBucket | None = None) -> None:
+        self.messages = 0
+        self.payload_bytes = 0
+        #: the route's metrics for this way
+        self.flow = flow
+        #: ws_rate_limit's bucket (client to upstream only)
+        self.bucket = bucket
+
+
 class Pair:
     """The two legs of one WebSocket, from the hand-over of the client's request until both are gone."""
 
@@ -65,6 +80,9 @@ class Pair:
         self.opened_at = 0.0
         #: (side, code, reason) of whatever ended the pair first
         self.ending: tuple[str, int | None, str] | None = None
+        #: what each way carried, from join on
+        self.inbound: Direction | None = None
+        self.outbound: Direction | None = None
         #: fires once both legs are gone and everything is released
         self.done: Deferred[None] = Deferred()
 
@@ -86,12 +104,13 @@ class Pair:
         client.partner, upstream.partner = upstream, client
         upstream.pair = self
         metrics, route = factory.metrics, factory.route.name
-        client.flow = metrics.flow(route, "client_to_upstream")
-        upstream.flow = metrics.flow(route, "upstream_to_client")
         metrics.ws_opened(route)
         self.opened_at = factory.clock.seconds()
+        bucket = None
         if factory.rate_limit:
-            client.bucket = TokenBucket.full(factory.rate_limit, factory.rate_burst, self.opened_at)
+            bucket = TokenBucket.full(factory.rate_limit, factory.rate_burst, self.opened_at)
+        client.direction = self.inbound = Direction(metrics.flow(route, "client_to_upstream"), bucket)
+        upstream.direction = self.outbound = Direction(metrics.flow(route, "upstream_to_client"))
         # Each transport pauses the other when its write buffer is full.
         # (TCP or TLS transports: Twisted's interfaces split what they are between
         # ITransport, IConsumer, IPushProducer, and bufferSize is in none of them.)
@@ -214,7 +233,7 @@ class Pair:
         self.done.callback(None)
 
     def _log_session(self) -> None:
-        factory, client, upstream = self.factory, self.client, self.upstream
+        factory, inbound, outbound = self.factory, self.inbound, self.outbound
         side, code, reason = self.ending or ("gateway", None, "")
         factory.metrics.ws_closed(factory.route.name, side, code, reason)
         access_log.info(
@@ -227,9 +246,9 @@ class Pair:
             side=side,
             code=code,
             reason=reason or None,
-            messages_in=client.messages,
-            bytes_in=client.payload_bytes,
-            messages_out=upstream.messages if upstream is not None else 0,
-            bytes_out=upstream.payload_bytes if upstream is not None else 0,
+            messages_in=inbound.messages if inbound is not None else 0,
+            bytes_in=inbound.payload_bytes if inbound is not None else 0,
+            messages_out=outbound.messages if outbound is not None else 0,
+            bytes_out=outbound.payload_bytes if outbound is not None else 0,
             event="ws_session",
         )

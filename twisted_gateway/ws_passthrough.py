@@ -117,10 +117,8 @@ class Passthrough(_Leg):
     partner: Any
     pair: Any
     side: str
-    bucket: Any
-    flow: Any
-    messages: int
-    payload_bytes: int
+    #: ws_pair.Direction: the pair's counters and rate bucket of what this leg receives
+    direction: Any
     # Autobahn's options, class attributes of each leg class (_compat.with_options)
     maxMessagePayloadSize: int
     maxFramePayloadSize: int
@@ -152,7 +150,7 @@ class Passthrough(_Leg):
         rest = b""
         over_rate = False
         head = self._head
-        if not head and not self._left and self.bucket is None:
+        if not head and not self._left and self.direction.bucket is None:
             i = self._whole_frames(data)
             if i == len(data):
                 write_now(self.partner.transport, data)
@@ -194,7 +192,8 @@ class Passthrough(_Leg):
         masked = self.side == "client"
         mask_bit = 0x80 if masked else 0
         limit = min(self.maxMessagePayloadSize or _NO_LIMIT, self.maxFramePayloadSize or _NO_LIMIT)
-        flow = self.flow
+        direction = self.direction
+        flow = direction.flow
         end = len(data)
         i = count = total = 0
         while i + 2 <= end:
@@ -227,8 +226,8 @@ class Passthrough(_Leg):
             total += n
             i = stop
         if count:
-            self.messages += count
-            self.payload_bytes += total
+            direction.messages += count
+            direction.payload_bytes += total
         return i
 
     def _scan(self, data: memoryview, i: int, out: list[bytes | memoryview]) -> tuple[bytes, bool]:
@@ -240,7 +239,7 @@ class Passthrough(_Leg):
         masked = self.side == "client"  # RFC 6455 5.1: clients mask, servers never do
         mask_bit = 0x80 if masked else 0
         limit = min(self.maxMessagePayloadSize or _NO_LIMIT, self.maxFramePayloadSize or _NO_LIMIT)
-        bucket = self.bucket
+        bucket = self.direction.bucket
         run = -1  # where the run of whole frames not yet in ``out`` starts
         over_rate = False  # a message over ws_rate_limit: Autobahn gets it, the pair ends
         end = len(data)
@@ -374,14 +373,15 @@ class Passthrough(_Leg):
         assert kept is not None
         self._kept = self._decoder = None
         self._left = 0
-        self._prepaid = self.bucket is not None
+        self._prepaid = self.direction.bucket is not None
         return b"".join(kept)
 
     def _message_done(self) -> None:
         size = self._size
-        self.messages += 1
-        self.payload_bytes += size
-        self.flow.count(size)
+        direction = self.direction
+        direction.messages += 1
+        direction.payload_bytes += size
+        direction.flow.count(size)
 
 
 def _valid_text(payload: memoryview, key: bytes | None) -> bool:

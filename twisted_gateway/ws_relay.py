@@ -104,10 +104,8 @@ class _RelayLeg(Passthrough, LegHooks):
     side: str = ""
     #: set when this leg's close was caused by the other leg (already relayed)
     close_relayed: bool = False
-    #: metrics.MessageFlow counting what this leg receives
-    flow: Any = None
-    messages = 0
-    payload_bytes = 0
+    #: ws_pair.Direction: the pair's counters (and a client's rate bucket) of what this leg receives
+    direction: Any = None
     #: False between a keepalive ping and its pong
     pong_seen = True
     #: the KeepAlive round of this leg's last ping
@@ -117,8 +115,6 @@ class _RelayLeg(Passthrough, LegHooks):
     #: (since when, bytes acknowledged then) while data waits for this leg's peer (send_timeout)
     stalled: tuple[float, int] | None = None
 
-    #: rate_limit.TokenBucket of a client leg under ws_rate_limit
-    bucket: Any = None
     #: (the Twisted protocol's, which every leg also is)
     transport: ITransport | None
 
@@ -145,7 +141,7 @@ class _RelayLeg(Passthrough, LegHooks):
         # Over the rate: both legs close, and the message goes nowhere (its peer is not open).
         if self._prepaid:
             self._prepaid = False  # the fast path took its token, then handed the frame over
-        elif self.bucket is not None and not self.bucket.take(self.pair.factory.clock.seconds()):
+        elif (bucket := self.direction.bucket) is not None and not bucket.take(self.pair.factory.clock.seconds()):
             self.pair.rate_exceeded()
 
     # onMessageFrameBegin is Autobahn's own: it enforces maxMessagePayloadSize.
@@ -178,9 +174,10 @@ class _RelayLeg(Passthrough, LegHooks):
             peer.sendMessage(b"".join(self._chunks), isBinary=self.message_is_binary)
         self._chunks = []
         size = self._buffered
-        self.messages += 1
-        self.payload_bytes += size
-        self.flow.count(size)
+        direction = self.direction
+        direction.messages += 1
+        direction.payload_bytes += size
+        direction.flow.count(size)
 
     def onPong(self, payload: bytes) -> None:
         self.pong_seen = True
