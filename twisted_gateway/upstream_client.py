@@ -364,6 +364,12 @@ class _BodyWriter:
         pass
 
 
+#: the end of every complete response body: one Failure for all of them (making
+#: one per response was about 1 % of a forwarded request's instructions);
+#: body protocols only read it
+RESPONSE_DONE = Failure(ResponseDone())
+
+
 class UpstreamConnection(Protocol):
     """
     One connection to an upstream, carrying one request at a time. Fed to
@@ -560,7 +566,7 @@ class UpstreamConnection(Protocol):
             self._pool._put(self)
         else:
             self.close()
-        exchange.response._ended(Failure(ResponseDone()))
+        exchange.response._ended(RESPONSE_DONE)
 
     def _broken(self, reason: Failure) -> None:
         """The upstream spoke something that is not HTTP/1.1 (or a callback failed): give up."""
@@ -595,7 +601,7 @@ class UpstreamConnection(Protocol):
                 error = ResponseNeverReceived([reason])
             self._pool._failed(exchange, error)
         elif exchange.complete:
-            response._ended(Failure(ResponseDone()))
+            response._ended(RESPONSE_DONE)
         elif exchange.until_close:
             response._ended(Failure(PotentialDataLoss()))
         else:
