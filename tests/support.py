@@ -25,7 +25,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.web.server import Site
 
 from twisted_gateway.config import parse_config
-from twisted_gateway.resource import GatewayResource
+from twisted_gateway.resource import GatewayResource, build_gateway_resource
 from twisted_gateway.testing import frame
 from twisted_gateway.ws_relay import _accept_close_frame
 
@@ -213,10 +213,10 @@ async def ws_connect(url: str, *, protocols=None, headers=None, **options) -> Cl
 
 
 class Gateway:
-    """A gateway resource tree served on a loopback port."""
+    """A gateway's resource tree served on a loopback port (its background work not started)."""
 
     def __init__(self, port: Any, resource: GatewayResource) -> None:
-        self.port, self.resource = port, resource
+        self.port, self.resource, self.gateway = port, resource, resource.gateway
         self.number = port.getHost().port
 
     def url(self, path: str, scheme: str = "ws") -> str:
@@ -224,15 +224,15 @@ class Gateway:
 
     @property
     def registry(self):
-        return self.resource.registry
+        return self.gateway.registry
 
     async def close(self) -> None:
         await self.port.stopListening()
 
 
-async def start_gateway(config: str, **kwargs) -> Gateway:
-    settings = parse_config(config)
-    resource = GatewayResource(settings, reactor=reactor, **kwargs)
+async def start_gateway(config: str, **parts) -> Gateway:
+    """A gateway for ``config`` listening on loopback; ``parts`` replace real ones (``build_gateway``)."""
+    resource = build_gateway_resource(parse_config(config), reactor, **parts)
     site = Site(resource)
     site.noisy = False
     return Gateway(await listen(site), resource)

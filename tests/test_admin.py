@@ -14,7 +14,7 @@ from twisted.web.server import Site
 
 from twisted_gateway.admin import DEFAULT_ADMIN_ALLOW, client_address, is_admin, where_served
 from twisted_gateway.config import ConfigError, describe_settings, parse_config
-from twisted_gateway.resource import GatewayResource
+from twisted_gateway.resource import GatewayResource, build_gateway_resource
 
 
 def nets(*texts: str) -> tuple:
@@ -89,7 +89,7 @@ def test_check_says_where_the_operators_pages_are():
 
 def _get(resource: GatewayResource, path: bytes, peer, headers: bytes = b"") -> tuple[int, bytes]:
     """One GET through a Site from ``peer``; the status and body."""
-    site = Site(resource, reactor=resource.clock)
+    site = Site(resource, reactor=resource.gateway.clock)
     protocol = site.buildProtocol(None)
     transport = StringTransport(peerAddress=peer)
     protocol.makeConnection(transport)
@@ -100,7 +100,7 @@ def _get(resource: GatewayResource, path: bytes, peer, headers: bytes = b"") -> 
 
 
 def _resource(extra: str = "") -> GatewayResource:
-    return GatewayResource(parse_config(ROUTE + extra), reactor=MemoryReactorClock())
+    return build_gateway_resource(parse_config(ROUTE + extra), MemoryReactorClock())
 
 
 def test_metrics_are_404_to_a_public_client_and_served_to_loopback():

@@ -254,7 +254,7 @@ def relay_outcome(side: str, reads: list[bytes], fast: bool, rated: bool = False
         "upstream_close": (server.close_received, server.close),
         "client_closed": client.closed,
         "pairs": len(relay.registry.pairs),
-        "closes": dict(relay.resource.metrics.route("chat").closes),
+        "closes": dict(relay.gateway.metrics.route("chat").closes),
         "autobahn_messages": len(begun),
     }
     # whatever is still connected goes, with its Autobahn timers (on the global reactor)

@@ -240,7 +240,7 @@ def test_client_over_ws_rate_limit_is_closed_1008_on_both_legs():
     calm.send(frame(OP_TEXT, b"still here", mask=MASK))
     relay.flush()
     assert calm_server.messages == [(b"still here", False)]
-    counters = relay.resource.metrics.route("chat")
+    counters = relay.gateway.metrics.route("chat")
     assert counters.limit_rejections == {"ws_rate_limit": 1}
     assert ("gateway", "1008", "rate_limit") in counters.closes
 
@@ -329,7 +329,7 @@ def test_ws_max_age_closes_both_legs_1001_within_its_jitter():
         assert s.close == (1001, "connection max age")
         c.send(frame(OP_CLOSE, b"\x03\xe9", mask=MASK))
     relay.flush()
-    counters = relay.resource.metrics.route("chat")
+    counters = relay.gateway.metrics.route("chat")
     assert counters.closes == {("gateway", "1001", "max_age"): 2}
     assert_nothing_left(relay)
 

@@ -15,6 +15,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock, StringTransportWithDisconnection
 
 from twisted_gateway.config import parse_config
+from twisted_gateway.gateway import build_gateway
 from twisted_gateway.service import NEW_CONNECTION_GRACE, GatewayService
 
 CONFIG = """
@@ -57,7 +58,8 @@ class Client:
 
 def _started(delay: float = 0, timeout: float = 10) -> tuple[GatewayService, MemoryReactorClock]:
     clock = MemoryReactorClock()
-    service = GatewayService(parse_config(CONFIG.format(delay=delay, timeout=timeout)), clock)
+    settings = parse_config(CONFIG.format(delay=delay, timeout=timeout))
+    service = GatewayService(build_gateway(settings, clock), clock)
     service.site.reactor = clock  # the channels' own timeouts too
     service.privilegedStartService()
     service.startService()
@@ -188,7 +190,7 @@ def test_a_pair_that_never_finishes_its_close_holds_the_stop_for_drain_timeout_o
     """
     service, clock = _started(timeout=2)
     pair = _DeafPair()
-    service.registry.pairs.add(pair)
+    service.gateway.registry.pairs.add(pair)
     stopping = service.stopService()
     _advance(clock, 1.9)
     assert pair.closes == [(1001, b"going away")] and not stopping.called
@@ -227,7 +229,7 @@ def test_a_listener_that_cannot_bind_exits_with_one_line_naming_the_endpoint(cap
 def test_when_listening_gives_the_bound_port_before_and_after_it_is_bound():
     """Asked before the service starts or after: the same listening port."""
     clock = MemoryReactorClock()
-    service = GatewayService(parse_config(CONFIG.format(delay=0, timeout=1)), clock)
+    service = GatewayService(build_gateway(parse_config(CONFIG.format(delay=0, timeout=1)), clock), clock)
     (listener,) = service.listeners
     early = listener.when_listening()
     assert not early.called

@@ -174,7 +174,7 @@ async def test_a_tiny_storm_of_every_client_fault_ends_as_the_rules_say_and_leav
     echo_site: Site = build_echo_site(reactor, "echo1")
     echo_port = await listen(echo_site)
     gw = await start_gateway(_config(chat_port.getHost().port, echo_port.getHost().port))
-    gw.resource.start()
+    gw.gateway.startService()
     profile = Profile(chat_sessions=4, echo_sessions=2, churn_per_s=5, http_per_s=10, session_life=(1, 2),
                       max_message=64 * 1024)
     load = Load(gw.number, SECRET, profile, Limits(64 * 1024, 0.5, 1.0, 2.0), seed=3)
@@ -193,8 +193,8 @@ async def test_a_tiny_storm_of_every_client_fault_ends_as_the_rules_say_and_leav
     kinds = {o["kind"] for o in record["tally"]["ws_outcomes"]}
     assert kinds >= {"chat", "echo", "churn", "no_pong", "oversized", "token_expiry", "upstream_close_code"}
     await settle(lambda: len(gw.registry) == 0 and not gw.registry.handshakes, "no pair left")
-    assert gw.resource.http_in_flight == 0
-    await gw.resource.stop()
+    assert gw.gateway.http_in_flight == 0
+    await gw.gateway.stopService()
     await gw.close()
     for port in (chat_port, echo_port):
         await port.stopListening()

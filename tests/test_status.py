@@ -10,7 +10,8 @@ from twisted.internet.testing import MemoryReactorClock
 
 from twisted_gateway.config import parse_config
 from twisted_gateway.metrics import Metrics, RouteCounters
-from twisted_gateway.resource import GatewayResource
+from twisted_gateway.gateway import build_gateway
+from twisted_gateway.resource import build_gateway_resource
 from twisted_gateway.status import (
     SAMPLE_INTERVAL,
     Totals,
@@ -87,12 +88,12 @@ upstream = http://10.0.0.5:9001 http://10.0.0.6:9001
 def test_the_status_document_shows_instances_rates_and_the_last_minutes_closes():
     clock = MemoryReactorClock()
     clock.advance(1000)
-    resource = GatewayResource(parse_config(CONFIG), reactor=clock)
-    status = resource.status
+    gateway = build_gateway(parse_config(CONFIG), clock)
+    status = gateway.status
     status._files = lambda: (42, 1024)
-    resource.status.start()
+    gateway.status.start()
     try:
-        metrics = resource.metrics
+        metrics = gateway.metrics
         for _ in range(20):
             metrics.ws_handshake("chat", "accepted")
             metrics.ws_opened("chat")
@@ -103,7 +104,7 @@ def test_the_status_document_shows_instances_rates_and_the_last_minutes_closes()
             metrics.ws_handshake("chat", "accepted")
             metrics.ws_opened("chat")
         metrics.ws_closed("chat", "gateway", 1012, "gateway")
-        down = resource.pools["chat"].instances[1]
+        down = gateway.pools["chat"].instances[1]
         down.record_check(False, "connection refused")
         down.record_check(False, "connection refused")
         clock.advance(SAMPLE_INTERVAL)
@@ -125,12 +126,12 @@ def test_the_status_document_shows_instances_rates_and_the_last_minutes_closes()
             clock.advance(SAMPLE_INTERVAL)
         assert status.document()["routes"][0]["closes_last_minute"] == {}
     finally:
-        resource.status.stop()
+        gateway.status.stop()
     assert clock.getDelayedCalls() == []
 
 
 def test_the_status_page_and_json_are_admin_pages():
-    resource = GatewayResource(parse_config(CONFIG), reactor=MemoryReactorClock())
+    resource = build_gateway_resource(parse_config(CONFIG), MemoryReactorClock())
     public, local = IPv4Address("TCP", "203.0.113.7", 1), IPv4Address("TCP", "127.0.0.1", 1)
     assert _get(resource, b"/status", public)[0] == 404
     assert _get(resource, b"/status.json", public)[0] == 404

@@ -570,7 +570,7 @@ def test_a_gateways_health_checks_connect_to_an_ip_upstream_at_once_without_a_re
     from twisted.internet.testing import MemoryReactorClock
 
     from twisted_gateway.config import parse_config
-    from twisted_gateway.resource import build_gateway_resource
+    from twisted_gateway.gateway import build_gateway
 
     settings = parse_config(
         "[gateway]\nlisten = tcp:8080\n\n[route:api]\nprefix = /v1/api\n"
@@ -578,9 +578,9 @@ def test_a_gateways_health_checks_connect_to_an_ip_upstream_at_once_without_a_re
         "health_check = /health\nhealth_interval = 5\n"
     )
     reactor = MemoryReactorClock()
-    resource = build_gateway_resource(settings, reactor)
-    resource.health_checker.start()
+    gateway = build_gateway(settings, reactor)
+    gateway.health_checker.start()
     try:
         assert sorted((host, port) for host, port, *_ in reactor.tcpClients) == [("127.0.0.1", 9001), ("::1", 9002)]
     finally:
-        resource.health_checker.stop()
+        gateway.health_checker.stop()

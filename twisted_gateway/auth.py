@@ -12,13 +12,10 @@ tells an identity provider's outage (503) from a token nobody signed (401).
 
 from __future__ import annotations
 
-import base64
-import functools
 import ipaddress
-import json
 import math
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any, Mapping, Sequence
 from urllib.parse import urlsplit
 
@@ -29,9 +26,12 @@ from jwt.algorithms import get_default_algorithms
 from treq.client import HTTPClient
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
+from zope.interface import implementer
 
 from twisted_gateway.errors import GatewayError
 from twisted_gateway.headers import cookie_value
+from twisted_gateway.identity import Identity
+from twisted_gateway.interfaces import IAuthenticator
 from twisted_gateway.jwks import FetchFailed, KeySet, PublicKey, parse_jwks
 from twisted_gateway.routing import query_fields, query_value
 from twisted_gateway.schema import (
@@ -110,43 +110,6 @@ class AuthUnavailable(GatewayError):
     def __init__(self, retry_after: int) -> None:
         detail = "the identity provider's keys cannot be fetched; retry later"
         super().__init__(detail, headers=[(b"Retry-After", b"%d" % retry_after)])
-
-
-@dataclass(frozen=True)
-class Identity:
-    """Who a verified token says the caller is, and until when."""
-
-    subject: str | None
-    claims: dict[str, Any] = field(hash=False)
-    #: ``exp`` + leeway, when a live connection must be closed; None without ``exp``.
-    expires_at: float | None = None
-
-    def upstream_headers(self, claims_header: str | tuple[str, ...] = "full") -> list[tuple[bytes, bytes]]:
-        """The headers for ``claims_header``; the full set is built once per identity."""
-        if claims_header == "full":
-            return list(self._full_headers)
-        return self._headers(claims_header)
-
-    @functools.cached_property
-    def _full_headers(self) -> tuple[tuple[bytes, bytes], ...]:
-        # once per identity: a cached token's identity serves every request that brings it
-        return tuple(self._headers("full"))
-
-    def _headers(self, claims_header: str | tuple[str, ...]) -> list[tuple[bytes, bytes]]:
-        """
-        ``X-Auth-Subject`` (when there is a ``sub``) and ``X-Auth-Claims``: all
-        the claims, none, or the named ones, as base64url of UTF-8 JSON (not
-        ASCII-escaped: a CJK name would nearly double, past common header limits).
-        """
-        headers = [] if self.subject is None else [(b"X-Auth-Subject", self.subject.encode("utf-8"))]
-        if claims_header == "none":
-            return headers
-        claims = self.claims
-        if claims_header != "full":
-            claims = {name: claims[name] for name in claims_header if name in claims}
-        text = json.dumps(claims, separators=(",", ":"), sort_keys=True, ensure_ascii=False)
-        encoded = base64.urlsafe_b64encode(text.encode("utf-8")).rstrip(b"=")
-        return [*headers, (b"X-Auth-Claims", encoded)]
 
 
 class InsufficientScope(GatewayError):
@@ -368,6 +331,7 @@ def _why_refused(error: Exception) -> str:
     return next((_REASONS[k] for k in type(error).__mro__ if k in _REASONS), "invalid token")
 
 
+@implementer(IAuthenticator)
 class Authenticator:
     """Verifies tokens for one ``[auth]`` section and owns the :class:`KeySet` of a ``jwks_url``."""
 

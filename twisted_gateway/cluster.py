@@ -30,13 +30,16 @@ from twisted.internet.defer import Deferred, TimeoutError as DeferredTimeout
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from twisted_gateway.errors import GatewayError
+from twisted_gateway.interfaces import IAuthenticator
 from twisted_gateway.revocations import Revocations, matches
 from twisted_gateway.schema import ClusterSettings, ConfigError, parse_redis_url, read_section
 
 if TYPE_CHECKING:
-    from twisted_gateway.auth import Authenticator, Identity
+    from twisted_gateway.auth import Authenticator
+    from twisted_gateway.identity import Identity
     from twisted_gateway.metrics import Metrics
     from twisted_gateway.schema import RouteSettings
     from twisted_gateway.worker_hub import Link
@@ -688,6 +691,7 @@ class ClusterCollector(Collector):
         return iter(families if cluster.settings is not None else families[1:])
 
 
+@implementer(IAuthenticator)
 class RevocationGuard:
     """An authenticator whose verified tokens are also checked against the revocations."""
 

@@ -1,7 +1,7 @@
 """
 How the gateway reaches an upstream, shared by the HTTP forwarder
 (``http_proxy.UpstreamEndpoints``) and the WebSocket relay
-(:func:`endpoint_connector`): TCP, with TLS for https and wss.
+(:class:`EndpointConnector`): TCP, with TLS for https and wss.
 """
 
 from __future__ import annotations
@@ -21,8 +21,12 @@ from twisted.internet.endpoints import (
 from twisted.internet.interfaces import IProtocol, IReactorTCP, IStreamClientEndpoint
 from twisted.web.client import BrowserLikePolicyForHTTPS
 from twisted.web.iweb import IPolicyForHTTPS
+from zope.interface import implementer
 
-#: Connects one upstream WebSocket leg's factory; fires with the leg.
+from twisted_gateway.interfaces import IUpstreamConnector
+
+#: Connects one upstream WebSocket leg's factory; fires with the leg
+#: (an :class:`IUpstreamConnector`'s ``connect``).
 Connector = Callable[[WebSocketClientFactory], Deferred[IProtocol]]
 
 
@@ -56,26 +60,30 @@ def upstream_endpoint(
     return endpoint
 
 
-def endpoint_connector(reactor: IReactorTCP, timeout: float, tls_policy: IPolicyForHTTPS | None = None) -> Connector:
+@implementer(IUpstreamConnector)
+class EndpointConnector:
     """
     The WebSocket relay's connector: connects a per-handshake upstream factory
     (Autobahn's ``WebSocketClientFactory``) over TCP, or TLS for ``wss://``
     with ``tls_policy`` (by default the system trust store verifies the
     certificate and host name); fires with the upstream leg.
     """
-    policy = tls_policy if tls_policy is not None else BrowserLikePolicyForHTTPS()
-    #: plain TCP endpoints by (host, port): an endpoint holds no connection,
-    #: and building one parses the host (an IP literal or not) every time
-    plain: dict[tuple[str, int], IStreamClientEndpoint] = {}
 
-    def connect(factory: WebSocketClientFactory) -> Deferred[IProtocol]:
+    def __init__(self, reactor: IReactorTCP, timeout: float, tls_policy: IPolicyForHTTPS | None = None) -> None:
+        """``reactor`` connects and times the connects out."""
+        self.reactor, self.timeout = reactor, timeout
+        self.tls_policy = tls_policy if tls_policy is not None else BrowserLikePolicyForHTTPS()
+        #: plain TCP endpoints by (host, port): an endpoint holds no connection,
+        #: and building one parses the host (an IP literal or not) every time
+        self.plain: dict[tuple[str, int], IStreamClientEndpoint] = {}
+
+    def connect(self, factory: WebSocketClientFactory) -> Deferred[IProtocol]:
         key = (factory.host, factory.port)
-        endpoint = None if factory.isSecure else plain.get(key)
+        endpoint = None if factory.isSecure else self.plain.get(key)
         if endpoint is None:
-            tls = policy if factory.isSecure else None
-            endpoint = upstream_endpoint(reactor, factory.host.encode("idna"), factory.port, timeout, tls)
+            tls = self.tls_policy if factory.isSecure else None
+            endpoint = upstream_endpoint(self.reactor, factory.host.encode("idna"), factory.port, self.timeout, tls)
             if tls is None:
-                plain[key] = endpoint
+                self.plain[key] = endpoint
         return endpoint.connect(factory)
 
-    return connect

@@ -71,6 +71,7 @@ from twisted_gateway.errors import (
     render_error,
 )
 from twisted_gateway.faults import KEEPALIVE_CLOSED, LOCAL, classify
+from twisted_gateway.interfaces import IHTTPForwarder
 from twisted_gateway.headers import (
     clean_reason_phrase,
     peer_host,
@@ -488,6 +489,7 @@ class _Options:
     request_timeout: float | None = None
 
 
+@implementer(IHTTPForwarder)
 class HTTPForwarder:
     """
     Forwards twisted.web requests to upstream base URLs over one persistent

@@ -1,6 +1,8 @@
 """
 The resource tree: one leaf that normalises the path, routes it by prefix and
-hands the request to the WebSocket relay or to the HTTP forwarder.
+hands the request to the WebSocket relay or to the HTTP forwarder: a thin
+router over the parts of a :class:`~twisted_gateway.gateway.Gateway`, which
+owns them and their background work.
 
 Usable without twistd: :func:`build_gateway_resource` takes settings and a
 reactor, and the result can be mounted under any path of an existing ``Site``.
@@ -12,14 +14,17 @@ import json
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET
+from twisted.web.server import NOT_DONE_YET, Request
 
 from twisted_gateway.admin import ADMIN_PAGES, is_admin
-from twisted_gateway.cluster import Cluster, RevocationGuard
 from twisted_gateway.config import RouteSettings, Settings
 from twisted_gateway.errors import BadRequest, GatewayError, NotFound, render_error
+from twisted_gateway.gateway import Gateway, build_gateway
 from twisted_gateway.headers import (
     check_utf8_values,
     checked_host,
@@ -28,161 +33,42 @@ from twisted_gateway.headers import (
     peer_host,
     single_origin,
 )
-from twisted_gateway.http_proxy import HTTPForwarder
-from twisted_gateway.logs import secret_names
-from twisted_gateway.metrics import UNROUTED, Load, Metrics, MetricsResource
+from twisted_gateway.identity import Identity
+from twisted_gateway.metrics import UNROUTED, MetricsResource
 from twisted_gateway.routing import RouteTable, check_escaped_path, normalize_path, split_uri
-from twisted_gateway.send_timeout import SendTimeout
-from twisted_gateway.status import Status, StatusJSONResource, StatusPageResource
-from twisted_gateway.tls import UpstreamTLSPolicy, warn_unverified
-from twisted_gateway.upstreams import (
-    UP,
-    InstanceRegistry,
-    UpstreamPool,
-    upstream_failures,
-    upstream_states,
-)
-from twisted_gateway.connector import endpoint_connector
-from twisted_gateway.ws_proxy import (
-    HandshakeContext,
-    RelayServerFactory,
-    hand_over,
-)
-from twisted_gateway.ws_relay import KeepAlive, RelayRegistry
+from twisted_gateway.status import StatusJSONResource, StatusPageResource
+from twisted_gateway.upstreams import UP, UpstreamPool
+from twisted_gateway.ws_proxy import HandshakeContext, hand_over
+
+#: a request's headers, one (name, value) pair per value
+HeaderPairs = list[tuple[bytes, bytes]]
 
 log = Logger()
 
 
 class GatewayResource(Resource):
-    """Routes every request below it; see the module docstring."""
+    """Routes every request below it over its gateway's parts; see the module docstring."""
 
     isLeaf = True
 
-    def __init__(
-        self,
-        settings: Settings,
-        *,
-        reactor: Any,
-        registry: RelayRegistry | None = None,
-        http_forwarder: Any = None,
-        ws_connect: Any = None,
-        authenticator: Any = None,
-        upstreams: InstanceRegistry | None = None,
-        metrics: Metrics | None = None,
-        cluster: Cluster | None = None,
-    ) -> None:
+    def __init__(self, gateway: Gateway) -> None:
         super().__init__()
-        self.settings = settings
-        self.clock = reactor
-        self.registry = registry if registry is not None else RelayRegistry()
-        if authenticator is None and settings.auth is not None:
-            authenticator = _build_authenticator(settings.auth, reactor, settings.gateway.connect_timeout)
-        self.authenticator = authenticator
-        #: set when the gateway stops: /readyz says 503 (everything else is still served)
-        self.draining = False
-        #: a worker's view of all workers (``worker_stats.WorkerStats``); None for a single process
-        self.worker_stats: Any = None
-        #: HTTP requests answered or being answered now (the drain waits for them)
-        self.http_in_flight = 0
-        tls_policy = UpstreamTLSPolicy.for_routes(settings.routes)
-        warn_unverified(settings.routes)
-        connect = ws_connect or endpoint_connector(reactor, settings.gateway.connect_timeout, tls_policy)
-        #: a forwarder built here is closed by :meth:`stop`; one passed in is the caller's
-        self._owns_forwarder = http_forwarder is None
-        self.http_forwarder = http_forwarder or HTTPForwarder(
-            settings.gateway, reactor, tls_policy=tls_policy, secret_names=secret_names(settings.auth)
-        )
-        self._table: RouteTable[RouteSettings] = RouteTable((r.prefix, r) for r in settings.routes)
-        #: health and counters per upstream URL, shared by the routes naming it
-        self.upstreams = upstreams if upstreams is not None else InstanceRegistry(reactor)
-        self.pools = {r.name: UpstreamPool.for_route(r, self.upstreams) for r in settings.routes}
-        self.metrics = metrics or Metrics(
-            routes=[r.name for r in settings.routes],
-            upstreams=lambda: upstream_states(self.pools.values()),
-            upstream_failures=lambda: upstream_failures(self.pools.values()),
-            load=self._load,
-            jwks=authenticator.key_counts if authenticator is not None else None,
-        )
-        #: revocations, admin actions and per-user caps: the cluster's, or this gateway's alone
-        self.cluster = cluster or Cluster(
-            settings.cluster,
-            registry=self.registry,
-            clock=reactor,
-            metrics=self.metrics,
-            leeway=settings.auth.leeway if settings.auth is not None else 0.0,
-            gateway_cap=settings.gateway.max_websockets_per_user,
-        )
-        if authenticator is not None:
-            self.authenticator = authenticator = RevocationGuard(authenticator, self.cluster)
+        #: the parts this routes over, and the service that runs them
+        self.gateway = gateway
+        self.settings = gateway.settings
+        self._table: RouteTable[RouteSettings] = RouteTable((r.prefix, r) for r in self.settings.routes)
         #: False when an [admin] listener serves the operator's pages instead
         self.serve_admin_pages = True
+        #: /metrics: a worker points it at every worker's families (``worker_stats.py``)
+        self.metrics_page = MetricsResource(gateway.metrics.registry)
         #: the operator's pages (admin.py says who may read them where)
-        self.status = Status(
-            self.metrics, self.pools, {r.name: r.prefix for r in settings.routes}, reactor
-        )
-        self.admin_pages = {
-            b"metrics": MetricsResource(self.metrics.registry),
+        self.admin_pages: dict[bytes, Resource] = {
+            b"metrics": self.metrics_page,
             b"status": StatusPageResource(),
-            b"status.json": StatusJSONResource(self.status),
-        }
-        self.keepalive = KeepAlive(
-            self.registry, reactor, settings.gateway.ws_ping_interval, settings.gateway.ws_ping_timeout
-        )
-        self.send_timeout = SendTimeout(self.registry, reactor, settings.gateway.ws_send_timeout)
-        self.health_checker = _build_health_checker(
-            self.pools.values(), reactor, settings, connect, tls_policy
-        )
-        self._ws_factories = {
-            route.name: RelayServerFactory(
-                route,
-                settings.gateway,
-                clock=reactor,
-                registry=self.registry,
-                connect=connect,
-                authenticator=authenticator,
-                metrics=self.metrics,
-                cluster=self.cluster,
-            )
-            for route in settings.routes
-            if route.websocket
+            b"status.json": StatusJSONResource(gateway.status),
         }
 
-    def _load(self) -> Load:
-        """What the gateway holds now (the load gauges of /metrics)."""
-        delayed = getattr(self.clock, "getDelayedCalls", None)
-        return Load(
-            delayed_calls=len(delayed()) if delayed is not None else 0,
-            http_in_flight=self.http_in_flight,
-            handshakes_in_progress=len(self.registry.handshakes),
-        )
-
-    def start(self) -> None:
-        """Start the background work: keepalive pings, the send timeout, health checks, JWKS refresh."""
-        self.keepalive.start()
-        self.send_timeout.start()
-        self.cluster.start()
-        self.status.start()
-        if self.health_checker is not None:
-            self.health_checker.start()
-        if self.authenticator is not None:
-            self.authenticator.start()
-
-    async def stop(self) -> None:
-        """Stop what :meth:`start` started (and close an own HTTP forwarder's idle connections)."""
-        self.keepalive.stop()
-        self.send_timeout.stop()
-        await self.cluster.stop()
-        self.status.stop()
-        if self.health_checker is not None:
-            await self.health_checker.stop()
-        if self.authenticator is not None:
-            stopping = self.authenticator.stop()
-            if stopping is not None:
-                await stopping
-        if self._owns_forwarder:
-            await self.http_forwarder.close()
-
-    def render(self, request) -> bytes | int:
+    def render(self, request: Request) -> bytes | int:
         try:
             return self._route(request)
         except GatewayError as e:
@@ -190,46 +76,47 @@ class GatewayResource(Resource):
                 self._count_http(request, UNROUTED)
             return render_error(request, e)
 
-    def _count_http(self, request, route_name: str) -> None:
+    def _count_http(self, request: Request, route_name: str) -> None:
         """Count the request in the metrics when it finishes (or the client leaves)."""
-        request._gateway_counted = True
-        started = self.clock.seconds()
-        self.http_in_flight += 1
+        request._gateway_counted = True  # type: ignore[attr-defined]
+        started = self.gateway.clock.seconds()
+        self.gateway.http_in_flight += 1
 
-        def count(_):
-            self.http_in_flight -= 1
-            duration = self.clock.seconds() - started
-            self.metrics.http_request(route_name, request.method, request.code, duration)
+        def count(result: object) -> object:
+            self.gateway.http_in_flight -= 1
+            duration = self.gateway.clock.seconds() - started
+            self.gateway.metrics.http_request(route_name, request.method, request.code, duration)
+            return None
 
         request.notifyFinish().addBoth(count)
 
-    def _route(self, request) -> bytes | int:
+    def _route(self, request: Request) -> bytes | int:
         raw_path, query = split_uri(request.uri)
         host = checked_host(request.requestHeaders.getRawHeaders(b"host", []), request.clientproto)
-        path = normalize_path(_below_mount_point(raw_path, len(request.prepath)))
+        path = normalize_path(_below_mount_point(raw_path, len(request.prepath or ())))
         if request.method in (b"GET", b"HEAD"):
             own = self._own_page(request, path)
             if own is not None:
                 return own
-        self.cluster.check_available()
+        self.gateway.cluster.check_available()
         route = self._table.match(path)
         if route is None:
             raise NotFound(f"no route for {path.decode('ascii', 'replace')}")
         check_escaped_path(path, route, self._table, route.escaped_slashes)
         headers = list(request.requestHeaders.getAllRawHeaders())
         flat = [(name, value) for name, values in headers for value in values]
-        pool = self.pools[route.name]
+        pool = self.gateway.pools[route.name]
         if is_websocket_upgrade(request.method, flat):
             return self._upgrade(request, route, pool, path, query, flat, host)
         self._count_http(request, route.name)
-        if self.authenticator is None or route.auth == "none":
+        if self.gateway.authenticator is None or route.auth == "none":
             return self._forward(request, route, path, query, flat, None)
         d = Deferred.fromCoroutine(self._authenticate_and_forward(request, route, path, query, flat))
         request.notifyFinish().addErrback(lambda _: d.cancel())
-        d.addErrback(lambda f: None if f.check(CancelledError) else log.failure("auth failed", f))
+        d.addErrback(_log_unless_cancelled)
         return NOT_DONE_YET
 
-    def streams_body(self, method: bytes, uri: bytes, headers) -> bool:
+    def streams_body(self, method: bytes, uri: bytes, headers: Headers) -> bool:
         """
         Whether a request whose head was just read goes upstream before its
         body (its route has ``request_buffering = off``); anything the route
@@ -245,36 +132,36 @@ class GatewayResource(Resource):
         flat = [(name, value) for name, values in headers.getAllRawHeaders() for value in values]
         return not is_websocket_upgrade(method, flat)
 
-    def _own_page(self, request, path: bytes) -> bytes | None:
+    def _own_page(self, request: Request, path: bytes) -> bytes | None:
         """The gateway's own pages: /healthz, /readyz and (unless on [admin]) the operator's."""
         if path == b"/healthz":
-            status = {
+            status: dict[str, object] = {
                 "status": "ok",
-                "websockets": len(self.registry.pairs),
-                "handshakes": len(self.registry.handshakes),
+                "websockets": len(self.gateway.registry.pairs),
+                "handshakes": len(self.gateway.registry.handshakes),
             }
-            if self.worker_stats is not None:  # one of several workers: answer for all
+            if self.gateway.worker_stats is not None:  # one of several workers: answer for all
                 status.update(
-                    workers=self.worker_stats.workers,
-                    worker=self.worker_stats.worker,
-                    websockets=self.worker_stats.websockets(),
-                    worker_websockets=len(self.registry.pairs),
+                    workers=self.gateway.worker_stats.workers,
+                    worker=self.gateway.worker_stats.worker,
+                    websockets=self.gateway.worker_stats.websockets(),
+                    worker_websockets=len(self.gateway.registry.pairs),
                 )
             return _json(request, 200, status)
         if path == b"/readyz":
-            if self.draining:
+            if self.gateway.draining:
                 return _json(request, 503, {"status": "draining"})
-            stats = self.worker_stats
+            stats = self.gateway.worker_stats
             if stats is not None and stats.ready_workers() < stats.workers:
                 detail = f"{stats.ready_workers()} of {stats.workers} workers ready"
                 return _json(request, 503, {"status": "not_ready", "detail": detail})
-            if self.authenticator is not None and not self.authenticator.ready():
+            if self.gateway.authenticator is not None and not self.gateway.authenticator.ready():
                 detail = "the JWKS has not been fetched yet"
                 return _json(request, 503, {"status": "not_ready", "detail": detail})
-            if not self.cluster.ready:
+            if not self.gateway.cluster.ready:
                 detail = "the revocations are not loaded from the cluster's Redis yet"
                 return _json(request, 503, {"status": "not_ready", "detail": detail})
-            for name, pool in self.pools.items():
+            for name, pool in self.gateway.pools.items():
                 if not any(instance.state == UP for instance in pool.instances):
                     detail = f"route {name!r} has no healthy upstream instance"
                     return _json(request, 503, {"status": "not_ready", "detail": detail})
@@ -285,7 +172,7 @@ class GatewayResource(Resource):
             return self.admin_pages[path[1:]].render(request)
         return None
 
-    def _is_admin(self, request) -> bool:
+    def _is_admin(self, request: Request) -> bool:
         """Whether this client may read the operator's pages here (``admin_allow``)."""
         return is_admin(
             peer_host(request.getClientAddress()),
@@ -294,27 +181,36 @@ class GatewayResource(Resource):
             self.settings.admin.admin_allow,
         )
 
-    def _upgrade(self, request, route, pool, path, query, headers, host) -> bytes | int:
+    def _upgrade(
+        self,
+        request: Request,
+        route: RouteSettings,
+        pool: UpstreamPool,
+        path: bytes,
+        query: bytes,
+        headers: HeaderPairs,
+        host: bytes | None,
+    ) -> bytes | int:
         """Refuse what limits and the Origin policy forbid; hand the rest to the relay."""
         name = route.name
         if not route.websocket:
             raise BadRequest(f"route {name!r} does not accept WebSocket upgrades")
-        gateway = self.settings.gateway
+        limits = self.settings.gateway
         limit = None
-        if gateway.max_connections and self.registry.total_active() >= gateway.max_connections:
-            limit = f"the gateway holds its maximum of {gateway.max_connections} WebSockets"
-        elif route.max_websockets and self.registry.active.get(name, 0) >= route.max_websockets:
+        if limits.max_connections and self.gateway.registry.total_active() >= limits.max_connections:
+            limit = f"the gateway holds its maximum of {limits.max_connections} WebSockets"
+        elif route.max_websockets and self.gateway.registry.active.get(name, 0) >= route.max_websockets:
             limit = f"route {name!r} holds its maximum of {route.max_websockets} WebSockets"
         if limit is not None:
-            self.metrics.ws_handshake(name, "limited")
+            self.gateway.metrics.ws_handshake(name, "limited")
             raise GatewayError(limit, status=503, error="limited")
         try:
             origin = single_origin(request.requestHeaders.getRawHeaders(b"origin", []))
         except GatewayError:
-            self.metrics.ws_handshake(name, "forbidden")
+            self.gateway.metrics.ws_handshake(name, "forbidden")
             raise
         if not origin_allowed(origin, route.allowed_origins, route.allow_null_origin):
-            self.metrics.ws_handshake(name, "forbidden")
+            self.gateway.metrics.ws_handshake(name, "forbidden")
             raise GatewayError(
                 f"origin {origin.decode('latin-1')!r} is not allowed on route {name!r}",
                 status=403,
@@ -331,11 +227,14 @@ class GatewayResource(Resource):
             host=host,
             headers=headers,
         )
-        return hand_over(request, self._ws_factories[name], context)
+        return hand_over(request, self.gateway.ws_factories[name], context)
 
-    async def _authenticate_and_forward(self, request, route, path, query, headers) -> None:
+    async def _authenticate_and_forward(
+        self, request: Request, route: RouteSettings, path: bytes, query: bytes, headers: HeaderPairs
+    ) -> None:
         """Check the token once, then forward with the identity; a refusal never goes upstream."""
-        authenticator = self.authenticator
+        authenticator = self.gateway.authenticator
+        assert authenticator is not None
         try:
             identity = await authenticator.authenticate(route.auth, headers, query, route)
         except GatewayError as e:
@@ -344,8 +243,16 @@ class GatewayResource(Resource):
             return
         self._forward(request, route, path, authenticator.upstream_query(query), headers, identity)
 
-    def _forward(self, request, route, path, query, headers, identity) -> bytes | int:
-        pool = self.pools[route.name]
+    def _forward(
+        self,
+        request: Request,
+        route: RouteSettings,
+        path: bytes,
+        query: bytes,
+        headers: HeaderPairs,
+        identity: Identity | None,
+    ) -> bytes | int:
+        pool = self.gateway.pools[route.name]
         claims = identity.claims if identity is not None else None
         key = pool.request_key(
             query=query,
@@ -355,7 +262,7 @@ class GatewayResource(Resource):
             trusted_proxies=self.settings.gateway.trusted_proxies,
         )
         extra = identity.upstream_headers(route.claims_header) if identity is not None else ()
-        return self.http_forwarder.forward(
+        return self.gateway.forwarder.forward(
             request,
             pool,
             path,
@@ -377,56 +284,23 @@ def _below_mount_point(path: bytes, depth: int) -> bytes:
     return b"/" + b"/".join(segments[depth + 1 :])
 
 
-def _json(request, status: int, body: dict) -> bytes:
+def _json(request: Request, status: int, body: dict[str, object]) -> bytes:
     request.setResponseCode(status)
     request.setHeader(b"content-type", b"application/json")
     return json.dumps(body).encode() + b"\n"
 
 
-def _build_health_checker(
-    pools, reactor: Any, settings: Settings, connect: Any, tls_policy: Any
-) -> Any:
-    """Active checks for the routes that ask for them (``health_check``), else None."""
-    if not any(route.health_check for route in settings.routes):
-        return None
-    from twisted.web.client import Agent, HTTPConnectionPool
-
-    from twisted_gateway.health import HealthChecker
-    from twisted_gateway.http_proxy import UpstreamEndpoints
-
-    # The forwarder's endpoints: an IP literal is connected directly, not
-    # resolved in a thread, so a gateway short of threads or CPU does not fail
-    # every check at once and blame its upstreams.
-    agent = Agent.usingEndpointFactory(
-        reactor,
-        UpstreamEndpoints(reactor, settings.gateway.connect_timeout, tls_policy),
-        pool=HTTPConnectionPool(reactor, persistent=False),
-    )
-    return HealthChecker(list(pools), reactor, agent, ws_connect=connect)
+def _log_unless_cancelled(failure: Failure) -> None:
+    """An authentication that failed otherwise than by the client leaving is logged."""
+    if not failure.check(CancelledError):
+        log.failure("auth failed", failure)
 
 
-def _build_authenticator(auth: Any, reactor: Any, connect_timeout: float) -> Any:
-    """A request waits for a JWKS fetch no longer than it would for an upstream's connect."""
-    from treq.client import HTTPClient
-    from twisted.web.client import Agent, HTTPConnectionPool
-
-    from twisted_gateway.auth import Authenticator
-
-    client = None
-    if auth.jwks_url or auth.oidc_issuer:
-        from twisted_gateway.tls import UpstreamTLS, UpstreamTLSPolicy
-
-        agent = Agent(
-            reactor,
-            # [auth] ca_file: a provider behind an internal CA; else the system's trust store
-            contextFactory=UpstreamTLSPolicy({}, UpstreamTLS.for_ca_file(auth.ca_file)),
-            connectTimeout=connect_timeout,
-            pool=HTTPConnectionPool(reactor, persistent=False),
-        )
-        client = HTTPClient(agent)
-    return Authenticator(auth, reactor, client, wait_limit=connect_timeout)
-
-
-def build_gateway_resource(settings: Settings, reactor: Any, **kwargs: Any) -> GatewayResource:
-    """The gateway's resource tree, ready to be a ``Site`` root or a child of one."""
-    return GatewayResource(settings, reactor=reactor, **kwargs)
+def build_gateway_resource(settings: Settings, reactor: IReactorTime, **parts: Any) -> GatewayResource:
+    """
+    The gateway's resource tree, ready to be a ``Site`` root or a child of one.
+    Its ``gateway`` is the service running the background work (keepalive
+    pings, health checks, JWKS refresh): start it with the application.
+    ``parts`` replace real ones (``build_gateway``'s keywords).
+    """
+    return GatewayResource(build_gateway(settings, reactor, **parts))

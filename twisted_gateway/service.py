@@ -1,5 +1,6 @@
 """
-The gateway as a Twisted service: listeners, the demo chat-service, shutdown.
+A gateway served by this process: its listeners, the demo chat-service and
+the stop sequence (the drain), around a :class:`~twisted_gateway.gateway.Gateway`.
 
 ``tap.makeService`` builds one of these for twistd; an application that runs
 its own reactor can build one too.
@@ -8,7 +9,7 @@ its own reactor can build one too.
 from __future__ import annotations
 
 import sys
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 from twisted.application.service import MultiService, Service
 from twisted.internet import tcp
@@ -17,7 +18,7 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import (
     IListeningPort,
     IProtocolFactory,
-    IReactorCore,
+    IReactorTime,
     IStreamServerEndpoint,
 )
 from twisted.internet.task import deferLater
@@ -25,13 +26,16 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from twisted_gateway.admin import build_admin_site, where_served
-from twisted_gateway.config import Settings
-from twisted_gateway.resource import GatewayResource
+from twisted_gateway.gateway import Gateway
 from twisted_gateway.limits import UNLIMITED_CEILING, client_limits, reserved_files
+from twisted_gateway.resource import GatewayResource
 from twisted_gateway.site import FrontDoor, build_site
 from twisted_gateway.tls import listen_backlog, server_endpoint, system_listen_backlog
 from twisted_gateway.workers import AdoptedEndpoint
 from twisted_gateway.ws_relay import GOING_AWAY
+
+if TYPE_CHECKING:
+    from twisted_gateway.ws_pair import Pair
 
 log = Logger()
 
@@ -44,7 +48,7 @@ class ListeningService(Service):
 
     def __init__(
         self,
-        reactor: IReactorCore,
+        reactor: IReactorTime,
         description: str,
         factory: IProtocolFactory,
         role: str,
@@ -76,8 +80,9 @@ class ListeningService(Service):
         self._listening.addCallbacks(self._bound, failed.append)
         if failed:
             failed[0].trap(CannotListenError)
-            # One line and a non-zero exit, as for a bad config; never a traceback.
             error = failed[0].value
+            assert isinstance(error, CannotListenError)
+            # One line and a non-zero exit, as for a bad config; never a traceback.
             sys.stderr.write(f"wsgateway: {self.role} cannot listen on {self.description}: {error.socketError}\n")
             raise SystemExit(1)
 
@@ -122,7 +127,8 @@ class ListeningService(Service):
             return succeed(None)
         self._listening = None
         _accept_queued(port)
-        return maybeDeferred(port.stopListening)
+        stopping = port.stopListening()
+        return stopping if stopping is not None else succeed(None)
 
 
 def _accept_queued(port: IListeningPort) -> None:
@@ -141,28 +147,33 @@ def _accept_queued(port: IListeningPort) -> None:
 
 
 class GatewayService(MultiService):
-    """Every listener of the gateway, and the cleanup that stopping it needs."""
+    """Every listener of a gateway, and the drain that stopping it needs."""
 
     def __init__(
         self,
-        settings: Settings,
-        reactor: Any,
+        gateway: Gateway,
+        reactor: IReactorTime,
+        *,
         open_files: int | None = None,
         inherited_fds: tuple[int, ...] | None = None,
     ) -> None:
         """
-        ``inherited_fds``: a worker's listening sockets, bound by its
-        supervisor (``[gateway] listen`` then ``[admin] listen``, in order);
-        the supervisor runs the demo chat-service then.
+        ``gateway`` becomes a child: its parts start before the listeners
+        serve and stop after the drain. ``inherited_fds``: a worker's
+        listening sockets, bound by its supervisor (``[gateway] listen`` then
+        ``[admin] listen``, in order); the supervisor runs the demo
+        chat-service then.
         """
         super().__init__()
         fds = list(inherited_fds) if inherited_fds is not None else None
         #: what the drain sends WebSockets: 1001, or 1012 when a rolling restart replaces this worker
         self.close_code = GOING_AWAY
-        self.settings = settings
+        self.gateway = gateway
+        settings = self.settings = gateway.settings
         self.reactor = reactor
-        self.resource = GatewayResource(settings, reactor=reactor)
-        self.registry = self.resource.registry
+        gateway.setServiceParent(self)
+        #: the router over the gateway's parts, the root of the site
+        self.resource = GatewayResource(gateway)
         self.site = build_site(self.resource, settings, reactor)
         self.front_door = self._front_door(open_files)
         if settings.demo.chat_service and fds is None:
@@ -189,7 +200,7 @@ class GatewayService(MultiService):
             if settings.admin.token:
                 from twisted_gateway.admin_api import AdminAPI
 
-                pages[b"admin"] = AdminAPI(self.resource.cluster, settings.admin.token)
+                pages[b"admin"] = AdminAPI(gateway.cluster, settings.admin.token)
             admin_site = build_admin_site(pages)
             for description in settings.admin.listen:
                 ListeningService(
@@ -209,19 +220,19 @@ class GatewayService(MultiService):
         instances = {url for route in self.settings.routes for url in route.upstream}
         self.reserved_files = reserved_files(self.settings.gateway.upstream_keepalive, len(instances))
         limits = client_limits(self.settings.gateway.max_client_connections, open_files, self.reserved_files)
-        return FrontDoor(limits, self.reactor, self.resource.metrics)
+        return FrontDoor(limits, self.reactor, self.gateway.metrics)
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
         if self.settings.demo.chat_service and self.settings.auth is not None:
             self.listeners[0].when_listening().addCallback(self._announce_demo_token)
 
-    def _announce_demo_token(self, port: Any) -> Any:
+    def _announce_demo_token(self, port: IListeningPort) -> IListeningPort:
         """With the demo on, print a ready-to-paste wscat command and warn about the secret."""
         from twisted_gateway.token import mint
 
         auth = self.settings.auth
-        if auth.secret is None:
+        if auth is None or auth.secret is None:
             return port
         token = mint(auth, "demo", DEMO_TOKEN_TTL, self.reactor.seconds(), self.settings.source)
         number = getattr(port.getHost(), "port", 8080)
@@ -243,7 +254,6 @@ class GatewayService(MultiService):
 
     def startService(self) -> None:
         super().startService()
-        self.resource.start()
         log.info("{where}", where=where_served(self.settings), event="admin_pages")
         gateway = self.settings.gateway
         log.info(
@@ -256,7 +266,7 @@ class GatewayService(MultiService):
             event="drain_settings",
         )
 
-    def stopService(self) -> Deferred:
+    def stopService(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._drain_and_stop())
 
     async def _drain_and_stop(self) -> None:
@@ -271,7 +281,7 @@ class GatewayService(MultiService):
         ``drain_timeout`` after the delay.
         """
         gateway = self.settings.gateway
-        self.resource.draining = True
+        self.gateway.draining = True
         self.site.start_closing()
         log.info(
             "stopping: /readyz answers 503; serving {delay} s more with Connection: close",
@@ -285,7 +295,7 @@ class GatewayService(MultiService):
         # A connection accepted just before the listeners closed may not have
         # sent its request yet: give it a moment before closing it as idle.
         timers = [self.reactor.callLater(NEW_CONNECTION_GRACE, self.site.close_idle, new_ones=True)]
-        pairs = list(self.registry.pairs)
+        pairs = list(self.gateway.registry.pairs)
         log.info(
             "listeners closed; draining {count} WebSockets and {connections} HTTP connections",
             count=len(pairs),
@@ -299,17 +309,16 @@ class GatewayService(MultiService):
             log.warn(
                 "drain timeout: {count} WebSockets, {requests} HTTP requests and"
                 " {connections} HTTP connections left",
-                count=len(self.registry.pairs),
-                requests=self.resource.http_in_flight,
+                count=len(self.gateway.registry.pairs),
+                requests=self.gateway.http_in_flight,
                 connections=self.site.close_all(),
             )
         for timer in timers:
             if timer.active():
                 timer.cancel()
         await super().stopService()
-        await self.resource.stop()
 
-    async def _quiet(self, draining: set, deadline: float) -> bool:
+    async def _quiet(self, draining: set[Pair], deadline: float) -> bool:
         """
         Whether every pair went and no HTTP request or connection is left
         before ``deadline``; a pair whose handshake was still going when the
@@ -317,8 +326,8 @@ class GatewayService(MultiService):
         waiting on the pairs' own ``done``: a timeout cancelling those would
         fail the pairs' bookkeeping, and the cancelled wait would not stop.
         """
-        registry = self.registry
-        while registry.pairs or registry.handshakes or self.resource.http_in_flight or self.site.open_connections():
+        registry = self.gateway.registry
+        while registry.pairs or registry.handshakes or self.gateway.http_in_flight or self.site.open_connections():
             if self.reactor.seconds() >= deadline:
                 return False
             for pair in registry.pairs - draining:

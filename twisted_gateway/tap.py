@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import sys
+from typing import TYPE_CHECKING
 
 from twisted.logger import Logger
 from twisted.python import usage
@@ -25,6 +26,13 @@ from twisted_gateway.limits import (
     plan_open_files,
     websocket_room,
 )
+
+if TYPE_CHECKING:
+    from twisted.application.service import IService
+    from twisted.internet.interfaces import IReactorTime
+
+    from twisted_gateway.service import GatewayService
+    from twisted_gateway.workers import WorkerEnvironment
 
 log = Logger()
 
@@ -63,12 +71,12 @@ class Options(usage.Options):
         self["settings"] = settings
 
 
-def makeService(options: Options):
+def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
-    from twisted_gateway.service import GatewayService
-
     from twisted_gateway import allocator, workers
+    from twisted_gateway.gateway import build_gateway
+    from twisted_gateway.service import GatewayService
 
     settings: Settings = options["settings"]
     env = workers.worker_environment()
@@ -78,8 +86,10 @@ def makeService(options: Options):
         for warning in config_warnings(settings):
             log.warn("{warning}", warning=warning, event="config_warning")
     open_files = _raise_open_files(settings.gateway.max_open_files)
+    # The real parts: the forwarder, the upstream connector and the authenticator on this reactor.
+    gateway = build_gateway(settings, reactor)
     service = GatewayService(
-        settings, reactor, open_files=open_files, inherited_fds=env.listen_fds if env else None
+        gateway, reactor, open_files=open_files, inherited_fds=env.listen_fds if env else None
     )
     if env is None:  # one process: SIGHUP hands over to a new one (worker_handover.py)
         from twisted_gateway.worker_handover import Handover
@@ -89,7 +99,7 @@ def makeService(options: Options):
         logs.label_process(env.number)
         workers.die_with_supervisor()
         if env.channel_fd is not None:
-            service.resource.cluster.join_workers(env.channel_fd)
+            gateway.cluster.join_workers(env.channel_fd)
         _share_worker_stats(service, env, reactor)
         reactor.callWhenRunning(_report_ready, service, env)
     log.info(
@@ -120,7 +130,7 @@ def makeService(options: Options):
     return service
 
 
-def _supervisor(settings: Settings, reactor):
+def _supervisor(settings: Settings, reactor: IReactorTime) -> IService:
     """``workers > 1``: a supervisor that binds the listeners and runs the workers."""
     from twisted.application.service import MultiService
 
@@ -152,18 +162,18 @@ def _supervisor(settings: Settings, reactor):
     return top
 
 
-def _share_worker_stats(service, env, reactor) -> None:
+def _share_worker_stats(service: GatewayService, env: WorkerEnvironment, reactor: IReactorTime) -> None:
     """A worker's /metrics, /healthz and /readyz answer for every worker (``worker_stats.py``)."""
     from twisted_gateway.metrics import GatewayCollector
     from twisted_gateway.worker_stats import WorkerStats
 
     if env.state_dir is None:
         return
-    resource = service.resource
-    stats = WorkerStats(env.state_dir, env.number, env.workers, GatewayCollector(resource.metrics), reactor)
-    stats.setServiceParent(service)
-    resource.worker_stats = stats
-    resource.admin_pages[b"metrics"].registry = stats.registry()
+    gateway = service.gateway
+    stats = WorkerStats(env.state_dir, env.number, env.workers, GatewayCollector(gateway.metrics), reactor)
+    stats.setServiceParent(gateway)
+    gateway.worker_stats = stats
+    service.resource.metrics_page.registry = stats.registry()
 
 
 def _reload(running: Settings) -> Settings:
@@ -184,7 +194,7 @@ def _reload(running: Settings) -> Settings:
     return settings
 
 
-def _report_ready(service, env) -> None:
+def _report_ready(service: GatewayService, env: WorkerEnvironment) -> None:
     from twisted.internet.defer import DeferredList
 
     from twisted_gateway.workers import report_ready

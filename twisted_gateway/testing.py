@@ -28,9 +28,10 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.test.iosim import FakeTransport, IOPump, connect
+from zope.interface import implementer
 
 from twisted_gateway._bases import WebSocketServerFactory, WebSocketServerProtocol, WrappingFactory
-from twisted_gateway.connector import Connector
+from twisted_gateway.interfaces import IUpstreamConnector
 from twisted_gateway.ws_passthrough import unmask
 from twisted_gateway.ws_relay import RelayRegistry
 
@@ -115,17 +116,24 @@ class MemoryNetwork:
             if not moved:
                 return
 
-    def connector(self, upstream: WebSocketServerFactory) -> Connector:
-        """A relay connector (``GatewayResource(ws_connect=...)``) reaching ``upstream`` in memory."""
+    def connector(self, upstream: WebSocketServerFactory) -> MemoryConnector:
+        """An upstream connector (``build_gateway(connector=...)``) reaching ``upstream`` in memory."""
+        return MemoryConnector(self, upstream)
 
-        def connect_upstream(factory: WebSocketClientFactory) -> Deferred[IProtocol]:
-            client = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", factory.port))
-            server = upstream.buildProtocol(IPv4Address("TCP", "127.0.0.1", 50000))
-            assert client is not None and server is not None
-            self.join(server, client)
-            return succeed(client)
 
-        return connect_upstream
+@implementer(IUpstreamConnector)
+class MemoryConnector:
+    """Connects the relay's upstream legs to one upstream factory over a :class:`MemoryNetwork`."""
+
+    def __init__(self, net: MemoryNetwork, upstream: WebSocketServerFactory) -> None:
+        self.net, self.upstream = net, upstream
+
+    def connect(self, factory: WebSocketClientFactory) -> Deferred[IProtocol]:
+        client = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", factory.port))
+        server = self.upstream.buildProtocol(IPv4Address("TCP", "127.0.0.1", 50000))
+        assert client is not None and server is not None
+        self.net.join(server, client)
+        return succeed(client)
 
 
 class RawClient(Protocol):
@@ -203,8 +211,9 @@ class MemoryRelay:
     reach ``upstream`` in memory, on one ``MemoryReactorClock``.
     """
 
-    def __init__(self, config: str, upstream: WebSocketServerFactory | None = None, **resource_options: Any) -> None:
+    def __init__(self, config: str, upstream: WebSocketServerFactory | None = None, **parts: Any) -> None:
         from twisted_gateway.config import parse_config
+        from twisted_gateway.gateway import build_gateway
         from twisted_gateway.resource import GatewayResource
         from twisted_gateway.site import build_site
 
@@ -212,17 +221,18 @@ class MemoryRelay:
         self.clock: IReactorTime = self.net.clock
         self.upstream = upstream if upstream is not None else RecordingUpstream()
         self.settings = parse_config(config)
-        self.resource = GatewayResource(
-            self.settings, reactor=self.clock, ws_connect=self.net.connector(self.upstream), **resource_options
+        self.gateway = build_gateway(
+            self.settings, self.net.clock, connector=self.net.connector(self.upstream), **parts
         )
-        self.resource.start()
+        self.gateway.startService()
+        self.resource = GatewayResource(self.gateway)
         site = build_site(self.resource, self.settings, reactor=self.clock)
         # hand_over moves a wrapped channel's connection to the relay, as under TLS
         self.site = WrappingFactory(site)
 
     @property
     def registry(self) -> RelayRegistry:
-        return self.resource.registry
+        return self.gateway.registry
 
     def flush(self) -> None:
         self.net.flush()
@@ -246,11 +256,8 @@ class MemoryRelay:
         self.flush()
         return client
 
-    def stop(self) -> Deferred[None] | None:
-        """Stop the resource's timers and connections."""
-        stop = getattr(self.resource, "stop", None)
-        if stop is not None:
-            d: Deferred[None] = stop()
-            self.flush()
-            return d
-        return None
+    def stop(self) -> Deferred[None]:
+        """Stop the gateway's timers and connections."""
+        d = self.gateway.stopService()
+        self.flush()
+        return d

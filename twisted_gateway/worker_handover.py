@@ -106,7 +106,7 @@ class Handover:
         What outlived the drain (a client that never answered its close) is
         cut, as the end of the process cuts it when a worker drains.
         """
-        for pair in list(self.gateway.registry.pairs):
+        for pair in list(self.gateway.gateway.registry.pairs):  # the service's Gateway holds them
             for leg in pair.legs():
                 if leg.transport is not None:
                     leg.transport.abortConnection()

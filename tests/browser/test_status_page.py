@@ -43,10 +43,10 @@ health_check = ws:/health
 health_interval = 0.2
 """
     )
-    gw.resource.start()
+    gw.gateway.startService()
     clients = []
     try:
-        down = gw.resource.pools["chat"].instances[1]
+        down = gw.gateway.pools["chat"].instances[1]
         await settle(lambda: down.state == "down", "the dead instance marked down")
         for i in range(3):
             clients.append(await ws_connect(gw.url(f"/v1/chat/ws?room=ops{i}")))
@@ -71,6 +71,6 @@ health_interval = 0.2
         for client in clients:
             client.sendClose(1000)
             await client.closed
-        await gw.resource.stop()
+        await gw.gateway.stopService()
         await gw.close()
         await up_port.stopListening()

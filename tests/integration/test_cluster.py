@@ -57,7 +57,7 @@ class Node:
 
     def __init__(self, gw, admin_port) -> None:
         self.gw, self.admin_port = gw, admin_port
-        self.cluster = gw.resource.cluster
+        self.cluster = gw.gateway.cluster
 
     def ws(self, token: str) -> str:
         return self.gw.url(f"/v1/chat/ws?token={token}")
@@ -71,16 +71,16 @@ class Node:
 
     async def close(self) -> None:
         await self.admin_port.stopListening()
-        await self.gw.resource.stop()
+        await self.gw.gateway.stopService()
         await self.gw.close()
 
 
 async def _node(redis_url: str, name: str, upstream_port: int, route_extra: str = "", cluster_extra: str = "") -> Node:
     config = _config(redis_url, name, upstream_port, route_extra)
     gw = await start_gateway(config.replace("[cluster]", cluster_extra) if cluster_extra else config)
-    gw.resource.start()
+    gw.gateway.startService()
     root = Resource()
-    root.putChild(b"admin", AdminAPI(gw.resource.cluster, ADMIN_TOKEN.encode()))
+    root.putChild(b"admin", AdminAPI(gw.gateway.cluster, ADMIN_TOKEN.encode()))
     site = Site(root)
     site.noisy = False
     node = Node(gw, await listen(site))
@@ -194,7 +194,7 @@ async def test_a_per_user_cap_holds_across_both_gateways_and_frees_a_slot_when_a
     await first.closed
     await settle(lambda: not a.cluster.counts, "alice's slot freed")
     third = await ws_connect(a.ws(_token("alice")))
-    assert a.gw.resource.metrics.route("chat").limit_rejections == {"max_websockets_per_user": 1}
+    assert a.gw.gateway.metrics.route("chat").limit_rejections == {"max_websockets_per_user": 1}
     await _stop(up_port, a, b, clients=[second, third, bob])
 
 
@@ -220,7 +220,7 @@ async def test_the_admin_api_wants_its_token_and_well_formed_json(redis_server):
 def _metrics_text(node: Node) -> str:
     from prometheus_client import generate_latest
 
-    return generate_latest(node.gw.resource.metrics.registry).decode()
+    return generate_latest(node.gw.gateway.metrics.registry).decode()
 
 
 async def _get(node: Node, path: str):
@@ -303,14 +303,14 @@ async def test_a_gateway_that_never_reached_redis_is_not_ready_unless_policy_ope
     closed = await start_gateway(_config(nowhere, "gw-x", port).replace("[cluster]", "[cluster]\non_redis_down = closed"))
     opened = await start_gateway(_config(nowhere, "gw-y", port))
     for gw in (closed, opened):
-        gw.resource.start()
+        gw.gateway.startService()
     response = await treq.get(closed.url("/readyz", "http"), persistent=False)
     assert (response.code, (await response.json())["status"]) == (503, "not_ready")
     response = await treq.get(opened.url("/readyz", "http"), persistent=False)
     assert response.code == 200
     await response.content()
     for gw in (closed, opened):
-        await gw.resource.stop()
+        await gw.gateway.stopService()
         await gw.close()
     await up_port.stopListening()
 
@@ -403,10 +403,10 @@ async def test_rediss_shows_the_client_certificate_a_redis_asks_for(tmp_path):
 async def _refused_by_redis(redis_url: str, upstream_port: int, cluster_keys: str) -> str:
     """Why a gateway with these [cluster] keys cannot join (it never gets up, it keeps trying)."""
     gw = await start_gateway(_config(redis_url, "gw-x", upstream_port).replace("[cluster]", f"[cluster]\n{cluster_keys}"))
-    gw.resource.start()
-    cluster = gw.resource.cluster
+    gw.gateway.startService()
+    cluster = gw.gateway.cluster
     await settle(lambda: cluster.last_error is not None, "a failed TLS handshake")
     assert not cluster.up
-    await gw.resource.stop()
+    await gw.gateway.stopService()
     await gw.close()
     return cluster.last_error

@@ -14,6 +14,7 @@ from twisted.web.server import NOT_DONE_YET, Site
 
 from tests.support import Upstream, listen, ws_connect
 from twisted_gateway.config import parse_config
+from twisted_gateway.gateway import build_gateway
 from twisted_gateway.service import GatewayService
 
 
@@ -50,7 +51,7 @@ upstream = http://127.0.0.1:{up_port.getHost().port}
 websocket = false
 """
     )
-    service = GatewayService(settings, reactor)
+    service = GatewayService(build_gateway(settings, reactor), reactor)
     service.privilegedStartService()
     service.startService()
     port = await service.listeners[0].when_listening()
@@ -92,7 +93,7 @@ prefix = /v1/chat
 upstream = http://127.0.0.1:{up_port.getHost().port}
 """
     )
-    service = GatewayService(settings, reactor)
+    service = GatewayService(build_gateway(settings, reactor), reactor)
     service.privilegedStartService()
     service.startService()
     port = await service.listeners[0].when_listening()
@@ -141,7 +142,7 @@ upstream = http://127.0.0.1:9
 websocket = false
 """
     )
-    service = GatewayService(settings, reactor)
+    service = GatewayService(build_gateway(settings, reactor), reactor)
     service.privilegedStartService()
     service.startService()
     port = (await service.listeners[0].when_listening()).getHost().port

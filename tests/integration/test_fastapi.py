@@ -16,7 +16,7 @@ from twisted.protocols import portforward
 
 from tests.stacks import stop, uvicorn_server
 from twisted_gateway.config import parse_config
-from twisted_gateway.resource import GatewayResource
+from twisted_gateway.resource import build_gateway_resource
 from twisted_gateway.site import build_site
 from tests.support import Gateway, listen, raw_connect, settle, start_gateway
 
@@ -68,7 +68,7 @@ async def test_fastapi_sees_the_routes_host_and_redirects_the_client_to_its_own_
         expected = {"client": "chat.example.com", "upstream": f"127.0.0.1:{fastapi}"}
         assert json.loads(body)["host"] == expected.get(host_header, host_header)
     finally:
-        await gw.resource.stop()
+        await gw.gateway.stopService()
         await gw.close()
 
 
@@ -123,7 +123,7 @@ async def test_compressed_chat_costs_the_same_bytes_as_a_direct_connection(fasta
         through, gateway_extensions = await bytes_sent(gw.number, "/ws1/echo/")
         await _settle_pairs(gw)
     finally:
-        await gw.resource.stop()
+        await gw.gateway.stopService()
         await gw.close()
     assert gateway_extensions == direct_extensions
     assert "permessage-deflate" in direct_extensions
@@ -138,7 +138,7 @@ async def _settle_pairs(gw) -> None:
 async def test_fastapi_reads_a_streamed_upload_before_its_last_byte_is_sent(fastapi):
     """Under request_buffering = off the handler has the first 1 MB while the client holds the rest."""
     settings = parse_config(config(fastapi, "client") + "request_buffering = off\n")
-    resource = GatewayResource(settings, reactor=reactor)
+    resource = build_gateway_resource(settings, reactor)
     port = await listen(build_site(resource, settings))
     gw = Gateway(port, resource)
     client = await raw_connect(gw.number)
@@ -166,5 +166,5 @@ async def test_fastapi_reads_a_streamed_upload_before_its_last_byte_is_sent(fast
     finally:
         if not client.lost.called:
             client.transport.abortConnection()
-        await gw.resource.stop()
+        await gw.gateway.stopService()
         await gw.close()

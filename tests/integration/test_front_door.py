@@ -13,6 +13,7 @@ from twisted.internet import reactor
 
 from tests.support import Upstream, http_error, listen, raw_connect, settle, ws_connect
 from twisted_gateway.config import parse_config
+from twisted_gateway.gateway import build_gateway
 from twisted_gateway.service import GatewayService
 
 GET = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
@@ -40,7 +41,7 @@ prefix = /v1/chat
 upstream = http://127.0.0.1:{upstream_port}
 """
     )
-    service = GatewayService(settings, reactor)
+    service = GatewayService(build_gateway(settings, reactor), reactor)
     service.privilegedStartService()
     service.startService()
     later(service.stopService)
@@ -77,7 +78,7 @@ async def test_past_the_cap_a_client_gets_503_overloaded_and_the_first_one_keeps
     first.transport.write(GET)
     answer = await first.wait_for(b"}\n")
     assert answer.startswith(b"HTTP/1.1 200 ")
-    assert service.resource.metrics.connections_refused == 1
+    assert service.gateway.metrics.connections_refused == 1
     first.transport.loseConnection()
     await first.lost
     await settle(lambda: service.front_door.open == 0, "the slot freed")

@@ -20,7 +20,7 @@ from twisted.web.server import NOT_DONE_YET, Site
 from tests.support import Upstream, listen, settle
 from twisted_gateway.health import HealthChecker
 from twisted_gateway.upstreams import InstanceRegistry, UpstreamPool
-from twisted_gateway.connector import endpoint_connector
+from twisted_gateway.connector import EndpointConnector
 
 INTERVAL = 5
 
@@ -92,7 +92,7 @@ class Harness:
             [self.pool],
             self.clock,
             Agent(reactor, pool=self.connections),
-            ws_connect=endpoint_connector(reactor, 5),
+            ws_connect=EndpointConnector(reactor, 5).connect,
         )
         self.interval = interval
 

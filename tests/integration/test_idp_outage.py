@@ -54,9 +54,9 @@ async def test_outage_is_503_with_retry_after_until_the_idp_is_back():
     upstream = Upstream()
     up_port = await listen(upstream)
     gw = await start_gateway(_config(up_port.getHost().port, jwks.url))
-    gw.resource.start()
+    gw.gateway.startService()
     try:
-        await settle(lambda: gw.resource.authenticator.keyset.failing, "a failed fetch")
+        await settle(lambda: gw.gateway.authenticator.keyset.failing, "a failed fetch")
         status, _ = await _get(gw.number, "/readyz")
         assert status == 503
         token = _token()
@@ -83,13 +83,13 @@ async def test_outage_is_503_with_retry_after_until_the_idp_is_back():
 
         jwks.status = 200
         jwks.document = jwks_document(one=KEY)
-        await settle(lambda: gw.resource.authenticator.ready(), "the JWKS fetched without traffic")
+        await settle(lambda: gw.gateway.authenticator.ready(), "the JWKS fetched without traffic")
         status, _ = await _get(gw.number, "/readyz")
         assert status == 200
-        verified = await gw.resource.authenticator.verify(token)
+        verified = await gw.gateway.authenticator.verify(token)
         assert verified.subject == "alice"
     finally:
-        await gw.resource.stop()
+        await gw.gateway.stopService()
         await gw.close()
         await up_port.stopListening()
         await jwks.stop()

@@ -87,10 +87,10 @@ async def _run(tmp_path, *, named_issuer=None, trust=True):
     up_port = await listen(upstream)
     ca_file = str(ca.write(tmp_path)) if trust else None
     gw = await start_gateway(_config(up_port.getHost().port, provider.issuer, ca_file))
-    gw.resource.start()
+    gw.gateway.startService()
 
     async def stop():
-        await gw.resource.stop()
+        await gw.gateway.stopService()
         await gw.close()
         await up_port.stopListening()
         await provider.port.stopListening()
@@ -102,11 +102,11 @@ async def _run(tmp_path, *, named_issuer=None, trust=True):
 async def test_keys_are_found_through_discovery_over_https_with_a_private_ca(tmp_path):
     provider, gw, stop = await _run(tmp_path)
     try:
-        keyset = gw.resource.authenticator.keyset
+        keyset = gw.gateway.authenticator.keyset
         await settle(lambda: keyset.loaded, "the keys, found through discovery")
         assert provider.paths[:2] == [b"/realms/chat/.well-known/openid-configuration", b"/realms/chat/protocol/certs"]
         assert keyset.url == provider.issuer + "/protocol/certs"
-        identity = await gw.resource.authenticator.verify(_token(provider.issuer))
+        identity = await gw.gateway.authenticator.verify(_token(provider.issuer))
         assert identity.subject == "alice"
         status, body = await _status(gw.number, _token("https://elsewhere.example/realms/chat"))
         assert (status, body["error"]) == (401, "invalid_token")
@@ -118,7 +118,7 @@ async def test_keys_are_found_through_discovery_over_https_with_a_private_ca(tmp
 async def test_a_document_naming_another_issuer_is_an_outage_not_a_source_of_keys(tmp_path):
     provider, gw, stop = await _run(tmp_path, named_issuer="https://evil.example/realms/chat")
     try:
-        keyset = gw.resource.authenticator.keyset
+        keyset = gw.gateway.authenticator.keyset
         await settle(lambda: keyset.failing, "a failed discovery")
         assert keyset.failures == {"discovery": 1} and not keyset.loaded
         assert b"/realms/chat/protocol/certs" not in provider.paths
@@ -132,7 +132,7 @@ async def test_a_document_naming_another_issuer_is_an_outage_not_a_source_of_key
 async def test_without_ca_file_a_private_ca_is_not_trusted(tmp_path):
     provider, gw, stop = await _run(tmp_path, trust=False)
     try:
-        keyset = gw.resource.authenticator.keyset
+        keyset = gw.gateway.authenticator.keyset
         await settle(lambda: keyset.failing, "a failed fetch")
         assert set(keyset.failures) == {"tls"}
         assert provider.paths == []

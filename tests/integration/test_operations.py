@@ -39,10 +39,8 @@ from tests.support import (
     ws_connect,
 )
 from twisted_gateway.config import parse_config
-from twisted_gateway.http_proxy import HTTPForwarder
-from twisted_gateway.resource import GatewayResource
+from twisted_gateway.resource import GatewayResource, build_gateway_resource
 from twisted_gateway.site import build_site
-from twisted_gateway.connector import endpoint_connector
 
 #: A guard against a hang, not a speed assertion.
 GUARD = 10
@@ -176,7 +174,7 @@ async def _close_all(gw: Gateway, *ports) -> None:
 async def _still_open_then_closed(gw: Gateway, up_port, client, upstream: Upstream) -> None:
     """Both legs of the pair are still open; then the keepalive stops and the client closes with 1000."""
     assert client.state == OPEN and len(upstream.open_protocols) == 1
-    await gw.resource.stop()
+    await gw.gateway.stopService()
     client.sendClose(1000)
     assert await client.closed == (1000, None)
     await _drop_all(gw)
@@ -411,8 +409,7 @@ prefix = /v1/files
 upstream = http://127.0.0.1:{pages_port.getHost().port}
 websocket = false
 """
-    forwarder = HTTPForwarder(parse_config(text).gateway, reactor)
-    gw = await start_gateway(text, http_forwarder=forwarder)
+    gw = await start_gateway(text)
     try:
         before = await _scrape(gw.number)
         assert (await _get(gw.number, "/v1/files/ok"))[0] == 200
@@ -422,7 +419,7 @@ websocket = false
         assert (await _get(gw.number, "/healthz"))[0] == 200
         after = await _scrape(gw.number)
     finally:
-        await forwarder.close()
+        await gw.gateway.stopService()
         await _close_all(gw, pages_port)
 
     name = "wsgateway_http_requests_total"
@@ -489,7 +486,7 @@ async def _clocked_gateway(
 ) -> tuple[Gateway, task.Clock]:
     """
     A gateway whose timers run on a ``Clock`` the test advances, while it
-    connects upstream over the real reactor (the ``ws_connect`` seam).
+    connects upstream over the real reactor (``build_gateway``'s ``clock``).
     """
     settings = parse_config(
         route_config(
@@ -498,13 +495,11 @@ async def _clocked_gateway(
         )
     )
     clock = task.Clock()
-    resource = GatewayResource(
-        settings, reactor=clock, ws_connect=endpoint_connector(reactor, settings.gateway.connect_timeout)
-    )
+    resource = build_gateway_resource(settings, reactor, clock=clock)
     site = Site(resource)
     site.noisy = False
     gw = Gateway(await listen(site), resource)
-    resource.start()
+    gw.gateway.startService()
     return gw, clock
 
 
@@ -566,7 +561,7 @@ async def test_keepalive_drops_a_silent_upstream_and_closes_the_client_with_1011
     closes = dict(route="chat", side="gateway", code="1011", reason="ping_timeout")
     assert _moved(before, after, "wsgateway_ws_closes_total", **closes) == 1
     assert _value(after, "wsgateway_ws_open", route="chat") == 0
-    await gw.resource.stop()
+    await gw.gateway.stopService()
     await _drop_all(gw)
     await _close_all(gw, up_port)
 
@@ -586,7 +581,7 @@ async def test_keepalive_drops_a_silent_client_and_closes_the_upstream_with_1011
     assert await upstream_leg.closed == (1011, "peer unresponsive")
     code, _ = await client.closed
     assert code == 1006 and not client.wasClean
-    await gw.resource.stop()
+    await gw.gateway.stopService()
     await _drop_all(gw)
     await _close_all(gw, up_port)
 
@@ -640,7 +635,7 @@ async def test_a_leg_that_never_answers_is_dropped_ping_timeout_after_its_ping()
     assert await upstream_leg.closed == (1011, "peer unresponsive")
     code, _ = await client.closed
     assert code == 1006 and not client.wasClean
-    await gw.resource.stop()
+    await gw.gateway.stopService()
     await _drop_all(gw)
     await _close_all(gw, up_port)
 
@@ -803,9 +798,9 @@ health_interval = 0.1
     assert status == 502 and body["error"] == "bad_gateway", body
     assert await _get_json(gw.number, "/readyz") == (200, {"status": "ready"})
 
-    gw.resource.start()
+    gw.gateway.startService()
     await settle(
-        lambda: not any(i.state == "up" for i in gw.resource.pools["broken"].instances),
+        lambda: not any(i.state == "up" for i in gw.gateway.pools["broken"].instances),
         "the health checks to fail",
     )
     status, body = await _get_json(gw.number, "/readyz")
@@ -814,7 +809,7 @@ health_interval = 0.1
     assert "broken" in body["detail"]
     status, health = await _get_json(gw.number, "/healthz")
     assert status == 200 and health["status"] == "ok"
-    await gw.resource.stop()
+    await gw.gateway.stopService()
     await _drop_all(gw)
     await _close_all(gw, up_port)
 
@@ -832,7 +827,7 @@ prefix = /v1/chat
 upstream = http://127.0.0.1:1
 """
     )
-    resource = GatewayResource(settings, reactor=reactor)
+    resource = build_gateway_resource(settings, reactor)
     return await listen(build_site(resource, settings)), resource
 
 

@@ -153,7 +153,7 @@ async def test_many_messages_from_the_upstream_keep_their_order_and_count():
         server.sendMessage(payload, isBinary=binary)
     for payload, binary in sent:
         assert await client.next_message() == (payload, binary)
-    flow = gw.resource.metrics.flow("chat", "upstream_to_client")
+    flow = gw.gateway.metrics.flow("chat", "upstream_to_client")
     await settle(lambda: flow.messages == len(sent))
     assert flow.bytes == sum(len(p) for p, _ in sent)
     await close_relay(gw, up_port, client)

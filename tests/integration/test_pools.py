@@ -35,7 +35,6 @@ from twisted.web.client import Agent, HTTPConnectionPool
 
 from tests.support import Gateway, http_error, raw_connect, settle, start_gateway, ws_connect
 from twisted_gateway.config import parse_config
-from twisted_gateway.http_proxy import HTTPForwarder
 
 #: Only against a hung process or a condition never reached; not a speed expectation.
 GUARD = 15.0
@@ -211,13 +210,12 @@ class Harness:
     def __init__(self) -> None:
         self._pool = HTTPConnectionPool(reactor, persistent=False)
         self.http = HTTPClient(Agent(reactor, pool=self._pool))
-        self._gateways: list[tuple[Gateway, HTTPForwarder]] = []
+        self._gateways: list[Gateway] = []
         self._clients: list[Any] = []
 
     async def gateway(self, config: str) -> Gateway:
-        forwarder = HTTPForwarder(parse_config(config).gateway, reactor)
-        gw = await start_gateway(config, http_forwarder=forwarder)
-        self._gateways.append((gw, forwarder))
+        gw = await start_gateway(config)
+        self._gateways.append(gw)
         return gw
 
     async def request(
@@ -271,13 +269,12 @@ class Harness:
         for client in self._clients:
             if client.state != WebSocketProtocol.STATE_CLOSED:
                 client.dropConnection(abort=True)
-        for gw, _ in self._gateways:
+        for gw in self._gateways:
             registry = gw.registry
             await settle(lambda: len(registry) == 0 and not registry.handshakes)
-        for gw, forwarder in self._gateways:
-            await gw.resource.stop()
+        for gw in self._gateways:
+            await gw.gateway.stopService()  # closes its forwarder too
             await gw.close()
-            await forwarder.close()
         await self._pool.closeCachedConnections()
 
 
@@ -575,7 +572,7 @@ async def test_with_every_instance_dead_clients_get_502_and_readyz_is_503(spawn,
     code, body = await harness.request(gw, "/readyz")
     assert (code, json.loads(body)["status"]) == (200, "ready")
 
-    gw.resource.start()
+    gw.gateway.startService()
 
     async def all_down() -> bool:
         return not any((await harness.upstream_up(gw)).values())
@@ -644,7 +641,7 @@ async def test_failing_health_checks_eject_an_instance_and_passing_ones_restore_
     )
 
     with capturedLogs() as events:
-        gw.resource.start()
+        gw.gateway.startService()
         sick.fail_health_checks(True)
         await settle(lambda: (sick.url, "down") in [c[:2] for c in state_changes(events)])
 
@@ -675,7 +672,7 @@ async def test_websockets_avoid_an_instance_ejected_by_health_checks(spawn, harn
     )
 
     with capturedLogs() as events:
-        gw.resource.start()
+        gw.gateway.startService()
         sick.fail_health_checks(True)
         await settle(lambda: (sick.url, "down") in [c[:2] for c in state_changes(events)])
         opened = [await harness.websocket(gw) for _ in range(4)]

@@ -17,10 +17,12 @@ import pytest_twisted
 import treq
 from autobahn.websocket.protocol import WebSocketProtocol
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.web.client import HTTPConnectionPool
 from twisted.web.resource import Resource
 from twisted.web.server import Site
+from zope.interface import implementer
 
 from tests.support import (
     UPGRADE,
@@ -34,6 +36,7 @@ from tests.support import (
     ws_connect,
 )
 from twisted_gateway.config import parse_config
+from twisted_gateway.interfaces import IHTTPForwarder
 from twisted_gateway.resource import build_gateway_resource
 
 #: Every route points at a port nothing listens on unless a test says otherwise.
@@ -56,6 +59,7 @@ def _config(chat_port: int = 1, files_port: int = 1) -> str:
     return CONFIG.format(chat_port=chat_port, files_port=files_port)
 
 
+@implementer(IHTTPForwarder)
 class RecordingForwarder:
     """Stands in for the HTTP forwarder: records what it was asked to forward."""
 
@@ -67,8 +71,8 @@ class RecordingForwarder:
         request.setHeader(b"content-type", b"application/json")
         return b'{"forwarded": true}\n'
 
-    def close(self):
-        return None
+    def close(self) -> Deferred[None]:
+        return succeed(None)
 
 
 async def _raw_exchange(port: int, request: bytes, marker: bytes = b"}\n") -> bytes:
@@ -138,7 +142,7 @@ async def _close_ws(gw: Gateway, client) -> None:
 async def test_a_path_no_route_serves_is_404_json(path):
     """No matching prefix (segment boundaries count) is a JSON 404 naming the path."""
     forwarder = RecordingForwarder()
-    gw = await start_gateway(_config(), http_forwarder=forwarder)
+    gw = await start_gateway(_config(), forwarder=forwarder)
     try:
         code, content_type, body = await _treq_get(gw.url(path, "http"))
     finally:
@@ -164,7 +168,7 @@ async def test_a_path_no_route_serves_is_404_json(path):
 async def test_a_path_climbing_above_root_is_400_json(path):
     """``GET /../etc`` sent as raw bytes is refused with a JSON 400; nothing is forwarded."""
     forwarder = RecordingForwarder()
-    gw = await start_gateway(_config(), http_forwarder=forwarder)
+    gw = await start_gateway(_config(), forwarder=forwarder)
     try:
         raw = await _raw_exchange(gw.number, b"GET " + path + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
     finally:
@@ -189,7 +193,7 @@ async def test_a_path_climbing_above_root_is_400_json(path):
 async def test_the_normalised_path_is_routed_and_forwarded(target, route, path, query):
     """The route that was checked is the route that serves: dot segments resolve first."""
     forwarder = RecordingForwarder()
-    gw = await start_gateway(_config(), http_forwarder=forwarder)
+    gw = await start_gateway(_config(), forwarder=forwarder)
     try:
         raw = await _raw_exchange(gw.number, b"GET " + target + b" HTTP/1.1\r\nHost: h\r\n\r\n")
     finally:
@@ -223,7 +227,7 @@ async def test_healthz_answers_200_json():
     """GET /healthz is the gateway's own answer, even when a route covers ``/``."""
     forwarder = RecordingForwarder()
     gw = await start_gateway(
-        _config() + "[route:root]\nprefix = /\nupstream = http://127.0.0.1:1\n", http_forwarder=forwarder
+        _config() + "[route:root]\nprefix = /\nupstream = http://127.0.0.1:1\n", forwarder=forwarder
     )
     try:
         code, content_type, body = await _treq_get(gw.url("/healthz", "http"))
@@ -240,7 +244,7 @@ async def test_healthz_answers_200_json():
 @pytest_twisted.ensureDeferred
 async def test_mounted_gateway_answers_health_and_404_below_its_mount_point():
     """Under /gw, /gw/healthz is the health check and /gw/v2 is a 404 naming /v2."""
-    gw = await _start_mounted(_config(), http_forwarder=RecordingForwarder())
+    gw = await _start_mounted(_config(), forwarder=RecordingForwarder())
     try:
         health = await _treq_get(gw.url("/gw/healthz", "http"))
         missing = await _treq_get(gw.url("/gw/v2", "http"))
@@ -266,7 +270,7 @@ async def test_mounted_gateway_answers_health_and_404_below_its_mount_point():
 async def test_mounted_gateway_routes_the_path_below_its_mount_point(target, route, path, query):
     """The upstream sees the path below /gw, normalised, with the original query."""
     forwarder = RecordingForwarder()
-    gw = await _start_mounted(_config(), http_forwarder=forwarder)
+    gw = await _start_mounted(_config(), forwarder=forwarder)
     try:
         raw = await _raw_exchange(gw.number, b"GET " + target + b" HTTP/1.1\r\nHost: h\r\n\r\n")
     finally:
@@ -279,7 +283,7 @@ async def test_mounted_gateway_routes_the_path_below_its_mount_point(target, rou
 async def test_mounted_gateway_does_not_let_a_path_climb_out_of_its_mount_point():
     """``/gw/../etc`` cannot reach outside the gateway: JSON 400, nothing forwarded."""
     forwarder = RecordingForwarder()
-    gw = await _start_mounted(_config(), http_forwarder=forwarder)
+    gw = await _start_mounted(_config(), forwarder=forwarder)
     try:
         raw = await _raw_exchange(gw.number, _get("/gw/../etc"))
     finally:
@@ -292,7 +296,7 @@ async def test_mounted_gateway_does_not_let_a_path_climb_out_of_its_mount_point(
 async def test_paths_outside_the_mount_point_are_not_the_gateways():
     """/v1/chat/rooms without the /gw prefix is the host site's 404, not forwarded."""
     forwarder = RecordingForwarder()
-    gw = await _start_mounted(_config(), http_forwarder=forwarder)
+    gw = await _start_mounted(_config(), forwarder=forwarder)
     try:
         code, _, _ = await _treq_get(gw.url("/v1/chat/rooms", "http"))
     finally:

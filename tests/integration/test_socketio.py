@@ -59,7 +59,7 @@ async def run_clients(gateway_port: int, count: int, hold_ms: int = 0, polling_o
 
 async def stop_gateway(gw) -> None:
     await settle(lambda: not gw.registry.pairs and not gw.registry.handshakes, "the pairs closed")
-    await gw.resource.stop()
+    await gw.gateway.stopService()
     await gw.close()
 
 
@@ -116,7 +116,7 @@ async def test_upgrades_engineio_drops_leave_the_route_serving(two_instances):
             )
             answer = await client.lost
             assert not answer.startswith(b"HTTP/1.1 101"), answer
-        pool = gw.resource.pools["socketio"]
+        pool = gw.gateway.pools["socketio"]
         # the drops were held against the instances, yet one stays in service
         assert sum(instance.failures for instance in pool.instances) == 6
         assert any(instance.state == "up" for instance in pool.instances)

@@ -11,7 +11,7 @@ from twisted.internet import reactor
 from twisted.internet.protocol import Factory, Protocol
 
 from twisted_gateway.config import parse_config
-from twisted_gateway.resource import GatewayResource
+from twisted_gateway.resource import build_gateway_resource
 from twisted_gateway.site import build_site
 from tests.support import listen, raw_connect, settle
 
@@ -54,20 +54,20 @@ upstream = http://127.0.0.1:{upstream_port}
 request_buffering = {buffering}
 """
     )
-    resource = GatewayResource(settings, reactor=reactor)
-    return await listen(build_site(resource, settings)), resource
+    resource = build_gateway_resource(settings, reactor)
+    return await listen(build_site(resource, settings)), resource.gateway
 
 
 async def through(answer, **settings):
     """An upstream answering with ``answer``, a gateway in front of it, and a client connected."""
     upstream = await listen(upstream_factory(answer))
-    port, resource = await start(upstream.getHost().port, **settings)
+    port, gateway = await start(upstream.getHost().port, **settings)
     client = await raw_connect(port.getHost().port)
-    return upstream, port, resource, client
+    return upstream, port, gateway, client
 
 
-async def stop(port, resource, upstream) -> None:
-    await resource.stop()
+async def stop(port, gateway, upstream) -> None:
+    await gateway.stopService()
     await port.stopListening()
     await upstream.stopListening()
 
@@ -89,7 +89,7 @@ def answer_when_complete(size: int):
 @pytest_twisted.ensureDeferred
 async def test_the_upstream_sees_a_streamed_upload_before_its_last_byte_is_sent():
     """The head and the first 100 kB are upstream while the client still holds the rest."""
-    upstream, port, resource, client = await through(answer_when_complete(300000))
+    upstream, port, gateway, client = await through(answer_when_complete(300000))
     try:
         client.transport.write(head() + b"a" * 100000)
         await settle(lambda: upstream.factory.connections and len(upstream.factory.connections[0].body) == 100000,
@@ -102,12 +102,12 @@ async def test_the_upstream_sees_a_streamed_upload_before_its_last_byte_is_sent(
         assert answer.startswith(b"HTTP/1.1 200 OK") and answer.endswith(b"\r\n\r\n300000")
         assert up.body == b"a" * 100000 + b"b" * 200000
     finally:
-        await stop(port, resource, upstream)
+        await stop(port, gateway, upstream)
 
 
 @pytest_twisted.ensureDeferred
 async def test_a_chunked_upload_is_streamed_chunked():
-    upstream, port, resource, client = await through(lambda up: up.body.endswith(b"0\r\n\r\n") and (
+    upstream, port, gateway, client = await through(lambda up: up.body.endswith(b"0\r\n\r\n") and (
         up.transport.write(b"HTTP/1.1 204 No Content\r\n\r\n"), up.transport.loseConnection()))
     try:
         client.transport.write(head(b"Transfer-Encoding: chunked") + b"5\r\nhello\r\n")
@@ -117,7 +117,7 @@ async def test_a_chunked_upload_is_streamed_chunked():
         answer = await client.lost
         assert answer.startswith(b"HTTP/1.1 204")
     finally:
-        await stop(port, resource, upstream)
+        await stop(port, gateway, upstream)
 
 
 @pytest_twisted.ensureDeferred
@@ -129,7 +129,7 @@ async def test_expect_continue_is_the_upstreams_to_refuse():
             up.transport.write(b"HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer\r\nContent-Length: 0\r\n\r\n")
             up.transport.loseConnection()
 
-    upstream, port, resource, client = await through(refuse)
+    upstream, port, gateway, client = await through(refuse)
     try:
         client.transport.write(head(b"Content-Length: 1000000", b"Expect: 100-continue"))
         answer = await client.lost
@@ -137,7 +137,7 @@ async def test_expect_continue_is_the_upstreams_to_refuse():
         assert b"WWW-Authenticate: Bearer" in answer and b"100 Continue" not in answer
         assert b"\r\nExpect: 100-continue\r\n" in upstream.factory.connections[0].received
     finally:
-        await stop(port, resource, upstream)
+        await stop(port, gateway, upstream)
 
 
 @pytest_twisted.ensureDeferred
@@ -152,7 +152,7 @@ async def test_expect_continue_is_relayed_from_the_upstream():
             up.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
             up.transport.loseConnection()
 
-    upstream, port, resource, client = await through(accept)
+    upstream, port, gateway, client = await through(accept)
     try:
         client.transport.write(head(b"Content-Length: 10", b"Expect: 100-continue"))
         await client.wait_for(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -161,13 +161,13 @@ async def test_expect_continue_is_relayed_from_the_upstream():
         assert answer.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK"), answer
         assert upstream.factory.connections[0].body == b"0123456789"
     finally:
-        await stop(port, resource, upstream)
+        await stop(port, gateway, upstream)
 
 
 @pytest_twisted.ensureDeferred
 async def test_a_streamed_body_past_max_body_size_ends_with_413():
     """The upstream request ends the moment the limit is passed; the upstream is not blamed."""
-    upstream, port, resource, client = await through(lambda up: None, max_body_size=1000)
+    upstream, port, gateway, client = await through(lambda up: None, max_body_size=1000)
     try:
         client.transport.write(head(b"Transfer-Encoding: chunked") + b"200\r\n" + b"x" * 512 + b"\r\n")
         await settle(lambda: upstream.factory.connections and b"x" * 512 in upstream.factory.connections[0].body,
@@ -176,11 +176,11 @@ async def test_a_streamed_body_past_max_body_size_ends_with_413():
         answer = await client.wait_for(b"}\n")
         assert answer.startswith(b"HTTP/1.1 413"), answer
         await settle(lambda: upstream.factory.connections[0].lost, "the upstream request ended")
-        assert resource.pools["upload"].instances[0].failures == 0
+        assert gateway.pools["upload"].instances[0].failures == 0
         client.transport.loseConnection()
         await client.lost
     finally:
-        await stop(port, resource, upstream)
+        await stop(port, gateway, upstream)
 
 
 @pytest_twisted.ensureDeferred
@@ -196,7 +196,7 @@ async def test_an_upstream_that_stops_reading_stops_the_gateway_reading_the_clie
             up.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
             up.transport.loseConnection()
 
-    upstream, port, resource, client = await through(slow, max_body_size=size)
+    upstream, port, gateway, client = await through(slow, max_body_size=size)
     site = port.factory
     try:
         client.transport.write(head(b"Content-Length: %d" % size) + b"z" * size)
@@ -213,4 +213,4 @@ async def test_an_upstream_that_stops_reading_stops_the_gateway_reading_the_clie
         assert answer.startswith(b"HTTP/1.1 200 OK"), answer[:100]
         assert len(up.body) == size
     finally:
-        await stop(port, resource, upstream)
+        await stop(port, gateway, upstream)

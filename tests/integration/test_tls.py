@@ -30,6 +30,7 @@ from twisted.web.server import Site
 from tests.certs import Authority, Issued
 from tests.support import ClientProtocol, RawClient, Upstream, http_error, settle
 from twisted_gateway.config import parse_config
+from twisted_gateway.gateway import build_gateway
 from twisted_gateway.service import GatewayService
 from twisted_gateway.tls import server_endpoint
 
@@ -136,7 +137,7 @@ upstream = https://{LOCALHOST}:{upstream_port}
 {route}
 """
     )
-    service = GatewayService(settings, reactor)
+    service = GatewayService(build_gateway(settings, reactor), reactor)
     service.privilegedStartService()
     service.startService()
     later(service.stopService)
@@ -364,7 +365,7 @@ upstream = https://{LOCALHOST}:{upstream.port_number}
 ca_file = {pki.ca_file}
 """
     )
-    service = GatewayService(settings, reactor)
+    service = GatewayService(build_gateway(settings, reactor), reactor)
     service.privilegedStartService()
     service.startService()
     later(service.stopService)
@@ -395,7 +396,7 @@ upstream = https://{LOCALHOST}:{upstream.port_number}
 ca_file = {pki.ca_file}
 """
     )
-    service = GatewayService(settings, reactor)
+    service = GatewayService(build_gateway(settings, reactor), reactor)
     service.privilegedStartService()
     service.startService()
     later(service.stopService)

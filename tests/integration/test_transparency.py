@@ -81,7 +81,7 @@ async def test_http_upstream_gets_the_routes_host_and_redirects_name_the_client(
         assert header(head, b"location") == b"http://chat.example.com/v1/chat/new?q=1"
         assert header(head, b"refresh") == b"0; url=http://chat.example.com/v1/chat/new"
     finally:
-        await gw.resource.stop()
+        await gw.gateway.stopService()
         await gw.close()
         await up.stopListening()
 
@@ -119,7 +119,7 @@ async def upgrade_through(host_header: str, extra: str = ""):
         client.transport.loseConnection()
         await client.lost
         await settle(lambda: not upstream.open_protocols and not gw.registry.pairs, "both legs closed")
-        await gw.resource.stop()
+        await gw.gateway.stopService()
         await gw.close()
         await up.stopListening()
 
@@ -235,11 +235,11 @@ async def test_upstream_refusals_reach_the_client_whole(answer, close, expected)
             await settle(lambda: not gw.registry.handshakes, "the handshake's end")
         assert received == expected
         # the instance answered: not held against it
-        assert gw.resource.pools["chat"].instances[0].failures == 0
+        assert gw.gateway.pools["chat"].instances[0].failures == 0
         lines = [(e.get("log_namespace"), e.get("log_format")) for e in events if e.get("log_level") >= LogLevel.info]
         assert lines == [("twisted_gateway.access", "websocket {route} {path} {peer} refused: {status} {detail}")]
     finally:
-        await gw.resource.stop()
+        await gw.gateway.stopService()
         await gw.close()
         await up.stopListening()
 
@@ -263,6 +263,6 @@ async def test_a_route_may_shorten_or_lengthen_request_timeout():
         # not cut at the gateway's 0.2 s (a lower bound only: no speed limit is asserted)
         assert reactor.seconds() - started >= 1.5
     finally:
-        await gw.resource.stop()
+        await gw.gateway.stopService()
         await gw.close()
         await up.stopListening()

@@ -174,10 +174,10 @@ def problems(events: list[dict]) -> list[dict]:
 
 async def all_in_service(gw) -> None:
     """Every instance up (as /readyz and the metrics see it), and /readyz 200."""
-    assert [i.state for i in gw.resource.pools["chat"].instances] == ["up"] * len(
-        gw.resource.pools["chat"].instances
+    assert [i.state for i in gw.gateway.pools["chat"].instances] == ["up"] * len(
+        gw.gateway.pools["chat"].instances
     )
-    assert not any(gw.resource.pools["chat"].failure_counts.values())
+    assert not any(gw.gateway.pools["chat"].failure_counts.values())
     status, body = await raw_exchange(gw.number, b"GET /readyz HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n")
     assert status == 200, body
 
@@ -187,7 +187,7 @@ def get(path: str) -> bytes:
 
 
 async def close_gateway(gw, *ports) -> None:
-    await gw.resource.stop()
+    await gw.gateway.stopService()
     await gw.close()
     for port in ports:
         await port.stopListening()
@@ -265,9 +265,9 @@ async def test_an_upstream_without_a_response_head_in_time_is_counted_and_taken_
     )
     status, body = await raw_exchange(gw.number, get("/v1/chat/slow"))
     assert status == 504, body
-    slow, other = gw.resource.pools["chat"].instances
+    slow, other = gw.gateway.pools["chat"].instances
     assert (slow.state, other.state) == ("down", "up")
-    assert dict(gw.resource.pools["chat"].failure_counts) == {(slow.url, "no_head_timeout"): 1}
+    assert dict(gw.gateway.pools["chat"].failure_counts) == {(slow.url, "no_head_timeout"): 1}
     await settle(lambda: pages[0].lost, "the upstream request dropped")
     await close_gateway(gw, *ports)
 
@@ -371,9 +371,9 @@ async def test_an_upstream_that_never_answers_a_handshake_in_time_is_counted_and
     with capturedLogs() as events:
         status, body = await raw_exchange(gw.number, upgrade("/v1/chat/ws"))
     assert status == 504, body
-    silent_instance, echo_instance = gw.resource.pools["chat"].instances
+    silent_instance, echo_instance = gw.gateway.pools["chat"].instances
     assert (silent_instance.state, echo_instance.state) == ("down", "up")
-    assert dict(gw.resource.pools["chat"].failure_counts) == {
+    assert dict(gw.gateway.pools["chat"].failure_counts) == {
         (silent_instance.url, "no_head_timeout"): 1
     }
     [down] = [e for e in events if e.get("upstream_state") == "down"]

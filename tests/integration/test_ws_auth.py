@@ -49,7 +49,7 @@ async def _gateway(mode: str = "required", clock=None, route: str = ""):
     text = _config(up_port.getHost().port, mode, route)
     settings = parse_config(text)
     authenticator = Authenticator(settings.auth, clock or reactor)
-    gw = await start_gateway(text, authenticator=authenticator)
+    gw = await start_gateway(text, clock=clock, authenticator=authenticator)
     return upstream, up_port, gw
 
 
@@ -129,7 +129,6 @@ async def test_websocket_is_closed_1008_when_its_token_expires():
     clock = task.Clock()
     clock.advance(reactor.seconds())
     upstream, up_port, gw = await _gateway(clock=clock)
-    gw.resource._ws_factories["chat"].clock = clock
     token = jwt.encode({"sub": "bob", "exp": clock.seconds() + 60}, SECRET, algorithm="HS256")
     client = await ws_connect(gw.url(f"/v1/chat/ws?token={token}"))
     server = upstream.connected[-1]
