@@ -23,6 +23,7 @@ from twisted.web import http, resource, server
 __all__ = [
     "HTTPChannel",
     "Int32StringReceiver",
+    "MultiService",
     "Options",
     "Resource",
     "Service",
@@ -68,6 +69,13 @@ if TYPE_CHECKING:
         def privilegedStartService(self) -> None: ...
         def startService(self) -> None: ...
         def stopService(self) -> Deferred[None] | None: ...
+        def setServiceParent(self, parent: IServiceCollection) -> None: ...
+
+    class MultiService(service.MultiService):
+        def __init__(self) -> None: ...
+        def privilegedStartService(self) -> None: ...
+        def startService(self) -> None: ...
+        def stopService(self) -> Deferred[None]: ...
         def setServiceParent(self, parent: IServiceCollection) -> None: ...
 
     class Resource(resource.Resource):
@@ -140,6 +148,7 @@ else:
     HTTPChannel = http.HTTPChannel
     Resource = resource.Resource
     Service = service.Service
+    MultiService = service.MultiService
     Site = server.Site
     Options = usage.Options
     WebSocketServerProtocol = websocket.WebSocketServerProtocol

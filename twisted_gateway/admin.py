@@ -13,9 +13,9 @@ there is never believed on its own).
 from __future__ import annotations
 
 import ipaddress
-from typing import TYPE_CHECKING, Iterable, Sequence, Union
+from typing import TYPE_CHECKING, Iterable, Mapping, Sequence, Union
 
-from twisted.web.resource import Resource
+from twisted.web.resource import IResource, Resource
 from twisted.web.server import Site
 
 from twisted_gateway.schema import DEFAULT_ADMIN_ALLOW as DEFAULT_ADMIN_ALLOW
@@ -81,7 +81,7 @@ def where_served(settings: Settings) -> str:
     )
 
 
-def build_admin_site(pages: dict[bytes, Resource]) -> Site:
+def build_admin_site(pages: Mapping[bytes, IResource]) -> Site:
     """The ``[admin] listen`` site: the operator's pages at its root."""
     root = Resource()
     for name, page in pages.items():

@@ -38,7 +38,6 @@ from twisted_gateway.revocations import Revocations, matches
 from twisted_gateway.schema import ClusterSettings, ConfigError, parse_redis_url, read_section
 
 if TYPE_CHECKING:
-    from twisted_gateway.auth import Authenticator
     from twisted_gateway.identity import Identity
     from twisted_gateway.metrics import Metrics
     from twisted_gateway.schema import RouteSettings
@@ -695,11 +694,12 @@ class ClusterCollector(Collector):
 class RevocationGuard:
     """An authenticator whose verified tokens are also checked against the revocations."""
 
-    def __init__(self, authenticator: Authenticator, cluster: Cluster) -> None:
+    def __init__(self, authenticator: IAuthenticator, cluster: Cluster) -> None:
         self._authenticator = authenticator
         self._cluster = cluster
 
     def __getattr__(self, name: str) -> Any:
+        """The wrapped authenticator's other attributes (its ``keyset``), as they are."""
         return getattr(self._authenticator, name)
 
     async def authenticate(
@@ -709,3 +709,18 @@ class RevocationGuard:
         if identity is not None:
             self._cluster.check_token(identity.claims)
         return identity
+
+    def upstream_query(self, query: bytes) -> bytes:
+        return self._authenticator.upstream_query(query)
+
+    def ready(self) -> bool:
+        return self._authenticator.ready()
+
+    def key_counts(self) -> tuple[int, Mapping[str, int]]:
+        return self._authenticator.key_counts()
+
+    def start(self) -> None:
+        self._authenticator.start()
+
+    def stop(self) -> Deferred[None]:
+        return self._authenticator.stop()

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from twisted.application.service import MultiService
+from twisted_gateway._bases import MultiService
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IReactorTCP, IReactorTime
 from twisted.web.iweb import IAgent, IPolicyForHTTPS
 
 from twisted_gateway.cluster import Cluster, RevocationGuard
@@ -169,8 +169,9 @@ def build_gateway(
 ) -> Gateway:
     """
     A :class:`Gateway` for ``settings``: the parts not given are the real ones,
-    connecting through ``reactor`` (which also provides ``IReactorTCP``);
-    timers run on ``clock`` (by default the reactor). An authenticator is built only when ``[auth]`` is configured.
+    connecting through ``reactor`` (which provides ``IReactorTCP`` too);
+    timers run on ``clock`` (by default the reactor). An authenticator is
+    built only when ``[auth]`` is configured.
     """
     from twisted_gateway.http_proxy import HTTPForwarder
 
@@ -179,7 +180,7 @@ def build_gateway(
     tls_policy = UpstreamTLSPolicy.for_routes(settings.routes)
     warn_unverified(settings.routes)
     if connector is None:
-        connector = EndpointConnector(reactor, timeout, tls_policy)
+        connector = EndpointConnector(IReactorTCP(reactor), timeout, tls_policy)
     if forwarder is None:
         forwarder = HTTPForwarder(
             settings.gateway, reactor, tls_policy=tls_policy, secret_names=secret_names(settings.auth)
@@ -209,11 +210,12 @@ def _health_agent(reactor: IReactorTime, connect_timeout: float, tls_policy: IPo
 
     from twisted_gateway.http_proxy import UpstreamEndpoints
 
-    return Agent.usingEndpointFactory(
+    agent: IAgent = Agent.usingEndpointFactory(
         reactor,
         UpstreamEndpoints(reactor, connect_timeout, tls_policy),
         pool=HTTPConnectionPool(reactor, persistent=False),
     )
+    return agent
 
 
 def _authenticator(

@@ -11,16 +11,15 @@ reactor, and the result can be mounted under any path of an existing ``Site``.
 from __future__ import annotations
 
 import json
-from typing import Any
-
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
-from twisted.web.resource import Resource
+from twisted.web.resource import IResource
 from twisted.web.server import NOT_DONE_YET, Request
 
+from twisted_gateway._bases import Resource
 from twisted_gateway.admin import ADMIN_PAGES, is_admin
 from twisted_gateway.config import RouteSettings, Settings
 from twisted_gateway.errors import BadRequest, GatewayError, NotFound, render_error
@@ -34,6 +33,7 @@ from twisted_gateway.headers import (
     single_origin,
 )
 from twisted_gateway.identity import Identity
+from twisted_gateway.interfaces import IAuthenticator, IHTTPForwarder, IUpstreamConnector
 from twisted_gateway.metrics import UNROUTED, MetricsResource
 from twisted_gateway.routing import RouteTable, check_escaped_path, normalize_path, split_uri
 from twisted_gateway.status import StatusJSONResource, StatusPageResource
@@ -62,7 +62,7 @@ class GatewayResource(Resource):
         #: /metrics: a worker points it at every worker's families (``worker_stats.py``)
         self.metrics_page = MetricsResource(gateway.metrics.registry)
         #: the operator's pages (admin.py says who may read them where)
-        self.admin_pages: dict[bytes, Resource] = {
+        self.admin_pages: dict[bytes, IResource] = {
             b"metrics": self.metrics_page,
             b"status": StatusPageResource(),
             b"status.json": StatusJSONResource(gateway.status),
@@ -132,7 +132,7 @@ class GatewayResource(Resource):
         flat = [(name, value) for name, values in headers.getAllRawHeaders() for value in values]
         return not is_websocket_upgrade(method, flat)
 
-    def _own_page(self, request: Request, path: bytes) -> bytes | None:
+    def _own_page(self, request: Request, path: bytes) -> bytes | int | None:
         """The gateway's own pages: /healthz, /readyz and (unless on [admin]) the operator's."""
         if path == b"/healthz":
             status: dict[str, object] = {
@@ -169,7 +169,8 @@ class GatewayResource(Resource):
         if path in ADMIN_PAGES and self.serve_admin_pages:
             if not self._is_admin(request):
                 raise NotFound(f"no route for {path.decode('ascii')}")
-            return self.admin_pages[path[1:]].render(request)
+            page: bytes | int = self.admin_pages[path[1:]].render(request)
+            return page
         return None
 
     def _is_admin(self, request: Request) -> bool:
@@ -209,7 +210,7 @@ class GatewayResource(Resource):
         except GatewayError:
             self.gateway.metrics.ws_handshake(name, "forbidden")
             raise
-        if not origin_allowed(origin, route.allowed_origins, route.allow_null_origin):
+        if origin is not None and not origin_allowed(origin, route.allowed_origins, route.allow_null_origin):
             self.gateway.metrics.ws_handshake(name, "forbidden")
             raise GatewayError(
                 f"origin {origin.decode('latin-1')!r} is not allowed on route {name!r}",
@@ -296,11 +297,22 @@ def _log_unless_cancelled(failure: Failure) -> None:
         log.failure("auth failed", failure)
 
 
-def build_gateway_resource(settings: Settings, reactor: IReactorTime, **parts: Any) -> GatewayResource:
+def build_gateway_resource(
+    settings: Settings,
+    reactor: IReactorTime,
+    *,
+    clock: IReactorTime | None = None,
+    forwarder: IHTTPForwarder | None = None,
+    connector: IUpstreamConnector | None = None,
+    authenticator: IAuthenticator | None = None,
+) -> GatewayResource:
     """
     The gateway's resource tree, ready to be a ``Site`` root or a child of one.
     Its ``gateway`` is the service running the background work (keepalive
     pings, health checks, JWKS refresh): start it with the application.
-    ``parts`` replace real ones (``build_gateway``'s keywords).
+    The keywords replace real parts, as ``build_gateway``'s do.
     """
-    return GatewayResource(build_gateway(settings, reactor, **parts))
+    gateway = build_gateway(
+        settings, reactor, clock=clock, forwarder=forwarder, connector=connector, authenticator=authenticator
+    )
+    return GatewayResource(gateway)

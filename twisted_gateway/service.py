@@ -11,13 +11,13 @@ from __future__ import annotations
 import sys
 from typing import TYPE_CHECKING, Callable
 
-from twisted.application.service import MultiService, Service
 from twisted.internet import tcp
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import (
     IListeningPort,
     IProtocolFactory,
+    IReactorSocket,
     IReactorTime,
     IStreamServerEndpoint,
 )
@@ -25,6 +25,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from twisted_gateway._bases import MultiService, Service
 from twisted_gateway.admin import build_admin_site, where_served
 from twisted_gateway.gateway import Gateway
 from twisted_gateway.limits import UNLIMITED_CEILING, client_limits, reserved_files
@@ -37,6 +38,13 @@ from twisted_gateway.ws_relay import GOING_AWAY
 if TYPE_CHECKING:
     from twisted_gateway.ws_pair import Pair
 
+    class ServingReactor(IReactorTime, IReactorSocket):
+        """
+        What serving asks of its reactor: timers, and the sockets a worker
+        inherits from its supervisor. Every reactor ``twistd`` installs
+        provides both; a test's ``MemoryReactorClock`` too.
+        """
+
 log = Logger()
 
 
@@ -48,7 +56,7 @@ class ListeningService(Service):
 
     def __init__(
         self,
-        reactor: IReactorTime,
+        reactor: ServingReactor,
         description: str,
         factory: IProtocolFactory,
         role: str,
@@ -152,7 +160,7 @@ class GatewayService(MultiService):
     def __init__(
         self,
         gateway: Gateway,
-        reactor: IReactorTime,
+        reactor: ServingReactor,
         *,
         open_files: int | None = None,
         inherited_fds: tuple[int, ...] | None = None,

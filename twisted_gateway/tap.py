@@ -15,9 +15,8 @@ import sys
 from typing import TYPE_CHECKING
 
 from twisted.logger import Logger
-from twisted.python import usage
 
-from twisted_gateway import logs
+from twisted_gateway import _bases, logs
 from twisted_gateway.config import Settings, config_warnings, load_config
 from twisted_gateway.limits import (
     LOW_OPEN_FILES,
@@ -28,16 +27,21 @@ from twisted_gateway.limits import (
 )
 
 if TYPE_CHECKING:
-    from twisted.application.service import IService
-    from twisted.internet.interfaces import IReactorTime
+    from types import FrameType
 
-    from twisted_gateway.service import GatewayService
+    from twisted.application.service import IService
+    from twisted.internet.interfaces import IReactorCore, IReactorFromThreads, IReactorProcess, IReactorTCP
+
+    from twisted_gateway.service import GatewayService, ServingReactor
     from twisted_gateway.workers import WorkerEnvironment
+
+    class ProcessReactor(ServingReactor, IReactorCore, IReactorTCP, IReactorProcess, IReactorFromThreads):
+        """The process's reactor as this module uses it: every reactor ``twistd`` installs provides all of these."""
 
 log = Logger()
 
 
-class Options(usage.Options):
+class Options(_bases.Options):
     synopsis = "[options]"
     longdesc = "Run the gateway configured by an INI file (default ./tap.cfg)."
     optParameters = [["config", "c", "tap.cfg", "Path to the config file."]]
@@ -72,7 +76,10 @@ class Options(usage.Options):
 
 
 def makeService(options: Options) -> IService:
-    from twisted.internet import reactor
+    from twisted.internet import reactor as installed
+
+    # twisted.internet types its reactor with the interfaces every reactor has in common only
+    reactor: ProcessReactor = installed  # type: ignore[assignment]
 
     from twisted_gateway import allocator, workers
     from twisted_gateway.gateway import build_gateway
@@ -130,7 +137,7 @@ def makeService(options: Options) -> IService:
     return service
 
 
-def _supervisor(settings: Settings, reactor: IReactorTime) -> IService:
+def _supervisor(settings: Settings, reactor: ProcessReactor) -> IService:
     """``workers > 1``: a supervisor that binds the listeners and runs the workers."""
     from twisted.application.service import MultiService
 
@@ -162,7 +169,7 @@ def _supervisor(settings: Settings, reactor: IReactorTime) -> IService:
     return top
 
 
-def _share_worker_stats(service: GatewayService, env: WorkerEnvironment, reactor: IReactorTime) -> None:
+def _share_worker_stats(service: GatewayService, env: WorkerEnvironment, reactor: ProcessReactor) -> None:
     """A worker's /metrics, /healthz and /readyz answer for every worker (``worker_stats.py``)."""
     from twisted_gateway.metrics import GatewayCollector
     from twisted_gateway.worker_stats import WorkerStats
@@ -224,7 +231,7 @@ def _raise_open_files(wanted: int | None) -> int:
     return soft if soft != resource.RLIM_INFINITY else UNLIMITED_CEILING
 
 
-def _handle_sigterm(reactor, service=None) -> None:
+def _handle_sigterm(reactor: ProcessReactor, service: GatewayService | None = None) -> None:
     """
     SIGTERM drains and exits 0 (twistd's own handler re-raises the signal, so
     the exit status would be -15); a second SIGTERM exits at once. A worker's
@@ -239,7 +246,7 @@ def _handle_sigterm(reactor, service=None) -> None:
 
     received: list[int] = []
 
-    def on_sigterm(signum, frame) -> None:
+    def on_sigterm(signum: int, frame: FrameType | None) -> None:
         if received and received[0] == signal.SIGUSR1:
             return
         if received:
@@ -247,13 +254,16 @@ def _handle_sigterm(reactor, service=None) -> None:
         received.append(signum)
         reactor.callFromThread(reactor.stop)
 
-    def on_sigusr1(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, on_sigterm)
+    if service is None:
+        return
+    serving = service
+
+    def on_sigusr1(signum: int, frame: FrameType | None) -> None:
         if received:
             return
         received.append(signum)
-        service.close_code = SERVICE_RESTART
+        serving.close_code = SERVICE_RESTART
         reactor.callFromThread(reactor.stop)
 
-    signal.signal(signal.SIGTERM, on_sigterm)
-    if service is not None:
-        signal.signal(signal.SIGUSR1, on_sigusr1)
+    signal.signal(signal.SIGUSR1, on_sigusr1)
