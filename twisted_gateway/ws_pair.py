@@ -37,7 +37,7 @@ from twisted_gateway.ws_relay import (
 )
 
 if TYPE_CHECKING:
-    from twisted_gateway.auth import Identity
+    from twisted_gateway.identity import Identity
     from twisted_gateway.upstreams import Instance
     from twisted_gateway.ws_proxy import HandshakeContext, RelayClientProtocol, RelayServerFactory, RelayServerProtocol
 
