@@ -12,9 +12,31 @@ import os
 
 import pytest
 from twisted.internet.task import Clock
-from twisted.logger import capturedLogs, textFileLogObserver
+from twisted.logger import (
+    FileLogObserver,
+    Logger,
+    LogLevel,
+    capturedLogs,
+    formatEventAsClassicLogText,
+    jsonFileLogObserver,
+    textFileLogObserver,
+)
 
-from twisted_gateway.access_log import FLUSH_BYTES, FLUSH_SECONDS, AccessLogWriter, json_line, text_line
+from twisted_gateway import logs
+from twisted_gateway.access_log import (
+    ACCESS_FORMAT,
+    FLUSH_BYTES,
+    FLUSH_SECONDS,
+    NAMESPACE,
+    AccessLogWriter,
+    access_event,
+    classic_line,
+    flattened,
+    json_event_line,
+    json_line,
+    speed_up_text_observers,
+    text_line,
+)
 from twisted_gateway.config import ConfigError, GatewaySettings, load_settings, parse_config
 from twisted_gateway.http_proxy import emit_access_event
 from twisted_gateway.logs import event_as_json
@@ -199,3 +221,86 @@ def test_a_workers_access_lines_say_which_worker_wrote_them_as_the_observers_do(
         expected, line = event_as_json(event) + "\n", json_line(event["log_time"], FIELDS[1], *OUTCOMES[0])
     assert line == expected
     assert (f"#info {logs.writer_name().strip()}]" in line) if fmt == "text" else (json.loads(line)["worker"] == label)
+
+
+# -- the access event itself, and twistd's text observer ---------------------------------
+
+
+def test_the_access_event_is_the_one_logger_info_emits():
+    """Made directly, the event has the keys, values and order ``Logger.info`` gives it."""
+    logger = Logger(namespace=NAMESPACE)
+    with capturedLogs() as events:
+        logger.info(ACCESS_FORMAT, status=200, bytes=64, duration=0.5, outcome="ok",
+                    log_flattened=flattened(FIELDS[1], 200, 64, 0.5), **FIELDS[1])
+    [expected] = events
+    made = access_event(logger, FIELDS[1], 200, 64, 0.5, "ok")
+    assert list(made) == list(expected)
+    assert {**made, "log_time": 0} == {**expected, "log_time": 0}
+
+
+EVENTS = [
+    dict(log_format="plain {x}", x="a\nb", log_time=1.5e9 + 0.9999996, log_namespace="n", log_level=LogLevel.warn),
+    dict(log_format="{x!r:>10}", x=[1], log_system="sys", log_time=12.25),
+    dict(log_format="no time", log_namespace="n"),
+    dict(log_format="broken {", log_time=1e9),
+    dict(log_format=None),
+]
+
+
+@pytest.mark.parametrize("event", EVENTS)
+def test_classic_line_is_twistds_text_line_for_any_event(event):
+    written = io.StringIO()
+    textFileLogObserver(written)(dict(event))
+    assert classic_line(dict(event)) == (written.getvalue() or None)
+
+
+@pytest.mark.parametrize("fields", FIELDS)
+@pytest.mark.parametrize("outcome", OUTCOMES)
+@pytest.mark.parametrize("label", [None, 2])
+def test_classic_line_is_twistds_text_line_for_the_access_event(monkeypatch, fields, outcome, label):
+    """Also once ``name_the_writer`` has added the worker (or found none to add)."""
+    monkeypatch.setattr(logs, "worker_label", label)
+    event = _event(fields, *outcome)
+    logs.name_the_writer(event)
+    written = io.StringIO()
+    textFileLogObserver(written)(dict(event))
+    assert classic_line(event) == written.getvalue()
+
+
+@pytest.mark.parametrize("fields", FIELDS)
+@pytest.mark.parametrize("label", [None, "supervisor"])
+def test_the_json_observer_writes_the_same_line_for_the_access_event_either_way(monkeypatch, fields, label):
+    monkeypatch.setattr(logs, "worker_label", label)
+    event = _event(fields, *OUTCOMES[0])
+    logs.name_the_writer(event)
+    assert json_event_line(event) is not None
+    written = io.StringIO()
+    logs.JSONLinesObserver(written)(event)
+    assert written.getvalue() == logs.event_as_json(event) + "\n"
+    assert JWT not in written.getvalue()
+
+
+def test_an_access_event_something_added_to_goes_the_general_way():
+    event = _event(FIELDS[0], *OUTCOMES[0])
+    event["extra"] = "x"
+    assert json_event_line(event) is None
+    written = io.StringIO()
+    logs.JSONLinesObserver(written)(event)
+    assert json.loads(written.getvalue())["extra"] == "x"
+
+
+def test_only_twistds_text_observers_are_sped_up():
+    """The gateway changes how twistd's text lines are made, never what they are, nor any other observer."""
+    text, text_file = io.StringIO(), io.StringIO()
+    observers = [
+        textFileLogObserver(text),
+        FileLogObserver(text_file, formatEventAsClassicLogText),
+        textFileLogObserver(io.StringIO(), timeFormat="%H:%M"),
+        jsonFileLogObserver(io.StringIO()),
+        logs.JSONLinesObserver(io.StringIO()),
+    ]
+    assert speed_up_text_observers(observers) == 2
+    assert [getattr(o, "formatEvent", None) is classic_line for o in observers] == [True, True, False, False, False]
+    assert speed_up_text_observers(observers) == 0
+    observers[0](_event(FIELDS[0], *OUTCOMES[0]))
+    assert text.getvalue().endswith(" [twisted_gateway.access#info] GET /x 200 64 0.012s http://127.0.0.1:8000\n")

@@ -326,3 +326,11 @@ def test_systemd_listen_fds_are_what_twisteds_systemd_parser_read():
 
     assert isinstance(_compat.systemd_listen_fds(), ListenFDs)
     assert _compat.systemd_listen_fds() is _SystemdParser._sddaemon
+
+
+def test_log_observers_are_a_publishers_observers_in_order() -> None:
+    from twisted.logger import LogPublisher
+
+    first, second = [].append, [].append
+    publisher = LogPublisher(first, second)
+    _require(_compat.log_observers(publisher) == [first, second], "LogPublisher._observers", "Twisted")

@@ -31,6 +31,7 @@ from autobahn.websocket.types import ConnectionResponse
 from twisted.internet import tcp, unix
 from twisted.internet.protocol import connectionDone
 from twisted.internet.interfaces import IDelayedCall
+from twisted.logger import ILogObserver, LogPublisher
 from twisted.python.systemd import ListenFDs
 from twisted.python.failure import Failure
 
@@ -54,6 +55,16 @@ def systemd_listen_fds() -> ListenFDs:
 
     fds: ListenFDs = _SystemdParser._sddaemon
     return fds
+
+
+def log_observers(publisher: LogPublisher) -> list[ILogObserver]:
+    """
+    The observers ``publisher`` sends each event to, in order (twistd's own
+    log among them once it has started logging).
+
+    Relies on ``twisted.logger.LogPublisher._observers`` (a list).
+    """
+    return list(publisher._observers)
 
 
 def keep_listening_socket(port: tcp.Port) -> None:

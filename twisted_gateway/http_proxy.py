@@ -60,7 +60,7 @@ from twisted.web.iweb import (
 from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
-from twisted_gateway.access_log import ACCESS_FORMAT, EVENTS, OFF, AccessLogWriter
+from twisted_gateway.access_log import ACCESS_FORMAT, EVENTS, OFF, AccessLogWriter, access_event
 from twisted_gateway.config import GatewaySettings
 from twisted_gateway.errors import (
     BadGateway,
@@ -124,36 +124,9 @@ def log_target(path: bytes, query: bytes, secrets: Iterable[str] = ()) -> str:
 
 
 
-def access_flattened(
-    fields: dict[str, str], status: int, sent: int, duration: float
-) -> dict[str, str]:
-    """
-    :data:`ACCESS_FORMAT`'s fields already formatted, as ``log_flattened``
-    (Twisted's key for them): every log observer then formats the line
-    without parsing the format and looking each field up again, which was
-    most of the access event's cost.
-    """
-    return {
-        "method!s:": fields["method"],
-        "target!s:": fields["target"],
-        "status!s:": str(status),
-        "bytes!s:": str(sent),
-        "duration!s:.3f": "%.3f" % duration,
-        "upstream!s:": fields["upstream"],
-    }
-
-
 def emit_access_event(fields: dict[str, str], status: int, sent: int, duration: float, outcome: str) -> None:
-    """A forwarded request's access event (``[gateway] access_log = events``)."""
-    access_log.info(
-        ACCESS_FORMAT,
-        status=status,
-        bytes=sent,
-        duration=duration,
-        outcome=outcome,
-        log_flattened=access_flattened(fields, status, sent, duration),
-        **fields,
-    )
+    """A forwarded request's access event (``[gateway] access_log = events``), to every log observer."""
+    access_log.observer(access_event(access_log, fields, status, sent, duration, outcome))
 
 
 def response_header_pairs(headers: Headers) -> list[tuple[bytes, bytes]]:

@@ -26,7 +26,7 @@ from datetime import datetime, timezone
 from typing import IO, TYPE_CHECKING, Any, AnyStr, Callable, Generic, Iterable, Mapping, TypeVar
 from urllib.parse import unquote, unquote_to_bytes
 
-from twisted.logger import ILogObserver, LogEvent, LoggingFile, formatEvent
+from twisted.logger import ILogObserver, LogEvent, LoggingFile, formatEvent, formatTime
 from twisted.python.failure import Failure
 from twisted.web.http import Request, combinedLogFormatter
 from twisted.web.iweb import IAccessLogFormatter
@@ -320,14 +320,48 @@ def event_as_json(event: LogEvent) -> str:
 def iso_time(stamp: object) -> str:
     if not isinstance(stamp, (int, float)):
         stamp = time.time()
-    # the rounding datetime.fromtimestamp does
+    second = int(stamp)  # the rounding datetime.fromtimestamp does, without its calls
+    micros = round((stamp - second) * 1e6)
+    if micros >= 1000000:
+        second, micros = second + 1, micros - 1000000
+    elif micros < 0:
+        second, micros = second - 1, micros + 1000000
+    global _last_iso
+    last = _last_iso  # (one read: another thread may replace it)
+    if last[0] != second:
+        _last_iso = last = (second, _iso_second(second))
+    return "%s.%06dZ" % (last[1], micros)
+
+
+#: The last second :func:`iso_time` wrote, and its text.
+_last_iso: tuple[int | None, str] = (None, "")
+
+
+def _split(stamp: float) -> tuple[int, int]:
+    """A time stamp's second and microseconds, rounded as ``datetime.fromtimestamp`` rounds."""
     fraction, second = math.modf(stamp)
     micros = round(fraction * 1e6)
     if micros >= 1000000:
         second, micros = second + 1, micros - 1000000
     elif micros < 0:
         second, micros = second - 1, micros + 1000000
-    return "%s.%06dZ" % (_iso_second(int(second)), micros)
+    return int(second), micros
+
+
+def classic_time(stamp: float | None) -> str:
+    """
+    ``formatTime(stamp)``, the time stamp of twistd's text lines (local time to
+    the second), computed once a second: per event it cost more than the rest
+    of the line.
+    """
+    if type(stamp) is not float and type(stamp) is not int:
+        return formatTime(stamp)
+    return _classic_second(_split(stamp)[0])
+
+
+@functools.lru_cache(maxsize=4)
+def _classic_second(second: int) -> str:
+    return formatTime(second)
 
 
 @functools.lru_cache(maxsize=4)
@@ -370,6 +404,15 @@ def _repr(value: object) -> str:
     return redact_text(text)
 
 
+def _no_shortcut(event: LogEvent) -> str | None:
+    return None
+
+
+#: The JSON line of an event written out directly, the same line :func:`event_as_json`
+#: gives; None for an event it does not know. ``access_log`` sets it for the access event.
+json_shortcut: Callable[[LogEvent], str | None] = _no_shortcut
+
+
 @implementer(ILogObserver)
 class JSONLinesObserver:
     """Writes each event as one JSON object per line to ``stream``, flushed."""
@@ -380,7 +423,9 @@ class JSONLinesObserver:
 
     def __call__(self, event: LogEvent) -> None:
         try:
-            line = event_as_json(event)
+            line = json_shortcut(event)
+            if line is None:
+                line = event_as_json(event) + "\n"
         except Exception as e:
             line = json.dumps(
                 {
@@ -390,10 +435,10 @@ class JSONLinesObserver:
                     "message": "cannot write a log event as JSON",
                     "error": _repr(e),
                 }
-            )
+            ) + "\n"
         with self._lock:
             try:
-                self.stream.write(line + "\n")
+                self.stream.write(line)
                 self.stream.flush()
             except (OSError, ValueError):
                 pass  # stdout is gone: there is nowhere left to report it
