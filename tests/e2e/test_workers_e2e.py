@@ -248,7 +248,10 @@ def test_metrics_healthz_and_readyz_answer_for_every_worker(tmp_path):
         for _ in range(30):
             assert _get(gateway.port, "/v1/chat/rooms")[0] == 200
         sockets += _open_websockets(gateway.port, 10)
-        assert all(_holders(gateway.port)[pid] for pid in gateway.pids.values())
+        while not all(_holders(gateway.port)[pid] for pid in gateway.pids.values()):
+            assert len(sockets) < 100, f"the kernel gave every WebSocket to one worker: {_holders(gateway.port)}"
+            sockets.append(_open_websocket(gateway.port))  # ten on one worker happens about once in 500 runs
+        opened = len(sockets)
         connections = _connection_to_each(gateway.port, set(gateway.pids.values()))
 
         def published() -> list[dict] | None:
@@ -258,17 +261,17 @@ def test_metrics_healthz_and_readyz_answer_for_every_worker(tmp_path):
             """
             scrapes = [_scrape(gateway.port, connection) for connection in connections.values()]
             done = all(s == scrapes[0] for s in scrapes) and scrapes[0]["wsgateway_http_requests"] >= 30
-            return scrapes if done and scrapes[0]["wsgateway_ws_open"] == 10 else None
+            return scrapes if done and scrapes[0]["wsgateway_ws_open"] == opened else None
 
         scrapes = settle_blocking(published, "every worker's figures published")
         assert [_scrape(gateway.port, connection) for connection in connections.values()] == scrapes
-        assert scrapes[0]["wsgateway_ws_open"] == 10
+        assert scrapes[0]["wsgateway_ws_open"] == opened
         assert scrapes[0]["wsgateway_workers"] == 2
         for connection in connections.values():
             connection.request("GET", "/healthz")
             response = connection.getresponse()
             health = json.loads(response.read())
-            assert response.status == 200 and health["workers"] == 2 and health["websockets"] == 10
+            assert response.status == 200 and health["workers"] == 2 and health["websockets"] == opened
         assert _get(gateway.port, "/readyz") == (200, {"status": "ready"})
         http_total = scrapes[0]["wsgateway_http_requests"]
         assert http_total >= 30
