@@ -32,12 +32,13 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 
-from twisted_gateway._bases import HTTPChannel, Site, WrappingFactory
+from twisted_gateway._bases import Site, WrappingFactory
 from twisted_gateway.config import Settings
 from twisted_gateway.errors import GatewayError, Overloaded
 from twisted_gateway.headers import peer_host
 from twisted_gateway.http_proxy import LINGER_SECONDS, GatewayRequest
 from twisted_gateway.limits import ClientLimits
+from twisted_gateway.llhttp_channel import LlhttpChannel
 from twisted_gateway.metrics import Metrics
 from twisted_gateway.logs import access_log_formatter, secret_names
 from twisted_gateway._compat import write_now
@@ -49,7 +50,7 @@ log = Logger()
 REFUSAL_LINGER_SECONDS = 1.0
 
 
-class GatewayChannel(HTTPChannel):
+class GatewayChannel(LlhttpChannel):
     """
     HTTP/1.1 with a configurable head size; refusals carry a JSON body.
 
@@ -248,10 +249,6 @@ class GatewayChannel(HTTPChannel):
         else:
             self.loseConnection()
 
-    def lineLengthExceeded(self, line: bytes) -> None:
-        self._receivedHeaderSize = self.totalHeadersSize + 1
-        self._respondToBadRequestAndDisconnect()
-
     def _respondToBadRequestAndDisconnect(self) -> None:
         if self._receivedHeaderSize > self.totalHeadersSize:
             error = GatewayError(
@@ -280,7 +277,7 @@ class GatewayChannel(HTTPChannel):
 
     def is_idle(self) -> bool:
         """Open, and waiting for its next request (none received or in progress)."""
-        return self.is_open() and not self.requests
+        return self.is_open() and not self.requests and not self.receiving()
 
 
 class GatewaySite(Site):
@@ -359,7 +356,7 @@ def build_site(resource: IResource, settings: Settings, reactor: IReactorTime | 
 
     def channel() -> GatewayChannel:
         made = GatewayChannel()
-        made.totalHeadersSize = made.MAX_LENGTH = header_limit
+        made.totalHeadersSize = header_limit
         made.header_timeout = gateway.client_header_timeout
         made.body_timeout = gateway.client_body_timeout
         made.keepalive_timeout = gateway.keepalive_timeout
