@@ -63,6 +63,19 @@ def test_a_thousand_pipelined_requests_answered_at_once_are_all_answered():
     close(channel)
 
 
+def test_a_client_pipelining_more_than_a_little_while_a_request_is_answered_is_paused():
+    door = Door()
+    channel, transport = door.connect()
+    channel.dataReceived(b"GET /hold HTTP/1.1\r\n" + HOST + b"\r\n")
+    for _ in range(10):
+        channel.dataReceived(post(b"/up", b"b" * 2000))
+    assert transport.producerState == "paused"  # as HTTPChannel: past 16 KiB kept unparsed
+    door.resource.held.pop().finish()
+    assert transport.producerState == "producing"
+    assert bodies(transport.value())[1:] == [b"2000"] * 10
+    close(channel)
+
+
 @pytest.mark.parametrize(
     "broken",
     [

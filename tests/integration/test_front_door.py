@@ -99,3 +99,25 @@ async def test_a_trickled_head_gets_408_on_a_real_listener(later):
     received = await client.lost
     status, body = http_error(received)
     assert (status, body["error"]) == (408, "header_timeout")
+
+
+async def test_pipelined_requests_are_answered_in_order_and_a_smuggling_head_ends_the_connection(later):
+    """Two GETs and a head with both Transfer-Encoding and Content-Length, in one write."""
+    upstream = Upstream()
+    up_port = await listen(upstream)
+    later(up_port.stopListening)
+    _, port = await gateway_service(later, up_port.getHost().port)
+    client = await raw_connect(port)
+    smuggled = b"GET /v1/chat/ws HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    client.transport.write(
+        GET
+        + GET
+        + b"POST /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n"
+        + b"Content-Length: %d\r\n\r\n0\r\n\r\n" % (len(smuggled) + 5)
+        + smuggled
+    )
+    received = await client.lost
+    first, second, refused = received.split(b"HTTP/1.1 ")[1:]
+    assert first.startswith(b"200 ") and second.startswith(b"200 ")
+    status, body = http_error(b"HTTP/1.1 " + refused)
+    assert (status, body["error"]) == (400, "bad_request")
