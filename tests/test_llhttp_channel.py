@@ -9,6 +9,8 @@ refuses what twisted.web let through or answered differently.
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.test_site import Door, close, error_of, status_of
 
@@ -73,6 +75,55 @@ def test_a_client_pipelining_more_than_a_little_while_a_request_is_answered_is_p
     door.resource.held.pop().finish()
     assert transport.producerState == "producing"
     assert bodies(transport.value())[1:] == [b"2000"] * 10
+    close(channel)
+
+
+def chunked(path: bytes, body: bytes, sizes: list[int]) -> bytes:
+    head = b"POST " + path + b" HTTP/1.1\r\n" + HOST + b"Transfer-Encoding: chunked\r\n\r\n"
+    chunks, rest = [], body
+    for size in sizes:
+        if rest:
+            chunks.append(b"%x\r\n%s\r\n" % (min(size, len(rest)), rest[:size]))
+            rest = rest[size:]
+    if rest:
+        chunks.append(b"%x\r\n%s\r\n" % (len(rest), rest))
+    return head + b"".join(chunks) + b"0\r\n\r\n"
+
+
+REQUEST = st.one_of(
+    st.just((b"GET /x HTTP/1.1\r\n" + HOST + b"\r\n", b"0")),
+    st.just((b"HEAD /x HTTP/1.1\r\n" + HOST + b"\r\n", b"")),
+    st.binary(max_size=300).map(lambda body: (post(b"/up", body), b"%d" % len(body))),
+    st.tuples(st.binary(max_size=300), st.lists(st.integers(1, 50), max_size=5)).map(
+        lambda case: (chunked(b"/up", case[0], case[1]), b"%d" % len(case[0]))
+    ),
+)
+
+
+@settings(max_examples=200, deadline=None, derandomize=True, database=None)
+@given(
+    requests=st.lists(REQUEST, min_size=1, max_size=6),
+    cuts=st.lists(st.integers(0, 4000), max_size=8),
+    held=st.booleans(),
+)
+def test_pipelined_requests_cut_anywhere_into_reads_get_the_same_answers_in_order(requests, cuts, held):
+    """However the bytes are split into reads, and whether a held request makes them wait."""
+    door = Door()
+    channel, transport = door.connect()
+    data = b"".join(raw for raw, _ in requests)
+    if held:
+        data = b"GET /hold HTTP/1.1\r\n" + HOST + b"\r\n" + data
+    points = sorted({0, len(data), *(cut % (len(data) + 1) for cut in cuts)})
+    for start, end in zip(points, points[1:]):
+        channel.dataReceived(data[start:end])
+    if held:
+        request = door.resource.held.pop()
+        request.setHeader(b"content-length", b"4")
+        request.write(b"held")
+        request.finish()
+    expected = [answer for _, answer in requests]
+    assert bodies(transport.value()) == ([b"held"] if held else []) + expected
+    assert not transport.disconnecting and not door.resource.held
     close(channel)
 
 
