@@ -16,13 +16,14 @@ from twisted.logger import (
     FileLogObserver,
     Logger,
     LogLevel,
+    LogPublisher,
     capturedLogs,
     formatEventAsClassicLogText,
     jsonFileLogObserver,
     textFileLogObserver,
 )
 
-from twisted_gateway import logs
+from twisted_gateway import access_log, logs
 from twisted_gateway.access_log import (
     ACCESS_FORMAT,
     FLUSH_BYTES,
@@ -31,7 +32,9 @@ from twisted_gateway.access_log import (
     AccessLogWriter,
     access_event,
     classic_line,
+    emit,
     flattened,
+    is_access_event,
     json_event_line,
     json_line,
     speed_up_text_observers,
@@ -304,3 +307,77 @@ def test_only_twistds_text_observers_are_sped_up():
     assert speed_up_text_observers(observers) == 0
     observers[0](_event(FIELDS[0], *OUTCOMES[0]))
     assert text.getvalue().endswith(" [twisted_gateway.access#info] GET /x 200 64 0.012s http://127.0.0.1:8000\n")
+
+
+# -- the lines written without the event, when every observer is one whose line we write -----
+
+
+def _observers(label_first: bool) -> tuple[list, io.StringIO, io.StringIO]:
+    json_out, text_out = io.StringIO(), io.StringIO()
+    text = textFileLogObserver(text_out)
+    speed_up_text_observers([text])
+    observers = [logs.JSONLinesObserver(json_out), text]
+    return ([logs.name_the_writer] if label_first else []) + observers, json_out, text_out
+
+
+@pytest.mark.parametrize("fields", FIELDS)
+@pytest.mark.parametrize("label", [None, 2])
+def test_observers_whose_lines_are_known_get_them_without_the_event(monkeypatch, fields, label):
+    monkeypatch.setattr(logs, "worker_label", label)
+    monkeypatch.setattr(access_log.time, "time", lambda: 1.5e9 + 0.25)
+    direct, json_direct, text_direct = _observers(label_first=True)
+    events = []
+    monkeypatch.setattr(access_log, "access_event", lambda *a: events.append(a) or {})
+    for outcome in OUTCOMES:
+        emit(Logger(namespace=NAMESPACE, observer=LogPublisher(*direct)), dict(fields), *outcome)
+    assert events == []  # no event made
+    monkeypatch.undo()
+    monkeypatch.setattr(logs, "worker_label", label)
+    monkeypatch.setattr(access_log.time, "time", lambda: 1.5e9 + 0.25)
+    by_event, json_event, text_event = _observers(label_first=True)
+    publisher = LogPublisher(*by_event)
+    for outcome in OUTCOMES:
+        publisher(access_event(Logger(namespace=NAMESPACE), dict(fields), *outcome))
+    assert json_direct.getvalue() == json_event.getvalue()
+    assert text_direct.getvalue() == text_event.getvalue()
+    assert JWT not in json_direct.getvalue()
+
+
+def test_any_other_observer_makes_every_observer_get_the_event(monkeypatch):
+    known, json_out, text_out = _observers(label_first=False)
+    captured: list = []
+    publisher = LogPublisher(*known)
+    logger = Logger(namespace=NAMESPACE, observer=publisher)
+    emit(logger, dict(FIELDS[0]), *OUTCOMES[0])
+    assert json_out.getvalue().count("\n") == text_out.getvalue().count("\n") == 1
+    publisher.addObserver(captured.append)  # seen at the next event
+    emit(logger, dict(FIELDS[0]), *OUTCOMES[0])
+    [event] = captured
+    assert is_access_event(event)
+    assert json_out.getvalue().splitlines()[1] == event_as_json(event)
+    publisher.removeObserver(captured.append)
+    emit(logger, dict(FIELDS[0]), *OUTCOMES[0])
+    assert len(captured) == 1 and json_out.getvalue().count("\n") == 3
+
+
+def test_a_worker_label_unseen_by_a_text_observer_takes_the_event_way(monkeypatch):
+    """``name_the_writer`` after twistd's observer (or none): its lines name no worker, as before."""
+    monkeypatch.setattr(logs, "worker_label", 3)
+    known, _, text_out = _observers(label_first=False)
+    emit(Logger(namespace=NAMESPACE, observer=LogPublisher(*known, logs.name_the_writer)), dict(FIELDS[0]),
+         *OUTCOMES[0])
+    assert "[twisted_gateway.access#info] GET /x" in text_out.getvalue()
+
+
+def test_a_failing_observer_is_reported_to_the_others_which_still_get_their_lines():
+    class Full(io.StringIO):
+        def write(self, text: str) -> int:
+            raise OSError("disk full")
+
+    json_out = io.StringIO()
+    text = FileLogObserver(Full(), classic_line)
+    emit(Logger(namespace=NAMESPACE, observer=LogPublisher(text, logs.JSONLinesObserver(json_out))),
+         dict(FIELDS[0]), *OUTCOMES[0])
+    lines = [json.loads(line) for line in json_out.getvalue().splitlines()]
+    assert [line.get("status") for line in lines] == [None, 200]
+    assert "failed on an access line" in lines[0]["message"] and "disk full" in lines[0]["traceback"]

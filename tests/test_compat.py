@@ -334,3 +334,25 @@ def test_log_observers_are_a_publishers_observers_in_order() -> None:
     first, second = [].append, [].append
     publisher = LogPublisher(first, second)
     _require(_compat.log_observers(publisher) == [first, second], "LogPublisher._observers", "Twisted")
+    live = _compat.observer_list(publisher)
+    publisher.removeObserver(first)
+    _require(live == [second], "LogPublisher._observers", "Twisted")
+
+
+@pytest.mark.parametrize("kind", ["text", "bytes"])
+def test_a_file_observers_writer_writes_what_the_observer_writes(kind: str) -> None:
+    import io
+
+    from twisted.logger import FileLogObserver
+
+    files = [io.StringIO() if kind == "text" else io.BytesIO() for _ in range(2)]
+    flushed: list[int] = []
+    for file in files:
+        file.flush = lambda file=file: flushed.append(id(file))  # type: ignore[method-assign]
+    FileLogObserver(files[0], lambda event: "é line\n")({})
+    _compat.file_observer_writer(FileLogObserver(files[1], lambda event: None))("é line\n")
+    _require(
+        files[0].getvalue() == files[1].getvalue() and flushed == [id(files[0]), id(files[1])],
+        "FileLogObserver._outFile and _encoding",
+        "Twisted",
+    )

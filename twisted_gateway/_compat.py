@@ -16,7 +16,7 @@ listed in the same test file (they stay in ``http_proxy.py`` and ``site.py``).
 from __future__ import annotations
 
 from types import FunctionType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from autobahn.twisted.util import create_transport_details
 from autobahn.util import _is_tls_error, _maybe_tls_reason
@@ -31,7 +31,7 @@ from autobahn.websocket.types import ConnectionResponse
 from twisted.internet import tcp, unix
 from twisted.internet.protocol import connectionDone
 from twisted.internet.interfaces import IDelayedCall
-from twisted.logger import ILogObserver, LogPublisher
+from twisted.logger import FileLogObserver, ILogObserver, LogPublisher
 from twisted.python.systemd import ListenFDs
 from twisted.python.failure import Failure
 
@@ -65,6 +65,40 @@ def log_observers(publisher: LogPublisher) -> list[ILogObserver]:
     Relies on ``twisted.logger.LogPublisher._observers`` (a list).
     """
     return list(publisher._observers)
+
+
+def observer_list(publisher: LogPublisher) -> list[ILogObserver]:
+    """
+    :func:`log_observers` without the copy: the publisher's own list, which
+    changes as observers come and go. Read it, never change it.
+
+    Relies on ``twisted.logger.LogPublisher._observers`` (a list).
+    """
+    observers: list[ILogObserver] = publisher._observers
+    return observers
+
+
+def file_observer_writer(observer: FileLogObserver) -> Callable[[str], None]:
+    """
+    What ``observer`` does with the text its ``formatEvent`` made: written to
+    its file (UTF-8 encoded if the file takes bytes), then flushed.
+
+    Relies on ``twisted.logger.FileLogObserver._outFile`` and ``_encoding``.
+    """
+    out, encoding = observer._outFile, observer._encoding
+    if encoding is None:
+
+        def write(text: str) -> None:
+            out.write(text)
+            out.flush()
+
+    else:
+
+        def write(text: str) -> None:
+            out.write(text.encode(encoding))
+            out.flush()
+
+    return write
 
 
 def keep_listening_socket(port: tcp.Port) -> None:

@@ -60,7 +60,7 @@ from twisted.web.iweb import (
 from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
-from twisted_gateway.access_log import ACCESS_FORMAT, EVENTS, OFF, AccessLogWriter, access_event
+from twisted_gateway.access_log import ACCESS_FORMAT, EVENTS, OFF, AccessLogWriter, emit
 from twisted_gateway.config import GatewaySettings
 from twisted_gateway.errors import (
     BadGateway,
@@ -126,7 +126,7 @@ def log_target(path: bytes, query: bytes, secrets: Iterable[str] = ()) -> str:
 
 def emit_access_event(fields: dict[str, str], status: int, sent: int, duration: float, outcome: str) -> None:
     """A forwarded request's access event (``[gateway] access_log = events``), to every log observer."""
-    access_log.observer(access_event(access_log, fields, status, sent, duration, outcome))
+    emit(access_log, fields, status, sent, duration, outcome)
 
 
 def response_header_pairs(headers: Headers) -> list[tuple[bytes, bytes]]:

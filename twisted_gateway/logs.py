@@ -436,6 +436,10 @@ class JSONLinesObserver:
                     "error": _repr(e),
                 }
             ) + "\n"
+        self.write_line(line)
+
+    def write_line(self, line: str) -> None:
+        """Write one line (its newline included), flushed."""
         with self._lock:
             try:
                 self.stream.write(line)
