@@ -25,7 +25,7 @@ from __future__ import annotations
 import io
 import sys
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectError, ConnectionRefusedError, DNSLookupError
@@ -332,28 +332,69 @@ class _BodyRelay(Protocol):
     """
     Receives an upstream response body (``IResponse.deliverBody``) and writes
     it to the client's request; registered as the request's push producer, so
-    a slow client pauses the upstream connection. :attr:`done` fires when the
-    body is complete; cancelling it closes the upstream connection.
+    a slow client pauses the upstream connection. When the body ends it
+    finishes the request itself (or cuts it, if the body failed) and calls
+    ``ended(status, sent, outcome)``: no Deferred and no coroutine between the
+    body's end and the request's. :meth:`cancel` (the client left) closes the
+    upstream connection instead.
     """
 
-    def __init__(self, request: server.Request) -> None:
+    def __init__(
+        self,
+        request: server.Request,
+        status: int,
+        ended: Callable[[int, int, str], None],
+        upload: _Upload | StreamingBody | None,
+    ) -> None:
         self._request = request
+        self._status = status
+        self._ended = ended
+        self._upload = upload
         self._paused = False
         self._stopped = False
+        self._over = False
         self.sent = 0
-        self.done: Deferred[None] = Deferred(lambda _: self.stopProducing())
 
     def dataReceived(self, data: bytes) -> None:
         self.sent += len(data)
         self._request.write(data)
 
     def connectionLost(self, reason: Failure) -> None:
-        if self.done.called:
+        if self._over:
             return
-        if reason.check(ResponseDone, PotentialDataLoss):
-            self.done.callback(None)
-        else:
-            self.done.errback(reason)
+        self._over = True
+        request = self._request
+        try:
+            request.unregisterProducer()
+            if reason.check(ResponseDone, PotentialDataLoss):
+                upload = self._upload
+                if isinstance(upload, _Upload) and upload.running:
+                    # The upstream answered before reading the whole body (an early
+                    # 413, say) and the agent still sends it (UpstreamClient stops
+                    # it, another IAgent may not); twisted.web would close
+                    # Request.content under it when the request finishes, so hand
+                    # the file to the upload, which closes it when done.
+                    request.content = None
+                    upload.owns_file = True
+                request.finish()
+                outcome = "ok"
+            else:
+                # The head is already sent: end the connection so the client sees
+                # a truncated body rather than a complete one.
+                request.loseConnection()
+                outcome = "upstream_body_failed"
+        except Exception:
+            _abandon(Failure(), request)
+            outcome = "upstream_body_failed"
+        self._ended(self._status, self.sent, outcome)
+
+    def cancel(self) -> None:
+        """The client left: stop the upstream, log it; the body's end no longer matters."""
+        if self._over:
+            return
+        self._over = True
+        self.stopProducing()
+        self._ended(self._status, self.sent, "client_gone")
 
     def pauseProducing(self) -> None:
         self._paused = True
@@ -374,6 +415,24 @@ class _BodyRelay(Protocol):
         """``deliverBody`` resumes the upstream after connecting us: undo that if paused."""
         if self._paused and self.transport is not None:
             self.transport.pauseProducing()
+
+
+class _Forwarding:
+    """
+    A forwarded request under way, as ``request.forwarding``: :meth:`cancel`
+    (the client left, or its streamed body was refused) stops the wait for the
+    head, or the body's relay once the head is in.
+    """
+
+    def __init__(self) -> None:
+        self.head: Deferred[None] | None = None
+        self.relay: _BodyRelay | None = None
+
+    def cancel(self) -> None:
+        if self.relay is not None:
+            self.relay.cancel()
+        elif self.head is not None:
+            self.head.cancel()
 
 
 class _Upload(FileBodyProducer):
@@ -541,7 +600,8 @@ class HTTPForwarder:
         client_finished = request.notifyFinish()
         if isinstance(upstream, str):
             upstream = self._single_pool(upstream)
-        d = Deferred.fromCoroutine(
+        forwarding = request.forwarding = _Forwarding()
+        d = forwarding.head = Deferred.fromCoroutine(
             self._forward(
                 request,
                 upstream,
@@ -553,11 +613,11 @@ class HTTPForwarder:
                 route_name,
                 client_finished,
                 _Options(underscores, host_header, request_timeout),
+                forwarding,
             )
         )
         d.addErrback(_abandon, request)
-        client_finished.addErrback(lambda _: d.cancel())
-        request.forwarding = d
+        client_finished.addErrback(lambda _: forwarding.cancel())
         return NOT_DONE_YET
 
     def _single_pool(self, base: str) -> UpstreamPool:
@@ -580,6 +640,7 @@ class HTTPForwarder:
         route_name: str,
         client_finished: Deferred[None],
         options: _Options,
+        forwarding: _Forwarding,
     ) -> None:
         started = self._reactor.seconds()
         fields = dict(
@@ -670,34 +731,18 @@ class HTTPForwarder:
                 return
 
             self._copy_head(request, response, upstream_origins(instance.url, options.host_header))
-            relay = _BodyRelay(request)
+            # the relay finishes the request and the log line when the body ends
+            done_with = instance
+            instance = None
+
+            def ended(status: int, sent: int, outcome: str) -> None:
+                log(status, sent, outcome)
+                done_with.release()
+
+            relay = forwarding.relay = _BodyRelay(request, response.code, ended, upload)
             request.registerProducer(relay, True)
             response.deliverBody(relay)
             relay.reassert_pause()
-            try:
-                await relay.done
-            except CancelledError:
-                log(response.code, relay.sent, "client_gone")
-                return
-            except Exception:
-                # The head is already sent: end the connection so the client sees
-                # a truncated body rather than a complete one.
-                outcome = "upstream_body_failed"
-                request.unregisterProducer()
-                request.loseConnection()
-            else:
-                outcome = "ok"
-                request.unregisterProducer()
-                if isinstance(upload, _Upload) and upload.running:
-                    # The upstream answered before reading the whole body (an early
-                    # 413, say) and the agent still sends it (UpstreamClient stops
-                    # it, another IAgent may not); twisted.web would close
-                    # Request.content under it when the request finishes, so hand
-                    # the file to the upload, which closes it when done.
-                    request.content = None
-                    upload.owns_file = True
-                request.finish()
-            log(response.code, relay.sent, outcome)
         finally:
             if instance is not None:
                 instance.release()
