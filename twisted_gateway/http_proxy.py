@@ -25,7 +25,7 @@ from __future__ import annotations
 import io
 import sys
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectError, ConnectionRefusedError, DNSLookupError
@@ -88,7 +88,7 @@ from twisted_gateway.routing import upstream_url
 from twisted_gateway.streaming import StreamingBody
 from twisted_gateway.connector import upstream_endpoint
 from twisted_gateway.tls import describe_tls_failure
-from twisted_gateway.upstreams import InstanceRegistry, UpstreamPool, may_retry
+from twisted_gateway.upstreams import Instance, InstanceRegistry, UpstreamPool, may_retry
 from twisted_gateway.upstream_client import UpstreamClient, UpstreamResponse, may_replay  # noqa: F401 (may_replay: importable here)
 
 #: Access-log events: one per request, structured fields, no raw URI.
@@ -417,24 +417,6 @@ class _BodyRelay(Protocol):
             self.transport.pauseProducing()
 
 
-class _Forwarding:
-    """
-    A forwarded request under way, as ``request.forwarding``: :meth:`cancel`
-    (the client left, or its streamed body was refused) stops the wait for the
-    head, or the body's relay once the head is in.
-    """
-
-    def __init__(self) -> None:
-        self.head: Deferred[None] | None = None
-        self.relay: _BodyRelay | None = None
-
-    def cancel(self) -> None:
-        if self.relay is not None:
-            self.relay.cancel()
-        elif self.head is not None:
-            self.head.cancel()
-
-
 class _Upload(FileBodyProducer):
     """
     A request body streamed from ``Request.content``; knows whether it is
@@ -477,6 +459,195 @@ class _Upload(FileBodyProducer):
         if self.owns_file:
             self._inputFile.close()
         return result
+
+
+class _Forwarding:
+    """
+    One request on its way through :meth:`HTTPForwarder.forward`, driven by
+    callbacks: the sending to each upstream instance tried, the head's
+    Deferred, then the body's relay, which finishes the request. It is the
+    request's ``forwarding``: :meth:`cancel` (the client left, or its
+    streamed body was refused) stops the wait for the head, or the relay.
+    (A coroutine did the same with a Deferred and a resumption per step.)
+    """
+
+    def __init__(
+        self,
+        forwarder: HTTPForwarder,
+        request: server.Request,
+        pool: UpstreamPool,
+        key: str | None,
+        path: bytes,
+        query: bytes,
+        route_name: str,
+        client_finished: Deferred[None],
+        options: _Options,
+    ) -> None:
+        self._forwarder = forwarder
+        self._request = request
+        self._pool = pool
+        self._key = key
+        self._path = path
+        self._query = query
+        self._client_finished = client_finished
+        self._options = options
+        self._started = forwarder._reactor.seconds()
+        secrets = forwarder._secret_names
+        self._fields = dict(
+            method=request.method.decode("latin-1"),
+            path=path.decode("latin-1"),
+            query=redact_query(query, secrets),
+            target=log_target(path, query, secrets),
+            route=route_name,
+            upstream="",
+            peer=peer_host(request.getClientAddress()),
+        )
+        # This event is the request's access-log line (the Site skips its own).
+        request.gateway_logged = True  # type: ignore[attr-defined]
+        self._stream: StreamingBody | None = getattr(request, "stream", None)
+        self._size = 0
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._candidates: Iterator[Instance] = iter(())
+        self._instance: Instance | None = None
+        self._upload: _Upload | StreamingBody | None = None
+        self.head: Deferred[IResponse] | None = None
+        self.relay: _BodyRelay | None = None
+
+    def start(self, extra_headers: Sequence[tuple[bytes, bytes]], drop_headers: frozenset[bytes]) -> None:
+        """Send the request to the first instance."""
+        forwarder, request = self._forwarder, self._request
+        try:
+            try:
+                size = self._size = _body_size(request)
+                if size > forwarder._settings.max_body_size:
+                    raise _body_too_large(forwarder._settings.max_body_size)
+                self._headers = forwarder._upstream_headers(request, extra_headers, drop_headers, self._options)
+                # A connect failure is retried on the next healthy instance (each at
+                # most once) for idempotent methods; POST and PATCH are never retried;
+                # a streamed body cannot be sent twice.
+                retry = may_retry(request.method) and self._stream is None
+                self._candidates = self._pool.candidates(self._key, retry=retry)
+                self._send_next(None)
+            except (CancelledError, GatewayError) as error:
+                self._answer(error)
+        except Exception:
+            self._abandon()
+
+    def _send_next(self, failure: GatewayError | None) -> None:
+        """Send to the next instance, or raise ``failure`` (the last one's) when none is left."""
+        instance = next(self._candidates, None)
+        if instance is None:
+            assert failure is not None  # candidates() gives one at least, or raises
+            raise failure
+        self._instance = instance
+        self._fields["upstream"] = instance.url
+        request = self._request
+        # A request meeting a pooled connection the upstream closed is
+        # sent again on a fresh one (upstream_client), body and all.
+        if self._stream is not None:
+            self._upload = self._stream
+        elif self._size:
+            request.content.seek(0)
+            self._upload = _Upload(request.content, cooperator=self._forwarder._cooperator)
+        instance.acquire()
+        forwarder = self._forwarder
+        head = self.head = forwarder._send(
+            request,
+            upstream_url(instance.url, self._path, self._query).encode("ascii"),
+            self._upload,
+            self._headers,
+            self._options.request_timeout or forwarder._settings.request_timeout,
+        )
+        head.addCallbacks(self._got_head, self._head_failed)
+
+    def _head_failed(self, reason: Failure) -> None:
+        self.head = None
+        request, instance = self._request, self._instance
+        try:
+            try:
+                error = reason.value
+                if not isinstance(error, CancelledError):
+                    # the cause stays attached: faults.classify judges it, not the answer
+                    cause, error = error, upstream_failure(error, self._forwarder._settings)
+                    error.__cause__ = cause
+                if isinstance(error, (GatewayTimeout, BadGateway, Overloaded)) and instance is not None:
+                    # passive health counts what faults.classify says is the
+                    # upstream's; only connect failures go on to the next instance
+                    # (a streamed body refused with 413 ended the attempt: the client's doing)
+                    gone = self._client_finished.called or getattr(request, "_refused", False)
+                    fault = classify(error.__cause__ or error, client_gone=gone)
+                    if fault.counts:
+                        self._pool.report_failure(instance, fault.reason)
+                    if isinstance(error, ConnectFailed) and fault.counts:
+                        self._release()
+                        self._send_next(error)
+                        return
+                raise error
+            except (CancelledError, GatewayError) as error:
+                self._answer(error)
+        except Exception:
+            self._abandon()
+
+    def _answer(self, error: CancelledError | GatewayError) -> None:
+        """No response head: the client gets the error's answer (if still there), and the log its line."""
+        request = self._request
+        try:
+            if getattr(request, "_refused", False):
+                self._log(BodyTooLarge.status, 0, "refused")  # a streamed body grew too large
+            elif isinstance(error, CancelledError) or self._client_finished.called:
+                self._log(CLIENT_CLOSED, 0, "client_gone")
+            else:
+                body = render_error(request, error)
+                request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
+                request.write(body)
+                request.finish()
+                self._log(error.status, len(body), "error")
+        finally:
+            self._release()
+
+    def _got_head(self, response: IResponse) -> None:
+        self.head = None
+        request, instance = self._request, self._instance
+        assert instance is not None
+        try:
+            self._pool.report_success(instance)
+            self._forwarder._copy_head(request, response, upstream_origins(instance.url, self._options.host_header))
+            # the relay finishes the request and the log line when the body ends
+            relay = self.relay = _BodyRelay(request, response.code, self._ended, self._upload)
+            request.registerProducer(relay, True)
+            response.deliverBody(relay)
+            relay.reassert_pause()
+        except Exception:
+            self._abandon()
+
+    def _ended(self, status: int, sent: int, outcome: str) -> None:
+        self._log(status, sent, outcome)
+        self._release()
+
+    def cancel(self) -> None:
+        if self.relay is not None:
+            self.relay.cancel()
+        elif self.head is not None:
+            self.head.cancel()
+
+    def _log(self, status: int, sent: int, outcome: str) -> None:
+        forwarder = self._forwarder
+        now = forwarder._reactor.seconds()
+        duration = now - self._started
+        if forwarder._access is not None:
+            forwarder._access.write(now, self._fields, status, sent, duration, outcome)
+        elif forwarder._access_events:
+            emit(access_log, self._fields, status, sent, duration, outcome)
+
+    def _release(self) -> None:
+        instance, self._instance = self._instance, None
+        if instance is not None:
+            instance.release()
+
+    def _abandon(self) -> None:
+        """A bug, not an upstream failure: logged, the client not left hanging, the instance let go."""
+        _abandon(Failure(), self._request)
+        self._release()
 
 
 # -- the forwarder -------------------------------------------------------------
@@ -600,23 +771,11 @@ class HTTPForwarder:
         client_finished = request.notifyFinish()
         if isinstance(upstream, str):
             upstream = self._single_pool(upstream)
-        forwarding = request.forwarding = _Forwarding()
-        d = forwarding.head = Deferred.fromCoroutine(
-            self._forward(
-                request,
-                upstream,
-                key,
-                path,
-                query,
-                tuple(extra_headers),
-                frozenset(name.lower() for name in drop_headers),
-                route_name,
-                client_finished,
-                _Options(underscores, host_header, request_timeout),
-                forwarding,
-            )
+        forwarding = request.forwarding = _Forwarding(
+            self, request, upstream, key, path, query, route_name, client_finished,
+            _Options(underscores, host_header, request_timeout),
         )
-        d.addErrback(_abandon, request)
+        forwarding.start(tuple(extra_headers), frozenset(name.lower() for name in drop_headers))
         client_finished.addErrback(lambda _: forwarding.cancel())
         return NOT_DONE_YET
 
@@ -627,125 +786,6 @@ class HTTPForwarder:
             pool = UpstreamPool("", (base,), InstanceRegistry(self._reactor), max_fails=0)
             self._fixed_pools[base] = pool
         return pool
-
-    async def _forward(
-        self,
-        request: server.Request,
-        pool: UpstreamPool,
-        key: str | None,
-        path: bytes,
-        query: bytes,
-        extra_headers: Sequence[tuple[bytes, bytes]],
-        drop_headers: frozenset[bytes],
-        route_name: str,
-        client_finished: Deferred[None],
-        options: _Options,
-        forwarding: _Forwarding,
-    ) -> None:
-        started = self._reactor.seconds()
-        fields = dict(
-            method=request.method.decode("latin-1"),
-            path=path.decode("latin-1"),
-            query=redact_query(query, self._secret_names),
-            target=log_target(path, query, self._secret_names),
-            route=route_name,
-            upstream="",
-            peer=peer_host(request.getClientAddress()),
-        )
-
-        # This event is the request's access-log line (the Site skips its own).
-        request.gateway_logged = True
-
-        access = self._access
-
-        def log(status: int, sent: int, outcome: str) -> None:
-            now = self._reactor.seconds()
-            duration = now - started
-            if access is not None:
-                access.write(now, fields, status, sent, duration, outcome)
-                return
-            if self._access_events:
-                emit_access_event(fields, status, sent, duration, outcome)
-
-        upload = instance = None
-        stream = getattr(request, "stream", None)
-        try:
-            try:
-                size = _body_size(request)
-                if size > self._settings.max_body_size:
-                    raise _body_too_large(self._settings.max_body_size)
-                # A connect failure is retried on the next healthy instance (each at
-                # most once) for idempotent methods; POST and PATCH are never retried.
-                failure: GatewayError | None = None
-                headers = self._upstream_headers(request, extra_headers, drop_headers, options)
-                # a streamed body cannot be sent twice
-                retry = may_retry(request.method) and stream is None
-                for candidate in pool.candidates(key, retry=retry):
-                    instance = candidate
-                    fields["upstream"] = instance.url
-                    # A request meeting a pooled connection the upstream closed is
-                    # sent again on a fresh one (ReplayingPool), body and all.
-                    if stream is not None:
-                        upload = stream
-                    elif size:
-                        request.content.seek(0)
-                        upload = _Upload(request.content, cooperator=self._cooperator)
-                    instance.acquire()
-                    try:
-                        response = await self._request_upstream(
-                            request,
-                            upstream_url(instance.url, path, query).encode("ascii"),
-                            upload,
-                            headers,
-                            options.request_timeout or self._settings.request_timeout,
-                        )
-                    except (GatewayTimeout, BadGateway, Overloaded) as e:
-                        # passive health counts what faults.classify says is the
-                        # upstream's; only connect failures go on to the next instance
-                        # (a streamed body refused with 413 ended the attempt: the client's doing)
-                        gone = client_finished.called or getattr(request, "_refused", False)
-                        fault = classify(e.__cause__ or e, client_gone=gone)
-                        if fault.counts:
-                            pool.report_failure(instance, fault.reason)
-                        if not isinstance(e, ConnectFailed) or not fault.counts:
-                            raise
-                        instance.release()
-                        instance, failure = None, e
-                        continue
-                    pool.report_success(instance)
-                    break
-                else:
-                    raise failure
-            except (CancelledError, GatewayError) as error:
-                if getattr(request, "_refused", False):
-                    log(BodyTooLarge.status, 0, "refused")  # a streamed body grew too large
-                    return
-                if isinstance(error, CancelledError) or client_finished.called:
-                    log(CLIENT_CLOSED, 0, "client_gone")
-                    return
-                body = render_error(request, error)
-                request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
-                request.write(body)
-                request.finish()
-                log(error.status, len(body), "error")
-                return
-
-            self._copy_head(request, response, upstream_origins(instance.url, options.host_header))
-            # the relay finishes the request and the log line when the body ends
-            done_with = instance
-            instance = None
-
-            def ended(status: int, sent: int, outcome: str) -> None:
-                log(status, sent, outcome)
-                done_with.release()
-
-            relay = forwarding.relay = _BodyRelay(request, response.code, ended, upload)
-            request.registerProducer(relay, True)
-            response.deliverBody(relay)
-            relay.reassert_pause()
-        finally:
-            if instance is not None:
-                instance.release()
 
     def _upstream_headers(
         self,
@@ -782,33 +822,26 @@ class HTTPForwarder:
             first.append((b"Host", host))
         return [*first, *pairs, *extra_headers]
 
-    async def _request_upstream(
+    def _send(
         self,
         request: server.Request,
         url: bytes,
-        upload: _Upload | None,
+        upload: _Upload | StreamingBody | None,
         headers: list[tuple[bytes, bytes]],
         timeout: float,
-    ) -> IResponse:
-        """The upstream's response head, or a :class:`GatewayError` to answer with."""
-        settings = self._settings
+    ) -> Deferred[IResponse]:
+        """The upstream's response head, to come; :class:`BadRequest` for a request that cannot be sent."""
         agent = self._agent
         try:
             if isinstance(agent, UpstreamClient):
                 # times the head itself, on the kept-alive connection's timer
-                pending = agent.send(request.method, url, headers, upload, timeout)
-            else:  # an IAgent given to the forwarder
-                pending = agent.request(request.method, url, _as_headers(headers), upload)
-                pending.addTimeout(timeout, self._reactor, self._head_timed_out)
+                return agent.send(request.method, url, headers, upload, timeout)
+            # an IAgent given to the forwarder
+            pending = agent.request(request.method, url, _as_headers(headers), upload)
+            pending.addTimeout(timeout, self._reactor, self._head_timed_out)
+            return pending
         except ValueError as e:
             raise BadRequest(f"the request cannot be forwarded: {e}") from None
-        try:
-            return await pending
-        except CancelledError:
-            raise
-        except Exception as e:
-            # the cause stays attached: faults.classify judges it, not the answer
-            raise upstream_failure(e, settings) from e
 
     def _head_timed_out(self, result: object, timeout: float) -> None:
         raise GatewayTimeout(f"no response from the upstream within {timeout:g} s")
