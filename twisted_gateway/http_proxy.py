@@ -204,6 +204,8 @@ class GatewayRequest(server.Request):
     _received = 0
     #: the body as it arrives, when the route streams it (``request_buffering = off``)
     stream: StreamingBody | None = None
+    #: the forwarding under way (:meth:`HTTPForwarder.forward`), told when the client leaves
+    forwarding: _Forwarding | None = None
 
     @classmethod
     def for_settings(cls, settings: GatewaySettings) -> type[GatewayRequest]:
@@ -285,6 +287,11 @@ class GatewayRequest(server.Request):
             self.channel.persistent = False
         super().finish()
 
+    def connectionLost(self, reason: Failure) -> None:
+        super().connectionLost(reason)
+        if self.forwarding is not None:
+            self.forwarding.client_left()
+
     def _refuse_body(self) -> None:
         """
         Answer 413 now, then read and discard what the client still sends for
@@ -297,9 +304,8 @@ class GatewayRequest(server.Request):
         error = _body_too_large(self.max_body_size)
         channel = self.channel
         transport = channel.transport
-        forwarding = getattr(self, "forwarding", None)
-        if forwarding is not None:
-            forwarding.cancel()  # a streamed body: its upstream request ends here
+        if self.forwarding is not None:
+            self.forwarding.cancel()  # a streamed body: its upstream request ends here
         if self.stream is not None and self.startedWriting:
             transport.abortConnection()  # the upstream's answer is on its way already
             return
@@ -480,7 +486,6 @@ class _Forwarding:
         path: bytes,
         query: bytes,
         route_name: str,
-        client_finished: Deferred[None],
         options: _Options,
     ) -> None:
         self._forwarder = forwarder
@@ -489,7 +494,8 @@ class _Forwarding:
         self._key = key
         self._path = path
         self._query = query
-        self._client_finished = client_finished
+        #: the client left (its connection was lost before the answer was finished)
+        self.gone = False
         self._options = options
         self._started = forwarder._reactor.seconds()
         secrets = forwarder._secret_names
@@ -574,7 +580,7 @@ class _Forwarding:
                     # passive health counts what faults.classify says is the
                     # upstream's; only connect failures go on to the next instance
                     # (a streamed body refused with 413 ended the attempt: the client's doing)
-                    gone = self._client_finished.called or getattr(request, "_refused", False)
+                    gone = self.gone or getattr(request, "_refused", False)
                     fault = classify(error.__cause__ or error, client_gone=gone)
                     if fault.counts:
                         self._pool.report_failure(instance, fault.reason)
@@ -594,7 +600,7 @@ class _Forwarding:
         try:
             if getattr(request, "_refused", False):
                 self._log(BodyTooLarge.status, 0, "refused")  # a streamed body grew too large
-            elif isinstance(error, CancelledError) or self._client_finished.called:
+            elif isinstance(error, CancelledError) or self.gone:
                 self._log(CLIENT_CLOSED, 0, "client_gone")
             else:
                 body = render_error(request, error)
@@ -623,6 +629,10 @@ class _Forwarding:
     def _ended(self, status: int, sent: int, outcome: str) -> None:
         self._log(status, sent, outcome)
         self._release()
+
+    def client_left(self) -> None:
+        self.gone = True
+        self.cancel()
 
     def cancel(self) -> None:
         if self.relay is not None:
@@ -768,15 +778,18 @@ class HTTPForwarder:
         is the route's (:func:`headers.upstream_host`); ``request_timeout``
         overrides the gateway's for this request.
         """
-        client_finished = request.notifyFinish()
+        # a GatewayRequest tells its forwarding when the client leaves; another
+        # request is watched through a Deferred
+        finished = None if isinstance(request, GatewayRequest) else request.notifyFinish()
         if isinstance(upstream, str):
             upstream = self._single_pool(upstream)
         forwarding = request.forwarding = _Forwarding(
-            self, request, upstream, key, path, query, route_name, client_finished,
+            self, request, upstream, key, path, query, route_name,
             _Options(underscores, host_header, request_timeout),
         )
         forwarding.start(tuple(extra_headers), frozenset(name.lower() for name in drop_headers))
-        client_finished.addErrback(lambda _: forwarding.cancel())
+        if finished is not None:
+            finished.addErrback(lambda _: forwarding.client_left())
         return NOT_DONE_YET
 
     def _single_pool(self, base: str) -> UpstreamPool:
