@@ -89,7 +89,7 @@ from twisted_gateway.streaming import StreamingBody
 from twisted_gateway.connector import upstream_endpoint
 from twisted_gateway.tls import describe_tls_failure
 from twisted_gateway.upstreams import Instance, InstanceRegistry, UpstreamPool, may_retry
-from twisted_gateway.upstream_client import UpstreamClient, UpstreamResponse, may_replay  # noqa: F401 (may_replay: importable here)
+from twisted_gateway.upstream_client import Answer, UpstreamClient, UpstreamResponse, may_replay  # noqa: F401 (may_replay: importable here)
 
 #: Access-log events: one per request, structured fields, no raw URI.
 access_log = Logger(namespace="twisted_gateway.access")
@@ -516,7 +516,8 @@ class _Forwarding:
         self._candidates: Iterator[Instance] = iter(())
         self._instance: Instance | None = None
         self._upload: _Upload | StreamingBody | None = None
-        self.head: Deferred[IResponse] | None = None
+        #: the head to come (cancel() gives up on it)
+        self.head: Answer | Deferred[None] | None = None
         self.relay: _BodyRelay | None = None
 
     def start(self, extra_headers: Sequence[tuple[bytes, bytes]], drop_headers: frozenset[bytes]) -> None:
@@ -557,14 +558,17 @@ class _Forwarding:
             self._upload = _Upload(request.content, cooperator=self._forwarder._cooperator)
         instance.acquire()
         forwarder = self._forwarder
-        head = self.head = forwarder._send(
+        head = forwarder._send(
             request,
             upstream_url(instance.url, self._path, self._query).encode("ascii"),
             self._upload,
             self._headers,
             self._options.request_timeout or forwarder._settings.request_timeout,
+            self._got_head,
+            self._head_failed,
         )
-        head.addCallbacks(self._got_head, self._head_failed)
+        if not head.called:  # (else answered already, and maybe sent again elsewhere)
+            self.head = head
 
     def _head_failed(self, reason: Failure) -> None:
         self.head = None
@@ -842,19 +846,27 @@ class HTTPForwarder:
         upload: _Upload | StreamingBody | None,
         headers: list[tuple[bytes, bytes]],
         timeout: float,
-    ) -> Deferred[IResponse]:
-        """The upstream's response head, to come; :class:`BadRequest` for a request that cannot be sent."""
+        on_head: Callable[[IResponse], None],
+        on_failure: Callable[[Failure], None],
+    ) -> Answer | Deferred[None]:
+        """
+        Send the request: the head goes to ``on_head``, a failure to
+        ``on_failure`` (either may run before this returns); the result's
+        ``cancel`` gives up. :class:`BadRequest` for a request that cannot be sent.
+        """
         agent = self._agent
         try:
             if isinstance(agent, UpstreamClient):
-                # times the head itself, on the kept-alive connection's timer
-                return agent.send(request.method, url, headers, upload, timeout)
+                # no Deferred; the head is timed on the kept-alive connection's timer
+                answer = Answer(on_head, on_failure)
+                agent.send_to(answer, request.method, url, headers, upload, timeout)
+                return answer
             # an IAgent given to the forwarder
             pending = agent.request(request.method, url, _as_headers(headers), upload)
-            pending.addTimeout(timeout, self._reactor, self._head_timed_out)
-            return pending
         except ValueError as e:
             raise BadRequest(f"the request cannot be forwarded: {e}") from None
+        pending.addTimeout(timeout, self._reactor, self._head_timed_out)
+        return pending.addCallbacks(on_head, on_failure)
 
     def _head_timed_out(self, result: object, timeout: float) -> None:
         raise GatewayTimeout(f"no response from the upstream within {timeout:g} s")

@@ -24,7 +24,7 @@ fresh connection where :func:`may_replay` allows it.
 from __future__ import annotations
 
 import re
-from typing import Protocol as TypingProtocol, Sequence, Union
+from typing import Callable, Protocol as TypingProtocol, Sequence, Union
 
 import httptools
 from twisted.internet.defer import CancelledError, Deferred, gatherResults
@@ -183,15 +183,65 @@ class _Stray(Exception):
 # -- one exchange: a request and its response -----------------------------------
 
 
+class Answer:
+    """
+    Where a response head goes without a Deferred (:meth:`UpstreamClient.send_to`):
+    ``on_head(response)``, or ``on_failure(reason)`` with the errors a
+    :meth:`UpstreamClient.send` Deferred fails with; one of them, once.
+    :meth:`cancel` is a Deferred's: the exchange is stopped, and ``on_failure``
+    gets ``CancelledError`` unless it was answered meanwhile. The two must not
+    raise (an error is logged; the connection is not told).
+    """
+
+    def __init__(
+        self, on_head: Callable[[IResponse], object], on_failure: Callable[[Failure], object]
+    ) -> None:
+        self.called = False
+        self._on_head = on_head
+        self._on_failure = on_failure
+        self._canceller: Callable[[Answer], None] | None = None
+
+    def callback(self, response: IResponse) -> None:
+        if self.called:
+            return
+        self.called = True
+        try:
+            self._on_head(response)
+        except Exception:
+            _log.failure("the response head's receiver failed")
+
+    def errback(self, reason: Failure | BaseException) -> None:
+        if self.called:
+            return
+        self.called = True
+        try:
+            self._on_failure(reason if isinstance(reason, Failure) else Failure(reason))
+        except Exception:
+            _log.failure("the response head's receiver failed")
+
+    def cancel(self) -> None:
+        if self.called:
+            return
+        if self._canceller is not None:
+            self._canceller(self)
+        self.errback(Failure(CancelledError()))
+
+
 class _Exchange:
     """One request on its way: the head :attr:`answer` fires with, and the body's state."""
 
-    def __init__(self, origin: _Origin, method: bytes, head: bytes, body: BodyProducer | None) -> None:
+    def __init__(
+        self, origin: _Origin, method: bytes, head: bytes, body: BodyProducer | None, answer: Answer | None = None
+    ) -> None:
         self.origin = origin
         self.method = method
         self.head = head
         self.body = body
-        self.answer: Deferred[IResponse] = Deferred(self._cancel)
+        if answer is None:
+            self.answer: Deferred[IResponse] | Answer = Deferred(self._cancel)
+        else:
+            answer._canceller = self._cancel
+            self.answer = answer
         #: the connection carrying it, once there is one
         self.connection: UpstreamConnection | None = None
         self.connecting: Deferred[IProtocol] | None = None
@@ -219,7 +269,7 @@ class _Exchange:
     def replayable(self) -> bool:
         return self.body is None or bool(getattr(self.body, "replayable", False))
 
-    def _cancel(self, answer: Deferred[IResponse]) -> None:
+    def _cancel(self, answer: Deferred[IResponse] | Answer) -> None:
         """Cancelled before the head (the client left, or no head in time): nothing is reused."""
         self.stop_timer()
         if self.connecting is not None:
@@ -735,16 +785,45 @@ class UpstreamClient:
         with :class:`GatewayTimeout`. A kept-alive connection's own timer
         serves for it: no timer is made per request.
         """
+        answer = self._exchange(method, uri, headers, body, timeout, None).answer
+        assert isinstance(answer, Deferred)
+        return answer
+
+    def send_to(
+        self,
+        answer: Answer,
+        method: bytes,
+        uri: bytes,
+        headers: Sequence[tuple[bytes, bytes]],
+        body: BodyProducer | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        """
+        :meth:`send`, the head (or the failure) handed to ``answer``'s
+        functions instead of a Deferred's callbacks (the forwarder's way: one
+        Deferred less per request). They may run before this returns.
+        """
+        self._exchange(method, uri, headers, body, timeout, answer)
+
+    def _exchange(
+        self,
+        method: bytes,
+        uri: bytes,
+        headers: Sequence[tuple[bytes, bytes]],
+        body: BodyProducer | None,
+        timeout: float | None,
+        answer: Answer | None,
+    ) -> _Exchange:
         origin, target = self._origin(uri)
         if not any(name.lower() == b"host" for name, _ in headers):
             headers = [(b"Host", origin.host), *headers]
         head = request_head(method, target, headers, _framing(method, body))
-        exchange = _Exchange(origin, method, head, body)
+        exchange = _Exchange(origin, method, head, body, answer)
         if timeout is not None:
             exchange.timeout = timeout
             exchange.deadline = self._reactor.seconds() + timeout
         self._start(exchange)
-        return exchange.answer
+        return exchange
 
     def close_idle(self) -> Deferred[None]:
         """Close every idle connection; fires when they are closed."""

@@ -17,6 +17,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
@@ -30,7 +31,7 @@ from twisted.web.server import Site
 from twisted_gateway.errors import GatewayTimeout
 from twisted_gateway.faults import KEEPALIVE_CLOSED, classify
 from twisted_gateway.http_proxy import UpstreamEndpoints, _Upload
-from twisted_gateway.upstream_client import UpstreamClient, may_replay
+from twisted_gateway.upstream_client import Answer, UpstreamClient, may_replay
 
 from tests.support import listen, settle
 
@@ -418,6 +419,48 @@ async def test_cancelling_before_the_head_closes_the_connection(client):
             await pending
         await factory.connections[0].closed
         assert not any(client._connections.values())
+
+
+def _answer() -> tuple[Answer, Deferred]:
+    """An Answer whose head or failure fires a Deferred (the test's only way to wait)."""
+    got: Deferred = Deferred()
+    return Answer(got.callback, got.errback), got
+
+
+@pytest_twisted.ensureDeferred
+async def test_send_to_hands_the_head_to_its_answer_and_reuses_the_connection(client, site):
+    for _ in range(2):
+        answer, got = _answer()
+        client.send_to(answer, b"GET", site + b"/a", [(b"X-A", b"1")])
+        response = await got
+        data, reason = await body_of(response)
+        assert response.code == 200 and reason.check(ResponseDone)
+        assert ["X-A", "1"] in json.loads(data)["headers"] and answer.called
+    assert sum(map(len, client._connections.values())) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_cancelling_an_answer_before_the_head_fails_it_and_closes_the_connection(client):
+    async with scripted(lambda server, head: None) as (factory, base):
+        answer, got = _answer()
+        client.send_to(answer, b"GET", base + b"/", [])
+        await settle(lambda: factory.connections and factory.connections[0].received, "the request sent")
+        answer.cancel()
+        answer.cancel()  # once is enough
+        with pytest.raises(CancelledError):
+            await got
+        await factory.connections[0].closed
+        assert not any(client._connections.values())
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_answer_gets_a_connect_failure_as_a_send_deferred_would(client):
+    async with scripted(lambda server, head: None) as (factory, base):
+        pass  # closed: nothing listens there now
+    answer, got = _answer()
+    client.send_to(answer, b"GET", base + b"/", [])
+    with pytest.raises(ConnectionRefusedError):
+        await got
 
 
 @pytest_twisted.ensureDeferred
