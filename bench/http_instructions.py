@@ -10,10 +10,11 @@ over 4 connections, and the total instruction count (Ir) over N is printed.
 
     .venv/bin/python bench/http_instructions.py [--requests N] [--path /auth/x]
         [--logger twisted_gateway.logs.json_observer] [--venv OTHER/.venv]
-        [--set access_log=FILE ...] [--peer aiohttp] [--handshakes N]
+        [--set access_log=FILE ...] [--peer aiohttp] [--handshakes N] [--fresh-tokens]
 
 ``/auth/...`` goes through a route with ``auth = required``, every request
-bringing the same token. ``--set KEY=VALUE`` adds a key to ``[gateway]``
+bringing the same token; with ``--fresh-tokens`` each brings a token of its
+own (made before the count starts: the gateway has never verified it). ``--set KEY=VALUE`` adds a key to ``[gateway]``
 (``{workdir}`` in VALUE: the run's temporary directory). ``--peer aiohttp``
 counts the seed's aiohttp design (``bench/aiohttp_gateway.py``) instead, the
 same way, for a ratio no neighbour can move (it needs the ``bench`` extra).
@@ -61,6 +62,8 @@ def main() -> None:
                         help="what to count: the gateway, or the seed's aiohttp design")
     parser.add_argument("--handshakes", type=int, default=0, metavar="N",
                         help="count N WebSocket open + close cycles instead of HTTP requests")
+    parser.add_argument("--fresh-tokens", action="store_true",
+                        help="with --path /auth/...: a new token for each request or handshake")
     args = parser.parse_args()
     bin_dir = Path(args.venv) / "bin"
     with tempfile.TemporaryDirectory(prefix="http-instructions-") as work:
@@ -107,19 +110,19 @@ def measure(work: str, bin_dir: Path, backend_port: int, args: argparse.Namespac
         gateway = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=work)
     try:
         port = _wait_for_port(log_path, gateway)
-        token = jwt.encode(
-            {"sub": "bench", "exp": time.time() + 3600}, Gateway.SECRET, algorithm="HS256"
-        )
-        headers = {"Authorization": "Bearer " + token} if args.path.startswith("/auth") else {}
+        counted = args.handshakes or args.requests
+        tokens = _tokens(counted + 200 if args.fresh_tokens else 1)
+        warm_up, measured = (tokens[:200], tokens[200:]) if args.fresh_tokens else (tokens, tokens)
+        auth = args.path.startswith("/auth")
         if args.handshakes:
-            _handshakes(port, args.path, headers, 50)  # warm-up, not counted
+            _handshakes(port, args.path, auth, warm_up, 50)  # warm-up, not counted
             subprocess.run(["callgrind_control", "-i", "on", str(gateway.pid)], check=True, capture_output=True)
-            _handshakes(port, args.path, headers, args.handshakes)
+            _handshakes(port, args.path, auth, measured, args.handshakes)
         else:
             connections = [http.client.HTTPConnection(LOOPBACK, port, timeout=120) for _ in range(4)]
-            _send(connections, args.path, headers, 200)  # warm-up, not counted
+            _send(connections, args.path, auth, warm_up, 200)  # warm-up, not counted
             subprocess.run(["callgrind_control", "-i", "on", str(gateway.pid)], check=True, capture_output=True)
-            _send(connections, args.path, headers, args.requests)
+            _send(connections, args.path, auth, measured, args.requests)
         subprocess.run(["callgrind_control", "-d", str(gateway.pid)], check=True, capture_output=True)
     finally:
         gateway.send_signal(signal.SIGTERM)
@@ -132,6 +135,7 @@ def measure(work: str, bin_dir: Path, backend_port: int, args: argparse.Namespac
     logger = ", the aiohttp design" if args.peer == "aiohttp" else ""
     logger += f", --logger {args.logger}" if args.logger else ""
     logger += "".join(f", {item}" for item in args.set)
+    logger += ", a fresh token each" if args.fresh_tokens else ""
     if args.handshakes:
         return (
             f"{total / args.handshakes / 1e6:.3f} M instructions per handshake"
@@ -154,9 +158,16 @@ def _wait_for_port(log_path: Path, gateway: subprocess.Popen) -> int:
     sys.exit(f"the gateway did not start:\n{log_path.read_text()[-2000:]}")
 
 
-def _send(connections: list, path: str, headers: dict, count: int) -> None:
+def _tokens(count: int) -> list[str]:
+    """``count`` different tokens the benchmark's gateway accepts (the subject differs)."""
+    exp = time.time() + 3600
+    return [jwt.encode({"sub": f"bench-{i}", "exp": exp}, Gateway.SECRET, algorithm="HS256") for i in range(count)]
+
+
+def _send(connections: list, path: str, auth: bool, tokens: list[str], count: int) -> None:
     for i in range(count):
         connection = connections[i % len(connections)]
+        headers = {"Authorization": "Bearer " + tokens[i % len(tokens)]} if auth else {}
         connection.request("GET", path, headers=headers)
         response = connection.getresponse()
         body = response.read()
@@ -168,10 +179,10 @@ def _send(connections: list, path: str, headers: dict, count: int) -> None:
 _CLOSE = b"\x88\x82\x00\x00\x00\x00\x03\xe8"
 
 
-def _handshakes(port: int, path: str, headers: dict, count: int) -> None:
+def _handshakes(port: int, path: str, auth: bool, tokens: list[str], count: int) -> None:
     """``count`` WebSocket open + close cycles, one connection each, one at a time."""
-    extra = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
-    for _ in range(count):
+    for i in range(count):
+        extra = f"Authorization: Bearer {tokens[i % len(tokens)]}\r\n" if auth else ""
         key = base64.b64encode(os.urandom(16)).decode()
         with socket.create_connection((LOOPBACK, port), timeout=120) as sock:
             sock.sendall(
