@@ -59,10 +59,13 @@ def extract_token(
     An ``Authorization`` header of another scheme is not a source.
     """
     for name, header in headers:
+        if name.lower() != b"authorization":
+            continue
         scheme, _, credentials = header.strip().partition(b" ")
-        if name.lower() == b"authorization" and scheme.lower() == b"bearer":
-            if credentials.strip():
-                return credentials.strip().decode("latin-1")
+        if scheme.lower() == b"bearer":
+            credentials = credentials.strip()
+            if credentials:
+                return credentials.decode("latin-1")
     value = query_value(query, query_param)
     if value is None and cookie:
         value = cookie_value(headers, cookie)

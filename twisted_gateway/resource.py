@@ -11,7 +11,7 @@ reactor, and the result can be mounted under any path of an existing ``Site``.
 from __future__ import annotations
 
 import json
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -22,6 +22,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from twisted_gateway._bases import Resource
 from twisted_gateway.admin import ADMIN_PAGES, is_admin
 from twisted_gateway.config import RouteSettings, Settings
+from twisted_gateway.deferreds import start
 from twisted_gateway.errors import BadRequest, GatewayError, NotFound, render_error
 from twisted_gateway.gateway import Gateway, build_gateway
 from twisted_gateway.headers import (
@@ -111,8 +112,10 @@ class GatewayResource(Resource):
         self._count_http(request, route.name)
         if self.gateway.authenticator is None or route.auth == "none":
             return self._forward(request, route, path, query, flat, None)
-        d = Deferred.fromCoroutine(self._authenticate_and_forward(request, route, path, query, flat))
-        request.notifyFinish().addErrback(lambda _: d.cancel())
+        # a cached token is checked without waiting: no Deferred to watch then
+        d = start(self._authenticate_and_forward(request, route, path, query, flat))
+        if not d.called:
+            request.notifyFinish().addErrback(lambda _: d.cancel())
         d.addErrback(_log_unless_cancelled)
         return NOT_DONE_YET
 
