@@ -498,12 +498,12 @@ class _Forwarding:
         self.gone = False
         self._options = options
         self._started = forwarder._reactor.seconds()
-        secrets = forwarder._secret_names
+        path_text, query_text = path.decode("latin-1"), redact_query(query, forwarder._secret_names)
         self._fields = dict(
             method=request.method.decode("latin-1"),
-            path=path.decode("latin-1"),
-            query=redact_query(query, secrets),
-            target=log_target(path, query, secrets),
+            path=path_text,
+            query=query_text,
+            target=path_text + "?" + query_text if query_text else path_text,  # log_target's
             route=route_name,
             upstream="",
             peer=peer_host(request.getClientAddress()),

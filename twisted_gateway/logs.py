@@ -162,6 +162,8 @@ _JSON_PLAIN = frozenset({int, bool, str, type(None)})
 
 def redact_query(query: bytes, names: Iterable[str] = ()) -> str:
     """A raw query string as a log line may show it: :func:`redact_text`'s rule, as text."""
+    if not query:
+        return ""
     return redact_text(query.decode("latin-1"), names)
 
 
