@@ -194,15 +194,18 @@ def json_line(when: float, fields: Mapping[str, str], status: int, sent: int, du
             last, micros = (second, stamp[:-8]), int(stamp[-7:-1])
     label = logs.worker_label
     worker = "" if label is None else '"worker":%s,' % json.dumps(label)
+    code, size = _DECIMAL.get(status) or str(status), str(sent)  # each written twice
     return (
-        f'{{"time":"{last[1]}.{micros:06d}Z",{_LEVEL_NAMESPACE}"message":"{method} {target} {status} {sent} {duration:.3f}s {upstream}",'
-        f'{worker}"status":{status},"bytes":{sent},"duration":{duration!r},"outcome":"{outcome}",'
+        f'{{"time":"{last[1]}.{micros:06d}Z",{_LEVEL_NAMESPACE}"message":"{method} {target} {code} {size} {duration:.3f}s {upstream}",'
+        f'{worker}"status":{code},"bytes":{size},"duration":{duration!r},"outcome":"{outcome}",'
         f'"method":"{method}","path":"{path}","query":"{query}","target":"{target}","route":"{route}",'
         f'"upstream":"{upstream}","peer":"{peer}",{_SOURCE_FORMAT}}}\n'
     )
 
 
 _last_iso_second: tuple[int | None, str] = (None, "")
+#: Status codes as text, made once.
+_DECIMAL = {code: str(code) for code in range(100, 600)}
 
 
 def _escaped_json_line(
