@@ -300,7 +300,7 @@ def test_defaults_are_secure(config_dir):
     settings = load_auth("tap.cfg", {"algorithms": "HS256", "secret": LONG})
     assert settings.require == ("exp",)
     assert (settings.leeway, settings.query_param, settings.cookie) == (30.0, "token", None)
-    assert (settings.strip_token, settings.jwks_refresh) == (False, 600.0)
+    assert (settings.strip_token, settings.jwks_refresh, settings.jwks_timeout) == (False, 600.0, 10.0)
     assert (settings.audience, settings.issuer) == ((), None)
     assert LONG not in repr(settings)
 
@@ -673,8 +673,9 @@ def http_client() -> HTTPClient:
     return HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
 
 
-def jwks_authenticator(clock: Clock, url: str, http_client: HTTPClient) -> Authenticator:
-    return Authenticator(AuthSettings(algorithms=("RS256",), jwks_url=url), clock, http_client)
+def jwks_authenticator(clock: Clock, url: str, http_client: HTTPClient, timeout: float = 10.0) -> Authenticator:
+    settings = AuthSettings(algorithms=("RS256",), jwks_url=url, jwks_timeout=timeout)
+    return Authenticator(settings, clock, http_client)
 
 
 @pytest_twisted.ensureDeferred
@@ -755,7 +756,7 @@ OUTAGES = [
     pytest.param("down", "connect", "connection refused", id="connection refused"),
     pytest.param("500", "http_status", "HTTP 500", id="HTTP 500"),
     pytest.param("html", "not_json", "not a JSON document", id="an HTML page"),
-    pytest.param("hang", "timeout", "timed out after 10 s", id="no answer"),
+    pytest.param("hang", "timeout", "timed out after 8 s", id="no answer"),
 ]
 
 
@@ -783,7 +784,7 @@ async def test_idp_outage_at_start_up_is_503_not_401(jwks_server, http_client, r
     clock.advance(NOW)
     await start_outage(jwks_server, kind, clock)
     events: list[dict] = []
-    authenticator = jwks_authenticator(clock, jwks_server.url, http_client)
+    authenticator = jwks_authenticator(clock, jwks_server.url, http_client, timeout=8)
     authenticator.keyset._log = Logger(observer=events.append)
     authenticator.start()
     try:
@@ -794,7 +795,9 @@ async def test_idp_outage_at_start_up_is_503_not_401(jwks_server, http_client, r
             clock.advance(5)  # the request waits no longer than connect_timeout
             with pytest.raises(AuthUnavailable):
                 await waiting
-            clock.advance(5)  # the fetch itself gives up after 10 s
+            clock.advance(2.9)
+            assert not authenticator.keyset.failing, "the fetch gave up before jwks_timeout"
+            clock.advance(0.1)  # the fetch itself gives up after jwks_timeout
         await settle(lambda: authenticator.keyset.failing)
         with pytest.raises(AuthUnavailable) as caught:
             await authenticator.verify(token)

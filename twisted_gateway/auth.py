@@ -361,6 +361,7 @@ class Authenticator:
                 clock,
                 http_client,
                 refresh=settings.jwks_refresh,
+                timeout=settings.jwks_timeout,
                 wait_limit=wait_limit,
                 discovery=settings.oidc_issuer,
             )

@@ -4,6 +4,7 @@ discovery document), kept fresh without ever mistaking an identity
 provider's outage for a bad token.
 
 :class:`KeySet` owns the fetch: a refresh every ``jwks_refresh`` seconds,
+each fetch given up after ``jwks_timeout`` seconds,
 retries with backoff (1, 2, 4 ... 60 s) while the URL cannot be fetched,
 independent of traffic, and an early refetch for a token whose ``kid`` is new.
 It knows whether the keys it holds are current (:attr:`KeySet.failing`), which
@@ -34,8 +35,6 @@ from twisted_gateway.tls import describe_tls_failure
 
 #: An unknown ``kid`` refetches the JWKS at most this often (after a successful fetch).
 REFETCH_INTERVAL = 60.0
-#: A fetch that has not finished after this long has failed.
-FETCH_TIMEOUT = 10.0
 #: Retries of a failed fetch wait 1, 2, 4 ... seconds, never more than this.
 MAX_BACKOFF = 60.0
 #: The most a JWKS document may weigh.
@@ -178,6 +177,7 @@ class KeySet:
         http_client: HTTPClient,
         *,
         refresh: float,
+        timeout: float,
         wait_limit: float,
         discovery: str | None = None,
     ) -> None:
@@ -187,6 +187,8 @@ class KeySet:
         self._clock = clock
         self._http = http_client
         self._refresh = refresh
+        #: a fetch (the discovery document and the keys) not finished after this long has failed
+        self._timeout = timeout
         #: the most a request waits for a fetch in flight (the gateway's connect_timeout)
         self._wait_limit = wait_limit
         self.keys: Mapping[str | None, list[PublicKey]] = {}
@@ -284,12 +286,12 @@ class KeySet:
             timed_out.append(True)
             download.cancel()
 
-        timer = self._clock.callLater(FETCH_TIMEOUT, time_out)
+        timer = self._clock.callLater(self._timeout, time_out)
         try:
             keys = parse_jwks(await download)
         except Exception as e:
             if timed_out:
-                self._failed(FetchFailed("timeout", f"timed out after {FETCH_TIMEOUT:g} s"))
+                self._failed(FetchFailed("timeout", f"timed out after {self._timeout:g} s"))
             elif self._running and not isinstance(e, CancelledError):  # else: stopped
                 self._failed(describe_failure(e))
             return

@@ -569,6 +569,8 @@ class AuthSettings:
     jwks_file: str | None = key(parse_secret, None, secret=True)
     jwks_url: str | None = key(parse_http_url, None)
     jwks_refresh: float = key(parse_positive_float, 600.0)
+    #: a JWKS fetch (with its discovery document) not done after this long has failed
+    jwks_timeout: float = key(parse_positive_float, 10.0)
     audience: tuple[str, ...] = key(parse_words, ())
     issuer: str | None = key(str.strip, None)
     require: tuple[str, ...] = key(parse_words, ("exp",))

@@ -137,6 +137,7 @@ class Stack:
         *,
         issuer_suffix: str = "",
         jwks_refresh: float = 600,
+        jwks_timeout: float = 10,
         jwks_answer: str | None = None,
     ) -> None:
         """
@@ -157,7 +158,7 @@ class Stack:
                     self.provider.break_jwks(jwks_answer)
             upstream, upstream_port = aiohttp_upstream(tmp_path)
             self._processes.append(upstream)
-            config = _config(upstream_port, issuer + issuer_suffix, jwks_refresh)
+            config = _config(upstream_port, issuer + issuer_suffix, jwks_refresh, jwks_timeout)
             self.gateway = _gateway(tmp_path, config)
             self._processes.append(self.gateway)
             self.port = int(self.gateway.out.wait_for(LISTENING).group(1))
@@ -193,7 +194,7 @@ class Stack:
         settle_blocking(lambda: self.get("/readyz", "")[0] == 200, "the gateway ready")
 
 
-def _config(upstream_port: int, issuer: str, jwks_refresh: float) -> str:
+def _config(upstream_port: int, issuer: str, jwks_refresh: float, jwks_timeout: float) -> str:
     return f"""
 [gateway]
 listen = tcp:0:interface=127.0.0.1
@@ -204,6 +205,7 @@ oidc_issuer = {issuer}
 audience = {CHAT}
 typ = at+jwt
 jwks_refresh = {jwks_refresh:g}
+jwks_timeout = {jwks_timeout:g}
 
 [route:api]
 prefix = /v1/api
@@ -356,7 +358,7 @@ def test_a_provider_down_at_start_up_is_an_outage_then_recovers_without_client_t
 
 
 @pytest.mark.parametrize(
-    ("answer", "reason"), [("500", "HTTP 500"), ("html", "not a JSON document"), ("hang", "timed out after 10 s")]
+    ("answer", "reason"), [("500", "HTTP 500"), ("html", "not a JSON document"), ("hang", "timed out after 2 s")]
 )
 def test_a_broken_jwks_at_start_up_is_an_outage_then_recovers_without_client_traffic(tmp_path, answer, reason):
     """
@@ -365,7 +367,8 @@ def test_a_broken_jwks_at_start_up_is_an_outage_then_recovers_without_client_tra
     them), /readyz 503, one log line naming the reason; mended, the retries
     alone find the keys.
     """
-    stack = Stack(tmp_path, KEYS_WITHOUT_ALG, jwks_answer=answer)
+    # An unanswered fetch gives up after jwks_timeout: 2 s instead of the default 10 s.
+    stack = Stack(tmp_path, KEYS_WITHOUT_ALG, jwks_timeout=2 if answer == "hang" else 10, jwks_answer=answer)
     try:
         token = stack.provider.access_token()
         status, body, response = stack.get("/v1/api/me", token)
