@@ -25,7 +25,7 @@ from jwt.algorithms import RSAAlgorithm
 from treq.client import HTTPClient
 from twisted.internet import endpoints
 from twisted.internet.defer import Deferred
-from twisted.internet.task import Clock, deferLater
+from twisted.internet.task import Clock
 from twisted.protocols.policies import WrappingFactory
 from twisted.logger import Logger, formatEvent
 from twisted.python.failure import Failure
@@ -878,20 +878,15 @@ async def test_stop_cancels_a_hanging_fetch(jwks_server, http_client, rsa_keys):
     authenticator = jwks_authenticator(clock, jwks_server.url, http_client)
     authenticator.start()
     waiting = Deferred.fromCoroutine(authenticator.verify(rs_token(rsa_keys[0], "one")))
-    for _ in range(1000):  # let the request reach the server
-        if jwks_server.requests:
-            break
-        await deferLater(_reactor(), 0, lambda: None)
+    # The request reaches the server after the agent's name lookup, which runs in
+    # the reactor's thread pool: wait for it, not for a number of reactor turns.
+    await settle(lambda: jwks_server.requests, "the fetch reaches the server")
     waiting.cancel()  # a client that goes away does not cancel the shared fetch
     with pytest.raises(Exception):
         await waiting
     assert jwks_server.open_connections == 1, "the fetch ended with the client"
     await authenticator.stop()
-    for _ in range(1000):  # the cancelled fetch closes its connection
-        if not jwks_server.open_connections:
-            break
-        await deferLater(_reactor(), 0, lambda: None)
-    assert jwks_server.open_connections == 0
+    await settle(lambda: not jwks_server.open_connections, "the cancelled fetch closes its connection")
     assert clock.getDelayedCalls() == []
 
 
