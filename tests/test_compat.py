@@ -18,6 +18,7 @@ from autobahn.twisted.websocket import (
 )
 from autobahn.websocket.protocol import WebSocketProtocol
 from twisted.internet import abstract, tcp
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from twisted_gateway import _compat
@@ -138,6 +139,24 @@ def test_fail_connection_sets_failed_by_me():
 @pytest.mark.parametrize("name", ["closeHandshakeTimeoutCall", "serverConnectionDropTimeoutCall"])
 def test_close_timers(name):
     _require(_sets(WebSocketProtocol, name), f"WebSocketProtocol.{name}", "Autobahn")
+
+
+@pytest.mark.parametrize("cls", [WebSocketServerFactory, WebSocketClientFactory])
+def test_factory_timers_on_a_clock(cls):
+    """The factory's protocols take their timers from ``_batched_timer``, which timers_on replaces."""
+    _require(_sets(cls, "_batched_timer"), f"{cls.__name__}._batched_timer", "Autobahn")
+    _require(_sets(WebSocketProtocol, "factory._batched_timer.call_later"), "factory._batched_timer", "Autobahn")
+    factory, clock, calls = cls(), Clock(), []
+    _compat.timers_on(factory, clock)
+    factory._batched_timer.call_later(1.0, calls.append, "due")
+    clock.advance(1.3)
+    _require(calls == ["due"], "txaio._common._BatchedTimer", "txaio")
+
+
+def test_server_drop_wait_on_a_clock():
+    _require(_sets(WebSocketProtocol, "serverConnectionDropTimeout,"), "WebSocketProtocol.serverConnectionDropTimeout", "Autobahn")
+    _require(callable(getattr(WebSocketProtocol, "onServerConnectionDropTimeout", None)),
+             "WebSocketProtocol.onServerConnectionDropTimeout", "Autobahn")
 
 
 @pytest.mark.parametrize("cls", [WebSocketServerProtocol, WebSocketClientProtocol])

@@ -169,14 +169,12 @@ def test_oversize_message_from_upstream_closes_it_1009_and_client_1001():
 
 
 def test_an_upstream_close_whose_reason_is_not_utf8_leaves_no_timer_behind():
-    """It gets 1007; once the pair is gone no wait for the upstream's drop is left on the reactor."""
-    from twisted.internet import reactor
-
+    """It gets 1007; once the pair is gone no wait for the upstream's drop is left on the clock."""
     relay, client, server = open_pair()
     server.transport.write(b"\x88\x03\x03\xe8\xff")  # close 1000 with the reason b"\xff"
     relay.flush()
     assert server.close[0] == 1007
-    waits = [c for c in reactor.getDelayedCalls() if c.func.__name__ == "onServerConnectionDropTimeout"]
+    waits = [c for c in relay.clock.getDelayedCalls() if getattr(c.func, "__name__", "") == "onServerConnectionDropTimeout"]
     assert [c for c in waits if c.active()] == []
 
 

@@ -23,6 +23,7 @@ from autobahn.util import _is_tls_error, _maybe_tls_reason
 from autobahn.wamp.types import TransportDetails
 from autobahn.websocket.protocol import (
     WebSocketClientProtocol,
+    WebSocketFactory,
     WebSocketProtocol,
     WebSocketServerFactory,
     WebSocketServerProtocol,
@@ -30,10 +31,11 @@ from autobahn.websocket.protocol import (
 from autobahn.websocket.types import ConnectionResponse
 from twisted.internet import tcp, unix
 from twisted.internet.protocol import connectionDone
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import FileLogObserver, ILogObserver, LogPublisher
 from twisted.python.systemd import ListenFDs
 from twisted.python.failure import Failure
+from txaio._common import _BatchedTimer
 
 _P = TypeVar("_P", bound="WebSocketServerProtocol | WebSocketClientProtocol")
 
@@ -274,6 +276,32 @@ def server_drop_wait(leg: WebSocketProtocol) -> IDelayedCall | None:
     handshake (an ``IDelayedCall``), or None. Relies on ``serverConnectionDropTimeoutCall``.
     """
     return getattr(leg, "serverConnectionDropTimeoutCall", None)
+
+
+def timers_on(factory: WebSocketFactory, clock: IReactorTime) -> None:
+    """
+    Autobahn's timers of ``factory``'s connections (the open and close
+    handshakes' timeouts, auto-ping) on ``clock`` instead of txaio's global
+    reactor: 200 ms buckets, as Autobahn's factories make them. Relies on the
+    factory's ``_batched_timer`` and txaio's ``_BatchedTimer``.
+    """
+    factory._batched_timer = _BatchedTimer(  # type: ignore[attr-defined]
+        200.0, 1000, seconds_provider=clock.seconds, delayed_call_creator=clock.callLater
+    )
+
+
+def server_drop_wait_on(leg: WebSocketProtocol, clock: IReactorTime) -> None:
+    """
+    Move a client leg's wait for its server's drop, which Autobahn starts with
+    ``txaio.call_later`` on the global reactor, to ``clock``. Relies on
+    ``serverConnectionDropTimeoutCall`` and ``onServerConnectionDropTimeout``.
+    """
+    call = server_drop_wait(leg)
+    if call is not None and call.active():
+        call.cancel()
+        leg.serverConnectionDropTimeoutCall = clock.callLater(
+            leg.serverConnectionDropTimeout, leg.onServerConnectionDropTimeout  # type: ignore[attr-defined]
+        )
 
 
 # The hooks are always combined with an Autobahn protocol; they add nothing to the MRO at run time.

@@ -31,6 +31,7 @@ from twisted.test.iosim import FakeTransport, IOPump, connect
 from zope.interface import implementer
 
 from twisted_gateway._bases import WebSocketServerFactory, WebSocketServerProtocol, WrappingFactory
+from twisted_gateway._compat import timers_on
 from twisted_gateway.interfaces import IUpstreamConnector
 from twisted_gateway.ws_passthrough import unmask
 from twisted_gateway.ws_relay import RelayRegistry
@@ -220,6 +221,7 @@ class MemoryRelay:
         self.net = MemoryNetwork()
         self.clock: IReactorTime = self.net.clock
         self.upstream = upstream if upstream is not None else RecordingUpstream()
+        timers_on(self.upstream, self.clock)
         self.settings = parse_config(config)
         self.gateway = build_gateway(
             self.settings, self.net.clock, connector=self.net.connector(self.upstream), **parts

@@ -51,6 +51,7 @@ from twisted_gateway._compat import (
     ServerLegHooks,
     cancel_close_timers,
     parse_extensions,
+    timers_on,
     with_options,
 )
 from twisted_gateway.ageing import Ageing
@@ -542,6 +543,8 @@ class _UpstreamFactory(WebSocketClientFactory):
     extension_offer = ""
     #: the ``Host`` the route sends (None: the URL's)
     host_value: str | None = None
+    #: the gateway's clock, which Autobahn's timers of the leg run on too
+    clock: IReactorTime
 
 
 class RelayServerFactory(WebSocketServerFactory):
@@ -590,9 +593,12 @@ class RelayServerFactory(WebSocketServerFactory):
             allowNullOrigin=True,
         )
         self.setProtocolOptions(**options)
+        timers_on(self, clock)
         self.protocol = with_options(RelayServerProtocol, self)
         self._client_template = _UpstreamFactory(url="ws://upstream/", useragent=None)
         self._client_template.noisy = False
+        self._client_template.clock = clock
+        timers_on(self._client_template, clock)
         self._client_template.setProtocolOptions(
             maxMessagePayloadSize=gateway.ws_max_message_size_upstream
             or gateway.ws_max_message_size,

@@ -13,7 +13,7 @@ only 1000 and 3000-4999).
 from __future__ import annotations
 
 from collections import deque
-from typing import Any
+from typing import Any, Protocol
 
 from autobahn.websocket.protocol import WebSocketProtocol
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime, ITransport
@@ -28,6 +28,7 @@ from twisted_gateway._compat import (
     parser_idle,
     queued_sends,
     server_drop_wait,
+    server_drop_wait_on,
     write_now,
 )
 from twisted_gateway.sockets import cap_receive_buffer, timed_out
@@ -93,6 +94,12 @@ class RelayRegistry:
 # -- the relay legs -----------------------------------------------------------
 
 
+class _Clocked(Protocol):
+    """A leg's factory: the gateway's clock."""
+
+    clock: IReactorTime
+
+
 class _RelayLeg(Passthrough, LegHooks):
     """Forwarding shared by both legs; ``partner`` is the other leg once both are open
     (Autobahn already uses ``peer`` for the remote address)."""
@@ -117,6 +124,8 @@ class _RelayLeg(Passthrough, LegHooks):
 
     #: (the Twisted protocol's, which every leg also is)
     transport: ITransport | None
+    #: the route's RelayServerFactory or the upstream leg's factory, both on the gateway's clock
+    factory: _Clocked
 
     # Autobahn's versions of these two build debug-log arguments on every call.
 
@@ -192,7 +201,7 @@ class _RelayLeg(Passthrough, LegHooks):
         # A reply to a close the gateway sent (because the other leg closed)
         # is not relayed again.
         relay = not self.closedByMe
-        failed = _accept_close_frame(self, code, reasonRaw)
+        failed = _accept_close_frame(self, code, reasonRaw, self.factory.clock)
         peer = self.partner
         if relay and not failed and not failed_by_me(self) and peer is not None and peer.state == OPEN:
             self.pair.record_end(self.side, self.remoteCloseCode)
@@ -255,13 +264,16 @@ class _Throttle:
         self.leg.timed_out = timed_out(self.leg.transport)
 
 
-def _accept_close_frame(proto: WebSocketProtocol, code: int | None, reasonRaw: bytes | None) -> bool | None:
+def _accept_close_frame(
+    proto: WebSocketProtocol, code: int | None, reasonRaw: bytes | None, clock: IReactorTime | None = None
+) -> bool | None:
     """
     Autobahn's close-frame handling, also accepting 1014 (Bad Gateway, in the
     IANA registry of RFC 6455 close codes, unknown to Autobahn's list).
     Autobahn starts its wait for the server's drop on every close frame a
     client leg takes while closing: a second one (a peer answering the close
     that failed its first) replaces the first wait, which nothing would cancel.
+    With ``clock``, the wait runs on it (Autobahn starts it on the global reactor).
     """
     # (Autobahn annotates code and reason without None, which a close frame may carry)
     waiting = server_drop_wait(proto)
@@ -271,8 +283,12 @@ def _accept_close_frame(proto: WebSocketProtocol, code: int | None, reasonRaw: b
         failed = WebSocketProtocol.onCloseFrame(proto, 1000, reasonRaw)  # type: ignore[arg-type]
         if not failed:
             proto.remoteCloseCode = 1014
-    if waiting is not None and waiting is not server_drop_wait(proto) and waiting.active():
-        waiting.cancel()
+    started = server_drop_wait(proto)
+    if started is not waiting:
+        if waiting is not None and waiting.active():
+            waiting.cancel()
+        if started is not None and clock is not None:
+            server_drop_wait_on(proto, clock)
     return failed
 
 
