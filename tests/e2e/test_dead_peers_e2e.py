@@ -264,7 +264,7 @@ def test_with_pings_off_a_client_that_stops_reading_is_let_go_after_ws_send_time
         upstream_script=FLOOD_SCRIPT,
         client_script=STALLED_CLIENT_SCRIPT,
         keepalive="off",
-        extra="ws_send_timeout = 3\n",
+        extra="ws_send_timeout = 1\n",
     ) as run:
         assert _close(run.upstream) == ["1001", "client stopped reading"]
         # pings off and tcp_keepalive = off: started, with a warning
