@@ -414,6 +414,25 @@ def test_no_response_head_within_request_timeout_is_504():
     assert gateway.clock.getDelayedCalls() == []
 
 
+@pytest.mark.parametrize("gateway_request", [False, True])
+def test_a_client_leaving_before_the_head_cancels_the_upstream_request_and_is_logged(gateway_request):
+    """A GatewayRequest tells the forwarding itself; a plain Request is watched through notifyFinish."""
+    upstream = Silent()
+    gateway = Gateway(upstream)
+    if gateway_request:
+        gateway.site.requestFactory = GatewayRequest.for_settings(gateway.settings)
+    with capturedLogs() as events:
+        gateway.request(b"GET /a HTTP/1.1\r\nHost: gw\r\n\r\n")
+        assert upstream.lost == []
+        gateway.protocol.connectionLost(Failure(ConnectionDone()))
+        gateway.pump()
+    assert len(upstream.lost) == 1  # the upstream request was cancelled
+    [access] = [e for e in events if e.get("log_namespace") == "twisted_gateway.access"]
+    assert (access["status"], access["outcome"]) == (499, "client_gone")
+    gateway.forwarder.close()
+    assert gateway.clock.getDelayedCalls() == []
+
+
 def test_forward_refuses_large_bodies_even_without_gateway_request(echo):
     """Mounted in a plain Site, bodies over max_body_size still get 413, upstream untouched."""
     gateway = Gateway(echo, GatewaySettings(max_body_size=10))

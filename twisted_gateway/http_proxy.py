@@ -516,8 +516,9 @@ class _Forwarding:
         self._candidates: Iterator[Instance] = iter(())
         self._instance: Instance | None = None
         self._upload: _Upload | StreamingBody | None = None
-        #: the head to come (cancel() gives up on it)
+        #: the head to come (cancel() gives up on it), and which sending it answers
         self.head: Answer | Deferred[None] | None = None
+        self._attempt = self._answered = 0
         self.relay: _BodyRelay | None = None
 
     def start(self, extra_headers: Sequence[tuple[bytes, bytes]], drop_headers: frozenset[bytes]) -> None:
@@ -558,6 +559,7 @@ class _Forwarding:
             self._upload = _Upload(request.content, cooperator=self._forwarder._cooperator)
         instance.acquire()
         forwarder = self._forwarder
+        attempt = self._attempt = self._attempt + 1
         head = forwarder._send(
             request,
             upstream_url(instance.url, self._path, self._query).encode("ascii"),
@@ -567,11 +569,12 @@ class _Forwarding:
             self._got_head,
             self._head_failed,
         )
-        if not head.called:  # (else answered already, and maybe sent again elsewhere)
+        if self._answered < attempt == self._attempt:
+            # not answered already (a Deferred may be "called" and still wait on another)
             self.head = head
 
     def _head_failed(self, reason: Failure) -> None:
-        self.head = None
+        self.head, self._answered = None, self._attempt
         request, instance = self._request, self._instance
         try:
             try:
@@ -616,7 +619,7 @@ class _Forwarding:
             self._release()
 
     def _got_head(self, response: IResponse) -> None:
-        self.head = None
+        self.head, self._answered = None, self._attempt
         request, instance = self._request, self._instance
         assert instance is not None
         try:
