@@ -183,10 +183,10 @@ def json_line(when: float, fields: Mapping[str, str], status: int, sent: int, du
         return _escaped_json_line(when, values, status, sent, duration, outcome)
     method, path, query, target, route, upstream, peer = values
     global _last_iso_second
+    last = _last_iso_second
     second = int(when)
     micros = round((when - second) * 1e6)
-    last = _last_iso_second
-    if last[0] != second or not 0 <= micros < 1000000:
+    if last[0] != second or micros >= 1000000 or micros < 0:
         stamp = iso_time(when)  # a new second (or one rounded up to the next)
         if 0 <= micros < 1000000:
             _last_iso_second = last = (second, stamp[:-8])
@@ -195,8 +195,9 @@ def json_line(when: float, fields: Mapping[str, str], status: int, sent: int, du
     label = logs.worker_label
     worker = "" if label is None else '"worker":%s,' % json.dumps(label)
     code, size = _DECIMAL.get(status) or str(status), str(sent)  # each written twice
+    high, low = divmod(micros, 1000)  # written from a table: a "06d" format costs more
     return (
-        f'{{"time":"{last[1]}.{micros:06d}Z",{_LEVEL_NAMESPACE}"message":"{method} {target} {code} {size} {duration:.3f}s {upstream}",'
+        f'{{"time":"{last[1]}.{_DIGITS[high]}{_DIGITS[low]}Z",{_LEVEL_NAMESPACE}"message":"{method} {target} {code} {size} {duration:.3f}s {upstream}",'
         f'{worker}"status":{code},"bytes":{size},"duration":{duration!r},"outcome":"{outcome}",'
         f'"method":"{method}","path":"{path}","query":"{query}","target":"{target}","route":"{route}",'
         f'"upstream":"{upstream}","peer":"{peer}",{_SOURCE_FORMAT}}}\n'
@@ -206,6 +207,8 @@ def json_line(when: float, fields: Mapping[str, str], status: int, sent: int, du
 _last_iso_second: tuple[int | None, str] = (None, "")
 #: Status codes as text, made once.
 _DECIMAL = {code: str(code) for code in range(100, 600)}
+#: 000 to 999, for the microseconds of a time stamp.
+_DIGITS = [f"{n:03d}" for n in range(1000)]
 
 
 def _escaped_json_line(
