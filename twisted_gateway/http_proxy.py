@@ -36,7 +36,7 @@ from twisted.internet.interfaces import (
     IStreamClientEndpoint,
     ITCPTransport,
 )
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import Cooperator, TaskFinished
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -365,7 +365,7 @@ class _BodyRelay(Protocol):
         self.sent += len(data)
         self._request.write(data)
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._over:
             return
         self._over = True
@@ -555,8 +555,10 @@ class _Forwarding:
         if self._stream is not None:
             self._upload = self._stream
         elif self._size:
-            request.content.seek(0)
-            self._upload = _Upload(request.content, cooperator=self._forwarder._cooperator)
+            content = request.content
+            assert content is not None  # it has a size
+            content.seek(0)
+            self._upload = _Upload(content, cooperator=self._forwarder._cooperator)
         instance.acquire()
         forwarder = self._forwarder
         attempt = self._attempt = self._attempt + 1
@@ -579,6 +581,7 @@ class _Forwarding:
         try:
             try:
                 error = reason.value
+                assert error is not None  # (a Failure always holds its exception)
                 if not isinstance(error, CancelledError):
                     # the cause stays attached: faults.classify judges it, not the answer
                     cause, error = error, upstream_failure(error, self._forwarder._settings)
