@@ -22,7 +22,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from twisted_gateway._bases import Resource
 from twisted_gateway.cluster import Cluster, JSONObject
-from twisted_gateway.errors import BadRequest, GatewayError, NotFound, render_error
+from twisted_gateway.errors import BadRequest, GatewayError, NotFound, render_error, render_json
 
 log = Logger()
 
@@ -146,9 +146,7 @@ def _json_body(request: Request) -> JSONObject:
 def _answer(request: Request, status: int, body: JSONObject) -> None:
     if request.finished or request._disconnected:
         return
-    request.setResponseCode(status)
-    request.setHeader(b"content-type", b"application/json")
-    request.write(json.dumps(body).encode() + b"\n")
+    request.write(render_json(request, status, body))
     request.finish()
 
 

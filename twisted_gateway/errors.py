@@ -122,3 +122,10 @@ def render_error(request: Request, error: GatewayError) -> bytes:
     for name, value in error.headers:
         request.responseHeaders.addRawHeader(name, value)
     return error.body()
+
+
+def render_json(request: Request, status: int, body: object) -> bytes:
+    """Set the status and JSON content type on a twisted.web request; return the body."""
+    request.setResponseCode(status)
+    request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
+    return json.dumps(body).encode() + b"\n"

@@ -10,7 +10,6 @@ reactor, and the result can be mounted under any path of an existing ``Site``.
 
 from __future__ import annotations
 
-import json
 from twisted.internet.defer import CancelledError
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -23,7 +22,7 @@ from twisted_gateway._bases import Resource
 from twisted_gateway.admin import ADMIN_PAGES, is_admin
 from twisted_gateway.config import RouteSettings, Settings
 from twisted_gateway.deferreds import start
-from twisted_gateway.errors import BadRequest, GatewayError, NotFound, render_error
+from twisted_gateway.errors import BadRequest, GatewayError, NotFound, render_error, render_json
 from twisted_gateway.gateway import Gateway, build_gateway
 from twisted_gateway.headers import (
     check_utf8_values,
@@ -150,25 +149,25 @@ class GatewayResource(Resource):
                     websockets=self.gateway.worker_stats.websockets(),
                     worker_websockets=len(self.gateway.registry.pairs),
                 )
-            return _json(request, 200, status)
+            return render_json(request, 200, status)
         if path == b"/readyz":
             if self.gateway.draining:
-                return _json(request, 503, {"status": "draining"})
+                return render_json(request, 503, {"status": "draining"})
             stats = self.gateway.worker_stats
             if stats is not None and stats.ready_workers() < stats.workers:
                 detail = f"{stats.ready_workers()} of {stats.workers} workers ready"
-                return _json(request, 503, {"status": "not_ready", "detail": detail})
+                return render_json(request, 503, {"status": "not_ready", "detail": detail})
             if self.gateway.authenticator is not None and not self.gateway.authenticator.ready():
                 detail = "the JWKS has not been fetched yet"
-                return _json(request, 503, {"status": "not_ready", "detail": detail})
+                return render_json(request, 503, {"status": "not_ready", "detail": detail})
             if not self.gateway.cluster.ready:
                 detail = "the revocations are not loaded from the cluster's Redis yet"
-                return _json(request, 503, {"status": "not_ready", "detail": detail})
+                return render_json(request, 503, {"status": "not_ready", "detail": detail})
             for name, pool in self.gateway.pools.items():
                 if not any(instance.state == UP for instance in pool.instances):
                     detail = f"route {name!r} has no healthy upstream instance"
-                    return _json(request, 503, {"status": "not_ready", "detail": detail})
-            return _json(request, 200, {"status": "ready"})
+                    return render_json(request, 503, {"status": "not_ready", "detail": detail})
+            return render_json(request, 200, {"status": "ready"})
         if path in ADMIN_PAGES and self.serve_admin_pages:
             if not self._is_admin(request):
                 raise NotFound(f"no route for {path.decode('ascii')}")
@@ -286,12 +285,6 @@ def _below_mount_point(path: bytes, depth: int) -> bytes:
         return path
     segments = path.split(b"/")
     return b"/" + b"/".join(segments[depth + 1 :])
-
-
-def _json(request: Request, status: int, body: dict[str, object]) -> bytes:
-    request.setResponseCode(status)
-    request.setHeader(b"content-type", b"application/json")
-    return json.dumps(body).encode() + b"\n"
 
 
 def _log_unless_cancelled(failure: Failure) -> None:

@@ -22,6 +22,7 @@ from twisted.web.server import Request
 
 from twisted_gateway import __version__
 from twisted_gateway._bases import Resource
+from twisted_gateway.errors import render_json
 from twisted_gateway.metrics import Metrics, RouteCounters, upstream_label
 
 if TYPE_CHECKING:
@@ -228,11 +229,9 @@ class StatusJSONResource(Resource):
         self.status = status
 
     def render_GET(self, request: Request) -> bytes:
-        import json
-
-        request.setHeader(b"content-type", b"application/json")
+        body = render_json(request, 200, self.status.document())
         request.setHeader(b"cache-control", b"no-store")
-        return json.dumps(self.status.document()).encode() + b"\n"
+        return body
 
 
 class StatusPageResource(Resource):
