@@ -25,7 +25,7 @@ import sys
 from typing import Callable, Mapping
 
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
+from twisted_gateway.periodic import Periodic
 
 #: Blocks this large or larger get their own mapping (glibc's own starting value).
 MMAP_THRESHOLD = 128 * 1024
@@ -61,9 +61,7 @@ class Trimmer:
     """Every ``interval`` s, ``trim()`` (glibc's ``malloc_trim(0)``) until :meth:`stop`."""
 
     def __init__(self, clock: IReactorTime, trim: Callable[[], object], interval: float = TRIM_INTERVAL) -> None:
-        self._loop = LoopingCall(trim)
-        self._loop.clock = clock
-        self._interval = interval
+        self._loop = Periodic(clock, interval, trim)
 
     @classmethod
     def for_glibc(cls, clock: IReactorTime) -> Trimmer | None:
@@ -72,9 +70,7 @@ class Trimmer:
         return None if libc is None else cls(clock, lambda: libc.malloc_trim(0))
 
     def start(self) -> None:
-        if not self._loop.running:
-            self._loop.start(self._interval, now=False)
+        self._loop.start()
 
     def stop(self) -> None:
-        if self._loop.running:
-            self._loop.stop()
+        self._loop.stop()

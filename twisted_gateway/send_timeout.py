@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Callable
 
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
+from twisted_gateway.periodic import Periodic
 
 from twisted_gateway.sockets import send_state, tcp_transport
 from twisted_gateway.ws_relay import OPEN, RelayRegistry
@@ -62,18 +62,14 @@ class SendTimeout:
         self.registry, self.clock, self.timeout = registry, clock, timeout
         self.probe = probe
         self.tick = min(timeout / 4, MAX_TICK)
-        self._loop: LoopingCall | None = None
+        self._loop = Periodic(clock, self.tick, self.check)
 
     def start(self) -> None:
-        if self.timeout > 0 and self._loop is None:
-            self._loop = LoopingCall(self.check)
-            self._loop.clock = self.clock
-            self._loop.start(self.tick, now=False)
+        if self.timeout > 0:
+            self._loop.start()
 
     def stop(self) -> None:
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-        self._loop = None
+        self._loop.stop()
 
     def check(self) -> None:
         """One look at every open leg."""

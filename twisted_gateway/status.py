@@ -17,7 +17,7 @@ from importlib.resources import files
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
+from twisted_gateway.periodic import Periodic
 from twisted.web.server import Request
 
 from twisted_gateway import __version__
@@ -140,16 +140,13 @@ class Status:
         self._role = role
         self.started = clock.seconds()
         self._samples: deque[_Sample] = deque()
-        self._sampler = LoopingCall(self.sample)
-        self._sampler.clock = clock
+        self._sampler = Periodic(clock, SAMPLE_INTERVAL, self.sample, now=True)
 
     def start(self) -> None:
-        if not self._sampler.running:
-            self._sampler.start(SAMPLE_INTERVAL, now=True)
+        self._sampler.start()
 
     def stop(self) -> None:
-        if self._sampler.running:
-            self._sampler.stop()
+        self._sampler.stop()
 
     def _totals(self) -> dict[str, Totals]:
         return {r.name: route_totals(r) for r in self.metrics.routes}

@@ -25,7 +25,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
+from twisted_gateway.periodic import Periodic
 
 from twisted_gateway._bases import Service
 
@@ -139,16 +139,14 @@ class WorkerStats(Service):
         self.own = own
         self.path = worker_file(directory, os.getpid())
         self._published: list[dict[str, Any]] | None = None
-        self._loop = LoopingCall(self.publish)
-        self._loop.clock = clock
+        self._loop = Periodic(clock, PUBLISH_INTERVAL, self.publish, now=True)
 
     def startService(self) -> None:
         super().startService()
-        self._loop.start(PUBLISH_INTERVAL, now=True)
+        self._loop.start()
 
     def stopService(self) -> Deferred[None] | None:
-        if self._loop.running:
-            self._loop.stop()
+        self._loop.stop()
         self.publish()
         return super().stopService()
 

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 from autobahn.websocket.protocol import WebSocketProtocol
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime, ITransport
-from twisted.internet.task import LoopingCall
+from twisted_gateway.periodic import Periodic
 from zope.interface import implementer
 
 from twisted_gateway._compat import (
@@ -305,22 +305,18 @@ class KeepAlive:
     def __init__(self, registry: RelayRegistry, clock: IReactorTime, interval: float, timeout: float) -> None:
         self.registry, self.clock = registry, clock
         self.interval, self.timeout = interval, timeout
-        self._loop: LoopingCall | None = None
+        self._loop = Periodic(clock, interval, self._ping_all)
         self._check: IDelayedCall | None = None
         #: (deadline, round number, legs pinged in that round), oldest first
         self._rounds: deque[tuple[float, int, list[_RelayLeg]]] = deque()
         self._round = 0
 
     def start(self) -> None:
-        if self.interval > 0 and self._loop is None:
-            self._loop = LoopingCall(self._ping_all)
-            self._loop.clock = self.clock
-            self._loop.start(self.interval, now=False)
+        if self.interval > 0:
+            self._loop.start()
 
     def stop(self) -> None:
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-        self._loop = None
+        self._loop.stop()
         if self._check is not None and self._check.active():
             self._check.cancel()
         self._check = None
