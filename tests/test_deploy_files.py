@@ -14,10 +14,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from twisted_gateway import metrics
+import twisted_gateway
+from twisted_gateway.metrics import GatewayCollector, Metrics
 
 DEPLOY = Path(__file__).parents[1] / "deploy"
-PACKAGE = Path(metrics.__file__).parent
+PACKAGE = Path(twisted_gateway.__file__).parent
 TWISTD = str(Path(sys.executable).parent / "twistd")
 TIMEOUT = 60  # a guard against a hang, not a limit
 
@@ -37,7 +38,7 @@ def _exposed_names() -> set[str]:
     """Every metric family the gateway defines, as its samples are named on /metrics."""
     families = set(re.findall(r'"(wsgateway_[a-z_]+)"', "".join(
         path.read_text() for path in PACKAGE.glob("*.py"))))
-    assert {family.name for family in metrics._families()} <= families
+    assert {family.name for family in GatewayCollector(Metrics()).describe()} <= families
     suffixes = ("", "_total", "_bucket", "_sum", "_count", "_created")
     return {name + suffix for name in families for suffix in suffixes}
 
