@@ -10,7 +10,7 @@ these tests show where a request is routed without depending on the proxy.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 import pytest
 import pytest_twisted
@@ -125,6 +125,17 @@ async def _start_mounted(config: str, **kwargs: Any) -> Gateway:
     return Gateway(await listen(site), resource)
 
 
+async def _exchange(start: Callable[..., Awaitable[Gateway]], request: bytes) -> tuple[bytes, list[Any]]:
+    """``request`` sent raw to a gateway ``start`` built: the raw answer and what was forwarded."""
+    forwarder = RecordingForwarder()
+    gw = await start(_config(), forwarder=forwarder)
+    try:
+        raw = await _raw_exchange(gw.number, request)
+    finally:
+        await gw.close()
+    return raw, forwarder.calls
+
+
 async def _close_ws(gw: Gateway, client) -> None:
     if client.state != WebSocketProtocol.STATE_CLOSED:
         client.sendClose(1000)
@@ -167,17 +178,12 @@ async def test_a_path_no_route_serves_is_404_json(path):
 )
 async def test_a_path_climbing_above_root_is_400_json(path):
     """``GET /../etc`` sent as raw bytes is refused with a JSON 400; nothing is forwarded."""
-    forwarder = RecordingForwarder()
-    gw = await start_gateway(_config(), forwarder=forwarder)
-    try:
-        raw = await _raw_exchange(gw.number, b"GET " + path + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-    finally:
-        await gw.close()
+    raw, forwarded = await _exchange(start_gateway, b"GET " + path + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
     status, document = http_error(raw)
     assert status == 400
     assert document["error"] == "bad_request"
     assert b"content-type: application/json" in raw.lower()
-    assert forwarder.calls == []
+    assert forwarded == []
 
 
 @pytest_twisted.ensureDeferred
@@ -192,14 +198,9 @@ async def test_a_path_climbing_above_root_is_400_json(path):
 )
 async def test_the_normalised_path_is_routed_and_forwarded(target, route, path, query):
     """The route that was checked is the route that serves: dot segments resolve first."""
-    forwarder = RecordingForwarder()
-    gw = await start_gateway(_config(), forwarder=forwarder)
-    try:
-        raw = await _raw_exchange(gw.number, b"GET " + target + b" HTTP/1.1\r\nHost: h\r\n\r\n")
-    finally:
-        await gw.close()
+    raw, forwarded = await _exchange(start_gateway, b"GET " + target + b" HTTP/1.1\r\nHost: h\r\n\r\n")
     assert raw.startswith(b"HTTP/1.1 200 ")
-    assert forwarder.calls == [(route, "http://127.0.0.1:1", path, query)]
+    assert forwarded == [(route, "http://127.0.0.1:1", path, query)]
 
 
 @pytest_twisted.ensureDeferred
@@ -269,27 +270,17 @@ async def test_mounted_gateway_answers_health_and_404_below_its_mount_point():
 )
 async def test_mounted_gateway_routes_the_path_below_its_mount_point(target, route, path, query):
     """The upstream sees the path below /gw, normalised, with the original query."""
-    forwarder = RecordingForwarder()
-    gw = await _start_mounted(_config(), forwarder=forwarder)
-    try:
-        raw = await _raw_exchange(gw.number, b"GET " + target + b" HTTP/1.1\r\nHost: h\r\n\r\n")
-    finally:
-        await gw.close()
+    raw, forwarded = await _exchange(_start_mounted, b"GET " + target + b" HTTP/1.1\r\nHost: h\r\n\r\n")
     assert raw.startswith(b"HTTP/1.1 200 ")
-    assert forwarder.calls == [(route, "http://127.0.0.1:1", path, query)]
+    assert forwarded == [(route, "http://127.0.0.1:1", path, query)]
 
 
 @pytest_twisted.ensureDeferred
 async def test_mounted_gateway_does_not_let_a_path_climb_out_of_its_mount_point():
     """``/gw/../etc`` cannot reach outside the gateway: JSON 400, nothing forwarded."""
-    forwarder = RecordingForwarder()
-    gw = await _start_mounted(_config(), forwarder=forwarder)
-    try:
-        raw = await _raw_exchange(gw.number, _get("/gw/../etc"))
-    finally:
-        await gw.close()
+    raw, forwarded = await _exchange(_start_mounted, _get("/gw/../etc"))
     assert http_error(raw)[0] == 400
-    assert forwarder.calls == []
+    assert forwarded == []
 
 
 @pytest_twisted.ensureDeferred
