@@ -123,10 +123,18 @@ async def tls_upstream(later, issued: Issued, kind: str, *, client_ca: Authority
 
 async def tls_gateway(later, pki: PKI, upstream_port: int, route: str = "") -> int:
     """A GatewayService listening on ``ssl:0`` for one route to ``https://127.0.0.1:PORT``."""
+    return (await tls_service(later, pki, upstream_port, route))[1]
+
+
+async def tls_service(
+    later, pki: PKI, upstream_port: int, route: str = "", gateway: str = ""
+) -> tuple[GatewayService, int]:
+    """:func:`tls_gateway`'s service, with ``gateway`` added to its [gateway] section, and its port."""
     settings = parse_config(
         f"""
 [gateway]
 listen = {pki.listen_description()}
+{gateway}
 ws_open_timeout = 5
 connect_timeout = 5
 request_timeout = 5
@@ -142,7 +150,7 @@ upstream = https://{LOCALHOST}:{upstream_port}
     service.startService()
     later(service.stopService)
     port = await service.listeners[0].when_listening()
-    return port.getHost().port
+    return service, port.getHost().port
 
 
 def _client_tls(ca: Authority, protocols: list[bytes] | None = None):
@@ -354,22 +362,7 @@ async def test_alpn_ignores_a_site_that_offers_h2(pki, later):
 async def test_a_wss_client_holds_one_counted_connection_until_it_closes(pki, later):
     """The connection cap counts below TLS: a WebSocket hand-over keeps its slot, and frees it on close."""
     upstream = await tls_upstream(later, pki.upstream, "ws")
-    settings = parse_config(
-        f"""
-[gateway]
-listen = {pki.listen_description()}
-
-[route:chat]
-prefix = /v1/chat
-upstream = https://{LOCALHOST}:{upstream.port_number}
-ca_file = {pki.ca_file}
-"""
-    )
-    service = GatewayService(build_gateway(settings, reactor), reactor)
-    service.privilegedStartService()
-    service.startService()
-    later(service.stopService)
-    port = (await service.listeners[0].when_listening()).getHost().port
+    service, port = await tls_service(later, pki, upstream.port_number, f"ca_file = {pki.ca_file}")
     door = service.front_door
     client = await wss_attempt(later, pki.ca, port)
     await client.opened
@@ -384,23 +377,9 @@ ca_file = {pki.ca_file}
 async def test_past_the_cap_an_https_client_gets_503_overloaded_over_tls(pki, later):
     """A refusal on a TLS listener is a TLS answer, not plain text on a TLS socket."""
     upstream = await tls_upstream(later, pki.upstream, "ws")
-    settings = parse_config(
-        f"""
-[gateway]
-listen = {pki.listen_description()}
-max_client_connections = 1
-
-[route:chat]
-prefix = /v1/chat
-upstream = https://{LOCALHOST}:{upstream.port_number}
-ca_file = {pki.ca_file}
-"""
+    _, port = await tls_service(
+        later, pki, upstream.port_number, f"ca_file = {pki.ca_file}", gateway="max_client_connections = 1"
     )
-    service = GatewayService(build_gateway(settings, reactor), reactor)
-    service.privilegedStartService()
-    service.startService()
-    later(service.stopService)
-    port = (await service.listeners[0].when_listening()).getHost().port
     client = await wss_attempt(later, pki.ca, port)
     await client.opened
     response = await https_client(later, pki.ca).get(f"https://{LOCALHOST}:{port}/healthz")
