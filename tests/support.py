@@ -309,6 +309,13 @@ def parse_response(raw: bytes) -> tuple[int, bytes, list[tuple[bytes, bytes]], b
     return int(code), reason, headers, rest, True
 
 
+def echo_answer(request: Any, **fields: Any) -> bytes:
+    """An echo upstream's JSON answer: the request's method, URI and headers, and ``fields``."""
+    request.setHeader(b"content-type", b"application/json")
+    headers = [[k.decode().lower(), v.decode()] for k, vs in request.requestHeaders.getAllRawHeaders() for v in vs]
+    return json.dumps({"method": request.method.decode(), "uri": request.uri.decode(), "headers": headers, **fields}).encode()
+
+
 def http_error(raw: bytes) -> tuple[int, dict]:
     """Status and JSON body of a raw HTTP error response."""
     head, _, body = raw.partition(b"\r\n\r\n")

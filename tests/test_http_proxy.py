@@ -46,6 +46,7 @@ from twisted_gateway.http_proxy import (
 )
 from twisted_gateway.routing import normalize_path, split_uri
 
+from tests.support import echo_answer
 from tests.support import parse_response as http_response
 
 UPSTREAM = "http://upstream.test:8000"
@@ -147,19 +148,7 @@ class Echo(Resource):
     def render(self, request):
         body = request.content.read()
         self.seen.append(request)
-        request.setHeader(b"content-type", b"application/json")
-        return json.dumps(
-            {
-                "method": request.method.decode(),
-                "uri": request.uri.decode(),
-                "headers": [
-                    [k.decode().lower(), v.decode()]
-                    for k, vs in request.requestHeaders.getAllRawHeaders()
-                    for v in vs
-                ],
-                "body": body.decode("latin-1"),
-            }
-        ).encode()
+        return echo_answer(request, body=body.decode("latin-1"))
 
 
 class Canned(Resource):

@@ -35,7 +35,7 @@ from twisted_gateway.errors import GatewayError, render_error
 from twisted_gateway.http_proxy import GatewayRequest, HTTPForwarder
 from twisted_gateway.routing import normalize_path, split_uri
 
-from tests.support import connections_to, parse_response, settle
+from tests.support import connections_to, echo_answer, parse_response, settle
 
 GZIPPED = gzip.compress(b"hello gzip " * 200, mtime=0)
 
@@ -155,21 +155,12 @@ class TwistedUpstream(Resource):
 
     def answer_echo(self, request):
         body = request.content.read()
-        request.setHeader(b"content-type", b"application/json")
-        return json.dumps(
-            {
-                "method": request.method.decode(),
-                "uri": request.uri.decode(),
-                "headers": [
-                    [k.decode().lower(), v.decode()]
-                    for k, vs in request.requestHeaders.getAllRawHeaders()
-                    for v in vs
-                ],
-                "body_sha256": hashlib.sha256(body).hexdigest(),
-                "body_length": len(body),
-                "peer_port": request.getClientAddress().port,
-            }
-        ).encode()
+        return echo_answer(
+            request,
+            body_sha256=hashlib.sha256(body).hexdigest(),
+            body_length=len(body),
+            peer_port=request.getClientAddress().port,
+        )
 
     def answer_gzip(self, request):
         seen = request.getHeader(b"accept-encoding") or b"none"
