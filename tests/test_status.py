@@ -14,6 +14,7 @@ from twisted_gateway.gateway import build_gateway
 from twisted_gateway.resource import build_gateway_resource
 from twisted_gateway.status import (
     SAMPLE_INTERVAL,
+    Status,
     Totals,
     closes_since,
     rates,
@@ -89,9 +90,8 @@ def test_the_status_document_shows_instances_rates_and_the_last_minutes_closes()
     clock = MemoryReactorClock()
     clock.advance(1000)
     gateway = build_gateway(parse_config(CONFIG), clock)
-    status = gateway.status
-    status._files = lambda: (42, 1024)
-    gateway.status.start()
+    status = Status(gateway.metrics, gateway.pools, {"chat": "/v1/chat"}, clock, files=lambda: (42, 1024))
+    status.start()
     try:
         metrics = gateway.metrics
         for _ in range(20):
@@ -126,7 +126,7 @@ def test_the_status_document_shows_instances_rates_and_the_last_minutes_closes()
             clock.advance(SAMPLE_INTERVAL)
         assert status.document()["routes"][0]["closes_last_minute"] == {}
     finally:
-        gateway.status.stop()
+        status.stop()
     assert clock.getDelayedCalls() == []
 
 
