@@ -28,12 +28,12 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from twisted.internet.defer import Deferred, TimeoutError as DeferredTimeout
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from twisted_gateway.errors import GatewayError
 from twisted_gateway.interfaces import IAuthenticator
+from twisted_gateway.periodic import Periodic
 from twisted_gateway.revocations import Revocations, matches
 from twisted_gateway.schema import ClusterSettings, ConfigError, parse_redis_url, read_section
 
@@ -178,7 +178,7 @@ class Cluster:
         self._factories: list[Any] = []
         #: without [cluster], with workers > 1: this worker's link to the supervisor's hub
         self.link: Link | None = None
-        self._loop: LoopingCall | None = None
+        self._loop = Periodic(self.clock, HEARTBEAT, self._heartbeat)
         self._start_check: IDelayedCall | None = None
         #: request id -> (answers expected, answers, Deferred)
         self._waiting: dict[str, tuple[int, list[JSONObject], Deferred[list[JSONObject]]]] = {}
@@ -219,9 +219,7 @@ class Cluster:
             on_message=self._message,
             clock=self.clock,
         )
-        self._loop = LoopingCall(self._heartbeat)
-        self._loop.clock = self.clock
-        self._loop.start(HEARTBEAT, now=False)
+        self._loop.start()
         self._start_check = self.clock.callLater(CALL_TIMEOUT, self._not_yet_connected)
         log.info(
             "cluster: node {node} joining through Redis {host}:{port} (on_redis_down = {policy})",
@@ -234,9 +232,7 @@ class Cluster:
 
     async def stop(self) -> None:
         """Leave: stop the heartbeat, take this worker's counts and heartbeat out, disconnect."""
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-        self._loop = None
+        self._loop.stop()
         if self._start_check is not None and self._start_check.active():
             self._start_check.cancel()
         self._start_check = None
