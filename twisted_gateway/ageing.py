@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Callable, TypeVar
 from twisted.internet.interfaces import IReactorTime
 
 if TYPE_CHECKING:
-    from twisted_gateway.ws_pair import Pair
+    from twisted_gateway.interfaces import LiveSession
 
 _T = TypeVar("_T")
 
@@ -43,7 +43,7 @@ class Ageing:
         self.max_age = max_age
         self._draw = draw
 
-    def watch(self, pair: Pair) -> None:
+    def watch(self, pair: LiveSession) -> None:
         """Close ``pair`` (``close_both``) once it reaches its age limit, unless it ends before."""
         if not self.max_age:
             return

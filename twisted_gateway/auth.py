@@ -32,10 +32,11 @@ from twisted_gateway.errors import GatewayError
 from twisted_gateway.headers import cookie_value
 from twisted_gateway.identity import Identity
 from twisted_gateway.interfaces import IAuthenticator
-from twisted_gateway.jwks import FetchFailed, KeySet, PublicKey, parse_jwks
+from twisted_gateway.jwks import FetchFailed, KeySet, parse_jwks
 from twisted_gateway.routing import query_fields, query_value
 from twisted_gateway.schema import (
     HMAC_ALGORITHMS,
+    PublicKey,
     AuthSettings,
     ConfigError,
     RouteSettings,

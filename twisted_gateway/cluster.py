@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from twisted_gateway.metrics import Metrics
     from twisted_gateway.schema import RouteSettings
     from twisted_gateway.worker_hub import Link
-    from twisted_gateway.ws_pair import Pair
+    from twisted_gateway.interfaces import LiveSession
     from twisted_gateway.ws_relay import RelayRegistry
 
 log = Logger()
@@ -419,7 +419,7 @@ class Cluster:
                 closed += 1
         return closed
 
-    def _close(self, which: Callable[[Pair], bool], close: tuple[int, bytes], reason: str) -> int:
+    def _close(self, which: Callable[[LiveSession], bool], close: tuple[int, bytes], reason: str) -> int:
         closed = 0
         for pair in list(self.registry.pairs):
             if pair.state == pair.STATE_OPEN and which(pair):
@@ -435,9 +435,9 @@ class Cluster:
                 {
                     "id": pair.session_id,
                     "sub": identity.subject if identity is not None else None,
-                    "route": pair.factory.route.name,
+                    "route": pair.route_name,
                     "node": self.node_id,
-                    "peer": pair.context.peer,
+                    "peer": pair.peer,
                     "opened_at": round(pair.opened_at, 3),
                 }
             )
@@ -613,7 +613,7 @@ class Cluster:
                 d.addErrback(lambda f: None)  # rewritten from self.counts at the next reconnect
 
 
-def _claims(pair: Pair) -> Mapping[str, object]:
+def _claims(pair: LiveSession) -> Mapping[str, object]:
     identity = getattr(pair, "identity", None)
     return identity.claims if identity is not None else {}
 

@@ -7,7 +7,7 @@ clock is Twisted's own ``IReactorTime``.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Awaitable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Awaitable, ClassVar, Iterable, Mapping, Protocol, Sequence
 
 from zope.interface import Interface
 
@@ -80,3 +80,27 @@ class IAuthenticator(Interface):
 
     def stop() -> Deferred[None]:
         """Stop what :meth:`start` started; fires when nothing is left running."""
+
+
+class LiveSession(Protocol):
+    """
+    What the owners of a live WebSocket other than the relay see of it (its
+    ageing, revocations, the admin API): :class:`twisted_gateway.ws_pair.Pair`.
+    """
+
+    STATE_OPEN: ClassVar[int]
+    session_id: str
+    identity: Identity | None
+    opened_at: float
+    done: Deferred[None]
+
+    @property
+    def state(self) -> int: ...
+
+    @property
+    def route_name(self) -> str: ...
+
+    @property
+    def peer(self) -> str: ...
+
+    def close_both(self, close: tuple[int, bytes], reason: str = "gateway") -> None: ...

@@ -26,8 +26,6 @@ from twisted.python import usage
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
-    from twisted_gateway.jwks import PublicKey
-
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
 
@@ -556,6 +554,43 @@ class AdminSettings:
     token_source: str | None = key(parse_secret, None, name="token", secret=True)
     #: that secret, once loaded (None: the API is not served)
     token: bytes | None = field(default=None, repr=False)
+
+
+
+_RSA = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})
+_EC_CURVES = {"P-256": "ES256", "P-384": "ES384", "P-521": "ES512", "secp256k1": "ES256K"}
+
+
+@dataclass(frozen=True)
+class PublicKey:
+    """
+    One verification key. A JWK with ``alg`` serves only that algorithm; one
+    without (many providers' default) every algorithm its key type can verify.
+    """
+
+    key: Any  # a ``cryptography`` public key
+    algorithms: frozenset[str]
+
+    @classmethod
+    def from_jwk(cls, jwk: Mapping[str, Any]) -> PublicKey:
+        alg = jwk.get("alg")
+        if alg == "Ed25519":  # RFC 9864's name for EdDSA over Ed25519
+            jwk, alg = {**jwk, "alg": "EdDSA"}, "EdDSA"
+        key = jwt.PyJWK(dict(jwk)).key
+        if alg is not None:
+            if alg == "EdDSA" and jwk.get("crv") == "Ed25519":
+                return cls(key, frozenset({"EdDSA", "Ed25519"}))
+            return cls(key, frozenset({alg}))
+        if jwk.get("kty") == "RSA":
+            return cls(key, _RSA)
+        if jwk.get("kty") == "EC":
+            return cls(key, frozenset({_EC_CURVES[jwk["crv"]]}))
+        if jwk.get("crv") == "Ed25519":
+            return cls(key, frozenset({"EdDSA", "Ed25519"}))
+        return cls(key, frozenset({"EdDSA"}))  # Ed448
+
+    def serves(self, alg: str) -> bool:
+        return alg in self.algorithms
 
 
 @dataclass(frozen=True)

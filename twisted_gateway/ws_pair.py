@@ -12,7 +12,7 @@ send timeout act on pairs.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall
@@ -61,7 +61,7 @@ class Direction:
 class Pair:
     """The two legs of one WebSocket, from the hand-over of the client's request until both are gone."""
 
-    STATE_OPEN = OPEN
+    STATE_OPEN: ClassVar[int] = OPEN
 
     def __init__(self, client: RelayServerProtocol, context: HandshakeContext) -> None:
         self.client = client
@@ -91,6 +91,14 @@ class Pair:
         """The client leg's WebSocket state (the pair is open while it is)."""
         state: int = self.client.state
         return state
+
+    @property
+    def route_name(self) -> str:
+        return self.factory.route.name
+
+    @property
+    def peer(self) -> str:
+        return self.context.peer
 
     def legs(self) -> tuple[_RelayLeg, ...]:
         return (self.client,) if self.upstream is None else (self.client, self.upstream)

@@ -55,7 +55,7 @@ from twisted_gateway._compat import (
     with_options,
 )
 from twisted_gateway.ageing import Ageing
-from twisted_gateway.config import GatewaySettings, RouteSettings
+from twisted_gateway.schema import GatewaySettings, RouteSettings
 from twisted_gateway.errors import (
     BadGateway,
     GatewayError,
