@@ -38,7 +38,8 @@ from twisted_gateway.metrics import UNROUTED, MetricsResource
 from twisted_gateway.routing import RouteTable, check_escaped_path, normalize_path, split_uri
 from twisted_gateway.status import StatusJSONResource, StatusPageResource
 from twisted_gateway.upstreams import UP, UpstreamPool
-from twisted_gateway.ws_proxy import HandshakeContext, hand_over
+from twisted_gateway.ws_pair import HandshakeContext
+from twisted_gateway.ws_proxy import hand_over
 
 #: a request's headers, one (name, value) pair per value
 HeaderPairs = list[tuple[bytes, bytes]]

@@ -12,10 +12,11 @@ send timeout act on pairs.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, ClassVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Sequence
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from twisted_gateway.faults import classify
@@ -39,9 +40,42 @@ from twisted_gateway.ws_relay import (
 if TYPE_CHECKING:
     from twisted_gateway.identity import Identity
     from twisted_gateway.upstreams import Instance
-    from twisted_gateway.ws_proxy import HandshakeContext, RelayClientProtocol, RelayServerFactory, RelayServerProtocol
+    from twisted_gateway.ageing import Ageing
+    from twisted_gateway.cluster import Cluster
+    from twisted_gateway.metrics import Metrics
+    from twisted_gateway.schema import RouteSettings
+    from twisted_gateway.upstreams import UpstreamPool
+    from twisted_gateway.ws_relay import RelayRegistry
 
 access_log = Logger(namespace="twisted_gateway.access")
+
+
+@dataclass(frozen=True)
+class HandshakeContext:
+    """What the resource tree learnt about an upgrade request before handing it over."""
+
+    route: RouteSettings
+    pool: UpstreamPool
+    path: bytes
+    query: bytes
+    peer: str
+    scheme: str
+    host: bytes | None
+    headers: Sequence[tuple[bytes, bytes]]
+    extra_headers: Sequence[tuple[bytes, bytes]] = ()
+
+
+class PairServices(Protocol):
+    """What a pair uses of its route's ``RelayServerFactory``."""
+
+    route: RouteSettings
+    clock: IReactorTime
+    metrics: Metrics
+    registry: RelayRegistry
+    ageing: Ageing
+    cluster: Cluster | None
+    rate_limit: float
+    rate_burst: float
 
 
 class Direction:
@@ -63,10 +97,10 @@ class Pair:
 
     STATE_OPEN: ClassVar[int] = OPEN
 
-    def __init__(self, client: RelayServerProtocol, context: HandshakeContext) -> None:
+    def __init__(self, client: _RelayLeg, context: HandshakeContext, factory: PairServices) -> None:
         self.client = client
-        self.upstream: RelayClientProtocol | None = None
-        self.factory: RelayServerFactory = client.factory
+        self.upstream: _RelayLeg | None = None
+        self.factory = factory
         self.context = context
         #: the id the admin API names this WebSocket by
         self.session_id = os.urandom(8).hex()
@@ -105,7 +139,7 @@ class Pair:
 
     # -- opening --------------------------------------------------------------
 
-    def join(self, upstream: RelayClientProtocol) -> None:
+    def join(self, upstream: _RelayLeg) -> None:
         """The upstream's handshake is done: the legs forward to each other from now on."""
         client, factory = self.client, self.factory
         self.upstream = upstream

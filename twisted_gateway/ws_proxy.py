@@ -14,7 +14,7 @@ from __future__ import annotations
 import base64
 import functools
 import os
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Callable, NoReturn, Sequence, TypeVar
 
 from autobahn.websocket.compress import (
@@ -77,8 +77,8 @@ from twisted_gateway.refusals import Refusal, parse_head, refusal_body
 from twisted_gateway.metrics import Metrics
 from twisted_gateway.routing import upstream_url
 from twisted_gateway.tls import describe_tls_failure
-from twisted_gateway.upstreams import Instance, UpstreamPool
-from twisted_gateway.ws_pair import Pair
+from twisted_gateway.upstreams import Instance
+from twisted_gateway.ws_pair import HandshakeContext, Pair
 from twisted_gateway.ws_relay import (
     CLIENT_LOST,
     CLOSED,
@@ -97,21 +97,6 @@ access_log = Logger(namespace="twisted_gateway.access")
 _T = TypeVar("_T")
 #: What ``onConnect`` answers the client with: the subprotocol and extra headers.
 _Accept = tuple["str | None", "dict[str, str]"]
-
-@dataclass(frozen=True)
-class HandshakeContext:
-    """What the resource tree learnt about an upgrade request before handing it over."""
-
-    route: RouteSettings
-    pool: UpstreamPool
-    path: bytes
-    query: bytes
-    peer: str
-    scheme: str
-    host: bytes | None
-    headers: Sequence[tuple[bytes, bytes]]
-    extra_headers: Sequence[tuple[bytes, bytes]] = ()
-
 
 class UpstreamHandshakeFailed(Exception):
     """The upstream did not complete its opening handshake."""
@@ -732,7 +717,7 @@ def hand_over(request: Request, factory: RelayServerFactory, context: HandshakeC
     protocol: object = factory.buildProtocol(transport.getPeer())
     assert isinstance(protocol, RelayServerProtocol)  # factory.protocol
     protocol.context = context
-    protocol.pair = Pair(protocol, context)
+    protocol.pair = Pair(protocol, context, factory)
     registry = factory.registry
     registry.active[context.route.name] = registry.active.get(context.route.name, 0) + 1
     channel.setTimeout(None)

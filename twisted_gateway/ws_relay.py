@@ -126,6 +126,8 @@ class _RelayLeg(Passthrough, LegHooks):
     transport: ITransport | None
     #: the route's RelayServerFactory or the upstream leg's factory, both on the gateway's clock
     factory: _Clocked
+    #: (Autobahn's) the extensions agreed in the opening handshake
+    websocket_extensions_in_use: list[Any]
 
     # Autobahn's versions of these two build debug-log arguments on every call.
 
