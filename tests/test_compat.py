@@ -17,7 +17,13 @@ from autobahn.twisted.websocket import (
     WebSocketServerProtocol,
 )
 from autobahn.websocket.protocol import WebSocketProtocol
+from typing import Callable
+
 from twisted.internet import abstract, tcp
+from twisted.internet.base import ReactorBase
+from twisted.internet.epollreactor import EPollReactor
+from twisted.internet.protocol import ClientFactory, Factory, Protocol
+from twisted.python import log as legacy_log
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
@@ -79,6 +85,97 @@ def test_write_now_queues_what_it_cannot_send():
     fd.startWriting = lambda: None
     fd.write(b"queued")
     _require(fd._tempDataLen == 6 or bool(fd.dataBuffer), "FileDescriptor.write's queue (_tempDataLen)", "Twisted")
+
+
+def test_epoll_reactor_dispatch():
+    """What ``dispatch_plainly``'s copy of ``doPoll`` does, less the log context."""
+    source = inspect.getsource(EPollReactor.doPoll)
+    _require(
+        EPollReactor.doIteration is EPollReactor.doPoll
+        and "self._poller.poll(timeout, len(self._selectables))" in source
+        and "_drdw = self._doReadOrWrite" in source
+        and "log.callWithLogger(selectable, _drdw, selectable, fd, event)" in source
+        and "self.doIteration(" in inspect.getsource(ReactorBase.mainLoop),
+        "EPollReactor.doPoll",
+        "Twisted",
+    )
+
+
+def test_dispatch_plainly_leaves_other_reactors_alone():
+    clock = Clock()
+    assert not _compat.dispatch_plainly(clock)
+    assert "doIteration" not in vars(clock)
+
+
+class _Echo(Protocol):
+    def dataReceived(self, data: bytes) -> None:
+        if data == b"boom":
+            raise ValueError("a bug in a protocol")
+        self.transport.write(data)
+
+
+class _Client(Protocol):
+    def __init__(self) -> None:
+        self.received = b""
+        self.lost = False
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason: object = None) -> None:
+        self.lost = True
+
+
+def test_dispatch_plainly_serves_and_still_reports_a_protocols_error():
+    """
+    An epoll reactor dispatching plainly still serves a loopback connection,
+    and a protocol's exception is still logged (with its traceback) and
+    drops only that connection, as Twisted's own dispatch does.
+    """
+    reactor = EPollReactor()
+    errors: list[dict] = []
+
+    def observe(event: dict) -> None:
+        if event.get("isError"):
+            errors.append(event)
+
+    legacy_log.addObserver(observe)
+    try:
+        assert _compat.dispatch_plainly(reactor)
+        port = reactor.listenTCP(0, Factory.forProtocol(_Echo), interface="127.0.0.1")
+        clients = [_Client(), _Client()]
+        for client in clients:
+            reactor.connectTCP("127.0.0.1", port.getHost().port, _OneFactory(client))
+
+        def spin(until: Callable[[], bool]) -> None:
+            for _ in range(1000):
+                if until():
+                    return
+                reactor.iterate(0.01)
+            raise AssertionError("the reactor did not get there")
+
+        spin(lambda: all(c.transport is not None and c.connected for c in clients))
+        clients[0].transport.write(b"hello")
+        clients[1].transport.write(b"boom")
+        spin(lambda: clients[0].received == b"hello" and clients[1].lost)
+        assert not clients[0].lost
+        assert [str(e["failure"].value) for e in errors] == ["a bug in a protocol"]
+        clients[0].transport.loseConnection()
+        port.stopListening()
+        spin(lambda: clients[0].lost)
+    finally:
+        legacy_log.removeObserver(observe)
+        reactor.removeAll()
+        reactor._poller.close()
+        reactor.waker.connectionLost(None)
+
+
+class _OneFactory(ClientFactory):
+    def __init__(self, protocol: Protocol) -> None:
+        self.protocol_instance = protocol
+
+    def buildProtocol(self, addr: object) -> Protocol:
+        return self.protocol_instance
 
 
 # -- Autobahn: parser and sender -----------------------------------------------------

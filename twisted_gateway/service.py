@@ -25,6 +25,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from twisted_gateway._compat import dispatch_plainly
 from twisted_gateway._bases import MultiService, Service
 from twisted_gateway.admin import build_admin_site, where_served
 from twisted_gateway.gateway import Gateway
@@ -261,6 +262,7 @@ class GatewayService(MultiService):
         return port
 
     def startService(self) -> None:
+        dispatch_plainly(self.reactor)
         super().startService()
         log.info("{where}", where=where_served(self.settings), event="admin_pages")
         gateway = self.settings.gateway
