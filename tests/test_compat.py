@@ -472,3 +472,33 @@ def test_a_file_observers_writer_writes_what_the_observer_writes(kind: str) -> N
         "FileLogObserver._outFile and _encoding",
         "Twisted",
     )
+
+
+def test_debug_rendering_is_through_the_protocol_modules_names():
+    from autobahn.websocket import protocol
+
+    for name in ("hltype", "hlval", "pformat"):
+        _require(callable(getattr(protocol, name, None)), f"autobahn.websocket.protocol.{name}", "Autobahn")
+    source = inspect.getsource(protocol.WebSocketServerProtocol.processHandshake)
+    _require("hltype(self.processHandshake)" in source, "WebSocketServerProtocol.processHandshake's debug line", "Autobahn")
+    _require(
+        "pformat(configAttrLog)" in inspect.getsource(WebSocketProtocol._connectionMade),
+        "WebSocketProtocol._connectionMade's debug line",
+        "Autobahn",
+    )
+
+
+def test_debug_arguments_render_as_before_when_formatted():
+    """A debug line that is written reads as Autobahn's own rendering."""
+    from pprint import pformat
+
+    from autobahn import util
+    from autobahn.websocket import protocol
+
+    _compat.render_debug_lazily()
+    _compat.render_debug_lazily()  # idempotent: still one layer
+    assert f"{protocol.hltype(_open_server_leg)}" == util.hltype(_open_server_leg)
+    assert "{x}".format(x=protocol.hlval(42, color="blue")) == util.hlval(42, color="blue")
+    assert str(protocol.hltype(WebSocketProtocol)) == util.hltype(WebSocketProtocol)
+    for value in ([], [("a", 1, "F")], {"b": 2}):
+        assert protocol.pformat(value) == pformat(value)

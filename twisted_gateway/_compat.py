@@ -16,12 +16,14 @@ listed in the same test file (they stay in ``http_proxy.py`` and ``site.py``).
 from __future__ import annotations
 
 import errno
+from pprint import pformat as _real_pformat
 from types import FunctionType, MethodType
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from autobahn.twisted.util import create_transport_details
 from autobahn.util import _is_tls_error, _maybe_tls_reason
 from autobahn.wamp.types import TransportDetails
+from autobahn.websocket import protocol as websocket_protocol
 from autobahn.websocket.protocol import (
     WebSocketClientProtocol,
     WebSocketFactory,
@@ -483,6 +485,61 @@ def with_options(protocol: type[_P], factory: object) -> type[_P]:
         value = getattr(factory, name)
         options[name] = staticmethod(value) if isinstance(value, FunctionType) else value
     return type(protocol.__name__, (protocol,), options)
+
+
+class _Rendered:
+    """A debug line's argument, rendered only when the line is formatted."""
+
+    __slots__ = ("_render", "_args", "_kwargs")
+
+    def __init__(self, render: Callable[..., str], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self._render, self._args, self._kwargs = render, args, kwargs
+
+    def __str__(self) -> str:
+        return self._render(*self._args, **self._kwargs)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self), spec)
+
+    __repr__ = __str__
+
+
+def _lazily(render: Callable[..., str]) -> Callable[..., _Rendered]:
+    def lazy(*args: Any, **kwargs: Any) -> _Rendered:
+        return _Rendered(render, args, kwargs)
+
+    lazy.__wrapped__ = render  # type: ignore[attr-defined]
+    return lazy
+
+
+def _pformat(obj: object, *args: Any, **kwargs: Any) -> str:
+    """``pprint.pformat``, whose answer for an empty list is known."""
+    if type(obj) is list and not obj and not args and not kwargs:
+        return "[]"
+    return _real_pformat(obj, *args, **kwargs)
+
+
+def render_debug_lazily() -> None:
+    """
+    Autobahn's protocol module renders the arguments of its debug lines
+    whether or not debug logging is on: ``hltype`` and ``hlval`` (a
+    qualified name or a value styled through ``click``) in both legs'
+    ``processHandshake``, and ``pformat`` of the options it copied (an empty
+    list: :func:`with_options`) in ``_connectionMade``. Here ``hltype`` and
+    ``hlval`` render only when a line is formatted, and ``pformat`` answers
+    ``"[]"`` for an empty list without building a printer; every line reads
+    as before. Idempotent.
+
+    Relies on ``autobahn.websocket.protocol`` calling these three through its
+    module globals (``from autobahn.util import hltype, hlval``, ``from pprint
+    import pformat``), only to render debug lines (and ``Timings.__str__``,
+    which gets the same string from :func:`_pformat`).
+    """
+    names = vars(websocket_protocol)
+    for name in ("hltype", "hlval"):
+        if not isinstance(names[name], FunctionType) or names[name].__name__ != "lazy":
+            names[name] = _lazily(names[name])
+    names["pformat"] = _pformat
 
 
 def parse_extensions(protocol: WebSocketProtocol, header: str) -> list[tuple[str, dict[str, Any]]]:

@@ -51,6 +51,7 @@ from twisted_gateway._compat import (
     ServerLegHooks,
     cancel_close_timers,
     parse_extensions,
+    render_debug_lazily,
     timers_on,
     with_options,
 )
@@ -579,6 +580,7 @@ class RelayServerFactory(WebSocketServerFactory):
         )
         self.setProtocolOptions(**options)
         timers_on(self, clock)
+        render_debug_lazily()
         self.protocol = with_options(RelayServerProtocol, self)
         self._client_template = _UpstreamFactory(url="ws://upstream/", useragent=None)
         self._client_template.noisy = False
