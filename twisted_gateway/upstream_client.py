@@ -172,6 +172,16 @@ def _framing(method: bytes, body: BodyProducer | None) -> bytes:
     return b"Transfer-Encoding: chunked\r\n"
 
 
+class MalformedResponse(Exception):
+    """
+    The upstream's response head has framing a proxy must not guess at (as
+    nginx refuses it): a ``Transfer-Encoding`` other than one ``chunked``
+    (RFC 9112 6.1), or a version other than HTTP/1.0 and HTTP/1.1. llhttp
+    itself refuses the rest: two ``Content-Length`` headers, one beside
+    ``Transfer-Encoding``, malformed lengths and header lines.
+    """
+
+
 class _HeadResponseEnd(Exception):
     """Raised in the parser's callback: a response to HEAD ends with its head (llhttp cannot be told)."""
 
@@ -536,6 +546,8 @@ class UpstreamConnection(Protocol):
         code = self._parser.get_status_code()
         pairs, phrase = self._headers, self._phrase
         self._headers, self._phrase = [], b""
+        if self._parser.get_http_version() not in ("1.1", "1.0"):
+            raise MalformedResponse(f"an HTTP/{self._parser.get_http_version()} response")
         if code < 200:
             # an interim answer: 100 lets a waiting body go, others are dropped as Agent does
             self._interim += 1
@@ -551,10 +563,16 @@ class UpstreamConnection(Protocol):
             if lower == b"content-length":
                 length = int(value)
             elif lower == b"transfer-encoding":
+                if chunked or value.strip().lower() != b"chunked":
+                    # the body's end would be a guess (gzip, chunked) or the close
+                    # (chunked, gzip); its bytes would reach the client still coded
+                    raise MalformedResponse("a Transfer-Encoding other than chunked")
                 chunked = True
         head = exchange.method == b"HEAD"
         if head or code in (204, 304):
             length = 0
+            if code == 204:  # it must not have one (RFC 9110 8.6): nginx drops it too
+                pairs = [(name, value) for name, value in pairs if name.lower() != b"content-length"]
         elif not chunked and length is UNKNOWN_LENGTH:
             exchange.until_close = True
         response = exchange.response = UpstreamResponse(self, code, phrase, pairs, length)
@@ -922,8 +940,9 @@ class UpstreamClient:
             exchange.body_sent = exchange.body is None
             self._start(exchange, reuse=False)
             return
-        if exchange.reused:
+        if exchange.reused and not exchange.received:
             # most likely the upstream's idle close crossing the request: not held against it
+            # (an answer it began and broke off, or malformed, is its own)
             mark_reused(error)
         exchange.stop_timer()
         exchange.answer.errback(Failure(error))
