@@ -12,6 +12,7 @@ import os
 
 import pytest
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 from twisted.logger import (
     FileLogObserver,
     Logger,
@@ -247,6 +248,19 @@ EVENTS = [
     dict(log_format="no time", log_namespace="n"),
     dict(log_format="broken {", log_time=1e9),
     dict(log_format=None),
+    # the WebSocket session's line, and the forms of field its fast path takes or leaves to Twisted
+    dict(log_format="websocket {route} {path} {peer} closed by {side} ({code}) after {duration:.3f}s",
+         route="echo", path="/x\ny", peer="::1", side="client", code=None, duration=0.0125,
+         log_time=1e9 + 0.5, log_namespace="twisted_gateway.access", log_level=LogLevel.info),
+    dict(log_format="{{literal}} {a!s:>4}|{b:05d}|{c!r}", a=1, b=42, c="q", log_time=3.0, log_system=7),
+    dict(log_format="{missing}", log_time=1e9),
+    dict(log_format="{n:.2f}", n="not a number", log_time=1e9),
+    dict(log_format="{x.real} {f()} {m[k]} {}", x=1, f=lambda: "called", m={"k": "v"}, log_time=1e9),
+    dict(log_format="{x!a} {y:{w}}", x="é", y=1, w=3, log_time=1e9, log_level=LogLevel.error),
+    dict(log_format="{x}", x="", log_time=1e9),
+    dict(log_format="{x}", x="flat", log_flattened={"x!:": "other"}, log_time=1e9),
+    dict(log_format=b"bytes {x}", x=1, log_time=1e9),
+    dict(log_format="failed {x}", x=1, log_failure=Failure(ValueError("v")), log_time=1e9),
 ]
 
 

@@ -16,6 +16,7 @@ twisted.logger.
 from __future__ import annotations
 
 import json
+import string
 import os
 import sys
 import time
@@ -316,6 +317,8 @@ logs.json_shortcut = json_event_line
 # -- the access event's lines without the event ----------------------------------------
 
 
+_FORMATTER = string.Formatter()
+
 #: An access line of the event's values (:func:`json_line`, :func:`text_line`).
 _Line = Callable[[float, Mapping[str, str], int, int, float, str], str]
 
@@ -401,7 +404,8 @@ def classic_line(event: LogEvent) -> str | None:
     an access event's line written out from its ``log_flattened`` values.
     """
     if not is_access_event(event):
-        return formatEventAsClassicLogText(event, formatTime=classic_time)
+        line = _plain_line(event)
+        return line if line is not None else formatEventAsClassicLogText(event, formatTime=classic_time)
     flat = event["log_flattened"]
     system = event.get("log_system")
     line = "%s [%s] %s %s %s %s %ss %s" % (
@@ -414,6 +418,73 @@ def classic_line(event: LogEvent) -> str | None:
         flat["duration!s:.3f"],
         flat["upstream!s:"],
     )
+    if "\n" in line:
+        line = line.replace("\n", "\n\t")
+    return line + "\n"
+
+
+#: A log format's parts: (literal, field name or None, conversion, format spec)
+_Parts = list[tuple[str, "str | None", "str | None", str]]
+#: Formats seen, parsed (None: a field only Twisted's formatter renders)
+_parsed: dict[str, _Parts | None] = {}
+
+
+def _parse(fmt: str) -> _Parts | None:
+    """``fmt``'s parts when each field is a plain name, converted by ``!s``, ``!r`` or not at all."""
+    parts: _Parts = []
+    try:
+        for literal, name, spec, conversion in _FORMATTER.parse(fmt):
+            if name is not None and (not name.isidentifier() or conversion not in (None, "s", "r") or "{" in (spec or "")):
+                return None  # an attribute, an item, a call, "{}", !a or a nested spec
+            parts.append((literal, name, conversion, spec or ""))
+    except ValueError:
+        return None
+    return parts
+
+
+def _plain_line(event: LogEvent) -> str | None:
+    """
+    ``formatEventAsClassicLogText``'s line for an event whose format has only
+    plain fields, each formatted as Twisted's formatter does (``format(value,
+    spec)`` after the conversion), from the format parsed once: Twisted's
+    formatter parses it and wraps each value anew per event, most of the
+    cost of a WebSocket session's line. None for any other event, or one
+    that fails to format (Twisted's formatter then writes what it writes).
+    """
+    fmt = event.get("log_format")
+    if type(fmt) is not str or "log_flattened" in event or "log_failure" in event:
+        return None
+    if fmt in _parsed:
+        parts = _parsed[fmt]
+    else:
+        parts = _parse(fmt)
+        if len(_parsed) < 512:  # (formats are the code's constants: a few dozen)
+            _parsed[fmt] = parts
+    if parts is None:
+        return None
+    try:
+        pieces = []
+        for literal, name, conversion, spec in parts:
+            pieces.append(literal)
+            if name is not None:
+                value = event[name]
+                if conversion == "r":
+                    value = repr(value)
+                elif conversion == "s":
+                    value = str(value)
+                pieces.append(format(value, spec))
+        text = "".join(pieces)
+        system = event.get("log_system")
+        if system is None:
+            level = event.get("log_level")
+            system = "%s#%s" % (event.get("log_namespace", "-"), "-" if level is None else level.name)
+        else:
+            system = str(system)
+    except Exception:
+        return None
+    if not text:
+        return None
+    line = "%s [%s] %s" % (classic_time(event.get("log_time")), system, text)
     if "\n" in line:
         line = line.replace("\n", "\n\t")
     return line + "\n"
