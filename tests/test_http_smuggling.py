@@ -24,6 +24,7 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory
+from twisted.logger import LogLevel, capturedLogs
 
 from tests.integration.test_upstream_client import Scripted, scripted
 from tests.support import GUARD, parse_response, raw_connect, start_gateway
@@ -162,9 +163,16 @@ async def upstream_and_gateway(upstream_bytes: bytes, close_after: bool) -> Asyn
             await gw.close()
 
 
-def check_answer(raw: bytes, method: bytes, expected, failures: dict) -> None:
-    """The client's answer is ``expected``: "502" (counted against the upstream), "cut", or (status, body, _)."""
+def check_answer(raw: bytes, method: bytes, expected, failures: dict, events: list[dict]) -> None:
+    """
+    The client's answer is ``expected``: "502" (counted against the
+    upstream), "cut", or (status, body, _); the access event says which, and
+    nothing is logged as an error.
+    """
     assert b"hijack" not in raw.lower()
+    assert [e for e in events if e.get("log_failure") or e["log_level"] >= LogLevel.error] == []
+    (outcome,) = [e["outcome"] for e in events if e.get("log_namespace") == "twisted_gateway.access"]
+    assert outcome == {"502": "error", "cut": "upstream_body_failed"}.get(expected, "ok")
     status, _, headers, body, complete = parse_response(raw)
     if expected == "502":
         assert status == 502, raw
@@ -192,8 +200,9 @@ async def test_a_misbehaving_upstream_answer_never_frames_the_clients_or_the_nex
     a fresh answer on a new one (a good answer's connection is reused).
     """
     async with upstream_and_gateway(upstream_bytes, close_after) as (factory, gw):
-        raw = await ask(gw.number, method, BAD)
-        check_answer(raw, method, expected, dict(gw.gateway.pools["chat"].failure_counts))
+        with capturedLogs() as events:
+            raw = await ask(gw.number, method, BAD)
+        check_answer(raw, method, expected, dict(gw.gateway.pools["chat"].failure_counts), events)
         reused = isinstance(expected, tuple) and expected[2]
         if not reused:
             await closed_by_gateway(factory.connections[0])
@@ -214,6 +223,7 @@ async def test_a_malformed_answer_on_a_reused_connection_is_still_the_upstreams_
     """
     async with upstream_and_gateway(upstream_bytes, close_after) as (factory, gw):
         assert parse_response(await ask(gw.number, b"GET", b"/v1/chat/ok"))[3] == b"fresh"
-        raw = await ask(gw.number, method, BAD)
-        check_answer(raw, method, expected, dict(gw.gateway.pools["chat"].failure_counts))
+        with capturedLogs() as events:
+            raw = await ask(gw.number, method, BAD)
+        check_answer(raw, method, expected, dict(gw.gateway.pools["chat"].failure_counts), events)
         assert len(factory.connections) == 1

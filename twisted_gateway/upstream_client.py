@@ -525,7 +525,7 @@ class UpstreamConnection(Protocol):
             else:
                 self._broken(Failure(e.__context__ or e))
                 return
-        except httptools.HttpParserError as e:  # HttpParserUpgrade included: we never asked for one
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as e:  # we never ask for an upgrade
             self._broken(Failure(e))
             return
         self._done_if_complete()
