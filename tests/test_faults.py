@@ -19,7 +19,7 @@ from twisted.web.client import (
 )
 
 from twisted_gateway.errors import GatewayTimeout
-from twisted_gateway.faults import classify, describe, mark_reused
+from twisted_gateway.faults import classify, describe, mark_malformed, mark_reused
 
 
 def _never(reason: BaseException) -> ResponseNeverReceived:
@@ -28,6 +28,11 @@ def _never(reason: BaseException) -> ResponseNeverReceived:
 
 def _on_kept_alive(error: BaseException) -> BaseException:
     mark_reused(error)
+    return error
+
+
+def _malformed(error: BaseException) -> BaseException:
+    mark_malformed(error)
     return error
 
 
@@ -46,6 +51,7 @@ def _on_kept_alive(error: BaseException) -> BaseException:
         (_never(error.ConnectionLost()), {}, ("reset_before_head", True)),
         (RequestTransmissionFailed([Failure(error.ConnectionLost())]), {}, ("reset_before_head", True)),
         (builtins.ConnectionResetError(errno.ECONNRESET, "reset"), {}, ("reset_before_head", True)),
+        (_malformed(ResponseFailed([Failure(ValueError("bad framing"))])), {}, ("malformed_answer", True)),
         (GatewayTimeout("no head in time"), {}, ("no_head_timeout", True)),
         (DeferredTimeout(), {}, ("no_head_timeout", True)),
         # an open WebSocket leg that stopped answering pings or TCP keepalive probes
@@ -66,6 +72,7 @@ def _on_kept_alive(error: BaseException) -> BaseException:
         (None, {"answered": True}, ("answered", False)),
         (None, {}, ("answered", False)),
         (ResponseFailed([Failure(error.ConnectionLost())]), {"answered": True}, ("body_cut", False)),
+        (_malformed(ResponseFailed([Failure(ValueError("bad chunk"))])), {"answered": True}, ("body_cut", False)),
         # our own side of the connect is short of something
         (error.ConnectError(osError=errno.EMFILE, string="too many open files"), {}, ("local", False)),
         (error.ConnectError(osError=errno.ENFILE), {}, ("local", False)),

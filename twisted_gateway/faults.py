@@ -3,8 +3,9 @@ Whose fault a failed upstream attempt was: the one rule of passive health.
 
 An instance is taken out of service only for what the upstream did (or did
 not do): a refused or timed-out connect, a TLS failure, a connection closed
-before the response head, no head in time, an open WebSocket that stopped
-answering (keepalive). What the client did (went away, at any stage), what
+before the response head, an answer whose head could not be read as HTTP/1.1
+(ambiguous or malformed framing), no head in time, an open WebSocket that
+stopped answering (keepalive). What the client did (went away, at any stage), what
 the gateway did (cancelled an attempt, ran out of file
 descriptors or ports), and any answer the upstream gave (4xx and 5xx, a 200
 to an upgrade request, a body cut short after its head) never count. The
@@ -52,6 +53,7 @@ COUNTED = (
     "connect_failed",
     "tls",
     "reset_before_head",
+    "malformed_answer",
     "no_head_timeout",
     "keepalive_timeout",
 )
@@ -86,11 +88,18 @@ KEEPALIVE_CLOSED = Fault("keepalive_closed", False)
 
 #: The attribute :func:`mark_reused` sets on the error of a request sent on a kept-alive connection.
 _REUSED = "on_reused_connection"
+#: The attribute :func:`mark_malformed` sets on the error of an answer that could not be read.
+_MALFORMED = "malformed_answer"
 
 
 def mark_reused(error: BaseException) -> None:
     """Say that ``error`` ended a request sent on a kept-alive (pooled) connection."""
     setattr(error, _REUSED, True)
+
+
+def mark_malformed(error: BaseException) -> None:
+    """Say that ``error`` ended a request whose answer's head could not be read as HTTP/1.1."""
+    setattr(error, _MALFORMED, True)
 
 
 def classify(
@@ -123,6 +132,8 @@ def classify(
         return LOCAL
     if _any(reason, lambda e: getattr(e, _REUSED, False)):
         return KEEPALIVE_CLOSED
+    if _any(reason, lambda e: getattr(e, _MALFORMED, False)):
+        return _counted("malformed_answer")
     if _any(reason, lambda e: isinstance(e, (ConnectionRefusedError, builtins.ConnectionRefusedError))):
         return _counted("connect_refused")
     if _any(reason, lambda e: isinstance(e, ConnectTimeout)):

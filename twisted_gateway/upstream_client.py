@@ -48,7 +48,7 @@ from zope.interface import implementer
 
 from twisted_gateway._compat import write_now
 from twisted_gateway.errors import GatewayTimeout
-from twisted_gateway.faults import mark_reused
+from twisted_gateway.faults import mark_malformed, mark_reused
 from twisted_gateway.sockets import TCPKeepalive, set_keepalive
 
 _log = Logger()
@@ -640,7 +640,9 @@ class UpstreamConnection(Protocol):
         """The upstream spoke something that is not HTTP/1.1 (or a callback failed): give up."""
         exchange = self._exchange
         if exchange is not None and exchange.response is None:
-            self._pool._failed(exchange, ResponseFailed([reason]))
+            error = ResponseFailed([reason])
+            mark_malformed(error)
+            self._pool._failed(exchange, error)
         elif exchange is not None and exchange.response is not None:
             exchange.response._ended(Failure(ResponseFailed([reason])))
         self.abort()
