@@ -12,19 +12,21 @@ library's own class.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Protocol, Sequence
+from typing import IO, TYPE_CHECKING, Callable, Protocol, Sequence
 
 from autobahn.twisted import websocket
 from twisted.application import service
 from twisted.protocols import basic, policies
 from twisted.python import usage
-from twisted.web import http, resource, server
+from twisted.web import client, http, resource, server
 
 __all__ = [
     "HTTPChannel",
     "Int32StringReceiver",
     "MultiService",
+    "FileBodyProducer",
     "Options",
+    "Request",
     "Resource",
     "Service",
     "Site",
@@ -38,7 +40,7 @@ __all__ = [
 if TYPE_CHECKING:
     from twisted.application.service import IServiceCollection
     from twisted.internet.defer import Deferred
-    from twisted.internet.interfaces import IDelayedCall, IProtocolFactory, IReactorTime, ITransport
+    from twisted.internet.interfaces import IAddress, IConsumer, IDelayedCall, IProtocolFactory, IReactorTime, ITransport
     from twisted.python.failure import Failure
     from twisted.web.http_headers import Headers
     from twisted.web.iweb import IRequest
@@ -83,6 +85,20 @@ if TYPE_CHECKING:
 
     class Resource(resource.Resource):
         def __init__(self) -> None: ...
+
+    class Request(server.Request):
+        def __init__(self, channel: object, *args: object, **kwargs: object) -> None: ...
+        def gotLength(self, length: int | None) -> None: ...
+        def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None: ...
+        def handleContentChunk(self, data: bytes) -> None: ...
+        def write(self, data: bytes) -> None: ...
+        def finish(self) -> None: ...
+        def connectionLost(self, reason: Failure) -> None: ...
+        def getClientAddress(self) -> IAddress: ...
+
+    class FileBodyProducer(client.FileBodyProducer):
+        def __init__(self, inputFile: IO[bytes], cooperator: object = ..., readSize: int = ...) -> None: ...
+        def startProducing(self, consumer: IConsumer) -> Deferred[None]: ...
 
     class Site(server.Site):
         def __init__(self, resource: IResource, *args: object, **kwargs: object) -> None: ...
@@ -153,6 +169,8 @@ else:
     Service = service.Service
     MultiService = service.MultiService
     Site = server.Site
+    Request = server.Request
+    FileBodyProducer = client.FileBodyProducer
     Options = usage.Options
     WebSocketServerProtocol = websocket.WebSocketServerProtocol
     WebSocketServerFactory = websocket.WebSocketServerFactory

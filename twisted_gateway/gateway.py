@@ -15,7 +15,7 @@ what ``twistd wsgateway`` and ``build_gateway_resource`` use.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from twisted_gateway._bases import MultiService
 from twisted.internet.defer import Deferred
@@ -212,7 +212,7 @@ def _health_agent(reactor: IReactorTime, connect_timeout: float, tls_policy: IPo
 
     agent: IAgent = Agent.usingEndpointFactory(
         reactor,
-        UpstreamEndpoints(reactor, connect_timeout, tls_policy),
+        UpstreamEndpoints(cast(IReactorTCP, reactor), connect_timeout, tls_policy),
         pool=HTTPConnectionPool(reactor, persistent=False),
     )
     return agent

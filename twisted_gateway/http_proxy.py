@@ -25,13 +25,15 @@ from __future__ import annotations
 import io
 import sys
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence, cast
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectError, ConnectionRefusedError, DNSLookupError
 from twisted.internet.error import TimeoutError as ConnectTimeout
 from twisted.internet.interfaces import (
+    IConsumer,
     IPushProducer,
+    IReactorTCP,
     IReactorTime,
     IStreamClientEndpoint,
     ITCPTransport,
@@ -44,7 +46,6 @@ from twisted.web import server
 from twisted.web.client import (
     URI,
     BrowserLikePolicyForHTTPS,
-    FileBodyProducer,
     ResponseDone,
 )
 from twisted.web.error import SchemeNotSupported
@@ -60,6 +61,7 @@ from twisted.web.iweb import (
 from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
+from twisted_gateway._bases import FileBodyProducer, Request
 from twisted_gateway.access_log import ACCESS_FORMAT, EVENTS, OFF, AccessLogWriter, emit
 from twisted_gateway.config import GatewaySettings
 from twisted_gateway.errors import (
@@ -85,7 +87,7 @@ from twisted_gateway.headers import (
 )
 from twisted_gateway.logs import redact_query
 from twisted_gateway.routing import upstream_url
-from twisted_gateway.streaming import StreamingBody
+from twisted_gateway.streaming import ClientTransport, StreamingBody
 from twisted_gateway.connector import upstream_endpoint
 from twisted_gateway.tls import describe_tls_failure
 from twisted_gateway.upstreams import Instance, InstanceRegistry, UpstreamPool, may_retry
@@ -180,7 +182,7 @@ def _body_size(request: server.Request) -> int:
     if content is None:
         return 0
     content.seek(0, 2)
-    size = content.tell()
+    size: int = content.tell()
     content.seek(0, 0)
     return size
 
@@ -188,7 +190,7 @@ def _body_size(request: server.Request) -> int:
 # -- the request class: refuse large bodies before reading them ---------------
 
 
-class GatewayRequest(server.Request):
+class GatewayRequest(Request):
     """
     A :class:`twisted.web.server.Request` for a proxy: a body over
     :attr:`max_body_size` is answered with 413 as soon as its ``Content-Length``
@@ -212,12 +214,12 @@ class GatewayRequest(server.Request):
         """A request class enforcing ``settings.max_body_size``."""
         return type(cls.__name__, (cls,), {"max_body_size": settings.max_body_size})
 
-    def __init__(self, channel, *args, **kwargs) -> None:
+    def __init__(self, channel: HTTPChannel, *args: object, **kwargs: object) -> None:
         kwargs["parsePOSTFormSubmission"] = False
         super().__init__(channel, *args, **kwargs)
 
     def gotLength(self, length: int | None) -> None:
-        channel = self.channel
+        channel: object = self.channel
         if not isinstance(channel, HTTPChannel):
             # HTTP/2 streams: HTTPForwarder.forward still refuses with 413.
             self.max_body_size = sys.maxsize
@@ -250,7 +252,7 @@ class GatewayRequest(server.Request):
         self.requestHeaders.removeHeader(b"expect")
         self.stream = StreamingBody(
             length,
-            channel.transport,
+            cast("ClientTransport | None", channel.transport),  # TCP or TLS: a push producer too
             expect_continue=bool(expect) and expect[0].strip().lower() == b"100-continue",
         )
         self.content = io.BytesIO()
@@ -304,14 +306,15 @@ class GatewayRequest(server.Request):
         error = _body_too_large(self.max_body_size)
         channel = self.channel
         transport = channel.transport
+        assert transport is not None  # the connection the body arrives on
         if self.forwarding is not None:
             self.forwarding.cancel()  # a streamed body: its upstream request ends here
         if self.stream is not None and self.startedWriting:
-            transport.abortConnection()  # the upstream's answer is on its way already
+            cast(ITCPTransport, transport).abortConnection()  # the upstream's answer is on its way already (TCP or TLS)
             return
         transport.write(error.raw_response())
         channel.persistent = False
-        channel.dataReceived = _discard
+        channel.dataReceived = _discard  # type: ignore[method-assign]  # refused: what follows is dropped
         channel.setTimeout(LINGER_SECONDS)
         if ITCPTransport.providedBy(transport):
             transport.loseWriteConnection()
@@ -402,25 +405,33 @@ class _BodyRelay(Protocol):
         self.stopProducing()
         self._ended(self._status, self.sent, "client_gone")
 
+    def _upstream(self) -> IPushProducer | None:
+        """The upstream connection's transport (TCP or TLS: a push producer)."""
+        return cast("IPushProducer | None", self.transport)
+
     def pauseProducing(self) -> None:
         self._paused = True
-        if self.transport is not None:
-            self.transport.pauseProducing()
+        upstream = self._upstream()
+        if upstream is not None:
+            upstream.pauseProducing()
 
     def resumeProducing(self) -> None:
         self._paused = False
-        if self.transport is not None:
-            self.transport.resumeProducing()
+        upstream = self._upstream()
+        if upstream is not None:
+            upstream.resumeProducing()
 
     def stopProducing(self) -> None:
-        if not self._stopped and self.transport is not None:
+        upstream = self._upstream()
+        if not self._stopped and upstream is not None:
             self._stopped = True
-            self.transport.stopProducing()
+            upstream.stopProducing()
 
     def reassert_pause(self) -> None:
         """``deliverBody`` resumes the upstream after connecting us: undo that if paused."""
-        if self._paused and self.transport is not None:
-            self.transport.pauseProducing()
+        upstream = self._upstream()
+        if self._paused and upstream is not None:
+            upstream.pauseProducing()
 
 
 class _Upload(FileBodyProducer):
@@ -437,12 +448,12 @@ class _Upload(FileBodyProducer):
     #: close the file when done (the request has finished and let go of it)
     owns_file = False
 
-    def startProducing(self, consumer) -> Deferred[None]:
+    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
         self._inputFile.seek(0)
         self.running = True
         return super().startProducing(consumer).addBoth(self._ended)
 
-    def _writeloop(self, consumer):
+    def _writeloop(self, consumer: IConsumer) -> Iterator[None]:
         while True:
             data = self._inputFile.read(self._readSize)
             if not data:
@@ -683,7 +694,7 @@ class UpstreamEndpoints:
     """
 
     def __init__(
-        self, reactor, connect_timeout: float, tls_policy: IPolicyForHTTPS | None = None
+        self, reactor: IReactorTCP, connect_timeout: float, tls_policy: IPolicyForHTTPS | None = None
     ) -> None:
         self._reactor = reactor
         self._connect_timeout = connect_timeout
@@ -738,7 +749,7 @@ class HTTPForwarder:
         self._reactor = reactor
         self.pool = UpstreamClient(
             reactor,
-            UpstreamEndpoints(reactor, settings.connect_timeout, tls_policy),
+            UpstreamEndpoints(cast(IReactorTCP, reactor), settings.connect_timeout, tls_policy),
             max_idle_per_host=settings.upstream_keepalive,
             tcp_keepalive=settings.tcp_keepalive,
         )
@@ -793,10 +804,12 @@ class HTTPForwarder:
         finished = None if isinstance(request, GatewayRequest) else request.notifyFinish()
         if isinstance(upstream, str):
             upstream = self._single_pool(upstream)
-        forwarding = request.forwarding = _Forwarding(
+        forwarding = _Forwarding(
             self, request, upstream, key, path, query, route_name,
             _Options(underscores, host_header, request_timeout),
         )
+        if isinstance(request, GatewayRequest):
+            request.forwarding = forwarding
         forwarding.start(tuple(extra_headers), frozenset(name.lower() for name in drop_headers))
         if finished is not None:
             finished.addErrback(lambda _: forwarding.client_left())

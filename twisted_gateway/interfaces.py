@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
     from twisted.internet.interfaces import IProtocol
     from twisted.web.iweb import IRequest
+    from twisted.web.server import Request
 
     from twisted_gateway.identity import Identity
     from twisted_gateway.schema import RouteSettings
@@ -26,7 +27,7 @@ class IHTTPForwarder(Interface):
     """Carries a routed HTTP request to one of its route's upstreams and streams the answer back."""
 
     def forward(
-        request: IRequest,
+        request: Request,
         upstream: UpstreamPool,
         path: bytes,
         query: bytes,
