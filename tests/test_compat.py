@@ -502,3 +502,19 @@ def test_debug_arguments_render_as_before_when_formatted():
     assert str(protocol.hltype(WebSocketProtocol)) == util.hltype(WebSocketProtocol)
     for value in ([], [("a", 1, "F")], {"b": 2}):
         assert protocol.pformat(value) == pformat(value)
+
+
+def test_handshake_request_rules():
+    """What answer_upgrade takes from Autobahn's request parser and origin check."""
+    from autobahn.websocket import protocol
+
+    for name in ("_HTTP_START_LINE_INVALID", "_HTTP_FIELD_NAME", "_HTTP_FIELD_VALUE_INVALID", "_url_to_origin", "_is_same_origin"):
+        _require(hasattr(protocol, name), f"autobahn.websocket.protocol.{name}", "Autobahn")
+    _require(_compat.FIELD_NAME.fullmatch("Sec-WebSocket-Key") is not None, "_HTTP_FIELD_NAME", "Autobahn")
+    _require(_compat.FIELD_VALUE_INVALID.search("a\nb") is not None, "_HTTP_FIELD_VALUE_INVALID", "Autobahn")
+    leg = _open_server_leg()
+    assert _compat.origin_allowed(leg, "https://app.example")
+    assert not _compat.origin_allowed(leg, "https://")
+    assert not _compat.origin_allowed(leg, "null")  # (the factory's allowNullOrigin is off)
+    leg.factory.setProtocolOptions(allowNullOrigin=True)
+    assert _compat.origin_allowed(leg, "null")

@@ -542,6 +542,37 @@ def render_debug_lazily() -> None:
     names["pformat"] = _pformat
 
 
+#: What Autobahn's ``parseHttpHeader`` accepts of a request line, a header's
+#: name and its value (``_HTTP_START_LINE_INVALID``, ``_HTTP_FIELD_NAME``,
+#: ``_HTTP_FIELD_VALUE_INVALID``): :func:`ws_proxy.upgrade_answered` takes a
+#: request twisted.web parsed only when Autobahn's parser would have taken it.
+START_LINE_INVALID = websocket_protocol._HTTP_START_LINE_INVALID
+FIELD_NAME = websocket_protocol._HTTP_FIELD_NAME
+FIELD_VALUE_INVALID = websocket_protocol._HTTP_FIELD_VALUE_INVALID
+
+
+def origin_allowed(leg: WebSocketServerProtocol, origin: str) -> bool:
+    """
+    Whether Autobahn's server handshake lets ``origin`` (an ``Origin``
+    header's value) through, as ``processHandshake`` decides it: ``null``
+    when the factory allows it, else the scheme, host and port against
+    ``allowedOriginsPatterns``; False for an origin it cannot parse.
+    Relies on ``autobahn.websocket.protocol._url_to_origin`` and ``_is_same_origin``.
+    """
+    try:
+        parsed = websocket_protocol._url_to_origin(origin)
+    except ValueError:
+        return False
+    factory: WebSocketServerFactory = leg.factory  # type: ignore[attr-defined]  # (the Twisted adapter's)
+    if parsed == "null" and factory.allowNullOrigin:
+        return True
+    allowed: bool = websocket_protocol._is_same_origin(
+        parsed, "https" if factory.isSecure else "http", factory.externalPort or factory.port,
+        leg.allowedOriginsPatterns,  # type: ignore[attr-defined]
+    )
+    return allowed
+
+
 def parse_extensions(protocol: WebSocketProtocol, header: str) -> list[tuple[str, dict[str, Any]]]:
     """
     A ``Sec-WebSocket-Extensions`` value as (name, parameters) pairs, as

@@ -16,6 +16,7 @@ import functools
 import os
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Callable, NoReturn, Sequence, TypeVar
+from urllib.parse import parse_qs, urlparse
 
 from autobahn.websocket.compress import (
     PerMessageCompressOffer,
@@ -47,9 +48,13 @@ from twisted_gateway._bases import (
     WebSocketServerProtocol,
 )
 from twisted_gateway._compat import (
+    FIELD_NAME,
+    FIELD_VALUE_INVALID,
+    START_LINE_INVALID,
     ClientLegHooks,
     ServerLegHooks,
     cancel_close_timers,
+    origin_allowed,
     parse_extensions,
     render_debug_lazily,
     timers_on,
@@ -255,6 +260,10 @@ class RelayServerProtocol(ServerLegHooks, _RelayLeg, WebSocketServerProtocol):  
 
     #: the ws_pair.Pair this leg belongs to, made at the hand-over
     pair: Pair
+    # Autobahn's options that answer_upgrade reads (class attributes: with_options)
+    versions: Sequence[int]
+    trustXForwardedFor: int
+    maxConnections: int
 
     def __init__(self) -> None:
         super().__init__()
@@ -285,6 +294,90 @@ class RelayServerProtocol(ServerLegHooks, _RelayLeg, WebSocketServerProtocol):  
         d.addBoth(finished)
         d.addErrback(self._refuse)
         return d
+
+    def answer_upgrade(self, request: Request, body: bytes) -> bool:
+        """
+        Answer the upgrade from the request twisted.web has parsed: what
+        Autobahn's ``processHandshake`` does with the same request written out
+        to it (the same checks, the same attributes, then ``onConnect``),
+        without writing it out and parsing it again. False, having changed
+        nothing, for a request Autobahn would refuse or that needs more than
+        its checks (:func:`hand_over` then writes it out to Autobahn, which
+        answers as it always has).
+        """
+        status_line = (request.method + b" " + request.uri + b" HTTP/1.1").decode("latin-1")
+        if START_LINE_INVALID.search(status_line):
+            return False
+        line = status_line.strip(" ").split()
+        if len(line) != 3 or line[0] != "GET":
+            return False
+        headers: dict[str, str] = {}
+        for raw_name, values in request.requestHeaders.getAllRawHeaders():
+            name = raw_name.decode("latin-1")
+            value = b", ".join(values).decode("latin-1").strip(" \t")
+            if not FIELD_NAME.fullmatch(name) or FIELD_VALUE_INVALID.search(value) or name.lower() in headers:
+                return False
+            headers[name.lower()] = value
+        try:
+            _, _, path, _, query, fragment = urlparse(line[1])
+            params = parse_qs(query)
+        except Exception:
+            return False
+        host = headers.get("host")
+        version = headers.get("sec-websocket-version", "")
+        if fragment or host is None or not version.strip().isdigit():
+            return False
+        host = host.strip()
+        if ":" in host and not host.endswith("]"):
+            host, port = host.rsplit(":", 1)
+            try:
+                number = int(port.strip())
+            except ValueError:
+                return False
+            if self.factory.externalPort and number != self.factory.externalPort:
+                return False
+        if not (
+            "websocket" in (token.strip().lower() for token in headers.get("upgrade", "").split(","))
+            and "upgrade" in (token.strip().lower() for token in headers.get("connection", "").split(","))
+            and int(version) in self.versions
+        ):
+            return False
+        protocols = [p.strip() for p in headers["sec-websocket-protocol"].split(",")] if "sec-websocket-protocol" in headers else []
+        if len(set(protocols)) != len(protocols):
+            return False
+        origin = headers.get("origin" if int(version) >= 13 else "sec-websocket-origin")
+        if origin is not None and not origin_allowed(self, origin.strip()):
+            return False
+        key = headers.get("sec-websocket-key", "").strip()
+        if len(key) != 24 or key[-2:] != "==" or not _BASE64.issuperset(key[:-2]):
+            return False
+        offered = headers.get("sec-websocket-extensions")
+        extensions = parse_extensions(self, offered) if offered is not None else []
+        # what processHandshake leaves on the protocol
+        forwarded = headers.get("x-forwarded-for")
+        if forwarded is not None and self.trustXForwardedFor:
+            self.peer = [a.strip() for a in forwarded.split(",")][-self.trustXForwardedFor :][0]
+        self.http_status_line, self.http_headers, self.http_request_uri = status_line.strip(" "), headers, line[1]
+        self.http_request_path, self.http_request_params, self.http_request_host = path, params, host
+        self.websocket_version, self.websocket_protocols = int(version), protocols
+        self.websocket_origin = origin.strip() if origin is not None else ""
+        self.websocket_extensions, self._wskey, self.data = extensions, key, body
+        if self.maxConnections > 0 and self.factory.countConnections > self.maxConnections:
+            self.failHandshake("maximum number of connections reached", code=503)
+            return True
+        connection = ConnectionRequest(
+            self.peer, headers, host, path, params, self.websocket_version, self.websocket_origin, protocols, extensions
+        )
+        self.onConnect(connection).addCallbacks(self.succeedHandshake, self._connect_failed)
+        return True
+
+    def _connect_failed(self, failure: Failure) -> None:
+        """What Autobahn's ``processHandshake`` does when ``onConnect`` fails."""
+        if isinstance(failure.value, ConnectionDeny):
+            self.failHandshake(failure.value.reason or "", failure.value.code)
+            return
+        log.failure("unexpected error in onConnect", failure)
+        self.failHandshake(f"Internal server error: {failure.value}", ConnectionDeny.INTERNAL_SERVER_ERROR)
 
     def onOpen(self) -> None:
         self.pair.opened()
@@ -491,6 +584,9 @@ class RelayServerProtocol(ServerLegHooks, _RelayLeg, WebSocketServerProtocol):  
         self.pair.leg_closed(self)
 
 
+
+#: The characters of a Sec-WebSocket-Key before its "==" (as Autobahn checks them)
+_BASE64 = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789+/")
 
 _REFUSAL_OUTCOMES = {
     401: "unauthorized",
@@ -734,9 +830,12 @@ def hand_over(request: Request, factory: RelayServerFactory, context: HandshakeC
         transport.protocol = protocol
     protocol.makeConnection(transport)
     transport.resumeProducing()
-    data = [request.method + b" " + request.uri + b" HTTP/1.1"]
-    for name, values in request.requestHeaders.getAllRawHeaders():
-        data.append(name + b": " + b", ".join(values))
     assert request.content is not None  # the body, stored before render
-    protocol.dataReceived(b"\r\n".join(data) + b"\r\n\r\n" + request.content.read())
+    body = request.content.read()
+    if not protocol.answer_upgrade(request, body):
+        # Autobahn's parser and checks refuse it (or answer it) as they would any request
+        data = [request.method + b" " + request.uri + b" HTTP/1.1"]
+        for name, values in request.requestHeaders.getAllRawHeaders():
+            data.append(name + b": " + b", ".join(values))
+        protocol.dataReceived(b"\r\n".join(data) + b"\r\n\r\n" + body)
     return NOT_DONE_YET

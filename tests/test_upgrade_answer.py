@@ -1,0 +1,108 @@
+"""
+The relay answers an upgrade from the request twisted.web parsed
+(``RelayServerProtocol.answer_upgrade``) exactly as Autobahn answers the same
+request written out to its own parser: the same answer to the client, the same
+request upstream, the same handshake state on the client's leg; whatever
+Autobahn would refuse (or treat specially) still goes to Autobahn.
+"""
+
+from __future__ import annotations
+
+import pytest
+from twisted.internet.address import IPv4Address
+
+from tests.support import route_config
+from twisted_gateway.testing import MemoryRelay, RawClient, RecordingUpstream
+from twisted_gateway.ws_proxy import RelayServerProtocol
+
+KEY = "dGhlIHNhbXBsZSBub25jZQ=="
+#: the client leg's handshake state that processHandshake leaves, compared both ways
+STATE = (
+    "http_status_line", "http_headers", "http_request_uri", "http_request_path", "http_request_params",
+    "http_request_host", "websocket_version", "websocket_protocols", "websocket_origin", "_wskey", "peer",
+    "data", "websocket_protocol_in_use",
+)
+
+BASE = {"Host": "gateway.test", "Upgrade": "websocket", "Connection": "Upgrade",
+        "Sec-WebSocket-Key": KEY, "Sec-WebSocket-Version": "13"}
+
+# (name, target, headers changed from BASE (None: left out), extra header lines,
+#  answered from the parsed request (None: refused before the hand-over))
+CASES = [
+    ("plain", "/v1/chat/ws", {}, [], True),
+    ("query", "/v1/chat/ws?room=a&room=b&x=", {}, [], True),
+    ("origin", "/v1/chat/ws", {}, ["Origin: https://app.example"], True),
+    ("null origin", "/v1/chat/ws", {}, ["Origin: null"], True),
+    ("subprotocols", "/v1/chat/ws", {}, ["Sec-WebSocket-Protocol: chat, superchat"], True),
+    ("deflate offer", "/v1/chat/ws", {}, ["Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits"], True),
+    ("host with port", "/v1/chat/ws", {"Host": "gateway.test:8080"}, [], True),
+    ("ipv6 host", "/v1/chat/ws", {"Host": "[::1]"}, [], True),
+    ("token lists", "/v1/chat/ws", {"Upgrade": "h2c, WebSocket", "Connection": "keep-alive, Upgrade"}, [], True),
+    ("repeated header", "/v1/chat/ws", {}, ["X-Thing: a", "X-Thing: b"], True),
+    ("short key", "/v1/chat/ws", {"Sec-WebSocket-Key": "abc=="}, [], False),
+    ("key without padding", "/v1/chat/ws", {"Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQxx"}, [], False),
+    ("key not base64", "/v1/chat/ws", {"Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZ!=="}, [], False),
+    ("two keys", "/v1/chat/ws", {}, ["Sec-WebSocket-Key: " + KEY], False),
+    ("hybi-08", "/v1/chat/ws", {"Sec-WebSocket-Version": "8"}, ["Sec-WebSocket-Origin: http://a.example"], True),
+    ("unknown version", "/v1/chat/ws", {"Sec-WebSocket-Version": "12"}, [], False),
+    ("signed version", "/v1/chat/ws", {"Sec-WebSocket-Version": "+13"}, [], False),
+    ("no version", "/v1/chat/ws", {"Sec-WebSocket-Version": None}, [], False),
+    ("no key", "/v1/chat/ws", {"Sec-WebSocket-Key": None}, [], False),
+    ("bad host port", "/v1/chat/ws", {"Host": "gateway.test:http"}, [], None),  # twisted.web's refusal
+    ("duplicate subprotocol", "/v1/chat/ws", {}, ["Sec-WebSocket-Protocol: chat, chat"], False),
+    ("hostless origin", "/v1/chat/ws", {}, ["Origin: https://"], False),
+]
+
+
+def _exchange(target: str, changed: dict[str, str | None], extra: list[str]) -> tuple[MemoryRelay, RawClient]:
+    relay = MemoryRelay(route_config(9), RecordingUpstream(allowNullOrigin=True))
+    client = RawClient()
+    server = relay.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+    relay.net.join(server, client)
+    headers = {**BASE, **changed}
+    lines = [f"GET {target} HTTP/1.1", *(f"{k}: {v}" for k, v in headers.items() if v is not None), *extra]
+    client.send(("\r\n".join(lines) + "\r\n\r\n").encode())
+    relay.flush()
+    return relay, client
+
+
+def _state(relay: MemoryRelay) -> dict[str, object] | None:
+    pairs = list(relay.registry.pairs)
+    if not pairs:
+        return None
+    leg = pairs[0].client
+    state = {name: getattr(leg, name, "(unset)") for name in STATE}
+    state["extensions"] = [repr(e) for e in leg.websocket_extensions]
+    return state
+
+
+def _upstream_request(relay: MemoryRelay) -> object:
+    connections = relay.upstream.connections
+    # (the upstream leg's own Sec-WebSocket-Key is random)
+    return [(c.http_request_uri, sorted((k, v) for k, v in c.http_headers.items() if k != "sec-websocket-key"))
+            for c in connections]
+
+
+@pytest.mark.parametrize(("target", "changed", "extra", "answered"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_an_upgrade_is_answered_as_autobahn_answers_it_written_out(monkeypatch, target, changed, extra, answered):
+    taken: list[bool] = []
+    answer = RelayServerProtocol.answer_upgrade
+
+    def recording(self, request, body):
+        taken.append(answer(self, request, body))
+        return taken[-1]
+
+    monkeypatch.setattr(RelayServerProtocol, "answer_upgrade", recording)
+    fast, fast_client = _exchange(target, changed, extra)
+    assert taken == ([] if answered is None else [answered])
+    monkeypatch.setattr(RelayServerProtocol, "answer_upgrade", lambda self, request, body: False)
+    slow, slow_client = _exchange(target, changed, extra)
+    for relay in (fast, slow):
+        relay.flush()
+    assert fast_client.buffer == slow_client.buffer
+    assert _state(fast) == _state(slow)
+    assert _upstream_request(fast) == _upstream_request(slow)
+    if answered:
+        assert fast_client.head.startswith(b"HTTP/1.1 101 ")
+    for relay in (fast, slow):
+        relay.stop()
