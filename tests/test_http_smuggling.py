@@ -38,13 +38,28 @@ def answer(*lines: bytes, body: bytes = b"") -> bytes:
     return b"".join(line + b"\r\n" for line in lines) + b"\r\n" + body
 
 
-def by_path(answers: dict[bytes, bytes], closing: tuple[bytes, ...] = ()) -> Callable[[Scripted, bytes], None]:
-    """A :func:`scripted` upstream's answer: ``answers[path]`` (then a close, for a path in ``closing``), else FRESH."""
+def by_path(
+    answers: dict[bytes, bytes], closing: tuple[bytes, ...] = (), bytewise: bool = False
+) -> Callable[[Scripted, bytes], None]:
+    """
+    A :func:`scripted` upstream's answer: ``answers[path]`` (then a close, for
+    a path in ``closing``), else FRESH; ``bytewise``: one byte a reactor turn.
+    """
 
     def answer(connection: Scripted, head: bytes) -> None:
         path = head.split(b" ", 2)[1]
-        connection.transport.write(answers.get(path, FRESH))
-        if path in closing:
+        data = answers.get(path, FRESH)
+        write(connection, data if bytewise and path in answers else b"", data, path in closing)
+
+    def write(connection: Scripted, pending: bytes, data: bytes, close: bool) -> None:
+        if connection.closed.called:
+            return
+        if pending:
+            connection.transport.write(pending[:1])
+            reactor.callLater(0, write, connection, pending[1:], b"", close)
+            return
+        connection.transport.write(data)
+        if close:
             connection.transport.loseConnection()
 
     return answer
@@ -127,6 +142,13 @@ CASES = [
                                            body=b"5\r\nhello\r\n1" + b"0" * 16 + b"\r\nhijack\r\n"), False, "cut"),
     ("chunk-no-crlf", b"GET", answer(b"HTTP/1.1 200 OK", b"Transfer-Encoding: chunked",
                                      body=b"5\r\nhellohijack\r\n0\r\n\r\n"), False, "cut"),
+    ("trailer", b"GET", answer(b"HTTP/1.1 200 OK", b"Transfer-Encoding: chunked",
+                               body=b"5\r\nhello\r\n0\r\nX-Hijack: 1\r\n\r\n"), False, (200, b"hello", True)),
+    ("trailer-content-length", b"GET", answer(b"HTTP/1.1 200 OK", b"Transfer-Encoding: chunked",
+                                              body=b"5\r\nhello\r\n0\r\nContent-Length: 6\r\n\r\nhijack"), False,
+     "cut"),
+    ("chunk-extension", b"GET", answer(b"HTTP/1.1 200 OK", b"Transfer-Encoding: chunked",
+                                       body=b"5;hijack=1\r\nhello\r\n0\r\n\r\n"), False, (200, b"hello", True)),
     ("body-longer-than-cl", b"GET", answer(b"HTTP/1.1 200 OK", b"Content-Length: 5",
                                            body=b"hello" + answer(b"HTTP/1.1 200 OK", b"Content-Length: 6",
                                                                   body=b"hijack")), False, (200, b"hello", False)),
@@ -152,9 +174,11 @@ REUSED = [case for case in CASES if case[0] in ("te-chunked-gzip", "http-2", "tw
 
 
 @asynccontextmanager
-async def upstream_and_gateway(upstream_bytes: bytes, close_after: bool) -> AsyncIterator[tuple[Factory, Any]]:
+async def upstream_and_gateway(
+    upstream_bytes: bytes, close_after: bool, bytewise: bool = False
+) -> AsyncIterator[tuple[Factory, Any]]:
     """An upstream answering BAD with ``upstream_bytes`` and a gateway before it, for the ``async with`` block."""
-    async with scripted(by_path({BAD: upstream_bytes}, (BAD,) if close_after else ())) as (factory, _):
+    async with scripted(by_path({BAD: upstream_bytes}, (BAD,) if close_after else (), bytewise)) as (factory, _):
         gw = await start_gateway(config(factory.port))
         try:
             yield factory, gw
@@ -189,17 +213,19 @@ def check_answer(raw: bytes, method: bytes, expected, failures: dict, events: li
 @pytest.mark.parametrize(
     "method, upstream_bytes, close_after, expected", [case[1:] for case in CASES], ids=[case[0] for case in CASES]
 )
+@pytest.mark.parametrize("bytewise", [False, True], ids=["one-write", "bytewise"])
 @pytest_twisted.ensureDeferred
 async def test_a_misbehaving_upstream_answer_never_frames_the_clients_or_the_next(
-    method, upstream_bytes, close_after, expected
+    method, upstream_bytes, close_after, expected, bytewise
 ):
     """
     The client gets the expected answer, a 502 counted against the upstream,
     or a cut body; nothing marked ``hijack`` reaches it; a connection that
     carried a bad answer is closed by the gateway, and the next request gets
-    a fresh answer on a new one (a good answer's connection is reused).
+    a fresh answer on a new one (a good answer's connection is reused). The
+    same whether the answer comes in one write or a byte at a time.
     """
-    async with upstream_and_gateway(upstream_bytes, close_after) as (factory, gw):
+    async with upstream_and_gateway(upstream_bytes, close_after, bytewise) as (factory, gw):
         with capturedLogs() as events:
             raw = await ask(gw.number, method, BAD)
         check_answer(raw, method, expected, dict(gw.gateway.pools["chat"].failure_counts), events)
