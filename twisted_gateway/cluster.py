@@ -39,8 +39,10 @@ from twisted_gateway.schema import ClusterSettings, ConfigError, parse_redis_url
 
 if TYPE_CHECKING:
     from twisted_gateway.identity import Identity
+    from twisted_gateway.jwks import KeySet
     from twisted_gateway.metrics import Metrics
     from twisted_gateway.schema import RouteSettings
+    from twisted_gateway.tls import UpstreamTLS
     from twisted_gateway.worker_hub import Link
     from twisted_gateway.interfaces import LiveSession
     from twisted_gateway.ws_relay import RelayRegistry
@@ -93,7 +95,7 @@ def with_redis_url(source: str, settings: ClusterSettings, url: str) -> ClusterS
     return replace(settings, redis=url)
 
 
-def redis_tls(settings: ClusterSettings) -> Any:
+def redis_tls(settings: ClusterSettings) -> UpstreamTLS:
     """Whom ``rediss://`` trusts and the certificate it shows: read as a route's https upstream keys are."""
     from twisted_gateway.tls import UpstreamTLS
 
@@ -694,9 +696,11 @@ class RevocationGuard:
         self._authenticator = authenticator
         self._cluster = cluster
 
-    def __getattr__(self, name: str) -> Any:
-        """The wrapped authenticator's other attributes (its ``keyset``), as they are."""
-        return getattr(self._authenticator, name)
+    @property
+    def keyset(self) -> KeySet | None:
+        """The wrapped authenticator's JWKS keys (None when it has none)."""
+        keyset: KeySet | None = getattr(self._authenticator, "keyset", None)
+        return keyset
 
     async def authenticate(
         self, mode: str, headers: Sequence[tuple[bytes, bytes]], query: bytes, route: RouteSettings | None = None

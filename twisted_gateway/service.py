@@ -18,6 +18,7 @@ from twisted.internet.interfaces import (
     IListeningPort,
     IProtocolFactory,
     IReactorSocket,
+    IReactorTCP,
     IReactorTime,
     IStreamServerEndpoint,
 )
@@ -39,11 +40,11 @@ from twisted_gateway.ws_relay import GOING_AWAY
 if TYPE_CHECKING:
     from twisted_gateway.ws_pair import Pair
 
-    class ServingReactor(IReactorTime, IReactorSocket):
+    class ServingReactor(IReactorTime, IReactorSocket, IReactorTCP):
         """
-        What serving asks of its reactor: timers, and the sockets a worker
-        inherits from its supervisor. Every reactor ``twistd`` installs
-        provides both; a test's ``MemoryReactorClock`` too.
+        What serving asks of its reactor: timers, listening sockets, and the
+        sockets a worker inherits from its supervisor. Every reactor ``twistd``
+        installs provides all three; a test's ``MemoryReactorClock`` too.
         """
 
 log = Logger()

@@ -35,7 +35,7 @@ from urllib.parse import urlsplit
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, PublicKeyTypes
 from OpenSSL import SSL, crypto
 from service_identity import VerificationError
 from twisted.internet.abstract import isIPAddress, isIPv6Address
@@ -46,6 +46,7 @@ from twisted.internet.interfaces import (
     IOpenSSLServerConnectionCreator,
     IListeningPort,
     IProtocolFactory,
+    IReactorTCP,
     IStreamServerEndpoint,
 )
 from twisted.internet.ssl import (
@@ -109,7 +110,7 @@ def load_certificates(argument: str, path: str) -> list[x509.Certificate]:
     return certificates
 
 
-def load_private_key(argument: str, path: str) -> Any:
+def load_private_key(argument: str, path: str) -> PrivateKeyTypes:
     """The PEM private key in the file (the file may hold certificates as well)."""
     data = _read(argument, path)
     if b"PRIVATE KEY-----" not in data:
@@ -136,7 +137,7 @@ def _public_bytes(public_key: PublicKeyTypes) -> bytes:
 class CertifiedKey:
     """A private key, its certificate and the chain that followed it in the file."""
 
-    key: Any
+    key: PrivateKeyTypes
     certificate: x509.Certificate
     chain: tuple[x509.Certificate, ...] = ()
 
@@ -353,7 +354,7 @@ class WrappedServerEndpoint:
 
 
 def server_endpoint(
-    reactor: Any,
+    reactor: IReactorTCP,
     description: str,
     backlog: int | None = None,
     wrap: Callable[[IProtocolFactory], IProtocolFactory] | None = None,
@@ -491,7 +492,7 @@ class UpstreamTLS:
     def __init__(
         self,
         *,
-        trust_root: Any = None,
+        trust_root: Any = None,  # an IOpenSSLTrustRoot (a name Twisted does not export)
         client_certificate: CertifiedKey | None = None,
         verify: bool = True,
     ) -> None:
