@@ -1,10 +1,16 @@
-"""The [cluster] section's pure parts: the Redis URL."""
+"""The [cluster] section's pure parts: the Redis URL, counts, revocations without Redis."""
 
 from __future__ import annotations
 
 import pytest
+import pytest_twisted
+from twisted.internet.task import Clock
 
-from twisted_gateway.cluster import count_key
+from twisted_gateway.auth import AuthError
+from twisted_gateway.cluster import Cluster, RevocationGuard, count_key
+from twisted_gateway.identity import Identity
+from twisted_gateway.metrics import Metrics
+from twisted_gateway.ws_relay import RelayRegistry
 from twisted_gateway.schema import RedisAddress, parse_redis_url
 
 
@@ -71,3 +77,22 @@ def test_the_default_node_id_of_a_worker_names_its_supervisor(monkeypatch):
     assert default_node_id() == f"{socket.gethostname()}-{os.getpid()}"
     monkeypatch.setenv(WORKER_ENV, "1")
     assert default_node_id() == f"{socket.gethostname()}-{os.getppid()}"
+
+
+class _Verifier:
+    """An authenticator's ``verify``: every token is the identity it names."""
+
+    async def verify(self, token: str) -> Identity:
+        return Identity(token, {"sub": token, "jti": f"jti-{token}"})
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_revocation_guard_refuses_a_revoked_token_verify_accepted():
+    """What a library user calls on the gateway's authenticator checks revocations too."""
+    cluster = Cluster(None, registry=RelayRegistry(), clock=Clock(), metrics=Metrics())
+    guard = RevocationGuard(_Verifier(), cluster)
+    assert (await guard.verify("alice")).subject == "alice"
+    cluster.revocations.add_jti("jti-alice", until=1e12)
+    with pytest.raises(AuthError, match="revoked"):
+        await guard.verify("alice")
+    assert (await guard.verify("bob")).subject == "bob"

@@ -22,7 +22,7 @@ import json
 import os
 import socket
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -701,6 +701,13 @@ class RevocationGuard:
         """The wrapped authenticator's JWKS keys (None when it has none)."""
         keyset: KeySet | None = getattr(self._authenticator, "keyset", None)
         return keyset
+
+    async def verify(self, token: str) -> Identity:
+        """The wrapped authenticator's verdict on ``token``, refused as well when it is revoked."""
+        verify: Callable[[str], Awaitable[Identity]] = getattr(self._authenticator, "verify")
+        identity = await verify(token)
+        self._cluster.check_token(identity.claims)
+        return identity
 
     async def authenticate(
         self, mode: str, headers: Sequence[tuple[bytes, bytes]], query: bytes, route: RouteSettings | None = None
