@@ -213,17 +213,18 @@ def test_a_kept_alive_connection_keeps_one_timer_across_its_requests():
     close(channel)
 
 
-def test_the_local_address_is_asked_of_the_transport_once_per_connection():
+@pytest.mark.parametrize("method, of_request", [("getHost", "getHost"), ("getPeer", "getClientAddress")])
+def test_the_addresses_are_asked_of_the_transport_once_per_connection(method, of_request):
     door = Door()
     channel, transport = door.connect()
     asked = []
-    local = transport.getHost()
-    transport.getHost = lambda: asked.append(1) or local
+    address = getattr(transport, method)()
+    setattr(transport, method, lambda: asked.append(1) or address)
     for _ in range(3):
         channel.dataReceived(b"GET /hold HTTP/1.1\r\nHost: gw\r\n\r\n")
         (request,) = door.resource.held
         door.resource.held.clear()
-        assert request.getHost() is local
+        assert getattr(request, of_request)() is address
         request.finish()
     assert asked == [1]
     close(channel)

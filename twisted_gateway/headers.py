@@ -109,10 +109,17 @@ def is_websocket_upgrade(method: bytes, headers: Headers) -> bool:
 
 def strip_hop_by_hop(headers: Headers) -> list[tuple[bytes, bytes]]:
     """Drop hop-by-hop headers and every header ``Connection`` names; keep order."""
-    named = set(tokens(get_all(headers, b"connection")))
-    return [
-        (k, v) for k, v in headers if k.lower() not in HOP_BY_HOP and k.lower() not in named
-    ]
+    named = _connection_named(headers)
+    return [(k, v) for k, v in headers if (lk := k.lower()) not in HOP_BY_HOP and lk not in named]
+
+
+def _connection_named(headers: Headers) -> frozenset[bytes] | set[bytes]:
+    """The header names ``Connection`` lists (usually none: no list is made then)."""
+    values = [v for k, v in headers if k.lower() == b"connection"]
+    return set(tokens(values)) if values else _NONE
+
+
+_NONE: frozenset[bytes] = frozenset()
 
 
 def peer_host(address: IAddress | None) -> str:
@@ -169,6 +176,12 @@ def normalized_name(name: bytes) -> bytes:
     return name.lower().replace(b"_", b"-")
 
 
+@functools.lru_cache(maxsize=64)
+def _normalized_names(names: frozenset[bytes]) -> frozenset[bytes]:
+    """:func:`normalized_name` of each of ``names`` (a route's few sets, worked out once each)."""
+    return frozenset(normalized_name(name) for name in names)
+
+
 def upstream_request_headers(
     headers: Headers,
     *,
@@ -186,18 +199,27 @@ def upstream_request_headers(
     names containing ``_`` removed unless ``underscores``, then
     ``X-Forwarded-For``/``-Proto``/``-Host`` added. ``Host`` is left to the caller.
     """
-    incoming_xff = get_all(headers, b"x-forwarded-for")
-    dropped = {normalized_name(name) for name in drop}
-    kept = [
-        (k, v)
-        for k, v in strip_hop_by_hop(headers)
-        if (underscores or b"_" not in k)
-        and (lk := normalized_name(k)) not in IDENTITY_HEADERS
-        and not lk.startswith(b"x-forwarded-")
-        and lk != b"forwarded"
-        and lk not in dropped
-        and lk != b"host"
-    ]
+    incoming_xff = []
+    dropped = _normalized_names(drop)
+    named = _connection_named(headers)
+    kept = []
+    for k, v in headers:
+        lower = k.lower()
+        if lower == b"x-forwarded-for":
+            incoming_xff.append(v)
+            continue
+        if lower in HOP_BY_HOP or lower in named:
+            continue
+        lk = lower.replace(b"_", b"-") if b"_" in lower else lower  # normalized_name's
+        if (
+            (underscores or lk is lower)
+            and not lk.startswith(b"x-forwarded-")
+            and lk not in IDENTITY_HEADERS
+            and lk != b"forwarded"
+            and lk not in dropped
+            and lk != b"host"
+        ):
+            kept.append((k, v))
     kept.append((b"X-Forwarded-For", forwarded_for(incoming_xff, peer, trusted_proxies)))
     kept.append((b"X-Forwarded-Proto", scheme.encode("ascii")))
     if host:

@@ -92,15 +92,23 @@ class GatewayChannel(LlhttpChannel):
             self._head_started = True
         super().dataReceived(data)
 
-    _local_address: IAddress | None = None
+    #: the socket's two addresses, asked of it once (each ``Request`` asks for both)
+    _addresses: tuple[IAddress, IAddress] | None = None
+
+    def _address(self, which: int) -> IAddress:
+        addresses = self._addresses
+        if addresses is None:
+            assert self.transport is not None  # requests are made while it is connected
+            addresses = self._addresses = (self.transport.getHost(), self.transport.getPeer())
+        return addresses[which]
 
     def getHost(self) -> IAddress:
-        """The local address, asked of the socket once (each ``Request`` asks for it)."""
-        address = self._local_address
-        if address is None:
-            assert self.transport is not None  # requests are made while it is connected
-            address = self._local_address = self.transport.getHost()
-        return address
+        """The local address (the socket's, asked once)."""
+        return self._address(0)
+
+    def getPeer(self) -> IAddress:
+        """The client's address (the socket's, asked once)."""
+        return self._address(1)
 
     # -- writing: a response's head and first body bytes in one send, now ------
 
