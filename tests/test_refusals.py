@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from twisted_gateway.refusals import MAX_REFUSAL_BODY, Refusal, parse_head, refusal_body
+from twisted_gateway.refusals import MAX_REFUSAL_BODY, Refusal, parse_head, refusal_body, switching
 
 CL = [(b"Content-Length", b"5")]
 CHUNKED = [(b"Transfer-Encoding", b"chunked")]
@@ -22,6 +22,27 @@ def test_head_is_parsed_with_repeats_and_phrase():
 @pytest.mark.parametrize("head", [b"garbage\r\n\r\n", b"HTTP/1.1 abc\r\n\r\n", b"HTTP/1.1 403 x\r\nno colon\r\n\r\n"])
 def test_what_is_not_a_head(head):
     assert parse_head(head) is None
+
+
+@pytest.mark.parametrize(
+    "head, expected",
+    [
+        (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n", True),
+        (b"HTTP/1.1 101\r\n\r\n", True),
+        (b"HTTP/1.1 101 x\r\nno colon\r\n\r\n", True),  # Autobahn's to refuse
+        (b"HTTP/1.1 0101 x\r\n\r\n", False),  # a 101 parse_head finds: Autobahn's too
+        (b"HTTP/1.1 1010 x\r\n\r\n", False),
+        (b"HTTP/1.1 401 101\r\n\r\n", False),
+        (b"HTTP/1.1  101\r\n\r\n", False),
+        (b"XTTP/1.1 101 x\r\n\r\n", False),
+    ],
+)
+def test_a_switching_status_line_is_one_parse_head_reads_as_101_or_not_at_all(head, expected):
+    """The upstream leg skips parse_head only for heads it would have passed to Autobahn anyway."""
+    assert switching(head) is expected
+    if expected:
+        parsed = parse_head(head)
+        assert parsed is None or parsed[0] == 101
 
 
 @pytest.mark.parametrize(

@@ -60,6 +60,16 @@ def parse_head(head: bytes) -> tuple[int, bytes, list[tuple[bytes, bytes]]] | No
     return int(parts[1]), parts[2] if len(parts) > 2 else b"", headers
 
 
+def switching(data: bytes) -> bool:
+    """
+    Whether an answer's status line is ``HTTP/x 101 ...``: a head
+    :func:`parse_head` reads either as a 101 or not at all, Autobahn's to
+    check whole (the upstream leg does not parse it first).
+    """
+    parts = data[: data.find(b"\r\n")].split(b" ", 2)
+    return len(parts) >= 2 and parts[1] == b"101" and parts[0].startswith(b"HTTP/")
+
+
 def refusal_body(
     headers: Sequence[tuple[bytes, bytes]], data: bytes, closed: bool
 ) -> bytes | None:

@@ -79,7 +79,7 @@ from twisted_gateway.headers import (
     upstream_request_headers,
 )
 from twisted_gateway.rate_limit import burst_for
-from twisted_gateway.refusals import Refusal, parse_head, refusal_body
+from twisted_gateway.refusals import Refusal, parse_head, refusal_body, switching
 from twisted_gateway.metrics import Metrics
 from twisted_gateway.routing import upstream_url
 from twisted_gateway.tls import describe_tls_failure
@@ -155,6 +155,9 @@ class RelayClientProtocol(ClientLegHooks, _RelayLeg, WebSocketClientProtocol):  
         if self._refusal_head is None:
             end = self.data.find(b"\r\n\r\n")
             if end < 0:
+                return
+            if switching(self.data):
+                super().processHandshake()
                 return
             head = parse_head(self.data[: end + 4])
             if head is None or head[0] == 101:
