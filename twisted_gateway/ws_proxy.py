@@ -700,6 +700,8 @@ class RelayServerFactory(WebSocketServerFactory):
         # the client's own offer and the route's Host, per handshake (client_factory_for)
         self._client_template.extension_offer = ""
         self._client_template.host_value = None
+        #: client headers no upstream leg gets (the handshake's own and strip_request_headers)
+        self._not_forwarded = _NOT_FORWARDED | frozenset(name.encode("ascii") for name in gateway.strip_request_headers)
         upstream_leg = with_options(RelayClientProtocol, self._client_template)
         upstream_leg.tcp_keepalive = gateway.tcp_keepalive
         self._client_template.protocol = upstream_leg
@@ -713,14 +715,13 @@ class RelayServerFactory(WebSocketServerFactory):
         factory.__dict__.update(vars(self._client_template))
         url = upstream_url(base_url, ctx.path, ctx.query, websocket=True)
         headers: dict[str, str] = {}
-        stripped = frozenset(name.encode("ascii") for name in self.gateway.strip_request_headers)
         for name, value in upstream_request_headers(
             ctx.headers,
             peer=ctx.peer,
             scheme=ctx.scheme,
             host=ctx.host,
             trusted_proxies=self.gateway.trusted_proxies,
-            drop=_NOT_FORWARDED | stripped,
+            drop=self._not_forwarded,
             underscores=ctx.route.underscores_in_headers,
         ):
             # Autobahn encodes the handshake as UTF-8: a value reaches the
