@@ -129,9 +129,9 @@ class InsufficientScope(GatewayError):
         super().__init__(detail, headers=[(b"WWW-Authenticate", challenge.encode("ascii", "replace"))])
 
 
-def _claim_at(claims: Mapping[str, Any], dotted: str) -> Any:
+def _claim_at(claims: Mapping[str, object], dotted: str) -> object:
     """The claim a dotted name reaches (``realm_access.roles``), or None."""
-    value: Any = claims
+    value: object = claims
     for part in dotted.split("."):
         if not isinstance(value, Mapping) or part not in value:
             return None
@@ -185,7 +185,7 @@ def check_claim_times(claims: Mapping[str, Any], now: float, leeway: float) -> f
 # -- settings ---------------------------------------------------------------
 
 
-def _same_typ(given: Any, wanted: str) -> bool:
+def _same_typ(given: object, wanted: str) -> bool:
     """RFC 8725 3.11: ``typ`` compares case-insensitively, with or without ``application/``."""
     if not isinstance(given, str):
         return False

@@ -5,7 +5,7 @@ A call repeated every ``interval`` seconds on an injected clock, between
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -13,10 +13,10 @@ from twisted.internet.task import LoopingCall
 
 
 class Periodic:
-    """``call(*args)`` every ``interval`` s (first at once if ``now``) on ``clock``."""
+    """``call()`` every ``interval`` s (first at once if ``now``) on ``clock``."""
 
-    def __init__(self, clock: IReactorTime, interval: float, call: Callable[..., object], *args: Any, now: bool = False) -> None:
-        self._loop = LoopingCall(call, *args)
+    def __init__(self, clock: IReactorTime, interval: float, call: Callable[[], object], *, now: bool = False) -> None:
+        self._loop = LoopingCall(call)
         self._loop.clock = clock
         self.interval, self.now = interval, now
 

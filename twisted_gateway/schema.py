@@ -16,11 +16,11 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Union
+from typing import TYPE_CHECKING, Any, Callable, Mapping, TypeVar, Union, overload
 from urllib.parse import unquote, urlsplit
 
 import jwt
-from jwt.algorithms import OKPAlgorithm, get_default_algorithms
+from jwt.algorithms import AllowedPublicKeys, OKPAlgorithm, get_default_algorithms
 from twisted.python import usage
 
 if TYPE_CHECKING:
@@ -42,21 +42,24 @@ class ConfigError(usage.UsageError):
         self.source, self.section, self.key, self.reason = source, section, key, reason
 
 
-_REQUIRED: Any = dataclasses.MISSING
+_T = TypeVar("_T")
+_D = TypeVar("_D")
 
 
+@overload
+def key(parse: Callable[[str], _T], *, name: str | None = None, secret: bool = False) -> _T: ...
+@overload
+def key(parse: Callable[[str], _T], default: _D, *, name: str | None = None, secret: bool = False) -> _T | _D: ...
 def key(
-    parse: Callable[[str], Any], default: Any = _REQUIRED, *, name: str | None = None, secret: bool = False
-) -> Any:
+    parse: Callable[[str], object], default: object = dataclasses.MISSING, *, name: str | None = None,
+    secret: bool = False,
+) -> object:
     """
     A settings field that is a config key: ``parse`` reads its text, ``default``
     (none: required) is its value when absent; ``name`` is the key when the
     field is named otherwise; a ``secret`` is left out of the ``repr``.
     """
-    metadata = {"parse": parse, "key": name}
-    if default is _REQUIRED:
-        return field(metadata=metadata, repr=not secret)
-    return field(default=default, metadata=metadata, repr=not secret)
+    return field(default=default, metadata={"parse": parse, "key": name}, repr=not secret)
 
 
 def section_keys(settings_type: type) -> dict[str, dataclasses.Field[Any]]:
@@ -80,7 +83,7 @@ def read_section(source: str, section: str, values: Mapping[str, str], settings_
                 result[spec.name] = spec.metadata["parse"](text)
             except ValueError as e:
                 raise ConfigError(source, section, name, str(e)) from None
-        elif spec.default is _REQUIRED and spec.default_factory is _REQUIRED:
+        elif spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING:
             raise ConfigError(source, section, name, "missing required key")
     return result
 
@@ -568,7 +571,7 @@ class PublicKey:
     without (many providers' default) every algorithm its key type can verify.
     """
 
-    key: Any  # a ``cryptography`` public key
+    key: AllowedPublicKeys
     algorithms: frozenset[str]
 
     @classmethod

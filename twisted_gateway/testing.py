@@ -17,8 +17,6 @@ from __future__ import annotations
 import base64
 import os
 import struct
-from typing import Any
-
 from autobahn.twisted.websocket import WebSocketClientFactory
 from autobahn.websocket.types import ConnectionRequest
 from twisted.internet.address import IPv4Address
@@ -32,7 +30,7 @@ from zope.interface import implementer
 
 from twisted_gateway._bases import WebSocketServerFactory, WebSocketServerProtocol, WrappingFactory
 from twisted_gateway._compat import timers_on
-from twisted_gateway.interfaces import IUpstreamConnector
+from twisted_gateway.interfaces import IAuthenticator, IHTTPForwarder, IUpstreamConnector
 from twisted_gateway.ws_passthrough import unmask
 from twisted_gateway.ws_relay import RelayRegistry
 
@@ -209,10 +207,18 @@ class RecordingUpstream(WebSocketServerFactory):
 class MemoryRelay:
     """
     A gateway (``settings`` parsed from ``config``) whose upstream connections
-    reach ``upstream`` in memory, on one ``MemoryReactorClock``.
+    reach ``upstream`` in memory, on one ``MemoryReactorClock``; ``forwarder``
+    and ``authenticator`` replace those parts (as :func:`build_gateway`'s keywords).
     """
 
-    def __init__(self, config: str, upstream: WebSocketServerFactory | None = None, **parts: Any) -> None:
+    def __init__(
+        self,
+        config: str,
+        upstream: WebSocketServerFactory | None = None,
+        *,
+        forwarder: IHTTPForwarder | None = None,
+        authenticator: IAuthenticator | None = None,
+    ) -> None:
         from twisted_gateway.config import parse_config
         from twisted_gateway.gateway import build_gateway
         from twisted_gateway.resource import GatewayResource
@@ -224,7 +230,8 @@ class MemoryRelay:
         timers_on(self.upstream, self.clock)
         self.settings = parse_config(config)
         self.gateway = build_gateway(
-            self.settings, self.net.clock, connector=self.net.connector(self.upstream), **parts
+            self.settings, self.net.clock, connector=self.net.connector(self.upstream),
+            forwarder=forwarder, authenticator=authenticator,
         )
         self.gateway.startService()
         self.resource = GatewayResource(self.gateway)
