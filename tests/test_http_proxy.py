@@ -590,3 +590,36 @@ def _lost(*reasons: BaseException) -> list[Failure]:
 def test_which_requests_are_sent_again_after_a_pooled_connection_closed(method, reason, replayed):
     """Idempotent methods whenever no answer came; POST/PATCH only when nothing was sent."""
     assert may_replay(method, reason) is replayed
+
+
+class Held(Resource):
+    """Keeps every request unanswered, for the test to end."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[GatewayRequest] = []
+
+    def render(self, request):
+        self.held.append(request)
+        return NOT_DONE_YET
+
+
+@pytest.mark.parametrize("ending", ["answered", "client_left"])
+def test_a_gateway_request_tells_when_done_once_when_answered_or_left(ending):
+    """What counts a request (the metrics, the in-flight gauge) is told once, whichever way it ends."""
+    resource = Held()
+    site = Site(resource, reactor=MemoryReactorClock())
+    site.requestFactory = GatewayRequest.for_settings(GatewaySettings())
+    channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+    channel.makeConnection(StringTransport())
+    channel.dataReceived(b"GET / HTTP/1.1\r\nHost: gw\r\n\r\n")
+    [request] = resource.held
+    told: list[str] = []
+    request.when_done = lambda: told.append(ending)
+    if ending == "answered":
+        request.finish()
+        assert told == ["answered"]
+    channel.connectionLost(Failure(ConnectionDone()))
+    assert told == [ending]

@@ -208,6 +208,9 @@ class GatewayRequest(Request):
     stream: StreamingBody | None = None
     #: the forwarding under way (:meth:`HTTPForwarder.forward`), told when the client leaves
     forwarding: _Forwarding | None = None
+    #: called once when the request is finished or its client has left (``notifyFinish``'s
+    #: moment, without a Deferred)
+    when_done: Callable[[], None] | None = None
 
     @classmethod
     def for_settings(cls, settings: GatewaySettings) -> type[GatewayRequest]:
@@ -288,9 +291,16 @@ class GatewayRequest(Request):
             # answered before the body was all read: the rest is not for a next request
             self.channel.persistent = False
         super().finish()
+        self._done()
+
+    def _done(self) -> None:
+        done, self.when_done = self.when_done, None
+        if done is not None:
+            done()
 
     def connectionLost(self, reason: Failure) -> None:
         super().connectionLost(reason)
+        self._done()
         if self.forwarding is not None:
             self.forwarding.client_left()
 
@@ -375,7 +385,7 @@ class _BodyRelay(Protocol):
         request = self._request
         try:
             request.unregisterProducer()
-            if reason.check(ResponseDone, PotentialDataLoss):
+            if isinstance(reason.value, (ResponseDone, PotentialDataLoss)):  # Failure.check's, without its qual()
                 upload = self._upload
                 if isinstance(upload, _Upload) and upload.running:
                     # The upstream answered before reading the whole body (an early
@@ -761,6 +771,7 @@ class HTTPForwarder:
         if settings.access_log not in (EVENTS, OFF):
             self._access = AccessLogWriter.open(settings.access_log, settings.access_log_format, reactor)
         self._fixed_pools: dict[str, UpstreamPool] = {}
+        self._options: dict[tuple[bool, str, float | None], _Options] = {}
         #: request headers no upstream gets, whatever the route
         self._never_forwarded = _REFRAMED | frozenset(
             name.encode("ascii") for name in settings.strip_request_headers
@@ -804,13 +815,16 @@ class HTTPForwarder:
         finished = None if isinstance(request, GatewayRequest) else request.notifyFinish()
         if isinstance(upstream, str):
             upstream = self._single_pool(upstream)
-        forwarding = _Forwarding(
-            self, request, upstream, key, path, query, route_name,
-            _Options(underscores, host_header, request_timeout),
-        )
+        settings = (underscores, host_header, request_timeout)
+        options = self._options.get(settings)
+        if options is None:
+            options = self._options[settings] = _Options(*settings)  # a route's, made once
+        forwarding = _Forwarding(self, request, upstream, key, path, query, route_name, options)
         if isinstance(request, GatewayRequest):
             request.forwarding = forwarding
-        forwarding.start(tuple(extra_headers), frozenset(name.lower() for name in drop_headers))
+        forwarding.start(
+            tuple(extra_headers), frozenset(name.lower() for name in drop_headers) if drop_headers else drop_headers
+        )
         if finished is not None:
             finished.addErrback(lambda _: forwarding.client_left())
         return NOT_DONE_YET
@@ -845,7 +859,7 @@ class HTTPForwarder:
             # X-Forwarded-Host only ever from one valid Host
             host=client_host,
             trusted_proxies=self._settings.trusted_proxies,
-            drop=drop_headers | self._never_forwarded,
+            drop=drop_headers | self._never_forwarded if drop_headers else self._never_forwarded,
             underscores=options.underscores,
         )
         first = []

@@ -32,6 +32,7 @@ from twisted_gateway.headers import (
     peer_host,
     single_origin,
 )
+from twisted_gateway.http_proxy import GatewayRequest
 from twisted_gateway.identity import Identity
 from twisted_gateway.interfaces import IAuthenticator, IHTTPForwarder, IUpstreamConnector
 from twisted_gateway.metrics import UNROUTED, MetricsResource
@@ -80,16 +81,19 @@ class GatewayResource(Resource):
     def _count_http(self, request: Request, route_name: str) -> None:
         """Count the request in the metrics when it finishes (or the client leaves)."""
         request._gateway_counted = True  # type: ignore[attr-defined]
-        started = self.gateway.clock.seconds()
-        self.gateway.http_in_flight += 1
+        gateway = self.gateway
+        started = gateway.clock.seconds()
+        gateway.http_in_flight += 1
 
-        def count(result: object) -> object:
-            self.gateway.http_in_flight -= 1
-            duration = self.gateway.clock.seconds() - started
-            self.gateway.metrics.http_request(route_name, request.method, request.code, duration)
-            return None
+        def count(result: object = None) -> None:
+            gateway.http_in_flight -= 1
+            duration = gateway.clock.seconds() - started
+            gateway.metrics.http_request(route_name, request.method, request.code, duration)
 
-        request.notifyFinish().addBoth(count)
+        if isinstance(request, GatewayRequest):
+            request.when_done = count  # no Deferred per request
+        else:
+            request.notifyFinish().addBoth(count)
 
     def _route(self, request: Request) -> bytes | int:
         raw_path, query = split_uri(request.uri)
