@@ -32,7 +32,7 @@ from twisted.web.client import (
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Site
+from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
 
 from twisted_gateway.config import GatewaySettings
@@ -169,15 +169,17 @@ class Canned(Resource):
 
 
 class Silent(Resource):
-    """An upstream that never answers; remembers whether its client went away."""
+    """Never answers (the test may); remembers its requests and whether their clients went away."""
 
     isLeaf = True
 
     def __init__(self) -> None:
         super().__init__()
         self.lost: list[Failure] = []
+        self.held: list[Request] = []
 
     def render(self, request):
+        self.held.append(request)
         request.notifyFinish().addErrback(self.lost.append)
         return NOT_DONE_YET
 
@@ -592,24 +594,10 @@ def test_which_requests_are_sent_again_after_a_pooled_connection_closed(method, 
     assert may_replay(method, reason) is replayed
 
 
-class Held(Resource):
-    """Keeps every request unanswered, for the test to end."""
-
-    isLeaf = True
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.held: list[GatewayRequest] = []
-
-    def render(self, request):
-        self.held.append(request)
-        return NOT_DONE_YET
-
-
 @pytest.mark.parametrize("ending", ["answered", "client_left"])
 def test_a_gateway_request_tells_when_done_once_when_answered_or_left(ending):
     """What counts a request (the metrics, the in-flight gauge) is told once, whichever way it ends."""
-    resource = Held()
+    resource = Silent()
     site = Site(resource, reactor=MemoryReactorClock())
     site.requestFactory = GatewayRequest.for_settings(GatewaySettings())
     channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))

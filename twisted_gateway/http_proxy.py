@@ -640,7 +640,7 @@ class _Forwarding:
                 request.finish()
                 self._log(error.status, len(body), "error")
         finally:
-            self._release()
+            self._done()
 
     def _got_head(self, response: IResponse) -> None:
         self.head, self._answered = None, self._attempt
@@ -659,7 +659,7 @@ class _Forwarding:
 
     def _ended(self, status: int, sent: int, outcome: str) -> None:
         self._log(status, sent, outcome)
-        self._release()
+        self._done()
 
     def client_left(self) -> None:
         self.gone = True
@@ -688,7 +688,19 @@ class _Forwarding:
     def _abandon(self) -> None:
         """A bug, not an upstream failure: logged, the client not left hanging, the instance let go."""
         _abandon(Failure(), self._request)
+        self._done()
+
+    def _done(self) -> None:
+        """
+        The request is over: the instance let go, and the links between the
+        request, this forwarding and its relay cut, so that they are freed as
+        soon as they are dropped rather than by the cycle collector.
+        """
         self._release()
+        self.relay = self.head = None
+        request = self._request
+        if getattr(request, "forwarding", None) is self:
+            request.forwarding = None  # type: ignore[attr-defined]
 
 
 # -- the forwarder -------------------------------------------------------------

@@ -214,20 +214,29 @@ class Answer:
     def callback(self, response: IResponse) -> None:
         if self.called:
             return
-        self.called = True
+        on_head = self._answered()
         try:
-            self._on_head(response)
+            on_head(response)
         except Exception:
             _log.failure("the response head's receiver failed")
 
     def errback(self, reason: Failure | BaseException) -> None:
         if self.called:
             return
-        self.called = True
+        on_failure = self._on_failure
+        self._answered()
         try:
-            self._on_failure(reason if isinstance(reason, Failure) else Failure(reason))
+            on_failure(reason if isinstance(reason, Failure) else Failure(reason))
         except Exception:
             _log.failure("the response head's receiver failed")
+
+    def _answered(self) -> Callable[[IResponse], object]:
+        """Called from now on; the receivers and the canceller let go (no cycle with the exchange)."""
+        self.called = True
+        on_head = self._on_head
+        self._on_head = self._on_failure = _nothing
+        self._canceller = None
+        return on_head
 
     def cancel(self) -> None:
         if self.called:
@@ -235,6 +244,10 @@ class Answer:
         if self._canceller is not None:
             self._canceller(self)
         self.errback(Failure(CancelledError()))
+
+
+def _nothing(result: object) -> None:
+    """An answered :class:`Answer`'s receivers."""
 
 
 class _Exchange:
@@ -333,6 +346,7 @@ class UpstreamResponse:
         for data in held:
             protocol.dataReceived(data)
         if self._end is not None:
+            self._protocol = None
             protocol.connectionLost(self._end)
 
     def setPreviousResponse(self, response: IResponse) -> None:
@@ -350,8 +364,9 @@ class UpstreamResponse:
         if self._end is not None:
             return
         self._end = reason
-        if self._protocol is not None:
-            self._protocol.connectionLost(reason)
+        protocol, self._protocol = self._protocol, None  # (its transport refers to this response)
+        if protocol is not None:
+            protocol.connectionLost(reason)
 
 
 class _BodyControl:

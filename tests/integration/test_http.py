@@ -7,6 +7,7 @@ answers), driven by real clients (treq, and raw sockets for odd requests).
 from __future__ import annotations
 
 import asyncio
+import gc
 import gzip
 import hashlib
 import ipaddress
@@ -823,3 +824,28 @@ async def test_upstream_connections_are_reused(gateway, twisted_upstream, client
         response = await client.get(gw.url + "/echo")
         ports.add((await response.json())["peer_port"])
     assert len(ports) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_answered_request_is_freed_without_the_cycle_collector(gateway, twisted_upstream):
+    """
+    Nothing the forwarding of a request made is left in a reference cycle once
+    it is answered: freed at once, not when the cycle collector next runs
+    (whose passes, under load, grow with what waits for it).
+    """
+    gw = await gateway(twisted_upstream.base)
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        for _ in range(3):
+            assert (await raw_request(gw.port, get("/echo/x"))).startswith(b"HTTP/1.1 200 ")
+        gc.collect()
+        cyclic = {
+            type(o).__qualname__ for o in gc.garbage if type(o).__module__.startswith("twisted_gateway.")
+        }
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert cyclic == set()
