@@ -19,7 +19,9 @@ from autobahn.twisted.websocket import (
 from autobahn.websocket.protocol import WebSocketProtocol
 from typing import Callable
 
+from autobahn.wamp.types import TransportDetails
 from twisted.internet import abstract, tcp
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.base import ReactorBase
 from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
@@ -518,3 +520,41 @@ def test_handshake_request_rules():
     assert not _compat.origin_allowed(leg, "null")  # (the factory's allowNullOrigin is off)
     leg.factory.setProtocolOptions(allowNullOrigin=True)
     assert _compat.origin_allowed(leg, "null")
+
+
+@pytest.mark.parametrize(("cls", "held"), [(tcp.Server, "client"), (tcp.Client, "realAddress")])
+@pytest.mark.parametrize(("kind", "address"), [(IPv4Address, ("192.0.2.7", 5)), (IPv6Address, ("::1", 6, 0, 0))])
+def test_peer_of_a_tcp_connection_is_autobahns_peer2str(cls, held, kind, address):
+    from autobahn.twisted.util import peer2str
+
+    transport = object.__new__(cls)
+    setattr(transport, held, address)
+    transport._addressType = kind
+    _require(_compat.peer_of(transport) == peer2str(transport), f"{cls.__name__}.getPeer", "Twisted")
+    assert _compat.peer_of(StringTransport()) == peer2str(StringTransport())
+
+
+def test_transport_details_are_made_when_first_read():
+    """The legs' TransportDetails are Autobahn's own, made when read; a plain TCP leg opens without them."""
+    from autobahn.twisted.websocket import WebSocketAdapterProtocol
+
+    source = inspect.getsource(WebSocketAdapterProtocol._onOpen)
+    _require("self._transport_details.is_secure" in source and "self.onOpen()" in source,
+             "WebSocketAdapterProtocol._onOpen", "Autobahn")
+
+    class Leg(_compat.ServerLegHooks, _compat.LegHooks, WebSocketServerProtocol):
+        opened = False
+
+        def onOpen(self):
+            self.opened = True
+
+    factory = _server_factory()
+    factory.protocol = Leg
+    leg = factory.buildProtocol(None)
+    leg.makeConnection(StringTransport())
+    assert "_transport_details" not in vars(leg)
+    leg._onOpen()
+    assert leg.opened and "_transport_details" not in vars(leg)
+    details = leg._transport_details
+    assert (details.peer, details.is_server, details.is_secure) == (leg.peer, True, False)
+    assert details.channel_framing == TransportDetails.CHANNEL_FRAMING_WEBSOCKET

@@ -16,11 +16,13 @@ listed in the same test file (they stay in ``http_proxy.py`` and ``site.py``).
 from __future__ import annotations
 
 import errno
+import functools
 from pprint import pformat as _real_pformat
 from types import FunctionType, MethodType
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
-from autobahn.twisted.util import create_transport_details
+from autobahn.twisted.util import create_transport_details, peer2str
+from autobahn.twisted.websocket import WebSocketAdapterProtocol
 from autobahn.util import _is_tls_error, _maybe_tls_reason
 from autobahn.wamp.types import TransportDetails
 from autobahn.websocket import protocol as websocket_protocol
@@ -33,9 +35,10 @@ from autobahn.websocket.protocol import (
 )
 from autobahn.websocket.types import ConnectionResponse
 from twisted.internet import tcp, unix
+from twisted.internet.address import IPv4Address
 from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.protocol import connectionDone
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, ISSLTransport
 from twisted.logger import FileLogObserver, ILogObserver, LogPublisher
 from twisted.python import log as legacy_log
 from twisted.python.systemd import ListenFDs
@@ -106,6 +109,28 @@ def file_observer_writer(observer: FileLogObserver) -> Callable[[str], None]:
             out.flush()
 
     return write
+
+
+def peer_of(transport: object) -> str:
+    """
+    Autobahn's ``peer2str(transport)`` (``tcp4:host:port``, ``tcp6:host:port``)
+    for a TCP connection, from the address it holds: ``peer2str`` asks the
+    transport for two interfaces and a new address object, some 17 k
+    instructions per leg. Other transports go through ``peer2str``.
+
+    Relies on ``tcp.Server.client`` and ``tcp.Client.realAddress`` (the
+    ``(host, port, ...)`` that ``getPeer`` makes its address from) and
+    ``_addressType`` (``IPv4Address`` or ``IPv6Address``).
+    """
+    kind = type(transport)
+    if kind is tcp.Server:
+        address = transport.client  # type: ignore[attr-defined]
+    elif kind is tcp.Client:
+        address = transport.realAddress  # type: ignore[attr-defined]
+    else:
+        return peer2str(transport)  # type: ignore[arg-type]
+    family = "tcp4" if transport._addressType is IPv4Address else "tcp6"  # type: ignore[attr-defined]
+    return f"{family}:{address[0]}:{address[1]}"
 
 
 def dispatch_plainly(reactor: object) -> bool:
@@ -375,8 +400,11 @@ class LegHooks(_Leg):
     about a twentieth of a relayed handshake's instructions. These do what
     Autobahn's do without the rendering:
 
-    ``connectionMade``: the Twisted adapter's (``_transport_details`` from
-    ``create_transport_details``, ``peer``, ``tcpNoDelay``), then ``_connectionMade``.
+    ``connectionMade``: the Twisted adapter's (``peer``, ``tcpNoDelay``), then
+    ``_connectionMade``; ``_transport_details`` (``create_transport_details``)
+    is made when first read, which a plain TCP leg's ``_onOpen`` no longer does
+    (a TLS leg's still does, for its channel id and peer certificate): with
+    :func:`peer_of`, 37 k instructions less per handshake (2.321 -> 2.284 M).
     ``connectionLost``: the adapter's (its one non-debug line, a TLS error), then
     ``_connectionLost``, which Autobahn's client and server versions begin by
     rendering the reason, with its traceback, for a debug line: this calls the
@@ -396,18 +424,27 @@ class LegHooks(_Leg):
         is_server: bool
         tcpNoDelay: bool
         log: Any
-        _transport_details: TransportDetails
 
     def connectionMade(self) -> None:
-        details = create_transport_details(self.transport, self.is_server)
-        details.channel_framing = TransportDetails.CHANNEL_FRAMING_WEBSOCKET
-        self._transport_details = details
-        self.peer = details.peer  # type: ignore[assignment]  # (always a str for a connected transport)
+        self.__dict__.pop("_transport_details", None)  # Autobahn's placeholder: made when first read
+        self.peer = peer_of(self.transport)
         try:
             self.transport.setTcpNoDelay(self.tcpNoDelay)
         except Exception:
             pass  # not TCP (a UNIX socket refuses TCP_NODELAY)
         self._connectionMade()
+
+    @functools.cached_property
+    def _transport_details(self) -> TransportDetails:  # type: ignore[override]  # (a cached_property stores it)
+        details = create_transport_details(self.transport, self.is_server)
+        details.channel_framing = TransportDetails.CHANNEL_FRAMING_WEBSOCKET
+        return details
+
+    def _onOpen(self) -> None:
+        if ISSLTransport.providedBy(self.transport):
+            WebSocketAdapterProtocol._onOpen(self)  # type: ignore[arg-type]  # the TLS channel id and peer certificate, now known
+        else:
+            self.onOpen()
 
     # (Autobahn annotates the reason as str; it is Twisted's Failure)
     def connectionLost(self, reason: Failure = connectionDone) -> None:

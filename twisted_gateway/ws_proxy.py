@@ -123,7 +123,7 @@ class UpstreamHandshakeFailed(Exception):
         self.refusal = refusal
 
 
-class RelayClientProtocol(ClientLegHooks, _RelayLeg, WebSocketClientProtocol):  # type: ignore[misc]  # Autobahn's bases disagree on peer and _transport_details
+class RelayClientProtocol(ClientLegHooks, _RelayLeg, WebSocketClientProtocol):  # type: ignore[misc, override]  # Autobahn's bases disagree on peer and _transport_details
     """The upstream-facing leg."""
 
     factory: _UpstreamFactory
@@ -254,7 +254,7 @@ class RelayClientProtocol(ClientLegHooks, _RelayLeg, WebSocketClientProtocol):  
             self.pair.leg_closed(self)
 
 
-class RelayServerProtocol(ServerLegHooks, _RelayLeg, WebSocketServerProtocol):  # type: ignore[misc]  # Autobahn's bases disagree on peer and _transport_details
+class RelayServerProtocol(ServerLegHooks, _RelayLeg, WebSocketServerProtocol):  # type: ignore[misc, override]  # Autobahn's bases disagree on peer and _transport_details
     """The client-facing leg; its ``onConnect`` opens the upstream leg first."""
 
     context: HandshakeContext
