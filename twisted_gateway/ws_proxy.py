@@ -286,17 +286,17 @@ class RelayServerProtocol(ServerLegHooks, _RelayLeg, WebSocketServerProtocol):  
         self._open_deadline = clock.seconds() + timeout
         d.addTimeout(timeout, clock)
         self._handshake = d
-
-        def finished(result: _T) -> _T:
-            self._handshake = None
-            registry.handshakes.discard(self.pair)
-            if not isinstance(result, Failure):
-                self.factory.metrics.ws_handshake(self.factory.route.name, "accepted")
-            return result
-
-        d.addBoth(finished)
-        d.addErrback(self._refuse)
+        d.addBoth(self._opened_or_refused)
         return d
+
+    def _opened_or_refused(self, result: _Accept | Failure) -> _Accept:
+        """The end of ``onConnect``'s work: the answer, or the refusal as a ``ConnectionDeny``."""
+        self._handshake = None
+        self.factory.registry.handshakes.discard(self.pair)
+        if isinstance(result, Failure):
+            self._refuse(result)
+        self.factory.metrics.ws_handshake(self.factory.route.name, "accepted")
+        return result
 
     def answer_upgrade(self, request: Request, body: bytes) -> bool:
         """
