@@ -21,7 +21,7 @@ from autobahn.websocket.protocol import WebSocketProtocol
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import reactor, task
 from twisted.internet.endpoints import TCP4ClientEndpoint
-from twisted.logger import globalLogPublisher
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
@@ -265,6 +265,11 @@ async def test_metrics_count_relayed_messages_bytes_opens_and_closes_per_directi
     assert first["bytes_in"] == 105 and first["bytes_out"] == 105
     assert first["duration"] >= 0
     assert (sessions[1]["side"], sessions[1]["code"]) == ("upstream", 4001)
+    # the event Logger.info would emit: its keys in Logger.emit's order, at info, in the access namespace
+    assert [k for k in first if k.startswith("log_")][:6] == [
+        "log_logger", "log_level", "log_namespace", "log_source", "log_format", "log_time"]
+    assert (first["log_level"], first["log_namespace"]) == (LogLevel.info, "twisted_gateway.access")
+    assert formatEvent(first) == f"websocket chat /v1/chat/ws 127.0.0.1 closed by client (1000) after {first['duration']:.3f}s"
     await _drop_all(gw)
     await _close_all(gw, up_port)
 
