@@ -43,9 +43,12 @@ $(TOOLS)/node_modules/socket.io-client:
 tests/oidc/node_modules/.package-lock.json: tests/oidc/package.json tests/oidc/package-lock.json
 	npm ci --silent --no-audit --no-fund --prefix tests/oidc
 
+# Bytecode caches on even where PYTHONDONTWRITEBYTECODE is set: without them every test process
+# rewrites and compiles the tests again (about 4 CPU-s each) and every twistd the tests start
+# compiles the package (about 0.25 CPU-s each).
 test: $(VENV)/.installed-test $(TOOLS)/node_modules/.bin/wscat $(TOOLS)/node_modules/socket.io-client $(TOOLS)/node_modules/playwright-core tests/oidc/node_modules/.package-lock.json
 	@if [ -z "$(PYTEST_ARGS)" ]; then $(MAKE) --no-print-directory typecheck; fi
-	PATH="$(CURDIR)/$(TOOLS)/node_modules/.bin:$$PATH" $(BIN)/python -m pytest --ignore=tests/deploy -m "not bench" -n $(TEST_PROCESSES) --dist worksteal $(PYTEST_ARGS)
+	PATH="$(CURDIR)/$(TOOLS)/node_modules/.bin:$$PATH" env -u PYTHONDONTWRITEBYTECODE $(BIN)/python -m pytest --ignore=tests/deploy -m "not bench" -n $(TEST_PROCESSES) --dist worksteal $(PYTEST_ARGS)
 	@if [ -z "$(PYTEST_ARGS)" ]; then $(MAKE) --no-print-directory test-js; fi
 
 # The benchmarks' machinery (bench/run.py through every figure, bench/workers.py --smoke: about a minute); `make test` runs one figure of run.py.
