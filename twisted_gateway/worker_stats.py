@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, TypedDict, cast
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
@@ -93,10 +93,22 @@ def write_atomically(path: str, data: object) -> None:
     os.replace(temporary, path)
 
 
-def read_json(path: str) -> Any:
+class Published(TypedDict, total=False):
+    """A file of the directory: a worker's, ``retired.json`` or the supervisor's."""
+
+    worker: int | str
+    families: list[dict[str, Any]]
+    #: retired.json: the workers' files already in its totals
+    absorbed: list[str]
+    #: the supervisor's: workers configured and ready
+    workers: int
+    ready: int
+
+
+def read_json(path: str) -> Published | None:
     try:
         with open(path) as f:
-            return json.load(f)
+            return cast(Published, json.load(f))
     except (OSError, ValueError):
         return None  # gone (a retired worker) or being replaced: the next scrape has it
 
@@ -197,7 +209,7 @@ class WorkerStats(Service):
         registry.register(_Merged(self))
         return registry
 
-    def supervisor_state(self) -> dict[str, Any]:
+    def supervisor_state(self) -> Published:
         return read_json(os.path.join(self.directory, SUPERVISOR_FILE)) or {}
 
     def ready_workers(self) -> int:
