@@ -71,15 +71,15 @@ def _verify(authenticator: Authenticator, token: str) -> Any:
 
 @pytest.fixture
 def decodes(monkeypatch) -> list[str]:
-    """The tokens whose signature PyJWT checks."""
+    """The tokens PyJWT parses (once per verification)."""
     seen: list[str] = []
-    decode = jwt.decode
+    decode = jwt.decode_complete
 
     def counting(token, *args, **kwargs):
         seen.append(token)
         return decode(token, *args, **kwargs)
 
-    monkeypatch.setattr(jwt, "decode", counting)
+    monkeypatch.setattr(jwt, "decode_complete", counting)
     return seen
 
 

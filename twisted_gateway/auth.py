@@ -18,11 +18,13 @@ import re
 from dataclasses import replace
 from typing import Any, Mapping, Sequence
 from urllib.parse import urlsplit
+from warnings import warn
 
 import jwt
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from jwt.algorithms import get_default_algorithms
+from jwt.types import Options
 from treq.client import HTTPClient
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -366,6 +368,18 @@ class Authenticator:
                 wait_limit=wait_limit,
                 discovery=settings.oidc_issuer,
             )
+        #: exp, nbf and iat are checked against the injected clock, not by PyJWT
+        self._claim_checks: Options = {
+            "verify_signature": False,  # verified in _signed_claims, with the key the header names
+            "verify_exp": False,
+            "verify_nbf": False,
+            "verify_iat": False,
+            "verify_iss": True,
+            "verify_sub": True,
+            "verify_jti": True,
+            "verify_aud": bool(settings.audience),
+            "require": list(settings.require),
+        }
         self._verified: VerifiedTokens[Identity] = VerifiedTokens(settings.token_cache)
         #: the JWKS keys the cached tokens were verified with
         self._verified_with: object = None
@@ -436,35 +450,39 @@ class Authenticator:
         return identity
 
     async def _verify(self, token: str) -> Identity:
-        if len(token) > self.settings.max_token_size:  # before any parsing
+        s = self.settings
+        if len(token) > s.max_token_size:  # before any parsing
             raise AuthError("token larger than max_token_size")
+        decoded: dict[str, Any] | None
         try:
-            header = jwt.get_unverified_header(token)
+            # The one parse of a good token: header, signature bytes, and the claims
+            # PyJWT checks that hold no time (aud, iss, require, sub and jti types).
+            decoded = jwt.decode_complete(
+                token,
+                options=self._claim_checks,
+                audience=list(s.audience) or None,
+                issuer=s.issuer,
+            )
+            header = decoded["header"]
         except jwt.PyJWTError:
-            raise AuthError("malformed token") from None
-        if self.settings.typ is not None and not _same_typ(header.get("typ"), self.settings.typ):
-            raise AuthError(f"token type is not {self.settings.typ}")
+            # A refused token is parsed again, to be refused for the first check it
+            # fails in the order header, key, signature, claims (so that a key the
+            # identity provider cannot give stays a 503, whatever the claims).
+            decoded = None
+            try:
+                header = jwt.get_unverified_header(token)
+            except jwt.PyJWTError:
+                raise AuthError("malformed token") from None
+        if s.typ is not None and not _same_typ(header.get("typ"), s.typ):
+            raise AuthError(f"token type is not {s.typ}")
         alg = header.get("alg")
-        if not isinstance(alg, str) or alg not in self.settings.algorithms:
+        if not isinstance(alg, str) or alg not in s.algorithms:
             raise AuthError("algorithm not allowed")
         keys = await self._keys_for(alg, header.get("kid"))
-        s = self.settings
-        options = {  # exp, nbf and iat are checked against the injected clock below
-            **dict.fromkeys(("verify_exp", "verify_nbf", "verify_iat"), False),
-            "verify_aud": bool(s.audience),
-            "require": list(s.require),
-        }
         errors: list[Exception] = []
         for key in keys:  # several keys may share a kid: the first that verifies wins
             try:
-                claims = jwt.decode(
-                    token,
-                    key,
-                    algorithms=[alg],
-                    audience=list(s.audience) or None,
-                    issuer=s.issuer,
-                    options=options,  # type: ignore[arg-type]
-                )
+                claims = self._signed_claims(token, decoded, alg, key)
                 break
             except (jwt.PyJWTError, TypeError, ValueError) as e:
                 errors.append(e)
@@ -475,6 +493,30 @@ class Authenticator:
         if subject is not None and re.search(r"[\x00-\x1f\x7f]", subject):
             raise AuthError("the sub claim contains control characters")
         return Identity(subject=subject, claims=claims, expires_at=expires_at)
+
+    def _signed_claims(self, token: str, decoded: dict[str, Any] | None, alg: str, key: Any) -> Any:
+        """
+        The claims, once the signature verifies with ``key``; raises PyJWT's
+        error. Without ``decoded`` (a claim failed), PyJWT's decode says which.
+        """
+        if decoded is None:
+            s = self.settings
+            return jwt.decode(
+                token,
+                key,
+                algorithms=[alg],
+                audience=list(s.audience) or None,
+                issuer=s.issuer,
+                options={**self._claim_checks, "verify_signature": True},
+            )
+        algorithm = jwt.get_algorithm_by_name(alg)  # with the names schema registers
+        prepared = algorithm.prepare_key(key)
+        too_short = algorithm.check_key_length(prepared)
+        if too_short:
+            warn(too_short, jwt.InsecureKeyLengthWarning, stacklevel=3)
+        if not algorithm.verify(token.encode("utf-8").rpartition(b".")[0], prepared, decoded["signature"]):
+            raise jwt.InvalidSignatureError("Signature verification failed")
+        return decoded["payload"]
 
     async def _keys_for(self, alg: str, kid: str | None) -> list[Any]:
         """
