@@ -10,6 +10,8 @@ from __future__ import annotations
 import inspect
 
 import pytest
+import txaio
+import txaio.tx
 from autobahn.twisted.websocket import (
     WebSocketClientFactory,
     WebSocketClientProtocol,
@@ -256,6 +258,11 @@ def test_server_drop_wait_on_a_clock():
     _require(_sets(WebSocketProtocol, "serverConnectionDropTimeout,"), "WebSocketProtocol.serverConnectionDropTimeout", "Autobahn")
     _require(callable(getattr(WebSocketProtocol, "onServerConnectionDropTimeout", None)),
              "WebSocketProtocol.onServerConnectionDropTimeout", "Autobahn")
+    _require(
+        hasattr(txaio.config, "loop") and "_config.loop" in inspect.getsource(txaio.tx._TxApi._get_loop),
+        "txaio.config.loop (the reactor txaio.call_later uses)",
+        "txaio",
+    )
 
 
 @pytest.mark.parametrize("cls", [WebSocketServerProtocol, WebSocketClientProtocol])

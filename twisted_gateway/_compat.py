@@ -43,6 +43,7 @@ from twisted.logger import FileLogObserver, ILogObserver, LogPublisher
 from twisted.python import log as legacy_log
 from twisted.python.systemd import ListenFDs
 from twisted.python.failure import Failure
+import txaio
 from txaio._common import _BatchedTimer
 
 _P = TypeVar("_P", bound="WebSocketServerProtocol | WebSocketClientProtocol")
@@ -371,11 +372,12 @@ def timers_on(factory: WebSocketFactory, clock: IReactorTime) -> None:
 def server_drop_wait_on(leg: WebSocketProtocol, clock: IReactorTime) -> None:
     """
     Move a client leg's wait for its server's drop, which Autobahn starts with
-    ``txaio.call_later`` on the global reactor, to ``clock``. Relies on
+    ``txaio.call_later`` on txaio's loop (``txaio.config.loop``: the global
+    reactor), to ``clock``; a wait already on it stays. Relies on
     ``serverConnectionDropTimeoutCall`` and ``onServerConnectionDropTimeout``.
     """
     call = server_drop_wait(leg)
-    if call is not None and call.active():
+    if call is not None and clock is not txaio.config.loop and call.active():  # type: ignore[attr-defined]  # set by txaio.use_twisted
         call.cancel()
         leg.serverConnectionDropTimeoutCall = clock.callLater(
             leg.serverConnectionDropTimeout, leg.onServerConnectionDropTimeout  # type: ignore[attr-defined]
