@@ -22,6 +22,7 @@ from twisted.internet import reactor, task, tcp
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, serverFromString
 from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import globalLogPublisher
 from twisted.web.server import Site
 
 from twisted_gateway.config import parse_config
@@ -58,6 +59,25 @@ async def settle(condition: Callable[[], Any], what: str = "condition", seconds:
         if time.monotonic() > deadline:
             raise AssertionError(f"{what}: not reached in {seconds:g} s")
         await task.deferLater(reactor, 0.02, lambda: None)
+
+
+class LogEvents:
+    """Log events of one namespace, collected while the test runs."""
+
+    def __init__(self, namespace: str) -> None:
+        self.namespace = namespace
+        self.events: list[dict] = []
+
+    def __call__(self, event: dict) -> None:
+        if event.get("log_namespace") == self.namespace:
+            self.events.append(event)
+
+    def __enter__(self) -> LogEvents:
+        globalLogPublisher.addObserver(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        globalLogPublisher.removeObserver(self)
 
 
 def selectables() -> set[Any]:

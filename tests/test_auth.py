@@ -27,14 +27,14 @@ from twisted.internet import endpoints
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.protocols.policies import WrappingFactory
-from twisted.logger import Logger, formatEvent
+from twisted.logger import formatEvent
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
 from tests.certs import Authority
-from tests.support import selectables, settle
+from tests.support import LogEvents, selectables, settle
 from twisted_gateway.auth import (
     AuthError,
     Authenticator,
@@ -56,6 +56,8 @@ from twisted_gateway.jwks import FetchFailed, discovery_url, parse_discovery
 NOW = 1_700_000_000
 SECRET = b"0123456789abcdef" * 4  # 64 bytes: long enough for every HS* algorithm
 CLAIMS = {"sub": "alice", "iat": NOW, "exp": NOW + 3600}
+#: where the key set logs (a class-level Logger takes its class's name)
+KEYSET_LOG = "twisted_gateway.jwks.KeySet"
 #: Every test here ends what it started before it returns, Twisted's own timers too.
 pytestmark = pytest.mark.cleans_up_at_once
 
@@ -783,36 +785,35 @@ async def test_idp_outage_at_start_up_is_503_not_401(jwks_server, http_client, r
     clock = Clock()
     clock.advance(NOW)
     await start_outage(jwks_server, kind, clock)
-    events: list[dict] = []
     authenticator = jwks_authenticator(clock, jwks_server.url, http_client, timeout=8)
-    authenticator.keyset._log = Logger(observer=events.append)
-    authenticator.start()
-    try:
-        token = rs_token(rsa_keys[0], "one")
-        if kind == "hang":
-            await settle(lambda: jwks_server.requests == 1)
-            waiting = Deferred.fromCoroutine(authenticator.verify(token))
-            clock.advance(5)  # the request waits no longer than connect_timeout
-            with pytest.raises(AuthUnavailable):
-                await waiting
-            clock.advance(2.9)
-            assert not authenticator.keyset.failing, "the fetch gave up before jwks_timeout"
-            clock.advance(0.1)  # the fetch itself gives up after jwks_timeout
-        await settle(lambda: authenticator.keyset.failing)
-        with pytest.raises(AuthUnavailable) as caught:
-            await authenticator.verify(token)
-        error = caught.value
-        assert (error.status, error.error) == (503, "auth_unavailable")
-        headers = dict(error.headers)
-        assert b"WWW-Authenticate" not in headers
-        assert int(headers[b"Retry-After"]) >= 1
-        assert not authenticator.ready()
-        assert authenticator.key_counts() == (0, {reason: 1})
-        warnings = [e for e in events if e["log_level"].name == "warn"]
-        assert len(warnings) == 1
-        assert line in formatEvent(warnings[0])
-    finally:
-        await authenticator.stop()
+    with LogEvents(KEYSET_LOG) as log:
+        authenticator.start()
+        try:
+            token = rs_token(rsa_keys[0], "one")
+            if kind == "hang":
+                await settle(lambda: jwks_server.requests == 1)
+                waiting = Deferred.fromCoroutine(authenticator.verify(token))
+                clock.advance(5)  # the request waits no longer than connect_timeout
+                with pytest.raises(AuthUnavailable):
+                    await waiting
+                clock.advance(2.9)
+                assert not authenticator.keyset.failing, "the fetch gave up before jwks_timeout"
+                clock.advance(0.1)  # the fetch itself gives up after jwks_timeout
+            await settle(lambda: authenticator.keyset.failing)
+            with pytest.raises(AuthUnavailable) as caught:
+                await authenticator.verify(token)
+            error = caught.value
+            assert (error.status, error.error) == (503, "auth_unavailable")
+            headers = dict(error.headers)
+            assert b"WWW-Authenticate" not in headers
+            assert int(headers[b"Retry-After"]) >= 1
+            assert not authenticator.ready()
+            assert authenticator.key_counts() == (0, {reason: 1})
+            warnings = [e for e in log.events if e["log_level"].name == "warn"]
+            assert len(warnings) == 1
+            assert line in formatEvent(warnings[0])
+        finally:
+            await authenticator.stop()
     assert clock.getDelayedCalls() == []
 
 
@@ -825,27 +826,26 @@ async def test_idp_back_is_noticed_without_traffic(jwks_server, http_client, rsa
     clock = Clock()
     clock.advance(NOW)
     jwks_server.status = 500
-    events: list[dict] = []
     authenticator = jwks_authenticator(clock, jwks_server.url, http_client)
-    authenticator.keyset._log = Logger(observer=events.append)
-    authenticator.start()
-    try:
-        keyset = authenticator.keyset
-        for n, wait in ((1, 1), (2, 2), (3, 4), (4, 8)):
-            await settle(lambda: jwks_server.requests == n and keyset._fetching is None)
-            assert keyset.retry_after() == wait
-            if n < 4:
-                clock.advance(wait)
-        jwks_server.status = 200
-        jwks_server.document = jwks_document(one=rsa_keys[0])
-        clock.advance(8)
-        await settle(lambda: authenticator.ready())
-        assert (await authenticator.verify(rs_token(rsa_keys[0], "one"))).subject == "alice"
-        assert [e["log_level"].name for e in events] == ["warn", "info"]
-        assert "after 4 failed fetches" in formatEvent(events[-1])
-        assert jwks_server.user_agents[-1].startswith(b"twisted_gateway")
-    finally:
-        await authenticator.stop()
+    with LogEvents(KEYSET_LOG) as log:
+        authenticator.start()
+        try:
+            keyset = authenticator.keyset
+            for n, wait in ((1, 1), (2, 2), (3, 4), (4, 8)):
+                await settle(lambda: jwks_server.requests == n and sum(keyset.failures.values()) == n)
+                assert keyset.retry_after() == wait
+                if n < 4:
+                    clock.advance(wait)
+            jwks_server.status = 200
+            jwks_server.document = jwks_document(one=rsa_keys[0])
+            clock.advance(8)
+            await settle(lambda: authenticator.ready())
+            assert (await authenticator.verify(rs_token(rsa_keys[0], "one"))).subject == "alice"
+            assert [e["log_level"].name for e in log.events] == ["warn", "info"]
+            assert "after 4 failed fetches" in formatEvent(log.events[-1])
+            assert jwks_server.user_agents[-1].startswith(b"twisted_gateway")
+        finally:
+            await authenticator.stop()
     assert clock.getDelayedCalls() == []
 
 

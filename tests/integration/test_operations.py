@@ -21,13 +21,14 @@ from autobahn.websocket.protocol import WebSocketProtocol
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import reactor, task
 from twisted.internet.endpoints import TCP4ClientEndpoint
-from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+from twisted.logger import LogLevel, formatEvent
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from tests.support import (
     ClientProtocol,
     Gateway,
+    LogEvents,
     Upstream,
     UpstreamProtocol,
     http_error,
@@ -181,25 +182,6 @@ async def _still_open_then_closed(gw: Gateway, up_port, client, upstream: Upstre
     await _close_all(gw, up_port)
 
 
-class _Events:
-    """Log events of one namespace, collected while the test runs."""
-
-    def __init__(self, namespace: str) -> None:
-        self.namespace = namespace
-        self.events: list[dict] = []
-
-    def __call__(self, event: dict) -> None:
-        if event.get("log_namespace") == self.namespace:
-            self.events.append(event)
-
-    def __enter__(self) -> _Events:
-        globalLogPublisher.addObserver(self)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        globalLogPublisher.removeObserver(self)
-
-
 # -- metrics -------------------------------------------------------------------------
 
 
@@ -213,7 +195,7 @@ async def test_metrics_count_relayed_messages_bytes_opens_and_closes_per_directi
     """
     upstream, up_port, number = await _upstream()
     gw = await start_gateway(route_config(number))
-    with _Events("twisted_gateway.access") as access:
+    with LogEvents("twisted_gateway.access") as access:
         before = await _scrape(gw.number)
 
         client = await ws_connect(gw.url("/v1/chat/ws?room=metrics"))
