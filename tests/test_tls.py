@@ -364,10 +364,14 @@ def test_the_policy_gives_each_upstream_its_routes_tls(files):
     insecure = RouteSettings("dev", "/d", ("https://dev.test:9443",), tls_verify=False)
     plain = RouteSettings("plain", "/r", ("http://10.0.0.1:8443",), tls_verify=False)
     policy = UpstreamTLSPolicy.for_routes([private, public, insecure, plain])
-    assert policy._by_netloc[("10.0.0.1", 8443)].trust_root is not None
-    assert policy._by_netloc[("example.test", 443)].trust_root is None
-    assert policy._by_netloc[("dev.test", 9443)].verify is False
-    assert len(policy._by_netloc) == 3
+    assert policy.tls_for("10.0.0.1", 8443).trust_root is not None
+    assert policy.tls_for("example.test", 443).trust_root is None
+    assert policy.tls_for("dev.test", 9443).verify is False
+    # Only https upstreams are named; any other gets the one default (system trust, verified).
+    default = policy.tls_for("unknown.test", 443)
+    assert (default.trust_root, default.verify) == (None, True)
+    named = {policy.tls_for(*n) for n in [("10.0.0.1", 8443), ("example.test", 443), ("dev.test", 9443)]}
+    assert default not in named and len(named) == 3
     # One creator per host name, built once.
     creator = policy.creatorForNetloc(b"10.0.0.1", 8443)
     assert policy.creatorForNetloc(b"10.0.0.1", 8443) is creator

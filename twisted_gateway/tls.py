@@ -558,10 +558,13 @@ class UpstreamTLSPolicy:
                 by_netloc.update((netloc, tls) for netloc in netlocs)
         return cls(by_netloc)
 
+    def tls_for(self, host: str, port: int) -> UpstreamTLS:
+        """The :class:`UpstreamTLS` an upstream at ``host:port`` is reached with."""
+        return self._by_netloc.get(_netloc(host, port), self._default)
+
     def creatorForNetloc(self, hostname: bytes, port: int) -> IOpenSSLClientConnectionCreator:
         host = hostname.decode("idna") if isinstance(hostname, bytes) else hostname
-        tls = self._by_netloc.get(_netloc(host, port), self._default)
-        return tls.creator_for(host.strip("[]"))
+        return self.tls_for(host, port).creator_for(host.strip("[]"))
 
 
 def describe_tls_failure(error: BaseException) -> str | None:
