@@ -8,13 +8,14 @@ served by a real loopback twisted.web server and fetched with treq.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
 import subprocess
 import sys
 import time
-from typing import Any
+from typing import Any, AsyncIterator
 
 import jwt
 import pytest
@@ -680,15 +681,21 @@ def jwks_authenticator(clock: Clock, url: str, http_client: HTTPClient, timeout:
     return Authenticator(settings, clock, http_client)
 
 
-@pytest_twisted.ensureDeferred
-async def test_jwks_url_new_key_accepted_after_refetch(jwks_server, http_client, rsa_keys):
-    """A key published after start-up works once the JWKS is refetched (at most once a minute)."""
-    clock = Clock()
-    clock.advance(NOW)
-    jwks_server.document = jwks_document(one=rsa_keys[0])
-    authenticator = jwks_authenticator(clock, jwks_server.url, http_client)
+@contextlib.asynccontextmanager
+async def started(authenticator: Authenticator) -> AsyncIterator[Authenticator]:
+    """The authenticator started, then stopped (its fetch in flight ended) on the way out."""
     authenticator.start()
     try:
+        yield authenticator
+    finally:
+        await authenticator.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_jwks_url_new_key_accepted_after_refetch(clock, jwks_server, http_client, rsa_keys):
+    """A key published after start-up works once the JWKS is refetched (at most once a minute)."""
+    jwks_server.document = jwks_document(one=rsa_keys[0])
+    async with started(jwks_authenticator(clock, jwks_server.url, http_client)) as authenticator:
         assert (await authenticator.verify(rs_token(rsa_keys[0], "one"))).subject == "alice"
         jwks_server.document = jwks_document(one=rsa_keys[0], two=rsa_keys[1])
         new = rs_token(rsa_keys[1], "two")
@@ -699,20 +706,13 @@ async def test_jwks_url_new_key_accepted_after_refetch(jwks_server, http_client,
         clock.advance(1)
         assert (await authenticator.verify(new)).subject == "alice"
         assert jwks_server.requests == 2
-    finally:
-        await authenticator.stop()
-    assert clock.getDelayedCalls() == []
 
 
 @pytest_twisted.ensureDeferred
-async def test_jwks_url_refreshed_in_the_background(jwks_server, http_client, rsa_keys):
+async def test_jwks_url_refreshed_in_the_background(clock, jwks_server, http_client, rsa_keys):
     """Every jwks_refresh seconds the JWKS is fetched again, and removed keys stop working."""
-    clock = Clock()
-    clock.advance(NOW)
     jwks_server.document = jwks_document(one=rsa_keys[0])
-    authenticator = jwks_authenticator(clock, jwks_server.url, http_client)
-    authenticator.start()
-    try:
+    async with started(jwks_authenticator(clock, jwks_server.url, http_client)) as authenticator:
         await authenticator.verify(rs_token(rsa_keys[0], "one"))
         jwks_server.document = jwks_document(two=rsa_keys[1])
         clock.advance(600)
@@ -724,22 +724,16 @@ async def test_jwks_url_refreshed_in_the_background(jwks_server, http_client, rs
         assert jwks_server.requests == 2
         with pytest.raises(AuthError, match="unknown key id"):
             await authenticator.verify(rs_token(rsa_keys[0], "one"))
-    finally:
-        await authenticator.stop()
 
 
 @pytest_twisted.ensureDeferred
-async def test_jwks_url_known_keys_work_while_server_is_down(jwks_server, http_client, rsa_keys):
+async def test_jwks_url_known_keys_work_while_server_is_down(clock, jwks_server, http_client, rsa_keys):
     """
     While the JWKS URL cannot be fetched, the keys already known keep working,
     and a token with a new kid is told to come back (503), not that it is bad.
     """
-    clock = Clock()
-    clock.advance(NOW)
     jwks_server.document = jwks_document(one=rsa_keys[0])
-    authenticator = jwks_authenticator(clock, jwks_server.url, http_client)
-    authenticator.start()
-    try:
+    async with started(jwks_authenticator(clock, jwks_server.url, http_client)) as authenticator:
         known = rs_token(rsa_keys[0], "one")
         await authenticator.verify(known)
         await jwks_server.stop()
@@ -749,9 +743,6 @@ async def test_jwks_url_known_keys_work_while_server_is_down(jwks_server, http_c
             await authenticator.verify(rs_token(rsa_keys[1], "two"))
         assert (await authenticator.verify(known)).subject == "alice"
         assert authenticator.ready(), "it was fetched once: the gateway stays ready"
-    finally:
-        await authenticator.stop()
-    assert clock.getDelayedCalls() == []
 
 
 OUTAGES = [
@@ -775,20 +766,16 @@ async def start_outage(server: JwksServer, kind: str, clock: Clock) -> None:
 
 @pytest_twisted.ensureDeferred
 @pytest.mark.parametrize("kind, reason, line", OUTAGES)
-async def test_idp_outage_at_start_up_is_503_not_401(jwks_server, http_client, rsa_keys,
+async def test_idp_outage_at_start_up_is_503_not_401(clock, jwks_server, http_client, rsa_keys,
                                                      kind, reason, line):
     """
     The JWKS cannot be fetched at start-up: tokens get 503 auth_unavailable with
     Retry-After (never invalid_token, which makes clients drop a good token),
     the gateway is not ready, and the log says why in one readable line.
     """
-    clock = Clock()
-    clock.advance(NOW)
     await start_outage(jwks_server, kind, clock)
-    authenticator = jwks_authenticator(clock, jwks_server.url, http_client, timeout=8)
     with LogEvents(KEYSET_LOG) as log:
-        authenticator.start()
-        try:
+        async with started(jwks_authenticator(clock, jwks_server.url, http_client, timeout=8)) as authenticator:
             token = rs_token(rsa_keys[0], "one")
             if kind == "hang":
                 await settle(lambda: jwks_server.requests == 1)
@@ -812,24 +799,17 @@ async def test_idp_outage_at_start_up_is_503_not_401(jwks_server, http_client, r
             warnings = [e for e in log.events if e["log_level"].name == "warn"]
             assert len(warnings) == 1
             assert line in formatEvent(warnings[0])
-        finally:
-            await authenticator.stop()
-    assert clock.getDelayedCalls() == []
 
 
 @pytest_twisted.ensureDeferred
-async def test_idp_back_is_noticed_without_traffic(jwks_server, http_client, rsa_keys):
+async def test_idp_back_is_noticed_without_traffic(clock, jwks_server, http_client, rsa_keys):
     """
     Failed fetches are retried after 1, 2, 4 ... s with no request asking, and
     one line is logged for the whole outage; tokens work as soon as one succeeds.
     """
-    clock = Clock()
-    clock.advance(NOW)
     jwks_server.status = 500
-    authenticator = jwks_authenticator(clock, jwks_server.url, http_client)
     with LogEvents(KEYSET_LOG) as log:
-        authenticator.start()
-        try:
+        async with started(jwks_authenticator(clock, jwks_server.url, http_client)) as authenticator:
             keyset = authenticator.keyset
             for n, wait in ((1, 1), (2, 2), (3, 4), (4, 8)):
                 await settle(lambda: jwks_server.requests == n and sum(keyset.failures.values()) == n)
@@ -844,20 +824,13 @@ async def test_idp_back_is_noticed_without_traffic(jwks_server, http_client, rsa
             assert [e["log_level"].name for e in log.events] == ["warn", "info"]
             assert "after 4 failed fetches" in formatEvent(log.events[-1])
             assert jwks_server.user_agents[-1].startswith(b"twisted_gateway")
-        finally:
-            await authenticator.stop()
-    assert clock.getDelayedCalls() == []
 
 
 @pytest_twisted.ensureDeferred
-async def test_unknown_kid_retries_a_failing_jwks_at_once(jwks_server, http_client, rsa_keys):
+async def test_unknown_kid_retries_a_failing_jwks_at_once(clock, jwks_server, http_client, rsa_keys):
     """While the JWKS is failing, a token's new kid does not wait for the minute's rate limit."""
-    clock = Clock()
-    clock.advance(NOW)
     jwks_server.status = 500
-    authenticator = jwks_authenticator(clock, jwks_server.url, http_client)
-    authenticator.start()
-    try:
+    async with started(jwks_authenticator(clock, jwks_server.url, http_client)) as authenticator:
         await settle(lambda: authenticator.keyset.failing)
         jwks_server.status = 200
         jwks_server.document = jwks_document(one=rsa_keys[0])
@@ -866,8 +839,6 @@ async def test_unknown_kid_retries_a_failing_jwks_at_once(jwks_server, http_clie
         # Fetched and lacking the kid: that token is refused (401) and the next refetch waits.
         with pytest.raises(AuthError, match="unknown key id"):
             await authenticator.verify(rs_token(rsa_keys[1], "two"))
-    finally:
-        await authenticator.stop()
 
 
 @pytest_twisted.ensureDeferred
