@@ -202,8 +202,9 @@ async def test_an_upstream_that_stops_reading_stops_the_gateway_reading_the_clie
         client.transport.write(head(b"Content-Length: %d" % size) + b"z" * size)
 
         def client_paused() -> bool:
+            """The gateway stopped reading the client's connection (not read by the reactor)."""
             channels = list(site.client_connections)
-            return bool(channels and channels[0].requests and channels[0].requests[0].stream._client_paused)
+            return bool(channels) and channels[0].transport not in reactor.getReaders()
 
         await settle(client_paused, "the client paused by the gateway")
         up = upstream.factory.connections[0]
