@@ -152,12 +152,17 @@ class Health(Resource):
         return b"ok"
 
 
-def build_echo_site(reactor, name: str) -> Site:
+def build_soak_echo_factory(reactor, name: str):
+    """The WebSocket echo of the soak's upstream called ``name``."""
     factory = build_echo_factory(reactor)
     factory.protocol = SoakEchoProtocol
     factory.name = name
+    return factory
+
+
+def build_echo_site(reactor, name: str) -> Site:
     echo = Resource()
-    echo.putChild(b"ws", WebSocketResource(factory))
+    echo.putChild(b"ws", WebSocketResource(build_soak_echo_factory(reactor, name)))
     echo.putChild(b"bytes", Bytes())
     echo.putChild(b"post", Post())
     echo.putChild(b"slow", Slow(reactor))

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import soak_checks  # noqa: E402
 from soak_faults import CLIENT_FAULTS, schedule  # noqa: E402
 from soak_load import Limits, Load, Profile, sleep  # noqa: E402
-from soak_upstream import build_echo_site  # noqa: E402
+from soak_upstream import build_echo_site, build_soak_echo_factory  # noqa: E402
 
 from tests.support import listen, settle, start_gateway  # noqa: E402
 from twisted.internet import reactor  # noqa: E402
@@ -212,8 +212,7 @@ def test_the_echo_upstream_sends_its_own_close_before_its_close_timer_can_drop_i
     clock = MemoryReactorClock()
     clock.advance(1_000.99)
     monkeypatch.setattr(txaio.config, "loop", clock)  # Autobahn's timers run on the global loop
-    upstream = build_echo_site(clock, "echo1").resource.children[b"v1"].children[b"echo"].children[b"ws"]
-    server = upstream._factory.buildProtocol(None)
+    server = build_soak_echo_factory(clock, "echo1").buildProtocol(None)
     transport = StringTransport()
     transport.unregisterProducer = lambda: None  # (what Autobahn's drop calls)
     server.makeConnection(transport)
