@@ -64,6 +64,10 @@ class RedisServer:
             return False
 
     def _pong(self) -> bool:
+        return self.command("PING").startswith(b"+PONG")
+
+    def command(self, *words: str) -> bytes:
+        """One inline command on a connection of its own: the start of the reply (``:20\\r\\n``)."""
         s = socket.create_connection(("127.0.0.1", self.port), timeout=1)
         if self.tls is not None:
             context = ssl.create_default_context(cafile=self.tls[2])
@@ -71,8 +75,8 @@ class RedisServer:
                 context.load_cert_chain(*self.client)
             s = context.wrap_socket(s, server_hostname="127.0.0.1")
         with s:
-            s.sendall(b"PING\r\n")
-            return s.recv(16).startswith(b"+PONG")
+            s.sendall(" ".join(words).encode() + b"\r\n")
+            return s.recv(256)
 
     def kill(self) -> None:
         """SIGKILL, as a crash: nothing is saved, every connection drops."""
