@@ -13,7 +13,6 @@ import treq
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, TimeoutError, succeed
 from twisted.internet.interfaces import IReactorTime, ITCPTransport
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.web.client import ResponseFailed
 from twisted.web.http_headers import Headers
@@ -22,6 +21,7 @@ from twisted.web.iweb import IAgent
 from twisted_gateway.connector import Connector
 from twisted_gateway.deferreds import when_done
 from twisted_gateway.faults import describe
+from twisted_gateway.periodic import Periodic
 from twisted_gateway.upstreams import MAX_CHECK_TIMEOUT, Instance, UpstreamPool
 
 log = Logger()
@@ -106,7 +106,8 @@ class HealthChecker:
                 self._add_target(pool, _Target(instance, check, interval))
         if ws_connect is None and any(t.check.startswith("ws:") for t in self.targets.values()):
             raise ValueError("ws: health checks need a ws_connect")
-        self._loops: list[tuple[LoopingCall, Deferred[LoopingCall]]] = []
+        #: each target's repeated check, and what fires once it stopped with no check in flight
+        self._loops: list[tuple[Periodic, Deferred[Any] | None]] = []
         self._in_flight: dict[str, Deferred[None]] = {}
 
     def _add_target(self, pool: UpstreamPool, target: _Target) -> None:
@@ -128,9 +129,8 @@ class HealthChecker:
         if self._loops:
             return
         for target in self.targets.values():
-            loop = LoopingCall(self._check_once, target)
-            loop.clock = self._clock
-            self._loops.append((loop, loop.start(target.interval, now=True)))
+            loop = Periodic(self._clock, target.interval, self._check_once, target, now=True)
+            self._loops.append((loop, loop.start()))
 
     def stop(self) -> Deferred[None]:
         """Stop checking and cancel the checks in flight; fires when all are over."""
@@ -139,9 +139,9 @@ class HealthChecker:
         for d in list(self._in_flight.values()):
             d.cancel()
         for loop, done in loops:
-            if loop.running:
-                loop.stop()
-            waits.append(done)
+            loop.stop()
+            if done is not None:
+                waits.append(done)
         if not waits:
             return succeed(None)
         return DeferredList(waits, consumeErrors=True).addCallback(lambda _: None)
