@@ -28,7 +28,11 @@ async def later():
         await stop()
 
 
-async def gateway_service(later, upstream_port: int, gateway: str = "") -> tuple[GatewayService, int]:
+async def gateway_service(later, gateway: str = "") -> tuple[GatewayService, int]:
+    """A GatewayService on a loopback port in front of an Autobahn upstream; ``later`` stops both."""
+    up_port = await listen(Upstream())
+    later(up_port.stopListening)
+    upstream_port = up_port.getHost().port
     settings = parse_config(
         f"""
 [gateway]
@@ -50,10 +54,7 @@ upstream = http://127.0.0.1:{upstream_port}
 
 
 async def test_a_websocket_keeps_its_slot_after_the_hand_over_and_frees_it_on_close(later):
-    upstream = Upstream()
-    up_port = await listen(upstream)
-    later(up_port.stopListening)
-    service, port = await gateway_service(later, up_port.getHost().port)
+    service, port = await gateway_service(later)
     client = await ws_connect(f"ws://127.0.0.1:{port}/v1/chat/ws")
     await client.opened
     client.sendMessage(b"counted")
@@ -65,10 +66,7 @@ async def test_a_websocket_keeps_its_slot_after_the_hand_over_and_frees_it_on_cl
 
 
 async def test_past_the_cap_a_client_gets_503_overloaded_and_the_first_one_keeps_working(later):
-    upstream = Upstream()
-    up_port = await listen(upstream)
-    later(up_port.stopListening)
-    service, port = await gateway_service(later, up_port.getHost().port, "max_client_connections = 1")
+    service, port = await gateway_service(later, "max_client_connections = 1")
     first = await raw_connect(port)
     await settle(lambda: service.front_door.open == 1, "the first client counted")
     second = await raw_connect(port)
@@ -90,10 +88,7 @@ async def test_past_the_cap_a_client_gets_503_overloaded_and_the_first_one_keeps
 
 
 async def test_a_trickled_head_gets_408_on_a_real_listener(later):
-    upstream = Upstream()
-    up_port = await listen(upstream)
-    later(up_port.stopListening)
-    _, port = await gateway_service(later, up_port.getHost().port, "client_header_timeout = 0.5")
+    _, port = await gateway_service(later, "client_header_timeout = 0.5")
     client = await raw_connect(port)
     client.transport.write(b"GET /healthz HTTP/1.1\r\n")
     received = await client.lost
@@ -103,10 +98,7 @@ async def test_a_trickled_head_gets_408_on_a_real_listener(later):
 
 async def test_pipelined_requests_are_answered_in_order_and_a_smuggling_head_ends_the_connection(later):
     """Two GETs and a head with both Transfer-Encoding and Content-Length, in one write."""
-    upstream = Upstream()
-    up_port = await listen(upstream)
-    later(up_port.stopListening)
-    _, port = await gateway_service(later, up_port.getHost().port)
+    _, port = await gateway_service(later)
     client = await raw_connect(port)
     smuggled = b"GET /v1/chat/ws HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
     client.transport.write(
