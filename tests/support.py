@@ -8,7 +8,9 @@ import os
 import struct
 import time
 from collections import deque
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
+
+import pytest_twisted
 
 from autobahn.twisted.websocket import (
     WebSocketClientFactory,
@@ -59,6 +61,15 @@ async def settle(condition: Callable[[], Any], what: str = "condition", seconds:
         if time.monotonic() > deadline:
             raise AssertionError(f"{what}: not reached in {seconds:g} s")
         await task.deferLater(reactor, 0.02, lambda: None)
+
+
+@pytest_twisted.async_yield_fixture
+async def later():
+    """``later(stop)`` registers an async clean-up; they run last-in, first-out."""
+    stops: list[Callable[[], Awaitable[Any]]] = []
+    yield stops.append
+    for stop in reversed(stops):
+        await stop()
 
 
 class LogEvents:

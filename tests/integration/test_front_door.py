@@ -6,26 +6,14 @@ listener (short values).
 
 from __future__ import annotations
 
-from typing import Any, Awaitable, Callable
-
-import pytest_twisted
 from twisted.internet import reactor
 
-from tests.support import Upstream, http_error, listen, raw_connect, settle, ws_connect
+from tests.support import Upstream, http_error, later, listen, raw_connect, settle, ws_connect  # noqa: F401 (later: a fixture)
 from twisted_gateway.config import parse_config
 from twisted_gateway.gateway import build_gateway
 from twisted_gateway.service import GatewayService
 
 GET = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
-
-
-@pytest_twisted.async_yield_fixture
-async def later():
-    """``later(stop)`` registers an async clean-up; they run last-in, first-out."""
-    stops: list[Callable[[], Awaitable[Any]]] = []
-    yield stops.append
-    for stop in reversed(stops):
-        await stop()
 
 
 async def gateway_service(later, gateway: str = "") -> tuple[GatewayService, int]:

@@ -11,10 +11,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import pytest
-import pytest_twisted
 from autobahn.twisted.websocket import WebSocketClientFactory
 from treq.client import HTTPClient
 from twisted.internet import reactor
@@ -28,7 +27,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from tests.certs import Authority, Issued
-from tests.support import ClientProtocol, RawClient, Upstream, http_error, settle
+from tests.support import ClientProtocol, RawClient, Upstream, http_error, later, settle  # noqa: F401 (later: a fixture)
 from twisted_gateway.config import parse_config
 from twisted_gateway.gateway import build_gateway
 from twisted_gateway.service import GatewayService
@@ -78,15 +77,6 @@ def pki(tmp_path_factory) -> PKI:
     for issued in (made.gateway, made.upstream, made.wrong_host, made.stranger, made.client):
         issued.write(directory)
     return made
-
-
-@pytest_twisted.async_yield_fixture
-async def later():
-    """``later(stop)`` registers an async clean-up; they run last-in, first-out."""
-    stops: list[Callable[[], Awaitable[Any]]] = []
-    yield stops.append
-    for stop in reversed(stops):
-        await stop()
 
 
 # -- peers ---------------------------------------------------------------------
