@@ -27,8 +27,10 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import globalLogPublisher
 from twisted.web.server import Site
 
-from twisted_gateway.config import parse_config
+from twisted_gateway.config import Settings, parse_config
+from twisted_gateway.gateway import build_gateway
 from twisted_gateway.resource import GatewayResource, build_gateway_resource
+from twisted_gateway.service import GatewayService
 from twisted_gateway.testing import frame
 from twisted_gateway.ws_relay import _accept_close_frame
 
@@ -70,6 +72,16 @@ async def later():
     yield stops.append
     for stop in reversed(stops):
         await stop()
+
+
+async def start_service(later: Callable[[Callable[[], Awaitable[Any]]], None], settings: Settings) -> tuple[GatewayService, int]:
+    """A GatewayService of ``settings`` started (``later`` stops it): it and its first listener's port."""
+    service = GatewayService(build_gateway(settings, reactor), reactor)
+    service.privilegedStartService()
+    service.startService()
+    later(service.stopService)
+    port = await service.listeners[0].when_listening()
+    return service, port.getHost().port
 
 
 class LogEvents:

@@ -6,11 +6,8 @@ listener (short values).
 
 from __future__ import annotations
 
-from twisted.internet import reactor
-
-from tests.support import Upstream, http_error, later, listen, raw_connect, settle, ws_connect  # noqa: F401 (later: a fixture)
+from tests.support import Upstream, http_error, later, listen, raw_connect, settle, start_service, ws_connect  # noqa: F401 (later: a fixture)
 from twisted_gateway.config import parse_config
-from twisted_gateway.gateway import build_gateway
 from twisted_gateway.service import GatewayService
 
 GET = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
@@ -33,12 +30,7 @@ prefix = /v1/chat
 upstream = http://127.0.0.1:{upstream_port}
 """
     )
-    service = GatewayService(build_gateway(settings, reactor), reactor)
-    service.privilegedStartService()
-    service.startService()
-    later(service.stopService)
-    port = await service.listeners[0].when_listening()
-    return service, port.getHost().port
+    return await start_service(later, settings)
 
 
 async def test_a_websocket_keeps_its_slot_after_the_hand_over_and_frees_it_on_close(later):

@@ -27,9 +27,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from tests.certs import Authority, Issued
-from tests.support import ClientProtocol, RawClient, Upstream, http_error, later, settle  # noqa: F401 (later: a fixture)
+from tests.support import ClientProtocol, RawClient, Upstream, http_error, later, settle, start_service  # noqa: F401 (later: a fixture)
 from twisted_gateway.config import parse_config
-from twisted_gateway.gateway import build_gateway
 from twisted_gateway.service import GatewayService
 from twisted_gateway.tls import server_endpoint
 
@@ -135,12 +134,7 @@ upstream = https://{LOCALHOST}:{upstream_port}
 {route}
 """
     )
-    service = GatewayService(build_gateway(settings, reactor), reactor)
-    service.privilegedStartService()
-    service.startService()
-    later(service.stopService)
-    port = await service.listeners[0].when_listening()
-    return service, port.getHost().port
+    return await start_service(later, settings)
 
 
 def _client_tls(ca: Authority, protocols: list[bytes] | None = None):
