@@ -7,6 +7,7 @@ two failures eject an instance, two successes restore it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Iterable
 
 import treq
@@ -129,7 +130,7 @@ class HealthChecker:
         if self._loops:
             return
         for target in self.targets.values():
-            loop = Periodic(self._clock, target.interval, self._check_once, target, now=True)
+            loop = Periodic(self._clock, target.interval, partial(self._check_once, target), now=True)
             self._loops.append((loop, loop.start()))
 
     def stop(self) -> Deferred[None]:
