@@ -107,7 +107,7 @@ if TYPE_CHECKING:
         def __init__(self) -> None: ...
         def parseOptions(self, options: Sequence[str] | None = None) -> None: ...
 
-    class _SendMessage(Protocol):
+    class SendMessage(Protocol):
         def __call__(
             self,
             payload: bytes,
@@ -118,12 +118,12 @@ if TYPE_CHECKING:
         ) -> None: ...
 
     class WebSocketServerProtocol(websocket.WebSocketServerProtocol):
-        sendMessage: _SendMessage
+        sendMessage: SendMessage
 
         def makeConnection(self, transport: ITransport) -> None: ...
 
     class WebSocketClientProtocol(websocket.WebSocketClientProtocol):
-        sendMessage: _SendMessage
+        sendMessage: SendMessage
 
         def processHandshake(self) -> None: ...
 

@@ -35,11 +35,9 @@ from twisted_gateway.resource import GatewayResource
 from twisted_gateway.site import FrontDoor, build_site
 from twisted_gateway.tls import listen_backlog, server_endpoint, system_listen_backlog
 from twisted_gateway.workers import AdoptedEndpoint
-from twisted_gateway.ws_relay import GOING_AWAY
+from twisted_gateway.ws_relay import GOING_AWAY, RelayPair
 
 if TYPE_CHECKING:
-    from twisted_gateway.ws_pair import Pair
-
     class ServingReactor(IReactorTime, IReactorSocket, IReactorTCP):
         """
         What serving asks of its reactor: timers, listening sockets, and the
@@ -329,7 +327,7 @@ class GatewayService(MultiService):
                 timer.cancel()
         await super().stopService()
 
-    async def _quiet(self, draining: set[Pair], deadline: float) -> bool:
+    async def _quiet(self, draining: set[RelayPair], deadline: float) -> bool:
         """
         Whether every pair went and no HTTP request or connection is left
         before ``deadline``; a pair whose handshake was still going when the

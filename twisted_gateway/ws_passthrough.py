@@ -33,13 +33,19 @@ from __future__ import annotations
 
 import codecs
 import struct
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Protocol
 
 from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.utf8validator import Utf8Validator
 from autobahn.websocket.xormasker import create_xor_masker  # type: ignore[attr-defined]
 
 from twisted_gateway._compat import feed, sender_idle, write_now, write_pieces
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IReactorTime, ITransport
+
+    from twisted_gateway.metrics import MessageFlow
+    from twisted_gateway.rate_limit import TokenBucket
 
 OPEN = WebSocketProtocol.STATE_OPEN
 
@@ -56,6 +62,30 @@ if TYPE_CHECKING:
     _Leg = WebSocketProtocol
 else:
     _Leg = object
+
+
+class Counts(Protocol):
+    """What one way of a pair carried, and its rate bucket: :class:`twisted_gateway.ws_pair.Direction`."""
+
+    messages: int
+    payload_bytes: int
+    flow: MessageFlow
+    bucket: TokenBucket | None
+
+
+class Clocked(Protocol):
+    """A leg's or a pair's factory: the gateway's clock."""
+
+    clock: IReactorTime
+
+
+class RatedPair(Protocol):
+    """What the fast path asks of its leg's pair (:class:`twisted_gateway.ws_pair.Pair`)."""
+
+    @property
+    def factory(self) -> Clocked: ...
+
+    def rate_exceeded(self) -> None: ...
 
 
 def unmask(payload: bytes, key: bytes) -> bytes:
@@ -113,12 +143,13 @@ class Passthrough(_Leg):
     does with the bytes it reads, and what it keeps between reads.
     """
 
-    # set by the leg and its pair
-    partner: Any
-    pair: Any
+    # set by the leg and its pair (the pair and the partner from its join on)
+    partner: Passthrough | None
+    transport: ITransport | None
+    pair: RatedPair | None
     side: str
     #: ws_pair.Direction: the pair's counters and rate bucket of what this leg receives
-    direction: Any
+    direction: Counts
     # Autobahn's options, class attributes of each leg class (_compat.with_options)
     maxMessagePayloadSize: int
     maxFramePayloadSize: int
@@ -153,6 +184,7 @@ class Passthrough(_Leg):
         if not head and not self._left and self.direction.bucket is None:
             i = self._whole_frames(data)
             if i == len(data):
+                assert self.partner is not None  # _whole_frames took frames for it
                 write_now(self.partner.transport, data)
                 return b""
             if i:
@@ -175,8 +207,10 @@ class Passthrough(_Leg):
         if not rest and not over_rate and i < len(data):
             rest, over_rate = self._scan(memoryview(data), i, out)
         if out:
+            assert self.partner is not None  # _whole_frames or _scan took frames for it
             write_pieces(self.partner.transport, out)
         if over_rate:
+            assert self.pair is not None  # the fast path runs once the pair joined both legs
             self.pair.rate_exceeded()
         return rest
 
@@ -240,6 +274,8 @@ class Passthrough(_Leg):
         mask_bit = 0x80 if masked else 0
         limit = min(self.maxMessagePayloadSize or _NO_LIMIT, self.maxFramePayloadSize or _NO_LIMIT)
         bucket = self.direction.bucket
+        pair = self.pair
+        assert pair is not None  # the fast path runs once the pair joined both legs
         run = -1  # where the run of whole frames not yet in ``out`` starts
         over_rate = False  # a message over ws_rate_limit: Autobahn gets it, the pair ends
         end = len(data)
@@ -284,7 +320,7 @@ class Passthrough(_Leg):
                 if stop <= end:  # whole in this read
                     if b0 == 0x81 and not _valid_text(data[start:stop], key):
                         break  # Autobahn fails it with 1007
-                    if bucket is not None and not bucket.take(self.pair.factory.clock.seconds()):
+                    if bucket is not None and not bucket.take(pair.factory.clock.seconds()):
                         over_rate = True
                         break
                     if run < 0:
@@ -295,7 +331,7 @@ class Passthrough(_Leg):
                     continue
                 if b0 == 0x81 and n > TEXT_KEPT:
                     break
-                if bucket is not None and not bucket.take(self.pair.factory.clock.seconds()):
+                if bucket is not None and not bucket.take(pair.factory.clock.seconds()):
                     over_rate = True
                     break
                 if run >= 0:
@@ -344,7 +380,9 @@ class Passthrough(_Leg):
         self._offset = offset + len(piece)
         if kept is None:
             # Binary: the piece goes out as a fragment (its first, if nothing went yet).
-            if piece and self.partner.state == OPEN:
+            peer = self.partner
+            assert peer is not None  # _scan checked it at the frame's start; only finish clears it
+            if piece and peer.state == OPEN:
                 opcode = 0 if offset else 2
                 out.append(fragment_header(opcode, not left, len(piece), key if key is None else rotate(key, offset)))
                 out.append(piece)
@@ -360,6 +398,7 @@ class Passthrough(_Leg):
         if left:
             return stop, b""
         peer = self.partner
+        assert peer is not None  # (as above)
         if self.state != OPEN or peer.state != OPEN or not sender_idle(peer):
             return stop, self._hand_over() + bytes(data[stop:])
         out.append(b"".join(kept))

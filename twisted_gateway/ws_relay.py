@@ -13,10 +13,10 @@ only 1000 and 3000-4999).
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from autobahn.websocket.protocol import WebSocketProtocol
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime, ITransport
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime, ITCPTransport
 from twisted_gateway.periodic import Periodic
 from zope.interface import implementer
 
@@ -32,7 +32,11 @@ from twisted_gateway._compat import (
     write_now,
 )
 from twisted_gateway.sockets import cap_receive_buffer, timed_out
-from twisted_gateway.ws_passthrough import Passthrough
+from twisted_gateway.interfaces import LiveSession
+from twisted_gateway.ws_passthrough import Clocked, Counts, Passthrough, RatedPair
+
+if TYPE_CHECKING:
+    from twisted_gateway._bases import SendMessage
 
 OPEN = WebSocketProtocol.STATE_OPEN
 CLOSED = WebSocketProtocol.STATE_CLOSED
@@ -79,8 +83,8 @@ class RelayRegistry:
 
     def __init__(self) -> None:
         #: ws_pair.Pair instances whose upstream is being opened, and open ones
-        self.handshakes: set[Any] = set()
-        self.pairs: set[Any] = set()
+        self.handshakes: set[RelayPair] = set()
+        self.pairs: set[RelayPair] = set()
         #: client connections per route, from hand-over until both legs are gone
         self.active: dict[str, int] = {}
 
@@ -94,25 +98,44 @@ class RelayRegistry:
 # -- the relay legs -----------------------------------------------------------
 
 
-class _Clocked(Protocol):
-    """A leg's factory: the gateway's clock."""
+class Extension(Protocol):
+    """An extension in use on a leg (one of Autobahn's ``PerMessageCompress`` classes)."""
 
-    clock: IReactorTime
+    EXTENSION_NAME: str
+
+
+class RelayPair(LiveSession, RatedPair, Protocol):
+    """
+    What the legs, the keepalive, the send timeout and the drain ask of a
+    pair: :class:`twisted_gateway.ws_pair.Pair`.
+    """
+
+    def legs(self) -> tuple[_RelayLeg, ...]: ...
+
+    def opened(self) -> None: ...
+
+    def leg_closed(self, leg: _RelayLeg) -> None: ...
+
+    def leg_unresponsive(self, leg: _RelayLeg, reason: str) -> None: ...
+
+    def slow_consumer(self, leg: _RelayLeg) -> None: ...
+
+    def record_end(self, side: str, code: int | None, reason: str = "") -> None: ...
 
 
 class _RelayLeg(Passthrough, LegHooks):
     """Forwarding shared by both legs; ``partner`` is the other leg once both are open
     (Autobahn already uses ``peer`` for the remote address)."""
 
-    partner: Any = None
+    partner: _RelayLeg | None = None
     #: the ws_pair.Pair both legs report to
-    pair: Any = None
+    pair: RelayPair | None = None
     #: "client" or "upstream": who is at the other end of this leg
     side: str = ""
     #: set when this leg's close was caused by the other leg (already relayed)
     close_relayed: bool = False
     #: ws_pair.Direction: the pair's counters (and a client's rate bucket) of what this leg receives
-    direction: Any = None
+    direction: Counts
     #: False between a keepalive ping and its pong
     pong_seen = True
     #: the KeepAlive round of this leg's last ping
@@ -123,11 +146,13 @@ class _RelayLeg(Passthrough, LegHooks):
     stalled: tuple[float, int] | None = None
 
     #: (the Twisted protocol's, which every leg also is)
-    transport: ITransport | None
+    transport: ITCPTransport | None
     #: the route's RelayServerFactory or the upstream leg's factory, both on the gateway's clock
-    factory: _Clocked
+    factory: Clocked
     #: (Autobahn's) the extensions agreed in the opening handshake
-    websocket_extensions_in_use: list[Any]
+    websocket_extensions_in_use: list[Extension]
+    #: (Autobahn's, unannotated)
+    sendMessage: SendMessage
 
     # Autobahn's versions of these two build debug-log arguments on every call.
 
@@ -152,8 +177,11 @@ class _RelayLeg(Passthrough, LegHooks):
         # Over the rate: both legs close, and the message goes nowhere (its peer is not open).
         if self._prepaid:
             self._prepaid = False  # the fast path took its token, then handed the frame over
-        elif (bucket := self.direction.bucket) is not None and not bucket.take(self.pair.factory.clock.seconds()):
-            self.pair.rate_exceeded()
+        elif (bucket := self.direction.bucket) is not None:
+            pair = self.pair
+            assert pair is not None  # a leg has a bucket once its pair joined it
+            if not bucket.take(pair.factory.clock.seconds()):
+                pair.rate_exceeded()
 
     # onMessageFrameBegin is Autobahn's own: it enforces maxMessagePayloadSize.
 
@@ -161,6 +189,7 @@ class _RelayLeg(Passthrough, LegHooks):
         if failed_by_me(self):
             return
         peer = self.partner
+        assert peer is not None  # the partner is set from the join until both legs are gone
         self._buffered += len(payload)
         if self._streaming:
             peer.sendMessageFrame(payload)
@@ -179,6 +208,7 @@ class _RelayLeg(Passthrough, LegHooks):
         if failed_by_me(self):
             return
         peer = self.partner
+        assert peer is not None  # (as in onMessageFrameData)
         if self._streaming:
             peer.endMessage()
         elif peer.state == OPEN:
@@ -195,6 +225,7 @@ class _RelayLeg(Passthrough, LegHooks):
 
     def unresponsive(self) -> None:
         """No pong to the gateway's keepalive ping: drop this leg, 1011 to the other."""
+        assert self.pair is not None  # the keepalive pings the legs of joined pairs only
         self.pair.leg_unresponsive(self, "ping_timeout")
         self.wasNotCleanReason = "peer unresponsive"
         self.dropConnection(abort=True)
@@ -206,6 +237,7 @@ class _RelayLeg(Passthrough, LegHooks):
         failed = _accept_close_frame(self, code, reasonRaw, self.factory.clock)
         peer = self.partner
         if relay and not failed and not failed_by_me(self) and peer is not None and peer.state == OPEN:
+            assert self.pair is not None  # a leg with a partner has its pair
             self.pair.record_end(self.side, self.remoteCloseCode)
             peer.close_relayed = True
             peer.sendCloseFrame(code, reasonRaw)
@@ -215,6 +247,7 @@ class _RelayLeg(Passthrough, LegHooks):
         """Failing this leg (a bad frame, a message too big) closes the other at once with 1001."""
         peer = self.partner
         if peer is not None and peer.state == OPEN:
+            assert self.pair is not None  # (as in onCloseFrame)
             self.pair.record_end("gateway", code, "protocol_error")
             peer.close_with(GOING_AWAY)
 
