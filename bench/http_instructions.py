@@ -11,6 +11,7 @@ over 4 connections, and the total instruction count (Ir) over N is printed.
     .venv/bin/python bench/http_instructions.py [--requests N] [--path /auth/x]
         [--logger twisted_gateway.logs.json_observer] [--venv OTHER/.venv]
         [--set access_log=FILE ...] [--peer aiohttp] [--handshakes N] [--fresh-tokens]
+        [--concurrency N] [--cache-sim]
 
 ``/auth/...`` goes through a route with ``auth = required``, every request
 bringing the same token; with ``--fresh-tokens`` each brings a token of its
@@ -21,7 +22,13 @@ same way, for a ratio no neighbour can move (it needs the ``bench`` extra).
 ``--handshakes N`` counts WebSocket handshakes instead (bench figure 3): N
 open + close cycles one after the other, each a new connection that upgrades
 ``--path``, sends a close, reads the relayed close and waits for the end of
-the connection; the count is per cycle. Needs valgrind and Node.js
+the connection; the count is per cycle. ``--concurrency N`` sends the
+requests over N connections at once, each sending its next GET as soon as
+its last answer is in (bench figure 6 saturated: many requests per reactor
+turn, N upstream connections) instead of one at a time. ``--cache-sim``
+also prints callgrind's simulated cache misses per request (first-level
+instruction and data, last-level): CPU seconds count the misses,
+instructions do not. Needs valgrind and Node.js
 (``bench/node_modules``).
 """
 
@@ -39,6 +46,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -64,6 +72,9 @@ def main() -> None:
                         help="count N WebSocket open + close cycles instead of HTTP requests")
     parser.add_argument("--fresh-tokens", action="store_true",
                         help="with --path /auth/...: a new token for each request or handshake")
+    parser.add_argument("--concurrency", type=int, default=0, metavar="N",
+                        help="N connections sending at once (default: 4 connections, one request at a time)")
+    parser.add_argument("--cache-sim", action="store_true", help="also count simulated cache misses")
     args = parser.parse_args()
     bin_dir = Path(args.venv) / "bin"
     with tempfile.TemporaryDirectory(prefix="http-instructions-") as work:
@@ -97,7 +108,8 @@ def measure(work: str, bin_dir: Path, backend_port: int, args: argparse.Namespac
     log_path = Path(work, "gateway.log")
     command = [
         "valgrind", "--tool=callgrind", "--instr-atstart=no",
-        f"--callgrind-out-file={work}/callgrind.out.%p", str(bin_dir / "python"),
+        f"--callgrind-out-file={work}/callgrind.out.%p", *(["--cache-sim=yes"] if args.cache_sim else []),
+        str(bin_dir / "python"),
     ]
     if args.peer == "aiohttp":
         command += [str(ROOT / "bench" / "aiohttp_gateway.py"), "--upstream", f"http://{LOOPBACK}:{backend_port}"]
@@ -119,31 +131,47 @@ def measure(work: str, bin_dir: Path, backend_port: int, args: argparse.Namespac
             subprocess.run(["callgrind_control", "-i", "on", str(gateway.pid)], check=True, capture_output=True)
             _handshakes(port, args.path, auth, measured, args.handshakes)
         else:
-            connections = [http.client.HTTPConnection(LOOPBACK, port, timeout=120) for _ in range(4)]
-            _send(connections, args.path, auth, warm_up, 200)  # warm-up, not counted
+            connections = [http.client.HTTPConnection(LOOPBACK, port, timeout=120)
+                           for _ in range(args.concurrency or 4)]
+            send = _send_at_once if args.concurrency else _send
+            send(connections, args.path, auth, warm_up, 200)  # warm-up, not counted
             subprocess.run(["callgrind_control", "-i", "on", str(gateway.pid)], check=True, capture_output=True)
-            _send(connections, args.path, auth, measured, args.requests)
+            send(connections, args.path, auth, measured, args.requests)
         subprocess.run(["callgrind_control", "-d", str(gateway.pid)], check=True, capture_output=True)
     finally:
         gateway.send_signal(signal.SIGTERM)
         gateway.wait(60)
-    total = 0
+    counts: dict[str, int] = {}
     for name in glob.glob(f"{work}/callgrind.out*"):
+        names: list[str] = []
         for line in open(name):
-            if line.startswith(("totals:", "summary:")):
-                total = max(total, int(line.split()[1]))
+            if line.startswith("events:"):
+                names = line.split()[1:]
+            elif line.startswith(("totals:", "summary:")) and int(line.split()[1]) > counts.get("Ir", 0):
+                counts = dict(zip(names, map(int, line.split()[1:])))
+    total = counts.get("Ir", 0)
     logger = ", the aiohttp design" if args.peer == "aiohttp" else ""
     logger += f", --logger {args.logger}" if args.logger else ""
     logger += "".join(f", {item}" for item in args.set)
     logger += ", a fresh token each" if args.fresh_tokens else ""
+    logger += f", {args.concurrency} connections at once" if args.concurrency else ""
     if args.handshakes:
         return (
             f"{total / args.handshakes / 1e6:.3f} M instructions per handshake"
             f" ({args.handshakes} open + close of {args.path}{logger})"
         )
+    misses = ""
+    if args.cache_sim:
+        # first-level instruction and data misses (reads and writes), last-level misses of both
+        level1 = counts.get("I1mr", 0), counts.get("D1mr", 0) + counts.get("D1mw", 0)
+        last = sum(counts.get(key, 0) for key in ("ILmr", "DLmr", "DLmw"))
+        misses = (
+            f"; per request {level1[0] / args.requests:,.0f} I1 misses, {level1[1] / args.requests:,.0f} D1 misses,"
+            f" {last / args.requests:,.0f} LL misses"
+        )
     return (
         f"{total / args.requests / 1e6:.3f} M instructions per request"
-        f" ({args.requests} GET {args.path}{logger})"
+        f" ({args.requests} GET {args.path}{logger}){misses}"
     )
 
 
@@ -173,6 +201,25 @@ def _send(connections: list, path: str, auth: bool, tokens: list[str], count: in
         body = response.read()
         if response.status != 200:
             sys.exit(f"GET {path}: {response.status} {body[:200]!r}")
+
+
+def _send_at_once(connections: list, path: str, auth: bool, tokens: list[str], count: int) -> None:
+    """:func:`_send`, each connection in a thread of its own: ``count`` requests in all."""
+    failures: list[BaseException] = []
+
+    def one(index: int) -> None:
+        try:
+            _send([connections[index]], path, auth, tokens, len(range(index, count, len(connections))))
+        except BaseException as e:  # sys.exit included: the main thread reports it
+            failures.append(e)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(connections))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if failures:
+        raise failures[0]
 
 
 #: A masked close frame, code 1000 (mask key of zeros: the payload as is).
