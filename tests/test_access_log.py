@@ -9,8 +9,11 @@ from __future__ import annotations
 import io
 import json
 import os
+import socket
 
 import pytest
+from twisted.internet.epollreactor import EPollReactor
+from twisted.internet.interfaces import IReadDescriptor
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.logger import (
@@ -24,7 +27,9 @@ from twisted.logger import (
     textFileLogObserver,
 )
 
-from twisted_gateway import access_log, logs
+from zope.interface import implementer
+
+from twisted_gateway import _compat, access_log, logs
 from twisted_gateway.access_log import (
     ACCESS_FORMAT,
     FLUSH_BYTES,
@@ -395,3 +400,82 @@ def test_a_failing_observer_is_reported_to_the_others_which_still_get_their_line
     lines = [json.loads(line) for line in json_out.getvalue().splitlines()]
     assert [line.get("status") for line in lines] == [None, 200]
     assert "failed on an access line" in lines[0]["message"] and "disk full" in lines[0]["traceback"]
+
+
+class _Writes(io.StringIO):
+    """A log file that keeps each ``write`` it is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return super().write(text)
+
+
+def _sped_up_text_observer(out: io.StringIO) -> FileLogObserver:
+    text = textFileLogObserver(out)
+    speed_up_text_observers([text])
+    return text
+
+
+@pytest.mark.parametrize("observer, access", [(_sped_up_text_observer, " GET /x 200 "),
+                                              (logs.JSONLinesObserver, '"status":200')])
+def test_lines_of_one_reactor_turn_go_out_in_one_write_and_in_order(observer, access):
+    """
+    While an epoll reactor dispatching plainly handles a poll's events, the
+    access lines wait for the turn's end and go out in one write; another
+    event's line comes after the lines held before it; outside a turn a
+    line is written at once.
+    """
+    out = _Writes()
+    logger = Logger(namespace=NAMESPACE, observer=LogPublisher(observer(out)))
+    other = Logger(namespace="other", observer=logger.observer)
+    reactor = EPollReactor()
+    assert _compat.dispatch_plainly(reactor)
+    ours, theirs = socket.socketpair()
+
+    @implementer(IReadDescriptor)
+    class Readable:
+        def fileno(self) -> int:
+            return ours.fileno()
+
+        def doRead(self) -> None:
+            for step in ours.recv(100).decode():
+                if step == "a":
+                    emit(logger, dict(FIELDS[0]), *OUTCOMES[0])
+                else:
+                    other.info("between")
+            assert out.writes == [] or "between" in out.writes[-1]  # nothing of this turn's end yet
+
+        def connectionLost(self, reason: object) -> None:
+            pass
+
+        def logPrefix(self) -> str:
+            return "readable"
+
+    try:
+        reactor.addReader(Readable())
+        theirs.send(b"aa")
+        for _ in range(100):
+            if out.writes:
+                break
+            reactor.iterate(0.01)
+        assert [w.count(access) for w in out.writes] == [2]
+        del out.writes[:]
+        theirs.send(b"aba")
+        for _ in range(100):
+            if len(out.writes) == 3:
+                break
+            reactor.iterate(0.01)
+        assert [(w.count(access), "between" in w) for w in out.writes] == [(1, False), (0, True), (1, False)]
+        del out.writes[:]
+        emit(logger, dict(FIELDS[0]), *OUTCOMES[0])
+        assert len(out.writes) == 1
+    finally:
+        reactor.removeAll()
+        reactor._poller.close()
+        reactor.waker.connectionLost(None)
+        ours.close()
+        theirs.close()

@@ -162,24 +162,53 @@ def dispatch_plainly(reactor: object) -> bool:
     return True
 
 
+class PollTurn:
+    """
+    A reactor dispatching plainly handling the descriptors one poll found
+    ready: :attr:`handling` is true meanwhile, and each of :attr:`after` is
+    called (then forgotten) once they are handled, before the next poll.
+    Work that can wait that long (the access lines of the requests the turn
+    answered, written in one ``write``) is held until then.
+    """
+
+    def __init__(self) -> None:
+        self.handling = False
+        self.after: list[Callable[[], None]] = []
+
+
+#: The poll the running reactor is handling (see :class:`PollTurn`).
+poll_turn = PollTurn()
+
+
 def _do_poll(self: EPollReactor, timeout: float | None) -> None:
-    """``EPollReactor.doPoll`` less ``log.callWithLogger``."""
+    """``EPollReactor.doPoll`` less ``log.callWithLogger``, then :data:`poll_turn`'s ``after``."""
     try:
         events = self._poller.poll(-1 if timeout is None else timeout, len(self._selectables))
     except OSError as err:
         if err.errno == errno.EINTR:
             return
         raise
-    handle, selectables = self._doReadOrWrite, self._selectables
-    for fd, event in events:
-        selectable = selectables.get(fd)
-        if selectable is not None:
-            try:
-                handle(selectable, fd, event)  # type: ignore[no-untyped-call]  # (Twisted's, unannotated)
-            except KeyboardInterrupt:
-                raise
-            except BaseException:
-                legacy_log.err(system=selectable.logPrefix())
+    handle, selectables, turn = self._doReadOrWrite, self._selectables, poll_turn
+    turn.handling = True
+    try:
+        for fd, event in events:
+            selectable = selectables.get(fd)
+            if selectable is not None:
+                try:
+                    handle(selectable, fd, event)  # type: ignore[no-untyped-call]  # (Twisted's, unannotated)
+                except KeyboardInterrupt:
+                    raise
+                except BaseException:
+                    legacy_log.err(system=selectable.logPrefix())
+    finally:
+        turn.handling = False
+        if turn.after:
+            after, turn.after = turn.after, []
+            for call in after:
+                try:
+                    call()
+                except Exception:
+                    legacy_log.err(None, "a call at the end of a reactor turn failed")
 
 
 def keep_listening_socket(port: tcp.Port) -> None:
