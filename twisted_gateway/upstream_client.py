@@ -790,6 +790,15 @@ class UpstreamClient:
         """``HTTPConnectionPool``'s name for :attr:`idle_timeout`."""
         return self.idle_timeout
 
+    def idle_connections(self) -> dict[tuple[bytes, bytes, int], list[tuple[UpstreamConnection, IDelayedCall]]]:
+        """
+        The idle connections by ``(scheme, host, port)``, the most recently
+        used last, each with the timer that closes it (a copy: for metrics
+        and tests, not to be changed through).
+        """
+        timers = self._timeouts
+        return {key: [(c, timers[c]) for c in idle] for key, idle in self._connections.items() if idle}
+
     def request(
         self,
         method: bytes,

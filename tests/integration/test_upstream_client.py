@@ -15,9 +15,10 @@ from typing import AsyncIterator, Callable
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor
+from twisted.internet import reactor, tcp
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
@@ -31,7 +32,7 @@ from twisted.web.server import Site
 from twisted_gateway.errors import GatewayTimeout
 from twisted_gateway.faults import KEEPALIVE_CLOSED, classify
 from twisted_gateway.http_proxy import UpstreamEndpoints, _Upload
-from twisted_gateway.upstream_client import Answer, UpstreamClient, may_replay
+from twisted_gateway.upstream_client import Answer, UpstreamClient, UpstreamConnection, may_replay
 
 from tests.support import listen, settle
 
@@ -76,6 +77,16 @@ async def body_of(response) -> tuple[bytes, Failure]:
     response.deliverBody(collect)
     (reason,) = await collect.ended
     return collect.data, reason
+
+
+def idle(client: UpstreamClient) -> list[tuple[UpstreamConnection, IDelayedCall]]:
+    """Every idle connection in the client's pool, with its idle timer."""
+    return [pair for pairs in client.idle_connections().values() for pair in pairs]
+
+
+def reading_from(port: int) -> bool:
+    """Whether the reactor reads a connection to the upstream on ``port`` (not while it is paused)."""
+    return any(isinstance(r, tcp.Client) and r.getPeer().port == port for r in reactor.getReaders())
 
 
 class Scripted(Protocol):
@@ -142,7 +153,7 @@ async def test_sequential_requests_share_one_kept_alive_connection(client, site)
         assert ["Host", site.decode().split("//")[1]] in answer["headers"]
         ports.add(answer["port"])
     assert len(ports) == 1
-    assert sum(map(len, client._connections.values())) == 1
+    assert len(idle(client)) == 1
 
 
 @pytest_twisted.ensureDeferred
@@ -226,7 +237,7 @@ async def test_an_answer_before_the_whole_body_stops_it_and_closes_the_connectio
         assert (response.code, (await body_of(response))[0]) == (413, b"")
         assert body.stopped
         await factory.connections[0].closed
-        assert not any(client._connections.values())
+        assert idle(client) == []
 
 
 @pytest_twisted.ensureDeferred
@@ -315,7 +326,7 @@ async def test_a_body_ended_by_closing_is_complete_and_not_reused(client):
         assert response.length is UNKNOWN_LENGTH
         data, reason = await body_of(response)
         assert (data, reason.type) == (b"all of it", PotentialDataLoss)
-        assert client._connections.get((b"http", b"127.0.0.1", factory.port), []) == []
+        assert (b"http", b"127.0.0.1", factory.port) not in client.idle_connections()
 
 
 @pytest_twisted.ensureDeferred
@@ -418,7 +429,7 @@ async def test_cancelling_before_the_head_closes_the_connection(client):
         with pytest.raises(CancelledError):
             await pending
         await factory.connections[0].closed
-        assert not any(client._connections.values())
+        assert idle(client) == []
 
 
 def _answer() -> tuple[Answer, Deferred]:
@@ -436,7 +447,7 @@ async def test_send_to_hands_the_head_to_its_answer_and_reuses_the_connection(cl
         data, reason = await body_of(response)
         assert response.code == 200 and reason.check(ResponseDone)
         assert ["X-A", "1"] in json.loads(data)["headers"] and answer.called
-    assert sum(map(len, client._connections.values())) == 1
+    assert len(idle(client)) == 1
 
 
 @pytest_twisted.ensureDeferred
@@ -450,7 +461,7 @@ async def test_cancelling_an_answer_before_the_head_fails_it_and_closes_the_conn
         with pytest.raises(CancelledError):
             await got
         await factory.connections[0].closed
-        assert not any(client._connections.values())
+        assert idle(client) == []
 
 
 @pytest_twisted.ensureDeferred
@@ -476,13 +487,12 @@ async def test_a_paused_body_stops_reading_the_upstream(client):
         response.deliverBody(collect)
         await settle(lambda: collect.data == b"abc", "the first bytes")
         collect.transport.pauseProducing()
-        connection = response._connection
-        assert connection.transport not in reactor.getReaders()
+        assert not reading_from(factory.port)
         factory.connections[0].transport.write(b"def")
         collect.transport.resumeProducing()
         assert (await collect.ended)[0].check(ResponseDone)
         assert collect.data == b"abcdef"
-        assert connection.transport in reactor.getReaders()  # back in the pool, reading
+        assert reading_from(factory.port)  # back in the pool, reading
 
 
 @pytest_twisted.ensureDeferred
@@ -490,11 +500,10 @@ async def test_an_idle_connection_the_upstream_closes_leaves_the_pool_with_its_t
     """An idle close by the upstream takes the connection and its timer out of the pool at once."""
     response = await client.request(b"GET", site + b"/")
     await body_of(response)
-    (connection,) = [c for cs in client._connections.values() for c in cs]
-    timer = client._timeouts[connection]
+    ((connection, timer),) = idle(client)
     connection.transport.loseConnection()
-    await settle(lambda: not any(client._connections.values()), "the closed connection gone")
-    assert client._timeouts == {} and not timer.active()
+    await settle(lambda: not idle(client), "the closed connection gone")
+    assert not timer.active()
 
 
 OK_ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -535,11 +544,11 @@ async def test_a_reused_connection_keeps_one_idle_timer_that_never_closes_it_in_
         held[0].transport.write(OK_ANSWER)
         data, reason = await body_of(await pending)
         assert (data, reason.type) == (b"ok", ResponseDone)
-        assert len(factory.connections) == 1 and sum(map(len, client._connections.values())) == 1
+        assert len(factory.connections) == 1 and len(idle(client)) == 1
         clock.advance(9.9)
-        assert sum(map(len, client._connections.values())) == 1
+        assert len(idle(client)) == 1
         clock.advance(0.1)  # idle for idle_timeout: closed
-        assert not any(client._connections.values()) and clock.getDelayedCalls() == []
+        assert idle(client) == [] and clock.getDelayedCalls() == []
 
 
 @pytest_twisted.ensureDeferred
@@ -564,7 +573,7 @@ async def test_a_head_not_in_time_fails_with_gateway_timeout_on_a_fresh_or_a_reu
         with pytest.raises(GatewayTimeout, match="no response from the upstream within 5 s"):
             await pending
         await held[0].closed  # aborted
-        assert not any(client._connections.values()) and clock.getDelayedCalls() == []
+        assert idle(client) == [] and clock.getDelayedCalls() == []
         pending = client.send(b"GET", base + b"/hold", [], None, 2.0)  # a fresh one again
         await settle(lambda: len(held) == 2, "the second held request")
         clock.advance(2)
