@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -83,6 +84,18 @@ class _Supervised:
         self.gateway.stop()
 
 
+@pytest.fixture(scope="module")
+def supervised(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_Supervised]:
+    """
+    One gateway of two workers for the tests that leave it as they found it
+    (no worker killed or replaced, no config changed for good): each start is
+    three processes importing the package.
+    """
+    gateway = _Supervised(tmp_path_factory.mktemp("supervised"))
+    yield gateway
+    gateway.stop()
+
+
 def _open_websocket(port: int, room: str = "spread") -> socket.socket:
     """A WebSocket through the gateway to the demo chat, open (its 101 read)."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=GUARD)
@@ -115,9 +128,9 @@ def _holders(port: int) -> collections.Counter:
     return collections.Counter(int(pid) for pid in re.findall(r"pid=(\d+)", out))
 
 
-def test_two_workers_share_the_port_and_the_kernel_spreads_400_websockets(tmp_path):
+def test_two_workers_share_the_port_and_the_kernel_spreads_400_websockets(supervised):
     """400 WebSockets from one client host land 35-65 % on each worker, none on the supervisor."""
-    gateway = _Supervised(tmp_path)
+    gateway = supervised
     sockets: list[socket.socket] = []
     try:
         sockets += _open_websockets(gateway.port, 400)
@@ -129,7 +142,6 @@ def test_two_workers_share_the_port_and_the_kernel_spreads_400_websockets(tmp_pa
     finally:
         for sock in sockets:
             sock.close()
-        gateway.stop()
 
 
 def test_a_killed_worker_is_replaced_and_only_its_own_clients_notice(tmp_path):
@@ -236,12 +248,12 @@ def _connection_to_each(port: int, pids: set[int]) -> dict[int, http.client.HTTP
     return held
 
 
-def test_metrics_healthz_and_readyz_answer_for_every_worker(tmp_path):
+def test_metrics_healthz_and_readyz_answer_for_every_worker(supervised):
     """
     After traffic spread over two workers, every scrape (whichever worker
     answers) gives the same totals: requests and WebSockets summed.
     """
-    gateway = _Supervised(tmp_path)
+    gateway = supervised
     sockets: list[socket.socket] = []
     connections: dict[int, http.client.HTTPConnection] = {}
     try:
@@ -280,7 +292,6 @@ def test_metrics_healthz_and_readyz_answer_for_every_worker(tmp_path):
             connection.close()
         for sock in sockets:
             sock.close()
-        gateway.stop()
 
 
 def _close_code(sock: socket.socket) -> int:
@@ -382,36 +393,34 @@ def test_sighup_replaces_every_worker_under_load_without_a_failure_and_1012_on_o
 
 
 @pytest.mark.parametrize("workers", [2, 1])
-def test_a_bad_config_on_sighup_is_refused_with_one_line_and_the_workers_keep_serving(tmp_path, workers):
-    gateway = _Supervised(tmp_path, workers)
+def test_a_bad_config_on_sighup_is_refused_with_one_line_and_the_workers_keep_serving(request, tmp_path, workers):
+    gateway = request.getfixturevalue("supervised") if workers == 2 else _Supervised(tmp_path, workers)
+    good = gateway.config.read_text()
     try:
-        good = gateway.config.read_text()
         gateway.config.write_text(good.replace(f"workers = {workers}", f"workers = {workers}\nconnect_timeout = soon"))
         gateway.process.send_signal(signal.SIGHUP)
         line = gateway.log.wait_for(re.compile(r"SIGHUP refused: .*\[gateway\] connect_timeout"))
         assert "keep serving" in line.string
         assert _holders(gateway.port) is not None
         assert _get(gateway.port, "/readyz")[0] == 200
-        gateway.config.write_text(good)
         assert STARTED.search(gateway.log.text().split(line.group(0))[1]) is None
     finally:
-        gateway.stop()
+        gateway.config.write_text(good)
+        if workers == 1:
+            gateway.stop()
 
 
-def test_every_text_log_line_names_the_worker_or_the_supervisor_that_wrote_it(tmp_path):
+def test_every_text_log_line_names_the_worker_or_the_supervisor_that_wrote_it(supervised):
     """twistd's text lines (the default log) of a gateway of two workers: each says who wrote it."""
-    gateway = _Supervised(tmp_path)
-    try:
-        assert _get(gateway.port, "/v1/chat/rooms")[0] == 200
-        gateway.log.wait_for(re.compile(r"GET /v1/chat/rooms 200"))
-        lines = [line for line in gateway.log.text().splitlines() if re.match(r"\d{4}-\d\d-\d\dT\S+ \[", line)]
-        writers = collections.Counter(
-            (found.group(1) if found else line) for line in lines
-            for found in [re.search(r"^\S+ \[[^\]]* (worker \d|supervisor)\] ", line)]
-        )
-        assert set(writers) == {"supervisor", "worker 0", "worker 1"}, writers
-    finally:
-        gateway.stop()
+    gateway = supervised
+    assert _get(gateway.port, "/v1/chat/rooms")[0] == 200
+    gateway.log.wait_for(re.compile(r"GET /v1/chat/rooms 200"))
+    lines = [line for line in gateway.log.text().splitlines() if re.match(r"\d{4}-\d\d-\d\dT\S+ \[", line)]
+    writers = collections.Counter(
+        (found.group(1) if found else line) for line in lines
+        for found in [re.search(r"^\S+ \[[^\]]* (worker \d|supervisor)\] ", line)]
+    )
+    assert set(writers) == {"supervisor", "worker 0", "worker 1"}, writers
 
 
 def _unix_get(path: Path, target: str = "/v1/chat/rooms") -> int:
