@@ -38,6 +38,8 @@ from twisted_gateway.revocations import Revocations, matches
 from twisted_gateway.schema import ClusterSettings, ConfigError, parse_redis_url, read_section
 
 if TYPE_CHECKING:
+    import txredisapi
+
     from twisted_gateway.identity import Identity
     from twisted_gateway.jwks import KeySet
     from twisted_gateway.metrics import Metrics
@@ -62,8 +64,11 @@ SUBJECT_REVOCATION_TTL = 86400
 #: Seconds a client over its cap is told to wait.
 RETRY_AFTER = 5
 
-#: A JSON object: what the admin API, the workers and Redis exchange.
+#: A JSON object: what the admin API, the workers and Redis exchange (its values
+#: are JSON as read from a body, a socket or Redis, before anything checks them).
 JSONObject = dict[str, Any]
+#: What one worker answers to an administrator action (:meth:`Cluster._apply`).
+ActionResult = list[JSONObject] | JSONObject | int | None
 
 DISCONNECTED = (1008, b"disconnected by administrator")
 REVOKED = (1008, b"token revoked")
@@ -176,8 +181,8 @@ class Cluster:
         self._outage_warned = False
         #: why the last connection to Redis failed or ended (for the outage warning)
         self.last_error: str | None = None
-        self._commands: Any = None
-        self._factories: list[Any] = []
+        self._commands: txredisapi.ConnectionHandler | None = None
+        self._factories: list[txredisapi.RedisFactory] = []
         #: without [cluster], with workers > 1: this worker's link to the supervisor's hub
         self.link: Link | None = None
         self._loop = Periodic(self.clock, HEARTBEAT, self._heartbeat)
@@ -317,7 +322,7 @@ class Cluster:
 
     async def _load_revocations(self) -> Revocations:
         loaded = Revocations()
-        cursor: Any = 0
+        cursor: int | str = 0
         while True:
             cursor, keys = await self._call("SCAN", cursor, "MATCH", PREFIX + "revoked:*", "COUNT", 500)
             if keys:
@@ -362,8 +367,10 @@ class Cluster:
     def _field(self) -> str:
         return f"{self.worker_id}|{self._epoch}"
 
+    # (the reply as txredisapi decodes it: a str, an int, None or a list, by command)
     async def _call(self, *command: str | bytes | int | float) -> Any:
         """One Redis command, bounded by :data:`CALL_TIMEOUT`."""
+        assert self._commands is not None  # start() connected it: only a [cluster] member calls Redis
         d = self._commands.execute_command(*command)
         d.addTimeout(CALL_TIMEOUT, self.clock)
         return await d
@@ -389,7 +396,7 @@ class Cluster:
 
     # -- what every worker does --------------------------------------------------
 
-    def _apply(self, action: str | None, args: JSONObject) -> Any:
+    def _apply(self, action: str | None, args: JSONObject) -> ActionResult:
         """One administrator action on this worker's own sockets and state."""
         if action == "sessions":
             return [s for s in self.local_sessions() if args.get("sub") in (None, s["sub"])]
@@ -447,12 +454,13 @@ class Cluster:
 
     # -- the verbs of the admin API ------------------------------------------------
 
+    # (each worker's ActionResult, most of them read back as JSON: their shape is the action's)
     async def broadcast(self, action: str, args: JSONObject) -> list[Any]:
         """Every worker's result of ``action``, once each has answered."""
         self.admin_actions[action] = self.admin_actions.get(action, 0) + 1
         return await self._gather(action, args)
 
-    async def _gather(self, action: str, args: JSONObject) -> list[Any]:
+    async def _gather(self, action: str, args: JSONObject) -> list[Any]:  # (as broadcast's)
         if self.settings is None:
             if self.link is not None and self.link.up:
                 try:
@@ -517,7 +525,7 @@ class Cluster:
         if not self.up:
             raise GatewayError("the cluster's Redis is unreachable", status=503, error="cluster_unavailable")
         workers = []
-        cursor: Any = 0
+        cursor: int | str = 0
         while True:
             cursor, keys = await self._call("SCAN", cursor, "MATCH", PREFIX + "node:*", "COUNT", 500)
             for key in keys:

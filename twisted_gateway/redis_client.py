@@ -9,7 +9,7 @@ when the subscription is ready again (to reload its state) and when it is lost.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Coroutine, TypeVar
+from typing import TYPE_CHECKING, Callable, Coroutine, TypeVar
 
 import txredisapi
 from twisted.internet import reactor as _reactor
@@ -89,7 +89,7 @@ def _text(value: object) -> str:
 class _SubscriberFactory(_KeepTrying, txredisapi.SubscriberFactory):
     protocol = _Subscriber
     channels: list[str]
-    on_ready: Callable[[], Coroutine[Any, Any, None]]
+    on_ready: Callable[[], Coroutine[Deferred[object], object, None]]
     on_lost: Callable[[str], None]
     on_message: Callable[[str, str], None]
 
@@ -135,7 +135,7 @@ def connect(
     tls: UpstreamTLS,
     channels: list[str],
     *,
-    on_ready: Callable[[], Coroutine[Any, Any, None]],
+    on_ready: Callable[[], Coroutine[Deferred[object], object, None]],
     on_lost: Callable[[str], None],
     on_error: Callable[[str], None],
     on_message: Callable[[str, str], None],
