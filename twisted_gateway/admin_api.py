@@ -13,7 +13,7 @@ from __future__ import annotations
 import hmac
 import json
 import math
-from typing import Any, Coroutine
+from typing import Coroutine
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -62,7 +62,7 @@ class AdminAPI(Resource):
                 headers=[(b"WWW-Authenticate", b'Bearer realm="wsgateway-admin"')],
             )
 
-    def _verb(self, request: Request) -> Coroutine[Any, Any, JSONObject]:
+    def _verb(self, request: Request) -> Coroutine[Deferred[object], object, JSONObject]:
         """The coroutine that answers this method and path (the request is checked first)."""
         path = request.path.rstrip(b"/")
         method = request.method

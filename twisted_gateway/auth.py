@@ -22,6 +22,7 @@ from warnings import warn
 
 import jwt
 from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from jwt.algorithms import get_default_algorithms
 from jwt.types import Options
@@ -48,6 +49,8 @@ from twisted_gateway.schema import (
 from twisted_gateway.verified_tokens import VerifiedTokens
 
 Headers = Sequence[tuple[bytes, bytes]]
+#: What a signature is checked with: the HMAC secret, the configured public key, a JWKS key.
+VerificationKey = bytes | PublicKeyTypes
 
 
 # -- where the token comes from (pure) ----------------------------------------
@@ -142,7 +145,7 @@ def _claim_at(claims: Mapping[str, object], dotted: str) -> object:
 
 
 def check_requirements(
-    claims: Mapping[str, Any],
+    claims: Mapping[str, object],
     scopes: Sequence[str],
     required: Sequence[tuple[str, str]],
 ) -> None:
@@ -164,7 +167,7 @@ def check_requirements(
             raise InsufficientScope(f"needs claim {name} to hold {wanted}")
 
 
-def check_claim_times(claims: Mapping[str, Any], now: float, leeway: float) -> float | None:
+def check_claim_times(claims: Mapping[str, object], now: float, leeway: float) -> float | None:
     """Check ``exp``, ``nbf`` and ``iat`` against ``now``; return ``exp + leeway`` or None."""
     times: dict[str, float] = {}
     for name in ("exp", "nbf", "iat"):
@@ -453,7 +456,7 @@ class Authenticator:
         s = self.settings
         if len(token) > s.max_token_size:  # before any parsing
             raise AuthError("token larger than max_token_size")
-        decoded: dict[str, Any] | None
+        decoded: dict[str, Any] | None  # PyJWT's: the header, the claims (JSON) and the signature
         try:
             # The one parse of a good token: header, signature bytes, and the claims
             # PyJWT checks that hold no time (aud, iss, require, sub and jti types).
@@ -494,7 +497,8 @@ class Authenticator:
             raise AuthError("the sub claim contains control characters")
         return Identity(subject=subject, claims=claims, expires_at=expires_at)
 
-    def _signed_claims(self, token: str, decoded: dict[str, Any] | None, alg: str, key: Any) -> Any:
+    # (``decoded`` as _verify's; the claims are JSON as the token carries them)
+    def _signed_claims(self, token: str, decoded: dict[str, Any] | None, alg: str, key: VerificationKey) -> dict[str, Any]:
         """
         The claims, once the signature verifies with ``key``; raises PyJWT's
         error. Without ``decoded`` (a claim failed), PyJWT's decode says which.
@@ -503,7 +507,7 @@ class Authenticator:
             s = self.settings
             return jwt.decode(
                 token,
-                key,
+                key,  # type: ignore[arg-type]  # a public_key PyJWT cannot use was refused when loaded
                 algorithms=[alg],
                 audience=list(s.audience) or None,
                 issuer=s.issuer,
@@ -516,9 +520,10 @@ class Authenticator:
             warn(too_short, jwt.InsecureKeyLengthWarning, stacklevel=3)
         if not algorithm.verify(token.encode("utf-8").rpartition(b".")[0], prepared, decoded["signature"]):
             raise jwt.InvalidSignatureError("Signature verification failed")
-        return decoded["payload"]
+        claims: dict[str, Any] = decoded["payload"]  # (as jwt.decode's)
+        return claims
 
-    async def _keys_for(self, alg: str, kid: str | None) -> list[Any]:
+    async def _keys_for(self, alg: str, kid: str | None) -> Sequence[VerificationKey]:
         """
         The keys to try, in order. HMAC algorithms only ever get the secret, and
         the others only public keys, each serving the algorithms it may.

@@ -116,7 +116,7 @@ def parse_config(text: str, source: str = "<string>") -> Settings:
         reason = str(e).splitlines()[0]
         raise ConfigError(source, None, None, f"not a valid INI file: {reason}") from None
 
-    sections: dict[str, Any] = {}
+    sections: dict[str, Any] = {}  # Settings' keyword arguments: each section's settings object
     route_values: list[tuple[str, dict[str, str]]] = []
     for section in parser.sections():
         values = dict(parser.items(section))

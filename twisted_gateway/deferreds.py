@@ -12,14 +12,14 @@ token is cached) run without Twisted's driver when it does not.
 
 from __future__ import annotations
 
-from typing import Any, Coroutine, Generator, TypeVar
+from typing import Coroutine, Generator, TypeVar
 
 from twisted.internet.defer import Deferred, fail, succeed
 
 _T = TypeVar("_T")
 
 
-def start(coroutine: Coroutine[Deferred[Any], Any, _T]) -> Deferred[_T]:
+def start(coroutine: Coroutine[Deferred[object], object, _T]) -> Deferred[_T]:
     """
     ``Deferred.fromCoroutine(coroutine)``, the same result and cancellation,
     but a coroutine that ends without waiting for anything gives an
@@ -35,7 +35,9 @@ def start(coroutine: Coroutine[Deferred[Any], Any, _T]) -> Deferred[_T]:
     return Deferred.fromCoroutine(_resume(coroutine, awaited))
 
 
-def _resume(coroutine: Coroutine[Deferred[Any], Any, _T], awaited: Deferred[Any]) -> Generator[Deferred[Any], object, _T]:
+def _resume(
+    coroutine: Coroutine[Deferred[object], object, _T], awaited: Deferred[object]
+) -> Generator[Deferred[object], object, _T]:
     """
     Hands Twisted's driver what ``coroutine`` (started already) waits on, and
     passes on what comes back, a result or an exception, as the driver would.

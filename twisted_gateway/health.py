@@ -136,6 +136,7 @@ class HealthChecker:
     def stop(self) -> Deferred[None]:
         """Stop checking and cancel the checks in flight; fires when all are over."""
         loops, self._loops = self._loops, []
+        # (the checks' waits and the loops' ends: DeferredList takes Deferreds of one result type)
         waits: list[Deferred[Any]] = [when_done(d) for d in self._in_flight.values()]
         for d in list(self._in_flight.values()):
             d.cancel()

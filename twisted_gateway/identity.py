@@ -19,6 +19,7 @@ class Identity:
     """Who a verified token says the caller is, and until when."""
 
     subject: str | None
+    #: JSON as the token carries it (its times checked: auth.check_claim_times)
     claims: dict[str, Any] = field(hash=False)
     #: ``exp`` + leeway, when a live connection must be closed; None without ``exp``.
     expires_at: float | None = None

@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 from datetime import datetime, timezone
-from typing import IO, TYPE_CHECKING, Any, AnyStr, Callable, Generic, Iterable, Mapping, TypeVar
+from typing import IO, TYPE_CHECKING, AnyStr, Callable, Generic, Iterable, Mapping, TypeVar
 from urllib.parse import unquote, unquote_to_bytes
 
 from twisted.logger import ILogObserver, LogEvent, LoggingFile, formatEvent, formatTime
@@ -298,7 +298,7 @@ def name_the_writer(event: LogEvent) -> None:
 def event_as_json(event: LogEvent) -> str:
     """One log event as one line of JSON (no newline), redacted."""
     clean = redact(event)
-    out: dict[str, Any] = {
+    out: dict[str, object] = {
         "time": iso_time(event.get("log_time")),
         "level": getattr(event.get("log_level"), "name", "info"),
         "namespace": str(event.get("log_namespace", "")),

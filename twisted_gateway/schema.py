@@ -62,7 +62,7 @@ def key(
     return field(default=default, metadata={"parse": parse, "key": name}, repr=not secret)
 
 
-def section_keys(settings_type: type) -> dict[str, dataclasses.Field[Any]]:
+def section_keys(settings_type: type) -> dict[str, dataclasses.Field[object]]:
     """The config keys of a settings class, by key name."""
     return {
         f.metadata["key"] or f.name: f for f in dataclasses.fields(settings_type) if "parse" in f.metadata
@@ -70,12 +70,16 @@ def section_keys(settings_type: type) -> dict[str, dataclasses.Field[Any]]:
 
 
 def read_section(source: str, section: str, values: Mapping[str, str], settings_type: type) -> dict[str, Any]:
-    """The keys a section gives, parsed, by field name (absent ones are left to the defaults)."""
+    """
+    The keys a section gives, parsed, by field name (absent ones are left to
+    the defaults): keyword arguments for ``settings_type``, each value its
+    field's parser's, which ``key`` checked against the field's annotation.
+    """
     keys = section_keys(settings_type)
     for name in values:
         if name not in keys:
             raise ConfigError(source, section, name, "unknown key")
-    result: dict[str, Any] = {}
+    result: dict[str, Any] = {}  # (as returned)
     for name, spec in keys.items():
         text = values.get(name, "")
         if text.strip():
@@ -575,7 +579,7 @@ class PublicKey:
     algorithms: frozenset[str]
 
     @classmethod
-    def from_jwk(cls, jwk: Mapping[str, Any]) -> PublicKey:
+    def from_jwk(cls, jwk: Mapping[str, Any]) -> PublicKey:  # (a JWK: JSON as fetched, checked by PyJWK)
         alg = jwk.get("alg")
         if alg == "Ed25519":  # RFC 9864's name for EdDSA over Ed25519
             jwk, alg = {**jwk, "alg": "EdDSA"}, "EdDSA"

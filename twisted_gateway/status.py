@@ -14,7 +14,7 @@ import os
 from collections import deque
 from dataclasses import dataclass, field
 from importlib.resources import files
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 from twisted.internet.interfaces import IReactorTime
 from twisted_gateway.periodic import Periodic
@@ -168,7 +168,7 @@ class Status:
             chosen = self._samples[0] if self._samples else _Sample(self.started, {})
         return chosen
 
-    def document(self) -> dict[str, Any]:
+    def document(self) -> dict[str, object]:
         """What ``/status.json`` answers."""
         now = self.clock.seconds()
         current = self._totals()

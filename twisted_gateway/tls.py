@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import socket
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Protocol, Sequence
 from urllib.parse import urlsplit
 
 from cryptography import x509
@@ -64,6 +64,11 @@ from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
 from twisted_gateway.schema import RouteSettings
+
+if TYPE_CHECKING:
+    # (for the type checker only: neither library exports these names)
+    from OpenSSL.SSL import _NoOverlappingProtocols
+    from twisted.internet._sslverify import IOpenSSLTrustRoot
 
 log = Logger()
 
@@ -141,6 +146,7 @@ class CertifiedKey:
     certificate: x509.Certificate
     chain: tuple[x509.Certificate, ...] = ()
 
+    # (CertificateOptions' keyword arguments, as its extraCertificateOptions types them)
     def options(self) -> dict[str, Any]:
         """Keyword arguments for ``CertificateOptions``."""
         return dict(
@@ -235,7 +241,7 @@ def parse_tls_listener(description: str) -> TLSListener | None:
         if "port" in kwargs:
             raise ValueError("the port is given twice")
         kwargs["port"] = positional[0]
-    fields: dict[str, Any] = {}
+    fields: dict[str, Any] = {}  # TLSListener's keyword arguments: strings, then port and backlog ints
     for name, value in kwargs.items():
         if name not in _LISTENER_ARGUMENTS:
             raise ValueError(f"unknown argument {name!r}")
@@ -253,7 +259,7 @@ def parse_tls_listener(description: str) -> TLSListener | None:
     return TLSListener(**fields)
 
 
-def select_http_1_1(connection: SSL.Connection, offered: Sequence[bytes]) -> Any:
+def select_http_1_1(connection: SSL.Connection, offered: Sequence[bytes]) -> bytes | _NoOverlappingProtocols:
     """The ALPN answer of a gateway listener: ``http/1.1`` if offered, else no ALPN at all."""
     return HTTP_1_1 if HTTP_1_1 in offered else SSL.NO_OVERLAPPING_PROTOCOLS
 
@@ -492,7 +498,7 @@ class UpstreamTLS:
     def __init__(
         self,
         *,
-        trust_root: Any = None,  # an IOpenSSLTrustRoot (a name Twisted does not export)
+        trust_root: IOpenSSLTrustRoot | None = None,
         client_certificate: CertifiedKey | None = None,
         verify: bool = True,
     ) -> None:

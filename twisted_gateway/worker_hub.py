@@ -41,7 +41,7 @@ REPLY_TIMEOUT = 2.0
 #: Seconds a worker waits for the hub (an action's answer comes within REPLY_TIMEOUT).
 REQUEST_TIMEOUT = REPLY_TIMEOUT + 1.0
 
-#: A message between the supervisor and a worker: a JSON object.
+#: A message between the supervisor and a worker: a JSON object, as read from the socket.
 Message = dict[str, Any]
 
 _T = TypeVar("_T")

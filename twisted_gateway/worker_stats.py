@@ -42,12 +42,16 @@ SUMMED_GAUGES = frozenset(
         "wsgateway_workers_ready",
     }
 )
+#: A metric family as plain data (name, type, help, samples), as JSON carries it
+#: from the process that wrote it to the one that reads it.
+FamilyJSON = dict[str, Any]
+
 SUPERVISOR_FILE = "supervisor.json"
 #: The counters of every worker that ended, summed.
 RETIRED_FILE = "retired.json"
 
 
-def families_as_json(families: Iterable[Metric]) -> list[dict[str, Any]]:
+def families_as_json(families: Iterable[Metric]) -> list[FamilyJSON]:
     """Metric families as plain data (name, type, help, samples)."""
     return [
         {
@@ -60,13 +64,13 @@ def families_as_json(families: Iterable[Metric]) -> list[dict[str, Any]]:
     ]
 
 
-def merge(sources: Iterable[tuple[str, list[dict[str, Any]]]]) -> list[Metric]:
+def merge(sources: Iterable[tuple[str, list[FamilyJSON]]]) -> list[Metric]:
     """
     One family per name from each source's families (``(worker, families)``):
     samples with the same name and labels are summed, except in gauges outside
     :data:`SUMMED_GAUGES`, which gain a ``worker`` label instead.
     """
-    merged: dict[str, tuple[dict[str, Any], dict[tuple[str, tuple[tuple[str, str], ...]], float]]] = {}
+    merged: dict[str, tuple[FamilyJSON, dict[tuple[str, tuple[tuple[str, str], ...]], float]]] = {}
     for worker, families in sources:
         for family in families:
             head, samples = merged.setdefault(family["name"], (family, {}))
@@ -97,7 +101,7 @@ class Published(TypedDict, total=False):
     """A file of the directory: a worker's, ``retired.json`` or the supervisor's."""
 
     worker: int | str
-    families: list[dict[str, Any]]
+    families: list[FamilyJSON]
     #: retired.json: the workers' files already in its totals
     absorbed: list[str]
     #: the supervisor's: workers configured and ready
@@ -150,7 +154,7 @@ class WorkerStats(Service):
         self.directory, self.worker, self.workers = directory, worker, workers
         self.own = own
         self.path = worker_file(directory, os.getpid())
-        self._published: list[dict[str, Any]] | None = None
+        self._published: list[FamilyJSON] | None = None
         self._loop = Periodic(clock, PUBLISH_INTERVAL, self.publish, now=True)
 
     def startService(self) -> None:
@@ -162,7 +166,7 @@ class WorkerStats(Service):
         self.publish()
         return super().stopService()
 
-    def publish(self, families: list[dict[str, Any]] | None = None) -> None:
+    def publish(self, families: list[FamilyJSON] | None = None) -> None:
         if families is None:
             families = families_as_json(self.own.collect())
         if families != self._published:  # compared as data: serialised once, when written
@@ -172,7 +176,7 @@ class WorkerStats(Service):
                 return  # the supervisor removed the directory: it is stopping
             self._published = families
 
-    def _peers(self) -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    def _peers(self) -> Iterator[tuple[str, list[FamilyJSON]]]:
         try:
             names = sorted(os.listdir(self.directory))
         except OSError:

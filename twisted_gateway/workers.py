@@ -511,7 +511,7 @@ class Supervisor(Service):
         new.on_ready_once = ready
         # A new worker that is neither ready nor dead in time is stopped: no wait hangs the restart.
         late = self.reactor.callLater(READY_TIMEOUT, _signal, new, signal.SIGKILL)
-        waits: list[Deferred[Any]] = [ready, new.ended]
+        waits: list[Deferred[Any]] = [ready, new.ended]  # (DeferredList takes Deferreds of one result type)
         await DeferredList(waits, fireOnOneCallback=True)
         if late.active():
             late.cancel()
