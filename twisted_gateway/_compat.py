@@ -27,6 +27,7 @@ from autobahn.util import _is_tls_error, _maybe_tls_reason
 from autobahn.wamp.types import TransportDetails
 from autobahn.websocket import protocol as websocket_protocol
 from autobahn.websocket.protocol import (
+    WebSocketClientFactory,
     WebSocketClientProtocol,
     WebSocketFactory,
     WebSocketProtocol,
@@ -38,13 +39,16 @@ from twisted.internet import tcp, unix
 from twisted.internet.address import IPv4Address
 from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.protocol import connectionDone
-from twisted.internet.interfaces import IDelayedCall, IReactorTime, ISSLTransport
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, ISSLTransport, ITCPTransport
 from twisted.logger import FileLogObserver, ILogObserver, LogPublisher
 from twisted.python import log as legacy_log
 from twisted.python.systemd import ListenFDs
 from twisted.python.failure import Failure
 import txaio
 from txaio._common import _BatchedTimer
+
+if TYPE_CHECKING:
+    from txaio.interfaces import ILogger
 
 _P = TypeVar("_P", bound="WebSocketServerProtocol | WebSocketClientProtocol")
 
@@ -233,6 +237,8 @@ def keep_listening_socket(port: tcp.Port) -> None:
 
 
 
+# (any ITransport: a TCP one's private fields are read once ``type(transport) in _TCP``,
+# a test the type checker does not follow; so for write_pieces and _sends_now)
 def write_now(transport: Any, data: bytes) -> None:
     """
     Write ``data``, sending it at once when the transport has nothing queued.
@@ -267,7 +273,7 @@ def write_now(transport: Any, data: bytes) -> None:
     transport.write(data)
 
 
-def write_pieces(transport: Any, pieces: list[bytes | memoryview]) -> None:
+def write_pieces(transport: Any, pieces: list[bytes | memoryview]) -> None:  # (see write_now)
     """
     Write ``pieces`` in order as :func:`write_now` does, in one ``sendmsg``
     when the transport has nothing queued: the pieces of a read (views of it,
@@ -297,7 +303,7 @@ def write_pieces(transport: Any, pieces: list[bytes | memoryview]) -> None:
         transport.write(_as_bytes(piece))
 
 
-def _sends_now(transport: Any) -> bool:
+def _sends_now(transport: Any) -> bool:  # (see write_now)
     """Whether ``transport`` is a TCP socket with nothing queued (see :func:`write_now`)."""
     return (
         type(transport) in _TCP
@@ -451,15 +457,16 @@ class LegHooks(_Leg):
     """
 
     if TYPE_CHECKING:  # the Twisted adapter's, which every leg also is
-        transport: Any
+        transport: ITCPTransport | None
         is_server: bool
         tcpNoDelay: bool
-        log: Any
+        log: ILogger
 
     def connectionMade(self) -> None:
         self.__dict__.pop("_transport_details", None)  # Autobahn's placeholder: made when first read
         self.peer = peer_of(self.transport)
         try:
+            assert self.transport is not None  # makeConnection set it
             self.transport.setTcpNoDelay(self.tcpNoDelay)
         except Exception:
             pass  # not TCP (a UNIX socket refuses TCP_NODELAY)
@@ -467,6 +474,7 @@ class LegHooks(_Leg):
 
     @functools.cached_property
     def _transport_details(self) -> TransportDetails:  # type: ignore[override]  # (a cached_property stores it)
+        assert self.transport is not None  # read once connected
         details = create_transport_details(self.transport, self.is_server)
         details.channel_framing = TransportDetails.CHANNEL_FRAMING_WEBSOCKET
         return details
@@ -522,7 +530,7 @@ class ClientLegHooks(_ClientLeg):
     rendering. Placed before :class:`LegHooks` in the bases.
     """
 
-    factory: Any
+    factory: WebSocketClientFactory
 
     def _connectionMade(self) -> None:
         WebSocketProtocol._connectionMade(self)
@@ -531,6 +539,7 @@ class ClientLegHooks(_ClientLeg):
         else:
             self.startHandshake()  # type: ignore[no-untyped-call]
 
+    # (what onConnect returns, which Autobahn types as None and its adapter waits for)
     def _onConnect(self, response: ConnectionResponse) -> Any:
         return self.onConnect(response)
 
@@ -548,7 +557,7 @@ def with_options(protocol: type[_P], factory: object) -> type[_P]:
     connection. Relies on ``CONFIG_ATTRS`` (the names copied, read in
     ``_connectionMade``): emptied here, the copy is skipped.
     """
-    options: dict[str, Any] = {"CONFIG_ATTRS": ()}
+    options: dict[str, object] = {"CONFIG_ATTRS": ()}
     for name in protocol.CONFIG_ATTRS:
         value = getattr(factory, name)
         options[name] = staticmethod(value) if isinstance(value, FunctionType) else value
@@ -560,7 +569,7 @@ class _Rendered:
 
     __slots__ = ("_render", "_args", "_kwargs")
 
-    def __init__(self, render: Callable[..., str], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def __init__(self, render: Callable[..., str], args: tuple[object, ...], kwargs: dict[str, object]) -> None:
         self._render, self._args, self._kwargs = render, args, kwargs
 
     def __str__(self) -> str:
@@ -573,14 +582,14 @@ class _Rendered:
 
 
 def _lazily(render: Callable[..., str]) -> Callable[..., _Rendered]:
-    def lazy(*args: Any, **kwargs: Any) -> _Rendered:
+    def lazy(*args: object, **kwargs: object) -> _Rendered:
         return _Rendered(render, args, kwargs)
 
     lazy.__wrapped__ = render  # type: ignore[attr-defined]
     return lazy
 
 
-def _pformat(obj: object, *args: Any, **kwargs: Any) -> str:
+def _pformat(obj: object, *args: Any, **kwargs: Any) -> str:  # (pprint.pformat's own, passed on)
     """``pprint.pformat``, whose answer for an empty list is known."""
     if type(obj) is list and not obj and not args and not kwargs:
         return "[]"
@@ -641,12 +650,12 @@ def origin_allowed(leg: WebSocketServerProtocol, origin: str) -> bool:
     return allowed
 
 
-def parse_extensions(protocol: WebSocketProtocol, header: str) -> list[tuple[str, dict[str, Any]]]:
+def parse_extensions(protocol: WebSocketProtocol, header: str) -> list[tuple[str, dict[str, list[str | bool]]]]:
     """
     A ``Sec-WebSocket-Extensions`` value as (name, parameters) pairs, as
     Autobahn parses it. Relies on ``WebSocketProtocol._parseExtensionsHeader``.
     """
-    parsed: list[tuple[str, dict[str, Any]]] = protocol._parseExtensionsHeader(header)
+    parsed: list[tuple[str, dict[str, list[str | bool]]]] = protocol._parseExtensionsHeader(header)
     return parsed
 
 
