@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import treq
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
@@ -24,6 +24,9 @@ from twisted_gateway.deferreds import when_done
 from twisted_gateway.faults import describe
 from twisted_gateway.periodic import Periodic
 from twisted_gateway.upstreams import MAX_CHECK_TIMEOUT, Instance, UpstreamPool
+
+if TYPE_CHECKING:
+    from twisted.internet.task import LoopingCall
 
 log = Logger()
 
@@ -108,7 +111,7 @@ class HealthChecker:
         if ws_connect is None and any(t.check.startswith("ws:") for t in self.targets.values()):
             raise ValueError("ws: health checks need a ws_connect")
         #: each target's repeated check, and what fires once it stopped with no check in flight
-        self._loops: list[tuple[Periodic, Deferred[Any] | None]] = []
+        self._loops: list[tuple[Periodic, Deferred[LoopingCall] | None]] = []
         self._in_flight: dict[str, Deferred[None]] = {}
 
     def _add_target(self, pool: UpstreamPool, target: _Target) -> None:
