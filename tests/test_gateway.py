@@ -20,7 +20,7 @@ from zope.interface.verify import verifyObject
 
 from twisted_gateway.auth import Authenticator
 from twisted_gateway.config import parse_config
-from twisted_gateway.connector import EndpointConnector
+from twisted_gateway.connector import UpstreamConnector
 from twisted_gateway.gateway import build_gateway
 from twisted_gateway.http_proxy import HTTPForwarder
 from twisted_gateway.identity import Identity
@@ -109,7 +109,7 @@ def test_the_real_parts_provide_the_interfaces_they_are_replaced_through():
     assert verifyObject(IUpstreamConnector, gateway.connector)
     assert verifyObject(IAuthenticator, gateway.authenticator)
     assert isinstance(gateway.forwarder, HTTPForwarder)
-    assert isinstance(gateway.connector, EndpointConnector)
+    assert isinstance(gateway.connector, UpstreamConnector)
     assert verifyObject(IAuthenticator, Authenticator(settings.auth, clock))
     assert verifyObject(IUpstreamConnector, MemoryNetwork().connector(RecordingUpstream()))
 

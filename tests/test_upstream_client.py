@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 from twisted.internet.testing import MemoryReactorClock
 
-from twisted_gateway.http_proxy import UpstreamEndpoints
+from twisted_gateway.connector import UpstreamConnector
 from twisted_gateway.upstream_client import UpstreamClient, request_head
 
 
@@ -32,7 +32,7 @@ def test_request_heads_keep_header_order_and_never_gain_a_line(headers, expected
 @pytest.mark.parametrize("method, url", [(b"GE T", b"http://127.0.0.1:1/"), (b"GET", b"http://127.0.0.1:1/a b")])
 def test_what_cannot_go_on_a_request_line_is_refused_at_once(method, url):
     """A method that is not a token, a target with a space: ValueError before any connection."""
-    client = UpstreamClient(MemoryReactorClock(), UpstreamEndpoints(MemoryReactorClock(), 5.0))
+    client = UpstreamClient(MemoryReactorClock(), UpstreamConnector(MemoryReactorClock(), 5.0))
     with pytest.raises(ValueError):
         client.request(method, url)
 

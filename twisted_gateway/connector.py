@@ -1,26 +1,33 @@
 """
-How the gateway reaches an upstream, shared by the HTTP forwarder
-(``http_proxy.UpstreamEndpoints``) and the WebSocket relay
-(:class:`EndpointConnector`): TCP, with TLS for https and wss.
+How the gateway reaches an upstream, one :class:`UpstreamConnector` shared by
+the HTTP forwarder (``upstream_client.UpstreamClient``), the WebSocket relay
+and the health checks: TCP, with TLS for https and wss.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from typing import Callable
+from typing import Callable, cast
 
 from autobahn.twisted.websocket import WebSocketClientFactory
 
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import (
-    HostnameEndpoint,
-    TCP4ClientEndpoint,
-    TCP6ClientEndpoint,
-    wrapClientTLS,
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
+from twisted.internet.error import ConnectingCancelledError, NoProtocol
+from twisted.internet.interfaces import (
+    IAddress,
+    IConnector,
+    IProtocol,
+    IProtocolFactory,
+    IReactorSSL,
+    IReactorTCP,
+    IStreamClientEndpoint,
 )
-from twisted.internet.interfaces import IProtocol, IReactorTCP, IStreamClientEndpoint
-from twisted.web.client import BrowserLikePolicyForHTTPS
-from twisted.web.iweb import IPolicyForHTTPS
+from twisted.internet.protocol import ClientFactory
+from twisted.python.failure import Failure
+from twisted.web.client import URI, BrowserLikePolicyForHTTPS
+from twisted.web.error import SchemeNotSupported
+from twisted.web.iweb import IAgentEndpointFactory, IPolicyForHTTPS
 from zope.interface import implementer
 
 from twisted_gateway.interfaces import IUpstreamConnector
@@ -30,60 +37,152 @@ from twisted_gateway.interfaces import IUpstreamConnector
 Connector = Callable[[WebSocketClientFactory], Deferred[IProtocol]]
 
 
-def tcp_endpoint(reactor: IReactorTCP, host: bytes, port: int, timeout: float) -> IStreamClientEndpoint:
+class _Attempt(ClientFactory):
     """
-    An IP literal is connected directly: ``HostnameEndpoint`` would resolve it
-    in a thread on every connection (a third of a WebSocket handshake's CPU),
-    and when file descriptors run out that resolution fails as a DNS error,
-    blaming the upstream. Names resolve.
+    One connection attempt of a :class:`DirectEndpoint`: the protocol the
+    caller's factory builds is the transport's own, with no wrapper under its
+    events (``HostnameEndpoint`` and ``TCP4ClientEndpoint`` put one under every
+    event of the connection). :attr:`connected` fires with the protocol as it
+    is built, just before the transport calls its ``connectionMade``; a
+    protocol writes from there on.
     """
-    try:
-        address = ipaddress.ip_address(host.decode("ascii").strip("[]"))
-    except (UnicodeDecodeError, ValueError):
-        return HostnameEndpoint(reactor, host, port, timeout=timeout)
-    if address.version == 4:
-        return TCP4ClientEndpoint(reactor, str(address), port, timeout=timeout)
-    return TCP6ClientEndpoint(reactor, str(address), port, timeout=timeout)
+
+    noisy = False
+
+    def __init__(self, factory: IProtocolFactory) -> None:
+        self.factory = factory
+        self.connector: IConnector | None = None
+        self.connected: Deferred[IProtocol] = Deferred(self._cancel)
+
+    def _cancel(self, connected: Deferred[IProtocol]) -> None:
+        """Cancelled before the connection is made: fails as an endpoint's connect does."""
+        assert self.connector is not None  # connectTCP calls startedConnecting before it returns
+        connected.errback(ConnectingCancelledError(self.connector.getDestination()))
+        self.connector.stopConnecting()
+
+    def startedConnecting(self, connector: IConnector) -> None:
+        self.connector = connector
+
+    def doStart(self) -> None:
+        self.factory.doStart()
+
+    def doStop(self) -> None:
+        self.factory.doStop()
+
+    def buildProtocol(self, addr: IAddress) -> IProtocol | None:  # type: ignore[override]  # any factory's protocol
+        try:
+            protocol = self.factory.buildProtocol(addr)
+            if protocol is None:
+                raise NoProtocol()
+        except BaseException:
+            self.connected.errback()
+            return None
+        self.connected.callback(protocol)
+        return protocol
+
+    def clientConnectionFailed(self, connector: IConnector, reason: Failure) -> None:
+        if not self.connected.called:
+            self.connected.errback(reason)
 
 
 def upstream_endpoint(
     reactor: IReactorTCP, host: bytes, port: int, timeout: float, tls_policy: IPolicyForHTTPS | None = None
 ) -> IStreamClientEndpoint:
     """
-    The endpoint of one upstream: TCP, wrapped in TLS when ``tls_policy`` (an
+    The endpoint of one upstream: TCP, with TLS when ``tls_policy`` (an
     ``IPolicyForHTTPS``) is given, which makes the connection creator for the
-    host and port (certificate and host name checks).
+    host and port (certificate and host name checks). An IP literal is
+    connected directly: ``HostnameEndpoint`` would resolve it in a thread on
+    every connection (a third of a WebSocket handshake's CPU), and when file
+    descriptors run out that resolution fails as a DNS error, blaming the
+    upstream. Names resolve.
     """
-    endpoint = tcp_endpoint(reactor, host, port, timeout)
-    if tls_policy is not None:
-        endpoint = wrapClientTLS(tls_policy.creatorForNetloc(host, port), endpoint)
-    return endpoint
+    address = ip_literal(host)
+    if address is None:
+        endpoint: IStreamClientEndpoint = HostnameEndpoint(reactor, host, port, timeout=timeout)
+    elif ":" in address:
+        endpoint = TCP6ClientEndpoint(reactor, address, port, timeout=timeout)
+    else:
+        endpoint = TCP4ClientEndpoint(reactor, address, port, timeout=timeout)
+    return endpoint if tls_policy is None else wrapClientTLS(tls_policy.creatorForNetloc(host, port), endpoint)
 
 
-@implementer(IUpstreamConnector)
-class EndpointConnector:
+def ip_literal(host: bytes) -> str | None:
+    """``host``'s address when it is an IP literal (``[...]`` or not), else None."""
+    try:
+        return str(ipaddress.ip_address(host.decode("ascii").strip("[]")))
+    except (UnicodeDecodeError, ValueError):
+        return None
+
+
+@implementer(IUpstreamConnector, IAgentEndpointFactory)
+class UpstreamConnector:
     """
-    The WebSocket relay's connector: connects a per-handshake upstream factory
-    (Autobahn's ``WebSocketClientFactory``) over TCP, or TLS for ``wss://``
-    with ``tls_policy`` (by default the system trust store verifies the
-    certificate and host name); fires with the upstream leg.
+    Connects to upstreams over TCP, or TLS (``https``, ``wss``) with
+    ``tls_policy`` (by default the system trust store verifies the certificate
+    and host name), each connect timed out after ``timeout`` seconds.
+
+    :meth:`connect_to` serves the HTTP forwarder and :meth:`connect` the
+    WebSocket relay: an IP literal goes straight to ``reactor.connectTCP`` or
+    ``connectSSL`` (see :class:`_Attempt`: its ``Deferred`` fires as the
+    protocol is built, and no wrapper sits under the connection's events), a
+    name through ``HostnameEndpoint``. :meth:`endpointForURI` gives
+    ``Agent`` (the health checks) the endpoints it expects.
     """
 
     def __init__(self, reactor: IReactorTCP, timeout: float, tls_policy: IPolicyForHTTPS | None = None) -> None:
         """``reactor`` connects and times the connects out."""
         self.reactor, self.timeout = reactor, timeout
         self.tls_policy = tls_policy if tls_policy is not None else BrowserLikePolicyForHTTPS()
-        #: plain TCP endpoints by (host, port): an endpoint holds no connection,
-        #: and building one parses the host (an IP literal or not) every time
-        self.plain: dict[tuple[str, int], IStreamClientEndpoint] = {}
+        #: how each (secure, host, port) is reached: an IP literal's address and TLS
+        #: connection creator (None: plain TCP), or a name's endpoint
+        self._ways: dict[tuple[bool, bytes, int], tuple[str, object | None] | IStreamClientEndpoint] = {}
+        self._endpoints: dict[tuple[bytes, bytes, int], IStreamClientEndpoint] = {}
 
     def connect(self, factory: WebSocketClientFactory) -> Deferred[IProtocol]:
-        key = (factory.host, factory.port)
-        endpoint = None if factory.isSecure else self.plain.get(key)
-        if endpoint is None:
-            tls = self.tls_policy if factory.isSecure else None
-            endpoint = upstream_endpoint(self.reactor, factory.host.encode("idna"), factory.port, self.timeout, tls)
-            if tls is None:
-                self.plain[key] = endpoint
-        return endpoint.connect(factory)
+        """Connect a WebSocket leg's factory to its ``host`` and ``port``."""
+        return self.connect_to(factory.isSecure, factory.host.encode("idna"), factory.port, factory)
 
+    def connect_to(self, secure: bool, host: bytes, port: int, factory: IProtocolFactory) -> Deferred[IProtocol]:
+        """
+        Connect ``factory`` to ``host`` and ``port``, with TLS when ``secure``.
+        The ``Deferred`` fires with the protocol by the time its
+        ``connectionMade`` runs (for an IP literal, just before): the protocol
+        writes from ``connectionMade`` on. Cancelled before, it fails with
+        ``ConnectingCancelledError``; a connect timeout fails it with
+        ``TimeoutError``.
+        """
+        key = (secure, host, port)
+        way = self._ways.get(key)
+        if way is None:
+            way = self._ways[key] = self._way(secure, host, port)
+        if not isinstance(way, tuple):
+            return way.connect(factory)
+        address, creator = way
+        attempt = _Attempt(factory)
+        if creator is None:
+            self.reactor.connectTCP(address, port, attempt, timeout=self.timeout)
+        else:
+            cast(IReactorSSL, self.reactor).connectSSL(
+                address, port, attempt, creator, self.timeout, None  # type: ignore[arg-type]
+            )
+        return attempt.connected
+
+    def _way(self, secure: bool, host: bytes, port: int) -> tuple[str, object | None] | IStreamClientEndpoint:
+        address = ip_literal(host)
+        tls = self.tls_policy if secure else None
+        if address is None:
+            return upstream_endpoint(self.reactor, host, port, self.timeout, tls)
+        return address, None if tls is None else tls.creatorForNetloc(host, port)
+
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        """``Agent``'s endpoint for an ``http`` or ``https`` upstream, built once per origin."""
+        key = (uri.scheme, uri.host, uri.port)
+        endpoint = self._endpoints.get(key)
+        if endpoint is None:
+            if uri.scheme not in (b"http", b"https"):
+                raise SchemeNotSupported(f"unsupported scheme: {uri.scheme!r}")
+            tls = self.tls_policy if uri.scheme == b"https" else None
+            endpoint = upstream_endpoint(self.reactor, uri.host, uri.port, self.timeout, tls)
+            self._endpoints[key] = endpoint
+        return endpoint

@@ -24,7 +24,7 @@ from twisted.web.iweb import IAgent, IPolicyForHTTPS
 
 from twisted_gateway.cluster import Cluster, RevocationGuard
 from twisted_gateway.config import Settings
-from twisted_gateway.connector import EndpointConnector
+from twisted_gateway.connector import UpstreamConnector
 from twisted_gateway.interfaces import IAuthenticator, IHTTPForwarder, IUpstreamConnector
 from twisted_gateway.logs import secret_names
 from twisted_gateway.metrics import Load, Metrics
@@ -180,7 +180,7 @@ def build_gateway(
     tls_policy = UpstreamTLSPolicy.for_routes(settings.routes)
     warn_unverified(settings.routes)
     if connector is None:
-        connector = EndpointConnector(IReactorTCP(reactor), timeout, tls_policy)
+        connector = UpstreamConnector(IReactorTCP(reactor), timeout, tls_policy)
     if forwarder is None:
         forwarder = HTTPForwarder(
             settings.gateway, reactor, tls_policy=tls_policy, secret_names=secret_names(settings.auth)
@@ -202,17 +202,15 @@ def build_gateway(
 
 def _health_agent(reactor: IReactorTime, connect_timeout: float, tls_policy: IPolicyForHTTPS) -> IAgent:
     """
-    The health checks' agent, on the forwarder's endpoints: an IP literal is
+    The health checks' agent, on the connector's endpoints: an IP literal is
     connected directly, not resolved in a thread, so a gateway short of
     threads or CPU does not fail every check at once and blame its upstreams.
     """
     from twisted.web.client import Agent, HTTPConnectionPool
 
-    from twisted_gateway.http_proxy import UpstreamEndpoints
-
     agent: IAgent = Agent.usingEndpointFactory(
         reactor,
-        UpstreamEndpoints(cast(IReactorTCP, reactor), connect_timeout, tls_policy),
+        UpstreamConnector(cast(IReactorTCP, reactor), connect_timeout, tls_policy),
         pool=HTTPConnectionPool(reactor, persistent=False),
     )
     return agent

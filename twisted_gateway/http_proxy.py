@@ -35,7 +35,6 @@ from twisted.internet.interfaces import (
     IPushProducer,
     IReactorTCP,
     IReactorTime,
-    IStreamClientEndpoint,
     ITCPTransport,
 )
 from twisted.internet.protocol import Protocol, connectionDone
@@ -43,18 +42,12 @@ from twisted.internet.task import Cooperator, TaskFinished
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import server
-from twisted.web.client import (
-    URI,
-    BrowserLikePolicyForHTTPS,
-    ResponseDone,
-)
-from twisted.web.error import SchemeNotSupported
+from twisted.web.client import ResponseDone
 from twisted.web.http import NO_BODY_CODES, RESPONSES, HTTPChannel, PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import (
     UNKNOWN_LENGTH,
     IAgent,
-    IAgentEndpointFactory,
     IPolicyForHTTPS,
     IResponse,
 )
@@ -88,7 +81,7 @@ from twisted_gateway.headers import (
 from twisted_gateway.logs import redact_query
 from twisted_gateway.routing import upstream_url
 from twisted_gateway.streaming import ClientTransport, StreamingBody
-from twisted_gateway.connector import upstream_endpoint
+from twisted_gateway.connector import UpstreamConnector
 from twisted_gateway.tls import describe_tls_failure
 from twisted_gateway.upstreams import Instance, InstanceRegistry, UpstreamPool, may_retry
 from twisted_gateway.upstream_client import Answer, UpstreamClient, UpstreamResponse, may_replay  # noqa: F401 (may_replay: importable here)
@@ -706,35 +699,6 @@ class _Forwarding:
 # -- the forwarder -------------------------------------------------------------
 
 
-@implementer(IAgentEndpointFactory)
-class UpstreamEndpoints:
-    """
-    The client endpoint for each upstream ``(scheme, host, port)``, built once
-    (``Agent`` builds a new ``HostnameEndpoint``, IDNA-encoding the host, for
-    every request). https upstreams get TLS from ``tls_policy`` (by default
-    the system trust store verifies certificate and host name).
-    """
-
-    def __init__(
-        self, reactor: IReactorTCP, connect_timeout: float, tls_policy: IPolicyForHTTPS | None = None
-    ) -> None:
-        self._reactor = reactor
-        self._connect_timeout = connect_timeout
-        self._tls_policy = tls_policy if tls_policy is not None else BrowserLikePolicyForHTTPS()
-        self._endpoints: dict[tuple[bytes, bytes, int], IStreamClientEndpoint] = {}
-
-    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
-        key = (uri.scheme, uri.host, uri.port)
-        endpoint = self._endpoints.get(key)
-        if endpoint is None:
-            if uri.scheme not in (b"http", b"https"):
-                raise SchemeNotSupported(f"unsupported scheme: {uri.scheme!r}")
-            tls = self._tls_policy if uri.scheme == b"https" else None
-            endpoint = upstream_endpoint(self._reactor, uri.host, uri.port, self._connect_timeout, tls)
-            self._endpoints[key] = endpoint
-        return endpoint
-
-
 @dataclass(frozen=True)
 class _Options:
     """A route's settings for one forwarded request."""
@@ -753,7 +717,7 @@ class HTTPForwarder:
 
     ``agent`` is the :class:`IAgent` that carries requests upstream; by default
     this forwarder's :class:`~upstream_client.UpstreamClient` (:attr:`pool`)
-    over :class:`UpstreamEndpoints` (``connect_timeout``, TLS from ``tls_policy``). It must not decode content,
+    over an :class:`~connector.UpstreamConnector` (``connect_timeout``, TLS from ``tls_policy``). It must not decode content,
     follow redirects or keep cookies. ``secret_names`` are credential names
     (the ``[auth]`` query parameter and cookie) kept out of the access log.
     """
@@ -771,7 +735,7 @@ class HTTPForwarder:
         self._reactor = reactor
         self.pool = UpstreamClient(
             reactor,
-            UpstreamEndpoints(cast(IReactorTCP, reactor), settings.connect_timeout, tls_policy),
+            UpstreamConnector(cast(IReactorTCP, reactor), settings.connect_timeout, tls_policy),
             max_idle_per_host=settings.upstream_keepalive,
             tcp_keepalive=settings.tcp_keepalive,
         )

@@ -5,8 +5,8 @@ Twisted's ``Agent`` (its parser, pool and Deferreds) was about a fifth of a
 forwarded request's CPU. This client does what a proxy needs and no more: one
 :class:`UpstreamConnection` per connection, parsed by llhttp (``httptools``,
 the parser aiohttp and uvicorn use), one request at a time on it (never
-pipelined), a keep-alive pool per ``(scheme, host, port)`` reached through the
-endpoints of :mod:`connector` (TLS included). Bodies stream both ways with
+pipelined), a keep-alive pool per ``(scheme, host, port)`` reached through
+:class:`connector.UpstreamConnector` (TLS included). Bodies stream both ways with
 backpressure: a request body is an ``IBodyProducer`` written with its length,
 or chunked when the length is unknown; a response body is delivered as it
 arrives to the protocol given to ``deliverBody``, which may pause the
@@ -29,7 +29,7 @@ from typing import Callable, Protocol as TypingProtocol, Sequence, Union
 import httptools
 from twisted.internet.defer import CancelledError, Deferred, gatherResults
 from twisted.internet.error import ConnectingCancelledError
-from twisted.internet.interfaces import IConsumer, IDelayedCall, IProtocol, IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import IConsumer, IDelayedCall, IProtocol, IReactorTime
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -43,10 +43,12 @@ from twisted.web.client import (
 )
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IAgentEndpointFactory, IResponse
+from twisted.web.error import SchemeNotSupported
+from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IResponse
 from zope.interface import implementer
 
 from twisted_gateway._compat import write_now
+from twisted_gateway.connector import UpstreamConnector
 from twisted_gateway.errors import GatewayTimeout
 from twisted_gateway.faults import mark_malformed, mark_reused
 from twisted_gateway.sockets import TCPKeepalive, set_keepalive
@@ -470,14 +472,23 @@ class UpstreamConnection(Protocol):
         self.closed: Deferred[None] | None = None
         #: the idle timer, left armed while the connection is in use (reset when it is idle again)
         self.timer: IDelayedCall | None = None
+        #: the exchange handed over as the connector built the connection, sent once it is made
+        self._first: _Exchange | None = None
 
     def connectionMade(self) -> None:
         set_keepalive(self.transport, self._pool.tcp_keepalive)
+        exchange, self._first = self._first, None
+        if exchange is not None:
+            self.send(exchange)
 
     # -- sending
 
     def send(self, exchange: _Exchange) -> None:
         """Write ``exchange``'s request, then its body as it is produced."""
+        if self.transport is None and not self.lost:
+            # built, not yet connected (the connector fires as it builds): sent from connectionMade
+            self._first = exchange
+            return
         if self.lost or self.transport is None:
             self._pool._failed(exchange, RequestNotSent())
             return
@@ -729,6 +740,8 @@ class UpstreamConnection(Protocol):
 
 
 class _ConnectionFactory(Factory):
+    noisy = False
+
     def __init__(self, pool: UpstreamClient, key: tuple[bytes, bytes, int]) -> None:
         self._pool = pool
         self._key = key
@@ -741,12 +754,12 @@ class _ConnectionFactory(Factory):
 
 
 class _Origin:
-    """An upstream ``scheme://host:port``: its pool key, ``Host`` value and endpoint."""
+    """An upstream ``scheme://host:port``: its pool key and ``Host`` value."""
 
-    def __init__(self, key: tuple[bytes, bytes, int], host: bytes, endpoint: IStreamClientEndpoint) -> None:
+    def __init__(self, key: tuple[bytes, bytes, int], host: bytes) -> None:
         self.key = key
         self.host = host
-        self.endpoint = endpoint
+        self.secure = key[0] == b"https"
 
 
 @implementer(IAgent)
@@ -755,7 +768,7 @@ class UpstreamClient:
     Sends requests to upstreams over kept-alive connections: at most
     :attr:`max_idle_per_host` idle ones per ``(scheme, host, port)``, each
     closed after ``idle_timeout`` seconds unused or as soon as the upstream
-    closes it. ``endpoints`` gives each origin's endpoint (connect timeout,
+    closes it. ``connector`` connects to each origin (connect timeout,
     TLS). Like ``Agent`` with a plain pool: no cookies, no redirects, no
     decoding.
     """
@@ -763,14 +776,14 @@ class UpstreamClient:
     def __init__(
         self,
         reactor: IReactorTime,
-        endpoints: IAgentEndpointFactory,
+        connector: UpstreamConnector,
         *,
         max_idle_per_host: int = 2,
         idle_timeout: float = IDLE_TIMEOUT,
         tcp_keepalive: TCPKeepalive | None = None,
     ) -> None:
         self._reactor = reactor
-        self._endpoints = endpoints
+        self._connector = connector
         self.max_idle_per_host = max_idle_per_host
         self.idle_timeout = idle_timeout
         self.tcp_keepalive = tcp_keepalive
@@ -897,10 +910,11 @@ class UpstreamClient:
             if scheme_end < 0:
                 raise ValueError(f"Invalid URI {uri!r}")
             parsed = URI.fromBytes(base)
-            endpoint = self._endpoints.endpointForURI(parsed)
+            if parsed.scheme not in (b"http", b"https"):
+                raise SchemeNotSupported(f"unsupported scheme: {parsed.scheme!r}")
             default = (parsed.scheme, parsed.port) in ((b"http", 80), (b"https", 443))
             host = parsed.host if default else b"%b:%d" % (parsed.host, parsed.port)
-            origin = _Origin((parsed.scheme, parsed.host, parsed.port), host, endpoint)
+            origin = _Origin((parsed.scheme, parsed.host, parsed.port), host)
             self._origins[base] = origin
         return origin, target
 
@@ -925,7 +939,8 @@ class UpstreamClient:
             exchange.timer = self._reactor.callLater(
                 max(0.0, exchange.deadline - self._reactor.seconds()), self._timed_out, exchange
             )
-        connecting = origin.endpoint.connect(_ConnectionFactory(self, origin.key))
+        _, host, port = origin.key
+        connecting = self._connector.connect_to(origin.secure, host, port, _ConnectionFactory(self, origin.key))
         exchange.connecting = connecting
         connecting.addCallbacks(
             self._connected, self._connect_failed, callbackArgs=(exchange,), errbackArgs=(exchange,)

@@ -20,7 +20,7 @@ from twisted.web.server import NOT_DONE_YET, Site
 from tests.support import Upstream, listen, settle
 from twisted_gateway.health import HealthChecker
 from twisted_gateway.upstreams import InstanceRegistry, UpstreamPool
-from twisted_gateway.connector import EndpointConnector
+from twisted_gateway.connector import UpstreamConnector
 
 INTERVAL = 5
 
@@ -92,7 +92,7 @@ class Harness:
             [self.pool],
             self.clock,
             Agent(reactor, pool=self.connections),
-            ws_connect=EndpointConnector(reactor, 5).connect,
+            ws_connect=UpstreamConnector(reactor, 5).connect,
         )
         self.interval = interval
 

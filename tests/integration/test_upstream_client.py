@@ -31,7 +31,8 @@ from twisted.web.server import Site
 
 from twisted_gateway.errors import GatewayTimeout
 from twisted_gateway.faults import KEEPALIVE_CLOSED, classify
-from twisted_gateway.http_proxy import UpstreamEndpoints, _Upload
+from twisted_gateway.connector import UpstreamConnector
+from twisted_gateway.http_proxy import _Upload
 from twisted_gateway.upstream_client import Answer, UpstreamClient, UpstreamConnection, may_replay
 
 from tests.support import listen, settle
@@ -126,7 +127,7 @@ async def scripted(answer: Callable[[Scripted, bytes], None]) -> AsyncIterator[t
 
 @pytest_twisted.async_yield_fixture
 async def client():
-    upstream = UpstreamClient(reactor, UpstreamEndpoints(reactor, 5.0), max_idle_per_host=2)
+    upstream = UpstreamClient(reactor, UpstreamConnector(reactor, 5.0), max_idle_per_host=2)
     yield upstream
     await upstream.close_idle()
 
@@ -513,7 +514,7 @@ OK_ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 async def on_a_clock(idle_timeout: float) -> AsyncIterator[tuple[Clock, UpstreamClient, list[Scripted], Factory, bytes]]:
     """A client whose timers run on a ``Clock``; its upstream answers "ok" but holds ``/hold`` (listed)."""
     clock = Clock()
-    client = UpstreamClient(clock, UpstreamEndpoints(reactor, 5.0), idle_timeout=idle_timeout)
+    client = UpstreamClient(clock, UpstreamConnector(reactor, 5.0), idle_timeout=idle_timeout)
     held: list[Scripted] = []
 
     def answer(server: Scripted, head: bytes) -> None:

@@ -1,0 +1,110 @@
+"""The upstream connector's own attempts: an IP literal straight to connectTCP/connectSSL (loopback use in integration/)."""
+
+from __future__ import annotations
+
+import pytest
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.error import ConnectingCancelledError, NoProtocol, TimeoutError
+from twisted.internet.interfaces import IProtocol
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
+from twisted.web.client import URI
+
+from twisted_gateway.connector import UpstreamConnector, _Attempt
+
+ADDRESS = IPv4Address("TCP", "127.0.0.1", 9001)
+
+
+class _Policy:
+    """An ``IPolicyForHTTPS`` that tells which netloc it made a creator for."""
+
+    def creatorForNetloc(self, host: bytes, port: int) -> tuple[bytes, int]:
+        return (host, port)
+
+
+@pytest.mark.parametrize(
+    ("host", "secure", "address"),
+    [
+        (b"127.0.0.1", False, "127.0.0.1"),
+        (b"[::1]", False, "::1"),
+        (b"::1", False, "::1"),
+        (b"10.0.0.7", True, "10.0.0.7"),
+    ],
+)
+def test_an_ip_literal_is_connected_with_the_timeout_and_no_resolution(host: bytes, secure: bool, address: str) -> None:
+    reactor = MemoryReactorClock()
+    connector = UpstreamConnector(reactor, 7.5, _Policy())  # type: ignore[arg-type]  # a policy's one method
+    connector.connect_to(secure, host, 9001, Factory.forProtocol(Protocol))
+    if secure:
+        [(connected, port, _, creator, timeout, _)] = reactor.sslClients
+        assert creator == (host, 9001) and not reactor.tcpClients
+    else:
+        [(connected, port, _, timeout, _)] = reactor.tcpClients
+    assert (connected, port, timeout) == (address, 9001, 7.5)
+
+
+def test_the_callers_protocol_is_the_transports_own_and_fires_as_it_is_built() -> None:
+    reactor = MemoryReactorClock()
+    factory = Factory.forProtocol(Protocol)
+    d = UpstreamConnector(reactor, 5).connect_to(False, b"127.0.0.1", 9001, factory)
+    attempt = reactor.tcpClients[0][2]
+    assert not d.called
+    built = attempt.buildProtocol(ADDRESS)
+    assert type(built) is Protocol and built.factory is factory  # no wrapper between transport and protocol
+    assert outcome(d) is built
+
+
+def test_cancelled_before_the_connection_it_stops_connecting_as_an_endpoint_does() -> None:
+    reactor = MemoryReactorClock()
+    d = UpstreamConnector(reactor, 5).connect_to(False, b"127.0.0.1", 9001, Factory.forProtocol(Protocol))
+    d.cancel()
+    failure = outcome(d)
+    assert isinstance(failure, Failure)
+    assert failure.check(ConnectingCancelledError)
+    assert failure.value.address == ADDRESS
+    assert reactor.connectors[0].stoppedConnecting
+
+
+@pytest.mark.parametrize("reason", [TimeoutError(), NoProtocol()])
+def test_a_failed_connect_fails_with_its_reason(reason: Exception) -> None:
+    reactor = MemoryReactorClock()
+    d = UpstreamConnector(reactor, 5).connect_to(False, b"127.0.0.1", 9001, Factory.forProtocol(Protocol))
+    attempt = reactor.tcpClients[0][2]
+    attempt.clientConnectionFailed(reactor.connectors[0], Failure(reason))
+    failure = outcome(d)
+    assert isinstance(failure, Failure) and failure.value is reason
+
+
+class _Nothing(Factory):
+    def buildProtocol(self, addr: object) -> None:
+        return None
+
+
+def test_a_factory_that_builds_nothing_fails_the_connect() -> None:
+    reactor = MemoryReactorClock()
+    factory = _Nothing()
+    d = UpstreamConnector(reactor, 5).connect_to(False, b"127.0.0.1", 9001, factory)
+    assert reactor.tcpClients[0][2].buildProtocol(ADDRESS) is None
+    failure = outcome(d)
+    assert isinstance(failure, Failure) and failure.check(NoProtocol)
+
+
+def test_a_name_resolves_and_agent_gets_endpoints() -> None:
+    reactor = MemoryReactorClock()
+    connector = UpstreamConnector(reactor, 5)
+    connector.connect_to(False, b"upstream.example", 80, Factory.forProtocol(Protocol))
+    assert not isinstance(reactor.tcpClients[0][2], _Attempt)  # through HostnameEndpoint
+    endpoint = connector.endpointForURI(URI.fromBytes(b"http://upstream.example:80/"))
+    assert isinstance(endpoint, HostnameEndpoint)
+    assert connector.endpointForURI(URI.fromBytes(b"http://upstream.example:80/x")) is endpoint
+
+
+def outcome(d: Deferred[IProtocol]) -> object:
+    """What ``d`` fired with (a Failure or a result): it has fired already."""
+    results: list[object] = []
+    d.addBoth(results.append)
+    [result] = results
+    return result
