@@ -565,3 +565,36 @@ def test_transport_details_are_made_when_first_read():
     details = leg._transport_details
     assert (details.peer, details.is_server, details.is_secure) == (leg.peer, True, False)
     assert details.channel_framing == TransportDetails.CHANNEL_FRAMING_WEBSOCKET
+
+
+def test_a_legs_init_sets_what_autobahns_does_but_the_futures_and_the_placeholder():
+    """``LegHooks.__init__``: ``WebSocketProtocol.__init__`` less ``is_open``, ``is_closed``, ``_transport_details``."""
+    from autobahn.websocket.protocol import WebSocketProtocol
+
+    class Leg(_compat.ServerLegHooks, _compat.LegHooks, WebSocketServerProtocol):
+        pass
+
+    autobahns = WebSocketServerProtocol()
+    WebSocketProtocol.__init__(autobahns)
+    ours = Leg()
+    skipped = {"is_open", "is_closed", "_transport_details"}
+    _require(set(vars(autobahns)) - skipped == set(vars(ours)) and vars(ours) == {
+        k: v for k, v in vars(autobahns).items() if k not in skipped
+    }, "WebSocketProtocol.__init__", "Autobahn")
+    import re
+
+    import autobahn.twisted.websocket
+    import autobahn.websocket.protocol
+
+    # besides __init__'s, every use of the futures on a protocol is a resolve
+    uses = [
+        line.strip()
+        for module in (autobahn.websocket.protocol, autobahn.twisted.websocket)
+        for line in inspect.getsource(module).splitlines()
+        if re.search(r"self\.is_(open|closed)\b", line)
+    ]
+    _require(uses and all(use.startswith(("txaio.resolve(self.is_", "self.is_closed = txaio.create_future()",
+                                          "self.is_open = txaio.create_future()")) for use in uses),
+             "WebSocketProtocol's use of is_open and is_closed", "Autobahn")
+    ours.is_open.callback(None)  # what txaio.resolve does: nothing, nothing waits
+    assert ours.is_closed is _compat.UNWATCHED

@@ -427,9 +427,30 @@ else:
     _Leg = _ClientLeg = object
 
 
+class _Unwatched:
+    """
+    The legs' ``is_open`` and ``is_closed``: nothing in the gateway waits on
+    them, so Autobahn's ``txaio.resolve`` (``future.callback(result)``) of
+    them does nothing.
+    """
+
+    def callback(self, result: object) -> None:
+        pass
+
+
+UNWATCHED = _Unwatched()
+
+
 class LegHooks(_Leg):
     """
     Overrides of Autobahn's connection hooks shared by both legs.
+
+    ``__init__``: ``WebSocketProtocol.__init__`` without the two futures
+    (``is_open``, ``is_closed``: Deferreds nobody waits on, made and fired per
+    leg) and without the placeholder ``TransportDetails`` (see below): four
+    Deferreds and two objects less per handshake. Relies on that ``__init__``
+    setting only those and the valid events (``tests/test_compat.py``
+    compares the attributes both set).
 
     Autobahn renders the arguments of its debug lines (``hltype``, ``hlval``:
     qualified names styled through ``click``, whether or not debug logging is
@@ -462,8 +483,12 @@ class LegHooks(_Leg):
         tcpNoDelay: bool
         log: ILogger
 
+    is_open = is_closed = UNWATCHED
+
+    def __init__(self) -> None:
+        self.set_valid_events(["message"])  # type: ignore[no-untyped-call]
+
     def connectionMade(self) -> None:
-        self.__dict__.pop("_transport_details", None)  # Autobahn's placeholder: made when first read
         self.peer = peer_of(self.transport)
         try:
             assert self.transport is not None  # makeConnection set it
