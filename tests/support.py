@@ -293,6 +293,24 @@ upstream = http://127.0.0.1:{upstream_port}
 """
 
 
+def hs256_config(secret: str, upstream_port: int, *, before: str = "", route: str = "", after: str = "") -> str:
+    """
+    A gateway that takes HS256 tokens signed with ``secret`` (no leeway) on its
+    chat route to ``upstream_port``: ``before`` holds the sections ahead of
+    [auth], ``route`` more keys of [route:chat], ``after`` the sections behind it.
+    """
+    return f"""{before}
+[auth]
+algorithms = HS256
+secret = {secret}
+leeway = 0
+[route:chat]
+prefix = /v1/chat
+upstream = http://127.0.0.1:{upstream_port}
+{route}
+{after}"""
+
+
 class RawClient(Protocol):
     """A raw TCP client: whatever bytes the test writes, everything it receives."""
 

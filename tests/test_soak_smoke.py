@@ -27,7 +27,7 @@ from soak_faults import CLIENT_FAULTS, schedule  # noqa: E402
 from soak_load import Limits, Load, Profile, sleep  # noqa: E402
 from soak_upstream import build_echo_site, build_soak_echo_factory  # noqa: E402
 
-from tests.support import listen, settle, start_gateway  # noqa: E402
+from tests.support import hs256_config, listen, settle, start_gateway  # noqa: E402
 from twisted.internet import reactor  # noqa: E402
 from twisted_gateway.demo.chat import build_chat_site  # noqa: E402
 
@@ -146,24 +146,15 @@ def test_the_schedule_is_seeded_covers_every_client_fault_and_takes_turns_killin
 
 
 def _config(chat: int, echo: int) -> str:
-    return f"""
+    gateway = """
 [gateway]
 ws_open_timeout = 3
 request_timeout = 2
 ws_max_message_size = 65536
 ws_ping_interval = 0.5
 ws_ping_timeout = 1
-[auth]
-algorithms = HS256
-secret = {SECRET}
-leeway = 0
-[route:chat]
-prefix = /v1/chat
-upstream = http://127.0.0.1:{chat}
-[route:echo]
-prefix = /v1/echo
-upstream = http://127.0.0.1:{echo}
 """
+    return hs256_config(SECRET, chat, before=gateway, after=f"[route:echo]\nprefix = /v1/echo\nupstream = http://127.0.0.1:{echo}\n")
 
 
 @pytest_twisted.ensureDeferred

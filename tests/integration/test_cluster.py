@@ -17,7 +17,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from tests.redis_server import redis_server  # noqa: F401 (fixture)
-from tests.support import Upstream, http_error, listen, raw_connect, settle, start_gateway, ws_connect
+from tests.support import Upstream, hs256_config, http_error, listen, raw_connect, settle, start_gateway, ws_connect
 from twisted_gateway.admin_api import AdminAPI
 
 SECRET = "cluster-secret-for-tests-0123456789abcdef"
@@ -30,21 +30,8 @@ UPGRADE = (
 
 
 def _config(redis_url: str, node: str, upstream_port: int, route_extra: str = "") -> str:
-    return f"""
-[gateway]
-ws_open_timeout = 5
-[cluster]
-redis = {redis_url}
-node_id = {node}
-[auth]
-algorithms = HS256
-secret = {SECRET}
-leeway = 0
-[route:chat]
-prefix = /v1/chat
-upstream = http://127.0.0.1:{upstream_port}
-{route_extra}
-"""
+    cluster = f"[gateway]\nws_open_timeout = 5\n[cluster]\nredis = {redis_url}\nnode_id = {node}"
+    return hs256_config(SECRET, upstream_port, before=cluster, route=route_extra)
 
 
 def _token(sub: str, **claims) -> str:

@@ -10,7 +10,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor, task
 
-from tests.support import Upstream, http_error, listen, raw_connect, start_gateway, ws_connect
+from tests.support import Upstream, hs256_config, http_error, listen, raw_connect, start_gateway, ws_connect
 from twisted_gateway.auth import Authenticator
 from twisted_gateway.config import parse_config
 
@@ -24,17 +24,7 @@ UPGRADE = (
 
 
 def _config(port: int, mode: str = "required", route: str = "") -> str:
-    return f"""
-[auth]
-algorithms = HS256
-secret = {SECRET}
-leeway = 0
-[route:chat]
-prefix = /v1/chat
-upstream = http://127.0.0.1:{port}
-auth = {mode}
-{route}
-"""
+    return hs256_config(SECRET, port, route=f"auth = {mode}\n{route}")
 
 
 def _token(**claims) -> str:
