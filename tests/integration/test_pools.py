@@ -320,6 +320,20 @@ async def test_round_robin_takes_the_instances_in_turn(spawn, harness):
 # -- least connections ------------------------------------------------------------------
 
 
+async def _one_instance_emptied(
+    harness: Harness, gw: Gateway, upstreams: list[UpstreamProcess]
+) -> tuple[list[tuple[Any, str]], str]:
+    """Six WebSockets, two per instance, then one instance's two closed: the six and that instance."""
+    opened = [await harness.websocket(gw) for _ in range(6)]
+    assert Counter(name for _, name in opened) == {u.name: 2 for u in upstreams}
+    emptied = opened[0][1]
+    for client, name in opened:
+        if name == emptied:
+            await harness.close_websocket(client)
+    await settle(lambda: len(gw.registry) == 4)
+    return opened, emptied
+
+
 @pytest_twisted.ensureDeferred
 async def test_long_lived_websockets_go_to_the_least_loaded_instance(spawn, harness):
     """
@@ -328,15 +342,7 @@ async def test_long_lived_websockets_go_to_the_least_loaded_instance(spawn, harn
     """
     upstreams = spawn(3)
     gw = await harness.gateway(pool_config(upstreams))
-
-    opened = [await harness.websocket(gw) for _ in range(6)]
-    assert Counter(name for _, name in opened) == {u.name: 2 for u in upstreams}
-
-    emptied = opened[1][1]
-    for client, name in opened:
-        if name == emptied:
-            await harness.close_websocket(client)
-    await settle(lambda: len(gw.registry) == 4)
+    opened, emptied = await _one_instance_emptied(harness, gw, upstreams)
 
     more = [await harness.websocket(gw) for _ in range(2)]
     assert [name for _, name in more] == [emptied, emptied]
@@ -357,12 +363,7 @@ async def test_http_requests_go_to_the_instance_with_fewest_websockets_and_leave
     """
     upstreams = spawn(3)
     gw = await harness.gateway(pool_config(upstreams))
-    opened = [await harness.websocket(gw) for _ in range(6)]
-    idle = opened[0][1]
-    for client, name in opened:
-        if name == idle:
-            await harness.close_websocket(client)
-    await settle(lambda: len(gw.registry) == 4)
+    opened, idle = await _one_instance_emptied(harness, gw, upstreams)
 
     served = [await harness.who(gw) for _ in range(12)]
     more = [await harness.websocket(gw) for _ in range(2)]
