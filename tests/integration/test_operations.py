@@ -490,6 +490,32 @@ async def _clocked_gateway(
     return gw, clock
 
 
+async def _keepalive_pair(
+    client_protocol: type = PingClientProtocol, answer_pings: bool = True, **keepalive: float
+) -> tuple[PingUpstream, Any, Gateway, task.Clock, PingClientProtocol]:
+    """
+    A client and a :class:`PingUpstream` through a :func:`_clocked_gateway`
+    (``keepalive``: its interval and timeout), once the upstream is connected:
+    the upstream, its port, the gateway, its clock and the client.
+    """
+    upstream = PingUpstream(answer_pings=answer_pings)
+    up_port = await listen(upstream)
+    gw, clock = await _clocked_gateway(up_port.getHost().port, **keepalive)
+    client = await _ping_client(gw.url("/v1/chat/ws"), client_protocol)
+    await settle(lambda: upstream.connected, "the upstream connection")
+    return upstream, up_port, gw, clock, client
+
+
+async def _client_dropped_upstream_told(gw: Gateway, up_port, client, upstream_leg) -> None:
+    """The silent client dropped (no close frame) and 1011 to the upstream; then the gateway stops."""
+    assert await upstream_leg.closed == (1011, "peer unresponsive")
+    code, _ = await client.closed
+    assert code == 1006 and not client.wasClean
+    await gw.gateway.stopService()
+    await _drop_all(gw)
+    await _close_all(gw, up_port)
+
+
 async def _ping_round(clock: task.Clock, client, upstream: PingUpstream, first: bool) -> None:
     """
     Advance to the next ping; wait until both ends got it; let a message go
@@ -509,10 +535,7 @@ async def _ping_round(clock: task.Clock, client, upstream: PingUpstream, first: 
 @pytest_twisted.ensureDeferred
 async def test_keepalive_pings_keep_a_responsive_pair_open_round_after_round():
     """Both legs are pinged every interval; peers that answer stay connected."""
-    upstream = PingUpstream()
-    up_port = await listen(upstream)
-    gw, clock = await _clocked_gateway(up_port.getHost().port)
-    client = await _ping_client(gw.url("/v1/chat/ws"))
+    upstream, up_port, gw, clock, client = await _keepalive_pair()
     for round_ in range(3):
         await _ping_round(clock, client, upstream, first=round_ == 0)
     assert len(client.pings) == 3 and len(upstream.pings) == 3
@@ -528,11 +551,7 @@ async def test_keepalive_drops_a_silent_upstream_and_closes_the_client_with_1011
     over (its connection ends without a close frame) and the client gets 1011
     "peer unresponsive"; the close is counted as the gateway's.
     """
-    upstream = PingUpstream(answer_pings=False)
-    up_port = await listen(upstream)
-    gw, clock = await _clocked_gateway(up_port.getHost().port)
-    client = await _ping_client(gw.url("/v1/chat/ws"))
-    await settle(lambda: upstream.connected, "the upstream connection")
+    upstream, up_port, gw, clock, client = await _keepalive_pair(answer_pings=False)
     upstream_leg = upstream.connected[0]
     before = await _scrape(gw.number)
 
@@ -556,21 +575,12 @@ async def test_keepalive_drops_a_silent_upstream_and_closes_the_client_with_1011
 @pytest_twisted.ensureDeferred
 async def test_keepalive_drops_a_silent_client_and_closes_the_upstream_with_1011():
     """The same rule the other way round: a client that sends no pong is dropped, 1011 upstream."""
-    upstream = PingUpstream()
-    up_port = await listen(upstream)
-    gw, clock = await _clocked_gateway(up_port.getHost().port)
-    client = await _ping_client(gw.url("/v1/chat/ws"), SilentClientProtocol)
-    await settle(lambda: upstream.connected, "the upstream connection")
+    upstream, up_port, gw, clock, client = await _keepalive_pair(SilentClientProtocol)
     upstream_leg = upstream.connected[0]
 
     await _ping_round(clock, client, upstream, first=True)
 
-    assert await upstream_leg.closed == (1011, "peer unresponsive")
-    code, _ = await client.closed
-    assert code == 1006 and not client.wasClean
-    await gw.gateway.stopService()
-    await _drop_all(gw)
-    await _close_all(gw, up_port)
+    await _client_dropped_upstream_told(gw, up_port, client, upstream_leg)
 
 
 @pytest_twisted.ensureDeferred
@@ -579,10 +589,7 @@ async def test_pings_keep_their_interval_when_the_timeout_is_longer():
     With ``ws_ping_interval = 1`` and ``ws_ping_timeout = 10``, legs that
     answer are pinged every second: ten pings each in ten seconds, not one.
     """
-    upstream = PingUpstream()
-    up_port = await listen(upstream)
-    gw, clock = await _clocked_gateway(up_port.getHost().port, interval=1, timeout=10)
-    client = await _ping_client(gw.url("/v1/chat/ws"))
+    upstream, up_port, gw, clock, client = await _keepalive_pair(interval=1, timeout=10)
     for second in range(1, 11):
         clock.advance(1)
         await settle(lambda: len(client.pings) == second, "a ping at the client")
@@ -602,11 +609,7 @@ async def test_a_leg_that_never_answers_is_dropped_ping_timeout_after_its_ping()
     dropped at the tenth (the upstream gets 1011); the answering upstream leg
     is pinged every second meanwhile.
     """
-    upstream = PingUpstream()
-    up_port = await listen(upstream)
-    gw, clock = await _clocked_gateway(up_port.getHost().port, interval=1, timeout=10)
-    client = await _ping_client(gw.url("/v1/chat/ws"), SilentClientProtocol)
-    await settle(lambda: upstream.connected, "the upstream connection")
+    upstream, up_port, gw, clock, client = await _keepalive_pair(SilentClientProtocol, interval=1, timeout=10)
     upstream_leg = upstream.connected[0]
 
     clock.advance(1)
@@ -619,12 +622,7 @@ async def test_a_leg_that_never_answers_is_dropped_ping_timeout_after_its_ping()
     assert len(client.pings) == 1 and client.state == OPEN
 
     clock.advance(1)  # ten seconds after the client's ping
-    assert await upstream_leg.closed == (1011, "peer unresponsive")
-    code, _ = await client.closed
-    assert code == 1006 and not client.wasClean
-    await gw.gateway.stopService()
-    await _drop_all(gw)
-    await _close_all(gw, up_port)
+    await _client_dropped_upstream_told(gw, up_port, client, upstream_leg)
 
 
 # -- limits ----------------------------------------------------------------------------
@@ -765,20 +763,8 @@ async def test_readyz_turns_503_when_health_checks_fail_a_routes_only_upstream()
     """
     upstream, up_port, number = await _upstream()
     dead = _closed_port()
-    gw = await start_gateway(
-        f"""
-[gateway]
-ws_open_timeout = 5
-[route:chat]
-prefix = /v1/chat
-upstream = http://127.0.0.1:{number}
-[route:broken]
-prefix = /v1/broken
-upstream = http://127.0.0.1:{dead}
-health_check = /health
-health_interval = 0.1
-"""
-    )
+    broken = f"[route:broken]\nprefix = /v1/broken\nupstream = http://127.0.0.1:{dead}\n"
+    gw = await start_gateway(route_config(number) + broken + "health_check = /health\nhealth_interval = 0.1\n")
     assert await _get_json(gw.number, "/readyz") == (200, {"status": "ready"})
 
     status, body = await _handshake(gw.number, "/v1/broken/ws")
