@@ -207,24 +207,23 @@ async def test_connections_are_released_when_clients_close() -> None:
         assert server.service.rooms() == []
 
 
+@pytest.mark.parametrize(
+    "name, content_type, marker",
+    [
+        # the page connects with ws: or wss: like its own URL
+        ("", "text/html; charset=utf-8", b"window.location.protocol === 'https:' ? 'wss:' : 'ws:'"),
+        # an ES module the page imports (and any frontend may)
+        ("wsgateway-client.js", "text/javascript; charset=utf-8", b"export class GatewaySocket"),
+    ],
+    ids=["page", "client module"],
+)
 @pytest_twisted.ensureDeferred
-async def test_page_is_served_at_root_and_under_chat() -> None:
-    """The demo page, which connects with ws: or wss: like its own URL, is at / and /v1/chat/."""
+async def test_the_page_and_its_client_module_are_served_at_root_and_under_chat(name, content_type, marker) -> None:
     async with chat_server() as server:
-        for path in ("/", "/v1/chat/"):
-            code, content_type, body = await server.get(path)
-            assert (code, content_type) == (200, "text/html; charset=utf-8")
-            assert b"window.location.protocol === 'https:' ? 'wss:' : 'ws:'" in body
-
-
-@pytest_twisted.ensureDeferred
-async def test_the_client_module_is_served_next_to_the_page() -> None:
-    """``wsgateway-client.js`` is an ES module the page imports (and any frontend may)."""
-    async with chat_server() as server:
-        for path in ("/wsgateway-client.js", "/v1/chat/wsgateway-client.js"):
-            code, content_type, body = await server.get(path)
-            assert (code, content_type) == (200, "text/javascript; charset=utf-8")
-            assert b"export class GatewaySocket" in body
+        for path in (f"/{name}", f"/v1/chat/{name}"):
+            code, served_as, body = await server.get(path)
+            assert (code, served_as) == (200, content_type)
+            assert marker in body
 
 
 class _Member(ChatProtocol):
