@@ -129,7 +129,10 @@ class Slow(Resource):
 
 
 class Reset(Resource):
-    """A head promising 100,000 bytes, 10,000 of them, then a TCP reset."""
+    """
+    A head promising 100,000 bytes, 10,000 of them, then a TCP reset half a
+    second later: late enough that a busy reactor has written the head first.
+    """
 
     isLeaf = True
 
@@ -141,7 +144,7 @@ class Reset(Resource):
         request.setHeader(b"content-length", b"100000")
         request.write(pattern(10000))
         transport = request.channel.transport
-        self.reactor.callLater(0.05, transport.abortConnection)
+        self.reactor.callLater(0.5, transport.abortConnection)
         return NOT_DONE_YET
 
 
