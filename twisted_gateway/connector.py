@@ -39,10 +39,10 @@ Connector = Callable[[WebSocketClientFactory], Deferred[IProtocol]]
 
 class _Attempt(ClientFactory):
     """
-    One connection attempt of a :class:`DirectEndpoint`: the protocol the
-    caller's factory builds is the transport's own, with no wrapper under its
-    events (``HostnameEndpoint`` and ``TCP4ClientEndpoint`` put one under every
-    event of the connection). :attr:`connected` fires with the protocol as it
+    One connection attempt of :meth:`UpstreamConnector.connect_to`: the
+    protocol the caller's factory builds is the transport's own, with no
+    wrapper under its events (``HostnameEndpoint`` and ``TCP4ClientEndpoint``
+    put one under every event of the connection). :attr:`connected` fires with the protocol as it
     is built, just before the transport calls its ``connectionMade``; a
     protocol writes from there on.
     """
