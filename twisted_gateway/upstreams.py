@@ -430,19 +430,21 @@ class UpstreamPool:
                     return instance
             return None
         count = len(self.instances)
-        rotated = [self.instances[(self._cursor + i) % count] for i in range(count)]
-        ready = [
-            (i, inst)
-            for i, inst in enumerate(rotated)
-            if inst.url not in tried and inst.available()
-        ]
-        if not ready:
+        least = (self.balance if self._ring is None else self.fallback) == "least_connections"
+        chosen: Instance | None = None
+        chosen_offset = 0
+        for offset in range(count):  # from the cursor on, no list per request
+            instance = self.instances[(self._cursor + offset) % count]
+            if instance.url in tried or not instance.available():
+                continue
+            if not least:
+                chosen, chosen_offset = instance, offset
+                break
+            if chosen is None or instance.active < chosen.active:
+                chosen, chosen_offset = instance, offset
+        if chosen is None:
             return None
-        if (self.balance if self._ring is None else self.fallback) == "least_connections":
-            offset, chosen = min(ready, key=lambda pair: (pair[1].active, pair[0]))
-        else:
-            offset, chosen = ready[0]
-        self._cursor = (self._cursor + offset + 1) % count
+        self._cursor = (self._cursor + chosen_offset + 1) % count
         return chosen
 
     def report_success(self, instance: Instance) -> None:
