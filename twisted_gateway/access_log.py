@@ -50,18 +50,6 @@ FLUSH_BYTES = 64 * 1024
 FLUSH_SECONDS = 1.0
 
 
-def check_access_log(value: str) -> None:
-    """A file named by ``access_log`` can be written: its directory exists and lets us in."""
-    if value in (EVENTS, OFF, STDOUT):
-        return
-    path = os.path.abspath(value)
-    directory = os.path.dirname(path)
-    if not os.path.isdir(directory):
-        raise ValueError(f"the directory {directory} does not exist")
-    if not os.access(path if os.path.exists(path) else directory, os.W_OK):
-        raise ValueError(f"{path} cannot be written")
-
-
 class AccessLogWriter:
     """
     Access lines, buffered, written to ``fd`` in one ``write`` per 64 KiB or

@@ -19,14 +19,16 @@ import os
 from dataclasses import replace
 from typing import Any, Callable, Mapping
 
-from twisted_gateway.access_log import check_access_log
 from twisted_gateway.auth import auth_warnings, key_material_source, parse_auth_section, with_key_material
 from twisted_gateway.cluster import default_node_id, parse_cluster_section, with_redis_url
 from twisted_gateway.headers import parse_host_header
 from twisted_gateway.routing import validate_prefix
 from twisted_gateway.schema import (
+    EVENTS,
+    OFF,
     ROUTE_SECTION,
     SECTIONS,
+    STDOUT,
     AdminSettings,
     AuthSettings,
     ConfigError,
@@ -247,6 +249,18 @@ def _with_secrets(settings: Settings, resolve: _Resolve) -> Settings:
         if data is not None:
             cluster = with_redis_url(source, cluster, data.decode("utf-8"))
     return replace(settings, auth=auth, admin=admin, cluster=cluster)
+
+
+def check_access_log(value: str) -> None:
+    """A file named by ``access_log`` can be written: its directory exists and lets us in."""
+    if value in (EVENTS, OFF, STDOUT):
+        return
+    path = os.path.abspath(value)
+    directory = os.path.dirname(path)
+    if not os.path.isdir(directory):
+        raise ValueError(f"the directory {directory} does not exist")
+    if not os.access(path if os.path.exists(path) else directory, os.W_OK):
+        raise ValueError(f"{path} cannot be written")
 
 
 def load_settings(settings: Settings) -> Settings:
