@@ -7,6 +7,7 @@ and the health checks: TCP, with TLS for https and wss.
 from __future__ import annotations
 
 import ipaddress
+from functools import partial
 from typing import Callable, cast
 
 from autobahn.twisted.websocket import WebSocketClientFactory
@@ -134,9 +135,9 @@ class UpstreamConnector:
         """``reactor`` connects and times the connects out."""
         self.reactor, self.timeout = reactor, timeout
         self.tls_policy = tls_policy if tls_policy is not None else BrowserLikePolicyForHTTPS()
-        #: how each (secure, host, port) is reached: an IP literal's address and TLS
-        #: connection creator (None: plain TCP), or a name's endpoint
-        self._ways: dict[tuple[bool, bytes, int], tuple[str, object | None] | IStreamClientEndpoint] = {}
+        #: how each (secure, host, port) is connected: an IP literal's by the reactor
+        #: (:meth:`_connect_literal`), a name's by its endpoint
+        self._ways: dict[tuple[bool, bytes, int], Callable[[IProtocolFactory], Deferred[IProtocol]]] = {}
         self._endpoints: dict[tuple[bytes, bytes, int], IStreamClientEndpoint] = {}
 
     def connect(self, factory: WebSocketClientFactory) -> Deferred[IProtocol]:
@@ -156,9 +157,20 @@ class UpstreamConnector:
         way = self._ways.get(key)
         if way is None:
             way = self._ways[key] = self._way(secure, host, port)
-        if not isinstance(way, tuple):
-            return way.connect(factory)
-        address, creator = way
+        return way(factory)
+
+    def _way(self, secure: bool, host: bytes, port: int) -> Callable[[IProtocolFactory], Deferred[IProtocol]]:
+        address = ip_literal(host)
+        tls = self.tls_policy if secure else None
+        if address is None:
+            return upstream_endpoint(self.reactor, host, port, self.timeout, tls).connect
+        creator = None if tls is None else tls.creatorForNetloc(host, port)
+        return partial(self._connect_literal, address, port, creator)
+
+    def _connect_literal(
+        self, address: str, port: int, creator: object | None, factory: IProtocolFactory
+    ) -> Deferred[IProtocol]:
+        """Connect to an IP literal by the reactor, with TLS from ``creator`` when not None."""
         attempt = _Attempt(factory)
         if creator is None:
             self.reactor.connectTCP(address, port, attempt, timeout=self.timeout)
@@ -167,13 +179,6 @@ class UpstreamConnector:
                 address, port, attempt, creator, self.timeout, None  # type: ignore[arg-type]
             )
         return attempt.connected
-
-    def _way(self, secure: bool, host: bytes, port: int) -> tuple[str, object | None] | IStreamClientEndpoint:
-        address = ip_literal(host)
-        tls = self.tls_policy if secure else None
-        if address is None:
-            return upstream_endpoint(self.reactor, host, port, self.timeout, tls)
-        return address, None if tls is None else tls.creatorForNetloc(host, port)
 
     def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
         """``Agent``'s endpoint for an ``http`` or ``https`` upstream, built once per origin."""
