@@ -349,6 +349,8 @@ class UpstreamPool:
         #: counted failures per (instance URL, reason), for the failures metric
         self.failure_counts: Counter[tuple[str, str]] = Counter()
         self._ring = HashRing(unique) if self.balance == "hash" else None
+        #: whether the walk from the cursor (a hash pool's fallback too) picks the least loaded
+        self._least = (self.balance if self._ring is None else self.fallback) == "least_connections"
         self._by_url = {instance.url: instance for instance in self.instances}
         self._cursor = 0
 
@@ -430,7 +432,7 @@ class UpstreamPool:
                     return instance
             return None
         count = len(self.instances)
-        least = (self.balance if self._ring is None else self.fallback) == "least_connections"
+        least = self._least
         chosen: Instance | None = None
         chosen_offset = 0
         for offset in range(count):  # from the cursor on, no list per request
