@@ -7,14 +7,15 @@ Both libraries ship ``py.typed`` but leave these methods unannotated, and
 subclass or ``super()`` (``untyped_calls_exclude`` in ``pyproject.toml``
 does not reach those: mypy issues 16651 and 16653). The signatures are
 written here once, for the type checker only: at run time every name is the
-library's own class.
+library's own class. Autobahn's are imported on first use, so what imports
+this module for Twisted's classes alone (``tap.Options``, a ``--check`` run,
+a start that stops at a bad config) pays no Autobahn import.
 """
 
 from __future__ import annotations
 
 from typing import IO, TYPE_CHECKING, Callable, Protocol, Sequence
 
-from autobahn.twisted import websocket
 from twisted.application import service
 from twisted.protocols import basic, policies
 from twisted.python import usage
@@ -38,6 +39,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from autobahn.twisted import websocket
     from twisted.application.service import IServiceCollection
     from twisted.internet.defer import Deferred
     from twisted.internet.interfaces import IAddress, IConsumer, IDelayedCall, IProtocolFactory, IReactorTime, ITransport
@@ -172,9 +174,13 @@ else:
     Request = server.Request
     FileBodyProducer = client.FileBodyProducer
     Options = usage.Options
-    WebSocketServerProtocol = websocket.WebSocketServerProtocol
-    WebSocketServerFactory = websocket.WebSocketServerFactory
-    WebSocketClientFactory = websocket.WebSocketClientFactory
-    WebSocketClientProtocol = websocket.WebSocketClientProtocol
     WrappingFactory = policies.WrappingFactory
     Int32StringReceiver = basic.Int32StringReceiver
+
+    def __getattr__(name: str) -> type:
+        """Autobahn's classes, imported when first asked for."""
+        if name not in __all__:
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        from autobahn.twisted import websocket
+
+        return getattr(websocket, name)
