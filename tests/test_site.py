@@ -16,6 +16,8 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
+from twisted.web import server
+from twisted.web.http import datetimeToString
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
@@ -225,6 +227,20 @@ def test_the_addresses_are_asked_of_the_transport_once_per_connection(method, of
         assert getattr(request, of_request)() is address
         request.finish()
     assert asked == [1]
+    close(channel)
+
+
+def test_responses_say_server_and_date_as_twisted_web_does_the_date_formatted_once_a_second():
+    door = Door()
+    door.clock.advance(1_700_000_000.25)
+    channel, transport = door.connect()
+    for second in (1_700_000_000, 1_700_000_000, 1_700_000_001):
+        channel.dataReceived(b"GET / HTTP/1.1\r\nHost: gw\r\n\r\n")
+        head = transport.value().partition(b"\r\n\r\n")[0].split(b"\r\n")
+        transport.clear()
+        assert b"Date: " + datetimeToString(second) in head
+        assert b"Server: " + server.version in head
+        door.clock.advance(0.5)
     close(channel)
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import io
 import sys
+from urllib.parse import unquote_to_bytes
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Sequence, cast
 
@@ -41,9 +42,9 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import Cooperator, TaskFinished
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import server
+from twisted.web import resource, server
 from twisted.web.client import ResponseDone
-from twisted.web.http import NO_BODY_CODES, RESPONSES, HTTPChannel, PotentialDataLoss
+from twisted.web.http import NO_BODY_CODES, RESPONSES, HTTPChannel, PotentialDataLoss, datetimeToString
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import (
     UNKNOWN_LENGTH,
@@ -214,6 +215,31 @@ class GatewayRequest(Request):
         kwargs["parsePOSTFormSubmission"] = False
         super().__init__(channel, *args, **kwargs)
 
+    def process(self) -> None:
+        """
+        ``server.Request.process``, but for the ``Date`` header: formatted once
+        a second (its resolution) rather than once a request, on the site's
+        clock, as ``HTTPFactory`` does its log time.
+        """
+        self.site = site = self.channel.site  # type: ignore[attr-defined]  # a Site's channel
+        headers = self.responseHeaders
+        headers.setRawHeaders(b"Server", _SERVER)
+        headers.setRawHeaders(b"Date", [http_date(site.reactor.seconds())])
+        self.prepath = []
+        self.postpath = list(map(unquote_to_bytes, self.path[1:].split(b"/")))
+        if self.path == b"*":
+            self._handleStar()
+            return
+        try:
+            found = site.getResourceFor(self)
+            if resource._IEncodingResource.providedBy(found):
+                encoder = found.getEncoder(self)
+                if encoder is not None:
+                    self._encoder = encoder
+            self.render(found)
+        except BaseException:
+            self.processingFailed(Failure())
+
     def gotLength(self, length: int | None) -> None:
         channel: object = self.channel
         if not isinstance(channel, HTTPChannel):
@@ -334,6 +360,22 @@ class GatewayRequest(Request):
 
 def _discard(data: bytes) -> None:
     """Drop bytes a refused client keeps sending."""
+
+
+#: the ``Server`` header twisted.web sends
+_SERVER = [server.version]
+#: the second the ``Date`` header was last formatted for, and its value
+_date_second = -1
+_date_value = b""
+
+
+def http_date(now: float) -> bytes:
+    """``now`` as a ``Date`` header says it (``datetimeToString``'s), formatted once a second."""
+    global _date_second, _date_value
+    second = int(now)
+    if second != _date_second:
+        _date_second, _date_value = second, datetimeToString(second)
+    return _date_value
 
 
 # -- streaming the response body ----------------------------------------------

@@ -30,7 +30,8 @@ from twisted.python.failure import Failure
 from twisted.web.http import Request
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IRequest
-from twisted.web.resource import IResource
+from twisted.web.resource import IResource, getChildForRequest
+from twisted.web.server import Request as WebRequest
 
 from twisted_gateway._bases import Site, WrappingFactory
 from twisted_gateway.config import Settings
@@ -109,6 +110,15 @@ class GatewayChannel(LlhttpChannel):
     def getPeer(self) -> IAddress:
         """The client's address (the socket's, asked once)."""
         return self._address(1)
+
+    #: whether the transport is TLS, asked of it once (requests ask per request)
+    _secure: bool | None = None
+
+    def isSecure(self) -> bool:
+        secure = self._secure
+        if secure is None:
+            secure = self._secure = super().isSecure()
+        return secure
 
     # -- writing: a response's head and first body bytes in one send, now ------
 
@@ -305,6 +315,13 @@ class GatewaySite(Site):
     def log(self, request: Request) -> None:
         if not getattr(request, "gateway_logged", False):
             super().log(request)
+
+    def getResourceFor(self, request: WebRequest) -> IResource:
+        """``Site.getResourceFor``, its ``sitepath`` copied without the ``copy`` module."""
+        request.site = self
+        request.sitepath = list(request.prepath or ())  # type: ignore[attr-defined]  # Site.getResourceFor's
+        found: IResource = getChildForRequest(self.resource, request)
+        return found
 
     # -- a stopping gateway ---------------------------------------------------
 
