@@ -3,14 +3,17 @@ Upstream pools against real upstream processes: round robin, least connections
 with long-lived WebSockets, hash stickiness by room (and how few rooms move when
 an instance is added), an instance killed mid-test, active health checks.
 
-Each upstream is a small aiohttp program run with ``sys.executable`` on its own
-loopback port (it binds port 0 and prints the port it got). It names itself:
-any HTTP GET answers its name, a WebSocket sends its name as the first message
-then echoes ``NAME:text``. ``/health`` answers 200, or 500 (to HTTP and to
-WebSocket upgrades alike) while the instance's ``failing`` flag file exists;
-while its ``dropping`` flag exists it closes other requests unanswered. The gateway
-runs in this process with an :class:`HTTPForwarder`; clients are treq and
-Autobahn. Every process is killed in fixture teardown.
+Each upstream instance is served by a small aiohttp program run with
+``sys.executable`` on its own loopback port (it binds port 0 and prints the
+port it got); one process serves one instance where a test kills it, and
+several otherwise. An instance names itself: any HTTP GET answers its name, a
+WebSocket sends its name as the first message then echoes ``NAME:text``.
+``/health`` answers 200, or 500 (to HTTP and to WebSocket upgrades alike) while
+the instance's ``failing`` flag file exists; while its ``dropping`` flag exists
+it closes other requests unanswered. The tests that change no instance share
+four, started once. The gateway runs in this process with an
+:class:`HTTPForwarder`; clients are treq and Autobahn. Every process is killed
+in fixture teardown.
 """
 
 from __future__ import annotations
@@ -41,48 +44,52 @@ GUARD = 15.0
 
 UPSTREAM_PROGRAM = r'''
 """
-One upstream instance for the pool tests: every answer carries its name.
-Usage: upstream.py NAME STATE_DIR PORT (0: any); STATE_DIR/NAME.failing makes
-/health answer 500, STATE_DIR/NAME.dropping makes it close every request but
-/health unanswered.
+Upstream instances for the pool tests: every answer carries the instance's name.
+Usage: upstream.py STATE_DIR NAME:PORT... (PORT 0: any): one instance on its
+own port per NAME, the ports printed once all listen. STATE_DIR/NAME.failing
+makes NAME's /health answer 500, STATE_DIR/NAME.dropping makes it close every
+request but /health unanswered.
 """
 import asyncio
+import functools
 import os
 import sys
 
 from aiohttp import WSMsgType, web
 
-NAME, STATE, PORT = sys.argv[1], sys.argv[2], int(sys.argv[3])
-FAILING = os.path.join(STATE, NAME + ".failing")
-DROPPING = os.path.join(STATE, NAME + ".dropping")
+STATE = sys.argv[1]
 
 
-async def handle(request):
-    if request.path == "/health" and os.path.exists(FAILING):
+async def handle(name, request):
+    if request.path == "/health" and os.path.exists(os.path.join(STATE, name + ".failing")):
         return web.Response(status=500, text="failing")
-    if request.path != "/health" and os.path.exists(DROPPING):
+    if request.path != "/health" and os.path.exists(os.path.join(STATE, name + ".dropping")):
         request.transport.abort()
         return web.Response()
     if request.headers.get("Upgrade", "").lower() == "websocket":
         ws = web.WebSocketResponse()
         await ws.prepare(request)
-        await ws.send_str(NAME)
+        await ws.send_str(name)
         async for message in ws:
             if message.type == WSMsgType.TEXT:
-                await ws.send_str(NAME + ":" + message.data)
+                await ws.send_str(name + ":" + message.data)
         return ws
     if request.path == "/health":
         return web.Response(text="ok")
-    return web.Response(text=NAME)
+    return web.Response(text=name)
 
 
 async def main():
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", PORT).start()
-    print("listening", runner.addresses[0][1], flush=True)
+    ports = []
+    for instance in sys.argv[2:]:
+        name, port = instance.split(":")
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", functools.partial(handle, name))
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", int(port)).start()
+        ports.append(str(runner.addresses[0][1]))
+    print("listening", *ports, flush=True)
     await asyncio.Event().wait()
 
 
@@ -93,46 +100,20 @@ asyncio.run(main())
 # -- upstream processes ---------------------------------------------------------------
 
 
-class UpstreamProcess:
-    """One upstream program running as a child process; :attr:`url` once listening."""
+class Upstream:
+    """One named instance, on its own port, of an :class:`UpstreamProcess`."""
 
-    def __init__(self, name: str, program: Path, workdir: Path) -> None:
+    def __init__(self, name: str, process: UpstreamProcess) -> None:
         self.name = name
-        self._program, self._workdir = program, workdir
-        self._stderr = open(workdir / f"{name}.stderr", "ab")
+        self.process = process
         self.port = 0
-        self.process = self._launch()
-
-    def _launch(self) -> subprocess.Popen:
-        return subprocess.Popen(
-            [sys.executable, str(self._program), self.name, str(self._workdir), str(self.port)],
-            stdout=subprocess.PIPE,
-            stderr=self._stderr,
-            text=True,
-        )
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def wait_listening(self) -> None:
-        """Block until the child prints its port (the reactor is not needed meanwhile)."""
-        assert self.process.stdout is not None
-        with selectors.DefaultSelector() as selector:
-            selector.register(self.process.stdout, selectors.EVENT_READ)
-            if not selector.select(GUARD):
-                raise AssertionError(f"upstream {self.name} did not start: {self.errors()}")
-        line = self.process.stdout.readline()
-        if not line.startswith("listening "):
-            raise AssertionError(f"upstream {self.name} failed: {line!r} {self.errors()}")
-        self.port = int(line.split()[1])
-
-    def errors(self) -> str:
-        self._stderr.flush()
-        return Path(self._stderr.name).read_text(errors="replace")[-2000:]
-
     def _set_flag(self, flag: str, on: bool) -> None:
-        path = self._workdir / f"{self.name}.{flag}"
+        path = self.process.workdir / f"{self.name}.{flag}"
         if on:
             path.touch()
         else:
@@ -146,50 +127,130 @@ class UpstreamProcess:
         self._set_flag("dropping", dropping)
 
     def kill(self) -> None:
-        """SIGKILL, as a crash: no close frames, no FIN-then-drain, the port is gone."""
+        """SIGKILL its process, as a crash (the instance must be the process's only one)."""
+        assert self.process.instances == [self], "killing one instance would kill its neighbours"
+        self.process.kill()
+
+    def restart(self) -> None:
+        """A killed instance comes back on the same port."""
+        self.process.kill()
+        self.process.start()
+
+
+class UpstreamProcess:
+    """The upstream program running as a child process, serving one :class:`Upstream` per name."""
+
+    def __init__(self, names: list[str], program: Path, workdir: Path) -> None:
+        self.name = " ".join(names)
+        self.instances = [Upstream(name, self) for name in names]
+        self.workdir = workdir
+        self._program = program
+        self._stderr = open(workdir / f"{names[0]}.stderr", "ab")
+        self.process = self._launch()
+
+    def _launch(self) -> subprocess.Popen:
+        return subprocess.Popen(
+            [
+                sys.executable,
+                str(self._program),
+                str(self.workdir),
+                *(f"{u.name}:{u.port}" for u in self.instances),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            text=True,
+        )
+
+    def wait_listening(self) -> None:
+        """Block until the child prints its instances' ports (the reactor is not needed meanwhile)."""
+        assert self.process.stdout is not None
+        with selectors.DefaultSelector() as selector:
+            selector.register(self.process.stdout, selectors.EVENT_READ)
+            if not selector.select(GUARD):
+                raise AssertionError(f"upstream {self.name} did not start: {self.errors()}")
+        line = self.process.stdout.readline()
+        if not line.startswith("listening "):
+            raise AssertionError(f"upstream {self.name} failed: {line!r} {self.errors()}")
+        for upstream, port in zip(self.instances, line.split()[1:], strict=True):
+            upstream.port = int(port)
+
+    def start(self) -> None:
+        self.process = self._launch()
+        self.wait_listening()
+
+    def errors(self) -> str:
+        self._stderr.flush()
+        return Path(self._stderr.name).read_text(errors="replace")[-2000:]
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash: no close frames, no FIN-then-drain, the ports are gone."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGKILL)
         self.process.wait(GUARD)
         if self.process.stdout is not None:
             self.process.stdout.close()
 
-    def restart(self) -> None:
-        """A killed instance comes back on the same port."""
-        self.kill()
-        self.process = self._launch()
-        self.wait_listening()
-
     def close(self) -> None:
         self.kill()
         self._stderr.close()
 
 
+class Upstreams:
+    """Starts upstream processes in ``workdir``, named in turn from ``upstream-a``; closes them all."""
+
+    def __init__(self, workdir: Path) -> None:
+        self._program = workdir / "upstream.py"
+        self._program.write_text(UPSTREAM_PROGRAM)
+        self._workdir = workdir
+        self._running: list[UpstreamProcess] = []
+        self._named = 0
+
+    def start(self, count: int, one_process: bool = False) -> list[Upstream]:
+        """``count`` instances, in one process or (to kill one) one process each, started in parallel."""
+        names = [f"upstream-{chr(ord('a') + self._named + i)}" for i in range(count)]
+        self._named += count
+        groups = [names] if one_process else [[name] for name in names]
+        started = [UpstreamProcess(group, self._program, self._workdir) for group in groups]
+        self._running.extend(started)
+        for process in started:
+            process.wait_listening()
+        return [upstream for process in started for upstream in process.instances]
+
+    def close(self) -> None:
+        for process in self._running:
+            process.close()
+
+
 @pytest.fixture
 def spawn(tmp_path: Path):
-    """``spawn(n)`` starts n named upstream processes (in parallel); all die at teardown."""
-    program = tmp_path / "upstream.py"
-    program.write_text(UPSTREAM_PROGRAM)
-    running: list[UpstreamProcess] = []
-
-    def start(count: int) -> list[UpstreamProcess]:
-        names = [f"upstream-{chr(ord('a') + len(running) + i)}" for i in range(count)]
-        started = [UpstreamProcess(name, program, tmp_path) for name in names]
-        running.extend(started)
-        for upstream in started:
-            upstream.wait_listening()
-        return started
-
+    """
+    ``spawn(n)`` starts n named instances, each in its own process (so that one
+    can be killed), ``spawn(n, one_process=True)`` in one; all die at teardown.
+    """
+    upstreams = Upstreams(tmp_path)
     try:
-        yield start
+        yield upstreams.start
     finally:
-        for upstream in running:
-            upstream.close()
+        upstreams.close()
+
+
+@pytest.fixture(scope="module")
+def four(tmp_path_factory: pytest.TempPathFactory):
+    """
+    Four instances in one process, shared by the tests that leave them as they
+    found them (no flag set, nothing killed); their pools are the first three.
+    """
+    upstreams = Upstreams(tmp_path_factory.mktemp("four"))
+    try:
+        yield upstreams.start(4, one_process=True)
+    finally:
+        upstreams.close()
 
 
 # -- the gateway and its clients ------------------------------------------------------
 
 
-def pool_config(upstreams: list[UpstreamProcess], **route_keys: Any) -> str:
+def pool_config(upstreams: list[Upstream], **route_keys: Any) -> str:
     """A gateway with one route, ``/v1/chat``, over the given instances."""
     keys = "\n".join(f"{key} = {value}" for key, value in route_keys.items())
     return f"""
@@ -287,7 +348,7 @@ async def harness():
         await h.close()
 
 
-def names(upstreams: list[UpstreamProcess]) -> set[str]:
+def names(upstreams: list[Upstream]) -> set[str]:
     return {u.name for u in upstreams}
 
 
@@ -295,9 +356,9 @@ def names(upstreams: list[UpstreamProcess]) -> set[str]:
 
 
 @pytest_twisted.ensureDeferred
-async def test_http_requests_are_spread_evenly_over_three_instances(spawn, harness):
+async def test_http_requests_are_spread_evenly_over_three_instances(four, harness):
     """An HTTP route balances round robin by default: 30 GETs are 10 per instance."""
-    upstreams = spawn(3)
+    upstreams = four[:3]
     gw = await harness.gateway(pool_config(upstreams, websocket="false"))
 
     served = Counter([await harness.who(gw) for _ in range(30)])
@@ -306,9 +367,9 @@ async def test_http_requests_are_spread_evenly_over_three_instances(spawn, harne
 
 
 @pytest_twisted.ensureDeferred
-async def test_round_robin_takes_the_instances_in_turn(spawn, harness):
+async def test_round_robin_takes_the_instances_in_turn(four, harness):
     """Each instance gets its next request only after the other two got theirs."""
-    upstreams = spawn(3)
+    upstreams = four[:3]
     gw = await harness.gateway(pool_config(upstreams, balance="round_robin"))
 
     served = [await harness.who(gw) for _ in range(9)]
@@ -321,7 +382,7 @@ async def test_round_robin_takes_the_instances_in_turn(spawn, harness):
 
 
 async def _one_instance_emptied(
-    harness: Harness, gw: Gateway, upstreams: list[UpstreamProcess]
+    harness: Harness, gw: Gateway, upstreams: list[Upstream]
 ) -> tuple[list[tuple[Any, str]], str]:
     """Six WebSockets, two per instance, then one instance's two closed: the six and that instance."""
     opened = [await harness.websocket(gw) for _ in range(6)]
@@ -335,12 +396,12 @@ async def _one_instance_emptied(
 
 
 @pytest_twisted.ensureDeferred
-async def test_long_lived_websockets_go_to_the_least_loaded_instance(spawn, harness):
+async def test_long_lived_websockets_go_to_the_least_loaded_instance(four, harness):
     """
     A WebSocket route balances by open connections by default: six WebSockets
     are two per instance; when one instance's two close, the next two go there.
     """
-    upstreams = spawn(3)
+    upstreams = four[:3]
     gw = await harness.gateway(pool_config(upstreams))
     opened, emptied = await _one_instance_emptied(harness, gw, upstreams)
 
@@ -354,14 +415,14 @@ async def test_long_lived_websockets_go_to_the_least_loaded_instance(spawn, harn
 
 @pytest_twisted.ensureDeferred
 async def test_http_requests_go_to_the_instance_with_fewest_websockets_and_leave_no_load(
-    spawn, harness
+    four, harness
 ):
     """
     On a least-connections route, GETs go to the instance holding the fewest
     WebSockets, and once answered they weigh nothing: after twelve of them the
     next two WebSockets still go to that instance.
     """
-    upstreams = spawn(3)
+    upstreams = four[:3]
     gw = await harness.gateway(pool_config(upstreams))
     opened, idle = await _one_instance_emptied(harness, gw, upstreams)
 
@@ -379,12 +440,12 @@ async def test_http_requests_go_to_the_instance_with_fewest_websockets_and_leave
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_room_sticks_to_one_instance_for_websockets_and_http(spawn, harness):
+async def test_a_room_sticks_to_one_instance_for_websockets_and_http(four, harness):
     """
     With ``balance = hash`` on ``query:room``, every WebSocket of a room lands
     on one instance, and a REST call for that room lands where its WebSockets are.
     """
-    upstreams = spawn(3)
+    upstreams = four[:3]
     gw = await harness.gateway(pool_config(upstreams, balance="hash", hash_key="query:room"))
     rooms = [f"room-{i}" for i in range(12)]
 
@@ -407,13 +468,12 @@ async def test_a_room_sticks_to_one_instance_for_websockets_and_http(spawn, harn
 
 
 @pytest_twisted.ensureDeferred
-async def test_adding_a_fourth_instance_moves_about_a_quarter_of_rooms_all_to_it(spawn, harness):
+async def test_adding_a_fourth_instance_moves_about_a_quarter_of_rooms_all_to_it(four, harness):
     """
     Growing a hashed pool from three instances to four moves about 1/4 of the
     rooms (200 compared), and every room that moves goes to the new instance.
     """
-    first_three = spawn(3)
-    (fourth,) = spawn(1)
+    *first_three, fourth = four
     keys = dict(balance="hash", hash_key="query:room")
     before = await harness.gateway(pool_config(first_three, **keys))
     after = await harness.gateway(pool_config([*first_three, fourth], **keys))
@@ -537,7 +597,7 @@ async def test_a_crashed_instance_that_comes_back_gets_traffic_again_after_fail_
     assert served == {u.name: 10 for u in upstreams}
 
 
-async def _reported_up(harness: Harness, gw: Gateway, upstream: UpstreamProcess) -> bool:
+async def _reported_up(harness: Harness, gw: Gateway, upstream: Upstream) -> bool:
     return (await harness.upstream_up(gw))[upstream.url]
 
 
@@ -600,7 +660,7 @@ async def test_an_instance_closing_requests_unanswered_is_taken_out_of_the_rotat
     is then out for ``fail_timeout``, as a refused connection would put it,
     and the next requests all succeed on the other two.
     """
-    upstreams = spawn(3)
+    upstreams = spawn(3, one_process=True)
     wedged = upstreams[1]
     gw = await harness.gateway(
         pool_config(upstreams, balance="round_robin", max_fails=1, fail_timeout=30)
@@ -634,7 +694,7 @@ async def test_failing_health_checks_eject_an_instance_and_passing_ones_restore_
     failing is out after two failures: no more traffic reaches it while
     ``/readyz`` stays 200; two passing checks bring it back into the rotation.
     """
-    upstreams = spawn(3)
+    upstreams = spawn(3, one_process=True)
     sick = upstreams[1]
     healthy = names(upstreams) - {sick.name}
     gw = await harness.gateway(
@@ -666,7 +726,7 @@ async def test_failing_health_checks_eject_an_instance_and_passing_ones_restore_
 @pytest_twisted.ensureDeferred
 async def test_websockets_avoid_an_instance_ejected_by_health_checks(spawn, harness):
     """An instance failing its health checks gets no new WebSockets until it passes again."""
-    upstreams = spawn(3)
+    upstreams = spawn(3, one_process=True)
     sick = upstreams[0]
     gw = await harness.gateway(
         pool_config(upstreams, health_check="/health", health_interval="0.5")
