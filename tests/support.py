@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import inspect
 import json
 import os
@@ -130,6 +131,29 @@ def settle_blocking(condition: Callable[[], Any], what: str = "condition", secon
             raise AssertionError(f"{what}: not reached in {seconds:g} s")
         time.sleep(0.05)
     return holds
+
+
+async def left_to_the_collector(action: Callable[[], Awaitable[Any]]) -> set[str]:
+    """
+    The gateway's types (``twisted_gateway``'s) of what ``action`` leaves in
+    reference cycles, freed only when the cycle collector next runs (whose
+    passes, under load, grow with what waits for them). What was alive before
+    is held through it, so that only what ``action`` makes is judged (an
+    earlier test's gateway ends when its last timer or connection does).
+    """
+    gc.collect()
+    earlier = [o for o in gc.get_objects() if str(type(o).__module__).startswith("twisted_gateway.")]
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        await action()
+        gc.collect()
+        return {type(o).__qualname__ for o in gc.garbage if type(o).__module__.startswith("twisted_gateway.")}
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+        del earlier
 
 
 async def listen(factory: Any) -> Any:

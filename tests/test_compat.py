@@ -444,6 +444,28 @@ def test_keep_listening_socket_leaves_the_socket_listening_for_another_holder(tm
         sock.close()
 
 
+def test_forget_transport_cuts_the_connector_and_its_transport_apart():
+    """
+    A TCP connector and its transport hold each other (``Connector.transport``,
+    ``Client.connector``) after the connection ends: relies on
+    ``BaseConnector.transport``, dropped by Twisted itself when a connect fails
+    and not read once the connection is lost.
+    """
+    from twisted.internet.base import BaseConnector
+
+    connector = tcp.Connector("127.0.0.1", 9, ClientFactory(), 30, None, Clock())
+    connector.connect()
+    client = connector.transport
+    try:
+        _require(isinstance(client, tcp.Client) and client.connector is connector, "BaseConnector.transport", "Twisted")
+        _require("self.transport = None" in inspect.getsource(BaseConnector.connectionFailed), "BaseConnector.connectionFailed", "Twisted")
+        _require("transport" not in inspect.getsource(BaseConnector.connectionLost), "BaseConnector.connectionLost", "Twisted")
+        _compat.forget_transport(connector)
+        assert connector.transport is None
+    finally:
+        client.socket.close()
+
+
 def test_systemd_listen_fds_are_what_twisteds_systemd_parser_read():
     """Relies on ``endpoints._SystemdParser._sddaemon`` (the sockets systemd handed over, read at import)."""
     from twisted.internet.endpoints import _SystemdParser

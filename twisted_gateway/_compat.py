@@ -19,7 +19,7 @@ import errno
 import functools
 from pprint import pformat as _real_pformat
 from types import FunctionType, MethodType
-from typing import TYPE_CHECKING, Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, TypeVar, cast
 
 from autobahn.twisted.util import create_transport_details, peer2str
 from autobahn.twisted.websocket import WebSocketAdapterProtocol
@@ -39,7 +39,7 @@ from twisted.internet import tcp, unix
 from twisted.internet.address import IPv4Address
 from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.protocol import connectionDone
-from twisted.internet.interfaces import IDelayedCall, IReactorTime, ISSLTransport, ITCPTransport
+from twisted.internet.interfaces import IConnector, IDelayedCall, IReactorTime, ISSLTransport, ITCPTransport
 from twisted.logger import FileLogObserver, ILogObserver, LogPublisher
 from twisted.python import log as legacy_log
 from twisted.python.systemd import ListenFDs
@@ -234,6 +234,18 @@ def keep_listening_socket(port: tcp.Port) -> None:
             port._bindPath = b"\0"
         else:
             port.port = b"\0"
+
+
+def forget_transport(connector: IConnector) -> None:
+    """
+    Let a client connector whose connection ended drop its transport: the
+    transport's ``connector`` holds the connector back, so the two (and the
+    factory and protocol they hold) would be freed only by the cycle
+    collector. Relies on ``BaseConnector.transport`` (not in ``IConnector``),
+    which Twisted sets to None itself when a connect fails and makes anew
+    on the next ``connect()``.
+    """
+    cast(Any, connector).transport = None
 
 
 

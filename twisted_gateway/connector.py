@@ -31,6 +31,7 @@ from twisted.web.error import SchemeNotSupported
 from twisted.web.iweb import IAgentEndpointFactory, IPolicyForHTTPS
 from zope.interface import implementer
 
+from twisted_gateway._compat import forget_transport
 from twisted_gateway.interfaces import IUpstreamConnector
 
 #: Connects one upstream WebSocket leg's factory; fires with the leg
@@ -82,8 +83,15 @@ class _Attempt(ClientFactory):
         return protocol
 
     def clientConnectionFailed(self, connector: IConnector, reason: Failure) -> None:
+        self.connector = None
         if not self.connected.called:
             self.connected.errback(reason)
+
+    def clientConnectionLost(self, connector: IConnector, reason: Failure) -> None:
+        # The connector, its transport and this attempt hold one another: let
+        # go, so that they are freed with the connection, not by the cycle collector.
+        self.connector = None
+        forget_transport(connector)
 
 
 def upstream_endpoint(

@@ -304,6 +304,18 @@ class LlhttpChannel(HTTPChannel):
             return
         self._respondToBadRequestAndDisconnect()
 
+    def handed_over(self) -> None:
+        """
+        Another protocol took the connection (a WebSocket hand-over): this
+        channel hears of it no more. Its parser (which holds the channel's
+        callbacks) and its requests let go, so that it is freed at once, not
+        by the cycle collector.
+        """
+        del self._parser
+        self.requests = []
+        self._waiting.clear()
+        self._message = None
+
     # -- an upgrade request that was not handed over --------------------------------
 
     def _upgraded(self, rest: bytes) -> None:

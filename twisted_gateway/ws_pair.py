@@ -272,9 +272,10 @@ class Pair:
         if self.capped is not None and factory.cluster is not None:
             factory.cluster.release(self.capped)
             self.capped = None
-        self.client.partner = None
-        if self.upstream is not None:
-            self.upstream.partner = None
+        # The legs and the pair let go of each other, so that all of them are
+        # freed as soon as the connections are, not by the cycle collector.
+        for leg in self.legs():
+            leg.partner = leg.pair = None
         self.done.callback(None)
 
     def _log_session(self) -> None:

@@ -71,6 +71,7 @@ from twisted_gateway.errors import (
 )
 from twisted_gateway.faults import ANSWERED, CANCELLED, CLIENT_GONE, LOCAL, Fault, classify, describe
 from twisted_gateway.sockets import TCPKeepalive, set_keepalive
+from twisted_gateway.llhttp_channel import LlhttpChannel
 from twisted_gateway.headers import (
     WEBSOCKET_HANDSHAKE,
     rewrite_redirects,
@@ -261,7 +262,7 @@ class RelayServerProtocol(ServerLegHooks, _RelayLeg, WebSocketServerProtocol):  
     factory: RelayServerFactory
     side = "client"
 
-    #: the ws_pair.Pair this leg belongs to, made at the hand-over
+    #: the ws_pair.Pair this leg belongs to, made at the hand-over (None once it ended)
     pair: Pair
     # Autobahn's options that answer_upgrade reads (class attributes: with_options)
     versions: Sequence[int]
@@ -414,7 +415,10 @@ class RelayServerProtocol(ServerLegHooks, _RelayLeg, WebSocketServerProtocol):  
             peer=ctx.peer,
             trusted_proxies=factory.gateway.trusted_proxies,
         )
-        upstream = last_error = None
+        upstream = None
+        #: why the last instance tried could not be connected (its description: the
+        #: exception itself, held here, would hold this frame through its traceback)
+        last_error: str | None = None
         # A connect failure is retried on the next healthy instance, each at most once;
         # ws_open_timeout (around the whole of onConnect) bounds the retries.
         for instance in pool.candidates(key, retry=True):
@@ -433,15 +437,14 @@ class RelayServerProtocol(ServerLegHooks, _RelayLeg, WebSocketServerProtocol):  
                 if fault is LOCAL:
                     raise Overloaded(f"cannot connect to the upstream: {describe(e)}") from None
                 if isinstance(e, (ConnectError, DNSLookupError, OSError)):
-                    last_error = e
+                    last_error = describe(e)
                     continue
                 raise
             pool.report_success(instance)
             pair.instance = instance
             break
         if upstream is None:
-            reason = describe(last_error) if last_error is not None else None
-            raise BadGateway(f"cannot connect to the upstream: {reason}")
+            raise BadGateway(f"cannot connect to the upstream: {last_error}")
         if self.state == CLOSED:
             # The client left in the very turn the upstream answered.
             instance.release(websocket=True)
@@ -584,7 +587,10 @@ class RelayServerProtocol(ServerLegHooks, _RelayLeg, WebSocketServerProtocol):  
         cancel_close_timers(self)
         if self._handshake is not None:
             self._handshake.cancel()
-        self.pair.leg_closed(self)
+        # (None when the upstream leg's close ended the pair first: Pair.finish)
+        pair: Pair | None = self.pair
+        if pair is not None:
+            pair.leg_closed(self)
 
 
 
@@ -832,6 +838,8 @@ def hand_over(request: Request, factory: RelayServerFactory, context: HandshakeC
         transport.protocol.wrappedProtocol = protocol
     else:
         transport.protocol = protocol
+    if isinstance(channel, LlhttpChannel):
+        channel.handed_over()
     protocol.makeConnection(transport)
     transport.resumeProducing()
     assert request.content is not None  # the body, stored before render

@@ -7,7 +7,6 @@ answers), driven by real clients (treq, and raw sockets for odd requests).
 from __future__ import annotations
 
 import asyncio
-import gc
 import gzip
 import hashlib
 import ipaddress
@@ -36,7 +35,7 @@ from twisted_gateway.errors import GatewayError, render_error
 from twisted_gateway.http_proxy import GatewayRequest, HTTPForwarder
 from twisted_gateway.routing import normalize_path, split_uri
 
-from tests.support import connections_to, echo_answer, parse_response, settle
+from tests.support import connections_to, echo_answer, left_to_the_collector, parse_response, settle
 
 GZIPPED = gzip.compress(b"hello gzip " * 200, mtime=0)
 
@@ -834,22 +833,9 @@ async def test_an_answered_request_is_freed_without_the_cycle_collector(gateway,
     (whose passes, under load, grow with what waits for it).
     """
     gw = await gateway(twisted_upstream.base)
-    gc.collect()
-    # what earlier tests left alive (their gateways end when their last timer or
-    # connection does) is held, so that only what these requests make is judged
-    earlier = [o for o in gc.get_objects() if str(type(o).__module__).startswith("twisted_gateway.")]
-    gc.disable()
-    gc.set_debug(gc.DEBUG_SAVEALL)
-    try:
+
+    async def requests() -> None:
         for _ in range(3):
             assert (await raw_request(gw.port, get("/echo/x"))).startswith(b"HTTP/1.1 200 ")
-        gc.collect()
-        cyclic = {
-            type(o).__qualname__ for o in gc.garbage if type(o).__module__.startswith("twisted_gateway.")
-        }
-    finally:
-        gc.set_debug(0)
-        gc.garbage.clear()
-        gc.enable()
-        del earlier
-    assert cyclic == set()
+
+    assert await left_to_the_collector(requests) == set()

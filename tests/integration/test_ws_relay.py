@@ -9,6 +9,8 @@ import pytest_twisted
 from twisted.internet import reactor, task
 from twisted.internet.protocol import Factory, Protocol
 
+from twisted_gateway.config import parse_config
+
 from tests.support import (
     UPGRADE,
     Upstream,
@@ -16,12 +18,15 @@ from tests.support import (
     close_relay,
     connections_to,
     http_error,
+    later,
+    left_to_the_collector,
     listen,
     open_relay,
     raw_connect,
     route_config,
     settle,
     start_gateway,
+    start_service,
     ws_connect,
 )
 
@@ -233,6 +238,40 @@ async def test_firefox_handshake_and_fragmented_frames_from_a_raw_client():
     await server.closed
     raw.transport.loseConnection()
     await close_relay(gw, up_port)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_websocket_is_freed_without_the_cycle_collector(later):  # noqa: F811 (later: a fixture)
+    """
+    Once both legs are gone, nothing the gateway made for a WebSocket (the
+    HTTP channel and request it came in on, the legs, the pair, the upstream
+    connection's attempt) is left in a reference cycle: whether the client or
+    the upstream closed or dropped it, or the upstream refused it.
+    """
+    upstream = Upstream()
+    up_port = await listen(upstream)
+    later(up_port.stopListening)
+    service, port = await start_service(later, parse_config(route_config(up_port.getHost().port)))
+    registry = service.gateway.registry
+    url = f"ws://127.0.0.1:{port}/v1/chat/ws"
+
+    async def websockets() -> None:
+        for end in ("client closes", "client drops", "upstream drops", "upstream refuses"):
+            upstream.refuse = (404, "Not Found") if end == "upstream refuses" else None
+            try:
+                client = await ws_connect(url)
+            except ConnectionError:
+                continue
+            if end == "client closes":
+                client.sendClose(1000)
+            elif end == "client drops":
+                client.transport.abortConnection()
+            else:
+                upstream.connected[-1].transport.abortConnection()
+            await client.closed
+        await settle(lambda: not registry.total_active() and not registry.handshakes, "both legs of each gone")
+
+    assert await left_to_the_collector(websockets) == set()
 
 
 @pytest_twisted.ensureDeferred
