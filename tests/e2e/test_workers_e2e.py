@@ -89,7 +89,9 @@ def supervised(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_Supervised
     """
     One gateway of two workers for the tests that leave it as they found it
     (no worker killed or replaced, no config changed for good): each start is
-    three processes importing the package.
+    three processes importing the package. Those tests stand together at the
+    top of the file, so that the test process that runs one (``--dist
+    worksteal`` hands out runs of neighbours) most often runs them all.
     """
     gateway = _Supervised(tmp_path_factory.mktemp("supervised"))
     yield gateway
@@ -142,60 +144,6 @@ def test_two_workers_share_the_port_and_the_kernel_spreads_400_websockets(superv
     finally:
         for sock in sockets:
             sock.close()
-
-
-def test_a_killed_worker_is_replaced_and_only_its_own_clients_notice(tmp_path):
-    """
-    SIGKILL one worker: the supervisor logs why it died and starts another in
-    its slot; the other worker's WebSockets stay open, new connections are served.
-    """
-    gateway = _Supervised(tmp_path)
-    sockets: list[socket.socket] = []
-    try:
-        sockets += _open_websockets(gateway.port, 20)
-        before = _holders(gateway.port)
-        victim, survivor = gateway.pids[0], gateway.pids[1]
-        assert before[victim] and before[survivor], before
-        os.kill(victim, signal.SIGKILL)
-        died = gateway.log.wait_for(re.compile(rf"worker 0 \(pid {victim}\) died after .*killed by SIGKILL"))
-        assert "starting a new one" in died.string
-        number, pid = gateway.log.wait_for(READY).groups()
-        assert int(number) == 0 and int(pid) != victim
-        gateway.pids[0] = int(pid)
-        assert _holders(gateway.port)[survivor] == before[survivor]
-        sockets += _open_websockets(gateway.port, 20)
-        assert sum(_holders(gateway.port).values()) == before[survivor] + 20
-        assert _scrape(gateway.port)["wsgateway_worker_restarts"] == 1
-    finally:
-        for sock in sockets:
-            sock.close()
-        gateway.stop()
-
-
-def test_a_worker_crash_loop_stops_the_gateway_with_one_line(tmp_path):
-    """A worker that cannot start (its config broke after start-up) five times in a row stops everything."""
-    gateway = _Supervised(tmp_path)
-    try:
-        gateway.config.write_text("[gateway]\nworkers = 2\n")  # no route: every new worker exits at once
-        os.kill(gateway.pids[0], signal.SIGKILL)
-        line = gateway.gateway.err.wait_for(re.compile(r"wsgateway: worker 0 died within 5 s of starting 5 times in a row"))
-        assert "stopping the gateway" in line.string
-        assert gateway.process.wait(GUARD) != 0
-        assert "Traceback" not in gateway.gateway.err.rest()
-    finally:
-        gateway.stop()
-
-
-def test_sigterm_stops_the_supervisor_and_every_worker_cleanly(tmp_path):
-    """SIGTERM to the supervisor: each worker drains and exits, then the supervisor exits 0."""
-    gateway = _Supervised(tmp_path)
-    try:
-        assert gateway.gateway.terminate() == 0
-        for pid in gateway.pids.values():
-            settle_blocking(lambda: not process_alive(pid), f"worker {pid} gone with its supervisor")
-        assert "Traceback" not in gateway.log.rest() + gateway.gateway.err.rest()
-    finally:
-        gateway.stop()
 
 
 def _scrape(port: int, connection: http.client.HTTPConnection | None = None) -> dict:
@@ -294,6 +242,91 @@ def test_metrics_healthz_and_readyz_answer_for_every_worker(supervised):
             sock.close()
 
 
+@pytest.mark.parametrize("workers", [2, 1])
+def test_a_bad_config_on_sighup_is_refused_with_one_line_and_the_workers_keep_serving(request, tmp_path, workers):
+    gateway = request.getfixturevalue("supervised") if workers == 2 else _Supervised(tmp_path, workers)
+    good = gateway.config.read_text()
+    try:
+        gateway.config.write_text(good.replace(f"workers = {workers}", f"workers = {workers}\nconnect_timeout = soon"))
+        gateway.process.send_signal(signal.SIGHUP)
+        line = gateway.log.wait_for(re.compile(r"SIGHUP refused: .*\[gateway\] connect_timeout"))
+        assert "keep serving" in line.string
+        assert _holders(gateway.port) is not None
+        assert _get(gateway.port, "/readyz")[0] == 200
+        assert STARTED.search(gateway.log.text().split(line.group(0))[1]) is None
+    finally:
+        gateway.config.write_text(good)
+        if workers == 1:
+            gateway.stop()
+
+
+def test_every_text_log_line_names_the_worker_or_the_supervisor_that_wrote_it(supervised):
+    """twistd's text lines (the default log) of a gateway of two workers: each says who wrote it."""
+    gateway = supervised
+    assert _get(gateway.port, "/v1/chat/rooms")[0] == 200
+    gateway.log.wait_for(re.compile(r"GET /v1/chat/rooms 200"))
+    lines = [line for line in gateway.log.text().splitlines() if re.match(r"\d{4}-\d\d-\d\dT\S+ \[", line)]
+    writers = collections.Counter(
+        (found.group(1) if found else line) for line in lines
+        for found in [re.search(r"^\S+ \[[^\]]* (worker \d|supervisor)\] ", line)]
+    )
+    assert set(writers) == {"supervisor", "worker 0", "worker 1"}, writers
+
+
+def test_a_killed_worker_is_replaced_and_only_its_own_clients_notice(tmp_path):
+    """
+    SIGKILL one worker: the supervisor logs why it died and starts another in
+    its slot; the other worker's WebSockets stay open, new connections are served.
+    """
+    gateway = _Supervised(tmp_path)
+    sockets: list[socket.socket] = []
+    try:
+        sockets += _open_websockets(gateway.port, 20)
+        before = _holders(gateway.port)
+        victim, survivor = gateway.pids[0], gateway.pids[1]
+        assert before[victim] and before[survivor], before
+        os.kill(victim, signal.SIGKILL)
+        died = gateway.log.wait_for(re.compile(rf"worker 0 \(pid {victim}\) died after .*killed by SIGKILL"))
+        assert "starting a new one" in died.string
+        number, pid = gateway.log.wait_for(READY).groups()
+        assert int(number) == 0 and int(pid) != victim
+        gateway.pids[0] = int(pid)
+        assert _holders(gateway.port)[survivor] == before[survivor]
+        sockets += _open_websockets(gateway.port, 20)
+        assert sum(_holders(gateway.port).values()) == before[survivor] + 20
+        assert _scrape(gateway.port)["wsgateway_worker_restarts"] == 1
+    finally:
+        for sock in sockets:
+            sock.close()
+        gateway.stop()
+
+
+def test_a_worker_crash_loop_stops_the_gateway_with_one_line(tmp_path):
+    """A worker that cannot start (its config broke after start-up) five times in a row stops everything."""
+    gateway = _Supervised(tmp_path)
+    try:
+        gateway.config.write_text("[gateway]\nworkers = 2\n")  # no route: every new worker exits at once
+        os.kill(gateway.pids[0], signal.SIGKILL)
+        line = gateway.gateway.err.wait_for(re.compile(r"wsgateway: worker 0 died within 5 s of starting 5 times in a row"))
+        assert "stopping the gateway" in line.string
+        assert gateway.process.wait(GUARD) != 0
+        assert "Traceback" not in gateway.gateway.err.rest()
+    finally:
+        gateway.stop()
+
+
+def test_sigterm_stops_the_supervisor_and_every_worker_cleanly(tmp_path):
+    """SIGTERM to the supervisor: each worker drains and exits, then the supervisor exits 0."""
+    gateway = _Supervised(tmp_path)
+    try:
+        assert gateway.gateway.terminate() == 0
+        for pid in gateway.pids.values():
+            settle_blocking(lambda: not process_alive(pid), f"worker {pid} gone with its supervisor")
+        assert "Traceback" not in gateway.log.rest() + gateway.gateway.err.rest()
+    finally:
+        gateway.stop()
+
+
 def _close_code(sock: socket.socket) -> int:
     """Read frames (after the 101) until the server's close frame; its code."""
     data = b""
@@ -390,37 +423,6 @@ def test_sighup_replaces_every_worker_under_load_without_a_failure_and_1012_on_o
         for sock in sockets:
             sock.close()
         gateway.stop()
-
-
-@pytest.mark.parametrize("workers", [2, 1])
-def test_a_bad_config_on_sighup_is_refused_with_one_line_and_the_workers_keep_serving(request, tmp_path, workers):
-    gateway = request.getfixturevalue("supervised") if workers == 2 else _Supervised(tmp_path, workers)
-    good = gateway.config.read_text()
-    try:
-        gateway.config.write_text(good.replace(f"workers = {workers}", f"workers = {workers}\nconnect_timeout = soon"))
-        gateway.process.send_signal(signal.SIGHUP)
-        line = gateway.log.wait_for(re.compile(r"SIGHUP refused: .*\[gateway\] connect_timeout"))
-        assert "keep serving" in line.string
-        assert _holders(gateway.port) is not None
-        assert _get(gateway.port, "/readyz")[0] == 200
-        assert STARTED.search(gateway.log.text().split(line.group(0))[1]) is None
-    finally:
-        gateway.config.write_text(good)
-        if workers == 1:
-            gateway.stop()
-
-
-def test_every_text_log_line_names_the_worker_or_the_supervisor_that_wrote_it(supervised):
-    """twistd's text lines (the default log) of a gateway of two workers: each says who wrote it."""
-    gateway = supervised
-    assert _get(gateway.port, "/v1/chat/rooms")[0] == 200
-    gateway.log.wait_for(re.compile(r"GET /v1/chat/rooms 200"))
-    lines = [line for line in gateway.log.text().splitlines() if re.match(r"\d{4}-\d\d-\d\dT\S+ \[", line)]
-    writers = collections.Counter(
-        (found.group(1) if found else line) for line in lines
-        for found in [re.search(r"^\S+ \[[^\]]* (worker \d|supervisor)\] ", line)]
-    )
-    assert set(writers) == {"supervisor", "worker 0", "worker 1"}, writers
 
 
 def _unix_get(path: Path, target: str = "/v1/chat/rooms") -> int:
