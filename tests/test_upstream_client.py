@@ -7,7 +7,7 @@ has the exchanges with real servers).
 from __future__ import annotations
 
 import pytest
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from twisted_gateway.connector import UpstreamConnector
 from twisted_gateway.upstream_client import UpstreamClient, request_head
@@ -36,3 +36,24 @@ def test_what_cannot_go_on_a_request_line_is_refused_at_once(method, url):
     with pytest.raises(ValueError):
         client.request(method, url)
 
+
+@pytest.mark.parametrize(
+    "url, target, host",
+    [
+        (b"http://127.0.0.1:1", b"/", b"127.0.0.1:1"),
+        (b"http://127.0.0.1:1?q=a/b", b"/?q=a/b", b"127.0.0.1:1"),
+        (b"http://127.0.0.1:1/a?q=b/c?d", b"/a?q=b/c?d", b"127.0.0.1:1"),
+        (b"http://127.0.0.1:80/a/b", b"/a/b", b"127.0.0.1"),
+    ],
+    ids=["no-path", "query-only", "path-and-query", "default-port"],
+)
+def test_the_request_line_and_host_come_from_the_url(url, target, host):
+    """The target starts at the first ``/`` or ``?`` after the authority; the default port is left out of Host."""
+    reactor = MemoryReactorClock()
+    client = UpstreamClient(reactor, UpstreamConnector(reactor, 5.0))
+    client.send(b"GET", url, [(b"X-A", b"1")])
+    [(address, port, factory, _, _)] = reactor.tcpClients
+    connection = factory.buildProtocol(None)
+    transport = StringTransport()
+    connection.makeConnection(transport)
+    assert transport.value() == b"GET " + target + b" HTTP/1.1\r\nHost: " + host + b"\r\nX-A: 1\r\n\r\n"

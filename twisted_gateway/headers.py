@@ -109,17 +109,27 @@ def is_websocket_upgrade(method: bytes, headers: Headers) -> bool:
 
 def strip_hop_by_hop(headers: Headers) -> list[tuple[bytes, bytes]]:
     """Drop hop-by-hop headers and every header ``Connection`` names; keep order."""
-    named = _connection_named(headers)
-    return [(k, v) for k, v in headers if (lk := k.lower()) not in HOP_BY_HOP and lk not in named]
+    kept, listed = _end_to_end(headers)
+    return _unlisted(kept, listed) if listed else kept
 
 
-def _connection_named(headers: Headers) -> frozenset[bytes] | set[bytes]:
-    """The header names ``Connection`` lists (usually none: no list is made then)."""
-    values = [v for k, v in headers if k.lower() == b"connection"]
-    return set(tokens(values)) if values else _NONE
+def _end_to_end(headers: Headers) -> tuple[list[tuple[bytes, bytes]], list[bytes]]:
+    """The headers that are not hop-by-hop, and the ``Connection`` values (one pass)."""
+    kept = []
+    listed = []
+    for k, v in headers:
+        lower = k.lower()
+        if lower not in HOP_BY_HOP:
+            kept.append((k, v))
+        elif lower == b"connection":
+            listed.append(v)
+    return kept, listed
 
 
-_NONE: frozenset[bytes] = frozenset()
+def _unlisted(headers: Headers, listed: list[bytes]) -> list[tuple[bytes, bytes]]:
+    """``headers`` less those the ``Connection`` values ``listed`` name (rare: a second pass then)."""
+    named = set(tokens(listed))
+    return [(k, v) for k, v in headers if k.lower() not in named]
 
 
 def peer_host(address: IAddress | None) -> str:
@@ -201,14 +211,16 @@ def upstream_request_headers(
     """
     incoming_xff = []
     dropped = _normalized_names(drop)
-    named = _connection_named(headers)
+    listed = []
     kept = []
     for k, v in headers:
         lower = k.lower()
         if lower == b"x-forwarded-for":
             incoming_xff.append(v)
             continue
-        if lower in HOP_BY_HOP or lower in named:
+        if lower in HOP_BY_HOP:
+            if lower == b"connection":
+                listed.append(v)
             continue
         lk = lower.replace(b"_", b"-") if b"_" in lower else lower  # normalized_name's
         if (
@@ -220,6 +232,8 @@ def upstream_request_headers(
             and lk != b"host"
         ):
             kept.append((k, v))
+    if listed:
+        kept = _unlisted(kept, listed)
     kept.append((b"X-Forwarded-For", forwarded_for(incoming_xff, peer, trusted_proxies)))
     kept.append((b"X-Forwarded-Proto", scheme.encode("ascii")))
     if host:
@@ -331,7 +345,11 @@ def clean_reason_phrase(phrase: bytes) -> bytes:
     characters (a bare CR, LF, NUL...) become spaces (RFC 9112 4: HTAB, SP,
     VCHAR and obs-text only).
     """
-    return bytes(b if b >= 0x20 and b != 0x7F or b == 0x09 else 0x20 for b in phrase)
+    return _CONTROLS.sub(b" ", phrase)
+
+
+#: what a reason phrase may not hold: controls but HTAB, and DEL
+_CONTROLS = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 # -- the Host the upstream sees, and the addresses it answers with ------------

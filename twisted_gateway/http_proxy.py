@@ -42,9 +42,11 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import Cooperator, TaskFinished
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.python.components import Componentized
 from twisted.web import resource, server
 from twisted.web.client import ResponseDone
 from twisted.web.http import NO_BODY_CODES, RESPONSES, HTTPChannel, PotentialDataLoss, datetimeToString
+from twisted.web.http import Request as HTTPRequest
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import (
     UNKNOWN_LENGTH,
@@ -212,8 +214,14 @@ class GatewayRequest(Request):
         return type(cls.__name__, (cls,), {"max_body_size": settings.max_body_size})
 
     def __init__(self, channel: HTTPChannel, *args: object, **kwargs: object) -> None:
-        kwargs["parsePOSTFormSubmission"] = False
-        super().__init__(channel, *args, **kwargs)
+        if args or kwargs:
+            kwargs["parsePOSTFormSubmission"] = False
+            super().__init__(channel, *args, **kwargs)
+            return
+        # what server.Request.__init__ calls, without relaying *args and **kwargs
+        # twice for each request (a channel that does not queue passes neither)
+        HTTPRequest.__init__(self, channel, parsePOSTFormSubmission=False)
+        Componentized.__init__(self)
 
     def process(self) -> None:
         """
@@ -226,7 +234,7 @@ class GatewayRequest(Request):
         headers.setRawHeaders(b"Server", _SERVER)
         headers.setRawHeaders(b"Date", [http_date(site.reactor.seconds())])
         self.prepath = []
-        self.postpath = list(map(unquote_to_bytes, self.path[1:].split(b"/")))
+        self.postpath = [unquote_to_bytes(part) if b"%" in part else part for part in self.path[1:].split(b"/")]
         if self.path == b"*":
             self._handleStar()
             return

@@ -108,8 +108,7 @@ class GatewayResource(Resource):
         if route is None:
             raise NotFound(f"no route for {path.decode('ascii', 'replace')}")
         check_escaped_path(path, route, self._table, route.escaped_slashes)
-        headers = list(request.requestHeaders.getAllRawHeaders())
-        flat = [(name, value) for name, values in headers for value in values]
+        flat = [(name, value) for name, values in request.requestHeaders.getAllRawHeaders() for value in values]
         pool = self.gateway.pools[route.name]
         if is_websocket_upgrade(request.method, flat):
             return self._upgrade(request, route, pool, path, query, flat, host)

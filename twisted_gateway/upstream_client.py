@@ -872,7 +872,8 @@ class UpstreamClient:
         answer: Answer | None,
     ) -> _Exchange:
         origin, target = self._origin(uri)
-        if not any(name.lower() == b"host" for name, _ in headers):
+        # (the forwarder puts its Host first)
+        if not (headers and headers[0][0] == b"Host") and not any(name.lower() == b"host" for name, _ in headers):
             headers = [(b"Host", origin.host), *headers]
         head = request_head(method, target, headers, _framing(method, body))
         exchange = _Exchange(origin, method, head, body, answer)
@@ -900,8 +901,10 @@ class UpstreamClient:
     def _origin(self, uri: bytes) -> tuple[_Origin, bytes]:
         scheme_end = uri.find(b"://")
         start = scheme_end + 3
-        ends = [i for i in (uri.find(b"/", start), uri.find(b"?", start)) if i >= 0]
-        end = min(ends) if ends else len(uri)
+        end = uri.find(b"/", start)
+        query = uri.find(b"?", start, None if end < 0 else end)
+        if query >= 0 or end < 0:
+            end = len(uri) if query < 0 else query
         base, target = uri[:end], uri[end:]
         if not target.startswith(b"/"):
             target = b"/" + target
