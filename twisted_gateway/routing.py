@@ -118,6 +118,8 @@ def normalize_path(path: bytes) -> bytes:
         raise BadPath("the request path must start with '/'")
     if b"\x00" in path:
         raise BadPath("the request path contains a NUL byte")
+    if b"%" not in path and b"//" not in path and b"/." not in path:
+        return path  # no escape, empty segment or dot segment: normalised already
     segments = path.split(b"/")[1:]
     out: list[bytes] = []
     trailing = False
