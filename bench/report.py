@@ -187,15 +187,20 @@ def _module(frame_key: str) -> str:
     return parts[0] if len(parts) > 1 else path
 
 
-#: Innermost frames that mean waiting, not working: the reactor in epoll_wait,
+#: Innermost frames that mean waiting, not working: the reactor in epoll_wait
+#: (Twisted's doPoll, or the gateway's own ``_compat._do_poll`` that replaces it),
 #: an idle thread-pool worker (py-spy cannot always tell these from running).
 IDLE_LEAVES = (
     "EPollReactor.doPoll (twisted/internet/epollreactor.py)",
+    "_do_poll (twisted_gateway/_compat.py)",
     "Condition.wait (threading.py)",
 )
 #: Frames every sample shares (twistd's start-up and the reactor loop): left out
 #: of the inclusive list, where they would only ever read ~100%.
-_FRAMEWORK = ("twisted/application/", "twisted/scripts/", "(twistd)", "ReactorBase.", "EPollReactor.doPoll")
+_FRAMEWORK = (
+    "twisted/application/", "twisted/scripts/", "(twistd)", "ReactorBase.", "EPollReactor.doPoll",
+    "_do_poll (twisted_gateway/_compat.py)",
+)
 
 
 def collapsed_hot_spots(text: str, top: int = 25) -> dict[str, Any]:

@@ -7,6 +7,7 @@ stopped, and a missing nginx is a notice, not a failure. No timing is asserted h
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -94,3 +95,20 @@ def test_missing_nginx_is_a_notice_and_the_other_targets_still_run(tmp_path):
     assert {(s["figure"], s["target"]) for s in data["samples"]} == {
         (figure, target) for figure in ("1", "1-inflight") for target in targets
     }
+
+
+def test_a_profile_counts_the_gateway_reactor_waiting_in_epoll_as_idle():
+    """The gateway's reactor polls in ``_compat._do_poll``: a sample that ends there waits, it does not work."""
+    spec = importlib.util.spec_from_file_location("bench_report", REPO / "bench" / "report.py")
+    assert spec is not None and spec.loader is not None
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    loop = "MainThread;<module> (twistd:6);ReactorBase.mainLoop (twisted/internet/base.py:697)"
+    raw = (
+        f"{loop};_do_poll (twisted_gateway/_compat.py:190) 30\n"
+        f"{loop};_do_poll (twisted_gateway/_compat.py:202);write_now (twisted_gateway/_compat.py:267) 10\n"
+    )
+    spots = report.collapsed_hot_spots(raw)
+    assert (spots["samples"], spots["idle_samples"]) == (10, 30)
+    assert spots["self"] == [("write_now (twisted_gateway/_compat.py)", 100.0)]
+    assert [key for key, _ in spots["inclusive"]] == ["write_now (twisted_gateway/_compat.py)"]
