@@ -65,14 +65,14 @@ def extract_token(
     An ``Authorization`` header of another scheme is not a source.
     """
     for name, header in headers:
-        if name.lower() != b"authorization":
+        if len(name) != 13 or name.lower() != b"authorization":  # (the length first: no copy per header)
             continue
         scheme, _, credentials = header.strip().partition(b" ")
         if scheme.lower() == b"bearer":
             credentials = credentials.strip()
             if credentials:
                 return credentials.decode("latin-1")
-    value = query_value(query, query_param)
+    value = query_value(query, query_param) if query else None
     if value is None and cookie:
         value = cookie_value(headers, cookie)
     return value.decode("latin-1") if value is not None else None
@@ -428,8 +428,9 @@ class Authenticator:
             if mode == "optional":
                 return None
             raise AuthError.missing()
-        identity = await self.verify(token)
-        if route is not None:
+        # a token verified before is answered here, without awaiting another coroutine
+        identity = self._known(token) or await self._verify_and_keep(token)
+        if route is not None and (route.require_scope or route.require_claim):
             check_requirements(identity.claims, route.require_scope, route.require_claim)
         return identity
 
@@ -438,14 +439,20 @@ class Authenticator:
         Check a token's algorithm, signature, claims and times; raises AuthError.
         A token verified before is taken from the cache until its ``exp``.
         """
+        return self._known(token) or await self._verify_and_keep(token)
+
+    def _known(self, token: str) -> Identity | None:
+        """The identity of ``token`` if it was verified with the current keys and its ``exp`` is ahead."""
         keys = self.keyset.keys if self.keyset is not None else None
         if keys is not self._verified_with:
             # a fetched JWKS replaces the keys: a key may have been withdrawn
             self._verified.clear()
             self._verified_with = keys
-        known = self._verified.get(token, self._clock.seconds())
-        if known is not None:
-            return known
+        return self._verified.get(token, self._clock.seconds())
+
+    async def _verify_and_keep(self, token: str) -> Identity:
+        """:meth:`_verify`, the identity then kept until the token's ``exp`` if the keys are the same."""
+        keys = self._verified_with
         identity = await self._verify(token)
         if self._verified_with is keys:
             # the raw exp, not exp + leeway: never kept past the token's own expiry

@@ -548,10 +548,10 @@ class Cluster:
 
     def check_token(self, claims: Mapping[str, object]) -> None:
         """Refuse a revoked token (memory only: no Redis on the request path)."""
-        from twisted_gateway.auth import AuthError
-
         kind = self.revocations.revoked(claims)
         if kind is not None:
+            from twisted_gateway.auth import AuthError  # (imported only for a refusal)
+
             self.revoked[kind] = self.revoked.get(kind, 0) + 1
             raise AuthError("token revoked")
 

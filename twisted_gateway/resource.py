@@ -119,7 +119,8 @@ class GatewayResource(Resource):
         d = start(self._authenticate_and_forward(request, route, path, query, flat))
         if not d.called:
             request.notifyFinish().addErrback(lambda _: d.cancel())
-        d.addErrback(_log_unless_cancelled)
+        if not d.called or isinstance(d.result, Failure):  # (a success fired already needs no errback)
+            d.addErrback(_log_unless_cancelled)
         return NOT_DONE_YET
 
     def streams_body(self, method: bytes, uri: bytes, headers: Headers) -> bool:

@@ -42,6 +42,8 @@ class Revocations:
 
     def revoked(self, claims: Mapping[str, object]) -> str | None:
         """Which revocation covers a verified token with these claims (``jti``, ``sub``), if any."""
+        if not self.jtis and not self.subjects:
+            return None  # (nothing revoked: no claim to look up)
         jti = claims.get("jti")
         if isinstance(jti, str) and jti in self.jtis:
             return "jti"
