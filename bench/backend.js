@@ -1,4 +1,5 @@
-// The upstream of bench/run.py: a WebSocket echo and a 64-byte HTTP answer on one port.
+// The upstream of bench/run.py: a WebSocket echo and a 64-byte HTTP answer on one port
+// (64 KiB for a path ending in /64k: the per-byte figure of bench/http_instructions.py --large).
 //
 // Written in Node with `ws` (and its native `bufferutil` when installed) so the
 // backend costs far less CPU than any proxy in front of it; run.py measures
@@ -16,13 +17,15 @@ const readline = require("readline");
 const { WebSocketServer } = require("ws");
 
 const BODY = Buffer.alloc(64, "b");
+const LARGE = Buffer.alloc(64 * 1024, "b");
 const MiB = 1024 * 1024;
 
 const server = http.createServer((req, res) => {
   req.resume();
   req.on("end", () => {
-    res.writeHead(200, { "Content-Type": "text/plain", "Content-Length": BODY.length });
-    res.end(BODY);
+    const body = req.url.endsWith("/64k") ? LARGE : BODY;
+    res.writeHead(200, { "Content-Type": "text/plain", "Content-Length": body.length });
+    res.end(body);
   });
 });
 // Proxies keep upstream connections alive; never be the side that drops them mid-run.

@@ -4,14 +4,15 @@ callgrind: unlike CPU seconds, the count does not move with the neighbours
 on a shared machine, so two builds can be compared step by step.
 
 The gateway (``twistd -n wsgateway``) runs under ``valgrind --tool=callgrind
---instr-atstart=no`` in front of ``bench/backend.js`` (a 64-byte answer);
+--instr-atstart=no`` in front of ``bench/backend.js`` (a 64-byte answer, or
+64 KiB with ``--large``);
 after a warm-up, instrumentation is switched on, N keep-alive GETs are sent
 over 4 connections, and the total instruction count (Ir) over N is printed.
 
     .venv/bin/python bench/http_instructions.py [--requests N] [--path /auth/x]
         [--logger twisted_gateway.logs.json_observer] [--venv OTHER/.venv]
         [--set access_log=FILE ...] [--peer aiohttp] [--handshakes N] [--fresh-tokens]
-        [--concurrency N] [--cache-sim]
+        [--concurrency N] [--cache-sim] [--large]
 
 ``/auth/...`` goes through a route with ``auth = required``, every request
 bringing the same token; with ``--fresh-tokens`` each brings a token of its
@@ -28,7 +29,10 @@ its last answer is in (bench figure 6 saturated: many requests per reactor
 turn, N upstream connections) instead of one at a time. ``--cache-sim``
 also prints callgrind's simulated cache misses per request (first-level
 instruction and data, last-level): CPU seconds count the misses,
-instructions do not. Needs valgrind and Node.js
+instructions do not. ``--large`` asks for 64 KiB answers (``--path`` with
+``/64k`` appended, which the backend answers so) and also prints the
+instructions per byte of answer: the cost of streaming a body, next to a
+request's own. Needs valgrind and Node.js
 (``bench/node_modules``).
 """
 
@@ -56,6 +60,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from targets import LOOPBACK, Gateway, gateway_lines  # noqa: E402  (the benchmark's own gateway config)
 
 ROOT = Path(__file__).resolve().parent.parent
+#: A path ending so gets a 64 KiB answer from bench/backend.js.
+LARGE_SUFFIX, LARGE_SIZE = "/64k", 64 * 1024
 
 
 def main() -> None:
@@ -75,7 +81,10 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=0, metavar="N",
                         help="N connections sending at once (default: 4 connections, one request at a time)")
     parser.add_argument("--cache-sim", action="store_true", help="also count simulated cache misses")
+    parser.add_argument("--large", action="store_true", help="64 KiB answers (--path + /64k) instead of 64 bytes")
     args = parser.parse_args()
+    if args.large:
+        args.path = args.path.rstrip("/") + LARGE_SUFFIX
     bin_dir = Path(args.venv) / "bin"
     with tempfile.TemporaryDirectory(prefix="http-instructions-") as work:
         backend = subprocess.Popen(
@@ -169,9 +178,10 @@ def measure(work: str, bin_dir: Path, backend_port: int, args: argparse.Namespac
             f"; per request {level1[0] / args.requests:,.0f} I1 misses, {level1[1] / args.requests:,.0f} D1 misses,"
             f" {last / args.requests:,.0f} LL misses"
         )
+    per_byte = f"; {total / args.requests / LARGE_SIZE:.2f} per byte of answer" if args.large else ""
     return (
         f"{total / args.requests / 1e6:.3f} M instructions per request"
-        f" ({args.requests} GET {args.path}{logger}){misses}"
+        f" ({args.requests} GET {args.path}{logger}){per_byte}{misses}"
     )
 
 
