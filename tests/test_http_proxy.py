@@ -455,6 +455,22 @@ def test_access_log_has_one_structured_line_with_the_token_redacted(echo):
     gateway.close()
 
 
+def test_the_access_event_gives_the_duration_in_whole_microseconds():
+    """A request's duration is logged to the microsecond, not with the digits two time stamps leave."""
+    upstream = Silent()
+    gateway = Gateway(upstream)
+    gateway.clock.advance(1_700_000_000.1)
+    with capturedLogs() as events:
+        gateway.request(b"GET /x HTTP/1.1\r\nHost: gw\r\n\r\n")
+        gateway.clock.advance(0.0012345678)
+        upstream.held[0].write(b"ok")
+        upstream.held[0].finish()
+        gateway.pump()
+    [event] = [e for e in events if e.get("log_namespace") == "twisted_gateway.access"]
+    assert repr(event["duration"]) == "0.001235"
+    gateway.close()
+
+
 def test_the_access_line_reads_the_same_from_its_fields_and_from_its_preformatted_ones(echo):
     """The line formatted ahead of time (``log_flattened``) is the line the fields give."""
     gateway = Gateway(echo, route_name="api")

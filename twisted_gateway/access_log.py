@@ -372,7 +372,7 @@ def emit(logger: Logger, fields: Mapping[str, str], status: int, sent: int, dura
     write at its end (:func:`write_held`): under load one ``write`` system
     call for many requests instead of one each.
     """
-    global _plan, _held_by
+    global _plan
     publisher = logger.observer
     plan = _plan
     if plan is None or plan.publisher is not publisher or plan.observers != plan.list:
@@ -387,19 +387,15 @@ def emit(logger: Logger, fields: Mapping[str, str], status: int, sent: int, dura
     when = time.time()
     if poll_turn.handling:
         # the reactor is handling a poll's events: the lines wait for its end (write_held)
-        held = _held
-        if not held:
-            _held_by = threading.get_ident()
-            poll_turn.after.append(write_held)
-        for observer, write, line in writers:
-            entry = held.get(observer)
-            if entry is None:
-                held[observer] = entry = (write, [])
-            try:
-                entry[1].append(line(when, fields, status, sent, duration, outcome))
-            except Exception:
-                _failed(observer, [o for o, _, _ in writers])
-        return
+        if _held_plan is not plan or not _held:
+            _hold(plan, writers)
+        if _held_plan is plan:
+            for observer, _, line, lines in _held:
+                try:
+                    lines.append(line(when, fields, status, sent, duration, outcome))
+                except Exception:
+                    _failed(observer, [o for o, _, _ in writers])
+            return
     for observer, write, line in writers:
         try:
             write(line(when, fields, status, sent, duration, outcome))
@@ -407,10 +403,27 @@ def emit(logger: Logger, fields: Mapping[str, str], status: int, sent: int, dura
             _failed(observer, [o for o, _, _ in writers])
 
 
-#: Access lines held until the end of the reactor's turn: each observer's write, and its lines
-_held: dict[ILogObserver, tuple[Callable[[str], None], list[str]]] = {}
-#: the thread that held them (the reactor's)
+#: Access lines held until the end of the reactor's turn: each observer, its write, its line and its lines
+_held: list[tuple[ILogObserver, Callable[[str], None], _Line, list[str]]] = []
+#: the plan whose writers they are, and the thread that held them (the reactor's)
+_held_plan: _Plan | None = None
 _held_by = 0
+
+
+def _hold(plan: _Plan, writers: list[tuple[ILogObserver, Callable[[str], None], _Line]]) -> None:
+    """
+    Hold the lines of ``plan``'s writers until the end of the turn, those
+    held for another plan written first (unless another thread holds them:
+    ``plan``'s lines are then written at once).
+    """
+    global _held, _held_plan, _held_by
+    if _held:
+        write_held()
+    if _held or not writers:
+        return
+    _held = [(observer, write, line, []) for observer, write, line in writers]
+    _held_plan, _held_by = plan, threading.get_ident()
+    poll_turn.after.append(write_held)
 
 
 def write_held() -> None:
@@ -420,15 +433,17 @@ def write_held() -> None:
     observers' formatting before any other event's line, so that lines keep
     their order. Only the reactor's thread writes them.
     """
-    global _held
+    global _held, _held_plan
     if not _held or threading.get_ident() != _held_by:
         return
-    held, _held = _held, {}
-    for observer, (write, lines) in held.items():
+    held, _held, _held_plan = _held, [], None
+    for observer, write, _, lines in held:
+        if not lines:
+            continue  # (its line failed)
         try:
             write("".join(lines))
         except Exception:
-            _failed(observer, list(held))
+            _failed(observer, [o for o, _, _, _ in held])
 
 
 def _failed(observer: ILogObserver, observers: list[ILogObserver]) -> None:

@@ -716,11 +716,15 @@ class _Forwarding:
 
     def _log(self, status: int, sent: int, outcome: str) -> None:
         forwarder = self._forwarder
+        if forwarder._access is None and not forwarder._access_events:
+            return
         now = forwarder._reactor.seconds()
-        duration = now - self._started
+        # in whole microseconds: the digits past them are the rounding of two time stamps,
+        # and writing those was a sixth of the JSON access line's cost
+        duration = round((now - self._started) * 1e6) / 1e6
         if forwarder._access is not None:
             forwarder._access.write(now, self._fields, status, sent, duration, outcome)
-        elif forwarder._access_events:
+        else:
             emit(access_log, self._fields, status, sent, duration, outcome)
 
     def _release(self) -> None:
