@@ -347,6 +347,75 @@ def test_side_connection_made():
 
 
 
+@pytest.mark.parametrize("side", ["server", "client", "client through a proxy"])
+def test_connection_made_sets_what_autobahns_does_but_the_validator(side):
+    """
+    ``connection_made``: the state ``WebSocketProtocol._connectionMade`` sets,
+    with its options on the class (``with_options``), less the UTF-8 validator,
+    which the leg makes when first read.
+    """
+    from autobahn.websocket.protocol import TrafficStats
+    from autobahn.websocket.utf8validator import Utf8Validator
+
+    if side == "server":
+        factory: WebSocketServerFactory | WebSocketClientFactory = _server_factory()
+        base: type = WebSocketServerProtocol
+    else:
+        factory = WebSocketClientFactory("ws://localhost:9", proxy={"host": "proxy", "port": 8} if "proxy" in side else None)
+        factory.setProtocolOptions(openHandshakeTimeout=0)
+        base = WebSocketClientProtocol
+    leg_class = _compat.with_options(type("Leg", (_compat.LegHooks, base), {}), factory)
+    autobahns, ours = leg_class(), leg_class()
+    for leg in (autobahns, ours):
+        leg.factory = leg.transport = None  # type: ignore[assignment]
+        leg.factory = factory
+    WebSocketProtocol._connectionMade(autobahns)
+    _compat.connection_made(ours)
+    theirs = dict(vars(autobahns))
+    _require(isinstance(theirs.pop("utf8validator", None), Utf8Validator), "WebSocketProtocol._connectionMade (utf8validator)", "Autobahn")
+    mine = dict(vars(ours))
+    for name in ("trafficStats", "send_queue"):  # fresh objects of the same kind and content
+        _require(type(theirs.pop(name)) is type(mine.pop(name)), f"WebSocketProtocol._connectionMade ({name})", "Autobahn")
+    _require(theirs == mine, "WebSocketProtocol._connectionMade", "Autobahn")
+    assert isinstance(ours.trafficStats, TrafficStats) and isinstance(ours.utf8validator, Utf8Validator)
+    assert ours.utf8validator is ours.utf8validator
+
+
+def test_short_payloads_are_masked_as_autobahns_masker_masks_them():
+    """
+    ``mask_short_payloads``: Autobahn's protocol module makes its maskers by
+    ``create_xor_masker(mask, length)`` (its module global), and a short
+    payload's masker gives the bytes Autobahn's does, fed whole or in pieces.
+    """
+    import random
+
+    from autobahn.websocket import protocol
+    from autobahn.websocket.xormasker import create_xor_masker
+
+    source = inspect.getsource(protocol)
+    _require(
+        protocol.create_xor_masker is create_xor_masker or protocol.create_xor_masker is _compat._masker,
+        "autobahn.websocket.protocol.create_xor_masker",
+        "Autobahn",
+    )
+    calls = [line.strip() for line in source.splitlines() if "create_xor_masker(" in line and "import" not in line]
+    _require(len(calls) >= 3 and all("create_xor_masker(" in c for c in calls), "create_xor_masker's callers", "Autobahn")
+    rng = random.Random(7)
+    for length in (*range(0, 40), 125, 126, 1000, _compat.SHORT_MASKED):
+        mask = rng.randbytes(4)
+        payload = rng.randbytes(length)
+        cuts = sorted(rng.sample(range(length + 1), min(3, length + 1)))
+        pieces = [payload[a:b] for a, b in zip([0, *cuts], [*cuts, length])]
+        native, short = create_xor_masker(mask, length), _compat._masker(mask, length)
+        assert isinstance(short, _compat._ShortMasker)
+        assert [bytes(native.process(p)) for p in pieces] == [short.process(p) for p in pieces], length
+        assert short.pointer() == native.pointer() == length
+        short.reset()
+        assert short.pointer() == 0
+    assert not isinstance(_compat._masker(b"abcd", _compat.SHORT_MASKED + 1), _compat._ShortMasker)
+    assert not isinstance(_compat._masker(b"abcd"), _compat._ShortMasker)
+
+
 @pytest.mark.parametrize("cls", [WebSocketServerProtocol, WebSocketClientProtocol])
 def test_config_attrs(cls):
     names = getattr(cls, "CONFIG_ATTRS", None)

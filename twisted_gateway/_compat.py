@@ -16,6 +16,7 @@ listed in the same test file (they stay in ``http_proxy.py`` and ``site.py``).
 from __future__ import annotations
 
 import errno
+from collections import deque
 import functools
 from pprint import pformat as _real_pformat
 from types import FunctionType, MethodType
@@ -27,6 +28,7 @@ from autobahn.util import _is_tls_error, _maybe_tls_reason
 from autobahn.wamp.types import TransportDetails
 from autobahn.websocket import protocol as websocket_protocol
 from autobahn.websocket.protocol import (
+    TrafficStats,
     WebSocketClientFactory,
     WebSocketClientProtocol,
     WebSocketFactory,
@@ -35,6 +37,8 @@ from autobahn.websocket.protocol import (
     WebSocketServerProtocol,
 )
 from autobahn.websocket.types import ConnectionResponse
+from autobahn.websocket.utf8validator import Utf8Validator
+from autobahn.websocket.xormasker import create_xor_masker  # type: ignore[attr-defined]  # (chosen at import: native or not)
 from twisted.internet import tcp, unix
 from twisted.internet.address import IPv4Address
 from twisted.internet.epollreactor import EPollReactor
@@ -516,6 +520,11 @@ class LegHooks(_Leg):
         details.channel_framing = TransportDetails.CHANNEL_FRAMING_WEBSOCKET
         return details
 
+    @functools.cached_property
+    def utf8validator(self) -> Utf8Validator:  # type: ignore[override]  # (a cached_property stores it)
+        """Autobahn's validator of the text messages it parses itself, made when first read (:func:`connection_made`)."""
+        return Utf8Validator()
+
     def _onOpen(self) -> None:
         if ISSLTransport.providedBy(self.transport):
             WebSocketAdapterProtocol._onOpen(self)  # type: ignore[arg-type]  # the TLS channel id and peer certificate, now known
@@ -540,6 +549,71 @@ class LegHooks(_Leg):
         """Autobahn failed this leg with ``code``."""
 
 
+#: What ``WebSocketProtocol._connectionMade`` sets alike on every connection
+#: (a client's ``serverConnectionDropTimeoutCall`` apart).
+_FRESH: dict[str, object] = dict(
+    _perMessageCompress=None,
+    trackedTimings=None,
+    send_state=WebSocketProtocol.SEND_STATE_GROUND,
+    data=b"",
+    triggered=False,
+    wasMaxFramePayloadSizeExceeded=False,
+    wasMaxMessagePayloadSizeExceeded=False,
+    closedByMe=False,
+    failedByMe=False,
+    droppedByMe=False,
+    wasClean=False,
+    wasNotCleanReason=None,
+    wasServerConnectionDropTimeout=False,
+    wasOpenHandshakeTimeout=False,
+    wasCloseHandshakeTimeout=False,
+    wasServingFlashSocketPolicyFile=False,
+    localCloseCode=None,
+    localCloseReason=None,
+    remoteCloseCode=None,
+    remoteCloseReason=None,
+    openHandshakeTimeoutCall=None,
+    closeHandshakeTimeoutCall=None,
+    autoPingTimeoutCall=None,
+    autoPingPending=None,
+    autoPingPendingCall=None,
+    autoPingPendingSeq=0,
+    autoPingPendingSent=None,
+)
+
+
+def connection_made(leg: Any) -> None:  # (either leg: its factory and options are the Twisted adapter's)
+    """
+    ``WebSocketProtocol._connectionMade`` for a leg: the same state, set at
+    once, without its debug line (which lists the options it copies from the
+    factory: none, after ``with_options``) or the leg's UTF-8 validator,
+    which only a text message Autobahn parses itself uses (the fast path and
+    close reasons have their own): :attr:`LegHooks.utf8validator` makes it when
+    first read. (``setTrackTimings(self.trackTimings)`` there changes nothing:
+    ``trackedTimings`` stays None.) Relies on the attributes that
+    ``_connectionMade`` sets (``tests/test_compat.py`` compares them).
+    """
+    factory = leg.factory
+    for name in leg.CONFIG_ATTRS:  # (none with with_options)
+        if not hasattr(leg, name):
+            setattr(leg, name, getattr(factory, name))
+    fresh = vars(leg)
+    fresh.update(_FRESH)
+    fresh["trafficStats"] = TrafficStats()
+    fresh["send_queue"] = deque()
+    if factory.isServer:
+        fresh["state"] = WebSocketProtocol.STATE_CONNECTING
+    else:
+        fresh["serverConnectionDropTimeoutCall"] = None
+        fresh["state"] = (
+            WebSocketProtocol.STATE_CONNECTING if factory.proxy is None else WebSocketProtocol.STATE_PROXY_CONNECTING
+        )
+    if leg.openHandshakeTimeout > 0:
+        leg.openHandshakeTimeoutCall = factory._batched_timer.call_later(
+            leg.openHandshakeTimeout, leg.onOpenHandshakeTimeout
+        )
+
+
 class ServerLegHooks(_Leg):
     """
     The client-facing leg's ``_connectionMade`` and ``_connectionLost``: what
@@ -551,7 +625,7 @@ class ServerLegHooks(_Leg):
     factory: WebSocketServerFactory
 
     def _connectionMade(self) -> None:
-        WebSocketProtocol._connectionMade(self)
+        connection_made(self)
         self.factory.countConnections += 1
 
     def _connectionLost(self, reason: Failure) -> None:  # type: ignore[override]  # (as above)
@@ -570,7 +644,7 @@ class ClientLegHooks(_ClientLeg):
     factory: WebSocketClientFactory
 
     def _connectionMade(self) -> None:
-        WebSocketProtocol._connectionMade(self)
+        connection_made(self)
         if not self.factory.isServer and self.factory.proxy is not None:
             self.startProxyConnect()  # type: ignore[no-untyped-call]
         else:
@@ -654,6 +728,59 @@ def render_debug_lazily() -> None:
         if not isinstance(names[name], FunctionType) or names[name].__name__ != "lazy":
             names[name] = _lazily(names[name])
     names["pformat"] = _pformat
+
+
+#: Payloads up to this size are masked by :class:`_ShortMasker`, larger ones by Autobahn's own.
+SHORT_MASKED = 1024
+_native_masker: Callable[..., Any] = create_xor_masker
+
+
+class _ShortMasker:
+    """
+    Autobahn's masker (``pointer``, ``reset``, ``process``, fed a payload in
+    pieces) for a short payload: one big-integer XOR per piece. Autobahn's
+    native one costs a CFFI buffer and native state per frame (in a relayed
+    handshake, both close frames).
+    """
+
+    __slots__ = ("_key", "_ptr")
+
+    def __init__(self, key: bytes) -> None:
+        self._key = key
+        self._ptr = 0
+
+    def pointer(self) -> int:
+        return self._ptr
+
+    def reset(self) -> None:
+        self._ptr = 0
+
+    def process(self, data: bytes) -> bytes:
+        n = len(data)
+        shift = self._ptr & 3
+        self._ptr += n
+        key = self._key[shift:] + self._key[:shift] if shift else self._key
+        keys = (key * ((n >> 2) + 1))[:n]
+        return (int.from_bytes(data, "little") ^ int.from_bytes(keys, "little")).to_bytes(n, "little")
+
+
+def _masker(mask: bytes, length: int | None = None) -> Any:
+    """``create_xor_masker``: a short payload's masker is :class:`_ShortMasker`."""
+    if length is not None and length <= SHORT_MASKED:
+        return _ShortMasker(mask)
+    return _native_masker(mask, length)
+
+
+def mask_short_payloads() -> None:
+    """
+    Autobahn's protocol module masks and unmasks a frame's payload with a
+    masker that ``create_xor_masker(mask, length)`` makes (a native one:
+    CFFI, per frame): a payload of up to :data:`SHORT_MASKED` bytes gets a
+    :class:`_ShortMasker` instead, the same bytes. Relies on
+    ``autobahn.websocket.protocol`` calling ``create_xor_masker`` through
+    its module globals with the payload's length. Idempotent.
+    """
+    vars(websocket_protocol)["create_xor_masker"] = _masker
 
 
 #: What Autobahn's ``parseHttpHeader`` accepts of a request line, a header's

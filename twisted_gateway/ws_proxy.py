@@ -54,6 +54,7 @@ from twisted_gateway._compat import (
     ClientLegHooks,
     ServerLegHooks,
     cancel_close_timers,
+    mask_short_payloads,
     origin_allowed,
     parse_extensions,
     render_debug_lazily,
@@ -687,6 +688,7 @@ class RelayServerFactory(WebSocketServerFactory):
         self.setProtocolOptions(**options)
         timers_on(self, clock)
         render_debug_lazily()
+        mask_short_payloads()
         self.protocol = with_options(RelayServerProtocol, self)
         self._client_template = _UpstreamFactory(url="ws://upstream/", useragent=None)
         self._client_template.noisy = False
