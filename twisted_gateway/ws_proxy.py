@@ -323,9 +323,15 @@ class RelayServerProtocol(ServerLegHooks, _RelayLeg, WebSocketServerProtocol):  
             if not FIELD_NAME.fullmatch(name) or FIELD_VALUE_INVALID.search(value) or name.lower() in headers:
                 return False
             headers[name.lower()] = value
+        target = line[1]
         try:
-            _, _, path, _, query, fragment = urlparse(line[1])
-            params = parse_qs(query)
+            if target[:1] == "/" and target[:2] != "//" and ";" not in target and "#" not in target:
+                # an origin-form target without parameters: what urlparse makes of it
+                path, _, query = target.partition("?")
+                fragment = ""
+            else:
+                _, _, path, _, query, fragment = urlparse(target)
+            params = parse_qs(query) if query else {}
         except Exception:
             return False
         host = headers.get("host")
