@@ -254,6 +254,21 @@ def test_expect_100_continue_is_answered_before_the_body_arrives():
     close(channel)
 
 
+def test_cookies_are_parsed_as_twisted_web_does_for_the_requests_that_send_some():
+    door = Door()
+    channel, transport = door.connect()
+    get = b"GET /hold HTTP/1.1\r\n" + HOST
+    channel.dataReceived(get + b"\r\n" + get + b"Cookie: a=1; b=2\r\n\r\n" + get + b"\r\n")
+    received = []
+    for _ in range(3):
+        (held,) = door.resource.held
+        door.resource.held.clear()
+        received.append(held.received_cookies)
+        held.finish()
+    assert received == [{}, {b"a": b"1", b"b": b"2"}, {}]
+    close(channel)
+
+
 def test_head_gets_the_head_only():
     door = Door()
     channel, transport = door.connect()

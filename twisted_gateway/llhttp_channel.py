@@ -40,7 +40,7 @@ class _Stop(Exception):
 class _Message:
     """One request as llhttp reads it: its head, then its body until it is complete."""
 
-    __slots__ = ("method", "path", "version", "headers", "length", "body", "complete", "request", "upgrade")
+    __slots__ = ("method", "path", "version", "headers", "length", "body", "complete", "request", "upgrade", "asks")
 
     def __init__(self, method: bytes, path: bytes, version: bytes, headers: list[tuple[bytes, bytes]]) -> None:
         self.method = method
@@ -55,6 +55,8 @@ class _Message:
         #: made when its turn comes
         self.request: Request | None = None
         self.upgrade = False
+        #: whether the head has a ``Cookie`` or an ``Expect`` (twisted.web reads them)
+        self.asks = False
 
 
 class LlhttpChannel(HTTPChannel):
@@ -167,6 +169,7 @@ class LlhttpChannel(HTTPChannel):
         headers = self._headers
         size = len(method) + len(url) + 10  # the request line: "METHOD URL HTTP/1.1"
         length: int | None = 0
+        asks = False
         for name, value in headers:
             size += len(name) + len(value) + 2
             lower = name.lower()
@@ -174,11 +177,14 @@ class LlhttpChannel(HTTPChannel):
                 length = int(value)
             elif lower == b"transfer-encoding":
                 length = None  # llhttp has checked it ends with "chunked"
+            elif lower == b"cookie" or lower == b"expect":
+                asks = True
         said = _VERSIONS.get(version)
         if said is None:
             said = b"HTTP/" + version.encode("ascii")
         message = _Message(method, url, said, headers)
         message.length = length
+        message.asks = asks
         message.upgrade = parser.should_upgrade()
         self._message = message
         if size > self.totalHeadersSize or len(headers) > self.maxHeaders:
@@ -228,6 +234,7 @@ class LlhttpChannel(HTTPChannel):
         self._path = message.path
         self._version = message.version
         self.length = message.length
+        self._asks = message.asks
         if message.upgrade:
             # a connection that asked to change protocols and did not is not reused
             self.persistent = False
@@ -239,6 +246,19 @@ class LlhttpChannel(HTTPChannel):
         message.body = []
         if message.complete:
             self.allContentReceived()
+
+    #: whether the request being begun has a ``Cookie`` or an ``Expect``
+    _asks = True
+
+    def allHeadersReceived(self) -> None:
+        if self._asks:
+            super().allHeadersReceived()
+            return
+        # HTTPChannel's, less what it asks of a head with no Cookie and no Expect
+        # (parseCookies finds none; no Expect, no 100 Continue)
+        request = self.requests[-1]
+        self.persistent = self.checkPersistence(request, self._version)
+        request.gotLength(self.length)
 
     def checkPersistence(self, request: IRequest, version: bytes) -> bool:
         return super().checkPersistence(request, version) and bool(self.persistent)
