@@ -2,7 +2,7 @@
 Two gateways (separate ``twistd`` processes, configs and ports, standing for
 two hosts) and one real Redis: an administrator's disconnect and revocation
 issued on one close the right sockets on the other, a per-user cap holds
-across both, and Redis killed and restarted mid-test under both
+across both and stops counting a killed gateway's sockets, and Redis killed and restarted mid-test under both
 ``on_redis_down`` policies, with the state back once it returns.
 
 The clients are ``websockets`` clients in this process; the upstream is the
@@ -26,6 +26,7 @@ from tests.e2e.test_front_door_e2e import ROLE_LISTENING, UPSTREAM_SCRIPT
 from tests.processes import GUARD, TWISTD, Process, python_script
 from tests.redis_server import redis_server  # noqa: F401 (fixture)
 from tests.support import settle_blocking
+from twisted_gateway.cluster import NODE_TTL, PREFIX
 
 
 SECRET = "cluster-e2e-secret-0123456789abcdef"
@@ -184,6 +185,24 @@ def test_a_disconnect_and_a_revocation_on_one_gateway_close_the_right_sockets_on
     assert _refusal(b, _token("carol")) == 429 and _refusal(a, _token("carol")) == 429
     carol.pop().close()
     settle_blocking(lambda: _accepts(a, _token("carol")), "carol's freed slot")
+
+
+def test_a_killed_gateways_sockets_stop_counting_once_its_heartbeat_key_expires(cluster):
+    """
+    gw-a killed with SIGKILL (no goodbye to Redis, nothing cleaned up): its
+    heartbeat key lives at most NODE_TTL s (under a minute) and nothing renews
+    it; once it is gone, the sockets gw-a counted no longer hold carol's cap
+    of 2 on gw-b.
+    """
+    redis, a, b = cluster
+    a.ws(_token("carol"))
+    a.ws(_token("carol"))
+    assert _refusal(b, _token("carol")) == 429
+    heartbeat = f"{PREFIX}node:gw-a/{a.process.process.pid}"
+    assert 0 < int(redis.command("TTL", heartbeat)[1:]) <= NODE_TTL <= 60
+    a.process.stop()  # SIGKILL
+    assert redis.command("DEL", heartbeat) == b":1\r\n"  # what NODE_TTL s without a heartbeat do
+    assert _accepts(b, _token("carol"))
 
 
 def _accepts(gateway: Gateway, token: str) -> bool:
