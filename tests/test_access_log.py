@@ -12,7 +12,8 @@ import os
 import socket
 
 import pytest
-from twisted.internet.epollreactor import EPollReactor
+import pytest_twisted
+from twisted.internet import reactor
 from twisted.internet.interfaces import IReadDescriptor
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
@@ -50,6 +51,7 @@ from twisted_gateway.config import ConfigError, GatewaySettings, load_settings, 
 from twisted_gateway.http_proxy import emit_access_event
 from twisted_gateway.logs import event_as_json
 
+from tests.support import settle
 from tests.test_http_proxy import Echo, Gateway
 
 JWT = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJl"
@@ -422,17 +424,17 @@ def _sped_up_text_observer(out: io.StringIO) -> FileLogObserver:
 
 @pytest.mark.parametrize("observer, access", [(_sped_up_text_observer, " GET /x 200 "),
                                               (logs.JSONLinesObserver, '"status":200')])
-def test_lines_of_one_reactor_turn_go_out_in_one_write_and_in_order(observer, access):
+@pytest_twisted.ensureDeferred
+async def test_lines_of_one_reactor_turn_go_out_in_one_write_and_in_order(observer, access):
     """
-    While an epoll reactor dispatching plainly handles a poll's events, the
-    access lines wait for the turn's end and go out in one write; another
-    event's line comes after the lines held before it; outside a turn a
-    line is written at once.
+    While the reactor, dispatching plainly as the gateway's service has it,
+    handles a poll's events, the access lines wait for the turn's end and go
+    out in one write; another event's line comes after the lines held before
+    it; outside a turn a line is written at once.
     """
     out = _Writes()
     logger = Logger(namespace=NAMESPACE, observer=LogPublisher(observer(out)))
     other = Logger(namespace="other", observer=logger.observer)
-    reactor = EPollReactor()
     assert _compat.dispatch_plainly(reactor)
     ours, theirs = socket.socketpair()
 
@@ -455,27 +457,20 @@ def test_lines_of_one_reactor_turn_go_out_in_one_write_and_in_order(observer, ac
         def logPrefix(self) -> str:
             return "readable"
 
+    readable = Readable()
+    reactor.addReader(readable)
     try:
-        reactor.addReader(Readable())
         theirs.send(b"aa")
-        for _ in range(100):
-            if out.writes:
-                break
-            reactor.iterate(0.01)
+        await settle(lambda: out.writes, "the first turn's write")
         assert [w.count(access) for w in out.writes] == [2]
         del out.writes[:]
         theirs.send(b"aba")
-        for _ in range(100):
-            if len(out.writes) == 3:
-                break
-            reactor.iterate(0.01)
+        await settle(lambda: len(out.writes) == 3, "the second turn's three writes")
         assert [(w.count(access), "between" in w) for w in out.writes] == [(1, False), (0, True), (1, False)]
         del out.writes[:]
         emit(logger, dict(FIELDS[0]), *OUTCOMES[0])
         assert len(out.writes) == 1
     finally:
-        reactor.removeAll()
-        reactor._poller.close()
-        reactor.waker.connectionLost(None)
+        reactor.removeReader(readable)
         ours.close()
         theirs.close()
