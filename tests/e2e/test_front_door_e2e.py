@@ -133,9 +133,10 @@ def _metric(admin_port: int, sample: str) -> float:
     raise AssertionError(f"no {sample} in /metrics")
 
 
-@pytest.fixture
-def upstream(tmp_path):
-    process = python_script(tmp_path, "upstream.py", UPSTREAM_SCRIPT)
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory):
+    """One echo upstream for the file's gateways: it keeps nothing from one test to the next."""
+    process = python_script(tmp_path_factory.mktemp("upstream"), "upstream.py", UPSTREAM_SCRIPT)
     try:
         process.port = int(process.wait_for(r"^PORT (\d+)").group(1))
         yield process
