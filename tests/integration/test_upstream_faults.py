@@ -575,20 +575,6 @@ async def test_requests_spaced_around_the_upstreams_keepalive_timeout_all_succee
 # -- our own side short of file descriptors ------------------------------------------------
 
 
-class KeepAliveClient(Protocol):
-    """A raw client that sends requests on one connection and collects the answers."""
-
-    def __init__(self) -> None:
-        self.data = bytearray()
-        self.closed: Deferred[None] = Deferred()
-
-    def dataReceived(self, data: bytes) -> None:
-        self.data += data
-
-    def connectionLost(self, reason) -> None:
-        self.closed.callback(None)
-
-
 def _lowest_free_fd() -> int:
     """The number the next file descriptor would get (the kernel hands out the lowest)."""
     fd = os.open(os.devnull, os.O_RDONLY)
@@ -618,9 +604,7 @@ async def test_running_out_of_file_descriptors_is_a_503_and_no_upstream_failure(
     upstreams = [Upstream(), Upstream()]
     ports = [await listen(Site(Pages())) if kind == "http" else await listen(u) for u in upstreams]
     gw = await start_gateway(config(*(p.getHost().port for p in ports)))
-    client = await connectProtocol(
-        TCP4ClientEndpoint(reactor, "127.0.0.1", gw.number), KeepAliveClient()
-    )
+    client = await raw_connect(gw.number)
     client.transport.write(b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n")
     await settle(lambda: b'"ok"' in client.data, "the gateway's answer on a kept connection")
     client.data.clear()
