@@ -674,14 +674,20 @@ async def test_response_streams_before_the_upstream_finishes(gateway, twisted_up
     assert (status, body, complete) == (200, b"first chunk;second chunk", True)
 
 
+async def _downloading(gateway, twisted_upstream, size: int, received: bytes) -> RawClient:
+    """A client of a gateway in front of ``twisted_upstream`` that asked /big for ``size`` bytes and has ``received``."""
+    gw = await gateway(twisted_upstream.base)
+    client = await raw_connect(gw.port)
+    client.transport.write(get(f"/big?size={size}"))
+    await client.received(received).addTimeout(10, reactor)
+    return client
+
+
 @pytest_twisted.ensureDeferred
 async def test_slow_client_pauses_the_upstream(gateway, twisted_upstream):
     """While a client does not read, the gateway stops reading the upstream (bounded buffering)."""
     size = 256 * 1024 * 1024
-    gw = await gateway(twisted_upstream.base)
-    client = await raw_connect(gw.port)
-    client.transport.write(get(f"/big?size={size}"))
-    await client.received(b"\r\n\r\n").addTimeout(10, reactor)
+    client = await _downloading(gateway, twisted_upstream, size, b"\r\n\r\n")
     client.transport.pauseProducing()
     await settle(lambda: twisted_upstream.firehoses, "the upstream to start")
     firehose = twisted_upstream.firehoses[0]
@@ -760,10 +766,7 @@ async def test_client_leaving_before_the_answer_cancels_the_upstream_request(
 @pytest_twisted.ensureDeferred
 async def test_client_leaving_mid_body_stops_the_upstream(gateway, twisted_upstream):
     """A client that disconnects during a download makes the gateway drop the upstream too."""
-    gw = await gateway(twisted_upstream.base)
-    client = await raw_connect(gw.port)
-    client.transport.write(get(f"/big?size={1024 * 1024 * 1024}"))
-    await client.received(b"xxxx").addTimeout(10, reactor)
+    client = await _downloading(gateway, twisted_upstream, 1024 * 1024 * 1024, b"xxxx")
     client.transport.abortConnection()
     await settle(lambda: twisted_upstream.lost, "the upstream to see the close")
     assert twisted_upstream.firehoses[0].stopped
