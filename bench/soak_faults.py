@@ -29,7 +29,7 @@ CLIENT_FAULTS = (
     "bad_utf8",
     "reserved_opcode",
     "oversized",  # one byte more than ws_max_message_size
-    "token_expiry",  # a token that expires 2-4 s after the WebSocket opened
+    "token_expiry",  # a token that expires 3-6 s after it is made (the WebSocket open by then)
     "upgrade_answered_200",  # an upgrade to a path the upstream answers with a page
     "upstream_close_code",  # the upstream closes with 1000, 1001, 1011 or 4000
     "upstream_reset",  # an HTTP answer the upstream resets after its head

@@ -343,7 +343,8 @@ class Load:
     # -- plumbing
 
     def token(self, ttl: float, sub: str = "soak") -> str:
-        return jwt.encode({"sub": sub, "exp": int(time.time() + ttl)}, self.secret, algorithm="HS256")
+        """A token valid for at least ``ttl`` seconds (``exp`` is a whole second: rounded up)."""
+        return jwt.encode({"sub": sub, "exp": math.ceil(time.time() + ttl)}, self.secret, algorithm="HS256")
 
     def url(self, path: str, scheme: str = "ws") -> str:
         return f"{scheme}://{HOST}:{self.port}{path}"
@@ -756,7 +757,7 @@ class Load:
         return self._bad_frame("no_pong", b"", "dropped", DeafPeer, limit)
 
     async def token_expiry(self) -> None:
-        ttl = self.rng.uniform(2, 4)
+        ttl = self.rng.uniform(3, 5)
         outcome = self.begin("token_expiry", "chat", [1008], ttl + 5)
         n = self._next()
         token = self.token(ttl, f"user{n}")
