@@ -334,6 +334,8 @@ class _Plan:
         self.unlabelled = False
         #: each observer, how it writes a line, and the line it writes
         self.writers: list[tuple[ILogObserver, Callable[[str], None], _Line]] | None = []
+        #: the writers again, each with its lines held in the reactor's turn (made once: a turn's hold costs less)
+        self.held: list[tuple[ILogObserver, Callable[[str], None], _Line, list[str]]] = []
         named = False
         for observer in observers:
             if observer is logs.name_the_writer:
@@ -346,6 +348,7 @@ class _Plan:
             else:
                 self.writers = None
                 return
+        self.held = [(observer, write, line, []) for observer, write, line in self.writers]
 
 
 _plan: _Plan | None = None
@@ -387,8 +390,8 @@ def emit(logger: Logger, fields: Mapping[str, str], status: int, sent: int, dura
     when = time.time()
     if poll_turn.handling:
         # the reactor is handling a poll's events: the lines wait for its end (write_held)
-        if _held_plan is not plan or not _held:
-            _hold(plan, writers)
+        if _held_plan is not plan:
+            _hold(plan)
         if _held_plan is plan:
             for observer, _, line, lines in _held:
                 try:
@@ -403,26 +406,25 @@ def emit(logger: Logger, fields: Mapping[str, str], status: int, sent: int, dura
             _failed(observer, [o for o, _, _ in writers])
 
 
-#: Access lines held until the end of the reactor's turn: each observer, its write, its line and its lines
+#: Access lines held until the end of the reactor's turn (``_held_plan.held``): each observer, its write, its line and its lines
 _held: list[tuple[ILogObserver, Callable[[str], None], _Line, list[str]]] = []
 #: the plan whose writers they are, and the thread that held them (the reactor's)
 _held_plan: _Plan | None = None
 _held_by = 0
 
 
-def _hold(plan: _Plan, writers: list[tuple[ILogObserver, Callable[[str], None], _Line]]) -> None:
+def _hold(plan: _Plan) -> None:
     """
     Hold the lines of ``plan``'s writers until the end of the turn, those
     held for another plan written first (unless another thread holds them:
     ``plan``'s lines are then written at once).
     """
     global _held, _held_plan, _held_by
-    if _held:
+    if _held_plan is not None:
         write_held()
-    if _held or not writers:
+    if _held_plan is not None or not plan.held:
         return
-    _held = [(observer, write, line, []) for observer, write, line in writers]
-    _held_plan, _held_by = plan, threading.get_ident()
+    _held, _held_plan, _held_by = plan.held, plan, threading.get_ident()
     poll_turn.after.append(write_held)
 
 
@@ -434,14 +436,16 @@ def write_held() -> None:
     their order. Only the reactor's thread writes them.
     """
     global _held, _held_plan
-    if not _held or threading.get_ident() != _held_by:
+    if _held_plan is None or threading.get_ident() != _held_by:
         return
     held, _held, _held_plan = _held, [], None
     for observer, write, _, lines in held:
         if not lines:
             continue  # (its line failed)
+        text = "".join(lines)
+        lines.clear()
         try:
-            write("".join(lines))
+            write(text)
         except Exception:
             _failed(observer, [o for o, _, _, _ in held])
 
