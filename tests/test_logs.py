@@ -149,29 +149,6 @@ def _logged(emit) -> list[str]:
     return text.splitlines()
 
 
-def test_a_stream_on_a_file_descriptor_gets_each_line_at_once_after_what_it_held(tmp_path: Path) -> None:
-    """
-    A stream on a file (stdout) gets each line written straight to its
-    descriptor, after what the stream held before; once the stream is
-    closed, the lines still go to that file and to no other.
-    """
-    path = tmp_path / "log"
-    stream = open(path, "w", encoding="latin-1")
-    stream.write("before\n")
-    observer = JSONLinesObserver(stream)
-    log = Logger(namespace="gateway.test", observer=observer)
-    log.info("caf\xe9 {n}", n=1)
-    lines = path.read_text(encoding="latin-1").splitlines()
-    assert lines[0] == "before" and json.loads(lines[1])["message"] == "caf\xe9 1"
-    stream.close()
-    other = tmp_path / "other"
-    with open(other, "w") as unrelated:  # may take the closed stream's descriptor number
-        log.info("after")
-        unrelated.flush()
-    assert json.loads(path.read_text(encoding="latin-1").splitlines()[2])["message"] == "after"
-    assert other.read_text() == ""
-
-
 def test_each_event_is_one_json_object_per_line_with_its_fields() -> None:
     lines = _logged(
         lambda log: (

@@ -15,11 +15,9 @@ This is a safety net: code should still never log a ``Request`` or a raw URI.
 
 from __future__ import annotations
 
-import codecs
 import functools
 import json
 import math
-import os
 import re
 import sys
 import threading
@@ -419,21 +417,11 @@ json_shortcut: Callable[[LogEvent], str | None] = _no_shortcut
 
 @implementer(ILogObserver)
 class JSONLinesObserver:
-    """
-    Writes each event as one JSON object per line to ``stream``, flushed.
-    A stream on a file descriptor (stdout) gets each write straight to a
-    copy of that descriptor, encoded as the stream would: its buffer and
-    flush per write cost as much again as the system call.
-    """
+    """Writes each event as one JSON object per line to ``stream``, flushed."""
 
     def __init__(self, stream: IO[str]) -> None:
         self.stream = stream
         self._lock = threading.Lock()  # events may come from threadpool threads
-        self._fd = _file_descriptor(stream)
-        encoding = getattr(stream, "encoding", None) or "utf-8"
-        errors = getattr(stream, "errors", None) or "strict"
-        #: how a line is encoded: None for UTF-8, strict (``str.encode``'s own default, the fastest call)
-        self._codec = None if (codecs.lookup(encoding).name, errors) == ("utf-8", "strict") else (encoding, errors)
 
     def __call__(self, event: LogEvent) -> None:
         try:
@@ -456,31 +444,10 @@ class JSONLinesObserver:
         """Write one line (its newline included), flushed."""
         with self._lock:
             try:
-                if self._fd is None:
-                    self.stream.write(line)
-                    self.stream.flush()
-                    return
-                data = line.encode() if self._codec is None else line.encode(*self._codec)
-                while data:
-                    data = data[os.write(self._fd, data) :]
+                self.stream.write(line)
+                self.stream.flush()
             except (OSError, ValueError):
                 pass  # stdout is gone: there is nowhere left to report it
-
-
-def _file_descriptor(stream: IO[str]) -> int | None:
-    """
-    A copy of the descriptor ``stream`` writes to (not another file's once
-    the stream is closed), what it buffered flushed first; None for a stream
-    on none (a ``StringIO``) or one that is closed.
-    """
-    try:
-        if stream.closed:
-            return None
-        fd = os.dup(stream.fileno())
-        stream.flush()
-    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both of the last two
-        return None
-    return fd
 
 
 def json_observer() -> ILogObserver:
