@@ -485,6 +485,35 @@ def test_twisted_http_internals(module, cls, name):
     )
 
 
+def test_gateway_requests_are_made_and_processed_as_twisted_webs_are_but_for_the_date():
+    """
+    ``GatewayRequest.__init__`` and ``process`` (http_proxy.py) do what
+    ``server.Request``'s do (the ``Date`` header apart, formatted once a
+    second): relies on ``__init__`` calling only ``http.Request.__init__`` and
+    ``Componentized.__init__``, and on ``process`` calling ``_handleStar`` for
+    ``*``, setting ``_encoder`` from an ``_IEncodingResource``, rendering what
+    ``getResourceFor`` found and failing through ``processingFailed``.
+    """
+    import ast
+    import textwrap
+
+    from twisted.web import resource, server
+
+    init = inspect.getsource(server.Request.__init__)
+    _require(init.count(".__init__(") == 2 and "_HTTPRequest.__init__(" in init and "Componentized.__init__(self)" in init,
+             "twisted.web.server.Request.__init__", "Twisted")
+    process = inspect.getsource(server.Request.process)
+    for piece in ("self.site = self.channel.site", 'self.setHeader(b"Server", version)', 'self.setHeader(b"Date", datetimeToString())',
+                  "self.prepath = []", "self._handleStar()", "self.site.getResourceFor(self)",
+                  "resource._IEncodingResource.providedBy", "self._encoder = encoder", "self.render(resrc)",
+                  "self.processingFailed("):
+        _require(piece in process, f"twisted.web.server.Request.process ({piece})", "Twisted")
+    _require(hasattr(server.Request, "_handleStar") and hasattr(resource, "_IEncodingResource"),
+             "twisted.web.server.Request._handleStar, twisted.web.resource._IEncodingResource", "Twisted")
+    statements = sum(isinstance(node, ast.stmt) for node in ast.walk(ast.parse(textwrap.dedent(process))))
+    _require(statements == 18, "twisted.web.server.Request.process (a statement our copy lacks)", "Twisted")
+
+
 @pytest.mark.parametrize("kind", ["tcp", "unix"])
 def test_keep_listening_socket_leaves_the_socket_listening_for_another_holder(tmp_path, kind):
     """
