@@ -298,7 +298,7 @@ def json_event_line(event: LogEvent) -> str | None:
     :class:`logs.JSONLinesObserver`'s line for an access event (:func:`json_line`), None for any other event.
     Access lines held for the end of the reactor's turn are written first.
     """
-    if _held:
+    if _held_plan is not None:
         write_held()
     if not is_access_event(event):
         return None
@@ -393,7 +393,7 @@ def emit(logger: Logger, fields: Mapping[str, str], status: int, sent: int, dura
         if _held_plan is not plan:
             _hold(plan)
         if _held_plan is plan:
-            for observer, _, line, lines in _held:
+            for observer, _, line, lines in plan.held:
                 try:
                     lines.append(line(when, fields, status, sent, duration, outcome))
                 except Exception:
@@ -406,9 +406,8 @@ def emit(logger: Logger, fields: Mapping[str, str], status: int, sent: int, dura
             _failed(observer, [o for o, _, _ in writers])
 
 
-#: Access lines held until the end of the reactor's turn (``_held_plan.held``): each observer, its write, its line and its lines
-_held: list[tuple[ILogObserver, Callable[[str], None], _Line, list[str]]] = []
-#: the plan whose writers they are, and the thread that held them (the reactor's)
+#: The plan whose writers hold access lines until the end of the reactor's turn
+#: (in its ``held``), and the thread that held them (the reactor's)
 _held_plan: _Plan | None = None
 _held_by = 0
 
@@ -419,12 +418,12 @@ def _hold(plan: _Plan) -> None:
     held for another plan written first (unless another thread holds them:
     ``plan``'s lines are then written at once).
     """
-    global _held, _held_plan, _held_by
+    global _held_plan, _held_by
     if _held_plan is not None:
         write_held()
     if _held_plan is not None or not plan.held:
         return
-    _held, _held_plan, _held_by = plan.held, plan, threading.get_ident()
+    _held_plan, _held_by = plan, threading.get_ident()
     poll_turn.after.append(write_held)
 
 
@@ -435,10 +434,10 @@ def write_held() -> None:
     observers' formatting before any other event's line, so that lines keep
     their order. Only the reactor's thread writes them.
     """
-    global _held, _held_plan
+    global _held_plan
     if _held_plan is None or threading.get_ident() != _held_by:
         return
-    held, _held, _held_plan = _held, [], None
+    held, _held_plan = _held_plan.held, None
     for observer, write, _, lines in held:
         if not lines:
             continue  # (its line failed)
@@ -465,7 +464,7 @@ def classic_line(event: LogEvent) -> str | None:
     an access event's line written out from its ``log_flattened`` values.
     Access lines held for the end of the reactor's turn are written first.
     """
-    if _held:
+    if _held_plan is not None:
         write_held()
     if not is_access_event(event):
         line = _plain_line(event)
