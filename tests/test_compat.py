@@ -514,6 +514,26 @@ def test_gateway_requests_are_made_and_processed_as_twisted_webs_are_but_for_the
     _require(statements == 18, "twisted.web.server.Request.process (a statement our copy lacks)", "Twisted")
 
 
+def test_a_head_without_cookie_or_expect_is_received_as_twisted_webs_channel_receives_it():
+    """
+    ``LlhttpChannel.allHeadersReceived`` (llhttp_channel.py) runs
+    ``HTTPChannel.allHeadersReceived`` for a head with a ``Cookie`` or an
+    ``Expect`` and, for any other, only its persistence and length steps:
+    relies on the rest being the cookie parse and the ``100 Continue``.
+    """
+    import ast
+    import textwrap
+
+    from twisted.web.http import HTTPChannel
+
+    source = inspect.getsource(HTTPChannel.allHeadersReceived)
+    for piece in ("req = self.requests[-1]", "req.parseCookies()", "self.persistent = self.checkPersistence(req, self._version)",
+                  "req.gotLength(self.length)", 'req.requestHeaders.getRawHeaders(b"Expect")', "self._send100Continue()"):
+        _require(piece in source, f"twisted.web.http.HTTPChannel.allHeadersReceived ({piece})", "Twisted")
+    statements = sum(isinstance(node, ast.stmt) for node in ast.walk(ast.parse(textwrap.dedent(source))))
+    _require(statements == 8, "twisted.web.http.HTTPChannel.allHeadersReceived (a statement the copy lacks)", "Twisted")
+
+
 @pytest.mark.parametrize("kind", ["tcp", "unix"])
 def test_keep_listening_socket_leaves_the_socket_listening_for_another_holder(tmp_path, kind):
     """
