@@ -96,6 +96,8 @@ def main() -> None:
         try:
             port = json.loads(backend.stdout.readline())["port"]
             print(measure(work, bin_dir, port, args))
+        except RuntimeError as e:  # a refused request or handshake
+            sys.exit(str(e))
         finally:
             backend.kill()
             backend.wait()
@@ -210,7 +212,7 @@ def _send(connections: list, path: str, auth: bool, tokens: list[str], count: in
         response = connection.getresponse()
         body = response.read()
         if response.status != 200:
-            sys.exit(f"GET {path}: {response.status} {body[:200]!r}")
+            raise RuntimeError(f"GET {path}: {response.status} {body[:200]!r}")
 
 
 def _send_at_once(connections: list, path: str, auth: bool, tokens: list[str], count: int) -> None:
@@ -220,7 +222,7 @@ def _send_at_once(connections: list, path: str, auth: bool, tokens: list[str], c
     def one(index: int) -> None:
         try:
             _send([connections[index]], path, auth, tokens, len(range(index, count, len(connections))))
-        except BaseException as e:  # sys.exit included: the main thread reports it
+        except BaseException as e:  # the main thread reports it
             failures.append(e)
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(len(connections))]
@@ -250,12 +252,12 @@ def _handshakes(port: int, path: str, auth: bool, tokens: list[str], count: int)
             answer = sock.makefile("rb")
             status = answer.readline()
             if not status.startswith(b"HTTP/1.1 101"):
-                sys.exit(f"upgrade of {path}: {status[:200]!r}")
+                raise RuntimeError(f"upgrade of {path}: {status[:200]!r}")
             while answer.readline() not in (b"\r\n", b""):
                 pass  # the 101's headers
             sock.sendall(_CLOSE)
             if answer.read(1) != b"\x88":
-                sys.exit(f"upgrade of {path}: no close frame")
+                raise RuntimeError(f"upgrade of {path}: no close frame")
             answer.read(answer.read(1)[0] & 0x7F)  # its payload (the code)
             while sock.recv(65536):  # the proxy ends the connection after the close
                 pass

@@ -10,6 +10,7 @@ average) and, for ``--profile``, the hot spots of py-spy's collapsed stacks.
 from __future__ import annotations
 
 import collections
+import random
 import re
 import statistics
 from typing import Any, Iterable, Mapping, Sequence
@@ -68,6 +69,28 @@ def summary(samples: Iterable[float | None]) -> dict[str, Any] | None:
     }
 
 
+def paired_summary(differences: Sequence[float], resamples: int = 2000) -> dict[str, Any] | None:
+    """
+    The median of paired differences, with a 95 % bootstrap interval of that
+    median (percentiles of the medians of ``resamples`` resamples, seeded: the
+    same differences give the same interval) and the interquartile range.
+    """
+    if not differences:
+        return None
+    draw = random.Random(0).choices
+    n = len(differences)
+    medians = sorted(statistics.median(draw(differences, k=n)) for _ in range(resamples))
+    q1, _, q3 = statistics.quantiles(differences, n=4) if n > 1 else (differences[0],) * 3
+    return {
+        "median": statistics.median(differences),
+        "ci_low": medians[int(0.025 * resamples)],
+        "ci_high": medians[int(0.975 * resamples) - 1],
+        "q1": q1,
+        "q3": q3,
+        "n": n,
+    }
+
+
 def ratio(a: Mapping[str, Any] | None, b: Mapping[str, Any] | None) -> float | None:
     if not a or not b or not b["median"]:
         return None
@@ -87,6 +110,11 @@ def fmt(value: float | None, digits: int = 2) -> str:
 def fmt_summary(s: Mapping[str, Any] | None, digits: int = 2) -> str:
     if not s:
         return "—"
+    if "ci_low" in s:  # a paired_summary
+        return (
+            f"{fmt(s['median'], digits)} (95% CI {fmt(s['ci_low'], digits)}–{fmt(s['ci_high'], digits)};"
+            f" IQR {fmt(s['q1'], digits)}–{fmt(s['q3'], digits)}; {s['n']} pairs)"
+        )
     if s["n"] == 1:
         return fmt(s["median"], digits)
     return f"{fmt(s['median'], digits)} ({fmt(s['min'], digits)}–{fmt(s['max'], digits)})"

@@ -24,12 +24,16 @@ generator sharing the other(s). Figures:
    ``--cluster``, also auth = required under a per-user cap counted in a
    Redis the gateway shares: redis-server started for the run; with ``--cap``,
    the same cap counted by the gateway alone, e.g. with ``--gateway-set
-   workers=2`` by the supervisor for both workers);
+   workers=2`` by the supervisor for both workers); then what auth =
+   required adds, paired in one gateway (``bench/auth_paired.py``: blocks of
+   handshakes alternating between an auth = none and an auth = required
+   route, the median of the per-pair differences and its 95 % interval);
 4. RSS per idle WebSocket at 1k and 5k connections (fresh proxy each time);
 5. peak RSS growth while one 16 MiB message crosses (fresh proxy each time);
 6. HTTP CPU per 10k GETs of 64 B at 1,000 req/s, and the saturated rate:
    32 keep-alive connections each sending its next GET as soon as the last
-   answer is in (requests/s, and CPU per 10k requests);
+   answer is in (requests/s, and CPU per 10k requests); then what auth =
+   required adds to a GET, paired as in figure 3;
 7. a reconnect storm: 1,000 and 5,000 WebSockets opened at once, the time
    until all are open, the p99 handshake and the SYNs the kernel dropped at a
    full listen queue (TcpExt ListenOverflows, machine-wide), with the gateway
@@ -68,6 +72,7 @@ from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import auth_paired  # noqa: E402
 import report  # noqa: E402
 from targets import (  # noqa: E402
     AIOHTTP_MISSING,
@@ -129,6 +134,9 @@ class Plan:
     http_sat_conns: int = 32
     storm_sizes: tuple[int, ...] = (1000, 5000)
     storm_reps: int = 3
+    #: auth = required over auth = none, paired: (pairs, handshakes or GETs per block)
+    paired_handshakes: tuple[int, int] = (400, 4)
+    paired_requests: tuple[int, int] = (120, 25)
 
 
 FULL = Plan("full", reps=5, mem_reps=3)
@@ -145,6 +153,8 @@ QUICK = Plan(
     http_warmup_s=0.5,
     http_measure_s=2.0,
     storm_reps=1,
+    paired_handshakes=(100, 4),
+    paired_requests=(40, 25),
 )
 #: Tiny amounts: proves the machinery (tests/test_bench_quick.py), measures nothing.
 SMOKE = Plan(
@@ -172,6 +182,8 @@ SMOKE = Plan(
     http_sat_conns=2,
     storm_sizes=(20,),
     storm_reps=1,
+    paired_handshakes=(2, 2),
+    paired_requests=(2, 2),
 )
 PLANS = {"full": FULL, "quick": QUICK, "smoke": SMOKE}
 FIGURES = (1, 2, 3, 4, 5, 6, 7)
@@ -509,6 +521,17 @@ class Bench:
                     return self.cpu_window(target, result, 1000.0)  # CPU ms per handshake
 
                 self.measure(figure, target, rep, one)
+        self.auth_paired("3-paired", "handshake", p.paired_handshakes)
+
+    def auth_paired(self, figure: str, kind: str, plan: tuple[int, int]) -> None:
+        """What auth = required adds to a ``kind`` over auth = none, paired in the gateway (if it runs)."""
+        gateway = next((t for t in self.targets if t.name == "gateway"), None)
+        if gateway is None:
+            return
+        pairs, block = plan
+        self.say(f"  auth = required over auth = none, paired: {pairs} pairs of {block} {kind}s each")
+        self.measure(figure, gateway, 0, lambda: auth_paired.measure(
+            kind, gateway.port, gateway.pids(), self.token, pairs=pairs, block=block))
 
     def _warm_up(self, target: Target) -> None:
         """A fresh proxy's first connections and messages, before its baseline."""
@@ -639,6 +662,7 @@ class Bench:
                         return self.cpu_window(target, result, 10_000)
 
                     self.measure(figure, target, rep, one)
+        self.auth_paired("6-paired", "request", p.paired_requests)
 
     def figure_7(self) -> None:
         p = self.plan
@@ -694,6 +718,7 @@ _SHOWN = {
     "peak_growth_mib",
     "retained_mib",
     "steal",
+    "auth_over_none_ms",
 }
 
 
@@ -720,6 +745,15 @@ def build_rows(samples: list[dict[str, Any]], plan: Plan) -> tuple[list[dict], l
             out[target] = report.summary(values)
         return out
 
+    def paired(figure: str, title: str) -> list[dict[str, Any]]:
+        """Issue 17's bar: the median of the per-pair differences (its 95 % interval beside it)."""
+        found = [s for s in samples if s["figure"] == figure and s.get("differences_ms")]
+        if not found:
+            return []
+        summary = report.paired_summary([d for s in found for d in s["differences_ms"]])
+        return [{"title": title, "unit": "CPU ms", "cells": {"gateway": summary}, "bar": ("absolute", 0.05),
+                 "digits": 3}]
+
     idle = plan.idle_steps
     main = [
         {"title": f"1. WS {plan.sat_size // KiB} KiB x {plan.sat_conns} conns, saturating: CPU per 10k msgs",
@@ -735,6 +769,7 @@ def build_rows(samples: list[dict[str, Any]], plan: Plan) -> tuple[list[dict], l
         {"title": "3. handshake (open + close), auth = required (gateway): CPU per handshake",
          "unit": "CPU ms", "cells": {**cells("3", "proxy_per_unit"), "gateway": cells("3-auth", "proxy_per_unit")["gateway"]},
          "bar": None},
+        *paired("3-paired", "3. auth = required over auth = none, paired in one gateway: CPU per handshake"),
         *([{"title": "3. handshake, auth = required + max_websockets_per_user in Redis ([cluster]): CPU per handshake",
             "unit": "CPU ms", "cells": {"gateway": cells("3-cap", "proxy_per_unit")["gateway"]}, "bar": None}]
           if any(s["figure"] == "3-cap" for s in samples) else []),
@@ -757,6 +792,7 @@ def build_rows(samples: list[dict[str, Any]], plan: Plan) -> tuple[list[dict], l
          "cells": cells("6-sat", "rate"), "bar": ("min_ratio_aiohttp", 1.0), "digits": 0},
         {"title": f"6. HTTP GET 64 B, {plan.http_sat_conns} conns saturating: CPU per 10k requests",
          "unit": "CPU s", "cells": cells("6-sat", "proxy_per_unit"), "bar": None, "digits": 3},
+        *paired("6-paired", "6. auth = required over auth = none, paired in one gateway: CPU per GET"),
     ]
     context = [
         {"title": "1. messages/s (wall clock)", "unit": "msg/s", "cells": cells("1", "rate")},

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 RUN = REPO / "bench" / "run.py"
 #: Only against a hung run; not a speed expectation.
 GUARD = 300
-FIGURES = {"1", "1-inflight", "2", "3", "3-auth", "4", "5", "6", "6-sat", "7", "7-b50"}
+FIGURES = {"1", "1-inflight", "2", "3", "3-auth", "3-paired", "4", "5", "6", "6-sat", "6-paired", "7", "7-b50"}
 
 
 def _nginx_installed() -> bool:
@@ -97,12 +98,18 @@ def test_missing_nginx_is_a_notice_and_the_other_targets_still_run(tmp_path):
     }
 
 
-def test_a_profile_counts_the_gateway_reactor_waiting_in_epoll_as_idle():
-    """The gateway's reactor polls in ``_compat._do_poll``: a sample that ends there waits, it does not work."""
+def _bench_report() -> Any:
+    """bench/report.py, imported from its file (bench/ is not a package)."""
     spec = importlib.util.spec_from_file_location("bench_report", REPO / "bench" / "report.py")
     assert spec is not None and spec.loader is not None
     report = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(report)
+    return report
+
+
+def test_a_profile_counts_the_gateway_reactor_waiting_in_epoll_as_idle():
+    """The gateway's reactor polls in ``_compat._do_poll``: a sample that ends there waits, it does not work."""
+    report = _bench_report()
     loop = "MainThread;<module> (twistd:6);ReactorBase.mainLoop (twisted/internet/base.py:697)"
     raw = (
         f"{loop};_do_poll (twisted_gateway/_compat.py:190) 30\n"
@@ -112,3 +119,17 @@ def test_a_profile_counts_the_gateway_reactor_waiting_in_epoll_as_idle():
     assert (spots["samples"], spots["idle_samples"]) == (10, 30)
     assert spots["self"] == [("write_now (twisted_gateway/_compat.py)", 100.0)]
     assert [key for key, _ in spots["inclusive"]] == ["write_now (twisted_gateway/_compat.py)"]
+
+
+def test_paired_differences_are_summed_up_by_their_median_its_interval_and_quartiles():
+    """The paired auth figure: the median of the differences, a seeded bootstrap interval around it, the IQR."""
+    report = _bench_report()
+    differences = [0.01 * i for i in range(1, 10)]
+    found = report.paired_summary(differences)
+    assert found["median"] == 0.05 and found["n"] == 9
+    assert (round(found["q1"], 3), round(found["q3"], 3)) == (0.025, 0.075)
+    assert found["ci_low"] <= found["median"] <= found["ci_high"]
+    assert 0.01 <= found["ci_low"] < found["ci_high"] <= 0.09
+    assert report.paired_summary(differences) == found  # seeded: the same interval every time
+    assert report.paired_summary([]) is None
+    assert report.fmt_summary(found, 3).startswith("0.050 (95% CI ")
