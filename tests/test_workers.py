@@ -1,4 +1,4 @@
-"""The supervisor's pure parts: worker counts, socket slots, command lines, why a worker died."""
+"""The supervisor's pure parts: worker counts, socket slots, command lines, why a worker died, crash loops."""
 
 from __future__ import annotations
 
@@ -6,11 +6,18 @@ import os
 import signal
 import socket
 
+from types import SimpleNamespace
+
 import pytest
 from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 
 from twisted_gateway.workers import (
+    CONTROL_FD,
+    RESPAWN_DELAY,
+    Supervisor,
+    WorkerProcess,
     bind_slots,
     death_reason,
     worker_command,
@@ -78,11 +85,59 @@ def test_tcp_slots_are_one_reuseport_socket_each_on_one_port_and_unix_is_shared(
 
 def test_a_supervisor_with_no_worker_left_stops_without_an_error():
     """Its stopService fires with None (the plain Service part of stopping returns no Deferred)."""
-    from twisted.internet.testing import MemoryReactorClock
-
-    from twisted_gateway.workers import Supervisor
-
     supervisor = Supervisor(MemoryReactorClock(), [], 1, ["twistd"], stop_timeout=1.0, slots=[])
     results: list[object] = []
     supervisor.stopService().addBoth(results.append)
     assert results == [None]
+
+
+class _ProcessReactor(MemoryReactorClock):
+    """The injected clock, and processes that never run: each worker is connected to a transport with a pid."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spawned: list[WorkerProcess] = []
+
+    def spawnProcess(self, protocol: WorkerProcess, executable: str, args: list[str], **kwargs: object) -> object:
+        protocol.makeConnection(SimpleNamespace(pid=1000 + len(self.spawned)))
+        self.spawned.append(protocol)
+        return protocol.transport
+
+
+#: a failed start under load: never ready, dead after 30 s
+SLOW_FAILURE = (None, 30.0)
+#: a start that served a minute
+SERVED = (0.5, 60.0)
+
+
+@pytest.mark.parametrize(
+    "lives, stopped",
+    [
+        ([SLOW_FAILURE] * 5, True),
+        ([(None, 0.2)] * 5, True),
+        ([(0.5, 1.0)] * 5, True),  # ready, then dead within QUICK_DEATH of starting
+        ([SLOW_FAILURE] * 4 + [SERVED] + [SLOW_FAILURE] * 4, False),
+        ([SLOW_FAILURE] * 4 + [(6.0, 7.0)] + [SLOW_FAILURE] * 4, False),  # a slow start that served, then died
+    ],
+)
+def test_a_crash_loop_counts_deaths_before_ready_however_long_they_took(tmp_path, capfd, lives, stopped):
+    """
+    Five failed starts of a slot in a row stop the gateway: a worker that died before it was ready,
+    whatever the time it took, or within QUICK_DEATH s of starting; one that served longer starts the count again.
+    """
+    reactor = _ProcessReactor()
+    supervisor = Supervisor(reactor, [], 1, ["twistd"], stop_timeout=1.0, slots=[[]])
+    supervisor.state_dir = str(tmp_path)
+    supervisor.spawn(0)
+    for ready_after, dies_after in lives:
+        worker = reactor.spawned[-1]
+        if ready_after is not None:
+            reactor.advance(ready_after)
+            worker.childDataReceived(CONTROL_FD, b"ready\n")
+        reactor.advance(dies_after - (ready_after or 0.0))
+        worker.processEnded(Failure(ProcessTerminated(exitCode=1)))
+        reactor.advance(RESPAWN_DELAY)
+    assert reactor.hasStopped is stopped
+    assert len(reactor.spawned) == len(lives) + (not stopped)  # a stopping gateway starts no replacement
+    line = "wsgateway: worker 0 died before it was ready or within 5 s of starting 5 times in a row (last: exited with status 1)"
+    assert (line in capfd.readouterr().err) is stopped

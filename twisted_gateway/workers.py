@@ -12,9 +12,12 @@ worker that dies leaves its queue to its replacement, which adopts the same
 sockets, and no connection waiting in it is reset. ``unix:`` and ``systemd:``
 listeners are one socket shared by every slot.
 
-A worker that dies is replaced at once; one that dies within
-:data:`QUICK_DEATH` s of starting, :data:`CRASH_LOOP` times in a row, stops
-the gateway with one line (a crash loop must not spin).
+A worker that dies is replaced at once; :data:`CRASH_LOOP` failed starts of
+one slot in a row stop the gateway with one line (a crash loop must not
+spin). A failed start is a worker that died before it was ready, however long
+it took (as systemd and supervisord count start failures: a loaded machine
+slows a failing start down, it does not make it a success), or one that died
+within :data:`QUICK_DEATH` s of starting.
 """
 
 from __future__ import annotations
@@ -100,9 +103,9 @@ WORKERS_ENV = "WSGATEWAY_WORKERS"
 STATE_DIR_ENV = "WSGATEWAY_STATE_DIR"
 #: The worker's end of its control pipe; inherited listeners follow it.
 CONTROL_FD = 3
-#: A worker that dies this soon after starting counts towards a crash loop.
+#: A worker that dies this soon after starting, ready or not, counts towards a crash loop.
 QUICK_DEATH = 5.0
-#: This many quick deaths in a row of one slot stop the gateway.
+#: This many failed starts in a row of one slot stop the gateway.
 CRASH_LOOP = 5
 #: Seconds before a dead worker is replaced (well under the promised 1 s).
 RESPAWN_DELAY = 0.1
@@ -380,7 +383,7 @@ class Supervisor(Service):
         #: the drain of a single gateway that handed over to this supervisor (:meth:`take_over`)
         self.handing_over: Deferred[None] | None = None
         self.workers: dict[int, WorkerProcess] = {}
-        self.quick_deaths = [0] * count
+        self.failed_starts = [0] * count
         self.restarts = 0
         self._stopping = False
         self._respawns: list[IDelayedCall] = []
@@ -576,7 +579,6 @@ class Supervisor(Service):
 
     def _ready(self, worker: WorkerProcess) -> None:
         log.info("worker {slot} ready (pid {pid})", slot=worker.slot, pid=worker.pid, event="worker_ready")
-        self.quick_deaths[worker.slot] = 0 if self.reactor.seconds() - worker.started_at >= QUICK_DEATH else self.quick_deaths[worker.slot]
         self._publish()
 
     def _ended(self, worker: WorkerProcess, reason: Failure) -> None:
@@ -596,10 +598,10 @@ class Supervisor(Service):
             log.error("new worker {slot} (pid {pid}) {why} before it was ready", slot=worker.slot, pid=worker.pid, why=why)
             return
         lived = self.reactor.seconds() - worker.started_at
-        if lived < QUICK_DEATH:
-            self.quick_deaths[worker.slot] += 1
+        if not worker.ready or lived < QUICK_DEATH:
+            self.failed_starts[worker.slot] += 1
         else:
-            self.quick_deaths[worker.slot] = 0
+            self.failed_starts[worker.slot] = 0
         self.restarts += 1
         self._publish()
         log.error(
@@ -610,13 +612,13 @@ class Supervisor(Service):
             why=why,
             event="worker_died",
         )
-        if self.quick_deaths[worker.slot] >= CRASH_LOOP:
+        if self.failed_starts[worker.slot] >= CRASH_LOOP:
             # twistd sends sys.stderr to the log once running: this line is for the operator.
             stderr = sys.__stderr__
             assert stderr is not None  # a supervisor runs with one
             stderr.write(
-                f"wsgateway: worker {worker.slot} died within {QUICK_DEATH:g} s of starting "
-                f"{CRASH_LOOP} times in a row (last: {why}): stopping the gateway\n"
+                f"wsgateway: worker {worker.slot} died before it was ready or within {QUICK_DEATH:g} s of "
+                f"starting {CRASH_LOOP} times in a row (last: {why}): stopping the gateway\n"
             )
             stderr.flush()
             self.reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
