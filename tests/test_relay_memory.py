@@ -8,6 +8,8 @@ tests/integration/test_ws_relay.py.
 
 from __future__ import annotations
 
+from dataclasses import fields, replace
+
 import pytest
 
 from tests.support import route_config
@@ -23,6 +25,7 @@ from twisted_gateway.testing import (
     close_code,
     frame,
 )
+from twisted_gateway.ws_pair import HandshakeContext
 
 MASK = b"\x0f\x1e\x2d\x3c"
 
@@ -347,3 +350,13 @@ def test_the_upstream_gets_the_request_target_as_written():
     relay.flush()
     (server,) = relay.upstream.connections
     assert server.http_request_uri == "/v1/chat/a;b/ws;v=1?room=a&x=%20"
+
+
+def test_an_authenticated_context_keeps_every_other_field():
+    """HandshakeContext.authenticated is dataclasses.replace of its query and extra headers: every other field kept."""
+    values = {field.name: object() for field in fields(HandshakeContext)}
+    context = HandshakeContext(**values)
+    authenticated = context.authenticated(b"room=a", [(b"x-user", b"u")])
+    assert authenticated == replace(context, query=b"room=a", extra_headers=[(b"x-user", b"u")])
+    assert type(authenticated) is HandshakeContext
+    assert context == HandshakeContext(**values)  # the original unchanged
