@@ -10,8 +10,6 @@ from __future__ import annotations
 import inspect
 
 import pytest
-import txaio
-import txaio.tx
 from autobahn.twisted.websocket import (
     WebSocketClientFactory,
     WebSocketClientProtocol,
@@ -237,9 +235,8 @@ def test_fail_connection_sets_failed_by_me():
     _require(calls == [1002], "WebSocketProtocol._fail_connection / failedByMe", "Autobahn")
 
 
-@pytest.mark.parametrize("name", ["closeHandshakeTimeoutCall", "serverConnectionDropTimeoutCall"])
-def test_close_timers(name):
-    _require(_sets(WebSocketProtocol, name), f"WebSocketProtocol.{name}", "Autobahn")
+def test_server_drop_wait():
+    _require(_sets(WebSocketProtocol, "serverConnectionDropTimeoutCall"), "WebSocketProtocol.serverConnectionDropTimeoutCall", "Autobahn")
 
 
 @pytest.mark.parametrize("cls", [WebSocketServerFactory, WebSocketClientFactory])
@@ -252,17 +249,6 @@ def test_factory_timers_on_a_clock(cls):
     factory._batched_timer.call_later(1.0, calls.append, "due")
     clock.advance(1.3)
     _require(calls == ["due"], "txaio._common._BatchedTimer", "txaio")
-
-
-def test_server_drop_wait_on_a_clock():
-    _require(_sets(WebSocketProtocol, "serverConnectionDropTimeout,"), "WebSocketProtocol.serverConnectionDropTimeout", "Autobahn")
-    _require(callable(getattr(WebSocketProtocol, "onServerConnectionDropTimeout", None)),
-             "WebSocketProtocol.onServerConnectionDropTimeout", "Autobahn")
-    _require(
-        hasattr(txaio.config, "loop") and "_config.loop" in inspect.getsource(txaio.tx._TxApi._get_loop),
-        "txaio.config.loop (the reactor txaio.call_later uses)",
-        "txaio",
-    )
 
 
 @pytest.mark.parametrize("cls", [WebSocketServerProtocol, WebSocketClientProtocol])

@@ -22,6 +22,7 @@ from twisted_gateway.testing import (
     OP_TEXT,
     MemoryRelay,
     RecordingUpstream,
+    RecordingUpstreamProtocol,
     close_code,
     frame,
 )
@@ -169,6 +170,68 @@ def test_oversize_message_from_upstream_closes_it_1009_and_client_1001():
     relay.flush()
     assert server.close[0] == 1009
     assert closes(client)[0][0] == 1001
+
+
+class _SilentOnClose(RecordingUpstreamProtocol):
+    """An upstream that never answers a close frame, and keeps the connection."""
+
+    def onCloseFrame(self, code, reasonRaw):
+        self.close_received = (code, None)
+
+
+class _NeverDrops(RecordingUpstreamProtocol):
+    """An upstream that answers a close frame but never drops the connection."""
+
+    def onCloseFrame(self, code, reasonRaw):
+        self.close_received = (code, None)
+        self.sendCloseFrame(code, isReply=True)
+
+
+@pytest.mark.parametrize(
+    "protocol, overdue",
+    [(_SilentOnClose, "wasCloseHandshakeTimeout"), (_NeverDrops, "wasServerConnectionDropTimeout")],
+)
+def test_an_upstream_that_does_not_finish_the_close_is_dropped_5s_later(protocol, overdue):
+    """
+    The client's close reaches the upstream; an upstream that never answers it,
+    or answers but never drops the connection, is dropped 5 s later (as
+    Autobahn's closeHandshakeTimeout and serverConnectionDropTimeout did).
+    """
+    upstream = RecordingUpstream()
+    upstream.protocol = protocol
+    relay, client, server = open_pair(upstream=upstream)
+    (pair,) = relay.registry.pairs
+    leg = pair.upstream
+    client.send(frame(OP_CLOSE, b"\x03\xe8", mask=MASK))
+    relay.flush()
+    assert server.close_received == (1000, None) and client.closed
+    relay.clock.advance(4.9)
+    relay.flush()
+    assert server.close is None and relay.registry.pairs
+    relay.clock.advance(0.2)
+    relay.flush()
+    assert getattr(leg, overdue) and not leg.wasClean
+    assert server.close is not None
+    assert_nothing_left(relay)
+    assert legs_timers(relay, pair) == []
+
+
+def test_a_close_answered_in_time_leaves_no_timer_behind():
+    """The upstream answers the client's close and drops: no close timer of either leg is left."""
+    relay, client, server = open_pair()
+    (pair,) = relay.registry.pairs
+    client.send(frame(OP_CLOSE, b"\x03\xe8", mask=MASK))
+    assert_nothing_left(relay)
+    assert legs_timers(relay, pair) == []
+
+
+def legs_timers(relay: MemoryRelay, pair) -> list:
+    """The timers left on the clock that would call into either leg of ``pair`` (or Autobahn's batches)."""
+    legs = (pair.client, pair.upstream)
+    return [
+        c for c in relay.clock.getDelayedCalls()
+        if getattr(c.func, "__self__", None) in legs or getattr(c.func, "__name__", "") == "_notify_bucket"
+    ]
 
 
 def test_an_upstream_close_whose_reason_is_not_utf8_leaves_no_timer_behind():

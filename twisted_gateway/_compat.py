@@ -48,7 +48,6 @@ from twisted.logger import FileLogObserver, ILogObserver, LogPublisher
 from twisted.python import log as legacy_log
 from twisted.python.systemd import ListenFDs
 from twisted.python.failure import Failure
-import txaio
 from txaio._common import _BatchedTimer
 
 if TYPE_CHECKING:
@@ -381,29 +380,12 @@ def queued_sends(leg: WebSocketProtocol) -> bool:
     return bool(leg.send_queue)
 
 
-#: Autobahn's close timers, which it keeps after the connection is gone.
-_CLOSE_TIMERS = ("closeHandshakeTimeoutCall", "serverConnectionDropTimeoutCall")
-
-
-def cancel_close_timers(leg: WebSocketProtocol) -> None:
-    """
-    Cancel Autobahn's close timers of a closed leg (it needs none). Relies on
-    ``closeHandshakeTimeoutCall`` and ``serverConnectionDropTimeoutCall``.
-    """
-    for name in _CLOSE_TIMERS:
-        call = getattr(leg, name, None)
-        if call is not None:
-            try:
-                call.cancel()
-            except Exception:
-                pass  # already fired or cancelled
-            setattr(leg, name, None)
-
-
 def server_drop_wait(leg: WebSocketProtocol) -> IDelayedCall | None:
     """
-    A client leg's wait for its server to drop the connection after the close
-    handshake (an ``IDelayedCall``), or None. Relies on ``serverConnectionDropTimeoutCall``.
+    An Autobahn client's wait for its server to drop the connection after the
+    close handshake (an ``IDelayedCall``), or None: the relay's legs have their
+    own (``ws_relay._RelayLeg.sendCloseFrame``), a test's or a benchmark's
+    peer Autobahn's. Relies on ``serverConnectionDropTimeoutCall``.
     """
     return getattr(leg, "serverConnectionDropTimeoutCall", None)
 
@@ -418,21 +400,6 @@ def timers_on(factory: WebSocketFactory, clock: IReactorTime) -> None:
     factory._batched_timer = _BatchedTimer(  # type: ignore[attr-defined]
         200.0, 1000, seconds_provider=clock.seconds, delayed_call_creator=clock.callLater
     )
-
-
-def server_drop_wait_on(leg: WebSocketProtocol, clock: IReactorTime) -> None:
-    """
-    Move a client leg's wait for its server's drop, which Autobahn starts with
-    ``txaio.call_later`` on txaio's loop (``txaio.config.loop``: the global
-    reactor), to ``clock``; a wait already on it stays. Relies on
-    ``serverConnectionDropTimeoutCall`` and ``onServerConnectionDropTimeout``.
-    """
-    call = server_drop_wait(leg)
-    if call is not None and clock is not txaio.config.loop and call.active():  # type: ignore[attr-defined]  # set by txaio.use_twisted
-        call.cancel()
-        leg.serverConnectionDropTimeoutCall = clock.callLater(
-            leg.serverConnectionDropTimeout, leg.onServerConnectionDropTimeout  # type: ignore[attr-defined]
-        )
 
 
 # The hooks are always combined with an Autobahn protocol; they add nothing to the MRO at run time.

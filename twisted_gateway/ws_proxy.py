@@ -53,7 +53,6 @@ from twisted_gateway._compat import (
     START_LINE_INVALID,
     ClientLegHooks,
     ServerLegHooks,
-    cancel_close_timers,
     mask_short_payloads,
     origin_allowed,
     parse_extensions,
@@ -233,7 +232,7 @@ class RelayClientProtocol(ClientLegHooks, _RelayLeg, WebSocketClientProtocol):  
             self.opened.callback(self)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
-        cancel_close_timers(self)
+        self.end_close_wait()
         if not self.opened.called:
             status = None
             phrase = ""
@@ -587,7 +586,7 @@ class RelayServerProtocol(ServerLegHooks, _RelayLeg, WebSocketServerProtocol):  
     # -- closing ------------------------------------------------------------
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
-        cancel_close_timers(self)
+        self.end_close_wait()
         if self._handshake is not None:
             self._handshake.cancel()
         # (None when the upstream leg's close ended the pair first: Pair.finish)
@@ -678,8 +677,9 @@ class RelayServerFactory(WebSocketServerFactory):
         self.ageing = Ageing(clock, max_age)
         options = dict(
             maxMessagePayloadSize=gateway.ws_max_message_size,
+            # (the close's timer is the leg's own: _RelayLeg.sendCloseFrame)
             openHandshakeTimeout=0,
-            closeHandshakeTimeout=5,
+            closeHandshakeTimeout=0,
             failByDrop=False,
             echoCloseCodeReason=True,
             webStatus=False,
@@ -699,8 +699,8 @@ class RelayServerFactory(WebSocketServerFactory):
             maxMessagePayloadSize=gateway.ws_max_message_size_upstream
             or gateway.ws_max_message_size,
             openHandshakeTimeout=0,
-            closeHandshakeTimeout=5,
-            serverConnectionDropTimeout=5,
+            closeHandshakeTimeout=0,
+            serverConnectionDropTimeout=0,
             failByDrop=False,
             echoCloseCodeReason=True,
             perMessageCompressionAccept=lambda response: PerMessageDeflateResponseAccept(response)

@@ -22,13 +22,11 @@ from zope.interface import implementer
 
 from twisted_gateway._compat import (
     LegHooks,
-    cancel_close_timers,
     failed_by_me,
     feed,
     parser_idle,
     queued_sends,
     server_drop_wait,
-    server_drop_wait_on,
     write_now,
 )
 from twisted_gateway.sockets import cap_receive_buffer, timed_out
@@ -39,7 +37,13 @@ if TYPE_CHECKING:
     from twisted_gateway._bases import SendMessage
 
 OPEN = WebSocketProtocol.STATE_OPEN
+CLOSING = WebSocketProtocol.STATE_CLOSING
 CLOSED = WebSocketProtocol.STATE_CLOSED
+
+#: How long a leg that sent a close waits for its peer's (Autobahn's ``closeHandshakeTimeout``),
+#: and then an upstream leg for the upstream to drop the connection (``serverConnectionDropTimeout``).
+CLOSE_TIMEOUT = 5.0
+SERVER_DROP_TIMEOUT = 5.0
 
 #: Messages up to this size are relayed whole (one frame); larger ones stream.
 STREAM_THRESHOLD = 64 * 1024
@@ -144,6 +148,9 @@ class _RelayLeg(Passthrough, LegHooks):
     timed_out = False
     #: (since when, bytes acknowledged then) while data waits for this leg's peer (send_timeout)
     stalled: tuple[float, int] | None = None
+    #: the close's one timer (see :meth:`sendCloseFrame`), and whether it now waits for the server's drop
+    closing_timer: IDelayedCall | None = None
+    awaiting_drop = False
 
     #: (the Twisted protocol's, which every leg also is)
     transport: ITCPTransport | None
@@ -230,11 +237,53 @@ class _RelayLeg(Passthrough, LegHooks):
         self.wasNotCleanReason = "peer unresponsive"
         self.dropConnection(abort=True)
 
+    def sendCloseFrame(self, code: int | None = None, reasonUtf8: bytes | None = None, isReply: bool = False) -> None:
+        """
+        Autobahn's, with its close timers replaced by one on the gateway's clock
+        (the legs' ``closeHandshakeTimeout`` and ``serverConnectionDropTimeout``
+        are 0): a leg that sends the first close waits :data:`CLOSE_TIMEOUT`
+        for the peer's, then :meth:`onCloseFrame` re-arms the same timer for
+        an upstream leg's wait for the upstream's drop. Autobahn made one timer
+        for each wait (the first through its batched timer).
+        """
+        was_open = self.state == OPEN
+        WebSocketProtocol.sendCloseFrame(self, code, reasonUtf8, isReply)
+        if was_open and self.closedByMe and self.state == CLOSING:
+            self.closing_timer = self.factory.clock.callLater(CLOSE_TIMEOUT, self._close_overdue)
+
+    def _close_overdue(self) -> None:
+        """What Autobahn's close timers do when they fire: the peer did not answer the close, or did not drop."""
+        self.closing_timer = None
+        if self.awaiting_drop:
+            self.onServerConnectionDropTimeout()
+        else:
+            self.onCloseHandshakeTimeout()
+
+    def end_close_wait(self) -> None:
+        """The leg is gone: its close timer with it."""
+        timer = self.closing_timer
+        if timer is not None:
+            self.closing_timer = None
+            timer.cancel()
+
     def onCloseFrame(self, code: int | None, reasonRaw: bytes | None) -> bool | None:
         # A reply to a close the gateway sent (because the other leg closed)
         # is not relayed again.
         relay = not self.closedByMe
-        failed = _accept_close_frame(self, code, reasonRaw, self.factory.clock)
+        was_closing = self.state == CLOSING
+        failed = _accept_close_frame(self, code, reasonRaw)
+        if was_closing and not failed:
+            # the peer answered this leg's close: Autobahn's close timer ends, and an upstream
+            # leg waits for the upstream to drop the connection (a server leg has dropped it)
+            timer = self.closing_timer
+            if self.is_server or self.state == CLOSED:
+                self.end_close_wait()
+            elif timer is not None:
+                self.awaiting_drop = True
+                timer.reset(SERVER_DROP_TIMEOUT)
+            else:
+                self.awaiting_drop = True
+                self.closing_timer = self.factory.clock.callLater(SERVER_DROP_TIMEOUT, self._close_overdue)
         peer = self.partner
         if relay and not failed and not failed_by_me(self) and peer is not None and peer.state == OPEN:
             assert self.pair is not None  # a leg with a partner has its pair
@@ -299,16 +348,15 @@ class _Throttle:
         self.leg.timed_out = timed_out(self.leg.transport)
 
 
-def _accept_close_frame(
-    proto: WebSocketProtocol, code: int | None, reasonRaw: bytes | None, clock: IReactorTime | None = None
-) -> bool | None:
+def _accept_close_frame(proto: WebSocketProtocol, code: int | None, reasonRaw: bytes | None) -> bool | None:
     """
     Autobahn's close-frame handling, also accepting 1014 (Bad Gateway, in the
     IANA registry of RFC 6455 close codes, unknown to Autobahn's list).
     Autobahn starts its wait for the server's drop on every close frame a
-    client leg takes while closing: a second one (a peer answering the close
-    that failed its first) replaces the first wait, which nothing would cancel.
-    With ``clock``, the wait runs on it (Autobahn starts it on the global reactor).
+    client (a test's or a benchmark's peer; the legs' own close timer is
+    theirs, :meth:`_RelayLeg.sendCloseFrame`) takes while closing: a second one
+    (a peer answering the close that failed its first) replaces the first
+    wait, which nothing would cancel.
     """
     # (Autobahn annotates code and reason without None, which a close frame may carry)
     waiting = server_drop_wait(proto)
@@ -319,11 +367,8 @@ def _accept_close_frame(
         if not failed:
             proto.remoteCloseCode = 1014
     started = server_drop_wait(proto)
-    if started is not waiting:
-        if waiting is not None and waiting.active():
-            waiting.cancel()
-        if started is not None and clock is not None:
-            server_drop_wait_on(proto, clock)
+    if started is not waiting and waiting is not None and waiting.active():
+        waiting.cancel()
     return failed
 
 
