@@ -16,7 +16,7 @@ import ipaddress
 import math
 import re
 from dataclasses import replace
-from typing import Any, Mapping, Sequence
+from typing import Any, Coroutine, Mapping, NoReturn, Sequence
 from urllib.parse import urlsplit
 from warnings import warn
 
@@ -323,6 +323,17 @@ def with_key_material(source: str, settings: AuthSettings, name: str, data: byte
 
 # -- verification -----------------------------------------------------------
 
+
+async def _anonymous() -> None:
+    """What :meth:`Authenticator.authenticate` awaits to no identity (auth = none, optional without a token)."""
+    return None
+
+
+async def _refused(error: GatewayError) -> NoReturn:
+    """What :meth:`Authenticator.authenticate` awaits to a refusal found before any verification."""
+    raise error
+
+
 _REASONS: Mapping[type, str] = {
     jwt.InvalidSignatureError: "bad signature",
     jwt.InvalidAlgorithmError: "algorithm not allowed",
@@ -412,43 +423,40 @@ class Authenticator:
             return strip_query_param(query, self.settings.query_param)
         return query
 
-    async def authenticate(
+    def authenticate(
         self, mode: str, headers: Headers, query: bytes, route: RouteSettings | None = None
-    ) -> Identity | None:
+    ) -> Coroutine[Any, Any, Identity | None]:
         """
         The identity a request proves under a route's ``auth`` mode, holding
         what the route requires (``require_scope``, ``require_claim``); raises
-        AuthError (401) or InsufficientScope (403).
+        AuthError (401) or InsufficientScope (403). A request with a token
+        gets :meth:`verify`'s coroutine itself, not one more around it.
         """
-        if mode == "none":
-            return None
-        s = self.settings
-        token = extract_token(headers, query, query_param=s.query_param, cookie=s.cookie)
-        if token is None:
-            if mode == "optional":
-                return None
-            raise AuthError.missing()
-        # a token verified before is answered here, without awaiting another coroutine
-        identity = self._known(token) or await self._verify_and_keep(token)
-        if route is not None and (route.require_scope or route.require_claim):
-            check_requirements(identity.claims, route.require_scope, route.require_claim)
-        return identity
+        if mode != "none":
+            s = self.settings
+            token = extract_token(headers, query, query_param=s.query_param, cookie=s.cookie)
+            if token is not None:
+                return self.verify(token, route)
+            if mode != "optional":
+                return _refused(AuthError.missing())
+        return _anonymous()
 
-    async def verify(self, token: str) -> Identity:
+    async def verify(self, token: str, route: RouteSettings | None = None) -> Identity:
         """
-        Check a token's algorithm, signature, claims and times; raises AuthError.
-        A token verified before is taken from the cache until its ``exp``.
+        Check a token's algorithm, signature, claims and times (and what
+        ``route`` requires); raises AuthError or InsufficientScope. A token
+        verified before with the current keys is taken from the cache until its
+        ``exp``, without awaiting another coroutine.
         """
-        return self._known(token) or await self._verify_and_keep(token)
-
-    def _known(self, token: str) -> Identity | None:
-        """The identity of ``token`` if it was verified with the current keys and its ``exp`` is ahead."""
         keys = self.keyset.keys if self.keyset is not None else None
         if keys is not self._verified_with:
             # a fetched JWKS replaces the keys: a key may have been withdrawn
             self._verified.clear()
             self._verified_with = keys
-        return self._verified.get(token, self._clock.seconds())
+        identity = self._verified.get(token, self._clock.seconds()) or await self._verify_and_keep(token)
+        if route is not None and (route.require_scope or route.require_claim):
+            check_requirements(identity.claims, route.require_scope, route.require_claim)
+        return identity
 
     async def _verify_and_keep(self, token: str) -> Identity:
         """:meth:`_verify`, the identity then kept until the token's ``exp`` if the keys are the same."""
