@@ -135,7 +135,7 @@ class Plan:
     storm_sizes: tuple[int, ...] = (1000, 5000)
     storm_reps: int = 3
     #: auth = required over auth = none, paired: (pairs, handshakes or GETs per block)
-    paired_handshakes: tuple[int, int] = (400, 4)
+    paired_handshakes: tuple[int, int] = (800, 4)
     paired_requests: tuple[int, int] = (120, 25)
 
 
@@ -153,7 +153,7 @@ QUICK = Plan(
     http_warmup_s=0.5,
     http_measure_s=2.0,
     storm_reps=1,
-    paired_handshakes=(100, 4),
+    paired_handshakes=(150, 4),
     paired_requests=(40, 25),
 )
 #: Tiny amounts: proves the machinery (tests/test_bench_quick.py), measures nothing.
