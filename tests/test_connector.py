@@ -13,7 +13,8 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.web.client import URI
 
-from twisted_gateway.connector import UpstreamConnector, _Attempt
+from twisted_gateway.connector import UpstreamConnector, _Attempt, relay_connect
+from twisted_gateway.testing import MemoryNetwork, RecordingUpstream
 
 ADDRESS = IPv4Address("TCP", "127.0.0.1", 9001)
 
@@ -44,6 +45,23 @@ def test_an_ip_literal_is_connected_with_the_timeout_and_no_resolution(host: byt
     else:
         [(connected, port, _, timeout, _)] = reactor.tcpClients
     assert (connected, port, timeout) == (address, 9001, 7.5)
+
+
+@pytest.mark.parametrize("secure", [False, True])
+def test_the_relays_connects_to_an_ip_literal_have_no_timer(secure: bool) -> None:
+    """The relay times its upstream connects itself (ws_proxy): relay_connect's are the connector's untimed ones."""
+    from autobahn.twisted.websocket import WebSocketClientFactory
+
+    reactor = MemoryReactorClock()
+    connector = UpstreamConnector(reactor, 7.5, _Policy())  # type: ignore[arg-type]  # a policy's one method
+    factory = WebSocketClientFactory(f"{'wss' if secure else 'ws'}://10.0.0.7:9001/")
+    assert relay_connect(connector) == connector.untimed
+    relay_connect(connector)(factory)
+    clients = reactor.sslClients if secure else reactor.tcpClients
+    assert clients[0][4 if secure else 3] is None
+    assert reactor.getDelayedCalls() == []
+    memory = MemoryNetwork().connector(RecordingUpstream())
+    assert relay_connect(memory) == memory.connect  # another connector as it connects
 
 
 def test_the_callers_protocol_is_the_transports_own_and_fires_as_it_is_built() -> None:

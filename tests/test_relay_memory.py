@@ -9,8 +9,11 @@ tests/integration/test_ws_relay.py.
 from __future__ import annotations
 
 from dataclasses import fields, replace
+from types import SimpleNamespace
 
 import pytest
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectingCancelledError
 
 from tests.support import route_config
 from twisted_gateway.testing import (
@@ -20,6 +23,7 @@ from twisted_gateway.testing import (
     OP_PING,
     OP_PONG,
     OP_TEXT,
+    MemoryNetwork,
     MemoryRelay,
     RecordingUpstream,
     RecordingUpstreamProtocol,
@@ -423,3 +427,67 @@ def test_an_authenticated_context_keeps_every_other_field():
     assert authenticated == replace(context, query=b"room=a", extra_headers=[(b"x-user", b"u")])
     assert type(authenticated) is HandshakeContext
     assert context == HandshakeContext(**values)  # the original unchanged
+
+
+#: Two instances whose connects never complete (see the test below).
+STALLED = """
+[gateway]
+ws_open_timeout = {open_timeout}
+connect_timeout = 3
+[route:chat]
+prefix = /v1/chat
+upstream = http://127.0.0.1:9 http://127.0.0.1:10
+"""
+
+
+@pytest.mark.parametrize(("open_timeout", "status", "at"), [(10, 502, 6.0), (5, 504, 5.0)])
+def test_each_connect_is_timed_out_at_connect_timeout_and_the_handshake_at_ws_open_timeout(
+    monkeypatch, open_timeout, status, at
+):
+    """
+    An instance whose connect never completes is given connect_timeout (3 s),
+    then the next is tried: with both stalled, the client gets 502 at 6 s
+    ("cannot connect"), or 504 at ws_open_timeout when that comes first.
+    """
+    attempts: list[int] = []
+
+    def connect(factory):
+        attempts.append(factory.port)
+        return Deferred(lambda d: d.errback(ConnectingCancelledError(None)))  # never connects
+
+    monkeypatch.setattr(MemoryNetwork, "connector", lambda net, upstream: SimpleNamespace(connect=connect))
+    relay = MemoryRelay(STALLED.format(open_timeout=open_timeout))
+    client = relay.client("/v1/chat/ws")
+    for advance, tried in ((2.9, 1), (0.2, 2), (at - 3.2, 2)):
+        relay.clock.advance(advance)
+        relay.flush()
+        assert len(attempts) == tried and client.buffer == b""
+    relay.clock.advance(0.2)
+    relay.flush()
+    assert sorted(attempts) == [9, 10]
+    assert client.head.startswith(b"HTTP/1.1 %d " % status)
+    if status == 502:
+        assert b"cannot connect to the upstream" in client.buffer and b"timeout" in client.buffer
+    assert_nothing_left(relay)
+    assert not [c for c in relay.clock.getDelayedCalls() if getattr(c.func, "__name__", "") == "_overdue"]
+
+
+class _NeverAnswers(RecordingUpstreamProtocol):
+    """An upstream that takes the connection and never answers the upgrade."""
+
+    def processHandshake(self):
+        pass
+
+
+def test_an_upstream_that_never_answers_the_upgrade_is_504_at_ws_open_timeout():
+    upstream = RecordingUpstream()
+    upstream.protocol = _NeverAnswers
+    relay = MemoryRelay(config(), upstream)  # ws_open_timeout = 5
+    client = relay.client("/v1/chat/ws")
+    relay.clock.advance(4.9)
+    relay.flush()
+    assert client.buffer == b""
+    relay.clock.advance(0.2)
+    relay.flush()
+    assert client.head.startswith(b"HTTP/1.1 504 ")
+    assert_nothing_left(relay)

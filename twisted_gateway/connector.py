@@ -35,8 +35,21 @@ from twisted_gateway._compat import forget_transport
 from twisted_gateway.interfaces import IUpstreamConnector
 
 #: Connects one upstream WebSocket leg's factory; fires with the leg
-#: (an :class:`IUpstreamConnector`'s ``connect``).
+#: (an :class:`IUpstreamConnector`'s ``connect``, or :meth:`UpstreamConnector.untimed`).
 Connector = Callable[[WebSocketClientFactory], Deferred[IProtocol]]
+
+
+def relay_connect(connector: IUpstreamConnector) -> Connector:
+    """
+    How the relay connects its upstream legs through ``connector``: the relay
+    times each connect itself (``connect_timeout``, on the handshake's one
+    timer), so an :class:`UpstreamConnector` connects them without a timer of
+    its own; any other connector as it connects.
+    """
+    if isinstance(connector, UpstreamConnector):
+        return connector.untimed
+    connect: Connector = connector.connect
+    return connect
 
 
 class _Attempt(ClientFactory):
@@ -144,47 +157,56 @@ class UpstreamConnector:
         self.reactor, self.timeout = reactor, timeout
         self.tls_policy = tls_policy if tls_policy is not None else BrowserLikePolicyForHTTPS()
         #: how each (secure, host, port) is connected: an IP literal's by the reactor
-        #: (:meth:`_connect_literal`), a name's by its endpoint
-        self._ways: dict[tuple[bool, bytes, int], Callable[[IProtocolFactory], Deferred[IProtocol]]] = {}
+        #: (:meth:`_connect_literal`, timed or not), a name's by its endpoint (always timed)
+        self._ways: dict[tuple[bool, bytes, int], Callable[[IProtocolFactory, bool], Deferred[IProtocol]]] = {}
         self._endpoints: dict[tuple[bytes, bytes, int], IStreamClientEndpoint] = {}
 
-    def connect(self, factory: WebSocketClientFactory) -> Deferred[IProtocol]:
-        """Connect a WebSocket leg's factory to its ``host`` and ``port``."""
-        return self.connect_to(factory.isSecure, factory.host.encode("idna"), factory.port, factory)
+    def connect(self, factory: WebSocketClientFactory, timed: bool = True) -> Deferred[IProtocol]:
+        """Connect a WebSocket leg's factory to its ``host`` and ``port`` (see :meth:`connect_to`)."""
+        return self.connect_to(factory.isSecure, factory.host.encode("idna"), factory.port, factory, timed)
 
-    def connect_to(self, secure: bool, host: bytes, port: int, factory: IProtocolFactory) -> Deferred[IProtocol]:
+    def untimed(self, factory: WebSocketClientFactory) -> Deferred[IProtocol]:
+        """:meth:`connect` for a caller that times the connect itself (the relay's handshakes: one timer for the connect and the upgrade)."""
+        return self.connect_to(factory.isSecure, factory.host.encode("idna"), factory.port, factory, False)
+
+    def connect_to(
+        self, secure: bool, host: bytes, port: int, factory: IProtocolFactory, timed: bool = True
+    ) -> Deferred[IProtocol]:
         """
         Connect ``factory`` to ``host`` and ``port``, with TLS when ``secure``.
         The ``Deferred`` fires with the protocol by the time its
         ``connectionMade`` runs (for an IP literal, just before): the protocol
         writes from ``connectionMade`` on. Cancelled before, it fails with
         ``ConnectingCancelledError``; a connect timeout fails it with
-        ``TimeoutError``.
+        ``TimeoutError``. Not ``timed``, an IP literal's connect has no timer
+        (its caller cancels it when it is due); a name's endpoint keeps its own.
         """
         key = (secure, host, port)
         way = self._ways.get(key)
         if way is None:
             way = self._ways[key] = self._way(secure, host, port)
-        return way(factory)
+        return way(factory, timed)
 
-    def _way(self, secure: bool, host: bytes, port: int) -> Callable[[IProtocolFactory], Deferred[IProtocol]]:
+    def _way(self, secure: bool, host: bytes, port: int) -> Callable[[IProtocolFactory, bool], Deferred[IProtocol]]:
         address = ip_literal(host)
         tls = self.tls_policy if secure else None
         if address is None:
-            return upstream_endpoint(self.reactor, host, port, self.timeout, tls).connect
+            endpoint = upstream_endpoint(self.reactor, host, port, self.timeout, tls)
+            return lambda factory, timed: endpoint.connect(factory)
         creator = None if tls is None else tls.creatorForNetloc(host, port)
         return partial(self._connect_literal, address, port, creator)
 
     def _connect_literal(
-        self, address: str, port: int, creator: object | None, factory: IProtocolFactory
+        self, address: str, port: int, creator: object | None, factory: IProtocolFactory, timed: bool
     ) -> Deferred[IProtocol]:
         """Connect to an IP literal by the reactor, with TLS from ``creator`` when not None."""
         attempt = _Attempt(factory)
+        timeout = self.timeout if timed else None
         if creator is None:
-            self.reactor.connectTCP(address, port, attempt, timeout=self.timeout)
+            self.reactor.connectTCP(address, port, attempt, timeout=timeout)  # type: ignore[arg-type]  # (None: no timer, as Twisted's connectors take it)
         else:
             cast(IReactorSSL, self.reactor).connectSSL(
-                address, port, attempt, creator, self.timeout, None  # type: ignore[arg-type]
+                address, port, attempt, creator, timeout, None  # type: ignore[arg-type]
             )
         return attempt.connected
 

@@ -24,7 +24,7 @@ from twisted.web.iweb import IAgent, IPolicyForHTTPS
 
 from twisted_gateway.cluster import Cluster, RevocationGuard
 from twisted_gateway.config import Settings
-from twisted_gateway.connector import UpstreamConnector
+from twisted_gateway.connector import UpstreamConnector, relay_connect
 from twisted_gateway.interfaces import IAuthenticator, IHTTPForwarder, IUpstreamConnector
 from twisted_gateway.logs import secret_names
 from twisted_gateway.metrics import Load, Metrics
@@ -111,7 +111,7 @@ class Gateway(MultiService):
                 settings.gateway,
                 clock=clock,
                 registry=self.registry,
-                connect=connector.connect,
+                connect=relay_connect(connector),
                 authenticator=self.authenticator,
                 metrics=self.metrics,
                 cluster=self.cluster,

@@ -34,7 +34,8 @@ from twisted.internet.error import (
     ConnectionDone,
     DNSLookupError,
 )
-from twisted.internet.interfaces import IReactorTime, ITCPTransport
+from twisted.internet.error import TimeoutError as ConnectTimeout
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITCPTransport
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
@@ -274,6 +275,12 @@ class RelayServerProtocol(ServerLegHooks, _RelayLeg, WebSocketServerProtocol):  
         self._handshake: Deferred[_Accept] | None = None
         self._deny: GatewayError | None = None
         self._open_deadline = float("inf")
+        #: the handshake's one timer (:meth:`_time`): an upstream connect's deadline, or ws_open_timeout's
+        self._timer: IDelayedCall | None = None
+        #: the upstream connect the timer times, when it does
+        self._connecting: Deferred[Any] | None = None
+        #: the timer fired: a connect's deadline (the connect fails), or ws_open_timeout's (the handshake)
+        self._connect_overdue = self._timed_out = False
 
     # -- opening handshake ------------------------------------------------
 
@@ -281,20 +288,57 @@ class RelayServerProtocol(ServerLegHooks, _RelayLeg, WebSocketServerProtocol):  
     def onConnect(self, request: ConnectionRequest) -> Deferred[_Accept]:  # type: ignore[override]
         registry = self.factory.registry
         registry.handshakes.add(self.pair)
-        d = Deferred.fromCoroutine(self._open_upstream(request))
-        timeout, clock = self.factory.gateway.ws_open_timeout, self.factory.clock
         #: an attempt cancelled from this time on was cancelled by the timeout
-        self._open_deadline = clock.seconds() + timeout
-        d.addTimeout(timeout, clock)
-        self._handshake = d
+        self._open_deadline = self.factory.clock.seconds() + self.factory.gateway.ws_open_timeout
+        d = Deferred.fromCoroutine(self._open_upstream(request))
+        if not d.called:
+            self._handshake = d
+            if self._timer is None:  # (waiting for the authenticator or the cluster, not a connect)
+                self._time(self._open_deadline)
         d.addBoth(self._opened_or_refused)
         return d
 
+    def _time(self, deadline: float, connecting: Deferred[Any] | None = None) -> None:
+        """
+        Arm the handshake's one timer for ``deadline``: ``connecting``'s (an
+        upstream connect, failed with a connect timeout when it is due), or
+        ws_open_timeout's (the whole handshake is cancelled and answered 504).
+        One ``DelayedCall`` serves every deadline of a handshake: re-armed
+        later (``reset``), it only takes a new time; a deadline sooner than
+        the one armed (a connect inside an authentication's wait) gets a new one.
+        """
+        clock = self.factory.clock
+        self._connecting = connecting
+        timer = self._timer
+        if timer is not None and deadline >= timer.getTime():
+            if deadline > timer.getTime():
+                timer.reset(deadline - clock.seconds())
+            return
+        if timer is not None:
+            timer.cancel()
+        self._timer = clock.callLater(max(0.0, deadline - clock.seconds()), self._overdue)
+
+    def _overdue(self) -> None:
+        self._timer = None
+        connecting, self._connecting = self._connecting, None
+        if connecting is not None:
+            self._connect_overdue = True
+            connecting.cancel()
+        elif self._handshake is not None:
+            self._timed_out = True
+            self._handshake.cancel()
+
     def _opened_or_refused(self, result: _Accept | Failure) -> _Accept:
         """The end of ``onConnect``'s work: the answer, or the refusal as a ``ConnectionDeny``."""
-        self._handshake = None
+        self._handshake = self._connecting = None
+        timer = self._timer
+        if timer is not None:
+            self._timer = None
+            timer.cancel()
         self.factory.registry.handshakes.discard(self.pair)
         if isinstance(result, Failure):
+            if self._timed_out and result.check(CancelledError):
+                result = Failure(TimeoutError(self.factory.gateway.ws_open_timeout, "Deferred"))
             self._refuse(result)
         self.factory.metrics.ws_handshake(self.factory.route.name, "accepted")
         return result
@@ -462,8 +506,28 @@ class RelayServerProtocol(ServerLegHooks, _RelayLeg, WebSocketServerProtocol):  
         self, ctx: HandshakeContext, request: ConnectionRequest, instance: Instance
     ) -> RelayClientProtocol:
         """Connect one upstream instance and wait for its handshake."""
-        client_factory = self.factory.client_factory_for(ctx, request, instance.url)
-        upstream = await self.factory.connect(client_factory)
+        factory = self.factory
+        client_factory = factory.client_factory_for(ctx, request, instance.url)
+        connecting = factory.connect(client_factory)
+        if not connecting.called:
+            # connect_timeout, on the handshake's timer (the connector's own is off: connector.untimed)
+            connect_deadline = factory.clock.seconds() + factory.gateway.connect_timeout
+            if connect_deadline < self._open_deadline:
+                self._time(connect_deadline, connecting)
+            else:
+                self._time(self._open_deadline)
+        try:
+            upstream = await connecting
+        except (CancelledError, ConnectingCancelledError):
+            if self._connect_overdue:
+                self._connect_overdue = False
+                raise ConnectTimeout() from None  # what the connector's own timer fails a connect with
+            if self._timed_out:
+                # ws_open_timeout came during the connect: a 504 like any handshake past it
+                # (the connector's ConnectingCancelledError would have read as the client leaving)
+                raise CancelledError() from None
+            raise
+        self._time(self._open_deadline)
         assert isinstance(upstream, RelayClientProtocol)  # the factory's protocol
         try:
             await upstream.opened
