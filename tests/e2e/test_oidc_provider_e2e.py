@@ -76,6 +76,12 @@ class Provider:
         request = urllib.request.Request(f"{self.issuer}/_test/jwks", json.dumps({"answer": answer}).encode(), method="POST")
         assert self._opener.open(request, timeout=GUARD).status == 204
 
+    def serve(self, keys: list[dict], jwks_answer: str | None = None) -> Provider:
+        """Sign with ``keys`` and answer the JWKS as ``jwks_answer`` says, whatever an earlier test left."""
+        self.rotate(keys)
+        self.break_jwks(jwks_answer)
+        return self
+
     def access_token(self, alg: str = "RS256", resource: str = CHAT, scope: str = "chat:read chat:write") -> str:
         """An RFC 9068 access token from client_credentials with a resource indicator."""
         form = {"grant_type": "client_credentials", "resource": resource, "scope": scope}
@@ -128,36 +134,32 @@ class _StopAtCallback(urllib.request.HTTPRedirectHandler):
 
 
 class Stack:
-    """The provider, an aiohttp upstream and a twistd gateway with ``oidc_issuer``."""
+    """A twistd gateway with ``oidc_issuer`` in front of the file's aiohttp upstream."""
 
     def __init__(
         self,
         tmp_path: Path,
-        keys: list[dict] | None,
+        upstream_port: int,
+        provider: Provider | None,
         *,
         issuer_suffix: str = "",
         jwks_refresh: float = 600,
         jwks_timeout: float = 10,
-        jwks_answer: str | None = None,
     ) -> None:
         """
-        With ``keys`` None the provider is not started: :meth:`start_provider`
-        starts it later. ``jwks_answer`` breaks its JWKS before the gateway starts.
+        With ``provider`` None no provider runs yet: :meth:`start_provider`
+        starts one later, on the port of the issuer the gateway was given.
         """
         self._tmp_path = tmp_path
         self._processes: list[Process] = []
         self.provider_port = 0
+        if provider is None:
+            self.provider_port = free_port()
+            issuer = f"http://127.0.0.1:{self.provider_port}"
+        else:
+            self.provider = provider
+            issuer = provider.issuer
         try:
-            if keys is None:
-                self.provider_port = free_port()
-                issuer = f"http://127.0.0.1:{self.provider_port}"
-            else:
-                self.start_provider(keys)
-                issuer = self.provider.issuer
-                if jwks_answer is not None:
-                    self.provider.break_jwks(jwks_answer)
-            upstream, upstream_port = aiohttp_upstream(tmp_path)
-            self._processes.append(upstream)
             config = _config(upstream_port, issuer + issuer_suffix, jwks_refresh, jwks_timeout)
             self.gateway = _gateway(tmp_path, config)
             self._processes.append(self.gateway)
@@ -171,6 +173,7 @@ class Stack:
         self._processes.append(self.provider.process)
 
     def stop(self) -> None:
+        """The gateway, and the provider :meth:`start_provider` started (a provider passed in is its owner's)."""
         for process in reversed(self._processes):
             process.stop()
 
@@ -228,8 +231,41 @@ auth = required
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory) -> Iterator[Stack]:
-    stack = Stack(tmp_path_factory.mktemp("oidc"), KEYS_WITHOUT_ALG)
+def upstream_port(tmp_path_factory) -> Iterator[int]:
+    """One aiohttp upstream for the file's gateways: it answers and echoes, and keeps nothing."""
+    upstream, port = aiohttp_upstream(tmp_path_factory.mktemp("upstream"))
+    try:
+        yield port
+    finally:
+        upstream.stop()
+
+
+def _provider(tmp_path_factory) -> Iterator[Provider]:
+    provider = Provider(tmp_path_factory.mktemp("provider"), KEYS_WITHOUT_ALG)
+    try:
+        yield provider
+    finally:
+        provider.stop()
+
+
+@pytest.fixture(scope="module")
+def stack_provider(tmp_path_factory) -> Iterator[Provider]:
+    """The provider of the shared gateway :func:`stack` (its keys never change)."""
+    yield from _provider(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def provider(tmp_path_factory) -> Iterator[Provider]:
+    """
+    The provider of the tests that start their own gateway: each sets the keys
+    and JWKS answer it needs (:meth:`Provider.serve`) before its gateway reads them.
+    """
+    yield from _provider(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, upstream_port, stack_provider) -> Iterator[Stack]:
+    stack = Stack(tmp_path_factory.mktemp("oidc"), upstream_port, stack_provider)
     try:
         stack.wait_ready()
         yield stack
@@ -277,8 +313,8 @@ def test_a_token_without_the_routes_scope_gets_403(stack):
     assert 'error="insufficient_scope"' in response.getheader("WWW-Authenticate")
 
 
-def test_an_access_token_of_each_algorithm_from_keys_bound_by_alg(tmp_path):
-    stack = Stack(tmp_path, KEYS_WITH_ALG)
+def test_an_access_token_of_each_algorithm_from_keys_bound_by_alg(tmp_path, upstream_port, provider):
+    stack = Stack(tmp_path, upstream_port, provider.serve(KEYS_WITH_ALG))
     try:
         stack.wait_ready()
         for alg, key in zip(ALGORITHMS, KEYS_WITH_ALG):
@@ -289,9 +325,9 @@ def test_an_access_token_of_each_algorithm_from_keys_bound_by_alg(tmp_path):
         stack.stop()
 
 
-def test_an_issuer_that_differs_from_the_documents_is_an_outage_not_a_source_of_keys(tmp_path):
+def test_an_issuer_that_differs_from_the_documents_is_an_outage_not_a_source_of_keys(tmp_path, upstream_port, provider):
     """A trailing slash the provider does not write: 503 auth_unavailable, never ready, never its keys."""
-    stack = Stack(tmp_path, KEYS_WITHOUT_ALG, issuer_suffix="/")
+    stack = Stack(tmp_path, upstream_port, provider.serve(KEYS_WITHOUT_ALG), issuer_suffix="/")
     try:
         stack.logged(r"JWKS fetch from \S+ failed: discovery document names issuer")
         status, body, response = stack.get("/v1/api/me", stack.provider.access_token())
@@ -302,14 +338,14 @@ def test_an_issuer_that_differs_from_the_documents_is_an_outage_not_a_source_of_
         stack.stop()
 
 
-def test_key_rotation_while_the_gateway_runs(tmp_path):
+def test_key_rotation_while_the_gateway_runs(tmp_path, upstream_port, provider):
     """
     The provider signs with a new key, of another type, at once (accepted from
     the next fetch), then drops the old one (refused from the next fetch after that).
     """
     old = {"kid": "rsa-old", "kty": "RSA"}
     new = {"kid": "ec-new", "kty": "EC"}
-    stack = Stack(tmp_path, [old], jwks_refresh=1)
+    stack = Stack(tmp_path, upstream_port, provider.serve([old]), jwks_refresh=1)
     try:
         stack.wait_ready()
         old_token = stack.provider.access_token()
@@ -330,13 +366,13 @@ def test_key_rotation_while_the_gateway_runs(tmp_path):
         stack.stop()
 
 
-def test_a_provider_down_at_start_up_is_an_outage_then_recovers_without_client_traffic(tmp_path):
+def test_a_provider_down_at_start_up_is_an_outage_then_recovers_without_client_traffic(tmp_path, upstream_port):
     """
     The gateway starts while the provider is not listening: 503 auth_unavailable
     with Retry-After and /readyz 503, never 401; once the provider is up, its
     retries (1, 2, 4 ... s) find the keys with no request needed.
     """
-    stack = Stack(tmp_path, None)
+    stack = Stack(tmp_path, upstream_port, None)
     try:
         stack.logged(r"JWKS fetch from \S+ failed: .*refused")
         key = ec.generate_private_key(ec.SECP256R1())
@@ -360,7 +396,9 @@ def test_a_provider_down_at_start_up_is_an_outage_then_recovers_without_client_t
 @pytest.mark.parametrize(
     ("answer", "reason"), [("500", "HTTP 500"), ("html", "not a JSON document"), ("hang", "timed out after 2 s")]
 )
-def test_a_broken_jwks_at_start_up_is_an_outage_then_recovers_without_client_traffic(tmp_path, answer, reason):
+def test_a_broken_jwks_at_start_up_is_an_outage_then_recovers_without_client_traffic(
+    tmp_path, upstream_port, provider, answer, reason
+):
     """
     The provider issues tokens but its JWKS answers 500, HTML or nothing: its
     good tokens get 503 auth_unavailable (never a 401 telling clients to drop
@@ -368,7 +406,9 @@ def test_a_broken_jwks_at_start_up_is_an_outage_then_recovers_without_client_tra
     alone find the keys.
     """
     # An unanswered fetch gives up after jwks_timeout: 2 s instead of the default 10 s.
-    stack = Stack(tmp_path, KEYS_WITHOUT_ALG, jwks_timeout=2 if answer == "hang" else 10, jwks_answer=answer)
+    stack = Stack(
+        tmp_path, upstream_port, provider.serve(KEYS_WITHOUT_ALG, jwks_answer=answer), jwks_timeout=2 if answer == "hang" else 10
+    )
     try:
         token = stack.provider.access_token()
         status, body, response = stack.get("/v1/api/me", token)
