@@ -428,28 +428,34 @@ def _sped_up_text_observer(out: io.StringIO) -> FileLogObserver:
 async def test_lines_of_one_reactor_turn_go_out_in_one_write_and_in_order(observer, access):
     """
     While the reactor, dispatching plainly as the gateway's service has it,
-    handles a poll's events, the access lines wait for the turn's end and go
-    out in one write; another event's line comes after the lines held before
-    it; outside a turn a line is written at once.
+    handles a poll's events on several descriptors, the access lines wait for
+    the turn's end and go out in one write; another event's line comes after
+    the lines held before it. A turn of one descriptor (requests one at a
+    time), and no turn at all, write each line at once.
     """
     out = _Writes()
     logger = Logger(namespace=NAMESPACE, observer=LogPublisher(observer(out)))
     other = Logger(namespace="other", observer=logger.observer)
     assert _compat.dispatch_plainly(reactor)
     ours, theirs = socket.socketpair()
+    idle_ours, idle_theirs = socket.socketpair()  # ready in the same poll, doing nothing
 
     @implementer(IReadDescriptor)
     class Readable:
+        def __init__(self, sock: socket.socket, turn: bool) -> None:
+            self.sock, self.turn = sock, turn
+
         def fileno(self) -> int:
-            return ours.fileno()
+            return self.sock.fileno()
 
         def doRead(self) -> None:
-            for step in ours.recv(100).decode():
+            for step in self.sock.recv(100).decode():
                 if step == "a":
                     emit(logger, dict(FIELDS[0]), *OUTCOMES[0])
-                else:
+                elif step == "b":
                     other.info("between")
-            assert out.writes == [] or "between" in out.writes[-1]  # nothing of this turn's end yet
+            if self.turn:  # nothing of this turn's end yet
+                assert out.writes == [] or "between" in out.writes[-1]
 
         def connectionLost(self, reason: object) -> None:
             pass
@@ -457,20 +463,29 @@ async def test_lines_of_one_reactor_turn_go_out_in_one_write_and_in_order(observ
         def logPrefix(self) -> str:
             return "readable"
 
-    readable = Readable()
-    reactor.addReader(readable)
+    readers = [Readable(ours, True), Readable(idle_ours, False)]
+    for reader in readers:
+        reactor.addReader(reader)
     try:
         theirs.send(b"aa")
+        idle_theirs.send(b"-")
         await settle(lambda: out.writes, "the first turn's write")
         assert [w.count(access) for w in out.writes] == [2]
         del out.writes[:]
         theirs.send(b"aba")
+        idle_theirs.send(b"-")
         await settle(lambda: len(out.writes) == 3, "the second turn's three writes")
         assert [(w.count(access), "between" in w) for w in out.writes] == [(1, False), (0, True), (1, False)]
+        del out.writes[:]
+        readers[0].turn = False
+        theirs.send(b"aa")
+        await settle(lambda: len(out.writes) == 2, "a turn of one descriptor's two writes")
+        assert [w.count(access) for w in out.writes] == [1, 1]
         del out.writes[:]
         emit(logger, dict(FIELDS[0]), *OUTCOMES[0])
         assert len(out.writes) == 1
     finally:
-        reactor.removeReader(readable)
-        ours.close()
-        theirs.close()
+        for reader in readers:
+            reactor.removeReader(reader)
+        for sock in (ours, theirs, idle_ours, idle_theirs):
+            sock.close()

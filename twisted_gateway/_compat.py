@@ -172,10 +172,12 @@ def dispatch_plainly(reactor: object) -> bool:
 class PollTurn:
     """
     A reactor dispatching plainly handling the descriptors one poll found
-    ready: :attr:`handling` is true meanwhile, and each of :attr:`after` is
-    called (then forgotten) once they are handled, before the next poll.
-    Work that can wait that long (the access lines of the requests the turn
-    answered, written in one ``write``) is held until then.
+    ready, when it found more than one: :attr:`handling` is true meanwhile,
+    and each of :attr:`after` is called (then forgotten) once they are
+    handled, before the next poll. Work that can wait that long (the access
+    lines of the requests the turn answered, written in one ``write``) is
+    held until then; a turn of one descriptor (one request at a time) has
+    nothing to gather, and holding its work cost more than the work.
     """
 
     def __init__(self) -> None:
@@ -196,7 +198,7 @@ def _do_poll(self: EPollReactor, timeout: float | None) -> None:
             return
         raise
     handle, selectables, turn = self._doReadOrWrite, self._selectables, poll_turn
-    turn.handling = True
+    turn.handling = len(events) > 1
     try:
         for fd, event in events:
             selectable = selectables.get(fd)

@@ -370,10 +370,10 @@ def emit(logger: Logger, fields: Mapping[str, str], status: int, sent: int, dura
     publisher's fan-out were a third of its cost. Any other observer (a
     library user's, a test's capture) gets the event, and so does every one.
 
-    While the reactor handles a poll's events (``_compat.poll_turn``), the
-    lines are held and each observer gets those of the whole turn in one
-    write at its end (:func:`write_held`): under load one ``write`` system
-    call for many requests instead of one each.
+    While the reactor handles a poll's events on several descriptors
+    (``_compat.poll_turn``), the lines are held and each observer gets those
+    of the whole turn in one write at its end (:func:`write_held`): under
+    load one ``write`` system call for many requests instead of one each.
     """
     global _plan
     publisher = logger.observer
