@@ -68,6 +68,9 @@ FIELDS = [
          peer="10.0.0.1"),
     dict(method="GET", path="/bearer", query="q=Bearer%20abcdefghijk", target="/bearer?q=Bearer%20abcdefghijk",
          route="r", upstream="http://u", peer="10.0.0.1"),
+    # a plain request, but a route, upstream or method to escape or redact
+    dict(method="GET", path="/x", query="", target="/x", route='r"\\', upstream=f"http://u/{JWT}", peer="10.0.0.1"),
+    dict(method="GÉT", path="/x", query="", target="/x", route="r", upstream="http://u/?a=1", peer="10.0.0.1"),
 ]
 OUTCOMES = [(200, 64, 0.0123456789, "ok"), (502, 0, 1.5, "error"), (499, 0, 0.0, "client_gone")]
 
@@ -95,6 +98,17 @@ def test_the_json_line_is_the_json_observers_line_for_the_event(fields, outcome)
     line = json_line(event["log_time"], fields, *outcome)
     assert line == event_as_json(event) + "\n"
     assert JWT not in line
+
+
+def test_the_json_line_checks_a_method_route_upstream_and_peer_once_and_keeps_few_of_them(monkeypatch):
+    """What those fields are (plain, or to escape or redact) is kept for a bounded number of sets of them."""
+    monkeypatch.setattr(access_log, "STEADY_SETS", 3)
+    monkeypatch.setattr(access_log, "_steady", {})
+    for peer in ["10.0.0.1", "10.0.0.2", 'a"b', "10.0.0.1", "10.0.0.3", 'a"b']:
+        fields = dict(FIELDS[0], peer=peer)
+        event = _event(fields, *OUTCOMES[0])
+        assert json_line(event["log_time"], fields, *OUTCOMES[0]) == event_as_json(event) + "\n"
+        assert len(access_log._steady) <= 3
 
 
 class Output:

@@ -148,6 +148,24 @@ OUTCOMES = frozenset({"ok", "error", "client_gone", "refused", "upstream_body_fa
 #: The access event's fields in the order the event holds them (``http_proxy.emit_access_event``).
 _FIELDS = ("method", "path", "query", "target", "route", "upstream", "peer")
 _values: Callable[[Mapping[str, str]], tuple[str, str, str, str, str, str, str]] = itemgetter(*_FIELDS)
+#: The fields again, those a request brings first, then those its route and connection give
+#: (the same few values line after line: :func:`_steady_parts`)
+_line_values: Callable[[Mapping[str, str]], tuple[str, str, str, str, str, str, str]] = itemgetter(
+    *_FIELDS[1:4], _FIELDS[0], *_FIELDS[4:]
+)
+
+
+def _plain(text: str) -> bool:
+    """Whether ``text`` goes into a JSON string as it is, and holds nothing ``logs.redact_str`` would change."""
+    return (
+        "=" not in text
+        and "eyJ" not in text
+        and "bearer" not in text.lower()
+        and text.isascii()
+        and text.isprintable()
+        and '"' not in text
+        and "\\" not in text
+    )
 
 
 def json_line(when: float, fields: Mapping[str, str], status: int, sent: int, duration: float, outcome: str) -> str:
@@ -156,22 +174,23 @@ def json_line(when: float, fields: Mapping[str, str], status: int, sent: int, du
     redacted alike (``json.dumps`` with the same separators, keys in the same
     order; ``status`` and ``sent`` are ints), written out directly. When no
     field may hold a credential nor needs JSON's escapes (what a request
-    mostly brings), the fields go into the line as they are: one check of
-    them all instead of a redaction check and an encoder call per field.
+    mostly brings), the fields go into the line as they are: the request's
+    own (path, query, target) checked per line, the method, route, upstream
+    and peer once per set of them (:func:`_steady_parts`), instead of a
+    redaction check and an encoder call per field.
     """
-    values = _values(fields)
-    checked = " ".join(values)
-    if (
-        outcome not in OUTCOMES
-        or "=" in checked
-        or "eyJ" in checked
-        or "bearer" in checked.lower()
-        or not (checked.isascii() and checked.isprintable())
-        or '"' in checked
-        or "\\" in checked
+    values = _line_values(fields)
+    path, query, target = values[:3]
+    parts = _steady.get(values[3:])
+    if parts is None:
+        parts = _steady_parts(values[3:])
+    if not (
+        parts
+        and outcome in OUTCOMES
+        and _plain(target if target is path and not query else f"{path} {query} {target}")
     ):
-        return _escaped_json_line(when, values, status, sent, duration, outcome)
-    method, path, query, target, route, upstream, peer = values
+        method, route, upstream, peer = values[3:]
+        return _escaped_json_line(when, (method, path, query, target, route, upstream, peer), status, sent, duration, outcome)
     global _last_iso_second
     last = _last_iso_second
     second = int(when)
@@ -186,14 +205,40 @@ def json_line(when: float, fields: Mapping[str, str], status: int, sent: int, du
     worker = "" if label is None else '"worker":%s,' % json.dumps(label)
     code, size = _DECIMAL.get(status) or str(status), str(sent)  # each written twice
     high, low = divmod(micros, 1000)  # written from a table: a "06d" format costs more
+    message, upstream, method, tail = parts
     return (
-        f'{{"time":"{last[1]}.{_DIGITS[high]}{_DIGITS[low]}Z",{_LEVEL_NAMESPACE}"message":"{method} {target} {code} {size} {duration:.3f}s {upstream}",'
-        f'{worker}"status":{code},"bytes":{size},"duration":{duration!r},"outcome":"{outcome}",'
-        f'"method":"{method}","path":"{path}","query":"{query}","target":"{target}","route":"{route}",'
-        f'"upstream":"{upstream}","peer":"{peer}",{_SOURCE_FORMAT}}}\n'
+        f'{{"time":"{last[1]}.{_DIGITS[high]}{_DIGITS[low]}{message}{target} {code} {size} {duration:.3f}s{upstream}'
+        f'{worker}"status":{code},"bytes":{size},"duration":{duration!r},"outcome":"{outcome}{method}{path}",'
+        f'"query":"{query}","target":"{target}{tail}'
     )
 
 
+def _steady_parts(steady: tuple[str, ...]) -> tuple[str, ...]:
+    """
+    The parts of :func:`json_line`'s line that a method, route, upstream and
+    peer make (a request's own fields between them), those fields checked:
+    none when one of them must be escaped or redacted. Kept in
+    :data:`_steady` (at most :data:`STEADY_SETS` of them).
+    """
+    method, route, upstream, peer = steady
+    parts: tuple[str, ...] = ()
+    if _plain(" ".join(steady)):
+        parts = (
+            f'Z",{_LEVEL_NAMESPACE}"message":"{method} ',
+            f' {upstream}",',
+            f'","method":"{method}","path":"',
+            f'","route":"{route}","upstream":"{upstream}","peer":"{peer}",{_SOURCE_FORMAT}}}\n',
+        )
+    if len(_steady) >= STEADY_SETS:
+        _steady.clear()
+    _steady[steady] = parts
+    return parts
+
+
+#: :func:`_steady_parts`'s, by method, route, upstream and peer.
+_steady: dict[tuple[str, ...], tuple[str, ...]] = {}
+#: How many :data:`_steady` keeps (emptied when full: a new peer costs a check, never a wrong line).
+STEADY_SETS = 1024
 _last_iso_second: tuple[int | None, str] = (None, "")
 #: Status codes as text, made once.
 _DECIMAL = {code: str(code) for code in range(100, 600)}
