@@ -500,6 +500,30 @@ def test_gateway_requests_are_made_and_processed_as_twisted_webs_are_but_for_the
     _require(statements == 18, "twisted.web.server.Request.process (a statement our copy lacks)", "Twisted")
 
 
+def test_gateway_requests_are_received_as_twisted_webs_are_but_for_the_arguments():
+    """
+    ``GatewayRequest._request_received`` (http_proxy.py) does what
+    ``http.Request.requestReceived`` does for a request whose form body is not
+    parsed, ``args`` apart (parsed from the query when first read): relies on
+    the rest being the content rewound, the method, URI, version and path set,
+    the query parsed with ``parse_qs(argstring, 1)``, a form parse only under
+    ``_parsePOSTFormSubmission``, and ``process()``.
+    """
+    import ast
+    import textwrap
+
+    from twisted.web.http import Request as HTTPRequest
+
+    source = inspect.getsource(HTTPRequest.requestReceived)
+    for piece in ("self.content.seek(0, 0)", "self.args = {}", "self.method, self.uri = command, path",
+                  "self.clientproto = version", 'x = self.uri.split(b"?", 1)', "self.path = self.uri",
+                  "self.path, argstring = x", "self.args = parse_qs(argstring, 1)",
+                  "and self._parsePOSTFormSubmission", "self.process()"):
+        _require(piece in source, f"twisted.web.http.Request.requestReceived ({piece})", "Twisted")
+    statements = sum(isinstance(node, ast.stmt) for node in ast.walk(ast.parse(textwrap.dedent(source))))
+    _require(statements == 30, "twisted.web.http.Request.requestReceived (a statement the copy lacks)", "Twisted")
+
+
 def test_a_head_without_cookie_or_expect_is_received_as_twisted_webs_channel_receives_it():
     """
     ``LlhttpChannel.allHeadersReceived`` (llhttp_channel.py) runs

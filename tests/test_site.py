@@ -17,7 +17,7 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 from twisted.web import server
-from twisted.web.http import datetimeToString
+from twisted.web.http import datetimeToString, parse_qs
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
@@ -241,6 +241,29 @@ def test_responses_say_server_and_date_as_twisted_web_does_the_date_formatted_on
         assert b"Date: " + datetimeToString(second) in head
         assert b"Server: " + server.version in head
         door.clock.advance(0.5)
+    close(channel)
+
+
+@pytest.mark.parametrize(
+    ("target", "path", "args"),
+    [
+        (b"/hold?a=1&b=x+y&a=%32&c=&d", b"/hold", {b"a": [b"1", b"2"], b"b": [b"x y"], b"c": [b""]}),
+        (b"/hold?", b"/hold", {}),
+        (b"/hold", b"/hold", {}),
+    ],
+)
+def test_a_requests_arguments_are_its_querys_as_twisted_web_parses_them_read_only_when_asked_for(target, path, args):
+    """``request.args`` is twisted.web's (``parse_qs``); a request that never reads it (a forwarded one) never parses it."""
+    door = Door()
+    channel, _ = door.connect()
+    channel.dataReceived(b"GET " + target + b" HTTP/1.1\r\nHost: gw\r\n\r\n")
+    (request,) = door.resource.held
+    door.resource.held.clear()
+    assert (request.uri, request.path) == (target, path)
+    assert request._args is None  # not parsed yet
+    assert request.args == args == (parse_qs(target.partition(b"?")[2], 1) if b"?" in target else {})
+    assert request.args is request.args  # parsed once
+    request.finish()
     close(channel)
 
 

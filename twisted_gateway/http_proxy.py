@@ -45,7 +45,7 @@ from twisted.python.failure import Failure
 from twisted.python.components import Componentized
 from twisted.web import resource, server
 from twisted.web.client import ResponseDone
-from twisted.web.http import NO_BODY_CODES, RESPONSES, HTTPChannel, PotentialDataLoss, datetimeToString
+from twisted.web.http import NO_BODY_CODES, RESPONSES, HTTPChannel, PotentialDataLoss, datetimeToString, parse_qs
 from twisted.web.http import Request as HTTPRequest
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import (
@@ -207,6 +207,8 @@ class GatewayRequest(Request):
     #: called once when the request is finished or its client has left (``notifyFinish``'s
     #: moment, without a Deferred)
     when_done: Callable[[], None] | None = None
+    #: request.args once read (None: not parsed yet)
+    _args: dict[bytes, list[bytes]] | None = None
 
     @classmethod
     def for_settings(cls, settings: GatewaySettings) -> type[GatewayRequest]:
@@ -222,6 +224,37 @@ class GatewayRequest(Request):
         # twice for each request (a channel that does not queue passes neither)
         HTTPRequest.__init__(self, channel, parsePOSTFormSubmission=False)
         Componentized.__init__(self)
+
+    @property
+    def args(self) -> dict[bytes, list[bytes]]:
+        """
+        The query's arguments, as twisted.web's ``request.args``: parsed when
+        first read (a forwarded request passes its query on as it came, and a
+        WebSocket's ``?token=`` is read by the authentication, never from here).
+        """
+        args = self._args
+        if args is None:
+            _, mark, query = self.uri.partition(b"?")
+            args = self._args = parse_qs(query, 1) if mark else {}
+        return args
+
+    @args.setter
+    def args(self, value: dict[bytes, list[bytes]]) -> None:
+        self._args = value
+
+    def _request_received(self, command: bytes, path: bytes, version: bytes) -> None:
+        """
+        ``http.Request.requestReceived`` for a request whose form body is never
+        parsed (``parsePOSTFormSubmission=False``), but for the arguments, left
+        to :attr:`args`.
+        """
+        if self.content is not None:
+            self.content.seek(0, 0)
+        self._args = None
+        self.method, self.uri = command, path
+        self.clientproto = version
+        self.path = path.partition(b"?")[0]
+        self.process()
 
     def process(self) -> None:
         """
@@ -286,7 +319,7 @@ class GatewayRequest(Request):
             expect_continue=bool(expect) and expect[0].strip().lower() == b"100-continue",
         )
         self.content = io.BytesIO()
-        super().requestReceived(channel._command, channel._path, channel._version)
+        self._request_received(channel._command, channel._path, channel._version)
 
     def handleContentChunk(self, data: bytes) -> None:
         if self._refused:
@@ -311,7 +344,7 @@ class GatewayRequest(Request):
         if self.stream is not None:
             self.stream.finish()  # processed since its head: the body is complete now
         elif not self._refused:
-            super().requestReceived(command, path, version)
+            self._request_received(command, path, version)
 
     def finish(self) -> None:
         if self.stream is not None and not self.stream.complete and not self._refused:
