@@ -58,10 +58,10 @@ def cpu_ns(pids: Iterable[int]) -> int:
 
 def _handshake_blocks(port: int, token: str) -> tuple[Callable[[int], None], Callable[[int], None]]:
     def none(count: int) -> None:
-        _handshakes(port, NONE_PATH, False, [""], count)
+        _handshakes(port, NONE_PATH, None, [token], count)
 
     def auth(count: int) -> None:
-        _handshakes(port, f"{AUTH_PATH}?token={token}", False, [""], count)
+        _handshakes(port, AUTH_PATH, "query", [token], count)
 
     return none, auth
 
@@ -70,10 +70,10 @@ def _request_blocks(port: int, token: str) -> tuple[Callable[[int], None], Calla
     connections = [http.client.HTTPConnection(LOOPBACK, port, timeout=120) for _ in range(4)]
 
     def none(count: int) -> None:
-        _send(connections, NONE_PATH, False, [token], count)
+        _send(connections, NONE_PATH, None, [token], count)
 
     def auth(count: int) -> None:
-        _send(connections, AUTH_PATH, True, [token], count)
+        _send(connections, AUTH_PATH, "header", [token], count)
 
     return none, auth
 

@@ -12,11 +12,13 @@ over 4 connections, and the total instruction count (Ir) over N is printed.
     .venv/bin/python bench/http_instructions.py [--requests N] [--path /auth/x]
         [--logger twisted_gateway.logs.json_observer] [--venv OTHER/.venv]
         [--set access_log=FILE ...] [--peer aiohttp] [--handshakes N] [--fresh-tokens]
-        [--concurrency N] [--cache-sim] [--large]
+        [--concurrency N] [--cache-sim] [--large] [--query-token]
 
 ``/auth/...`` goes through a route with ``auth = required``, every request
-bringing the same token; with ``--fresh-tokens`` each brings a token of its
-own (made before the count starts: the gateway has never verified it). ``--set KEY=VALUE`` adds a key to ``[gateway]``
+bringing the same token (``Authorization: Bearer``, or ``?token=`` with
+``--query-token``, as a browser's WebSocket sends it); with ``--fresh-tokens``
+each brings a token of its own (made before the count starts: the gateway has
+never verified it). ``--set KEY=VALUE`` adds a key to ``[gateway]``
 (``{workdir}`` in VALUE: the run's temporary directory). ``--peer aiohttp``
 counts the seed's aiohttp design (``bench/aiohttp_gateway.py``) instead, the
 same way, for a ratio no neighbour can move (it needs the ``bench`` extra).
@@ -78,6 +80,8 @@ def main() -> None:
                         help="count N WebSocket open + close cycles instead of HTTP requests")
     parser.add_argument("--fresh-tokens", action="store_true",
                         help="with --path /auth/...: a new token for each request or handshake")
+    parser.add_argument("--query-token", action="store_true",
+                        help="with --path /auth/...: the token in ?token= instead of an Authorization header")
     parser.add_argument("--concurrency", type=int, default=0, metavar="N",
                         help="N connections sending at once (default: 4 connections, one request at a time)")
     parser.add_argument("--cache-sim", action="store_true", help="also count simulated cache misses")
@@ -136,7 +140,7 @@ def measure(work: str, bin_dir: Path, backend_port: int, args: argparse.Namespac
         counted = args.handshakes or args.requests
         tokens = _tokens(counted + 200 if args.fresh_tokens else 1)
         warm_up, measured = (tokens[:200], tokens[200:]) if args.fresh_tokens else (tokens, tokens)
-        auth = args.path.startswith("/auth")
+        auth = ("query" if args.query_token else "header") if args.path.startswith("/auth") else None
         if args.handshakes:
             _handshakes(port, args.path, auth, warm_up, 50)  # warm-up, not counted
             subprocess.run(["callgrind_control", "-i", "on", str(gateway.pid)], check=True, capture_output=True)
@@ -165,6 +169,7 @@ def measure(work: str, bin_dir: Path, backend_port: int, args: argparse.Namespac
     logger += f", --logger {args.logger}" if args.logger else ""
     logger += "".join(f", {item}" for item in args.set)
     logger += ", a fresh token each" if args.fresh_tokens else ""
+    logger += ", the token in the query" if args.query_token else ""
     logger += f", {args.concurrency} connections at once" if args.concurrency else ""
     if args.handshakes:
         return (
@@ -204,18 +209,25 @@ def _tokens(count: int) -> list[str]:
     return [jwt.encode({"sub": f"bench-{i}", "exp": exp}, Gateway.SECRET, algorithm="HS256") for i in range(count)]
 
 
-def _send(connections: list, path: str, auth: bool, tokens: list[str], count: int) -> None:
+def _with_token(path: str, auth: str | None, token: str) -> tuple[str, str | None]:
+    """The target and the ``Authorization`` value that carry ``token`` as ``auth`` says ("header", "query", None)."""
+    if auth == "query":
+        return f"{path}?token={token}", None
+    return path, f"Bearer {token}" if auth == "header" else None
+
+
+def _send(connections: list, path: str, auth: str | None, tokens: list[str], count: int) -> None:
     for i in range(count):
         connection = connections[i % len(connections)]
-        headers = {"Authorization": "Bearer " + tokens[i % len(tokens)]} if auth else {}
-        connection.request("GET", path, headers=headers)
+        target, authorization = _with_token(path, auth, tokens[i % len(tokens)])
+        connection.request("GET", target, headers={"Authorization": authorization} if authorization else {})
         response = connection.getresponse()
         body = response.read()
         if response.status != 200:
             raise RuntimeError(f"GET {path}: {response.status} {body[:200]!r}")
 
 
-def _send_at_once(connections: list, path: str, auth: bool, tokens: list[str], count: int) -> None:
+def _send_at_once(connections: list, path: str, auth: str | None, tokens: list[str], count: int) -> None:
     """:func:`_send`, each connection in a thread of its own: ``count`` requests in all."""
     failures: list[BaseException] = []
 
@@ -238,14 +250,15 @@ def _send_at_once(connections: list, path: str, auth: bool, tokens: list[str], c
 _CLOSE = b"\x88\x82\x00\x00\x00\x00\x03\xe8"
 
 
-def _handshakes(port: int, path: str, auth: bool, tokens: list[str], count: int) -> None:
+def _handshakes(port: int, path: str, auth: str | None, tokens: list[str], count: int) -> None:
     """``count`` WebSocket open + close cycles, one connection each, one at a time."""
     for i in range(count):
-        extra = f"Authorization: Bearer {tokens[i % len(tokens)]}\r\n" if auth else ""
+        target, authorization = _with_token(path, auth, tokens[i % len(tokens)])
+        extra = f"Authorization: {authorization}\r\n" if authorization else ""
         key = base64.b64encode(os.urandom(16)).decode()
         with socket.create_connection((LOOPBACK, port), timeout=120) as sock:
             sock.sendall(
-                f"GET {path} HTTP/1.1\r\nHost: {LOOPBACK}:{port}\r\nUpgrade: websocket\r\n"
+                f"GET {target} HTTP/1.1\r\nHost: {LOOPBACK}:{port}\r\nUpgrade: websocket\r\n"
                 f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
                 f"{extra}\r\n".encode()
             )
