@@ -235,6 +235,20 @@ def test_fail_connection_sets_failed_by_me():
     _require(calls == [1002], "WebSocketProtocol._fail_connection / failedByMe", "Autobahn")
 
 
+def test_open_on_plain_101():
+    """What open_on_plain_101 relies on besides the state tests/test_client_101.py compares both ways."""
+    from autobahn.websocket import protocol
+
+    _require(callable(getattr(protocol, "parseHttpHeader", None)), "autobahn.websocket.protocol.parseHttpHeader", "Autobahn")
+    source = inspect.getsource(protocol.WebSocketClientProtocol.processHandshake)
+    _require(
+        "txaio.as_future(self._onConnect, response)" in source and "self._onOpen()" in source
+        and "self.consumeData()" in source,
+        "WebSocketClientProtocol.processHandshake (onConnect, then _onOpen and consumeData)",
+        "Autobahn",
+    )
+
+
 def test_server_drop_wait():
     _require(_sets(WebSocketProtocol, "serverConnectionDropTimeoutCall"), "WebSocketProtocol.serverConnectionDropTimeoutCall", "Autobahn")
 

@@ -15,9 +15,11 @@ listed in the same test file (they stay in ``http_proxy.py`` and ``site.py``).
 
 from __future__ import annotations
 
+import base64
 import errno
 from collections import deque
 import functools
+import hashlib
 from pprint import pformat as _real_pformat
 from types import FunctionType, MethodType
 from typing import TYPE_CHECKING, Any, Callable, TypeVar, cast
@@ -790,6 +792,78 @@ def parse_extensions(protocol: WebSocketProtocol, header: str) -> list[tuple[str
     """
     parsed: list[tuple[str, dict[str, list[str | bool]]]] = protocol._parseExtensionsHeader(header)
     return parsed
+
+
+#: RFC 6455's GUID, hashed after a client's key for the server's ``Sec-WebSocket-Accept``.
+_WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+def open_on_plain_101(leg: Any, end: int) -> bool:  # (the upstream leg: its factory and options are the Twisted adapter's)
+    """
+    Autobahn's client ``processHandshake`` for an upstream's 101 without
+    ``Sec-WebSocket-Extensions`` (the head is ``leg.data[:end + 4]``): the
+    same parser (``parseHttpHeader``), the same checks of the status line,
+    ``Upgrade``, ``Connection``, ``Sec-WebSocket-Accept`` (once) and
+    ``Sec-WebSocket-Protocol`` (once, one the leg offered), the same
+    attributes set, then the leg opened and the bytes after the head parsed,
+    as Autobahn's ``on_connect_success`` does. Left out: its debug lines and
+    the ``Deferred`` (``txaio.as_future``) with two closures around an
+    ``onConnect`` that answers None (the legs' is Autobahn's). False, having
+    changed nothing, for any other answer (a compression answer, anything
+    Autobahn would refuse): Autobahn's then checks it, and opens or fails the
+    leg as ever. About 45 k instructions of a relayed handshake.
+
+    Relies on ``parseHttpHeader`` (marked for Autobahn's internal use) and on
+    what ``processHandshake`` sets (``tests/test_client_101.py`` compares the
+    two ways): ``http_response_data``, ``http_status_line``, ``http_headers``,
+    ``websocket_extensions_in_use``, ``websocket_protocol_in_use``, ``data``,
+    ``state``, ``inside_message``, ``current_frame``, ``websocket_version``
+    (from ``version``), then ``_onOpen`` and ``consumeData``; on the leg's
+    ``websocket_key``, and no auto-ping, open handshake timer or timings
+    (checked: Autobahn's path then).
+    """
+    head = leg.data[: end + 4]
+    try:
+        line, headers, counts = websocket_protocol.parseHttpHeader(head)
+    except Exception:
+        return False
+    parts = line.split()
+    if (
+        len(parts) < 2
+        or parts[0] != "HTTP/1.1"
+        or parts[1] != "101"
+        or "sec-websocket-extensions" in headers
+        or leg.autoPingInterval
+        or leg.openHandshakeTimeoutCall is not None
+        or leg.trackedTimings
+        or type(leg).onConnect is not WebSocketClientProtocol.onConnect
+    ):
+        return False
+    if headers.get("upgrade", "").strip().lower() != "websocket":
+        return False
+    if "upgrade" not in [token.strip().lower() for token in headers.get("connection", "").split(",")]:
+        return False
+    accept = base64.b64encode(hashlib.sha1(leg.websocket_key + _WS_GUID).digest()).decode()
+    if counts.get("sec-websocket-accept") != 1 or headers["sec-websocket-accept"].strip() != accept:
+        return False
+    protocol = None
+    if "sec-websocket-protocol" in headers:
+        chosen = headers["sec-websocket-protocol"].strip()
+        if counts["sec-websocket-protocol"] > 1 or (chosen and chosen not in leg.factory.protocols):
+            return False
+        protocol = chosen or None
+    leg.http_response_data, leg.http_status_line, leg.http_headers = head, line, headers
+    leg.websocket_extensions_in_use = []
+    leg.websocket_protocol_in_use = protocol
+    leg.data = leg.data[end + 4 :]
+    leg.state = WebSocketProtocol.STATE_OPEN
+    leg.inside_message = False
+    leg.current_frame = None
+    leg.websocket_version = leg.version
+    leg._onOpen()
+    if leg.data:
+        leg.consumeData()
+    return True
 
 
 #: What the upstream leg's own ``startHandshake`` and ``processHandshake``

@@ -55,6 +55,7 @@ from twisted_gateway._compat import (
     ClientLegHooks,
     ServerLegHooks,
     mask_short_payloads,
+    open_on_plain_101,
     origin_allowed,
     parse_extensions,
     render_debug_lazily,
@@ -159,7 +160,8 @@ class RelayClientProtocol(ClientLegHooks, _RelayLeg, WebSocketClientProtocol):  
             if end < 0:
                 return
             if switching(self.data):
-                super().processHandshake()
+                if not open_on_plain_101(self, end):
+                    super().processHandshake()  # a compression answer, or one Autobahn refuses
                 return
             head = parse_head(self.data[: end + 4])
             if head is None or head[0] == 101:
