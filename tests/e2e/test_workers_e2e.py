@@ -355,8 +355,14 @@ def _wait_while_output_flows(log, text: str) -> None:
         assert time.monotonic() < deadline, f"no {text!r} within {GUARD} s:\n{log.text()[-20000:]}"
 
 
+#: Seconds between one handshake-and-request of :class:`_Load` and the next: a steady ~50 of each a second,
+#: one connection in flight at a time. Without a pause the load ran as fast as the machine let it, took most
+#: of the test's CPU and slowed down the start of the new workers the restart waits for.
+LOAD_PAUSE = 0.01
+
+
 class _Load(threading.Thread):
-    """New WebSocket handshakes and HTTP requests, one after another, until stopped; outcomes counted."""
+    """New WebSocket handshakes and HTTP requests in turn, a pause between rounds, until stopped; outcomes counted."""
 
     def __init__(self, port: int) -> None:
         super().__init__(daemon=True)
@@ -365,7 +371,7 @@ class _Load(threading.Thread):
         self.stopping = threading.Event()
 
     def run(self) -> None:
-        while not self.stopping.is_set():
+        while not self.stopping.wait(LOAD_PAUSE):
             try:
                 _open_websocket(self.port, "load").close()
                 self.outcomes["handshake ok"] += 1
