@@ -96,13 +96,26 @@ def test_an_upgrade_is_answered_as_autobahn_answers_it_written_out(monkeypatch, 
         taken.append(answer(self, request, body))
         return taken[-1]
 
+    requests: list[dict[str, object]] = []  # what onConnect is handed, every field read (params on first read)
+    on_connect = RelayServerProtocol.onConnect
+
+    def connecting(self, request):
+        requests.append(request.__json__())
+        return on_connect(self, request)
+
     monkeypatch.setattr(RelayServerProtocol, "answer_upgrade", recording)
+    monkeypatch.setattr(RelayServerProtocol, "onConnect", connecting)
     fast, fast_client = _exchange(target, changed, extra)
     assert taken == ([] if answered is None else [answered])
+    fast_requests = requests[:]
+    requests.clear()
     monkeypatch.setattr(RelayServerProtocol, "answer_upgrade", lambda self, request, body: False)
     slow, slow_client = _exchange(target, changed, extra)
     for relay in (fast, slow):
         relay.flush()
+    assert fast_requests == requests
+    if answered:
+        assert len(requests) == 1
     assert fast_client.buffer == slow_client.buffer
     assert _state(fast) == _state(slow)
     assert _upstream_request(fast) == _upstream_request(slow)
