@@ -132,6 +132,10 @@ def test_is_websocket_upgrade(method, headers, upgrade):
             [(b"Cookie", b"a=1"), (b"Accept", b"text/html"), (b"Cookie", b"b=2"), (b"X-Z", b"z")],
             [(b"Cookie", b"a=1"), (b"Accept", b"text/html"), (b"Cookie", b"b=2"), (b"X-Z", b"z")],
         ),
+        (
+            [(b"Connection", b"keep-alive, Upgrade"), (b"Upgrade", b"websocket"), (b"X-A", b"a"), (b"Keep-Alive", b"5")],
+            [(b"X-A", b"a")],
+        ),
         ([], []),
     ],
     ids=[
@@ -140,6 +144,7 @@ def test_is_websocket_upgrade(method, headers, upgrade):
         "names from several Connection lines",
         "every RFC 9110 hop-by-hop header",
         "order and repeats kept",
+        "Connection naming hop-by-hop headers only",
         "empty",
     ],
 )

@@ -127,8 +127,14 @@ def _end_to_end(headers: Headers) -> tuple[list[tuple[bytes, bytes]], list[bytes
 
 
 def _unlisted(headers: Headers, listed: list[bytes]) -> list[tuple[bytes, bytes]]:
-    """``headers`` less those the ``Connection`` values ``listed`` name (rare: a second pass then)."""
-    named = set(tokens(listed))
+    """
+    ``headers`` (hop-by-hop ones already out) less those the ``Connection``
+    values ``listed`` name: a second pass only for a name that is not
+    hop-by-hop (rare: ``Upgrade`` and ``keep-alive`` are).
+    """
+    named = set(tokens(listed)).difference(HOP_BY_HOP)
+    if not named:
+        return list(headers)
     return [(k, v) for k, v in headers if k.lower() not in named]
 
 

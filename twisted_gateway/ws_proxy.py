@@ -409,9 +409,10 @@ class RelayServerProtocol(ServerLegHooks, _RelayLeg, WebSocketServerProtocol):  
         for raw_name, values in request.requestHeaders.getAllRawHeaders():
             name = raw_name.decode("latin-1")
             value = b", ".join(values).decode("latin-1").strip(" \t")
-            if not FIELD_NAME.fullmatch(name) or FIELD_VALUE_INVALID.search(value) or name.lower() in headers:
+            lower = name.lower()
+            if not FIELD_NAME.fullmatch(name) or FIELD_VALUE_INVALID.search(value) or lower in headers:
                 return False
-            headers[name.lower()] = value
+            headers[lower] = value
         target = line[1]
         try:
             if target[:1] == "/" and target[:2] != "//" and ";" not in target and "#" not in target:
