@@ -107,33 +107,6 @@ _T = TypeVar("_T")
 #: What ``onConnect`` answers the client with: the subprotocol and extra headers.
 _Accept = tuple["str | None", "dict[str, str]"]
 
-class _ConnectionRequest(ConnectionRequest):
-    """
-    Autobahn's ``ConnectionRequest`` for :meth:`RelayServerProtocol.answer_upgrade`,
-    whose ``params`` (the query parsed by ``parse_qs``) are the protocol's
-    ``http_request_params``, parsed on first read: the gateway reads neither.
-    """
-
-    __slots__ = ("_params", "_protocol")
-    _params: dict[str, list[str]] | None
-    _protocol: RelayServerProtocol
-
-    def __init__(self, protocol: RelayServerProtocol, *fields: Any) -> None:
-        self._protocol = protocol
-        ConnectionRequest.__init__(self, *fields)
-
-    @property
-    def params(self) -> dict[str, list[str]]:
-        params = self._params
-        if params is None:
-            params = self._params = self._protocol.http_request_params
-        return params
-
-    @params.setter
-    def params(self, params: dict[str, list[str]] | None) -> None:  # (None: the protocol's)
-        self._params = params
-
-
 class UpstreamHandshakeFailed(Exception):
     """The upstream did not complete its opening handshake."""
 
@@ -299,10 +272,6 @@ class RelayServerProtocol(ServerLegHooks, _RelayLeg, WebSocketServerProtocol):  
     trustXForwardedFor: int
     maxConnections: int
 
-    #: the upgrade's query, parsed into http_request_params on first read
-    _query = ""
-    _params: dict[str, list[str]] | None = None
-
     def __init__(self) -> None:
         super().__init__()
         self._handshake: Deferred[_Accept] | None = None
@@ -376,19 +345,6 @@ class RelayServerProtocol(ServerLegHooks, _RelayLeg, WebSocketServerProtocol):  
         self.factory.metrics.ws_handshake(self.factory.route.name, "accepted")
         return result
 
-    @property
-    def http_request_params(self) -> dict[str, list[str]]:
-        """Autobahn's attribute: the query parsed by ``parse_qs``, on first read."""
-        params = self._params
-        if params is None:
-            query = self._query
-            params = self._params = parse_qs(query) if query else {}
-        return params
-
-    @http_request_params.setter
-    def http_request_params(self, params: dict[str, list[str]]) -> None:
-        self._params = params
-
     def answer_upgrade(self, request: Request, body: bytes) -> bool:
         """
         Answer the upgrade from the request twisted.web has parsed: what
@@ -421,6 +377,7 @@ class RelayServerProtocol(ServerLegHooks, _RelayLeg, WebSocketServerProtocol):  
                 fragment = ""
             else:
                 _, _, path, _, query, fragment = urlparse(target)
+            params = parse_qs(query) if query else {}
         except Exception:
             return False
         host = headers.get("host")
@@ -458,15 +415,15 @@ class RelayServerProtocol(ServerLegHooks, _RelayLeg, WebSocketServerProtocol):  
         if forwarded is not None and self.trustXForwardedFor:
             self.peer = [a.strip() for a in forwarded.split(",")][-self.trustXForwardedFor :][0]
         self.http_status_line, self.http_headers, self.http_request_uri = status_line.strip(" "), headers, line[1]
-        self.http_request_path, self._query, self.http_request_host = path, query, host
+        self.http_request_path, self.http_request_params, self.http_request_host = path, params, host
         self.websocket_version, self.websocket_protocols = int(version), protocols
         self.websocket_origin = origin.strip() if origin is not None else ""
         self.websocket_extensions, self._wskey, self.data = extensions, key, body
         if self.maxConnections > 0 and self.factory.countConnections > self.maxConnections:
             self.failHandshake("maximum number of connections reached", code=503)
             return True
-        connection = _ConnectionRequest(
-            self, self.peer, headers, host, path, None, self.websocket_version, self.websocket_origin, protocols, extensions
+        connection = ConnectionRequest(
+            self.peer, headers, host, path, params, self.websocket_version, self.websocket_origin, protocols, extensions
         )
         self.onConnect(connection).addCallbacks(self.succeedHandshake, self._connect_failed)
         return True
