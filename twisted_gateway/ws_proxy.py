@@ -290,7 +290,7 @@ class RelayServerProtocol(ServerLegHooks, _RelayLeg, WebSocketServerProtocol):  
     def onConnect(self, request: ConnectionRequest) -> Deferred[_Accept]:  # type: ignore[override]
         registry = self.factory.registry
         registry.handshakes.add(self.pair)
-        #: an attempt cancelled from this time on was cancelled by the timeout
+        #: ws_open_timeout's deadline, on the handshake's one timer (:meth:`_time`)
         self._open_deadline = self.factory.clock.seconds() + self.factory.gateway.ws_open_timeout
         d = Deferred.fromCoroutine(self._open_upstream(request))
         if not d.called:
@@ -562,7 +562,7 @@ class RelayServerProtocol(ServerLegHooks, _RelayLeg, WebSocketServerProtocol):  
         if self.state == CLOSED:
             return CLIENT_GONE
         if isinstance(error, (CancelledError, ConnectingCancelledError)):
-            if self.factory.clock.seconds() >= self._open_deadline:
+            if self._timed_out:
                 return classify(TimeoutError())  # ws_open_timeout: no answer in time
             return CANCELLED
         cause = error.__cause__ if isinstance(error, GatewayError) else error
