@@ -56,26 +56,19 @@ def cpu_ns(pids: Iterable[int]) -> int:
     return total
 
 
-def _handshake_blocks(port: int, token: str) -> tuple[Callable[[int], None], Callable[[int], None]]:
-    def none(count: int) -> None:
-        _handshakes(port, NONE_PATH, None, [token], count)
-
-    def auth(count: int) -> None:
-        _handshakes(port, AUTH_PATH, "query", [token], count)
-
-    return none, auth
-
-
-def _request_blocks(port: int, token: str) -> tuple[Callable[[int], None], Callable[[int], None]]:
-    connections = [http.client.HTTPConnection(LOOPBACK, port, timeout=120) for _ in range(4)]
-
-    def none(count: int) -> None:
-        _send(connections, NONE_PATH, None, [token], count)
-
-    def auth(count: int) -> None:
-        _send(connections, AUTH_PATH, "header", [token], count)
-
-    return none, auth
+def _blocks(
+    kind: str, port: int, token: str, connections: list[http.client.HTTPConnection]
+) -> tuple[Callable[[int], None], Callable[[int], None]]:
+    """The two sides' blocks: handshakes (``kind`` "handshake"), or GETs over ``connections``."""
+    if kind == "handshake":
+        return (
+            lambda count: _handshakes(port, NONE_PATH, None, [token], count),
+            lambda count: _handshakes(port, AUTH_PATH, "query", [token], count),
+        )
+    return (
+        lambda count: _send(connections, NONE_PATH, None, [token], count),
+        lambda count: _send(connections, AUTH_PATH, "header", [token], count),
+    )
 
 
 def measure(kind: str, port: int, pids: list[int], token: str, *, pairs: int, block: int) -> dict[str, Any]:
@@ -84,17 +77,23 @@ def measure(kind: str, port: int, pids: list[int], token: str, *, pairs: int, bl
     GETs ("request"), after two pairs not counted; CPU ms per unit on each side
     and the differences (their figures: :func:`report.paired_summary`).
     """
-    none, auth = (_handshake_blocks if kind == "handshake" else _request_blocks)(port, token)
+    count = 4 if kind == "request" else 0  # GETs keep 4 connections open for the run; closed at its end
+    connections = [http.client.HTTPConnection(LOOPBACK, port, timeout=120) for _ in range(count)]
+    none, auth = _blocks(kind, port, token, connections)
     none_ms: list[float] = []
     auth_ms: list[float] = []
-    for i in range(pairs + 2):
-        sides = ((none, none_ms), (auth, auth_ms)) if i % 2 == 0 else ((auth, auth_ms), (none, none_ms))
-        for run, out in sides:
-            before = cpu_ns(pids)
-            run(block)
-            used = cpu_ns(pids) - before
-            if i >= 2:  # the first two pairs warm both routes up
-                out.append(used / block / 1e6)
+    try:
+        for i in range(pairs + 2):
+            sides = ((none, none_ms), (auth, auth_ms)) if i % 2 == 0 else ((auth, auth_ms), (none, none_ms))
+            for run, out in sides:
+                before = cpu_ns(pids)
+                run(block)
+                used = cpu_ns(pids) - before
+                if i >= 2:  # the first two pairs warm both routes up
+                    out.append(used / block / 1e6)
+    finally:
+        for connection in connections:
+            connection.close()
     differences = [a - n for n, a in zip(none_ms, auth_ms)]
     return {
         "auth_over_none_ms": statistics.median(differences),
