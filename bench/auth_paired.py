@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import report  # noqa: E402
-from http_instructions import _handshakes, _send  # noqa: E402  (the instruction counter's clients)
+from http_instructions import handshakes, send_requests  # noqa: E402  (the instruction counter's clients)
 from targets import LOOPBACK, Backend, Gateway, Placement, ensure_node_modules, stop_all  # noqa: E402
 
 #: The two sides of a pair: the same shape of path, on a route without and with auth.
@@ -62,12 +62,12 @@ def _blocks(
     """The two sides' blocks: handshakes (``kind`` "handshake"), or GETs over ``connections``."""
     if kind == "handshake":
         return (
-            lambda count: _handshakes(port, NONE_PATH, None, [token], count),
-            lambda count: _handshakes(port, AUTH_PATH, "query", [token], count),
+            lambda count: handshakes(port, NONE_PATH, None, [token], count),
+            lambda count: handshakes(port, AUTH_PATH, "query", [token], count),
         )
     return (
-        lambda count: _send(connections, NONE_PATH, None, [token], count),
-        lambda count: _send(connections, AUTH_PATH, "header", [token], count),
+        lambda count: send_requests(connections, NONE_PATH, None, [token], count),
+        lambda count: send_requests(connections, AUTH_PATH, "header", [token], count),
     )
 
 

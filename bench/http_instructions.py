@@ -142,13 +142,13 @@ def measure(work: str, bin_dir: Path, backend_port: int, args: argparse.Namespac
         warm_up, measured = (tokens[:200], tokens[200:]) if args.fresh_tokens else (tokens, tokens)
         auth = ("query" if args.query_token else "header") if args.path.startswith("/auth") else None
         if args.handshakes:
-            _handshakes(port, args.path, auth, warm_up, 50)  # warm-up, not counted
+            handshakes(port, args.path, auth, warm_up, 50)  # warm-up, not counted
             subprocess.run(["callgrind_control", "-i", "on", str(gateway.pid)], check=True, capture_output=True)
-            _handshakes(port, args.path, auth, measured, args.handshakes)
+            handshakes(port, args.path, auth, measured, args.handshakes)
         else:
             connections = [http.client.HTTPConnection(LOOPBACK, port, timeout=120)
                            for _ in range(args.concurrency or 4)]
-            send = _send_at_once if args.concurrency else _send
+            send = _send_at_once if args.concurrency else send_requests
             send(connections, args.path, auth, warm_up, 200)  # warm-up, not counted
             subprocess.run(["callgrind_control", "-i", "on", str(gateway.pid)], check=True, capture_output=True)
             send(connections, args.path, auth, measured, args.requests)
@@ -216,7 +216,8 @@ def _with_token(path: str, auth: str | None, token: str) -> tuple[str, str | Non
     return path, f"Bearer {token}" if auth == "header" else None
 
 
-def _send(connections: list, path: str, auth: str | None, tokens: list[str], count: int) -> None:
+def send_requests(connections: list, path: str, auth: str | None, tokens: list[str], count: int) -> None:
+    """``count`` GETs of ``path``, one at a time, over ``connections`` in turn."""
     for i in range(count):
         connection = connections[i % len(connections)]
         target, authorization = _with_token(path, auth, tokens[i % len(tokens)])
@@ -228,12 +229,12 @@ def _send(connections: list, path: str, auth: str | None, tokens: list[str], cou
 
 
 def _send_at_once(connections: list, path: str, auth: str | None, tokens: list[str], count: int) -> None:
-    """:func:`_send`, each connection in a thread of its own: ``count`` requests in all."""
+    """:func:`send_requests`, each connection in a thread of its own: ``count`` requests in all."""
     failures: list[BaseException] = []
 
     def one(index: int) -> None:
         try:
-            _send([connections[index]], path, auth, tokens, len(range(index, count, len(connections))))
+            send_requests([connections[index]], path, auth, tokens, len(range(index, count, len(connections))))
         except BaseException as e:  # the main thread reports it
             failures.append(e)
 
@@ -250,7 +251,7 @@ def _send_at_once(connections: list, path: str, auth: str | None, tokens: list[s
 _CLOSE = b"\x88\x82\x00\x00\x00\x00\x03\xe8"
 
 
-def _handshakes(port: int, path: str, auth: str | None, tokens: list[str], count: int) -> None:
+def handshakes(port: int, path: str, auth: str | None, tokens: list[str], count: int) -> None:
     """``count`` WebSocket open + close cycles, one connection each, one at a time."""
     for i in range(count):
         target, authorization = _with_token(path, auth, tokens[i % len(tokens)])
