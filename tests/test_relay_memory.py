@@ -419,6 +419,18 @@ def test_the_upstream_gets_the_request_target_as_written():
     assert server.http_request_uri == "/v1/chat/a;b/ws;v=1?room=a&x=%20"
 
 
+def test_the_upstream_gets_a_repeated_client_header_once_joined_in_its_place():
+    """Cookies joined with "; ", other repeated headers with ", ", each where it first came; UTF-8 byte for byte."""
+    relay = MemoryRelay(config())
+    relay.client("/v1/chat/ws", {"Cookie": "a=1\r\nX-Two: 1\r\nCookie: b=2\r\nX-Two: 2\r\nX-Text: caf\u00e9"})
+    relay.flush()
+    (server,) = relay.upstream.connections
+    lines = server.http_request_data.split(b"\r\n")
+    forwarded = [line for line in lines if line.split(b":")[0] in (b"Cookie", b"X-Two", b"X-Text")]
+    assert forwarded == [b"Cookie: a=1; b=2", b"X-Two: 1, 2", b"X-Text: caf\xc3\xa9"]
+    assert lines[-3:] == [b"Sec-WebSocket-Version: 13", b"", b""]
+
+
 def test_an_authenticated_context_keeps_every_other_field():
     """HandshakeContext.authenticated is dataclasses.replace of its query and extra headers: every other field kept."""
     values = {field.name: object() for field in fields(HandshakeContext)}

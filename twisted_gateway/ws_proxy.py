@@ -195,25 +195,12 @@ class RelayClientProtocol(ClientLegHooks, _RelayLeg, WebSocketClientProtocol):  
         offer from its parsed form (which offers no context takeover): here
         the ``Host`` is the route's (:func:`headers.upstream_host`), nothing is
         added, and the client's ``permessage-deflate`` offer goes as written.
+        The request is the factory's (:meth:`RelayServerFactory.client_factory_for`)
+        around this connection's key.
         """
         f = self.factory
-        self.websocket_key = base64.b64encode(os.urandom(16))
-        lines = [
-            f"GET {f.resource} HTTP/1.1",
-            f"Host: {f.host_value or f'{f.host}:{f.port}'}",
-            "Upgrade: websocket",
-            "Connection: Upgrade",
-            *(f"{name}: {value}" for name, value in f.headers.items()),
-            f"Sec-WebSocket-Key: {self.websocket_key.decode()}",
-        ]
-        if f.origin:
-            lines.append(f"Origin: {f.origin}")
-        if f.protocols:
-            lines.append(f"Sec-WebSocket-Protocol: {','.join(f.protocols)}")
-        if f.extension_offer:
-            lines.append(f"Sec-WebSocket-Extensions: {f.extension_offer}")
-        lines.append("Sec-WebSocket-Version: 13")
-        self.http_request_data = ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8")
+        self.websocket_key = key = base64.b64encode(os.urandom(16))
+        self.http_request_data = f.request_head + key + f.request_tail
         self.sendData(self.http_request_data)
 
     def _cancel_open(self, d: Deferred[RelayClientProtocol]) -> None:
@@ -692,17 +679,11 @@ def _drop_quietly(protocol: RelayClientProtocol | RelayServerProtocol, abort: bo
 _NOT_FORWARDED = WEBSOCKET_HANDSHAKE | {b"origin", b"sec-websocket-origin"}
 
 
-def _text(value: bytes | None) -> str | None:
-    return value.decode("ascii") if value is not None else None
-
-
 class _UpstreamFactory(WebSocketClientFactory):
     """The upstream leg's factory: what its handshake sends besides Autobahn's own."""
 
-    #: the client's ``permessage-deflate`` offer, as written
-    extension_offer = ""
-    #: the ``Host`` the route sends (None: the URL's)
-    host_value: str | None = None
+    #: this handshake's request up to the Sec-WebSocket-Key's value, and after it
+    request_head = request_tail = b""
     #: the gateway's clock, which Autobahn's timers of the leg run on too
     clock: IReactorTime
 
@@ -774,24 +755,33 @@ class RelayServerFactory(WebSocketServerFactory):
             if isinstance(response, PerMessageDeflateResponse)
             else None,
         )
-        # the client's own offer and the route's Host, per handshake (client_factory_for)
-        self._client_template.extension_offer = ""
-        self._client_template.host_value = None
         #: client headers no upstream leg gets (the handshake's own and strip_request_headers)
         self._not_forwarded = _NOT_FORWARDED | frozenset(name.encode("ascii") for name in gateway.strip_request_headers)
         upstream_leg = with_options(RelayClientProtocol, self._client_template)
         upstream_leg.tcp_keepalive = gateway.tcp_keepalive
         self._client_template.protocol = upstream_leg
+        #: each handshake's factory: the template's attributes as class attributes, shared
+        #: (none is changed per handshake), instead of a copy of them per handshake
+        self._client_factory_type: type[_UpstreamFactory] = type(
+            "RouteUpstreamFactory", (_UpstreamFactory,), dict(vars(self._client_template))
+        )
 
     def client_factory_for(
         self, ctx: HandshakeContext, request: ConnectionRequest, base_url: str
     ) -> _UpstreamFactory:
-        """A per-connection copy of the upstream factory carrying this handshake's details."""
-        # a shallow copy, as copy.copy makes it without going through the pickle protocol
-        factory = object.__new__(_UpstreamFactory)
-        factory.__dict__.update(vars(self._client_template))
+        """
+        The upstream factory of one handshake: the route's options (class
+        attributes of :attr:`_client_factory_type`) and this handshake's
+        address, offer and request, written here once, bytes around the key
+        each connection draws (:meth:`RelayClientProtocol.startHandshake`).
+        """
+        factory_type = self._client_factory_type
+        factory = factory_type.__new__(factory_type)
         url = upstream_url(base_url, ctx.path, ctx.query, websocket=True)
-        headers: dict[str, str] = {}
+        # Headers by name as sent (the last of extra_headers wins, in the first's place;
+        # a repeated client header joined); the request goes as UTF-8, so a value reaches the
+        # upstream byte for byte as on HTTP only as valid UTF-8 (anything else fails here).
+        headers: dict[bytes, bytes] = {}
         for name, value in upstream_request_headers(
             ctx.headers,
             peer=ctx.peer,
@@ -801,23 +791,23 @@ class RelayServerFactory(WebSocketServerFactory):
             drop=self._not_forwarded,
             underscores=ctx.route.underscores_in_headers,
         ):
-            # Autobahn encodes the handshake as UTF-8: a value reaches the
-            # upstream byte for byte as on HTTP only as its UTF-8 decoding.
-            key = name.decode("latin-1")
-            text = value.decode("utf-8")
-            if key in headers:
-                sep = "; " if key.lower() == "cookie" else ", "
-                headers[key] = headers[key] + sep + text
+            if not value.isascii():
+                value.decode("utf-8")
+            if name in headers:
+                sep = b"; " if name.lower() == b"cookie" else b", "
+                headers[name] = headers[name] + sep + value
             else:
-                headers[key] = text
+                headers[name] = value
         for name, value in ctx.extra_headers:
-            headers[name.decode("latin-1")] = value.decode("utf-8")
+            if not value.isascii():
+                value.decode("utf-8")
+            headers[name] = value
         # the one Origin the route's policy checked (resource.py), never Sec-WebSocket-Origin
         origins = [value for name, value in ctx.headers if name.lower() == b"origin"]
         origin = origins[0].decode("utf-8") if origins and origins[0] else None
         slash = url.find("/", url.index("//") + 2)
         if slash < 0 or "#" in url:
-            factory.setSessionParameters(url=url, origin=origin, protocols=list(request.protocols), useragent=None, headers=headers)
+            factory.setSessionParameters(url=url, origin=origin, protocols=list(request.protocols), useragent=None)
         else:
             # What setSessionParameters sets, without parsing the URL again: the
             # instance's scheme, host and port are parsed once; the request
@@ -828,10 +818,28 @@ class RelayServerFactory(WebSocketServerFactory):
             factory.resource = url[slash:]
             factory.origin = origin
             factory.protocols = list(request.protocols)
-            factory.headers = headers
-        offers = [value for name, value in ctx.headers if name.lower() == b"sec-websocket-extensions"]
-        factory.extension_offer = deflate_offer(offers) if self.compression else ""
-        factory.host_value = _text(upstream_host(ctx.route.host_header, ctx.host))
+        host = upstream_host(ctx.route.host_header, ctx.host)
+        head = [
+            f"GET {factory.resource} HTTP/1.1\r\nHost: ".encode("utf-8"),
+            host if host is not None and host.decode("ascii") else f"{factory.host}:{factory.port}".encode("utf-8"),
+            b"\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n",
+        ]
+        for name, value in headers.items():
+            head += (name if name.isascii() else name.decode("latin-1").encode("utf-8"), b": ", value, b"\r\n")
+        head.append(b"Sec-WebSocket-Key: ")
+        factory.request_head = b"".join(head)
+        tail = ["\r\n"]
+        if origin:
+            tail.append(f"Origin: {origin}\r\n")
+        if factory.protocols:
+            tail.append(f"Sec-WebSocket-Protocol: {','.join(factory.protocols)}\r\n")
+        if self.compression:
+            offers = [value for name, value in ctx.headers if name.lower() == b"sec-websocket-extensions"]
+            offer = deflate_offer(offers)
+            if offer:
+                tail.append(f"Sec-WebSocket-Extensions: {offer}\r\n")
+        tail.append("Sec-WebSocket-Version: 13\r\n\r\n")
+        factory.request_tail = "".join(tail).encode("utf-8")
         return factory
 
 
