@@ -13,6 +13,7 @@ nothing for anything else (in-memory test transports).
 
 from __future__ import annotations
 
+import _socket
 import socket
 import struct
 from dataclasses import dataclass
@@ -22,13 +23,18 @@ from twisted.python.runtime import platform
 from twisted_gateway.schema import TCPKeepalive as TCPKeepalive
 
 
+#: a socket's type as the kernel's number (``socket.type`` makes a ``SocketKind`` of it each time)
+_kind = _socket.socket.__dict__["type"].__get__
+_LINUX = platform.isLinux()
+
+
 def _tcp_owner(transport: object) -> tuple[object, socket.socket] | None:
     """The transport that owns the TCP socket under ``transport`` (through TLS), and that socket."""
     for _ in range(4):
         if transport is None:
             return None
         sock = getattr(transport, "socket", None)
-        if isinstance(sock, socket.socket) and sock.type == socket.SOCK_STREAM:
+        if isinstance(sock, socket.socket) and _kind(sock) == socket.SOCK_STREAM:
             return transport, sock
         transport = getattr(transport, "transport", None)
     return None
@@ -57,7 +63,7 @@ def set_keepalive(transport: object, keepalive: TCPKeepalive | None) -> None:
         return
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        if platform.isLinux():
+        if _LINUX:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, keepalive.idle)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, keepalive.interval)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, keepalive.count)
@@ -100,30 +106,36 @@ _TCP_CLOSE = 7
 _INFO_SIZE = 148
 
 
-def send_state(transport: object) -> SendState | None:
-    """The kernel's view of a TCP transport's sending side (Linux), or None."""
+def _tcp_info(transport: object) -> bytes | None:
+    """The kernel's ``struct tcp_info`` of a TCP transport (Linux >= 4.6), or None."""
     sock = tcp_socket(transport)
-    if sock is None or not platform.isLinux():
+    if sock is None or not _LINUX:
         return None
     try:
         info = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, _INFO_SIZE)
     except OSError:
         return None
-    if len(info) < _INFO_SIZE:
+    return info if len(info) >= _INFO_SIZE else None
+
+
+def _ended_unanswered(info: bytes) -> bool:
+    """tcpi_state closed, with tcpi_retransmits or tcpi_probes counted."""
+    return info[0] == _TCP_CLOSE and (info[3] > 0 or info[2] > 0)
+
+
+def send_state(transport: object) -> SendState | None:
+    """The kernel's view of a TCP transport's sending side (Linux), or None."""
+    info = _tcp_info(transport)
+    if info is None:
         return None
-    state, _, retransmits, probes = info[0], info[1], info[2], info[3]
     unacked = struct.unpack_from("I", info, 24)[0]
     snd_mss = struct.unpack_from("I", info, 16)[0]
     acked = struct.unpack_from("Q", info, 120)[0]
     notsent = struct.unpack_from("I", info, 144)[0]
-    return SendState(
-        acked=acked,
-        waiting=notsent + unacked * snd_mss,
-        timed_out=state == _TCP_CLOSE and (probes > 0 or retransmits > 0),
-    )
+    return SendState(acked=acked, waiting=notsent + unacked * snd_mss, timed_out=_ended_unanswered(info))
 
 
 def timed_out(transport: object) -> bool:
     """Whether the kernel ended this connection because the peer stopped answering."""
-    state = send_state(transport)
-    return state is not None and state.timed_out
+    info = _tcp_info(transport)
+    return info is not None and _ended_unanswered(info)
