@@ -24,6 +24,7 @@ from twisted.internet import abstract, tcp
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.base import ReactorBase
 from twisted.internet.epollreactor import EPollReactor
+from twisted.internet.posixbase import PosixReactorBase
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.python import log as legacy_log
 from twisted.internet.task import Clock
@@ -762,3 +763,42 @@ def test_a_legs_init_sets_what_autobahns_does_but_the_futures_and_the_placeholde
              "WebSocketProtocol's use of is_open and is_closed", "Autobahn")
     ours.is_open.callback(None)  # what txaio.resolve does: nothing, nothing waits
     assert ours.is_closed is _compat.UNWATCHED
+
+
+def test_a_tcp_clients_connect_is_what_client_connecting_now_starts_sooner() -> None:
+    """_compat._ClientConnectingNow: Twisted's client connects a literal a turn later, through doConnect."""
+    finish = inspect.getsource(tcp.BaseClient._finishInit)
+    _require(
+        "self._commonConnection.__init__(self, skt, None, reactor)" in finish
+        and "reactor.callLater(0, whenDone)" in finish,
+        "BaseClient._finishInit", "Twisted",
+    )
+    client = inspect.getsource(tcp.Client.__init__)
+    _require(
+        "whenDone = self.resolveAddress" in client and "self._finishInit(whenDone, skt, err, reactor)" in client,
+        "Client.__init__", "Twisted",
+    )
+    resolve = inspect.getsource(tcp.Client.resolveAddress)
+    _require(
+        "if self._requiresResolution:" in resolve and "defer.succeed(self.addr)" in resolve
+        and "d.addCallback(self._setRealAddress)" in resolve,
+        "Client.resolveAddress", "Twisted",
+    )
+    real = inspect.getsource(tcp.Client._setRealAddress)
+    _require("self.realAddress = address" in real and "self.doConnect()" in real, "Client._setRealAddress", "Twisted")
+    connect = inspect.getsource(tcp.Client.doConnect)
+    _require(
+        "self.doWrite = self.doConnect" in connect and "self.doRead = self.doConnect" in connect
+        and "self.socket.connect_ex(self.realAddress)" in connect
+        and "EINPROGRESS" in connect and "self.startReading()" in connect and "self.startWriting()" in connect,
+        "Client.doConnect", "Twisted",
+    )
+    _require(
+        "return Client(self.host, self.port, self.bindAddress, self, self.reactor)"
+        in inspect.getsource(tcp.Connector._makeTransport),
+        "Connector._makeTransport", "Twisted",
+    )
+    _require(
+        "tcp.Connector(host, port, factory, timeout, bindAddress, self)" in inspect.getsource(PosixReactorBase.connectTCP),
+        "PosixReactorBase.connectTCP", "Twisted",
+    )

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import pytest
+import pytest_twisted
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint
-from twisted.internet.error import ConnectingCancelledError, NoProtocol, TimeoutError
+from twisted.internet.error import ConnectingCancelledError, ConnectionRefusedError, NoProtocol, TimeoutError
 from twisted.internet.interfaces import IProtocol
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.web.client import URI
 
+from twisted_gateway import _compat
 from twisted_gateway.connector import UpstreamConnector, _Attempt, relay_connect
+from tests.support import settle
 from twisted_gateway.testing import MemoryNetwork, RecordingUpstream
 
 ADDRESS = IPv4Address("TCP", "127.0.0.1", 9001)
@@ -126,3 +129,58 @@ def outcome(d: Deferred[IProtocol]) -> object:
     d.addBoth(results.append)
     [result] = results
     return result
+
+
+class _Recorded(Protocol):
+    """A protocol that tells when its connection was made and lost."""
+
+    made = lost = False
+
+    def connectionMade(self) -> None:
+        self.made = True
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.lost = True
+
+
+def _scheduled_connects() -> list[object]:
+    from twisted.internet import reactor
+
+    return [call for call in reactor.getDelayedCalls() if getattr(call.func, "__name__", "") in ("resolveAddress", "doConnect")]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_literals_connect_starts_within_the_call_and_connects_as_twisteds_does() -> None:
+    """No reactor turn before the socket's connect: nothing left scheduled for it; the connection is then made as ever."""
+    from twisted.internet import reactor
+
+    server = Factory.forProtocol(_Recorded)
+    port = reactor.listenTCP(0, server, interface="127.0.0.1")
+    try:
+        connector = UpstreamConnector(reactor, 5)  # type: ignore[arg-type]  # (the global reactor)
+        connecting = connector.connect_to(False, b"127.0.0.1", port.getHost().port, Factory.forProtocol(_Recorded), timed=False)
+        assert not connecting.called and not _scheduled_connects()
+        client = await connecting
+        assert isinstance(client, _Recorded)
+        await settle(lambda: client.made, "the connection made")
+        # a TCP transport to write_now and peer_of, whose fast paths take the types they know
+        assert type(client.transport) in _compat._TCP and _compat.peer_of(client.transport).startswith("tcp4:127.0.0.1:")
+        client.transport.loseConnection()
+        await settle(lambda: client.lost, "the connection closed")
+    finally:
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_refused_connect_to_a_literal_fails_after_the_call_as_twisteds_does() -> None:
+    """A closed port: the connect fails with ConnectionRefusedError, never inside the caller's connect."""
+    from twisted.internet import reactor
+
+    port = reactor.listenTCP(0, Factory.forProtocol(Protocol), interface="127.0.0.1")
+    number = port.getHost().port
+    await port.stopListening()
+    connector = UpstreamConnector(reactor, 5)  # type: ignore[arg-type]  # (the global reactor)
+    connecting = connector.connect_to(False, b"127.0.0.1", number, Factory.forProtocol(Protocol), timed=False)
+    assert not connecting.called
+    with pytest.raises(ConnectionRefusedError):
+        await connecting

@@ -44,6 +44,7 @@ from autobahn.websocket.xormasker import create_xor_masker  # type: ignore[attr-
 from twisted.internet import tcp, unix
 from twisted.internet.address import IPv4Address
 from twisted.internet.epollreactor import EPollReactor
+from twisted.internet.posixbase import PosixReactorBase
 from twisted.internet.protocol import connectionDone
 from twisted.internet.interfaces import IConnector, IDelayedCall, IReactorTime, ISSLTransport, ITCPTransport
 from twisted.logger import FileLogObserver, ILogObserver, LogPublisher
@@ -58,9 +59,6 @@ if TYPE_CHECKING:
 _P = TypeVar("_P", bound="WebSocketServerProtocol | WebSocketClientProtocol")
 
 # -- Twisted -------------------------------------------------------------------
-
-_TCP = (tcp.Server, tcp.Client)
-
 
 def systemd_listen_fds() -> ListenFDs:
     """
@@ -135,7 +133,7 @@ def peer_of(transport: object) -> str:
     kind = type(transport)
     if kind is tcp.Server:
         address = transport.client  # type: ignore[attr-defined]
-    elif kind is tcp.Client:
+    elif kind is tcp.Client or kind is _ClientConnectingNow:
         address = transport.realAddress  # type: ignore[attr-defined]
     else:
         return peer2str(transport)  # type: ignore[arg-type]
@@ -254,6 +252,71 @@ def forget_transport(connector: IConnector) -> None:
     """
     cast(Any, connector).transport = None
 
+
+
+#: what a non-blocking connect answers while the connection is being made
+_CONNECTING = (errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EALREADY)
+
+
+class _ClientConnectingNow(tcp.Client):
+    """
+    A TCP client transport to an IPv4 literal that starts its connect as it is
+    made. Twisted's ``Client._finishInit`` leaves it to the next reactor turn
+    (``callLater(0, resolveAddress)``, which for a literal wraps the address in
+    a fired Deferred and calls ``_setRealAddress``, which calls ``doConnect``):
+    a turn of the reactor, a timer and a Deferred per upstream connect (about
+    30 k instructions of a relayed handshake). Here the socket's connect is
+    made at once when the kernel answers "in progress" (what a non-blocking
+    TCP connect answers on Linux, refused or not): the transport then waits for
+    the outcome as ``doConnect`` leaves it. Any other answer (and a name, an
+    IPv6 address, a socket that could not be made) goes Twisted's way, a turn
+    later (``doConnect`` asks the socket again): nothing of the connection
+    runs inside the caller's ``connect``.
+
+    Relies on ``BaseClient._finishInit(whenDone, skt, error, reactor)`` (made
+    by ``Client.__init__``), ``_commonConnection``, ``_requiresResolution``,
+    ``addr``, ``realAddress``, and ``doConnect`` (the transport's ``doRead``
+    and ``doWrite`` until connected).
+    """
+
+    def _finishInit(self, whenDone: Any, skt: Any, error: Any, reactor: Any) -> None:
+        if not whenDone or self._requiresResolution or len(self.addr) != 2:
+            super()._finishInit(whenDone, skt, error, reactor)  # type: ignore[no-untyped-call]
+            return
+        self._commonConnection.__init__(self, skt, None, reactor)  # type: ignore[arg-type]  # (as Twisted's: the protocol comes once connected)
+        self.realAddress = self.addr
+        self.doRead = self.doWrite = self.doConnect  # type: ignore[method-assign]
+        if skt.connect_ex(self.addr) in _CONNECTING:
+            self.startReading()  # type: ignore[no-untyped-call]
+            self.startWriting()  # type: ignore[no-untyped-call]
+        else:
+            reactor.callLater(0, self.doConnect)
+
+
+class _ConnectorNow(tcp.Connector):
+    """``reactor.connectTCP``'s connector, with :class:`_ClientConnectingNow` transports (``_makeTransport``)."""
+
+    def _makeTransport(self) -> tcp.Client:
+        return _ClientConnectingNow(self.host, self.port, self.bindAddress, self, self.reactor)  # type: ignore[no-untyped-call]
+
+
+#: the TCP transports whose private fields :func:`write_now` reads (the upstream legs' own client too)
+_TCP = (tcp.Server, tcp.Client, _ClientConnectingNow)
+
+
+def connect_tcp_now(reactor: Any, host: str, port: int, factory: Any, timeout: float | None) -> IConnector:
+    """
+    ``reactor.connectTCP(host, port, factory, timeout)`` whose connect to an
+    IPv4 literal starts at once (:class:`_ClientConnectingNow`), on Twisted's
+    own reactors (``connectTCP`` there is this connector's ``connect``); any
+    other reactor (a test's memory reactor) connects as it connects.
+    """
+    if not isinstance(reactor, PosixReactorBase):
+        connector: IConnector = reactor.connectTCP(host, port, factory, timeout=timeout)
+        return connector
+    connector = _ConnectorNow(host, port, factory, timeout, None, reactor)  # type: ignore[arg-type]  # (None: no timer)
+    connector.connect()
+    return connector
 
 
 # (any ITransport: a TCP one's private fields are read once ``type(transport) in _TCP``,

@@ -31,7 +31,7 @@ from twisted.web.error import SchemeNotSupported
 from twisted.web.iweb import IAgentEndpointFactory, IPolicyForHTTPS
 from zope.interface import implementer
 
-from twisted_gateway._compat import forget_transport
+from twisted_gateway._compat import connect_tcp_now, forget_transport
 from twisted_gateway.interfaces import IUpstreamConnector
 
 #: Connects one upstream WebSocket leg's factory; fires with the leg
@@ -203,7 +203,7 @@ class UpstreamConnector:
         attempt = _Attempt(factory)
         timeout = self.timeout if timed else None
         if creator is None:
-            self.reactor.connectTCP(address, port, attempt, timeout=timeout)  # type: ignore[arg-type]  # (None: no timer, as Twisted's connectors take it)
+            connect_tcp_now(self.reactor, address, port, attempt, timeout)  # (None: no timer, as Twisted's connectors take it)
         else:
             cast(IReactorSSL, self.reactor).connectSSL(
                 address, port, attempt, creator, timeout, None  # type: ignore[arg-type]
