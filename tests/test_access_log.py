@@ -72,12 +72,13 @@ FIELDS = [
     dict(method="GET", path="/x", query="", target="/x", route='r"\\', upstream=f"http://u/{JWT}", peer="10.0.0.1"),
     dict(method="GÉT", path="/x", query="", target="/x", route="r", upstream="http://u/?a=1", peer="10.0.0.1"),
 ]
-OUTCOMES = [(200, 64, 0.0123456789, "ok"), (502, 0, 1.5, "error"), (499, 0, 0.0, "client_gone")]
+#: status, bytes, the duration in microseconds, outcome
+OUTCOMES = [(200, 64, 12346, "ok"), (502, 0, 1500000, "error"), (499, 0, 0, "client_gone")]
 
 
-def _event(fields: dict, status: int, sent: int, duration: float, outcome: str) -> dict:
+def _event(fields: dict, status: int, sent: int, micros: int, outcome: str) -> dict:
     with capturedLogs() as events:
-        emit_access_event(dict(fields), status, sent, duration, outcome)
+        emit_access_event(dict(fields), status, sent, micros, outcome)
     [event] = events
     return event
 
@@ -98,6 +99,40 @@ def test_the_json_line_is_the_json_observers_line_for_the_event(fields, outcome)
     line = json_line(event["log_time"], fields, *outcome)
     assert line == event_as_json(event) + "\n"
     assert JWT not in line
+
+
+@pytest.mark.parametrize(
+    "micros",
+    [1, 50, 99, 100, 101, 999, 1000, 1234, 1500, 12500, 12501, 12499, 120000, 999499, 999500, 999501, 999999,
+     1000000, 1000500, 61234567, 10**15, -1, -1500],
+)
+def test_a_durations_lines_write_the_events_seconds_as_the_observers_do(micros):
+    """Under a second from tables, else from the float: the observers' ``repr`` and ``.3f`` either way."""
+    event = _event(FIELDS[0], 200, 64, micros, "ok")
+    assert event["duration"] == micros / 1e6
+    written = io.StringIO()
+    textFileLogObserver(written)(event)
+    assert text_line(event["log_time"], FIELDS[0], 200, 64, micros, "ok") == written.getvalue()
+    assert json_line(event["log_time"], FIELDS[0], 200, 64, micros, "ok") == event_as_json(event) + "\n"
+    assert json_event_line(event) == event_as_json(event) + "\n"
+
+
+@pytest.mark.parametrize("when", [0.0, 1e9 + 0.9999994, 1e9 + 0.9999996, 1e9 + 1.0, 1.5e9 + 0.25, 1e9 + 0.5])
+def test_the_json_lines_time_stamp_is_the_observers_in_any_order_of_seconds(when):
+    """A line of another second than the last one's, or one rounded up to the next second, has its own."""
+    for stamp in (when, when - 1.0, when, when + 0.5):
+        event = _event(FIELDS[0], *OUTCOMES[0])
+        event["log_time"] = stamp
+        assert json_line(stamp, FIELDS[0], *OUTCOMES[0]) == event_as_json(event) + "\n"
+
+
+def test_an_access_event_whose_duration_is_not_in_whole_microseconds_goes_the_general_way():
+    event = access_event(Logger(namespace=NAMESPACE), FIELDS[0], 200, 64, 0.0123456789, "ok")
+    assert json_event_line(event) is None
+    written = io.StringIO()
+    logs.JSONLinesObserver(written)(event)
+    assert written.getvalue() == event_as_json(event) + "\n"
+    assert json.loads(written.getvalue())["duration"] == 0.0123456789
 
 
 def test_the_json_line_checks_a_method_route_upstream_and_peer_once_and_keeps_few_of_them(monkeypatch):
@@ -129,9 +164,9 @@ def test_lines_are_written_together_a_second_after_the_first(tmp_path):
     out = Output(tmp_path / "access.log")
     clock = Clock()
     writer = AccessLogWriter(out.fd, "text", clock, owns_fd=True)
-    writer.write(0.0, FIELDS[0], 200, 64, 0.01, "ok")
+    writer.write(0.0, FIELDS[0], 200, 64, 10000, "ok")
     clock.advance(FLUSH_SECONDS / 2)
-    writer.write(0.5, FIELDS[1], 201, 2, 0.02, "ok")
+    writer.write(0.5, FIELDS[1], 201, 2, 20000, "ok")
     assert out.new() == b""
     clock.advance(FLUSH_SECONDS / 2)
     lines = out.new().decode().splitlines()
@@ -147,16 +182,16 @@ def test_a_full_buffer_is_written_at_once_and_close_writes_the_rest(tmp_path):
     out = Output(tmp_path / "access.log")
     clock = Clock()
     writer = AccessLogWriter(out.fd, "json", clock, owns_fd=True)
-    line = json_line(0.0, FIELDS[0], 200, 64, 0.01, "ok")
+    line = json_line(0.0, FIELDS[0], 200, 64, 10000, "ok")
     count = FLUSH_BYTES // len(line) + 1
     for _ in range(count):
-        writer.write(0.0, FIELDS[0], 200, 64, 0.01, "ok")
+        writer.write(0.0, FIELDS[0], 200, 64, 10000, "ok")
     assert out.new() == line.encode() * count
-    writer.write(0.0, FIELDS[0], 200, 64, 0.01, "ok")
+    writer.write(0.0, FIELDS[0], 200, 64, 10000, "ok")
     writer.close()
     assert out.new() == line.encode()
     assert clock.getDelayedCalls() == []
-    writer.write(0.0, FIELDS[0], 200, 64, 0.01, "ok")  # after close: dropped, no timer
+    writer.write(0.0, FIELDS[0], 200, 64, 10000, "ok")  # after close: dropped, no timer
     assert clock.getDelayedCalls() == []
     with pytest.raises(OSError):
         os.fstat(out.fd)  # owned by the writer: closed
@@ -166,7 +201,7 @@ def test_a_file_is_appended_to(tmp_path):
     path = tmp_path / "access.log"
     path.write_text("earlier\n")
     writer = AccessLogWriter.open(str(path), "text", Clock())
-    writer.write(0.0, FIELDS[0], 200, 64, 0.01, "ok")
+    writer.write(0.0, FIELDS[0], 200, 64, 10000, "ok")
     writer.close()
     earlier, line = path.read_text().splitlines()
     assert earlier == "earlier" and line.endswith("GET /x 200 64 0.010s http://127.0.0.1:8000")
@@ -371,8 +406,8 @@ def test_observers_whose_lines_are_known_get_them_without_the_event(monkeypatch,
     monkeypatch.setattr(access_log.time, "time", lambda: 1.5e9 + 0.25)
     by_event, json_event, text_event = _observers(label_first=True)
     publisher = LogPublisher(*by_event)
-    for outcome in OUTCOMES:
-        publisher(access_event(Logger(namespace=NAMESPACE), dict(fields), *outcome))
+    for status, sent, micros, outcome in OUTCOMES:
+        publisher(access_event(Logger(namespace=NAMESPACE), dict(fields), status, sent, micros / 1e6, outcome))
     assert json_direct.getvalue() == json_event.getvalue()
     assert text_direct.getvalue() == text_event.getvalue()
     assert JWT not in json_direct.getvalue()

@@ -78,11 +78,11 @@ class AccessLogWriter:
         fd = os.open(where, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
         return cls(fd, fmt, clock, owns_fd=True)
 
-    def write(self, when: float, fields: Mapping[str, str], status: int, sent: int, duration: float, outcome: str) -> None:
-        """One request's line; ``fields`` are the access event's (method, target, ...)."""
+    def write(self, when: float, fields: Mapping[str, str], status: int, sent: int, micros: int, outcome: str) -> None:
+        """One request's line; ``fields`` are the access event's (method, target, ...), ``micros`` its duration."""
         if self._closed:
             return
-        line = self.line(when, fields, status, sent, duration, outcome)
+        line = self.line(when, fields, status, sent, micros, outcome)
         self._lines.append(line)
         self._size += len(line)
         if self._size >= FLUSH_BYTES:
@@ -118,10 +118,13 @@ class AccessLogWriter:
 # -- the lines (pure) --------------------------------------------------------------
 
 
-def text_line(when: float, fields: Mapping[str, str], status: int, sent: int, duration: float, outcome: str) -> str:
-    """The line twistd's text observer writes for the access event (``status`` and ``sent`` are ints)."""
+def text_line(when: float, fields: Mapping[str, str], status: int, sent: int, micros: int, outcome: str) -> str:
+    """
+    The line twistd's text observer writes for the access event (``status``
+    and ``sent`` are ints, ``micros`` the duration in whole microseconds).
+    """
     method, _, _, target, _, upstream, _ = _values(fields)
-    text = f"{method} {target} {status} {sent} {duration:.3f}s {upstream}"
+    text = f"{method} {target} {status} {sent}{_seconds(micros)[0]}s {upstream}"
     if "\n" in text:
         text = text.replace("\n", "\n\t")
     label = logs.worker_label
@@ -168,16 +171,18 @@ def _plain(text: str) -> bool:
     )
 
 
-def json_line(when: float, fields: Mapping[str, str], status: int, sent: int, duration: float, outcome: str) -> str:
+def json_line(when: float, fields: Mapping[str, str], status: int, sent: int, micros: int, outcome: str) -> str:
     """
     The line :class:`logs.JSONLinesObserver` writes for the access event,
     redacted alike (``json.dumps`` with the same separators, keys in the same
-    order; ``status`` and ``sent`` are ints), written out directly. When no
-    field may hold a credential nor needs JSON's escapes (what a request
-    mostly brings), the fields go into the line as they are: the request's
-    own (path, query, target) checked per line, the method, route, upstream
-    and peer once per set of them (:func:`_steady_parts`), instead of a
-    redaction check and an encoder call per field.
+    order; ``status`` and ``sent`` are ints, ``micros`` the duration in whole
+    microseconds), written out directly. When no field may hold a credential
+    nor needs JSON's escapes (what a request mostly brings), the fields go
+    into the line as they are: the request's own (path, query, target)
+    checked per line, the method, route, upstream and peer once per set of
+    them (:func:`_steady_parts`), instead of a redaction check and an encoder
+    call per field. The time stamp, status and duration come from tables
+    (a float's ``repr`` and formats cost more than the rest of the line).
     """
     values = _line_values(fields)
     path, query, target = values[:3]
@@ -190,27 +195,78 @@ def json_line(when: float, fields: Mapping[str, str], status: int, sent: int, du
         and _plain(target if target is path and not query else f"{path} {query} {target}")
     ):
         method, route, upstream, peer = values[3:]
-        return _escaped_json_line(when, (method, path, query, target, route, upstream, peer), status, sent, duration, outcome)
-    global _last_iso_second
+        return _escaped_json_line(when, (method, path, query, target, route, upstream, peer), status, sent, micros, outcome)
     last = _last_iso_second
-    second = int(when)
-    micros = round((when - second) * 1e6)
-    if last[0] != second or micros >= 1000000 or micros < 0:
-        stamp = iso_time(when)  # a new second (or one rounded up to the next)
-        if 0 <= micros < 1000000:
-            _last_iso_second = last = (second, stamp[:-8])
-        else:
-            last, micros = (second, stamp[:-8]), int(stamp[-7:-1])
+    fraction = ((when - last[0]) * 1e6).__round__()  # iso_time's rounding, in the second last written
+    if not 0 <= fraction < 1000000:
+        last, fraction = _iso_second(when)
+    high = fraction // 1000
     label = logs.worker_label
     worker = "" if label is None else '"worker":%s,' % json.dumps(label)
-    code, size = _DECIMAL.get(status) or str(status), str(sent)  # each written twice
-    high, low = divmod(micros, 1000)  # written from a table: a "06d" format costs more
+    code, size = _STATUS.get(status) or _status_texts(status), str(sent)
+    seconds, exact = _seconds(micros)
     message, upstream, method, tail = parts
     return (
-        f'{{"time":"{last[1]}.{_DIGITS[high]}{_DIGITS[low]}{message}{target} {code} {size} {duration:.3f}s{upstream}'
-        f'{worker}"status":{code},"bytes":{size},"duration":{duration!r},"outcome":"{outcome}{method}{path}",'
+        f'{last[1]}{_DIGITS[high]}{_DIGITS[fraction - high * 1000]}{message}{target}{code[0]}{size}{seconds}{upstream}'
+        f'{worker}{code[1]}{size},"duration":{exact},"outcome":"{outcome}{method}{path}",'
         f'"query":"{query}","target":"{target}{tail}'
     )
+
+
+def _iso_second(when: float) -> tuple[tuple[float, str], int]:
+    """
+    ``iso_time(when)`` as :func:`json_line` writes it: the line's start to the
+    second's ``.``, and the microseconds; the start kept for the lines of the
+    same second (unless ``when`` rounds up to the next one).
+    """
+    global _last_iso_second
+    stamp = iso_time(when)
+    second = int(when)
+    start = (float(second), '{"time":"' + stamp[:-7])
+    if 0 <= round((when - second) * 1e6) < 1000000:
+        _last_iso_second = start
+    return start, int(stamp[-7:-1])
+
+
+#: The second :func:`json_line` last wrote, and its line's start (none yet: any time is far from it).
+_last_iso_second: tuple[float, str] = (-1e18, "")
+
+
+def _seconds(micros: int) -> tuple[str, str]:
+    """
+    A duration in whole microseconds as the access event's ``duration``
+    field is written: ``" %.3f"`` (the message's) and the ``repr`` (JSON's)
+    of ``micros / 1e6``, from tables under a second.
+    """
+    if 100 <= micros < 1000000:
+        high = micros // 1000
+        low = micros - high * 1000
+        if low:
+            exact = _MILLIS[high] + _REST[low]
+            return (_ROUNDED[high] if low < 500 else _ROUNDED[high + 1] if low > 500 else _HALF[high]), exact
+        return _ROUNDED[high], _WHOLE_MILLIS[high]
+    duration = micros / 1e6
+    return " %.3f" % duration, repr(duration)
+
+
+#: ``" %.3f"`` of n ms (and of 1 s), ``"%.3f"`` of n ms + 500 µs (which the float sits above or
+#: below), the ``repr`` of n ms, its digits to ms and those of n µs after them (none when 0).
+_ROUNDED = [" 0.%03d" % n for n in range(1000)] + [" 1.000"]
+_HALF = [" %.3f" % ((n * 1000 + 500) / 1e6) for n in range(1000)]
+_WHOLE_MILLIS = [repr(n / 1000) for n in range(1000)]
+_MILLIS = ["0.%03d" % n for n in range(1000)]
+_REST = [("%03d" % n).rstrip("0") for n in range(1000)]
+
+
+def _status_texts(status: int) -> tuple[str, str]:
+    """A status as :func:`json_line` writes it in the message and as the ``status`` field."""
+    return f" {status:d} ", f'"status":{status:d},"bytes":'
+
+
+#: :func:`_status_texts` of the codes, made once.
+_STATUS = {code: _status_texts(code) for code in range(100, 1000)}
+#: 000 to 999, for the microseconds of a time stamp.
+_DIGITS = ["%03d" % n for n in range(1000)]
 
 
 def _steady_parts(steady: tuple[str, ...]) -> tuple[str, ...]:
@@ -225,7 +281,7 @@ def _steady_parts(steady: tuple[str, ...]) -> tuple[str, ...]:
     if _plain(" ".join(steady)):
         parts = (
             f'Z",{_LEVEL_NAMESPACE}"message":"{method} ',
-            f' {upstream}",',
+            f's {upstream}",',
             f'","method":"{method}","path":"',
             f'","route":"{route}","upstream":"{upstream}","peer":"{peer}",{_SOURCE_FORMAT}}}\n',
         )
@@ -239,28 +295,23 @@ def _steady_parts(steady: tuple[str, ...]) -> tuple[str, ...]:
 _steady: dict[tuple[str, ...], tuple[str, ...]] = {}
 #: How many :data:`_steady` keeps (emptied when full: a new peer costs a check, never a wrong line).
 STEADY_SETS = 1024
-_last_iso_second: tuple[int | None, str] = (None, "")
-#: Status codes as text, made once.
-_DECIMAL = {code: str(code) for code in range(100, 600)}
-#: 000 to 999, for the microseconds of a time stamp.
-_DIGITS = [f"{n:03d}" for n in range(1000)]
 
 
 def _escaped_json_line(
-    when: float, values: tuple[str, ...], status: int, sent: int, duration: float, outcome: str
+    when: float, values: tuple[str, ...], status: int, sent: int, micros: int, outcome: str
 ) -> str:
     """:func:`json_line` for fields that may hold a credential or need escapes: each redacted and encoded."""
     method, path, query, target, route, upstream, peer = values
+    seconds, exact = _seconds(micros)
+    message = f"{method} {target} {status:d} {sent:d}{seconds}s {upstream}"
     if may_hold_credentials("\n".join(values)):
         method, path, query, target, route, upstream, peer = map(redact_str, values)
-        message = redact_str(f"{method} {target} {status:d} {sent:d} {duration:.3f}s {upstream}")
-    else:
-        message = f"{method} {target} {status:d} {sent:d} {duration:.3f}s {upstream}"
+        message = redact_str(message)
     q = encode_basestring_ascii
     worker = "" if logs.worker_label is None else '"worker":%s,' % json.dumps(logs.worker_label)
     return (
         f'{{"time":"{iso_time(when)}",{_LEVEL_NAMESPACE}"message":{q(message)},{worker}'
-        f'"status":{status:d},"bytes":{sent:d},"duration":{float.__repr__(duration)},"outcome":{q(outcome)},'
+        f'"status":{status:d},"bytes":{sent:d},"duration":{exact},"outcome":{q(outcome)},'
         f'"method":{q(method)},"path":{q(path)},"query":{q(query)},"target":{q(target)},"route":{q(route)},'
         f'"upstream":{q(upstream)},"peer":{q(peer)},{_SOURCE_FORMAT}}}\n'
     )
@@ -340,14 +391,18 @@ def is_access_event(event: LogEvent) -> bool:
 
 def json_event_line(event: LogEvent) -> str | None:
     """
-    :class:`logs.JSONLinesObserver`'s line for an access event (:func:`json_line`), None for any other event.
+    :class:`logs.JSONLinesObserver`'s line for an access event (:func:`json_line`), None for any other event
+    (or one whose duration is not in whole microseconds).
     Access lines held for the end of the reactor's turn are written first.
     """
     if _held_plan is not None:
         write_held()
     if not is_access_event(event):
         return None
-    return json_line(event["log_time"], event, event["status"], event["bytes"], event["duration"], event["outcome"])
+    duration = event["duration"]
+    if type(duration) is not float or not abs(duration) < 1e18 or round(duration * 1e6) / 1e6 != duration:
+        return None  # not in whole microseconds (not the gateway's): the general way writes its repr
+    return json_line(event["log_time"], event, event["status"], event["bytes"], round(duration * 1e6), event["outcome"])
 
 
 logs.json_shortcut = json_event_line
@@ -359,7 +414,7 @@ logs.json_shortcut = json_event_line
 _FORMATTER = string.Formatter()
 
 #: An access line of the event's values (:func:`json_line`, :func:`text_line`).
-_Line = Callable[[float, Mapping[str, str], int, int, float, str], str]
+_Line = Callable[[float, Mapping[str, str], int, int, int, str], str]
 
 
 class _Plan:
@@ -405,11 +460,12 @@ def forget_plan() -> None:
     _plan = None
 
 
-def emit(logger: Logger, fields: Mapping[str, str], status: int, sent: int, duration: float, outcome: str) -> None:
+def emit(logger: Logger, fields: Mapping[str, str], status: int, sent: int, micros: int, outcome: str) -> None:
     """
     The access event to ``logger``'s observers (``[gateway] access_log =
-    events``). When each of them is one whose line for the event this module
-    writes (:class:`logs.JSONLinesObserver`, twistd's text observer once
+    events``), its duration ``micros`` microseconds (the event's ``duration``
+    is in seconds). When each of them is one whose line for the event this
+    module writes (:class:`logs.JSONLinesObserver`, twistd's text observer once
     :func:`speed_up_text_observers` has seen it, ``logs.name_the_writer``),
     each gets that line directly and no event is made: the event and the
     publisher's fan-out were a third of its cost. Any other observer (a
@@ -425,12 +481,12 @@ def emit(logger: Logger, fields: Mapping[str, str], status: int, sent: int, dura
     plan = _plan
     if plan is None or plan.publisher is not publisher or plan.observers != plan.list:
         if type(publisher) is not LogPublisher:
-            publisher(access_event(logger, fields, status, sent, duration, outcome))
+            publisher(access_event(logger, fields, status, sent, micros / 1e6, outcome))
             return
         _plan = plan = _Plan(publisher)
     writers = plan.writers
     if writers is None or (plan.unlabelled and logs.worker_label is not None):
-        publisher(access_event(logger, fields, status, sent, duration, outcome))
+        publisher(access_event(logger, fields, status, sent, micros / 1e6, outcome))
         return
     when = time.time()
     if poll_turn.handling:
@@ -440,13 +496,13 @@ def emit(logger: Logger, fields: Mapping[str, str], status: int, sent: int, dura
         if _held_plan is plan:
             for observer, _, line, lines in plan.held:
                 try:
-                    lines.append(line(when, fields, status, sent, duration, outcome))
+                    lines.append(line(when, fields, status, sent, micros, outcome))
                 except Exception:
                     _failed(observer, [o for o, _, _ in writers])
             return
     for observer, write, line in writers:
         try:
-            write(line(when, fields, status, sent, duration, outcome))
+            write(line(when, fields, status, sent, micros, outcome))
         except Exception:
             _failed(observer, [o for o, _, _ in writers])
 

@@ -122,9 +122,9 @@ def log_target(path: bytes, query: bytes, secrets: Iterable[str] = ()) -> str:
 
 
 
-def emit_access_event(fields: dict[str, str], status: int, sent: int, duration: float, outcome: str) -> None:
+def emit_access_event(fields: dict[str, str], status: int, sent: int, micros: int, outcome: str) -> None:
     """A forwarded request's access event (``[gateway] access_log = events``), to every log observer."""
-    emit(access_log, fields, status, sent, duration, outcome)
+    emit(access_log, fields, status, sent, micros, outcome)
 
 
 def response_header_pairs(headers: Headers) -> list[tuple[bytes, bytes]]:
@@ -753,12 +753,12 @@ class _Forwarding:
             return
         now = forwarder._reactor.seconds()
         # in whole microseconds: the digits past them are the rounding of two time stamps,
-        # and writing those was a sixth of the JSON access line's cost
-        duration = round((now - self._started) * 1e6) / 1e6
+        # and the lines write an int's digits from tables where a float's cost a fifth of the line
+        micros = ((now - self._started) * 1e6).__round__()
         if forwarder._access is not None:
-            forwarder._access.write(now, self._fields, status, sent, duration, outcome)
+            forwarder._access.write(now, self._fields, status, sent, micros, outcome)
         else:
-            emit(access_log, self._fields, status, sent, duration, outcome)
+            emit(access_log, self._fields, status, sent, micros, outcome)
 
     def _release(self) -> None:
         instance, self._instance = self._instance, None
