@@ -7,6 +7,7 @@ Deferred that nobody handled, fails and is told what it left
 
 from __future__ import annotations
 
+import gc
 from typing import Any, Callable, Iterator
 
 import pytest
@@ -77,6 +78,15 @@ def leaves_nothing_behind(request: pytest.FixtureRequest) -> Iterator[None]:
             stop()
     if problems:
         pytest.fail("test left behind:\n  " + "\n  ".join(problems), pytrace=False)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """
+    What start-up and collection built (modules, test items) lives as long as the
+    process: frozen out of the cycle collector's full passes, which would walk it
+    again each time the tests' garbage triggers one (about 1 ms of CPU a test).
+    """
+    gc.freeze()
 
 
 def pytest_configure(config: pytest.Config) -> None:
