@@ -270,8 +270,12 @@ def handshakes(port: int, path: str, auth: str | None, tokens: list[str], count:
             while answer.readline() not in (b"\r\n", b""):
                 pass  # the 101's headers
             sock.sendall(_CLOSE)
-            if answer.read(1) != b"\x88":
-                raise RuntimeError(f"upgrade of {path}: no close frame")
+            # frames until the close's answer: a keepalive ping may come first (control
+            # frames, so at most 125 bytes of payload and no extended length)
+            while (first := answer.read(1)) != b"\x88":
+                if first != b"\x89":
+                    raise RuntimeError(f"upgrade of {path}: {first!r} where a close or a ping frame was due")
+                answer.read(answer.read(1)[0] & 0x7F)
             answer.read(answer.read(1)[0] & 0x7F)  # its payload (the code)
             while sock.recv(65536):  # the proxy ends the connection after the close
                 pass
