@@ -74,6 +74,8 @@ FIELDS = [
 ]
 #: status, bytes, the duration in microseconds, outcome
 OUTCOMES = [(200, 64, 12346, "ok"), (502, 0, 1500000, "error"), (499, 0, 0, "client_gone")]
+#: When a request ended (its line's time stamp)
+WHEN = 1.5e9 + 0.25
 
 
 def _event(fields: dict, status: int, sent: int, micros: int, outcome: str) -> dict:
@@ -394,16 +396,15 @@ def _observers(label_first: bool) -> tuple[list, io.StringIO, io.StringIO]:
 @pytest.mark.parametrize("label", [None, 2])
 def test_observers_whose_lines_are_known_get_them_without_the_event(monkeypatch, fields, label):
     monkeypatch.setattr(logs, "worker_label", label)
-    monkeypatch.setattr(access_log.time, "time", lambda: 1.5e9 + 0.25)
     direct, json_direct, text_direct = _observers(label_first=True)
     events = []
     monkeypatch.setattr(access_log, "access_event", lambda *a: events.append(a) or {})
     for outcome in OUTCOMES:
-        emit(Logger(namespace=NAMESPACE, observer=LogPublisher(*direct)), dict(fields), *outcome)
+        emit(Logger(namespace=NAMESPACE, observer=LogPublisher(*direct)), dict(fields), *outcome, WHEN)
     assert events == []  # no event made
     monkeypatch.undo()
     monkeypatch.setattr(logs, "worker_label", label)
-    monkeypatch.setattr(access_log.time, "time", lambda: 1.5e9 + 0.25)
+    monkeypatch.setattr(access_log.time, "time", lambda: WHEN)  # the event's time
     by_event, json_event, text_event = _observers(label_first=True)
     publisher = LogPublisher(*by_event)
     for status, sent, micros, outcome in OUTCOMES:
@@ -418,15 +419,15 @@ def test_any_other_observer_makes_every_observer_get_the_event(monkeypatch):
     captured: list = []
     publisher = LogPublisher(*known)
     logger = Logger(namespace=NAMESPACE, observer=publisher)
-    emit(logger, dict(FIELDS[0]), *OUTCOMES[0])
+    emit(logger, dict(FIELDS[0]), *OUTCOMES[0], WHEN)
     assert json_out.getvalue().count("\n") == text_out.getvalue().count("\n") == 1
     publisher.addObserver(captured.append)  # seen at the next event
-    emit(logger, dict(FIELDS[0]), *OUTCOMES[0])
+    emit(logger, dict(FIELDS[0]), *OUTCOMES[0], WHEN)
     [event] = captured
     assert is_access_event(event)
     assert json_out.getvalue().splitlines()[1] == event_as_json(event)
     publisher.removeObserver(captured.append)
-    emit(logger, dict(FIELDS[0]), *OUTCOMES[0])
+    emit(logger, dict(FIELDS[0]), *OUTCOMES[0], WHEN)
     assert len(captured) == 1 and json_out.getvalue().count("\n") == 3
 
 
@@ -435,7 +436,7 @@ def test_a_worker_label_unseen_by_a_text_observer_takes_the_event_way(monkeypatc
     monkeypatch.setattr(logs, "worker_label", 3)
     known, _, text_out = _observers(label_first=False)
     emit(Logger(namespace=NAMESPACE, observer=LogPublisher(*known, logs.name_the_writer)), dict(FIELDS[0]),
-         *OUTCOMES[0])
+         *OUTCOMES[0], WHEN)
     assert "[twisted_gateway.access#info] GET /x" in text_out.getvalue()
 
 
@@ -447,7 +448,7 @@ def test_a_failing_observer_is_reported_to_the_others_which_still_get_their_line
     json_out = io.StringIO()
     text = FileLogObserver(Full(), classic_line)
     emit(Logger(namespace=NAMESPACE, observer=LogPublisher(text, logs.JSONLinesObserver(json_out))),
-         dict(FIELDS[0]), *OUTCOMES[0])
+         dict(FIELDS[0]), *OUTCOMES[0], WHEN)
     lines = [json.loads(line) for line in json_out.getvalue().splitlines()]
     assert [line.get("status") for line in lines] == [None, 200]
     assert "failed on an access line" in lines[0]["message"] and "disk full" in lines[0]["traceback"]
@@ -500,7 +501,7 @@ async def test_lines_of_one_reactor_turn_go_out_in_one_write_and_in_order(observ
         def doRead(self) -> None:
             for step in self.sock.recv(100).decode():
                 if step == "a":
-                    emit(logger, dict(FIELDS[0]), *OUTCOMES[0])
+                    emit(logger, dict(FIELDS[0]), *OUTCOMES[0], WHEN)
                 elif step == "b":
                     other.info("between")
             if self.turn:  # nothing of this turn's end yet
@@ -531,7 +532,7 @@ async def test_lines_of_one_reactor_turn_go_out_in_one_write_and_in_order(observ
         await settle(lambda: len(out.writes) == 2, "a turn of one descriptor's two writes")
         assert [w.count(access) for w in out.writes] == [1, 1]
         del out.writes[:]
-        emit(logger, dict(FIELDS[0]), *OUTCOMES[0])
+        emit(logger, dict(FIELDS[0]), *OUTCOMES[0], WHEN)
         assert len(out.writes) == 1
     finally:
         for reader in readers:

@@ -151,11 +151,10 @@ OUTCOMES = frozenset({"ok", "error", "client_gone", "refused", "upstream_body_fa
 #: The access event's fields in the order the event holds them (``http_proxy.emit_access_event``).
 _FIELDS = ("method", "path", "query", "target", "route", "upstream", "peer")
 _values: Callable[[Mapping[str, str]], tuple[str, str, str, str, str, str, str]] = itemgetter(*_FIELDS)
-#: The fields again, those a request brings first, then those its route and connection give
-#: (the same few values line after line: :func:`_steady_parts`)
-_line_values: Callable[[Mapping[str, str]], tuple[str, str, str, str, str, str, str]] = itemgetter(
-    *_FIELDS[1:4], _FIELDS[0], *_FIELDS[4:]
-)
+#: The fields a request brings, and those its route and connection give (the same few values
+#: line after line: :func:`_steady_parts`)
+_request_values: Callable[[Mapping[str, str]], tuple[str, str, str]] = itemgetter(*_FIELDS[1:4])
+_steady_values: Callable[[Mapping[str, str]], tuple[str, str, str, str]] = itemgetter(_FIELDS[0], *_FIELDS[4:])
 
 
 def _plain(text: str) -> bool:
@@ -184,32 +183,37 @@ def json_line(when: float, fields: Mapping[str, str], status: int, sent: int, mi
     call per field. The time stamp, status and duration come from tables
     (a float's ``repr`` and formats cost more than the rest of the line).
     """
-    values = _line_values(fields)
-    path, query, target = values[:3]
-    parts = _steady.get(values[3:])
-    if parts is None:
-        parts = _steady_parts(values[3:])
+    path, query, target = _request_values(fields)
+    steady = _steady_values(fields)
+    parts = _steady.get(steady)
+    if parts is None or parts[4] is not logs.worker_label:  # (a label of another identity: made again)
+        parts = _steady_parts(steady)
     if not (
-        parts
+        parts[0]
         and outcome in OUTCOMES
         and _plain(target if target is path and not query else f"{path} {query} {target}")
     ):
-        method, route, upstream, peer = values[3:]
+        method, route, upstream, peer = steady
         return _escaped_json_line(when, (method, path, query, target, route, upstream, peer), status, sent, micros, outcome)
     last = _last_iso_second
     fraction = ((when - last[0]) * 1e6).__round__()  # iso_time's rounding, in the second last written
     if not 0 <= fraction < 1000000:
         last, fraction = _iso_second(when)
     high = fraction // 1000
-    label = logs.worker_label
-    worker = "" if label is None else '"worker":%s,' % json.dumps(label)
-    code, size = _STATUS.get(status) or _status_texts(status), str(sent)
-    seconds, exact = _seconds(micros)
-    message, upstream, method, tail = parts
+    code, status_field = _STATUS.get(status) or _status_texts(status)
+    size = str(sent)
+    if 100 <= micros < 1000000:  # _seconds(micros), without a call (a tenth of the line)
+        millis = micros // 1000
+        low = micros - millis * 1000
+        seconds = _ROUNDED[millis] if low < 500 else _ROUNDED[millis + 1] if low > 500 else _HALF[millis]
+        exact = _MILLIS[millis] + _REST[low] if low else _WHOLE_MILLIS[millis]
+    else:
+        seconds, exact = _seconds(micros)
+    message, upstream, method, tail, _ = parts
     return (
-        f'{last[1]}{_DIGITS[high]}{_DIGITS[fraction - high * 1000]}{message}{target}{code[0]}{size}{seconds}{upstream}'
-        f'{worker}{code[1]}{size},"duration":{exact},"outcome":"{outcome}{method}{path}",'
-        f'"query":"{query}","target":"{target}{tail}'
+        f'{last[1]}{_DIGITS[high]}{_DIGITS[fraction - high * 1000]}{message}{target}{code}{size}{seconds}{upstream}'
+        f'{status_field}{size},"duration":{exact},"outcome":"{outcome}{method}{path}","query":"{query}",'
+        f'"target":"{target}{tail}'
     )
 
 
@@ -269,21 +273,29 @@ _STATUS = {code: _status_texts(code) for code in range(100, 1000)}
 _DIGITS = ["%03d" % n for n in range(1000)]
 
 
-def _steady_parts(steady: tuple[str, ...]) -> tuple[str, ...]:
+#: What :func:`_steady_parts` makes: four parts of a line and a worker label.
+_SteadyParts = tuple[str, str, str, str, "int | str | None"]
+
+
+def _steady_parts(steady: tuple[str, ...]) -> _SteadyParts:
     """
     The parts of :func:`json_line`'s line that a method, route, upstream and
-    peer make (a request's own fields between them), those fields checked:
-    none when one of them must be escaped or redacted. Kept in
-    :data:`_steady` (at most :data:`STEADY_SETS` of them).
+    peer make (a request's own fields between them), those fields checked,
+    and the worker label they were made for: the first is empty when one of
+    the fields must be escaped or redacted. Kept in :data:`_steady` (at most
+    :data:`STEADY_SETS` of them).
     """
     method, route, upstream, peer = steady
-    parts: tuple[str, ...] = ()
+    label = logs.worker_label
+    worker = "" if label is None else '"worker":%s,' % json.dumps(label)
+    parts: _SteadyParts = ("", "", "", "", label)
     if _plain(" ".join(steady)):
         parts = (
             f'Z",{_LEVEL_NAMESPACE}"message":"{method} ',
-            f's {upstream}",',
+            f's {upstream}",{worker}',
             f'","method":"{method}","path":"',
             f'","route":"{route}","upstream":"{upstream}","peer":"{peer}",{_SOURCE_FORMAT}}}\n',
+            label,
         )
     if len(_steady) >= STEADY_SETS:
         _steady.clear()
@@ -292,7 +304,7 @@ def _steady_parts(steady: tuple[str, ...]) -> tuple[str, ...]:
 
 
 #: :func:`_steady_parts`'s, by method, route, upstream and peer.
-_steady: dict[tuple[str, ...], tuple[str, ...]] = {}
+_steady: dict[tuple[str, ...], _SteadyParts] = {}
 #: How many :data:`_steady` keeps (emptied when full: a new peer costs a check, never a wrong line).
 STEADY_SETS = 1024
 
@@ -460,11 +472,14 @@ def forget_plan() -> None:
     _plan = None
 
 
-def emit(logger: Logger, fields: Mapping[str, str], status: int, sent: int, micros: int, outcome: str) -> None:
+def emit(
+    logger: Logger, fields: Mapping[str, str], status: int, sent: int, micros: int, outcome: str, when: float
+) -> None:
     """
     The access event to ``logger``'s observers (``[gateway] access_log =
-    events``), its duration ``micros`` microseconds (the event's ``duration``
-    is in seconds). When each of them is one whose line for the event this
+    events``) of a request that ended at ``when`` (the lines' time stamp; the
+    event's is the wall clock's), its duration ``micros`` microseconds (the
+    event's ``duration`` is in seconds). When each of them is one whose line for the event this
     module writes (:class:`logs.JSONLinesObserver`, twistd's text observer once
     :func:`speed_up_text_observers` has seen it, ``logs.name_the_writer``),
     each gets that line directly and no event is made: the event and the
@@ -488,7 +503,6 @@ def emit(logger: Logger, fields: Mapping[str, str], status: int, sent: int, micr
     if writers is None or (plan.unlabelled and logs.worker_label is not None):
         publisher(access_event(logger, fields, status, sent, micros / 1e6, outcome))
         return
-    when = time.time()
     if poll_turn.handling:
         # the reactor is handling a poll's events: the lines wait for its end (write_held)
         if _held_plan is not plan:

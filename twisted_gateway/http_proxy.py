@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import io
 import sys
+import time
 from urllib.parse import unquote_to_bytes
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Sequence, cast
@@ -124,7 +125,7 @@ def log_target(path: bytes, query: bytes, secrets: Iterable[str] = ()) -> str:
 
 def emit_access_event(fields: dict[str, str], status: int, sent: int, micros: int, outcome: str) -> None:
     """A forwarded request's access event (``[gateway] access_log = events``), to every log observer."""
-    emit(access_log, fields, status, sent, micros, outcome)
+    emit(access_log, fields, status, sent, micros, outcome, time.time())
 
 
 def response_header_pairs(headers: Headers) -> list[tuple[bytes, bytes]]:
@@ -758,7 +759,7 @@ class _Forwarding:
         if forwarder._access is not None:
             forwarder._access.write(now, self._fields, status, sent, micros, outcome)
         else:
-            emit(access_log, self._fields, status, sent, micros, outcome)
+            emit(access_log, self._fields, status, sent, micros, outcome, now)
 
     def _release(self) -> None:
         instance, self._instance = self._instance, None
