@@ -148,6 +148,20 @@ def test_the_json_line_checks_a_method_route_upstream_and_peer_once_and_keeps_fe
         assert len(access_log._steady) <= 3
 
 
+def test_the_json_line_keeps_few_plain_targets_and_checks_the_path_and_query_of_any_other(monkeypatch):
+    """A target seen plain is not checked again only when it is the request's path, with no query."""
+    monkeypatch.setattr(access_log, "STEADY_SETS", 3)
+    monkeypatch.setattr(access_log, "_plain_targets", set())
+    cases = [("/a", "", "/a"), ("/b", "", "/b"), ("/a", "", "/a"), ('/"', "", "/a"), ("/a", "token=x", "/a"),
+             ("/c", "", "/c"), ("/d", "", "/d"), ("/a", "", "/a"), ("/e\\", "", "/e\\")]
+    for path, query, target in cases:
+        fields = dict(FIELDS[0], path=path, query=query, target=path if target == path else target)
+        event = _event(fields, *OUTCOMES[0])
+        assert json_line(event["log_time"], fields, *OUTCOMES[0]) == event_as_json(event) + "\n"
+        assert len(access_log._plain_targets) <= 3
+    assert "token=x" not in json_line(0.0, dict(FIELDS[0], query="token=x"), *OUTCOMES[0])
+
+
 class Output:
     """A file the writer is given, read back from the start."""
 

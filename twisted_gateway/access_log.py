@@ -191,7 +191,7 @@ def json_line(when: float, fields: Mapping[str, str], status: int, sent: int, mi
     if not (
         parts[0]
         and outcome in OUTCOMES
-        and _plain(target if target is path and not query else f"{path} {query} {target}")
+        and (target in _plain_targets and target is path and not query or _plain_request(path, query, target))
     ):
         method, route, upstream, peer = steady
         return _escaped_json_line(when, (method, path, query, target, route, upstream, peer), status, sent, micros, outcome)
@@ -271,6 +271,26 @@ def _status_texts(status: int) -> tuple[str, str]:
 _STATUS = {code: _status_texts(code) for code in range(100, 1000)}
 #: 000 to 999, for the microseconds of a time stamp.
 _DIGITS = ["%03d" % n for n in range(1000)]
+
+
+def _plain_request(path: str, query: str, target: str) -> bool:
+    """
+    Whether a request's own fields are :func:`_plain`: a target that is the
+    path, with no query, is then kept in :data:`_plain_targets` (the same
+    few come again and again: health checks, polling, a page's calls).
+    """
+    if target is not path or query:
+        return _plain(f"{path} {query} {target}")
+    if not _plain(target):
+        return False
+    if len(_plain_targets) >= STEADY_SETS:
+        _plain_targets.clear()
+    _plain_targets.add(target)
+    return True
+
+
+#: Targets :func:`_plain_request` found plain (at most :data:`STEADY_SETS`, emptied when full).
+_plain_targets: set[str] = set()
 
 
 #: What :func:`_steady_parts` makes: four parts of a line and a worker label.
