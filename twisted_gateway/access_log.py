@@ -202,13 +202,7 @@ def json_line(when: float, fields: Mapping[str, str], status: int, sent: int, mi
     high = fraction // 1000
     code, status_field = _STATUS.get(status) or _status_texts(status)
     size = str(sent)
-    if 100 <= micros < 1000000:  # _seconds(micros), without a call (a tenth of the line)
-        millis = micros // 1000
-        low = micros - millis * 1000
-        seconds = _ROUNDED[millis] if low < 500 else _ROUNDED[millis + 1] if low > 500 else _HALF[millis]
-        exact = _MILLIS[millis] + _REST[low] if low else _WHOLE_MILLIS[millis]
-    else:
-        seconds, exact = _seconds(micros)
+    seconds, exact = _seconds(micros)
     message, upstream, method, tail, _ = parts
     return (
         f'{last[1]}{_DIGITS[high]}{_DIGITS[fraction - high * 1000]}{message}{target}{code}{size}{seconds}{upstream}'
