@@ -779,8 +779,7 @@ class RelayServerFactory(WebSocketServerFactory):
         factory = factory_type.__new__(factory_type)
         url = upstream_url(base_url, ctx.path, ctx.query, websocket=True)
         # Headers by name as sent (the last of extra_headers wins, in the first's place;
-        # a repeated client header joined); the request goes as UTF-8, so a value reaches the
-        # upstream byte for byte as on HTTP only as valid UTF-8 (anything else fails here).
+        # a repeated client header joined).
         headers: dict[bytes, bytes] = {}
         for name, value in upstream_request_headers(
             ctx.headers,
@@ -791,16 +790,12 @@ class RelayServerFactory(WebSocketServerFactory):
             drop=self._not_forwarded,
             underscores=ctx.route.underscores_in_headers,
         ):
-            if not value.isascii():
-                value.decode("utf-8")
             if name in headers:
                 sep = b"; " if name.lower() == b"cookie" else b", "
                 headers[name] = headers[name] + sep + value
             else:
                 headers[name] = value
         for name, value in ctx.extra_headers:
-            if not value.isascii():
-                value.decode("utf-8")
             headers[name] = value
         # the one Origin the route's policy checked (resource.py), never Sec-WebSocket-Origin
         origins = [value for name, value in ctx.headers if name.lower() == b"origin"]
@@ -819,11 +814,17 @@ class RelayServerFactory(WebSocketServerFactory):
             factory.origin = origin
             factory.protocols = list(request.protocols)
         host = upstream_host(ctx.route.host_header, ctx.host)
+        if host:
+            host.decode("ascii")  # (a Host that is not ASCII fails the handshake here)
+        else:
+            host = f"{factory.host}:{factory.port}".encode("utf-8")
         head = [
             f"GET {factory.resource} HTTP/1.1\r\nHost: ".encode("utf-8"),
-            host if host is not None and host.decode("ascii") else f"{factory.host}:{factory.port}".encode("utf-8"),
+            host,
             b"\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n",
         ]
+        # every value is UTF-8 (the client's: headers.check_utf8_values refused the upgrade
+        # otherwise; the gateway's are made so), so the request reaches the upstream byte for byte
         for name, value in headers.items():
             head += (name if name.isascii() else name.decode("latin-1").encode("utf-8"), b": ", value, b"\r\n")
         head.append(b"Sec-WebSocket-Key: ")
