@@ -426,9 +426,12 @@ def json_event_line(event: LogEvent) -> str | None:
     if not is_access_event(event):
         return None
     duration = event["duration"]
-    if type(duration) is not float or not abs(duration) < 1e18 or round(duration * 1e6) / 1e6 != duration:
+    if type(duration) is not float or not abs(duration) < 1e18:
+        return None
+    micros = round(duration * 1e6)
+    if micros / 1e6 != duration:
         return None  # not in whole microseconds (not the gateway's): the general way writes its repr
-    return json_line(event["log_time"], event, event["status"], event["bytes"], round(duration * 1e6), event["outcome"])
+    return json_line(event["log_time"], event, event["status"], event["bytes"], micros, event["outcome"])
 
 
 logs.json_shortcut = json_event_line
