@@ -36,14 +36,18 @@ from twisted_gateway.access_log import (
     FLUSH_BYTES,
     FLUSH_SECONDS,
     NAMESPACE,
+    SESSION_FORMAT,
     AccessLogWriter,
     access_event,
     classic_line,
     emit,
+    emit_session,
     flattened,
     is_access_event,
     json_event_line,
     json_line,
+    session_event,
+    session_json_line,
     speed_up_text_observers,
     text_line,
 )
@@ -468,6 +472,51 @@ def test_a_failing_observer_is_reported_to_the_others_which_still_get_their_line
     assert "failed on an access line" in lines[0]["message"] and "disk full" in lines[0]["traceback"]
 
 
+#: A WebSocket session's values (route, path, peer, upstream, duration, side, code, reason,
+#: messages and bytes each way), and whether its JSON line is written without the event
+SESSIONS = [
+    (("echo", "/x", "127.0.0.1", "ws://127.0.0.1:9000", 0.0125, "client", 1000, None, 1, 5, 2, 10), True),
+    (("r", "/a/b", "::1", None, 12.000000001, "gateway", None, "keepalive", 0, 0, 0, 0), True),
+    (("r", "/x", "10.0.0.1", "ws://u", 1234.5678, "upstream", 1011, "ping_timeout", 7, 70000, 3, 9), True),
+    # a credential, an escape or a new line: the JSON observer redacts and escapes the event's fields
+    (("r", f"/t/{JWT}", "10.0.0.1", "ws://u", 0.5, "client", 1000, None, 0, 0, 0, 0), False),
+    (("r", '/é"\\\nq', "10.0.0.1", "ws://u", 0.5, "client", 1000, None, 0, 0, 0, 0), False),
+    (("r", "/x", "10.0.0.1", "ws://u/?token=abc", 0.5, "client", 1000, None, 0, 0, 0, 0), False),
+    (("bearer abcdefghijk", "/x", "10.0.0.1", "ws://u", 0.5, "client", 1000, None, 0, 0, 0, 0), False),
+]
+
+
+@pytest.mark.parametrize("values, direct", SESSIONS)
+@pytest.mark.parametrize("label", [None, 2, "supervisor"])
+def test_a_sessions_line_is_the_observers_line_for_its_event(monkeypatch, values, direct, label):
+    """Written directly or through the event, the text and JSON observers write the same lines."""
+    monkeypatch.setattr(logs, "worker_label", label)
+    monkeypatch.setattr(access_log.time, "time", lambda: WHEN)  # the event's and the line's time
+    made = []
+    monkeypatch.setattr(access_log, "session_event", lambda *a: made.append(a) or session_event(*a))
+    observers, json_direct, text_direct = _observers(label_first=True)
+    emit_session(Logger(namespace=NAMESPACE, observer=LogPublisher(*observers)), values)
+    assert len(made) == (0 if direct else 1)
+    assert (session_json_line(WHEN, values) is not None) == direct
+    observers, json_event, text_event = _observers(label_first=True)
+    LogPublisher(*observers)(session_event(Logger(namespace=NAMESPACE), values, WHEN))
+    assert json_direct.getvalue() == json_event.getvalue()
+    assert text_direct.getvalue() == text_event.getvalue()
+    assert text_direct.getvalue().count("\n") == 1 + text_direct.getvalue().count("\n\t")
+    assert JWT not in json_direct.getvalue() and "abc" not in json_direct.getvalue()
+
+
+def test_the_session_event_is_the_one_logger_info_emits_and_any_other_observer_gets_it():
+    values = SESSIONS[0][0]
+    captured: list = []
+    logger = Logger(namespace=NAMESPACE, observer=LogPublisher(captured.append))
+    logger.info(SESSION_FORMAT, **dict(zip(access_log.SESSION_FIELDS, values)), event="ws_session")
+    emit_session(logger, values)
+    [expected, made] = captured
+    assert list(made) == list(expected)
+    assert {**made, "log_time": 0} == {**expected, "log_time": 0}
+
+
 class _Writes(io.StringIO):
     """A log file that keeps each ``write`` it is given."""
 
@@ -493,7 +542,8 @@ async def test_lines_of_one_reactor_turn_go_out_in_one_write_and_in_order(observ
     """
     While the reactor, dispatching plainly as the gateway's service has it,
     handles a poll's events on several descriptors, the access lines wait for
-    the turn's end and go out in one write; another event's line comes after
+    the turn's end and go out in one write (a WebSocket session's line with
+    them, in its place); another event's line comes after
     the lines held before it. A turn of one descriptor (requests one at a
     time), and no turn at all, write each line at once.
     """
@@ -518,6 +568,8 @@ async def test_lines_of_one_reactor_turn_go_out_in_one_write_and_in_order(observ
                     emit(logger, dict(FIELDS[0]), *OUTCOMES[0], WHEN)
                 elif step == "b":
                     other.info("between")
+                elif step == "s":
+                    emit_session(logger, SESSIONS[0][0])
             if self.turn:  # nothing of this turn's end yet
                 assert out.writes == [] or "between" in out.writes[-1]
 
@@ -531,10 +583,11 @@ async def test_lines_of_one_reactor_turn_go_out_in_one_write_and_in_order(observ
     for reader in readers:
         reactor.addReader(reader)
     try:
-        theirs.send(b"aa")
+        theirs.send(b"asa")
         idle_theirs.send(b"-")
         await settle(lambda: out.writes, "the first turn's write")
         assert [w.count(access) for w in out.writes] == [2]
+        assert out.writes[0].index(access) < out.writes[0].index("closed by client") < out.writes[0].rindex(access)
         del out.writes[:]
         theirs.send(b"aba")
         idle_theirs.send(b"-")

@@ -16,6 +16,7 @@ twisted.logger.
 from __future__ import annotations
 
 import json
+import math
 import string
 import os
 import sys
@@ -124,7 +125,11 @@ def text_line(when: float, fields: Mapping[str, str], status: int, sent: int, mi
     and ``sent`` are ints, ``micros`` the duration in whole microseconds).
     """
     method, _, _, target, _, upstream, _ = _values(fields)
-    text = f"{method} {target} {status} {sent}{_seconds(micros)[0]}s {upstream}"
+    return _text_info_line(when, f"{method} {target} {status} {sent}{_seconds(micros)[0]}s {upstream}")
+
+
+def _text_info_line(when: float, text: str) -> str:
+    """twistd's text line of an info event of the access namespace whose message is ``text``."""
     if "\n" in text:
         text = text.replace("\n", "\n\t")
     label = logs.worker_label
@@ -508,18 +513,12 @@ def emit(
     of the whole turn in one write at its end (:func:`write_held`): under
     load one ``write`` system call for many requests instead of one each.
     """
-    global _plan
-    publisher = logger.observer
-    plan = _plan
-    if plan is None or plan.publisher is not publisher or plan.observers != plan.list:
-        if type(publisher) is not LogPublisher:
-            publisher(access_event(logger, fields, status, sent, micros / 1e6, outcome))
-            return
-        _plan = plan = _Plan(publisher)
-    writers = plan.writers
-    if writers is None or (plan.unlabelled and logs.worker_label is not None):
-        publisher(access_event(logger, fields, status, sent, micros / 1e6, outcome))
+    plan = _direct_plan(logger.observer)
+    if plan is None:
+        logger.observer(access_event(logger, fields, status, sent, micros / 1e6, outcome))
         return
+    writers = plan.writers
+    assert writers is not None  # (a direct plan's)
     if poll_turn.handling:
         # the reactor is handling a poll's events: the lines wait for its end (write_held)
         if _held_plan is not plan:
@@ -536,6 +535,22 @@ def emit(
             write(line(when, fields, status, sent, micros, outcome))
         except Exception:
             _failed(observer, [o for o, _, _ in writers])
+
+
+def _direct_plan(publisher: ILogObserver) -> _Plan | None:
+    """
+    The plan of ``publisher``'s observers when each of them gets its line
+    directly (made again when they changed), else None: the event's way.
+    """
+    global _plan
+    plan = _plan
+    if plan is None or plan.publisher is not publisher or plan.observers != plan.list:
+        if type(publisher) is not LogPublisher:
+            return None
+        _plan = plan = _Plan(publisher)
+    if plan.writers is None or (plan.unlabelled and logs.worker_label is not None):
+        return None
+    return plan
 
 
 #: The plan whose writers hold access lines until the end of the reactor's turn
@@ -587,6 +602,109 @@ def _failed(observer: ILogObserver, observers: list[ILogObserver]) -> None:
     Logger(observer=LogPublisher(*others)).failure(
         "the log observer {observer!r} failed on an access line", observer=observer
     )
+
+
+# -- a WebSocket's session line ----------------------------------------------------------
+
+#: The ``ws_session`` event's format: one line per WebSocket, when both legs are gone.
+SESSION_FORMAT = "websocket {route} {path} {peer} closed by {side} ({code}) after {duration:.3f}s"
+#: The session event's fields, in its order.
+SESSION_FIELDS = (
+    "route", "path", "peer", "upstream", "duration", "side", "code", "reason",
+    "messages_in", "bytes_in", "messages_out", "bytes_out",
+)
+#: A session's values, in :data:`SESSION_FIELDS`' order.
+SessionValues = tuple[str, str, str, "str | None", float, str, "int | None", "str | None", int, int, int, int]
+
+
+def session_event(logger: Logger, values: SessionValues, when: float) -> LogEvent:
+    """The event ``logger.info(SESSION_FORMAT, ..., event="ws_session")`` emits (keys in its order), made directly."""
+    event: LogEvent = dict(zip(SESSION_FIELDS, values))
+    event.update(
+        event="ws_session",
+        log_logger=logger,
+        log_level=_INFO,
+        log_namespace=logger.namespace,
+        log_source=logger.source,
+        log_format=SESSION_FORMAT,
+        log_time=when,
+    )
+    return event
+
+
+def emit_session(logger: Logger, values: SessionValues) -> None:
+    """
+    A WebSocket's ``ws_session`` event to ``logger``'s observers, as
+    :func:`emit` does an access event: when each of them is one whose line
+    this module writes, each gets the line directly (held with the access
+    lines in a reactor's turn of several descriptors) and no event is made
+    (the event, the publisher and twistd's formatter were most of the cost
+    of a session's end). Any other observer, or values the JSON line must
+    escape or redact: every observer gets the event.
+    """
+    when = time.time()
+    plan = _direct_plan(logger.observer)
+    if plan is not None:
+        writers = plan.writers
+        assert writers is not None  # (a direct plan's)
+        texts = []
+        for _, _, line in writers:
+            text = session_json_line(when, values) if line is json_line else session_text_line(when, values)
+            if text is None:
+                break
+            texts.append(text)
+        else:
+            if poll_turn.handling:
+                if _held_plan is not plan:
+                    _hold(plan)
+                if _held_plan is plan:
+                    for (_, _, _, lines), text in zip(plan.held, texts):
+                        lines.append(text)
+                    return
+            for (observer, write, _), text in zip(writers, texts):
+                try:
+                    write(text)
+                except Exception:
+                    _failed(observer, [o for o, _, _ in writers])
+            return
+    logger.observer(session_event(logger, values, when))
+
+
+def session_text_line(when: float, values: SessionValues) -> str:
+    """The line twistd's text observer writes for the session event (:func:`session_event`)."""
+    route, path, peer, _, duration, side, code = values[:7]
+    return _text_info_line(when, f"websocket {route} {path} {peer} closed by {side} ({code}) after {duration:.3f}s")
+
+
+def session_json_line(when: float, values: SessionValues) -> str | None:
+    """
+    The line :class:`logs.JSONLinesObserver` writes for the session event
+    (:func:`session_event`), when its text fields need neither JSON's escapes
+    nor redaction (:func:`_plain`); None otherwise (the event's way then).
+    """
+    route, path, peer, upstream, duration, side, code, reason, messages_in, bytes_in, messages_out, bytes_out = values
+    if (
+        type(duration) is not float
+        or not math.isfinite(duration)
+        or (code is not None and type(code) is not int)
+        or not _plain(f"{route} {path} {peer} {upstream} {side} {reason}")
+    ):
+        return None
+    label = logs.worker_label
+    worker = "" if label is None else '"worker":%s,' % json.dumps(label)
+    upstream_field = "null" if upstream is None else '"' + upstream + '"'
+    reason_field = "null" if reason is None else '"' + reason + '"'
+    return (
+        f'{{"time":"{iso_time(when)}",{_LEVEL_NAMESPACE}"message":"websocket {route} {path} {peer} closed by '
+        f'{side} ({code}) after {duration:.3f}s",{worker}"route":"{route}","path":"{path}","peer":"{peer}",'
+        f'"upstream":{upstream_field},"duration":{duration!r},"side":"{side}",'
+        f'"code":{"null" if code is None else code},"reason":{reason_field},'
+        f'"messages_in":{messages_in},"bytes_in":{bytes_in},"messages_out":{messages_out},"bytes_out":{bytes_out},'
+        f'"event":"ws_session","log_source":null,"log_format":{_SESSION_FORMAT_JSON}}}\n'
+    )
+
+
+_SESSION_FORMAT_JSON = encode_basestring_ascii(SESSION_FORMAT)
 
 
 def classic_line(event: LogEvent) -> str | None:

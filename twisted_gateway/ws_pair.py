@@ -12,14 +12,14 @@ send timeout act on pairs.
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Sequence
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.logger import Logger, LogLevel
+from twisted.logger import Logger
 
+from twisted_gateway.access_log import emit_session
 from twisted_gateway.faults import classify
 from twisted_gateway.metrics import MessageFlow
 from twisted_gateway.rate_limit import TokenBucket
@@ -49,8 +49,6 @@ if TYPE_CHECKING:
     from twisted_gateway.ws_relay import RelayRegistry
 
 access_log = Logger(namespace="twisted_gateway.access")
-#: The ``ws_session`` line: one per WebSocket, when both legs are gone.
-SESSION_FORMAT = "websocket {route} {path} {peer} closed by {side} ({code}) after {duration:.3f}s"
 
 
 @dataclass(frozen=True)
@@ -298,26 +296,20 @@ class Pair:
         factory, inbound, outbound = self.factory, self.inbound, self.outbound
         side, code, reason = self.ending or ("gateway", None, "")
         factory.metrics.ws_closed(factory.route.name, side, code, reason)
-        # The event access_log.info would emit, keys in its order, made directly:
-        # Logger.emit checks the level against a freshly sorted list of every level.
-        access_log.observer(dict(
-            route=factory.route.name,
-            path=self.context.path.decode("latin-1"),
-            peer=self.context.peer,
-            upstream=self.instance.url if self.instance is not None else None,
-            duration=factory.clock.seconds() - self.opened_at,
-            side=side,
-            code=code,
-            reason=reason or None,
-            messages_in=inbound.messages if inbound is not None else 0,
-            bytes_in=inbound.payload_bytes if inbound is not None else 0,
-            messages_out=outbound.messages if outbound is not None else 0,
-            bytes_out=outbound.payload_bytes if outbound is not None else 0,
-            event="ws_session",
-            log_logger=access_log,
-            log_level=LogLevel.info,
-            log_namespace=access_log.namespace,
-            log_source=access_log.source,
-            log_format=SESSION_FORMAT,
-            log_time=time.time(),
-        ))
+        emit_session(
+            access_log,
+            (
+                factory.route.name,
+                self.context.path.decode("latin-1"),
+                self.context.peer,
+                self.instance.url if self.instance is not None else None,
+                factory.clock.seconds() - self.opened_at,
+                side,
+                code,
+                reason or None,
+                inbound.messages if inbound is not None else 0,
+                inbound.payload_bytes if inbound is not None else 0,
+                outbound.messages if outbound is not None else 0,
+                outbound.payload_bytes if outbound is not None else 0,
+            ),
+        )
