@@ -181,6 +181,107 @@ class _OneFactory(ClientFactory):
         return self.protocol_instance
 
 
+def test_lose_connection_is_what_lose_connection_soon_ends_sooner():
+    """_compat.lose_connection_soon: Twisted's loseConnection waits for doWrite to find the buffer empty, then closes."""
+    lose = inspect.getsource(abstract.FileDescriptor.loseConnection)
+    _require(
+        "if self._writeDisconnected:" in lose and "self.stopReading()" in lose
+        and "self.startWriting()" in lose and "self.disconnecting = 1" in lose,
+        "FileDescriptor.loseConnection", "Twisted",
+    )
+    write = inspect.getsource(abstract.FileDescriptor.doWrite)
+    _require(
+        "if self.producer is not None and (\n                (not self.streamingProducer) or self.producerPaused" in write
+        and "elif self.disconnecting:" in write and "return self._postLoseConnection()" in write,
+        "FileDescriptor.doWrite", "Twisted",
+    )
+    fd = abstract.FileDescriptor()
+    _require(
+        all(hasattr(fd, name) for name in ("_writeDisconnected", "producer", "streamingProducer", "producerPaused")),
+        "FileDescriptor's producer and write-side state", "Twisted",
+    )
+    _require(_sets(tcp.Connection, "_aborting"), "tcp.Connection._aborting", "Twisted")
+
+
+class _Closing(Protocol):
+    """Answers b"bye" with b"ok", written at once, then ``lose`` (and ``then``)."""
+
+    def __init__(self, lose: Callable[[object], None], then: Callable[[object], None] = lambda t: None) -> None:
+        self.lose, self.then = lose, then
+        self.lost_inside = self.waits_for_writable = False
+        self.reason: object = None
+
+    def dataReceived(self, data: bytes) -> None:
+        _compat.write_now(self.transport, b"ok")
+        self.lose(self.transport)
+        self.waits_for_writable = self.transport in self.transport.reactor.getWriters()
+        self.then(self.transport)
+        self.lost_inside = self.reason is not None
+
+    def connectionLost(self, reason: object = None) -> None:
+        self.reason = reason
+
+
+def _close_over_loopback(server: _Closing) -> _Client:
+    """A loopback client sends b"bye" to ``server`` on a reactor dispatching plainly, until both ends are lost."""
+    reactor = EPollReactor()
+    assert _compat.dispatch_plainly(reactor)
+    port = reactor.listenTCP(0, _OneFactory(server), interface="127.0.0.1")
+    client = _Client()
+    try:
+        reactor.connectTCP("127.0.0.1", port.getHost().port, _OneFactory(client))
+        for _ in range(1000):
+            if client.transport is not None and client.connected:
+                break
+            reactor.iterate(0.01)
+        client.transport.write(b"bye")
+        for _ in range(1000):
+            if server.reason is not None and client.lost:
+                break
+            reactor.iterate(0.01)
+        else:
+            raise AssertionError("the connection did not end")
+    finally:
+        port.stopListening()
+        reactor.removeAll()
+        reactor._poller.close()
+        reactor.waker.connectionLost(None)
+    return client
+
+
+def test_lose_connection_soon_closes_at_the_end_of_the_turn():
+    """Nothing queued: the connection ends as the turn that asked ends, not inside the call (Twisted's waits for a writable turn)."""
+    from twisted.internet.error import ConnectionDone
+
+    server = _Closing(_compat.lose_connection_soon)
+    client = _close_over_loopback(server)
+    assert not server.lost_inside and not server.waits_for_writable
+    assert server.reason.check(ConnectionDone)
+    assert client.received == b"ok"
+
+
+@pytest.mark.parametrize(
+    "then, received, reason",
+    [
+        (lambda t: t.write(b" and more"), b"ok and more", "ConnectionDone"),  # queued since: sent, then closed
+        (lambda t: t.abortConnection(), b"ok", "ConnectionAborted"),  # aborted since: the abort stands
+    ],
+)
+def test_lose_connection_soon_leaves_what_came_since_to_twisted(then, received, reason):
+    server = _Closing(_compat.lose_connection_soon, then)
+    client = _close_over_loopback(server)
+    assert not server.lost_inside
+    assert type(server.reason.value).__name__ == reason
+    assert client.received == received
+
+
+def test_lose_connection_soon_outside_a_turn_is_lose_connection():
+    """From a timer (no poll being handled) or on another transport: Twisted's own loseConnection."""
+    transport = StringTransport()
+    _compat.lose_connection_soon(transport)
+    assert transport.disconnecting
+
+
 # -- Autobahn: parser and sender -----------------------------------------------------
 
 
