@@ -92,8 +92,8 @@ def test_an_upgrade_is_answered_as_autobahn_answers_it_written_out(monkeypatch, 
     taken: list[bool] = []
     answer = RelayServerProtocol.answer_upgrade
 
-    def recording(self, request, body):
-        taken.append(answer(self, request, body))
+    def recording(self, head, body):
+        taken.append(answer(self, head, body))
         return taken[-1]
 
     requests: list[dict[str, object]] = []  # what onConnect is handed, every field read (params on first read)
@@ -109,17 +109,94 @@ def test_an_upgrade_is_answered_as_autobahn_answers_it_written_out(monkeypatch, 
     assert taken == ([] if answered is None else [answered])
     fast_requests = requests[:]
     requests.clear()
-    monkeypatch.setattr(RelayServerProtocol, "answer_upgrade", lambda self, request, body: False)
+    monkeypatch.setattr(RelayServerProtocol, "answer_upgrade", lambda self, head, body: False)
     slow, slow_client = _exchange(target, changed, extra)
-    for relay in (fast, slow):
-        relay.flush()
+    _assert_served_alike(fast, fast_client, slow, slow_client, opened=bool(answered))
     assert fast_requests == requests
     if answered:
         assert len(requests) == 1
+
+
+def _assert_served_alike(
+    fast: MemoryRelay, fast_client: RawClient, slow: MemoryRelay, slow_client: RawClient, *, opened: bool, legs: bool = True
+) -> None:
+    """The same answer to both clients, the same pairs (the same request upstream, the same client leg with ``legs``); both relays stopped."""
+    for relay in (fast, slow):
+        relay.flush()
     assert fast_client.buffer == slow_client.buffer
-    assert _state(fast) == _state(slow)
-    assert _upstream_request(fast) == _upstream_request(slow)
-    if answered:
+    assert len(fast.registry.pairs) == len(slow.registry.pairs)
+    if legs:
+        assert _state(fast) == _state(slow)
+        assert _upstream_request(fast) == _upstream_request(slow)
+    if opened:
         assert fast_client.head.startswith(b"HTTP/1.1 101 ")
     for relay in (fast, slow):
         relay.stop()
+
+
+# (name, request line, header lines, [route:chat] keys, whether the relay takes it from its head alone
+#  (None: the channel makes a request of it without offering it))
+HEADS = [
+    ("plain", "GET /v1/chat/ws HTTP/1.1", [], "", True),
+    ("dot segments", "GET /v1/chat/x/../ws?room=a HTTP/1.1", [], "", True),
+    ("escaped unreserved", "GET /v1/%63hat/ws HTTP/1.1", [], "", True),
+    ("absolute form", "GET http://gateway.test/v1/chat/ws HTTP/1.1", [], "", True),
+    ("names in any case, repeated", "GET /v1/chat/ws HTTP/1.1", ["x-thing: a", "X-THING: b", "www-authenticate: c"], "", True),
+    ("cookie", "GET /v1/chat/ws HTTP/1.1", ["Cookie: a=b"], "", True),
+    ("allowed origin", "GET /v1/chat/ws HTTP/1.1", ["Origin: https://app.example"], "allowed_origins = https://app.example", True),
+    ("HTTP/1.0", "GET /v1/chat/ws HTTP/1.0", [], "", True),
+    ("an expect", "GET /v1/chat/ws HTTP/1.1", ["Expect: 100-continue"], "", None),  # not even offered
+    ("no route", "GET /elsewhere HTTP/1.1", [], "", False),
+    ("above the root", "GET /v1/../../ws HTTP/1.1", [], "", False),
+    ("escaped slash", "GET /v1/chat%2Fws HTTP/1.1", [], "", False),
+    ("a page of the gateway's", "GET /healthz HTTP/1.1", [], "", False),
+    ("two hosts", "GET /v1/chat/ws HTTP/1.1", ["Host: other.test"], "", False),
+    ("route without websockets", "GET /v1/chat/ws HTTP/1.1", [], "websocket = false", False),
+    ("origin not allowed", "GET /v1/chat/ws HTTP/1.1", ["Origin: https://evil.example"], "allowed_origins = https://app.example", False),
+    ("two origins", "GET /v1/chat/ws HTTP/1.1", ["Origin: https://a.example", "Origin: https://b.example"], "", False),
+    ("value not UTF-8", "GET /v1/chat/ws HTTP/1.1", ["X-Name: caf\xe9"], "", False),
+    ("not an upgrade to websocket", "GET /v1/chat/ws HTTP/1.1", ["Upgrade: h2c"], "", False),
+    ("no route's limit left", "GET /v1/chat/ws HTTP/1.1", [], "max_websockets = 1", False),
+]
+
+
+def _head_exchange(line: str, extra: list[str], route: str, fill: bool) -> tuple[MemoryRelay, RawClient]:
+    relay = MemoryRelay(route_config(9, extra_route=route), RecordingUpstream(allowNullOrigin=True))
+    if fill:  # one WebSocket open already
+        relay.client("/v1/chat/ws")
+    client = RawClient()
+    server = relay.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+    relay.net.join(server, client)
+    headers = dict(BASE)
+    if any(header.startswith("Upgrade:") for header in extra):
+        del headers["Upgrade"]  # replaced
+    lines = [line, *(f"{k}: {v}" for k, v in headers.items()), *extra]
+    client.send(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+    relay.flush()
+    return relay, client
+
+
+@pytest.mark.parametrize(("line", "extra", "route", "taken"), [h[1:] for h in HEADS], ids=[h[0] for h in HEADS])
+def test_an_upgrade_taken_from_its_head_is_served_as_its_request_would_be(monkeypatch, line, extra, route, taken):
+    """
+    The relay takes an upgrade from its head alone only when the request made
+    of it would be handed over too, and then answers it the same; any other
+    (a refusal, a page of the gateway's, an Expect) is answered as a request.
+    """
+    from twisted_gateway.resource import GatewayResource
+
+    took: list[bool] = []
+    take = GatewayResource.take_upgrade
+
+    def recording(self, *args):
+        took.append(take(self, *args))
+        return took[-1]
+
+    fill = "max_websockets" in route
+    monkeypatch.setattr(GatewayResource, "take_upgrade", recording)
+    fast, fast_client = _head_exchange(line, extra, route, fill)
+    assert took[fill:] == ([] if taken is None else [taken])
+    monkeypatch.setattr(GatewayResource, "take_upgrade", lambda self, *args: False)
+    slow, slow_client = _head_exchange(line, extra, route, fill)
+    # (with a WebSocket open already, its legs differ: each has a key of its own)
+    _assert_served_alike(fast, fast_client, slow, slow_client, opened=bool(taken), legs=not fill)

@@ -21,6 +21,8 @@ is kept unparsed until it is, as ``HTTPChannel`` keeps it.
 from __future__ import annotations
 
 from collections import deque
+from typing import Callable
+
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 from twisted.web.http import (
     _ChunkedTransferDecoder,
@@ -28,6 +30,7 @@ from twisted.web.http import (
     _MalformedChunkedDataError,
 )
 from twisted.web.http import Request
+from twisted.web.http_headers import Headers
 from twisted.web.iweb import INonQueuedRequestFactory, IRequest
 
 from twisted_gateway._bases import HTTPChannel
@@ -40,7 +43,9 @@ class _Stop(Exception):
 class _Message:
     """One request as llhttp reads it: its head, then its body until it is complete."""
 
-    __slots__ = ("method", "path", "version", "headers", "length", "body", "complete", "request", "upgrade", "asks")
+    __slots__ = (
+        "method", "path", "version", "headers", "length", "body", "complete", "request", "upgrade", "asks", "held"
+    )
 
     def __init__(self, method: bytes, path: bytes, version: bytes, headers: list[tuple[bytes, bytes]]) -> None:
         self.method = method
@@ -57,6 +62,8 @@ class _Message:
         self.upgrade = False
         #: whether the head has a ``Cookie`` or an ``Expect`` (twisted.web reads them)
         self.asks = False
+        #: an upgrade without a body, offered to :attr:`LlhttpChannel.upgrade_taker` when complete
+        self.held = False
 
 
 class LlhttpChannel(HTTPChannel):
@@ -78,6 +85,11 @@ class LlhttpChannel(HTTPChannel):
     _refused_head = False
     #: an upgrade request's body, read after llhttp stopped at its head
     _upgrade_body: _IdentityTransferDecoder | _ChunkedTransferDecoder | None = None
+    #: takes an upgrade request without a body from its head alone, before a
+    #: ``Request`` is made of it: ``(channel, method, target, version, headers)``
+    #: with the headers as ``Headers`` holds them; True when it took the
+    #: connection, False (having changed nothing) to leave it a ``Request``
+    upgrade_taker: Callable[[LlhttpChannel, bytes, bytes, bytes, dict[bytes, list[bytes]]], bool] | None = None
 
     def __init__(self) -> None:
         super().__init__()
@@ -193,6 +205,9 @@ class LlhttpChannel(HTTPChannel):
         if self._handlingRequest or self._waiting:
             self._waiting.append(message)
             return
+        if message.upgrade and length == 0 and self.upgrade_taker is not None:
+            message.held = True  # complete already: on_message_complete offers it first
+            return
         self._begin(message)
 
     def on_body(self, chunk: bytes) -> None:
@@ -215,6 +230,24 @@ class LlhttpChannel(HTTPChannel):
         message.complete = True
         if message.request is not None:
             self.allContentReceived()
+        elif message.held and not self._taken(message):
+            self._begin(message)
+
+    def _taken(self, message: _Message) -> bool:
+        """Whether :attr:`upgrade_taker` took ``message`` (an upgrade without a body)."""
+        taker = self.upgrade_taker
+        assert taker is not None  # a held message was held for it
+        if message.asks and any(name.lower() == b"expect" for name, _ in message.headers):
+            return False  # HTTPChannel answers an Expect before the request is served
+        headers: dict[bytes, list[bytes]] = {}
+        for name, value in message.headers:
+            spelt = _spelt.get(name) or _spell(name)
+            values = headers.get(spelt)
+            if values is None:
+                headers[spelt] = [value]
+            else:
+                values.append(value)
+        return taker(self, message.method, message.path, message.version, headers)
 
     # -- requests, in order ---------------------------------------------------------
 
@@ -380,6 +413,24 @@ class LlhttpChannel(HTTPChannel):
 
 #: llhttp's version as a request line says it
 _VERSIONS = {"1.1": b"HTTP/1.1", "1.0": b"HTTP/1.0"}
+
+#: header names as a client sent them, and as ``Headers`` spells them
+_spelt: dict[bytes, bytes] = {}
+
+
+def _spell(name: bytes) -> bytes:
+    """
+    ``name`` as twisted.web's ``Headers`` spells it (Header-Case, but for its
+    exceptions), asked of a ``Headers`` once per name: at most 10,000 kept,
+    as ``Headers`` keeps its own (a client may send any number of names).
+    """
+    probe = Headers()
+    probe.addRawHeader(name, b"")
+    for spelt, _ in probe.getAllRawHeaders():
+        if len(_spelt) < 10_000:
+            _spelt[name] = spelt
+        return spelt
+    raise AssertionError("a Headers with one header holds it")
 
 
 def _discard(data: bytes) -> None:

@@ -10,15 +10,17 @@ reactor, and the result can be mounted under any path of an existing ``Site``.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 from twisted.internet.defer import CancelledError
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 from twisted.web.resource import IResource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from twisted_gateway._bases import Resource
+from twisted_gateway._bases import HTTPChannel, Resource
 from twisted_gateway.admin import ADMIN_PAGES, is_admin
 from twisted_gateway.config import RouteSettings, Settings
 from twisted_gateway.deferreds import start
@@ -40,10 +42,13 @@ from twisted_gateway.routing import RouteTable, check_escaped_path, normalize_pa
 from twisted_gateway.status import StatusJSONResource, StatusPageResource
 from twisted_gateway.upstreams import UP, UpstreamPool
 from twisted_gateway.ws_pair import HandshakeContext
-from twisted_gateway.ws_proxy import hand_over
+from twisted_gateway.ws_proxy import UpgradeHead, hand_over
 
 #: a request's headers, one (name, value) pair per value
 HeaderPairs = list[tuple[bytes, bytes]]
+
+#: the paths :meth:`GatewayResource._own_page` may answer
+_OWN_PAGES = frozenset((b"/healthz", b"/readyz", *ADMIN_PAGES))
 
 log = Logger()
 
@@ -103,15 +108,10 @@ class GatewayResource(Resource):
             own = self._own_page(request, path)
             if own is not None:
                 return own
-        self.gateway.cluster.check_available()
-        route = self._table.match(path)
-        if route is None:
-            raise NotFound(f"no route for {path.decode('ascii', 'replace')}")
-        check_escaped_path(path, route, self._table, route.escaped_slashes)
+        route = self._routed(path)
         flat = [(name, value) for name, values in request.requestHeaders.getAllRawHeaders() for value in values]
-        pool = self.gateway.pools[route.name]
         if is_websocket_upgrade(request.method, flat):
-            return self._upgrade(request, route, pool, path, query, flat, host)
+            return self._upgrade(request, route, path, query, flat, host)
         self._count_http(request, route.name)
         if self.gateway.authenticator is None or route.auth == "none":
             return self._forward(request, route, path, query, flat, None)
@@ -122,6 +122,46 @@ class GatewayResource(Resource):
         if not d.called or isinstance(d.result, Failure):  # (a success fired already needs no errback)
             d.addErrback(_log_unless_cancelled)
         return NOT_DONE_YET
+
+    def _routed(self, path: bytes) -> RouteSettings:
+        """The route serving a normalised ``path``, or why none does (503 without the cluster, 404, 400)."""
+        self.gateway.cluster.check_available()
+        route = self._table.match(path)
+        if route is None:
+            raise NotFound(f"no route for {path.decode('ascii', 'replace')}")
+        check_escaped_path(path, route, self._table, route.escaped_slashes)
+        return route
+
+    def take_upgrade(
+        self, channel: HTTPChannel, method: bytes, uri: bytes, version: bytes, headers: dict[bytes, list[bytes]]
+    ) -> bool:
+        """
+        Hand an upgrade request (without a body) to the relay from its head
+        alone, as soon as it is read, when :meth:`render` would hand it over:
+        no twisted.web ``Request`` is made of it, nor routed. Anything else
+        (any refusal, the gateway's own pages) is left alone, False: the
+        ``Request`` made of it then goes through :meth:`render` as every
+        request does, refused and logged there. The channel's upgrade taker
+        (``site.build_site``) when this resource is the site's root.
+        """
+        if method != b"GET":
+            return False
+        try:
+            raw_path, query = split_uri(uri)
+            host = checked_host(headers.get(b"Host", ()), version)
+            path = normalize_path(raw_path)
+            if path in _OWN_PAGES:
+                return False
+            route = self._routed(path)
+        except GatewayError:
+            return False
+        flat = [(name, value) for name, values in headers.items() for value in values]
+        if not is_websocket_upgrade(method, flat) or self._upgrade_refusal(route, headers.get(b"Origin", ()), flat):
+            return False
+        context = self._context(route, path, query, flat, host, channel.getPeer(), channel.isSecure())
+        head = UpgradeHead(method, uri, list(headers.items()))
+        hand_over(channel, self.gateway.ws_factories[route.name], context, head, b"")
+        return True
 
     def streams_body(self, method: bytes, uri: bytes, headers: Headers) -> bool:
         """
@@ -190,19 +230,32 @@ class GatewayResource(Resource):
         )
 
     def _upgrade(
-        self,
-        request: Request,
-        route: RouteSettings,
-        pool: UpstreamPool,
-        path: bytes,
-        query: bytes,
-        headers: HeaderPairs,
-        host: bytes | None,
+        self, request: Request, route: RouteSettings, path: bytes, query: bytes, headers: HeaderPairs, host: bytes | None
     ) -> bytes | int:
         """Refuse what limits and the Origin policy forbid; hand the rest to the relay."""
+        refusal = self._upgrade_refusal(route, request.requestHeaders.getRawHeaders(b"origin", []), headers)
+        if refusal is not None:
+            error, outcome = refusal
+            if outcome is not None:
+                self.gateway.metrics.ws_handshake(route.name, outcome)
+            raise error
+        head = UpgradeHead(request.method, request.uri, list(request.requestHeaders.getAllRawHeaders()))
+        assert request.content is not None  # the body, stored before render
+        context = self._context(route, path, query, headers, host, request.getClientAddress(), request.isSecure())
+        factory = self.gateway.ws_factories[route.name]
+        return hand_over(request.channel, factory, context, head, request.content.read())
+
+    def _upgrade_refusal(
+        self, route: RouteSettings, origins: Sequence[bytes], headers: HeaderPairs
+    ) -> tuple[GatewayError, str | None] | None:
+        """
+        Why an upgrade on ``route`` is refused (the route, the limits, the
+        Origin policy, a header value that is not UTF-8), with the outcome the
+        metrics count it as (None: not counted); None when it may go ahead.
+        """
         name = route.name
         if not route.websocket:
-            raise BadRequest(f"route {name!r} does not accept WebSocket upgrades")
+            return BadRequest(f"route {name!r} does not accept WebSocket upgrades"), None
         limits = self.settings.gateway
         limit = None
         if limits.max_connections and self.gateway.registry.total_active() >= limits.max_connections:
@@ -210,32 +263,45 @@ class GatewayResource(Resource):
         elif route.max_websockets and self.gateway.registry.active.get(name, 0) >= route.max_websockets:
             limit = f"route {name!r} holds its maximum of {route.max_websockets} WebSockets"
         if limit is not None:
-            self.gateway.metrics.ws_handshake(name, "limited")
-            raise GatewayError(limit, status=503, error="limited")
+            return GatewayError(limit, status=503, error="limited"), "limited"
         try:
-            origin = single_origin(request.requestHeaders.getRawHeaders(b"origin", []))
-        except GatewayError:
-            self.gateway.metrics.ws_handshake(name, "forbidden")
-            raise
+            origin = single_origin(origins)
+        except GatewayError as e:
+            return e, "forbidden"
         if origin is not None and not origin_allowed(origin, route.allowed_origins, route.allow_null_origin):
-            self.gateway.metrics.ws_handshake(name, "forbidden")
-            raise GatewayError(
+            error = GatewayError(
                 f"origin {origin.decode('latin-1')!r} is not allowed on route {name!r}",
                 status=403,
                 error="forbidden_origin",
             )
-        check_utf8_values(headers)
-        context = HandshakeContext(
+            return error, "forbidden"
+        try:
+            check_utf8_values(headers)
+        except GatewayError as e:
+            return e, None
+        return None
+
+    def _context(
+        self,
+        route: RouteSettings,
+        path: bytes,
+        query: bytes,
+        headers: HeaderPairs,
+        host: bytes | None,
+        client: IAddress | None,
+        secure: bool,
+    ) -> HandshakeContext:
+        """What the relay is told of an upgrade request it is handed."""
+        return HandshakeContext(
             route=route,
-            pool=pool,
+            pool=self.gateway.pools[route.name],
             path=path,
             query=query,
-            peer=peer_host(request.getClientAddress()),
-            scheme="https" if request.isSecure() else "http",
+            peer=peer_host(client),
+            scheme="https" if secure else "http",
             host=host,
             headers=headers,
         )
-        return hand_over(request, self.gateway.ws_factories[name], context)
 
     async def _authenticate_and_forward(
         self, request: Request, route: RouteSettings, path: bytes, query: bytes, headers: HeaderPairs

@@ -378,6 +378,8 @@ def build_site(resource: IResource, settings: Settings, reactor: IReactorTime | 
         site.reactor = reactor  # the channels' timers run on it
     gateway = settings.gateway
     header_limit = gateway.max_header_size
+    # a gateway's root hands a WebSocket upgrade over from its head alone
+    upgrade_taker = getattr(resource, "take_upgrade", None)
 
     def channel() -> GatewayChannel:
         made = GatewayChannel()
@@ -386,6 +388,7 @@ def build_site(resource: IResource, settings: Settings, reactor: IReactorTime | 
         made.body_timeout = gateway.client_body_timeout
         made.keepalive_timeout = gateway.keepalive_timeout
         made.tcp_keepalive = gateway.tcp_keepalive
+        made.upgrade_taker = upgrade_taker
         return made
 
     site.protocol = channel  # type: ignore[method-assign, assignment]  # a factory, typed as Site's own

@@ -15,7 +15,7 @@ import base64
 import functools
 import os
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Callable, NoReturn, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, NoReturn, Sequence, TypeVar
 from urllib.parse import parse_qs, urlparse
 
 from autobahn.websocket.compress import (
@@ -40,7 +40,8 @@ from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.python.failure import Failure
-from twisted.web.server import NOT_DONE_YET, Request
+from twisted.web.http import HTTPChannel
+from twisted.web.server import NOT_DONE_YET
 
 from twisted_gateway._bases import (
     WebSocketClientFactory,
@@ -332,9 +333,9 @@ class RelayServerProtocol(ServerLegHooks, _RelayLeg, WebSocketServerProtocol):  
         self.factory.metrics.ws_handshake(self.factory.route.name, "accepted")
         return result
 
-    def answer_upgrade(self, request: Request, body: bytes) -> bool:
+    def answer_upgrade(self, head: UpgradeHead, body: bytes) -> bool:
         """
-        Answer the upgrade from the request twisted.web has parsed: what
+        Answer the upgrade from the request head already parsed: what
         Autobahn's ``processHandshake`` does with the same request written out
         to it (the same checks, the same attributes, then ``onConnect``),
         without writing it out and parsing it again. False, having changed
@@ -342,14 +343,14 @@ class RelayServerProtocol(ServerLegHooks, _RelayLeg, WebSocketServerProtocol):  
         its checks (:func:`hand_over` then writes it out to Autobahn, which
         answers as it always has).
         """
-        status_line = (request.method + b" " + request.uri + b" HTTP/1.1").decode("latin-1")
+        status_line = (head.method + b" " + head.uri + b" HTTP/1.1").decode("latin-1")
         if START_LINE_INVALID.search(status_line):
             return False
         line = status_line.strip(" ").split()
         if len(line) != 3 or line[0] != "GET":
             return False
         headers: dict[str, str] = {}
-        for raw_name, values in request.requestHeaders.getAllRawHeaders():
+        for raw_name, values in head.headers:
             name = raw_name.decode("latin-1")
             value = b", ".join(values).decode("latin-1").strip(" \t")
             lower = name.lower()
@@ -893,13 +894,26 @@ def mirrored_accept(
 # -- handing a twisted.web request over to the relay ------------------------
 
 
-def hand_over(request: Request, factory: RelayServerFactory, context: HandshakeContext) -> int:
+class UpgradeHead(NamedTuple):
+    """
+    An upgrade request's head as :func:`hand_over` replays it: its method, its
+    target as sent, and its headers as twisted.web's ``Headers`` hold them
+    (each name once, in Header-Case, with its values in order).
+    """
+
+    method: bytes
+    uri: bytes
+    headers: Sequence[tuple[bytes, Sequence[bytes]]]
+
+
+def hand_over(
+    channel: HTTPChannel, factory: RelayServerFactory, context: HandshakeContext, head: UpgradeHead, body: bytes
+) -> int:
     """
     Move the HTTP channel's transport to a new :class:`RelayServerProtocol`
     and replay the upgrade request to it (as Autobahn's ``WebSocketResource``
     does, plus the context and the producer bookkeeping a relay needs).
     """
-    channel = request.channel
     # the connection under the channel (TCP, TLS or a wrapper): its protocol is swapped below
     transport: Any = channel.transport
     protocol: object = factory.buildProtocol(transport.getPeer())
@@ -922,12 +936,10 @@ def hand_over(request: Request, factory: RelayServerFactory, context: HandshakeC
         channel.handed_over()
     protocol.makeConnection(transport)
     transport.resumeProducing()
-    assert request.content is not None  # the body, stored before render
-    body = request.content.read()
-    if not protocol.answer_upgrade(request, body):
+    if not protocol.answer_upgrade(head, body):
         # Autobahn's parser and checks refuse it (or answer it) as they would any request
-        data = [request.method + b" " + request.uri + b" HTTP/1.1"]
-        for name, values in request.requestHeaders.getAllRawHeaders():
+        data = [head.method + b" " + head.uri + b" HTTP/1.1"]
+        for name, values in head.headers:
             data.append(name + b": " + b", ".join(values))
         protocol.dataReceived(b"\r\n".join(data) + b"\r\n\r\n" + body)
     return NOT_DONE_YET
