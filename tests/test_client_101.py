@@ -89,7 +89,7 @@ def _answer(lines: list[str], after: bytes, taken: list[bool] | None, monkeypatc
     monkeypatch.undo()
     state = {name: getattr(leg, name, "(unset)") for name in STATE}
     state["extensions"] = [type(e).__name__ for e in getattr(leg, "websocket_extensions_in_use", [])]
-    return state, _unmasked(transport.value()), leg.opened.called, transport.disconnecting
+    return state, _unmasked(transport.value()), leg.handshake_ended, transport.disconnecting
 
 
 def _unmasked(written: bytes) -> bytes:

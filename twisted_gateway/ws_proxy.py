@@ -15,7 +15,7 @@ import base64
 import functools
 import os
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Callable, NamedTuple, NoReturn, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple, NoReturn, Sequence, TypeVar
 from urllib.parse import parse_qs, urlparse
 
 from autobahn.websocket.compress import (
@@ -98,6 +98,7 @@ from twisted_gateway.ws_relay import (
 
 if TYPE_CHECKING:
     from twisted_gateway.auth import Authenticator
+    from twisted_gateway.identity import Identity
     from twisted_gateway.cluster import Cluster, RevocationGuard
     from twisted_gateway.connector import Connector
 
@@ -143,9 +144,11 @@ class RelayClientProtocol(ClientLegHooks, _RelayLeg, WebSocketClientProtocol):  
     #: the upstream's complete answer other than 101
     refusal: Refusal | None = None
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.opened: Deferred[RelayClientProtocol] = Deferred(self._cancel_open)
+    #: the client-facing leg waiting for this leg's handshake (told when it ends)
+    opening: RelayServerProtocol | None = None
+    #: this leg's handshake ended: opened, or failed with :attr:`handshake_error`
+    handshake_ended = False
+    handshake_error: UpstreamHandshakeFailed | None = None
 
     def connectionMade(self) -> None:
         set_keepalive(self.transport, self.tcp_keepalive)
@@ -204,10 +207,6 @@ class RelayClientProtocol(ClientLegHooks, _RelayLeg, WebSocketClientProtocol):  
         self.http_request_data = f.request_head + key + f.request_tail
         self.sendData(self.http_request_data)
 
-    def _cancel_open(self, d: Deferred[RelayClientProtocol]) -> None:
-        if self.transport is not None:
-            self.transport.abortConnection()
-
     #: the exception the connection ended with
     lost_reason: BaseException | None = None
 
@@ -219,12 +218,20 @@ class RelayClientProtocol(ClientLegHooks, _RelayLeg, WebSocketClientProtocol):  
         super().connectionLost(reason)
 
     def onOpen(self) -> None:
-        if not self.opened.called:
-            self.opened.callback(self)
+        if not self.handshake_ended:
+            self._end_handshake(None)
+
+    def _end_handshake(self, error: UpstreamHandshakeFailed | None) -> None:
+        """This leg's handshake ended: the client-facing leg waiting for it is told (:meth:`RelayServerProtocol.upstream_ended`)."""
+        self.handshake_ended, self.handshake_error = True, error
+        opening = self.opening
+        if opening is not None:
+            self.opening = None
+            opening.upstream_ended(self)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         self.end_close_wait()
-        if not self.opened.called:
+        if not self.handshake_ended:
             status = None
             phrase = ""
             line = getattr(self, "http_status_line", None)
@@ -236,10 +243,8 @@ class RelayClientProtocol(ClientLegHooks, _RelayLeg, WebSocketClientProtocol):  
             reason_text = getattr(self, "wasNotCleanReason", None) or "connection closed"
             if self.tls_failure is not None:
                 reason_text = f"TLS: {self.tls_failure}"
-            self.opened.errback(
-                UpstreamHandshakeFailed(
-                    reason_text, status, phrase, cause=self.lost_reason, refusal=self.refusal
-                )
+            self._end_handshake(
+                UpstreamHandshakeFailed(reason_text, status, phrase, cause=self.lost_reason, refusal=self.refusal)
             )
             return
         if self.pair is not None:
@@ -255,6 +260,15 @@ class RelayServerProtocol(ServerLegHooks, _RelayLeg, WebSocketServerProtocol):  
 
     #: the ws_pair.Pair this leg belongs to, made at the hand-over (None once it ended)
     pair: Pair
+    #: while the upstream leg is opened (:meth:`_open_upstream`): its context, the client's
+    #: request and the instances left to try; the result; the instance tried, its connect
+    #: under way or its leg's handshake; why the last instance could not be connected
+    _opening: tuple[HandshakeContext, ConnectionRequest, Iterator[Instance]] | None = None
+    _result: Deferred[_Accept] | None = None
+    _instance: Instance | None = None
+    _dialing: Deferred[Any] | None = None
+    _waiting: RelayClientProtocol | None = None
+    _last_error: str | None = None
     # Autobahn's options that answer_upgrade reads (class attributes: with_options)
     versions: Sequence[int]
     trustXForwardedFor: int
@@ -276,17 +290,25 @@ class RelayServerProtocol(ServerLegHooks, _RelayLeg, WebSocketServerProtocol):  
 
     # (Autobahn's Twisted adapter waits for a Deferred; the core's type names plain answers only)
     def onConnect(self, request: ConnectionRequest) -> Deferred[_Accept]:  # type: ignore[override]
-        registry = self.factory.registry
-        registry.handshakes.add(self.pair)
+        factory = self.factory
+        factory.registry.handshakes.add(self.pair)
         #: ws_open_timeout's deadline, on the handshake's one timer (:meth:`_time`)
-        self._open_deadline = self.factory.clock.seconds() + self.factory.gateway.ws_open_timeout
-        d = Deferred.fromCoroutine(self._open_upstream(request))
+        self._open_deadline = factory.clock.seconds() + factory.gateway.ws_open_timeout
+        if factory.authenticator is None or self.context.route.auth == "none":
+            d = self._open_upstream(request, self.context, None)
+        else:
+            d = Deferred.fromCoroutine(self._authenticate()).addCallback(self._authenticated, request)
         if not d.called:
             self._handshake = d
             if self._timer is None:  # (waiting for the authenticator or the cluster, not a connect)
                 self._time(self._open_deadline)
         d.addBoth(self._opened_or_refused)
         return d
+
+    def _authenticated(
+        self, authenticated: tuple[HandshakeContext, Identity | None], request: ConnectionRequest
+    ) -> Deferred[_Accept]:
+        return self._open_upstream(request, *authenticated)
 
     def _time(self, deadline: float, connecting: Deferred[Any] | None = None) -> None:
         """
@@ -427,16 +449,16 @@ class RelayServerProtocol(ServerLegHooks, _RelayLeg, WebSocketServerProtocol):  
     def onOpen(self) -> None:
         self.pair.opened()
 
-    async def _open_upstream(self, request: ConnectionRequest) -> _Accept:
+    async def _authenticate(self) -> tuple[HandshakeContext, Identity | None]:
+        """The context the upstream gets once the request is authenticated, and the identity (its per-user cap acquired)."""
         ctx = self.context
         factory = self.factory
         pair = self.pair
         authenticator = factory.authenticator
-        identity = None
-        if authenticator is not None and ctx.route.auth != "none":
-            identity = await authenticator.authenticate(ctx.route.auth, ctx.headers, ctx.query, ctx.route)
-            extra = identity.upstream_headers(ctx.route.claims_header) if identity is not None else []
-            ctx = ctx.authenticated(authenticator.upstream_query(ctx.query), [*ctx.extra_headers, *extra])
+        assert authenticator is not None  # (onConnect's check)
+        identity = await authenticator.authenticate(ctx.route.auth, ctx.headers, ctx.query, ctx.route)
+        extra = identity.upstream_headers(ctx.route.claims_header) if identity is not None else []
+        ctx = ctx.authenticated(authenticator.upstream_query(ctx.query), [*ctx.extra_headers, *extra])
         pair.identity = identity
         if identity is not None and identity.subject is not None and factory.cluster is not None:
             pair.capped = capped = await factory.cluster.acquire(identity.subject, ctx.route)
@@ -444,62 +466,61 @@ class RelayServerProtocol(ServerLegHooks, _RelayLeg, WebSocketServerProtocol):  
                 factory.cluster.release(capped)
                 pair.capped = None
                 raise CancelledError()
-        pool = ctx.pool
-        key = pool.request_key(
-            query=ctx.query,
-            headers=ctx.headers,
-            claims=identity.claims if identity is not None else None,
-            peer=ctx.peer,
-            trusted_proxies=factory.gateway.trusted_proxies,
-        )
-        upstream = None
-        #: why the last instance tried could not be connected (its description: the
-        #: exception itself, held here, would hold this frame through its traceback)
-        last_error: str | None = None
-        # A connect failure is retried on the next healthy instance, each at most once;
-        # ws_open_timeout (around the whole of onConnect) bounds the retries.
-        for instance in pool.candidates(key, retry=True):
-            instance.acquire(websocket=True)
-            try:
-                upstream = await self._open_one(ctx, request, instance)
-            except BaseException as e:
-                instance.release(websocket=True)
-                fault = self._fault(e)
-                if fault.counts:
-                    pool.report_failure(instance, fault.reason)
-                elif fault is ANSWERED:
-                    pool.report_success(instance)  # it answered, if not with a 101
-                if fault in (CANCELLED, CLIENT_GONE):
-                    raise CancelledError() from None
-                if fault is LOCAL:
-                    raise Overloaded(f"cannot connect to the upstream: {describe(e)}") from None
-                if isinstance(e, (ConnectError, DNSLookupError, OSError)):
-                    last_error = describe(e)
-                    continue
-                raise
-            pool.report_success(instance)
-            pair.instance = instance
-            break
-        if upstream is None:
-            raise BadGateway(f"cannot connect to the upstream: {last_error}")
-        if self.state == CLOSED:
-            # The client left in the very turn the upstream answered.
-            instance.release(websocket=True)
-            pair.instance = None
-            upstream.close_with(CLIENT_LOST)
-            raise CancelledError()
-        # The client is granted exactly the compression the upstream granted us.
-        self.perMessageCompressionAccept = self._mirror_compression(upstream)
-        pair.join(upstream)
-        return upstream.websocket_protocol_in_use, {}
+        return ctx, identity
 
-    async def _open_one(
-        self, ctx: HandshakeContext, request: ConnectionRequest, instance: Instance
-    ) -> RelayClientProtocol:
-        """Connect one upstream instance and wait for its handshake."""
+    # -- the upstream leg: each instance tried in turn ----------------------------
+    # Plain callbacks from one step to the next (the connect, the upstream's
+    # handshake, the next instance): a coroutine's Deferred, its resumes and a
+    # Deferred per upstream handshake cost more than the steps themselves.
+
+    def _open_upstream(
+        self, request: ConnectionRequest, ctx: HandshakeContext, identity: Identity | None
+    ) -> Deferred[_Accept]:
+        """
+        Open the upstream leg: a connect failure is retried on the next
+        healthy instance, each at most once (ws_open_timeout, around the whole
+        of onConnect, bounds the retries). Fires with the client's answer once
+        the legs are joined, or fails with why no upstream opened; cancelled,
+        it cancels the step under way (:meth:`_cancel_opening`).
+        """
+        result: Deferred[_Accept] = Deferred(self._cancel_opening)
+        self._result = result
+        pool = ctx.pool
+        try:
+            key = pool.request_key(
+                query=ctx.query,
+                headers=ctx.headers,
+                claims=identity.claims if identity is not None else None,
+                peer=ctx.peer,
+                trusted_proxies=self.factory.gateway.trusted_proxies,
+            )
+            self._opening = (ctx, request, iter(pool.candidates(key, retry=True)))
+        except BaseException:  # (no healthy instance, for one)
+            self._end_opening(Failure())
+            return result
+        self._try_next()
+        return result
+
+    def _try_next(self) -> None:
+        """Connect the next instance, or fail with why the last one could not be."""
+        assert self._opening is not None  # (while opening)
+        ctx, request, candidates = self._opening
+        try:
+            instance = next(candidates, None)
+        except BaseException:
+            self._end_opening(Failure())
+            return
+        if instance is None:
+            self._end_opening(Failure(BadGateway(f"cannot connect to the upstream: {self._last_error}")))
+            return
+        instance.acquire(websocket=True)
+        self._instance = instance
         factory = self.factory
-        client_factory = factory.client_factory_for(ctx, request, instance.url)
-        connecting = factory.connect(client_factory)
+        try:
+            connecting = factory.connect(factory.client_factory_for(ctx, request, instance.url))
+        except BaseException:
+            self._attempt_failed(Failure())
+            return
         if not connecting.called:
             # connect_timeout, on the handshake's timer (the connector's own is off: connector.untimed)
             connect_deadline = factory.clock.seconds() + factory.gateway.connect_timeout
@@ -507,43 +528,117 @@ class RelayServerProtocol(ServerLegHooks, _RelayLeg, WebSocketServerProtocol):  
                 self._time(connect_deadline, connecting)
             else:
                 self._time(self._open_deadline)
-        try:
-            upstream = await connecting
-        except (CancelledError, ConnectingCancelledError):
-            if self._connect_overdue:
-                self._connect_overdue = False
-                raise ConnectTimeout() from None  # what the connector's own timer fails a connect with
-            if self._timed_out:
-                # ws_open_timeout came during the connect: a 504 like any handshake past it
-                # (the connector's ConnectingCancelledError would have read as the client leaving)
-                raise CancelledError() from None
-            raise
+            self._dialing = connecting
+        connecting.addCallbacks(self._dialed, self._dial_failed)
+
+    def _dialed(self, upstream: object) -> None:
+        """The connect succeeded: the upstream leg's handshake is waited for (:meth:`upstream_ended`)."""
+        self._dialing = None
         self._time(self._open_deadline)
         assert isinstance(upstream, RelayClientProtocol)  # the factory's protocol
+        self._waiting = upstream
+        if upstream.handshake_ended:
+            self.upstream_ended(upstream)
+        else:
+            upstream.opening = self
+
+    def _dial_failed(self, failure: Failure) -> None:
+        self._dialing = None
+        if failure.check(CancelledError, ConnectingCancelledError):
+            if self._connect_overdue:
+                self._connect_overdue = False
+                failure = Failure(ConnectTimeout())  # what the connector's own timer fails a connect with
+            elif self._timed_out:
+                # ws_open_timeout came during the connect: a 504 like any handshake past it
+                # (the connector's ConnectingCancelledError would have read as the client leaving)
+                failure = Failure(CancelledError())
+        self._attempt_failed(failure)
+
+    def upstream_ended(self, upstream: RelayClientProtocol) -> None:
+        """
+        The upstream leg's handshake ended (:meth:`RelayClientProtocol._end_handshake`):
+        the legs are joined, or the refusal is the client's answer.
+        """
+        if upstream is not self._waiting:
+            return
+        self._waiting = None
+        assert self._opening is not None and self._instance is not None  # (while opening)
+        ctx = self._opening[0]
+        error = upstream.handshake_error
+        if error is not None:
+            try:
+                failure = Failure(_handshake_failure(error, ctx, self._instance.url))
+            except BaseException:
+                failure = Failure()
+            self._attempt_failed(failure)
+            return
+        instance, self._instance = self._instance, None
+        ctx.pool.report_success(instance)
+        pair = self.pair
+        pair.instance = instance
+        if self.state == CLOSED:
+            # The client left in the very turn the upstream answered.
+            instance.release(websocket=True)
+            pair.instance = None
+            upstream.close_with(CLIENT_LOST)
+            self._end_opening(Failure(CancelledError()))
+            return
         try:
-            await upstream.opened
-        except UpstreamHandshakeFailed as e:
-            if e.refusal is not None and e.status is not None and e.status >= 300:
-                refusal = e.refusal
-                client = f"{ctx.scheme}://".encode() + ctx.host if ctx.host else None
-                origins = upstream_origins(instance.url, ctx.route.host_header)
-                headers = tuple(rewrite_redirects(refusal.headers, origins, client))
-                raise UpstreamRefused(
-                    f"the upstream refused the WebSocket handshake: {e.status} {e.phrase}".strip(),
-                    status=e.status,
-                    refusal=replace(refusal, headers=headers),
-                ) from e
-            if e.status is not None and e.status >= 400:
-                raise UpstreamRefused(
-                    f"the upstream refused the WebSocket handshake: {e.status} {e.phrase}".strip(),
-                    status=e.status,
-                ) from e
-            raise BadGateway(f"the upstream's WebSocket handshake failed: {e}") from e
+            # The client is granted exactly the compression the upstream granted us.
+            self.perMessageCompressionAccept = self._mirror_compression(upstream)
+            pair.join(upstream)
         except BaseException:
+            self._end_opening(Failure())
+            return
+        self._end_opening((upstream.websocket_protocol_in_use, {}))
+
+    def _attempt_failed(self, failure: Failure) -> None:
+        """One instance could not be opened: what it means for its health, then the next one or the end."""
+        instance, self._instance = self._instance, None
+        error = failure.value
+        assert error is not None  # (a failure's)
+        fault = self._fault(error)
+        if instance is not None:
+            instance.release(websocket=True)
+            assert self._opening is not None  # (an instance is tried only while opening)
+            pool = self._opening[0].pool
+            if fault.counts:
+                pool.report_failure(instance, fault.reason)
+            elif fault is ANSWERED:
+                pool.report_success(instance)  # it answered, if not with a 101
+        if fault in (CANCELLED, CLIENT_GONE):
+            self._end_opening(Failure(CancelledError()))
+        elif fault is LOCAL:
+            self._end_opening(Failure(Overloaded(f"cannot connect to the upstream: {describe(error)}")))
+        elif isinstance(error, (ConnectError, DNSLookupError, OSError)):
+            # (its description: the exception itself, held here, would hold this frame through its traceback)
+            self._last_error = describe(error)
+            self._try_next()
+        else:
+            self._end_opening(failure)
+
+    def _cancel_opening(self, result: Deferred[_Accept]) -> None:
+        """The handshake is cancelled (ws_open_timeout, or the client left): so is the step under way."""
+        dialing, upstream = self._dialing, self._waiting
+        if dialing is not None:
+            dialing.cancel()  # (its failure ends the opening: _dial_failed)
+            return
+        if upstream is not None:
+            self._waiting = upstream.opening = None
             if upstream.transport is not None:
                 upstream.transport.abortConnection()
-            raise
-        return upstream
+        self._attempt_failed(Failure(CancelledError()))
+
+    def _end_opening(self, outcome: _Accept | Failure) -> None:
+        """The upstream leg is open and joined, or none will be: :meth:`_open_upstream`'s result fires."""
+        result, self._result = self._result, None
+        self._opening = None
+        if result is None or result.called:
+            return
+        if isinstance(outcome, Failure):
+            result.errback(outcome)
+        else:
+            result.callback(outcome)
 
     def _fault(self, error: BaseException) -> Fault:
         """What one failed attempt means for the instance's health (:mod:`faults`)."""
@@ -662,6 +757,30 @@ _REFUSAL_OUTCOMES = {
     502: "bad_gateway",
     504: "gateway_timeout",
 }
+
+
+def _handshake_failure(error: UpstreamHandshakeFailed, ctx: HandshakeContext, instance_url: str) -> GatewayError:
+    """What the client is answered when the upstream's handshake failed: its refusal (redirects rewritten), or a 502."""
+    failure: GatewayError
+    if error.refusal is not None and error.status is not None and error.status >= 300:
+        refusal = error.refusal
+        client = f"{ctx.scheme}://".encode() + ctx.host if ctx.host else None
+        origins = upstream_origins(instance_url, ctx.route.host_header)
+        headers = tuple(rewrite_redirects(refusal.headers, origins, client))
+        failure = UpstreamRefused(
+            f"the upstream refused the WebSocket handshake: {error.status} {error.phrase}".strip(),
+            status=error.status,
+            refusal=replace(refusal, headers=headers),
+        )
+    elif error.status is not None and error.status >= 400:
+        failure = UpstreamRefused(
+            f"the upstream refused the WebSocket handshake: {error.status} {error.phrase}".strip(),
+            status=error.status,
+        )
+    else:
+        failure = BadGateway(f"the upstream's WebSocket handshake failed: {error}")
+    failure.__cause__ = error
+    return failure
 
 
 def _drop_quietly(protocol: RelayClientProtocol | RelayServerProtocol, abort: bool) -> None:
