@@ -181,6 +181,46 @@ class _OneFactory(ClientFactory):
         return self.protocol_instance
 
 
+def test_what_client_connecting_now_waits_for_its_connect_with() -> None:
+    """_compat._ClientConnectingNow's wait for its connect's answer: Twisted's client parts it repeats or calls."""
+    init = inspect.getsource(tcp.Connection.__init__)
+    _require(
+        [line.strip() for line in init.split("):", 1)[1].strip().splitlines() if line.strip()] == [
+            "abstract.FileDescriptor.__init__(self, reactor=reactor)",
+            "self.socket: socket.socket = skt",
+            "self.socket.setblocking(False)",
+            "self.fileno: Callable[[], int] = skt.fileno",
+            "self.protocol: IProtocol = protocol",
+        ],
+        "tcp.Connection.__init__", "Twisted",
+    )
+    made = inspect.getsource(tcp.BaseClient.createInternetSocket)
+    _require(
+        "socket.socket(self.addressFamily, self.socketType)" in made and "s.setblocking(0)" in made
+        and "skt = self.createInternetSocket()" in inspect.getsource(tcp.Client.__init__),
+        "BaseClient.createInternetSocket", "Twisted",
+    )
+    connect = inspect.getsource(tcp.BaseClient.doConnect)
+    _require(
+        "err = self.socket.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)" in connect
+        and "self.failIfNotConnected(error.getConnectError((err, strerror(err))))" in connect
+        and "del self.doWrite" in connect and "del self.doRead" in connect and "self._connectDone()" in connect,
+        "BaseClient.doConnect", "Twisted",
+    )
+    _require("self.startReading()" in inspect.getsource(tcp.BaseClient._connectDone), "BaseClient._connectDone", "Twisted")
+    _require(
+        "self.failIfNotConnected(error.ConnectError(string=reason))" in inspect.getsource(tcp.BaseClient.connectionLost)
+        and "del self.connector" in inspect.getsource(tcp.BaseClient.failIfNotConnected),
+        "BaseClient.connectionLost and failIfNotConnected", "Twisted",
+    )
+    add, remove = inspect.getsource(EPollReactor._add), inspect.getsource(EPollReactor._remove)
+    _require(
+        "self._poller.modify(fd, flags)" in add and "primary.add(fd)" in add and "selectables[fd] = xer" in add
+        and "primary.remove(fd)" in remove and "self._reads, self._writes" in inspect.getsource(EPollReactor.addReader),
+        "EPollReactor._add and _remove (_reads, _writes, _poller)", "Twisted",
+    )
+
+
 def test_lose_connection_is_what_lose_connection_soon_ends_sooner():
     """_compat.lose_connection_soon: Twisted's loseConnection waits for doWrite to find the buffer empty, then closes."""
     lose = inspect.getsource(abstract.FileDescriptor.loseConnection)

@@ -165,6 +165,8 @@ async def test_a_literals_connect_starts_within_the_call_and_connects_as_twisted
         await settle(lambda: client.made, "the connection made")
         # a TCP transport to write_now and peer_of, whose fast paths take the types they know
         assert type(client.transport) in _compat._TCP and _compat.peer_of(client.transport).startswith("tcp4:127.0.0.1:")
+        # connected: watched for reading, not writing, as Twisted's doConnect leaves it
+        assert client.transport in reactor.getReaders() and client.transport not in reactor.getWriters()
         client.transport.loseConnection()
         await settle(lambda: client.lost, "the connection closed")
     finally:
