@@ -221,6 +221,11 @@ def test_what_client_connecting_now_waits_for_its_connect_with() -> None:
     )
 
 
+def test_an_accepted_connection_knows_its_listening_port():
+    """_compat.accepted_preset: ``tcp.Server.server`` is the port that accepted the connection."""
+    _require("self.server = server" in inspect.getsource(tcp.Server.__init__), "tcp.Server.server", "Twisted")
+
+
 def test_lose_connection_is_what_lose_connection_soon_ends_sooner():
     """_compat.lose_connection_soon: Twisted's loseConnection waits for doWrite to find the buffer empty, then closes."""
     lose = inspect.getsource(abstract.FileDescriptor.loseConnection)

@@ -22,6 +22,7 @@ import functools
 import hashlib
 import os
 import socket
+import weakref
 from pprint import pformat as _real_pformat
 from types import FunctionType, MethodType
 from typing import TYPE_CHECKING, Any, Callable, TypeVar, cast
@@ -259,6 +260,28 @@ def forget_transport(connector: IConnector) -> None:
     """
     cast(Any, connector).transport = None
 
+
+
+#: The listening TCP ports whose socket has TCP_NODELAY and these keepalive
+#: settings (None: keepalive off), which every socket they accept inherits
+#: (``sockets.preset_listener`` adds them).
+listener_presets: weakref.WeakKeyDictionary[object, object] = weakref.WeakKeyDictionary()
+#: What :func:`accepted_preset` answers for a connection whose listener set nothing.
+NOT_PRESET = object()
+
+
+def accepted_preset(transport: object) -> object:
+    """
+    The keepalive settings a TCP connection (or TLS over one) inherited from
+    the listener that accepted it (:data:`listener_presets`), or
+    :data:`NOT_PRESET`. Relies on ``tcp.Server.server`` (the port that
+    accepted it).
+    """
+    for _ in range(2):
+        if type(transport) is tcp.Server:
+            return listener_presets.get(transport.server, NOT_PRESET)
+        transport = getattr(transport, "transport", None)
+    return NOT_PRESET
 
 
 #: what a non-blocking connect answers while the connection is being made
@@ -638,7 +661,8 @@ class LegHooks(_Leg):
     about a twentieth of a relayed handshake's instructions. These do what
     Autobahn's do without the rendering:
 
-    ``connectionMade``: the Twisted adapter's (``peer``, ``tcpNoDelay``), then
+    ``connectionMade``: the Twisted adapter's (``peer``, ``tcpNoDelay``: not
+    set again on a socket whose listener gave it, :func:`accepted_preset`), then
     ``_connectionMade``; ``_transport_details`` (``create_transport_details``)
     is made when first read, which a plain TCP leg's ``_onOpen`` no longer does
     (a TLS leg's still does, for its channel id and peer certificate): with
@@ -672,7 +696,8 @@ class LegHooks(_Leg):
         self.peer = peer_of(self.transport)
         try:
             assert self.transport is not None  # makeConnection set it
-            self.transport.setTcpNoDelay(self.tcpNoDelay)
+            if not (self.tcpNoDelay and accepted_preset(self.transport) is not NOT_PRESET):  # (else its listener's)
+                self.transport.setTcpNoDelay(self.tcpNoDelay)
         except Exception:
             pass  # not TCP (a UNIX socket refuses TCP_NODELAY)
         self._connectionMade()

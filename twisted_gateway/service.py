@@ -8,6 +8,7 @@ its own reactor can build one too.
 
 from __future__ import annotations
 
+import functools
 import sys
 from typing import TYPE_CHECKING, Callable
 
@@ -33,6 +34,7 @@ from twisted_gateway.gateway import Gateway
 from twisted_gateway.limits import UNLIMITED_CEILING, client_limits, reserved_files
 from twisted_gateway.resource import GatewayResource
 from twisted_gateway.site import FrontDoor, build_site
+from twisted_gateway.sockets import preset_listener
 from twisted_gateway.tls import listen_backlog, server_endpoint, system_listen_backlog
 from twisted_gateway.workers import AdoptedEndpoint
 from twisted_gateway.ws_relay import GOING_AWAY, RelayPair
@@ -63,7 +65,9 @@ class ListeningService(Service):
         backlog: int | None = None,
         wrap: Callable[[IProtocolFactory], IProtocolFactory] | None = None,
         inherited_fd: int | None = None,
+        prepare: Callable[[IListeningPort], None] | None = None,
     ) -> None:
+        """``prepare`` is given the port once bound, before it accepts anything (:func:`sockets.preset_listener`)."""
         # ssl: listeners are built by tls.server_endpoint: ALPN answers http/1.1 only.
         # A listener without backlog= gets the system's maximum, not Twisted's 50.
         if backlog is None:
@@ -76,6 +80,7 @@ class ListeningService(Service):
         self.factory = factory
         self.description, self.role = description, role
         self.backlog = listen_backlog(description, backlog) if inherited_fd is None else None
+        self.prepare = prepare
         self._listening: Deferred[IListeningPort] | None = None
         self._port: IListeningPort | None = None
         self._waiting: list[Deferred[IListeningPort]] = []
@@ -101,6 +106,8 @@ class ListeningService(Service):
 
     def _bound(self, port: IListeningPort) -> IListeningPort | None:
         self._port = port
+        if self.prepare is not None:
+            self.prepare(port)
         address = port.getHost()
         log.info(
             "{role} listening on {endpoint} (port {port}), backlog {backlog}",
@@ -198,6 +205,7 @@ class GatewayService(MultiService):
                 "wsgateway",
                 wrap=self.front_door.wrap,
                 inherited_fd=fds.pop(0) if fds else None,
+                prepare=functools.partial(preset_listener, keepalive=settings.gateway.tcp_keepalive),
             )
             for description in settings.gateway.listen
         ]

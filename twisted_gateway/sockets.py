@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 from twisted.python.runtime import platform
 
+from twisted_gateway._compat import accepted_preset, listener_presets
+
 from twisted_gateway.schema import TCPKeepalive as TCPKeepalive
 
 
@@ -57,19 +59,51 @@ def set_keepalive(transport: object, keepalive: TCPKeepalive | None) -> None:
     Turn on TCP keepalive with these timers. ``TCP_USER_TIMEOUT`` gets the
     same bound, so that data left unacknowledged by a vanished peer is given
     up after as long (not the kernel's 15 minutes of retransmissions).
+    A connection accepted by a listener that has them already
+    (:func:`preset_listener`) is left alone.
     """
-    sock = tcp_socket(transport)
-    if keepalive is None or sock is None:
+    owner = _tcp_owner(transport)
+    if keepalive is None or owner is None or accepted_preset(owner[0]) == keepalive:
         return
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        if _LINUX:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, keepalive.idle)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, keepalive.interval)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, keepalive.count)
-            sock.setsockopt(socket.IPPROTO_TCP, _TCP_USER_TIMEOUT, keepalive.bound * 1000)
+        _keepalive_on(owner[1], keepalive)
     except OSError:
         pass  # the connection is already gone: its loss is reported as usual
+
+
+def _keepalive_on(sock: socket.socket, keepalive: TCPKeepalive) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    if _LINUX:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, keepalive.idle)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, keepalive.interval)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, keepalive.count)
+        sock.setsockopt(socket.IPPROTO_TCP, _TCP_USER_TIMEOUT, keepalive.bound * 1000)
+
+
+def preset_listener(port: object, keepalive: TCPKeepalive | None) -> None:
+    """
+    Set TCP_NODELAY and ``keepalive`` (:func:`set_keepalive`) on a listening
+    TCP port's socket once, on Linux, where every socket it accepts inherits
+    them (a copy of the listener's): its connections then need no
+    ``setsockopt`` of their own (six a WebSocket's client leg made).
+    Anything else (a ``unix:`` listener, another system) is left as it is,
+    and its connections set their own.
+    """
+    sock = getattr(port, "socket", None)
+    if (
+        not _LINUX
+        or not isinstance(sock, socket.socket)
+        or sock.family not in (socket.AF_INET, socket.AF_INET6)
+        or _kind(sock) != socket.SOCK_STREAM
+    ):
+        return
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if keepalive is not None:
+            _keepalive_on(sock, keepalive)
+    except OSError:
+        return
+    listener_presets[port] = keepalive
 
 
 def cap_receive_buffer(transport: object, size: int) -> None:
