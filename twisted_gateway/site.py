@@ -93,23 +93,26 @@ class GatewayChannel(LlhttpChannel):
             self._head_started = True
         super().dataReceived(data)
 
-    #: the socket's two addresses, asked of it once (each ``Request`` asks for both)
-    _addresses: tuple[IAddress, IAddress] | None = None
-
-    def _address(self, which: int) -> IAddress:
-        addresses = self._addresses
-        if addresses is None:
-            assert self.transport is not None  # requests are made while it is connected
-            addresses = self._addresses = (self.transport.getHost(), self.transport.getPeer())
-        return addresses[which]
+    #: the socket's two addresses, each asked of it once, when first wanted (each
+    #: ``Request`` asks for both; a WebSocket taken from its head, for the peer only)
+    _host: IAddress | None = None
+    _peer: IAddress | None = None
 
     def getHost(self) -> IAddress:
-        """The local address (the socket's, asked once)."""
-        return self._address(0)
+        """The local address (the socket's, asked once: a ``getsockname`` call)."""
+        host = self._host
+        if host is None:
+            assert self.transport is not None  # requests are made while it is connected
+            host = self._host = self.transport.getHost()
+        return host
 
     def getPeer(self) -> IAddress:
         """The client's address (the socket's, asked once)."""
-        return self._address(1)
+        peer = self._peer
+        if peer is None:
+            assert self.transport is not None  # requests are made while it is connected
+            peer = self._peer = self.transport.getPeer()
+        return peer
 
     #: whether the transport is TLS, asked of it once (requests ask per request)
     _secure: bool | None = None
