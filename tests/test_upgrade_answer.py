@@ -200,3 +200,45 @@ def test_an_upgrade_taken_from_its_head_is_served_as_its_request_would_be(monkey
     slow, slow_client = _head_exchange(line, extra, route, fill)
     # (with a WebSocket open already, its legs differ: each has a key of its own)
     _assert_served_alike(fast, fast_client, slow, slow_client, opened=bool(taken), legs=not fill)
+
+
+@pytest.mark.parametrize("byte", range(256))
+def test_what_llhttp_takes_autobahns_parser_takes_too(byte):
+    """
+    A head llhttp parsed is answered without Autobahn's checks of the start
+    line, the names and the values (``UpgradeHead.checked``): whatever byte a
+    target, a name or a value holds, llhttp either refuses it or reports what
+    Autobahn's parser would take.
+    """
+    from httptools import HttpParserError, HttpRequestParser
+
+    from twisted_gateway._compat import FIELD_NAME, FIELD_VALUE_INVALID, START_LINE_INVALID
+
+    c = bytes([byte])
+    for head in (
+        b"GET /a" + c + b"b HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /a?q=" + c + b"b HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: x\r\nX" + c + b"Y: v\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: x\r\nX: a" + c + b"b\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: x\r\nX: " + c + b"\r\n\r\n",
+    ):
+        seen: dict[str, list[bytes]] = {"url": [], "names": [], "values": []}
+
+        class Parsed:
+            def on_url(self, url: bytes) -> None:
+                seen["url"].append(url)
+
+            def on_header(self, name: bytes, value: bytes) -> None:
+                seen["names"].append(name)
+                seen["values"].append(value.rstrip(b" \t"))  # as the channel keeps it
+
+        try:
+            HttpRequestParser(Parsed()).feed_data(head)
+        except HttpParserError:
+            continue  # refused
+        line = "GET " + b"".join(seen["url"]).decode("latin-1") + " HTTP/1.1"
+        assert not START_LINE_INVALID.search(line), head
+        for name in seen["names"]:
+            assert FIELD_NAME.fullmatch(name.decode("latin-1")), head
+        for value in seen["values"]:
+            assert not FIELD_VALUE_INVALID.search(value.decode("latin-1")), head

@@ -159,7 +159,7 @@ class GatewayResource(Resource):
         if not is_websocket_upgrade(method, flat) or self._upgrade_refusal(route, headers.get(b"Origin", ()), flat):
             return False
         context = self._context(route, path, query, flat, host, channel.getPeer(), channel.isSecure())
-        head = UpgradeHead(method, uri, list(headers.items()))
+        head = UpgradeHead(method, uri, list(headers.items()), checked=True)  # llhttp parsed it
         hand_over(channel, self.gateway.ws_factories[route.name], context, head, b"")
         return True
 
