@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import pytest_twisted
 from twisted.internet.address import IPv4Address
@@ -17,7 +19,6 @@ from twisted.web.client import URI
 from twisted_gateway import _compat
 from twisted_gateway.connector import UpstreamConnector, _Attempt, relay_connect
 from tests.support import settle
-from twisted_gateway.testing import MemoryNetwork, RecordingUpstream
 
 ADDRESS = IPv4Address("TCP", "127.0.0.1", 9001)
 
@@ -51,20 +52,51 @@ def test_an_ip_literal_is_connected_with_the_timeout_and_no_resolution(host: byt
 
 
 @pytest.mark.parametrize("secure", [False, True])
-def test_the_relays_connects_to_an_ip_literal_have_no_timer(secure: bool) -> None:
-    """The relay times its upstream connects itself (ws_proxy): relay_connect's are the connector's untimed ones."""
+def test_the_relays_connects_to_an_ip_literal_have_no_timer_and_call_back(secure: bool) -> None:
+    """
+    The relay times its upstream connects itself (ws_proxy): relay_connect's
+    are the connector's untimed ones, which call the relay back with the
+    protocol as it is built (no Deferred); cancelled once it is, nothing more.
+    """
     from autobahn.twisted.websocket import WebSocketClientFactory
 
     reactor = MemoryReactorClock()
     connector = UpstreamConnector(reactor, 7.5, _Policy())  # type: ignore[arg-type]  # a policy's one method
     factory = WebSocketClientFactory(f"{'wss' if secure else 'ws'}://10.0.0.7:9001/")
     assert relay_connect(connector) == connector.untimed
-    relay_connect(connector)(factory)
+    results: list[object] = []
+    cancel = relay_connect(connector)(factory, results.append, results.append)
     clients = reactor.sslClients if secure else reactor.tcpClients
     assert clients[0][4 if secure else 3] is None
     assert reactor.getDelayedCalls() == []
-    memory = MemoryNetwork().connector(RecordingUpstream())
-    assert relay_connect(memory) == memory.connect  # another connector as it connects
+    assert results == []
+    built = clients[0][2].buildProtocol(ADDRESS)
+    assert results == [built] and built is not None
+    cancel()
+    assert results == [built] and not reactor.connectors[0].stoppedConnecting
+
+
+def test_the_relays_connects_through_another_connector_call_back_from_its_deferred() -> None:
+    """Any other connector connects as it does; its Deferred calls the relay back, and the relay's cancel cancels it."""
+    from autobahn.twisted.websocket import WebSocketClientFactory
+
+    connecting: list[Deferred[IProtocol]] = []
+
+    def connect(factory: object) -> Deferred[IProtocol]:
+        connecting.append(Deferred(lambda d: d.errback(ConnectingCancelledError(ADDRESS))))
+        return connecting[-1]
+
+    relay = relay_connect(SimpleNamespace(connect=connect))  # type: ignore[arg-type]  # the one method used
+    factory = WebSocketClientFactory("ws://10.0.0.7:9001/")
+    results: list[object] = []
+    cancel = relay(factory, results.append, results.append)
+    cancel()
+    [failure] = results
+    assert isinstance(failure, Failure) and failure.check(ConnectingCancelledError)
+    relay(factory, results.append, results.append)
+    leg = Protocol()
+    connecting[1].callback(leg)
+    assert results[1] is leg
 
 
 def test_the_callers_protocol_is_the_transports_own_and_fires_as_it_is_built() -> None:

@@ -34,46 +34,68 @@ from zope.interface import implementer
 from twisted_gateway._compat import connect_tcp_now, forget_transport
 from twisted_gateway.interfaces import IUpstreamConnector
 
-#: Connects one upstream WebSocket leg's factory; fires with the leg
-#: (an :class:`IUpstreamConnector`'s ``connect``, or :meth:`UpstreamConnector.untimed`).
+#: What a connect calls with the protocol, and with why it failed.
+Connected = Callable[[IProtocol], object]
+Failed = Callable[[Failure], object]
+#: Connects one upstream WebSocket leg's factory for the relay, then calls ``connected``
+#: with the leg (by the time its ``connectionMade`` runs) or ``failed`` with why not;
+#: what it returns cancels the connect (``failed`` then gets a ``ConnectingCancelledError``
+#: or ``CancelledError``). :meth:`UpstreamConnector.untimed`, or any
+#: :class:`IUpstreamConnector`'s ``connect`` through :func:`relay_connect`.
+RelayConnect = Callable[[WebSocketClientFactory, Connected, Failed], Callable[[], None]]
+#: Connects one upstream WebSocket leg's factory; fires with the leg (an
+#: :class:`IUpstreamConnector`'s ``connect``: the health checks').
 Connector = Callable[[WebSocketClientFactory], Deferred[IProtocol]]
 
 
-def relay_connect(connector: IUpstreamConnector) -> Connector:
+def relay_connect(connector: IUpstreamConnector) -> RelayConnect:
     """
     How the relay connects its upstream legs through ``connector``: the relay
     times each connect itself (``connect_timeout``, on the handshake's one
     timer), so an :class:`UpstreamConnector` connects them without a timer of
-    its own; any other connector as it connects.
+    its own, and calls back without a ``Deferred``; any other connector as it
+    connects, its ``Deferred`` calling back.
     """
     if isinstance(connector, UpstreamConnector):
         return connector.untimed
-    connect: Connector = connector.connect
+
+    def connect(factory: WebSocketClientFactory, connected: Connected, failed: Failed) -> Callable[[], None]:
+        connecting = connector.connect(factory)
+        connecting.addCallbacks(connected, failed)
+        return connecting.cancel
+
     return connect
 
 
 class _Attempt(ClientFactory):
     """
-    One connection attempt of :meth:`UpstreamConnector.connect_to`: the
-    protocol the caller's factory builds is the transport's own, with no
-    wrapper under its events (``HostnameEndpoint`` and ``TCP4ClientEndpoint``
-    put one under every event of the connection). :attr:`connected` fires with the protocol as it
-    is built, just before the transport calls its ``connectionMade``; a
-    protocol writes from there on.
+    One connection attempt to an IP literal (:meth:`UpstreamConnector.connect_to`,
+    :meth:`UpstreamConnector.untimed`): the protocol the caller's factory
+    builds is the transport's own, with no wrapper under its events
+    (``HostnameEndpoint`` and ``TCP4ClientEndpoint`` put one under every
+    event of the connection). ``connected`` is called with the protocol as
+    it is built, just before the transport calls its ``connectionMade`` (a
+    protocol writes from there on), or ``failed`` with why none was.
     """
 
     noisy = False
 
-    def __init__(self, factory: IProtocolFactory) -> None:
+    def __init__(self, factory: IProtocolFactory, connected: Connected, failed: Failed) -> None:
         self.factory = factory
         self.connector: IConnector | None = None
-        self.connected: Deferred[IProtocol] = Deferred(self._cancel)
+        self._connected, self._failed = connected, failed
+        #: neither ``connected`` nor ``failed`` was called yet
+        self.pending = True
 
-    def _cancel(self, connected: Deferred[IProtocol]) -> None:
+    def cancel(self) -> None:
         """Cancelled before the connection is made: fails as an endpoint's connect does."""
-        assert self.connector is not None  # connectTCP calls startedConnecting before it returns
-        connected.errback(ConnectingCancelledError(self.connector.getDestination()))
-        self.connector.stopConnecting()
+        if not self.pending:
+            return
+        connector = self.connector
+        assert connector is not None  # connectTCP calls startedConnecting before it returns
+        self.pending = False
+        self._failed(Failure(ConnectingCancelledError(connector.getDestination())))
+        connector.stopConnecting()
 
     def startedConnecting(self, connector: IConnector) -> None:
         self.connector = connector
@@ -90,21 +112,37 @@ class _Attempt(ClientFactory):
             if protocol is None:
                 raise NoProtocol()
         except BaseException:
-            self.connected.errback()
+            self.pending = False
+            self._failed(Failure())
             return None
-        self.connected.callback(protocol)
+        self.pending = False
+        self._connected(protocol)
         return protocol
 
     def clientConnectionFailed(self, connector: IConnector, reason: Failure) -> None:
         self.connector = None
-        if not self.connected.called:
-            self.connected.errback(reason)
+        if self.pending:
+            self.pending = False
+            self._failed(reason)
 
     def clientConnectionLost(self, connector: IConnector, reason: Failure) -> None:
         # The connector, its transport and this attempt hold one another: let
         # go, so that they are freed with the connection, not by the cycle collector.
         self.connector = None
         forget_transport(connector)
+
+
+#: How one upstream address is connected: (factory, timed, connected, failed) -> its cancel.
+_Way = Callable[[IProtocolFactory, bool, Connected, Failed], Callable[[], None]]
+
+
+def _by_endpoint(
+    endpoint: IStreamClientEndpoint, factory: IProtocolFactory, timed: bool, connected: Connected, failed: Failed
+) -> Callable[[], None]:
+    """A name's connect, by its endpoint (timed by it, whatever ``timed`` says)."""
+    connecting = endpoint.connect(factory)
+    connecting.addCallbacks(connected, failed)
+    return connecting.cancel
 
 
 def upstream_endpoint(
@@ -158,16 +196,22 @@ class UpstreamConnector:
         self.tls_policy = tls_policy if tls_policy is not None else BrowserLikePolicyForHTTPS()
         #: how each (secure, host, port) is connected: an IP literal's by the reactor
         #: (:meth:`_connect_literal`, timed or not), a name's by its endpoint (always timed)
-        self._ways: dict[tuple[bool, bytes, int], Callable[[IProtocolFactory, bool], Deferred[IProtocol]]] = {}
+        self._ways: dict[tuple[bool, bytes, int], _Way] = {}
         self._endpoints: dict[tuple[bytes, bytes, int], IStreamClientEndpoint] = {}
 
     def connect(self, factory: WebSocketClientFactory, timed: bool = True) -> Deferred[IProtocol]:
         """Connect a WebSocket leg's factory to its ``host`` and ``port`` (see :meth:`connect_to`)."""
         return self.connect_to(factory.isSecure, factory.host.encode("idna"), factory.port, factory, timed)
 
-    def untimed(self, factory: WebSocketClientFactory) -> Deferred[IProtocol]:
-        """:meth:`connect` for a caller that times the connect itself (the relay's handshakes: one timer for the connect and the upgrade)."""
-        return self.connect_to(factory.isSecure, factory.host.encode("idna"), factory.port, factory, False)
+    def untimed(self, factory: WebSocketClientFactory, connected: Connected, failed: Failed) -> Callable[[], None]:
+        """
+        :meth:`connect` for a caller that times the connect itself (the
+        relay's handshakes: one timer for the connect and the upgrade), which
+        is called back instead of given a ``Deferred`` (:data:`RelayConnect`).
+        """
+        return self._way_to(factory.isSecure, factory.host.encode("idna"), factory.port)(
+            factory, False, connected, failed
+        )
 
     def connect_to(
         self, secure: bool, host: bytes, port: int, factory: IProtocolFactory, timed: bool = True
@@ -181,26 +225,38 @@ class UpstreamConnector:
         ``TimeoutError``. Not ``timed``, an IP literal's connect has no timer
         (its caller cancels it when it is due); a name's endpoint keeps its own.
         """
+        cancel: list[Callable[[], None]] = []
+        connecting: Deferred[IProtocol] = Deferred(lambda d: cancel[0]())
+        cancel.append(self._way_to(secure, host, port)(factory, timed, connecting.callback, connecting.errback))
+        return connecting
+
+    def _way_to(self, secure: bool, host: bytes, port: int) -> _Way:
         key = (secure, host, port)
         way = self._ways.get(key)
         if way is None:
             way = self._ways[key] = self._way(secure, host, port)
-        return way(factory, timed)
+        return way
 
-    def _way(self, secure: bool, host: bytes, port: int) -> Callable[[IProtocolFactory, bool], Deferred[IProtocol]]:
+    def _way(self, secure: bool, host: bytes, port: int) -> _Way:
         address = ip_literal(host)
         tls = self.tls_policy if secure else None
         if address is None:
-            endpoint = upstream_endpoint(self.reactor, host, port, self.timeout, tls)
-            return lambda factory, timed: endpoint.connect(factory)
+            return partial(_by_endpoint, upstream_endpoint(self.reactor, host, port, self.timeout, tls))
         creator = None if tls is None else tls.creatorForNetloc(host, port)
         return partial(self._connect_literal, address, port, creator)
 
     def _connect_literal(
-        self, address: str, port: int, creator: object | None, factory: IProtocolFactory, timed: bool
-    ) -> Deferred[IProtocol]:
+        self,
+        address: str,
+        port: int,
+        creator: object | None,
+        factory: IProtocolFactory,
+        timed: bool,
+        connected: Connected,
+        failed: Failed,
+    ) -> Callable[[], None]:
         """Connect to an IP literal by the reactor, with TLS from ``creator`` when not None."""
-        attempt = _Attempt(factory)
+        attempt = _Attempt(factory, connected, failed)
         timeout = self.timeout if timed else None
         if creator is None:
             connect_tcp_now(self.reactor, address, port, attempt, timeout)  # (None: no timer, as Twisted's connectors take it)
@@ -208,7 +264,7 @@ class UpstreamConnector:
             cast(IReactorSSL, self.reactor).connectSSL(
                 address, port, attempt, creator, timeout, None  # type: ignore[arg-type]
             )
-        return attempt.connected
+        return attempt.cancel
 
     def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
         """``Agent``'s endpoint for an ``http`` or ``https`` upstream, built once per origin."""

@@ -93,7 +93,10 @@ class LiveSession(Protocol):
     session_id: str
     identity: Identity | None
     opened_at: float
-    done: Deferred[None]
+
+    @property
+    def done(self) -> Deferred[None]:
+        """Fires once both legs are gone and everything is released."""
 
     @property
     def state(self) -> int: ...

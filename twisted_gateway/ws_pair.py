@@ -134,8 +134,24 @@ class Pair:
         #: what each way carried, from join on
         self.inbound: Direction | None = None
         self.outbound: Direction | None = None
-        #: fires once both legs are gone and everything is released
-        self.done: Deferred[None] = Deferred()
+
+    #: both legs are gone and everything is released (:meth:`finish`)
+    finished = False
+    #: :attr:`done`, once asked for
+    _done: Deferred[None] | None = None
+
+    @property
+    def done(self) -> Deferred[None]:
+        """
+        Fires once both legs are gone and everything is released. Made when
+        first asked for (``ws_max_age``, the drain): no pair waits for most.
+        """
+        done = self._done
+        if done is None:
+            self._done = done = Deferred()
+            if self.finished:
+                done.callback(None)
+        return done
 
     @property
     def state(self) -> int:
@@ -212,7 +228,7 @@ class Pair:
 
     def leg_closed(self, leg: _RelayLeg) -> None:
         """One leg is gone: close the other as the rules say; finish when both are."""
-        if self.done.called:
+        if self.finished:
             return
         client, upstream = self.client, self.upstream
         if upstream is None:
@@ -268,8 +284,9 @@ class Pair:
 
     def finish(self) -> None:
         """Both legs are gone (or the handshake failed): release everything, once."""
-        if self.done.called:
+        if self.finished:
             return
+        self.finished = True
         factory = self.factory
         registry = factory.registry
         registry.active[factory.route.name] -= 1
@@ -290,7 +307,8 @@ class Pair:
         # freed as soon as the connections are, not by the cycle collector.
         for leg in self.legs():
             leg.partner = leg.pair = None
-        self.done.callback(None)
+        if self._done is not None:
+            self._done.callback(None)
 
     def _log_session(self) -> None:
         factory, inbound, outbound = self.factory, self.inbound, self.outbound

@@ -100,7 +100,7 @@ if TYPE_CHECKING:
     from twisted_gateway.auth import Authenticator
     from twisted_gateway.identity import Identity
     from twisted_gateway.cluster import Cluster, RevocationGuard
-    from twisted_gateway.connector import Connector
+    from twisted_gateway.connector import RelayConnect
 
 log = Logger()
 access_log = Logger(namespace="twisted_gateway.access")
@@ -266,7 +266,7 @@ class RelayServerProtocol(ServerLegHooks, _RelayLeg, WebSocketServerProtocol):  
     _opening: tuple[HandshakeContext, ConnectionRequest, Iterator[Instance]] | None = None
     _result: Deferred[_Accept] | None = None
     _instance: Instance | None = None
-    _dialing: Deferred[Any] | None = None
+    _dialing: Callable[[], None] | None = None
     _waiting: RelayClientProtocol | None = None
     _last_error: str | None = None
     # Autobahn's options that answer_upgrade reads (class attributes: with_options)
@@ -281,8 +281,8 @@ class RelayServerProtocol(ServerLegHooks, _RelayLeg, WebSocketServerProtocol):  
         self._open_deadline = float("inf")
         #: the handshake's one timer (:meth:`_time`): an upstream connect's deadline, or ws_open_timeout's
         self._timer: IDelayedCall | None = None
-        #: the upstream connect the timer times, when it does
-        self._connecting: Deferred[Any] | None = None
+        #: how to cancel the upstream connect the timer times, when it does
+        self._connecting: Callable[[], None] | None = None
         #: the timer fired: a connect's deadline (the connect fails), or ws_open_timeout's (the handshake)
         self._connect_overdue = self._timed_out = False
 
@@ -310,10 +310,10 @@ class RelayServerProtocol(ServerLegHooks, _RelayLeg, WebSocketServerProtocol):  
     ) -> Deferred[_Accept]:
         return self._open_upstream(request, *authenticated)
 
-    def _time(self, deadline: float, connecting: Deferred[Any] | None = None) -> None:
+    def _time(self, deadline: float, connecting: Callable[[], None] | None = None) -> None:
         """
         Arm the handshake's one timer for ``deadline``: ``connecting``'s (an
-        upstream connect, failed with a connect timeout when it is due), or
+        upstream connect's cancel: the connect fails with a connect timeout when it is due), or
         ws_open_timeout's (the whole handshake is cancelled and answered 504).
         One ``DelayedCall`` serves every deadline of a handshake: re-armed
         later (``reset``), it only takes a new time; a deadline sooner than
@@ -335,7 +335,7 @@ class RelayServerProtocol(ServerLegHooks, _RelayLeg, WebSocketServerProtocol):  
         connecting, self._connecting = self._connecting, None
         if connecting is not None:
             self._connect_overdue = True
-            connecting.cancel()
+            connecting()
         elif self._handshake is not None:
             self._timed_out = True
             self._handshake.cancel()
@@ -518,19 +518,18 @@ class RelayServerProtocol(ServerLegHooks, _RelayLeg, WebSocketServerProtocol):  
         self._instance = instance
         factory = self.factory
         try:
-            connecting = factory.connect(factory.client_factory_for(ctx, request, instance.url))
+            cancel = factory.connect(factory.client_factory_for(ctx, request, instance.url), self._dialed, self._dial_failed)
         except BaseException:
             self._attempt_failed(Failure())
             return
-        if not connecting.called:
+        if self._instance is instance and self._waiting is None:  # (still connecting: each instance is tried once)
+            self._dialing = cancel
             # connect_timeout, on the handshake's timer (the connector's own is off: connector.untimed)
             connect_deadline = factory.clock.seconds() + factory.gateway.connect_timeout
             if connect_deadline < self._open_deadline:
-                self._time(connect_deadline, connecting)
+                self._time(connect_deadline, cancel)
             else:
                 self._time(self._open_deadline)
-            self._dialing = connecting
-        connecting.addCallbacks(self._dialed, self._dial_failed)
 
     def _dialed(self, upstream: object) -> None:
         """The connect succeeded: the upstream leg's handshake is waited for (:meth:`upstream_ended`)."""
@@ -622,7 +621,7 @@ class RelayServerProtocol(ServerLegHooks, _RelayLeg, WebSocketServerProtocol):  
         """The handshake is cancelled (ws_open_timeout, or the client left): so is the step under way."""
         dialing, upstream = self._dialing, self._waiting
         if dialing is not None:
-            dialing.cancel()  # (its failure ends the opening: _dial_failed)
+            dialing()  # (its failure ends the opening: _dial_failed)
             return
         if upstream is not None:
             self._waiting = upstream.opening = None
@@ -822,7 +821,7 @@ class RelayServerFactory(WebSocketServerFactory):
         *,
         clock: IReactorTime,
         registry: RelayRegistry,
-        connect: Connector,
+        connect: RelayConnect,
         authenticator: Authenticator | RevocationGuard | None = None,
         metrics: Metrics | None = None,
         cluster: Cluster | None = None,
