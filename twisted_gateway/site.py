@@ -93,26 +93,28 @@ class GatewayChannel(LlhttpChannel):
             self._head_started = True
         super().dataReceived(data)
 
-    #: the socket's two addresses, each asked of it once, when first wanted (each
-    #: ``Request`` asks for both; a WebSocket taken from its head, for the peer only)
-    _host: IAddress | None = None
-    _peer: IAddress | None = None
+    #: the socket's two addresses (local, peer), each asked of it once, when first
+    #: wanted (each ``Request`` asks for both; a WebSocket taken from its head, for the peer only)
+    _addresses: list[IAddress | None] | None = None
+
+    def _address(self, which: int) -> IAddress:
+        addresses = self._addresses
+        if addresses is None:
+            addresses = self._addresses = [None, None]
+        address = addresses[which]
+        if address is None:
+            transport = self.transport
+            assert transport is not None  # requests are made while it is connected
+            address = addresses[which] = transport.getPeer() if which else transport.getHost()
+        return address
 
     def getHost(self) -> IAddress:
         """The local address (the socket's, asked once: a ``getsockname`` call)."""
-        host = self._host
-        if host is None:
-            assert self.transport is not None  # requests are made while it is connected
-            host = self._host = self.transport.getHost()
-        return host
+        return self._address(0)
 
     def getPeer(self) -> IAddress:
         """The client's address (the socket's, asked once)."""
-        peer = self._peer
-        if peer is None:
-            assert self.transport is not None  # requests are made while it is connected
-            peer = self._peer = self.transport.getPeer()
-        return peer
+        return self._address(1)
 
     #: whether the transport is TLS, asked of it once (requests ask per request)
     _secure: bool | None = None
