@@ -353,7 +353,10 @@ class _Throttle:
         self.transport.resumeProducing()
 
     def stopProducing(self) -> None:
-        self.leg.timed_out = timed_out(self.leg.transport)
+        leg = self.leg
+        # (only a leg lost without a close from its peer or the gateway is asked: Pair.leg_closed reads it then)
+        if leg.remoteCloseCode is None and not leg.close_relayed and not leg.wasClean:
+            leg.timed_out = timed_out(leg.transport)
 
 
 def _accept_close_frame(proto: WebSocketProtocol, code: int | None, reasonRaw: bytes | None) -> bool | None:
