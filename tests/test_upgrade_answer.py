@@ -96,15 +96,16 @@ def test_an_upgrade_is_answered_as_autobahn_answers_it_written_out(monkeypatch, 
         taken.append(answer(self, head, body))
         return taken[-1]
 
-    requests: list[dict[str, object]] = []  # what onConnect is handed, every field read (params on first read)
-    on_connect = RelayServerProtocol.onConnect
+    # what the upstream's opening is handed (onConnect's request either way), every field read (params on first read)
+    requests: list[dict[str, object]] = []
+    open_upstream = RelayServerProtocol.open_upstream
 
-    def connecting(self, request):
+    def connecting(self, request, accept, refuse):
         requests.append(request.__json__())
-        return on_connect(self, request)
+        return open_upstream(self, request, accept, refuse)
 
     monkeypatch.setattr(RelayServerProtocol, "answer_upgrade", recording)
-    monkeypatch.setattr(RelayServerProtocol, "onConnect", connecting)
+    monkeypatch.setattr(RelayServerProtocol, "open_upstream", connecting)
     fast, fast_client = _exchange(target, changed, extra)
     assert taken == ([] if answered is None else [answered])
     fast_requests = requests[:]

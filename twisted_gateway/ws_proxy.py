@@ -264,7 +264,9 @@ class RelayServerProtocol(ServerLegHooks, _RelayLeg, WebSocketServerProtocol):  
     #: request and the instances left to try; the result; the instance tried, its connect
     #: under way or its leg's handshake; why the last instance could not be connected
     _opening: tuple[HandshakeContext, ConnectionRequest, Iterator[Instance]] | None = None
-    _result: Deferred[_Accept] | None = None
+    #: how the client is answered, until it is (:meth:`open_upstream`); the authentication under way
+    _answer: tuple[Callable[[_Accept], object], Callable[[Failure], object]] | None = None
+    _authenticating: Deferred[tuple[HandshakeContext, Identity | None]] | None = None
     _instance: Instance | None = None
     _dialing: Callable[[], None] | None = None
     _waiting: RelayClientProtocol | None = None
@@ -276,7 +278,6 @@ class RelayServerProtocol(ServerLegHooks, _RelayLeg, WebSocketServerProtocol):  
 
     def __init__(self) -> None:
         super().__init__()
-        self._handshake: Deferred[_Accept] | None = None
         self._deny: GatewayError | None = None
         self._open_deadline = float("inf")
         #: the handshake's one timer (:meth:`_time`): an upstream connect's deadline, or ws_open_timeout's
@@ -290,25 +291,50 @@ class RelayServerProtocol(ServerLegHooks, _RelayLeg, WebSocketServerProtocol):  
 
     # (Autobahn's Twisted adapter waits for a Deferred; the core's type names plain answers only)
     def onConnect(self, request: ConnectionRequest) -> Deferred[_Accept]:  # type: ignore[override]
+        """Autobahn's hook, for a request its own parser read (:func:`hand_over`'s way for the rest): :meth:`open_upstream`'s answer as a Deferred."""
+        answered: Deferred[_Accept] = Deferred()
+        self.open_upstream(request, answered.callback, answered.errback)
+        return answered
+
+    def open_upstream(
+        self, request: ConnectionRequest, accept: Callable[[_Accept], object], refuse: Callable[[Failure], object]
+    ) -> None:
+        """
+        What ``onConnect`` does: authenticate the request if its route says
+        so, open the upstream leg, then call ``accept`` with the client's
+        answer (subprotocol, headers) or ``refuse`` with a ``ConnectionDeny``
+        (as Autobahn's ``processHandshake`` takes ``onConnect``'s outcome),
+        without a Deferred for :meth:`answer_upgrade`.
+        """
         factory = self.factory
         factory.registry.handshakes.add(self.pair)
         #: ws_open_timeout's deadline, on the handshake's one timer (:meth:`_time`)
         self._open_deadline = factory.clock.seconds() + factory.gateway.ws_open_timeout
+        self._answer = (accept, refuse)
         if factory.authenticator is None or self.context.route.auth == "none":
-            d = self._open_upstream(request, self.context, None)
+            self._open_upstream(request, self.context, None)
         else:
-            d = Deferred.fromCoroutine(self._authenticate()).addCallback(self._authenticated, request)
-        if not d.called:
-            self._handshake = d
-            if self._timer is None:  # (waiting for the authenticator or the cluster, not a connect)
-                self._time(self._open_deadline)
-        d.addBoth(self._opened_or_refused)
-        return d
+            self._authenticating = authenticating = Deferred.fromCoroutine(self._authenticate())
+            authenticating.addCallbacks(self._authenticated, self._authentication_failed, callbackArgs=(request,))
+        if self._answer is not None and self._timer is None:
+            self._time(self._open_deadline)  # (waiting for the authenticator or the cluster, not a connect)
 
-    def _authenticated(
-        self, authenticated: tuple[HandshakeContext, Identity | None], request: ConnectionRequest
-    ) -> Deferred[_Accept]:
-        return self._open_upstream(request, *authenticated)
+    def _authenticated(self, authenticated: tuple[HandshakeContext, Identity | None], request: ConnectionRequest) -> None:
+        self._authenticating = None
+        self._open_upstream(request, *authenticated)
+
+    def _authentication_failed(self, failure: Failure) -> None:
+        self._authenticating = None
+        self._end_opening(failure)
+
+    def _cancel_handshake(self) -> None:
+        """ws_open_timeout, or the client left: the work under way is cancelled (its failure answers the client)."""
+        if self._answer is None:
+            return
+        if self._authenticating is not None:
+            self._authenticating.cancel()
+        else:
+            self._cancel_opening()
 
     def _time(self, deadline: float, connecting: Callable[[], None] | None = None) -> None:
         """
@@ -336,13 +362,13 @@ class RelayServerProtocol(ServerLegHooks, _RelayLeg, WebSocketServerProtocol):  
         if connecting is not None:
             self._connect_overdue = True
             connecting()
-        elif self._handshake is not None:
+        elif self._answer is not None:
             self._timed_out = True
-            self._handshake.cancel()
+            self._cancel_handshake()
 
     def _opened_or_refused(self, result: _Accept | Failure) -> _Accept:
         """The end of ``onConnect``'s work: the answer, or the refusal as a ``ConnectionDeny``."""
-        self._handshake = self._connecting = None
+        self._connecting = None
         timer = self._timer
         if timer is not None:
             self._timer = None
@@ -436,7 +462,7 @@ class RelayServerProtocol(ServerLegHooks, _RelayLeg, WebSocketServerProtocol):  
         connection = ConnectionRequest(
             self.peer, headers, host, path, params, self.websocket_version, self.websocket_origin, protocols, extensions
         )
-        self.onConnect(connection).addCallbacks(self.succeedHandshake, self._connect_failed)
+        self.open_upstream(connection, self.succeedHandshake, self._connect_failed)
         return True
 
     def _connect_failed(self, failure: Failure) -> None:
@@ -474,18 +500,14 @@ class RelayServerProtocol(ServerLegHooks, _RelayLeg, WebSocketServerProtocol):  
     # handshake, the next instance): a coroutine's Deferred, its resumes and a
     # Deferred per upstream handshake cost more than the steps themselves.
 
-    def _open_upstream(
-        self, request: ConnectionRequest, ctx: HandshakeContext, identity: Identity | None
-    ) -> Deferred[_Accept]:
+    def _open_upstream(self, request: ConnectionRequest, ctx: HandshakeContext, identity: Identity | None) -> None:
         """
         Open the upstream leg: a connect failure is retried on the next
         healthy instance, each at most once (ws_open_timeout, around the whole
-        of onConnect, bounds the retries). Fires with the client's answer once
-        the legs are joined, or fails with why no upstream opened; cancelled,
-        it cancels the step under way (:meth:`_cancel_opening`).
+        of onConnect, bounds the retries). The client is answered once the
+        legs are joined, or with why no upstream opened (:meth:`_end_opening`);
+        cancelled, the step under way is (:meth:`_cancel_opening`).
         """
-        result: Deferred[_Accept] = Deferred(self._cancel_opening)
-        self._result = result
         pool = ctx.pool
         try:
             key = pool.request_key(
@@ -498,9 +520,8 @@ class RelayServerProtocol(ServerLegHooks, _RelayLeg, WebSocketServerProtocol):  
             self._opening = (ctx, request, iter(pool.candidates(key, retry=True)))
         except BaseException:  # (no healthy instance, for one)
             self._end_opening(Failure())
-            return result
+            return
         self._try_next()
-        return result
 
     def _try_next(self) -> None:
         """Connect the next instance, or fail with why the last one could not be."""
@@ -617,7 +638,7 @@ class RelayServerProtocol(ServerLegHooks, _RelayLeg, WebSocketServerProtocol):  
         else:
             self._end_opening(failure)
 
-    def _cancel_opening(self, result: Deferred[_Accept]) -> None:
+    def _cancel_opening(self) -> None:
         """The handshake is cancelled (ws_open_timeout, or the client left): so is the step under way."""
         dialing, upstream = self._dialing, self._waiting
         if dialing is not None:
@@ -630,15 +651,21 @@ class RelayServerProtocol(ServerLegHooks, _RelayLeg, WebSocketServerProtocol):  
         self._attempt_failed(Failure(CancelledError()))
 
     def _end_opening(self, outcome: _Accept | Failure) -> None:
-        """The upstream leg is open and joined, or none will be: :meth:`_open_upstream`'s result fires."""
-        result, self._result = self._result, None
+        """The upstream leg is open and joined, or none will be: the client is answered (:meth:`open_upstream`)."""
+        answer, self._answer = self._answer, None
         self._opening = None
-        if result is None or result.called:
+        if answer is None:
             return
-        if isinstance(outcome, Failure):
-            result.errback(outcome)
-        else:
-            result.callback(outcome)
+        accept, refuse = answer
+        try:
+            try:
+                accepted = self._opened_or_refused(outcome)
+            except BaseException:
+                refuse(Failure())
+            else:
+                accept(accepted)
+        except Exception:
+            log.failure("answering the client's WebSocket handshake failed")
 
     def _fault(self, error: BaseException) -> Fault:
         """What one failed attempt means for the instance's health (:mod:`faults`)."""
@@ -737,8 +764,7 @@ class RelayServerProtocol(ServerLegHooks, _RelayLeg, WebSocketServerProtocol):  
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         self.end_close_wait()
-        if self._handshake is not None:
-            self._handshake.cancel()
+        self._cancel_handshake()
         # (None when the upstream leg's close ended the pair first: Pair.finish)
         pair: Pair | None = self.pair
         if pair is not None:
