@@ -320,6 +320,39 @@ def test_lose_connection_soon_leaves_what_came_since_to_twisted(then, received, 
     assert client.received == received
 
 
+class _Pulled:
+    """A pull producer: Twisted resumes it when the transport's buffer empties, and closes only once it is unregistered."""
+
+    def __init__(self) -> None:
+        self.stopped = False
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        self.stopped = True  # the connection was lost with it registered
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_lose_connection_soon_leaves_a_pull_producer_to_twisted(when):
+    """A producer Twisted would resume before closing, registered before the call or after it: Twisted's close, once it is unregistered."""
+    producer = _Pulled()
+    registered: list[bool] = []
+
+    def register(transport) -> None:
+        if not registered:
+            registered.append(True)
+            transport.registerProducer(producer, False)
+            transport.reactor.callLater(0.05, transport.unregisterProducer)
+
+    server = _Closing(_compat.lose_connection_soon, register) if when == "after" else _Closing(
+        lambda t: (register(t), _compat.lose_connection_soon(t))
+    )
+    client = _close_over_loopback(server)
+    assert not server.lost_inside and not producer.stopped  # closed once unregistered, not under it
+    assert type(server.reason.value).__name__ == "ConnectionDone" and client.received == b"ok"
+
+
 def test_lose_connection_soon_outside_a_turn_is_lose_connection():
     """From a timer (no poll being handled) or on another transport: Twisted's own loseConnection."""
     transport = StringTransport()
