@@ -226,6 +226,31 @@ def test_an_accepted_connection_knows_its_listening_port():
     _require("self.server = server" in inspect.getsource(tcp.Server.__init__), "tcp.Server.server", "Twisted")
 
 
+def test_an_http_channel_is_made_as_http_channel_made_makes_it():
+    """
+    _compat.http_channel_made: ``HTTPChannel.connectionMade`` sets TCP_NODELAY,
+    its idle timeout, and registers itself with its transport kept as
+    ``_networkProducer`` (``_NoPushProducer`` when the transport is no push
+    producer), and nothing else.
+    """
+    from twisted.web import http
+
+    lines = [line.strip() for line in inspect.getsource(http.HTTPChannel.connectionMade).splitlines()[1:]]
+    _require(
+        lines == [
+            "if ITCPTransport.providedBy(self.transport):",
+            "self.transport.setTcpNoDelay(True)",
+            "self.setTimeout(self.timeOut)",
+            "self._networkProducer = interfaces.IPushProducer(",
+            "self.transport, _NoPushProducer()",
+            ")",
+            "self._networkProducer.registerProducer(self, True)",
+        ]
+        and isinstance(http._NoPushProducer(), http._NoPushProducer),
+        "HTTPChannel.connectionMade", "Twisted",
+    )
+
+
 def test_lose_connection_is_what_lose_connection_soon_ends_sooner():
     """_compat.lose_connection_soon: Twisted's loseConnection waits for doWrite to find the buffer empty, then closes."""
     lose = inspect.getsource(abstract.FileDescriptor.loseConnection)

@@ -42,7 +42,7 @@ from twisted_gateway.limits import ClientLimits
 from twisted_gateway.llhttp_channel import LlhttpChannel
 from twisted_gateway.metrics import Metrics
 from twisted_gateway.logs import access_log_formatter, secret_names
-from twisted_gateway._compat import write_now
+from twisted_gateway._compat import NOT_PRESET, accepted_preset, http_channel_made, write_now
 from twisted_gateway.sockets import TCPKeepalive, set_keepalive
 
 log = Logger()
@@ -78,7 +78,10 @@ class GatewayChannel(LlhttpChannel):
     site: GatewaySite
 
     def connectionMade(self) -> None:
-        super().connectionMade()
+        if accepted_preset(self.transport) is NOT_PRESET:
+            super().connectionMade()
+        else:
+            http_channel_made(self)  # (TCP_NODELAY is its listener's)
         self.site.client_connections.add(self)
         set_keepalive(self.transport, self.tcp_keepalive)
         self._arm("head", self.header_timeout)

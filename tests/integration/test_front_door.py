@@ -93,3 +93,31 @@ async def test_pipelined_requests_are_answered_in_order_and_a_smuggling_head_end
     assert first.startswith(b"200 ") and second.startswith(b"200 ")
     status, body = http_error(b"HTTP/1.1 " + refused)
     assert (status, body["error"]) == (400, "bad_request")
+
+
+async def test_a_client_connection_has_tcp_nodelay_from_its_listener_and_sets_none_of_its_own(later, monkeypatch):
+    """
+    The gateway's listeners give TCP_NODELAY to every socket they accept: an
+    HTTP connection has it without a ``setsockopt`` of its own, and is served.
+    """
+    import socket
+
+    from twisted.internet import tcp
+
+    asked: list[object] = []
+    set_no_delay = tcp.Connection.setTcpNoDelay
+
+    def recording(self, enabled):
+        asked.append(self)
+        return set_no_delay(self, enabled)
+
+    monkeypatch.setattr(tcp.Connection, "setTcpNoDelay", recording)
+    service, port = await gateway_service(later)
+    client = await raw_connect(port)
+    client.transport.write(GET)
+    answer = await client.wait_for(b"}\n")
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    (channel,) = service.site.open_connections()
+    assert channel.transport.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+    assert channel.transport not in asked
+    client.transport.loseConnection()
