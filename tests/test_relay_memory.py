@@ -8,6 +8,7 @@ tests/integration/test_ws_relay.py.
 
 from __future__ import annotations
 
+import os
 from dataclasses import fields, replace
 from types import SimpleNamespace
 
@@ -16,6 +17,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectingCancelledError
 
 from tests.support import route_config
+from twisted_gateway import ws_pair
 from twisted_gateway.testing import (
     OP_BINARY,
     OP_CLOSE,
@@ -503,3 +505,17 @@ def test_an_upstream_that_never_answers_the_upgrade_is_504_at_ws_open_timeout():
     relay.flush()
     assert client.head.startswith(b"HTTP/1.1 504 ")
     assert_nothing_left(relay)
+
+
+def test_each_websocket_gets_an_id_of_its_own_and_a_forked_child_draws_its_own():
+    """16 random hex digits, as os.urandom(8).hex() makes them; drawn ahead, never shared with a forked worker."""
+    ids = [ws_pair.new_session_id() for _ in range(3 * ws_pair.RANDOM_AT_ONCE // 8 + 1)]
+    assert len(set(ids)) == len(ids)
+    assert all(len(i) == 16 and int(i, 16) >= 0 for i in ids)
+    assert len(ws_pair.random_bytes(16)) == 16 and len(ws_pair.random_bytes(2 * ws_pair.RANDOM_AT_ONCE)) == 2048
+    ws_pair.random_bytes(1)  # a new draw, most of it not given yet
+    pid = os.fork()
+    if pid == 0:
+        os._exit(1 if ws_pair._random else 0)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

@@ -82,6 +82,39 @@ class HandshakeContext:
         return copy
 
 
+def random_bytes(size: int) -> bytes:
+    """
+    ``size`` bytes from ``os.urandom``, drawn :data:`RANDOM_AT_ONCE` at a time
+    (one ``getrandom`` system call per many WebSockets' ids and upstream
+    handshake keys, instead of one each).
+    """
+    global _random, _random_at
+    start = _random_at
+    if start + size > len(_random):
+        _random, start = os.urandom(max(RANDOM_AT_ONCE, size)), 0
+    _random_at = start + size
+    return _random[start : start + size]
+
+
+def new_session_id() -> str:
+    """A new WebSocket's id: 16 random hex digits, as ``os.urandom(8).hex()`` makes one."""
+    return random_bytes(8).hex()
+
+
+RANDOM_AT_ONCE = 1024
+#: Bytes drawn, given from ``_random_at`` on (none in a forked child: its own are drawn again).
+_random = b""
+_random_at = 0
+
+
+def _forget_random() -> None:
+    global _random, _random_at
+    _random, _random_at = b"", 0
+
+
+os.register_at_fork(after_in_child=_forget_random)
+
+
 class PairServices(Protocol):
     """What a pair uses of its route's ``RelayServerFactory``."""
 
@@ -120,7 +153,7 @@ class Pair:
         self.factory = factory
         self.context = context
         #: the id the admin API names this WebSocket by
-        self.session_id = os.urandom(8).hex()
+        self.session_id = new_session_id()
         #: auth.Identity of the token it was opened with (revocations, caps, sessions)
         self.identity: Identity | None = None
         #: the per-user caps this WebSocket counts in (cluster.Cluster.acquire)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import functools
-import os
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple, NoReturn, Sequence, TypeVar
 from urllib.parse import parse_qs, urlparse
@@ -88,7 +87,7 @@ from twisted_gateway.metrics import Metrics
 from twisted_gateway.routing import upstream_url
 from twisted_gateway.tls import describe_tls_failure
 from twisted_gateway.upstreams import Instance
-from twisted_gateway.ws_pair import HandshakeContext, Pair
+from twisted_gateway.ws_pair import HandshakeContext, Pair, random_bytes
 from twisted_gateway.ws_relay import (
     CLIENT_LOST,
     CLOSED,
@@ -203,7 +202,7 @@ class RelayClientProtocol(ClientLegHooks, _RelayLeg, WebSocketClientProtocol):  
         around this connection's key.
         """
         f = self.factory
-        self.websocket_key = key = base64.b64encode(os.urandom(16))
+        self.websocket_key = key = base64.b64encode(random_bytes(16))
         self.http_request_data = f.request_head + key + f.request_tail
         self.sendData(self.http_request_data)
 
