@@ -530,6 +530,20 @@ def test_adapter_connection_lost():
     )
 
 
+def test_adapter_close_connection():
+    """LegHooks._closeConnection stands for the adapter's: an abort aborts, an orderly drop loses the connection."""
+    from autobahn.twisted.websocket import WebSocketAdapterProtocol
+
+    source = inspect.getsource(WebSocketAdapterProtocol._closeConnection)
+    for part in ("def _closeConnection(self, abort", "self.transport.abortConnection()", "self.transport.loseConnection()"):
+        _require(part in source, f"WebSocketAdapterProtocol._closeConnection ({part})", "Autobahn")
+    _require(
+        "self._closeConnection(" in inspect.getsource(WebSocketProtocol.dropConnection),
+        "WebSocketProtocol.dropConnection's _closeConnection",
+        "Autobahn",
+    )
+
+
 def test_side_connection_made():
     """What the server and client versions of _connectionMade add to the shared part."""
     server = inspect.getsource(WebSocketServerProtocol._connectionMade)

@@ -697,6 +697,10 @@ class LegHooks(_Leg):
     shared part (without the two ``_connectionLost`` overrides, an open + message
     + close cycle through the gateway costs 3.07 M instructions instead of
     2.96 M: ``bench/ws_instructions.py --cycles 300``, two runs each).
+    ``_closeConnection``: the Twisted adapter's (``abortConnection`` or
+    ``loseConnection``), but an orderly drop ends the connection at the end of
+    the reactor's turn (:func:`lose_connection_soon`): a leg has sent its
+    last bytes at once.
     ``_fail_connection``: Autobahn calls it for every frame it refuses; after it
     ran, :meth:`failed` tells the relay (the other leg must close at once). The
     public hook, ``onClose``, would come only when the failed leg's close
@@ -752,6 +756,12 @@ class LegHooks(_Leg):
 
     def _connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         WebSocketProtocol._connectionLost(self, reason)  # type: ignore[arg-type]
+
+    def _closeConnection(self, abort: bool = False) -> None:
+        if abort:
+            WebSocketAdapterProtocol._closeConnection(self, abort)  # type: ignore[arg-type]
+        else:
+            lose_connection_soon(self.transport)
 
     def _fail_connection(self, code: int = 1001, reason: str = "going away") -> None:
         WebSocketProtocol._fail_connection(self, code, reason)

@@ -24,7 +24,6 @@ from twisted_gateway._compat import (
     LegHooks,
     failed_by_me,
     feed,
-    lose_connection_soon,
     parser_idle,
     queued_sends,
     server_drop_wait,
@@ -230,13 +229,6 @@ class _RelayLeg(Passthrough, LegHooks):
 
     def onPong(self, payload: bytes) -> None:
         self.pong_seen = True
-
-    def _closeConnection(self, abort: bool = False) -> None:
-        """Autobahn's (the Twisted adapter's), a leg's orderly drop at the end of the reactor's turn (:func:`lose_connection_soon`)."""
-        if abort:
-            super()._closeConnection(abort)  # type: ignore[misc]  # (the Twisted adapter's, later in the bases)
-        else:
-            lose_connection_soon(self.transport)
 
     def unresponsive(self) -> None:
         """No pong to the gateway's keepalive ping: drop this leg, 1011 to the other."""
