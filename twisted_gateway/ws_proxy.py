@@ -281,8 +281,8 @@ class RelayServerProtocol(ServerLegHooks, _RelayLeg, WebSocketServerProtocol):  
         self._open_deadline = float("inf")
         #: the handshake's one timer (:meth:`_time`): an upstream connect's deadline, or ws_open_timeout's
         self._timer: IDelayedCall | None = None
-        #: how to cancel the upstream connect the timer times, when it does
-        self._connecting: Callable[[], None] | None = None
+        #: the timer is the upstream connect's deadline (cancelled through :attr:`_dialing` when due)
+        self._timing_connect = False
         #: the timer fired: a connect's deadline (the connect fails), or ws_open_timeout's (the handshake)
         self._connect_overdue = self._timed_out = False
 
@@ -335,17 +335,17 @@ class RelayServerProtocol(ServerLegHooks, _RelayLeg, WebSocketServerProtocol):  
         else:
             self._cancel_opening()
 
-    def _time(self, deadline: float, connecting: Callable[[], None] | None = None) -> None:
+    def _time(self, deadline: float, connecting: bool = False) -> None:
         """
-        Arm the handshake's one timer for ``deadline``: ``connecting``'s (an
-        upstream connect's cancel: the connect fails with a connect timeout when it is due), or
+        Arm the handshake's one timer for ``deadline``: the upstream connect's
+        when ``connecting`` (the connect fails with a connect timeout when it is due), or
         ws_open_timeout's (the whole handshake is cancelled and answered 504).
         One ``DelayedCall`` serves every deadline of a handshake: re-armed
         later (``reset``), it only takes a new time; a deadline sooner than
         the one armed (a connect inside an authentication's wait) gets a new one.
         """
         clock = self.factory.clock
-        self._connecting = connecting
+        self._timing_connect = connecting
         timer = self._timer
         if timer is not None and deadline >= timer.getTime():
             if deadline > timer.getTime():
@@ -357,17 +357,18 @@ class RelayServerProtocol(ServerLegHooks, _RelayLeg, WebSocketServerProtocol):  
 
     def _overdue(self) -> None:
         self._timer = None
-        connecting, self._connecting = self._connecting, None
-        if connecting is not None:
+        dialing = self._dialing if self._timing_connect else None
+        self._timing_connect = False
+        if dialing is not None:
             self._connect_overdue = True
-            connecting()
+            dialing()
         elif self._answer is not None:
             self._timed_out = True
             self._cancel_handshake()
 
     def _opened_or_refused(self, result: _Accept | Failure) -> _Accept:
         """The end of ``onConnect``'s work: the answer, or the refusal as a ``ConnectionDeny``."""
-        self._connecting = None
+        self._timing_connect = False
         timer = self._timer
         if timer is not None:
             self._timer = None
@@ -547,7 +548,7 @@ class RelayServerProtocol(ServerLegHooks, _RelayLeg, WebSocketServerProtocol):  
             # connect_timeout, on the handshake's timer (the connector's own is off: connector.untimed)
             connect_deadline = factory.clock.seconds() + factory.gateway.connect_timeout
             if connect_deadline < self._open_deadline:
-                self._time(connect_deadline, cancel)
+                self._time(connect_deadline, connecting=True)
             else:
                 self._time(self._open_deadline)
 
