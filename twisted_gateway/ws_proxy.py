@@ -63,6 +63,7 @@ from twisted_gateway._compat import (
     with_options,
 )
 from twisted_gateway.ageing import Ageing
+from twisted_gateway.deferreds import start
 from twisted_gateway.schema import GatewaySettings, RouteSettings
 from twisted_gateway.errors import (
     BadGateway,
