@@ -314,7 +314,8 @@ class RelayServerProtocol(ServerLegHooks, _RelayLeg, WebSocketServerProtocol):  
         if factory.authenticator is None or self.context.route.auth == "none":
             self._open_upstream(request, self.context, None)
         else:
-            self._authenticating = authenticating = Deferred.fromCoroutine(self._authenticate())
+            # a cached token is checked without Twisted's coroutine driver (deferreds.start)
+            self._authenticating = authenticating = start(self._authenticate())
             authenticating.addCallbacks(self._authenticated, self._authentication_failed, callbackArgs=(request,))
         if self._answer is not None and self._timer is None:
             self._time(self._open_deadline)  # (waiting for the authenticator or the cluster, not a connect)
