@@ -24,7 +24,7 @@ import threading
 import time
 from json.encoder import encode_basestring_ascii  # what json.dumps uses for a str
 from operator import itemgetter
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Mapping, Sequence
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import (
@@ -519,20 +519,38 @@ def emit(
         return
     writers = plan.writers
     assert writers is not None  # (a direct plan's)
+    texts: list[str | None] = []
+    for observer, _, line in writers:
+        try:
+            texts.append(line(when, fields, status, sent, micros, outcome))
+        except Exception:
+            texts.append(None)
+            _failed(observer, [o for o, _, _ in writers])
+    _deliver(plan, texts)
+
+
+def _deliver(plan: _Plan, texts: Sequence[str | None]) -> None:
+    """
+    Each of ``plan``'s writers its line of ``texts`` (None: none): held for
+    the end of the turn while the reactor handles a poll's events on several
+    descriptors (:func:`write_held`), else written now.
+    """
+    writers = plan.writers
+    assert writers is not None  # (a direct plan's)
     if poll_turn.handling:
         # the reactor is handling a poll's events: the lines wait for its end (write_held)
         if _held_plan is not plan:
             _hold(plan)
         if _held_plan is plan:
-            for observer, _, line, lines in plan.held:
-                try:
-                    lines.append(line(when, fields, status, sent, micros, outcome))
-                except Exception:
-                    _failed(observer, [o for o, _, _ in writers])
+            for (_, _, _, lines), text in zip(plan.held, texts):
+                if text is not None:
+                    lines.append(text)
             return
-    for observer, write, line in writers:
+    for (observer, write, _), text in zip(writers, texts):
+        if text is None:
+            continue
         try:
-            write(line(when, fields, status, sent, micros, outcome))
+            write(text)
         except Exception:
             _failed(observer, [o for o, _, _ in writers])
 
@@ -647,25 +665,14 @@ def emit_session(logger: Logger, values: SessionValues) -> None:
     if plan is not None:
         writers = plan.writers
         assert writers is not None  # (a direct plan's)
-        texts = []
+        texts: list[str | None] = []
         for _, _, line in writers:
             text = session_json_line(when, values) if line is json_line else session_text_line(when, values)
             if text is None:
                 break
             texts.append(text)
         else:
-            if poll_turn.handling:
-                if _held_plan is not plan:
-                    _hold(plan)
-                if _held_plan is plan:
-                    for (_, _, _, lines), text in zip(plan.held, texts):
-                        lines.append(text)
-                    return
-            for (observer, write, _), text in zip(writers, texts):
-                try:
-                    write(text)
-                except Exception:
-                    _failed(observer, [o for o, _, _ in writers])
+            _deliver(plan, texts)
             return
     logger.observer(session_event(logger, values, when))
 
