@@ -269,7 +269,7 @@ class Pair:
             return
         other = upstream if leg is client else client
         # (a leg the gateway failed has closed the other already: _RelayLeg.failed)
-        if other.state == OPEN and not leg.close_relayed and leg.remoteCloseCode is None and not leg.wasClean:
+        if other.state == OPEN and leg.ended_without_close:
             if leg.timed_out:  # a silent vanish, found by TCP keepalive
                 self.leg_unresponsive(leg, "keepalive")
             else:

@@ -145,7 +145,13 @@ class _RelayLeg(Passthrough, LegHooks):
     #: the KeepAlive round of this leg's last ping
     ping_round = 0
     #: the kernel ended this leg's connection: TCP keepalive (or retransmissions) unanswered
+    #: (asked only of a leg that :attr:`ended_without_close`)
     timed_out = False
+
+    @property
+    def ended_without_close(self) -> bool:
+        """Whether no close came from the peer or the gateway (the other leg then learns of a loss, 1006)."""
+        return not self.close_relayed and self.remoteCloseCode is None and not self.wasClean
     #: (since when, bytes acknowledged then) while data waits for this leg's peer (send_timeout)
     stalled: tuple[float, int] | None = None
     #: the close's one timer (see :meth:`sendCloseFrame`), and whether it now waits for the server's drop
@@ -346,8 +352,7 @@ class _Throttle:
 
     def stopProducing(self) -> None:
         leg = self.leg
-        # (only a leg lost without a close from its peer or the gateway is asked: Pair.leg_closed reads it then)
-        if leg.remoteCloseCode is None and not leg.close_relayed and not leg.wasClean:
+        if leg.ended_without_close:  # (Pair.leg_closed reads timed_out only then)
             leg.timed_out = timed_out(leg.transport)
 
 
